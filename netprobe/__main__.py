@@ -1,0 +1,7 @@
+"""`python -m netprobe` runs the same entry point as the `netprobe` script."""
+
+import sys
+
+from netprobe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,76 @@
+"""The boundary where exceptions become one stderr line and an exit code. No network I/O."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from netprobe.errors import NetprobeError
+from netprobe.exitcodes import ExitStatus, exit_status_for_error
+
+__all__ = ["error_line", "main"]
+
+
+def error_line(command: str | None, message: str) -> None:
+    """The one line a failed run prints on stderr: `netprobe: CMD: message`."""
+    where = f"netprobe: {command}: " if command else "netprobe: "
+    sys.stderr.write(where + " ".join(message.split("\n")) + "\n")
+    sys.stderr.flush()
+
+
+def _command_name(args: Sequence[str]) -> str | None:
+    words = [a for a in args if not a.startswith("-")]
+    if not words:
+        return None
+    if words[0] == "reset" and len(words) > 1:
+        return f"reset {words[1]}"
+    return words[0]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run netprobe with argv (default sys.argv[1:]) and return the exit status.
+
+    Click's usage errors and netprobe's own errors become one line on stderr; any other
+    exception is a bug (exit 70). `--debug` re-raises so the traceback shows.
+    """
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    from typer.exceptions import Abort
+
+    from netprobe.cli import app
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    command = _command_name(args)
+    try:
+        result: Any = app(args=args, prog_name="netprobe", standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        sys.stderr.write(exc.format_message() + "\n")
+        return ExitStatus.USAGE
+    except ClickException as exc:  # usage errors, bad option values, unreadable files
+        if debug:
+            raise
+        error_line(command, exc.format_message())
+        return ExitStatus.USAGE
+    except (Abort, KeyboardInterrupt):
+        sys.stderr.write("\n")
+        return ExitStatus.INTERRUPTED
+    except NetprobeError as exc:
+        if debug:
+            raise
+        error_line(command, str(exc))
+        return exit_status_for_error(exc)
+    except BrokenPipeError:
+        # stdout was closed early (`netprobe ... | head`): results were cut, not a failure.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return ExitStatus.OK
+    except Exception as exc:
+        if debug:
+            raise
+        error_line(
+            command, f"internal error: {type(exc).__name__}: {exc} (--debug shows the traceback)"
+        )
+        return ExitStatus.INTERNAL
+    return int(result) if isinstance(result, int) else ExitStatus.OK

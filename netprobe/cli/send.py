@@ -1,0 +1,14 @@
+"""`netprobe send` (stub until its issue lands). No I/O here."""
+
+from __future__ import annotations
+
+import typer
+
+from netprobe.cli._options import not_built
+
+__all__ = ["send"]
+
+
+def send(ctx: typer.Context) -> None:
+    """Not built yet."""
+    not_built("send")

@@ -1,0 +1,856 @@
+"""The socket core: parsing of targets, ports, durations and sizes; resolution; one
+non-blocking connect; deadline-aware send/receive; abortive and half close; listeners; limits.
+
+Parsing functions do no I/O. Everything else here does, and this module (with connector.py and
+server.py) is the only code in netprobe that touches sockets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import ipaddress
+import os
+import re
+import select
+import socket
+import stat
+import struct
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from netprobe.errors import (
+    AddressError,
+    DeadlineExceeded,
+    LocalError,
+    NetworkError,
+    PeerClosedError,
+    PeerResetError,
+    ResolveError,
+    UsageError,
+)
+from netprobe.results import ConnectState
+
+__all__ = [
+    "DEFAULT_CIDR_CAP",
+    "ConnectOutcome",
+    "NofileLimit",
+    "Resolved",
+    "Target",
+    "abort_connection",
+    "classify_errno",
+    "connect_nonblocking",
+    "deadline_after",
+    "errno_name",
+    "expand_hosts",
+    "fill_accept_queue",
+    "format_hostport",
+    "half_close",
+    "is_loopback",
+    "nofile_limit",
+    "open_listener",
+    "open_udp",
+    "parse_duration",
+    "parse_host_port",
+    "parse_ports",
+    "parse_size",
+    "parse_target",
+    "raise_nofile_limit",
+    "recv_exactly",
+    "recv_some",
+    "remaining",
+    "resolve",
+    "send_all",
+    "set_linger_zero",
+]
+
+# A CIDR block bigger than this is refused unless the caller allows it: a typo such as /8
+# instead of /24 would otherwise start a 16-million-address scan.
+DEFAULT_CIDR_CAP = 65_536
+
+# ---------------------------------------------------------------------------------------------
+# Parsing (no I/O)
+# ---------------------------------------------------------------------------------------------
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(us|ms|s|m|h)?\s*$", re.IGNORECASE)
+_DURATION_UNIT = {None: 1.0, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Parse `1.5`, `250ms`, `2s`, `1m` (also `us`, `h`) into seconds.
+
+    Raises:
+        UsageError: not a duration, or negative.
+    """
+    match = _DURATION_RE.match(text)
+    if match is None:
+        if text.strip().startswith("-"):
+            raise UsageError(f"{text!r} is negative; a duration must be 0 or more")
+        raise UsageError(f"{text!r} is not a duration (use e.g. 1.5, 250ms, 2s, 1m)")
+    unit = match.group(2).lower() if match.group(2) else None
+    return float(match.group(1)) * _DURATION_UNIT[unit]
+
+
+# Sizes follow coreutils: KB = 1000, K = KiB = 1024 (likewise M/MB/MiB, G/GB/GiB).
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
+_SIZE_POWER = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_size(text: str, *, per_second: bool = False) -> int:
+    """Parse a byte count: `100`, `64K`, `64KB`, `1MiB`, `2G`; `/s` allowed with per_second.
+
+    Raises:
+        UsageError: not a size, or negative.
+    """
+    body = text.strip()
+    if per_second and body.lower().endswith("/s"):
+        body = body[:-2]
+    match = _SIZE_RE.match(body)
+    if match is None:
+        if body.startswith("-"):
+            raise UsageError(f"{text!r} is negative; a size must be 0 or more")
+        example = "1KB/s, 64KiB/s" if per_second else "1500, 64K, 10MB, 1GiB"
+        raise UsageError(f"{text!r} is not a size (use e.g. {example})")
+    number, prefix, binary, byte = match.groups()
+    prefix = prefix.lower()
+    if binary and not prefix:
+        raise UsageError(f"{text!r} is not a size (use e.g. 64KiB)")
+    # "KB" with an explicit B and no i is decimal; a bare "K" or "KiB" is binary.
+    base = 1000 if (byte and not binary and prefix) else 1024
+    return int(float(number) * base ** _SIZE_POWER[prefix])
+
+
+def parse_ports(spec: str) -> tuple[int, ...]:
+    """Parse `22`, `1-1024`, `22,80,8000-8100` or `all` into ports, duplicates removed in order.
+
+    Raises:
+        AddressError: empty, not a number, out of 1-65535, or a range that runs backwards.
+    """
+    text = spec.strip()
+    if not text:
+        raise AddressError("empty port list")
+    if text.lower() == "all":
+        return tuple(range(1, 65536))
+    seen: dict[int, None] = {}
+    for part in text.split(","):
+        item = part.strip()
+        if not item:
+            raise AddressError(f"port list {spec!r} has an empty item")
+        if "-" in item[1:]:
+            low_text, _, high_text = item.partition("-")
+            low, high = _parse_port(low_text, spec), _parse_port(high_text, spec)
+            if low > high:
+                raise AddressError(f"port range {item!r} runs backwards ({low} > {high})")
+            seen.update(dict.fromkeys(range(low, high + 1)))
+        else:
+            seen[_parse_port(item, spec)] = None
+    return tuple(seen)
+
+
+def _parse_port(text: str, context: str, *, allow_zero: bool = False) -> int:
+    item = text.strip()
+    if not item.isdigit():
+        raise AddressError(f"{item!r} is not a port number (in {context!r})")
+    port = int(item)
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise AddressError(f"port {port} is out of range {low}-65535 (in {context!r})")
+    return port
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A parsed target: an inet host with optional ports, or a Unix socket path.
+
+    Attributes:
+        text: the target exactly as the user gave it.
+        host: host name, IP literal or CIDR block (None for Unix sockets).
+        ports: ports given with the target (`host:22,80`), or None.
+        path: Unix socket path for `unix:/path` targets.
+    """
+
+    text: str
+    host: str | None = None
+    ports: tuple[int, ...] | None = None
+    path: str | None = None
+
+    @property
+    def is_unix(self) -> bool:
+        return self.path is not None
+
+
+def parse_target(text: str) -> Target:
+    """Parse `HOST`, `HOST:PORTS`, `[V6]`, `[V6]:PORTS`, bare IPv6, CIDR, `unix:/path`.
+
+    Raises:
+        AddressError: malformed target (the message names it and says why).
+    """
+    raw = text.strip()
+    if not raw:
+        raise AddressError("empty target")
+    if raw.startswith("unix:"):
+        path = raw[len("unix:") :]
+        if not path:
+            raise AddressError(f"{text!r}: unix: needs a socket path, e.g. unix:/tmp/app.sock")
+        return Target(text=text, path=path)
+    if raw.startswith("["):
+        close = raw.find("]")
+        if close < 0:
+            raise AddressError(f"{text!r}: '[' without a closing ']'")
+        host = raw[1:close]
+        _check_ipv6(host, text)
+        rest = raw[close + 1 :]
+        if not rest:
+            return Target(text=text, host=host)
+        if not rest.startswith(":") or len(rest) == 1:
+            raise AddressError(f"{text!r}: expected ':PORT' after ']'")
+        return Target(text=text, host=host, ports=_ports_in_target(rest[1:], text))
+    if raw.count(":") >= 2:
+        # Bare IPv6 (maybe a CIDR block): ports come from -p, never from a trailing ":N".
+        _check_ipv6(raw.split("/", 1)[0], text)
+        return Target(text=text, host=raw)
+    host, sep, port_text = raw.partition(":")
+    if not host:
+        raise AddressError(f"{text!r}: missing host before ':'")
+    _check_host(host, text)
+    if not sep:
+        return Target(text=text, host=host)
+    return Target(text=text, host=host, ports=_ports_in_target(port_text, text))
+
+
+def _ports_in_target(spec: str, text: str) -> tuple[int, ...]:
+    if not spec:
+        raise AddressError(f"{text!r}: missing port after ':'")
+    try:
+        return parse_ports(spec)
+    except AddressError as exc:
+        raise AddressError(f"{text!r}: {exc}") from None
+
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9_.\-]+(/\d{1,3})?$")
+
+
+def _check_host(host: str, text: str) -> None:
+    if not _HOST_RE.match(host):
+        raise AddressError(f"{text!r}: {host!r} is not a host name or address")
+    if "/" in host:
+        try:
+            ipaddress.ip_network(host, strict=False)
+        except ValueError as exc:
+            raise AddressError(f"{text!r}: bad CIDR block: {exc}") from None
+
+
+def _check_ipv6(host: str, text: str) -> None:
+    address = host.split("%", 1)[0]  # a zone index (fe80::1%eth0) is legal in a literal
+    try:
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        raise AddressError(f"{text!r}: {host!r} is not an IPv6 address") from None
+
+
+def parse_host_port(text: str, *, allow_port_zero: bool = True) -> tuple[str, int]:
+    """Parse one `HOST:PORT` or `[V6]:PORT` (for --listen, --upstream); port 0 allowed.
+
+    Raises:
+        AddressError: no port, several ports, or malformed.
+    """
+    raw = text.strip()
+    if raw.startswith("["):
+        close = raw.find("]")
+        if close < 0:
+            raise AddressError(f"{text!r}: '[' without a closing ']'")
+        host, rest = raw[1:close], raw[close + 1 :]
+        _check_ipv6(host, text)
+    else:
+        if raw.count(":") != 1:
+            raise AddressError(f"{text!r}: expected HOST:PORT or [IPV6]:PORT")
+        host, _, port_text = raw.partition(":")
+        rest = ":" + port_text
+        if not host:
+            raise AddressError(f"{text!r}: missing host before ':'")
+        _check_host(host, text)
+    if not rest.startswith(":") or len(rest) == 1:
+        raise AddressError(f"{text!r}: missing port (HOST:PORT)")
+    return host, _parse_port(rest[1:], text, allow_zero=allow_port_zero)
+
+
+def expand_hosts(host: str, *, cap: int | None = DEFAULT_CIDR_CAP) -> Iterator[str]:
+    """Yield the addresses of a CIDR block lazily, or the host itself.
+
+    A /31 or /32 (/127, /128) yields every address; larger IPv4 blocks skip the network and
+    broadcast addresses, as nmap and ipaddress.hosts() do.
+
+    Raises:
+        AddressError: the block holds more than `cap` addresses (None: no cap).
+    """
+    if "/" not in host:
+        yield host
+        return
+    try:
+        network = ipaddress.ip_network(host, strict=False)
+    except ValueError as exc:
+        raise AddressError(f"{host!r}: bad CIDR block: {exc}") from None
+    if cap is not None and network.num_addresses > cap:
+        raise AddressError(
+            f"{host!r} holds {network.num_addresses} addresses, above the cap of {cap} "
+            "(pass --allow-large to scan it anyway)"
+        )
+    for address in network.hosts() if network.num_addresses > 2 else network:
+        yield str(address)
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` is a loopback literal or `localhost` (no resolution is done)."""
+    if host.lower() in {"localhost", "localhost.localdomain", "ip6-localhost"}:
+        return True
+    try:
+        network = ipaddress.ip_network(host.split("%", 1)[0], strict=False)
+    except ValueError:
+        return False
+    return network.is_loopback
+
+
+def format_hostport(host: str, port: int | None) -> str:
+    """`host:port`, with brackets around IPv6 literals."""
+    shown = f"[{host}]" if ":" in host else host
+    return shown if port is None else f"{shown}:{port}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Errno names and classification
+# ---------------------------------------------------------------------------------------------
+
+# CPython on Windows keeps Winsock codes as errno values (PC/errmap.h). Mapping them to the
+# POSIX names lets results, docs and tests use one vocabulary on every platform.
+_WSA_NAMES = {
+    10004: "EINTR",
+    10013: "EACCES",
+    10022: "EINVAL",
+    10024: "EMFILE",
+    10035: "EWOULDBLOCK",
+    10036: "EINPROGRESS",
+    10037: "EALREADY",
+    10038: "ENOTSOCK",
+    10048: "EADDRINUSE",
+    10049: "EADDRNOTAVAIL",
+    10050: "ENETDOWN",
+    10051: "ENETUNREACH",
+    10053: "ECONNABORTED",
+    10054: "ECONNRESET",
+    10055: "ENOBUFS",
+    10056: "EISCONN",
+    10057: "ENOTCONN",
+    10060: "ETIMEDOUT",
+    10061: "ECONNREFUSED",
+    10064: "EHOSTDOWN",
+    10065: "EHOSTUNREACH",
+}
+# getaddrinfo failures arrive as negative EAI_* codes on Linux; build the table by name so
+# platforms that lack a name are simply skipped.
+_EAI_NAMES = {
+    getattr(socket, name): name
+    for name in dir(socket)
+    if name.startswith("EAI_") and isinstance(getattr(socket, name), int)
+}
+
+
+def errno_name(number: int | None) -> str | None:
+    """Symbolic name of an OS error number (`111` -> `ECONNREFUSED`; WSA codes too)."""
+    if number is None:
+        return None
+    if number >= 10000 and number in _WSA_NAMES:
+        return _WSA_NAMES[number]
+    name = errno.errorcode.get(number)
+    if name is not None:
+        return name.removeprefix("WSA")
+    return f"E{number}"
+
+
+def _eai_name(exc: socket.gaierror) -> str:
+    code = exc.errno
+    if code is not None and code in _EAI_NAMES:
+        return _EAI_NAMES[code]
+    return errno_name(code) or "EAI_FAIL"
+
+
+def _names_to_numbers(*names: str) -> frozenset[int]:
+    return frozenset(getattr(errno, name) for name in names if hasattr(errno, name))
+
+
+_UNREACHABLE = _names_to_numbers(
+    "EHOSTUNREACH", "ENETUNREACH", "EHOSTDOWN", "ENETDOWN", "ENONET", "EACCES", "EPERM"
+)
+_TIMEOUT = _names_to_numbers("ETIMEDOUT")
+_REFUSED = _names_to_numbers("ECONNREFUSED")
+_RESET = _names_to_numbers("ECONNRESET", "ECONNABORTED")
+
+
+def classify_errno(number: int | None) -> ConnectState:
+    """Map the errno a connect ended with to a ConnectState (0 and EISCONN are OPEN)."""
+    if number is None or number == 0 or number == errno.EISCONN:
+        return ConnectState.OPEN
+    if number in _REFUSED:
+        return ConnectState.REFUSED
+    if number in _TIMEOUT:
+        return ConnectState.TIMEOUT
+    if number in _UNREACHABLE:
+        return ConnectState.UNREACHABLE
+    if number in _RESET:
+        return ConnectState.RESET
+    return ConnectState.ERROR
+
+
+@contextlib.contextmanager
+def _map_errors(op: str) -> Iterator[None]:
+    """Turn OSError from one socket operation into netprobe's tree, keeping the errno."""
+    try:
+        yield
+    except TimeoutError as exc:
+        # settimeout() expiry has errno None; the kernel's own ETIMEDOUT carries 110.
+        if exc.errno is None:
+            raise DeadlineExceeded(op) from exc
+        raise NetworkError(op, exc.errno, errno_name(exc.errno)) from exc
+    except (ConnectionResetError, BrokenPipeError) as exc:
+        raise PeerResetError(op, exc.errno, errno_name(exc.errno)) from exc
+    except socket.gaierror as exc:
+        raise ResolveError(op, exc.errno, _eai_name(exc), str(exc.strerror)) from exc
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.EADDRNOTAVAIL, errno.ENOBUFS):
+            raise LocalError(_local_message(op, exc.errno), errno_name(exc.errno)) from exc
+        raise NetworkError(op, exc.errno, errno_name(exc.errno), exc.strerror or "") from exc
+
+
+def _local_message(op: str, number: int | None) -> str:
+    name = errno_name(number)
+    if number == errno.EMFILE:
+        soft, hard = nofile_limit()
+        return f"{op}: {name}: out of file descriptors (RLIMIT_NOFILE soft {soft}, hard {hard})"
+    if number == errno.ENFILE:
+        return f"{op}: {name}: the system-wide file table is full (fs.file-max)"
+    if number == errno.EADDRNOTAVAIL:
+        return (
+            f"{op}: {name}: no free local port for this destination "
+            "(ip_local_port_range exhausted; add source addresses or wait for TIME_WAIT)"
+        )
+    return f"{op}: {name}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Deadlines
+# ---------------------------------------------------------------------------------------------
+
+
+def deadline_after(timeout_s: float | None) -> float | None:
+    """Absolute monotonic deadline `timeout_s` from now (None: no deadline)."""
+    return None if timeout_s is None else time.monotonic() + timeout_s
+
+
+def remaining(deadline: float | None, op: str = "operation") -> float | None:
+    """Seconds left before `deadline` (None: unbounded).
+
+    Raises:
+        DeadlineExceeded: the deadline has passed.
+    """
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded(op)
+    return left
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolution
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """One resolved address: family plus the sockaddr tuple for connect/bind."""
+
+    family: int
+    sockaddr: tuple[Any, ...]
+
+    @property
+    def host(self) -> str:
+        return str(self.sockaddr[0])
+
+    @property
+    def port(self) -> int:
+        return int(self.sockaddr[1])
+
+
+def resolve(
+    host: str, port: int, *, family: int = 0, socktype: int = socket.SOCK_STREAM
+) -> list[Resolved]:
+    """Resolve host to addresses; numeric literals skip getaddrinfo (scans need that speed).
+
+    Args:
+        family: 0 for any, socket.AF_INET (-4) or socket.AF_INET6 (-6).
+
+    Raises:
+        ResolveError: the name does not resolve (errno_name is EAI_NONAME, EAI_AGAIN, ...).
+    """
+    literal = host.split("%", 1)[0]
+    try:
+        ip = ipaddress.ip_address(literal)
+    except ValueError:
+        ip = None
+    if ip is not None and "%" not in host:
+        fam = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        if family and family != fam:
+            want = "IPv4" if family == socket.AF_INET else "IPv6"
+            raise ResolveError("resolve", None, "EAI_FAMILY", f"{host} is not an {want} address")
+        sockaddr: tuple[Any, ...] = (host, port) if fam == socket.AF_INET else (host, port, 0, 0)
+        return [Resolved(fam, sockaddr)]
+    with _map_errors("resolve"):
+        infos = socket.getaddrinfo(host, port, family, socktype)
+    seen: dict[tuple[int, tuple[Any, ...]], None] = {}
+    for fam, _type, _proto, _canon, addr in infos:
+        seen[(int(fam), tuple(addr))] = None
+    return [Resolved(fam, addr) for fam, addr in seen]
+
+
+# ---------------------------------------------------------------------------------------------
+# One non-blocking connect
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class ConnectOutcome:
+    """How one connect attempt ended.
+
+    Attributes:
+        state: the classification (OPEN, REFUSED, TIMEOUT, ...).
+        errno_name: the errno's symbolic name; None for OPEN and for our own deadline.
+        elapsed_s: from connect() to the verdict.
+        sock: the connected socket when keep=True and state is OPEN (the caller closes it).
+    """
+
+    state: ConnectState
+    errno_name: str | None
+    elapsed_s: float
+    sock: socket.socket | None = None
+
+
+def set_linger_zero(sock: socket.socket) -> None:
+    """Make close() send RST instead of FIN (and leave no TIME_WAIT)."""
+    # struct linger is two ints on Linux/BSD/macOS; Windows uses two u_short.
+    fmt = "HH" if sys.platform == "win32" else "ii"
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack(fmt, 1, 0))
+
+
+def connect_nonblocking(
+    target: Resolved,
+    *,
+    deadline: float | None,
+    source: str | None = None,
+    keep: bool = False,
+    socktype: int = socket.SOCK_STREAM,
+) -> ConnectOutcome:
+    """Connect once without blocking past `deadline`; never raises for network outcomes.
+
+    Uses connect_ex, then waits for writability and reads SO_ERROR once (reading clears it).
+
+    Raises:
+        LocalError: no file descriptor (EMFILE/ENFILE) for the socket itself.
+    """
+    start = time.monotonic()
+    with _map_errors("socket"):
+        sock = socket.socket(target.family, socktype)
+    handed_over = False
+    try:
+        sock.setblocking(False)
+        if source is not None:
+            _bind_source(sock, source)
+        code: int | None = sock.connect_ex(target.sockaddr)
+        if code in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
+            code = _wait_connected(sock, deadline)
+        elapsed = time.monotonic() - start
+        if code is None:
+            return ConnectOutcome(ConnectState.TIMEOUT, None, elapsed)
+        state = classify_errno(code)
+        if state is ConnectState.OPEN:
+            if keep:
+                handed_over = True  # ownership moves to the caller
+                return ConnectOutcome(state, None, elapsed, sock)
+            set_linger_zero(sock)
+            return ConnectOutcome(state, None, elapsed)
+        return ConnectOutcome(state, errno_name(code), elapsed)
+    except OSError as exc:  # bind of the source address, or an odd connect_ex raise
+        elapsed = time.monotonic() - start
+        return ConnectOutcome(classify_errno(exc.errno), errno_name(exc.errno), elapsed)
+    finally:
+        if not handed_over:
+            sock.close()
+
+
+def _bind_source(sock: socket.socket, source: str) -> None:
+    # IP_BIND_ADDRESS_NO_PORT delays the port choice to connect(), so one source address can
+    # reuse a local port across different destinations (Linux >= 4.2).
+    no_port = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", None)
+    if no_port is not None:
+        sock.setsockopt(socket.IPPROTO_IP, no_port, 1)
+    sock.bind((source, 0))
+
+
+def _wait_connected(sock: socket.socket, deadline: float | None) -> int | None:
+    """Wait until a pending connect ends; its errno (0 = connected), None at the deadline."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return None
+        events = poller.poll(None if left is None else max(1, int(left * 1000 + 0.999)))
+        if events:
+            return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams: deadline-aware send/receive, half and abortive close
+# ---------------------------------------------------------------------------------------------
+
+
+def send_all(sock: socket.socket, data: bytes | memoryview, deadline: float | None) -> int:
+    """Send every byte before `deadline`, handling partial sends; returns the count.
+
+    Raises:
+        DeadlineExceeded, PeerResetError, NetworkError.
+    """
+    view = memoryview(data)
+    total = len(view)
+    sent = 0
+    while sent < total:
+        sock.settimeout(remaining(deadline, "send"))
+        with _map_errors("send"):
+            sent += sock.send(view[sent:])
+    return sent
+
+
+def recv_some(sock: socket.socket, max_bytes: int, deadline: float | None) -> bytes:
+    """Receive up to max_bytes; b"" means the peer closed (EOF).
+
+    Raises:
+        DeadlineExceeded, PeerResetError, NetworkError.
+    """
+    sock.settimeout(remaining(deadline, "recv"))
+    with _map_errors("recv"):
+        return sock.recv(max_bytes)
+
+
+def recv_exactly(sock: socket.socket, count: int, deadline: float | None) -> bytes:
+    """Receive exactly `count` bytes under one overall deadline.
+
+    Raises:
+        PeerClosedError: EOF before `count` bytes (the partial count is in the message).
+        DeadlineExceeded, PeerResetError, NetworkError.
+    """
+    buffer = bytearray(count)
+    view = memoryview(buffer)
+    got = 0
+    while got < count:
+        sock.settimeout(remaining(deadline, "recv"))
+        with _map_errors("recv"):
+            n = sock.recv_into(view[got:])
+        if n == 0:
+            raise PeerClosedError("recv", None, "EOF", f"after {got} of {count} bytes")
+        got += n
+    return bytes(buffer)
+
+
+def half_close(sock: socket.socket) -> None:
+    """Send FIN (shutdown SHUT_WR) and keep reading; harmless if already disconnected."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+
+
+def abort_connection(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER on, 0 s): the peer gets ECONNRESET, no TIME_WAIT here."""
+    with contextlib.suppress(OSError):
+        set_linger_zero(sock)
+    sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Listeners
+# ---------------------------------------------------------------------------------------------
+
+
+def open_listener(
+    host: str | None,
+    port: int = 0,
+    *,
+    backlog: int = 128,
+    path: str | None = None,
+    family: int = 0,
+    reuse_port: bool = False,
+) -> socket.socket:
+    """Bind and listen (TCP on host:port, or a Unix stream socket at `path`).
+
+    A stale Unix socket file is replaced only if nothing accepts connections on it.
+
+    Raises:
+        LocalError: bind/listen failed (EADDRINUSE, EACCES, ...), named in the message.
+        ResolveError: host does not resolve.
+    """
+    if path is not None:
+        return _open_unix_listener(path, backlog)
+    assert host is not None
+    addr = resolve(host, port, family=family, socktype=socket.SOCK_STREAM)[0]
+    sock = socket.socket(addr.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if addr.family == socket.AF_INET6:
+            # Explicit v6 binds stay v6-only; `::` users who want both say so with -4/-6.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        _bind_or_explain(sock, addr.sockaddr, format_hostport(host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def open_udp(host: str, port: int = 0, *, family: int = 0) -> socket.socket:
+    """Bind a UDP socket on host:port.
+
+    Raises:
+        LocalError: bind failed.
+    """
+    addr = resolve(host, port, family=family, socktype=socket.SOCK_DGRAM)[0]
+    sock = socket.socket(addr.family, socket.SOCK_DGRAM)
+    try:
+        if addr.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        _bind_or_explain(sock, addr.sockaddr, format_hostport(host, port) + "/udp")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_or_explain(sock: socket.socket, sockaddr: Any, shown: str) -> None:
+    try:
+        sock.bind(sockaddr)
+    except OSError as exc:
+        name = errno_name(exc.errno)
+        why = {
+            "EADDRINUSE": "the address is already in use",
+            "EACCES": "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+            "EADDRNOTAVAIL": "that address is not on this host",
+        }.get(name or "", exc.strerror or "bind failed")
+        raise LocalError(f"cannot bind {shown}: {name}: {why}", name) from exc
+
+
+def _open_unix_listener(path: str, backlog: int) -> socket.socket:
+    if not hasattr(socket, "AF_UNIX"):
+        raise LocalError("Unix sockets are not available on this platform")
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.lstat(path).st_mode
+        if not stat.S_ISSOCK(mode):
+            raise LocalError(f"cannot bind unix:{path}: EADDRINUSE: it exists and is not a socket")
+        if _unix_accepting(path):
+            raise LocalError(f"cannot bind unix:{path}: EADDRINUSE: a server is listening on it")
+        os.unlink(path)  # stale: nothing accepts on it
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        _bind_or_explain(sock, path, f"unix:{path}")
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _unix_accepting(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(0.5)
+        probe.connect(path)
+    except BlockingIOError:
+        return True  # EAGAIN: the queue is full, so somebody listens (SOCKETS.md §3)
+    except OSError:
+        return False
+    else:
+        return True
+    finally:
+        probe.close()
+
+
+def fill_accept_queue(listener: socket.socket, *, deadline: float) -> list[socket.socket]:
+    """Fill a never-accepting listener's accept queue; returns the clients that got in.
+
+    Connects clients one by one until a connect stays pending (its SYN was dropped), so any
+    further connect to this listener times out. On Linux a listen(B) queue holds B+1.
+
+    Raises:
+        DeadlineExceeded: the queue was not full by the deadline.
+    """
+    sockname = listener.getsockname()
+    family = listener.family
+    target = Resolved(family, tuple(sockname) if family != socket.AF_UNIX else sockname)
+    clients: list[socket.socket] = []
+    try:
+        while True:
+            remaining(deadline, "fill accept queue")
+            # On loopback a handshake with room in the queue completes within a few ms; a
+            # dropped SYN is retried only after 1 s, so 200 ms tells the two apart.
+            probe_deadline = min(deadline, time.monotonic() + 0.2)
+            outcome = connect_nonblocking(target, deadline=probe_deadline, keep=True)
+            if outcome.state is ConnectState.TIMEOUT:
+                return clients
+            if outcome.sock is None:
+                raise NetworkError("fill accept queue", None, outcome.errno_name)
+            clients.append(outcome.sock)
+    except BaseException:
+        for client in clients:
+            client.close()
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Resource limits
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NofileLimit:
+    """RLIMIT_NOFILE before and after an attempt to raise it (None: unknown platform)."""
+
+    soft: int | None
+    hard: int | None
+    raised_from: int | None = None
+
+
+def nofile_limit() -> tuple[int | None, int | None]:
+    """The current (soft, hard) RLIMIT_NOFILE; (None, None) where unsupported."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None, None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    inf = resource.RLIM_INFINITY
+    return (None if soft == inf else soft), (None if hard == inf else hard)
+
+
+def raise_nofile_limit(wanted: int) -> NofileLimit:
+    """Raise the soft fd limit towards `wanted` (never above hard); report what holds now."""
+    try:
+        import resource
+    except ImportError:
+        return NofileLimit(None, None)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    inf = resource.RLIM_INFINITY
+    if soft != inf and soft < wanted:
+        target = wanted if hard == inf else min(wanted, hard)
+        if target > soft:
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                return NofileLimit(target, None if hard == inf else hard, raised_from=soft)
+    return NofileLimit(None if soft == inf else soft, None if hard == inf else hard)

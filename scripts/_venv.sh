@@ -1,0 +1,25 @@
+# Sourced by scripts/netprobe and scripts/test: create or refresh .venv with only Python 3 present.
+# Reinstalls when pyproject.toml changes (a stamp file keeps the hash), so a fresh clone and an
+# old checkout both end up with what the project asks for.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+extra="${1:-}"
+py="${PYTHON:-python3}"
+if [ ! -x "$venv/bin/python" ]; then
+  "$py" -m venv "$venv" >&2
+fi
+stamp="$venv/.netprobe-installed${extra:+-$extra}"
+want="$(cat "$root/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  spec="$root"
+  [ -n "$extra" ] && spec="$root[$extra]"
+  log="$venv/install.log"
+  echo "netprobe: installing into .venv (log: $log)" >&2
+  if ! "$venv/bin/python" -m pip install --disable-pip-version-check -e "$spec" >"$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    echo "netprobe: pip install failed; see $log" >&2
+    exit 1
+  fi
+  echo "$want" > "$stamp"
+fi

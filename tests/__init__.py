@@ -1,0 +1,1 @@
+"""netprobe's tests (a package, so helpers can be imported)."""

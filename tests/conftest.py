@@ -1,0 +1,68 @@
+"""Loopback fixtures and hypothesis profiles shared by every test."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from netprobe.sockets import fill_accept_queue
+from tests.helpers import LONG, ServerThread
+
+settings.register_profile("dev", max_examples=100)
+settings.register_profile(
+    "ci", max_examples=300, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+def _has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+HAS_IPV6 = _has_ipv6()
+
+
+@pytest.fixture
+def server() -> Iterator[ServerThread]:
+    """A TCP listener on 127.0.0.1 that accepts and closes each connection."""
+    srv = ServerThread()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port that is certainly closed: bound but not listening (nobody else can take it)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+@pytest.fixture
+def full_queue_port() -> Iterator[int]:
+    """A listener with listen(0) that never accepts, its queue already full: connects hang."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    clients = fill_accept_queue(listener, deadline=time.monotonic() + LONG)
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        for client in clients:
+            client.close()
+        listener.close()

@@ -1,0 +1,118 @@
+"""Test helpers: run the CLI in-process with byte-exact stdio, and threaded loopback servers."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+SHORT = 0.05  # seconds: "a moment" in tests
+LONG = 5.0  # seconds: the most any single blocking step in a test may take
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: bytes
+    stderr: str
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode("utf-8", "replace")
+
+
+class _Stream(io.TextIOWrapper):
+    """A text stream over BytesIO that, like a pipe, is not a terminal."""
+
+    def isatty(self) -> bool:
+        return False
+
+
+def invoke(argv: Sequence[str], stdin: bytes = b"") -> CliResult:
+    """Run `netprobe ARGV` in this process; stdout is captured as bytes (binary-safe)."""
+    from netprobe.cli import main
+
+    out_raw, err_raw = io.BytesIO(), io.BytesIO()
+    out = _Stream(out_raw, encoding="utf-8", write_through=True)
+    err = _Stream(err_raw, encoding="utf-8", write_through=True)
+    inp = _Stream(io.BytesIO(stdin), encoding="utf-8")
+    saved = sys.stdin, sys.stdout, sys.stderr
+    sys.stdin, sys.stdout, sys.stderr = inp, out, err
+    try:
+        code = main(list(argv))
+    finally:
+        out.flush()
+        err.flush()
+        sys.stdin, sys.stdout, sys.stderr = saved
+    return CliResult(int(code), out_raw.getvalue(), err_raw.getvalue().decode())
+
+
+def run_netprobe(
+    argv: Sequence[str], *, stdin: bytes = b"", timeout: float = 30.0
+) -> subprocess.CompletedProcess[bytes]:
+    """Run `python -m netprobe ARGV` as a real process (for signals, pipes and exit codes)."""
+    return subprocess.run(
+        [sys.executable, "-m", "netprobe", *argv],
+        input=stdin,
+        capture_output=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
+
+
+class ServerThread:
+    """A listener bound *before* the thread starts (no readiness race), always stopped.
+
+    `handler(conn)` runs for each accepted connection in the server thread; the default
+    accepts and closes at once.
+    """
+
+    def __init__(
+        self,
+        family: int = socket.AF_INET,
+        host: str = "127.0.0.1",
+        backlog: int = 128,
+        handler: Callable[[socket.socket], None] | None = None,
+    ) -> None:
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((host, 0))
+        self.listener.listen(backlog)
+        self.listener.settimeout(SHORT)
+        self.host = host
+        self.port: int = self.listener.getsockname()[1]
+        self.handler = handler
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                conn.settimeout(LONG)
+                if self.handler is not None:
+                    with contextlib.suppress(OSError):
+                        self.handler(conn)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(LONG)
+        self.listener.close()
+        assert not self._thread.is_alive(), "server thread did not stop"

@@ -1,0 +1,103 @@
+"""The connection engine against real loopback listeners: open, refused, timeouts, hold."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+
+from netprobe.connector import ConnectJob, ConnectorStats, run_connects
+from netprobe.results import ConnectState
+from tests.helpers import LONG, ServerThread
+
+
+def _job(port: int, key: object = None) -> ConnectJob:
+    return ConnectJob(key if key is not None else port, socket.AF_INET, ("127.0.0.1", port))
+
+
+def test_open_refused_and_filtered(
+    server: ServerThread, closed_port: int, full_queue_port: int
+) -> None:
+    jobs = [_job(server.port), _job(closed_port), _job(full_queue_port)]
+    start = time.monotonic()
+    results = {r.job.key: r for r in run_connects(jobs, concurrency=10, timeout_s=0.3)}
+    assert results[server.port].state is ConnectState.OPEN
+    assert results[closed_port].state is ConnectState.REFUSED
+    assert results[closed_port].errno_name == "ECONNREFUSED"
+    assert results[full_queue_port].state is ConnectState.TIMEOUT
+    assert results[full_queue_port].elapsed_s >= 0.29
+    assert time.monotonic() - start < LONG
+
+
+def test_many_jobs_constant_concurrency(closed_port: int) -> None:
+    stats = ConnectorStats()
+    n = 2000
+    results = list(
+        run_connects(
+            (_job(closed_port, key=i) for i in range(n)), concurrency=50, timeout_s=2, stats=stats
+        )
+    )
+    assert sorted(r.job.key for r in results) == list(range(n))
+    assert all(r.state is ConnectState.REFUSED for r in results)
+    assert stats.started == n
+
+
+def test_rate_cap_spaces_attempts(closed_port: int) -> None:
+    start = time.monotonic()
+    results = list(run_connects([_job(closed_port)] * 6, concurrency=10, timeout_s=1, rate=20))
+    assert len(results) == 6
+    assert time.monotonic() - start >= 5 / 20 * 0.9
+
+
+def test_hold_keeps_connections_and_sees_reset() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(LONG)
+    port = listener.getsockname()[1]
+
+    def reset_one() -> None:
+        # While the connector holds, the server accepts one connection and resets it.
+        conn, _ = listener.accept()
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    thread = threading.Thread(target=reset_one)
+    thread.start()
+    try:
+        jobs = [_job(port, key=i) for i in range(3)]
+        results = list(run_connects(jobs, concurrency=3, timeout_s=1, hold_s=0.5))
+        thread.join(LONG)
+        assert not thread.is_alive()
+        assert len(results) == 3
+        assert sorted(r.ended_by or "" for r in results) == ["hold", "hold", "reset"]
+        assert [r.state for r in results if r.ended_by == "reset"] == [ConnectState.RESET]
+        held = [r for r in results if r.ended_by == "hold"]
+        assert all(r.held_s >= 0.45 for r in held)
+    finally:
+        listener.close()
+
+
+def test_source_addresses_are_used(server: ServerThread) -> None:
+    jobs = [
+        ConnectJob(src, socket.AF_INET, ("127.0.0.1", server.port), source=src)
+        for src in ("127.0.0.2", "127.0.0.3")
+    ]
+    results = list(run_connects(jobs, concurrency=2, timeout_s=1))
+    assert {r.state for r in results} == {ConnectState.OPEN}
+
+
+def test_stop_at_ends_the_run(full_queue_port: int) -> None:
+    start = time.monotonic()
+    results = list(
+        run_connects(
+            (_job(full_queue_port, key=i) for i in range(10**9)),
+            concurrency=5,
+            timeout_s=10,
+            stop_at=start + 0.3,
+        )
+    )
+    assert time.monotonic() - start < 2
+    assert len(results) == 5
+    assert all(r.ended_by == "stop" for r in results)

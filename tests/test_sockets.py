@@ -1,0 +1,178 @@
+"""The socket core on real loopback sockets: errno names, connect outcomes, streams, limits."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+import time
+
+import pytest
+
+from netprobe.errors import (
+    DeadlineExceeded,
+    LocalError,
+    PeerClosedError,
+    PeerResetError,
+    ResolveError,
+)
+from netprobe.results import ConnectState
+from netprobe.sockets import (
+    Resolved,
+    abort_connection,
+    classify_errno,
+    connect_nonblocking,
+    errno_name,
+    half_close,
+    open_listener,
+    raise_nofile_limit,
+    recv_exactly,
+    recv_some,
+    resolve,
+    send_all,
+)
+from tests.conftest import HAS_IPV6
+from tests.helpers import LONG, SHORT, ServerThread
+
+
+def test_errno_names() -> None:
+    assert errno_name(errno.ECONNREFUSED) == "ECONNREFUSED"
+    assert errno_name(10061) == "ECONNREFUSED"  # Windows WSAECONNREFUSED
+    assert errno_name(10060) == "ETIMEDOUT"
+    assert errno_name(None) is None
+    assert errno_name(99999) == "E99999"
+
+
+@pytest.mark.parametrize(
+    ("code", "state"),
+    [
+        (0, ConnectState.OPEN),
+        (errno.EISCONN, ConnectState.OPEN),
+        (errno.ECONNREFUSED, ConnectState.REFUSED),
+        (errno.ETIMEDOUT, ConnectState.TIMEOUT),
+        (errno.EHOSTUNREACH, ConnectState.UNREACHABLE),
+        (errno.ENETUNREACH, ConnectState.UNREACHABLE),
+        (errno.ECONNRESET, ConnectState.RESET),
+        (errno.EADDRNOTAVAIL, ConnectState.ERROR),
+    ],
+)
+def test_classify_errno(code: int, state: ConnectState) -> None:
+    assert classify_errno(code) is state
+
+
+def test_resolve_literal_and_name() -> None:
+    assert resolve("127.0.0.1", 80) == [Resolved(socket.AF_INET, ("127.0.0.1", 80))]
+    names = resolve("localhost", 80, family=socket.AF_INET)
+    assert names
+    assert all(r.family == socket.AF_INET for r in names)
+    with pytest.raises(ResolveError) as info:
+        resolve("no-such-host.invalid", 80)
+    assert info.value.errno_name in {"EAI_NONAME", "EAI_AGAIN", "EAI_FAIL", "EAI_NODATA"}
+    with pytest.raises(ResolveError, match="not an IPv6"):
+        resolve("127.0.0.1", 80, family=socket.AF_INET6)
+
+
+def test_connect_open_refused_timeout(
+    server: ServerThread, closed_port: int, full_queue_port: int
+) -> None:
+    deadline = time.monotonic() + LONG
+    target = Resolved(socket.AF_INET, ("127.0.0.1", server.port))
+    opened = connect_nonblocking(target, deadline=deadline)
+    assert (opened.state, opened.errno_name) == (ConnectState.OPEN, None)
+    refused = connect_nonblocking(
+        Resolved(socket.AF_INET, ("127.0.0.1", closed_port)), deadline=deadline
+    )
+    assert (refused.state, refused.errno_name) == (ConnectState.REFUSED, "ECONNREFUSED")
+    start = time.monotonic()
+    hung = connect_nonblocking(
+        Resolved(socket.AF_INET, ("127.0.0.1", full_queue_port)), deadline=start + 0.3
+    )
+    assert hung.state is ConnectState.TIMEOUT
+    assert 0.25 <= hung.elapsed_s < LONG
+
+
+@pytest.mark.skipif(not HAS_IPV6, reason="no IPv6 loopback on this host")
+def test_connect_ipv6() -> None:
+    srv = ServerThread(family=socket.AF_INET6, host="::1")
+    try:
+        outcome = connect_nonblocking(resolve("::1", srv.port)[0], deadline=time.monotonic() + LONG)
+        assert outcome.state is ConnectState.OPEN
+    finally:
+        srv.stop()
+
+
+def test_stream_helpers_and_abort() -> None:
+    listener = open_listener("127.0.0.1", 0, backlog=4)
+    port = listener.getsockname()[1]
+    try:
+        outcome = connect_nonblocking(
+            Resolved(socket.AF_INET, ("127.0.0.1", port)),
+            deadline=time.monotonic() + LONG,
+            keep=True,
+        )
+        client = outcome.sock
+        assert client is not None
+        peer, _ = listener.accept()
+        with client, peer:
+            deadline = time.monotonic() + LONG
+            assert send_all(client, b"x" * 100_000, deadline) == 100_000
+            assert len(recv_exactly(peer, 100_000, deadline)) == 100_000
+            with pytest.raises(DeadlineExceeded):
+                recv_some(peer, 10, time.monotonic() + SHORT)
+            half_close(client)
+            assert recv_some(peer, 10, deadline) == b""
+            with pytest.raises(PeerClosedError, match="after 0 of 5"):
+                recv_exactly(peer, 5, deadline)
+            send_all(peer, b"reply", deadline)
+            assert recv_exactly(client, 5, deadline) == b"reply"  # half-closed side still reads
+            abort_connection(peer)
+            with pytest.raises(PeerResetError) as info:
+                recv_some(client, 10, deadline)
+            assert info.value.errno_name == "ECONNRESET"
+    finally:
+        listener.close()
+
+
+def test_abort_sets_linger_zero() -> None:
+    sock = socket.socket()
+    from netprobe.sockets import set_linger_zero
+
+    set_linger_zero(sock)
+    assert struct.unpack("ii", sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)) == (1, 0)
+    sock.close()
+
+
+def test_open_listener_in_use_is_local_error() -> None:
+    first = open_listener("127.0.0.1", 0)
+    try:
+        port = first.getsockname()[1]
+        with pytest.raises(LocalError, match="EADDRINUSE"):
+            open_listener("127.0.0.1", port)
+    finally:
+        first.close()
+
+
+def test_unix_listener_replaces_only_stale_files(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "s.sock")
+    first = open_listener(None, path=path)
+    with pytest.raises(LocalError, match="a server is listening"):
+        open_listener(None, path=path)
+    first.close()  # the file stays behind: stale now
+    second = open_listener(None, path=path)
+    second.close()
+    with open(os.path.join(tmp_path, "plain"), "w"):
+        pass
+    with pytest.raises(LocalError, match="not a socket"):
+        open_listener(None, path=os.path.join(tmp_path, "plain"))
+
+
+def test_raise_nofile_limit_never_above_hard() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = raise_nofile_limit(soft)
+    assert limit.soft == soft
+    assert limit.raised_from is None
+    if hard != resource.RLIM_INFINITY:
+        assert (raise_nofile_limit(hard * 10).soft or 0) <= hard
