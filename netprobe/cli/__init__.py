@@ -51,7 +51,7 @@ def _root(
     """
 
 
-def _register(name: str, func: Callable[..., None], stub: bool) -> None:
+def _register(name: str, func: Callable[..., object], stub: bool) -> None:
     settings = _STUB if stub else {}
     app.command(name, context_settings=settings)(func)
 
@@ -62,5 +62,5 @@ _register("send", send.send, stub=True)
 _register("listen", listen.listen, stub=True)
 _register("backlog", backlog.backlog, stub=True)
 _register("listeners", listeners.listeners, stub=True)
-_register("doctor", doctor.doctor, stub=True)
+_register("doctor", doctor.doctor, stub=False)
 app.add_typer(reset.app, name="reset")

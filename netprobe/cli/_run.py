@@ -45,8 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = _command_name(args)
     try:
         result: Any = app(args=args, prog_name="netprobe", standalone_mode=False)
-    except NoArgsIsHelpError as exc:
-        sys.stderr.write(exc.format_message() + "\n")
+    except NoArgsIsHelpError as exc:  # Typer has already printed the help
+        message = exc.format_message().strip()
+        if message:
+            sys.stderr.write(message + "\n")
         return ExitStatus.USAGE
     except ClickException as exc:  # usage errors, bad option values, unreadable files
         if debug:

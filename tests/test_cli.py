@@ -1,0 +1,62 @@
+"""The CLI skeleton: version, help, python -m, one-line errors, doctor."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from netprobe import __version__
+from tests.helpers import invoke, run_netprobe
+
+COMMANDS = ["port-check", "echo", "send", "listen", "backlog", "listeners", "reset", "doctor"]
+
+
+def test_version() -> None:
+    result = invoke(["--version"])
+    assert result.exit_code == 0
+    assert result.text.strip() == f"netprobe {__version__}"
+
+
+def test_python_dash_m_works_like_netprobe() -> None:
+    proc = run_netprobe(["--version"])
+    assert proc.returncode == 0
+    assert proc.stdout.decode().strip() == f"netprobe {__version__}"
+
+
+def test_help_lists_every_command() -> None:
+    result = invoke(["--help"])
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.text
+
+
+def test_unknown_option_is_one_line_usage_error() -> None:
+    result = invoke(["doctor", "--no-such-flag"])
+    assert result.exit_code == 2
+    assert result.stdout == b""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "--no-such-flag" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_no_arguments_shows_help_and_exits_2() -> None:
+    result = invoke([])
+    assert result.exit_code == 2
+    assert "port-check" in result.text + result.stderr
+
+
+@pytest.mark.slow
+def test_doctor_quick_json_every_row_passes() -> None:
+    proc = run_netprobe(["doctor", "--quick", "--json"], timeout=30)
+    rows = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    checks = [r for r in rows if r.get("kind") == "doctor"]
+    summary = rows[-1]
+    assert summary["kind"] == "doctor-summary"
+    failed = [r for r in checks if r["verdict"] == "fail"]
+    assert failed == []
+    assert proc.returncode == 0
+    assert {"platform", "ipv4-loopback", "rlimit-nofile", "connector"} <= {
+        r["check"] for r in checks
+    }
