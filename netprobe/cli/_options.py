@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 
 from netprobe.errors import UsageError
-from netprobe.sockets import parse_duration, parse_size
 
 __all__ = [
     "CsvOpt",
@@ -25,6 +24,8 @@ def duration(value: str | float) -> float:
     """Typer parser for durations (`1.5`, `250ms`, `2s`, `1m`): bad input is a usage error."""
     if isinstance(value, float | int):
         return float(value)
+    from netprobe.sockets import parse_duration  # lazy: start-up stays light
+
     try:
         return parse_duration(value)
     except UsageError as exc:
@@ -35,6 +36,8 @@ def size(value: str | int) -> int:
     """Typer parser for byte counts (`1500`, `64K`, `10MB`, `1GiB`)."""
     if isinstance(value, int):
         return value
+    from netprobe.sockets import parse_size
+
     try:
         return parse_size(value)
     except UsageError as exc:
@@ -45,6 +48,8 @@ def rate_size(value: str | int) -> int:
     """Typer parser for bandwidths (`64KB/s`, `1MiB/s`)."""
     if isinstance(value, int):
         return value
+    from netprobe.sockets import parse_size
+
     try:
         return parse_size(value, per_second=True)
     except UsageError as exc:
