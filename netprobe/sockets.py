@@ -18,7 +18,7 @@ import stat
 import struct
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +40,11 @@ __all__ = [
     "NofileLimit",
     "Resolved",
     "Target",
+    "PUMP_CHUNK",
+    "PumpResult",
     "abort_connection",
+    "accept_one",
+    "accept_and_close",
     "classify_errno",
     "connect_nonblocking",
     "deadline_after",
@@ -58,13 +62,19 @@ __all__ = [
     "parse_ports",
     "parse_size",
     "parse_target",
+    "pump_duplex",
     "raise_nofile_limit",
+    "recv_datagram",
     "recv_exactly",
     "recv_some",
     "remaining",
     "resolve",
     "send_all",
+    "send_datagram",
     "set_linger_zero",
+    "socket_address",
+    "unix_address",
+    "wait_readable",
 ]
 
 # A CIDR block bigger than this is refused unless the caller allows it: a typo such as /8
@@ -783,6 +793,25 @@ def _unix_accepting(path: str) -> bool:
         probe.close()
 
 
+def accept_and_close(listener: socket.socket, deadline: float) -> str | None:
+    """Accept one queued connection and close it at once (FIN); for slow-accept servers.
+
+    Returns:
+        The peer as `host:port`, or None when nothing arrived before `deadline` or accept
+        failed (EMFILE leaves the connection queued, SOCKETS.md §6: the caller backs off).
+    """
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return None
+    listener.settimeout(left)
+    try:
+        conn, peer = listener.accept()
+    except OSError:  # includes TimeoutError
+        return None
+    conn.close()
+    return format_hostport(str(peer[0]), int(peer[1]))
+
+
 def fill_accept_queue(listener: socket.socket, *, deadline: float) -> list[socket.socket]:
     """Fill a never-accepting listener's accept queue; returns the clients that got in.
 
@@ -854,3 +883,288 @@ def raise_nofile_limit(wanted: int) -> NofileLimit:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
                 return NofileLimit(target, None if hard == inf else hard, raised_from=soft)
     return NofileLimit(None if soft == inf else soft, None if hard == inf else hard)
+
+
+# ---------------------------------------------------------------------------------------------
+# Both directions at once (send, listen): one poll loop over the socket and an input fd
+# ---------------------------------------------------------------------------------------------
+
+# 256 KiB per read/send: big enough that Python's per-call cost vanishes next to the copy
+# (1 GiB is ~4k iterations), small enough that memory stays flat whatever the input size.
+PUMP_CHUNK = 256 * 1024
+
+
+@dataclass(slots=True)
+class PumpResult:
+    """How pump_duplex ended.
+
+    Attributes:
+        ended_by: "eof" (the peer closed, and we were done or stop_on_peer_eof), "reset",
+            "timeout" (the overall deadline), "idle-timeout", "stopped" (on_received asked to
+            stop), "error" (any other network error; see errno_name).
+        bytes_sent: bytes the kernel accepted from us.
+        bytes_received: bytes read from the peer.
+        first_byte_at: monotonic time of the first received byte (None: nothing came).
+        input_done_at: monotonic time the input ended and was fully sent (None: it did not).
+        peer_eof: the peer's FIN was seen.
+        errno_name: errno name for "reset" and "error".
+    """
+
+    ended_by: str = "eof"
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    first_byte_at: float | None = None
+    input_done_at: float | None = None
+    peer_eof: bool = False
+    errno_name: str | None = None
+
+
+def pump_duplex(
+    sock: socket.socket,
+    *,
+    read_input: Callable[[int], tuple[bytes, bool]] | None,
+    input_fd: int | None,
+    on_received: Callable[[bytes], bool],
+    on_sent: Callable[[memoryview], None] | None = None,
+    deadline: float | None = None,
+    idle_timeout_s: float | None = None,
+    shutdown_on_input_eof: bool = True,
+    stop_on_peer_eof: bool = True,
+    idle_while_input: bool = False,
+    chunk_size: int = PUMP_CHUNK,
+) -> PumpResult:
+    """Copy input to the socket while copying the socket to on_received, until one side ends.
+
+    Memory stays at about two chunks: input is read only when the previous chunk has been
+    sent, so a slow peer slows the reader down (back-pressure) instead of filling a buffer.
+
+    Args:
+        sock: a connected stream socket (made non-blocking here).
+        read_input: returns (data, eof) for up to n bytes; None: nothing to send.
+        input_fd: the fd behind read_input, polled before reading (None: reading never blocks,
+            as for a regular file or in-memory data).
+        on_received: called with each chunk from the peer; returning True stops the pump.
+        on_sent: called with each slice the kernel accepted (transcripts).
+        deadline: absolute monotonic deadline for the whole pump.
+        idle_timeout_s: end when nothing moved for this long.
+        shutdown_on_input_eof: send FIN (SHUT_WR) once the input is sent.
+        stop_on_peer_eof: end at the peer's FIN even if input remains (send); otherwise keep
+            sending until the input ends too (listen).
+        idle_while_input: count the idle time also while waiting on the input (listen);
+            otherwise a slow input (a pipe that pauses) never counts as idle (send).
+        chunk_size: the most bytes read or sent per call.
+
+    Returns:
+        PumpResult. Network outcomes are data, never exceptions.
+    """
+    sock.setblocking(False)
+    sfd = sock.fileno()
+    poller = select.poll()
+    masks: dict[int, int] = {}
+    result = PumpResult()
+    pending = memoryview(b"")
+    input_open = read_input is not None
+    input_done = False
+    last_activity = time.monotonic()
+
+    def set_mask(fd: int, mask: int) -> None:
+        old = masks.get(fd, 0)
+        if mask == old:
+            return
+        if mask == 0:
+            poller.unregister(fd)
+            del masks[fd]
+        elif old == 0:
+            poller.register(fd, mask)
+            masks[fd] = mask
+        else:
+            poller.modify(fd, mask)
+            masks[fd] = mask
+
+    def end(how: str, exc: OSError | None = None) -> PumpResult:
+        result.ended_by = how
+        if exc is not None:
+            result.errno_name = errno_name(exc.errno)
+        return result
+
+    def finish_input() -> None:
+        nonlocal input_done
+        input_done = True
+        result.input_done_at = time.monotonic()
+        if shutdown_on_input_eof:
+            half_close(sock)
+
+    def take_input() -> None:
+        nonlocal pending, input_open
+        assert read_input is not None
+        data, eof = read_input(chunk_size)
+        if data:
+            pending = memoryview(data)
+        if eof:
+            input_open = False
+
+    def try_send() -> str | None:
+        nonlocal pending, last_activity
+        try:
+            n = sock.send(pending)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            end("reset", exc)
+            return "reset"
+        except OSError as exc:
+            end("error", exc)
+            return "error"
+        if n:
+            if on_sent is not None:
+                on_sent(pending[:n])
+            result.bytes_sent += n
+            pending = pending[n:]
+            last_activity = time.monotonic()
+        return None
+
+    if not input_open:
+        finish_input()
+    while True:
+        now = time.monotonic()
+        if not input_done and not input_open and not pending:
+            finish_input()
+        if result.peer_eof and (stop_on_peer_eof or input_done):
+            return end("eof")
+        if deadline is not None and now >= deadline:
+            return end("timeout")
+        instant_input = input_open and not pending and input_fd is None
+        if instant_input:
+            take_input()
+            if pending and try_send() is not None:
+                return result
+            continue_now = input_open and not pending
+        else:
+            continue_now = False
+        set_mask(
+            sfd, (0 if result.peer_eof else select.POLLIN) | (select.POLLOUT if pending else 0)
+        )
+        if input_fd is not None:
+            set_mask(input_fd, select.POLLIN if input_open and not pending else 0)
+        if not masks:
+            if continue_now:
+                continue
+            return end("eof")
+        limits: list[tuple[float, str]] = []
+        if deadline is not None:
+            limits.append((deadline - now, "timeout"))
+        waiting_on_input = input_open and not pending
+        if idle_timeout_s is not None and (idle_while_input or not waiting_on_input):
+            limits.append((last_activity + idle_timeout_s - now, "idle-timeout"))
+        timeout_ms: int | None = None
+        if limits:
+            left, why = min(limits)
+            if left <= 0:
+                return end(why)
+            timeout_ms = max(1, int(left * 1000 + 0.999))
+        if continue_now:
+            timeout_ms = 0
+        for fd, event in poller.poll(timeout_ms):
+            if fd == sfd:
+                if event & (select.POLLIN | select.POLLERR | select.POLLHUP) and not result.peer_eof:
+                    try:
+                        data = sock.recv(chunk_size)
+                    except (BlockingIOError, InterruptedError):
+                        data = None
+                    except ConnectionResetError as exc:
+                        return end("reset", exc)
+                    except OSError as exc:
+                        return end("error", exc)
+                    if data == b"":
+                        result.peer_eof = True
+                    elif data is not None:
+                        now = time.monotonic()
+                        last_activity = now
+                        if result.first_byte_at is None:
+                            result.first_byte_at = now
+                        result.bytes_received += len(data)
+                        if on_received(data):
+                            return end("stopped")
+                if event & (select.POLLOUT | select.POLLERR) and pending:
+                    if try_send() is not None:
+                        return result
+                elif event & select.POLLERR and result.peer_eof:
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if code:
+                        result.errno_name = errno_name(code)
+                        return end("reset" if code in _RESET else "error")
+            elif fd == input_fd:
+                take_input()
+                if pending and try_send() is not None:
+                    return result
+
+
+def wait_readable(items: Sequence[int | socket.socket], deadline: float | None) -> list[int]:
+    """Wait until some of `items` (fds or sockets) can be read; their fds ([] at the deadline)."""
+    poller = select.poll()
+    for item in items:
+        poller.register(item, select.POLLIN)
+    left = None if deadline is None else deadline - time.monotonic()
+    if left is not None and left <= 0:
+        timeout_ms: int | None = 0
+    else:
+        timeout_ms = None if left is None else max(1, int(left * 1000 + 0.999))
+    return [fd for fd, _event in poller.poll(timeout_ms)]
+
+
+def accept_one(listener: socket.socket, deadline: float | None) -> tuple[socket.socket, str]:
+    """Accept one connection before `deadline`; returns it and the peer as text.
+
+    Raises:
+        DeadlineExceeded: nobody connected in time.
+        LocalError: out of file descriptors.
+    """
+    listener.settimeout(remaining(deadline, "accept"))
+    with _map_errors("accept"):
+        conn, addr = listener.accept()
+    conn.setblocking(True)
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return conn, format_hostport(str(addr[0]), int(addr[1]))
+    return conn, f"unix:{addr}" if addr else "unix:(unnamed)"
+
+
+def unix_address(path: str) -> Resolved:
+    """A Resolved for a Unix stream socket path, for connect_nonblocking."""
+    if not hasattr(socket, "AF_UNIX"):
+        raise LocalError("Unix sockets are not available on this platform")
+    sockaddr: Any = path  # AF_UNIX addresses are plain paths, not tuples
+    return Resolved(socket.AF_UNIX, sockaddr)
+
+
+def send_datagram(sock: socket.socket, data: bytes, addr: Any = None) -> int:
+    """Send one datagram (to `addr`, or to the connected peer).
+
+    Raises:
+        NetworkError: EMSGSIZE and friends; ECONNREFUSED from an earlier ICMP reply.
+    """
+    sock.settimeout(None)
+    with _map_errors("send"):
+        return sock.sendto(data, addr) if addr is not None else sock.send(data)
+
+
+def recv_datagram(sock: socket.socket, deadline: float | None) -> tuple[bytes, Any]:
+    """Receive one datagram (up to 64 KiB) with its source address.
+
+    Raises:
+        DeadlineExceeded, NetworkError (ECONNREFUSED after an ICMP port unreachable).
+    """
+    sock.settimeout(remaining(deadline, "recv"))
+    with _map_errors("recv"):
+        data, addr = sock.recvfrom(65536)
+    return data, addr
+
+
+def socket_address(sock: socket.socket, *, peer: bool = True) -> str:
+    """The peer (or local) address of a socket as `host:port`, `[v6]:port` or `unix:/path`."""
+    try:
+        addr = sock.getpeername() if peer else sock.getsockname()
+    except OSError:
+        return "-"
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return format_hostport(str(addr[0]), int(addr[1]))
+    return f"unix:{addr}" if addr else "unix:(unnamed)"

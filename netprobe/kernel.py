@@ -1,0 +1,548 @@
+"""Read-only facts about this host's TCP stack: sysctls, counters, listener queues, owners.
+
+Does I/O (reads /proc, /proc/sys and a NETLINK_SOCK_DIAG socket) but never writes anything
+and sends no network traffic. Linux only; elsewhere every reader returns None or an empty
+result so callers can say "not available" instead of guessing (SOCKETS.md §2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import socket
+import struct
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from netprobe.sockets import nofile_limit
+
+__all__ = [
+    "HostLimits",
+    "ListenerQueue",
+    "Owner",
+    "SocketRow",
+    "counter_deltas",
+    "find_listener",
+    "host_limits",
+    "kernel_facts",
+    "read_counters",
+    "read_sysctl",
+    "socket_owners",
+    "syn_recv_count",
+    "tcp_listeners",
+    "udp_sockets",
+    "unix_listeners",
+]
+
+_PROC_SYS = "/proc/sys"
+
+# The counters the backlog report takes deltas of (all in /proc/net/netstat TcpExt).
+BACKLOG_COUNTERS = (
+    "TcpExt.ListenOverflows",
+    "TcpExt.ListenDrops",
+    "TcpExt.SyncookiesSent",
+    "TcpExt.SyncookiesRecv",
+    "TcpExt.SyncookiesFailed",
+    "TcpExt.TCPReqQFullDrop",
+    "TcpExt.TCPReqQFullDoCookies",
+)
+
+# ---------------------------------------------------------------------------------------------
+# Sysctls and limits
+# ---------------------------------------------------------------------------------------------
+
+
+def read_sysctl(name: str, root: str = _PROC_SYS) -> str | None:
+    """The value of a sysctl (`net.core.somaxconn`), stripped; None when unreadable."""
+    path = os.path.join(root, *name.split("."))
+    try:
+        with open(path, encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+
+
+def _int_sysctl(name: str) -> int | None:
+    text = read_sysctl(name)
+    if text is None:
+        return None
+    try:
+        return int(text.split()[0])
+    except (ValueError, IndexError):
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class HostLimits:
+    """The host limits that shape a connection flood (None: not readable here).
+
+    Attributes:
+        somaxconn: net.core.somaxconn (clamps every listen() backlog).
+        tcp_max_syn_backlog: net.ipv4.tcp_max_syn_backlog (matters with syncookies off).
+        tcp_syncookies: 0 off, 1 when the SYN queue overflows, 2 always.
+        tcp_abort_on_overflow: 1 answers an overflowing final ACK with RST.
+        port_range: net.ipv4.ip_local_port_range (low, high).
+        nofile_soft, nofile_hard: RLIMIT_NOFILE of this process (None: unlimited/unknown).
+    """
+
+    somaxconn: int | None
+    tcp_max_syn_backlog: int | None
+    tcp_syncookies: int | None
+    tcp_abort_on_overflow: int | None
+    port_range: tuple[int, int] | None
+    nofile_soft: int | None
+    nofile_hard: int | None
+
+    @property
+    def ports_per_source(self) -> int | None:
+        """Ephemeral ports available to one (source, destination) pair."""
+        if self.port_range is None:
+            return None
+        return self.port_range[1] - self.port_range[0] + 1
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form used in reports."""
+        return {
+            "somaxconn": self.somaxconn,
+            "tcp_max_syn_backlog": self.tcp_max_syn_backlog,
+            "tcp_syncookies": self.tcp_syncookies,
+            "tcp_abort_on_overflow": self.tcp_abort_on_overflow,
+            "ip_local_port_range": list(self.port_range) if self.port_range else None,
+            "nofile_soft": self.nofile_soft,
+            "nofile_hard": self.nofile_hard,
+        }
+
+
+def host_limits() -> HostLimits:
+    """Read somaxconn, SYN-backlog, syncookies, abort_on_overflow, port range, RLIMIT_NOFILE."""
+    port_range: tuple[int, int] | None = None
+    text = read_sysctl("net.ipv4.ip_local_port_range")
+    if text is not None:
+        parts = text.split()
+        if len(parts) == 2 and all(p.isdigit() for p in parts):
+            port_range = (int(parts[0]), int(parts[1]))
+    soft, hard = nofile_limit()
+    return HostLimits(
+        somaxconn=_int_sysctl("net.core.somaxconn"),
+        tcp_max_syn_backlog=_int_sysctl("net.ipv4.tcp_max_syn_backlog"),
+        tcp_syncookies=_int_sysctl("net.ipv4.tcp_syncookies"),
+        tcp_abort_on_overflow=_int_sysctl("net.ipv4.tcp_abort_on_overflow"),
+        port_range=port_range,
+        nofile_soft=soft,
+        nofile_hard=hard,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# /proc/net/netstat and /proc/net/snmp counters
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_counter_pairs(text: str) -> dict[str, int]:
+    """Zip the header/value line pairs of /proc/net/netstat or snmp into `Prefix.Name` keys."""
+    counters: dict[str, int] = {}
+    lines = [line.split() for line in text.splitlines() if line.strip()]
+    for header, values in zip(lines[::2], lines[1::2], strict=False):
+        if not header or not values or header[0] != values[0]:
+            continue  # out of step: skip rather than mislabel a counter
+        prefix = header[0].rstrip(":")
+        for name, value in zip(header[1:], values[1:], strict=False):
+            with contextlib.suppress(ValueError):
+                counters[f"{prefix}.{name}"] = int(value)
+    return counters
+
+
+def read_counters(paths: Iterable[str] = ("/proc/net/netstat", "/proc/net/snmp")) -> dict[str, int]:
+    """Every counter of /proc/net/netstat and /proc/net/snmp (empty where unreadable).
+
+    They are per network namespace and system-wide, not per socket (SOCKETS.md §1.5).
+    """
+    counters: dict[str, int] = {}
+    for path in paths:
+        try:
+            with open(path, encoding="ascii") as handle:
+                counters.update(parse_counter_pairs(handle.read()))
+        except OSError:
+            continue
+    return counters
+
+
+def counter_deltas(
+    before: Mapping[str, int], after: Mapping[str, int], names: Iterable[str] | None = None
+) -> dict[str, int | None]:
+    """after - before for each name (all common names by default); None where either is missing."""
+    keys = list(names) if names is not None else sorted(set(before) & set(after))
+    out: dict[str, int | None] = {}
+    for key in keys:
+        if key in before and key in after:
+            out[key] = after[key] - before[key]
+        else:
+            out[key] = None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Listener queues: inet_diag over netlink, /proc/net/tcp as the fallback
+# ---------------------------------------------------------------------------------------------
+
+_NETLINK_SOCK_DIAG = 4  # Python's socket module has no constant for it
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST_DUMP = 0x301  # NLM_F_REQUEST | NLM_F_ROOT | NLM_F_MATCH
+_NLMSG_ERROR = 2
+_NLMSG_DONE = 3
+_INET_DIAG_SKMEMINFO = 7
+_SK_MEMINFO_DROPS = 8  # index of the drop count among the SKMEMINFO u32s
+_TCP_SYN_RECV = 3
+_TCP_LISTEN = 10
+_NLMSG_HDR = struct.Struct("=IHHII")
+_DIAG_REQ = struct.Struct("=BBBBI48s")
+_DIAG_MSG = struct.Struct("=BBBB2s2s16s16sI8sIIIII")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerQueue:
+    """One listening TCP socket as the kernel sees it (`ss -lnt` Recv-Q/Send-Q).
+
+    Attributes:
+        family: 4 or 6.
+        address: local address (text).
+        port: local port.
+        queue: current accept-queue length (Recv-Q, sk_ack_backlog).
+        limit: accept-queue limit after the somaxconn clamp (Send-Q); None via /proc.
+        drops: the listener's own drop count (sk_drops, SKMEMINFO); None when unavailable.
+        uid: owning user id.
+        inode: socket inode (ties the row to a process's fd).
+        source: "inet_diag" or "proc" (the fallback, which lacks limit and drops).
+    """
+
+    family: int
+    address: str
+    port: int
+    queue: int
+    limit: int | None
+    drops: int | None
+    uid: int
+    inode: int
+    source: str
+
+
+def _diag_dump(family: int, states: int, ext: int, sport: int = 0) -> list[tuple[Any, ...]]:
+    """One SOCK_DIAG_BY_FAMILY dump; rows are (msg fields, drops or None). Raises OSError."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_SOCK_DIAG)
+    try:
+        sock.settimeout(2.0)
+        sockid = struct.pack("!HH", sport, 0) + bytes(44)
+        req = _DIAG_REQ.pack(family, socket.IPPROTO_TCP, ext, 0, states, sockid)
+        header = _NLMSG_HDR.pack(
+            _NLMSG_HDR.size + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0
+        )
+        sock.send(header + req)
+        rows: list[tuple[Any, ...]] = []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return rows
+            offset = 0
+            while offset + _NLMSG_HDR.size <= len(data):
+                length, msg_type, _flags, _seq, _pid = _NLMSG_HDR.unpack_from(data, offset)
+                if length < _NLMSG_HDR.size:
+                    return rows
+                if msg_type == _NLMSG_DONE:
+                    return rows
+                if msg_type == _NLMSG_ERROR:
+                    (code,) = struct.unpack_from("=i", data, offset + _NLMSG_HDR.size)
+                    if code:
+                        raise OSError(-code, os.strerror(-code))
+                    return rows
+                body = offset + _NLMSG_HDR.size
+                if msg_type == _SOCK_DIAG_BY_FAMILY and length >= _NLMSG_HDR.size + _DIAG_MSG.size:
+                    fields = _DIAG_MSG.unpack_from(data, body)
+                    drops = _skmem_drops(data, body + _DIAG_MSG.size, offset + length)
+                    rows.append((fields, drops))
+                offset += (length + 3) & ~3
+    finally:
+        sock.close()
+
+
+def _skmem_drops(data: bytes, start: int, end: int) -> int | None:
+    pos = start
+    while pos + 4 <= end:
+        attr_len, attr_type = struct.unpack_from("=HH", data, pos)
+        if attr_len < 4:
+            return None
+        if attr_type == _INET_DIAG_SKMEMINFO and attr_len >= 4 + 4 * (_SK_MEMINFO_DROPS + 1):
+            return int(struct.unpack_from("=I", data, pos + 4 + 4 * _SK_MEMINFO_DROPS)[0])
+        pos += (attr_len + 3) & ~3
+    return None
+
+
+def _diag_address(family: int, raw: bytes) -> str:
+    if family == socket.AF_INET:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    return str(ipaddress.IPv6Address(raw))
+
+
+def _listeners_via_diag(port: int | None) -> list[ListenerQueue]:
+    out: list[ListenerQueue] = []
+    for family, version in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
+        rows = _diag_dump(family, 1 << _TCP_LISTEN, 1 << (_INET_DIAG_SKMEMINFO - 1), port or 0)
+        for fields, drops in rows:
+            sport = struct.unpack("!H", fields[4])[0]
+            if port is not None and sport != port:
+                continue
+            out.append(
+                ListenerQueue(
+                    family=version,
+                    address=_diag_address(family, fields[6]),
+                    port=sport,
+                    queue=fields[11],
+                    limit=fields[12],
+                    drops=drops,
+                    uid=fields[13],
+                    inode=fields[14],
+                    source="inet_diag",
+                )
+            )
+    return out
+
+
+def _proc_address(text: str) -> tuple[int, str, int]:
+    """Decode `0100007F:1F90` (IPv4) or the 32-hex-digit IPv6 form from /proc/net/tcp*."""
+    hex_addr, hex_port = text.split(":")
+    raw = bytes.fromhex(hex_addr)
+    # The kernel prints each 32-bit word in host byte order.
+    words = [raw[i : i + 4] for i in range(0, len(raw), 4)]
+    if sys.byteorder == "little":
+        words = [w[::-1] for w in words]
+    packed = b"".join(words)
+    if len(packed) == 4:
+        return 4, str(ipaddress.IPv4Address(packed)), int(hex_port, 16)
+    return 6, str(ipaddress.IPv6Address(packed)), int(hex_port, 16)
+
+
+def _proc_rows(path: str) -> list[list[str]]:
+    try:
+        with open(path, encoding="ascii") as handle:
+            lines = handle.read().splitlines()[1:]
+    except OSError:
+        return []
+    return [line.split() for line in lines if line.strip()]
+
+
+def _listeners_via_proc(port: int | None) -> list[ListenerQueue]:
+    out: list[ListenerQueue] = []
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for cols in _proc_rows(path):
+            if len(cols) < 10 or cols[3] != "0A":
+                continue
+            version, address, lport = _proc_address(cols[1])
+            if port is not None and lport != port:
+                continue
+            rx_queue = int(cols[4].split(":")[1], 16)
+            out.append(
+                ListenerQueue(version, address, lport, rx_queue, None, None, int(cols[7]),
+                              int(cols[9]), "proc")
+            )  # fmt: skip
+    return out
+
+
+def tcp_listeners(port: int | None = None) -> list[ListenerQueue]:
+    """Every listening TCP socket (optionally on one port) with its accept-queue figures.
+
+    Uses a LISTEN-filtered inet_diag dump (queue, limit and per-socket drops, no root
+    needed); falls back to /proc/net/tcp, whose rx_queue is the queue length but which
+    shows neither the limit nor drops (SOCKETS.md §1.5, §2).
+    """
+    if hasattr(socket, "AF_NETLINK"):
+        try:
+            return _listeners_via_diag(port)
+        except OSError:
+            pass
+    return _listeners_via_proc(port)
+
+
+def find_listener(port: int, address: str | None = None) -> ListenerQueue | None:
+    """The listener a connect to address:port would reach (exact address, else a wildcard)."""
+    rows = tcp_listeners(port)
+    if address is not None:
+        for row in rows:
+            if row.address == address:
+                return row
+        version: int = 0
+        with contextlib.suppress(ValueError):
+            version = ipaddress.ip_address(address.split("%", 1)[0]).version
+        for row in rows:
+            if row.address in ("0.0.0.0", "::") and (row.family == version or row.address == "::"):
+                return row
+        return None
+    return rows[0] if rows else None
+
+
+def syn_recv_count(port: int) -> int | None:
+    """Request sockets in SYN-RECV on `port` (the SYN-queue depth `ss` has no column for).
+
+    None when neither inet_diag nor /proc can be read.
+    """
+    if hasattr(socket, "AF_NETLINK"):
+        try:
+            total = 0
+            for family in (socket.AF_INET, socket.AF_INET6):
+                for fields, _drops in _diag_dump(family, 1 << _TCP_SYN_RECV, 0, port):
+                    if struct.unpack("!H", fields[4])[0] == port and fields[1] == _TCP_SYN_RECV:
+                        total += 1
+            return total
+        except OSError:
+            pass
+    found = False
+    total = 0
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        rows = _proc_rows(path)
+        found = found or bool(rows) or os.path.exists(path)
+        for cols in rows:
+            if len(cols) >= 4 and cols[3] == "03" and _proc_address(cols[1])[2] == port:
+                total += 1
+    return total if found else None
+
+
+# ---------------------------------------------------------------------------------------------
+# UDP and Unix sockets (for `netprobe listeners`)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SocketRow:
+    """A bound UDP socket or a listening Unix socket from /proc/net/{udp,udp6,unix}."""
+
+    proto: str  # "udp", "udp6" or "unix"
+    address: str
+    port: int | None
+    uid: int | None
+    inode: int
+
+
+def udp_sockets(port: int | None = None) -> list[SocketRow]:
+    """Bound, unconnected UDP sockets (what "listening" means for UDP)."""
+    out: list[SocketRow] = []
+    for path, proto in (("/proc/net/udp", "udp"), ("/proc/net/udp6", "udp6")):
+        for cols in _proc_rows(path):
+            if len(cols) < 10 or cols[3] != "07":
+                continue
+            _v, address, lport = _proc_address(cols[1])
+            _rv, _raddr, rport = _proc_address(cols[2])
+            if rport != 0 or (port is not None and lport != port):
+                continue
+            out.append(SocketRow(proto, address, lport, int(cols[7]), int(cols[9])))
+    return out
+
+
+_SO_ACCEPTCON = 0x10000
+
+
+def unix_listeners() -> list[SocketRow]:
+    """Listening Unix stream/seqpacket sockets (abstract names start with '@')."""
+    out: list[SocketRow] = []
+    for cols in _proc_rows("/proc/net/unix"):
+        if len(cols) < 7:
+            continue
+        with contextlib.suppress(ValueError):
+            if int(cols[3], 16) & _SO_ACCEPTCON:
+                path = cols[7] if len(cols) > 7 else ""
+                out.append(SocketRow("unix", path, None, None, int(cols[6])))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Owners (psutil, imported lazily: it costs start-up time)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """The process holding a socket (None fields: not visible to this user)."""
+
+    pid: int | None
+    process: str | None
+    user: str | None
+
+
+def _user_name(uid: int | None) -> str | None:
+    if uid is None:
+        return None
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
+def socket_owners(inodes: Iterable[int]) -> dict[int, Owner]:
+    """Map socket inodes to their owning process, by scanning processes' fds with psutil.
+
+    psutil.net_connections does not expose inodes, so psutil lists the processes (name,
+    user) and each one's /proc/PID/fd links are read for `socket:[INODE]`, as psutil does
+    internally. Other users' processes cannot be read when not root: their sockets are
+    absent from the result, and the caller reports those rows as lacking process data.
+    """
+    import psutil  # type: ignore[import-untyped]
+
+    wanted = set(inodes)
+    found: dict[int, Owner] = {}
+    if not wanted:
+        return found
+    for proc in psutil.process_iter(["pid", "name", "username"]):
+        pid = proc.info["pid"]
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            names = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for name in names:
+            try:
+                link = os.readlink(f"{fd_dir}/{name}")
+            except OSError:
+                continue
+            if not link.startswith("socket:["):
+                continue
+            inode = int(link[8:-1])
+            if inode in wanted and inode not in found:
+                found[inode] = Owner(pid, proc.info["name"], proc.info["username"])
+        if len(found) == len(wanted):
+            break
+    return found
+
+
+def owner_or_uid(owners: Mapping[int, Owner], inode: int, uid: int | None) -> Owner:
+    """The owner of `inode`, or an Owner with only the user (from the socket's uid)."""
+    owner = owners.get(inode)
+    if owner is not None:
+        return owner
+    return Owner(None, None, _user_name(uid))
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary for `doctor`
+# ---------------------------------------------------------------------------------------------
+
+
+def kernel_facts() -> dict[str, Any]:
+    """A JSON-ready summary: limits, listener count, whether inet_diag works, key counters."""
+    diag_ok = False
+    listeners: list[ListenerQueue] = []
+    if hasattr(socket, "AF_NETLINK"):
+        try:
+            listeners = _listeners_via_diag(None)
+            diag_ok = True
+        except OSError:
+            listeners = _listeners_via_proc(None)
+    counters = read_counters()
+    return {
+        "platform": sys.platform,
+        "limits": host_limits().as_dict(),
+        "tcp_listeners": len(listeners),
+        "inet_diag": diag_ok,
+        "counters": {name: counters.get(name) for name in BACKLOG_COUNTERS},
+    }
