@@ -36,15 +36,15 @@ from netprobe.results import ConnectState
 
 __all__ = [
     "DEFAULT_CIDR_CAP",
+    "PUMP_CHUNK",
     "ConnectOutcome",
     "NofileLimit",
+    "PumpResult",
     "Resolved",
     "Target",
-    "PUMP_CHUNK",
-    "PumpResult",
     "abort_connection",
-    "accept_one",
     "accept_and_close",
+    "accept_one",
     "classify_errno",
     "connect_nonblocking",
     "deadline_after",
@@ -1066,7 +1066,10 @@ def pump_duplex(
             timeout_ms = 0
         for fd, event in poller.poll(timeout_ms):
             if fd == sfd:
-                if event & (select.POLLIN | select.POLLERR | select.POLLHUP) and not result.peer_eof:
+                if (
+                    event & (select.POLLIN | select.POLLERR | select.POLLHUP)
+                    and not result.peer_eof
+                ):
                     try:
                         data = sock.recv(chunk_size)
                     except (BlockingIOError, InterruptedError):
