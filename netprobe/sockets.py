@@ -47,6 +47,7 @@ __all__ = [
     "accept_one",
     "classify_errno",
     "connect_nonblocking",
+    "connect_udp",
     "deadline_after",
     "errno_name",
     "expand_hosts",
@@ -1171,3 +1172,23 @@ def socket_address(sock: socket.socket, *, peer: bool = True) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         return format_hostport(str(addr[0]), int(addr[1]))
     return f"unix:{addr}" if addr else "unix:(unnamed)"
+
+
+def connect_udp(target: Resolved) -> socket.socket:
+    """A UDP socket connected to `target` (only its replies arrive; ICMP errors surface).
+
+    On Linux a connected UDP socket gets ECONNREFUSED on its next recv after the peer's host
+    answered a datagram with ICMP port unreachable (SOCKETS.md §4).
+
+    Raises:
+        LocalError: no file descriptor; NetworkError: connect() failed (no route, ...).
+    """
+    with _map_errors("socket"):
+        sock = socket.socket(target.family, socket.SOCK_DGRAM)
+    try:
+        with _map_errors("connect"):
+            sock.connect(target.sockaddr)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
