@@ -1,0 +1,1089 @@
+"""The one server core: listeners (TCP v4/v6, UDP, Unix stream), a controllable accept loop,
+per-connection handlers with limits and back-pressure, events, and graceful stop. Does I/O.
+
+Strategy: asyncio at the Protocol/Transport level (not streams). One event loop serves every
+connection; the transport gives non-blocking I/O and write buffering, the protocol object *is*
+the `Connection` (one object per client, `__slots__`, so 10,000 idle clients stay small).
+The accept loop is our own `add_reader` on the listening socket rather than
+`loop.create_server`, because asyncio's accept loop can be neither paused nor paced.
+
+How to build on it (echo, listen, reset serve, reset proxy)::
+
+    class Upper(Handler):
+        def on_data(self, conn: Connection, data: bytes) -> None:
+            conn.write(data.upper())
+
+    summary = Server(ServerConfig(port=0), Upper, on_ready=print, on_event=print).run()
+
+- `Handler` subclasses get callbacks: `on_open(conn)`, `on_data(conn, data)`, `on_eof(conn)`
+  (default: `conn.close("eof")`, which flushes first), `on_close(conn, reason)`, and
+  `on_write_paused(conn)` / `on_write_resumed(conn)` (default: stop/restart reading from the
+  same connection, which bounds the memory a non-reading client can cost; a proxy overrides
+  them to pause the *other* side). The handler factory is called once per connection.
+- `Connection` offers `write`, `close(reason)` (FIN after flushing; aborted if the flush does
+  not finish within `ServerConfig.close_timeout_s`), `abort(reason)` (RST: SO_LINGER 0),
+  `half_close()` (SHUT_WR after flushing), `pause_reading(key)` / `resume_reading(key)`
+  (reading stays paused while any key holds it), `call_later(delay_s, fn, *args)`, and the
+  fields `conn_id`, `peer`, `started_at`, `bytes_in`, `bytes_out`, `reason`, `errno_name`.
+- `Server.open_connection(host, port, handler)` starts an outbound TCP connection in the same
+  loop (for the reset proxy): `handler.on_open` runs once it is connected, and a failed connect
+  ends in `handler.on_close(conn, "connect-error")` with `conn.errno_name` set. Outbound
+  connections are not counted in the totals and produce no events; they are closed on stop.
+- UDP: pass `datagram_handler=` (a `DatagramHandler`): `on_datagram(data, addr, reply)`.
+- Events (`ConnEvent`: accept / close / reject) go to `on_event`; the bound address
+  (`Bound`) to `on_ready` once listening; `on_totals` gets a `ServerSummary` on SIGUSR1.
+- `Server.run()` blocks until SIGINT/SIGTERM (main thread only), `--count`/`--duration`, or
+  `Server.stop()` from any thread; it then stops accepting, closes clients (aborting those that
+  do not finish within 0.5 s), removes the Unix socket file, and returns a `ServerSummary`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, cast
+
+from netprobe import sockets
+
+__all__ = [
+    "DEFAULT_HIGH_WATER",
+    "DEFAULT_LOW_WATER",
+    "Bound",
+    "CloseReason",
+    "ConnEvent",
+    "Connection",
+    "DatagramHandler",
+    "Handler",
+    "Server",
+    "ServerConfig",
+    "ServerSummary",
+    "parse_allow",
+    "run_server",
+]
+
+# Write-buffer marks per connection. Above HIGH the connection stops reading (its client is
+# not reading our replies fast enough); below LOW it reads again. 256 KiB keeps a bulk stream
+# moving at loopback speed (measured in scripts/bench_echo.py) and caps a stalled client's cost.
+DEFAULT_HIGH_WATER = 256 * 1024
+DEFAULT_LOW_WATER = 64 * 1024
+# Connections accepted per readiness event: enough to drain a burst, small enough that a
+# flood of connects cannot starve the connections already being served.
+_ACCEPT_BATCH = 64
+# After EMFILE/ENFILE on accept, retrying at once would spin: wait this long.
+_ACCEPT_BACKOFF_S = 0.1
+# On stop, clients get this long to take their last bytes before they are aborted (the whole
+# stop must finish within 1 s).
+_SHUTDOWN_GRACE_S = 0.5
+
+_monotonic = time.monotonic
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class CloseReason(StrEnum):
+    """Why a connection ended (the `reason` of close events). Handlers may use other strings."""
+
+    EOF = "eof"  # the client closed (FIN) and we finished
+    RESET = "reset"  # the client sent RST (ECONNRESET / EPIPE)
+    IDLE_TIMEOUT = "idle-timeout"  # no bytes from the client for idle_timeout_s
+    LIMIT = "limit"  # max_bytes reached
+    FRAME_TOO_LARGE = "frame-too-large"  # a frame above --max-frame
+    SHUTDOWN = "shutdown"  # the server stopped
+    ERROR = "error"  # another socket error (errno_name says which)
+    CONNECT_ERROR = "connect-error"  # an outbound connect failed
+    # Rejections (event "reject"): accepted and closed at once.
+    MAX_CONNS = "max-conns"
+    NOT_ALLOWED = "not-allowed"
+
+
+@dataclass
+class ServerConfig:
+    """What to listen on and how to limit it.
+
+    Attributes:
+        host, port: TCP or UDP address (port 0 picks a free port).
+        path: a Unix stream socket path (host/port ignored).
+        udp: serve UDP datagrams instead of TCP.
+        family: 0, socket.AF_INET or socket.AF_INET6 for resolving host.
+        backlog: listen() backlog.
+        max_conns: clients above this many at once are accepted and closed at once (reject).
+        idle_timeout_s: close a connection that sent nothing for this long.
+        max_bytes: close a connection (reason "limit") once it has sent this many bytes.
+        accept_rate: accept at most this many connections per second (token bucket).
+        pause_accept: listen but never accept (the backlog fills up).
+        allow: only peers in these networks are served; others are closed at once.
+        count: stop after this many clients were served (UDP: datagrams).
+        duration_s: stop after this long.
+        reuse_port: set SO_REUSEPORT on the listener.
+        high_water, low_water: per-connection write-buffer marks (back-pressure).
+        close_timeout_s: a graceful close whose flush takes longer than this is aborted.
+        handle_signals: stop on SIGINT/SIGTERM, totals on SIGUSR1 (main thread only).
+        loop_factory: event loop factory for asyncio.Runner (e.g. uvloop.new_event_loop).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    path: str | None = None
+    udp: bool = False
+    family: int = 0
+    backlog: int = 128
+    max_conns: int | None = None
+    idle_timeout_s: float | None = None
+    max_bytes: int | None = None
+    accept_rate: float | None = None
+    pause_accept: bool = False
+    allow: Sequence[IPNetwork] = ()
+    count: int | None = None
+    duration_s: float | None = None
+    reuse_port: bool = False
+    high_water: int = DEFAULT_HIGH_WATER
+    low_water: int = DEFAULT_LOW_WATER
+    close_timeout_s: float = 10.0
+    handle_signals: bool = True
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """The address a server listens on (what the announce line shows)."""
+
+    proto: str  # "tcp" | "udp" | "unix"
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        """`{"event": "listening", "proto": ..., "host": ..., "port": ...}` (or "path")."""
+        if self.path is not None:
+            return {"event": "listening", "proto": self.proto, "path": self.path}
+        return {"event": "listening", "proto": self.proto, "host": self.host, "port": self.port}
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        return f"{sockets.format_hostport(self.host or '', self.port)}/{self.proto}"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnEvent:
+    """One connection event: accept, close (with bytes, duration and reason), or reject."""
+
+    event: str  # "accept" | "close" | "reject"
+    conn_id: int
+    peer: str
+    bytes_in: int = 0
+    bytes_out: int = 0
+    duration_s: float = 0.0
+    reason: str | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-ready dict; accept and reject events carry only the fields that apply."""
+        record: dict[str, Any] = {"event": self.event, "conn_id": self.conn_id, "peer": self.peer}
+        if self.event == "close":
+            record["bytes_in"] = self.bytes_in
+            record["bytes_out"] = self.bytes_out
+            record["duration_s"] = round(self.duration_s, 6)
+        if self.reason is not None:
+            record["reason"] = str(self.reason)
+        return record
+
+
+@dataclass
+class ServerSummary:
+    """Totals of one server run (also the running totals shown on SIGUSR1).
+
+    Attributes:
+        connections: clients accepted and served (TCP and Unix; UDP counts datagrams_in).
+        active: connections open right now.
+        rejected: clients closed at once (max_conns, allow) or datagrams dropped (allow).
+        bytes_in, bytes_out: payload bytes received and written.
+        resets: connections the client reset.
+        errors: connections ended by another socket error, plus accept errors.
+        reasons: close reason -> count.
+        datagrams_in, datagrams_out: UDP only.
+        duration_s: from listening to now (or to the stop).
+    """
+
+    connections: int = 0
+    active: int = 0
+    rejected: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    resets: int = 0
+    errors: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    datagrams_in: int = 0
+    datagrams_out: int = 0
+    duration_s: float = 0.0
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-ready dict (event "totals")."""
+        return {
+            "event": "totals",
+            "connections": self.connections,
+            "active": self.active,
+            "rejected": self.rejected,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "resets": self.resets,
+            "errors": self.errors,
+            "reasons": dict(self.reasons),
+            "datagrams_in": self.datagrams_in,
+            "datagrams_out": self.datagrams_out,
+            "duration_s": round(self.duration_s, 6),
+        }
+
+
+class Handler:
+    """Per-connection behaviour: subclass and override what you need. One instance per
+    connection (the server calls the factory for each). Callbacks run in the loop thread and
+    must not block; exceptions in them abort the connection with reason "error"."""
+
+    __slots__ = ()
+
+    def on_open(self, conn: Connection) -> None:
+        """The connection is established (accepted, or outbound connected)."""
+
+    def on_data(self, conn: Connection, data: bytes) -> None:
+        """Bytes arrived (never empty)."""
+
+    def on_eof(self, conn: Connection) -> None:
+        """The peer half-closed (FIN). Default: close after flushing what is buffered."""
+        conn.close(CloseReason.EOF)
+
+    def on_close(self, conn: Connection, reason: str) -> None:
+        """The connection is gone (called exactly once, also for failed outbound connects)."""
+
+    def on_write_paused(self, conn: Connection) -> None:
+        """conn's write buffer passed the high-water mark. Default: stop reading from conn."""
+        conn.pause_reading("write-buffer")
+
+    def on_write_resumed(self, conn: Connection) -> None:
+        """conn's write buffer drained below the low-water mark. Default: read again."""
+        conn.resume_reading("write-buffer")
+
+
+class DatagramHandler:
+    """UDP behaviour: `on_datagram(data, addr, reply)`; reply(bytes) answers the sender."""
+
+    def on_datagram(self, data: bytes, addr: Any, reply: Callable[[bytes], None]) -> None:
+        """One datagram arrived from addr."""
+
+
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+class Connection(asyncio.Protocol):
+    """One TCP or Unix stream connection; the asyncio protocol and the handler's handle.
+
+    Attributes:
+        conn_id: 1, 2, 3 ... in accept order (outbound connections count down from -1).
+        peer: the client's address as text (`127.0.0.1:5555`, `[::1]:5555`, `unix`).
+        started_at: time.monotonic() at accept.
+        bytes_in, bytes_out: bytes received, and bytes written (buffered or sent).
+        reason: why it closed (None while open).
+        errno_name: the errno that ended it, if any (ECONNRESET, ECONNREFUSED, ...).
+        handler: the Handler instance.
+        outbound: True for connections made with Server.open_connection.
+    """
+
+    __slots__ = (
+        "_close_handle",
+        "_closing",
+        "_done",
+        "_idle_handle",
+        "_last_rx",
+        "_max_bytes",
+        "_pauses",
+        "_pending",
+        "_server",
+        "bytes_in",
+        "bytes_out",
+        "conn_id",
+        "errno_name",
+        "handler",
+        "outbound",
+        "peer",
+        "reason",
+        "started_at",
+        "transport",
+    )
+
+    def __init__(
+        self, server: Server, handler: Handler, conn_id: int, peer: str, outbound: bool = False
+    ) -> None:
+        self._server = server
+        self.handler = handler
+        self.conn_id = conn_id
+        self.peer = peer
+        self.outbound = outbound
+        self.transport: asyncio.Transport | None = None
+        self.started_at = _monotonic()
+        self._last_rx = self.started_at
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.reason: str | None = None
+        self.errno_name: str | None = None
+        self._max_bytes = None if outbound else server.config.max_bytes
+        self._closing = False
+        self._done = False
+        self._pauses: set[str] | None = None
+        self._pending: list[bytes] | None = None
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._close_handle: asyncio.TimerHandle | None = None
+
+    # -- the handler's API ---------------------------------------------------------------
+
+    @property
+    def is_closing(self) -> bool:
+        """True once close/abort was called or the connection was lost."""
+        return self._closing or self._done
+
+    @property
+    def write_buffer_size(self) -> int:
+        """Bytes written but not yet handed to the kernel."""
+        if self.transport is None:
+            return sum(len(chunk) for chunk in self._pending or ())
+        return self.transport.get_write_buffer_size()
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for the peer (never blocks; dropped once the connection is closing)."""
+        if self._closing or self._done:
+            return
+        self.bytes_out += len(data)
+        transport = self.transport
+        if transport is None:  # outbound, not connected yet
+            if self._pending is None:
+                self._pending = []
+            self._pending.append(bytes(data))
+            return
+        transport.write(data)
+
+    def close(self, reason: str = CloseReason.EOF) -> None:
+        """Close gracefully: flush what is buffered, then FIN. The first reason given wins."""
+        if self.reason is None:
+            self.reason = reason
+        if self._closing or self._done:
+            return
+        self._closing = True
+        transport = self.transport
+        if transport is None:
+            return  # outbound still connecting: the connect task sees _closing
+        transport.close()
+        if transport.get_write_buffer_size():
+            # A client that never reads would keep the flush (and this fd) forever.
+            loop = self._server.loop
+            self._close_handle = loop.call_later(
+                self._server.config.close_timeout_s, self.abort, reason
+            )
+
+    def abort(self, reason: str = CloseReason.ERROR) -> None:
+        """Close at once with RST (SO_LINGER 0); buffered bytes are dropped."""
+        if self.reason is None:
+            self.reason = reason
+        if self._done:
+            return
+        self._closing = True
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family != socket.AF_UNIX:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+        transport.abort()
+
+    def half_close(self) -> None:
+        """Send FIN after the buffered bytes (shutdown SHUT_WR); reading continues."""
+        transport = self.transport
+        if transport is not None and not self._closing and transport.can_write_eof():
+            transport.write_eof()
+
+    def pause_reading(self, key: str = "handler") -> None:
+        """Stop reading from the peer until every key that paused it has resumed it."""
+        if self._pauses is None:
+            self._pauses = set()
+        if not self._pauses and self.transport is not None and not self._closing:
+            self.transport.pause_reading()
+        self._pauses.add(key)
+
+    def resume_reading(self, key: str = "handler") -> None:
+        """Release the pause held by `key`; reading restarts when no key holds it."""
+        if not self._pauses or key not in self._pauses:
+            return
+        self._pauses.discard(key)
+        if not self._pauses and self.transport is not None and not self._closing:
+            self.transport.resume_reading()
+
+    def call_later(self, delay_s: float, fn: Callable[..., Any], *args: Any) -> asyncio.TimerHandle:
+        """Run fn(*args) after delay_s in the loop; the handle's cancel() stops it."""
+        return self._server.loop.call_later(delay_s, fn, *args)
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        config = self._server.config
+        self.transport.set_write_buffer_limits(high=config.high_water, low=config.low_water)
+        if self._closing:  # stopped while the transport was being set up
+            self._closing = False
+            self.abort(self.reason or CloseReason.SHUTDOWN)
+            return
+        if self._pauses:
+            self.transport.pause_reading()
+        if config.idle_timeout_s is not None and not self.outbound:
+            self._idle_handle = self._server.loop.call_later(
+                config.idle_timeout_s, self._check_idle
+            )
+        try:
+            self.handler.on_open(self)
+            if self._pending:
+                for chunk in self._pending:
+                    self.transport.write(chunk)
+                self._pending = None
+        except Exception:
+            self._handler_failed()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_rx = _monotonic()
+        limit = self._max_bytes
+        if limit is not None and self.bytes_in + len(data) >= limit:
+            data = data[: limit - self.bytes_in]
+            self.bytes_in = limit
+            if data:
+                self._deliver(data)
+            self.close(CloseReason.LIMIT)
+            return
+        self.bytes_in += len(data)
+        try:
+            self.handler.on_data(self, data)
+        except Exception:
+            self._handler_failed()
+
+    def _deliver(self, data: bytes) -> None:
+        try:
+            self.handler.on_data(self, data)
+        except Exception:
+            self._handler_failed()
+
+    def eof_received(self) -> bool:
+        try:
+            self.handler.on_eof(self)
+        except Exception:
+            self._handler_failed()
+        return True  # keep the write side open: the handler decides when to close
+
+    def pause_writing(self) -> None:
+        try:
+            self.handler.on_write_paused(self)
+        except Exception:
+            self._handler_failed()
+
+    def resume_writing(self) -> None:
+        try:
+            self.handler.on_write_resumed(self)
+        except Exception:
+            self._handler_failed()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish(exc)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _finish(self, exc: BaseException | None) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._closing = True
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+            self._idle_handle = None
+        if self._close_handle is not None:
+            self._close_handle.cancel()
+            self._close_handle = None
+        if exc is not None:
+            number = getattr(exc, "errno", None)
+            self.errno_name = self.errno_name or sockets.errno_name(number)
+            if self.reason is None:
+                if isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
+                    self.reason = CloseReason.RESET
+                elif isinstance(exc, TimeoutError) and number == errno.ETIMEDOUT:
+                    self.reason = CloseReason.RESET  # keepalive/retransmit gave up: peer gone
+                else:
+                    self.reason = CloseReason.ERROR
+        if self.reason is None:
+            self.reason = CloseReason.EOF
+        self.transport = None
+        self._server._connection_done(self)
+
+    def _handler_failed(self) -> None:
+        # A bug in a handler must not take the server down: this connection ends, others go on.
+        self._server._handler_errors += 1
+        self.abort(CloseReason.ERROR)
+
+    def _check_idle(self) -> None:
+        self._idle_handle = None
+        if self._done or self._closing:
+            return
+        timeout = self._server.config.idle_timeout_s
+        assert timeout is not None
+        left = self._last_rx + timeout - _monotonic()
+        if left > 0:
+            self._idle_handle = self._server.loop.call_later(left, self._check_idle)
+            return
+        # A silent client may also be a non-reading one: don't wait for a flush it never takes.
+        if self.write_buffer_size:
+            self.abort(CloseReason.IDLE_TIMEOUT)
+        else:
+            self.close(CloseReason.IDLE_TIMEOUT)
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, server: Server, handler: DatagramHandler) -> None:
+        self.server = server
+        self.handler = handler
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        server = self.server
+        if server._stopping:
+            return
+        totals = server._totals
+        if server.config.allow and not server._allowed(addr):
+            totals.rejected += 1
+            return
+        totals.datagrams_in += 1
+        totals.bytes_in += len(data)
+        transport = self.transport
+        assert transport is not None
+        # The selector transport has get_write_buffer_size; the DatagramTransport stub lacks it.
+        buffered: Callable[[], int] = getattr(transport, "get_write_buffer_size", lambda: 0)
+
+        def reply(payload: bytes) -> None:
+            # UDP may drop: above the high-water mark we drop rather than buffer without bound.
+            if transport.is_closing():
+                return
+            if buffered() > server.config.high_water:
+                totals.reasons["dropped"] = totals.reasons.get("dropped", 0) + 1
+                return
+            transport.sendto(payload, addr)
+            totals.datagrams_out += 1
+            totals.bytes_out += len(payload)
+
+        try:
+            self.handler.on_datagram(data, addr, reply)
+        except Exception:
+            server._handler_errors += 1
+        if server.config.count is not None and totals.datagrams_in >= server.config.count:
+            server._request_stop()
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for earlier replies (port unreachable on loopback): count, keep serving.
+        self.server._totals.errors += 1
+
+
+def parse_allow(specs: Sequence[str]) -> tuple[IPNetwork, ...]:
+    """Parse --allow CIDR blocks (`10.0.0.0/8`, `::1`, `192.0.2.7`).
+
+    Raises:
+        UsageError: a block that is not an IPv4/IPv6 network.
+    """
+    from netprobe.errors import UsageError
+
+    networks: list[IPNetwork] = []
+    for spec in specs:
+        try:
+            networks.append(ipaddress.ip_network(spec.strip(), strict=False))
+        except ValueError as exc:
+            raise UsageError(f"--allow {spec!r} is not a CIDR block: {exc}") from None
+    return tuple(networks)
+
+
+def _format_peer(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return sockets.format_hostport(str(addr[0]), int(addr[1]))
+    if isinstance(addr, str | bytes) and addr:
+        return f"unix:{os.fsdecode(addr)}"
+    return "unix"
+
+
+class Server:
+    """One listening server; see the module docstring for how handlers plug in.
+
+    Args:
+        config: what to listen on, limits.
+        handler_factory: called once per TCP/Unix connection; returns its Handler.
+        datagram_handler: the handler for UDP (config.udp).
+        on_event: receives a ConnEvent for each accept, close and reject.
+        on_ready: receives the Bound address once listening (before any accept).
+        on_totals: receives running totals on SIGUSR1.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        handler_factory: Callable[[], Handler] | None = None,
+        *,
+        datagram_handler: DatagramHandler | None = None,
+        on_event: Callable[[ConnEvent], None] | None = None,
+        on_ready: Callable[[Bound], None] | None = None,
+        on_totals: Callable[[ServerSummary], None] | None = None,
+    ) -> None:
+        if config.udp and datagram_handler is None:
+            raise ValueError("a UDP server needs a datagram_handler")
+        if not config.udp and handler_factory is None:
+            raise ValueError("a stream server needs a handler_factory")
+        self.config = config
+        self.handler_factory = handler_factory
+        self.datagram_handler = datagram_handler
+        self.on_event = on_event
+        self.on_ready = on_ready
+        self.on_totals = on_totals
+        self.bound: Bound | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listener: socket.socket | None = None
+        self._unix_inode: tuple[int, int] | None = None
+        self._udp_transport: asyncio.DatagramTransport | None = None
+        self._active: set[Connection] = set()
+        self._outbound: set[Connection] = set()
+        self._setup_tasks: set[asyncio.Task[Any]] = set()
+        self._next_id = 0
+        self._next_out_id = 0
+        self._accepting = False
+        self._accept_done = False
+        self._accept_timer: asyncio.TimerHandle | None = None
+        self._tokens = 0.0
+        self._tokens_at = 0.0
+        self._started_at = 0.0
+        self._stop_future: asyncio.Future[None] | None = None
+        self._stop_requested = False
+        self._stopping = False
+        self._handler_errors = 0
+        self._totals = ServerSummary()
+        self._thread_lock = threading.Lock()
+
+    # -- public API --------------------------------------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop (only valid while the server runs)."""
+        assert self._loop is not None, "server is not running"
+        return self._loop
+
+    def listen(self) -> Bound:
+        """Bind and listen now (run() does it if you don't); returns the bound address.
+
+        Raises:
+            LocalError: bind failed (address in use, permission, ...).
+            ResolveError: host does not resolve.
+        """
+        if self.bound is not None:
+            return self.bound
+        config = self.config
+        if config.udp:
+            sock = sockets.open_udp(config.host, config.port, family=config.family)
+            name = sock.getsockname()
+            self.bound = Bound("udp", str(name[0]), int(name[1]))
+        elif config.path is not None:
+            sock = sockets.open_listener(None, backlog=config.backlog, path=config.path)
+            info = os.stat(config.path)
+            self._unix_inode = (info.st_dev, info.st_ino)
+            self.bound = Bound("unix", path=config.path)
+        else:
+            sock = sockets.open_listener(
+                config.host,
+                config.port,
+                backlog=config.backlog,
+                family=config.family,
+                reuse_port=config.reuse_port,
+            )
+            name = sock.getsockname()
+            self.bound = Bound("tcp", str(name[0]), int(name[1]))
+        sock.setblocking(False)
+        self._listener = sock
+        return self.bound
+
+    def run(self) -> ServerSummary:
+        """Listen (if not yet), serve until stopped, and return the totals.
+
+        Raises:
+            LocalError, ResolveError: from listen().
+        """
+        self.listen()
+        try:
+            with asyncio.Runner(loop_factory=self.config.loop_factory) as runner:
+                return runner.run(self.serve())
+        finally:
+            self._close_listener()
+
+    async def serve(self) -> ServerSummary:
+        """Serve in the running loop until stopped; returns the totals."""
+        self.listen()
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._stop_future = loop.create_future()
+        if self._stop_requested:
+            self._stop_future.set_result(None)
+        self._started_at = _monotonic()
+        self._tokens_at = self._started_at
+        self._tokens = 1.0
+        installed = self._install_signals(loop)
+        duration_handle = None
+        try:
+            if self.config.duration_s is not None:
+                duration_handle = loop.call_later(self.config.duration_s, self._request_stop)
+            if self.config.udp:
+                await self._start_udp(loop)
+            if self.on_ready is not None and self.bound is not None:
+                self.on_ready(self.bound)
+            if not self.config.udp and not self.config.pause_accept:
+                self._start_accepting()
+            await self._stop_future
+            await self._shutdown()
+        finally:
+            if duration_handle is not None:
+                duration_handle.cancel()
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            self._close_listener()
+        summary = self.totals()
+        self._loop = None
+        return summary
+
+    def stop(self) -> None:
+        """Ask the server to stop (thread-safe; also before run() starts)."""
+        with self._thread_lock:
+            loop = self._loop
+            if loop is None or loop.is_closed():
+                self._stop_requested = True
+                return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nothing to stop
+            loop.call_soon_threadsafe(self._request_stop)
+
+    def totals(self) -> ServerSummary:
+        """A snapshot of the running totals."""
+        t = self._totals
+        live_in = sum(c.bytes_in for c in self._active)
+        live_out = sum(c.bytes_out for c in self._active)
+        return ServerSummary(
+            connections=t.connections,
+            active=len(self._active),
+            rejected=t.rejected,
+            bytes_in=t.bytes_in + live_in,
+            bytes_out=t.bytes_out + live_out,
+            resets=t.resets,
+            errors=t.errors + self._handler_errors,
+            reasons=dict(t.reasons),
+            datagrams_in=t.datagrams_in,
+            datagrams_out=t.datagrams_out,
+            duration_s=_monotonic() - self._started_at if self._started_at else 0.0,
+        )
+
+    def open_connection(
+        self, host: str, port: int, handler: Handler, *, timeout_s: float | None = 10.0
+    ) -> Connection:
+        """Start an outbound TCP connection in this loop (loop thread only).
+
+        Returns the Connection at once; writes before it connects are buffered. On success
+        handler.on_open(conn) runs; on failure handler.on_close(conn, "connect-error") with
+        conn.errno_name set (ECONNREFUSED, ETIMEDOUT, ...).
+        """
+        self._next_out_id -= 1
+        conn = Connection(
+            self, handler, self._next_out_id, sockets.format_hostport(host, port), outbound=True
+        )
+        self._outbound.add(conn)
+        task = self.loop.create_task(self._connect(conn, host, port, timeout_s))
+        self._setup_tasks.add(task)
+        task.add_done_callback(self._setup_tasks.discard)
+        return conn
+
+    # -- internals ------------------------------------------------------------------------------
+
+    async def _connect(
+        self, conn: Connection, host: str, port: int, timeout_s: float | None
+    ) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.loop.create_connection(lambda: conn, host, port)
+        except TimeoutError as exc:
+            conn.errno_name = sockets.errno_name(exc.errno) or "ETIMEDOUT"
+            conn.reason = CloseReason.CONNECT_ERROR
+            conn._finish(None)
+        except OSError as exc:
+            conn.errno_name = sockets.errno_name(exc.errno) or "EAI_FAIL"
+            conn.reason = CloseReason.CONNECT_ERROR
+            conn._finish(None)
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
+        if (
+            not self.config.handle_signals
+            or threading.current_thread() is not threading.main_thread()
+        ):
+            return []
+        installed: list[int] = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._request_stop)
+            installed.append(sig)
+        usr1 = getattr(signal, "SIGUSR1", None)
+        if usr1 is not None and self.on_totals is not None:
+            loop.add_signal_handler(usr1, self._report_totals)
+            installed.append(usr1)
+        return installed
+
+    def _report_totals(self) -> None:
+        if self.on_totals is not None:
+            self.on_totals(self.totals())
+
+    def _request_stop(self) -> None:
+        if self._stop_future is not None and not self._stop_future.done():
+            self._stop_future.set_result(None)
+
+    async def _start_udp(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self._listener is not None
+        assert self.datagram_handler is not None
+        handler = self.datagram_handler
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _UdpProtocol(self, handler), sock=self._listener
+        )
+        self._udp_transport = transport
+        self._listener = None  # the transport owns it now
+
+    def _start_accepting(self) -> None:
+        if self._accepting or self._accept_done or self._listener is None or self._stopping:
+            return
+        self._accepting = True
+        self.loop.add_reader(self._listener.fileno(), self._on_acceptable)
+
+    def _stop_accepting(self) -> None:
+        if self._accept_timer is not None:
+            self._accept_timer.cancel()
+            self._accept_timer = None
+        if self._accepting and self._listener is not None:
+            self.loop.remove_reader(self._listener.fileno())
+        self._accepting = False
+
+    def _resume_accepting(self) -> None:
+        self._accept_timer = None
+        self._start_accepting()
+
+    def _on_acceptable(self) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        rate = self.config.accept_rate
+        for _ in range(_ACCEPT_BATCH):
+            if rate is not None and not self._take_token(rate):
+                return
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                if rate is not None:
+                    self._tokens += 1.0  # the token was not used
+                return
+            except OSError as exc:
+                self._accept_failed(exc)
+                return
+            self._admit(sock, addr)
+            if not self._accepting:
+                return
+
+    def _take_token(self, rate: float) -> bool:
+        now = _monotonic()
+        # The bucket holds at most one second's worth, so a paced server never bursts more.
+        self._tokens = min(max(rate, 1.0), self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        self._stop_accepting()
+        wait = (1.0 - self._tokens) / rate
+        self._accept_timer = self.loop.call_later(wait, self._resume_accepting)
+        return False
+
+    def _accept_failed(self, exc: OSError) -> None:
+        # Linux: ECONNABORTED/EPROTO etc. mean that one client vanished before accept(); the
+        # queue goes on. EMFILE/ENFILE/ENOBUFS/ENOMEM mean we are out of resources: back off.
+        self._totals.errors += 1
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            self._totals.reasons["accept-" + (sockets.errno_name(exc.errno) or "error")] = (
+                self._totals.reasons.get("accept-" + (sockets.errno_name(exc.errno) or ""), 0) + 1
+            )
+            self._stop_accepting()
+            self._accept_timer = self.loop.call_later(_ACCEPT_BACKOFF_S, self._resume_accepting)
+
+    def _allowed(self, addr: Any) -> bool:
+        if not isinstance(addr, tuple):
+            return True  # Unix peers have no address to filter on
+        try:
+            ip = ipaddress.ip_address(str(addr[0]).split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            mapped = ip.ipv4_mapped
+            return any(mapped in net or ip in net for net in self.config.allow)
+        return any(ip in net for net in self.config.allow)
+
+    def _admit(self, sock: socket.socket, addr: Any) -> None:
+        config = self.config
+        peer = _format_peer(addr)
+        if config.allow and not self._allowed(addr):
+            self._reject(sock, peer, CloseReason.NOT_ALLOWED)
+            return
+        if config.max_conns is not None and len(self._active) >= config.max_conns:
+            self._reject(sock, peer, CloseReason.MAX_CONNS)
+            return
+        assert self.handler_factory is not None
+        self._next_id += 1
+        self._totals.connections += 1
+        try:
+            handler = self.handler_factory()
+        except Exception:
+            self._handler_errors += 1
+            sock.close()
+            return
+        conn = Connection(self, handler, self._next_id, peer)
+        self._active.add(conn)
+        if config.count is not None and self._totals.connections >= config.count:
+            self._accept_done = True
+            self._stop_accepting()
+            self._close_listener()  # later clients are refused, as by a finished server
+        if self.on_event is not None:
+            self.on_event(ConnEvent("accept", conn.conn_id, peer))
+        sock.setblocking(False)
+        task = self.loop.create_task(self.loop.connect_accepted_socket(lambda: conn, sock))
+        self._setup_tasks.add(task)
+        task.add_done_callback(lambda done: self._setup_done(done, conn))
+
+    def _setup_done(self, task: asyncio.Task[Any], conn: Connection) -> None:
+        self._setup_tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and conn.transport is None:
+            # The transport could not be set up (the client vanished in between).
+            conn._finish(exc)
+
+    def _reject(self, sock: socket.socket, peer: str, reason: str) -> None:
+        sock.close()
+        self._totals.rejected += 1
+        self._totals.reasons[reason] = self._totals.reasons.get(reason, 0) + 1
+        if self.on_event is not None:
+            self._next_id += 1
+            self.on_event(ConnEvent("reject", self._next_id, peer, reason=reason))
+
+    def _connection_done(self, conn: Connection) -> None:
+        if conn.outbound:
+            self._outbound.discard(conn)
+            self._call_on_close(conn)
+            return
+        self._active.discard(conn)
+        totals = self._totals
+        reason = str(conn.reason or CloseReason.EOF)
+        totals.bytes_in += conn.bytes_in
+        totals.bytes_out += conn.bytes_out
+        totals.reasons[reason] = totals.reasons.get(reason, 0) + 1
+        if reason == CloseReason.RESET:
+            totals.resets += 1
+        elif reason == CloseReason.ERROR:
+            totals.errors += 1
+        self._call_on_close(conn)
+        if self.on_event is not None:
+            self.on_event(
+                ConnEvent(
+                    "close",
+                    conn.conn_id,
+                    conn.peer,
+                    conn.bytes_in,
+                    conn.bytes_out,
+                    _monotonic() - conn.started_at,
+                    reason,
+                )
+            )
+        if self._accept_done and not self._active:
+            self._request_stop()
+
+    def _call_on_close(self, conn: Connection) -> None:
+        try:
+            conn.handler.on_close(conn, conn.reason or CloseReason.EOF)
+        except Exception:
+            self._handler_errors += 1
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        self._stop_accepting()
+        self._close_listener()
+        loop = self.loop
+        if self._udp_transport is not None:
+            self._udp_transport.close()
+            self._udp_transport = None
+        for conn in list(self._active) + list(self._outbound):
+            conn.close(CloseReason.SHUTDOWN)
+        deadline = loop.time() + _SHUTDOWN_GRACE_S
+        while (self._active or self._outbound) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self._active) + list(self._outbound):
+            conn.abort(CloseReason.SHUTDOWN)
+        for task in list(self._setup_tasks):
+            task.cancel()
+        # Let the transports deliver connection_lost (scheduled with call_soon).
+        for _ in range(3):
+            await asyncio.sleep(0)
+        for conn in list(self._active) + list(self._outbound):
+            conn._finish(None)  # never set up (cancelled): account for it anyway
+
+    def _close_listener(self) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        self._listener = None
+        if self._accepting and self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(listener.fileno())
+            self._accepting = False
+        listener.close()
+        path = self.config.path
+        if path is not None and self._unix_inode is not None:
+            # Remove the file only if it is still ours (another server may have replaced it).
+            with contextlib.suppress(OSError):
+                info = os.stat(path)
+                if (info.st_dev, info.st_ino) == self._unix_inode:
+                    os.unlink(path)
+            self._unix_inode = None
+
+
+def run_server(
+    config: ServerConfig,
+    handler_factory: Callable[[], Handler] | None = None,
+    *,
+    datagram_handler: DatagramHandler | None = None,
+    on_event: Callable[[ConnEvent], None] | None = None,
+    on_ready: Callable[[Bound], None] | None = None,
+    on_totals: Callable[[ServerSummary], None] | None = None,
+) -> ServerSummary:
+    """Build a Server and run it until it stops (see Server and the module docstring).
+
+    Raises:
+        LocalError: bind failed. ResolveError: host does not resolve.
+    """
+    return Server(
+        config,
+        handler_factory,
+        datagram_handler=datagram_handler,
+        on_event=on_event,
+        on_ready=on_ready,
+        on_totals=on_totals,
+    ).run()
