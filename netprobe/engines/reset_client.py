@@ -1,0 +1,266 @@
+"""`reset client`: connect, send, then abort with RST at the trigger, N times. Does I/O.
+
+Each attempt runs in a worker thread on blocking-with-deadline sockets from the socket core;
+--concurrency bounds the workers. What the server did before our reset (bytes it sent back,
+whether it closed or reset first) is recorded per connection.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from netprobe.engines.reset_faults import Trigger, TriggerKind
+from netprobe.errors import DeadlineExceeded, NetworkError, PeerResetError
+from netprobe.results import ConnectState
+from netprobe.sockets import (
+    Resolved,
+    abort_connection,
+    connect_nonblocking,
+    recv_some,
+    send_all,
+)
+
+__all__ = ["ClientReset", "ClientSummary", "generated_stream", "run_reset_client"]
+
+CLIENT_TRIGGERS = frozenset({TriggerKind.ON_CONNECT, TriggerKind.AFTER_BYTES, TriggerKind.AFTER_MS})
+
+_CHUNK = 16 * 1024  # one send between two looks at the receive side
+_PEEK_S = 0.001  # how long one look at the receive side may wait
+
+
+@dataclass(frozen=True, slots=True)
+class ClientReset:
+    """One connection of `reset client`.
+
+    Attributes:
+        conn: 1-based connection number.
+        target: the address connected to.
+        state: the connect outcome (open, refused, timeout, ...), "reset" when the server
+            reset first.
+        errno_name: errno of a failed connect or of the server's reset.
+        trigger: the trigger that ended the connection ("on-connect", "after-bytes 5000").
+        action: what the client did: "rst", or "none" when the server ended it first.
+        ended_by: "client-rst", "server-fin" (it closed first), "server-rst" (it reset
+            first), or the connect state when no connection was made.
+        bytes_out: bytes the client sent.
+        bytes_in: bytes the server sent back before the reset.
+        server_closed_first: the server closed (EOF) before the client's reset.
+        connect_s: connect latency.
+        elapsed_s: from connect() to the reset.
+    """
+
+    conn: int
+    target: str
+    state: ConnectState
+    errno_name: str | None
+    trigger: str
+    action: str
+    ended_by: str
+    bytes_out: int
+    bytes_in: int
+    server_closed_first: bool
+    connect_s: float
+    elapsed_s: float
+    kind: str = "reset client"
+
+
+@dataclass(slots=True)
+class ClientSummary:
+    """Totals of one `reset client` run."""
+
+    connections: int = 0
+    resets_sent: int = 0
+    server_closed_first: int = 0
+    server_reset_first: int = 0
+    failed: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+
+    def add(self, result: ClientReset) -> None:
+        self.connections += 1
+        self.bytes_out += result.bytes_out
+        self.bytes_in += result.bytes_in
+        if result.ended_by == "client-rst":
+            self.resets_sent += 1
+        elif result.ended_by == "server-fin":
+            self.server_closed_first += 1
+        elif result.ended_by == "server-rst":
+            self.server_reset_first += 1
+        else:
+            self.failed += 1
+
+
+def generated_stream(size: int, offset: int = 0) -> bytes:
+    """`size` bytes of the generated stream starting at `offset` (a repeating 0..255 ramp)."""
+    ramp = bytes(range(256))
+    start = offset % 256
+    reps = (start + size) // 256 + 1
+    return (ramp * reps)[start : start + size]
+
+
+class _Peer:
+    """What the server has done so far on one connection."""
+
+    def __init__(self) -> None:
+        self.bytes_in = 0
+        self.closed = False  # EOF seen
+        self.reset_errno: str | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.closed or self.reset_errno is not None
+
+    def look(self, sock: Any, wait_s: float) -> None:
+        """Read whatever the server sent, waiting at most `wait_s` for the first byte."""
+        # recv_some refuses a deadline already past, so even "no wait" waits a moment.
+        deadline = time.monotonic() + max(wait_s, _PEEK_S)
+        while not self.ended:
+            try:
+                data = recv_some(sock, 65536, deadline)
+            except DeadlineExceeded:
+                return
+            except PeerResetError as exc:
+                self.reset_errno = exc.errno_name or "ECONNRESET"
+                return
+            if not data:
+                self.closed = True
+                return
+            self.bytes_in += len(data)
+            deadline = time.monotonic() + 0.0001  # drain what is queued, then go on
+
+
+def _one_client(
+    conn: int,
+    target: Resolved,
+    shown: str,
+    trigger: Trigger,
+    data: bytes | None,
+    timeout_s: float,
+) -> ClientReset:
+    start = time.monotonic()
+    outcome = connect_nonblocking(target, deadline=start + timeout_s, keep=True)
+    if outcome.state is not ConnectState.OPEN or outcome.sock is None:
+        return ClientReset(
+            conn, shown, outcome.state, outcome.errno_name, trigger.describe(), "none",
+            str(outcome.state), 0, 0, False, outcome.elapsed_s, outcome.elapsed_s,
+        )  # fmt: skip
+    sock = outcome.sock
+    peer = _Peer()
+    sent = 0
+    began = time.monotonic()
+    try:
+        if trigger.kind is TriggerKind.AFTER_BYTES:
+            sent = _send_until(sock, peer, data, int(trigger.value or 0), None, timeout_s)
+        elif trigger.kind is TriggerKind.AFTER_MS:
+            stop_at = began + float(trigger.value or 0.0)
+            sent = _send_until(sock, peer, data, None, stop_at, timeout_s)
+            while not peer.ended and time.monotonic() < stop_at:
+                peer.look(sock, min(0.05, max(0.0, stop_at - time.monotonic())))
+        peer.look(sock, 0.0)  # what already arrived counts as "before the reset"
+    except NetworkError as exc:
+        peer.reset_errno = peer.reset_errno or exc.errno_name or "error"
+    finally:
+        abort_connection(sock)
+    elapsed = time.monotonic() - start
+    if peer.reset_errno is not None:
+        ended_by, state, action = "server-rst", ConnectState.RESET, "none"
+    elif peer.closed:
+        ended_by, state, action = "server-fin", ConnectState.OPEN, "rst"
+    else:
+        ended_by, state, action = "client-rst", ConnectState.OPEN, "rst"
+    return ClientReset(
+        conn, shown, state, peer.reset_errno, trigger.describe(), action, ended_by, sent,
+        peer.bytes_in, peer.closed, outcome.elapsed_s, elapsed,
+    )  # fmt: skip
+
+
+def _send_until(
+    sock: Any,
+    peer: _Peer,
+    data: bytes | None,
+    limit: int | None,
+    stop_at: float | None,
+    timeout_s: float,
+) -> int:
+    """Send the stream until `limit` bytes or `stop_at`, reading replies in between.
+
+    DATA repeats to reach `limit`; without a limit it is sent once. The generated stream
+    has no end of its own. Stops early when the server closes or resets.
+    """
+    sent = 0
+    while not peer.ended:
+        if limit is not None and sent >= limit:
+            break
+        if stop_at is not None and time.monotonic() >= stop_at:
+            break
+        if data is not None and limit is None and sent >= len(data):
+            break
+        want = _CHUNK if limit is None else min(_CHUNK, limit - sent)
+        if data is None:
+            chunk = generated_stream(want, sent)
+        elif data:
+            start = sent % len(data)
+            chunk = (data[start:] + data * (want // len(data) + 1))[:want]
+        else:
+            break
+        deadline = time.monotonic() + timeout_s
+        if stop_at is not None:
+            deadline = min(deadline, max(stop_at, time.monotonic() + _PEEK_S))
+        try:
+            sent += send_all(sock, chunk, deadline)
+        except DeadlineExceeded:
+            if stop_at is not None and time.monotonic() >= stop_at:
+                break
+            raise
+        peer.look(sock, _PEEK_S)
+    return sent
+
+
+def run_reset_client(
+    target: Resolved,
+    shown: str,
+    *,
+    trigger: Trigger,
+    data: bytes | None,
+    count: int,
+    concurrency: int,
+    timeout_s: float,
+    duration_s: float | None = None,
+    stop: threading.Event | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> Iterator[ClientReset]:
+    """Run `count` aborting connections, at most `concurrency` at once; yield each result.
+
+    Args:
+        target: the resolved address (TCP or Unix).
+        shown: the address as shown in results.
+        trigger: on-connect, after-bytes N (bytes sent) or after-ms T.
+        data: bytes to send (repeated for after-bytes), or None for the generated stream.
+        timeout_s: per-connection connect and send timeout.
+        duration_s: start no connection after this long.
+        stop: set it to stop starting connections.
+
+    Yields results in connection-number order (a slow one holds back the later ones, but
+    at most `concurrency` run at once).
+    """
+    started = time.monotonic()
+    pending: deque[Future[ClientReset]] = deque()
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        for conn in range(1, count + 1):
+            if stop is not None and stop.is_set():
+                break
+            if duration_s is not None and time.monotonic() - started >= duration_s:
+                break
+            while len(pending) >= concurrency:
+                yield pending.popleft().result()
+            if on_start is not None:
+                on_start(conn)
+            pending.append(pool.submit(_one_client, conn, target, shown, trigger, data, timeout_s))
+        while pending:
+            yield pending.popleft().result()

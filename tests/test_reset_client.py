@@ -1,0 +1,188 @@
+"""`netprobe reset client` against small loopback servers: the server sees ECONNRESET."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import LONG, invoke
+
+
+class _RecordingServer:
+    """Accepts clients; for each one reads until EOF or error and records how it ended."""
+
+    def __init__(self, reply: bytes = b"", close_first: bool = False) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.listener.settimeout(0.05)
+        self.port: int = self.listener.getsockname()[1]
+        self.reply = reply
+        self.close_first = close_first
+        self.endings: list[tuple[str, int]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        workers = []
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            worker = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            worker.start()
+            workers.append(worker)
+        for worker in workers:
+            worker.join(LONG)
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(LONG)
+        got = 0
+        ending = "timeout"
+        try:
+            if self.reply:
+                conn.sendall(self.reply)
+            if self.close_first:
+                conn.shutdown(socket.SHUT_WR)
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    ending = "eof"
+                    break
+                got += len(data)
+        except ConnectionResetError:
+            ending = "ECONNRESET"
+        except OSError as exc:
+            ending = type(exc).__name__
+        finally:
+            conn.close()
+        with self._lock:
+            self.endings.append((ending, got))
+
+    def wait_for(self, count: int) -> list[tuple[str, int]]:
+        deadline = time.monotonic() + LONG
+        while time.monotonic() < deadline:
+            with self._lock:
+                if len(self.endings) >= count:
+                    return list(self.endings)
+            time.sleep(0.01)
+        raise AssertionError(f"only {len(self.endings)} of {count} clients ended")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(LONG)
+        self.listener.close()
+        assert not self._thread.is_alive()
+
+
+@pytest.fixture
+def recorder() -> Iterator[_RecordingServer]:
+    srv = _RecordingServer()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _time_wait_on(port: int) -> list[str]:
+    """Lines of /proc/net/tcp in TIME_WAIT (state 06) with `port` on either end."""
+    hexport = f"{port:04X}"
+    lines = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, state = fields[1], fields[2], fields[3]
+        if state == "06" and hexport in (local.split(":")[1], remote.split(":")[1]):
+            lines.append(line)
+    return lines
+
+
+def _records(stdout: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.decode().splitlines()]
+
+
+def test_after_bytes_server_sees_reset_and_no_time_wait(recorder: _RecordingServer) -> None:
+    target = f"127.0.0.1:{recorder.port}"
+    result = invoke(
+        ["reset", "client", target, "--after-bytes", "50000", "--count", "4", "-c", "2", "--json"]
+    )
+    assert result.exit_code == 0, result.stderr
+    records = _records(result.stdout)
+    conns = [r for r in records if r["event"] == "connection"]
+    assert len(conns) == 4
+    for record in conns:
+        assert record["ended_by"] == "client-rst"
+        assert record["action"] == "rst"
+        assert record["bytes_out"] == 50000
+        assert record["trigger"] == "after-bytes 50000"
+    assert records[-1]["event"] == "totals"
+    assert records[-1]["resets_sent"] == 4
+    endings = recorder.wait_for(4)
+    # The server read some of the stream, then the reset (queued bytes may be dropped).
+    assert all(ending == "ECONNRESET" for ending, _ in endings), endings
+    assert _time_wait_on(recorder.port) == []
+
+
+def test_data_then_reset_at_once(recorder: _RecordingServer) -> None:
+    result = invoke(["reset", "client", f"127.0.0.1:{recorder.port}", "hello", "--json"])
+    assert result.exit_code == 0, result.stderr
+    record = _records(result.stdout)[0]
+    assert record["bytes_out"] == 5
+    assert record["trigger"] == "after-bytes 5"
+    assert recorder.wait_for(1)[0][0] == "ECONNRESET"
+    assert _time_wait_on(recorder.port) == []
+
+
+def test_reports_server_closing_first() -> None:
+    srv = _RecordingServer(reply=b"bye\n", close_first=True)
+    try:
+        result = invoke(["reset", "client", f"127.0.0.1:{srv.port}", "--after-ms", "200", "--json"])
+        assert result.exit_code == 0, result.stderr
+        record = _records(result.stdout)[0]
+        assert record["bytes_in"] == 4
+        assert record["server_closed_first"] is True
+        assert record["ended_by"] == "server-fin"
+        assert record["elapsed_s"] < 0.2  # the server's FIN ended it before the timer
+        srv.wait_for(1)
+    finally:
+        srv.stop()
+
+
+def test_on_connect_against_closed_port(closed_port: int) -> None:
+    result = invoke(["reset", "client", f"127.0.0.1:{closed_port}", "--on-connect", "--json"])
+    assert result.exit_code == 1
+    record = _records(result.stdout)[0]
+    assert record["state"] == "refused"
+    assert record["errno_name"] == "ECONNREFUSED"
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--after-bytes", "-1"], "--after-bytes -1"),
+        (["--after-bytes", "10", "--on-connect"], "two triggers"),
+        (["--after-ms", "soon"], "--after-ms"),
+        (["--count", "0"], "--count"),
+    ],
+)
+def test_bad_input(argv: list[str], words: str) -> None:
+    result = invoke(["reset", "client", "127.0.0.1:9", *argv])
+    assert result.exit_code == 2
+    assert result.stdout == b""
+    assert words in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_bad_target() -> None:
+    result = invoke(["reset", "client", "127.0.0.1"])
+    assert result.exit_code == 2
+    assert "HOST:PORT" in result.stderr
