@@ -346,6 +346,11 @@ class Connection(asyncio.Protocol):
     # -- the handler's API ---------------------------------------------------------------
 
     @property
+    def server(self) -> Server:
+        """The Server this connection belongs to (its loop, config, open_connection)."""
+        return self._server
+
+    @property
     def is_closing(self) -> bool:
         """True once close/abort was called or the connection was lost."""
         return self._closing or self._done

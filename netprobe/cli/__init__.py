@@ -57,8 +57,8 @@ def _register(name: str, func: Callable[..., object], stub: bool) -> None:
 
 
 _register("port-check", port_check.port_check, stub=True)
-_register("echo", echo.echo, stub=True)
-_register("send", send.send, stub=True)
+_register("echo", echo.echo, stub=False)
+_register("send", send.send, stub=False)
 _register("listen", listen.listen, stub=True)
 _register("backlog", backlog.backlog, stub=True)
 _register("listeners", listeners.listeners, stub=True)

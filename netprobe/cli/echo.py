@@ -1,14 +1,237 @@
-"""`netprobe echo` (stub until its issue lands). No I/O here."""
+"""`netprobe echo`: a bounded, observable TCP/UDP/Unix echo (or discard) server. No I/O here
+beyond printing; the engine serves."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
 import typer
 
-from netprobe.cli._options import not_built
+from netprobe.cli._options import JsonOpt, duration, size
+from netprobe.errors import UsageError
+
+if TYPE_CHECKING:
+    from netprobe.server import Bound, ConnEvent, ServerSummary
 
 __all__ = ["echo"]
 
 
-def echo(ctx: typer.Context) -> None:
-    """Not built yet."""
-    not_built("echo")
+def echo(
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind (0.0.0.0 or :: for all interfaces).")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0 picks a free one).")
+    ] = 7007,
+    udp: Annotated[bool, typer.Option("--udp", help="Echo UDP datagrams.")] = False,
+    unix: Annotated[
+        str | None, typer.Option("--unix", metavar="PATH", help="Listen on a Unix stream socket.")
+    ] = None,
+    mode: Annotated[
+        str, typer.Option("--mode", help="echo (send back) or discard (read and drop).")
+    ] = "echo",
+    framing: Annotated[
+        str,
+        typer.Option("--framing", help="raw, line, crlf, len8, len16, len32, len64 or netstring."),
+    ] = "raw",
+    max_frame: Annotated[
+        int | None,
+        typer.Option(
+            "--max-frame",
+            parser=size,
+            metavar="SIZE",
+            help="Largest frame (raw: chunk) accepted; a larger one closes the connection. [default: 16MiB]",
+        ),
+    ] = None,
+    delay: Annotated[
+        float | None,
+        typer.Option("--delay", parser=duration, metavar="DURATION", help="Wait before each echo."),
+    ] = None,
+    max_conns: Annotated[
+        int | None,
+        typer.Option("--max-conns", min=1, help="Clients above this many are closed at once."),
+    ] = None,
+    idle_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--idle-timeout",
+            parser=duration,
+            metavar="DURATION",
+            help="Close a client that sent nothing for this long.",
+        ),
+    ] = None,
+    max_bytes: Annotated[
+        int | None,
+        typer.Option(
+            "--max-bytes",
+            parser=size,
+            metavar="SIZE",
+            help="Close a connection after it sent this many bytes.",
+        ),
+    ] = None,
+    once: Annotated[bool, typer.Option("--once", help="Serve one client, then exit.")] = False,
+    count: Annotated[
+        int | None,
+        typer.Option("--count", min=1, help="Exit after N clients (UDP: datagrams)."),
+    ] = None,
+    run_for: Annotated[
+        float | None,
+        typer.Option(
+            "--duration", parser=duration, metavar="DURATION", help="Exit after this long."
+        ),
+    ] = None,
+    backlog: Annotated[int, typer.Option("--backlog", min=0, help="listen() backlog.")] = 128,
+    accept_rate: Annotated[
+        float | None,
+        typer.Option("--accept-rate", min=0.001, help="Accept at most R connections per second."),
+    ] = None,
+    pause_accept: Annotated[
+        bool, typer.Option("--pause-accept", help="Listen but never accept (the backlog fills).")
+    ] = False,
+    allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow",
+            metavar="CIDR",
+            help="Serve only these peers (repeatable); others are closed.",
+        ),
+    ] = None,
+    ready_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--ready-file", metavar="FILE", help="Write the listening JSON object here when ready."
+        ),
+    ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Echo (RFC 862) or discard (RFC 863) server for testing clients, proxies and firewalls.
+
+    Binds 127.0.0.1:7007 unless told otherwise. The first stdout line announces the address
+    (`listening on 127.0.0.1:7007/tcp`, or a JSON object with --json). Connection events go to
+    stderr (with --json: JSON lines on stdout). SIGUSR1 prints running totals; SIGINT/SIGTERM
+    stop it and print the totals.
+    """
+    from netprobe.engines.echo import EchoOptions, make_server
+    from netprobe.framing import DEFAULT_MAX_FRAME
+    from netprobe.server import ServerConfig, parse_allow
+
+    if udp and unix is not None:
+        raise UsageError("--udp and --unix exclude each other")
+    if udp:
+        for flag, given in (
+            ("--max-conns", max_conns is not None),
+            ("--idle-timeout", idle_timeout is not None),
+            ("--max-bytes", max_bytes is not None),
+            ("--accept-rate", accept_rate is not None),
+            ("--pause-accept", pause_accept),
+        ):
+            if given:
+                raise UsageError(f"{flag} applies to TCP and Unix streams, not to --udp")
+    if once and count is not None and count != 1:
+        raise UsageError(f"--once and --count {count} contradict each other")
+    if max_frame is not None and max_frame < 1:
+        raise UsageError(f"--max-frame {max_frame} must be at least 1 byte")
+    if max_bytes is not None and max_bytes < 1:
+        raise UsageError(f"--max-bytes {max_bytes} must be at least 1 byte")
+    if idle_timeout is not None and idle_timeout <= 0:
+        raise UsageError("--idle-timeout must be more than 0")
+    config = ServerConfig(
+        host=host,
+        port=port,
+        path=unix,
+        udp=udp,
+        backlog=backlog,
+        max_conns=max_conns,
+        idle_timeout_s=idle_timeout,
+        max_bytes=max_bytes,
+        accept_rate=accept_rate,
+        pause_accept=pause_accept,
+        allow=parse_allow(allow or ()),
+        count=1 if once else count,
+        duration_s=run_for,
+    )
+    options = EchoOptions(
+        mode=mode,
+        framing=framing,
+        max_frame=max_frame if max_frame is not None else DEFAULT_MAX_FRAME,
+        delay_s=delay or 0.0,
+    )
+    out = _Output(json_out, ready_file)
+    server = make_server(
+        config, options, on_event=out.event, on_ready=out.ready, on_totals=out.running_totals
+    )
+    server.listen()  # bind errors (exit 6) surface here, before anything is printed
+    summary = server.run()
+    out.final_totals(summary)
+
+
+class _Output:
+    """Where announce, events and totals go: JSON lines on stdout, or text (events on stderr)."""
+
+    def __init__(self, json_out: bool, ready_file: Path | None) -> None:
+        self.json_out = json_out
+        self.ready_file = ready_file
+
+    def ready(self, bound: Bound) -> None:
+        from netprobe.render import dump_json
+
+        record = bound.to_record()
+        if self.ready_file is not None:
+            # Write then rename, so a script polling for the file never reads half of it.
+            tmp = self.ready_file.with_name(self.ready_file.name + ".tmp")
+            tmp.write_text(dump_json(record) + "\n")
+            tmp.replace(self.ready_file)
+        self._write(sys.stdout, dump_json(record) if self.json_out else f"listening on {bound}")
+
+    def event(self, event: ConnEvent) -> None:
+        if self.json_out:
+            from netprobe.render import dump_json
+
+            self._write(sys.stdout, dump_json(event.to_record()))
+            return
+        if event.event == "close":
+            text = (
+                f"close #{event.conn_id} {event.peer} {event.reason} "
+                f"in={event.bytes_in} out={event.bytes_out} {event.duration_s:.3f}s"
+            )
+        elif event.event == "reject":
+            text = f"reject {event.peer} {event.reason}"
+        else:
+            text = f"{event.event} #{event.conn_id} {event.peer}"
+        self._write(sys.stderr, text)
+
+    def running_totals(self, summary: ServerSummary) -> None:
+        self._totals(summary, final=False)
+
+    def final_totals(self, summary: ServerSummary) -> None:
+        self._totals(summary, final=True)
+
+    def _totals(self, summary: ServerSummary, *, final: bool) -> None:
+        record: dict[str, Any] = summary.to_record()
+        record["final"] = final
+        if self.json_out:
+            from netprobe.render import dump_json
+
+            self._write(sys.stdout, dump_json(record))
+            return
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary.reasons.items())) or "-"
+        text = (
+            f"totals: connections {summary.connections}, active {summary.active}, "
+            f"rejected {summary.rejected}, bytes in {summary.bytes_in}, "
+            f"bytes out {summary.bytes_out}, resets {summary.resets}, errors {summary.errors}, "
+        )
+        if summary.datagrams_in or summary.datagrams_out:
+            text += f"datagrams in {summary.datagrams_in}, out {summary.datagrams_out}, "
+        text += f"reasons: {reasons}, {summary.duration_s:.3f}s"
+        # Final totals are the run's result (stdout); running totals are a log line.
+        self._write(sys.stdout if final else sys.stderr, text)
+
+    @staticmethod
+    def _write(stream: Any, line: str) -> None:
+        try:
+            stream.write(line + "\n")
+            stream.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # nobody reads any more; serving goes on

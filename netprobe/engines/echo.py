@@ -1,0 +1,241 @@
+"""The echo engine: echo (RFC 862) and discard (RFC 863) handlers for the server core, raw or
+frame-aware, with an optional delay. Does network I/O through netprobe.server; never prints.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from netprobe.errors import FrameTooLarge, IncompleteFrame, MalformedFrame
+from netprobe.framing import DEFAULT_MAX_FRAME, NEED_DATA, Decoder, FramingSpec, parse_framing
+from netprobe.server import (
+    Bound,
+    CloseReason,
+    Connection,
+    ConnEvent,
+    DatagramHandler,
+    Handler,
+    Server,
+    ServerConfig,
+    ServerSummary,
+)
+
+__all__ = ["EchoOptions", "handler_factory", "make_server", "serve_echo"]
+
+MODES = ("echo", "discard")
+
+# Close reasons beyond the server core's: the peer broke the framing.
+MALFORMED_FRAME = "malformed-frame"
+INCOMPLETE_FRAME = "incomplete-frame"
+
+
+@dataclass(frozen=True, slots=True)
+class EchoOptions:
+    """How each connection is served.
+
+    Attributes:
+        mode: "echo" (send back) or "discard" (read and drop).
+        framing: a framing name (raw, line, crlf, len8..len64, netstring).
+        max_frame: the largest frame accepted; a larger one closes the connection.
+        delay_s: wait this long before echoing each chunk (raw) or frame.
+    """
+
+    mode: str = "echo"
+    framing: str = "raw"
+    max_frame: int = DEFAULT_MAX_FRAME
+    delay_s: float = 0.0
+
+
+class _RawEcho(Handler):
+    # The hot path of the benchmark: one call per received chunk, nothing else.
+    __slots__ = ("max_frame",)
+
+    def __init__(self, max_frame: int) -> None:
+        self.max_frame = max_frame
+
+    def on_data(self, conn: Connection, data: bytes) -> None:
+        if len(data) > self.max_frame:
+            conn.close(CloseReason.FRAME_TOO_LARGE)
+            return
+        conn.write(data)
+
+
+class _Discard(Handler):
+    __slots__ = ("max_frame",)
+
+    def __init__(self, max_frame: int) -> None:
+        self.max_frame = max_frame
+
+    def on_data(self, conn: Connection, data: bytes) -> None:
+        if len(data) > self.max_frame:
+            conn.close(CloseReason.FRAME_TOO_LARGE)
+
+
+class _FramedEcho(Handler):
+    """Whole frames back (or dropped in discard mode), with an optional delay per frame.
+
+    Delayed frames wait in a per-connection queue with one timer for its head: equal
+    deadlines in the loop's timer heap are not FIFO, and this keeps the byte order. Reading
+    pauses while the queue holds more than the high-water mark, so the delay cannot grow
+    memory without bound.
+    """
+
+    __slots__ = ("decoder", "delay_s", "echo", "eof", "queue", "queued", "spec", "timer")
+
+    def __init__(self, spec: FramingSpec, options: EchoOptions) -> None:
+        self.spec = spec
+        self.decoder: Decoder = spec.decoder(options.max_frame)
+        self.echo = options.mode == "echo"
+        self.delay_s = options.delay_s
+        self.queue: deque[tuple[float, bytes]] = deque()
+        self.queued = 0
+        self.timer: Any = None
+        self.eof = False
+
+    def on_data(self, conn: Connection, data: bytes) -> None:
+        self.decoder.feed(data)
+        self._drain(conn)
+
+    def on_eof(self, conn: Connection) -> None:
+        self.eof = True
+        self.decoder.feed(b"")
+        self._drain(conn)
+        if not conn.is_closing and not self.queue:
+            conn.close(CloseReason.EOF)
+
+    def on_close(self, conn: Connection, reason: str) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.queue.clear()
+
+    def _drain(self, conn: Connection) -> None:
+        try:
+            while True:
+                frame = self.decoder.next_frame()
+                if frame is NEED_DATA:
+                    return
+                if self.echo:
+                    self._send(conn, self.spec.encode(frame))
+        except FrameTooLarge:
+            conn.close(CloseReason.FRAME_TOO_LARGE)
+        except MalformedFrame:
+            conn.close(MALFORMED_FRAME)
+        except IncompleteFrame:
+            conn.close(INCOMPLETE_FRAME)
+
+    def _send(self, conn: Connection, wire: bytes) -> None:
+        if not self.delay_s:
+            conn.write(wire)
+            return
+        due = conn.server.loop.time() + self.delay_s
+        self.queue.append((due, wire))
+        self.queued += len(wire)
+        if self.queued > conn.server.config.high_water:
+            conn.pause_reading("delay")
+        if self.timer is None:
+            self.timer = conn.call_later(self.delay_s, self._release, conn)
+
+    def _release(self, conn: Connection) -> None:
+        self.timer = None
+        if conn.is_closing:
+            return
+        now = conn.server.loop.time()
+        while self.queue and self.queue[0][0] <= now:
+            _, wire = self.queue.popleft()
+            self.queued -= len(wire)
+            conn.write(wire)
+        if self.queue:
+            self.timer = conn.call_later(self.queue[0][0] - now, self._release, conn)
+        elif self.eof:
+            conn.close(CloseReason.EOF)
+        if self.queued <= conn.server.config.low_water:
+            conn.resume_reading("delay")
+
+
+class _UdpEcho(DatagramHandler):
+    def __init__(self, options: EchoOptions) -> None:
+        self.echo = options.mode == "echo"
+        self.max_frame = options.max_frame
+
+    def on_datagram(self, data: bytes, addr: Any, reply: Callable[[bytes], None]) -> None:
+        if self.echo and len(data) <= self.max_frame:
+            reply(data)
+
+
+class _DelayedUdpEcho(_UdpEcho):
+    def __init__(self, options: EchoOptions, server: Server) -> None:
+        super().__init__(options)
+        self.delay_s = options.delay_s
+        self.server = server
+
+    def on_datagram(self, data: bytes, addr: Any, reply: Callable[[bytes], None]) -> None:
+        if self.echo and len(data) <= self.max_frame:
+            self.server.loop.call_later(self.delay_s, reply, data)
+
+
+def handler_factory(options: EchoOptions) -> Callable[[], Handler]:
+    """The per-connection handler factory for these options.
+
+    Raises:
+        UsageError: unknown framing or mode.
+    """
+    from netprobe.errors import UsageError
+
+    if options.mode not in MODES:
+        raise UsageError(f"--mode {options.mode!r} is not one of {', '.join(MODES)}")
+    spec = parse_framing(options.framing)
+    if spec.name == "raw" and not options.delay_s:
+        max_frame = options.max_frame
+        if options.mode == "echo":
+            return lambda: _RawEcho(max_frame)
+        return lambda: _Discard(max_frame)
+    return lambda: _FramedEcho(spec, options)
+
+
+def make_server(
+    config: ServerConfig,
+    options: EchoOptions,
+    *,
+    on_event: Callable[[ConnEvent], None] | None = None,
+    on_ready: Callable[[Bound], None] | None = None,
+    on_totals: Callable[[ServerSummary], None] | None = None,
+) -> Server:
+    """Build (but do not start) an echo/discard server; call .listen() and .run() on it.
+
+    Raises:
+        UsageError: bad mode or framing.
+    """
+    factory = handler_factory(options)
+    if config.udp:
+        server = Server(
+            config,
+            datagram_handler=_UdpEcho(options),
+            on_event=on_event,
+            on_ready=on_ready,
+            on_totals=on_totals,
+        )
+        if options.delay_s:
+            server.datagram_handler = _DelayedUdpEcho(options, server)
+        return server
+    return Server(config, factory, on_event=on_event, on_ready=on_ready, on_totals=on_totals)
+
+
+def serve_echo(
+    config: ServerConfig,
+    options: EchoOptions,
+    *,
+    on_event: Callable[[ConnEvent], None] | None = None,
+    on_ready: Callable[[Bound], None] | None = None,
+    on_totals: Callable[[ServerSummary], None] | None = None,
+) -> ServerSummary:
+    """Serve echo or discard until stopped (signal, count, duration); returns the totals.
+
+    Raises:
+        LocalError: bind failed. UsageError: bad mode or framing.
+    """
+    server = make_server(config, options, on_event=on_event, on_ready=on_ready, on_totals=on_totals)
+    return server.run()
