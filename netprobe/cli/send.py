@@ -1,14 +1,265 @@
-"""`netprobe send` (stub until its issue lands). No I/O here."""
+"""`netprobe send`: a netcat for pipelines (binary-safe, framing-aware, with timings). No I/O
+here beyond opening the files the user names; the exchange is netprobe.engines.send.
+"""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Annotated, Any, cast
+
 import typer
 
-from netprobe.cli._options import not_built
+from netprobe.cli._options import IPv4Opt, IPv6Opt, duration, family_of, size
+from netprobe.errors import UsageError
+
+if TYPE_CHECKING:
+    from netprobe.engines.send import InputSource
 
 __all__ = ["send"]
 
 
-def send(ctx: typer.Context) -> None:
-    """Not built yet."""
-    not_built("send")
+def _input(data: str | None, hex_data: bool, file: Path | None) -> tuple[InputSource, Any]:
+    """Choose what to send: DATA, --file, or stdin when it is not a terminal."""
+    from netprobe.engines.send import InputSource
+
+    if data is not None and file is not None:
+        raise UsageError("give DATA or --file, not both")
+    if hex_data and data is None:
+        raise UsageError("--hex needs DATA (a hex string such as 48656c6c6f0a)")
+    if data is not None:
+        if not hex_data:
+            return InputSource(data=data.encode("utf-8", "surrogateescape")), None
+        text = data.replace(" ", "").replace(":", "")
+        try:
+            return InputSource(data=bytes.fromhex(text)), None
+        except ValueError as exc:
+            raise UsageError(f"--hex {data!r} is not a hex string: {exc}") from None
+    if file is not None:
+        try:
+            handle = file.open("rb")
+        except OSError as exc:
+            raise UsageError(f"--file {str(file)!r}: cannot read it: {exc.strerror}") from None
+        return InputSource.from_stream(handle), handle
+    stdin = sys.stdin
+    if stdin is None or stdin.isatty():
+        return InputSource(data=b""), None
+    return InputSource.from_stream(cast("IO[bytes]", getattr(stdin, "buffer", stdin))), None
+
+
+def _stats_text(stats: dict[str, Any]) -> str:
+    ended = ", ".join(f"{k} {v}" for k, v in sorted(stats["ended_by"].items()))
+    lines = [f"runs {stats['runs']}  completed {stats['completed']}  failed {stats['failed']}"]
+    lines[0] += f"  ({ended})" if ended else ""
+    lines.append(
+        f"{'ms':<14}" + "".join(f"{h:>10}" for h in ("min", "avg", "p50", "p90", "p99", "max"))
+    )
+    for metric in ("connect_ms", "first_byte_ms", "total_ms"):
+        row = stats[metric]
+        name = metric.removesuffix("_ms").replace("_", " ")
+        if row is None:
+            lines.append(f"{name:<14}" + f"{'-':>10}" * 6)
+        else:
+            cells = (row[k] for k in ("min", "avg", "p50", "p90", "p99", "max"))
+            lines.append(f"{name:<14}" + "".join(f"{c:>10.3f}" for c in cells))
+    return "\n".join(lines) + "\n"
+
+
+def send(
+    target: Annotated[str, typer.Argument(help="HOST:PORT, [V6]:PORT or unix:/path.")],
+    data: Annotated[
+        str | None, typer.Argument(help="Text to send (default: --file, or stdin if piped).")
+    ] = None,
+    hex_data: Annotated[
+        bool, typer.Option("--hex", help="DATA is a hex string (spaces and ':' allowed).")
+    ] = False,
+    file: Annotated[
+        Path | None, typer.Option("--file", "-f", help="Send this file (streamed).")
+    ] = None,
+    crlf: Annotated[bool, typer.Option("--crlf", help="Send line endings as CRLF.")] = False,
+    no_shutdown: Annotated[
+        bool,
+        typer.Option("--no-shutdown", help="Do not half-close (SHUT_WR) after the input ends."),
+    ] = False,
+    hexdump: Annotated[
+        bool, typer.Option("--hexdump", help="Show replies as offset/hex/ASCII lines.")
+    ] = False,
+    idle_timeout: Annotated[
+        float,
+        typer.Option(
+            "--idle-timeout", parser=duration, help="Stop reading after this long without data."
+        ),
+    ] = 2.0,
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", "-t", parser=duration, help="Overall limit (connect + read)."),
+    ] = None,
+    expect_bytes: Annotated[
+        int | None,
+        typer.Option("--expect-bytes", parser=size, help="Stop after this many reply bytes."),
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option("--until", help="Stop once this string has arrived.")
+    ] = None,
+    until_regex: Annotated[
+        str | None,
+        typer.Option("--until-regex", help="Stop once the reply matches this regex."),
+    ] = None,
+    framing_spec: Annotated[
+        str | None,
+        typer.Option(
+            "--framing",
+            help="raw|line|crlf|len8|len16|len32|len64|netstring: one frame per input line "
+            "(or DATA); replies decoded, one per line.",
+        ),
+    ] = None,
+    expect_frames: Annotated[
+        int | None,
+        typer.Option("--expect-frames", min=1, help="Stop after N reply frames (--framing)."),
+    ] = None,
+    max_frame: Annotated[
+        int, typer.Option("--max-frame", parser=size, help="Largest frame accepted.")
+    ] = 16 * 1024 * 1024,
+    udp: Annotated[
+        bool, typer.Option("--udp", help="UDP: each DATA / line / frame is one datagram.")
+    ] = False,
+    expect_datagrams: Annotated[
+        int | None,
+        typer.Option("--expect-datagrams", min=1, help="Stop after N reply datagrams (--udp)."),
+    ] = None,
+    repeat: Annotated[
+        int,
+        typer.Option("--repeat", min=1, help="Run the exchange N times; print latency stats."),
+    ] = 1,
+    interval: Annotated[
+        float,
+        typer.Option("--interval", parser=duration, help="Pause between --repeat runs."),
+    ] = 0.0,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="One JSON object instead of the reply bytes.")
+    ] = False,
+    transcript_file: Annotated[
+        Path | None,
+        typer.Option("--transcript", help="Write every chunk (both directions) as JSON lines."),
+    ] = None,
+    ipv4: IPv4Opt = False,
+    ipv6: IPv6Opt = False,
+) -> None:
+    """Connect, send DATA / --file / stdin, print what comes back; say how it ended.
+
+    Exit codes: 0 completed, 1 refused (or expectation not met at EOF), 3 timed out or no
+    answer, 4 reset by peer, 5 name not resolved.
+    """
+    import re
+
+    from netprobe.engines.send import (
+        Expectations,
+        SendOptions,
+        Transcript,
+        exchange,
+        exit_status_for,
+        latency_stats,
+        repeat_exchange,
+    )
+    from netprobe.render import dump_json
+    from netprobe.sockets import parse_target
+
+    if until is not None and until_regex is not None:
+        raise UsageError("--until and --until-regex exclude each other")
+    if expect_frames is not None and framing_spec is None:
+        raise UsageError("--expect-frames needs --framing")
+    if expect_datagrams is not None and not udp:
+        raise UsageError("--expect-datagrams needs --udp")
+    if crlf and framing_spec is not None:
+        raise UsageError("--crlf converts raw input; with framing use --framing crlf")
+    if hexdump and (json_out or framing_spec is not None):
+        raise UsageError("--hexdump shows raw replies; it excludes --json and --framing")
+    pattern = None
+    if until_regex is not None:
+        try:
+            pattern = re.compile(until_regex.encode("utf-8", "surrogateescape"))
+        except re.error as exc:
+            raise UsageError(f"--until-regex {until_regex!r} is not a valid regex: {exc}") from None
+    if until == "":
+        raise UsageError("--until needs a non-empty string")
+    framing = None
+    if framing_spec is not None:
+        from netprobe.framing import parse_framing
+
+        framing = parse_framing(framing_spec)
+    parsed = parse_target(target)
+    family = family_of(ipv4, ipv6)
+    source, handle = _input(data, hex_data, file)
+    opts = SendOptions(
+        target=parsed,
+        source=source,
+        family=family,
+        udp=udp,
+        crlf=crlf,
+        framing=framing,
+        max_frame=max_frame,
+        shutdown=not no_shutdown,
+        timeout_s=timeout,
+        idle_timeout_s=idle_timeout if idle_timeout > 0 else None,
+        expect=Expectations(
+            expect_bytes=expect_bytes,
+            until=until.encode("utf-8", "surrogateescape") if until is not None else None,
+            until_regex=pattern,
+            expect_frames=expect_frames,
+            expect_datagrams=expect_datagrams,
+        ),
+        collect=json_out,
+        hexdump=hexdump,
+    )
+    out = cast("IO[bytes]", getattr(sys.stdout, "buffer", sys.stdout))
+
+    def emit(chunk: bytes) -> None:
+        out.write(chunk)
+        out.flush()
+
+    transcript_out: IO[str] | None = None
+    try:
+        if transcript_file is not None:
+            try:
+                transcript_out = transcript_file.open("w", encoding="utf-8")
+            except OSError as exc:
+                raise UsageError(
+                    f"--transcript {str(transcript_file)!r}: cannot write it: {exc.strerror}"
+                ) from None
+        if repeat > 1:
+            if not source.rewind():
+                raise UsageError("--repeat needs DATA, --file or a regular-file stdin to replay")
+
+            def show(result: Any) -> None:
+                if json_out:
+                    emit((dump_json(result.record()) + "\n").encode())
+
+            def failed(cause: str, message: str) -> None:
+                if json_out:
+                    record = {"kind": "send", "target": target, "ended_by": cause}
+                    emit((dump_json({**record, "error": message}) + "\n").encode())
+
+            results, failures, status = repeat_exchange(
+                opts, repeat, interval, on_result=show, on_failure=failed
+            )
+            stats = latency_stats(results, failures)
+            emit((dump_json(stats) + "\n" if json_out else _stats_text(stats)).encode())
+            raise typer.Exit(int(status))
+        transcript = Transcript(transcript_out) if transcript_out is not None else None
+        result = exchange(opts, None if json_out else emit, transcript)
+    finally:
+        if handle is not None:
+            handle.close()
+        if transcript_out is not None:
+            transcript_out.close()
+    if json_out:
+        emit((dump_json(result.record()) + "\n").encode())
+    status = exit_status_for(result)
+    if status and not json_out:
+        why = result.framing_error or result.ended_by
+        if result.expect_met is False:
+            why = f"expectation not met (ended by {result.ended_by})"
+        elif result.ended_by == "idle-timeout":
+            why = "no answer before the idle timeout"
+        sys.stderr.write(f"netprobe: send: {result.address}: {why}\n")
+    raise typer.Exit(int(status))

@@ -1,0 +1,868 @@
+"""The `send` engine: one client exchange (TCP, Unix or UDP), optionally framed and repeated.
+
+Does network I/O through netprobe.sockets only; never prints. Received bytes leave through
+the `emit` callback the caller passes in, so memory stays flat whatever the stream size.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING, Any
+
+from netprobe.errors import (
+    ConnectError,
+    DeadlineExceeded,
+    FramingError,
+    NetworkError,
+    PeerResetError,
+    UsageError,
+)
+from netprobe.exitcodes import ExitStatus
+from netprobe.results import ConnectState
+from netprobe.sockets import (
+    PUMP_CHUNK,
+    Resolved,
+    Target,
+    connect_nonblocking,
+    connect_udp,
+    format_hostport,
+    pump_duplex,
+    recv_datagram,
+    resolve,
+    send_datagram,
+    unix_address,
+    wait_readable,
+)
+
+if TYPE_CHECKING:
+    from netprobe.framing import Decoder, FramingSpec
+
+__all__ = [
+    "Expectations",
+    "HexDumper",
+    "InputSource",
+    "SendOptions",
+    "SendResult",
+    "Transcript",
+    "exchange",
+    "exit_status_for",
+    "latency_stats",
+    "percentile",
+    "repeat_exchange",
+]
+
+Emit = Callable[[bytes], None]
+
+# --until-regex keeps a window of the received stream to search; a match longer than this
+# is not found (memory stays bounded on an endless stream).
+REGEX_WINDOW = 16 * 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Input: DATA, a file or stdin, read in chunks, optionally converted or framed
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class InputSource:
+    """What to send: fixed bytes, or a binary stream read chunk by chunk.
+
+    Attributes:
+        data: DATA (already decoded from text or hex); None for a stream.
+        stream: a binary file object (a file, stdin's buffer); read with os.read on `fd`
+            when it has one, so nothing is buffered behind our back.
+        fd: the stream's file descriptor, or None (in-memory streams in tests).
+        pollable: the fd can block (pipe, terminal, socket): poll it before reading.
+    """
+
+    data: bytes | None = None
+    stream: IO[bytes] | None = None
+    fd: int | None = None
+    pollable: bool = False
+
+    @classmethod
+    def from_stream(cls, stream: IO[bytes]) -> InputSource:
+        """Wrap a binary stream, using its fd when it has a real one."""
+        try:
+            fd: int | None = stream.fileno()
+        except (OSError, ValueError, AttributeError):
+            fd = None
+        pollable = False
+        if fd is not None:
+            import stat
+
+            mode = os.fstat(fd).st_mode
+            pollable = not (stat.S_ISREG(mode) or stat.S_ISBLK(mode))
+        return cls(stream=stream, fd=fd, pollable=pollable)
+
+    def rewind(self) -> bool:
+        """Seek back to the start for another run; False when the input cannot be replayed."""
+        if self.data is not None:
+            return True
+        if self.stream is None or self.pollable:
+            return False
+        try:
+            if self.fd is not None:
+                os.lseek(self.fd, 0, os.SEEK_SET)
+            else:
+                self.stream.seek(0)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def chunks(self, size: int) -> Callable[[int], tuple[bytes, bool]]:
+        """A reader returning (chunk, eof) per call: the shape pump_duplex wants."""
+        if self.data is not None:
+            data = self.data
+            done = False
+
+            def read_data(_n: int) -> tuple[bytes, bool]:
+                nonlocal done
+                if done:
+                    return b"", True
+                done = True
+                return data, True
+
+            return read_data
+        stream, fd = self.stream, self.fd
+        assert stream is not None
+        if fd is not None:
+
+            def read_fd(n: int) -> tuple[bytes, bool]:
+                chunk = os.read(fd, min(n, size))
+                return chunk, not chunk
+
+            return read_fd
+        read1 = getattr(stream, "read1", stream.read)
+
+        def read_stream(n: int) -> tuple[bytes, bool]:
+            chunk = read1(min(n, size))
+            return chunk, not chunk
+
+        return read_stream
+
+
+class CrlfConverter:
+    """Turn bare LF into CRLF across chunk boundaries (an existing CRLF stays as it is)."""
+
+    def __init__(self) -> None:
+        self._last = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return b""
+        head = b""
+        if self._last == b"\r" and chunk.startswith(b"\n"):
+            head, chunk = b"\n", chunk[1:]
+        self._last = chunk[-1:] if chunk else self._last
+        return head + chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+class LineSplitter:
+    """Cut a byte stream into lines (without the b"\\n"); a last unterminated line counts too."""
+
+    def __init__(self, max_line: int) -> None:
+        self._buffer = bytearray()
+        self._max_line = max_line
+
+    def feed(self, chunk: bytes, eof: bool) -> list[bytes]:
+        self._buffer += chunk
+        lines = self._buffer.split(b"\n")
+        rest = lines.pop()
+        if len(rest) > self._max_line:
+            raise UsageError(f"an input line is longer than {self._max_line} bytes")
+        self._buffer = bytearray(rest)
+        out = [bytes(line) for line in lines]
+        if eof and rest:
+            out.append(bytes(rest))
+            self._buffer = bytearray()
+        return out
+
+
+def _encode_frame(spec: FramingSpec, payload: bytes) -> bytes:
+    try:
+        return spec.encode(payload)
+    except ValueError as exc:
+        raise UsageError(f"cannot send {payload[:40]!r} as a {spec.name} frame: {exc}") from None
+
+
+def _input_reader(
+    source: InputSource, *, crlf: bool, framing: FramingSpec | None, max_frame: int
+) -> Callable[[int], tuple[bytes, bool]]:
+    read = source.chunks(PUMP_CHUNK)
+    if framing is not None:
+        if source.data is not None:
+            frame = _encode_frame(framing, source.data)
+            return lambda _n: (frame, True)
+        splitter = LineSplitter(max_frame)
+        spec = framing
+
+        def read_framed(n: int) -> tuple[bytes, bool]:
+            chunk, eof = read(n)
+            lines = splitter.feed(chunk, eof)
+            return b"".join(_encode_frame(spec, line) for line in lines), eof
+
+        return read_framed
+    if crlf:
+        converter = CrlfConverter()
+
+        def read_crlf(n: int) -> tuple[bytes, bool]:
+            chunk, eof = read(n)
+            return converter.feed(chunk), eof
+
+        return read_crlf
+    return read
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: raw, hexdump, frames; expectations that end the read
+# ---------------------------------------------------------------------------------------------
+
+
+class HexDumper:
+    """`hexdump -C` layout, streamed: offset, 16 hex bytes in two groups of 8, |ASCII|."""
+
+    def __init__(self) -> None:
+        self._offset = 0
+        self._partial = bytearray()
+
+    @staticmethod
+    def _line(offset: int, row: bytes) -> str:
+        hexes = [f"{b:02x}" for b in row]
+        left = " ".join(hexes[:8])
+        right = " ".join(hexes[8:])
+        text = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in row)
+        return f"{offset:08x}  {left:<23}  {right:<23}  |{text}|\n"
+
+    def feed(self, data: bytes) -> bytes:
+        """Lines for every complete 16-byte row now available."""
+        self._partial += data
+        lines = []
+        whole = len(self._partial) - len(self._partial) % 16
+        for start in range(0, whole, 16):
+            lines.append(self._line(self._offset, bytes(self._partial[start : start + 16])))
+            self._offset += 16
+        del self._partial[:whole]
+        return "".join(lines).encode("ascii")
+
+    def finish(self) -> bytes:
+        """The last partial row, then the total length as the final offset line."""
+        out = ""
+        if self._partial:
+            out = self._line(self._offset, bytes(self._partial))
+            self._offset += len(self._partial)
+            self._partial.clear()
+        return (out + f"{self._offset:08x}\n").encode("ascii")
+
+
+@dataclass(frozen=True)
+class Expectations:
+    """What ends the read early ("expect"); all None: read until EOF or a timeout."""
+
+    expect_bytes: int | None = None
+    until: bytes | None = None
+    until_regex: re.Pattern[bytes] | None = None
+    expect_frames: int | None = None
+    expect_datagrams: int | None = None
+
+    @property
+    def any(self) -> bool:
+        return any(
+            v is not None
+            for v in (
+                self.expect_bytes,
+                self.until,
+                self.until_regex,
+                self.expect_frames,
+                self.expect_datagrams,
+            )
+        )
+
+
+class _Receiver:
+    """Consumes what the peer sends: cuts at an expectation, decodes frames, emits output."""
+
+    def __init__(
+        self,
+        *,
+        emit: Emit | None,
+        expect: Expectations,
+        decoder: Decoder | None,
+        collect: bool,
+        hexdump: bool,
+    ) -> None:
+        self.emit = emit
+        self.expect = expect
+        self.decoder = decoder
+        self.collect = collect
+        self.hexdumper = HexDumper() if hexdump else None
+        self.data = bytearray()
+        self.frames: list[bytes] = []
+        self.kept = 0  # bytes passed on (after cutting at an expectation)
+        self.frame_count = 0
+        self.met = False
+        self.framing_error: str | None = None
+        self._tail = b""  # last len(until)-1 bytes, so a delimiter split across chunks is seen
+        self._window = bytearray()
+
+    def _cut(self, data: bytes) -> tuple[bytes, bool]:
+        exp = self.expect
+        stop = False
+        if exp.expect_bytes is not None and self.kept + len(data) >= exp.expect_bytes:
+            data, stop = data[: exp.expect_bytes - self.kept], True
+        if exp.until is not None:
+            joined = self._tail + data
+            where = joined.find(exp.until)
+            if where >= 0:
+                data, stop = data[: where + len(exp.until) - len(self._tail)], True
+            else:
+                keep = len(exp.until) - 1
+                self._tail = joined[-keep:] if keep else b""
+        if exp.until_regex is not None:
+            before = len(self._window)
+            self._window += data
+            match = exp.until_regex.search(self._window)
+            if match is not None:
+                data, stop = data[: max(match.end() - before, 0)], True
+            elif len(self._window) > REGEX_WINDOW:
+                del self._window[: len(self._window) - REGEX_WINDOW]
+        return data, stop
+
+    def feed(self, data: bytes) -> bool:
+        """Take one chunk from the peer; True when an expectation is met (stop reading)."""
+        data, stop = self._cut(data)
+        self.kept += len(data)
+        if self.decoder is not None:
+            self.decoder.feed(data)
+            if self._take_frames():
+                stop = True
+        else:
+            self._output(data)
+        if stop:
+            self.met = True
+        return stop
+
+    def datagram(self, data: bytes, framing: FramingSpec | None) -> bool:
+        """Take one UDP datagram (decoded on its own with --framing)."""
+        if framing is None:
+            return self.feed(data)
+        decoder = framing.decoder()
+        try:
+            decoder.feed(data)
+            decoder.feed(b"")
+            for frame in decoder.frames():
+                self._frame(frame)
+        except FramingError as exc:
+            self.framing_error = f"datagram of {len(data)} bytes: {exc}"
+        self.kept += len(data)
+        return False
+
+    def _frame(self, frame: bytes) -> None:
+        self.frame_count += 1
+        if self.collect:
+            self.frames.append(frame)
+        else:
+            self._emit(frame + b"\n")
+
+    def _take_frames(self) -> bool:
+        assert self.decoder is not None
+        want = self.expect.expect_frames
+        try:
+            for frame in self.decoder.frames():
+                self._frame(frame)
+                if want is not None and self.frame_count >= want:
+                    return True
+        except FramingError as exc:
+            self.framing_error = str(exc)
+        return False
+
+    def _output(self, data: bytes) -> None:
+        if not data:
+            return
+        if self.collect:
+            self.data += data
+        elif self.hexdumper is not None:
+            self._emit(self.hexdumper.feed(data))
+        else:
+            self._emit(data)
+
+    def _emit(self, data: bytes) -> None:
+        if data and self.emit is not None:
+            self.emit(data)
+
+    def finish(self, peer_eof: bool) -> None:
+        """The read ended: flush the hexdump, check for a truncated frame at EOF."""
+        if self.hexdumper is not None and not self.collect:
+            self._emit(self.hexdumper.finish())
+        if self.decoder is not None and peer_eof and not self.met and not self.framing_error:
+            try:
+                self.decoder.feed(b"")
+                self._take_frames()
+            except FramingError as exc:
+                self.framing_error = str(exc)
+
+
+class Transcript:
+    """Every chunk in either direction as one JSON line (debugging a protocol afterwards).
+
+    Fields: direction ("send" or "recv"), monotonic (time.monotonic() seconds), t_ms (since
+    the exchange started), size, data_b64.
+    """
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self.start = time.monotonic()
+
+    def record(self, direction: str, data: bytes | memoryview) -> None:
+        now = time.monotonic()
+        line = {
+            "direction": direction,
+            "monotonic": round(now, 6),
+            "t_ms": round((now - self.start) * 1000, 3),
+            "size": len(data),
+            "data_b64": base64.b64encode(data).decode("ascii"),
+        }
+        self.out.write(json.dumps(line, separators=(", ", ": ")) + "\n")
+        self.out.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# One exchange
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SendOptions:
+    """Everything one exchange needs (the CLI fills it from the flags)."""
+
+    target: Target
+    source: InputSource
+    family: int = 0
+    udp: bool = False
+    crlf: bool = False
+    framing: FramingSpec | None = None
+    max_frame: int = 16 * 1024 * 1024
+    shutdown: bool = True
+    timeout_s: float | None = None
+    idle_timeout_s: float | None = 2.0
+    expect: Expectations = field(default_factory=Expectations)
+    collect: bool = False  # keep data/frames in the result (--json) instead of emitting
+    hexdump: bool = False
+
+
+@dataclass
+class SendResult:
+    """The outcome of one exchange; field names are the --json keys."""
+
+    target: str
+    address: str
+    proto: str
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    connect_ms: float | None = None
+    first_byte_ms: float | None = None
+    total_ms: float = 0.0
+    ended_by: str = "eof"
+    errno_name: str | None = None
+    expect_met: bool | None = None
+    framing_error: str | None = None
+    datagrams_sent: int | None = None
+    datagrams_received: int | None = None
+    data: bytes | None = None
+    frames: list[bytes] | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The --json object: data as UTF-8 text when it decodes, else data_b64."""
+        rec: dict[str, Any] = {"kind": "send"}
+        for key in (
+            "target",
+            "address",
+            "proto",
+            "bytes_sent",
+            "bytes_received",
+            "connect_ms",
+            "first_byte_ms",
+            "total_ms",
+            "ended_by",
+        ):
+            rec[key] = getattr(self, key)
+        for key in ("errno_name", "expect_met", "framing_error"):
+            if getattr(self, key) is not None:
+                rec[key] = getattr(self, key)
+        if self.datagrams_sent is not None:
+            rec["datagrams_sent"] = self.datagrams_sent
+            rec["datagrams_received"] = self.datagrams_received
+        if self.frames is not None:
+            texts = [_utf8(f) for f in self.frames]
+            if all(t is not None for t in texts):
+                rec["frames"] = texts
+            else:
+                rec["frames_b64"] = [base64.b64encode(f).decode("ascii") for f in self.frames]
+        elif self.data is not None:
+            text = _utf8(self.data)
+            if text is not None:
+                rec["data"] = text
+            else:
+                rec["data_b64"] = base64.b64encode(self.data).decode("ascii")
+        return rec
+
+
+def _utf8(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _addresses(opts: SendOptions) -> list[Resolved]:
+    target = opts.target
+    if target.path is not None:
+        if opts.udp:
+            raise UsageError(f"{target.text!r}: --udp works with HOST:PORT targets only")
+        return [unix_address(target.path)]
+    if target.ports is None or len(target.ports) != 1:
+        raise UsageError(f"{target.text!r}: give exactly one port (HOST:PORT or [V6]:PORT)")
+    if target.host is None or "/" in target.host:
+        raise UsageError(f"{target.text!r}: send needs one host, not a CIDR block")
+    return resolve(target.host, target.ports[0], family=opts.family)
+
+
+def _is_unix(addr: Resolved) -> bool:
+    # unix_address() stores the path itself where inet addresses keep a tuple.
+    sockaddr: object = addr.sockaddr
+    return isinstance(sockaddr, str)
+
+
+def _shown(addr: Resolved) -> str:
+    if _is_unix(addr):
+        return f"unix:{addr.sockaddr}"
+    return format_hostport(addr.host, addr.port)
+
+
+def _connect(addrs: list[Resolved], deadline: float) -> tuple[Any, Resolved, float]:
+    """Try each address in turn; the first that connects wins."""
+    last_error: Exception | None = None
+    for addr in addrs:
+        outcome = connect_nonblocking(addr, deadline=deadline, keep=True)
+        if outcome.state is ConnectState.OPEN and outcome.sock is not None:
+            return outcome.sock, addr, outcome.elapsed_s
+        shown = _shown(addr)
+        if outcome.state is ConnectState.TIMEOUT:
+            last_error = DeadlineExceeded(f"connect to {shown}")
+        elif outcome.state is ConnectState.RESET:
+            last_error = PeerResetError("connect", None, outcome.errno_name, shown)
+        else:
+            last_error = ConnectError("connect", None, outcome.errno_name, shown)
+    assert last_error is not None
+    raise last_error
+
+
+def exchange(
+    opts: SendOptions, emit: Emit | None, transcript: Transcript | None = None
+) -> SendResult:
+    """Run one exchange: connect, send the input, read the reply until it ends.
+
+    Args:
+        opts: what to send and how the read ends.
+        emit: receives output bytes as they arrive (raw, hexdump or frame lines); None
+            discards them (--repeat).
+        transcript: records every chunk in both directions.
+
+    Returns:
+        SendResult; how the read ended is in ended_by ("eof", "reset", "idle-timeout",
+        "timeout", "expect").
+
+    Raises:
+        UsageError: bad target or unframeable input. ResolveError: the name did not resolve.
+        ConnectError: refused or unreachable. DeadlineExceeded: the connect timed out.
+    """
+    if opts.udp:
+        return _exchange_udp(opts, emit, transcript)
+    addrs = _addresses(opts)
+    start = time.monotonic()
+    deadline = start + opts.timeout_s if opts.timeout_s is not None else None
+    # Without --timeout a connect is bounded by the idle timeout: "nothing happened for 2 s".
+    idle = opts.idle_timeout_s
+    connect_deadline = deadline if deadline is not None else start + (idle or 10.0)
+    sock, addr, connect_s = _connect(addrs, connect_deadline)
+    proto = "unix" if _is_unix(addr) else "tcp"
+    result = SendResult(opts.target.text, _shown(addr), proto, connect_ms=_ms(connect_s))
+    receiver = _Receiver(
+        emit=emit,
+        expect=opts.expect,
+        decoder=opts.framing.decoder(opts.max_frame) if opts.framing is not None else None,
+        collect=opts.collect,
+        hexdump=opts.hexdump,
+    )
+    read_input = _input_reader(
+        opts.source, crlf=opts.crlf, framing=opts.framing, max_frame=opts.max_frame
+    )
+
+    def on_received(data: bytes) -> bool:
+        if transcript is not None:
+            transcript.record("recv", data)
+        return receiver.feed(data)
+
+    def on_sent(data: memoryview) -> None:
+        if transcript is not None:
+            transcript.record("send", data)
+
+    try:
+        pumped = pump_duplex(
+            sock,
+            read_input=read_input,
+            input_fd=opts.source.fd if opts.source.pollable else None,
+            on_received=on_received,
+            on_sent=on_sent if transcript is not None else None,
+            deadline=deadline,
+            idle_timeout_s=idle,
+            shutdown_on_input_eof=opts.shutdown,
+            stop_on_peer_eof=True,
+        )
+    finally:
+        sock.close()
+    end = time.monotonic()
+    receiver.finish(pumped.peer_eof)
+    result.bytes_sent = pumped.bytes_sent
+    result.bytes_received = pumped.bytes_received
+    result.first_byte_ms = _ms(
+        None if pumped.first_byte_at is None else pumped.first_byte_at - start
+    )
+    result.total_ms = _ms(end - start) or 0.0
+    result.ended_by = "expect" if pumped.ended_by == "stopped" else pumped.ended_by
+    if receiver.framing_error is not None:
+        result.framing_error = receiver.framing_error
+        if result.ended_by == "expect" and not receiver.met:
+            result.ended_by = "eof"
+    result.errno_name = pumped.errno_name
+    result.expect_met = receiver.met if opts.expect.any else None
+    if opts.collect:
+        result.data = bytes(receiver.data)
+        result.frames = receiver.frames if opts.framing is not None else None
+    return result
+
+
+def _datagrams(opts: SendOptions) -> Iterator[bytes]:
+    """Each DATA, each input line, or each line as a --framing frame: one datagram."""
+    source, spec = opts.source, opts.framing
+    if source.data is not None:
+        yield _encode_frame(spec, source.data) if spec is not None else source.data
+        return
+    read = source.chunks(PUMP_CHUNK)
+    splitter = LineSplitter(opts.max_frame)
+    eof = False
+    while not eof:
+        chunk, eof = read(PUMP_CHUNK)
+        for line in splitter.feed(chunk, eof):
+            if opts.crlf:
+                line += b"\r"
+            yield _encode_frame(spec, line) if spec is not None else line
+
+
+def _exchange_udp(
+    opts: SendOptions, emit: Emit | None, transcript: Transcript | None
+) -> SendResult:
+    addrs = _addresses(opts)
+    addr = addrs[0]
+    start = time.monotonic()
+    deadline = start + opts.timeout_s if opts.timeout_s is not None else None
+    sock = connect_udp(addr)
+    result = SendResult(opts.target.text, _shown(addr), "udp", connect_ms=0.0)
+    result.datagrams_sent = result.datagrams_received = 0
+    receiver = _Receiver(
+        emit=emit, expect=opts.expect, decoder=None, collect=opts.collect, hexdump=opts.hexdump
+    )
+    first_byte_at: float | None = None
+    last_activity = start
+    want = opts.expect.expect_datagrams
+
+    def take(until: float | None) -> str | None:
+        """Read replies until `until` (None: only those already queued); an end reason."""
+        nonlocal first_byte_at, last_activity
+        while True:
+            if not wait_readable([sock], until if until is not None else time.monotonic()):
+                return None
+            try:
+                data, _src = recv_datagram(sock, None)
+            except NetworkError as exc:
+                if exc.errno_name == "ECONNREFUSED":
+                    raise ConnectError(
+                        "recv",
+                        exc.errno,
+                        "ECONNREFUSED",
+                        f"nothing listens on {result.address}/udp (ICMP port unreachable)",
+                    ) from None
+                raise
+            now = time.monotonic()
+            last_activity = now
+            if first_byte_at is None:
+                first_byte_at = now
+            assert result.datagrams_received is not None
+            result.datagrams_received += 1
+            result.bytes_received += len(data)
+            if transcript is not None:
+                transcript.record("recv", data)
+            stop = receiver.datagram(data, opts.framing)
+            if stop or (want is not None and result.datagrams_received >= want):
+                receiver.met = True
+                return "expect"
+
+    ended: str | None = None
+    try:
+        for datagram in _datagrams(opts):
+            if deadline is not None and time.monotonic() >= deadline:
+                ended = "timeout"
+                break
+            result.bytes_sent += send_datagram(sock, datagram)
+            assert result.datagrams_sent is not None
+            result.datagrams_sent += 1
+            last_activity = time.monotonic()
+            if transcript is not None:
+                transcript.record("send", datagram)
+            ended = take(None)
+            if ended is not None:
+                break
+        while ended is None:
+            idle_at = last_activity + opts.idle_timeout_s if opts.idle_timeout_s else None
+            limits = [t for t in (deadline, idle_at) if t is not None]
+            until = min(limits) if limits else None
+            ended = take(until)
+            if ended is None and until is not None and time.monotonic() >= until:
+                ended = "timeout" if until == deadline else "idle-timeout"
+    finally:
+        sock.close()
+    receiver.finish(False)
+    end = time.monotonic()
+    result.ended_by = ended
+    result.first_byte_ms = _ms(None if first_byte_at is None else first_byte_at - start)
+    result.total_ms = _ms(end - start) or 0.0
+    result.expect_met = receiver.met if opts.expect.any else None
+    result.framing_error = receiver.framing_error
+    if opts.collect:
+        result.data = bytes(receiver.data)
+        result.frames = receiver.frames if opts.framing is not None else None
+    return result
+
+
+def exit_status_for(result: SendResult) -> ExitStatus:
+    """0 completed; 4 reset; 3 timed out or no answer at all; 1 expectation not met."""
+    if result.ended_by == "reset":
+        return ExitStatus.RESET
+    if result.ended_by == "error":
+        return ExitStatus.NOT_OPEN
+    if result.ended_by == "timeout":
+        return ExitStatus.TIMEOUT
+    if result.framing_error is not None:
+        return ExitStatus.NOT_OPEN
+    if result.expect_met is False:
+        return ExitStatus.TIMEOUT if result.ended_by == "idle-timeout" else ExitStatus.NOT_OPEN
+    if result.ended_by == "idle-timeout" and result.bytes_received == 0:
+        return ExitStatus.TIMEOUT  # the peer never answered
+    return ExitStatus.OK
+
+
+# ---------------------------------------------------------------------------------------------
+# --repeat
+# ---------------------------------------------------------------------------------------------
+
+
+def percentile(sorted_values: list[float], pct: float) -> float:
+    """Linear-interpolated percentile of an ascending list (numpy's default method)."""
+    if not sorted_values:
+        raise ValueError("no values")
+    pos = (len(sorted_values) - 1) * pct / 100
+    low = math.floor(pos)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (pos - low)
+
+
+def latency_stats(results: list[SendResult], failures: dict[str, int]) -> dict[str, Any]:
+    """min/avg/p50/p90/p99/max of connect, first byte and total (ms) over the runs."""
+    stats: dict[str, Any] = {
+        "kind": "send-stats",
+        "runs": len(results) + sum(failures.values()),
+        "completed": sum(1 for r in results if exit_status_for(r) is ExitStatus.OK),
+        "failed": sum(failures.values()),
+        "ended_by": {},
+    }
+    for r in results:
+        stats["ended_by"][r.ended_by] = stats["ended_by"].get(r.ended_by, 0) + 1
+    for name, count in failures.items():
+        stats["ended_by"][name] = stats["ended_by"].get(name, 0) + count
+    for metric in ("connect_ms", "first_byte_ms", "total_ms"):
+        values = sorted(v for r in results if (v := getattr(r, metric)) is not None)
+        if not values:
+            stats[metric] = None
+            continue
+        stats[metric] = {
+            "min": values[0],
+            "avg": round(sum(values) / len(values), 3),
+            "p50": round(percentile(values, 50), 3),
+            "p90": round(percentile(values, 90), 3),
+            "p99": round(percentile(values, 99), 3),
+            "max": values[-1],
+            "count": len(values),
+        }
+    return stats
+
+
+def repeat_exchange(
+    opts: SendOptions,
+    count: int,
+    interval_s: float,
+    on_result: Callable[[SendResult], None] | None = None,
+    on_failure: Callable[[str, str], None] | None = None,
+) -> tuple[list[SendResult], dict[str, int], ExitStatus]:
+    """Run the exchange `count` times, a new connection each time, `interval_s` apart.
+
+    A failed connect is counted (by its cause: refused, timeout, reset, ...) and the runs go
+    on; resolution and usage errors end the loop at once.
+
+    Returns:
+        (results, failures by cause, the worst exit status).
+    """
+    from netprobe.exitcodes import exit_status_for_error, worst
+
+    results: list[SendResult] = []
+    failures: dict[str, int] = {}
+    statuses: list[ExitStatus] = []
+    for run in range(count):
+        if run and interval_s > 0:
+            time.sleep(interval_s)
+        if not opts.source.rewind():
+            raise UsageError("--repeat needs DATA, --file or a regular-file stdin to replay")
+        try:
+            result = exchange(opts, None)
+        except (ConnectError, PeerResetError, DeadlineExceeded) as exc:
+            cause = _failure_cause(exc)
+            failures[cause] = failures.get(cause, 0) + 1
+            statuses.append(exit_status_for_error(exc))
+            if on_failure is not None:
+                on_failure(cause, str(exc))
+            continue
+        results.append(result)
+        statuses.append(exit_status_for(result))
+        if on_result is not None:
+            on_result(result)
+    return results, failures, worst(statuses)
+
+
+def _failure_cause(exc: Exception) -> str:
+    if isinstance(exc, DeadlineExceeded):
+        return "connect-timeout"
+    if isinstance(exc, PeerResetError):
+        return "reset"
+    if isinstance(exc, NetworkError) and exc.errno_name == "ECONNREFUSED":
+        return "refused"
+    return "error"
