@@ -1,0 +1,1208 @@
+"""`netprobe backlog`: a bounded connection flood with the kernel's own accept-queue truth.
+
+Does I/O: the connects go through netprobe.connector.run_connects (in a worker thread),
+an optional lab listener lives on loopback, and the server view comes from
+netprobe.kernel (inet_diag queues, SYN-RECV counts, /proc/net/netstat deltas).
+Never prints: it yields Preflight, Tick and BacklogSummary events.
+
+Strategy: the worker thread only tallies results (cheap, under the GIL); the calling
+thread samples the listener every 50 ms and cuts the per-second timeline. A connect that
+completes on the client is never reported as accepted by the server (SOCKETS.md §1.3, §8).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from netprobe import kernel
+from netprobe.connector import ConnectJob, ConnectorStats, ConnectResult, run_connects
+from netprobe.errors import UsageError
+from netprobe.results import ConnectState
+from netprobe.sockets import (
+    accept_and_close,
+    format_hostport,
+    is_loopback,
+    open_listener,
+    raise_nofile_limit,
+    resolve,
+)
+
+__all__ = [
+    "BacklogConfig",
+    "BacklogSummary",
+    "Gate",
+    "LatencyHistogram",
+    "Preflight",
+    "Tick",
+    "parse_gate",
+    "parse_ramp",
+    "parse_sources",
+    "run_backlog",
+    "validate_config",
+]
+
+SAMPLE_INTERVAL_S = 0.05  # listener sampling period: a dump costs ~0.2 ms (SOCKETS.md §2)
+MAX_SOURCES = 4096  # a typo like 127.0.0.0/8 must not build a 16-million-entry list
+_FD_RESERVE = 64  # descriptors kept free for stdio, netlink dumps, the lab listener
+
+# ---------------------------------------------------------------------------------------------
+# Latency histogram (HDR-style log buckets, bounded memory)
+# ---------------------------------------------------------------------------------------------
+
+_SUB_BITS = 7  # 128 linear sub-buckets per power of two: under 1.6% relative error
+_SUB_COUNT = 1 << _SUB_BITS
+_HALF = _SUB_COUNT // 2
+
+
+class LatencyHistogram:
+    """Counts of values in microseconds in log-linear buckets (as HdrHistogram does).
+
+    Memory is at most about 64 * 64 buckets whatever the number of samples; the exact
+    minimum and maximum are kept beside the buckets.
+    """
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+        self.total = 0
+        self.max_us = 0
+        self.min_us: int | None = None
+        self.sum_us = 0
+
+    @staticmethod
+    def index_of(value_us: int) -> int:
+        """Bucket index of a value (exact below 128 us)."""
+        if value_us < _SUB_COUNT:
+            return value_us
+        shift = value_us.bit_length() - _SUB_BITS
+        return _SUB_COUNT + (shift - 1) * _HALF + ((value_us >> shift) - _HALF)
+
+    @staticmethod
+    def bounds_of(index: int) -> tuple[int, int]:
+        """Lowest and highest value (us) that land in bucket `index`."""
+        if index < _SUB_COUNT:
+            return index, index
+        k = index - _SUB_COUNT
+        shift = k // _HALF + 1
+        mantissa = k % _HALF + _HALF
+        return mantissa << shift, ((mantissa + 1) << shift) - 1
+
+    def record(self, seconds: float) -> None:
+        """Add one latency given in seconds."""
+        value = max(0, int(seconds * 1e6))
+        index = self.index_of(value)
+        if index >= len(self.counts):
+            self.counts.extend([0] * (index + 1 - len(self.counts)))
+        self.counts[index] += 1
+        self.total += 1
+        self.sum_us += value
+        self.max_us = max(self.max_us, value)
+        self.min_us = value if self.min_us is None else min(self.min_us, value)
+
+    def percentile_us(self, pct: float) -> int | None:
+        """The value at or below which `pct` percent of samples fall (bucket's high end)."""
+        if self.total == 0:
+            return None
+        rank = max(1, math.ceil(self.total * pct / 100.0))
+        seen = 0
+        for index, count in enumerate(self.counts):
+            seen += count
+            if seen >= rank:
+                return min(self.bounds_of(index)[1], self.max_us)
+        return self.max_us
+
+    def summary_ms(self) -> dict[str, float | None]:
+        """p50, p90, p99, p999 and max in milliseconds (None with no samples)."""
+
+        def ms(value: int | None) -> float | None:
+            return None if value is None else round(value / 1000.0, 3)
+
+        return {
+            "p50": ms(self.percentile_us(50)),
+            "p90": ms(self.percentile_us(90)),
+            "p99": ms(self.percentile_us(99)),
+            "p999": ms(self.percentile_us(99.9)),
+            "max": ms(self.max_us if self.total else None),
+        }
+
+    def coarse(self) -> list[dict[str, Any]]:
+        """Counts per power-of-two band, for the text histogram and JSON (`le_ms` upper edge)."""
+        bands: dict[int, int] = {}
+        for index, count in enumerate(self.counts):
+            if count:
+                high = self.bounds_of(index)[1]
+                bands[high.bit_length()] = bands.get(high.bit_length(), 0) + count
+        return [
+            {"le_ms": round(((1 << bits) - 1) / 1000.0, 3), "count": bands[bits]}
+            for bits in sorted(bands)
+        ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Option parsing (no I/O)
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_sources(text: str) -> list[str]:
+    """Parse `127.0.0.2-127.0.0.20`, `127.0.0.2-20`, `127.0.0.0/28` or comma lists.
+
+    Raises:
+        UsageError: malformed, a range that runs backwards, or more than MAX_SOURCES.
+    """
+    out: list[str] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            raise UsageError(f"--source {text!r} has an empty item")
+        try:
+            if "/" in item:
+                network = ipaddress.ip_network(item, strict=False)
+                if network.num_addresses > MAX_SOURCES:
+                    raise UsageError(
+                        f"--source {item!r} holds {network.num_addresses} addresses "
+                        f"(at most {MAX_SOURCES})"
+                    )
+                out.extend(str(a) for a in network)
+            elif "-" in item:
+                low_text, high_text = item.split("-", 1)
+                low = ipaddress.ip_address(low_text.strip())
+                high_text = high_text.strip()
+                if high_text.isdigit() and low.version == 4:
+                    high_text = low_text.rsplit(".", 1)[0] + "." + high_text
+                high = ipaddress.ip_address(high_text)
+                if high.version != low.version or int(high) < int(low):
+                    raise UsageError(f"--source range {item!r} runs backwards or mixes families")
+                count = int(high) - int(low) + 1
+                if count > MAX_SOURCES:
+                    raise UsageError(
+                        f"--source {item!r} holds {count} addresses (at most {MAX_SOURCES})"
+                    )
+                out.extend(str(ipaddress.ip_address(int(low) + i)) for i in range(count))
+            else:
+                out.append(str(ipaddress.ip_address(item)))
+        except ValueError:
+            raise UsageError(f"--source {item!r} is not an address, range or CIDR block") from None
+    if len(out) > MAX_SOURCES:
+        raise UsageError(f"--source {text!r} holds {len(out)} addresses (at most {MAX_SOURCES})")
+    return list(dict.fromkeys(out))
+
+
+def parse_ramp(text: str) -> list[float]:
+    """Parse `100,200,400` into rates (new connections per second, each > 0).
+
+    Raises:
+        UsageError: an item is not a positive number.
+    """
+    rates: list[float] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        try:
+            rate = float(item)
+        except ValueError:
+            raise UsageError(f"--ramp item {item!r} is not a rate (use e.g. 100,200,400)") from None
+        if not rate > 0 or math.isinf(rate):
+            raise UsageError(f"--ramp rate {item!r} must be above 0")
+        rates.append(rate)
+    return rates
+
+
+_GATE_RE = re.compile(r"^\s*([a-z_0-9]+)\s*(>=|<=|==|!=|>|<)\s*([0-9.]+)\s*(us|ms|s|%)?\s*$")
+_LATENCY_KEYS = ("p50", "p90", "p99", "p999", "max")
+_COUNT_KEYS = (
+    "attempted",
+    "established",
+    "refused",
+    "reset",
+    "timed_out",
+    "errors",
+    "accept_queue_max",
+    "syn_recv_max",
+    "listener_drops_delta",
+    "listen_overflows_delta",
+)
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """A `--fail-if` condition: the run fails when `metric op threshold` is true.
+
+    Attributes:
+        text: the gate as the user wrote it (reports name it).
+        metric: p50/p90/p99/p999/max (milliseconds) or a count field of the summary.
+        op: one of > >= < <= == !=.
+        threshold: in milliseconds for latencies, a plain number for counts.
+    """
+
+    text: str
+    metric: str
+    op: str
+    threshold: float
+
+    def value_in(self, summary: dict[str, Any]) -> float | None:
+        """The metric's value in a summary record (None when the run did not measure it)."""
+        if self.metric in _LATENCY_KEYS:
+            value = summary["latency_ms"].get(self.metric)
+        elif self.metric in summary:
+            value = summary[self.metric]
+        else:
+            server = summary.get("server") or {}
+            value = server.get(self.metric)
+        return None if value is None else float(value)
+
+    def failed(self, summary: dict[str, Any]) -> bool:
+        """True when the condition holds (a metric that was not measured never fails)."""
+        value = self.value_in(summary)
+        return value is not None and _OPS[self.op](value, self.threshold)
+
+
+def parse_gate(text: str) -> Gate:
+    """Parse `p99>200ms`, `timed_out>0`, `established<129`.
+
+    Raises:
+        UsageError: unknown metric, operator or unit.
+    """
+    match = _GATE_RE.match(text.lower())
+    if match is None:
+        raise UsageError(
+            f"--fail-if {text!r} is not METRIC OP VALUE (e.g. 'p99>200ms', 'timed_out>0')"
+        )
+    metric, op, number, unit = match.groups()
+    try:
+        value = float(number)
+    except ValueError:
+        raise UsageError(f"--fail-if {text!r}: {number!r} is not a number") from None
+    if metric in _LATENCY_KEYS:
+        scale = {None: 1.0, "ms": 1.0, "s": 1000.0, "us": 0.001}.get(unit)
+        if scale is None:
+            raise UsageError(f"--fail-if {text!r}: latency unit must be us, ms or s")
+        value *= scale
+    elif metric in _COUNT_KEYS:
+        if unit is not None:
+            raise UsageError(f"--fail-if {text!r}: {metric} is a count and takes no unit")
+    else:
+        known = ", ".join(_LATENCY_KEYS + _COUNT_KEYS)
+        raise UsageError(f"--fail-if {text!r}: unknown metric {metric!r} (one of {known})")
+    return Gate(text.strip(), metric, op, value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class BacklogConfig:
+    """One backlog run, as parsed by the CLI (validate_config checks it before any traffic).
+
+    Attributes:
+        host, port: the target (ignored with lab=True).
+        lab: start a loopback listener with listen(backlog) and flood it.
+        backlog: the lab listener's listen() argument.
+        accept_rate: lab listener accepts (and closes) this many connections per second.
+        accept_delay_s: lab listener starts accepting after this long (with accept_rate, or
+            alone: then it accepts as fast as it can).
+        connections: total attempts (None: 200, or what a ramp needs).
+        concurrency: attempts in flight (None: min(connections, 1000)).
+        rate: new attempts per second (None: as fast as possible).
+        duration_s: hard cap on the run.
+        timeout_s: per-connect timeout.
+        hold_s: keep established connections open this long.
+        sources: source addresses, used in turn.
+        family: 0, AF_INET or AF_INET6.
+        allow_remote: permit a target outside loopback.
+        ramp: rates of successive steps (each lasting step_s).
+        gates: --fail-if conditions.
+    """
+
+    host: str | None = None
+    port: int | None = None
+    lab: bool = False
+    backlog: int = 128
+    accept_rate: float | None = None
+    accept_delay_s: float | None = None
+    connections: int | None = None
+    concurrency: int | None = None
+    rate: float | None = None
+    duration_s: float = 30.0
+    timeout_s: float = 3.0
+    hold_s: float = 0.0
+    sources: list[str] = field(default_factory=list)
+    family: int = 0
+    allow_remote: bool = False
+    ramp: list[float] = field(default_factory=list)
+    step_s: float = 5.0
+    gates: list[Gate] = field(default_factory=list)
+
+
+def validate_config(cfg: BacklogConfig) -> None:
+    """Check every value before any socket is opened (one UsageError per problem).
+
+    Raises:
+        UsageError: bad numbers, TARGET with --lab or neither, a non-loopback target or
+            source without allow_remote (no traffic is sent in that case).
+    """
+    if cfg.connections is not None and cfg.connections < 1:
+        raise UsageError(f"--connections {cfg.connections}: must be at least 1")
+    if cfg.concurrency is not None and cfg.concurrency < 1:
+        raise UsageError(f"--concurrency {cfg.concurrency}: must be at least 1")
+    if cfg.rate is not None and not cfg.rate > 0:
+        raise UsageError(f"--rate {cfg.rate:g}: must be above 0 (omit it for as fast as possible)")
+    if cfg.backlog < 0:
+        raise UsageError(f"--backlog {cfg.backlog}: must be 0 or more")
+    if cfg.accept_rate is not None and not cfg.accept_rate > 0:
+        raise UsageError(f"--accept-rate {cfg.accept_rate:g}: must be above 0")
+    if not cfg.duration_s > 0:
+        raise UsageError("--duration must be above 0")
+    if not cfg.timeout_s > 0:
+        raise UsageError("--timeout must be above 0")
+    if cfg.ramp and not cfg.step_s > 0:
+        raise UsageError("--step must be above 0")
+    if cfg.ramp and cfg.rate is not None:
+        raise UsageError("--ramp and --rate exclude each other (the ramp sets the rates)")
+    if not cfg.lab and (cfg.accept_rate is not None or cfg.accept_delay_s is not None):
+        raise UsageError("--accept-rate and --accept-delay shape the --lab listener; add --lab")
+    if cfg.lab and cfg.host is not None:
+        raise UsageError("give either TARGET or --lab, not both")
+    if not cfg.lab and cfg.host is None:
+        raise UsageError("missing TARGET (HOST:PORT), or use --lab")
+    if cfg.host is not None and not cfg.allow_remote and not is_loopback(cfg.host):
+        raise UsageError(
+            f"{cfg.host} is not a loopback address (127.0.0.0/8, ::1): a connection flood "
+            "goes to loopback only unless --allow-remote is given; nothing was sent"
+        )
+    for source in cfg.sources:
+        if not cfg.allow_remote and not is_loopback(source):
+            raise UsageError(
+                f"--source {source} is not a loopback address; add --allow-remote to use it"
+            )
+
+
+def _effective_connections(cfg: BacklogConfig) -> int:
+    if cfg.connections is not None:
+        return cfg.connections
+    if cfg.ramp:
+        return sum(math.ceil(rate * cfg.step_s) for rate in cfg.ramp)
+    return 200
+
+
+# ---------------------------------------------------------------------------------------------
+# Events
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Preflight:
+    """What the limits predict, known before the first SYN (text for the preflight line)."""
+
+    text: str
+    target: str
+    limits: dict[str, Any]
+    caps: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """One second of the timeline (a partial last second has `span_s` below 1)."""
+
+    t: int
+    span_s: float
+    step: int | None
+    attempts: int
+    established: int
+    failures: int
+    refused: int
+    reset: int
+    timed_out: int
+    errors: int
+    in_flight: int
+    held: int
+    accept_queue: int | None
+    syn_recv: int | None
+
+    def as_record(self) -> dict[str, Any]:
+        """JSON form (kind backlog.timeline)."""
+        return {
+            "kind": "backlog.timeline",
+            "t": self.t,
+            "span_s": round(self.span_s, 3),
+            "step": self.step,
+            "attempts": self.attempts,
+            "established": self.established,
+            "failures": self.failures,
+            "refused": self.refused,
+            "reset": self.reset,
+            "timed_out": self.timed_out,
+            "errors": self.errors,
+            "in_flight": self.in_flight,
+            "held": self.held,
+            "accept_queue": self.accept_queue,
+            "syn_recv": self.syn_recv,
+        }
+
+
+@dataclass(slots=True)
+class BacklogSummary:
+    """The run's report: `record` is the final JSON object; `timeline` the ticks again."""
+
+    record: dict[str, Any]
+    timeline: list[Tick]
+    histogram: LatencyHistogram
+    failed_gates: list[str]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tallying (worker thread) and sampling (calling thread)
+# ---------------------------------------------------------------------------------------------
+
+
+class _Tally:
+    """Client-view counts; written by the worker thread only."""
+
+    def __init__(self) -> None:
+        self.attempted = 0
+        self.established = 0
+        self.refused = 0
+        self.reset = 0
+        self.reset_after_established = 0
+        self.timed_out = 0
+        self.stopped_pending = 0
+        self.errors = 0
+        self.errors_by_errno: dict[str, int] = {}
+        self.handshakes = 0  # completed handshakes whose result has been yielded
+        self.hist = LatencyHistogram()
+
+    def add(self, result: ConnectResult) -> None:
+        self.attempted += 1
+        state = result.state
+        completed = state is ConnectState.OPEN or (
+            result.ended_by in ("reset", "eof", "hold", "stop") and result.held_s > 0
+        )
+        if completed:
+            self.handshakes += 1
+            self.hist.record(result.elapsed_s)
+        if state is ConnectState.OPEN:
+            self.established += 1
+        elif state is ConnectState.REFUSED:
+            self.refused += 1
+        elif state is ConnectState.RESET:
+            self.reset += 1
+            if completed:
+                self.reset_after_established += 1
+        elif state is ConnectState.TIMEOUT:
+            self.timed_out += 1
+            if result.ended_by == "stop":
+                self.stopped_pending += 1
+        else:
+            self.errors += 1
+            name = result.errno_name or state.value
+            self.errors_by_errno[name] = self.errors_by_errno.get(name, 0) + 1
+
+    @property
+    def failures(self) -> int:
+        return (
+            self.refused
+            + self.timed_out
+            + self.errors
+            + (self.reset - self.reset_after_established)
+        )
+
+
+@dataclass(slots=True)
+class _ServerView:
+    """Samples of the listener under test (None fields: no listener on this host)."""
+
+    address: str
+    port: int
+    limit: int | None = None
+    queue_max: int = 0
+    queue_now: int | None = None
+    syn_recv_max: int = 0
+    syn_recv_now: int | None = None
+    drops_start: int | None = None
+    drops_end: int | None = None
+    inode: int | None = None
+    uid: int | None = None
+    source: str | None = None
+    seen: bool = False
+
+    def sample(self, tick_max: dict[str, int]) -> None:
+        row = kernel.find_listener(self.port, self.address)
+        if row is None:
+            self.queue_now = None
+            return
+        self.seen = True
+        self.limit = row.limit
+        self.queue_now = row.queue
+        self.queue_max = max(self.queue_max, row.queue)
+        self.inode, self.uid, self.source = row.inode, row.uid, row.source
+        if self.drops_start is None:
+            self.drops_start = row.drops
+        self.drops_end = row.drops
+        syn = kernel.syn_recv_count(self.port)
+        self.syn_recv_now = syn
+        if syn is not None:
+            self.syn_recv_max = max(self.syn_recv_max, syn)
+        tick_max["queue"] = max(tick_max.get("queue", 0), row.queue)
+        if syn is not None:
+            tick_max["syn"] = max(tick_max.get("syn", 0), syn)
+
+
+class _LabListener:
+    """The --lab listener: listen(B) on loopback; never accepts, or accepts at a pace."""
+
+    def __init__(self, cfg: BacklogConfig) -> None:
+        # -6 puts the lab on ::1; resolve() of a literal does no I/O and gives its family.
+        v6 = bool(cfg.family) and cfg.family == resolve("::1", 0)[0].family
+        host = "::1" if v6 else "127.0.0.1"
+        self.sock = open_listener(host, 0, backlog=cfg.backlog)
+        self.host = host
+        self.port = int(self.sock.getsockname()[1])
+        self.accept_rate = cfg.accept_rate
+        self.accept_delay_s = cfg.accept_delay_s
+        self.accepted = 0
+        self.peers: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def accepts(self) -> bool:
+        return self.accept_rate is not None or self.accept_delay_s is not None
+
+    def start(self) -> None:
+        if self.accepts:
+            self._thread = threading.Thread(target=self._run, name="backlog-lab", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        if self.accept_delay_s and self._stop.wait(self.accept_delay_s):
+            return
+        interval = 1.0 / self.accept_rate if self.accept_rate else 0.0
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if interval and now < next_at:
+                self._stop.wait(next_at - now)
+                continue
+            peer = accept_and_close(self.sock, time.monotonic() + 0.05)
+            if peer is None:
+                continue
+            self.accepted += 1
+            host = peer.rsplit(":", 1)[0].strip("[]")
+            self.peers[host] = self.peers.get(host, 0) + 1
+            if interval:
+                # At most one accept of credit: a paced server does not catch up in bursts.
+                next_at = max(next_at + interval, time.monotonic() - interval)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+        self.sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+def _jobs(
+    family: int,
+    sockaddr: tuple[Any, ...],
+    sources: list[str],
+    count: int,
+    counter: itertools.count[int],
+    until: float | None,
+) -> Iterator[ConnectJob]:
+    """Lazily made jobs; sources used in turn; stops at `until` (ramp steps)."""
+    n_sources = len(sources)
+    for _ in range(count):
+        if until is not None and time.monotonic() >= until:
+            return
+        i = next(counter)
+        source = sources[i % n_sources] if n_sources else None
+        yield ConnectJob(i, family, sockaddr, source)
+
+
+def run_backlog(cfg: BacklogConfig) -> Iterator[Preflight | Tick | BacklogSummary]:
+    """Run the flood; yield Preflight, then a Tick per second, then the BacklogSummary.
+
+    Raises:
+        UsageError: invalid configuration (before any traffic).
+        LocalError: the lab listener cannot bind.
+        ResolveError: TARGET does not resolve.
+    """
+    validate_config(cfg)
+    connections = _effective_connections(cfg)
+    limits_before = kernel.host_limits()
+    lab = _LabListener(cfg) if cfg.lab else None
+    try:
+        yield from _run(cfg, connections, limits_before, lab)
+    finally:
+        if lab is not None:
+            lab.close()
+
+
+def _run(
+    cfg: BacklogConfig,
+    connections: int,
+    limits: kernel.HostLimits,
+    lab: _LabListener | None,
+) -> Iterator[Preflight | Tick | BacklogSummary]:
+    if lab is not None:
+        host, port = lab.host, lab.port
+    else:
+        assert cfg.host is not None
+        assert cfg.port is not None
+        host, port = cfg.host, cfg.port
+    resolved = resolve(host, port, family=cfg.family)[0]
+    address = resolved.host
+    target = format_hostport(address, port)
+    for source in cfg.sources:
+        if (":" in source) != (":" in address):
+            raise UsageError(f"--source {source} is not of the same family as {address}")
+    on_host = is_loopback(address) or _is_local_address(address)
+
+    caps: list[str] = []
+    concurrency = cfg.concurrency if cfg.concurrency is not None else min(connections, 1000)
+    concurrency = min(concurrency, connections)
+    wanted_fds = concurrency + _FD_RESERVE
+    nofile = raise_nofile_limit(wanted_fds)
+    if nofile.soft is not None and nofile.soft < wanted_fds:
+        capped = max(1, nofile.soft - _FD_RESERVE)
+        caps.append(
+            f"RLIMIT_NOFILE soft {nofile.soft} (hard {nofile.hard}) caps concurrency at "
+            f"{capped} (asked {concurrency})"
+        )
+        concurrency = capped
+    ports = limits.ports_per_source
+    n_sources = max(1, len(cfg.sources))
+    if ports is not None and concurrency > ports * n_sources:
+        assert limits.port_range is not None
+        low, high = limits.port_range
+        caps.append(
+            f"ip_local_port_range {low}-{high} gives {ports} ports per source address: "
+            f"{n_sources} source(s) cap concurrency at {ports * n_sources} (asked {concurrency}); "
+            "add --source addresses"
+        )
+        concurrency = ports * n_sources
+
+    server: _ServerView | None = None
+    pid: int | None = None
+    process: str | None = None
+    if on_host:
+        server = _ServerView(address, port)
+        server.sample({})
+        pid, process = _owner_of(server, lab)
+    soft_now, hard_now = _nofile_now()
+    limits_rec = limits.as_dict()
+    limits_rec["nofile_soft"], limits_rec["nofile_hard"] = soft_now, hard_now
+    limits_rec["nofile_raised_from"] = nofile.raised_from
+    prediction = _predict(cfg, connections, concurrency, limits, server, lab)
+    yield Preflight(prediction["text"], target, limits_rec, caps)
+
+    counters_before = kernel.read_counters() if on_host else {}
+    tally = _Tally()
+    stats = ConnectorStats()
+    steps: list[float | None] = list(cfg.ramp) if cfg.ramp else [cfg.rate]
+    step_tallies: list[_Tally] = []
+    step_server: list[dict[str, int]] = []
+    step_index = [0]
+    failure: list[BaseException] = []
+    started = time.monotonic()
+    run_deadline = started + cfg.duration_s
+    if lab is not None:
+        lab.start()
+
+    def worker() -> None:
+        counter = itertools.count()
+        left = connections
+        try:
+            for index, rate in enumerate(steps):
+                if left <= 0 or time.monotonic() >= run_deadline:
+                    break
+                step_index[0] = index
+                step_tally = _Tally()
+                step_tallies.append(step_tally)
+                step_server.append({"queue": 0, "overflows_before": 0})
+                if cfg.ramp:
+                    step_end = time.monotonic() + cfg.step_s
+                    stop_at = min(step_end + cfg.timeout_s + cfg.hold_s, run_deadline)
+                    until: float | None = min(step_end, run_deadline)
+                else:
+                    stop_at, until = run_deadline, None
+                if on_host:
+                    step_server[-1]["overflows_before"] = kernel.read_counters().get(
+                        "TcpExt.ListenOverflows", 0
+                    )
+                jobs = _jobs(resolved.family, resolved.sockaddr, cfg.sources, left, counter, until)
+                for result in run_connects(
+                    jobs,
+                    concurrency=concurrency,
+                    timeout_s=cfg.timeout_s,
+                    rate=rate,
+                    hold_s=cfg.hold_s,
+                    stop_at=stop_at,
+                    stats=stats,
+                ):
+                    tally.add(result)
+                    step_tally.add(result)
+                left = connections - tally.attempted
+                if on_host:
+                    after = kernel.read_counters().get("TcpExt.ListenOverflows", 0)
+                    step_server[-1]["overflows"] = after - step_server[-1]["overflows_before"]
+        except BaseException as exc:  # re-raised in the calling thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=worker, name="backlog-connects", daemon=True)
+    thread.start()
+    timeline: list[Tick] = []
+    last = {"attempts": 0, "est": 0, "refused": 0, "reset": 0, "timed_out": 0, "errors": 0}
+    tick_max: dict[str, int] = {}
+    second = 1
+    try:
+        while True:
+            alive = thread.is_alive()
+            now = time.monotonic()
+            if server is not None:
+                server.sample(tick_max)
+                if step_server:
+                    current = step_server[-1]
+                    current["queue"] = max(current["queue"], server.queue_now or 0)
+            boundary = started + second
+            if now >= boundary or not alive:
+                span = min(1.0, now - (boundary - 1.0))
+                tick = _cut_tick(
+                    second, span, tally, stats, last, tick_max, server, step_index, cfg
+                )
+                tick_max = {}
+                if tick.span_s > 0.001 or alive:
+                    timeline.append(tick)
+                    yield tick
+                second += 1
+            if not alive:
+                break
+            time.sleep(max(0.0, min(SAMPLE_INTERVAL_S, started + second - time.monotonic())))
+    finally:
+        thread.join(cfg.timeout_s + cfg.hold_s + cfg.duration_s + 5.0)
+    if failure:
+        raise failure[0]
+    elapsed = time.monotonic() - started
+    # Sample once more before the lab listener closes (its queue still holds the clients).
+    if server is not None:
+        server.sample({})
+    counters_after = kernel.read_counters() if on_host else {}
+    deltas = kernel.counter_deltas(counters_before, counters_after, kernel.BACKLOG_COUNTERS)
+    record = _summary_record(
+        cfg,
+        target,
+        connections,
+        concurrency,
+        tally,
+        stats,
+        server,
+        lab,
+        pid,
+        process,
+        deltas if on_host else None,
+        limits,
+        limits_rec,
+        caps,
+        prediction,
+        elapsed,
+        steps,
+        step_tallies,
+        step_server,
+    )
+    failed = [gate.text for gate in cfg.gates if gate.failed(record)]
+    record["gates"] = [
+        {"gate": gate.text, "value": gate.value_in(record), "failed": gate.text in failed}
+        for gate in cfg.gates
+    ]
+    record["failed_gates"] = failed
+    yield BacklogSummary(record, timeline, tally.hist, failed)
+
+
+def _cut_tick(
+    second: int,
+    span: float,
+    tally: _Tally,
+    stats: ConnectorStats,
+    last: dict[str, int],
+    tick_max: dict[str, int],
+    server: _ServerView | None,
+    step_index: list[int],
+    cfg: BacklogConfig,
+) -> Tick:
+    # Held connections have completed their handshake but are reported only at release.
+    established_now = tally.handshakes + stats.held
+    current = {
+        "attempts": stats.started,
+        "est": established_now,
+        "refused": tally.refused,
+        "reset": tally.reset - tally.reset_after_established,
+        "timed_out": tally.timed_out,
+        "errors": tally.errors,
+    }
+    diff = {key: current[key] - last[key] for key in current}
+    last.update(current)
+    return Tick(
+        t=second,
+        span_s=span,
+        step=step_index[0] if cfg.ramp else None,
+        attempts=diff["attempts"],
+        established=diff["est"],
+        failures=diff["refused"] + diff["reset"] + diff["timed_out"] + diff["errors"],
+        refused=diff["refused"],
+        reset=diff["reset"],
+        timed_out=diff["timed_out"],
+        errors=diff["errors"],
+        in_flight=stats.in_flight,
+        held=stats.held,
+        accept_queue=tick_max.get("queue") if server is not None else None,
+        syn_recv=tick_max.get("syn") if server is not None else None,
+    )
+
+
+def _is_local_address(address: str) -> bool:
+    """True when `address` is one of this host's own (its listener is visible to us)."""
+    try:
+        import psutil  # type: ignore[import-untyped]
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        return False
+    for addrs in psutil.net_if_addrs().values():
+        for entry in addrs:
+            if str(entry.address).split("%", 1)[0] == address:
+                return True
+    return False
+
+
+def _nofile_now() -> tuple[int | None, int | None]:
+    from netprobe.sockets import nofile_limit
+
+    return nofile_limit()
+
+
+def _owner_of(server: _ServerView, lab: _LabListener | None) -> tuple[int | None, str | None]:
+    if lab is not None:
+        try:
+            import psutil
+
+            return os.getpid(), str(psutil.Process().name())
+        except Exception:  # psutil refuses on some sandboxes: the pid is still ours
+            return os.getpid(), None
+    if server.inode is None:
+        return None, None
+    owner = kernel.socket_owners([server.inode]).get(server.inode)
+    return (owner.pid, owner.process) if owner is not None else (None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction and interpretation (pure)
+# ---------------------------------------------------------------------------------------------
+
+
+def _queue_capacity(limit: int | None) -> int | None:
+    # sk_acceptq_is_full uses ">": listen(N) holds N+1 (SOCKETS.md §1.2).
+    return None if limit is None else limit + 1
+
+
+def _predict(
+    cfg: BacklogConfig,
+    connections: int,
+    concurrency: int,
+    limits: kernel.HostLimits,
+    server: _ServerView | None,
+    lab: _LabListener | None,
+) -> dict[str, Any]:
+    abort = limits.tcp_abort_on_overflow
+    if lab is not None:
+        limit = min(cfg.backlog, limits.somaxconn) if limits.somaxconn is not None else cfg.backlog
+        if server is not None and server.limit is not None:
+            limit = server.limit
+        cap = limit + 1
+        how = f"min(backlog {cfg.backlog}, somaxconn {limits.somaxconn}) + 1 = {cap}"
+        if not lab.accepts:
+            if connections <= cap:
+                text = f"expect all {connections} established: the accept queue holds {how}"
+                return {
+                    "text": text,
+                    "kind": "fits",
+                    "capacity": cap,
+                    "expect_established": connections,
+                }
+            text = (
+                f"expect {cap} established ({how}), then SYN drops for the other "
+                f"{connections - cap}: the listener never accepts, so they time out after "
+                f"{cfg.timeout_s:g}s (tcp_abort_on_overflow={abort} does not matter for drops "
+                "at SYN time)"
+            )
+            return {"text": text, "kind": "overflow", "capacity": cap, "expect_established": cap}
+        pace = f"accepts {cfg.accept_rate:g}/s" if cfg.accept_rate else "accepts as fast as it can"
+        delay = f" after {cfg.accept_delay_s:g}s" if cfg.accept_delay_s else ""
+        text = (
+            f"expect up to {cap} queued at once ({how}); the listener {pace}{delay}, so "
+            "more connect as slots free up and dropped SYNs are retransmitted (about 1 s apart); "
+            f"those still waiting after {cfg.timeout_s:g}s time out"
+        )
+        return {"text": text, "kind": "paced", "capacity": cap, "expect_established": None}
+    if server is None:
+        return {
+            "text": "no server view: the target is not on this host; only the client view is measured",
+            "kind": "remote",
+            "capacity": None,
+            "expect_established": None,
+        }
+    if not server.seen:
+        return {
+            "text": f"expect every attempt refused: nothing listens on {format_hostport(server.address, server.port)}",
+            "kind": "refused",
+            "capacity": None,
+            "expect_established": 0,
+        }
+    qcap = _queue_capacity(server.limit)
+    if qcap is None:
+        return {
+            "text": "listener found, but its queue limit is not readable here (no inet_diag)",
+            "kind": "unknown",
+            "capacity": None,
+            "expect_established": None,
+        }
+    if concurrency <= qcap - (server.queue_now or 0):
+        text = (
+            f"expect no overflow: at most {concurrency} connects at once and the listener's "
+            f"queue holds {qcap} (Send-Q {server.limit} + 1, {server.queue_now or 0} queued now)"
+        )
+        return {"text": text, "kind": "fits", "capacity": qcap, "expect_established": None}
+    text = (
+        f"the listener's queue holds {qcap} (Send-Q {server.limit} + 1); expect SYN drops "
+        f"(ListenOverflows) only if it accepts slower than connects arrive "
+        f"(tcp_abort_on_overflow={abort})"
+    )
+    return {"text": text, "kind": "depends", "capacity": qcap, "expect_established": None}
+
+
+def _judge(prediction: dict[str, Any], rec: dict[str, Any]) -> tuple[bool | None, str]:
+    kind = prediction["kind"]
+    server = rec.get("server") or {}
+    attempted = rec["attempted"]
+    if kind == "refused":
+        held = rec["refused"] == attempted
+        return held, f"{rec['refused']} of {attempted} refused"
+    if kind in ("fits", "overflow") and prediction["expect_established"] is not None:
+        cap = prediction["capacity"]
+        expected = min(prediction["expect_established"], attempted)
+        queue_ok = server.get("accept_queue_max") is None or server["accept_queue_max"] == min(
+            cap, attempted
+        )
+        est_ok = rec["established"] == expected
+        held = queue_ok and est_ok
+        return held, (
+            f"established {rec['established']} (expected {expected}), accept queue peak "
+            f"{server.get('accept_queue_max')} (expected {min(cap, attempted)})"
+        )
+    if kind == "fits":
+        drops = server.get("listener_drops_delta")
+        if drops is None:
+            return None, "the listener's drop counter is not readable"
+        return drops == 0, f"listener drops +{drops}"
+    if kind == "paced":
+        cap = prediction["capacity"]
+        peak = server.get("accept_queue_max")
+        if peak is None or attempted < cap:
+            return None, "too few attempts to fill the queue"
+        return peak == cap, f"accept queue peak {peak} (expected {cap})"
+    return None, "not checkable from this host's counters"
+
+
+def _interpret(rec: dict[str, Any], cfg: BacklogConfig, limits: kernel.HostLimits) -> list[str]:
+    lines: list[str] = []
+    attempted = rec["attempted"]
+    parts = [f"{rec['established']} of {attempted} connects completed the handshake (client view)"]
+    for key, label in (
+        ("timed_out", "timed out"),
+        ("refused", "were refused"),
+        ("reset", "were reset"),
+        ("errors", "failed locally"),
+    ):
+        if rec[key]:
+            parts.append(f"{rec[key]} {label}")
+    lines.append("; ".join(parts) + ".")
+    if rec["reset_after_established"]:
+        lines.append(
+            f"{rec['reset_after_established']} were reset by the server after the handshake "
+            "completed (ECONNRESET on an established connection)."
+        )
+    if rec["errors_by_errno"].get("EADDRNOTAVAIL"):
+        lines.append(
+            f"{rec['errors_by_errno']['EADDRNOTAVAIL']} got EADDRNOTAVAIL: no free local port "
+            "(ip_local_port_range); add --source addresses."
+        )
+    if rec["errors_by_errno"].get("EMFILE"):
+        lines.append("Some attempts hit EMFILE: out of file descriptors (RLIMIT_NOFILE).")
+    server = rec.get("server")
+    if server:
+        limit, peak = server["backlog_limit"], server["accept_queue_max"]
+        if limit is not None and peak == limit + 1:
+            if cfg.lab:
+                why = f"min(backlog {cfg.backlog}, somaxconn {limits.somaxconn}) + 1"
+            else:
+                why = f"Send-Q {limit} + 1"
+            lines.append(f"Accept queue full at {peak} = {why} (kernel's Recv-Q peak).")
+        elif peak is not None:
+            lines.append(
+                f"Accept queue peaked at {peak} of a possible {None if limit is None else limit + 1}: "
+                "it never filled."
+            )
+        drops = server["listener_drops_delta"]
+        if drops:
+            lines.append(
+                f"The listener itself dropped {drops} packets (its sk_drops counter; packets, not clients)."
+            )
+        overflows = server["listen_overflows_delta"]
+        if overflows:
+            lines.append(
+                f"TcpExt ListenOverflows +{overflows}: SYN or ACK packets dropped because an "
+                "accept queue was full; packets, not clients (each retransmitted SYN counts "
+                "again); system-wide, so other listeners may add to it."
+            )
+        if (drops or overflows) and rec["timed_out"]:
+            lines.append(f"{rec['timed_out']} clients timed out while SYNs were being dropped.")
+        cookies = (rec.get("counters") or {}).get("TcpExt.SyncookiesSent")
+        if cookies:
+            lines.append(f"SYN cookies sent: +{cookies} (system-wide).")
+        if server["syn_recv_max"]:
+            lines.append(
+                f"Up to {server['syn_recv_max']} request sockets sat in SYN-RECV: connections "
+                "the client may count as connected that the server has not queued."
+            )
+        accepted = server.get("accepted")
+        if accepted is not None and server.get("accept_queue_end") is not None:
+            known = accepted + server["accept_queue_end"]
+            ghosts = rec["established"] + rec["reset_after_established"] - known
+            if ghosts > 0:
+                lines.append(
+                    f"{ghosts} clients reported connected that the server never queued or "
+                    "accepted (SYN-RECV or syncookie ghosts)."
+                )
+    lines.extend(f"Capped: {cap}." for cap in rec["limits_hit"])
+    if rec["cut_by_duration"]:
+        lines.append(
+            f"The run hit --duration {cfg.duration_s:g}s: {rec['stopped_pending']} pending "
+            f"attempts were ended, {rec['not_started']} never started."
+        )
+    return lines
+
+
+def _summary_record(
+    cfg: BacklogConfig,
+    target: str,
+    connections: int,
+    concurrency: int,
+    tally: _Tally,
+    stats: ConnectorStats,
+    server: _ServerView | None,
+    lab: _LabListener | None,
+    pid: int | None,
+    process: str | None,
+    deltas: dict[str, int | None] | None,
+    limits: kernel.HostLimits,
+    limits_rec: dict[str, Any],
+    caps: list[str],
+    prediction: dict[str, Any],
+    elapsed: float,
+    steps: list[float | None],
+    step_tallies: list[_Tally],
+    step_server: list[dict[str, int]],
+) -> dict[str, Any]:
+    rec: dict[str, Any] = {
+        "kind": "backlog",
+        "target": target,
+        "lab": cfg.lab,
+        "attempted": tally.attempted,
+        "established": tally.established,
+        "refused": tally.refused,
+        "reset": tally.reset,
+        "timed_out": tally.timed_out,
+        "errors": tally.errors,
+        "errors_by_errno": dict(sorted(tally.errors_by_errno.items())),
+        "reset_after_established": tally.reset_after_established,
+        "stopped_pending": tally.stopped_pending,
+        "not_started": connections - tally.attempted,
+        "latency_ms": tally.hist.summary_ms(),
+        "histogram": tally.hist.coarse(),
+        "connections": connections,
+        "concurrency": concurrency,
+        "rate": cfg.rate,
+        "hold_s": cfg.hold_s,
+        "timeout_s": cfg.timeout_s,
+        "duration_s": round(elapsed, 3),
+        "connects_per_s": round(tally.attempted / elapsed, 1) if elapsed > 0 else None,
+        "peak_held": stats.peak_held,
+        "fd_backoffs": stats.fd_backoffs,
+        "sources": len(cfg.sources) or 1,
+        "cut_by_duration": tally.attempted < connections or tally.stopped_pending > 0,
+        "limits_hit": list(caps),
+        "host": limits_rec,
+        "counters": deltas,
+    }
+    if server is not None:
+        drops = None
+        if server.drops_start is not None and server.drops_end is not None:
+            drops = server.drops_end - server.drops_start
+        rec["server"] = {
+            "address": format_hostport(server.address, server.port),
+            "listening": server.seen,
+            "backlog_limit": server.limit,
+            "accept_queue_max": server.queue_max if server.seen else None,
+            "accept_queue_end": server.queue_now,
+            "syn_recv_max": server.syn_recv_max if server.seen else None,
+            "listener_drops_delta": drops,
+            "listen_overflows_delta": (deltas or {}).get("TcpExt.ListenOverflows"),
+            "listen_drops_delta": (deltas or {}).get("TcpExt.ListenDrops"),
+            "syncookies_sent_delta": (deltas or {}).get("TcpExt.SyncookiesSent"),
+            "pid": pid,
+            "process": process,
+            "accepted": lab.accepted if lab is not None else None,
+            "queue_source": server.source,
+        }
+    else:
+        rec["server"] = None
+    if cfg.ramp:
+        rec["steps"] = [
+            {
+                "step": i,
+                "rate": steps[i],
+                "attempted": t.attempted,
+                "established": t.established,
+                "refused": t.refused,
+                "reset": t.reset,
+                "timed_out": t.timed_out,
+                "errors": t.errors,
+                "latency_ms": t.hist.summary_ms(),
+                "accept_queue_max": step_server[i].get("queue") if server is not None else None,
+                "listen_overflows_delta": step_server[i].get("overflows")
+                if server is not None
+                else None,
+            }
+            for i, t in enumerate(step_tallies)
+        ]
+    held, detail = _judge(prediction, rec)
+    rec["prediction"] = {"text": prediction["text"], "held": held, "detail": detail}
+    rec["interpretation"] = _interpret(rec, cfg, limits)
+    return rec
