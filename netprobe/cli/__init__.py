@@ -59,7 +59,7 @@ def _register(name: str, func: Callable[..., object], stub: bool) -> None:
 _register("port-check", port_check.port_check, stub=True)
 _register("echo", echo.echo, stub=False)
 _register("send", send.send, stub=False)
-_register("listen", listen.listen, stub=True)
+_register("listen", listen.listen, stub=False)
 _register("backlog", backlog.backlog, stub=False)
 _register("listeners", listeners.listeners, stub=True)
 _register("doctor", doctor.doctor, stub=False)

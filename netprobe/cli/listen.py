@@ -1,14 +1,119 @@
-"""`netprobe listen` (stub until its issue lands). No I/O here."""
+"""`netprobe listen`: the `nc -l` of the suite. stdout carries only the peer's bytes; the
+address announcement and peer outcomes go to stderr. The work is netprobe.engines.listen.
+"""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+from typing import IO, Annotated, Any, cast
+
 import typer
 
-from netprobe.cli._options import not_built
+from netprobe.cli._options import IPv4Opt, IPv6Opt, duration, family_of, size
 
 __all__ = ["listen"]
 
 
-def listen(ctx: typer.Context) -> None:
-    """Not built yet."""
-    not_built("listen")
+def _describe(event: dict[str, Any]) -> str:
+    kind = event["event"]
+    if kind == "listening":
+        if event["proto"] == "unix":
+            return f"listening on unix:{event['path']}"
+        from netprobe.sockets import format_hostport
+
+        return f"listening on {format_hostport(event['host'], event['port'])}/{event['proto']}"
+    if kind == "accept":
+        return f"accepted {event['peer']}"
+    if kind == "peer":
+        return f"datagrams from {event['peer']}"
+    if kind == "idle":
+        return f"nobody came within {event['waited_ms']} ms"
+    line = (
+        f"peer {event['peer']} ended: {event['ended_by']}"
+        f" (received {event['bytes_in']} B, sent {event['bytes_out']} B,"
+        f" {event['duration_ms']:.1f} ms)"
+    )
+    if event.get("errno_name"):
+        line += f" {event['errno_name']}"
+    return line
+
+
+def listen(
+    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0 picks a free one).")
+    ] = 0,
+    udp: Annotated[bool, typer.Option("--udp", help="Receive UDP datagrams.")] = False,
+    unix: Annotated[
+        Path | None, typer.Option("--unix", help="Listen on a Unix stream socket.")
+    ] = None,
+    keep_open: Annotated[
+        bool,
+        typer.Option("--keep-open", "-k", help="After a peer leaves, accept the next one."),
+    ] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Announcement and peer events as JSON on stderr.")
+    ] = False,
+    max_bytes: Annotated[
+        int | None,
+        typer.Option("--max-bytes", parser=size, help="Stop after receiving this many bytes."),
+    ] = None,
+    idle_timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--idle-timeout",
+            parser=duration,
+            help="Give up when nothing happens for this long (no peer, no data).",
+        ),
+    ] = None,
+    ipv4: IPv4Opt = False,
+    ipv6: IPv6Opt = False,
+) -> None:
+    """Accept one peer; its bytes go to stdout, stdin goes to it (both at once).
+
+    The first stderr line announces the address (`listening on 127.0.0.1:PORT/tcp`, or a
+    JSON object with --json). On stdin EOF the write side is half-closed. How the peer
+    ended (eof or reset) is reported on stderr. Exit codes: 0 the peer ended cleanly, 3 no
+    peer within --idle-timeout, 4 the peer reset the connection, 6 cannot bind.
+    """
+    from netprobe.engines.listen import ListenOptions
+    from netprobe.engines.listen import listen as run_listen
+    from netprobe.engines.send import InputSource
+    from netprobe.errors import UsageError
+    from netprobe.render import dump_json
+
+    if udp and unix is not None:
+        raise UsageError("--udp and --unix exclude each other")
+    family = family_of(ipv4, ipv6)
+    stdin = sys.stdin
+    source = None
+    interactive = False
+    if stdin is not None:
+        interactive = stdin.isatty()
+        source = InputSource.from_stream(cast("IO[bytes]", getattr(stdin, "buffer", stdin)))
+    out = cast("IO[bytes]", getattr(sys.stdout, "buffer", sys.stdout))
+
+    def emit(chunk: bytes) -> None:
+        if chunk:
+            out.write(chunk)
+            out.flush()
+
+    def on_event(event: dict[str, Any]) -> None:
+        sys.stderr.write((dump_json(event) if json_out else _describe(event)) + "\n")
+        sys.stderr.flush()
+
+    opts = ListenOptions(
+        host=host,
+        port=port,
+        family=family,
+        udp=udp,
+        unix_path=str(unix) if unix is not None else None,
+        keep_open=keep_open,
+        max_bytes=max_bytes,
+        idle_timeout_s=idle_timeout if idle_timeout else None,
+        source=source,
+        interactive=interactive,
+    )
+    summary = run_listen(opts, emit, on_event)
+    raise typer.Exit(int(summary.exit_status()))

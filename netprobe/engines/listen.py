@@ -1,0 +1,261 @@
+"""The `listen` engine: accept one peer (or one after another) and copy both ways at once.
+
+Does network I/O through netprobe.sockets only; never prints: the peer's bytes leave through
+`emit`, announcements and peer outcomes through `on_event` dicts.
+
+Strategy: listen is one peer at a time with stdin as the other end, so it runs on the socket
+core's synchronous pump (poll over the connection and stdin) instead of the asyncio server
+core: asyncio cannot watch a regular file or every kind of terminal as stdin, and one
+connection needs no event loop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from netprobe.engines.send import Emit, InputSource, LineSplitter
+from netprobe.errors import DeadlineExceeded, NetworkError
+from netprobe.exitcodes import ExitStatus
+from netprobe.sockets import (
+    PUMP_CHUNK,
+    accept_one,
+    format_hostport,
+    open_listener,
+    open_udp,
+    pump_duplex,
+    recv_datagram,
+    send_datagram,
+    wait_readable,
+)
+
+__all__ = ["ListenOptions", "ListenSummary", "listen"]
+
+OnEvent = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class ListenOptions:
+    """What `netprobe listen` was asked to do."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    family: int = 0
+    udp: bool = False
+    unix_path: str | None = None
+    keep_open: bool = False
+    max_bytes: int | None = None
+    idle_timeout_s: float | None = None
+    source: InputSource | None = None  # stdin, or None when there is nothing to send
+    interactive: bool = False  # stdin is a terminal: a peer's EOF ends the connection
+
+
+@dataclass
+class ListenSummary:
+    """Totals over every peer; `ended_by` is how the last peer (or the wait) ended."""
+
+    peers: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    ended_by: str | None = None
+    outcomes: list[str] = field(default_factory=list)
+
+    def exit_status(self) -> ExitStatus:
+        """0 when every peer ended cleanly; 4 after a reset; 3 when nobody came in time."""
+        if "reset" in self.outcomes:
+            return ExitStatus.RESET
+        if self.peers == 0 and self.ended_by == "idle-timeout":
+            return ExitStatus.TIMEOUT
+        if "error" in self.outcomes:
+            return ExitStatus.NOT_OPEN
+        return ExitStatus.OK
+
+
+class _Stdin:
+    """stdin shared by successive peers: once it reached EOF, later peers get a FIN at once."""
+
+    def __init__(self, source: InputSource | None) -> None:
+        self.source = source
+        self.eof = source is None
+        self._read = source.chunks(PUMP_CHUNK) if source is not None else None
+
+    @property
+    def fd(self) -> int | None:
+        if self.source is None or not self.source.pollable:
+            return None
+        return self.source.fd
+
+    def read(self, n: int) -> tuple[bytes, bool]:
+        assert self._read is not None
+        data, eof = self._read(n)
+        if eof:
+            self.eof = True
+        return data, eof
+
+
+def listen(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSummary:
+    """Serve one peer (with keep_open: one after another) until it ends, or a bound is hit.
+
+    Events passed to on_event: {"event": "listening", "proto", "host", "port"} (or "path" for
+    Unix) first; then per peer "accept" {peer} and "close" {peer, ended_by, bytes_in,
+    bytes_out, duration_ms}, where ended_by is eof, reset, idle-timeout, max-bytes or error;
+    "idle" when no peer came within the idle timeout.
+
+    Raises:
+        LocalError: the address cannot be bound. ResolveError: host does not resolve.
+    """
+    if opts.udp:
+        return _listen_udp(opts, emit, on_event)
+    listener = open_listener(
+        None if opts.unix_path else opts.host,
+        opts.port,
+        backlog=8,
+        path=opts.unix_path,
+        family=opts.family,
+    )
+    summary = ListenSummary()
+    stdin = _Stdin(opts.source)
+    try:
+        if opts.unix_path is not None:
+            on_event({"event": "listening", "proto": "unix", "path": opts.unix_path})
+        else:
+            host, port = listener.getsockname()[:2]
+            on_event({"event": "listening", "proto": "tcp", "host": host, "port": port})
+        while True:
+            wait = None if opts.idle_timeout_s is None else time.monotonic() + opts.idle_timeout_s
+            try:
+                conn, peer = accept_one(listener, wait)
+            except DeadlineExceeded:
+                summary.ended_by = "idle-timeout"
+                on_event({"event": "idle", "waited_ms": round((opts.idle_timeout_s or 0) * 1000)})
+                return summary
+            summary.peers += 1
+            on_event({"event": "accept", "peer": peer})
+            ended = _serve(conn, peer, opts, stdin, emit, on_event, summary)
+            summary.ended_by = ended
+            summary.outcomes.append(ended)
+            if not opts.keep_open or ended == "max-bytes":
+                return summary
+    finally:
+        listener.close()
+
+
+def _serve(
+    conn: Any,
+    peer: str,
+    opts: ListenOptions,
+    stdin: _Stdin,
+    emit: Emit,
+    on_event: OnEvent,
+    summary: ListenSummary,
+) -> str:
+    start = time.monotonic()
+    limit = opts.max_bytes
+
+    def on_received(data: bytes) -> bool:
+        if limit is not None and summary.bytes_in + len(data) >= limit:
+            emit(data[: limit - summary.bytes_in])
+            summary.bytes_in = limit
+            return True
+        summary.bytes_in += len(data)
+        emit(data)
+        return False
+
+    try:
+        result = pump_duplex(
+            conn,
+            read_input=None if stdin.eof else stdin.read,
+            input_fd=stdin.fd,
+            on_received=on_received,
+            idle_timeout_s=opts.idle_timeout_s,
+            shutdown_on_input_eof=True,
+            stop_on_peer_eof=opts.interactive or stdin.eof,
+            idle_while_input=True,
+        )
+    finally:
+        conn.close()
+    summary.bytes_out += result.bytes_sent
+    ended = "max-bytes" if result.ended_by == "stopped" else result.ended_by
+    event: dict[str, Any] = {
+        "event": "close",
+        "peer": peer,
+        "ended_by": ended,
+        "bytes_in": result.bytes_received,
+        "bytes_out": result.bytes_sent,
+        "duration_ms": round((time.monotonic() - start) * 1000, 3),
+    }
+    if result.errno_name is not None:
+        event["errno_name"] = result.errno_name
+    on_event(event)
+    return ended
+
+
+def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSummary:
+    """Datagrams from the peer to emit; stdin lines back to it as datagrams.
+
+    Each stdin line (without its newline) is one datagram. The first sender is the peer; without keep_open datagrams from others are ignored, with
+    it replies go to whoever sent last. UDP has no EOF: it ends at the idle timeout,
+    max_bytes, or an interrupt.
+    """
+    sock = open_udp(opts.host, opts.port, family=opts.family)
+    summary = ListenSummary()
+    stdin = _Stdin(opts.source)
+    splitter = LineSplitter(65507)
+    peer_addr: Any = None
+    last_activity = time.monotonic()
+    try:
+        host, port = sock.getsockname()[:2]
+        on_event({"event": "listening", "proto": "udp", "host": host, "port": port})
+        while True:
+            watch: list[Any] = [sock]
+            stdin_fd = stdin.fd
+            if peer_addr is not None and not stdin.eof:
+                if stdin_fd is None:
+                    _send_lines(sock, stdin, splitter, peer_addr, summary)
+                    continue
+                watch.append(stdin_fd)
+            until = None
+            if opts.idle_timeout_s is not None:
+                until = last_activity + opts.idle_timeout_s
+            ready = wait_readable(watch, until)
+            if not ready:
+                summary.ended_by = "idle-timeout"
+                if summary.peers == 0:
+                    on_event(
+                        {"event": "idle", "waited_ms": round((opts.idle_timeout_s or 0) * 1000)}
+                    )
+                return summary
+            if stdin_fd is not None and stdin_fd in ready:
+                _send_lines(sock, stdin, splitter, peer_addr, summary)
+            if sock.fileno() not in ready:
+                continue
+            try:
+                data, addr = recv_datagram(sock, None)
+            except NetworkError:
+                continue  # an ICMP error for an earlier reply: the peer went away
+            if peer_addr is None or (opts.keep_open and addr != peer_addr):
+                peer_addr = addr
+                summary.peers += 1
+                on_event({"event": "peer", "peer": format_hostport(str(addr[0]), int(addr[1]))})
+            elif addr != peer_addr:
+                continue
+            last_activity = time.monotonic()
+            if opts.max_bytes is not None and summary.bytes_in + len(data) >= opts.max_bytes:
+                emit(data[: opts.max_bytes - summary.bytes_in])
+                summary.bytes_in = opts.max_bytes
+                summary.ended_by = "max-bytes"
+                return summary
+            summary.bytes_in += len(data)
+            emit(data)
+    finally:
+        sock.close()
+
+
+def _send_lines(
+    sock: Any, stdin: _Stdin, splitter: LineSplitter, peer: Any, summary: ListenSummary
+) -> None:
+    data, eof = stdin.read(PUMP_CHUNK)
+    for line in splitter.feed(data, eof):
+        summary.bytes_out += send_datagram(sock, line, peer)
