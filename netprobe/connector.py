@@ -1,12 +1,26 @@
-"""The one connection engine: many non-blocking connects in flight on one poll loop.
+"""The one connection engine: many non-blocking connects in flight on one epoll loop.
 
 port-check, backlog and doctor all drive their connects through `run_connects`. It does I/O
-(sockets, epoll) and nothing else: no printing, no policy about what a state means.
+(sockets, epoll, and optionally forked worker processes) and nothing else: no printing, no
+policy about what a state means.
 
 Strategy: a bounded set of sockets in flight, each registered for writability; attempts
 start in order, so their deadlines are in order too and expire from the front of a deque.
 Memory is constant in the number of jobs: the job iterator is consumed lazily and each
 finished attempt is yielded and forgotten.
+
+Speed (a 65,535-port loopback scan is the yardstick): on loopback the whole handshake, or
+the RST of a closed port, is processed inside connect() itself, so the verdict is usually
+readable from SO_ERROR right after connect_ex() returns EINPROGRESS. Reading it at once
+skips the epoll registration, the wake-up and the per-attempt bookkeeping object; only
+attempts that really wait (remote hosts, full accept queues) enter the poll set. The rest
+of the cost is the kernel's (socket, connect, close), so large runs can be split over
+forked worker processes (`workers`), one per core, whose results stream back over pipes.
+
+Truthfulness on loopback: a connect to 127.0.0.1:P whose kernel-chosen source port happens
+to be P connects the socket to itself (TCP simultaneous open), and two of our own pending
+sockets can likewise connect to each other. Neither is a listener, so such a "handshake"
+is reported as REFUSED (closed), never OPEN.
 """
 
 from __future__ import annotations
@@ -14,10 +28,14 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import os
 import select
+import signal
 import socket
+import struct
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +44,10 @@ from netprobe.sockets import classify_errno, errno_name, set_linger_zero
 
 __all__ = ["ConnectJob", "ConnectResult", "ConnectorStats", "run_connects"]
 
-_IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, errno.EAGAIN})
 _OUT_OF_FDS = frozenset({errno.EMFILE, errno.ENFILE})
+# Results are handed to the caller in batches of at most this many, so a scan whose verdicts
+# all arrive inside connect() still streams instead of finishing before the first yield.
+_BATCH = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +93,11 @@ class ConnectResult:
 
 @dataclass(slots=True)
 class ConnectorStats:
-    """Running figures of one run_connects call (read them while iterating or after)."""
+    """Running figures of one run_connects call (read them while iterating or after).
+
+    `extra` carries rarer counters: "self_connects" (loopback handshakes with one of our own
+    sockets, reported as REFUSED) and "workers" (processes used).
+    """
 
     started: int = 0
     in_flight: int = 0
@@ -94,6 +118,7 @@ class _Attempt:
     done: bool = False
     connected_at: float = 0.0
     release_at: float = 0.0
+    loop_port: int = 0  # destination port, when it is a loopback one (0: not indexed)
 
 
 def run_connects(
@@ -106,11 +131,12 @@ def run_connects(
     stop_at: float | None = None,
     abortive_close: bool = True,
     stats: ConnectorStats | None = None,
+    workers: int = 1,
 ) -> Iterator[ConnectResult]:
     """Run the jobs with at most `concurrency` sockets open; yield each result as it ends.
 
     Args:
-        concurrency: sockets in flight at once (connecting plus held).
+        concurrency: sockets in flight at once (connecting plus held), over all workers.
         timeout_s: per-attempt connect timeout.
         rate: at most this many new attempts per second (None: as fast as possible).
         hold_s: keep each established connection open this long before closing it; the
@@ -119,6 +145,11 @@ def run_connects(
             as TIMEOUT with ended_by "stop", held ones are released.
         abortive_close: close with RST (no TIME_WAIT, as nmap does) instead of FIN.
         stats: filled in as the run goes (for progress display and reports).
+        workers: at most this many processes; job i goes to process i % workers, and the
+            extra ones are forked (Linux, single-threaded callers only: fork() in a threaded
+            process can deadlock the child, so threaded callers silently get 1). The job
+            iterable must then be a plain sequence or side-effect-free generator, since
+            every process walks it.
 
     Yields results in completion order. Running out of file descriptors lowers the
     concurrency to what is open at that moment (counted in stats.fd_backoffs); with nothing
@@ -126,79 +157,156 @@ def run_connects(
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
     st = stats if stats is not None else ConnectorStats()
     st.concurrency = st.lowest_concurrency = concurrency
-    poller = select.epoll() if hasattr(select, "epoll") else None
-    if poller is None:  # pragma: no cover - non-Linux fallback
+    if not hasattr(select, "epoll"):  # pragma: no cover - non-Linux fallback
         yield from _run_connects_poll(jobs, concurrency, timeout_s, rate, hold_s, stop_at, st)
         return
-    pending: dict[int, _Attempt] = {}  # fd -> connecting attempt
-    held: dict[int, _Attempt] = {}  # fd -> established attempt being held
-    order: collections.deque[_Attempt] = collections.deque()  # connecting, in start order
-    held_order: collections.deque[_Attempt] = collections.deque()  # held, in release order
-    job_iter = iter(jobs)
-    exhausted = False
-    limit = concurrency
-    interval = 1.0 / rate if rate else 0.0
-    next_start = time.monotonic()
-    out: list[ConnectResult] = []
-    try:
+    if workers > 1 and (not hasattr(os, "fork") or threading.active_count() > 1):
+        workers = 1
+    st.extra["workers"] = workers
+    if workers == 1:
+        run = _Run(concurrency, timeout_s, rate, hold_s, stop_at, abortive_close, st)
+        try:
+            yield from run.iterate(iter(jobs))
+        finally:
+            run.close()
+        return
+    yield from _run_forked(
+        jobs, workers, concurrency, timeout_s, rate, hold_s, stop_at, abortive_close, st
+    )
+
+
+_NO_FD = object()
+
+
+def _is_loopback_sockaddr(family: int, sockaddr: Any) -> bool:
+    if family == socket.AF_INET:
+        return str(sockaddr[0]).startswith("127.")
+    if family == socket.AF_INET6:
+        host = str(sockaddr[0])
+        return host == "::1" or host.startswith("::ffff:127.")
+    return False
+
+
+class _Run:
+    """One process's epoll loop (see the module docstring for the strategy)."""
+
+    def __init__(
+        self,
+        concurrency: int,
+        timeout_s: float,
+        rate: float | None,
+        hold_s: float,
+        stop_at: float | None,
+        abortive_close: bool,
+        st: ConnectorStats,
+        on_idle: Callable[[], None] | None = None,
+    ) -> None:
+        self.limit = concurrency
+        self.timeout_s = timeout_s
+        self.interval = 1.0 / rate if rate else 0.0
+        self.hold_s = hold_s
+        self.stop_at = stop_at
+        self.abortive = abortive_close
+        self.st = st
+        self.on_idle = on_idle
+        self.poller = select.epoll()
+        self.pending: dict[int, _Attempt] = {}  # fd -> connecting attempt
+        self.held: dict[int, _Attempt] = {}  # fd -> established attempt being held
+        self.order: collections.deque[_Attempt] = collections.deque()  # connecting, by start
+        self.held_order: collections.deque[_Attempt] = collections.deque()  # held, by release
+        # Pending attempts to loopback ports, by destination port: where to look for the other
+        # end when one of our sockets "connects" to another of ours (simultaneous open).
+        self.loop_pending: dict[int, dict[int, _Attempt]] = {}
+        self.extra_fds: dict[int, Callable[[], None]] = {}  # worker pipes -> reader
+        self.out: list[ConnectResult] = []
+
+    def close(self) -> None:
+        for attempt in list(self.pending.values()) + list(self.held.values()):
+            attempt.sock.close()
+        self.pending.clear()
+        self.held.clear()
+        self.poller.close()
+
+    def iterate(self, job_iter: Iterator[ConnectJob]) -> Iterator[ConnectResult]:
+        st, out, pending, held = self.st, self.out, self.pending, self.held
+        order, held_order, poller = self.order, self.held_order, self.poller
+        monotonic = time.monotonic
+        interval, stop_at = self.interval, self.stop_at
+        exhausted = False
+        next_start = monotonic()
         while True:
-            now = time.monotonic()
+            now = monotonic()
             stopping = stop_at is not None and now >= stop_at
+            more_now = False
             # Start new attempts while there is room (and the rate allows).
-            while not exhausted and not stopping and len(pending) + len(held) < limit:
+            while not exhausted and not stopping and len(pending) + len(held) < self.limit:
                 if interval and now < next_start:
                     break
                 job = next(job_iter, None)
                 if job is None:
                     exhausted = True
                     break
-                attempt = _start(job, now, timeout_s, out)
-                if attempt is _NO_FD:
+                if self._start(job, now) is _NO_FD:
                     if pending or held:
-                        limit = max(1, len(pending) + len(held))
+                        self.limit = max(1, len(pending) + len(held))
                         st.fd_backoffs += 1
-                        st.lowest_concurrency = min(st.lowest_concurrency, limit)
+                        st.lowest_concurrency = min(st.lowest_concurrency, self.limit)
                         job_iter = _prepend(job, job_iter)
                         break
                     out.append(_failed(job, now, errno.EMFILE))
-                elif attempt is not None:
-                    assert isinstance(attempt, _Attempt)
-                    pending[attempt.sock.fileno()] = attempt
-                    order.append(attempt)
-                    poller.register(attempt.sock.fileno(), select.EPOLLOUT)
                 st.started += 1
                 if interval:
                     next_start = max(next_start + interval, now - 1.0)
-                now = time.monotonic()
+                now = monotonic()
+                if len(out) >= _BATCH:
+                    more_now = True
+                    break
             if stopping:
                 exhausted = True
             st.in_flight, st.held = len(pending), len(held)
-            st.peak_held = max(st.peak_held, st.held)
+            if st.held > st.peak_held:
+                st.peak_held = st.held
             if out:
-                yield from out
+                batch = out[:]
                 out.clear()
-            if exhausted and not pending and not held:
+                yield from batch
+            if exhausted and not pending and not held and not self.extra_fds:
                 return
             # Sleep until the next event, the next deadline, the next release or start.
-            wake = []
-            if order:
-                wake.append(order[0].deadline)
-            if held_order:
-                wake.append(held_order[0].release_at)
-            if interval and not exhausted and len(pending) + len(held) < limit:
-                wake.append(next_start)
-            if stop_at is not None and not stopping:
-                wake.append(stop_at)
-            timeout = max(0.0, min(wake) - time.monotonic()) if wake else -1
-            for fd, mask in poller.poll(timeout if timeout >= 0 else -1, 1024):
-                attempt_or_none = pending.pop(fd, None)
-                now = time.monotonic()
-                if attempt_or_none is not None:
-                    _finish_connect(
-                        attempt_or_none, now, hold_s, poller, held, held_order, out, abortive_close
-                    )
+            if more_now:
+                timeout = 0.0
+            else:
+                wake = []
+                if order:
+                    wake.append(order[0].deadline)
+                if held_order:
+                    wake.append(held_order[0].release_at)
+                if not exhausted and len(pending) + len(held) < self.limit:
+                    wake.append(next_start)
+                if stop_at is not None and not stopping:
+                    wake.append(stop_at)
+                timeout = max(0.0, min(wake) - monotonic()) if wake else -1.0
+                if timeout != 0.0 and self.on_idle is not None:
+                    self.on_idle()
+            for fd, mask in poller.poll(timeout, 1024):
+                attempt = pending.pop(fd, None)
+                now = monotonic()
+                if attempt is not None:
+                    self._unindex(attempt)
+                    attempt.done = True  # the deadline deque drops it lazily
+                    # Read SO_ERROR once: reading clears it.
+                    code = attempt.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if self.hold_s > 0:
+                        poller.unregister(fd)  # a held socket is registered again for input
+                    self._verdict(attempt.job, attempt.sock, attempt.started_at, code, now)
+                    continue
+                reader = self.extra_fds.get(fd)
+                if reader is not None:
+                    reader()
                     continue
                 held_attempt = held.get(fd)
                 if held_attempt is None:
@@ -211,7 +319,7 @@ def run_connects(
                 del held[fd]
                 _end_hold(held_attempt, now, how, out)
                 held_attempt.sock.close()
-            now = time.monotonic()
+            now = monotonic()
             stop_now = stop_at is not None and now >= stop_at
             while order and (order[0].done or order[0].deadline <= now or stop_now):
                 attempt = order.popleft()
@@ -219,6 +327,7 @@ def run_connects(
                     continue
                 attempt.done = True
                 pending.pop(attempt.sock.fileno(), None)
+                self._unindex(attempt)
                 attempt.sock.close()  # SYN-SENT: closing sends nothing (tcp_need_reset)
                 out.append(
                     ConnectResult(
@@ -238,14 +347,124 @@ def run_connects(
                     continue
                 held.pop(attempt.sock.fileno(), None)
                 _end_hold(attempt, now, "stop" if attempt.release_at > now else "hold", out)
-                _close(attempt.sock, abortive_close)
-    finally:
-        for attempt in list(pending.values()) + list(held.values()):
-            attempt.sock.close()
-        poller.close()
+                _close(attempt.sock, self.abortive)
 
+    def _start(self, job: ConnectJob, now: float) -> Any:
+        """Create the socket and connect; a verdict known at once goes straight to out."""
+        try:
+            sock = socket.socket(job.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:
+            if exc.errno in _OUT_OF_FDS:
+                return _NO_FD
+            self.out.append(_failed(job, now, exc.errno))
+            return None
+        try:
+            if job.source is not None:
+                no_port = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", None)
+                if no_port is not None and job.family != socket.AF_UNIX:
+                    sock.setsockopt(socket.IPPROTO_IP, no_port, 1)
+                sock.bind((job.source, 0))
+            code = sock.connect_ex(job.sockaddr)
+            # Only EINPROGRESS means "wait": EAGAIN is AF_UNIX's full queue (SOCKETS.md §3)
+            # or, on old kernels, TCP's "no ephemeral port left"; both are verdicts.
+            if code == errno.EINPROGRESS:
+                # On loopback the handshake (or the RST) already happened inside connect():
+                # SO_ERROR holds a refusal, and getpeername() works once connected.
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if code == 0:
+                    try:
+                        sock.getpeername()
+                    except OSError:
+                        self._wait_for(job, sock, now)
+                        return None
+        except OSError as exc:
+            sock.close()
+            self.out.append(_failed(job, now, exc.errno))
+            return None
+        # Finished at once: loopback, AF_UNIX (never waits), or an immediate error.
+        self._verdict(job, sock, now, code, time.monotonic())
+        return None
 
-_NO_FD = object()
+    def _wait_for(self, job: ConnectJob, sock: socket.socket, now: float) -> None:
+        attempt = _Attempt(job, sock, now, now + self.timeout_s)
+        fd = sock.fileno()
+        self.pending[fd] = attempt
+        self.order.append(attempt)
+        self.poller.register(fd, select.EPOLLOUT)
+        if _is_loopback_sockaddr(job.family, job.sockaddr):
+            attempt.loop_port = int(job.sockaddr[1])
+            self.loop_pending.setdefault(attempt.loop_port, {})[fd] = attempt
+
+    def _unindex(self, attempt: _Attempt) -> None:
+        if attempt.loop_port:
+            bucket = self.loop_pending.get(attempt.loop_port)
+            if bucket is not None:
+                bucket.pop(attempt.sock.fileno(), None)
+                if not bucket:
+                    del self.loop_pending[attempt.loop_port]
+
+    def _verdict(
+        self, job: ConnectJob, sock: socket.socket, started: float, code: int, now: float
+    ) -> None:
+        state = classify_errno(code)
+        if state is not ConnectState.OPEN:
+            sock.close()
+            # ECONNRESET here means the handshake completed and the peer aborted before we
+            # looked (an accept-and-reset server is that fast on loopback).
+            ended_by = "reset" if state is ConnectState.RESET else None
+            self.out.append(
+                ConnectResult(job, state, errno_name(code), started, now - started, 0.0, ended_by)
+            )
+            return
+        if job.family != socket.AF_UNIX and self._connected_to_ourselves(job, sock, now):
+            _close(sock, True)
+            self.out.append(ConnectResult(job, ConnectState.REFUSED, None, started, now - started))
+            return
+        if self.hold_s > 0:
+            attempt = _Attempt(job, sock, started, started + self.timeout_s)
+            attempt.connected_at = now
+            attempt.release_at = now + self.hold_s
+            fd = sock.fileno()
+            # Watch the held socket for the peer's RST or FIN while we wait.
+            self.poller.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
+            self.held[fd] = attempt
+            self.held_order.append(attempt)
+            return
+        _close(sock, self.abortive)
+        self.out.append(ConnectResult(job, state, None, started, now - started))
+
+    def _connected_to_ourselves(self, job: ConnectJob, sock: socket.socket, now: float) -> bool:
+        """True for a self-connect or a connect to another of our pending sockets."""
+        if not _is_loopback_sockaddr(job.family, job.sockaddr):
+            return False
+        try:
+            local, peer = sock.getsockname(), sock.getpeername()
+        except OSError:
+            return False
+        if local[:2] == peer[:2]:
+            self.st.extra["self_connects"] = self.st.extra.get("self_connects", 0) + 1
+            return True
+        # The other end of a simultaneous open between two of our sockets is a pending
+        # attempt whose destination is our local address and whose local address is our peer.
+        for fd, other in list(self.loop_pending.get(int(local[1]), {}).items()):
+            try:
+                other_local = other.sock.getsockname()
+            except OSError:
+                continue
+            if other_local[:2] != peer[:2]:
+                continue
+            self.pending.pop(fd, None)
+            self._unindex(other)
+            other.done = True
+            _close(other.sock, True)
+            self.out.append(
+                ConnectResult(
+                    other.job, ConnectState.REFUSED, None, other.started_at, now - other.started_at
+                )
+            )
+            self.st.extra["self_connects"] = self.st.extra.get("self_connects", 0) + 2
+            return True
+        return False
 
 
 def _prepend(first: ConnectJob, rest: Iterator[ConnectJob]) -> Iterator[ConnectJob]:
@@ -255,81 +474,6 @@ def _prepend(first: ConnectJob, rest: Iterator[ConnectJob]) -> Iterator[ConnectJ
 
 def _failed(job: ConnectJob, now: float, code: int | None) -> ConnectResult:
     return ConnectResult(job, classify_errno(code), errno_name(code), now, 0.0)
-
-
-def _start(job: ConnectJob, now: float, timeout_s: float, out: list[ConnectResult]) -> Any:
-    """Create the socket and call connect_ex; an immediate verdict goes straight to out."""
-    try:
-        sock = socket.socket(job.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    except OSError as exc:
-        if exc.errno in _OUT_OF_FDS:
-            return _NO_FD
-        out.append(_failed(job, now, exc.errno))
-        return None
-    try:
-        if job.source is not None:
-            no_port = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", None)
-            if no_port is not None and job.family != socket.AF_UNIX:
-                sock.setsockopt(socket.IPPROTO_IP, no_port, 1)
-            sock.bind((job.source, 0))
-        code = sock.connect_ex(job.sockaddr)
-    except OSError as exc:
-        sock.close()
-        out.append(_failed(job, now, exc.errno))
-        return None
-    if code in _IN_PROGRESS and not (job.family == socket.AF_UNIX and code == errno.EAGAIN):
-        return _Attempt(job, sock, now, now + timeout_s)
-    # Finished at once: a blocking-style verdict (some kernels), or AF_UNIX's EAGAIN when
-    # the listener's queue is full (SOCKETS.md §3: no waiting happens for Unix sockets).
-    elapsed = time.monotonic() - now
-    state = classify_errno(code)
-    if state is ConnectState.OPEN:
-        _close(sock, True)
-        out.append(ConnectResult(job, state, None, now, elapsed))
-    else:
-        sock.close()
-        out.append(ConnectResult(job, state, errno_name(code), now, elapsed))
-    return None
-
-
-def _finish_connect(
-    attempt: _Attempt,
-    now: float,
-    hold_s: float,
-    poller: Any,
-    held: dict[int, _Attempt],
-    held_order: collections.deque[_Attempt],
-    out: list[ConnectResult],
-    abortive_close: bool,
-) -> None:
-    attempt.done = True  # the deadline deque drops it lazily
-    sock = attempt.sock
-    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # read once: reading clears it
-    elapsed = now - attempt.started_at
-    state = classify_errno(code)
-    if state is ConnectState.OPEN and hold_s > 0:
-        attempt.done = False
-        attempt.connected_at = now
-        attempt.release_at = now + hold_s
-        fd = sock.fileno()
-        # Watch the held socket for the peer's RST or FIN while we wait.
-        poller.modify(fd, select.EPOLLIN | select.EPOLLRDHUP)
-        held[fd] = attempt
-        held_order.append(attempt)
-        return
-    if state is ConnectState.OPEN:
-        _close(sock, abortive_close)
-        out.append(ConnectResult(attempt.job, state, None, attempt.started_at, elapsed))
-    else:
-        sock.close()
-        # ECONNRESET here means the handshake completed and the peer aborted before we
-        # looked (an accept-and-reset server is that fast on loopback).
-        ended_by = "reset" if state is ConnectState.RESET else None
-        out.append(
-            ConnectResult(
-                attempt.job, state, errno_name(code), attempt.started_at, elapsed, 0.0, ended_by
-            )
-        )
 
 
 def _peer_ending(sock: socket.socket, mask: int) -> str:
@@ -366,6 +510,170 @@ def _close(sock: socket.socket, abortive: bool) -> None:
         with contextlib.suppress(OSError):
             set_linger_zero(sock)
     sock.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker processes: job i runs in process i % workers; results come back over pipes
+# ---------------------------------------------------------------------------------------------
+
+# index, state, ended_by, errno name, started_at, elapsed_s, held_s
+_RECORD = struct.Struct("<IBB16sddd")
+_STATES = list(ConnectState)
+_STATE_CODE = {state: code for code, state in enumerate(_STATES)}
+_ENDED_BY: list[str | None] = [None, "hold", "reset", "eof", "stop"]
+_ENDED_CODE = {name: code for code, name in enumerate(_ENDED_BY)}
+
+
+def _run_forked(
+    jobs: Iterable[ConnectJob],
+    workers: int,
+    concurrency: int,
+    timeout_s: float,
+    rate: float | None,
+    hold_s: float,
+    stop_at: float | None,
+    abortive_close: bool,
+    st: ConnectorStats,
+) -> Iterator[ConnectResult]:
+    share = max(1, concurrency // workers)
+    share_rate = rate / workers if rate else None
+    pids: list[int] = []
+    readers: list[int] = []
+    try:
+        for worker in range(1, workers):
+            read_fd, write_fd = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child, which never returns
+                os.close(read_fd)
+                for fd in readers:
+                    os.close(fd)
+                _child_main(
+                    jobs,
+                    worker,
+                    workers,
+                    write_fd,
+                    (share, timeout_s, share_rate, hold_s, stop_at, abortive_close),
+                )
+            os.close(write_fd)
+            pids.append(pid)
+            readers.append(read_fd)
+        run = _Run(share, timeout_s, share_rate, hold_s, stop_at, abortive_close, st)
+        waiting: dict[int, ConnectJob] = {}  # child jobs not answered yet
+        early: dict[int, tuple[Any, ...]] = {}  # child answers for jobs not walked yet
+        buffers: dict[int, bytearray] = {}
+
+        def own_jobs() -> Iterator[ConnectJob]:
+            for index, job in enumerate(jobs):
+                if index % workers == 0:
+                    yield job
+                    continue
+                record = early.pop(index, None)
+                if record is None:
+                    waiting[index] = job
+                else:
+                    run.out.append(_decode(job, record))
+
+        def make_reader(fd: int) -> Callable[[], None]:
+            buffer = buffers.setdefault(fd, bytearray())
+
+            def read() -> None:
+                data = os.read(fd, 1 << 16)
+                if not data:
+                    run.poller.unregister(fd)
+                    del run.extra_fds[fd]
+                    return
+                buffer.extend(data)
+                usable = len(buffer) - len(buffer) % _RECORD.size
+                for record in _RECORD.iter_unpack(memoryview(buffer)[:usable]):
+                    st.started += 1
+                    job = waiting.pop(record[0], None)
+                    if job is None:
+                        early[record[0]] = record
+                    else:
+                        run.out.append(_decode(job, record))
+                del buffer[:usable]
+
+            return read
+
+        for fd in readers:
+            run.extra_fds[fd] = make_reader(fd)
+            run.poller.register(fd, select.EPOLLIN)
+        try:
+            yield from run.iterate(own_jobs())
+        finally:
+            run.close()
+        # A worker that died early leaves jobs unanswered: report them, never drop them.
+        now = time.monotonic()
+        for job in waiting.values():
+            yield ConnectResult(job, ConnectState.ERROR, "ECHILD", now, 0.0)
+    finally:
+        for fd in readers:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)  # no-op for a worker that already exited
+            with contextlib.suppress(OSError):
+                os.waitpid(pid, 0)
+
+
+def _decode(job: ConnectJob, record: tuple[Any, ...]) -> ConnectResult:
+    _index, state, ended, name, started, elapsed, held = record
+    text = name.rstrip(b"\0").decode("ascii")
+    return ConnectResult(
+        job, _STATES[state], text or None, started, elapsed, held, _ENDED_BY[ended]
+    )
+
+
+def _child_main(
+    jobs: Iterable[ConnectJob],
+    worker: int,
+    workers: int,
+    write_fd: int,
+    params: tuple[int, float, float | None, float, float | None, bool],
+) -> None:  # pragma: no cover - runs in a forked child
+    code = 1
+    try:
+        # The parent's SIGINT handler would raise KeyboardInterrupt in here; the parent ends
+        # the run and kills its workers, so the child just dies quietly with it.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        buffer = bytearray()
+
+        def flush() -> None:
+            view = memoryview(buffer)
+            while view:
+                written = os.write(write_fd, view)
+                view = view[written:]
+            view.release()
+            buffer.clear()
+
+        share, timeout_s, rate, hold_s, stop_at, abortive = params
+        own = (
+            ConnectJob(index, job.family, job.sockaddr, job.source)
+            for index, job in enumerate(jobs)
+            if index % workers == worker
+        )
+        run = _Run(share, timeout_s, rate, hold_s, stop_at, abortive, ConnectorStats(), flush)
+        pack = _RECORD.pack
+        for result in run.iterate(own):
+            name = (result.errno_name or "").encode("ascii", "replace")[:16]
+            buffer += pack(
+                result.job.key,
+                _STATE_CODE[result.state],
+                _ENDED_CODE.get(result.ended_by, 0),
+                name,
+                result.started_at,
+                result.elapsed_s,
+                result.held_s,
+            )
+            if len(buffer) >= 32768:
+                flush()
+        flush()
+        code = 0
+    except BaseException:
+        code = 1
+    finally:
+        os._exit(code)
 
 
 def _run_connects_poll(
