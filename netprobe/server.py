@@ -689,6 +689,12 @@ class Server:
         assert self._loop is not None, "server is not running"
         return self._loop
 
+    @property
+    def listener(self) -> socket.socket | None:
+        """The listening socket after listen() (e.g. for sockets.fill_accept_queue); None
+        before listen(), for UDP once serving, and after stop. Do not accept() on it."""
+        return self._listener
+
     def listen(self) -> Bound:
         """Bind and listen now (run() does it if you don't); returns the bound address.
 
