@@ -1,0 +1,459 @@
+"""`netprobe send` against real loopback servers (threads in this process), run in-process."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from netprobe.framing import parse_framing
+from tests.conftest import HAS_IPV6
+from tests.helpers import LONG, SHORT, ServerThread, invoke
+
+Handler = Callable[[socket.socket], None]
+
+
+def echo_handler(conn: socket.socket) -> None:
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
+@pytest.fixture
+def start() -> Iterator[Callable[..., ServerThread]]:
+    """Start ServerThreads with a handler; every one is stopped at teardown."""
+    servers: list[ServerThread] = []
+
+    def make(
+        handler: Handler, family: int = socket.AF_INET, host: str = "127.0.0.1"
+    ) -> ServerThread:
+        srv = ServerThread(family=family, host=host, handler=handler)
+        servers.append(srv)
+        return srv
+
+    try:
+        yield make
+    finally:
+        for srv in servers:
+            srv.stop()
+
+
+def addr(srv: ServerThread) -> str:
+    return f"[{srv.host}]:{srv.port}" if ":" in srv.host else f"{srv.host}:{srv.port}"
+
+
+def as_json(out: bytes) -> dict[str, object]:
+    record = json.loads(out.decode())
+    assert isinstance(record, dict)
+    return record
+
+
+# --- what is sent ---------------------------------------------------------------------------
+
+
+def test_text_data_round_trip(start: Callable[..., ServerThread]) -> None:
+    srv = start(echo_handler)
+    res = invoke(["send", addr(srv), "hello, wörld"])
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout == "hello, wörld".encode()
+    assert res.stderr == ""
+
+
+def test_json_object_fields(start: Callable[..., ServerThread]) -> None:
+    srv = start(echo_handler)
+    res = invoke(["send", addr(srv), "ping", "--json"])
+    assert res.exit_code == 0, res.stderr
+    rec = as_json(res.stdout)
+    assert rec["target"] == addr(srv)
+    assert rec["address"] == addr(srv)
+    assert rec["proto"] == "tcp"
+    assert rec["bytes_sent"] == 4
+    assert rec["bytes_received"] == 4
+    assert rec["ended_by"] == "eof"
+    assert rec["data"] == "ping"
+    for key in ("connect_ms", "first_byte_ms", "total_ms"):
+        value = rec[key]
+        assert isinstance(value, float)
+        assert 0 <= value < LONG * 1000
+    assert rec["connect_ms"] <= rec["first_byte_ms"] <= rec["total_ms"]  # type: ignore[operator]
+
+
+def test_hex_data_is_binary_safe(start: Callable[..., ServerThread]) -> None:
+    srv = start(echo_handler)
+    res = invoke(["send", addr(srv), "--hex", "00 ff:0a 0d80"])
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout == b"\x00\xff\x0a\x0d\x80"
+    res = invoke(["send", addr(srv), "00ff80", "--hex", "--json"])
+    assert as_json(res.stdout)["data_b64"] == base64.b64encode(b"\x00\xff\x80").decode()
+
+
+def test_file_and_stdin(start: Callable[..., ServerThread], tmp_path: Path) -> None:
+    srv = start(echo_handler)
+    payload = bytes(range(256)) * 1000
+    path = tmp_path / "payload.bin"
+    path.write_bytes(payload)
+    res = invoke(["send", addr(srv), "--file", str(path)])
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout == payload
+    res = invoke(["send", addr(srv)], stdin=payload)
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout == payload
+
+
+def test_crlf_converts_bare_lf_only(start: Callable[..., ServerThread]) -> None:
+    srv = start(echo_handler)
+    res = invoke(["send", addr(srv), "--crlf"], stdin=b"a\nb\r\nc\n\nd")
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout == b"a\r\nb\r\nc\r\n\r\nd"
+
+
+def test_no_data_on_stdin_still_reads_the_greeting(start: Callable[..., ServerThread]) -> None:
+    srv = start(lambda conn: conn.sendall(b"220 ready\r\n"))
+    res = invoke(["send", addr(srv)])
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout == b"220 ready\r\n"
+
+
+# --- where reading ends ---------------------------------------------------------------------
+
+
+def _chatty(conn: socket.socket) -> None:
+    """Sends a banner in pieces, then keeps the connection open without closing."""
+    for piece in (b"220 hel", b"lo\r\n250 ", b"more\r\n", b"tail"):
+        conn.sendall(piece)
+        time.sleep(0.01)
+    conn.recv(1)  # wait for the client to go away
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--until", "\r\n"], b"220 hello\r\n"),
+        (["--until", "250"], b"220 hello\r\n250"),
+        (["--until-regex", r"2\d0 m"], b"220 hello\r\n250 m"),
+        (["--expect-bytes", "5"], b"220 h"),
+        (["--expect-bytes", "12"], b"220 hello\r\n2"),
+    ],
+)
+def test_expectations_cut_and_end_early(
+    start: Callable[..., ServerThread], args: list[str], expected: bytes
+) -> None:
+    srv = start(_chatty)
+    began = time.monotonic()
+    res = invoke(["send", addr(srv), "--no-shutdown", "--idle-timeout", "5s", *args])
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout == expected
+    assert time.monotonic() - began < 3  # ended by the expectation, not the idle timeout
+    res = invoke(["send", addr(srv), "--no-shutdown", "--json", *args])
+    rec = as_json(res.stdout)
+    assert rec["ended_by"] == "expect"
+    assert rec["expect_met"] is True
+    assert rec["data"] == expected.decode()
+
+
+def test_expectation_not_met_at_eof_exits_1(start: Callable[..., ServerThread]) -> None:
+    srv = start(lambda conn: conn.sendall(b"no delimiter here"))
+    res = invoke(["send", addr(srv), "--until", "END"])
+    assert res.exit_code == 1
+    assert res.stdout == b"no delimiter here"
+    assert "expectation not met" in res.stderr
+
+
+def test_idle_timeout_after_data_is_a_normal_end(start: Callable[..., ServerThread]) -> None:
+    srv = start(_chatty)
+    res = invoke(["send", addr(srv), "--no-shutdown", "--idle-timeout", "200ms", "--json"])
+    assert res.exit_code == 0, res.stderr
+    rec = as_json(res.stdout)
+    assert rec["ended_by"] == "idle-timeout"
+    assert rec["data"] == "220 hello\r\n250 more\r\ntail"
+
+
+def test_hexdump_format(start: Callable[..., ServerThread]) -> None:
+    srv = start(echo_handler)
+    res = invoke(["send", addr(srv), "--hexdump", "--hex", "48656c6c6f2c20776f726c64210a00ff7f41"])
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout.decode() == (
+        "00000000  48 65 6c 6c 6f 2c 20 77  6f 72 6c 64 21 0a 00 ff  |Hello, world!...|\n"
+        "00000010  7f 41                                             |.A|\n"
+        "00000012\n"
+    )
+
+
+# --- framing --------------------------------------------------------------------------------
+
+
+def _framed_upper(spec_name: str) -> Handler:
+    """Decode frames; answer each with its upper-case copy, written one byte at a time."""
+    spec = parse_framing(spec_name)
+
+    def handler(conn: socket.socket) -> None:
+        decoder = spec.decoder()
+        while True:
+            data = conn.recv(65536)
+            decoder.feed(data)
+            for frame in decoder.frames():
+                for byte in spec.encode(frame.upper()):
+                    conn.sendall(bytes([byte]))
+            if not data:
+                return
+
+    return handler
+
+
+@pytest.mark.parametrize("spec", ["line", "crlf", "len16", "len32", "netstring"])
+def test_framing_round_trip_with_one_byte_writes(
+    start: Callable[..., ServerThread], spec: str
+) -> None:
+    srv = start(_framed_upper(spec))
+    lines = b"alpha\nbeta gamma\n\ndelta"
+    res = invoke(["send", addr(srv), "--framing", spec], stdin=lines)
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout == b"ALPHA\nBETA GAMMA\n\nDELTA\n"
+    res = invoke(["send", addr(srv), "--framing", spec, "--json"], stdin=lines)
+    assert as_json(res.stdout)["frames"] == ["ALPHA", "BETA GAMMA", "", "DELTA"]
+
+
+def test_framing_data_is_one_frame_and_expect_frames(start: Callable[..., ServerThread]) -> None:
+    def two_replies(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(struct.pack("!H", 3) + b"one" + struct.pack("!H", 3) + b"two")
+        conn.recv(1)
+
+    srv = start(two_replies)
+    res = invoke(["send", addr(srv), "hi there", "--framing", "len16", "--expect-frames", "1"])
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout == b"one\n"
+
+
+def test_truncated_frame_at_eof_exits_1(start: Callable[..., ServerThread]) -> None:
+    srv = start(lambda conn: conn.sendall(struct.pack("!I", 10) + b"abc"))
+    res = invoke(["send", addr(srv), "x", "--framing", "len32", "--json"])
+    assert res.exit_code == 1
+    assert "framing_error" in as_json(res.stdout)
+
+
+# --- other transports -----------------------------------------------------------------------
+
+
+@pytest.mark.ipv6
+@pytest.mark.skipif(not HAS_IPV6, reason="no ::1 on this host")
+def test_ipv6_loopback(start: Callable[..., ServerThread]) -> None:
+    srv = start(echo_handler, family=socket.AF_INET6, host="::1")
+    res = invoke(["send", f"[::1]:{srv.port}", "six", "--json"])
+    assert res.exit_code == 0, res.stderr
+    rec = as_json(res.stdout)
+    assert rec["data"] == "six"
+    assert rec["address"] == f"[::1]:{srv.port}"
+
+
+@pytest.mark.unix
+def test_unix_socket_exchange(tmp_path: Path) -> None:
+    path = str(tmp_path / "echo.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(LONG)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(LONG)
+            echo_handler(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        res = invoke(["send", f"unix:{path}", "over unix", "--json"])
+    finally:
+        thread.join(LONG)
+        listener.close()
+    assert not thread.is_alive()
+    assert res.exit_code == 0, res.stderr
+    rec = as_json(res.stdout)
+    assert (rec["proto"], rec["data"], rec["address"]) == ("unix", "over unix", f"unix:{path}")
+
+
+@pytest.fixture
+def udp_echo() -> Iterator[int]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(SHORT)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                data, peer = sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            sock.sendto(b"re:" + data, peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(LONG)
+        sock.close()
+        assert not thread.is_alive()
+
+
+def test_udp_each_line_is_a_datagram(udp_echo: int) -> None:
+    target = f"127.0.0.1:{udp_echo}"
+    res = invoke(
+        ["send", target, "--udp", "--expect-datagrams", "3", "--json"], stdin=b"a\nbb\nccc\n"
+    )
+    assert res.exit_code == 0, res.stderr
+    rec = as_json(res.stdout)
+    assert rec["proto"] == "udp"
+    assert rec["datagrams_sent"] == rec["datagrams_received"] == 3
+    assert rec["data"] == "re:are:bbre:ccc"
+    assert rec["ended_by"] == "expect"
+    res = invoke(["send", target, "--udp", "ping", "--idle-timeout", "200ms"])
+    assert (res.exit_code, res.stdout) == (0, b"re:ping")
+
+
+def test_udp_refused_exits_1(closed_port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+    res = invoke(["send", f"127.0.0.1:{port}", "--udp", "x", "--idle-timeout", "1s"])
+    assert res.exit_code == 1
+    assert "ECONNREFUSED" in res.stderr
+
+
+# --- outcomes and exit codes ----------------------------------------------------------------
+
+
+def test_refused_exits_1(closed_port: int) -> None:
+    res = invoke(["send", f"127.0.0.1:{closed_port}", "x"])
+    assert res.exit_code == 1
+    assert res.stdout == b""
+    assert "ECONNREFUSED" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_server_that_never_answers_times_out(start: Callable[..., ServerThread]) -> None:
+    srv = start(lambda conn: conn.recv(1) and conn.recv(1))  # holds the connection open
+    began = time.monotonic()
+    res = invoke(["send", addr(srv), "x", "--no-shutdown", "--timeout", "300ms", "--json"])
+    assert time.monotonic() - began >= 0.3
+    assert res.exit_code == 3
+    assert as_json(res.stdout)["ended_by"] == "timeout"
+    res = invoke(["send", addr(srv), "x", "--no-shutdown", "--idle-timeout", "200ms"])
+    assert res.exit_code == 3
+    assert "no answer" in res.stderr
+
+
+def test_connect_timeout_exits_3(full_queue_port: int) -> None:
+    res = invoke(["send", f"127.0.0.1:{full_queue_port}", "x", "--timeout", "200ms"])
+    assert res.exit_code == 3
+    assert "timed out" in res.stderr
+
+
+def _resetter(conn: socket.socket) -> None:
+    conn.recv(65536)
+    conn.sendall(b"partial")
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def test_reset_exits_4(start: Callable[..., ServerThread]) -> None:
+    srv = start(_resetter)
+    res = invoke(["send", addr(srv), "hello", "--no-shutdown", "--json"])
+    assert res.exit_code == 4
+    rec = as_json(res.stdout)
+    assert rec["ended_by"] == "reset"
+    assert rec["errno_name"] in {"ECONNRESET", "EPIPE"}
+
+
+def test_clean_close_exits_0(start: Callable[..., ServerThread]) -> None:
+    srv = start(lambda conn: conn.sendall(b"bye"))
+    res = invoke(["send", addr(srv), "--json"])
+    assert res.exit_code == 0
+    assert as_json(res.stdout)["ended_by"] == "eof"
+
+
+def test_resolution_failure_exits_5() -> None:
+    res = invoke(["send", "no-such-host.invalid:80", "x"])
+    assert res.exit_code == 5
+    assert res.stdout == b""
+
+
+# --- repeat, transcript ---------------------------------------------------------------------
+
+
+def test_repeat_statistics(start: Callable[..., ServerThread]) -> None:
+    srv = start(echo_handler)
+    res = invoke(["send", addr(srv), "ping", "--repeat", "5", "--interval", "10ms", "--json"])
+    assert res.exit_code == 0, res.stderr
+    lines = [json.loads(line) for line in res.stdout.decode().splitlines()]
+    assert len(lines) == 6
+    assert all(line["data"] == "ping" for line in lines[:5])
+    stats = lines[5]
+    assert stats["kind"] == "send-stats"
+    assert (stats["runs"], stats["completed"], stats["failed"]) == (5, 5, 0)
+    for metric in ("connect_ms", "first_byte_ms", "total_ms"):
+        row = stats[metric]
+        assert row["count"] == 5
+        assert row["min"] <= row["p50"] <= row["p90"] <= row["p99"] <= row["max"]
+        assert row["min"] <= row["avg"] <= row["max"]
+    assert srv.accepted == 5
+    text = invoke(["send", addr(srv), "ping", "--repeat", "3"])
+    assert text.exit_code == 0
+    assert b"runs 3  completed 3  failed 0" in text.stdout
+    assert b"first byte" in text.stdout
+
+
+def test_repeat_counts_failures(closed_port: int) -> None:
+    res = invoke(["send", f"127.0.0.1:{closed_port}", "x", "--repeat", "3"])
+    assert res.exit_code == 1
+    assert b"failed 3" in res.stdout
+
+
+def test_transcript(start: Callable[..., ServerThread], tmp_path: Path) -> None:
+    srv = start(echo_handler)
+    path = tmp_path / "t.jsonl"
+    res = invoke(["send", addr(srv), "abc", "--transcript", str(path)])
+    assert res.exit_code == 0, res.stderr
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    sent = b"".join(base64.b64decode(r["data_b64"]) for r in records if r["direction"] == "send")
+    got = b"".join(base64.b64decode(r["data_b64"]) for r in records if r["direction"] == "recv")
+    assert (sent, got) == (b"abc", b"abc")
+    assert all(r["size"] == len(base64.b64decode(r["data_b64"])) for r in records)
+    stamps = [r["monotonic"] for r in records]
+    assert stamps == sorted(stamps)
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["127.0.0.1:9", "zz", "--hex"], "not a hex string"),
+        (["127.0.0.1:9", "--file", "/nonexistent/file"], "cannot read"),
+        (["127.0.0.1:9", "x", "--until", "a", "--until-regex", "b"], "exclude each other"),
+        (["127.0.0.1:9", "x", "--until-regex", "("], "not a valid regex"),
+        (["127.0.0.1:9", "x", "--framing", "len7"], "len7"),
+        (["127.0.0.1:9", "x", "--expect-frames", "2"], "needs --framing"),
+        (["127.0.0.1:9", "x", "--expect-datagrams", "2"], "needs --udp"),
+        (["127.0.0.1", "x"], "one port"),
+        (["127.0.0.1:9", "x", "--idle-timeout", "soon"], "not a duration"),
+        (["127.0.0.1:9", "x", "--file", "/etc/hostname"], "not both"),
+        (["127.0.0.1:9", "--hex"], "--hex needs DATA"),
+        (["127.0.0.1:9", "x", "--crlf", "--framing", "line"], "--crlf"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args: list[str], needle: str) -> None:
+    res = invoke(["send", *args])
+    assert res.exit_code == 2
+    assert res.stdout == b""
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert needle in res.stderr
