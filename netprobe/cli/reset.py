@@ -350,13 +350,397 @@ def _client_target(text: str) -> tuple[Any, str]:
     return resolved, format_hostport(parsed.host, port)
 
 
-@app.command()
-def serve(ctx: typer.Context) -> None:
-    """Not built yet."""
-    raise UsageError("reset serve is not built yet in this version")
+class _Output:
+    """Announce line, per-connection records, toggles and totals (JSON Lines or text)."""
+
+    def __init__(self, command: str, json_out: bool, quiet: bool) -> None:
+        self.command = command
+        self.json_out = json_out
+        self.quiet = quiet
+
+    def _write(self, stream: Any, line: str) -> None:
+        try:
+            stream.write(line + "\n")
+            stream.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # nobody reads any more; serving goes on
+
+    def ready(self, bound: Any) -> None:
+        from netprobe.render import dump_json
+
+        if self.quiet:
+            return
+        self._write(
+            sys.stdout, dump_json(bound.to_record()) if self.json_out else f"listening on {bound}"
+        )
+
+    def record(self, record: dict[str, Any]) -> None:
+        from netprobe.render import dump_json
+
+        if self.quiet:
+            return
+        if self.json_out:
+            self._write(sys.stdout, dump_json(record))
+            return
+        fired = (
+            f"{record['action']} at {record['fired_at_s']:.3f}s" if record["fired"] else "passed"
+        )
+        self._write(
+            sys.stderr,
+            f"#{record['conn_id']} {record['peer']} {record['trigger'] or '-'}: {fired}, "
+            f"in={record['bytes_in']} out={record['bytes_out']} "
+            f"{record['duration_s']:.3f}s {record['reason']}",
+        )
+
+    def toggled(self, enabled: bool, summary: Any) -> None:
+        from netprobe.render import dump_json
+
+        state = "on" if enabled else "off"
+        if self.json_out and not self.quiet:
+            self._write(sys.stdout, dump_json({"event": "faults", "enabled": enabled}))
+        self._write(sys.stderr, f"netprobe: {self.command}: faults {state}")
+
+    def running(self, summary: Any) -> None:
+        self._write(
+            sys.stderr, f"netprobe: {self.command}: {self._totals_text(summary.to_record())}"
+        )
+
+    def totals(self, summary: Any, faults: Any, extra: dict[str, Any]) -> None:
+        from netprobe.render import dump_json
+
+        record = {"event": "totals", "kind": self.command, **summary.to_record()}
+        record.update(faults.to_record())
+        record.update(extra)
+        if self.quiet:
+            return
+        if self.json_out:
+            self._write(sys.stdout, dump_json(record))
+        else:
+            self._write(sys.stdout, self._totals_text(record))
+
+    @staticmethod
+    def _totals_text(record: dict[str, Any]) -> str:
+        actions = ", ".join(f"{k} {v}" for k, v in sorted(record.get("actions", {}).items()))
+        text = (
+            f"totals: connections {record['connections']}, bytes in {record['bytes_in']}, "
+            f"bytes out {record['bytes_out']}"
+        )
+        if "faulted" in record:
+            text += f", faulted {record['faulted']} ({actions or '-'}), passed {record['passed']}"
+        if record.get("seed") is not None:
+            text += f", seed {record['seed']}"
+        return text
+
+
+def _default_trigger(
+    trigger: Trigger | None, action: str | None, plan: str | None, probability: float | None
+) -> Trigger | None:
+    """Choosing an action, plan or probability without a trigger means: act at once."""
+    from netprobe.engines.reset_faults import Trigger, TriggerKind
+
+    if trigger is None and (action is not None or plan is not None or probability is not None):
+        return Trigger(TriggerKind.ON_ACCEPT)
+    return trigger
 
 
 @app.command()
-def proxy(ctx: typer.Context) -> None:
-    """Not built yet."""
-    raise UsageError("reset proxy is not built yet in this version")
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0 picks a free one).")
+    ] = 0,
+    unix: Annotated[
+        str | None, typer.Option("--unix", metavar="PATH", help="Listen on a Unix stream socket.")
+    ] = None,
+    mode: Annotated[
+        str,
+        typer.Option(
+            "--mode",
+            metavar="MODE",
+            help="Before the fault: echo, discard, or 'send BYTES' (a generated stream; 'send' alone: endless).",
+        ),
+    ] = "echo",
+    on_accept: OnAccept = False,
+    after_bytes: AfterBytes = None,
+    after_ms: AfterMs = None,
+    after_frames: AfterFrames = None,
+    framing: Framing = None,
+    after_bytes_out: AfterBytesOut = None,
+    on_idle: OnIdle = None,
+    probability: Probability = None,
+    seed: Seed = None,
+    plan: Plan = None,
+    action: Annotated[
+        str | None,
+        typer.Option(
+            "--action",
+            metavar="ACTION",
+            help="rst (default: peer gets ECONNRESET), fin, half-close, hang, slow.",
+            rich_help_panel=_A,
+        ),
+    ] = None,
+    bandwidth: Bandwidth = None,
+    slow_accept: Annotated[
+        bool,
+        typer.Option(
+            "--slow-accept",
+            help="Tiny backlog pre-filled by netprobe, accepting at --accept-rate: connects are slow.",
+        ),
+    ] = False,
+    no_accept: Annotated[
+        bool,
+        typer.Option(
+            "--no-accept",
+            help="Tiny backlog pre-filled by netprobe, never accepting: connects time out.",
+        ),
+    ] = False,
+    accept_rate: Annotated[
+        float,
+        typer.Option(
+            "--accept-rate", min=0.001, metavar="R", help="Accepts per second with --slow-accept."
+        ),
+    ] = 1.0,
+    backlog: Annotated[int, typer.Option("--backlog", min=0, help="listen() backlog.")] = 128,
+    count: Count = None,
+    run_for: Duration = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """A server that behaves (echo by default) until the trigger, then performs the action.
+
+    The first stdout line announces the address (`listening on 127.0.0.1:PORT/tcp`, or a JSON
+    object with --json). Each connection ends with a record (JSON on stdout, text on stderr):
+    trigger, action, whether it fired and when, bytes each way. Totals at exit (SIGINT/SIGTERM,
+    --count, --duration); SIGUSR1 prints running totals.
+    """
+    from netprobe.engines.reset import SERVE_TRIGGERS, ResetOptions, make_serve, parse_mode
+    from netprobe.server import ServerConfig
+
+    trigger, schedule, rate = _faults(
+        SERVE_TRIGGERS,
+        on_accept=on_accept,
+        after_bytes=after_bytes,
+        after_ms=after_ms,
+        after_frames=after_frames,
+        framing=framing,
+        after_bytes_out=after_bytes_out,
+        on_idle=on_idle,
+        action=action or "rst",
+        plan=plan,
+        probability=probability,
+        seed=seed,
+        bandwidth=bandwidth,
+    )
+    trigger = _default_trigger(trigger, action, plan, probability)
+    serve_mode, send_bytes = parse_mode(mode)
+    if slow_accept and no_accept:
+        raise UsageError("--slow-accept and --no-accept exclude each other")
+    if (slow_accept or no_accept) and unix is not None:
+        raise UsageError("--slow-accept/--no-accept need TCP (a full Unix queue fails at once)")
+    run_s = _duration_opt(run_for, "--duration")
+    config = ServerConfig(
+        host=host,
+        port=port,
+        path=unix,
+        backlog=0 if (slow_accept or no_accept) else backlog,
+        pause_accept=no_accept,
+        accept_rate=accept_rate if slow_accept else None,
+        count=count,
+        duration_s=run_s,
+    )
+    options = ResetOptions(
+        trigger=trigger, schedule=schedule, slow_rate=rate, mode=serve_mode, send_bytes=send_bytes
+    )
+    out = _Output("reset serve", json_out, quiet)
+    server, faults, control = make_serve(
+        config, options, on_record=out.record, on_ready=out.ready, on_totals=out.running
+    )
+    server.listen()  # bind errors surface here (exit 6), before anything is printed
+    try:
+        if slow_accept or no_accept:
+            control.prefill()
+        summary = server.run()
+    finally:
+        control.release()
+    out.totals(summary, faults, {"seed": schedule.seed})
+
+
+@app.command()
+def proxy(
+    listen: Annotated[
+        str,
+        typer.Option("--listen", metavar="HOST:PORT", help="Where clients connect (port 0: any)."),
+    ] = "127.0.0.1:0",
+    upstream: Annotated[
+        str | None, typer.Option("--upstream", metavar="HOST:PORT", help="Where to forward to.")
+    ] = None,
+    allow_remote: Annotated[
+        bool, typer.Option("--allow-remote", help="Allow a non-loopback upstream.")
+    ] = False,
+    direction: Annotated[
+        str,
+        typer.Option(
+            "--direction",
+            metavar="DIR",
+            help="Side the fault hits and whose bytes count: up (server), down (client), both.",
+        ),
+    ] = "both",
+    on_accept: OnAccept = False,
+    on_connect: OnConnect = False,
+    after_bytes: AfterBytes = None,
+    after_ms: AfterMs = None,
+    after_frames: AfterFrames = None,
+    framing: Framing = None,
+    on_idle: OnIdle = None,
+    probability: Probability = None,
+    seed: Seed = None,
+    plan: Plan = None,
+    action: Annotated[
+        str | None,
+        typer.Option(
+            "--action",
+            metavar="ACTION",
+            help="rst (default), fin, half-close, hang, slow (at --bandwidth).",
+            rich_help_panel=_A,
+        ),
+    ] = None,
+    bandwidth: Bandwidth = None,
+    latency: Annotated[
+        str | None,
+        typer.Option(
+            "--latency",
+            metavar="T",
+            help="Delay every chunk by T (50ms).",
+            rich_help_panel="Toxics",
+        ),
+    ] = None,
+    jitter: Annotated[
+        str | None,
+        typer.Option(
+            "--jitter", metavar="T", help="Vary the latency by up to ±T.", rich_help_panel="Toxics"
+        ),
+    ] = None,
+    slice_size: Annotated[
+        str | None,
+        typer.Option(
+            "--slice",
+            metavar="N",
+            help="Forward in writes of at most N bytes.",
+            rich_help_panel="Toxics",
+        ),
+    ] = None,
+    slice_delay: Annotated[
+        str | None,
+        typer.Option(
+            "--slice-delay", metavar="T", help="Pause T between slices.", rich_help_panel="Toxics"
+        ),
+    ] = None,
+    limit_bytes: Annotated[
+        str | None,
+        typer.Option(
+            "--limit-bytes", metavar="N", help="Close after N bytes.", rich_help_panel="Toxics"
+        ),
+    ] = None,
+    timeout: Annotated[
+        str | None,
+        typer.Option(
+            "--timeout",
+            metavar="T",
+            help="Stop forwarding and close after T.",
+            rich_help_panel="Toxics",
+        ),
+    ] = None,
+    connect_timeout: Annotated[
+        float,
+        typer.Option(
+            "--connect-timeout", parser=duration, metavar="T", help="Upstream connect timeout."
+        ),
+    ] = 5.0,
+    count: Count = None,
+    run_for: Duration = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """A TCP proxy that forwards faithfully until the trigger, then acts on the chosen side(s).
+
+    Toxics (--latency, --jitter, --bandwidth, --slice, --limit-bytes, --timeout) apply to the
+    --direction's bytes from the start. SIGUSR1 switches all faults off and on (the new state
+    is printed). A non-loopback --upstream needs --allow-remote.
+    """
+    from netprobe.engines.reset import (
+        PROXY_TRIGGERS,
+        Direction,
+        ResetOptions,
+        Toxics,
+        make_proxy,
+    )
+    from netprobe.server import ServerConfig
+    from netprobe.sockets import is_loopback, parse_host_port
+
+    if upstream is None:
+        raise UsageError("--upstream HOST:PORT is required")
+    up_host, up_port = parse_host_port(upstream, allow_port_zero=False)
+    if not allow_remote and not is_loopback(up_host):
+        raise UsageError(
+            f"--upstream {upstream}: {up_host} is not a loopback address (pass --allow-remote)"
+        )
+    listen_host, listen_port = parse_host_port(listen)
+    try:
+        chosen = Direction(direction.strip().lower())
+    except ValueError:
+        raise UsageError(f"--direction {direction!r}: choose up, down or both") from None
+    slow = (action or "").strip().lower() == "slow" or "slow" in (plan or "").lower()
+    trigger, schedule, rate = _faults(
+        PROXY_TRIGGERS,
+        on_accept=on_accept,
+        on_connect=on_connect,
+        after_bytes=after_bytes,
+        after_ms=after_ms,
+        after_frames=after_frames,
+        framing=framing,
+        on_idle=on_idle,
+        action=action or "rst",
+        plan=plan,
+        probability=probability,
+        seed=seed,
+        bandwidth=bandwidth,
+    )
+    trigger = _default_trigger(trigger, action, plan, probability)
+    jitter_s = _duration_opt(jitter, "--jitter") or 0.0
+    latency_s = _duration_opt(latency, "--latency") or 0.0
+    slice_n = _size_opt(slice_size, "--slice")
+    if slice_n == 0:
+        raise UsageError("--slice 0: a slice must be at least 1 byte")
+    if slice_delay is not None and slice_n is None:
+        raise UsageError("--slice-delay needs --slice")
+    toxics = Toxics(
+        latency_s=latency_s,
+        jitter_s=jitter_s,
+        bandwidth=None if slow else rate,
+        slice_size=slice_n,
+        slice_delay_s=_duration_opt(slice_delay, "--slice-delay") or 0.0,
+        limit_bytes=_size_opt(limit_bytes, "--limit-bytes"),
+        timeout_s=_duration_opt(timeout, "--timeout"),
+    )
+    config = ServerConfig(
+        host=listen_host,
+        port=listen_port,
+        count=count,
+        duration_s=_duration_opt(run_for, "--duration"),
+    )
+    options = ResetOptions(
+        trigger=trigger,
+        schedule=schedule,
+        slow_rate=rate,
+        upstream=(up_host, up_port),
+        direction=chosen,
+        toxics=toxics,
+        connect_timeout_s=connect_timeout,
+    )
+    out = _Output("reset proxy", json_out, quiet)
+    server, faults, _control = make_proxy(
+        config, options, on_record=out.record, on_ready=out.ready, on_toggle=out.toggled
+    )
+    server.listen()
+    summary = server.run()
+    out.totals(summary, faults, {"seed": schedule.seed, "upstream": upstream})

@@ -1,0 +1,1014 @@
+"""`reset serve` and `reset proxy`: handlers on the one server core that misbehave on cue.
+Does I/O (through netprobe.server only).
+
+Strategy: every connection draws its action from the run's FaultSchedule when it opens
+(plan step, seeded coin, or always), then a TriggerState counts its bytes/frames while timers
+watch after-ms / on-idle. Bytes before the trigger are served faithfully (echoed, discarded,
+forwarded); at the trigger the action runs: rst aborts (SO_LINGER 0), fin and half-close send
+FIN and drain what the peer still sends (so the FIN is not turned into a RST by unread data),
+hang stops reading and writing, slow routes the output through a paced _Pipe.
+
+The proxy joins a client connection and an outbound upstream connection with two _Pipes (one
+per direction) that apply toxics (latency, jitter, bandwidth, slices) when enabled and write
+straight through when not; back-pressure pauses the *other* side's reading.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from netprobe.engines.reset_client import generated_stream
+from netprobe.engines.reset_faults import (
+    Action,
+    FaultSchedule,
+    Trigger,
+    TriggerKind,
+    TriggerState,
+)
+from netprobe.server import (
+    DEFAULT_HIGH_WATER,
+    DEFAULT_LOW_WATER,
+    Bound,
+    Connection,
+    Handler,
+    Server,
+    ServerConfig,
+    ServerSummary,
+)
+
+__all__ = [
+    "PROXY_TRIGGERS",
+    "SERVE_TRIGGERS",
+    "Direction",
+    "FaultTotals",
+    "ProxyControl",
+    "ResetOptions",
+    "ServeControl",
+    "ServeMode",
+    "Toxics",
+    "make_proxy",
+    "make_serve",
+    "parse_mode",
+]
+
+SERVE_TRIGGERS = frozenset(TriggerKind) - {TriggerKind.ON_CONNECT}
+PROXY_TRIGGERS = frozenset(TriggerKind) - {TriggerKind.AFTER_BYTES_OUT}
+
+# After a `fin` action, the peer gets this long to close its side before we close ours.
+_FIN_LINGER_S = 2.0
+# The send mode writes this much per step while the peer keeps up.
+_SEND_CHUNK = 64 * 1024
+# Paced output wakes at most this often (a 1 KB/s trickle writes ~10-byte pieces).
+_PACE_TICK_S = 0.01
+
+
+class Direction(StrEnum):
+    """Which side a proxy fault hits: down (towards the client), up (towards upstream)."""
+
+    UP = "up"
+    DOWN = "down"
+    BOTH = "both"
+
+
+class ServeMode(StrEnum):
+    ECHO = "echo"
+    DISCARD = "discard"
+    SEND = "send"
+
+
+def parse_mode(text: str) -> tuple[ServeMode, int | None]:
+    """`echo`, `discard`, `send` or `send BYTES` (also `send:BYTES`): mode and byte count.
+
+    Raises:
+        UsageError: an unknown mode or a bad size.
+    """
+    from netprobe.errors import UsageError
+    from netprobe.sockets import parse_size
+
+    name, _, rest = text.strip().replace(":", " ").replace("=", " ").partition(" ")
+    try:
+        mode = ServeMode(name.lower())
+    except ValueError:
+        raise UsageError(f"--mode {text!r}: choose echo, discard, send or 'send BYTES'") from None
+    if not rest.strip():
+        return mode, None
+    if mode is not ServeMode.SEND:
+        raise UsageError(f"--mode {text!r}: only 'send' takes a byte count")
+    return mode, parse_size(rest.strip())
+
+
+@dataclass(frozen=True, slots=True)
+class Toxics:
+    """toxiproxy-style faults on forwarded bytes (0/None: off)."""
+
+    latency_s: float = 0.0
+    jitter_s: float = 0.0
+    bandwidth: int | None = None  # bytes per second
+    slice_size: int | None = None
+    slice_delay_s: float = 0.0
+    limit_bytes: int | None = None
+    timeout_s: float | None = None
+
+    @property
+    def shaping(self) -> bool:
+        return bool(self.latency_s or self.jitter_s or self.bandwidth or self.slice_size)
+
+
+@dataclass(slots=True)
+class ResetOptions:
+    """Everything `reset serve` / `reset proxy` need besides the server config.
+
+    Attributes:
+        trigger: when faults act (None: never; faults are then only toxics/accept faults).
+        schedule: which connections are faulted, with which action.
+        slow_rate: bytes per second for the `slow` action.
+        mode / send_bytes: serve only: echo, discard, or send a generated stream.
+        upstream: proxy only: (host, port) to forward to.
+        direction: proxy only: the side(s) the action hits and whose bytes count.
+        toxics: proxy only.
+        framing: the framing spec for after-frames.
+        connect_timeout_s: proxy only: upstream connect timeout.
+    """
+
+    trigger: Trigger | None
+    schedule: FaultSchedule
+    slow_rate: int | None = None
+    mode: ServeMode = ServeMode.ECHO
+    send_bytes: int | None = None
+    upstream: tuple[str, int] | None = None
+    direction: Direction = Direction.BOTH
+    toxics: Toxics = field(default_factory=Toxics)
+    connect_timeout_s: float = 5.0
+
+
+@dataclass(slots=True)
+class FaultTotals:
+    """What the faults did over a run (merged into the totals record)."""
+
+    faulted: int = 0
+    passed: int = 0
+    actions: dict[str, int] = field(default_factory=dict)
+
+    def to_record(self) -> dict[str, Any]:
+        return {"faulted": self.faulted, "passed": self.passed, "actions": dict(self.actions)}
+
+
+class _Run:
+    """Run-wide state shared by every handler of one server (loop thread only)."""
+
+    def __init__(
+        self,
+        options: ResetOptions,
+        on_record: Callable[[dict[str, Any]], None] | None,
+        kind: str,
+    ) -> None:
+        self.options = options
+        self.on_record = on_record
+        self.kind = kind
+        self.enabled = True
+        self.index = 0
+        self.totals = FaultTotals()
+        self.fillers: set[str] = set()  # our own queue fillers (slow-accept), as peers
+        self.rng = random.Random(options.schedule.seed)
+        self.server: Server | None = None
+
+    def draw(self) -> tuple[int, Action]:
+        index = self.index
+        self.index += 1
+        if self.options.trigger is None:
+            return index, Action.OK
+        return index, self.options.schedule.action_for(index)
+
+    def decoder(self) -> Any:
+        trig = self.options.trigger
+        if trig is None or trig.kind is not TriggerKind.AFTER_FRAMES or trig.framing is None:
+            return None
+        from netprobe.framing import parse_framing
+
+        return parse_framing(trig.framing).decoder()
+
+    def account(self, action: Action, fired: bool) -> None:
+        if fired:
+            self.totals.faulted += 1
+            self.totals.actions[action] = self.totals.actions.get(action, 0) + 1
+        else:
+            self.totals.passed += 1
+
+    def emit(self, record: dict[str, Any]) -> None:
+        if self.on_record is not None:
+            self.on_record({"event": "connection", "kind": self.kind, **record})
+
+
+class _Pipe:
+    """One direction of bytes on its way into `dest`: straight through, or shaped.
+
+    Shaping (when the run's faults are enabled): each chunk is held until its due time
+    (latency + jitter, never reordering), then written in slices of at most `slice_size` with
+    `slice_delay_s` between them, within a token bucket of `rate` bytes per second. Above
+    the high-water mark of held bytes `on_full(True)` asks the source to stop reading.
+    """
+
+    def __init__(
+        self,
+        dest: Connection,
+        toxics: Toxics,
+        run: _Run,
+        on_full: Callable[[bool], None],
+        timer_conn: Connection,
+    ) -> None:
+        self.dest = dest
+        self.toxics = toxics
+        self.run = run
+        self.on_full = on_full
+        self.timer_conn = timer_conn  # whose call_later to use (any live connection will do)
+        self.rate: int | None = toxics.bandwidth
+        self.dropped = False
+        self.forwarded = 0
+        self._queue: deque[list[Any]] = deque()  # [due, bytes, offset]
+        self._queued = 0
+        self._last_due = 0.0
+        self._tokens = 0.0
+        self._tokens_at = time.monotonic()
+        self._timer: Any = None
+        self._full = False
+        self._on_drained: Callable[[], None] | None = None
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def _shaping(self) -> bool:
+        return self.run.enabled and (self.toxics.shaping or self.rate is not None)
+
+    def set_rate(self, rate: int | None) -> None:
+        self.rate = rate
+        self._tokens = 0.0
+        self._tokens_at = time.monotonic()
+
+    def push(self, data: bytes) -> None:
+        if self.dropped or not data:
+            return
+        if not self._queue and not self._shaping():
+            self.forwarded += len(data)
+            self.dest.write(data)
+            return
+        due = time.monotonic()
+        if self.run.enabled and (self.toxics.latency_s or self.toxics.jitter_s):
+            jitter = self.run.rng.uniform(-self.toxics.jitter_s, self.toxics.jitter_s)
+            due += max(0.0, self.toxics.latency_s + jitter)
+        due = max(due, self._last_due)
+        self._last_due = due
+        self._queue.append([due, data, 0])
+        self._queued += len(data)
+        if not self._full and self._queued > DEFAULT_HIGH_WATER:
+            self._full = True
+            self.on_full(True)
+        self._pump()
+
+    def when_drained(self, callback: Callable[[], None]) -> None:
+        """Run callback once every held byte is written (at once if none is held)."""
+        if not self._queue or self.dropped:
+            callback()
+        else:
+            self._on_drained = callback
+
+    def drop(self) -> None:
+        """Forget held bytes and ignore later ones (the destination is gone or cut off)."""
+        self.dropped = True
+        self._queue.clear()
+        self._queued = 0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _wake(self) -> None:
+        self._timer = None
+        self._pump()
+
+    def _later(self, delay_s: float) -> None:
+        self._timer = self.timer_conn.call_later(max(0.0, delay_s), self._wake)
+
+    def _pump(self) -> None:
+        if self._timer is not None or self.dropped:
+            return
+        toxics = self.toxics
+        while self._queue:
+            if self.dest.is_closing:
+                self.drop()
+                return
+            head = self._queue[0]
+            due, data, offset = head
+            shaping = self._shaping()
+            now = time.monotonic()
+            if shaping and due > now:
+                self._later(due - now)
+                return
+            count = len(data) - offset
+            if shaping and toxics.slice_size:
+                count = min(count, toxics.slice_size)
+            if shaping and self.rate is not None:
+                rate = float(self.rate)
+                self._tokens = min(rate * 0.1 + 1.0, self._tokens + (now - self._tokens_at) * rate)
+                self._tokens_at = now
+                step = max(1.0, rate * _PACE_TICK_S)
+                if self._tokens < min(step, count):
+                    self._later((min(step, count) - self._tokens) / rate)
+                    return
+                count = min(count, int(self._tokens))
+                self._tokens -= count
+            piece = data[offset : offset + count]
+            head[2] = offset + count
+            if head[2] >= len(data):
+                self._queue.popleft()
+            self._queued -= count
+            self.forwarded += count
+            self.dest.write(piece)
+            if self._full and self._queued < DEFAULT_LOW_WATER:
+                self._full = False
+                self.on_full(False)
+            if shaping and toxics.slice_size and toxics.slice_delay_s and self._queue:
+                self._later(toxics.slice_delay_s)
+                return
+        if self._full:
+            self._full = False
+            self.on_full(False)
+        callback, self._on_drained = self._on_drained, None
+        if callback is not None:
+            callback()
+
+
+# ---------------------------------------------------------------------------------------------
+# reset serve
+# ---------------------------------------------------------------------------------------------
+
+
+class _ServeHandler(Handler):
+    """One client of `reset serve`: echo/discard/send until the trigger, then the action."""
+
+    __slots__ = (
+        "_after_fire",
+        "_filler",
+        "_pipe",
+        "_sent",
+        "_timers",
+        "action",
+        "conn",
+        "fired_at",
+        "index",
+        "last_rx",
+        "run",
+        "state",
+    )
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.conn: Connection | None = None
+        self.index = -1
+        self.action = Action.OK
+        self.state = TriggerState(None)
+        self.fired_at: float | None = None
+        self.last_rx = 0.0
+        self._pipe: _Pipe | None = None
+        self._timers: list[Any] = []
+        self._sent = 0
+        self._after_fire: Action | None = None  # the action now in force
+        self._filler = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def on_open(self, conn: Connection) -> None:
+        self.conn = conn
+        if conn.peer in self.run.fillers:
+            # One of our own accept-queue fillers (slow-accept): not a client, let it go.
+            self.run.fillers.discard(conn.peer)
+            self._filler = True
+            conn.abort("filler")
+            return
+        self.index, self.action = self.run.draw()
+        options = self.run.options
+        trigger = options.trigger
+        self.last_rx = conn.started_at
+        if self.action is not Action.OK and trigger is not None:
+            self.state = TriggerState(trigger, self.run.decoder())
+            if trigger.at_once:
+                self.fire()
+                if conn.is_closing or self._after_fire is Action.HANG:
+                    return
+            elif trigger.kind is TriggerKind.AFTER_MS:
+                self._timers.append(conn.call_later(float(trigger.value or 0), self._timer_fire))
+            elif trigger.kind is TriggerKind.ON_IDLE:
+                self._timers.append(conn.call_later(float(trigger.value or 0), self._idle_check))
+        if options.mode is ServeMode.SEND:
+            self._pump_send()
+
+    def on_data(self, conn: Connection, data: bytes) -> None:
+        self.last_rx = time.monotonic()
+        done = self._after_fire
+        if done in (Action.FIN, Action.HALF_CLOSE, Action.HANG):
+            return  # drained and dropped: we only wait for the peer's FIN
+        if not self.state.fired and self.state.trigger is not None:
+            cut = self.state.cut_in(data)
+            if cut is not None:
+                self._serve(data[:cut])
+                self.fire()
+                if self._after_fire is Action.SLOW:
+                    self._serve(data[cut:])
+                return
+        self._serve(data)
+
+    def on_eof(self, conn: Connection) -> None:
+        if self._after_fire in (Action.FIN, Action.HALF_CLOSE):
+            conn.close(str(self._after_fire))
+            return
+        if self._pipe is not None and self._pipe.queued:
+            self._pipe.when_drained(lambda: conn.close("eof"))
+            return
+        conn.close("eof")
+
+    def on_write_resumed(self, conn: Connection) -> None:
+        super().on_write_resumed(conn)
+        if self.run.options.mode is ServeMode.SEND:
+            self._pump_send()
+
+    def on_close(self, conn: Connection, reason: str) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        if self._pipe is not None:
+            self._pipe.drop()
+        if self._filler:
+            return
+        fired = self.fired_at is not None
+        self.run.account(self.action, fired)
+        trigger = self.run.options.trigger
+        self.run.emit(
+            {
+                "conn_id": conn.conn_id,
+                "peer": conn.peer,
+                "trigger": trigger.describe() if trigger is not None else None,
+                "action": str(self.action),
+                "fired": fired,
+                "fired_at_s": None if self.fired_at is None else round(self.fired_at, 6),
+                "bytes_in": conn.bytes_in,
+                "bytes_out": conn.bytes_out,
+                "duration_s": round(time.monotonic() - conn.started_at, 6),
+                "reason": reason,
+                "errno_name": conn.errno_name,
+            }
+        )
+
+    # -- serving -----------------------------------------------------------------------------
+
+    def _serve(self, data: bytes) -> None:
+        if data and self.run.options.mode is ServeMode.ECHO:
+            self._out(data)
+
+    def _out(self, data: bytes) -> None:
+        conn = self.conn
+        assert conn is not None
+        if not data or conn.is_closing or self._after_fire is Action.HANG:
+            return
+        if self._pipe is not None:
+            self._pipe.push(data)
+            return
+        if not self.state.fired and self.state.trigger is not None:
+            cut = self.state.cut_out(len(data))
+            if cut is not None:
+                conn.write(data[:cut])
+                self.fire()
+                self._push_slow(data[cut:])
+                return
+        conn.write(data)
+
+    def _push_slow(self, data: bytes) -> None:
+        # After a `slow` action the rest of the output goes through the pacing pipe.
+        if self._after_fire is Action.SLOW and self._pipe is not None:
+            self._pipe.push(data)
+
+    def _pump_send(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        limit = self.run.options.send_bytes
+        while not conn.is_closing and self._after_fire not in (Action.HANG, Action.FIN):
+            if self._after_fire is Action.HALF_CLOSE:
+                return
+            if limit is not None and self._sent >= limit:
+                conn.half_close()  # the response is complete; close once the peer does
+                return
+            if self._pipe is not None:
+                if self._pipe.queued >= _SEND_CHUNK:
+                    self._pipe.when_drained(self._pump_send)
+                    return
+            elif conn.write_buffer_size >= DEFAULT_HIGH_WATER:
+                return  # on_write_resumed calls us again
+            size = _SEND_CHUNK if limit is None else min(_SEND_CHUNK, limit - self._sent)
+            chunk = generated_stream(size, self._sent)
+            self._sent += size
+            self._out(chunk)
+
+    # -- the fault ---------------------------------------------------------------------------
+
+    def _timer_fire(self) -> None:
+        if self.conn is not None and not self.conn.is_closing and not self.state.fired:
+            self.state.fired = True
+            self.fire()
+
+    def _idle_check(self) -> None:
+        conn = self.conn
+        trigger = self.run.options.trigger
+        if conn is None or conn.is_closing or self.state.fired or trigger is None:
+            return
+        idle = float(trigger.value or 0)
+        left = self.last_rx + idle - time.monotonic()
+        if left > 0:
+            self._timers.append(conn.call_later(left, self._idle_check))
+            return
+        self.state.fired = True
+        self.fire()
+
+    def fire(self) -> None:
+        """Perform this connection's action now."""
+        conn = self.conn
+        assert conn is not None
+        self.state.fired = True
+        if not self.run.enabled or self.fired_at is not None:
+            return
+        self.fired_at = time.monotonic() - conn.started_at
+        action = self.action
+        self._after_fire = action
+        if action is Action.RST:
+            conn.abort("rst")
+        elif action is Action.FIN:
+            self._fin(conn, "fin")
+        elif action is Action.HALF_CLOSE:
+            conn.half_close()
+        elif action is Action.HANG:
+            conn.pause_reading("hang")
+        elif action is Action.SLOW:
+            rate = self.run.options.slow_rate
+            self._pipe = _Pipe(conn, Toxics(bandwidth=rate), self.run, self._pipe_full, conn)
+            self._pipe.set_rate(rate)
+
+    def _fin(self, conn: Connection, reason: str) -> None:
+        # FIN now, then read (and drop) until the peer closes: closing with unread bytes
+        # would send RST instead (TCPAbortOnClose, SOCKETS.md §5).
+        conn.half_close()
+        self._timers.append(conn.call_later(_FIN_LINGER_S, conn.close, reason))
+
+    def _pipe_full(self, full: bool) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        if full:
+            conn.pause_reading("slow")
+        else:
+            conn.resume_reading("slow")
+
+
+class ServeControl:
+    """Accept-queue control of a `reset serve` run (--no-accept / --slow-accept)."""
+
+    def __init__(self, server: Server, run: _Run) -> None:
+        self._server = server
+        self._run = run
+        self._fillers: list[Any] = []
+
+    def prefill(self, *, timeout_s: float = 5.0) -> int:
+        """Connect our own clients until the accept queue is full; returns how many.
+
+        Call after server.listen(). Later clients' SYNs are then dropped, so their connects
+        time out (or wait for a retransmit after an accept), with no root needed. Unix
+        sockets are skipped: a full Unix queue fails connects at once (EAGAIN), not slowly.
+        """
+        from netprobe.sockets import fill_accept_queue, format_hostport
+
+        bound = self._server.bound
+        listener = self._server.listener
+        if bound is None or listener is None or bound.path is not None:
+            return 0
+        clients = fill_accept_queue(listener, deadline=time.monotonic() + timeout_s)
+        for client in clients:
+            host, port = client.getsockname()[:2]
+            self._run.fillers.add(format_hostport(str(host), int(port)))
+        self._fillers.extend(clients)
+        return len(clients)
+
+    def release(self) -> None:
+        """Close our queue fillers (at the end of the run)."""
+        from netprobe.sockets import abort_connection
+
+        for client in self._fillers:
+            abort_connection(client)
+        self._fillers.clear()
+
+
+def make_serve(
+    config: ServerConfig,
+    options: ResetOptions,
+    *,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+    on_ready: Callable[[Bound], None] | None = None,
+    on_totals: Callable[[ServerSummary], None] | None = None,
+) -> tuple[Server, FaultTotals, ServeControl]:
+    """Build the `reset serve` server (not started).
+
+    Args:
+        on_record: receives one dict per finished connection (event "connection").
+        on_ready: receives the bound address once listening.
+        on_totals: receives running totals on SIGUSR1.
+
+    Returns:
+        (server, fault totals filled in as it runs, accept-queue control).
+    """
+    run = _Run(options, on_record, "reset serve")
+    server = Server(config, lambda: _ServeHandler(run), on_ready=on_ready, on_totals=on_totals)
+    run.server = server
+    return server, run.totals, ServeControl(server, run)
+
+
+# ---------------------------------------------------------------------------------------------
+# reset proxy
+# ---------------------------------------------------------------------------------------------
+
+
+class _Session:
+    """One proxied connection: the client side, the upstream side, two pipes, the fault."""
+
+    def __init__(self, run: _Run, client: Connection) -> None:
+        self.run = run
+        self.client = client
+        self.upstream: Connection | None = None
+        self.up: _Pipe | None = None  # client -> upstream
+        self.down: _Pipe | None = None  # upstream -> client
+        self.index, self.action = run.draw()
+        trigger = run.options.trigger if self.action is not Action.OK else None
+        self.states = {
+            Direction.UP: TriggerState(trigger, run.decoder()),
+            Direction.DOWN: TriggerState(trigger, run.decoder()),
+        }
+        limit = run.options.toxics.limit_bytes
+        limit_trigger = None if limit is None else Trigger(TriggerKind.AFTER_BYTES, limit)
+        self.limits = {d: TriggerState(limit_trigger) for d in (Direction.UP, Direction.DOWN)}
+        self.fired_at: float | None = None
+        self.done_action: Action | None = None
+        self.timers: list[Any] = []
+        self.last_rx = client.started_at
+        self.eofs = {Direction.UP: False, Direction.DOWN: False}
+        self.closed = {"client": False, "upstream": False}
+        self.end_reason: str | None = None
+        self.upstream_errno: str | None = None
+        self.emitted = False
+
+    # -- sides and directions ----------------------------------------------------------------
+
+    def _faulted(self, direction: Direction) -> bool:
+        chosen = self.run.options.direction
+        return chosen is Direction.BOTH or chosen is direction
+
+    def _toxic_for(self, direction: Direction) -> Toxics:
+        return self.run.options.toxics if self._faulted(direction) else Toxics()
+
+    def _side(self, direction: Direction) -> Connection | None:
+        """The connection a direction's bytes go to (the side its fault hits)."""
+        return self.client if direction is Direction.DOWN else self.upstream
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        run = self.run
+        assert run.server is not None
+        assert run.options.upstream is not None
+        host, port = run.options.upstream
+        self.client.pause_reading("upstream")
+        self.upstream = run.server.open_connection(
+            host, port, _UpstreamHandler(self), timeout_s=run.options.connect_timeout_s
+        )
+        toxics = run.options.toxics
+        if toxics.timeout_s is not None:
+            self.timers.append(self.client.call_later(toxics.timeout_s, self._timeout))
+
+    def upstream_open(self) -> None:
+        assert self.upstream is not None
+        up_conn, client = self.upstream, self.client
+        self.up = _Pipe(up_conn, self._toxic_for(Direction.UP), self.run,
+                        lambda full: self._hold(client, full), client)  # fmt: skip
+        self.down = _Pipe(client, self._toxic_for(Direction.DOWN), self.run,
+                          lambda full: self._hold(up_conn, full), client)  # fmt: skip
+        client.resume_reading("upstream")
+        trigger = self.run.options.trigger
+        if self.action is Action.OK or trigger is None:
+            return
+        if trigger.at_once:
+            self.fire()
+        elif trigger.kind is TriggerKind.AFTER_MS:
+            started = self.client.started_at
+            delay = max(0.0, started + float(trigger.value or 0) - time.monotonic())
+            self.timers.append(self.client.call_later(delay, self._timer_fire))
+        elif trigger.kind is TriggerKind.ON_IDLE:
+            self.timers.append(self.client.call_later(float(trigger.value or 0), self._idle))
+
+    @staticmethod
+    def _hold(conn: Connection, full: bool) -> None:
+        if full:
+            conn.pause_reading("pipe")
+        else:
+            conn.resume_reading("pipe")
+
+    # -- data --------------------------------------------------------------------------------
+
+    def data(self, direction: Direction, data: bytes) -> None:
+        self.last_rx = time.monotonic()
+        pipe = self.up if direction is Direction.UP else self.down
+        if pipe is None:
+            return
+        if self.done_action is Action.HANG:
+            return
+        if self.run.enabled:
+            limit = self.limits[direction]
+            if limit.trigger is not None and self._faulted(direction) and not limit.fired:
+                cut = limit.cut_in(data)
+                if cut is not None:
+                    pipe.push(data[:cut])
+                    self._close_both("limit")
+                    return
+            state = self.states[direction]
+            if state.trigger is not None and self._faulted(direction) and not state.fired:
+                cut = state.cut_in(data)
+                if cut is not None:
+                    pipe.push(data[:cut])
+                    self.fire()
+                    if self.done_action in (Action.SLOW, Action.HALF_CLOSE):
+                        pipe.push(data[cut:])
+                    return
+        pipe.push(data)
+
+    def eof(self, direction: Direction) -> None:
+        """The source of `direction` sent FIN: pass it on once the pipe drained."""
+        self.eofs[direction] = True
+        pipe = self.up if direction is Direction.UP else self.down
+        dest = self._side(direction)
+        if dest is None:
+            return
+
+        def done() -> None:
+            dest.half_close()
+            if all(self.eofs.values()):
+                self._close_both("eof")
+
+        if pipe is None:
+            done()
+        else:
+            pipe.when_drained(done)
+
+    def write_paused(self, conn: Connection, paused: bool) -> None:
+        """conn cannot take more: stop (or restart) reading from the other side."""
+        other = self.upstream if conn is self.client else self.client
+        if other is None:
+            return
+        if paused:
+            other.pause_reading("peer")
+        else:
+            other.resume_reading("peer")
+
+    def side_closed(self, which: str, conn: Connection, reason: str) -> None:
+        self.closed[which] = True
+        if which == "upstream":
+            self.upstream_errno = conn.errno_name
+        other = self.upstream if which == "client" else self.client
+        if other is not None and not other.is_closing:
+            if reason == "reset" and self.fired_at is None:
+                other.abort("reset")  # pass the RST on, as a transparent path would
+            else:
+                pipe = self.down if which == "upstream" else self.up
+                if pipe is None:
+                    other.close(reason)
+                else:
+                    pipe.when_drained(lambda: other.close(reason))
+        if self.closed["client"] and (self.upstream is None or self.closed["upstream"]):
+            self._finish(reason)
+
+    # -- faults ------------------------------------------------------------------------------
+
+    def _timer_fire(self) -> None:
+        if not self.client.is_closing:
+            self.fire()
+
+    def _idle(self) -> None:
+        trigger = self.run.options.trigger
+        if self.client.is_closing or trigger is None or self.fired_at is not None:
+            return
+        left = self.last_rx + float(trigger.value or 0) - time.monotonic()
+        if left > 0:
+            self.timers.append(self.client.call_later(left, self._idle))
+            return
+        self.fire()
+
+    def _timeout(self) -> None:
+        if self.run.enabled and not self.client.is_closing:
+            for pipe in (self.up, self.down):
+                if pipe is not None:
+                    pipe.drop()
+            self._close_both("timeout")
+
+    def _close_both(self, reason: str) -> None:
+        self.end_reason = self.end_reason or reason
+        for conn in (self.client, self.upstream):
+            if conn is not None and not conn.is_closing:
+                conn.close(reason)
+
+    def fire(self) -> None:
+        """Apply this session's action to the faulted side(s)."""
+        for state in self.states.values():
+            state.fired = True
+        if not self.run.enabled or self.fired_at is not None:
+            return
+        self.fired_at = time.monotonic() - self.client.started_at
+        action = self.action
+        self.done_action = action
+        self.end_reason = str(action)
+        faulted = [d for d in (Direction.DOWN, Direction.UP) if self._faulted(d)]
+        others = [d for d in (Direction.DOWN, Direction.UP) if not self._faulted(d)]
+        if action is Action.RST:
+            for d in faulted:
+                self._pipe(d).drop()
+                side = self._side(d)
+                if side is not None:
+                    side.abort("rst")
+            for d in others:
+                self._close_after_drain(d, "rst")
+        elif action in (Action.FIN, Action.HALF_CLOSE):
+            for d in faulted:
+                self._pipe(d).drop()
+                side = self._side(d)
+                if side is not None:
+                    side.half_close()
+                    if action is Action.FIN:
+                        self.timers.append(side.call_later(_FIN_LINGER_S, side.close, "fin"))
+            if action is Action.FIN:
+                for d in others:
+                    self._close_after_drain(d, "fin")
+        elif action is Action.HANG:
+            for d in (Direction.DOWN, Direction.UP):
+                self._pipe(d).drop()
+                side = self._side(d)
+                if side is not None:
+                    side.pause_reading("hang")
+        elif action is Action.SLOW:
+            for d in faulted:
+                self._pipe(d).set_rate(self.run.options.slow_rate)
+
+    def _close_after_drain(self, direction: Direction, reason: str) -> None:
+        side = self._side(direction)
+        if side is not None:
+            self._pipe(direction).when_drained(lambda: side.close(reason))
+
+    def _pipe(self, direction: Direction) -> _Pipe:
+        pipe = self.up if direction is Direction.UP else self.down
+        assert pipe is not None
+        return pipe
+
+    def _finish(self, reason: str) -> None:
+        if self.emitted:
+            return
+        self.emitted = True
+        for timer in self.timers:
+            timer.cancel()
+        self.timers.clear()
+        for pipe in (self.up, self.down):
+            if pipe is not None:
+                pipe.drop()
+        fired = self.fired_at is not None
+        self.run.account(self.action, fired)
+        trigger = self.run.options.trigger
+        client, upstream = self.client, self.upstream
+        self.run.emit(
+            {
+                "conn_id": client.conn_id,
+                "peer": client.peer,
+                "trigger": trigger.describe() if trigger is not None else None,
+                "action": str(self.action),
+                "direction": str(self.run.options.direction),
+                "fired": fired,
+                "fired_at_s": None if self.fired_at is None else round(self.fired_at, 6),
+                "bytes_in": client.bytes_in,
+                "bytes_out": client.bytes_out,
+                "upstream_bytes_out": 0 if upstream is None else upstream.bytes_out,
+                "upstream_bytes_in": 0 if upstream is None else upstream.bytes_in,
+                "duration_s": round(time.monotonic() - client.started_at, 6),
+                "reason": self.end_reason or reason,
+                "upstream_errno": self.upstream_errno,
+            }
+        )
+
+
+class _ClientHandler(Handler):
+    __slots__ = ("run", "session")
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+        self.session: _Session | None = None
+
+    def on_open(self, conn: Connection) -> None:
+        self.session = _Session(self.run, conn)
+        self.session.start()
+
+    def on_data(self, conn: Connection, data: bytes) -> None:
+        if self.session is not None:
+            self.session.data(Direction.UP, data)
+
+    def on_eof(self, conn: Connection) -> None:
+        if self.session is not None:
+            self.session.eof(Direction.UP)
+
+    def on_write_paused(self, conn: Connection) -> None:
+        if self.session is not None:
+            self.session.write_paused(conn, True)
+
+    def on_write_resumed(self, conn: Connection) -> None:
+        if self.session is not None:
+            self.session.write_paused(conn, False)
+
+    def on_close(self, conn: Connection, reason: str) -> None:
+        if self.session is not None:
+            self.session.side_closed("client", conn, reason)
+
+
+class _UpstreamHandler(Handler):
+    __slots__ = ("session",)
+
+    def __init__(self, session: _Session) -> None:
+        self.session = session
+
+    def on_open(self, conn: Connection) -> None:
+        self.session.upstream_open()
+
+    def on_data(self, conn: Connection, data: bytes) -> None:
+        self.session.data(Direction.DOWN, data)
+
+    def on_eof(self, conn: Connection) -> None:
+        self.session.eof(Direction.DOWN)
+
+    def on_write_paused(self, conn: Connection) -> None:
+        self.session.write_paused(conn, True)
+
+    def on_write_resumed(self, conn: Connection) -> None:
+        self.session.write_paused(conn, False)
+
+    def on_close(self, conn: Connection, reason: str) -> None:
+        self.session.side_closed("upstream", conn, reason)
+
+
+@dataclass(slots=True)
+class ProxyControl:
+    """Run-time switch of a proxy's faults (SIGUSR1 flips it)."""
+
+    run: _Run
+
+    @property
+    def enabled(self) -> bool:
+        return self.run.enabled
+
+    def toggle(self) -> bool:
+        """Flip faults on/off; returns the new state."""
+        self.run.enabled = not self.run.enabled
+        return self.run.enabled
+
+
+def make_proxy(
+    config: ServerConfig,
+    options: ResetOptions,
+    *,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+    on_ready: Callable[[Bound], None] | None = None,
+    on_toggle: Callable[[bool, ServerSummary], None] | None = None,
+) -> tuple[Server, FaultTotals, ProxyControl]:
+    """Build the `reset proxy` server (not started).
+
+    Args:
+        on_toggle: called after SIGUSR1 flipped the faults, with the new state and totals.
+
+    Returns:
+        (server, fault totals filled in as it runs, the control to flip faults).
+    """
+    run = _Run(options, on_record, "reset proxy")
+    control = ProxyControl(run)
+
+    def flipped(summary: ServerSummary) -> None:
+        state = control.toggle()
+        if on_toggle is not None:
+            on_toggle(state, summary)
+
+    server = Server(
+        config,
+        lambda: _ClientHandler(run),
+        on_ready=on_ready,
+        on_totals=flipped,
+    )
+    run.server = server
+    return server, run.totals, control
