@@ -304,10 +304,15 @@ PROPERTIES: tuple[Callable[[Codec, st.DataObject], None], ...] = (
 def check_codec(codec: Codec, max_examples: int | None = None) -> None:
     """Run every property against one codec (for codecs added outside this suite)."""
     for prop in PROPERTIES:
+        _run_property(codec, prop, max_examples or settings().max_examples)
 
-        @settings(max_examples=max_examples or settings().max_examples)
-        @given(data=st.data())
-        def run(data: st.DataObject, prop: Callable[[Codec, st.DataObject], None] = prop) -> None:
-            prop(codec, data)
 
-        run()
+def _run_property(
+    codec: Codec, prop: Callable[[Codec, st.DataObject], None], max_examples: int
+) -> None:
+    @settings(max_examples=max_examples)
+    @given(data=st.data())
+    def run(data: st.DataObject) -> None:
+        prop(codec, data)
+
+    run()
