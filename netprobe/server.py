@@ -585,9 +585,9 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             if buffered() > server.config.high_water:
                 totals.reasons["dropped"] = totals.reasons.get("dropped", 0) + 1
                 return
-            transport.sendto(payload, addr)
             totals.datagrams_out += 1
             totals.bytes_out += len(payload)
+            transport.sendto(payload, addr)
 
         try:
             self.handler.on_datagram(data, addr, reply)

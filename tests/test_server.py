@@ -1,0 +1,464 @@
+"""The server core against real loopback clients: concurrency, back-pressure, resets, limits,
+accept control, UDP, Unix sockets, outbound connections and stopping."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import selectors
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil  # type: ignore[import-untyped]
+import pytest
+
+from netprobe.server import (
+    Bound,
+    CloseReason,
+    Connection,
+    ConnEvent,
+    DatagramHandler,
+    Handler,
+    Server,
+    ServerConfig,
+    parse_allow,
+)
+from netprobe.sockets import raise_nofile_limit
+from tests.conftest import HAS_IPV6
+from tests.helpers import LONG
+
+
+class Echo(Handler):
+    __slots__ = ()
+
+    def on_data(self, conn: Connection, data: bytes) -> None:
+        conn.write(data)
+
+
+class UdpEcho(DatagramHandler):
+    def on_datagram(self, data: bytes, addr: object, reply: Callable[[bytes], None]) -> None:
+        reply(data)
+
+
+class Running:
+    """A Server running in a thread, with its events collected (thread-safe enough: list.append)."""
+
+    def __init__(self, server: Server, events: list[ConnEvent]) -> None:
+        self.server = server
+        self.events = events
+        assert server.bound is not None
+        self.bound: Bound = server.bound
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        assert self.bound.host is not None
+        assert self.bound.port is not None
+        return self.bound.host, self.bound.port
+
+    def connect(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.addr[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(LONG)
+        sock.connect(self.addr)
+        return sock
+
+    def wait_events(self, kind: str, count: int) -> list[ConnEvent]:
+        deadline = time.monotonic() + LONG
+        while time.monotonic() < deadline:
+            found = [e for e in list(self.events) if e.event == kind]
+            if len(found) >= count:
+                return found
+            time.sleep(0.01)
+        raise AssertionError(f"expected {count} {kind} events, got {self.events}")
+
+
+@contextlib.contextmanager
+def serving(
+    config: ServerConfig,
+    factory: Callable[[], Handler] | None = Echo,
+    datagram_handler: DatagramHandler | None = None,
+) -> Iterator[Running]:
+    events: list[ConnEvent] = []
+    ready = threading.Event()
+    server = Server(
+        config,
+        None if config.udp else factory,
+        datagram_handler=datagram_handler,
+        on_event=events.append,
+        on_ready=lambda _bound: ready.set(),
+    )
+    server.listen()
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(LONG), "server did not become ready"
+        yield Running(server, events)
+    finally:
+        server.stop()
+        thread.join(LONG)
+        assert not thread.is_alive(), "server thread did not stop"
+
+
+def recv_exactly(sock: socket.socket, count: int) -> bytes:
+    data = bytearray()
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def set_linger_zero(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_500_concurrent_clients_each_get_their_own_bytes_back() -> None:
+    n = 500
+    raise_nofile_limit(4 * n + 256)
+    rng = random.Random(4)
+    payloads = [rng.randbytes(rng.randint(1, 16384)) for _ in range(n)]
+    with serving(ServerConfig(port=0, backlog=1024)) as srv:
+        clients = [srv.connect() for _ in range(n)]  # all open at once before any data moves
+        sel = selectors.DefaultSelector()
+        sent = [0] * n
+        got = [bytearray() for _ in range(n)]
+        try:
+            for i, sock in enumerate(clients):
+                sock.setblocking(False)
+                sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, i)
+            done = 0
+            deadline = time.monotonic() + 4 * LONG
+            while done < n:
+                assert time.monotonic() < deadline, f"only {done} of {n} clients finished"
+                for key, mask in sel.select(timeout=LONG):
+                    i = key.data
+                    sock = clients[i]
+                    if mask & selectors.EVENT_WRITE and sent[i] < len(payloads[i]):
+                        sent[i] += sock.send(payloads[i][sent[i] :])
+                        if sent[i] == len(payloads[i]):
+                            sel.modify(sock, selectors.EVENT_READ, i)
+                    if mask & selectors.EVENT_READ:
+                        chunk = sock.recv(65536)
+                        assert chunk, f"client {i} got EOF early"
+                        got[i] += chunk
+                        if len(got[i]) == len(payloads[i]):
+                            sel.unregister(sock)
+                            done += 1
+            for i in range(n):
+                assert bytes(got[i]) == payloads[i], f"client {i} got other bytes"
+        finally:
+            sel.close()
+            for sock in clients:
+                sock.close()
+        closes = srv.wait_events("close", n)
+        assert {e.reason for e in closes} == {"eof"}
+        assert sum(e.bytes_in for e in closes) == sum(map(len, payloads))
+        assert len(srv.wait_events("accept", n)) == n
+
+
+def test_stalled_client_never_delays_the_others() -> None:
+    with serving(ServerConfig(port=0)) as srv:
+        stalled = srv.connect()
+        stalled.setblocking(False)
+        blob = b"s" * 65536
+        pushed = 0
+        # Push until the kernel buffers and the server's write buffer are full: the server
+        # must stop reading from this client instead of buffering without bound.
+        deadline = time.monotonic() + LONG
+        idle_since = time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - idle_since < 0.3:
+            try:
+                pushed += stalled.send(blob)
+                idle_since = time.monotonic()
+            except BlockingIOError:
+                time.sleep(0.01)
+        assert pushed > 0
+        with srv.connect() as other:
+            for i in range(200):
+                message = f"ping {i}\n".encode()
+                other.sendall(message)
+                assert recv_exactly(other, len(message)) == message
+        limit = srv.server.config.high_water + 256 * 1024
+        buffered = [c.write_buffer_size for c in list(srv.server._active)]
+        assert max(buffered) <= limit, f"write buffer grew to {max(buffered)}"
+        stalled.close()
+
+
+def test_resets_are_logged_and_fds_return_to_baseline() -> None:
+    with serving(ServerConfig(port=0)) as srv:
+        with srv.connect() as warm:  # let the loop create whatever it keeps (self-pipe etc.)
+            warm.sendall(b"x")
+            assert recv_exactly(warm, 1) == b"x"
+        srv.wait_events("close", 1)
+        baseline = psutil.Process().num_fds()
+        n = 20
+        for _ in range(n):
+            sock = srv.connect()
+            sock.sendall(b"hello" * 100)
+            assert recv_exactly(sock, 500) == b"hello" * 100
+            sock.sendall(b"unread by the server?")
+            set_linger_zero(sock)
+            sock.close()  # RST mid-stream
+        closes = srv.wait_events("close", n + 1)
+        resets = [e for e in closes if e.reason == "reset"]
+        # The server may have read the last bytes before the RST arrived and seen it while
+        # reading or while writing: reset either way, never a clean EOF.
+        assert len(resets) == n, [e.reason for e in closes]
+        with srv.connect() as after:  # still serving
+            after.sendall(b"still here")
+            assert recv_exactly(after, 10) == b"still here"
+        srv.wait_events("close", n + 2)
+        deadline = time.monotonic() + LONG
+        while psutil.Process().num_fds() > baseline and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert psutil.Process().num_fds() == baseline
+        assert srv.server.totals().resets == n
+
+
+@pytest.mark.parametrize("size", [1, 1472, 9000, 65507])
+def test_udp_datagrams_are_echoed_to_their_sender(size: int) -> None:
+    with serving(ServerConfig(port=0, udp=True), datagram_handler=UdpEcho()) as srv:
+        assert srv.bound.proto == "udp"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(LONG)
+            payload = random.Random(size).randbytes(size)
+            client.sendto(payload, srv.addr)
+            data, addr = client.recvfrom(65536)
+            assert data == payload
+            assert addr == srv.addr
+        totals = srv.server.totals()
+        assert (totals.datagrams_in, totals.datagrams_out) == (1, 1)
+
+
+def test_unix_stream_echo_and_file_removed(tmp_path: Path) -> None:
+    path = str(tmp_path / "echo.sock")
+    with serving(ServerConfig(path=path)) as srv:
+        assert srv.bound == Bound("unix", path=path)
+        assert srv.bound.to_record() == {"event": "listening", "proto": "unix", "path": path}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(LONG)
+            client.connect(path)
+            client.sendall(b"over unix")
+            assert recv_exactly(client, 9) == b"over unix"
+        assert srv.wait_events("close", 1)[0].peer == "unix"
+    assert not os.path.exists(path)
+
+
+@pytest.mark.skipif(not HAS_IPV6, reason="no IPv6 loopback")
+def test_ipv6_echo() -> None:
+    with serving(ServerConfig(host="::1", port=0)) as srv:
+        assert srv.bound.host == "::1"
+        with srv.connect() as client:
+            client.sendall(b"six")
+            assert recv_exactly(client, 3) == b"six"
+        assert srv.wait_events("accept", 1)[0].peer.startswith("[::1]:")
+
+
+def test_max_conns_rejects_and_counts() -> None:
+    with serving(ServerConfig(port=0, max_conns=2)) as srv:
+        held = [srv.connect(), srv.connect()]
+        for sock in held:
+            sock.sendall(b"ok")
+            assert recv_exactly(sock, 2) == b"ok"
+        with srv.connect() as extra:
+            assert extra.recv(10) == b""  # accepted and closed at once
+        rejects = srv.wait_events("reject", 1)
+        assert rejects[0].reason == "max-conns"
+        assert srv.server.totals().rejected == 1
+        for sock in held:
+            sock.close()
+        srv.wait_events("close", 2)
+        with srv.connect() as again:  # room again
+            again.sendall(b"back")
+            assert recv_exactly(again, 4) == b"back"
+
+
+def test_idle_timeout_drops_silent_clients() -> None:
+    with serving(ServerConfig(port=0, idle_timeout_s=0.2)) as srv:
+        with srv.connect() as talker, srv.connect() as silent:
+            start = time.monotonic()
+            for _ in range(4):  # the talker stays alive past the timeout
+                talker.sendall(b"t")
+                assert recv_exactly(talker, 1) == b"t"
+                time.sleep(0.1)
+            assert silent.recv(10) == b""
+            assert time.monotonic() - start >= 0.15
+            talker.sendall(b"u")
+            assert recv_exactly(talker, 1) == b"u"
+        reasons = [e.reason for e in srv.wait_events("close", 2)]
+        assert reasons[0] == "idle-timeout"
+
+
+def test_max_bytes_closes_with_reason_limit() -> None:
+    with serving(ServerConfig(port=0, max_bytes=10)) as srv:
+        with srv.connect() as client:
+            client.sendall(b"0123456789abcdef")
+            assert recv_exactly(client, 20) == b"0123456789"
+        close = srv.wait_events("close", 1)[0]
+        assert (close.reason, close.bytes_in, close.bytes_out) == ("limit", 10, 10)
+
+
+def test_pause_accept_listens_but_never_accepts() -> None:
+    with serving(ServerConfig(port=0, pause_accept=True, backlog=4)) as srv:
+        with srv.connect() as client:  # the kernel completes the handshake into the queue
+            client.sendall(b"queued")
+            client.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                client.recv(10)
+        assert srv.events == []
+        assert srv.server.totals().connections == 0
+
+
+def test_accept_rate_paces_accepts() -> None:
+    with serving(ServerConfig(port=0, accept_rate=10)) as srv:
+        start = time.monotonic()
+        clients = [srv.connect() for _ in range(4)]
+        try:
+            for sock in clients:
+                sock.sendall(b"r")
+                assert recv_exactly(sock, 1) == b"r"
+            # One token at start, then one every 0.1 s: the 4th accept is >= 0.3 s in.
+            assert time.monotonic() - start >= 0.25
+        finally:
+            for sock in clients:
+                sock.close()
+
+
+def test_allow_closes_other_peers() -> None:
+    allow = parse_allow(["192.0.2.0/24"])  # never sent to: only compared against
+    with serving(ServerConfig(port=0, allow=allow)) as srv:
+        with srv.connect() as client:
+            assert client.recv(10) == b""
+        assert srv.wait_events("reject", 1)[0].reason == "not-allowed"
+    with (
+        serving(ServerConfig(port=0, allow=parse_allow(["127.0.0.0/8"]))) as srv,
+        srv.connect() as client,
+    ):
+        client.sendall(b"in")
+        assert recv_exactly(client, 2) == b"in"
+
+
+def test_parse_allow_rejects_garbage() -> None:
+    from netprobe.errors import UsageError
+
+    with pytest.raises(UsageError, match="not-a-net"):
+        parse_allow(["not-a-net"])
+
+
+def test_handler_error_ends_only_that_connection() -> None:
+    class Boom(Handler):
+        __slots__ = ()
+
+        def on_data(self, conn: Connection, data: bytes) -> None:
+            if data == b"boom":
+                raise RuntimeError("handler bug")
+            conn.write(data)
+
+    with serving(ServerConfig(port=0), Boom) as srv:
+        with srv.connect() as bad:
+            bad.sendall(b"boom")
+            with contextlib.suppress(ConnectionResetError):
+                assert bad.recv(10) == b""
+        with srv.connect() as good:
+            good.sendall(b"fine")
+            assert recv_exactly(good, 4) == b"fine"
+        assert srv.wait_events("close", 1)[0].reason == "error"
+
+
+def test_stop_within_a_second_despite_a_client_that_never_reads() -> None:
+    events: list[ConnEvent] = []
+    ready = threading.Event()
+    server = Server(
+        ServerConfig(port=0), Echo, on_event=events.append, on_ready=lambda _b: ready.set()
+    )
+    server.listen()
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert ready.wait(LONG)
+    assert server.bound is not None
+    with socket.create_connection(("127.0.0.1", server.bound.port or 0), timeout=LONG) as hog:
+        hog.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(200):
+                hog.send(b"h" * 65536)
+        time.sleep(0.1)
+        start = time.monotonic()
+        server.stop()
+        thread.join(LONG)
+        assert not thread.is_alive()
+        assert time.monotonic() - start < 1.0
+    assert [e.reason for e in events if e.event == "close"] == ["shutdown"]
+
+
+def test_count_stops_after_n_clients() -> None:
+    with serving(ServerConfig(port=0, count=2)) as srv:
+        for _ in range(2):
+            with srv.connect() as client:
+                client.sendall(b"c")
+                assert recv_exactly(client, 1) == b"c"
+        thread_done = time.monotonic() + LONG
+        while srv.server._loop is not None and time.monotonic() < thread_done:
+            time.sleep(0.01)
+        assert srv.server._loop is None, "server did not stop after --count clients"
+        assert srv.server.totals().connections == 2
+
+
+class Relay(Handler):
+    """Forwards each client to an upstream through Server.open_connection (a tiny proxy)."""
+
+    __slots__ = ("upstream",)
+    target: tuple[str, int] = ("127.0.0.1", 0)
+    failures: list[str | None] = []  # noqa: RUF012  # per-test scratch, set by the test
+
+    def __init__(self) -> None:
+        self.upstream: Connection | None = None
+
+    def on_open(self, conn: Connection) -> None:
+        relay = self
+
+        class Back(Handler):
+            __slots__ = ()
+
+            def on_data(self, up: Connection, data: bytes) -> None:
+                conn.write(data)
+
+            def on_close(self, up: Connection, reason: str) -> None:
+                if reason == CloseReason.CONNECT_ERROR:
+                    relay.failures.append(up.errno_name)
+                conn.close(reason)
+
+        self.upstream = conn.server.open_connection(*self.target, Back())
+
+    def on_data(self, conn: Connection, data: bytes) -> None:
+        assert self.upstream is not None
+        self.upstream.write(data)
+
+    def on_close(self, conn: Connection, reason: str) -> None:
+        if self.upstream is not None:
+            self.upstream.close(reason)
+
+
+def test_open_connection_relays_and_reports_connect_errors(closed_port: int) -> None:
+    with serving(ServerConfig(port=0)) as upstream:
+        Relay.target = upstream.addr
+        Relay.failures = []
+        with serving(ServerConfig(port=0), Relay) as proxy:
+            with proxy.connect() as client:
+                client.sendall(b"through the proxy")  # buffered until the upstream connects
+                assert recv_exactly(client, 17) == b"through the proxy"
+            Relay.target = ("127.0.0.1", closed_port)
+            with proxy.connect() as client:
+                assert client.recv(10) == b""
+            deadline = time.monotonic() + LONG
+            while not Relay.failures and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert Relay.failures == ["ECONNREFUSED"]
