@@ -35,7 +35,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,8 +148,8 @@ def run_connects(
         workers: at most this many processes; job i goes to process i % workers, and the
             extra ones are forked (Linux, single-threaded callers only: fork() in a threaded
             process can deadlock the child, so threaded callers silently get 1). The job
-            iterable must then be a plain sequence or side-effect-free generator, since
-            every process walks it.
+            iterable must then be a side-effect-free generator, since every process walks
+            it, or better a Sequence (each process then only touches its own share).
 
     Yields results in completion order. Running out of file descriptors lowers the
     concurrency to what is open at that moment (counted in stats.fd_backoffs); with nothing
@@ -180,6 +180,8 @@ def run_connects(
 
 
 _NO_FD = object()
+# errno -> (state, name): the same few codes come back tens of thousands of times in a scan.
+_VERDICTS: dict[int, tuple[ConnectState, str | None]] = {}
 
 
 def _is_loopback_sockaddr(family: int, sockaddr: Any) -> bool:
@@ -406,14 +408,17 @@ class _Run:
     def _verdict(
         self, job: ConnectJob, sock: socket.socket, started: float, code: int, now: float
     ) -> None:
-        state = classify_errno(code)
+        verdict = _VERDICTS.get(code)
+        if verdict is None:
+            verdict = _VERDICTS[code] = (classify_errno(code), errno_name(code))
+        state = verdict[0]
         if state is not ConnectState.OPEN:
             sock.close()
             # ECONNRESET here means the handshake completed and the peer aborted before we
             # looked (an accept-and-reset server is that fast on loopback).
             ended_by = "reset" if state is ConnectState.RESET else None
             self.out.append(
-                ConnectResult(job, state, errno_name(code), started, now - started, 0.0, ended_by)
+                ConnectResult(job, state, verdict[1], started, now - started, 0.0, ended_by)
             )
             return
         if job.family != socket.AF_UNIX and self._connected_to_ourselves(job, sock, now):
@@ -563,6 +568,11 @@ def _run_forked(
         buffers: dict[int, bytearray] = {}
 
         def own_jobs() -> Iterator[ConnectJob]:
+            if isinstance(jobs, Sequence):
+                # Random access: walk only our share; a worker's job is fetched on its answer.
+                for index in range(0, len(jobs), workers):
+                    yield jobs[index]
+                return
             for index, job in enumerate(jobs):
                 if index % workers == 0:
                     yield job
@@ -586,6 +596,9 @@ def _run_forked(
                 usable = len(buffer) - len(buffer) % _RECORD.size
                 for record in _RECORD.iter_unpack(memoryview(buffer)[:usable]):
                     st.started += 1
+                    if isinstance(jobs, Sequence):
+                        run.out.append(_decode(jobs[record[0]], record))
+                        continue
                     job = waiting.pop(record[0], None)
                     if job is None:
                         early[record[0]] = record
@@ -648,11 +661,17 @@ def _child_main(
             buffer.clear()
 
         share, timeout_s, rate, hold_s, stop_at, abortive = params
-        own = (
-            ConnectJob(index, job.family, job.sockaddr, job.source)
-            for index, job in enumerate(jobs)
-            if index % workers == worker
-        )
+        if isinstance(jobs, Sequence):
+            own: Iterator[ConnectJob] = (
+                ConnectJob(index, jobs[index].family, jobs[index].sockaddr, jobs[index].source)
+                for index in range(worker, len(jobs), workers)
+            )
+        else:
+            own = (
+                ConnectJob(index, job.family, job.sockaddr, job.source)
+                for index, job in enumerate(jobs)
+                if index % workers == worker
+            )
         run = _Run(share, timeout_s, rate, hold_s, stop_at, abortive, ConnectorStats(), flush)
         pack = _RECORD.pack
         for result in run.iterate(own):

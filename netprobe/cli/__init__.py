@@ -56,7 +56,7 @@ def _register(name: str, func: Callable[..., object], stub: bool) -> None:
     app.command(name, context_settings=settings)(func)
 
 
-_register("port-check", port_check.port_check, stub=True)
+_register("port-check", port_check.port_check, stub=False)
 _register("echo", echo.echo, stub=False)
 _register("send", send.send, stub=False)
 _register("listen", listen.listen, stub=False)

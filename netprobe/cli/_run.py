@@ -20,6 +20,11 @@ def error_line(command: str | None, message: str) -> None:
     sys.stderr.flush()
 
 
+# The argv of the run in progress. Click drops the `--` separator, and a command that takes
+# `-- COMMAND ARGS...` (port-check --wait) needs to know where it stood.
+current_argv: list[str] = []
+
+
 def _command_name(args: Sequence[str]) -> str | None:
     words = [a for a in args if not a.startswith("-")]
     if not words:
@@ -41,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from netprobe.cli import app
 
     args = list(sys.argv[1:] if argv is None else argv)
+    current_argv[:] = args
     debug = "--debug" in args
     command = _command_name(args)
     try:

@@ -1,0 +1,927 @@
+"""port-check: expand targets, check TCP/UDP ports, latency probes and wait-until-open.
+
+Does I/O through netprobe.connector (TCP) and netprobe.sockets (resolution, UDP probes);
+never prints. Parsing, the expectation policy, the exit-status choice and the latency
+statistics are pure functions, tested without sockets.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ipaddress
+import itertools
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from netprobe.connector import ConnectJob, ConnectorStats, run_connects
+from netprobe.errors import AddressError, ResolveError, UsageError
+from netprobe.exitcodes import ExitStatus, worst
+from netprobe.results import ConnectState
+from netprobe.sockets import (
+    Resolved,
+    expand_hosts,
+    format_hostport,
+    parse_target,
+    raise_nofile_limit,
+    resolve,
+    service_name,
+    udp_probe_many,
+)
+
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "CheckConfig",
+    "Expect",
+    "HostSpec",
+    "LatencyStats",
+    "LatencySummary",
+    "PortCheckResult",
+    "PortState",
+    "Probe",
+    "Tally",
+    "TargetSpec",
+    "WaitOutcome",
+    "WaitProgress",
+    "build_hosts",
+    "expectation_met",
+    "latency_stats",
+    "parse_require",
+    "parse_targets",
+    "percentile",
+    "plan_concurrency",
+    "read_targets",
+    "run_checks",
+    "run_latency",
+    "run_wait",
+    "sort_key",
+    "status_for",
+]
+
+# Sockets in flight by default: enough to keep a LAN scan busy at a 1 s timeout, and cut to
+# what RLIMIT_NOFILE allows (raised first when the hard limit permits).
+DEFAULT_CONCURRENCY = 4096
+_FD_RESERVE = 64  # descriptors kept free for stdio, the poller, pipes and imports
+# A run this large is split over two processes (the kernel's connect path is the cost).
+_FORK_THRESHOLD = 4096
+
+
+class PortState(StrEnum):
+    """What a port-check reports, in nmap's vocabulary (SOCKETS.md §3, §4)."""
+
+    OPEN = "open"  # TCP handshake completed / a UDP reply arrived
+    CLOSED = "closed"  # RST to the SYN / ICMP port unreachable
+    FILTERED = "filtered"  # no answer in time, after retries
+    UNREACHABLE = "unreachable"  # EHOSTUNREACH, ENETUNREACH, admin-prohibited
+    ERROR = "error"  # anything else, with its errno name (EAI_* for resolution)
+    OPEN_FILTERED = "open|filtered"  # UDP silence: a silent service or a firewall drop
+
+
+class Expect(StrEnum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+_TCP_STATE = {
+    ConnectState.OPEN: PortState.OPEN,
+    ConnectState.REFUSED: PortState.CLOSED,
+    ConnectState.TIMEOUT: PortState.FILTERED,
+    ConnectState.UNREACHABLE: PortState.UNREACHABLE,
+    # A reset right after the handshake still proves something accepted the connection.
+    ConnectState.RESET: PortState.OPEN,
+    ConnectState.ERROR: PortState.ERROR,
+    ConnectState.RESOLVE: PortState.ERROR,
+}
+_UDP_STATE = {**_TCP_STATE, ConnectState.TIMEOUT: PortState.OPEN_FILTERED}
+# States that satisfy "closed": nothing accepts a connection there.
+_NOT_OPEN = frozenset({PortState.CLOSED, PortState.FILTERED, PortState.UNREACHABLE})
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing and planning (no I/O)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TargetSpec:
+    """One TARGET as given: host (name, literal or CIDR), optional ports, expectation."""
+
+    text: str
+    host: str
+    ports: tuple[int, ...] | None
+    expect: Expect | None  # None: the command-wide --expect applies
+
+
+def parse_targets(texts: Iterable[str]) -> list[TargetSpec]:
+    """Parse TARGET strings: `HOST`, `HOST:PORTS`, `[V6]:PORTS`, CIDR, each with `=closed`.
+
+    Raises:
+        UsageError: a malformed target or expectation (the message names it).
+    """
+    specs = []
+    for text in texts:
+        body, expect = text, None
+        if "=" in text:
+            body, _, suffix = text.rpartition("=")
+            try:
+                expect = Expect(suffix.strip().lower())
+            except ValueError:
+                raise UsageError(
+                    f"{text!r}: expectation {suffix!r} must be 'open' or 'closed'"
+                ) from None
+        target = parse_target(body)
+        if target.host is None:
+            raise AddressError(f"{text!r}: port-check takes hosts and ports, not Unix sockets")
+        specs.append(TargetSpec(body.strip(), target.host, target.ports, expect))
+    return specs
+
+
+def read_targets(lines: Iterable[str]) -> list[str]:
+    """Targets from a --targets-file: one per line; blank lines and `#` comments skipped."""
+    found = []
+    for line in lines:
+        text = line.split("#", 1)[0].strip()
+        if text:
+            found.append(text)
+    return found
+
+
+def parse_require(text: str) -> int | None:
+    """`all` -> None, `any` -> 1, `N` -> N (at least 1).
+
+    Raises:
+        UsageError: anything else.
+    """
+    value = text.strip().lower()
+    if value == "all":
+        return None
+    if value == "any":
+        return 1
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise UsageError(f"--require {text!r}: use all, any or a count of at least 1")
+
+
+def expectation_met(state: PortState, expect: Expect) -> bool:
+    """Whether a state satisfies an expectation ("closed" means nothing accepts there)."""
+    if expect is Expect.OPEN:
+        return state is PortState.OPEN
+    return state in _NOT_OPEN
+
+
+def status_for(state: PortState, errno_name: str | None, ok: bool) -> ExitStatus:
+    """The exit status one check stands for (OK when its expectation held)."""
+    if ok:
+        return ExitStatus.OK
+    if state in (PortState.FILTERED, PortState.OPEN_FILTERED):
+        return ExitStatus.TIMEOUT
+    if state is PortState.ERROR:
+        if errno_name is not None and errno_name.startswith("EAI_"):
+            return ExitStatus.RESOLVE
+        return ExitStatus.LOCAL
+    return ExitStatus.NOT_OPEN  # closed, unreachable, or open where closed was expected
+
+
+def plan_concurrency(requested: int | None, jobs: int) -> int:
+    """Sockets in flight: the request (or the default), raised fd limit permitting."""
+    wanted = requested if requested is not None else DEFAULT_CONCURRENCY
+    wanted = max(1, min(wanted, max(jobs, 1)))
+    limit = raise_nofile_limit(wanted + _FD_RESERVE)
+    if limit.soft is not None:
+        wanted = min(wanted, max(1, limit.soft - _FD_RESERVE))
+    return wanted
+
+
+@dataclass(frozen=True, slots=True)
+class HostSpec:
+    """One address to check (a target expands to one per CIDR member).
+
+    Attributes:
+        target: the TARGET text as given (without its `=expect` suffix).
+        name: the host this entry stands for (the name, or one member of a CIDR block).
+        address: the resolved address, or None when resolution failed.
+        family: the address family (0 when unresolved).
+        ports: the ports to check there.
+        expect: what counts as success for these ports.
+        error: the EAI_* name when resolution failed.
+        sockaddr: the resolved sockaddr with port 0 (the port is filled in per job).
+    """
+
+    target: str
+    name: str
+    address: str | None
+    family: int
+    ports: tuple[int, ...]
+    expect: Expect
+    error: str | None = None
+    sockaddr: tuple[Any, ...] = ()
+
+    def address_for(self, port: int) -> tuple[Any, ...]:
+        return (self.sockaddr[0], port, *self.sockaddr[2:])
+
+
+def build_hosts(
+    specs: Sequence[TargetSpec],
+    *,
+    ports: tuple[int, ...] | None,
+    family: int,
+    expect: Expect,
+    resolver: Callable[[str, int], list[Resolved]] | None = None,
+) -> list[HostSpec]:
+    """Expand CIDR blocks, resolve names (first address, as nmap does), attach ports.
+
+    A name that does not resolve becomes a HostSpec with `error` set (a per-target result,
+    exit 5), not an exception.
+
+    Raises:
+        UsageError: a target without a port and no -p, or a CIDR block over the cap.
+    """
+    resolve_one = resolver or (lambda host, fam: resolve(host, 0, family=fam))
+    hosts: list[HostSpec] = []
+    # Expand every block first, so an over-large CIDR fails before any probe is sent.
+    expanded = []
+    for spec in specs:
+        spec_ports = spec.ports or ports
+        if not spec_ports:
+            raise UsageError(f"{spec.text!r} has no port: give HOST:PORT or -p PORTS")
+        expanded.append((spec, spec_ports, list(expand_hosts(spec.host))))
+    for spec, spec_ports, members in expanded:
+        want = spec.expect or expect
+        for member in members:
+            try:
+                first = resolve_one(member, family)[0]
+            except ResolveError as exc:
+                error = exc.errno_name or "EAI_FAIL"
+                hosts.append(HostSpec(spec.text, member, None, 0, spec_ports, want, error))
+                continue
+            hosts.append(
+                HostSpec(
+                    spec.text,
+                    member,
+                    first.host,
+                    first.family,
+                    spec_ports,
+                    want,
+                    None,
+                    first.sockaddr,
+                )
+            )
+    return hosts
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PortCheckResult:
+    """One checked port (or one unresolvable target).
+
+    Attributes:
+        target: the TARGET as given.
+        address: the address probed (None when the name did not resolve).
+        port: the port (None for an unresolvable target with several ports).
+        proto: "tcp" or "udp".
+        state: open, closed, filtered, unreachable, error or open|filtered.
+        errno_name: the errno (ECONNREFUSED, EHOSTUNREACH, EAI_NONAME, ...), if any.
+        latency_ms: time to the verdict; None when no answer came (filtered) or on error.
+        service: the services database's name for the port, if any.
+        expect: the expectation checked.
+        ok: whether the expectation held.
+        attempts: connects or datagrams sent (more than 1 after --retries).
+    """
+
+    target: str
+    address: str | None
+    port: int | None
+    proto: str
+    state: PortState
+    errno_name: str | None
+    latency_ms: float | None
+    service: str | None
+    expect: Expect
+    ok: bool
+    attempts: int = 1
+
+
+@dataclass(slots=True)
+class Tally:
+    """Running totals over results: counts per state, the requirement, the exit status."""
+
+    required: int | None = None  # None: every check must hold
+    total: int = 0
+    ok: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    failing: set[ExitStatus] = field(default_factory=set)
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
+
+    def add(self, result: PortCheckResult) -> None:
+        self.count(result.state, result.errno_name, result.ok)
+
+    def count(self, state: PortState, errno_name: str | None, ok: bool) -> None:
+        """Count one check without building its result (the --open-only fast path)."""
+        self.total += 1
+        self.counts[state.value] = self.counts.get(state.value, 0) + 1
+        if ok:
+            self.ok += 1
+        else:
+            self.failing.add(status_for(state, errno_name, False))
+
+    def holds(self) -> bool:
+        """Whether the --require condition holds over the results so far."""
+        if self.required is None:
+            return self.total > 0 and self.ok == self.total
+        return self.ok >= self.required
+
+    def exit_status(self) -> ExitStatus:
+        if self.holds():
+            return ExitStatus.OK
+        return worst(self.failing) if self.failing else ExitStatus.NOT_OPEN
+
+    def finish(self) -> None:
+        self.ended = time.monotonic()
+
+    @property
+    def elapsed_s(self) -> float:
+        return (self.ended if self.ended is not None else time.monotonic()) - self.started
+
+    def summary(self) -> str:
+        """`65535 ports: 50 open, 65485 closed in 0.52 s (126024 ports/s)`."""
+        order = [s.value for s in PortState]
+        parts = [f"{self.counts[s]} {s}" for s in order if self.counts.get(s)]
+        elapsed = self.elapsed_s
+        rate = self.total / elapsed if elapsed > 0 else 0.0
+        noun = "port" if self.total == 1 else "ports"
+        counts = ", ".join(parts) if parts else "nothing checked"
+        return f"{self.total} {noun}: {counts} in {elapsed:.2f} s ({rate:.0f} ports/s)"
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    """Options shared by every mode (the CLI builds one)."""
+
+    timeout_s: float = 1.0
+    concurrency: int | None = None
+    retries: int = 0
+    rate: float | None = None
+    udp: bool = False
+    payload: bytes = b""
+    workers: int | None = None  # None: two for large TCP runs on a multi-core host
+
+
+def _result(
+    host: HostSpec,
+    port: int | None,
+    proto: str,
+    state: PortState,
+    errno_name: str | None,
+    elapsed_s: float | None,
+    attempts: int,
+) -> PortCheckResult:
+    latency = None
+    if elapsed_s is not None and state not in (
+        PortState.FILTERED,
+        PortState.OPEN_FILTERED,
+        PortState.ERROR,
+    ):
+        latency = round(elapsed_s * 1000.0, 3)
+    return PortCheckResult(
+        host.target,
+        host.address,
+        port,
+        proto,
+        state,
+        errno_name,
+        latency,
+        service_name(port, proto) if port is not None else None,
+        host.expect,
+        expectation_met(state, host.expect),
+        attempts,
+    )
+
+
+def _unresolved(host: HostSpec, proto: str) -> PortCheckResult:
+    port = host.ports[0] if len(host.ports) == 1 else None
+    return _result(host, port, proto, PortState.ERROR, host.error, None, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# One pass over every port (the default mode)
+# ---------------------------------------------------------------------------------------------
+
+
+# A check is keyed by one int: host index << 16 | port. Keys and jobs are lazy sequences, so a
+# /16 times 65,535 ports costs no memory up front, and forked workers fetch only their share.
+
+
+class _AllKeys(Sequence[int]):
+    """Every (resolved host, port) key, in order, computed on access."""
+
+    def __init__(self, hosts: Sequence[HostSpec]) -> None:
+        self._hosts = [(i, h.ports) for i, h in enumerate(hosts) if h.error is None]
+        self._starts = list(itertools.accumulate((len(p) for _i, p in self._hosts), initial=0))
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, index: Any) -> Any:
+        if not isinstance(index, int) or not 0 <= index < len(self):
+            raise IndexError(index)
+        slot = bisect.bisect_right(self._starts, index) - 1
+        host_index, ports = self._hosts[slot]
+        return (host_index << 16) | ports[index - self._starts[slot]]
+
+    def __iter__(self) -> Iterator[int]:
+        for host_index, ports in self._hosts:
+            base = host_index << 16
+            for port in ports:
+                yield base | port
+
+
+class _KeyedJobs(Sequence[ConnectJob]):
+    """The connect job of each key, built on access."""
+
+    def __init__(self, hosts: Sequence[HostSpec], keys: Sequence[int]) -> None:
+        self._hosts = hosts
+        self._keys = keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._job(self._keys[index])
+
+    def _job(self, key: int) -> ConnectJob:
+        host = self._hosts[key >> 16]
+        port = key & 0xFFFF
+        return ConnectJob(key, host.family, (host.sockaddr[0], port, *host.sockaddr[2:]))
+
+    def __iter__(self) -> Iterator[ConnectJob]:
+        job = self._job
+        for key in self._keys:
+            yield job(key)
+
+
+def _all_keys(hosts: Sequence[HostSpec]) -> _AllKeys:
+    return _AllKeys(hosts)
+
+
+def _probe(
+    hosts: Sequence[HostSpec],
+    keys: Sequence[int],
+    config: CheckConfig,
+    *,
+    concurrency: int,
+    timeout_s: float,
+    workers: int = 1,
+    stats: ConnectorStats | None = None,
+) -> Iterator[tuple[int, ConnectState, str | None, float]]:
+    """One attempt per key: (key, state, errno_name, elapsed_s) in completion order."""
+    if config.udp:
+        items = ((key, _udp_target(hosts, key)) for key in keys)
+        yield from udp_probe_many(
+            items,
+            config.payload,
+            timeout_s=timeout_s,
+            concurrency=concurrency,
+            rate=config.rate,
+        )
+        return
+    for result in run_connects(
+        _KeyedJobs(hosts, keys),
+        concurrency=concurrency,
+        timeout_s=timeout_s,
+        rate=config.rate,
+        workers=workers,
+        stats=stats,
+    ):
+        yield result.job.key, result.state, result.errno_name, result.elapsed_s
+
+
+def _udp_target(hosts: Sequence[HostSpec], key: int) -> Resolved:
+    host = hosts[key >> 16]
+    return Resolved(host.family, host.address_for(key & 0xFFFF))
+
+
+def _job_count(hosts: Sequence[HostSpec]) -> int:
+    return sum(len(h.ports) for h in hosts if h.error is None)
+
+
+def _workers_for(config: CheckConfig, jobs: int) -> int:
+    if config.workers is not None:
+        return config.workers
+    if config.udp or config.rate or jobs < _FORK_THRESHOLD:
+        return 1
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def run_checks(
+    hosts: Sequence[HostSpec],
+    config: CheckConfig,
+    stats: ConnectorStats | None = None,
+    *,
+    tally: Tally | None = None,
+    open_only: bool = False,
+) -> Iterator[PortCheckResult]:
+    """Check every port of every host once (plus retries of timeouts); yield as they end.
+
+    Results stream in completion order; attempts that time out are retried `config.retries`
+    times and reported after their last attempt. With `tally`, every result is counted there;
+    `open_only` then yields only open ports (the others are counted without being built).
+    """
+    proto = "udp" if config.udp else "tcp"
+    for host in hosts:
+        if host.error is not None:
+            result = _unresolved(host, proto)
+            if tally is not None:
+                tally.add(result)
+            if not open_only:
+                yield result
+    jobs = _job_count(hosts)
+    if not jobs:
+        return
+    concurrency = plan_concurrency(config.concurrency, jobs)
+    workers = _workers_for(config, jobs)
+    silent: list[int] = []
+    states = _UDP_STATE if config.udp else _TCP_STATE
+    keys: Sequence[int] = _all_keys(hosts)
+    for attempt in range(1, config.retries + 2):
+        last = attempt == config.retries + 1
+        silent = []
+        for key, state, errno_name, elapsed in _probe(
+            hosts,
+            keys,
+            config,
+            concurrency=concurrency,
+            timeout_s=config.timeout_s,
+            workers=workers,
+            stats=stats,
+        ):
+            if state is ConnectState.TIMEOUT and not last:
+                silent.append(key)
+                continue
+            mapped = states[state]
+            if open_only and mapped is not PortState.OPEN:
+                if tally is not None:
+                    tally.count(
+                        mapped, errno_name, expectation_met(mapped, hosts[key >> 16].expect)
+                    )
+                continue
+            result = _result(
+                hosts[key >> 16], key & 0xFFFF, proto, mapped, errno_name, elapsed, attempt
+            )
+            if tally is not None:
+                tally.add(result)
+            yield result
+        if not silent:
+            return
+        keys = sorted(silent)
+        workers = 1  # retries are few; forking for them costs more than it saves
+
+
+# ---------------------------------------------------------------------------------------------
+# Latency probes (tcping / paping)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyStats:
+    """Aggregates of one target's probes; times in ms, None when no probe got an answer."""
+
+    sent: int
+    received: int
+    loss_pct: float
+    min_ms: float | None
+    avg_ms: float | None
+    max_ms: float | None
+    stddev_ms: float | None
+    p50_ms: float | None
+    p90_ms: float | None
+    p99_ms: float | None
+
+
+def percentile(sorted_values: Sequence[float], pct: float) -> float:
+    """Linear-interpolated percentile of sorted values (numpy's default "linear" method).
+
+    Raises:
+        ValueError: no values, or pct outside 0-100.
+    """
+    if not sorted_values:
+        raise ValueError("percentile of no values")
+    if not 0.0 <= pct <= 100.0:
+        raise ValueError(f"percentile {pct} outside 0-100")
+    rank = (len(sorted_values) - 1) * pct / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(sorted_values) - 1)
+    fraction = rank - low
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * fraction
+
+
+def latency_stats(samples_ms: Sequence[float], sent: int) -> LatencyStats:
+    """Aggregate answered probes' latencies; `sent` counts every probe (for loss %).
+
+    stddev is the population standard deviation (as ping's mdev); percentiles interpolate
+    linearly between ranks.
+
+    Raises:
+        ValueError: more samples than probes sent.
+    """
+    received = len(samples_ms)
+    if received > sent:
+        raise ValueError(f"{received} answers for {sent} probes")
+    loss = 0.0 if sent == 0 else round(100.0 * (sent - received) / sent, 3)
+    if not samples_ms:
+        return LatencyStats(
+            sent, 0, loss if sent else 0.0, None, None, None, None, None, None, None
+        )
+    ordered = sorted(samples_ms)
+    mean = math.fsum(ordered) / received
+    variance = math.fsum((x - mean) ** 2 for x in ordered) / received
+    return LatencyStats(
+        sent,
+        received,
+        loss,
+        round(ordered[0], 3),
+        round(mean, 3),
+        round(ordered[-1], 3),
+        round(math.sqrt(variance), 3),
+        round(percentile(ordered, 50), 3),
+        round(percentile(ordered, 90), 3),
+        round(percentile(ordered, 99), 3),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """One latency probe (kind "port-check.probe" in JSON)."""
+
+    target: str
+    address: str | None
+    port: int | None
+    proto: str
+    seq: int
+    state: PortState
+    errno_name: str | None
+    latency_ms: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class LatencySummary:
+    """All probes of one address:port (kind "port-check.latency" in JSON).
+
+    `state` is open when any probe was answered "open", else the last probe's state; `ok`
+    applies the expectation to that state.
+    """
+
+    target: str
+    address: str | None
+    port: int | None
+    proto: str
+    state: PortState
+    errno_name: str | None
+    expect: Expect
+    ok: bool
+    sent: int
+    received: int
+    loss_pct: float
+    min_ms: float | None
+    avg_ms: float | None
+    max_ms: float | None
+    stddev_ms: float | None
+    p50_ms: float | None
+    p90_ms: float | None
+    p99_ms: float | None
+
+    def as_result(self) -> PortCheckResult:
+        """The summary as a plain result, for the tally and the exit status."""
+        return PortCheckResult(
+            self.target,
+            self.address,
+            self.port,
+            self.proto,
+            self.state,
+            self.errno_name,
+            self.avg_ms,
+            None,
+            self.expect,
+            self.ok,
+            self.sent,
+        )
+
+
+def run_latency(
+    hosts: Sequence[HostSpec],
+    config: CheckConfig,
+    *,
+    count: int,
+    interval_s: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[Probe | LatencySummary]:
+    """Probe every address:port `count` times, `interval_s` apart (all in parallel each round).
+
+    Yields each Probe as it ends, then one LatencySummary per address:port.
+    """
+    proto = "udp" if config.udp else "tcp"
+    keys = list(_all_keys(hosts))
+    samples: dict[int, list[float]] = {key: [] for key in keys}
+    last: dict[int, tuple[PortState, str | None]] = {}
+    concurrency = plan_concurrency(config.concurrency, len(keys)) if keys else 1
+    states = _UDP_STATE if config.udp else _TCP_STATE
+    for seq in range(1, count + 1):
+        round_start = time.monotonic()
+        for key, state, errno_name, elapsed in _probe(
+            hosts, keys, config, concurrency=concurrency, timeout_s=config.timeout_s
+        ):
+            mapped = states[state]
+            host = hosts[key >> 16]
+            latency = None
+            if mapped is PortState.OPEN:
+                latency = round(elapsed * 1000.0, 3)
+                samples[key].append(elapsed * 1000.0)
+                last[key] = (mapped, None)
+            elif last.get(key, (None,))[0] is not PortState.OPEN:
+                last[key] = (mapped, errno_name)
+            yield Probe(
+                host.target, host.address, key & 0xFFFF, proto, seq, mapped, errno_name, latency
+            )
+        if seq < count:
+            sleep(max(0.0, round_start + interval_s - time.monotonic()))
+    for host in hosts:
+        if host.error is not None:
+            result = _unresolved(host, proto)
+            yield LatencySummary(
+                host.target,
+                None,
+                result.port,
+                proto,
+                PortState.ERROR,
+                host.error,
+                host.expect,
+                False,
+                count,
+                0,
+                100.0,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+            )
+    for key in keys:
+        host = hosts[key >> 16]
+        agg = latency_stats(samples[key], count)
+        final, final_errno = last.get(key, (PortState.FILTERED, None))
+        yield LatencySummary(
+            host.target,
+            host.address,
+            key & 0xFFFF,
+            proto,
+            final,
+            final_errno,
+            host.expect,
+            expectation_met(final, host.expect),
+            agg.sent,
+            agg.received,
+            agg.loss_pct,
+            agg.min_ms,
+            agg.avg_ms,
+            agg.max_ms,
+            agg.stddev_ms,
+            agg.p50_ms,
+            agg.p90_ms,
+            agg.p99_ms,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Wait mode (wait-for-it, for many targets in parallel)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WaitProgress:
+    """After each round: how many checks hold, how many are needed, who is still waited for."""
+
+    round: int
+    satisfied: int
+    needed: int
+    total: int
+    left_s: float
+    waiting: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WaitOutcome:
+    """How the wait ended: `held` True when the requirement held before the deadline."""
+
+    held: bool
+    elapsed_s: float
+    rounds: int
+    results: tuple[PortCheckResult, ...]  # the latest result of every check
+    never: tuple[str, ...]  # checks whose condition never held (address:port labels)
+
+
+def _label(host: HostSpec, port: int) -> str:
+    return format_hostport(host.address or host.name, port)
+
+
+def run_wait(
+    specs: Sequence[TargetSpec],
+    config: CheckConfig,
+    *,
+    ports: tuple[int, ...] | None,
+    family: int,
+    expect: Expect,
+    required: int | None,
+    deadline_s: float,
+    interval_s: float,
+    resolver: Callable[[str, int], list[Resolved]] | None = None,
+) -> Iterator[WaitProgress | WaitOutcome]:
+    """Retry the checks until the requirement holds or `deadline_s` passes.
+
+    A check that held stays held (it is not probed again). Names that do not resolve yet are
+    resolved again each round (a container's name may appear late). The pause between rounds
+    starts at 50 ms and doubles, capped at `interval_s`. Yields a WaitProgress after each
+    round and the WaitOutcome last.
+    """
+    start = time.monotonic()
+    end = start + deadline_s
+    proto = "udp" if config.udp else "tcp"
+    hosts = build_hosts(specs, ports=ports, family=family, expect=expect, resolver=resolver)
+    # Units of the requirement: every address:port (an unresolvable name counts per port).
+    units = [(i, port) for i, host in enumerate(hosts) for port in host.ports]
+    needed = len(units) if required is None else required
+    latest: dict[tuple[int, int], PortCheckResult] = {}
+    done: set[tuple[int, int]] = set()
+    pause = 0.05
+    rounds = 0
+    while True:
+        rounds += 1
+        left = end - time.monotonic()
+        for index, host in enumerate(hosts):
+            if host.error is not None and any((index, p) not in done for p in host.ports):
+                again = build_hosts(
+                    [TargetSpec(host.target, host.name, host.ports, host.expect)],
+                    ports=host.ports,
+                    family=family,
+                    expect=host.expect,
+                    resolver=resolver,
+                )
+                hosts[index] = again[0]
+        todo = [(i, p) for (i, p) in units if (i, p) not in done and hosts[i].error is None]
+        for i, p in units:
+            if hosts[i].error is not None:
+                latest[(i, p)] = _result(
+                    hosts[i], p, proto, PortState.ERROR, hosts[i].error, None, rounds
+                )
+        if todo:
+            timeout = max(0.001, min(config.timeout_s, left))
+            keyed = [(i << 16) | p for i, p in todo]
+            concurrency = plan_concurrency(config.concurrency, len(keyed))
+            states = _UDP_STATE if config.udp else _TCP_STATE
+            for key, state, errno_name, elapsed in _probe(
+                hosts, keyed, config, concurrency=concurrency, timeout_s=timeout
+            ):
+                unit = (key >> 16, key & 0xFFFF)
+                result = _result(
+                    hosts[unit[0]], unit[1], proto, states[state], errno_name, elapsed, rounds
+                )
+                latest[unit] = result
+                if result.ok:
+                    done.add(unit)
+        now = time.monotonic()
+        waiting = tuple(_label(hosts[i], p) for i, p in units if (i, p) not in done)
+        if len(done) >= needed:
+            yield WaitOutcome(True, now - start, rounds, _ordered(latest, units), waiting)
+            return
+        if now >= end:
+            yield WaitOutcome(False, now - start, rounds, _ordered(latest, units), waiting)
+            return
+        yield WaitProgress(rounds, len(done), needed, len(units), end - now, waiting)
+        time.sleep(max(0.0, min(pause, end - time.monotonic())))
+        pause = min(pause * 2, interval_s) if interval_s > 0 else pause * 2
+
+
+def _ordered(
+    latest: dict[tuple[int, int], PortCheckResult], units: Sequence[tuple[int, int]]
+) -> tuple[PortCheckResult, ...]:
+    return tuple(latest[unit] for unit in units if unit in latest)
+
+
+def sort_key(address: str | None, port: int | None, target: str) -> tuple[Any, ...]:
+    """Table order: by address (numerically, IPv4 before IPv6), then port; names last."""
+    if address is None:
+        return (2, 0, target, port or 0)
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return (2, 0, address, port or 0)
+    return (0 if ip.version == 4 else 1, int(ip), "", port or 0)
