@@ -64,6 +64,7 @@ PROXY_TRIGGERS = frozenset(TriggerKind) - {TriggerKind.AFTER_BYTES_OUT}
 _FIN_LINGER_S = 2.0
 # The send mode writes this much per step while the peer keeps up.
 _SEND_CHUNK = 64 * 1024
+_SEND_STEPS = 16  # chunks per loop turn
 # Paced output wakes at most this often (a 1 KB/s trickle writes ~10-byte pieces).
 _PACE_TICK_S = 0.01
 
@@ -495,11 +496,23 @@ class _ServeHandler(Handler):
         conn = self.conn
         assert conn is not None
         limit = self.run.options.send_bytes
+        steps = 0
         while not conn.is_closing and self._after_fire not in (Action.HANG, Action.FIN):
             if self._after_fire is Action.HALF_CLOSE:
                 return
+            steps += 1
+            if steps > _SEND_STEPS:
+                # Give the loop a turn: while the kernel takes every byte the write buffer
+                # never fills, and a peer's RST is only noticed between callbacks.
+                conn.call_later(0, self._pump_send)
+                return
             if limit is not None and self._sent >= limit:
-                conn.half_close()  # the response is complete; close once the peer does
+                # The response is complete: FIN once the paced bytes are out, then close
+                # when the peer does.
+                if self._pipe is not None and self._pipe.queued:
+                    self._pipe.when_drained(conn.half_close)
+                else:
+                    conn.half_close()
                 return
             if self._pipe is not None:
                 if self._pipe.queued >= _SEND_CHUNK:

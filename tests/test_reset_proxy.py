@@ -1,0 +1,238 @@
+"""`netprobe reset proxy` on loopback: faithful forwarding, faults on one side, toxics, SIGUSR1."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from netprobe.engines.reset import Direction, ServeMode, Toxics
+from netprobe.engines.reset_client import generated_stream
+from netprobe.engines.reset_faults import Action, TriggerKind
+from tests.helpers import LONG, invoke
+from tests.test_reset_helpers import (
+    connect,
+    options,
+    proxy,
+    read_until_end,
+    serve,
+    subprocess_server,
+)
+
+
+def _wait_records(records: list[dict[str, Any]], count: int) -> None:
+    deadline = time.monotonic() + LONG
+    while len(records) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(records) >= count, records
+
+
+def test_no_fault_20_mb_both_ways_identical() -> None:
+    payload = os.urandom(20 * 1024 * 1024)
+    with (
+        serve(options()) as (up_port, up_records),
+        proxy(options(upstream=("127.0.0.1", up_port))) as (port, records),
+        connect(port) as sock,
+    ):
+        errors: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+            except OSError as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        digest = hashlib.sha256()
+        total = 0
+        while chunk := sock.recv(1 << 20):
+            digest.update(chunk)
+            total += len(chunk)
+        sender.join(LONG)
+        assert not sender.is_alive()
+        assert not errors
+        assert total == len(payload)
+        assert digest.digest() == hashlib.sha256(payload).digest()
+        _wait_records(records, 1)
+        _wait_records(up_records, 1)
+    assert records[0]["fired"] is False
+    assert records[0]["bytes_in"] == records[0]["upstream_bytes_out"] == len(payload)
+    assert records[0]["reason"] == "eof"
+
+
+def test_after_bytes_down_resets_the_client_and_closes_upstream() -> None:
+    upstream = options(mode=ServeMode.SEND)  # an endless stream from upstream
+    fault = options(
+        TriggerKind.AFTER_BYTES, 100_000, direction=Direction.DOWN, upstream=("127.0.0.1", 0)
+    )
+    with serve(upstream) as (up_port, up_records):
+        fault.upstream = ("127.0.0.1", up_port)
+        with proxy(fault) as (port, records), connect(port) as sock:
+            got, ending = read_until_end(sock)
+            assert ending == "ECONNRESET"
+            assert len(got) <= 100_000
+            assert got == generated_stream(len(got))
+            _wait_records(records, 1)
+            _wait_records(up_records, 1)
+    assert records[0]["fired"] is True
+    assert records[0]["bytes_out"] == 100_000
+    # Upstream saw its connection end (a FIN, or a RST because it still had unread bytes).
+    assert up_records[0]["reason"] in ("eof", "reset")
+
+
+def test_latency_adds_to_the_round_trip() -> None:
+    with (
+        serve(options()) as (up_port, _),
+        proxy(options(upstream=("127.0.0.1", up_port), toxics=Toxics(latency_s=0.1))) as (
+            port,
+            _,
+        ),
+        connect(port) as sock,
+    ):
+        start = time.monotonic()
+        sock.sendall(b"p" * 64)
+        got = b""
+        while len(got) < 64:
+            got += sock.recv(64)
+        assert time.monotonic() - start >= 0.1
+
+
+def test_slice_delivers_the_same_bytes_in_many_reads() -> None:
+    upstream = options(mode=ServeMode.SEND, send_bytes=100)
+    with serve(upstream) as (up_port, _):
+        toxics = Toxics(slice_size=1, slice_delay_s=0.002)
+        with (
+            proxy(options(upstream=("127.0.0.1", up_port), toxics=toxics)) as (port, _),
+            connect(port) as sock,
+        ):
+            reads = []
+            while chunk := sock.recv(4096):
+                reads.append(chunk)
+    assert b"".join(reads) == generated_stream(100)
+    assert len(reads) >= 4
+
+
+def test_limit_bytes_closes_after_n() -> None:
+    upstream = options(mode=ServeMode.SEND)
+    with serve(upstream) as (up_port, _):
+        toxics = Toxics(limit_bytes=1000)
+        with proxy(options(upstream=("127.0.0.1", up_port), toxics=toxics)) as (port, records):
+            with connect(port) as sock:
+                got, ending = read_until_end(sock)
+            _wait_records(records, 1)
+    assert (got, ending) == (generated_stream(1000), "eof")
+    assert records[0]["reason"] == "limit"
+
+
+def test_plan_on_accept_then_pass() -> None:
+    opts = options(TriggerKind.ON_ACCEPT, plan="rst,ok", upstream=("127.0.0.1", 0))
+    with serve(options()) as (up_port, _):
+        opts.upstream = ("127.0.0.1", up_port)
+        with proxy(opts) as (port, _):
+            endings = []
+            for _ in range(4):
+                with connect(port) as sock:
+                    try:
+                        sock.sendall(b"hi")
+                        got, ending = read_after(sock, 2)
+                    except (ConnectionResetError, BrokenPipeError):
+                        got, ending = b"", "ECONNRESET"
+                    endings.append(ending if ending != "ok" else got.decode())
+    assert endings == ["ECONNRESET", "hi", "ECONNRESET", "hi"]
+
+
+def read_after(sock: socket.socket, size: int) -> tuple[bytes, str]:
+    got = b""
+    while len(got) < size:
+        try:
+            data = sock.recv(size)
+        except ConnectionResetError:
+            return got, "ECONNRESET"
+        if not data:
+            return got, "eof"
+        got += data
+    return got, "ok"
+
+
+def _ask(port: int) -> str:
+    """One round trip through the proxy: the echoed text, or how it ended."""
+    try:
+        with connect(port) as sock:
+            sock.sendall(b"hi")
+            got, ending = read_after(sock, 2)
+    except (ConnectionResetError, BrokenPipeError):
+        return "ECONNRESET"
+    return got.decode() if ending == "ok" else ending
+
+
+def _next_event(stream: Any, name: str) -> dict[str, Any]:
+    while True:
+        line = stream.readline()
+        assert line, "the proxy ended early"
+        record: dict[str, Any] = json.loads(line)
+        if record["event"] == name:
+            return record
+
+
+def test_sigusr1_toggles_faults() -> None:
+    with serve(options()) as (up_port, _):
+        argv = ["reset", "proxy", "--upstream", f"127.0.0.1:{up_port}", "--on-accept"]
+        with subprocess_server(argv) as (proc, announce):
+            assert proc.stdout is not None
+            port = int(announce["port"])
+            assert _ask(port) == "ECONNRESET"
+            proc.send_signal(signal.SIGUSR1)
+            assert _next_event(proc.stdout, "faults")["enabled"] is False
+            assert _ask(port) == "hi"
+            proc.send_signal(signal.SIGUSR1)
+            assert _next_event(proc.stdout, "faults")["enabled"] is True
+            assert _ask(port) == "ECONNRESET"
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--upstream", "192.0.2.1:80"], "--allow-remote"),
+        (["--upstream", "127.0.0.1:9", "--probability", "1.5"], "--probability 1.5"),
+        (["--upstream", "127.0.0.1:9", "--after-bytes", "-1"], "--after-bytes -1"),
+        (["--upstream", "127.0.0.1:9", "--after-bytes", "1", "--on-accept"], "two triggers"),
+        (["--upstream", "127.0.0.1:9", "--direction", "sideways"], "--direction"),
+        (["--upstream", "127.0.0.1:9", "--after-bytes-out", "5"], "No such option"),
+        (["--upstream", "127.0.0.1:9", "--slice", "0"], "--slice 0"),
+        (["--upstream", "127.0.0.1"], "HOST:PORT"),
+        ([], "--upstream"),
+    ],
+)
+def test_bad_input(argv: list[str], words: str) -> None:
+    result = invoke(["reset", "proxy", *argv])
+    assert result.exit_code == 2, result.stderr
+    assert result.stdout == b""
+    assert words in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_direction_up_resets_the_upstream_side() -> None:
+    fault = options(
+        TriggerKind.AFTER_BYTES, 10, action=Action.RST, direction=Direction.UP,
+        upstream=("127.0.0.1", 0),
+    )  # fmt: skip
+    with serve(options(mode=ServeMode.DISCARD)) as (up_port, up_records):
+        fault.upstream = ("127.0.0.1", up_port)
+        with proxy(fault) as (port, records), connect(port) as sock:
+            sock.sendall(b"0123456789abcdef")
+            got, ending = read_until_end(sock)
+            _wait_records(up_records, 1)
+            _wait_records(records, 1)
+    assert ending in ("eof", "ECONNRESET")
+    assert got == b""
+    assert up_records[0]["reason"] == "reset"  # the upstream side got the RST
+    assert up_records[0]["bytes_in"] <= 10

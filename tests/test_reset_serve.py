@@ -1,0 +1,287 @@
+"""`netprobe reset serve` on loopback: each action as its client sees it."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from netprobe.engines.reset import ServeMode
+from netprobe.engines.reset_client import generated_stream
+from netprobe.engines.reset_faults import Action, TriggerKind, fault_chosen
+from netprobe.errors import UsageError
+from netprobe.server import ServerConfig
+from tests.helpers import LONG, invoke
+from tests.test_reset_helpers import (
+    connect,
+    options,
+    read_until_end,
+    running,
+    serve,
+    subprocess_server,
+)
+
+AFTER_BYTES = TriggerKind.AFTER_BYTES
+
+
+def test_after_bytes_rst_echoes_at_most_n_then_econnreset() -> None:
+    with serve(options(AFTER_BYTES, 1000)) as (port, records), connect(port) as sock:
+        sock.sendall(b"x" * 5000)
+        got, ending = read_until_end(sock)
+    assert len(got) <= 1000
+    assert got == b"x" * len(got)
+    assert ending == "ECONNRESET"
+    # The errno itself, as the issue asks.
+    with serve(options(AFTER_BYTES, 1000)) as (port, _), connect(port) as sock:
+        sock.sendall(b"x" * 5000)
+        with pytest.raises(ConnectionResetError) as info:
+            _drain(sock)
+        assert info.value.errno == 104
+    assert records[0]["action"] == "rst"
+    assert records[0]["fired"] is True
+    assert records[0]["bytes_out"] == 1000
+    assert records[0]["trigger"] == "after-bytes 1000"
+
+
+def _drain(sock: socket.socket) -> None:
+    while sock.recv(65536):
+        pass
+
+
+def test_fin_gives_a_clean_eof() -> None:
+    with serve(options(AFTER_BYTES, 1000, action=Action.FIN)) as (port, records):
+        with connect(port) as sock:
+            sock.sendall(b"y" * 5000)
+            got, ending = read_until_end(sock)
+        assert (got, ending) == (b"y" * 1000, "eof")
+    assert records[0]["reason"] == "fin"
+
+
+def test_hang_makes_the_client_time_out() -> None:
+    with (
+        serve(options(AFTER_BYTES, 1000, action=Action.HANG)) as (port, _),
+        connect(port, timeout=0.3) as sock,
+    ):
+        sock.sendall(b"z" * 5000)
+        got, ending = read_until_end(sock)
+    assert len(got) <= 1000
+    assert ending == "timeout"
+
+
+def test_half_close_lets_the_client_keep_sending() -> None:
+    with serve(options(AFTER_BYTES, 1000, action=Action.HALF_CLOSE)) as (port, records):
+        with connect(port) as sock:
+            sock.sendall(b"h" * 5000)
+            got, ending = read_until_end(sock)
+            assert (len(got), ending) == (1000, "eof")
+            for _ in range(5):
+                sock.sendall(b"more" * 2500)  # no EPIPE: the server still reads
+                time.sleep(0.01)
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(10) == b""
+        deadline = time.monotonic() + LONG
+        while not records and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert records[0]["bytes_in"] == 5000 + 5 * 10000
+    assert records[0]["reason"] == "half-close"
+
+
+def _reset_pattern(port: int, count: int) -> list[bool]:
+    pattern = []
+    for _ in range(count):
+        try:
+            sock = connect(port)
+        except ConnectionResetError:
+            # The RST of an on-accept reset can beat connect()'s own wake-up: SO_ERROR then
+            # reads ECONNRESET, so connect() raises it.
+            pattern.append(True)
+            continue
+        with sock:
+            try:
+                sock.sendall(b"ping")
+            except (ConnectionResetError, BrokenPipeError):
+                pattern.append(True)
+                continue
+            got, ending = read_until_end_after(sock, 4)
+            pattern.append(ending == "ECONNRESET")
+            assert ending == "ECONNRESET" or got == b"ping"
+    return pattern
+
+
+def read_until_end_after(sock: socket.socket, size: int) -> tuple[bytes, str]:
+    """Read `size` bytes, or until the server ends the connection first."""
+    got = b""
+    try:
+        while len(got) < size:
+            data = sock.recv(size - len(got))
+            if not data:
+                return got, "eof"
+            got += data
+    except ConnectionResetError:
+        return got, "ECONNRESET"
+    return got, "ok"
+
+
+def test_probability_with_seed_resets_the_same_connections() -> None:
+    opts = options(TriggerKind.ON_ACCEPT, probability=0.5, seed=7)
+    expected = [fault_chosen(0.5, 7, i) for i in range(24)]
+    with serve(opts) as (port, _):
+        first = _reset_pattern(port, 24)
+    with serve(options(TriggerKind.ON_ACCEPT, probability=0.5, seed=7)) as (port, _):
+        second = _reset_pattern(port, 24)
+    assert first == second == expected
+
+
+def test_plan_fails_two_then_passes_from_the_first_connection() -> None:
+    with serve(options(TriggerKind.ON_ACCEPT, plan="rst,rst,ok")) as (port, records):
+        pattern = _reset_pattern(port, 6)
+    assert pattern == [True, True, False] * 2
+    assert [r["action"] for r in records][:2] == ["rst", "rst"]
+
+
+def test_after_bytes_out_mid_response() -> None:
+    opts = options(TriggerKind.AFTER_BYTES_OUT, 10_000, action=Action.FIN, mode=ServeMode.SEND)
+    with serve(opts) as (port, _), connect(port) as sock:
+        got, ending = read_until_end(sock)
+    assert (got, ending) == (generated_stream(10_000), "eof")
+
+
+def test_send_bytes_then_close() -> None:
+    opts = options(mode=ServeMode.SEND, send_bytes=300_000)
+    with serve(opts) as (port, records), connect(port) as sock:
+        got, ending = read_until_end(sock)
+    assert (got, ending) == (generated_stream(300_000), "eof")
+    del records
+
+
+def test_slow_trickles_at_the_bandwidth() -> None:
+    opts = options(
+        TriggerKind.ON_ACCEPT, action=Action.SLOW, slow_rate=20_000, mode=ServeMode.SEND,
+        send_bytes=4000,
+    )  # fmt: skip
+    with serve(opts) as (port, _), connect(port) as sock:
+        start = time.monotonic()
+        got, ending = read_until_end(sock)
+        elapsed = time.monotonic() - start
+    assert (got, ending) == (generated_stream(4000), "eof")
+    assert elapsed >= 0.1  # 4000 B at 20 kB/s is 0.2 s; allow the first burst
+
+
+def test_after_ms_and_on_idle_timers() -> None:
+    with serve(options(TriggerKind.AFTER_MS, 0.2)) as (port, _), connect(port) as sock:
+        start = time.monotonic()
+        sock.sendall(b"abc")
+        got, ending = read_until_end(sock)
+        assert (got, ending) == (b"abc", "ECONNRESET")
+        assert time.monotonic() - start >= 0.15
+    with serve(options(TriggerKind.ON_IDLE, 0.2)) as (port, _), connect(port) as sock:
+        for _ in range(3):  # activity keeps it alive
+            time.sleep(0.1)
+            sock.sendall(b"k")
+        last = time.monotonic()
+        got, ending = read_until_end(sock)
+        assert (got, ending) == (b"kkk", "ECONNRESET")
+        assert time.monotonic() - last >= 0.15
+
+
+def test_after_frames() -> None:
+    opts = options(TriggerKind.AFTER_FRAMES, 2, framing="line")
+    with serve(opts) as (port, _), connect(port) as sock:
+        sock.sendall(b"one\ntwo\nthree\n")
+        got, ending = read_until_end(sock)
+    assert got in (b"one\ntwo\n", b"one\n", b"")
+    assert ending == "ECONNRESET"
+
+
+def test_no_accept_makes_connects_time_out() -> None:
+    from netprobe.engines.reset import make_serve
+
+    server, _totals, control = make_serve(
+        ServerConfig(port=0, backlog=0, pause_accept=True, handle_signals=False),
+        options(TriggerKind.ON_ACCEPT),
+    )
+    try:
+        with running(server) as port:
+            assert control.prefill() >= 1
+            probe = socket.socket()
+            probe.settimeout(0.3)
+            try:
+                with pytest.raises(TimeoutError):
+                    probe.connect(("127.0.0.1", port))
+            finally:
+                probe.close()
+    finally:
+        control.release()
+
+
+@pytest.mark.unix
+def test_unix_socket(tmp_path: Path) -> None:
+    path = str(tmp_path / "r.sock")
+    with serve(options(AFTER_BYTES, 3), path=path) as (_, records):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(LONG)
+            sock.connect(path)
+            sock.sendall(b"hello")
+            got, _ending = read_until_end(sock)
+        assert got in (b"hel", b"")
+    assert not Path(path).exists()
+    del records
+
+
+def test_cli_announces_and_reports_json() -> None:
+    with subprocess_server(["reset", "serve", "--port", "0", "--after-bytes", "10"]) as (
+        proc,
+        announce,
+    ):
+        assert announce["event"] == "listening"
+        assert announce["proto"] == "tcp"
+        assert announce["host"] == "127.0.0.1"
+        with connect(int(announce["port"])) as sock:
+            sock.sendall(b"0123456789abcdef")
+            got, ending = read_until_end(sock)
+        assert ending == "ECONNRESET"
+        assert proc.stdout is not None
+        record = json.loads(proc.stdout.readline())
+    assert record["event"] == "connection"
+    assert record["action"] == "rst"
+    assert record["bytes_in"] == 16
+    assert record["bytes_out"] == len(got) <= 10
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--probability", "1.5"], "--probability 1.5"),
+        (["--after-bytes", "-1"], "--after-bytes -1"),
+        (["--after-bytes", "5", "--after-ms", "5"], "two triggers"),
+        (["--on-accept", "--on-idle", "1s"], "two triggers"),
+        (["--action", "slow"], "--bandwidth"),
+        (["--action", "boom"], "not an action"),
+        (["--plan", "rst,,ok"], "--plan"),
+        (["--plan", "rst", "--probability", "0.5"], "--plan and --probability"),
+        (["--mode", "mirror"], "--mode"),
+        (["--after-frames", "2"], "--framing"),
+        (["--after-frames", "2", "--framing", "len7"], "len7"),
+        (["--slow-accept", "--no-accept"], "exclude"),
+    ],
+)
+def test_bad_input(argv: list[str], words: str) -> None:
+    result = invoke(["reset", "serve", "--port", "0", *argv])
+    assert result.exit_code == 2, result.stderr
+    assert result.stdout == b""
+    assert words in result.stderr
+    assert result.stderr.startswith("netprobe: reset serve: ")
+    assert result.stderr.count("\n") == 1
+
+
+def test_mode_parsing() -> None:
+    from netprobe.engines.reset import parse_mode
+
+    assert parse_mode("echo") == (ServeMode.ECHO, None)
+    assert parse_mode("send 1KB") == (ServeMode.SEND, 1000)
+    assert parse_mode("send:64K") == (ServeMode.SEND, 65536)
+    with pytest.raises(UsageError):
+        parse_mode("discard 5")
