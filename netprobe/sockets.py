@@ -1045,6 +1045,8 @@ def pump_duplex(
             continue_now = input_open and not pending
         else:
             continue_now = False
+        if not input_done and not input_open and not pending:
+            finish_input()  # before waiting: the peer may wait for our FIN to answer
         set_mask(
             sfd, (0 if result.peer_eof else select.POLLIN) | (select.POLLOUT if pending else 0)
         )

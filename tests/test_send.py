@@ -232,7 +232,12 @@ def test_framing_data_is_one_frame_and_expect_frames(start: Callable[..., Server
 
 
 def test_truncated_frame_at_eof_exits_1(start: Callable[..., ServerThread]) -> None:
-    srv = start(lambda conn: conn.sendall(struct.pack("!I", 10) + b"abc"))
+    def truncated(conn: socket.socket) -> None:
+        while conn.recv(65536):  # read everything first: unread data would make close() an RST
+            pass
+        conn.sendall(struct.pack("!I", 10) + b"abc")
+
+    srv = start(truncated)
     res = invoke(["send", addr(srv), "x", "--framing", "len32", "--json"])
     assert res.exit_code == 1
     assert "framing_error" in as_json(res.stdout)
