@@ -22,9 +22,7 @@ def echo(
     host: Annotated[
         str, typer.Option("--host", help="Address to bind (0.0.0.0 or :: for all interfaces).")
     ] = "127.0.0.1",
-    port: Annotated[
-        int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0 picks a free one).")
-    ] = 7007,
+    port: Annotated[int, typer.Option("--port", "-p", help="Port (0 picks a free one).")] = 7007,
     udp: Annotated[bool, typer.Option("--udp", help="Echo UDP datagrams.")] = False,
     unix: Annotated[
         str | None, typer.Option("--unix", metavar="PATH", help="Listen on a Unix stream socket.")
@@ -51,7 +49,7 @@ def echo(
     ] = None,
     max_conns: Annotated[
         int | None,
-        typer.Option("--max-conns", min=1, help="Clients above this many are closed at once."),
+        typer.Option("--max-conns", help="Clients above this many are closed at once."),
     ] = None,
     idle_timeout: Annotated[
         float | None,
@@ -74,7 +72,7 @@ def echo(
     once: Annotated[bool, typer.Option("--once", help="Serve one client, then exit.")] = False,
     count: Annotated[
         int | None,
-        typer.Option("--count", min=1, help="Exit after N clients (UDP: datagrams)."),
+        typer.Option("--count", help="Exit after N clients (UDP: datagrams)."),
     ] = None,
     run_for: Annotated[
         float | None,
@@ -82,10 +80,10 @@ def echo(
             "--duration", parser=duration, metavar="DURATION", help="Exit after this long."
         ),
     ] = None,
-    backlog: Annotated[int, typer.Option("--backlog", min=0, help="listen() backlog.")] = 128,
+    backlog: Annotated[int, typer.Option("--backlog", help="listen() backlog.")] = 128,
     accept_rate: Annotated[
         float | None,
-        typer.Option("--accept-rate", min=0.001, help="Accept at most R connections per second."),
+        typer.Option("--accept-rate", help="Accept at most R connections per second."),
     ] = None,
     pause_accept: Annotated[
         bool, typer.Option("--pause-accept", help="Listen but never accept (the backlog fills).")
@@ -117,6 +115,12 @@ def echo(
     from netprobe.framing import DEFAULT_MAX_FRAME
     from netprobe.server import ServerConfig, parse_allow
 
+    _check_range("--port", port, 0, 65535)
+    _check_range("--max-conns", max_conns, 1)
+    _check_range("--count", count, 1)
+    _check_range("--backlog", backlog, 0)
+    if accept_rate is not None and accept_rate <= 0:
+        raise UsageError(f"--accept-rate {accept_rate:g} must be more than 0")
     if udp and unix is not None:
         raise UsageError("--udp and --unix exclude each other")
     if udp:
@@ -165,6 +169,14 @@ def echo(
     server.listen()  # bind errors (exit 6) surface here, before anything is printed
     summary = server.run()
     out.final_totals(summary)
+
+
+def _check_range(flag: str, value: int | None, low: int, high: int | None = None) -> None:
+    if value is None:
+        return
+    if value < low or (high is not None and value > high):
+        span = f"{low}-{high}" if high is not None else f"{low} or more"
+        raise UsageError(f"{flag} {value} is out of range ({span})")
 
 
 class _Output:

@@ -1,0 +1,314 @@
+"""`netprobe echo` end to end: a real `python -m netprobe echo` process on loopback (signals,
+announce line, exit codes), plus in-process checks of bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import LONG, ROOT, invoke
+
+
+class EchoProcess:
+    """`python -m netprobe echo ARGS` with its stdout read line by line (with timeouts)."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "netprobe", "echo", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        assert self.proc.stdout is not None
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self.proc.stdout, selectors.EVENT_READ)
+        self._buffer = b""
+        self.lines: list[str] = []
+
+    def readline(self, timeout: float = LONG) -> str:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no line from netprobe echo; stderr: {self.stderr_now()}"
+            if self._sel.select(left):
+                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                assert chunk, f"netprobe echo closed stdout; stderr: {self.stderr_now()}"
+                self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        text = line.decode()
+        self.lines.append(text)
+        return text
+
+    def record(self, timeout: float = LONG) -> dict[str, Any]:
+        value = json.loads(self.readline(timeout))
+        assert isinstance(value, dict)
+        return value
+
+    def records_until(self, event: str) -> list[dict[str, Any]]:
+        found = [self.record()]
+        while found[-1]["event"] != event:
+            found.append(self.record())
+        return found
+
+    def stderr_now(self) -> str:
+        if self.proc.poll() is None:
+            return "(still running)"
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read().decode()
+
+    def wait(self, timeout: float = LONG) -> int:
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(LONG)
+        self._sel.close()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@contextlib.contextmanager
+def echo_process(*args: str) -> Iterator[tuple[EchoProcess, dict[str, Any]]]:
+    proc = EchoProcess(["--port", "0", "--json", *args])
+    try:
+        announce = proc.record()
+        assert announce["event"] == "listening"
+        yield proc, announce
+    finally:
+        proc.close()
+
+
+def connect(announce: dict[str, Any]) -> socket.socket:
+    if "path" in announce:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(LONG)
+        sock.connect(announce["path"])
+        return sock
+    return socket.create_connection((announce["host"], announce["port"]), timeout=LONG)
+
+
+def recv_exactly(sock: socket.socket, count: int) -> bytes:
+    data = bytearray()
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_prints_totals_and_exits_0() -> None:
+    with echo_process() as (proc, announce):
+        assert announce["proto"] == "tcp"
+        assert announce["host"] == "127.0.0.1"
+        assert list(announce) == ["event", "proto", "host", "port"]
+        with connect(announce) as client:
+            client.sendall(b"x" * 100)
+            assert recv_exactly(client, 100) == b"x" * 100
+        accept, close = proc.records_until("close")
+        assert accept["event"] == "accept"
+        assert close["reason"] == "eof"
+        assert (close["bytes_in"], close["bytes_out"]) == (100, 100)
+        assert close["duration_s"] >= 0
+        with connect(announce) as held:  # a client still connected at SIGTERM
+            held.sendall(b"y")
+            assert recv_exactly(held, 1) == b"y"
+            proc.records_until("accept")
+            proc.proc.send_signal(signal.SIGUSR1)
+            running = proc.record()
+            assert running["event"] == "totals"
+            assert running["final"] is False
+            assert running["active"] == 1
+            start = time.monotonic()
+            proc.proc.send_signal(signal.SIGTERM)
+            assert proc.wait() == 0
+            assert time.monotonic() - start < 1.5  # 1 s promised; slack for a loaded CI
+        records = proc.records_until("totals")
+        assert records[-2]["reason"] == "shutdown"
+        totals = records[-1]
+        assert totals["final"] is True
+        assert totals["connections"] == 2
+        assert (totals["bytes_in"], totals["bytes_out"]) == (101, 101)
+        assert totals["resets"] == 0
+        assert totals["errors"] == 0
+
+
+def test_once_serves_one_client_then_exits() -> None:
+    with echo_process("--once") as (proc, announce):
+        with connect(announce) as client:
+            client.sendall(b"only me")
+            assert recv_exactly(client, 7) == b"only me"
+        assert proc.wait() == 0
+        records = proc.records_until("totals")
+        assert records[-1]["connections"] == 1
+
+
+def test_count_exits_after_n_clients_and_logs_resets() -> None:
+    with echo_process("--count", "3") as (proc, announce):
+        for i in range(3):
+            client = connect(announce)
+            client.sendall(b"n")
+            assert recv_exactly(client, 1) == b"n"
+            if i == 1:  # one client resets
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+        assert proc.wait() == 0
+        records = proc.records_until("totals")
+        reasons = sorted(r["reason"] for r in records if r["event"] == "close")
+        assert reasons == ["eof", "eof", "reset"]
+        assert records[-1]["resets"] == 1
+        assert records[-1]["connections"] == 3
+
+
+def test_max_frame_closes_only_the_offending_connection() -> None:
+    with echo_process("--framing", "len16", "--max-frame", "10") as (proc, announce):
+        with connect(announce) as client:
+            client.sendall(struct.pack("!H", 5) + b"hello" + struct.pack("!H", 3) + b"ab")
+            assert recv_exactly(client, 7) == struct.pack("!H", 5) + b"hello"
+            client.sendall(b"c" + struct.pack("!H", 1000))  # completes a frame, then oversize
+            assert recv_exactly(client, 5) == struct.pack("!H", 3) + b"abc"
+            assert recv_exactly(client, 1) == b""
+        close = proc.records_until("close")[-1]
+        assert close["reason"] == "frame-too-large"
+        with connect(announce) as other:  # the server goes on
+            other.sendall(struct.pack("!H", 2) + b"ok")
+            assert recv_exactly(other, 4) == struct.pack("!H", 2) + b"ok"
+
+
+def test_line_framing_and_delay() -> None:
+    with (
+        echo_process("--framing", "line", "--delay", "150ms") as (_proc, announce),
+        connect(announce) as client,
+    ):
+        start = time.monotonic()
+        client.sendall(b"first\nsec")
+        client.sendall(b"ond\nthird-without-newline")
+        assert recv_exactly(client, 13) == b"first\nsecond\n"
+        assert time.monotonic() - start >= 0.14
+
+
+def test_discard_mode_reads_and_drops() -> None:
+    with echo_process("--mode", "discard") as (proc, announce):
+        with connect(announce) as client:
+            client.sendall(b"z" * 5000)
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(10) == b""
+        close = proc.records_until("close")[-1]
+        assert (close["bytes_in"], close["bytes_out"]) == (5000, 0)
+
+
+def test_idle_timeout_and_max_conns_from_the_cli() -> None:
+    # The idle timeout is long enough that a loaded machine cannot let it expire before the
+    # second client has been rejected.
+    args = ("--idle-timeout", "1s", "--max-conns", "1")
+    with echo_process(*args) as (proc, announce), connect(announce) as first:
+        first.sendall(b"1")
+        assert recv_exactly(first, 1) == b"1"
+        with connect(announce) as second:
+            assert second.recv(10) == b""
+        assert first.recv(10) == b""  # dropped after 1 s of silence
+        records = proc.records_until("close")
+        assert [r["reason"] for r in records if r["event"] in ("reject", "close")] == [
+            "max-conns",
+            "idle-timeout",
+        ]
+
+
+def test_udp_echo_from_the_cli() -> None:
+    with echo_process("--udp") as (_proc, announce):
+        assert announce["proto"] == "udp"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(LONG)
+            payload = os.urandom(65507)
+            client.sendto(payload, (announce["host"], announce["port"]))
+            assert client.recvfrom(65536)[0] == payload
+
+
+def test_unix_announce_ready_file_and_cleanup(tmp_path: Path) -> None:
+    path = tmp_path / "e.sock"
+    ready = tmp_path / "ready.json"
+    proc = EchoProcess(["--unix", str(path), "--ready-file", str(ready)])
+    try:
+        assert proc.readline() == f"listening on unix:{path}"
+        assert json.loads(ready.read_text()) == {
+            "event": "listening",
+            "proto": "unix",
+            "path": str(path),
+        }
+        with connect({"path": str(path)}) as client:
+            client.sendall(b"unix")
+            assert recv_exactly(client, 4) == b"unix"
+        proc.proc.send_signal(signal.SIGINT)
+        assert proc.wait() == 0
+        assert proc.readline().startswith("totals: connections 1,")
+        assert not path.exists()
+    finally:
+        proc.close()
+
+
+def test_text_announce_line() -> None:
+    proc = EchoProcess(["--port", "0", "--duration", "0.2"])
+    try:
+        line = proc.readline()
+        assert line.startswith("listening on 127.0.0.1:")
+        assert line.endswith("/tcp")
+        assert proc.wait() == 0
+        assert proc.readline().startswith("totals: connections 0,")
+    finally:
+        proc.close()
+
+
+def test_port_in_use_exits_6_with_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = invoke(["echo", "--port", str(port)])
+    assert result.exit_code == 6
+    assert result.stdout == b""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "EADDRINUSE" in lines[0]
+    assert str(port) in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--framing", "len7"], "len7"),
+        (["--mode", "mirror"], "mirror"),
+        (["--udp", "--unix", "/tmp/x.sock"], "--unix"),
+        (["--udp", "--max-conns", "3"], "--max-conns"),
+        (["--allow", "10.0.0.300/8"], "10.0.0.300/8"),
+        (["--delay", "soon"], "soon"),
+        (["--max-frame", "0"], "--max-frame"),
+        (["--port", "70000"], "70000"),
+        (["--once", "--count", "2"], "--count"),
+    ],
+)
+def test_bad_input_is_a_usage_error(argv: list[str], needle: str) -> None:
+    result = invoke(["echo", *argv])
+    assert result.exit_code == 2, result.stderr
+    assert result.stdout == b""
+    assert needle in result.stderr
+    assert "Traceback" not in result.stderr
