@@ -254,6 +254,9 @@ def build_hosts(
         for member in members:
             try:
                 first = resolve_one(member, family)[0]
+            except UnicodeError:
+                # Python's IDNA codec rejects an empty or over-long label before any lookup.
+                raise AddressError(f"{spec.text!r}: {member!r} is not a valid host name") from None
             except ResolveError as exc:
                 error = exc.errno_name or "EAI_FAIL"
                 hosts.append(HostSpec(spec.text, member, None, 0, spec_ports, want, error))

@@ -1,0 +1,315 @@
+"""`netprobe port-check` against real loopback listeners: states, output, exit codes, bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import HAS_IPV6
+from tests.helpers import LONG, SHORT, ServerThread, invoke
+
+
+def _json_lines(stdout: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.decode().splitlines() if line.strip()]
+
+
+def _closed_sockets(count: int) -> list[socket.socket]:
+    """Ports that are certainly closed: bound, never listening (nobody else can take them)."""
+    socks = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        socks.append(sock)
+    return socks
+
+
+def test_open_and_closed_among_random_listeners() -> None:
+    rng = random.Random(3)
+    servers = [ServerThread() for _ in range(rng.randint(4, 7))]
+    closed = _closed_sockets(5)
+    try:
+        open_ports = {s.port for s in servers}
+        closed_ports = {c.getsockname()[1] for c in closed}
+        order = sorted(open_ports | closed_ports, key=lambda _p: rng.random())
+        result = invoke(["port-check", "127.0.0.1", "-p", ",".join(map(str, order)), "--json"])
+        rows = _json_lines(result.stdout)
+        assert {r["port"] for r in rows if r["state"] == "open"} == open_ports
+        assert {r["port"] for r in rows if r["state"] == "closed"} == closed_ports
+        assert all(r["errno_name"] == "ECONNREFUSED" for r in rows if r["state"] == "closed")
+        assert result.exit_code == 1  # some refused
+        assert "open" in result.stderr
+        assert "closed" in result.stderr
+        assert "ports/s" in result.stderr
+    finally:
+        for sock in closed:
+            sock.close()
+        for srv in servers:
+            srv.stop()
+
+
+def test_json_fields_and_service_names(server: ServerThread) -> None:
+    result = invoke(["port-check", f"127.0.0.1:{server.port},1", "--json"])
+    rows = {r["port"]: r for r in _json_lines(result.stdout)}
+    assert set(rows[server.port]) == {
+        "kind",
+        "target",
+        "address",
+        "port",
+        "proto",
+        "state",
+        "errno_name",
+        "latency_ms",
+        "service",
+        "expect",
+        "ok",
+        "attempts",
+    }
+    row = rows[server.port]
+    assert row["kind"] == "port-check"
+    assert row["target"] == f"127.0.0.1:{server.port},1"
+    assert (row["address"], row["proto"], row["state"], row["ok"]) == (
+        "127.0.0.1",
+        "tcp",
+        "open",
+        True,
+    )
+    assert row["latency_ms"] >= 0
+    assert rows[1]["service"] == socket.getservbyport(1, "tcp")
+    assert rows[1]["state"] == "closed"
+
+
+def test_all_open_exits_0_and_plain_output(server: ServerThread) -> None:
+    result = invoke(["port-check", f"127.0.0.1:{server.port}"])
+    assert result.exit_code == 0
+    fields = result.text.split()
+    assert fields[:5] == [f"127.0.0.1:{server.port}", "127.0.0.1", str(server.port), "tcp", "open"]
+
+
+def test_one_refused_exits_1(server: ServerThread, closed_port: int) -> None:
+    result = invoke(["port-check", f"127.0.0.1:{server.port}", f"127.0.0.1:{closed_port}"])
+    assert result.exit_code == 1
+
+
+def test_only_timeouts_exit_3_as_filtered(full_queue_port: int) -> None:
+    result = invoke(["port-check", f"127.0.0.1:{full_queue_port}", "--timeout", "0.3", "--json"])
+    rows = _json_lines(result.stdout)
+    assert [r["state"] for r in rows] == ["filtered"]
+    assert rows[0]["latency_ms"] is None
+    assert result.exit_code == 3
+
+
+def test_retries_repeat_timeouts(full_queue_port: int) -> None:
+    result = invoke(
+        ["port-check", f"127.0.0.1:{full_queue_port}", "-t", "0.2", "--retries", "1", "--json"]
+    )
+    rows = _json_lines(result.stdout)
+    assert [(r["state"], r["attempts"]) for r in rows] == [("filtered", 2)]
+
+
+def test_expect_closed_on_a_closed_port_exits_0(closed_port: int, server: ServerThread) -> None:
+    assert invoke(["port-check", f"127.0.0.1:{closed_port}", "--expect", "closed"]).exit_code == 0
+    per_target = invoke(
+        ["port-check", f"127.0.0.1:{closed_port}=closed", f"127.0.0.1:{server.port}"]
+    )
+    assert per_target.exit_code == 0
+    violated = invoke(["port-check", f"127.0.0.1:{server.port}=closed", "--json"])
+    assert violated.exit_code == 1
+    assert _json_lines(violated.stdout)[0]["ok"] is False
+
+
+def test_require_any_and_count(server: ServerThread, closed_port: int) -> None:
+    other = ServerThread()
+    try:
+        targets = [f"127.0.0.1:{p}" for p in (server.port, closed_port, other.port)]
+        assert invoke(["port-check", *targets, "--require", "any", "-q"]).exit_code == 0
+        assert invoke(["port-check", *targets, "--require", "2", "-q"]).exit_code == 0
+        assert invoke(["port-check", *targets, "--require", "all", "-q"]).exit_code == 1
+        over = invoke(["port-check", *targets, "--require", "4"])
+        assert over.exit_code == 2
+        assert over.stdout == b""
+    finally:
+        other.stop()
+
+
+def test_quiet_prints_nothing(closed_port: int) -> None:
+    result = invoke(["port-check", f"127.0.0.1:{closed_port}", "-q"])
+    assert (result.exit_code, result.stdout, result.stderr) == (1, b"", "")
+
+
+def test_open_only_and_csv(server: ServerThread, closed_port: int) -> None:
+    ports = f"{server.port},{closed_port}"
+    only = invoke(["port-check", "127.0.0.1", "-p", ports, "--open-only", "--json"])
+    assert [r["port"] for r in _json_lines(only.stdout)] == [server.port]
+    assert "1 open, 1 closed" in only.stderr  # the summary still counts everything
+    csv_out = invoke(["port-check", "127.0.0.1", "-p", ports, "--csv"]).text.splitlines()
+    assert csv_out[0] == "target,address,port,proto,state,errno_name,latency_ms,service"
+    assert len(csv_out) == 3
+
+
+def test_targets_file_and_stdin(tmp_path: Any, server: ServerThread, closed_port: int) -> None:
+    listing = tmp_path / "targets.txt"
+    listing.write_text(f"# web\n127.0.0.1:{server.port}\n\n127.0.0.1:{closed_port}=closed # fw\n")
+    from_file = invoke(["port-check", "--targets-file", str(listing), "--json"])
+    assert from_file.exit_code == 0
+    assert len(_json_lines(from_file.stdout)) == 2
+    piped = invoke(
+        ["port-check", "--targets-file", "-", "--json"], stdin=f"127.0.0.1:{server.port}\n".encode()
+    )
+    assert piped.exit_code == 0
+    assert [r["port"] for r in _json_lines(piped.stdout)] == [server.port]
+    missing = invoke(["port-check", "--targets-file", str(tmp_path / "nope")])
+    assert missing.exit_code == 2
+
+
+def test_hostname_localhost(server: ServerThread) -> None:
+    result = invoke(["port-check", f"localhost:{server.port}", "-4", "--json"])
+    rows = _json_lines(result.stdout)
+    assert [(r["target"], r["address"], r["state"]) for r in rows] == [
+        (f"localhost:{server.port}", "127.0.0.1", "open")
+    ]
+    assert result.exit_code == 0
+
+
+@pytest.mark.skipif(not HAS_IPV6, reason="no IPv6 loopback (::1) on this host")
+def test_ipv6_loopback() -> None:
+    srv = ServerThread(family=socket.AF_INET6, host="::1")
+    closed = socket.socket(socket.AF_INET6)
+    closed.bind(("::1", 0))
+    try:
+        closed_port = closed.getsockname()[1]
+        result = invoke(["port-check", f"[::1]:{srv.port},{closed_port}", "--json"])
+        rows = {r["port"]: r for r in _json_lines(result.stdout)}
+        assert rows[srv.port]["state"] == "open"
+        assert rows[srv.port]["address"] == "::1"
+        assert rows[closed_port]["state"] == "closed"
+        v6 = invoke(["port-check", "::1", "-p", str(srv.port), "-6", "-q"])
+        assert v6.exit_code == 0
+    finally:
+        closed.close()
+        srv.stop()
+
+
+@pytest.fixture
+def udp_echo() -> Iterator[int]:
+    """A UDP echo service on 127.0.0.1 (one thread, stopped and joined afterwards)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(SHORT)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                data, peer = sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            sock.sendto(data, peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(LONG)
+        sock.close()
+        assert not thread.is_alive()
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_udp_open_and_closed(udp_echo: int) -> None:
+    closed = _free_udp_port()
+    result = invoke(
+        ["port-check", "--udp", f"127.0.0.1:{udp_echo},{closed}", "--payload", "ping", "--json"]
+    )
+    rows = {r["port"]: r for r in _json_lines(result.stdout)}
+    assert rows[udp_echo]["state"] == "open"
+    assert rows[udp_echo]["proto"] == "udp"
+    assert rows[closed]["state"] == "closed"
+    assert rows[closed]["errno_name"] == "ECONNREFUSED"
+    hex_payload = invoke(["port-check", "--udp", f"127.0.0.1:{udp_echo}", "--payload-hex", "00ff"])
+    assert hex_payload.exit_code == 0
+
+
+def test_udp_silence_is_open_filtered() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))  # bound, never answers: no ICMP either
+        port = silent.getsockname()[1]
+        result = invoke(["port-check", "--udp", f"127.0.0.1:{port}", "-t", "0.2", "--json"])
+    assert [r["state"] for r in _json_lines(result.stdout)] == ["open|filtered"]
+    assert result.exit_code == 3
+
+
+def test_resolution_failure_is_a_per_target_error_exit_5(server: ServerThread) -> None:
+    # -6 with an IPv4 literal fails inside the resolver without any DNS traffic.
+    result = invoke(["port-check", "-6", "127.0.0.1:80", "--json"])
+    rows = _json_lines(result.stdout)
+    assert [(r["state"], r["errno_name"], r["port"]) for r in rows] == [("error", "EAI_FAMILY", 80)]
+    assert result.exit_code == 5
+    assert "Traceback" not in result.stderr
+
+
+def test_latency_mode_reports_statistics(server: ServerThread, closed_port: int) -> None:
+    result = invoke(
+        [
+            "port-check",
+            f"127.0.0.1:{server.port}",
+            f"127.0.0.1:{closed_port}",
+            "--count",
+            "3",
+            "--interval",
+            "0.05",
+            "--json",
+        ]
+    )
+    rows = _json_lines(result.stdout)
+    probes = [r for r in rows if r["kind"] == "port-check.probe"]
+    summaries = {r["port"]: r for r in rows if r["kind"] == "port-check.latency"}
+    assert len(probes) == 6
+    assert sorted(p["seq"] for p in probes) == [1, 1, 2, 2, 3, 3]
+    up = summaries[server.port]
+    assert (up["sent"], up["received"], up["loss_pct"], up["state"]) == (3, 3, 0.0, "open")
+    assert up["min_ms"] <= up["p50_ms"] <= up["max_ms"]
+    down = summaries[closed_port]
+    assert (down["received"], down["loss_pct"], down["state"]) == (0, 100.0, "closed")
+    assert down["avg_ms"] is None
+    assert result.exit_code == 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["127.0.0.1:1", "--count", "0"],
+        ["127.0.0.1:1", "--concurrency", "0"],
+        ["127.0.0.1:1", "--rate", "-5"],
+        ["192.0.2.0/8", "-p", "80"],
+        ["127.0.0.1"],
+        ["127.0.0.1:99999"],
+        ["127.0.0.1:1", "--require", "most"],
+        ["127.0.0.1:1", "--expect", "maybe"],
+        ["127.0.0.1:1", "--payload", "x"],
+        ["127.0.0.1:1", "--udp", "--payload-hex", "zz"],
+        ["127.0.0.1:1", "--timeout", "fast"],
+        ["a..b:1"],
+        [],
+    ],
+)
+def test_bad_input_is_one_line_exit_2(argv: list[str]) -> None:
+    result = invoke(["port-check", *argv])
+    assert result.exit_code == 2, result.stderr
+    assert result.stdout == b""
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("netprobe: port-check: ")

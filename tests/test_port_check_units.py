@@ -1,0 +1,198 @@
+"""port-check's pure parts: latency aggregation, target parsing, policy and exit statuses."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from netprobe.engines.port_check import (
+    Expect,
+    PortState,
+    Tally,
+    build_hosts,
+    expectation_met,
+    latency_stats,
+    parse_require,
+    parse_targets,
+    percentile,
+    read_targets,
+    sort_key,
+    status_for,
+)
+from netprobe.errors import ResolveError, UsageError
+from netprobe.exitcodes import ExitStatus
+from netprobe.sockets import Resolved
+
+
+def test_latency_stats_known_values() -> None:
+    agg = latency_stats([1.0, 2.0, 3.0, 4.0], sent=5)
+    assert (agg.sent, agg.received) == (5, 4)
+    assert agg.loss_pct == 20.0
+    assert (agg.min_ms, agg.avg_ms, agg.max_ms) == (1.0, 2.5, 4.0)
+    assert agg.stddev_ms == round(math.sqrt(1.25), 3)  # population stddev
+    assert agg.p50_ms == 2.5
+    assert agg.p90_ms == 3.7
+    assert agg.p99_ms == 3.97
+
+
+def test_latency_stats_single_sample_and_no_answer() -> None:
+    one = latency_stats([7.5], sent=1)
+    assert (one.min_ms, one.avg_ms, one.max_ms, one.stddev_ms) == (7.5, 7.5, 7.5, 0.0)
+    assert one.p50_ms == one.p99_ms == 7.5
+    assert one.loss_pct == 0.0
+    lost = latency_stats([], sent=3)
+    assert lost.loss_pct == 100.0
+    assert lost.received == 0
+    assert lost.min_ms is None
+    assert lost.p99_ms is None
+
+
+def test_latency_stats_rejects_more_answers_than_probes() -> None:
+    with pytest.raises(ValueError, match="answers"):
+        latency_stats([1.0, 2.0], sent=1)
+
+
+@given(st.lists(st.floats(min_value=0.001, max_value=10_000.0), min_size=1, max_size=60))
+def test_latency_stats_properties(samples: list[float]) -> None:
+    agg = latency_stats(samples, sent=len(samples) + 1)
+    assert agg.min_ms is not None
+    assert agg.max_ms is not None
+    assert agg.avg_ms is not None
+    assert agg.p50_ms is not None
+    assert agg.p90_ms is not None
+    assert agg.p99_ms is not None
+    assert agg.stddev_ms is not None
+    assert agg.min_ms <= agg.p50_ms <= agg.p90_ms <= agg.p99_ms <= agg.max_ms
+    assert agg.min_ms <= agg.avg_ms <= agg.max_ms
+    assert agg.avg_ms == pytest.approx(statistics.fmean(samples), abs=1e-3)
+    assert agg.stddev_ms == pytest.approx(statistics.pstdev(samples), abs=2e-3)
+    assert agg.p50_ms == pytest.approx(statistics.median(samples), abs=1e-3)
+    assert 0 < agg.loss_pct < 100
+
+
+def test_percentile_interpolates_and_checks_input() -> None:
+    values = [10.0, 20.0, 30.0]
+    assert percentile(values, 0) == 10.0
+    assert percentile(values, 100) == 30.0
+    assert percentile(values, 25) == 15.0
+    with pytest.raises(ValueError, match="no values"):
+        percentile([], 50)
+    with pytest.raises(ValueError, match="outside"):
+        percentile(values, 101)
+
+
+def test_parse_targets_forms_and_expectations() -> None:
+    specs = parse_targets(["localhost:22", "[::1]:80,443=closed", "192.0.2.0/30", "h:1-3=open"])
+    assert [(s.host, s.ports, s.expect) for s in specs] == [
+        ("localhost", (22,), None),
+        ("::1", (80, 443), Expect.CLOSED),
+        ("192.0.2.0/30", None, None),
+        ("h", (1, 2, 3), Expect.OPEN),
+    ]
+    assert specs[1].text == "[::1]:80,443"
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("host:22=maybe", "'open' or 'closed'"),
+        ("host:0", "out of range"),
+        ("host:", "missing port"),
+        ("unix:/tmp/x.sock", "not Unix sockets"),
+        ("[::1", "closing"),
+    ],
+)
+def test_parse_targets_rejects(text: str, fragment: str) -> None:
+    with pytest.raises(UsageError, match=fragment):
+        parse_targets([text])
+
+
+def test_read_targets_skips_comments_and_blanks() -> None:
+    lines = ["# hosts\n", "127.0.0.1:22\n", "\n", "  localhost:80  # web\n", "[::1]:1\n"]
+    assert read_targets(lines) == ["127.0.0.1:22", "localhost:80", "[::1]:1"]
+
+
+def test_parse_require() -> None:
+    assert parse_require("all") is None
+    assert parse_require("ANY") == 1
+    assert parse_require("2") == 2
+    for bad in ("0", "-1", "most", ""):
+        with pytest.raises(UsageError, match="--require"):
+            parse_require(bad)
+
+
+def test_expectation_and_status() -> None:
+    assert expectation_met(PortState.OPEN, Expect.OPEN)
+    assert not expectation_met(PortState.OPEN_FILTERED, Expect.OPEN)
+    for state in (PortState.CLOSED, PortState.FILTERED, PortState.UNREACHABLE):
+        assert expectation_met(state, Expect.CLOSED)
+        assert not expectation_met(state, Expect.OPEN)
+    assert not expectation_met(PortState.ERROR, Expect.CLOSED)
+    assert status_for(PortState.CLOSED, "ECONNREFUSED", False) is ExitStatus.NOT_OPEN
+    assert status_for(PortState.OPEN, None, False) is ExitStatus.NOT_OPEN  # expected closed
+    assert status_for(PortState.FILTERED, None, False) is ExitStatus.TIMEOUT
+    assert status_for(PortState.OPEN_FILTERED, None, False) is ExitStatus.TIMEOUT
+    assert status_for(PortState.ERROR, "EAI_NONAME", False) is ExitStatus.RESOLVE
+    assert status_for(PortState.ERROR, "EADDRNOTAVAIL", False) is ExitStatus.LOCAL
+    assert status_for(PortState.CLOSED, None, True) is ExitStatus.OK
+
+
+def test_tally_requirements_and_worst_status() -> None:
+    tally = Tally()
+    tally.count(PortState.OPEN, None, True)
+    tally.count(PortState.FILTERED, None, False)
+    assert not tally.holds()
+    assert tally.exit_status() is ExitStatus.TIMEOUT
+    tally.count(PortState.CLOSED, "ECONNREFUSED", False)
+    assert tally.exit_status() is ExitStatus.NOT_OPEN  # worse than a timeout
+    assert "1 open, 1 closed, 1 filtered" in tally.summary()
+    anyone = Tally(required=1)
+    anyone.count(PortState.CLOSED, "ECONNREFUSED", False)
+    assert anyone.exit_status() is ExitStatus.NOT_OPEN
+    anyone.count(PortState.OPEN, None, True)
+    assert anyone.exit_status() is ExitStatus.OK
+    assert Tally().exit_status() is ExitStatus.NOT_OPEN  # nothing checked never "holds"
+
+
+def test_build_hosts_resolution_failure_is_a_result_not_an_exception() -> None:
+    def resolver(host: str, family: int) -> list[Resolved]:
+        if host == "gone.example":
+            raise ResolveError("resolve", -2, "EAI_NONAME", "Name or service not known")
+        return [Resolved(2, ("127.0.0.1", 0))]
+
+    specs = parse_targets(["gone.example:80", "ok.example:22=closed", "192.0.2.0/30:1"])
+    hosts = build_hosts(specs, ports=None, family=0, expect=Expect.OPEN, resolver=resolver)
+    assert [(h.name, h.error, h.expect) for h in hosts[:2]] == [
+        ("gone.example", "EAI_NONAME", Expect.OPEN),
+        ("ok.example", None, Expect.CLOSED),
+    ]
+    assert [h.name for h in hosts[2:]] == ["192.0.2.1", "192.0.2.2"]
+
+
+def test_build_hosts_needs_a_port_and_caps_cidr() -> None:
+    with pytest.raises(UsageError, match="no port"):
+        build_hosts(parse_targets(["127.0.0.1"]), ports=None, family=0, expect=Expect.OPEN)
+    with pytest.raises(UsageError, match="above the cap"):
+        build_hosts(parse_targets(["192.0.2.0/8"]), ports=(1,), family=0, expect=Expect.OPEN)
+
+
+def test_sort_key_orders_numerically_v4_before_v6_names_last() -> None:
+    rows = [
+        ("10.0.0.10", 1, "a"),
+        (None, 5, "name"),
+        ("::1", 1, "b"),
+        ("10.0.0.9", 80, "c"),
+        ("10.0.0.9", 22, "d"),
+    ]
+    ordered = sorted(rows, key=lambda r: sort_key(r[0], r[1], r[2]))
+    assert [(r[0], r[1]) for r in ordered] == [
+        ("10.0.0.9", 22),
+        ("10.0.0.9", 80),
+        ("10.0.0.10", 1),
+        ("::1", 1),
+        (None, 5),
+    ]
