@@ -1,0 +1,249 @@
+"""`netprobe listen` as a real process with real pipes, against send peers and raw sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import LONG, ROOT, invoke, run_netprobe
+
+
+class Listen:
+    """A `netprobe listen` process; the first stderr line (the announcement) is read at once."""
+
+    def __init__(self, args: Sequence[str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "netprobe", "listen", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        self.announce = self._stderr_line()
+
+    def _stderr_line(self) -> str:
+        assert self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
+        line = b""
+        deadline = time.monotonic() + LONG
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            assert left > 0, f"no announcement from listen (got {line!r})"
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                byte = os.read(fd, 1)
+                assert byte, f"listen exited before announcing (got {line!r})"
+                line += byte
+        return line.decode()
+
+    @property
+    def port(self) -> int:
+        if self.announce.startswith("{"):
+            return int(json.loads(self.announce)["port"])
+        return int(self.announce.rsplit(":", 1)[1].split("/")[0])
+
+    def write(self, data: bytes, *, close: bool = False) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+        if close:
+            self.proc.stdin.close()
+            self.proc.stdin = None  # communicate() would flush a closed stdin
+
+    def finish(self) -> tuple[int, bytes, str]:
+        """Wait for exit (stdin closed first); returns (code, stdout, rest of stderr)."""
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+            self.proc.stdin = None
+        out, err = self.proc.communicate(timeout=LONG * 2)
+        return self.proc.returncode, out, err.decode()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(LONG)
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+@pytest.fixture
+def spawn() -> Iterator[type[Listen]]:
+    started: list[Listen] = []
+
+    class Tracked(Listen):
+        def __init__(self, args: Sequence[str]) -> None:
+            super().__init__(args)
+            started.append(self)
+
+    try:
+        yield Tracked
+    finally:
+        for item in started:
+            item.kill()
+            assert item.proc.returncode is not None
+
+
+def _connect(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=LONG)
+    sock.settimeout(LONG)
+    return sock
+
+
+def _read_to_eof(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_listen_with_send_peer_both_directions(spawn: type[Listen]) -> None:
+    listener = spawn([])
+    assert listener.announce == f"listening on 127.0.0.1:{listener.port}/tcp\n"
+    listener.write(b"from listener\n", close=True)
+    peer = run_netprobe(["send", f"127.0.0.1:{listener.port}", "from sender"], timeout=LONG * 2)
+    assert peer.returncode == 0, peer.stderr
+    assert peer.stdout == b"from listener\n"
+    code, out, err = listener.finish()
+    assert code == 0, err
+    assert out == b"from sender"
+    lines = err.splitlines()
+    assert lines[0].startswith("accepted 127.0.0.1:")
+    assert "ended: eof" in lines[-1]
+
+
+def test_stdin_eof_half_closes_and_keeps_reading(spawn: type[Listen]) -> None:
+    listener = spawn([])
+    with _connect(listener.port) as client:
+        listener.write(b"hello", close=True)
+        assert _read_to_eof(client) == b"hello"  # the listener's FIN arrived...
+        client.sendall(b"late data")  # ...yet it still reads what the peer sends
+        client.shutdown(socket.SHUT_WR)
+        code, out, err = listener.finish()
+    assert code == 0, err
+    assert out == b"late data"
+
+
+def test_both_directions_at_once(spawn: type[Listen]) -> None:
+    listener = spawn([])
+    with _connect(listener.port) as client:
+        client.sendall(b"ping ")
+        listener.write(b"pong ")  # stdin still open: listen relays without waiting for EOF
+        assert client.recv(100) == b"pong "
+        client.sendall(b"again")
+        listener.write(b"", close=True)
+        assert _read_to_eof(client) == b""
+        client.close()
+        code, out, _err = listener.finish()
+    assert (code, out) == (0, b"ping again")
+
+
+def test_peer_reset_is_reported_and_exits_4(spawn: type[Listen]) -> None:
+    listener = spawn(["--json"])
+    announce = json.loads(listener.announce)
+    assert announce == {
+        "event": "listening",
+        "proto": "tcp",
+        "host": "127.0.0.1",
+        "port": listener.port,
+    }
+    client = _connect(listener.port)
+    client.sendall(b"abc")
+    time.sleep(0.1)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()
+    code, out, err = listener.finish()
+    assert code == 4, err
+    assert out == b"abc"
+    events = [json.loads(line) for line in err.splitlines()]
+    assert [e["event"] for e in events] == ["accept", "close"]
+    assert events[1]["ended_by"] == "reset"
+    assert events[1]["bytes_in"] == 3
+
+
+def test_no_peer_within_idle_timeout_exits_3(spawn: type[Listen]) -> None:
+    listener = spawn(["--idle-timeout", "200ms"])
+    code, out, err = listener.finish()
+    assert code == 3
+    assert out == b""
+    assert "nobody came" in err
+
+
+def test_keep_open_serves_peers_one_after_another(spawn: type[Listen]) -> None:
+    listener = spawn(["--keep-open", "--idle-timeout", "500ms"])
+    listener.write(b"", close=True)
+    for word in (b"first ", b"second"):
+        with _connect(listener.port) as client:
+            client.sendall(word)
+            client.shutdown(socket.SHUT_WR)
+            assert _read_to_eof(client) == b""
+    code, out, err = listener.finish()
+    assert code == 0, err
+    assert out == b"first second"
+    assert err.count("ended: eof") == 2
+
+
+def test_max_bytes(spawn: type[Listen]) -> None:
+    listener = spawn(["--max-bytes", "4"])
+    with _connect(listener.port) as client:
+        client.sendall(b"abcdefgh")
+        code, out, err = listener.finish()
+    assert code == 0, err
+    assert out == b"abcd"
+    assert "max-bytes" in err
+
+
+@pytest.mark.unix
+def test_unix_socket(spawn: type[Listen], tmp_path: Path) -> None:
+    path = str(tmp_path / "l.sock")
+    listener = spawn(["--unix", path])
+    assert listener.announce == f"listening on unix:{path}\n"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(LONG)
+        client.connect(path)
+        listener.write(b"hi unix", close=True)
+        client.sendall(b"to listener")
+        client.shutdown(socket.SHUT_WR)
+        assert _read_to_eof(client) == b"hi unix"
+    code, out, err = listener.finish()
+    assert (code, out) == (0, b"to listener"), err
+
+
+def test_udp_datagrams_both_ways(spawn: type[Listen]) -> None:
+    listener = spawn(["--udp", "--idle-timeout", "500ms"])
+    assert listener.announce.endswith("/udp\n")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(LONG)
+        client.sendto(b"dgram", ("127.0.0.1", listener.port))
+        listener.write(b"reply\n")
+        assert client.recv(100) == b"reply"
+        code, out, err = listener.finish()
+    assert code == 0, err
+    assert out == b"dgram"
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--udp", "--unix", "/tmp/x.sock"], "exclude each other"),
+        (["--port", "70000"], "65535"),
+        (["--idle-timeout", "later"], "not a duration"),
+        (["--max-bytes", "lots"], "not a size"),
+    ],
+)
+def test_bad_input_exits_2(args: list[str], needle: str) -> None:
+    res = invoke(["listen", *args])
+    assert res.exit_code == 2
+    assert res.stdout == b""
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert needle in res.stderr
