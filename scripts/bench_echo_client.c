@@ -7,7 +7,8 @@
  *   bench_echo_client idle     HOST PORT CONNS            -> prints "ready N", holds the
  *                                 connections until stdin closes, then resets them
  *
- * Exit status: 0 ok, 1 echoed bytes differ or the server closed early, 2 usage/system error.
+ * Exit status: 0 ok, 1 echoed bytes differ or the server closed early, 2 usage/system error,
+ * 3 no progress for 3 s (the server stalled).
  * Build: gcc -O2 -o bench_echo_client bench_echo_client.c
  */
 #define _GNU_SOURCE
@@ -90,18 +91,19 @@ static int bulk(const char *host, int port, long long total) {
     double t0 = now();
     while (got < total) {
         struct pollfd p = {fd, POLLIN | (sent < total ? POLLOUT : 0), 0};
-        if (poll(&p, 1, 10000) <= 0) {
+        if (poll(&p, 1, 3000) <= 0) {
             fprintf(stderr, "bulk: stalled after %lld of %lld bytes back\n", got, total);
-            return 1;
+            return 3;
         }
         if ((p.revents & POLLOUT) && sent < total) {
             size_t off = (size_t)(sent % PATTERN_SIZE);
             size_t want = CHUNK;
             if ((long long)want > total - sent) want = (size_t)(total - sent);
             ssize_t n = send(fd, pattern + off, want, MSG_NOSIGNAL);
+            /* No shutdown(SHUT_WR) at the end: ncat --exec drops the data still in flight
+             * when it sees a half-close, and the client knows how much to expect anyway. */
             if (n > 0) sent += n;
             else if (n < 0 && errno != EAGAIN) die("send");
-            if (sent == total) shutdown(fd, SHUT_WR);
         }
         if (p.revents & (POLLIN | POLLHUP | POLLERR)) {
             ssize_t n = recv(fd, buf, sizeof buf, 0);

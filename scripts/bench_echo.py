@@ -1,0 +1,470 @@
+#!/usr/bin/env python3
+"""Benchmark `netprobe echo` against socat and ncat (and iperf3 as the loopback reference).
+
+Measures, for each server on 127.0.0.1, several rounds each, medians reported:
+  (1) bulk: one connection, BULK bytes through and back, MiB/s of payload;
+  (2) ping-pong: one connection, 64-byte messages, round trips/s;
+  (3) 100 concurrent connections ping-pong, aggregate messages/s;
+  (4) RSS of the server holding N idle connections -> KB per connection.
+Besides wall-clock rates it reports the server's own CPU time per unit of work (read from
+/proc via psutil), which stays meaningful when other processes share the CPU.
+
+The load generator is scripts/bench_echo_client.c, compiled with gcc into a cache directory
+(the same client drives every server). Every echoed byte is compared; the script exits 1 if
+any server returned different bytes, 2 if it could not run at all.
+
+    python3 scripts/bench_echo.py                 # full run (about 2-3 minutes)
+    python3 scripts/bench_echo.py --smoke         # seconds, tiny sizes, peers optional
+    python3 scripts/bench_echo.py --install       # apt-get install socat ncat iperf3 first
+
+Peers are started on loopback only: `socat TCP-LISTEN:P,reuseaddr,fork,bind=127.0.0.1 PIPE`
+and `ncat -l -k -m 20000 --exec /bin/cat 127.0.0.1 P` (ncat's default of 100 connections
+is raised so the idle test can run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT_SRC = ROOT / "scripts" / "bench_echo_client.c"
+MIB = 1024 * 1024
+
+
+class BenchError(Exception):
+    """The benchmark could not run (exit 2)."""
+
+
+class Stalled(Exception):
+    """The server stopped moving bytes (ncat --exec deadlocks when both directions are busy)."""
+
+
+class EchoMismatch(Exception):
+    """A server returned bytes that differ from what was sent (exit 1)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Client and helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def build_client() -> Path:
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        raise BenchError("gcc not found: the load generator is C (apt-get install gcc)")
+    cache = Path(tempfile.gettempdir()) / "netprobe-bench"
+    cache.mkdir(exist_ok=True)
+    binary = cache / "bench_echo_client"
+    if not binary.exists() or binary.stat().st_mtime < CLIENT_SRC.stat().st_mtime:
+        subprocess.run([gcc, "-O2", "-o", str(binary), str(CLIENT_SRC)], check=True)
+    return binary
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"server exited with {proc.returncode} before listening")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise BenchError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def process_tree(pid: int) -> list[Any]:
+    import psutil  # type: ignore[import-untyped]
+
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def tree_cpu(pid: int) -> float:
+    """User+system CPU seconds of the server and its children (socat/ncat fork per client)."""
+    import psutil  # type: ignore[import-untyped]
+
+    time.sleep(0.1)  # a forked child that just finished is reaped (and counted) by then
+
+    total = 0.0
+    for proc in process_tree(pid):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = proc.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def tree_rss(pid: int) -> int:
+    import psutil  # type: ignore[import-untyped]
+
+    total = 0
+    for proc in process_tree(pid):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += proc.memory_info().rss
+    return total
+
+
+def run_client(client: Path, *args: str, timeout: float = 120.0) -> tuple[float, float]:
+    result = subprocess.run(
+        [str(client), *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if result.returncode == 1:
+        raise EchoMismatch(result.stderr.strip())
+    if result.returncode == 3:
+        raise Stalled(result.stderr.strip())
+    if result.returncode != 0:
+        raise BenchError(f"client {' '.join(args)} failed: {result.stderr.strip()}")
+    count, seconds = result.stdout.split()
+    return float(count), float(seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Servers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerSpec:
+    name: str
+    argv: Callable[[int], list[str]]
+    forks: bool = False  # one process per client (idle test uses fewer connections)
+
+
+def netprobe_argv(port: int) -> list[str]:
+    return [sys.executable, "-m", "netprobe", "echo", "--port", str(port), "--backlog", "4096"]
+
+
+SERVERS = {
+    "netprobe": ServerSpec("netprobe", netprobe_argv),
+    "socat": ServerSpec(
+        "socat",
+        lambda p: ["socat", f"TCP-LISTEN:{p},reuseaddr,fork,bind=127.0.0.1,backlog=4096", "PIPE"],
+        forks=True,
+    ),
+    "ncat": ServerSpec(
+        "ncat",
+        lambda p: ["ncat", "-l", "-k", "-m", "20000", "--exec", "/bin/cat", "127.0.0.1", str(p)],
+        forks=True,
+    ),
+}
+
+
+@contextlib.contextmanager
+def running(spec: ServerSpec) -> Iterator[tuple[int, int]]:
+    port = free_port()
+    proc = subprocess.Popen(
+        spec.argv(port),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        start_new_session=True,  # so the whole forked tree can be stopped
+    )
+    try:
+        wait_port(port, proc)
+        time.sleep(0.2)  # let the probe connection's child (forking servers) go away
+        yield port, proc.pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    bulk_mib_s: list[float] = field(default_factory=list)
+    bulk_cpu_s_per_gib: list[float] = field(default_factory=list)
+    pingpong_rt_s: list[float] = field(default_factory=list)
+    pingpong_cpu_us: list[float] = field(default_factory=list)
+    multi_msgs_s: list[float] = field(default_factory=list)
+    multi_cpu_us: list[float] = field(default_factory=list)
+    idle_conns: int = 0
+    idle_rss_kb_per_conn: float | None = None
+    idle_rss_delta_kb_per_conn: float | None = None
+    idle_rss_total_mib: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def median(self, name: str) -> float | None:
+        values: list[float] = getattr(self, name)
+        return statistics.median(values) if values else None
+
+
+def measure_round(
+    client: Path, port: int, pid: int, args: argparse.Namespace, fig: Figures
+) -> None:
+    host = "127.0.0.1"
+    cpu0 = tree_cpu(pid)
+    try:
+        count, seconds = run_client(client, "bulk", host, str(port), str(args.bulk))
+    except Stalled as exc:
+        fig.notes.append(f"bulk stalled: {exc}")
+    else:
+        cpu1 = tree_cpu(pid)
+        fig.bulk_mib_s.append(count / MIB / seconds)
+        fig.bulk_cpu_s_per_gib.append((cpu1 - cpu0) / (count / (1024 * MIB)))
+    cpu1 = tree_cpu(pid)
+
+    count, seconds = run_client(client, "pingpong", host, str(port), "64", str(args.seconds))
+    cpu2 = tree_cpu(pid)
+    fig.pingpong_rt_s.append(count / seconds)
+    fig.pingpong_cpu_us.append((cpu2 - cpu1) / count * 1e6)
+
+    count, seconds = run_client(
+        client, "multi", host, str(port), str(args.conns), "64", str(args.seconds)
+    )
+    cpu3 = tree_cpu(pid)
+    fig.multi_msgs_s.append(count / seconds)
+    fig.multi_cpu_us.append((cpu3 - cpu2) / count * 1e6)
+
+
+def measure_idle(client: Path, port: int, pid: int, conns: int, fig: Figures) -> None:
+    # Give forking servers time to reap the children of earlier rounds.
+    time.sleep(0.5)
+    before = tree_rss(pid)
+    proc = subprocess.Popen(
+        [str(client), "idle", "127.0.0.1", str(port), str(conns)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("ready"):
+            err = proc.stderr.read() if proc.stderr else ""
+            raise BenchError(f"idle client did not get ready: {line!r} {err.strip()}")
+        time.sleep(0.5)
+        held = tree_rss(pid)
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        proc.wait(30)
+    fig.idle_conns = conns
+    fig.idle_rss_total_mib = held / MIB
+    fig.idle_rss_kb_per_conn = held / conns / 1024
+    fig.idle_rss_delta_kb_per_conn = (held - before) / conns / 1024
+
+
+def iperf3_mib_s(seconds: float) -> float | None:
+    if shutil.which("iperf3") is None:
+        return None
+    port = free_port()
+    server = subprocess.Popen(
+        ["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(0.3)
+        result = subprocess.run(
+            ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 20,
+            check=False,
+        )
+        if result.returncode != 0:
+            return None
+        data = json.loads(result.stdout)
+        bits = data["end"]["sum_received"]["bits_per_second"]
+        return float(bits) / 8 / MIB
+    finally:
+        server.kill()
+        server.wait(5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+GOALS = (
+    # (label, figure, goal ratio to socat, higher is better)
+    ("bulk MiB/s", "bulk_mib_s", 2.5),
+    ("ping-pong round trips/s", "pingpong_rt_s", 1.2),
+    ("100-conn msgs/s", "multi_msgs_s", 2.5),
+)
+
+
+def fmt(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def report(results: dict[str, Figures], iperf: list[float], args: argparse.Namespace) -> None:
+    names = list(results)
+    rows: list[tuple[str, list[str]]] = [
+        ("bulk MiB/s (median)", [fmt(results[n].median("bulk_mib_s")) for n in names]),
+        (
+            "  server CPU s per GiB",
+            [fmt(results[n].median("bulk_cpu_s_per_gib"), 2) for n in names],
+        ),
+        ("ping-pong round trips/s", [fmt(results[n].median("pingpong_rt_s")) for n in names]),
+        (
+            "  server CPU us per round trip",
+            [fmt(results[n].median("pingpong_cpu_us"), 1) for n in names],
+        ),
+        (f"{args.conns}-conn msgs/s", [fmt(results[n].median("multi_msgs_s")) for n in names]),
+        ("  server CPU us per msg", [fmt(results[n].median("multi_cpu_us"), 1) for n in names]),
+        ("idle conns held", [str(results[n].idle_conns or "-") for n in names]),
+        ("  RSS total MiB", [fmt(results[n].idle_rss_total_mib, 1) for n in names]),
+        ("  RSS KB per conn (total/N)", [fmt(results[n].idle_rss_kb_per_conn, 1) for n in names]),
+        (
+            "  RSS KB per conn (delta/N)",
+            [fmt(results[n].idle_rss_delta_kb_per_conn, 1) for n in names],
+        ),
+    ]
+    width = max(len(label) for label, _ in rows)
+    print(f"{'':{width}}  " + "  ".join(f"{n:>12}" for n in names))
+    for label, cells in rows:
+        print(f"{label:{width}}  " + "  ".join(f"{c:>12}" for c in cells))
+    for name in names:
+        for note in sorted(set(results[name].notes)):
+            print(f"note: {name}: {note}")
+    print(f"rounds: {args.rounds}; bulk {args.bulk // MIB} MiB; {args.seconds} s per rate test")
+    iperf_med = statistics.median(iperf) if iperf else None
+    print(f"iperf3 one loopback stream: {fmt(iperf_med)} MiB/s (median of {len(iperf)})")
+    nets = results.get("netprobe")
+    socat = results.get("socat")
+    if nets is None:
+        return
+    print("goals:")
+    for label, name, goal in GOALS:
+        mine = nets.median(name)
+        theirs = socat.median(name) if socat else None
+        if mine is None or not theirs:
+            continue
+        ratio = mine / theirs
+        verdict = "met" if ratio >= goal else "MISSED"
+        print(f"  {label}: {ratio:.2f}x socat (goal {goal}x) {verdict}")
+    mine_bulk = nets.median("bulk_mib_s")
+    if iperf_med and mine_bulk:
+        share = mine_bulk / iperf_med
+        verdict = "met" if share >= 0.5 else "MISSED"
+        print(f"  bulk: {share:.0%} of iperf3 one stream (goal 50%) {verdict}")
+    if nets.idle_rss_kb_per_conn is not None:
+        kb = nets.idle_rss_kb_per_conn
+        verdict = "met" if kb < 20 else "MISSED"
+        print(f"  idle: {kb:.1f} KB RSS per connection, total/N (goal < 20 KB) {verdict}")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes; runs in seconds")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--bulk", type=int, default=512 * MIB, help="bytes per bulk round")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per rate test")
+    parser.add_argument("--conns", type=int, default=100)
+    parser.add_argument("--idle", type=int, default=10_000, help="idle connections (netprobe)")
+    parser.add_argument(
+        "--peer-idle", type=int, default=500, help="idle connections for forking peers"
+    )
+    parser.add_argument("--servers", default="netprobe,socat,ncat")
+    parser.add_argument("--install", action="store_true", help="apt-get install missing peers")
+    parser.add_argument("--json", action="store_true", help="also print all figures as JSON")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rounds = 1
+        args.bulk = 8 * MIB
+        args.seconds = 0.3
+        args.conns = 10
+        args.idle = 200
+        args.peer_idle = 20
+    return args
+
+
+def install_peers() -> None:
+    missing = [tool for tool in ("socat", "ncat", "iperf3") if shutil.which(tool) is None]
+    if not missing:
+        return
+    print(f"installing {' '.join(missing)} with apt-get", file=sys.stderr)
+    subprocess.run(["apt-get", "update", "-qq"], check=False)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.install:
+        install_peers()
+    try:
+        client = build_client()
+        wanted = [name.strip() for name in args.servers.split(",") if name.strip()]
+        specs = []
+        for name in wanted:
+            if name not in SERVERS:
+                raise BenchError(f"unknown server {name!r}")
+            exe = SERVERS[name].argv(0)[0]
+            if name != "netprobe" and shutil.which(exe) is None:
+                print(f"skipping {name}: not installed (use --install)", file=sys.stderr)
+                continue
+            specs.append(SERVERS[name])
+        with contextlib.suppress(ImportError):
+            import resource
+
+            _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # children inherit it
+        results = {spec.name: Figures() for spec in specs}
+        iperf: list[float] = []
+        # Rounds are interleaved across servers so that noise from other load on the machine
+        # hits every server alike.
+        for round_no in range(args.rounds):
+            for spec in specs:
+                print(f"round {round_no + 1}/{args.rounds}: {spec.name}", file=sys.stderr)
+                with running(spec) as (port, pid):
+                    measure_round(client, port, pid, args, results[spec.name])
+            if not args.smoke:
+                value = iperf3_mib_s(3.0)
+                if value is not None:
+                    iperf.append(value)
+        for spec in specs:
+            conns = args.peer_idle if spec.forks else args.idle
+            print(f"idle: {spec.name} with {conns} connections", file=sys.stderr)
+            with running(spec) as (port, pid):
+                measure_idle(client, port, pid, conns, results[spec.name])
+    except EchoMismatch as exc:
+        print(f"bench_echo: ECHO MISMATCH: {exc}", file=sys.stderr)
+        return 1
+    except (BenchError, Stalled, subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        print(f"bench_echo: {exc}", file=sys.stderr)
+        return 2
+    report(results, iperf, args)
+    if args.json:
+        print(json.dumps({name: fig.__dict__ for name, fig in results.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
