@@ -104,7 +104,7 @@ def process_tree(pid: int) -> list[Any]:
 
 def tree_cpu(pid: int) -> float:
     """User+system CPU seconds of the server and its children (socat/ncat fork per client)."""
-    import psutil  # type: ignore[import-untyped]
+    import psutil
 
     time.sleep(0.1)  # a forked child that just finished is reaped (and counted) by then
 
@@ -117,7 +117,7 @@ def tree_cpu(pid: int) -> float:
 
 
 def tree_rss(pid: int) -> int:
-    import psutil  # type: ignore[import-untyped]
+    import psutil
 
     total = 0
     for proc in process_tree(pid):
