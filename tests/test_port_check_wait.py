@@ -1,0 +1,142 @@
+"""`port-check --wait`: listeners that appear or go away, deadlines, --require, `-- COMMAND`."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import LONG, ServerThread, invoke, run_netprobe
+
+
+class LateListener:
+    """A port reserved now (bound, refusing) that starts listening after `delay_s`."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.listening_at = 0.0
+        self._timer = threading.Timer(delay_s, self._listen)
+        self._timer.start()
+
+    def _listen(self) -> None:
+        self.sock.listen(64)
+        self.listening_at = time.monotonic()
+
+    def close(self) -> None:
+        self._timer.cancel()
+        self._timer.join(LONG)
+        assert not self._timer.is_alive()
+        self.sock.close()
+
+
+@pytest.fixture
+def late_listener() -> Iterator[LateListener]:
+    listener = LateListener(1.0)
+    try:
+        yield listener
+    finally:
+        listener.close()
+
+
+@pytest.mark.slow
+def test_listener_appearing_after_a_second_ends_the_wait(late_listener: LateListener) -> None:
+    start = time.monotonic()
+    result = invoke(
+        ["port-check", f"127.0.0.1:{late_listener.port}", "--wait", "--deadline", "5s", "--json"]
+    )
+    elapsed = time.monotonic() - start
+    assert result.exit_code == 0, result.stderr
+    assert elapsed >= 0.9
+    assert elapsed < 4.5
+    assert late_listener.listening_at > 0
+    assert '"state": "open"' in result.text
+
+
+def test_nothing_listening_exits_124_naming_the_target(closed_port: int) -> None:
+    start = time.monotonic()
+    result = invoke(
+        ["port-check", f"127.0.0.1:{closed_port}", "--wait", "--deadline", "0.6s", "-t", "0.2"]
+    )
+    assert result.exit_code == 124
+    assert time.monotonic() - start >= 0.55
+    assert f"127.0.0.1:{closed_port}" in result.stderr
+    assert "never" in result.stderr
+
+
+def test_until_closed_waits_for_a_listener_to_go_away() -> None:
+    srv = ServerThread()
+    port = srv.port
+    stopper = threading.Timer(0.5, srv.stop)
+    stopper.start()
+    try:
+        start = time.monotonic()
+        result = invoke(
+            ["port-check", f"127.0.0.1:{port}", "--wait", "--until", "closed", "--deadline", "5s"]
+        )
+        assert result.exit_code == 0, result.stderr
+        assert time.monotonic() - start >= 0.4
+    finally:
+        stopper.join(LONG)
+        assert not stopper.is_alive()
+        srv.stop()
+
+
+def test_require_any_holds_at_once_over_three_targets(server: ServerThread) -> None:
+    closed = [socket.socket() for _ in range(2)]
+    try:
+        for sock in closed:
+            sock.bind(("127.0.0.1", 0))
+        targets = [f"127.0.0.1:{s.getsockname()[1]}" for s in closed] + [f"127.0.0.1:{server.port}"]
+        start = time.monotonic()
+        result = invoke(["port-check", *targets, "--wait", "--require", "any", "--deadline", "5s"])
+        assert result.exit_code == 0
+        assert time.monotonic() - start < 2.0
+        none = invoke(
+            ["port-check", *targets[:2], "--wait", "--require", "any", "--deadline", "0.3s"]
+        )
+        assert none.exit_code == 124
+    finally:
+        for sock in closed:
+            sock.close()
+
+
+@pytest.mark.slow
+def test_require_two_of_three_waits_for_the_second(
+    server: ServerThread, closed_port: int, late_listener: LateListener
+) -> None:
+    targets = [f"127.0.0.1:{p}" for p in (server.port, closed_port, late_listener.port)]
+    start = time.monotonic()
+    result = invoke(["port-check", *targets, "--wait", "--require", "2", "--deadline", "5s"])
+    assert result.exit_code == 0, result.stderr
+    assert time.monotonic() - start >= 0.9  # the late listener was the second one
+
+
+def _marker_command(marker: Path, status: int) -> list[str]:
+    code = f"import sys; open({str(marker)!r}, 'w').write('ran'); sys.exit({status})"
+    return ["--", sys.executable, "-c", code]
+
+
+@pytest.mark.slow
+def test_command_runs_only_after_success(tmp_path: Path, late_listener: LateListener) -> None:
+    marker = tmp_path / "ran"
+    argv = ["port-check", f"127.0.0.1:{late_listener.port}", "--wait", "--deadline", "5s"]
+    proc = run_netprobe([*argv, *_marker_command(marker, 7)])
+    assert proc.returncode == 7, proc.stderr  # the command's own status
+    assert marker.read_text() == "ran"
+    assert late_listener.listening_at > 0
+
+
+def test_command_never_runs_when_the_wait_fails(tmp_path: Path, closed_port: int) -> None:
+    marker = tmp_path / "ran"
+    argv = ["port-check", f"127.0.0.1:{closed_port}", "--wait", "--deadline", "0.3s", "-t", "0.1"]
+    proc = run_netprobe([*argv, *_marker_command(marker, 0)])
+    assert proc.returncode == 124
+    assert not marker.exists()
+    assert f"127.0.0.1:{closed_port}".encode() in proc.stderr
