@@ -186,3 +186,26 @@ def test_bad_target() -> None:
     result = invoke(["reset", "client", "127.0.0.1"])
     assert result.exit_code == 2
     assert "HOST:PORT" in result.stderr
+
+
+@pytest.mark.unix
+def test_unix_target(tmp_path: Path) -> None:
+    path = str(tmp_path / "c.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(4)
+    listener.settimeout(LONG)
+    try:
+        result = invoke(["reset", "client", f"unix:{path}", "abc", "--json"])
+        assert result.exit_code == 0, result.stderr
+        record = _records(result.stdout)[0]
+        assert record["target"] == f"unix:{path}"
+        assert record["bytes_out"] == 3
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(LONG)
+            # Unix sockets have no RST: the server reads the bytes, then EOF.
+            assert conn.recv(10) == b"abc"
+            assert conn.recv(10) == b""
+    finally:
+        listener.close()

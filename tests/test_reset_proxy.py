@@ -236,3 +236,14 @@ def test_direction_up_resets_the_upstream_side() -> None:
     assert got == b""
     assert up_records[0]["reason"] == "reset"  # the upstream side got the RST
     assert up_records[0]["bytes_in"] <= 10
+
+
+def test_upstream_refused_closes_the_client(closed_port: int) -> None:
+    with proxy(options(upstream=("127.0.0.1", closed_port))) as (port, records):
+        with connect(port) as sock:
+            got, ending = read_until_end(sock)
+        _wait_records(records, 1)
+    assert got == b""
+    assert ending in ("eof", "ECONNRESET")
+    assert records[0]["reason"] == "connect-error"
+    assert records[0]["upstream_errno"] == "ECONNREFUSED"

@@ -262,6 +262,7 @@ def test_cli_announces_and_reports_json() -> None:
         (["--action", "boom"], "not an action"),
         (["--plan", "rst,,ok"], "--plan"),
         (["--plan", "rst", "--probability", "0.5"], "--plan and --probability"),
+        (["--plan", "rst,ok", "--action", "fin"], "--plan and --action"),
         (["--mode", "mirror"], "--mode"),
         (["--after-frames", "2"], "--framing"),
         (["--after-frames", "2", "--framing", "len7"], "len7"),

@@ -200,7 +200,7 @@ def _faults(
     framing: str | None = None,
     after_bytes_out: str | None = None,
     on_idle: str | None = None,
-    action: str = "rst",
+    action: str | None = None,
     plan: str | None = None,
     probability: float | None = None,
     seed: int | None = None,
@@ -225,8 +225,10 @@ def _faults(
         on_idle=_duration_opt(on_idle, "--on-idle"),
         framing=framing,
     )
+    if plan is not None and action is not None:
+        raise UsageError("--plan and --action both name the action; put it in the plan")
     schedule = FaultSchedule.build(
-        action=parse_action(action), plan=plan, probability=probability, seed=seed
+        action=parse_action(action or "rst"), plan=plan, probability=probability, seed=seed
     )
     rate = _rate_opt(bandwidth, "--bandwidth")
     if schedule.uses_slow and rate is None:
@@ -525,7 +527,7 @@ def serve(
         framing=framing,
         after_bytes_out=after_bytes_out,
         on_idle=on_idle,
-        action=action or "rst",
+        action=action,
         plan=plan,
         probability=probability,
         seed=seed,
@@ -699,7 +701,7 @@ def proxy(
         after_frames=after_frames,
         framing=framing,
         on_idle=on_idle,
-        action=action or "rst",
+        action=action,
         plan=plan,
         probability=probability,
         seed=seed,

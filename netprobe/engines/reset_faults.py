@@ -232,8 +232,7 @@ class FaultSchedule:
         """Validate the options; without --seed a random one is drawn (and reported).
 
         Raises:
-            UsageError: a bad plan or probability, a plan together with a probability, or
-                a plan together with --action.
+            UsageError: a bad plan or probability, or a plan together with a probability.
         """
         if plan is not None and probability is not None:
             raise UsageError("--plan and --probability both choose connections; give only one")
