@@ -658,6 +658,13 @@ def proxy(
             "--connect-timeout", parser=duration, metavar="T", help="Upstream connect timeout."
         ),
     ] = 5.0,
+    no_splice: Annotated[
+        bool,
+        typer.Option(
+            "--no-splice",
+            help="Never use the splice(2) relay for fault-free connections (Linux fast path).",
+        ),
+    ] = False,
     count: Count = None,
     run_for: Duration = None,
     json_out: JsonOpt = False,
@@ -738,6 +745,7 @@ def proxy(
         direction=chosen,
         toxics=toxics,
         connect_timeout_s=connect_timeout,
+        splice=not no_splice,
     )
     out = _Output("reset proxy", json_out, quiet)
     server, faults, _control = make_proxy(

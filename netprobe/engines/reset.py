@@ -15,7 +15,10 @@ straight through when not; back-pressure pauses the *other* side's reading.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -67,6 +70,8 @@ _SEND_CHUNK = 64 * 1024
 _SEND_STEPS = 16  # chunks per loop turn
 # Paced output wakes at most this often (a 1 KB/s trickle writes ~10-byte pieces).
 _PACE_TICK_S = 0.01
+# At most this many splice relay threads; further connections use the event loop.
+_RELAY_LIMIT = 256
 
 
 class Direction(StrEnum):
@@ -135,6 +140,9 @@ class ResetOptions:
         toxics: proxy only.
         framing: the framing spec for after-frames.
         connect_timeout_s: proxy only: upstream connect timeout.
+        splice: proxy only: relay faithful connections with splice(2) in a thread (Linux),
+            which moves bytes without copying them through Python; False keeps every
+            connection on the portable event-loop path.
     """
 
     trigger: Trigger | None
@@ -146,6 +154,15 @@ class ResetOptions:
     direction: Direction = Direction.BOTH
     toxics: Toxics = field(default_factory=Toxics)
     connect_timeout_s: float = 5.0
+    splice: bool = True
+
+    @property
+    def faithful(self) -> bool:
+        """True when no trigger and no toxic can ever touch a proxied byte."""
+        t = self.toxics
+        return (
+            self.trigger is None and not t.shaping and t.limit_bytes is None and t.timeout_s is None
+        )
 
 
 @dataclass(slots=True)
@@ -178,6 +195,7 @@ class _Run:
         self.fillers: set[str] = set()  # our own queue fillers (slow-accept), as peers
         self.rng = random.Random(options.schedule.seed)
         self.server: Server | None = None
+        self.relays = 0  # splice relays running now
 
     def draw(self) -> tuple[int, Action]:
         index = self.index
@@ -677,6 +695,7 @@ class _Session:
         self.end_reason: str | None = None
         self.upstream_errno: str | None = None
         self.emitted = False
+        self.relay: _SpliceRelay | None = None
 
     # -- sides and directions ----------------------------------------------------------------
 
@@ -713,6 +732,8 @@ class _Session:
                         lambda full: self._hold(client, full), client)  # fmt: skip
         self.down = _Pipe(client, self._toxic_for(Direction.DOWN), self.run,
                           lambda full: self._hold(up_conn, full), client)  # fmt: skip
+        if self._start_relay():
+            return
         client.resume_reading("upstream")
         trigger = self.run.options.trigger
         if self.action is Action.OK or trigger is None:
@@ -725,6 +746,68 @@ class _Session:
             self.timers.append(self.client.call_later(delay, self._timer_fire))
         elif trigger.kind is TriggerKind.ON_IDLE:
             self.timers.append(self.client.call_later(float(trigger.value or 0), self._idle))
+
+    def _start_relay(self) -> bool:
+        """Hand a faithful connection to a splice relay thread (Linux); False: stay here."""
+        from netprobe.sockets import SPLICE_AVAILABLE
+
+        run, upstream = self.run, self.upstream
+        if (
+            not SPLICE_AVAILABLE
+            or not run.options.splice
+            or not run.options.faithful
+            or run.relays >= _RELAY_LIMIT
+            or upstream is None
+            or self.client.transport is None
+            or upstream.transport is None
+        ):
+            return False
+        client_sock = self.client.transport.get_extra_info("socket")
+        upstream_sock = upstream.transport.get_extra_info("socket")
+        if client_sock is None or upstream_sock is None:
+            return False
+        # Neither transport has read or written a byte yet (the client was paused from its
+        # accept, upstream pauses in its on_open), so the relay sees the streams whole.
+        upstream.pause_reading("relay")
+        self.client.pause_reading("relay")
+        self.client.resume_reading("upstream")
+        self.relay = _SpliceRelay(self, client_sock.fileno(), upstream_sock.fileno())
+        run.relays += 1
+        self.relay.start()
+        return True
+
+    def relay_moved(self, up: bool, count: int) -> None:
+        """(relay thread) count more bytes reached one side: keep the counters current."""
+        upstream = self.upstream
+        assert upstream is not None
+        if up:
+            self.client.bytes_in += count
+            upstream.bytes_out += count
+        else:
+            upstream.bytes_in += count
+            self.client.bytes_out += count
+
+    def relay_done(self, result: Any) -> None:
+        """(loop thread) the relay ended: close as a transparent path would."""
+        self._stop_relay()
+        client, upstream = self.client, self.upstream
+        assert upstream is not None
+        if result.ended == "eof":
+            self._close_both("eof")
+        elif result.ended in ("reset", "error"):
+            culprit, other = (client, upstream) if result.reset_by == "a" else (upstream, client)
+            reason = "reset" if result.ended == "reset" else "error"
+            if culprit is upstream:
+                self.upstream_errno = result.errno_name
+            self.end_reason = reason
+            other.abort(reason)  # pass the RST on
+            culprit.abort(reason)
+
+    def _stop_relay(self) -> None:
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            relay.stop()
+            self.run.relays -= 1
 
     @staticmethod
     def _hold(conn: Connection, full: bool) -> None:
@@ -790,6 +873,9 @@ class _Session:
             other.resume_reading("peer")
 
     def side_closed(self, which: str, conn: Connection, reason: str) -> None:
+        # The transport closes the socket right after this callback: the relay thread must
+        # let go of the descriptors first.
+        self._stop_relay()
         self.closed[which] = True
         if which == "upstream":
             self.upstream_errno = conn.errno_name
@@ -918,6 +1004,46 @@ class _Session:
                 "upstream_errno": self.upstream_errno,
             }
         )
+
+
+class _SpliceRelay:
+    """A thread that runs sockets.splice_relay for one session, stoppable from the loop."""
+
+    def __init__(self, session: _Session, client_fd: int, upstream_fd: int) -> None:
+        self.session = session
+        self.fds = (client_fd, upstream_fd)
+        self.wake_r, self.wake_w = os.pipe()
+        self.loop = session.client.server.loop
+        self.thread = threading.Thread(target=self._run, name="reset-relay", daemon=True)
+        self.stopped = False
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        from netprobe.sockets import RelayResult, splice_relay
+
+        try:
+            result = splice_relay(
+                self.fds[0], self.fds[1], wake_fd=self.wake_r, on_moved=self.session.relay_moved
+            )
+        except Exception:  # a bug here must still hand the connection back
+            result = RelayResult(0, 0, "error")
+        if result.ended != "stop":
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self.loop.call_soon_threadsafe(self.session.relay_done, result)
+
+    def stop(self) -> None:
+        """Wake the thread, wait for it (it never blocks elsewhere), free the wake pipe."""
+        if self.stopped:
+            return
+        self.stopped = True
+        with contextlib.suppress(OSError):
+            os.write(self.wake_w, b"x")
+        if self.thread is not threading.current_thread():
+            self.thread.join(2.0)
+        os.close(self.wake_r)
+        os.close(self.wake_w)
 
 
 class _ClientHandler(Handler):
