@@ -253,15 +253,17 @@ def test_upstream_refused_closes_the_client(closed_port: int) -> None:
 
 @pytest.mark.parametrize("splice", [True, False], ids=["splice", "event-loop"])
 def test_client_reset_is_passed_upstream(splice: bool) -> None:
-    with serve(options()) as (up_port, up_records):
-        with proxy(options(upstream=("127.0.0.1", up_port), splice=splice)) as (port, records):
-            sock = connect(port)
-            sock.sendall(b"ping")
-            assert sock.recv(4) == b"ping"
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.close()  # RST
-            _wait_records(records, 1)
-            _wait_records(up_records, 1)
+    with (
+        serve(options()) as (up_port, up_records),
+        proxy(options(upstream=("127.0.0.1", up_port), splice=splice)) as (port, records),
+    ):
+        sock = connect(port)
+        sock.sendall(b"ping")
+        assert sock.recv(4) == b"ping"
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # RST
+        _wait_records(records, 1)
+        _wait_records(up_records, 1)
     assert records[0]["reason"] == "reset"
     assert records[0]["bytes_in"] == records[0]["bytes_out"] == 4
     assert up_records[0]["reason"] == "reset"
@@ -275,18 +277,20 @@ def test_stop_with_a_relayed_connection_open() -> None:
             assert sock.recv(4) == b"ping"
         # The proxy stopped (its thread ended) with the connection open: it was closed.
         with sock:
-            got, ending = read_until_end(sock)
+            _got, ending = read_until_end(sock)
     assert ending in ("eof", "ECONNRESET")
     assert records[0]["reason"] == "shutdown"
 
 
 def test_no_descriptor_leak_after_relays() -> None:
     before = len(os.listdir("/proc/self/fd"))
-    with serve(options()) as (up_port, _):
-        with proxy(options(upstream=("127.0.0.1", up_port))) as (port, records):
-            for _ in range(20):
-                with connect(port) as sock:
-                    sock.sendall(b"x")
-                    assert sock.recv(1) == b"x"
-            _wait_records(records, 20)
+    with (
+        serve(options()) as (up_port, _),
+        proxy(options(upstream=("127.0.0.1", up_port))) as (port, records),
+    ):
+        for _ in range(20):
+            with connect(port) as sock:
+                sock.sendall(b"x")
+                assert sock.recv(1) == b"x"
+        _wait_records(records, 20)
     assert len(os.listdir("/proc/self/fd")) <= before
