@@ -1,14 +1,73 @@
-"""`netprobe listeners` (stub until its issue lands). No I/O here."""
+"""`netprobe listeners`: listening sockets on this host with owners and queues. No I/O here."""
 
 from __future__ import annotations
 
+import sys
+from typing import Annotated
+
 import typer
 
-from netprobe.cli._options import not_built
+from netprobe.cli._options import CsvOpt, JsonOpt, QuietOpt
 
 __all__ = ["listeners"]
 
 
-def listeners(ctx: typer.Context) -> None:
-    """Not built yet."""
-    not_built("listeners")
+def listeners(
+    port: Annotated[
+        int | None,
+        typer.Option(
+            "--port", "-p", min=1, max=65535, help="Only this local port.", show_default=False
+        ),
+    ] = None,
+    tcp: Annotated[bool, typer.Option("--tcp", help="TCP listeners only.")] = False,
+    udp: Annotated[bool, typer.Option("--udp", help="Bound UDP sockets only.")] = False,
+    unix: Annotated[bool, typer.Option("--unix", help="Listening Unix sockets only.")] = False,
+    json_out: JsonOpt = False,
+    csv_out: CsvOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """List listening sockets: address, port, proto, pid, process, user, TCP accept queue.
+
+    Recv-Q is the accept queue now and Send-Q its limit, as `ss -ltn` shows them. As a
+    non-root user other users' processes are hidden: those rows say so.
+
+    Exit codes: 0 listeners found, 1 none matched, 2 bad input.
+    """
+    from netprobe.engines.listeners import is_root, list_listeners
+    from netprobe.render import Column, Renderer, choose_format, log
+    from netprobe.results import to_record
+
+    if not (tcp or udp or unix):
+        tcp = udp = unix = True
+    rows = list_listeners(port=port, tcp=tcp, udp=udp, unix=unix)
+    out = sys.stdout
+    fmt = choose_format(json_out=json_out, csv_out=csv_out, quiet=quiet, out=out)
+    columns = [
+        Column("proto", "PROTO"),
+        Column("address", "ADDRESS"),
+        Column("port", "PORT", align_right=True),
+        Column("recv_q", "RECV-Q", align_right=True),
+        Column("send_q", "SEND-Q", align_right=True),
+        Column("pid", "PID", align_right=True),
+        Column("process", "PROCESS"),
+        Column("user", "USER"),
+    ]
+    renderer = Renderer(fmt, out, columns)
+    for row in rows:
+        record = to_record(row)
+        record = {"kind": "listeners", **record}
+        renderer.emit(record)
+    renderer.close()
+    hidden = sum(1 for row in rows if not row.process_known)
+    if hidden and not quiet:
+        why = (
+            "not root: other users' processes are hidden"
+            if not is_root()
+            else "no process holds them, or they vanished"
+        )
+        log(
+            f"netprobe: listeners: {hidden} of {len(rows)} rows lack process data ({why})",
+            always=True,
+        )
+    if not rows:
+        raise typer.Exit(1)

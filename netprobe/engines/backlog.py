@@ -726,6 +726,9 @@ def _run(
     failure: list[BaseException] = []
     started = time.monotonic()
     run_deadline = started + cfg.duration_s
+    # Every run_connects call gets a stop_at no later than run_deadline; the margin only
+    # covers releasing what is still open at that moment.
+    hard_stop = run_deadline + 5.0
     if lab is not None:
         lab.start()
 
@@ -797,9 +800,16 @@ def _run(
                 second += 1
             if not alive:
                 break
+            if now > hard_stop:
+                # The connector should have ended by stop_at; never outlive the cap by more
+                # than a few seconds even if it does not (the worker is a daemon thread).
+                caps.append(
+                    f"the connect loop did not end by the --duration cap; report cut at {now - started:.1f}s"
+                )
+                break
             time.sleep(max(0.0, min(SAMPLE_INTERVAL_S, started + second - time.monotonic())))
     finally:
-        thread.join(cfg.timeout_s + cfg.hold_s + cfg.duration_s + 5.0)
+        thread.join(max(0.0, hard_stop - time.monotonic()))
     if failure:
         raise failure[0]
     elapsed = time.monotonic() - started
