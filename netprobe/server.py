@@ -362,6 +362,12 @@ class Connection(asyncio.Protocol):
             return sum(len(chunk) for chunk in self._pending or ())
         return self.transport.get_write_buffer_size()
 
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """The transport's extra info ("peername", "sockname", "socket"); default if none."""
+        if self.transport is None:
+            return default
+        return self.transport.get_extra_info(name, default)
+
     def write(self, data: bytes) -> None:
         """Queue bytes for the peer (never blocks; dropped once the connection is closing)."""
         if self._closing or self._done:
@@ -788,11 +794,12 @@ class Server:
     def totals(self) -> ServerSummary:
         """A snapshot of the running totals."""
         t = self._totals
-        live_in = sum(c.bytes_in for c in self._active)
-        live_out = sum(c.bytes_out for c in self._active)
+        active = tuple(self._active)  # one C-level copy: safe against the loop thread
+        live_in = sum(c.bytes_in for c in active)
+        live_out = sum(c.bytes_out for c in active)
         return ServerSummary(
             connections=t.connections,
-            active=len(self._active),
+            active=len(active),
             rejected=t.rejected,
             bytes_in=t.bytes_in + live_in,
             bytes_out=t.bytes_out + live_out,
