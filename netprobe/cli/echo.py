@@ -40,7 +40,7 @@ def echo(
             "--max-frame",
             parser=size,
             metavar="SIZE",
-            help="Largest frame (raw: chunk) accepted; a larger one closes the connection. [default: 16MiB]",
+            help="Largest frame (raw: chunk) accepted; a larger one closes the connection (default 16MiB).",
         ),
     ] = None,
     delay: Annotated[
@@ -104,12 +104,16 @@ def echo(
     ] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Echo (RFC 862) or discard (RFC 863) server for testing clients, proxies and firewalls.
+    """Echo (RFC 862) or discard (RFC 863) server for testing clients and proxies.
 
-    Binds 127.0.0.1:7007 unless told otherwise. The first stdout line announces the address
-    (`listening on 127.0.0.1:7007/tcp`, or a JSON object with --json). Connection events go to
-    stderr (with --json: JSON lines on stdout). SIGUSR1 prints running totals; SIGINT/SIGTERM
-    stop it and print the totals.
+    Binds 127.0.0.1:7007 unless told otherwise; --port 0 picks a free port.
+
+    The first stdout line announces the address: `listening on HOST:PORT/tcp`,
+    or with --json `{"event": "listening", "proto": ..., "host": ..., "port": ...}`.
+
+    Events (accept, close with reason, reject) go to stderr; with --json they are
+    JSON lines on stdout. SIGUSR1 prints running totals; SIGINT/SIGTERM stop the
+    server and print the totals.
     """
     from netprobe.engines.echo import EchoOptions, make_server
     from netprobe.framing import DEFAULT_MAX_FRAME
