@@ -342,9 +342,11 @@ def _timeline(out: TextIO, ticks: list[Tick]) -> None:
     if not ticks:
         return
     out.write("timeline (per second):\n")
-    out.write("     t  attempts  established  failures  in flight  held  queue  syn-recv\n")
+    out.write(
+        "     t  attempts  established  failures  in flight  held  queue  syn-recv  accepted\n"
+    )
     for t in ticks:
         out.write(
             f"  {t.t:>4}  {t.attempts:>8}  {t.established:>11}  {t.failures:>8}  "
-            f"{t.in_flight:>9}  {t.held:>4}  {_num(t.accept_queue):>5}  {_num(t.syn_recv):>8}\n"
+            f"{t.in_flight:>9}  {t.held:>4}  {_num(t.accept_queue):>5}  {_num(t.syn_recv):>8}  {_num(t.accepted):>8}\n"
         )

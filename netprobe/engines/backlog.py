@@ -12,6 +12,7 @@ completes on the client is never reported as accepted by the server (SOCKETS.md 
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import itertools
 import math
@@ -434,6 +435,7 @@ class Tick:
     held: int
     accept_queue: int | None
     syn_recv: int | None
+    accepted: int | None = None  # lab only: connections the lab server accepted this second
 
     def as_record(self) -> dict[str, Any]:
         """JSON form (kind backlog.timeline)."""
@@ -453,6 +455,7 @@ class Tick:
             "held": self.held,
             "accept_queue": self.accept_queue,
             "syn_recv": self.syn_recv,
+            "accepted": self.accepted,
         }
 
 
@@ -778,6 +781,7 @@ def _run(
     last = {"attempts": 0, "est": 0, "refused": 0, "reset": 0, "timed_out": 0, "errors": 0}
     tick_max: dict[str, int] = {}
     second = 1
+    accepted_before = 0
     try:
         while True:
             alive = thread.is_alive()
@@ -793,6 +797,10 @@ def _run(
                 tick = _cut_tick(
                     second, span, tally, stats, last, tick_max, server, step_index, cfg
                 )
+                if lab is not None:
+                    accepted_now = lab.accepted
+                    tick = dataclasses.replace(tick, accepted=accepted_now - accepted_before)
+                    accepted_before = accepted_now
                 tick_max = {}
                 if tick.span_s > 0.001 or alive:
                     timeline.append(tick)
