@@ -138,14 +138,17 @@ def port_check(
         typer.Option("--targets-file", help="Read targets from FILE (- for stdin), # comments."),
     ] = None,
     timeout: Annotated[
-        float, typer.Option("--timeout", "-t", parser=duration, help="Per attempt.")
+        float,
+        typer.Option(
+            "--timeout", "-t", parser=duration, show_default="1s", help="Per attempt (250ms, 2s)."
+        ),
     ] = 1.0,
     concurrency: Annotated[
         int | None,
         typer.Option(
             "--concurrency",
             min=1,
-            help="Sockets in flight [default: 4096, capped by the fd limit].",
+            help="Sockets in flight (default 4096, capped by the file-descriptor limit).",
         ),
     ] = None,
     retries: Annotated[
@@ -158,6 +161,9 @@ def port_check(
     ipv4: IPv4Opt = False,
     ipv6: IPv6Opt = False,
     open_only: Annotated[bool, typer.Option("--open-only", help="Show open ports only.")] = False,
+    allow_large: Annotated[
+        bool, typer.Option("--allow-large", help="Allow CIDR blocks over 65,536 addresses.")
+    ] = False,
     json_out: JsonOpt = False,
     csv_out: CsvOpt = False,
     quiet: QuietOpt = False,
@@ -179,13 +185,21 @@ def port_check(
     ] = None,
     interval: Annotated[
         float,
-        typer.Option("--interval", parser=duration, help="Between probes / wait rounds (max)."),
+        typer.Option(
+            "--interval",
+            parser=duration,
+            show_default="1s",
+            help="Between latency probes; the longest pause between wait rounds.",
+        ),
     ] = 1.0,
     wait: Annotated[
         bool, typer.Option("--wait", help="Retry until --require holds or --deadline passes.")
     ] = False,
     deadline: Annotated[
-        float, typer.Option("--deadline", parser=duration, help="Wait mode: give up after this.")
+        float,
+        typer.Option(
+            "--deadline", parser=duration, show_default="30s", help="Wait mode: give up after this."
+        ),
     ] = 30.0,
     until: Annotated[
         str, typer.Option("--until", help="Wait mode: wait until targets are open or closed.")
@@ -205,7 +219,7 @@ def port_check(
         parse_targets,
     )
     from netprobe.render import choose_format
-    from netprobe.sockets import parse_ports
+    from netprobe.sockets import DEFAULT_CIDR_CAP, parse_ports
 
     given, command = _command_after_dashes(list(targets or []))
     if targets_file is not None:
@@ -237,9 +251,17 @@ def port_check(
     fmt = choose_format(json_out=json_out, csv_out=csv_out, quiet=quiet, out=sys.stdout)
     if wait:
         expect_now = wait_expect if until.lower() != "open" else default_expect
+        if allow_large:
+            raise UsageError("--allow-large is for scans, not --wait")
         outcome = _wait(specs, config, port_list, family, expect_now, required, deadline, interval)
         raise typer.Exit(_finish(outcome, command, fmt, quiet))
-    hosts = build_hosts(specs, ports=port_list, family=family, expect=default_expect)
+    hosts = build_hosts(
+        specs,
+        ports=port_list,
+        family=family,
+        expect=default_expect,
+        cidr_cap=None if allow_large else DEFAULT_CIDR_CAP,
+    )
     units = sum(len(h.ports) for h in hosts)
     if required is not None and required > units:
         raise UsageError(f"--require {required} is more than the {units} checks given")

@@ -23,6 +23,7 @@ from netprobe.errors import AddressError, ResolveError, UsageError
 from netprobe.exitcodes import ExitStatus, worst
 from netprobe.results import ConnectState
 from netprobe.sockets import (
+    DEFAULT_CIDR_CAP,
     Resolved,
     expand_hosts,
     format_hostport,
@@ -231,6 +232,7 @@ def build_hosts(
     family: int,
     expect: Expect,
     resolver: Callable[[str, int], list[Resolved]] | None = None,
+    cidr_cap: int | None = DEFAULT_CIDR_CAP,
 ) -> list[HostSpec]:
     """Expand CIDR blocks, resolve names (first address, as nmap does), attach ports.
 
@@ -248,7 +250,7 @@ def build_hosts(
         spec_ports = spec.ports or ports
         if not spec_ports:
             raise UsageError(f"{spec.text!r} has no port: give HOST:PORT or -p PORTS")
-        expanded.append((spec, spec_ports, list(expand_hosts(spec.host))))
+        expanded.append((spec, spec_ports, list(expand_hosts(spec.host, cap=cidr_cap))))
     for spec, spec_ports, members in expanded:
         want = spec.expect or expect
         for member in members:
