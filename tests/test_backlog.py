@@ -1,0 +1,234 @@
+"""netprobe backlog: parsing, histogram, safety checks and client-side classification."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from netprobe.engines.backlog import (
+    BacklogConfig,
+    LatencyHistogram,
+    parse_gate,
+    parse_ramp,
+    parse_sources,
+    validate_config,
+)
+from netprobe.errors import UsageError
+from tests.helpers import LONG, SHORT, ServerThread, invoke
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux counters")
+
+
+def _records(stdout: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.decode().splitlines() if line.strip()]
+
+
+def _summary(stdout: bytes) -> dict[str, Any]:
+    records = _records(stdout)
+    assert records, "no JSON output"
+    assert all(r["kind"] == "backlog.timeline" for r in records[:-1])
+    summary = records[-1]
+    assert summary["kind"] == "backlog"
+    parts = ("established", "refused", "reset", "timed_out", "errors")
+    assert sum(summary[k] for k in parts) == summary["attempted"]
+    return summary
+
+
+# --- histogram ------------------------------------------------------------------------------
+
+
+@given(st.integers(min_value=0, max_value=10**11))
+def test_histogram_bucket_holds_its_value(value: int) -> None:
+    index = LatencyHistogram.index_of(value)
+    low, high = LatencyHistogram.bounds_of(index)
+    assert low <= value <= high
+    assert high - low <= max(0, low) / 64
+
+
+def test_histogram_percentiles_within_bucket_error() -> None:
+    hist = LatencyHistogram()
+    for ms in range(1, 1001):  # 1..1000 ms
+        hist.record(ms / 1000.0)
+    summary = hist.summary_ms()
+    assert summary["max"] == pytest.approx(1000.0)
+    for key, want in (("p50", 500.0), ("p90", 900.0), ("p99", 990.0), ("p999", 999.0)):
+        value = summary[key]
+        assert value is not None
+        assert want <= value <= want * 1.02
+    assert len(hist.counts) < 4096
+    assert sum(b["count"] for b in hist.coarse()) == 1000
+
+
+def test_histogram_empty() -> None:
+    assert LatencyHistogram().summary_ms() == dict.fromkeys(("p50", "p90", "p99", "p999", "max"))
+
+
+# --- option parsing -------------------------------------------------------------------------
+
+
+def test_parse_sources_forms() -> None:
+    assert parse_sources("127.0.0.2-127.0.0.4") == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    assert parse_sources("127.0.0.2-3,127.0.0.9") == ["127.0.0.2", "127.0.0.3", "127.0.0.9"]
+    assert parse_sources("127.0.0.0/30") == ["127.0.0.0", "127.0.0.1", "127.0.0.2", "127.0.0.3"]
+
+
+@pytest.mark.parametrize("bad", ["127.0.0.9-127.0.0.2", "nope", "127.0.0.1,", "10.0.0.0/8"])
+def test_parse_sources_rejects(bad: str) -> None:
+    with pytest.raises(UsageError):
+        parse_sources(bad)
+
+
+def test_parse_gate_and_units() -> None:
+    gate = parse_gate("p99>200ms")
+    assert (gate.metric, gate.op, gate.threshold) == ("p99", ">", 200.0)
+    assert parse_gate("p50 >= 1s").threshold == 1000.0
+    assert parse_gate("timed_out>0").failed({"timed_out": 1, "latency_ms": {}})
+    assert not parse_gate("timed_out>0").failed({"timed_out": 0, "latency_ms": {}})
+    assert parse_gate("accept_queue_max<5").failed(
+        {"latency_ms": {}, "server": {"accept_queue_max": 3}}
+    )
+
+
+@pytest.mark.parametrize("bad", ["p99", "p98>1ms", "timed_out>5ms", "p99>1h", "x==1"])
+def test_parse_gate_rejects(bad: str) -> None:
+    with pytest.raises(UsageError):
+        parse_gate(bad)
+
+
+def test_parse_ramp() -> None:
+    assert parse_ramp("100, 200,400") == [100.0, 200.0, 400.0]
+    with pytest.raises(UsageError):
+        parse_ramp("100,0")
+    with pytest.raises(UsageError):
+        parse_ramp("fast")
+
+
+def test_validate_rejects_remote_sources() -> None:
+    cfg = BacklogConfig(host="127.0.0.1", port=9, sources=["192.0.2.1"])
+    with pytest.raises(UsageError, match="loopback"):
+        validate_config(cfg)
+
+
+# --- CLI: bad input and safety --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["backlog", "--lab", "--connections", "0"],
+        ["backlog", "--lab", "--rate", "0"],
+        ["backlog", "--lab", "--backlog", "-1"],
+        ["backlog"],
+        ["backlog", "--lab", "127.0.0.1:80"],
+        ["backlog", "--lab", "--fail-if", "p42>1ms"],
+        ["backlog", "--lab", "--source", "127.0.0.9-127.0.0.1"],
+        ["backlog", "127.0.0.1:0"],
+        ["backlog", "--lab", "--duration", "-1s"],
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv: list[str]) -> None:
+    result = invoke(argv)
+    assert result.exit_code == 2, result.stderr
+    assert result.stdout == b""
+    assert result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
+
+
+def test_remote_target_refused_without_allow_remote() -> None:
+    # 192.0.2.0/24 is TEST-NET-1: parsed here, never sent to.
+    started = time.monotonic()
+    result = invoke(["backlog", "192.0.2.10:80", "--connections", "5", "--timeout", "100ms"])
+    assert result.exit_code == 2
+    assert result.stdout == b""
+    assert "not a loopback address" in result.stderr
+    assert "--allow-remote" in result.stderr
+    assert "nothing was sent" in result.stderr
+    assert time.monotonic() - started < LONG
+
+
+# --- CLI: classification against real loopback servers -------------------------------------
+
+
+def test_refused_when_nothing_listens(closed_port: int) -> None:
+    result = invoke(
+        ["backlog", f"127.0.0.1:{closed_port}", "-n", "20", "--timeout", "1s", "--json"]
+    )
+    assert result.exit_code == 0, result.stderr
+    summary = _summary(result.stdout)
+    assert summary["refused"] == 20
+    assert summary["server"]["listening"] is False
+    assert summary["prediction"]["held"] is True
+
+
+def _reset_handler(conn: socket.socket) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def test_reset_by_server_is_classified_reset() -> None:
+    srv = ServerThread(handler=_reset_handler)
+    try:
+        argv = ["backlog", f"127.0.0.1:{srv.port}", "-n", "10", "-c", "10", "--hold", "3s"]
+        result = invoke([*argv, "--timeout", "1s", "--duration", "4s", "--json"])
+    finally:
+        srv.stop()
+    assert result.exit_code == 0, result.stderr
+    summary = _summary(result.stdout)
+    assert summary["reset"] == 10
+    assert summary["reset_after_established"] == 10
+    assert summary["established"] == 0
+    assert summary["server"]["pid"] is not None
+
+
+def test_sources_spread_connections() -> None:
+    peers: list[str] = []
+    lock = threading.Lock()
+
+    def record_peer(conn: socket.socket) -> None:
+        with lock:
+            peers.append(conn.getpeername()[0])
+
+    srv = ServerThread(handler=record_peer)
+    try:
+        argv = ["backlog", f"127.0.0.1:{srv.port}", "-n", "12", "--hold", "1s"]
+        result = invoke([*argv, "--source", "127.0.0.2-127.0.0.4", "--json", "--timeout", "1s"])
+        deadline = time.monotonic() + LONG
+        while srv.accepted < 12 and time.monotonic() < deadline:
+            time.sleep(SHORT)
+    finally:
+        srv.stop()
+    assert result.exit_code == 0, result.stderr
+    summary = _summary(result.stdout)
+    assert summary["established"] == 12
+    assert summary["sources"] == 3
+    assert sorted(set(peers)) == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    assert all(peers.count(p) == 4 for p in set(peers))
+
+
+@linux
+def test_gate_failure_exits_1_and_names_the_gate() -> None:
+    argv = ["backlog", "--lab", "--backlog", "2", "-n", "6", "--timeout", "200ms"]
+    result = invoke([*argv, "--fail-if", "timed_out>0", "--fail-if", "p99>10s"])
+    assert result.exit_code == 1
+    assert "gate failed: timed_out>0" in result.stderr
+    assert "p99>10s" not in result.stderr
+    assert b"gate timed_out>0: FAILED" in result.stdout
+
+
+@linux
+def test_text_report_has_preflight_and_prediction() -> None:
+    result = invoke(["backlog", "--lab", "--backlog", "1", "-n", "4", "--timeout", "200ms"])
+    assert result.exit_code == 0, result.stderr
+    text = result.text
+    assert text.splitlines()[1].startswith("preflight: expect 2 established")
+    assert "prediction held" in text
+    assert "packets, not clients" in text
+    assert result.stderr == ""  # progress only on a terminal

@@ -1,0 +1,67 @@
+"""netprobe backlog --lab: the kernel's accept queue holds exactly B+1 (Linux), slow accepts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import pytest
+
+from netprobe import kernel
+from tests.helpers import invoke
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux queue rules")
+
+
+def _run(argv: list[str]) -> list[dict[str, Any]]:
+    result = invoke(["backlog", "--lab", "--json", *argv])
+    assert result.exit_code == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    summary = records[-1]
+    assert summary["kind"] == "backlog"
+    parts = ("established", "refused", "reset", "timed_out", "errors")
+    assert sum(summary[k] for k in parts) == summary["attempted"]
+    return records
+
+
+@pytest.mark.parametrize("backlog", [4, 8, 16])
+def test_lab_queue_fills_at_backlog_plus_one(backlog: int) -> None:
+    somaxconn = kernel.host_limits().somaxconn or backlog
+    capacity = min(backlog, somaxconn) + 1
+    extra = 10
+    argv = ["--backlog", str(backlog), "-n", str(capacity + extra), "--timeout", "300ms"]
+    summary = _run([*argv, "--duration", "5s"])[-1]
+    server = summary["server"]
+    assert server["backlog_limit"] == min(backlog, somaxconn)
+    assert server["accept_queue_max"] == capacity
+    assert server["accepted"] == 0
+    assert server["pid"] is not None
+    # A never-accepting listener frees no slot: no ghost connections, the rest time out.
+    assert summary["established"] == capacity
+    assert summary["timed_out"] == extra
+    # Each dropped SYN counts once at least; the counters are system-wide, so only >=.
+    assert server["listener_drops_delta"] >= extra
+    assert server["listen_overflows_delta"] >= extra
+    assert summary["prediction"]["held"] is True
+    assert any(f"Accept queue full at {capacity}" in line for line in summary["interpretation"])
+
+
+@pytest.mark.slow
+def test_slow_accepting_server_grows_at_the_accept_rate() -> None:
+    rate = 20
+    argv = ["--backlog", "4", "--accept-rate", str(rate), "--rate", "200", "-n", "600"]
+    records = _run([*argv, "--timeout", "1s", "--duration", "3s"])
+    timeline, summary = records[:-1], records[-1]
+    full = [t for t in timeline if t["span_s"] >= 0.99]
+    assert len(full) >= 2
+    for tick in full:
+        # New SYNs arrive 10x faster than accepts, so the queue stays full and the server
+        # accepts about `rate` per second; loose bounds (shared CPU).
+        assert rate * 0.4 <= tick["accepted"] <= rate * 1.5 + 5
+        assert tick["established"] >= 1
+    established = [t["established"] for t in timeline]
+    assert sum(established) == summary["established"] + summary["reset_after_established"]
+    assert summary["server"]["accept_queue_max"] == 5
+    assert summary["established"] < summary["attempted"] / 2
+    assert summary["server"]["listen_overflows_delta"] > 0

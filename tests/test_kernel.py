@@ -1,0 +1,115 @@
+"""netprobe.kernel: counters parsing, sysctls, inet_diag listener queues against /proc."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+
+import pytest
+
+from netprobe import kernel
+from tests.helpers import LONG, SHORT
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc and netlink")
+
+NETSTAT = """TcpExt: SyncookiesSent ListenOverflows ListenDrops
+TcpExt: 3 10 12
+IpExt: InNoRoutes
+IpExt: 7
+"""
+
+
+def test_counter_pairs_are_zipped_by_prefix() -> None:
+    counters = kernel.parse_counter_pairs(NETSTAT)
+    assert counters == {
+        "TcpExt.SyncookiesSent": 3,
+        "TcpExt.ListenOverflows": 10,
+        "TcpExt.ListenDrops": 12,
+        "IpExt.InNoRoutes": 7,
+    }
+
+
+def test_counter_pairs_out_of_step_are_skipped() -> None:
+    assert kernel.parse_counter_pairs("TcpExt: A B\nIpExt: 1 2\n") == {}
+
+
+def test_counter_deltas_mark_missing_names() -> None:
+    deltas = kernel.counter_deltas({"a": 1, "b": 5}, {"a": 4, "c": 1}, ["a", "b"])
+    assert deltas == {"a": 3, "b": None}
+
+
+def test_proc_address_decodes_host_order_words() -> None:
+    if sys.byteorder != "little":
+        pytest.skip("sample is little-endian")
+    assert kernel._proc_address("0100007F:1F90") == (4, "127.0.0.1", 8080)
+    six = "00000000000000000000000001000000:0016"
+    assert kernel._proc_address(six) == (6, "::1", 22)
+
+
+@linux
+def test_host_limits_read_the_sysctls() -> None:
+    limits = kernel.host_limits()
+    assert limits.somaxconn is not None
+    assert limits.somaxconn >= 1
+    assert limits.port_range is not None
+    assert limits.ports_per_source == limits.port_range[1] - limits.port_range[0] + 1
+    assert limits.tcp_syncookies in (0, 1, 2)
+    assert set(limits.as_dict()) >= {"somaxconn", "ip_local_port_range", "nofile_soft"}
+
+
+def _wait_queue(port: int, want: int) -> kernel.ListenerQueue:
+    deadline = time.monotonic() + LONG
+    while True:
+        row = kernel.find_listener(port, "127.0.0.1")
+        assert row is not None
+        if row.queue == want or time.monotonic() > deadline:
+            return row
+        time.sleep(SHORT)
+
+
+@linux
+def test_listener_queue_and_limit_via_diag_and_proc() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(5)
+        port = listener.getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=LONG) for _ in range(3)]
+        try:
+            row = _wait_queue(port, 3)
+            assert (row.queue, row.limit) == (3, 5)
+            assert row.source == "inet_diag"
+            assert row.drops == 0
+            proc = [r for r in kernel._listeners_via_proc(port) if r.address == "127.0.0.1"]
+            assert len(proc) == 1
+            assert proc[0].queue == 3
+            assert proc[0].inode == row.inode
+            assert kernel.syn_recv_count(port) == 0
+            owners = kernel.socket_owners([row.inode])
+            assert owners[row.inode].pid == os.getpid()
+        finally:
+            for client in clients:
+                client.close()
+
+
+@linux
+def test_find_listener_falls_back_to_the_wildcard() -> None:
+    with socket.socket() as listener:
+        listener.bind(("0.0.0.0", 0))
+        listener.listen(2)
+        port = listener.getsockname()[1]
+        row = kernel.find_listener(port, "127.0.0.1")
+        assert row is not None
+        assert row.address == "0.0.0.0"
+        assert kernel.find_listener(port, "::1") is None
+
+
+def test_kernel_facts_summary_keys() -> None:
+    facts = kernel.kernel_facts()
+    assert set(facts) == {"platform", "limits", "tcp_listeners", "inet_diag", "counters"}
+    assert set(facts["counters"]) == set(kernel.BACKLOG_COUNTERS)
+
+
+def test_read_sysctl_missing_is_none() -> None:
+    assert kernel.read_sysctl("net.core.no_such_sysctl_here") is None

@@ -1,0 +1,100 @@
+"""netprobe listeners: finds our own listeners with this pid; queue figures match `ss -ltn`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import LONG, SHORT, invoke
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
+
+
+def _rows(argv: list[str]) -> list[dict[str, Any]]:
+    result = invoke(["listeners", "--json", *argv])
+    assert result.exit_code == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.decode().splitlines()]
+
+
+def test_finds_a_tcp_listener_with_this_pid() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(7)
+        port = listener.getsockname()[1]
+        rows = _rows(["--port", str(port), "--tcp"])
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["kind"] == "listeners"
+    assert (row["proto"], row["address"], row["port"]) == ("tcp", "127.0.0.1", port)
+    assert row["pid"] == os.getpid()
+    assert row["process_known"] is True
+    assert row["process"]
+    assert row["user"]
+    assert (row["recv_q"], row["send_q"]) == (0, 7)
+
+
+def test_udp_and_unix_filters(tmp_path: Path) -> None:
+    path = str(tmp_path / "l.sock")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        port = udp.getsockname()[1]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix:
+            unix.bind(path)
+            unix.listen(3)
+            udp_rows = _rows(["--udp", "--port", str(port)])
+            unix_rows = [r for r in _rows(["--unix"]) if r["address"] == path]
+    assert [(r["proto"], r["port"], r["pid"]) for r in udp_rows] == [("udp", port, os.getpid())]
+    assert udp_rows[0]["recv_q"] is None
+    assert len(unix_rows) == 1
+    assert unix_rows[0]["pid"] == os.getpid()
+
+
+def test_no_match_exits_1(closed_port: int) -> None:
+    result = invoke(["listeners", "--tcp", "--port", str(closed_port)])
+    assert result.exit_code == 1
+    assert result.stdout == b""
+
+
+def test_bad_port_exits_2() -> None:
+    result = invoke(["listeners", "--port", "0"])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+def test_queue_figures_match_ss() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(5)
+        port = listener.getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=LONG) for _ in range(3)]
+        try:
+            deadline = time.monotonic() + LONG
+            while True:
+                ss = subprocess.run(
+                    ["ss", "-Hltn", f"sport = :{port}"],
+                    capture_output=True,
+                    text=True,
+                    timeout=LONG,
+                    check=True,
+                )
+                fields = ss.stdout.split()
+                if fields[1] == "3" or time.monotonic() > deadline:
+                    break
+                time.sleep(SHORT)
+            rows = _rows(["--tcp", "--port", str(port)])
+        finally:
+            for client in clients:
+                client.close()
+    # ss -H: State Recv-Q Send-Q Local:Port Peer:Port
+    assert (int(fields[1]), int(fields[2])) == (3, 5)
+    assert (rows[0]["recv_q"], rows[0]["send_q"]) == (3, 5)
