@@ -7,6 +7,8 @@
 # median 64-byte round trip (µs) each path adds to the direct one. Every received stream is
 # checked (CRC-32 against what the upstream sent); any difference exits 1.
 # Goals (issue 7): proxy >= socat, proxy >= 50% of direct, < 100 µs added median round trip.
+# The goals are judged on the default proxy (splice(2) relay on Linux); the portable
+# event-loop path (--no-splice) is measured alongside for reference.
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$here/.."
@@ -198,10 +200,17 @@ def main() -> int:
              "--upstream", f"127.0.0.1:{up_port}", "--quiet"],
         )
         procs.append(proxy)
-        paths = {"direct": up_port, "reset proxy": proxy_port}
+        loop_port = free_port()
+        procs.append(subprocess.Popen(
+            [*netprobe, "reset", "proxy", "--listen", f"127.0.0.1:{loop_port}",
+             "--upstream", f"127.0.0.1:{up_port}", "--quiet", "--no-splice"],
+        ))
+        paths = {"direct": up_port, "reset proxy": proxy_port, "--no-splice": loop_port}
         cmds = {
             "reset proxy": f"netprobe reset proxy --listen 127.0.0.1:{proxy_port} "
             f"--upstream 127.0.0.1:{up_port}",
+            "--no-splice": f"netprobe reset proxy --listen 127.0.0.1:{loop_port} "
+            f"--upstream 127.0.0.1:{up_port} --no-splice (portable event-loop path)",
         }
         socat = shutil.which("socat")
         if socat:

@@ -94,16 +94,19 @@ def recorder() -> Iterator[_RecordingServer]:
         srv.stop()
 
 
-def _time_wait_on(port: int) -> list[str]:
-    """Lines of /proc/net/tcp in TIME_WAIT (state 06) with `port` on either end."""
+def _time_wait_on(port: int) -> set[tuple[str, str]]:
+    """(local, remote) of /proc/net/tcp sockets in TIME_WAIT (state 06) with `port` at an end.
+
+    Compare snapshots: an earlier listener on the same port number may have left some.
+    """
     hexport = f"{port:04X}"
-    lines = []
+    found = set()
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
         local, remote, state = fields[1], fields[2], fields[3]
         if state == "06" and hexport in (local.split(":")[1], remote.split(":")[1]):
-            lines.append(line)
-    return lines
+            found.add((local, remote))
+    return found
 
 
 def _records(stdout: bytes) -> list[dict[str, Any]]:
@@ -112,6 +115,7 @@ def _records(stdout: bytes) -> list[dict[str, Any]]:
 
 def test_after_bytes_server_sees_reset_and_no_time_wait(recorder: _RecordingServer) -> None:
     target = f"127.0.0.1:{recorder.port}"
+    before = _time_wait_on(recorder.port)
     result = invoke(
         ["reset", "client", target, "--after-bytes", "50000", "--count", "4", "-c", "2", "--json"]
     )
@@ -129,17 +133,18 @@ def test_after_bytes_server_sees_reset_and_no_time_wait(recorder: _RecordingServ
     endings = recorder.wait_for(4)
     # The server read some of the stream, then the reset (queued bytes may be dropped).
     assert all(ending == "ECONNRESET" for ending, _ in endings), endings
-    assert _time_wait_on(recorder.port) == []
+    assert _time_wait_on(recorder.port) - before == set()
 
 
 def test_data_then_reset_at_once(recorder: _RecordingServer) -> None:
+    before = _time_wait_on(recorder.port)
     result = invoke(["reset", "client", f"127.0.0.1:{recorder.port}", "hello", "--json"])
     assert result.exit_code == 0, result.stderr
     record = _records(result.stdout)[0]
     assert record["bytes_out"] == 5
     assert record["trigger"] == "after-bytes 5"
     assert recorder.wait_for(1)[0][0] == "ECONNRESET"
-    assert _time_wait_on(recorder.port) == []
+    assert _time_wait_on(recorder.port) - before == set()
 
 
 def test_reports_server_closing_first() -> None:
