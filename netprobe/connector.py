@@ -186,6 +186,14 @@ _NO_FD = object()
 _VERDICTS: dict[int, tuple[ConnectState, str | None, bool]] = {}
 _STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 _EINPROGRESS = errno.EINPROGRESS
+_EALREADY = errno.EALREADY
+_EISCONN = errno.EISCONN
+_ECONNREFUSED = errno.ECONNREFUSED
+_REFUSED = ConnectState.REFUSED
+_REFUSED_NAME = "ECONNREFUSED"
+# On a reused socket, a first connect() answering one of these means the refusal did not
+# reset it (Linux resets it: __inet_stream_connect's sock_error path calls disconnect).
+_NOT_RESET = frozenset({errno.EALREADY, errno.EISCONN, errno.ECONNABORTED, errno.EINVAL})
 _SOL_SOCKET = socket.SOL_SOCKET
 _SO_ERROR = socket.SO_ERROR
 _LINGER_ZERO = struct.pack("ii", 1, 0)  # struct linger {l_onoff 1, l_linger 0}: close sends RST
@@ -232,6 +240,7 @@ class _Run:
         self.loop_pending: dict[int, dict[int, _Attempt]] = {}
         self.extra_fds: dict[int, Callable[[], None]] = {}  # worker pipes -> reader
         self.out: list[ConnectResult] = []
+        self.reuse = True  # reuse refused sockets (see iterate); off if the kernel disagrees
 
     def close(self) -> None:
         for attempt in list(self.pending.values()) + list(self.held.values()):
@@ -247,148 +256,170 @@ class _Run:
         interval, stop_at = self.interval, self.stop_at
         exhausted = False
         next_start = monotonic()
-        new_socket, verdicts, out_append = _socket.socket, _VERDICTS, out.append
-        while True:
-            now = monotonic()
-            stopping = stop_at is not None and now >= stop_at
-            more_now = False
-            # Start new attempts while there is room (and the rate allows).
-            while not exhausted and not stopping and len(pending) + len(held) < self.limit:
-                if interval and now < next_start:
-                    break
-                job = next(job_iter, None)
-                if job is None:
-                    exhausted = True
-                    break
-                # The hot path of a loopback scan, inlined: socket, connect, SO_ERROR, close.
-                # Anything unusual (a source address, no socket, a connect that waits, an
-                # OPEN or RESET verdict) takes the general path in _start/_verdict.
-                code = -1
-                if job.source is None:
-                    try:
-                        sock = new_socket(job.family, _STREAM_NONBLOCK)
-                    except OSError:
-                        pass  # _start retries and sorts EMFILE from the rest
-                    else:
-                        try:
-                            code = sock.connect_ex(job.sockaddr)
-                            if code == _EINPROGRESS:
-                                code = sock.getsockopt(_SOL_SOCKET, _SO_ERROR)
-                        except OSError as exc:
-                            sock.close()
-                            out_append(_failed(job, now, exc.errno))
-                            code = -2
-                        if code > 0:
-                            verdict = verdicts.get(code)
-                            if verdict is not None and verdict[2]:
+        new_socket, out_append = _socket.socket, out.append
+        spare: _socket.socket | None = None  # refused last time: reusable for the next job
+        spare_family = 0
+        try:
+            while True:
+                now = monotonic()
+                stopping = stop_at is not None and now >= stop_at
+                more_now = False
+                # Start new attempts while there is room (and the rate allows).
+                while not exhausted and not stopping and len(pending) + len(held) < self.limit:
+                    if interval and now < next_start:
+                        break
+                    job = next(job_iter, None)
+                    if job is None:
+                        exhausted = True
+                        break
+                    # The hot path of a scan, inlined. A second connect() on a non-blocking socket
+                    # reports how the first one ended: the refusal (ECONNREFUSED, which also
+                    # resets the socket so the next port can reuse it: 2 syscalls a closed port
+                    # instead of socket+connect+getsockopt+close), 0 once connected, EALREADY
+                    # while the handshake still waits. Anything unusual (a source address, no
+                    # socket, an OPEN or RESET verdict) takes the general path in _start/_verdict.
+                    code = -1
+                    if job.source is None:
+                        family = job.family
+                        sock = spare if spare is not None and spare_family == family else None
+                        reused = sock is not None
+                        spare = None
+                        if sock is None:
+                            with contextlib.suppress(OSError):  # _start retries and sorts EMFILE
+                                sock = new_socket(family, _STREAM_NONBLOCK)
+                        if sock is not None:
+                            addr = job.sockaddr
+                            try:
+                                code = sock.connect_ex(addr)
+                                if code == _EINPROGRESS:
+                                    code = sock.connect_ex(addr)
+                                elif reused and code in _NOT_RESET:
+                                    # This kernel did not reset the socket after the refusal:
+                                    # stop reusing sockets and redo this job on a fresh one.
+                                    sock.close()
+                                    self.reuse = False
+                                    code = -1
+                            except OSError as exc:
                                 sock.close()
+                                out_append(_failed(job, now, exc.errno))
+                                code = -2
+                            if code == _ECONNREFUSED:
                                 out_append(
                                     ConnectResult(
-                                        job, verdict[0], verdict[1], now, monotonic() - now
+                                        job, _REFUSED, _REFUSED_NAME, now, monotonic() - now
                                     )
                                 )
-                            else:
+                                if self.reuse:
+                                    spare, spare_family = sock, family
+                                else:
+                                    sock.close()
+                            elif code == _EALREADY:
+                                self._wait_for(job, sock, now)
+                            elif code >= 0:
+                                if code == _EISCONN:
+                                    code = 0
                                 self._verdict(job, sock, now, code, monotonic())
-                        elif code == 0:
-                            self._settle(job, sock, now)
-                if code == -1 and self._start(job, now) is _NO_FD:
-                    if pending or held:
-                        self.limit = max(1, len(pending) + len(held))
-                        st.fd_backoffs += 1
-                        st.lowest_concurrency = min(st.lowest_concurrency, self.limit)
-                        job_iter = _prepend(job, job_iter)
+                    if code == -1 and self._start(job, now) is _NO_FD:
+                        if pending or held:
+                            self.limit = max(1, len(pending) + len(held))
+                            st.fd_backoffs += 1
+                            st.lowest_concurrency = min(st.lowest_concurrency, self.limit)
+                            job_iter = _prepend(job, job_iter)
+                            break
+                        out.append(_failed(job, now, errno.EMFILE))
+                    st.started += 1
+                    if interval:
+                        next_start = max(next_start + interval, now - 1.0)
+                    now = monotonic()
+                    if len(out) >= _BATCH:
+                        more_now = True
                         break
-                    out.append(_failed(job, now, errno.EMFILE))
-                st.started += 1
-                if interval:
-                    next_start = max(next_start + interval, now - 1.0)
+                if stopping:
+                    exhausted = True
+                st.in_flight, st.held = len(pending), len(held)
+                if st.held > st.peak_held:
+                    st.peak_held = st.held
+                if out:
+                    batch = out[:]
+                    out.clear()
+                    yield from batch
+                if exhausted and not pending and not held and not self.extra_fds:
+                    return
+                # Sleep until the next event, the next deadline, the next release or start.
+                if more_now:
+                    timeout = 0.0
+                else:
+                    wake = []
+                    if order:
+                        wake.append(order[0].deadline)
+                    if held_order:
+                        wake.append(held_order[0].release_at)
+                    if not exhausted and len(pending) + len(held) < self.limit:
+                        wake.append(next_start)
+                    if stop_at is not None and not stopping:
+                        wake.append(stop_at)
+                    timeout = max(0.0, min(wake) - monotonic()) if wake else -1.0
+                    if timeout != 0.0 and self.on_idle is not None:
+                        self.on_idle()
+                for fd, mask in poller.poll(timeout, 1024):
+                    attempt = pending.pop(fd, None)
+                    now = monotonic()
+                    if attempt is not None:
+                        self._unindex(attempt)
+                        attempt.done = True  # the deadline deque drops it lazily
+                        # Read SO_ERROR once: reading clears it.
+                        code = attempt.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        if self.hold_s > 0:
+                            poller.unregister(fd)  # a held socket is registered again for input
+                        self._verdict(attempt.job, attempt.sock, attempt.started_at, code, now)
+                        continue
+                    reader = self.extra_fds.get(fd)
+                    if reader is not None:
+                        reader()
+                        continue
+                    held_attempt = held.get(fd)
+                    if held_attempt is None:
+                        continue
+                    how = _peer_ending(held_attempt.sock, mask)
+                    if how == "data":
+                        # The peer talks; we only care how it ends, so stop waking on input.
+                        poller.modify(fd, select.EPOLLRDHUP)
+                        continue
+                    del held[fd]
+                    _end_hold(held_attempt, now, how, out)
+                    held_attempt.sock.close()
                 now = monotonic()
-                if len(out) >= _BATCH:
-                    more_now = True
-                    break
-            if stopping:
-                exhausted = True
-            st.in_flight, st.held = len(pending), len(held)
-            if st.held > st.peak_held:
-                st.peak_held = st.held
-            if out:
-                batch = out[:]
-                out.clear()
-                yield from batch
-            if exhausted and not pending and not held and not self.extra_fds:
-                return
-            # Sleep until the next event, the next deadline, the next release or start.
-            if more_now:
-                timeout = 0.0
-            else:
-                wake = []
-                if order:
-                    wake.append(order[0].deadline)
-                if held_order:
-                    wake.append(held_order[0].release_at)
-                if not exhausted and len(pending) + len(held) < self.limit:
-                    wake.append(next_start)
-                if stop_at is not None and not stopping:
-                    wake.append(stop_at)
-                timeout = max(0.0, min(wake) - monotonic()) if wake else -1.0
-                if timeout != 0.0 and self.on_idle is not None:
-                    self.on_idle()
-            for fd, mask in poller.poll(timeout, 1024):
-                attempt = pending.pop(fd, None)
-                now = monotonic()
-                if attempt is not None:
+                stop_now = stop_at is not None and now >= stop_at
+                while order and (order[0].done or order[0].deadline <= now or stop_now):
+                    attempt = order.popleft()
+                    if attempt.done:
+                        continue
+                    attempt.done = True
+                    pending.pop(attempt.sock.fileno(), None)
                     self._unindex(attempt)
-                    attempt.done = True  # the deadline deque drops it lazily
-                    # Read SO_ERROR once: reading clears it.
-                    code = attempt.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if self.hold_s > 0:
-                        poller.unregister(fd)  # a held socket is registered again for input
-                    self._verdict(attempt.job, attempt.sock, attempt.started_at, code, now)
-                    continue
-                reader = self.extra_fds.get(fd)
-                if reader is not None:
-                    reader()
-                    continue
-                held_attempt = held.get(fd)
-                if held_attempt is None:
-                    continue
-                how = _peer_ending(held_attempt.sock, mask)
-                if how == "data":
-                    # The peer talks; we only care how it ends, so stop waking on input.
-                    poller.modify(fd, select.EPOLLRDHUP)
-                    continue
-                del held[fd]
-                _end_hold(held_attempt, now, how, out)
-                held_attempt.sock.close()
-            now = monotonic()
-            stop_now = stop_at is not None and now >= stop_at
-            while order and (order[0].done or order[0].deadline <= now or stop_now):
-                attempt = order.popleft()
-                if attempt.done:
-                    continue
-                attempt.done = True
-                pending.pop(attempt.sock.fileno(), None)
-                self._unindex(attempt)
-                attempt.sock.close()  # SYN-SENT: closing sends nothing (tcp_need_reset)
-                out.append(
-                    ConnectResult(
-                        attempt.job,
-                        ConnectState.TIMEOUT,
-                        None,
-                        attempt.started_at,
-                        now - attempt.started_at,
-                        ended_by="stop" if attempt.deadline > now else None,
+                    attempt.sock.close()  # SYN-SENT: closing sends nothing (tcp_need_reset)
+                    out.append(
+                        ConnectResult(
+                            attempt.job,
+                            ConnectState.TIMEOUT,
+                            None,
+                            attempt.started_at,
+                            now - attempt.started_at,
+                            ended_by="stop" if attempt.deadline > now else None,
+                        )
                     )
-                )
-            while held_order and (
-                held_order[0].done or held_order[0].release_at <= now or stop_now
-            ):
-                attempt = held_order.popleft()
-                if attempt.done:
-                    continue
-                held.pop(attempt.sock.fileno(), None)
-                _end_hold(attempt, now, "stop" if attempt.release_at > now else "hold", out)
-                _close(attempt.sock, self.abortive)
+                while held_order and (
+                    held_order[0].done or held_order[0].release_at <= now or stop_now
+                ):
+                    attempt = held_order.popleft()
+                    if attempt.done:
+                        continue
+                    held.pop(attempt.sock.fileno(), None)
+                    _end_hold(attempt, now, "stop" if attempt.release_at > now else "hold", out)
+                    _close(attempt.sock, self.abortive)
+        finally:
+            if spare is not None:
+                spare.close()
 
     def _start(self, job: ConnectJob, now: float) -> Any:
         """Create the socket and connect; a verdict known at once goes straight to out."""
