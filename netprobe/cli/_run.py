@@ -34,6 +34,22 @@ def _command_name(args: Sequence[str]) -> str | None:
     return words[0]
 
 
+def _click_message(exc: Any) -> str:
+    # Typer validates `min=`/`max=`/int options with pydantic, whose message ("Input should
+    # be greater than or equal to 1") omits the rejected value; the value is in the cause.
+    message = str(exc.format_message())
+    errors = getattr(exc.__cause__, "errors", None)
+    if callable(errors):
+        try:
+            value = errors()[0].get("input")
+        except (TypeError, IndexError, AttributeError, KeyError):
+            return message
+        if isinstance(value, str) and repr(value) not in message:
+            hint, sep, why = message.partition(": ")
+            message = f"{hint}: {value!r}: {why}" if sep else f"{message} ({value!r})"
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run netprobe with argv (default sys.argv[1:]) and return the exit status.
 
@@ -59,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClickException as exc:  # usage errors, bad option values, unreadable files
         if debug:
             raise
-        error_line(command, exc.format_message())
+        error_line(command, _click_message(exc))
         return ExitStatus.USAGE
     except (Abort, KeyboardInterrupt):
         sys.stderr.write("\n")
