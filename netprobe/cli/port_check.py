@@ -3,8 +3,9 @@ here (netprobe.engines.port_check does it); this module reads --targets-file, re
 the `-- COMMAND` of wait mode.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Typer reads the command's signature on every
+# run, and string annotations would make it eval() each of the ~30 options (measured: most of a
+# one-port check's start-up after imports).
 import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any
@@ -73,7 +74,7 @@ def _payload(text: str | None, hex_text: str | None, udp: bool) -> bytes:
     return (text or "").encode("utf-8", "surrogateescape")
 
 
-def _record(result: PortCheckResult | Probe | LatencySummary, kind: str) -> dict[str, Any]:
+def _record(result: "PortCheckResult | Probe | LatencySummary", kind: str) -> dict[str, Any]:
     # Built by hand: dataclasses.asdict costs ~10 us a row, too much for a 65,535-port scan.
     record: dict[str, Any] = {"kind": kind}
     for name in getattr(type(result), "__slots__", ()):
@@ -82,7 +83,7 @@ def _record(result: PortCheckResult | Probe | LatencySummary, kind: str) -> dict
     return record
 
 
-def _renderer(fmt: Any, columns: Sequence[tuple[str, str, bool]]) -> Renderer:
+def _renderer(fmt: Any, columns: Sequence[tuple[str, str, bool]]) -> "Renderer":
     from netprobe.engines.port_check import sort_key
     from netprobe.render import Column, Renderer
 
@@ -272,7 +273,7 @@ def port_check(
 
 
 def _checks(
-    hosts: Any, config: CheckConfig, fmt: Any, open_only: bool, quiet: bool, required: int | None
+    hosts: Any, config: "CheckConfig", fmt: Any, open_only: bool, quiet: bool, required: int | None
 ) -> int:
     from netprobe.engines.port_check import Tally, run_checks
     from netprobe.render import log
@@ -290,7 +291,7 @@ def _checks(
 
 def _latency(
     hosts: Any,
-    config: CheckConfig,
+    config: "CheckConfig",
     count: int,
     interval: float,
     fmt: Any,
@@ -326,7 +327,7 @@ def _latency(
 
 def _wait(
     specs: Any,
-    config: CheckConfig,
+    config: "CheckConfig",
     ports: tuple[int, ...] | None,
     family: int,
     expect: Any,
