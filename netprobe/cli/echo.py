@@ -3,6 +3,7 @@ beyond printing; the engine serves."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -144,7 +145,10 @@ def echo(
     if max_bytes is not None and max_bytes < 1:
         raise UsageError(f"--max-bytes {max_bytes} must be at least 1 byte")
     if idle_timeout is not None and idle_timeout <= 0:
-        raise UsageError("--idle-timeout must be more than 0")
+        raise UsageError(f"--idle-timeout {idle_timeout:g}s must be more than 0")
+    if ready_file is not None and not os.access(ready_file.parent, os.W_OK):
+        # Checked now: failing later, inside the serving loop, would be an internal error.
+        raise UsageError(f"--ready-file '{ready_file}': cannot write in {ready_file.parent}")
     config = ServerConfig(
         host=host,
         port=port,
