@@ -18,6 +18,7 @@ import itertools
 import math
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -782,10 +783,13 @@ def _run(
     tick_max: dict[str, int] = {}
     second = 1
     accepted_before = 0
+    peak_seen, peak_at = 0, None
     try:
         while True:
             alive = thread.is_alive()
             now = time.monotonic()
+            if stats.held > peak_seen:
+                peak_seen, peak_at = stats.held, now - started
             if server is not None:
                 server.sample(tick_max)
                 if step_server:
@@ -847,6 +851,9 @@ def _run(
         step_tallies,
         step_server,
     )
+    # Sampled every 50 ms: when the most connections were held at once (for --hold runs).
+    record["peak_held_at_s"] = None if peak_at is None else round(peak_at, 3)
+    record["max_rss_kb"] = _max_rss_kb()
     failed = [gate.text for gate in cfg.gates if gate.failed(record)]
     record["gates"] = [
         {"gate": gate.text, "value": gate.value_in(record), "failed": gate.text in failed}
@@ -908,6 +915,16 @@ def _is_local_address(address: str) -> bool:
             if str(entry.address).split("%", 1)[0] == address:
                 return True
     return False
+
+
+def _max_rss_kb() -> int | None:
+    """Peak resident memory of this process in KiB (None where getrusage is missing)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak // 1024) if sys.platform == "darwin" else int(peak)  # macOS: bytes
 
 
 def _nofile_now() -> tuple[int | None, int | None]:
