@@ -768,6 +768,11 @@ def _bind_or_explain(sock: socket.socket, sockaddr: Any, shown: str) -> None:
 def _open_unix_listener(path: str, backlog: int) -> socket.socket:
     if not hasattr(socket, "AF_UNIX"):
         raise LocalError("Unix sockets are not available on this platform")
+    # sun_path holds 108 bytes on Linux (104 on macOS/BSD) with the NUL; a longer path fails
+    # bind() with an errno-less OSError("AF_UNIX path too long"): it is the user's input.
+    size = len(os.fsencode(path))
+    if size > 107:
+        raise UsageError(f"unix:{path}: the path is {size} bytes; a Unix socket path may have 107")
     with contextlib.suppress(FileNotFoundError):
         mode = os.lstat(path).st_mode
         if not stat.S_ISSOCK(mode):
