@@ -134,10 +134,11 @@ def netns_main() -> None:
         report["closed"] = sorted(s.getsockname()[1] for s in closed)
         for index in range(ROUNDS):
             before = _listening_ports()
-            if index == 1:
-                found, info = _scan_engine(workers=1)
-            else:
+            # The CLI as shipped, then the engine in one process and split over two.
+            if index == 0:
                 found, info = _scan_cli()
+            else:
+                found, info = _scan_engine(workers=index)
             after = _listening_ports()
             report["rounds"].append(
                 {"found": sorted(found), "before": sorted(before), "after": sorted(after), **info}

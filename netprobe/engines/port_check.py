@@ -8,10 +8,14 @@ statistics are pure functions, tested without sockets.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ipaddress
 import itertools
 import math
 import os
+import pickle
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -341,6 +345,15 @@ class Tally:
             self._seen.add((state, errno_name))
             self.failing.add(status_for(state, errno_name, False))
 
+    def merge(self, other: Tally) -> None:
+        """Add another tally's counts (a worker process's share of a scan)."""
+        self.total += other.total
+        self.ok += other.ok
+        for state, number in other.counts.items():
+            self.counts[state] = self.counts.get(state, 0) + number
+        self.failing |= other.failing
+        self._seen |= other._seen
+
     def holds(self) -> bool:
         """Whether the --require condition holds over the results so far."""
         if self.required is None:
@@ -490,7 +503,6 @@ def _probe(
     *,
     concurrency: int,
     timeout_s: float,
-    workers: int = 1,
     stats: ConnectorStats | None = None,
 ) -> Iterator[tuple[int, ConnectState, str | None, float]]:
     """One attempt per key: (key, state, errno_name, elapsed_s) in completion order."""
@@ -509,7 +521,6 @@ def _probe(
         concurrency=concurrency,
         timeout_s=timeout_s,
         rate=config.rate,
-        workers=workers,
         stats=stats,
     )
     yield from ((r.job.key, r.state, r.errno_name, r.elapsed_s) for r in results)
@@ -552,6 +563,8 @@ def run_checks(
     Results stream in completion order; attempts that time out are retried `config.retries`
     times and reported after their last attempt. With `tally`, every result is counted there;
     `open_only` then yields only open ports (the others are counted without being built).
+    A large open-only TCP scan is split over forked processes when cores are idle (see
+    _split_checks).
     """
     proto = "udp" if config.udp else "tcp"
     for host in hosts:
@@ -564,11 +577,26 @@ def run_checks(
     jobs = _job_count(hosts)
     if not jobs:
         return
-    concurrency = plan_concurrency(config.concurrency, jobs)
+    keys = _all_keys(hosts)
     workers = _workers_for(config, jobs)
+    if workers > 1 and open_only and tally is not None and _can_fork():
+        yield from _split_checks(hosts, config, keys, workers, stats, tally)
+        return
+    yield from _one_pass(hosts, config, keys, stats, tally, open_only)
+
+
+def _one_pass(
+    hosts: Sequence[HostSpec],
+    config: CheckConfig,
+    keys: Sequence[int],
+    stats: ConnectorStats | None,
+    tally: Tally | None,
+    open_only: bool,
+) -> Iterator[PortCheckResult]:
+    proto = "udp" if config.udp else "tcp"
+    concurrency = plan_concurrency(config.concurrency, len(keys))
     silent: list[int] = []
     states = _UDP_STATE if config.udp else _TCP_STATE
-    keys: Sequence[int] = _all_keys(hosts)
     # Ports left out by open_only are counted here in bulk and folded into the tally at the end.
     skipped: dict[tuple[PortState, str | None, Expect], int] = {}
     timeout, is_open = ConnectState.TIMEOUT, PortState.OPEN
@@ -582,7 +610,6 @@ def run_checks(
                 config,
                 concurrency=concurrency,
                 timeout_s=config.timeout_s,
-                workers=workers,
                 stats=stats,
             ):
                 if state is timeout and not last:
@@ -602,11 +629,123 @@ def run_checks(
             if not silent:
                 return
             keys = sorted(silent)
-            workers = 1  # retries are few; forking for them costs more than it saves
     finally:
         if tally is not None:
             for (mapped, errno_name, expect), number in skipped.items():
                 tally.count(mapped, errno_name, expectation_met(mapped, expect), number)
+
+
+class _Stride(Sequence[int]):
+    """Every `step`-th key from `start`: one worker's share, computed on access."""
+
+    def __init__(self, keys: Sequence[int], start: int, step: int) -> None:
+        self._keys, self._start, self._step = keys, start, step
+
+    def __len__(self) -> int:
+        return max(0, (len(self._keys) - self._start + self._step - 1) // self._step)
+
+    def __getitem__(self, index: Any) -> Any:
+        if not isinstance(index, int) or not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._keys[self._start + index * self._step]
+
+    def __iter__(self) -> Iterator[int]:
+        keys = self._keys
+        for index in range(self._start, len(keys), self._step):
+            yield keys[index]
+
+
+def _can_fork() -> bool:
+    # fork() in a threaded process can deadlock the child (a lock held by another thread is
+    # never released there), so threaded callers (tests, backlog's worker) scan in-process.
+    return hasattr(os, "fork") and threading.active_count() == 1
+
+
+def _split_checks(
+    hosts: Sequence[HostSpec],
+    config: CheckConfig,
+    keys: Sequence[int],
+    workers: int,
+    stats: ConnectorStats | None,
+    tally: Tally,
+) -> Iterator[PortCheckResult]:
+    """An open-only scan over `workers` processes: key i is checked in process i % workers.
+
+    The kernel's connect path is most of a loopback scan's cost, and this process's Python
+    loop the rest, so each forked worker runs its share with its own tally and sends back only
+    what open-only output needs: the open results and its counts (a pickle over a pipe, once
+    at the end). A worker that fails has its share checked again here: nothing is dropped.
+    """
+    children: list[tuple[int, int, int]] = []  # (worker, pid, read end of its pipe)
+    try:
+        for worker in range(1, workers):
+            read_fd, write_fd = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child never returns
+                os.close(read_fd)
+                for _worker, _pid, fd in children:
+                    os.close(fd)
+                _child_checks(hosts, config, _Stride(keys, worker, workers), write_fd)
+            os.close(write_fd)
+            children.append((worker, pid, read_fd))
+        yield from _one_pass(hosts, config, _Stride(keys, 0, workers), stats, tally, True)
+        for worker, _pid, fd in children:
+            report = _read_report(fd)
+            if report is None:
+                yield from _one_pass(
+                    hosts, config, _Stride(keys, worker, workers), stats, tally, True
+                )
+                continue
+            results, counts, extra = report
+            tally.merge(counts)
+            if stats is not None:
+                for name, value in extra.items():
+                    if name != "workers":
+                        stats.extra[name] = stats.extra.get(name, 0) + value
+                stats.extra["workers"] = workers
+            yield from results
+    finally:
+        for _worker, pid, fd in children:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)  # a no-op for a worker that already exited
+            with contextlib.suppress(OSError):
+                os.waitpid(pid, 0)
+
+
+def _read_report(fd: int) -> tuple[list[PortCheckResult], Tally, dict[str, int]] | None:
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    try:
+        report = pickle.loads(b"".join(chunks))
+    except Exception:  # a worker that died mid-write leaves a truncated pickle
+        return None
+    return report if isinstance(report, tuple) and len(report) == 3 else None
+
+
+def _child_checks(
+    hosts: Sequence[HostSpec], config: CheckConfig, keys: Sequence[int], write_fd: int
+) -> None:  # pragma: no cover - runs in a forked worker
+    code = 1
+    try:
+        # The parent owns Ctrl-C: it stops the run and kills its workers.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stats = ConnectorStats()
+        tally = Tally()
+        results = list(_one_pass(hosts, config, keys, stats, tally, True))
+        payload = memoryview(pickle.dumps((results, tally, stats.extra)))
+        while payload:
+            payload = payload[os.write(write_fd, payload) :]
+        code = 0
+    except BaseException:
+        code = 1
+    finally:
+        os._exit(code)
 
 
 # ---------------------------------------------------------------------------------------------
