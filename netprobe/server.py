@@ -130,6 +130,9 @@ class ServerConfig:
         close_timeout_s: a graceful close whose flush takes longer than this is aborted.
         handle_signals: stop on SIGINT/SIGTERM, totals on SIGUSR1 (main thread only).
         loop_factory: event loop factory for asyncio.Runner (e.g. uvloop.new_event_loop).
+        workers: processes sharing the listening socket (POSIX fork, TCP/Unix streams only;
+            run() forks workers - 1 children after listen(); totals are summed at the end,
+            conn_id values stay unique, events come from every process).
     """
 
     host: str = "127.0.0.1"
@@ -152,6 +155,7 @@ class ServerConfig:
     close_timeout_s: float = 10.0
     handle_signals: bool = True
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -673,6 +677,9 @@ class Server:
         self._outbound: set[Connection] = set()
         self._setup_tasks: set[asyncio.Task[Any]] = set()
         self._next_id = 0
+        self._worker = 0  # 0: the parent (or the only process); 1..N-1: forked workers
+        self._children: list[tuple[int, int, int]] = []  # (pid, summary fd, lifeline fd)
+        self._lifeline: int | None = None
         self._next_out_id = 0
         self._accepting = False
         self._accept_done = False
@@ -726,7 +733,9 @@ class Server:
                 config.port,
                 backlog=config.backlog,
                 family=config.family,
-                reuse_port=config.reuse_port,
+                # Workers each get their own socket in one SO_REUSEPORT group, so the
+                # kernel spreads the clients over them (a shared socket lets one take all).
+                reuse_port=config.reuse_port or config.workers > 1,
             )
             name = sock.getsockname()
             self.bound = Bound("tcp", str(name[0]), int(name[1]))
@@ -741,11 +750,104 @@ class Server:
             LocalError, ResolveError: from listen().
         """
         self.listen()
+        if self.config.workers > 1 and not self._children:
+            self._fork_workers(self.config.workers - 1)
         try:
             with asyncio.Runner(loop_factory=self.config.loop_factory) as runner:
-                return runner.run(self.serve())
+                summary = runner.run(self.serve())
         finally:
             self._close_listener()
+        if self._children:
+            self._collect_workers(summary)
+        return summary
+
+    # -- workers (POSIX) ------------------------------------------------------------------------
+
+    def _fork_workers(self, count: int) -> None:
+        import sys
+
+        if self.config.udp:
+            raise ValueError("workers > 1 needs a stream listener")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for index in range(1, count + 1):
+            summary_r, summary_w = os.pipe()
+            life_r, life_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the worker: serve, report totals through the pipe, never return
+                os.close(summary_r)
+                os.close(life_w)
+                for _pid, fd1, fd2 in self._children:
+                    os.close(fd1)
+                    os.close(fd2)
+                self._become_worker(index, summary_w, life_r)
+            os.close(summary_w)
+            os.close(life_r)
+            self._children.append((pid, summary_r, life_w))
+
+    def _become_worker(self, index: int, summary_fd: int, lifeline_fd: int) -> None:
+        import json
+
+        self._worker = index
+        self._children = []
+        self._lifeline = lifeline_fd
+        bound = self.bound
+        if bound is not None and bound.proto == "tcp" and bound.host is not None:
+            # Our own socket in the parent's SO_REUSEPORT group (same address and port).
+            assert self._listener is not None
+            self._listener.close()
+            self._listener = sockets.open_listener(
+                bound.host,
+                bound.port or 0,
+                backlog=self.config.backlog,
+                reuse_port=True,
+            )
+            self._listener.setblocking(False)
+        self.on_ready = None  # the parent announces
+        self._unix_inode = None  # the parent removes the socket file
+        code = 0
+        try:
+            with asyncio.Runner(loop_factory=self.config.loop_factory) as runner:
+                summary = runner.run(self.serve())
+            os.write(summary_fd, json.dumps(summary.to_record()).encode())
+        except BaseException:
+            code = 70
+        finally:
+            os._exit(code)
+
+    def _signal_workers(self, sig: int) -> None:
+        for pid, _fd, _life in self._children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def _collect_workers(self, summary: ServerSummary) -> None:
+        import json
+
+        self._signal_workers(signal.SIGTERM)
+        deadline = _monotonic() + 2.0
+        for pid, summary_fd, lifeline_fd in self._children:
+            os.close(lifeline_fd)
+            while True:
+                done, _status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if _monotonic() > deadline:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.01)
+            with os.fdopen(summary_fd, "rb") as pipe:
+                data = pipe.read()
+            if not data:
+                summary.errors += 1  # the worker died without reporting
+                continue
+            record = json.loads(data)
+            for name in ("connections", "rejected", "bytes_in", "bytes_out", "resets", "errors"):
+                setattr(summary, name, getattr(summary, name) + int(record[name]))
+            for reason, number in record["reasons"].items():
+                summary.reasons[reason] = summary.reasons.get(reason, 0) + int(number)
+        self._children = []
 
     async def serve(self) -> ServerSummary:
         """Serve in the running loop until stopped; returns the totals."""
@@ -760,6 +862,9 @@ class Server:
         self._tokens = 1.0
         installed = self._install_signals(loop)
         duration_handle = None
+        if self._lifeline is not None:
+            # EOF on the lifeline: the parent is gone, so this worker must not outlive it.
+            loop.add_reader(self._lifeline, self._request_stop)
         try:
             if self.config.duration_s is not None:
                 duration_handle = loop.call_later(self.config.duration_s, self._request_stop)
@@ -776,6 +881,8 @@ class Server:
                 duration_handle.cancel()
             for sig in installed:
                 loop.remove_signal_handler(sig)
+            if self._lifeline is not None:
+                loop.remove_reader(self._lifeline)
             self._close_listener()
         summary = self.totals()
         self._loop = None
@@ -864,12 +971,14 @@ class Server:
         return installed
 
     def _report_totals(self) -> None:
+        self._signal_workers(signal.SIGUSR1)  # each worker prints its own running totals
         if self.on_totals is not None:
             self.on_totals(self.totals())
 
     def _request_stop(self) -> None:
         if self._stop_future is not None and not self._stop_future.done():
             self._stop_future.set_result(None)
+            self._signal_workers(signal.SIGTERM)
 
     async def _start_udp(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self._listener is not None
@@ -904,7 +1013,10 @@ class Server:
         if listener is None:
             return
         rate = self.config.accept_rate
-        for _ in range(_ACCEPT_BATCH):
+        # Workers share the listener and all wake up for it: one accept per wake-up each
+        # spreads the clients over them instead of letting the first one take the burst.
+        batch = _ACCEPT_BATCH if self.config.workers <= 1 else 1
+        for _ in range(batch):
             if rate is not None and not self._take_token(rate):
                 return
             try:
@@ -966,7 +1078,6 @@ class Server:
             self._reject(sock, peer, CloseReason.MAX_CONNS)
             return
         assert self.handler_factory is not None
-        self._next_id += 1
         self._totals.connections += 1
         try:
             handler = self.handler_factory()
@@ -974,7 +1085,7 @@ class Server:
             self._handler_errors += 1
             sock.close()
             return
-        conn = Connection(self, handler, self._next_id, peer)
+        conn = Connection(self, handler, self._new_id(), peer)
         self._active.add(conn)
         if config.count is not None and self._totals.connections >= config.count:
             self._accept_done = True
@@ -996,13 +1107,17 @@ class Server:
             # The transport could not be set up (the client vanished in between).
             conn._finish(exc)
 
+    def _new_id(self) -> int:
+        # Interleaved across workers (worker k of N numbers k+1, k+1+N, ...): ids stay unique.
+        self._next_id += 1
+        return (self._next_id - 1) * max(1, self.config.workers) + self._worker + 1
+
     def _reject(self, sock: socket.socket, peer: str, reason: str) -> None:
         sock.close()
         self._totals.rejected += 1
         self._totals.reasons[reason] = self._totals.reasons.get(reason, 0) + 1
         if self.on_event is not None:
-            self._next_id += 1
-            self.on_event(ConnEvent("reject", self._next_id, peer, reason=reason))
+            self.on_event(ConnEvent("reject", self._new_id(), peer, reason=reason))
 
     def _connection_done(self, conn: Connection) -> None:
         if conn.outbound:

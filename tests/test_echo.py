@@ -153,6 +153,35 @@ def test_sigterm_prints_totals_and_exits_0() -> None:
         assert totals["errors"] == 0
 
 
+def test_workers_share_the_port_and_sum_their_totals() -> None:
+    import psutil  # type: ignore[import-untyped]
+
+    with echo_process("--workers", "2") as (proc, announce):
+        workers = psutil.Process(proc.proc.pid).children()
+        assert len(workers) == 1
+        clients = [connect(announce) for _ in range(20)]
+        try:
+            for i, client in enumerate(clients):
+                client.sendall(b"w%d" % i)
+            for i, client in enumerate(clients):
+                expected = b"w%d" % i
+                assert recv_exactly(client, len(expected)) == expected
+        finally:
+            for client in clients:
+                client.close()
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.wait() == 0
+        records = proc.records_until("totals")
+        while records[-1].get("final") is not True:
+            records += proc.records_until("totals")
+        closes = [r for r in records if r["event"] == "close"]
+        assert len({r["conn_id"] for r in closes}) == 20
+        assert records[-1]["connections"] == 20
+        assert records[-1]["bytes_in"] == sum(len(b"w%d" % i) for i in range(20))
+        for worker in workers:
+            assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+
+
 def test_once_serves_one_client_then_exits() -> None:
     with echo_process("--once") as (proc, announce):
         with connect(announce) as client:
@@ -304,6 +333,8 @@ def test_port_in_use_exits_6_with_one_line() -> None:
         (["--max-frame", "0"], "--max-frame"),
         (["--port", "70000"], "70000"),
         (["--once", "--count", "2"], "--count"),
+        (["--workers", "2", "--udp"], "--udp"),
+        (["--workers", "0"], "--workers"),
     ],
 )
 def test_bad_input_is_a_usage_error(argv: list[str], needle: str) -> None:

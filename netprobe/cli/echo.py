@@ -103,6 +103,14 @@ def echo(
             "--ready-file", metavar="FILE", help="Write the listening JSON object here when ready."
         ),
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            help="Processes sharing the listener (TCP/Unix; uses more cores). [default: 1]",
+            show_default=False,
+        ),
+    ] = 1,
     json_out: JsonOpt = False,
 ) -> None:
     """Echo (RFC 862) or discard (RFC 863) server for testing clients and proxies.
@@ -126,6 +134,18 @@ def echo(
     _check_range("--backlog", backlog, 0)
     if accept_rate is not None and accept_rate <= 0:
         raise UsageError(f"--accept-rate {accept_rate:g} must be more than 0")
+    _check_range("--workers", workers, 1, 64)
+    if workers > 1:
+        for flag, given in (
+            ("--udp", udp),
+            ("--once", once),
+            ("--count", count is not None),
+            ("--max-conns", max_conns is not None),
+            ("--accept-rate", accept_rate is not None),
+            ("--pause-accept", pause_accept),
+        ):
+            if given:
+                raise UsageError(f"--workers {workers} cannot be combined with {flag}")
     if udp and unix is not None:
         raise UsageError("--udp and --unix exclude each other")
     if udp:
@@ -163,6 +183,7 @@ def echo(
         allow=parse_allow(allow or ()),
         count=1 if once else count,
         duration_s=run_for,
+        workers=workers,
     )
     options = EchoOptions(
         mode=mode,
