@@ -34,6 +34,7 @@ from netprobe.engines.reset_faults import (
     TriggerKind,
     TriggerState,
 )
+from netprobe.errors import FrameTooLarge, FramingError, MalformedFrame
 from netprobe.server import (
     DEFAULT_HIGH_WATER,
     DEFAULT_LOW_WATER,
@@ -62,6 +63,15 @@ __all__ = [
 
 SERVE_TRIGGERS = frozenset(TriggerKind) - {TriggerKind.ON_CONNECT}
 PROXY_TRIGGERS = frozenset(TriggerKind) - {TriggerKind.AFTER_BYTES_OUT}
+
+
+def _framing_reason(exc: FramingError) -> str:
+    # --after-frames parses the peer's bytes: a stream it cannot parse ends the connection
+    # with the same reasons `echo --framing` logs, not as a handler "error" with an RST.
+    if isinstance(exc, FrameTooLarge):
+        return "frame-too-large"
+    return "malformed-frame" if isinstance(exc, MalformedFrame) else "incomplete-frame"
+
 
 # After a `fin` action, the peer gets this long to close its side before we close ours.
 _FIN_LINGER_S = 2.0
@@ -432,7 +442,11 @@ class _ServeHandler(Handler):
         if done in (Action.FIN, Action.HALF_CLOSE, Action.HANG):
             return  # drained and dropped: we only wait for the peer's FIN
         if not self.state.fired and self.state.trigger is not None:
-            cut = self.state.cut_in(data)
+            try:
+                cut = self.state.cut_in(data)
+            except FramingError as exc:
+                conn.close(_framing_reason(exc))
+                return
             if cut is not None:
                 self._serve(data[:cut])
                 self.fire()
@@ -828,14 +842,22 @@ class _Session:
         if self.run.enabled:
             limit = self.limits[direction]
             if limit.trigger is not None and self._faulted(direction) and not limit.fired:
-                cut = limit.cut_in(data)
+                try:
+                    cut = limit.cut_in(data)
+                except FramingError as exc:
+                    self._close_both(_framing_reason(exc))
+                    return
                 if cut is not None:
                     pipe.push(data[:cut])
                     self._close_both("limit")
                     return
             state = self.states[direction]
             if state.trigger is not None and self._faulted(direction) and not state.fired:
-                cut = state.cut_in(data)
+                try:
+                    cut = state.cut_in(data)
+                except FramingError as exc:
+                    self._close_both(_framing_reason(exc))
+                    return
                 if cut is not None:
                     pipe.push(data[:cut])
                     self.fire()
