@@ -101,3 +101,52 @@ def test_stop_at_ends_the_run(full_queue_port: int) -> None:
     assert time.monotonic() - start < 2
     assert len(results) == 5
     assert all(r.ended_by == "stop" for r in results)
+
+
+def test_refused_sockets_are_reused_without_changing_verdicts(closed_port: int) -> None:
+    servers = [ServerThread() for _ in range(3)]
+    try:
+        ports = [closed_port, servers[0].port, closed_port, closed_port, servers[1].port]
+        ports += [servers[2].port, closed_port]
+        jobs = [_job(port, key=(i, port)) for i, port in enumerate(ports * 15)]
+        open_ports = {s.port for s in servers}
+        for concurrency in (1, 50):
+            results = list(run_connects(jobs, concurrency=concurrency, timeout_s=LONG))
+            assert sorted(r.job.key for r in results) == sorted(j.key for j in jobs)
+            for result in results:
+                want = (
+                    ConnectState.OPEN if result.job.key[1] in open_ports else ConnectState.REFUSED
+                )
+                assert result.state is want, result
+    finally:
+        for srv in servers:
+            srv.stop()
+
+
+def test_workers_split_the_jobs_and_merge_every_result(closed_port: int) -> None:
+    # A bare listener (no accept thread), so this process stays single-threaded and forks.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    open_port = listener.getsockname()[1]
+    forks = threading.active_count() == 1  # threaded callers fall back to one process
+    try:
+        for sequence in (True, False):
+            ports = [open_port if i % 7 == 0 else closed_port for i in range(300)]
+            listed = [_job(port, key=i) for i, port in enumerate(ports)]
+            jobs = listed if sequence else (job for job in listed)
+            stats = ConnectorStats()
+            results = list(
+                run_connects(jobs, concurrency=20, timeout_s=LONG, workers=2, stats=stats)
+            )
+            assert sorted(r.job.key for r in results) == list(range(300))
+            for result in results:
+                want = (
+                    ConnectState.OPEN
+                    if ports[result.job.key] == open_port
+                    else ConnectState.REFUSED
+                )
+                assert result.state is want
+            assert stats.extra["workers"] == (2 if forks else 1)
+    finally:
+        listener.close()
