@@ -35,6 +35,10 @@ How to build on it (echo, listen, reset serve, reset proxy)::
 - `Server.run()` blocks until SIGINT/SIGTERM (main thread only), `--count`/`--duration`, or
   `Server.stop()` from any thread; it then stops accepting, closes clients (aborting those that
   do not finish within 0.5 s), removes the Unix socket file, and returns a `ServerSummary`.
+- `ServerConfig.workers = N` (POSIX): run() forks N-1 workers after listen(); TCP workers each
+  bind their own socket in one SO_REUSEPORT group, so the kernel spreads clients over the
+  cores; the parent forwards SIGTERM/SIGUSR1 and sums the workers' totals into its own.
+  Measured worthwhile for many concurrent connections (scripts/bench_echo.py), not for one.
 """
 
 from __future__ import annotations
