@@ -248,7 +248,8 @@ def test_cli_announces_and_reports_json() -> None:
     assert record["event"] == "connection"
     assert record["action"] == "rst"
     assert record["bytes_in"] == 16
-    assert record["bytes_out"] == len(got) <= 10
+    # Echoed bytes still queued when the RST goes out are dropped (SOCKETS.md §5).
+    assert len(got) <= record["bytes_out"] <= 10
 
 
 @pytest.mark.parametrize(
