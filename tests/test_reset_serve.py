@@ -287,3 +287,16 @@ def test_mode_parsing() -> None:
     assert parse_mode("send:64K") == (ServeMode.SEND, 65536)
     with pytest.raises(UsageError):
         parse_mode("discard 5")
+
+
+def test_after_frames_on_an_unparsable_stream_closes_cleanly() -> None:
+    opts = options(TriggerKind.AFTER_FRAMES, 2, framing="len32")
+    with serve(opts) as (port, records), connect(port) as sock:
+        sock.sendall(b"\x40\x00\x00\x00")  # a 1 GiB frame announced: above the cap
+        _got, ending = read_until_end(sock)
+        assert ending in ("eof", "ECONNRESET")
+        deadline = time.monotonic() + LONG
+        while not records and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert records[0]["reason"] == "frame-too-large"
+    assert records[0]["fired"] is False
