@@ -232,3 +232,46 @@ def test_text_report_has_preflight_and_prediction() -> None:
     assert "prediction held" in text
     assert "packets, not clients" in text
     assert result.stderr == ""  # progress only on a terminal
+
+
+# --- limits that cap the run ----------------------------------------------------------------
+
+
+def _lab_summary(argv: list[str]) -> dict[str, Any]:
+    result = invoke(["backlog", "--lab", "--json", *argv])
+    assert result.exit_code == 0, result.stderr
+    return _summary(result.stdout)
+
+
+@linux
+def test_port_range_cap_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    from netprobe import kernel
+
+    real = kernel.host_limits()
+    tiny = kernel.HostLimits(
+        real.somaxconn,
+        real.tcp_max_syn_backlog,
+        real.tcp_syncookies,
+        real.tcp_abort_on_overflow,
+        (40000, 40003),
+        real.nofile_soft,
+        real.nofile_hard,
+    )
+    monkeypatch.setattr(kernel, "host_limits", lambda: tiny)
+    summary = _lab_summary(["--backlog", "64", "-n", "8", "-c", "8", "--timeout", "1s"])
+    assert summary["concurrency"] == 4
+    assert summary["established"] == 8
+    assert any("ip_local_port_range 40000-40003 gives 4 ports" in c for c in summary["limits_hit"])
+    assert any(line.startswith("Capped: ip_local_port_range") for line in summary["interpretation"])
+
+
+@linux
+def test_fd_limit_cap_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    from netprobe.engines import backlog as engine
+    from netprobe.sockets import NofileLimit
+
+    monkeypatch.setattr(engine, "raise_nofile_limit", lambda wanted: NofileLimit(100, 100))
+    summary = _lab_summary(["--backlog", "64", "-n", "50", "-c", "500", "--timeout", "1s"])
+    assert summary["concurrency"] == 36  # 100 minus the 64 kept in reserve
+    assert summary["established"] == 50
+    assert any("RLIMIT_NOFILE soft 100 (hard 100)" in c for c in summary["limits_hit"])

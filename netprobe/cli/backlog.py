@@ -140,6 +140,7 @@ def backlog(
         BacklogConfig,
         Preflight,
         Tick,
+        effective_connections,
         parse_gate,
         parse_ramp,
         parse_sources,
@@ -180,6 +181,8 @@ def backlog(
     terminal = _isatty(out)
     progress = _isatty(err) and not quiet
     summary: BacklogSummary | None = None
+    attempts_so_far = 0
+    total = effective_connections(cfg)
     for event in run_backlog(cfg):
         if isinstance(event, Preflight):
             if not json_out and not quiet:
@@ -192,8 +195,9 @@ def backlog(
             if json_out and not quiet:
                 out.write(dump_json(event.as_record()) + "\n")
                 out.flush()
+            attempts_so_far += event.attempts
             if progress:
-                _progress(err, event, cfg)
+                _progress(err, event, attempts_so_far, total)
         else:
             summary = event
     if progress:
@@ -241,10 +245,13 @@ def _lab_text(cfg: Any) -> str:
     return f" (lab: listen({cfg.backlog}), {how})"
 
 
-def _progress(err: TextIO, tick: Tick, cfg: Any) -> None:
+def _progress(err: TextIO, tick: Tick, done: int, total: int) -> None:
+    width = 20
+    filled = min(width, width * done // max(1, total))
+    bar = "#" * filled + "." * (width - filled)
     queue = "" if tick.accept_queue is None else f"  queue {tick.accept_queue}"
     err.write(
-        f"\r\033[K{tick.t:>4}s  +{tick.attempts} attempts  +{tick.established} established  "
+        f"\r\033[K[{bar}] {done}/{total}  {tick.t}s  +{tick.established} established  "
         f"+{tick.failures} failed  in flight {tick.in_flight}  held {tick.held}{queue}"
     )
     err.flush()

@@ -45,6 +45,7 @@ __all__ = [
     "LatencyHistogram",
     "Preflight",
     "Tick",
+    "effective_connections",
     "parse_gate",
     "parse_ramp",
     "parse_sources",
@@ -395,7 +396,8 @@ def validate_config(cfg: BacklogConfig) -> None:
             )
 
 
-def _effective_connections(cfg: BacklogConfig) -> int:
+def effective_connections(cfg: BacklogConfig) -> int:
+    """Total attempts: --connections, else what the ramp needs (rate x step), else 200."""
     if cfg.connections is not None:
         return cfg.connections
     if cfg.ramp:
@@ -420,7 +422,11 @@ class Preflight:
 
 @dataclass(frozen=True, slots=True)
 class Tick:
-    """One second of the timeline (a partial last second has `span_s` below 1)."""
+    """One second of the timeline (a partial last second has `span_s` below 1).
+
+    `established` counts handshakes completed that second (held ones as they complete,
+    later resets included); `failures` = refused + reset + timed_out + errors ended then.
+    """
 
     t: int
     span_s: float
@@ -494,8 +500,10 @@ class _Tally:
     def add(self, result: ConnectResult) -> None:
         self.attempted += 1
         state = result.state
+        # ECONNRESET on a connect means the SYN-ACK came (a refusal is ECONNREFUSED): the
+        # handshake completed and the server, or its kernel, aborted afterwards.
         completed = state is ConnectState.OPEN or (
-            result.ended_by in ("reset", "eof", "hold", "stop") and result.held_s > 0
+            state is ConnectState.RESET and result.errno_name in ("ECONNRESET", None)
         )
         if completed:
             self.handshakes += 1
@@ -516,15 +524,6 @@ class _Tally:
             self.errors += 1
             name = result.errno_name or state.value
             self.errors_by_errno[name] = self.errors_by_errno.get(name, 0) + 1
-
-    @property
-    def failures(self) -> int:
-        return (
-            self.refused
-            + self.timed_out
-            + self.errors
-            + (self.reset - self.reset_after_established)
-        )
 
 
 @dataclass(slots=True)
@@ -652,7 +651,7 @@ def run_backlog(cfg: BacklogConfig) -> Iterator[Preflight | Tick | BacklogSummar
         ResolveError: TARGET does not resolve.
     """
     validate_config(cfg)
-    connections = _effective_connections(cfg)
+    connections = effective_connections(cfg)
     limits_before = kernel.host_limits()
     lab = _LabListener(cfg) if cfg.lab else None
     try:
@@ -880,7 +879,7 @@ def _cut_tick(
         "attempts": stats.started,
         "est": established_now,
         "refused": tally.refused,
-        "reset": tally.reset - tally.reset_after_established,
+        "reset": tally.reset,
         "timed_out": tally.timed_out,
         "errors": tally.errors,
     }
@@ -1215,6 +1214,9 @@ def _summary_record(
             "process": process,
             "accepted": lab.accepted if lab is not None else None,
             "queue_source": server.source,
+            # ListenOverflows/ListenDrops count dropped packets (a retransmitted SYN counts
+            # again), not clients; the TcpExt ones are system-wide (SOCKETS.md 1.5).
+            "drop_counters_unit": "packets, not clients; TcpExt counters are system-wide",
         }
     else:
         rec["server"] = None
