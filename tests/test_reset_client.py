@@ -214,3 +214,22 @@ def test_unix_target(tmp_path: Path) -> None:
             assert conn.recv(10) == b""
     finally:
         listener.close()
+
+
+def test_against_a_server_that_resets_first() -> None:
+    from netprobe.engines.reset_faults import TriggerKind
+    from tests.test_reset_helpers import options, serve
+
+    with serve(options(TriggerKind.ON_ACCEPT)) as (port, records):
+        result = invoke(
+            ["reset", "client", f"127.0.0.1:{port}", "--after-ms", "300", "--count", "3", "--json"]
+        )
+        deadline = time.monotonic() + LONG
+        while len(records) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert result.exit_code == 4, result.stderr
+    lines = _records(result.stdout)
+    assert [r["ended_by"] for r in lines[:3]] == ["server-rst"] * 3
+    assert all(r["elapsed_s"] < 0.3 for r in lines[:3])
+    assert lines[-1]["server_reset_first"] == 3
+    assert [r["action"] for r in records] == ["rst"] * 3

@@ -297,3 +297,34 @@ def test_no_descriptor_leak_after_relays() -> None:
                 assert sock.recv(1) == b"x"
         _wait_records(records, 20)
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_after_ms_fin_hang_and_slow_through_the_proxy() -> None:
+    with serve(options()) as (up_port, _):
+        up = ("127.0.0.1", up_port)
+        fin = options(TriggerKind.AFTER_MS, 0.15, action=Action.FIN, upstream=up)
+        with proxy(fin) as (port, _), connect(port) as sock:
+            start = time.monotonic()
+            sock.sendall(b"ab")
+            got, ending = read_until_end(sock)
+            assert (got, ending) == (b"ab", "eof")
+            assert time.monotonic() - start >= 0.1
+        hang = options(TriggerKind.ON_ACCEPT, action=Action.HANG, upstream=up)
+        with proxy(hang) as (port, _), connect(port, timeout=0.3) as sock:
+            sock.sendall(b"ab")
+            assert read_until_end(sock) == (b"", "timeout")
+        slow = options(
+            TriggerKind.ON_ACCEPT, action=Action.SLOW, slow_rate=20_000, upstream=up,
+            direction=Direction.DOWN,
+        )  # fmt: skip
+        with proxy(slow) as (port, _), connect(port) as sock:
+            payload = bytes(range(256)) * 16  # 4096 B at 20 kB/s: about 0.2 s
+            start = time.monotonic()
+            sock.sendall(payload)
+            got = b""
+            while len(got) < len(payload):
+                chunk = sock.recv(65536)
+                assert chunk
+                got += chunk
+            assert got == payload
+            assert time.monotonic() - start >= 0.1

@@ -232,10 +232,8 @@ def test_unix_socket(tmp_path: Path) -> None:
 
 
 def test_cli_announces_and_reports_json() -> None:
-    with subprocess_server(["reset", "serve", "--port", "0", "--after-bytes", "10"]) as (
-        proc,
-        announce,
-    ):
+    argv = ["reset", "serve", "--port", "0", "--after-bytes", "10", "--count", "1"]
+    with subprocess_server(argv) as (proc, announce):
         assert announce["event"] == "listening"
         assert announce["proto"] == "tcp"
         assert announce["host"] == "127.0.0.1"
@@ -245,6 +243,11 @@ def test_cli_announces_and_reports_json() -> None:
         assert ending == "ECONNRESET"
         assert proc.stdout is not None
         record = json.loads(proc.stdout.readline())
+        totals = json.loads(proc.stdout.readline())
+        assert proc.wait(LONG) == 0  # --count 1: it ends by itself
+    assert totals["event"] == "totals"
+    assert totals["kind"] == "reset serve"
+    assert (totals["connections"], totals["faulted"], totals["actions"]) == (1, 1, {"rst": 1})
     assert record["event"] == "connection"
     assert record["action"] == "rst"
     assert record["bytes_in"] == 16

@@ -146,9 +146,12 @@ def _one_client(
     start = time.monotonic()
     outcome = connect_nonblocking(target, deadline=start + timeout_s, keep=True)
     if outcome.state is not ConnectState.OPEN or outcome.sock is None:
+        # A server that resets at accept can beat connect()'s own wake-up: SO_ERROR then
+        # reads ECONNRESET. The handshake did complete, so the server reset first.
+        ended_by = "server-rst" if outcome.state is ConnectState.RESET else str(outcome.state)
         return ClientReset(
             conn, shown, outcome.state, outcome.errno_name, trigger.describe(), "none",
-            str(outcome.state), 0, 0, False, outcome.elapsed_s, outcome.elapsed_s,
+            ended_by, 0, 0, False, outcome.elapsed_s, outcome.elapsed_s,
         )  # fmt: skip
     sock = outcome.sock
     peer = _Peer()
