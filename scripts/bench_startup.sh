@@ -69,14 +69,17 @@ for name, args in probes.items():
     code = f"import sys; from netprobe.cli import main; sys.exit(main({args!r}))"
     proc = subprocess.run([py, "-X", "importtime", "-c", code], capture_output=True, text=True)
     rows = []
+    selfs: dict[str, int] = {}
     for line in proc.stderr.splitlines():
         if not line.startswith("import time:") or "|" not in line:
             continue
-        _, cumulative, module = line[len("import time:"):].split("|")
+        own, cumulative, module = line[len("import time:"):].split("|")
         if cumulative.strip().isdigit():
             # importtime indents a module by two spaces per nesting level.
             depth = (len(module) - len(module.lstrip()) - 1) // 2
             rows.append((int(cumulative), depth, module.strip()))
+            package = module.strip().split(".")[0]
+            selfs[package] = selfs.get(package, 0) + int(own)
     heavy = sorted({m for _c, _d, m in rows if m.split(".")[0] in ("asyncio", "psutil")})
     total = sum(c for c, d, _m in rows if d == 0)
     verdict = "IMPORTED: " + ", ".join(heavy) if heavy else "not imported"
@@ -84,10 +87,8 @@ for name, args in probes.items():
     for cumulative, _depth, module in sorted((r for r in rows if r[1] <= 1), reverse=True)[:8]:
         share = 100.0 * cumulative / total if total else 0.0
         print(f"  {module:<36} {cumulative / 1000:7.1f} ms  {share:5.1f}%")
-    for family in ("rich", "pydantic"):
-        seen = [c for c, _d, m in rows if m == family]
-        if seen:
-            print(f"  the '{family}' package alone: {max(seen) / 1000:.1f} ms (pulled in by Typer)")
+    biggest = sorted(selfs.items(), key=lambda item: -item[1])[:8]
+    print("  by package (own import time): " + ", ".join(f"{p} {t / 1000:.1f} ms" for p, t in biggest))
     bad = bad or bool(heavy)
 listener.close()
 sys.exit(1 if bad else 0)

@@ -13,7 +13,6 @@ import ipaddress
 import itertools
 import math
 import os
-import pickle
 import signal
 import threading
 import time
@@ -715,6 +714,8 @@ def _split_checks(
 
 
 def _read_report(fd: int) -> tuple[list[PortCheckResult], Tally, dict[str, int]] | None:
+    import pickle  # only split scans need it; kept off the start-up path
+
     chunks = []
     while True:
         chunk = os.read(fd, 1 << 16)
@@ -731,6 +732,8 @@ def _read_report(fd: int) -> tuple[list[PortCheckResult], Tally, dict[str, int]]
 def _child_checks(
     hosts: Sequence[HostSpec], config: CheckConfig, keys: Sequence[int], write_fd: int
 ) -> None:  # pragma: no cover - runs in a forked worker
+    import pickle
+
     code = 1
     try:
         # The parent owns Ctrl-C: it stops the run and kills its workers.
