@@ -904,6 +904,8 @@ def raise_nofile_limit(wanted: int) -> NofileLimit:
 # 256 KiB per read/send: big enough that Python's per-call cost vanishes next to the copy
 # (1 GiB is ~4k iterations), small enough that memory stays flat whatever the input size.
 PUMP_CHUNK = 256 * 1024
+# sendfile(2) copies inside the kernel, so one call may move as much as the socket buffer takes.
+SENDFILE_CHUNK = 16 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -944,6 +946,7 @@ def pump_duplex(
     stop_on_peer_eof: bool = True,
     idle_while_input: bool = False,
     chunk_size: int = PUMP_CHUNK,
+    sendfile_fd: int | None = None,
 ) -> PumpResult:
     """Copy input to the socket while copying the socket to on_received, until one side ends.
 
@@ -965,6 +968,8 @@ def pump_duplex(
         idle_while_input: count the idle time also while waiting on the input (listen);
             otherwise a slow input (a pipe that pauses) never counts as idle (send).
         chunk_size: the most bytes read or sent per call.
+        sendfile_fd: send the input from this regular file with sendfile(2) (zero-copy, from
+            its current offset) instead of read_input.
 
     Returns:
         PumpResult. Network outcomes are data, never exceptions.
@@ -975,7 +980,7 @@ def pump_duplex(
     masks: dict[int, int] = {}
     result = PumpResult()
     pending = memoryview(b"")
-    input_open = read_input is not None
+    input_open = read_input is not None or sendfile_fd is not None
     input_done = False
     last_activity = time.monotonic()
 
@@ -1015,6 +1020,26 @@ def pump_duplex(
         if eof:
             input_open = False
 
+    def try_sendfile() -> str | None:
+        nonlocal input_open, last_activity
+        assert sendfile_fd is not None
+        try:
+            n = os.sendfile(sfd, sendfile_fd, None, SENDFILE_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            end("reset", exc)
+            return "reset"
+        except OSError as exc:
+            end("error", exc)
+            return "error"
+        if n == 0:
+            input_open = False
+        else:
+            result.bytes_sent += n
+            last_activity = time.monotonic()
+        return None
+
     def try_send() -> str | None:
         nonlocal pending, last_activity
         try:
@@ -1045,7 +1070,8 @@ def pump_duplex(
             return end("eof")
         if deadline is not None and now >= deadline:
             return end("timeout")
-        instant_input = input_open and not pending and input_fd is None
+        file_input = sendfile_fd is not None and input_open
+        instant_input = input_open and not pending and input_fd is None and sendfile_fd is None
         if instant_input:
             take_input()
             if pending and try_send() is not None:
@@ -1056,9 +1082,11 @@ def pump_duplex(
         if not input_done and not input_open and not pending:
             finish_input()  # before waiting: the peer may wait for our FIN to answer
         set_mask(
-            sfd, (0 if result.peer_eof else select.POLLIN) | (select.POLLOUT if pending else 0)
+            sfd,
+            (0 if result.peer_eof else select.POLLIN)
+            | (select.POLLOUT if pending or file_input else 0),
         )
-        if input_fd is not None:
+        if input_fd is not None and sendfile_fd is None:
             set_mask(input_fd, select.POLLIN if input_open and not pending else 0)
         if not masks:
             if continue_now:
@@ -1067,7 +1095,7 @@ def pump_duplex(
         limits: list[tuple[float, str]] = []
         if deadline is not None:
             limits.append((deadline - now, "timeout"))
-        waiting_on_input = input_open and not pending
+        waiting_on_input = input_open and not pending and sendfile_fd is None
         if idle_timeout_s is not None and (idle_while_input or not waiting_on_input):
             limits.append((last_activity + idle_timeout_s - now, "idle-timeout"))
         timeout_ms: int | None = None
@@ -1104,6 +1132,9 @@ def pump_duplex(
                             return end("stopped")
                 if event & (select.POLLOUT | select.POLLERR) and pending:
                     if try_send() is not None:
+                        return result
+                elif event & (select.POLLOUT | select.POLLERR) and file_input:
+                    if try_sendfile() is not None:
                         return result
                 elif event & select.POLLERR and result.peer_eof:
                     code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

@@ -618,11 +618,22 @@ def exchange(
         if transcript is not None:
             transcript.record("send", data)
 
+    # A regular file sent as it is goes through sendfile(2): no copy through Python at all.
+    src = opts.source
+    zero_copy = (
+        src.fd is not None
+        and src.data is None
+        and not src.pollable
+        and not opts.crlf
+        and opts.framing is None
+        and transcript is None
+    )
     try:
         pumped = pump_duplex(
             sock,
-            read_input=read_input,
-            input_fd=opts.source.fd if opts.source.pollable else None,
+            read_input=None if zero_copy else read_input,
+            sendfile_fd=src.fd if zero_copy else None,
+            input_fd=src.fd if src.pollable else None,
             on_received=on_received,
             on_sent=on_sent if transcript is not None else None,
             deadline=deadline,
