@@ -1251,13 +1251,15 @@ def udp_probe_many(
     *,
     timeout_s: float,
     concurrency: int = 256,
+    rate: float | None = None,
 ) -> Iterator[tuple[Any, ConnectState, str | None, float]]:
     """Probe many UDP ports with one datagram each; yield (key, state, errno_name, elapsed_s).
 
     Each probe is a connected UDP socket, so the kernel reports an ICMP port unreachable as
     ECONNREFUSED on it (SOCKETS.md §4). States: OPEN (a reply arrived), REFUSED (ICMP port
     unreachable), TIMEOUT (silence until the timeout: open or filtered), UNREACHABLE/ERROR
-    for other errnos. Results come in completion order; at most `concurrency` sockets exist.
+    for other errnos. Results come in completion order; at most `concurrency` sockets exist,
+    and with `rate` at most that many datagrams leave per second.
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
@@ -1267,9 +1269,15 @@ def udp_probe_many(
     head = 0
     pending_items = iter(items)
     exhausted = False
+    interval = 1.0 / rate if rate else 0.0
+    next_start = time.monotonic()
     try:
         while True:
             while not exhausted and len(live) < concurrency:
+                if interval:
+                    if time.monotonic() < next_start:
+                        break
+                    next_start = max(next_start + interval, time.monotonic() - 1.0)
                 item = next(pending_items, None)
                 if item is None:
                     exhausted = True
@@ -1298,6 +1306,9 @@ def udp_probe_many(
             while head < len(order) and order[head][1] not in live:
                 head += 1
             left = order[head][0] - time.monotonic() if head < len(order) else 0.0
+            if interval and not exhausted and len(live) < concurrency:
+                until_next = next_start - time.monotonic()
+                left = min(left, until_next) if live else until_next
             events = poller.poll(max(0, int(left * 1000 + 0.999)))
             now = time.monotonic()
             for fd, _mask in events:
