@@ -219,6 +219,23 @@ def test_framing_round_trip_with_one_byte_writes(
     assert as_json(res.stdout)["frames"] == ["ALPHA", "BETA GAMMA", "", "DELTA"]
 
 
+def test_raw_framing_sends_input_unchanged(start: Callable[..., ServerThread]) -> None:
+    srv = start(echo_handler)
+    res = invoke(["send", addr(srv), "--framing", "raw", "--json"], stdin=b"a\nb\n")
+    assert res.exit_code == 0, res.stderr
+    assert "".join(as_json(res.stdout)["frames"]) == "a\nb\n"  # type: ignore[arg-type]
+
+
+def test_repeat_replays_a_file(start: Callable[..., ServerThread], tmp_path: Path) -> None:
+    srv = start(echo_handler)
+    path = tmp_path / "req.txt"
+    path.write_bytes(b"GET\n")
+    res = invoke(["send", addr(srv), "--file", str(path), "--repeat", "3", "--json"])
+    assert res.exit_code == 0, res.stderr
+    lines = [json.loads(line) for line in res.stdout.decode().splitlines()]
+    assert [line.get("data") for line in lines[:3]] == ["GET\n"] * 3
+
+
 def test_framing_data_is_one_frame_and_expect_frames(start: Callable[..., ServerThread]) -> None:
     def two_replies(conn: socket.socket) -> None:
         conn.recv(65536)

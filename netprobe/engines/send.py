@@ -197,6 +197,9 @@ def _input_reader(
     source: InputSource, *, crlf: bool, framing: FramingSpec | None, max_frame: int
 ) -> Callable[[int], tuple[bytes, bool]]:
     read = source.chunks(PUMP_CHUNK)
+    if framing is not None and framing.name == "raw":
+        # raw frames have no boundary on the wire: cutting lines would only drop the newlines.
+        return read
     if framing is not None:
         if source.data is not None:
             frame = _encode_frame(framing, source.data)
