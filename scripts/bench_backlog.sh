@@ -15,6 +15,7 @@ set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 source "$here/_venv.sh" ""
+set +e  # _venv.sh turns on errexit; this script collects failures itself (see fail)
 py="$root/.venv/bin/python"
 netprobe=("$py" -m netprobe)
 
@@ -23,14 +24,23 @@ smoke=0
 if [ "$smoke" = 1 ]; then
   n_rate=3000; n_c=3000; n_held=2000; hold=3s; nmap_ports=1-3000
 else
-  n_rate=100000; n_c=100000; n_held=50000; hold=8s; nmap_ports=1-65535
+  n_rate=100000; n_c=100000; n_held=50000; hold=4s; nmap_ports=1-65535
 fi
 sources=127.0.0.2-127.0.0.5  # 4 x 28,232 ephemeral ports: room for 50,000 to one port
 work="$root/bench-out/backlog"
 mkdir -p "$work"
 status=0
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done; }
+cleanup() {
+  local rc=$?  # the trap must not replace the script's own exit status
+  for p in "${pids[@]}"; do
+    # Only a group this server leads (never our own), then the server itself.
+    [ "$(ps -o pgid= -p "$p" 2>/dev/null | tr -d ' ')" = "$p" ] && kill -- "-$p" 2>/dev/null
+    kill "$p" 2>/dev/null
+    wait "$p" 2>/dev/null
+  done
+  exit "$rc"
+}
 trap cleanup EXIT
 
 fail() { echo "CHECK FAILED: $*"; status=1; }
@@ -54,15 +64,17 @@ if ! command -v nmap >/dev/null 2>&1 && [ "$smoke" = 0 ]; then
     || { apt-get update -q >/dev/null && apt-get install -y -q nmap >/dev/null; }
 fi
 
-start_server() {  # $1: "" or "keep"; prints the port
-  local out="$work/server-$RANDOM.txt"
+start_server() {  # $1: "" or "keep"; sets server_port (not run in a subshell: pids must stick)
+  local out="$work/server${1:+-$1}.txt"
+  rm -f "$out"
+  # The server makes itself a process group (setsid), so its "keep" helpers die with it.
   "$work/connect_loop" serve 0 $1 >"$out" 2>&1 &
   pids+=($!)
   for _ in $(seq 100); do
     grep -q '^port ' "$out" 2>/dev/null && break
     sleep 0.05
   done
-  awk '/^port /{print $2}' "$out"
+  server_port=$(awk '/^port /{print $2; exit}' "$out")
 }
 
 summary_field() {  # $1: JSON lines file, $2: python expression over `s` (the summary)
@@ -74,7 +86,8 @@ echo "NOTE: the CPU may be shared with other work: rates are noisy; compare with
 echo
 
 # --- 1. connection rate -------------------------------------------------------------------
-port=$(start_server "")
+start_server ""
+port=$server_port
 [ -n "$port" ] || { echo "server did not start"; exit 2; }
 c_line=$("$work/connect_loop" connect 127.0.0.1 "$port" "$n_c") || fail "C loop: not every connect completed"
 c_rate=$(echo "$c_line" | awk '{print $8}')
@@ -107,7 +120,8 @@ fi
 echo
 
 # --- 2. held connections ------------------------------------------------------------------
-kport=$(start_server keep)
+start_server keep
+kport=$server_port
 [ -n "$kport" ] || { echo "keep server did not start"; exit 2; }
 cmd=("${netprobe[@]}" backlog "127.0.0.1:$kport" -n "$n_held" -c "$n_held" --hold "$hold"
      --source "$sources" --timeout 5s --duration 60s --json)

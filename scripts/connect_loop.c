@@ -6,7 +6,8 @@
  *                                          "connects N established E seconds S rate R"
  *   connect_loop serve PORT [keep]         listen(4096) on 127.0.0.1:PORT and accept forever,
  *                                          closing each connection at once, or keeping it
- *                                          open with "keep" (for the held-connections test)
+ *                                          open with "keep" (for the held-connections test;
+ *                                          4 processes share the listener to hold more fds)
  *
  * Closes use SO_LINGER {1, 0} (RST, no TIME_WAIT), as netprobe's connector does, so both
  * sides of the comparison reuse ephemeral ports the same way.
@@ -58,6 +59,9 @@ static int run_connect(const char *host, int port, long count) {
 }
 
 static int run_serve(int port, int keep) {
+    /* A process group of our own (pgid = our pid), so "kill -- -PID" also ends the
+     * helpers forked below; fails harmlessly when we already lead a group. */
+    setsid();
     if (keep) {
         /* Holding tens of thousands of connections needs as many descriptors. */
         struct rlimit rl = {200000, 200000};
@@ -80,6 +84,14 @@ static int run_serve(int port, int keep) {
     getsockname(lfd, (struct sockaddr *)&addr, &len);
     printf("port %d\n", ntohs(addr.sin_port));
     fflush(stdout);
+    if (keep) {
+        /* Where the hard fd limit cannot be raised (no CAP_SYS_RESOURCE), several processes
+         * accepting on the one listener each keep up to their own limit. They die with the
+         * parent's process group (the benchmark kills them all). */
+        for (int i = 0; i < 3; i++)
+            if (fork() == 0)
+                break;
+    }
     for (;;) {
         int fd = accept(lfd, NULL, NULL);
         if (fd < 0) {

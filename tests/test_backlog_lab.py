@@ -65,3 +65,14 @@ def test_slow_accepting_server_grows_at_the_accept_rate() -> None:
     assert summary["server"]["accept_queue_max"] == 5
     assert summary["established"] < summary["attempted"] / 2
     assert summary["server"]["listen_overflows_delta"] > 0
+
+
+def test_lab_on_ipv6_loopback() -> None:
+    from tests.conftest import HAS_IPV6
+
+    if not HAS_IPV6:
+        pytest.skip("no ::1")
+    summary = _run(["-6", "--backlog", "2", "-n", "6", "--timeout", "300ms"])[-1]
+    assert summary["target"].startswith("[::1]:")
+    assert summary["server"]["accept_queue_max"] == 3
+    assert summary["established"] == 3

@@ -716,6 +716,7 @@ def _run(
     limits_rec = limits.as_dict()
     limits_rec["nofile_soft"], limits_rec["nofile_hard"] = soft_now, hard_now
     limits_rec["nofile_raised_from"] = nofile.raised_from
+    limits_rec["nofile_effective"] = soft_now  # the soft limit in force for this run
     prediction = _predict(cfg, connections, concurrency, limits, server, lab)
     yield Preflight(prediction["text"], target, limits_rec, caps)
 
@@ -874,7 +875,9 @@ def _cut_tick(
     cfg: BacklogConfig,
 ) -> Tick:
     # Held connections have completed their handshake but are reported only at release.
-    established_now = tally.handshakes + stats.held
+    # The connector updates `held` before the released results reach the tally, so the sum
+    # can dip for a moment: keep the cumulative count monotonic (deltas never negative).
+    established_now = max(last["est"], tally.handshakes + stats.held)
     current = {
         "attempts": stats.started,
         "est": established_now,
