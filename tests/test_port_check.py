@@ -304,6 +304,9 @@ def test_latency_mode_reports_statistics(server: ServerThread, closed_port: int)
         ["127.0.0.1:1", "--udp", "--payload-hex", "zz"],
         ["127.0.0.1:1", "--timeout", "fast"],
         ["a..b:1"],
+        ["127.0.0.1:1", "--wait", "--require", "2"],
+        ["127.0.0.1:1", "--wait", "--count", "2"],
+        ["127.0.0.1:1", "--until", "gone", "--wait"],
         [],
     ],
 )

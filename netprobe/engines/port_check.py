@@ -1025,6 +1025,8 @@ def run_wait(
     # Units of the requirement: every address:port (an unresolvable name counts per port).
     units = [(i, port) for i, host in enumerate(hosts) for port in host.ports]
     needed = len(units) if required is None else required
+    if needed > len(units):
+        raise UsageError(f"--require {needed} is more than the {len(units)} checks given")
     latest: dict[tuple[int, int], PortCheckResult] = {}
     done: set[tuple[int, int]] = set()
     pause = 0.05
@@ -1033,7 +1035,7 @@ def run_wait(
         rounds += 1
         left = end - time.monotonic()
         for index, host in enumerate(hosts):
-            if host.error is not None and any((index, p) not in done for p in host.ports):
+            if rounds > 1 and host.error is not None:
                 again = build_hosts(
                     [TargetSpec(host.target, host.name, host.ports, host.expect)],
                     ports=host.ports,
@@ -1073,7 +1075,7 @@ def run_wait(
             return
         yield WaitProgress(rounds, len(done), needed, len(units), end - now, waiting)
         time.sleep(max(0.0, min(pause, end - time.monotonic())))
-        pause = min(pause * 2, interval_s) if interval_s > 0 else pause * 2
+        pause = min(pause * 2, max(interval_s, 0.05))
 
 
 def _ordered(
