@@ -328,9 +328,9 @@ def client(
         _emit_json(totals)
     elif not quiet:
         log(
-            f"{summary.connections} connections: {summary.resets_sent} reset by us, "
-            f"{summary.server_closed_first} closed by the server first, "
-            f"{summary.server_reset_first} reset by the server first, {summary.failed} failed",
+            f"totals: connections {summary.connections}, reset by us {summary.resets_sent}, "
+            f"closed by the server first {summary.server_closed_first}, "
+            f"reset by the server first {summary.server_reset_first}, failed {summary.failed}",
             always=True,
         )
     raise typer.Exit(int(worst(codes)))
