@@ -276,11 +276,13 @@ def _checks(
     hosts: Any, config: "CheckConfig", fmt: Any, open_only: bool, quiet: bool, required: int | None
 ) -> int:
     from netprobe.engines.port_check import Tally, run_checks
-    from netprobe.render import log
+    from netprobe.render import OutputFormat, log
 
     renderer = _renderer(fmt, _RESULT_COLUMNS)
     tally = Tally(required=required)
-    for result in run_checks(hosts, config, tally=tally, open_only=open_only):
+    # -q shows nothing, so the engine may skip building rows it would show (its fast path).
+    skip_rows = open_only or fmt is OutputFormat.QUIET
+    for result in run_checks(hosts, config, tally=tally, open_only=skip_rows):
         renderer.emit(_record(result, "port-check"))
     tally.finish()
     renderer.close()
