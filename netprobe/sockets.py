@@ -76,7 +76,6 @@ __all__ = [
     "send_datagram",
     "service_name",
     "set_linger_zero",
-    "socket_address",
     "splice_relay",
     "udp_probe",
     "udp_probe_many",
@@ -1205,17 +1204,6 @@ def recv_datagram(sock: socket.socket, deadline: float | None) -> tuple[bytes, A
     with _map_errors("recv"):
         data, addr = sock.recvfrom(65536)
     return data, addr
-
-
-def socket_address(sock: socket.socket, *, peer: bool = True) -> str:
-    """The peer (or local) address of a socket as `host:port`, `[v6]:port` or `unix:/path`."""
-    try:
-        addr = sock.getpeername() if peer else sock.getsockname()
-    except OSError:
-        return "-"
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        return format_hostport(str(addr[0]), int(addr[1]))
-    return f"unix:{addr}" if addr else "unix:(unnamed)"
 
 
 def connect_udp(target: Resolved) -> socket.socket:
