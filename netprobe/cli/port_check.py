@@ -74,10 +74,16 @@ def _payload(text: str | None, hex_text: str | None, udp: bool) -> bytes:
     return (text or "").encode("utf-8", "surrogateescape")
 
 
-def _record(result: "PortCheckResult | Probe | LatencySummary", kind: str) -> dict[str, Any]:
+def _record(
+    result: "PortCheckResult | Probe | LatencySummary",
+    kind: str,
+    keys: Sequence[str] | None = None,
+) -> dict[str, Any]:
     # Built by hand: dataclasses.asdict costs ~10 us a row, too much for a 65,535-port scan.
-    record: dict[str, Any] = {"kind": kind}
-    for name in getattr(type(result), "__slots__", ()):
+    # A table keeps every row until the end, so it gets only its columns (`keys`): a full-range
+    # listing on a terminal then stays well under 80 MB.
+    record: dict[str, Any] = {} if keys is not None else {"kind": kind}
+    for name in keys if keys is not None else getattr(type(result), "__slots__", ()):
         value = getattr(result, name)
         record[name] = value.value if hasattr(value, "value") else value
     return record
@@ -282,8 +288,9 @@ def _checks(
     tally = Tally(required=required)
     # -q shows nothing, so the engine may skip building rows it would show (its fast path).
     skip_rows = open_only or fmt is OutputFormat.QUIET
+    keys = [key for key, _header, _right in _RESULT_COLUMNS] if fmt is OutputFormat.TABLE else None
     for result in run_checks(hosts, config, tally=tally, open_only=skip_rows):
-        renderer.emit(_record(result, "port-check"))
+        renderer.emit(_record(result, "port-check", keys))
     tally.finish()
     renderer.close()
     if not quiet:
