@@ -92,6 +92,9 @@ _SHUTDOWN_GRACE_S = 0.5
 
 _monotonic = time.monotonic
 
+# What a parent sends its workers (stop, running totals) and Ctrl-C from a terminal.
+_WORKER_SIGNALS = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", signal.SIGTERM)}
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -307,9 +310,11 @@ class Connection(asyncio.Protocol):
     """
 
     __slots__ = (
+        "_abort_pending",
         "_close_handle",
         "_closing",
         "_done",
+        "_eof_pending",
         "_idle_handle",
         "_last_rx",
         "_max_bytes",
@@ -346,6 +351,8 @@ class Connection(asyncio.Protocol):
         self._max_bytes = None if outbound else server.config.max_bytes
         self._closing = False
         self._done = False
+        self._abort_pending = False  # abort() before an outbound connect finished
+        self._eof_pending = False  # half_close() before an outbound connect finished
         self._pauses: set[str] | None = None
         self._pending: list[bytes] | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
@@ -398,7 +405,7 @@ class Connection(asyncio.Protocol):
         self._closing = True
         transport = self.transport
         if transport is None:
-            return  # outbound still connecting: the connect task sees _closing
+            return  # outbound still connecting: connection_made flushes, then closes
         transport.close()
         if transport.get_write_buffer_size():
             # A client that never reads would keep the flush (and this fd) forever.
@@ -416,6 +423,7 @@ class Connection(asyncio.Protocol):
         self._closing = True
         transport = self.transport
         if transport is None:
+            self._abort_pending = True  # outbound still connecting
             return
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family != socket.AF_UNIX:
@@ -426,7 +434,9 @@ class Connection(asyncio.Protocol):
     def half_close(self) -> None:
         """Send FIN after the buffered bytes (shutdown SHUT_WR); reading continues."""
         transport = self.transport
-        if transport is not None and not self._closing and transport.can_write_eof():
+        if transport is None:
+            self._eof_pending = True  # outbound still connecting: after the buffered bytes
+        elif not self._closing and transport.can_write_eof():
             transport.write_eof()
 
     def pause_reading(self, key: str = "handler") -> None:
@@ -455,9 +465,15 @@ class Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         config = self._server.config
         self.transport.set_write_buffer_limits(high=config.high_water, low=config.low_water)
-        if self._closing:  # stopped while the transport was being set up
+        if self._closing:  # closed while an outbound connect was in progress
             self._closing = False
-            self.abort(self.reason or CloseReason.SHUTDOWN)
+            if self._abort_pending:
+                self.abort(self.reason or CloseReason.SHUTDOWN)
+                return
+            for chunk in self._pending or ():
+                self.transport.write(chunk)
+            self._pending = None
+            self.close(self.reason or CloseReason.EOF)
             return
         if self._pauses:
             self.transport.pause_reading()
@@ -471,6 +487,8 @@ class Connection(asyncio.Protocol):
                 for chunk in self._pending:
                     self.transport.write(chunk)
                 self._pending = None
+            if self._eof_pending:
+                self.half_close()
         except Exception:
             self._handler_failed()
 
@@ -792,6 +810,9 @@ class Server:
     def _become_worker(self, index: int, summary_fd: int, lifeline_fd: int) -> None:
         import json
 
+        # Until the worker's loop handles them, a SIGTERM from the parent must wait (pending),
+        # not kill the worker before it can report.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
         self._worker = index
         self._children = []
         self._lifeline = lifeline_fd
@@ -865,6 +886,8 @@ class Server:
         self._tokens_at = self._started_at
         self._tokens = 1.0
         installed = self._install_signals(loop)
+        if self._worker:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
         duration_handle = None
         if self._lifeline is not None:
             # EOF on the lifeline: the parent is gone, so this worker must not outlive it.
@@ -883,6 +906,10 @@ class Server:
         finally:
             if duration_handle is not None:
                 duration_handle.cancel()
+            if self._worker and installed:
+                # A worker's work is done; a late SIGTERM/SIGUSR1 from the parent must not
+                # kill it (default action) before it reports its totals: block them first.
+                signal.pthread_sigmask(signal.SIG_BLOCK, installed)
             for sig in installed:
                 loop.remove_signal_handler(sig)
             if self._lifeline is not None:
@@ -927,9 +954,10 @@ class Server:
     ) -> Connection:
         """Start an outbound TCP connection in this loop (loop thread only).
 
-        Returns the Connection at once; writes before it connects are buffered. On success
-        handler.on_open(conn) runs; on failure handler.on_close(conn, "connect-error") with
-        conn.errno_name set (ECONNREFUSED, ETIMEDOUT, ...).
+        Returns the Connection at once; writes, half_close() and close() before it connects
+        are applied in order once it does (abort() drops everything). On success
+        handler.on_open(conn) runs (not if it was closed meanwhile); on failure
+        handler.on_close(conn, "connect-error") with conn.errno_name set (ECONNREFUSED, ...).
         """
         self._next_out_id -= 1
         conn = Connection(

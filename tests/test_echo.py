@@ -175,7 +175,7 @@ def test_workers_share_the_port_and_sum_their_totals() -> None:
         while records[-1].get("final") is not True:
             records += proc.records_until("totals")
         closes = [r for r in records if r["event"] == "close"]
-        assert len({r["conn_id"] for r in closes}) == 20
+        assert len({r["conn_id"] for r in closes}) == 20, records
         assert records[-1]["connections"] == 20
         assert records[-1]["bytes_in"] == sum(len(b"w%d" % i) for i in range(20))
         for worker in workers:

@@ -462,3 +462,22 @@ def test_open_connection_relays_and_reports_connect_errors(closed_port: int) -> 
             while not Relay.failures and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert Relay.failures == ["ECONNREFUSED"]
+
+
+def test_outbound_writes_and_close_before_connect_are_delivered() -> None:
+    with serving(ServerConfig(port=0)) as upstream:
+        Relay.target = upstream.addr
+        Relay.failures = []
+        with serving(ServerConfig(port=0), Relay) as proxy:
+            for _ in range(5):
+                with proxy.connect() as client:
+                    # Data and EOF at once: the upstream may still be connecting when the
+                    # proxy closes it; what was written must still arrive before the FIN.
+                    client.sendall(b"d" * 1000)
+                    client.shutdown(socket.SHUT_WR)
+                    with contextlib.suppress(ConnectionResetError):
+                        while client.recv(65536):
+                            pass
+            closes = upstream.wait_events("close", 5)
+            assert [e.bytes_in for e in closes] == [1000] * 5
+            assert Relay.failures == []
