@@ -32,11 +32,12 @@ print(time.perf_counter() - start)
 """
 
 
-def _rss_of(argv: list[str]) -> tuple[float, int, bytes, bytes, int]:
-    """Run argv: (wall s, exit status, stdout, stderr, peak RSS in KiB of it and its children).
+def _rss_of(argv: list[str]) -> tuple[float, int, bytes, bytes, int, float]:
+    """Run argv: (wall s, exit status, stdout, stderr, peak RSS KiB, CPU s user+system).
 
-    os.wait4 returns the reaped process's own rusage, whose ru_maxrss covers the largest of it
-    and its waited-for children (netprobe's forked scan worker included).
+    os.wait4 returns the reaped process's rusage including its waited-for children (netprobe's
+    forked scan worker): ru_maxrss is the largest of them, CPU time their sum. CPU seconds are
+    far less disturbed than wall time by other load on a shared machine.
     """
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -50,7 +51,8 @@ def _rss_of(argv: list[str]) -> tuple[float, int, bytes, bytes, int]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     proc.stdout.close()
     proc.stderr.close()
-    return wall, proc.returncode, out, err, int(usage.ru_maxrss)
+    cpu = usage.ru_utime + usage.ru_stime
+    return wall, proc.returncode, out, err, int(usage.ru_maxrss), cpu
 
 
 def _proc_listening() -> set[int]:
@@ -119,6 +121,7 @@ def main() -> int:
         )
         runs: dict[str, list[float]] = {"netprobe": [], "nmap": [], "floor": []}
         rss: dict[str, int] = {"netprobe": 0, "nmap": 0}
+        cpus: dict[str, list[float]] = {"netprobe": [], "nmap": []}
         for number in range(1, rounds + 1):
             before = _in_range(_proc_listening(), low, high)
             sets: dict[str, set[int]] = {}
@@ -141,7 +144,8 @@ def main() -> int:
                     assert nmap is not None
                     argv = [nmap, "-sT", "-n", "-Pn", f"-p{spec}", "-T5", "--min-rate", "50000"]
                     argv += ["127.0.0.1", "-oG", "-"]
-                wall, code, out, err, peak = _rss_of(argv)
+                wall, code, out, err, peak, cpu = _rss_of(argv)
+                cpus[tool].append(cpu)
                 if tool == "netprobe":
                     if code not in (0, 1):
                         failures.append(f"netprobe exited {code}: {err.decode()[-300:]}")
@@ -152,7 +156,8 @@ def main() -> int:
                 runs[tool].append(wall)
                 rss[tool] = max(rss[tool], peak)
                 line.append(
-                    f"{tool} {wall:.3f} s ({total / wall:,.0f} ports/s, {peak / 1024:.0f} MB)"
+                    f"{tool} {wall:.3f} s ({total / wall:,.0f} ports/s, cpu {cpu:.2f} s, "
+                    f"{peak / 1024:.0f} MB)"
                 )
             floor = subprocess.run(
                 [sys.executable, "-c", FLOOR_CODE, str(low), str(high)],
@@ -195,6 +200,11 @@ def main() -> int:
             ratio = med["nmap"] / med["netprobe"]
             print(f"median nmap:     {med['nmap']:.3f} s = {total / med['nmap']:,.0f} ports/s")
             print(f"ratio nmap/netprobe: {ratio:.2f}x (goal >= 1.5x, target 2x)")
+            cpu_med = {tool: statistics.median(cpus[tool]) for tool in ("netprobe", "nmap")}
+            print(
+                f"median CPU (user+system, all processes): netprobe {cpu_med['netprobe']:.2f} s, "
+                f"nmap {cpu_med['nmap']:.2f} s"
+            )
             # On a shared machine the best round is the least disturbed one.
             best = {tool: min(runs[tool]) for tool in ("netprobe", "nmap")}
             print(
