@@ -328,3 +328,18 @@ def test_after_ms_fin_hang_and_slow_through_the_proxy() -> None:
                 got += chunk
             assert got == payload
             assert time.monotonic() - start >= 0.1
+
+
+def test_bytes_before_the_trigger_still_arrive_under_latency() -> None:
+    fault = options(
+        TriggerKind.AFTER_BYTES, 50_000, direction=Direction.DOWN,
+        toxics=Toxics(latency_s=0.05), upstream=("127.0.0.1", 0),
+    )  # fmt: skip
+    with serve(options(mode=ServeMode.SEND)) as (up_port, _):
+        fault.upstream = ("127.0.0.1", up_port)
+        with proxy(fault) as (port, records), connect(port) as sock:
+            got, ending = read_until_end(sock)
+            _wait_records(records, 1)
+    # The 50 000 bytes held back by the latency went out first, then the RST.
+    assert (got, ending) == (generated_stream(50_000), "ECONNRESET")
+    assert records[0]["reason"] == "rst"

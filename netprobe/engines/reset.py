@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 import threading
 import time
 from collections import deque
@@ -82,6 +83,43 @@ _SEND_STEPS = 16  # chunks per loop turn
 _PACE_TICK_S = 0.01
 # At most this many splice relay threads; further connections use the event loop.
 _RELAY_LIMIT = 256
+# An `rst` first lets the bytes sent before the trigger reach the peer (a RST discards what
+# is still queued, SOCKETS.md §5), but waits at most this long for a peer that does not read.
+_RST_FLUSH_S = 0.2
+_RST_POLL_S = 0.001
+
+
+def _unsent(conn: Connection) -> int:
+    """Bytes written to conn that its peer has not acknowledged yet (buffer + kernel queue)."""
+    transport = conn.transport
+    if transport is None:
+        return 0
+    queued = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return queued
+    try:
+        import fcntl
+        import termios
+
+        # TIOCOUTQ is SIOCOUTQ on sockets (Linux): unsent plus unacknowledged bytes.
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (ImportError, AttributeError, OSError):
+        return queued
+    return queued + int.from_bytes(raw, sys.byteorder)
+
+
+def _abort_flushed(conn: Connection, reason: str, deadline: float | None = None) -> None:
+    """Abort (RST) once what was written has reached the peer, or at the deadline."""
+    if conn.is_closing:
+        return
+    if deadline is None:
+        conn.pause_reading("rst")
+        deadline = time.monotonic() + _RST_FLUSH_S
+    if _unsent(conn) and time.monotonic() < deadline:
+        conn.call_later(_RST_POLL_S, _abort_flushed, conn, reason, deadline)
+        return
+    conn.abort(reason)
 
 
 class Direction(StrEnum):
@@ -258,6 +296,7 @@ class _Pipe:
         self.timer_conn = timer_conn  # whose call_later to use (any live connection will do)
         self.rate: int | None = toxics.bandwidth
         self.dropped = False
+        self.sealed = False
         self.forwarded = 0
         self._queue: deque[list[Any]] = deque()  # [due, bytes, offset]
         self._queued = 0
@@ -266,7 +305,7 @@ class _Pipe:
         self._tokens_at = time.monotonic()
         self._timer: Any = None
         self._full = False
-        self._on_drained: Callable[[], None] | None = None
+        self._on_drained: list[Callable[[], None]] = []
 
     @property
     def queued(self) -> int:
@@ -281,7 +320,7 @@ class _Pipe:
         self._tokens_at = time.monotonic()
 
     def push(self, data: bytes) -> None:
-        if self.dropped or not data:
+        if self.dropped or self.sealed or not data:
             return
         if not self._queue and not self._shaping():
             self.forwarded += len(data)
@@ -305,7 +344,11 @@ class _Pipe:
         if not self._queue or self.dropped:
             callback()
         else:
-            self._on_drained = callback
+            self._on_drained.append(callback)
+
+    def seal(self) -> None:
+        """Accept no more bytes; those already held still go out (then when_drained runs)."""
+        self.sealed = True
 
     def drop(self) -> None:
         """Forget held bytes and ignore later ones (the destination is gone or cut off)."""
@@ -367,8 +410,8 @@ class _Pipe:
         if self._full:
             self._full = False
             self.on_full(False)
-        callback, self._on_drained = self._on_drained, None
-        if callback is not None:
+        callbacks, self._on_drained = self._on_drained, []
+        for callback in callbacks:
             callback()
 
 
@@ -439,8 +482,8 @@ class _ServeHandler(Handler):
     def on_data(self, conn: Connection, data: bytes) -> None:
         self.last_rx = time.monotonic()
         done = self._after_fire
-        if done in (Action.FIN, Action.HALF_CLOSE, Action.HANG):
-            return  # drained and dropped: we only wait for the peer's FIN
+        if done in (Action.RST, Action.FIN, Action.HALF_CLOSE, Action.HANG):
+            return  # dropped: the connection is ending (or hung)
         if not self.state.fired and self.state.trigger is not None:
             try:
                 cut = self.state.cut_in(data)
@@ -505,7 +548,7 @@ class _ServeHandler(Handler):
     def _out(self, data: bytes) -> None:
         conn = self.conn
         assert conn is not None
-        if not data or conn.is_closing or self._after_fire is Action.HANG:
+        if not data or conn.is_closing or self._after_fire in (Action.HANG, Action.RST):
             return
         if self._pipe is not None:
             self._pipe.push(data)
@@ -529,7 +572,7 @@ class _ServeHandler(Handler):
         assert conn is not None
         limit = self.run.options.send_bytes
         steps = 0
-        while not conn.is_closing and self._after_fire not in (Action.HANG, Action.FIN):
+        while not conn.is_closing and self._after_fire not in (Action.HANG, Action.FIN, Action.RST):
             if self._after_fire is Action.HALF_CLOSE:
                 return
             steps += 1
@@ -588,7 +631,7 @@ class _ServeHandler(Handler):
         action = self.action
         self._after_fire = action
         if action is Action.RST:
-            conn.abort("rst")
+            _abort_flushed(conn, "rst")
         elif action is Action.FIN:
             self._fin(conn, "fin")
         elif action is Action.HALF_CLOSE:
@@ -902,7 +945,10 @@ class _Session:
         if which == "upstream":
             self.upstream_errno = conn.errno_name
         other = self.upstream if which == "client" else self.client
-        if other is not None and not other.is_closing:
+        # After rst, fin or hang the action owns the other side's ending (an rst may still be
+        # waiting for its last bytes to be acknowledged).
+        owned = self.done_action in (Action.RST, Action.FIN, Action.HANG)
+        if other is not None and not other.is_closing and not owned:
             if reason == "reset" and self.fired_at is None:
                 other.abort("reset")  # pass the RST on, as a transparent path would
             else:
@@ -957,20 +1003,14 @@ class _Session:
         others = [d for d in (Direction.DOWN, Direction.UP) if not self._faulted(d)]
         if action is Action.RST:
             for d in faulted:
-                self._pipe(d).drop()
-                side = self._side(d)
-                if side is not None:
-                    side.abort("rst")
+                self._act_after_drain(d, lambda side: _abort_flushed(side, "rst"))
             for d in others:
                 self._close_after_drain(d, "rst")
         elif action in (Action.FIN, Action.HALF_CLOSE):
             for d in faulted:
-                self._pipe(d).drop()
-                side = self._side(d)
-                if side is not None:
-                    side.half_close()
-                    if action is Action.FIN:
-                        self.timers.append(side.call_later(_FIN_LINGER_S, side.close, "fin"))
+                self._act_after_drain(
+                    d, self._half_close if action is Action.HALF_CLOSE else self._fin
+                )
             if action is Action.FIN:
                 for d in others:
                     self._close_after_drain(d, "fin")
@@ -983,6 +1023,22 @@ class _Session:
         elif action is Action.SLOW:
             for d in faulted:
                 self._pipe(d).set_rate(self.run.options.slow_rate)
+
+    def _act_after_drain(self, direction: Direction, act: Callable[[Connection], None]) -> None:
+        """Forward nothing more towards this side; act on it once the bytes held are out."""
+        side = self._side(direction)
+        pipe = self._pipe(direction)
+        pipe.seal()
+        if side is not None:
+            pipe.when_drained(lambda: act(side))
+
+    @staticmethod
+    def _half_close(side: Connection) -> None:
+        side.half_close()
+
+    def _fin(self, side: Connection) -> None:
+        side.half_close()
+        self.timers.append(side.call_later(_FIN_LINGER_S, side.close, "fin"))
 
     def _close_after_drain(self, direction: Direction, reason: str) -> None:
         side = self._side(direction)
