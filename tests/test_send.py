@@ -150,7 +150,7 @@ def test_expectations_cut_and_end_early(
     assert res.exit_code == 0, res.stderr
     assert res.stdout == expected
     assert time.monotonic() - began < 3  # ended by the expectation, not the idle timeout
-    res = invoke(["send", addr(srv), "--no-shutdown", "--json", *args])
+    res = invoke(["send", addr(srv), "--no-shutdown", "--idle-timeout", "5s", "--json", *args])
     rec = as_json(res.stdout)
     assert rec["ended_by"] == "expect"
     assert rec["expect_met"] is True
@@ -165,8 +165,13 @@ def test_expectation_not_met_at_eof_exits_1(start: Callable[..., ServerThread]) 
     assert "expectation not met" in res.stderr
 
 
+def _banner_then_silence(conn: socket.socket) -> None:
+    conn.sendall(b"220 hello\r\n250 more\r\ntail")
+    conn.recv(1)  # hold the connection open until the client goes away
+
+
 def test_idle_timeout_after_data_is_a_normal_end(start: Callable[..., ServerThread]) -> None:
-    srv = start(_chatty)
+    srv = start(_banner_then_silence)
     res = invoke(["send", addr(srv), "--no-shutdown", "--idle-timeout", "200ms", "--json"])
     assert res.exit_code == 0, res.stderr
     rec = as_json(res.stdout)
@@ -338,7 +343,9 @@ def test_udp_each_line_is_a_datagram(udp_echo: int) -> None:
     assert rec["datagrams_sent"] == rec["datagrams_received"] == 3
     assert rec["data"] == "re:are:bbre:ccc"
     assert rec["ended_by"] == "expect"
-    res = invoke(["send", target, "--udp", "ping", "--idle-timeout", "200ms"])
+    res = invoke(
+        ["send", target, "--udp", "ping", "--expect-datagrams", "1", "--idle-timeout", "5s"]
+    )
     assert (res.exit_code, res.stdout) == (0, b"re:ping")
 
 
