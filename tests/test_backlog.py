@@ -262,7 +262,7 @@ def test_port_range_cap_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     assert summary["concurrency"] == 4
     assert summary["established"] == 8
     assert any("ip_local_port_range 40000-40003 gives 4 ports" in c for c in summary["limits_hit"])
-    assert any(line.startswith("Capped: ip_local_port_range") for line in summary["interpretation"])
+    assert any(line.startswith("Limit: ip_local_port_range") for line in summary["interpretation"])
 
 
 @linux
@@ -271,7 +271,67 @@ def test_fd_limit_cap_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     from netprobe.sockets import NofileLimit
 
     monkeypatch.setattr(engine, "raise_nofile_limit", lambda wanted: NofileLimit(100, 100))
+    monkeypatch.setattr(engine, "MAX_PROCESSES", 1)  # no fork inside the test process
     summary = _lab_summary(["--backlog", "64", "-n", "50", "-c", "500", "--timeout", "1s"])
     assert summary["concurrency"] == 36  # 100 minus the 64 kept in reserve
     assert summary["established"] == 50
     assert any("RLIMIT_NOFILE soft 100 (hard 100)" in c for c in summary["limits_hit"])
+
+
+class _KeepServer:
+    """Accepts and keeps every connection until stopped (for held-connection runs)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1024)
+        self.listener.settimeout(SHORT)
+        self.port: int = self.listener.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.conns.append(conn)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(LONG)
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+        assert not self._thread.is_alive()
+
+
+@linux
+@pytest.mark.slow
+def test_fd_limit_spreads_over_connect_processes() -> None:
+    import subprocess
+
+    srv = _KeepServer()
+    try:
+        argv = ["backlog", f"127.0.0.1:{srv.port}", "-n", "600", "-c", "600", "--hold", "1s"]
+        # A shell lowers soft and hard RLIMIT_NOFILE, as an unprivileged user would have it.
+        shell = ["/bin/sh", "-c", 'ulimit -n 300 && exec "$0" "$@"', sys.executable]
+        proc = subprocess.run(
+            [*shell, "-m", "netprobe", *argv, "--timeout", "2s", "--json"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        srv.stop()
+    assert proc.returncode == 0, proc.stderr
+    summary = _summary(proc.stdout)
+    assert summary["processes"] == 3  # 236 sockets each under a 300-fd limit
+    assert summary["established"] == 600
+    assert summary["peak_held"] == 600
+    assert any("the run used 3 connect processes" in c for c in summary["limits_hit"])

@@ -12,12 +12,15 @@ completes on the client is never reported as accepted by the server (SOCKETS.md 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import itertools
 import math
 import os
 import re
+import signal
+import struct
 import sys
 import threading
 import time
@@ -56,6 +59,7 @@ __all__ = [
 SAMPLE_INTERVAL_S = 0.05  # listener sampling period: a dump costs ~0.2 ms (SOCKETS.md §2)
 MAX_SOURCES = 4096  # a typo like 127.0.0.0/8 must not build a 16-million-entry list
 _FD_RESERVE = 64  # descriptors kept free for stdio, netlink dumps, the lab listener
+MAX_PROCESSES = 8  # connect processes when RLIMIT_NOFILE is the cap (see _ConnectProcesses)
 
 # ---------------------------------------------------------------------------------------------
 # Latency histogram (HDR-style log buckets, bounded memory)
@@ -351,6 +355,7 @@ class BacklogConfig:
     ramp: list[float] = field(default_factory=list)
     step_s: float = 5.0
     gates: list[Gate] = field(default_factory=list)
+    processes_ok: bool = True  # may fork connect processes when one process's fds are too few
 
 
 def validate_config(cfg: BacklogConfig) -> None:
@@ -566,6 +571,195 @@ class _ServerView:
             tick_max["syn"] = max(tick_max.get("syn", 0), syn)
 
 
+# index, kind, state, ended_by, errno name, then three floats (see _ConnectProcesses)
+_REC = struct.Struct("<BBB16sddd")
+_KIND_RESULT, _KIND_STATS, _KIND_RSS = 0, 1, 2
+_STATES = list(ConnectState)
+_STATE_CODE = {state: code for code, state in enumerate(_STATES)}
+_ENDED: list[str | None] = [None, "hold", "reset", "eof", "stop"]
+_ENDED_CODE = {name: code for code, name in enumerate(_ENDED)}
+_NO_JOB = ConnectJob(None, 0, None)
+
+
+class _ConnectProcesses:
+    """Connect processes for runs that need more sockets than one process may open.
+
+    Used only when RLIMIT_NOFILE's soft limit is below the concurrency and cannot be raised
+    (the hard limit needs CAP_SYS_RESOURCE). Job i goes to process i % n. Each child runs
+    run_connects in a thread and, every 50 ms, sends its finished results and a stats
+    snapshot (started, in flight, held) over a pipe, so the parent's timeline stays live.
+    Quacks like the worker thread: start(), is_alive(), join(timeout).
+    """
+
+    def __init__(
+        self,
+        count: int,
+        connections: int,
+        concurrency: int,
+        cfg: BacklogConfig,
+        family: int,
+        sockaddr: tuple[Any, ...],
+        stop_at: float,
+        tally: _Tally,
+        stats: ConnectorStats,
+    ) -> None:
+        self.count = count
+        self.connections = connections
+        self.share = math.ceil(concurrency / count)
+        self.cfg = cfg
+        self.family = family
+        self.sockaddr = sockaddr
+        self.stop_at = stop_at
+        self.tally = tally
+        self.stats = stats
+        self.failures: list[BaseException] = []
+        self._children: dict[int, int] = {}  # read fd -> pid
+        self._buffers: dict[int, bytearray] = {}
+        self._snapshots: dict[int, tuple[int, int, int]] = {}
+        self._rss_kb = 0
+
+    def start(self) -> None:
+        for index in range(self.count):
+            read_fd, write_fd = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child never returns
+                os.close(read_fd)
+                for fd in self._children:
+                    os.close(fd)
+                self._child(index, write_fd)
+            os.close(write_fd)
+            os.set_blocking(read_fd, False)
+            self._children[read_fd] = pid
+            self._buffers[read_fd] = bytearray()
+
+    def _child(self, index: int, write_fd: int) -> None:  # pragma: no cover - forked child
+        code = 1
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # the parent ends the run
+            cfg, n = self.cfg, self.count
+            stats = ConnectorStats()
+            pending: list[bytes] = []
+            lock = threading.Lock()
+            done = threading.Event()
+            ok: list[bool] = []
+            sources = cfg.sources
+            n_sources = len(sources)
+
+            def work() -> None:
+                try:
+                    jobs = (
+                        ConnectJob(
+                            j,
+                            self.family,
+                            self.sockaddr,
+                            sources[j % n_sources] if n_sources else None,
+                        )
+                        for j in range(index, self.connections, n)
+                    )
+                    for r in run_connects(
+                        jobs,
+                        concurrency=self.share,
+                        timeout_s=cfg.timeout_s,
+                        rate=cfg.rate / n if cfg.rate else None,
+                        hold_s=cfg.hold_s,
+                        stop_at=self.stop_at,
+                        stats=stats,
+                    ):
+                        name = (r.errno_name or "").encode("ascii", "replace")[:16]
+                        ended = _ENDED_CODE.get(r.ended_by, 0)
+                        record = _REC.pack(
+                            _KIND_RESULT, _STATE_CODE[r.state], ended, name,
+                            r.started_at, r.elapsed_s, r.held_s,
+                        )  # fmt: skip
+                        with lock:
+                            pending.append(record)
+                    ok.append(True)
+                finally:
+                    done.set()
+
+            thread = threading.Thread(target=work, daemon=True)
+            thread.start()
+            while True:
+                finished = done.wait(SAMPLE_INTERVAL_S)
+                with lock:
+                    batch = b"".join(pending)
+                    pending.clear()
+                snap = (float(stats.started), float(stats.in_flight), float(stats.held))
+                batch += _REC.pack(_KIND_STATS, 0, 0, b"", *snap)
+                _write_all(write_fd, batch)
+                if finished:
+                    break
+            _write_all(
+                write_fd, _REC.pack(_KIND_RSS, 0, 0, b"", float(_max_rss_kb() or 0), 0.0, 0.0)
+            )
+            code = 0 if ok else 1
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+
+    def is_alive(self) -> bool:
+        self._pump()
+        return bool(self._children)
+
+    def _pump(self) -> None:
+        for fd in list(self._children):
+            buffer = self._buffers[fd]
+            while True:
+                try:
+                    data = os.read(fd, 1 << 16)
+                except BlockingIOError:
+                    break
+                if not data:
+                    self._reap(fd)
+                    break
+                buffer.extend(data)
+            usable = len(buffer) - len(buffer) % _REC.size
+            for kind, state, ended, name, a, b, c in _REC.iter_unpack(memoryview(buffer)[:usable]):
+                if kind == _KIND_RESULT:
+                    text = name.rstrip(b"\0").decode("ascii") or None
+                    self.tally.add(
+                        ConnectResult(_NO_JOB, _STATES[state], text, a, b, c, _ENDED[ended])
+                    )
+                elif kind == _KIND_STATS:
+                    self._snapshots[fd] = (int(a), int(b), int(c))
+                else:
+                    self._rss_kb += int(a)
+            del buffer[:usable]
+        snaps = self._snapshots.values()
+        self.stats.started = sum(s[0] for s in snaps)
+        self.stats.in_flight = sum(s[1] for s in snaps)
+        self.stats.held = sum(s[2] for s in snaps)
+        self.stats.peak_held = max(self.stats.peak_held, self.stats.held)
+
+    def _reap(self, fd: int) -> None:
+        pid = self._children.pop(fd)
+        os.close(fd)
+        _pid, status = os.waitpid(pid, 0)
+        if status != 0:
+            self.failures.append(RuntimeError(f"connect process {pid} failed (status {status})"))
+
+    def join(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for fd, pid in list(self._children.items()):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            self._reap(fd)
+
+    @property
+    def rss_kb_sum(self) -> int:
+        """The sum of the connect processes' peak RSS (KiB)."""
+        return self._rss_kb
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class _LabListener:
     """The --lab listener: listen(B) on loopback; never accepts, or accepts at a pace."""
 
@@ -686,13 +880,31 @@ def _run(
     concurrency = min(concurrency, connections)
     wanted_fds = concurrency + _FD_RESERVE
     nofile = raise_nofile_limit(wanted_fds)
+    processes = 1
     if nofile.soft is not None and nofile.soft < wanted_fds:
-        capped = max(1, nofile.soft - _FD_RESERVE)
-        caps.append(
-            f"RLIMIT_NOFILE soft {nofile.soft} (hard {nofile.hard}) caps concurrency at "
-            f"{capped} (asked {concurrency})"
-        )
-        concurrency = capped
+        per_process = max(1, nofile.soft - _FD_RESERVE)
+        wanted_processes = min(math.ceil(concurrency / per_process), MAX_PROCESSES)
+        if cfg.processes_ok and not cfg.ramp and hasattr(os, "fork") and wanted_processes > 1:
+            # The hard limit cannot be raised (no CAP_SYS_RESOURCE): each process has its
+            # own RLIMIT_NOFILE, so several connect processes hold more sockets together.
+            processes = wanted_processes
+            caps.append(
+                f"RLIMIT_NOFILE soft {nofile.soft} (hard {nofile.hard}) allows {per_process} "
+                f"sockets per process: the run used {processes} connect processes"
+            )
+            if processes * per_process < concurrency:
+                caps.append(
+                    f"RLIMIT_NOFILE soft {nofile.soft} (hard {nofile.hard}) per process x "
+                    f"{processes} processes caps concurrency at {processes * per_process} "
+                    f"(asked {concurrency})"
+                )
+                concurrency = processes * per_process
+        else:
+            caps.append(
+                f"RLIMIT_NOFILE soft {nofile.soft} (hard {nofile.hard}) caps concurrency at "
+                f"{per_process} (asked {concurrency})"
+            )
+            concurrency = per_process
     ports = limits.ports_per_source
     n_sources = max(1, len(cfg.sources))
     if ports is not None and concurrency > ports * n_sources:
@@ -727,14 +939,13 @@ def _run(
     step_tallies: list[_Tally] = []
     step_server: list[dict[str, int]] = []
     step_index = [0]
+    finished_at = [0.0]  # when the last connect ended (the worker sets it)
     failure: list[BaseException] = []
     started = time.monotonic()
     run_deadline = started + cfg.duration_s
     # Every run_connects call gets a stop_at no later than run_deadline; the margin only
     # covers releasing what is still open at that moment.
     hard_stop = run_deadline + 5.0
-    if lab is not None:
-        lab.start()
 
     def worker() -> None:
         counter = itertools.count()
@@ -770,14 +981,27 @@ def _run(
                     tally.add(result)
                     step_tally.add(result)
                 left = connections - tally.attempted
+                finished_at[0] = time.monotonic()
                 if on_host:
                     after = kernel.read_counters().get("TcpExt.ListenOverflows", 0)
                     step_server[-1]["overflows"] = after - step_server[-1]["overflows_before"]
         except BaseException as exc:  # re-raised in the calling thread
             failure.append(exc)
 
-    thread = threading.Thread(target=worker, name="backlog-connects", daemon=True)
+    thread: threading.Thread | _ConnectProcesses
+    # Fork (if at all) before the lab's accept thread exists: the children stay simple.
+    if processes > 1:
+        step_tallies.append(_Tally())
+        step_server.append({"queue": 0})
+        thread = _ConnectProcesses(
+            processes, connections, concurrency, cfg, resolved.family, resolved.sockaddr,
+            run_deadline, tally, stats,
+        )  # fmt: skip
+    else:
+        thread = threading.Thread(target=worker, name="backlog-connects", daemon=True)
     thread.start()
+    if lab is not None:
+        lab.start()
     timeline: list[Tick] = []
     last = {"attempts": 0, "est": 0, "refused": 0, "reset": 0, "timed_out": 0, "errors": 0}
     tick_max: dict[str, int] = {}
@@ -819,12 +1043,18 @@ def _run(
                     f"the connect loop did not end by the --duration cap; report cut at {now - started:.1f}s"
                 )
                 break
-            time.sleep(max(0.0, min(SAMPLE_INTERVAL_S, started + second - time.monotonic())))
+            delay = max(0.0, min(SAMPLE_INTERVAL_S, started + second - time.monotonic()))
+            if isinstance(thread, threading.Thread):
+                thread.join(delay)  # wakes at once when the run ends
+            else:
+                time.sleep(delay)
     finally:
         thread.join(max(0.0, hard_stop - time.monotonic()))
+    if isinstance(thread, _ConnectProcesses):
+        failure.extend(thread.failures)
     if failure:
         raise failure[0]
-    elapsed = time.monotonic() - started
+    elapsed = (finished_at[0] or time.monotonic()) - started
     # Sample once more before the lab listener closes (its queue still holds the clients).
     if server is not None:
         server.sample({})
@@ -854,6 +1084,11 @@ def _run(
     # Sampled every 50 ms: when the most connections were held at once (for --hold runs).
     record["peak_held_at_s"] = None if peak_at is None else round(peak_at, 3)
     record["max_rss_kb"] = _max_rss_kb()
+    record["processes"] = processes
+    # Peak RSS of this process, and the sum of the peaks of it and its connect processes.
+    record["rss_total_kb"] = record["max_rss_kb"]
+    if isinstance(thread, _ConnectProcesses):
+        record["rss_total_kb"] = (record["max_rss_kb"] or 0) + thread.rss_kb_sum
     failed = [gate.text for gate in cfg.gates if gate.failed(record)]
     record["gates"] = [
         {"gate": gate.text, "value": gate.value_in(record), "failed": gate.text in failed}
@@ -1137,7 +1372,7 @@ def _interpret(rec: dict[str, Any], cfg: BacklogConfig, limits: kernel.HostLimit
                     f"{ghosts} clients reported connected that the server never queued or "
                     "accepted (SYN-RECV or syncookie ghosts)."
                 )
-    lines.extend(f"Capped: {cap}." for cap in rec["limits_hit"])
+    lines.extend(f"Limit: {cap}." for cap in rec["limits_hit"])
     if rec["cut_by_duration"]:
         lines.append(
             f"The run hit --duration {cfg.duration_s:g}s: {rec['stopped_pending']} pending "
