@@ -243,6 +243,10 @@ def run_load(
             udp_thread.join(udp_count / udp_rate * 3 + 30)
             assert not udp_thread.is_alive(), "UDP client did not stop"
             figures.udp = udp_box[0]
+            for name, srv in servers.items():
+                srv.stop()
+                figures.totals[name] = srv.totals()
+            # Tally after the stop, so every close record (also a stranger's) is in.
             peers = {
                 path: {f"127.0.0.1:{c.local_port}" for c in group}
                 for path, group in clients.items()
@@ -253,9 +257,6 @@ def run_load(
             )
             # The upstream echo sees the proxy's ports, not ours: count the ones with data.
             figures.closes["upstream echo"] = tally_closes(upstream, "close", None, conns)
-            for name, srv in servers.items():
-                srv.stop()
-                figures.totals[name] = srv.totals()
         udp_echo.stop()
         figures.udp_server = udp_echo.totals()
     return figures
@@ -369,6 +370,7 @@ def run_resets(
         )
         srv.stop()
         figures.totals = srv.totals()
+        figures.strangers = len(srv.events("close")) - len(closes)  # all records are in now
     return figures
 
 

@@ -113,6 +113,7 @@ def test_backlog_lab_with_256_fds_lowers_concurrency_and_says_so() -> None:
     report = figures.records[-1]
     assert report["kind"] == "backlog"
     assert report["attempted"] == 1000
+    # stopped_pending is part of timed_out; not_started = asked - attempted.
     outcomes = ("established", "refused", "reset", "timed_out", "errors", "not_started")
     assert sum(report[k] for k in outcomes) == 1000
     assert report["concurrency"] < 256

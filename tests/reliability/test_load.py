@@ -23,7 +23,7 @@ def test_load_echo_proxy_and_udp_lose_nothing() -> None:
         assert figures.connections[path] == CONNS, path
         assert figures.errors[path] == {}, path
         assert figures.bytes_verified[path] > 0
-    assert figures.held_s >= DURATION_S
+    assert figures.held_s >= DURATION_S - 0.01  # (float rounding of stop_at - started)
 
     # The servers' own logs agree with what the clients verified, byte for byte. (Only our
     # clients' records: a concurrent port scan by another test may add empty connections.)
