@@ -24,7 +24,7 @@ smoke=0
 if [ "$smoke" = 1 ]; then
   n_rate=3000; n_c=3000; n_held=2000; hold=3s; nmap_ports=1-3000; rounds=1
 else
-  n_rate=50000; n_c=50000; n_held=50000; hold=4s; nmap_ports=1-65535; rounds=3
+  n_rate=50000; n_c=50000; n_held=50000; hold=15s; nmap_ports=1-65535; rounds=3
 fi
 sources=127.0.0.2-127.0.0.5  # 4 x 28,232 ephemeral ports: room for 50,000 to one port
 work="$root/bench-out/backlog"
