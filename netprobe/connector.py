@@ -186,6 +186,7 @@ _NO_FD = object()
 _VERDICTS: dict[int, tuple[ConnectState, str | None, bool]] = {}
 _STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 _EINPROGRESS = errno.EINPROGRESS
+_AF_UNIX = getattr(socket, "AF_UNIX", -1)  # only TCP sockets are reused (the kernel path above)
 _EALREADY = errno.EALREADY
 _EISCONN = errno.EISCONN
 _ECONNREFUSED = errno.ECONNREFUSED
@@ -309,7 +310,7 @@ class _Run:
                                         job, _REFUSED, _REFUSED_NAME, now, monotonic() - now
                                     )
                                 )
-                                if self.reuse:
+                                if self.reuse and family != _AF_UNIX:
                                     spare, spare_family = sock, family
                                 else:
                                     sock.close()
