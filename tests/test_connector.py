@@ -6,6 +6,7 @@ import socket
 import struct
 import threading
 import time
+from pathlib import Path
 
 from netprobe.connector import ConnectJob, ConnectorStats, run_connects
 from netprobe.results import ConnectState
@@ -149,4 +150,28 @@ def test_workers_split_the_jobs_and_merge_every_result(closed_port: int) -> None
                 assert result.state is want
             assert stats.extra["workers"] == (2 if forks else 1)
     finally:
+        listener.close()
+
+
+def test_unix_sockets_open_refused_and_missing(tmp_path: Path) -> None:
+    live, stale = str(tmp_path / "live.sock"), str(tmp_path / "stale.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(live)
+    listener.listen(16)
+    gone = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    gone.bind(stale)  # a socket file nobody listens on: ECONNREFUSED
+    try:
+        paths = [live, stale, str(tmp_path / "missing.sock")] * 3
+        jobs = [ConnectJob((i, path), socket.AF_UNIX, path) for i, path in enumerate(paths)]
+        results = {r.job.key: r for r in run_connects(jobs, concurrency=4, timeout_s=LONG)}
+        assert len(results) == len(jobs)
+        for (_i, path), result in results.items():
+            if path == live:
+                assert result.state is ConnectState.OPEN
+            elif path == stale:
+                assert result.errno_name == "ECONNREFUSED"
+            else:
+                assert result.errno_name == "ENOENT"
+    finally:
+        gone.close()
         listener.close()
