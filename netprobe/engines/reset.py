@@ -4,13 +4,16 @@ Does I/O (through netprobe.server only).
 Strategy: every connection draws its action from the run's FaultSchedule when it opens
 (plan step, seeded coin, or always), then a TriggerState counts its bytes/frames while timers
 watch after-ms / on-idle. Bytes before the trigger are served faithfully (echoed, discarded,
-forwarded); at the trigger the action runs: rst aborts (SO_LINGER 0), fin and half-close send
-FIN and drain what the peer still sends (so the FIN is not turned into a RST by unread data),
-hang stops reading and writing, slow routes the output through a paced _Pipe.
+forwarded); at the trigger the action runs: rst aborts (SO_LINGER 0) once the bytes before it
+are acknowledged, fin and half-close send FIN and drain what the peer still sends (so the FIN
+is not turned into a RST by unread data), hang stops reading and writing, slow routes the
+output through a paced _Pipe.
 
 The proxy joins a client connection and an outbound upstream connection with two _Pipes (one
 per direction) that apply toxics (latency, jitter, bandwidth, slices) when enabled and write
-straight through when not; back-pressure pauses the *other* side's reading.
+straight through when not; back-pressure pauses the *other* side's reading. A connection no
+fault can touch is handed to a splice(2) relay thread instead (Linux): both transports stay
+paused while the kernel moves the bytes, and the relay is stopped before either socket closes.
 """
 
 from __future__ import annotations
