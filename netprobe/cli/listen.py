@@ -46,7 +46,7 @@ def listen(
     ] = 0,
     udp: Annotated[bool, typer.Option("--udp", help="Receive UDP datagrams.")] = False,
     unix: Annotated[
-        Path | None, typer.Option("--unix", help="Listen on a Unix stream socket.")
+        Path | None, typer.Option("--unix", metavar="PATH", help="Listen on a Unix stream socket.")
     ] = None,
     keep_open: Annotated[
         bool,
@@ -57,13 +57,16 @@ def listen(
     ] = False,
     max_bytes: Annotated[
         int | None,
-        typer.Option("--max-bytes", parser=size, help="Stop after receiving this many bytes."),
+        typer.Option(
+            "--max-bytes", parser=size, metavar="SIZE", help="Stop after receiving this many bytes."
+        ),
     ] = None,
     idle_timeout: Annotated[
         float | None,
         typer.Option(
             "--idle-timeout",
             parser=duration,
+            metavar="DURATION",
             help="Give up when nothing happens for this long (no peer, no data).",
         ),
     ] = None,

@@ -74,7 +74,7 @@ def send(
         bool, typer.Option("--hex", help="DATA is a hex string (spaces and ':' allowed).")
     ] = False,
     file: Annotated[
-        Path | None, typer.Option("--file", "-f", help="Send this file (streamed).")
+        Path | None, typer.Option("--file", "-f", metavar="FILE", help="Send this file (streamed).")
     ] = None,
     crlf: Annotated[bool, typer.Option("--crlf", help="Send line endings as CRLF.")] = False,
     no_shutdown: Annotated[
@@ -87,16 +87,28 @@ def send(
     idle_timeout: Annotated[
         float,
         typer.Option(
-            "--idle-timeout", parser=duration, help="Stop reading after this long without data."
+            "--idle-timeout",
+            show_default="2s",
+            parser=duration,
+            metavar="DURATION",
+            help="Stop reading after this long without data.",
         ),
     ] = 2.0,
     timeout: Annotated[
         float | None,
-        typer.Option("--timeout", "-t", parser=duration, help="Overall limit (connect + read)."),
+        typer.Option(
+            "--timeout",
+            "-t",
+            parser=duration,
+            metavar="DURATION",
+            help="Overall limit (connect + read).",
+        ),
     ] = None,
     expect_bytes: Annotated[
         int | None,
-        typer.Option("--expect-bytes", parser=size, help="Stop after this many reply bytes."),
+        typer.Option(
+            "--expect-bytes", parser=size, metavar="SIZE", help="Stop after this many reply bytes."
+        ),
     ] = None,
     until: Annotated[
         str | None, typer.Option("--until", help="Stop once this string has arrived.")
@@ -109,6 +121,7 @@ def send(
         str | None,
         typer.Option(
             "--framing",
+            metavar="SPEC",
             help="raw|line|crlf|len8|len16|len32|len64|netstring: one frame per input line "
             "(or DATA); replies decoded, one per line.",
         ),
@@ -118,7 +131,14 @@ def send(
         typer.Option("--expect-frames", min=1, help="Stop after N reply frames (--framing)."),
     ] = None,
     max_frame: Annotated[
-        int, typer.Option("--max-frame", parser=size, help="Largest frame accepted.")
+        int,
+        typer.Option(
+            "--max-frame",
+            parser=size,
+            metavar="SIZE",
+            show_default="16MiB",
+            help="Largest frame accepted.",
+        ),
     ] = 16 * 1024 * 1024,
     udp: Annotated[
         bool, typer.Option("--udp", help="UDP: each DATA / line / frame is one datagram.")
@@ -133,14 +153,24 @@ def send(
     ] = 1,
     interval: Annotated[
         float,
-        typer.Option("--interval", parser=duration, help="Pause between --repeat runs."),
+        typer.Option(
+            "--interval",
+            show_default="0",
+            parser=duration,
+            metavar="DURATION",
+            help="Pause between --repeat runs.",
+        ),
     ] = 0.0,
     json_out: Annotated[
         bool, typer.Option("--json", help="One JSON object instead of the reply bytes.")
     ] = False,
     transcript_file: Annotated[
         Path | None,
-        typer.Option("--transcript", help="Write every chunk (both directions) as JSON lines."),
+        typer.Option(
+            "--transcript",
+            metavar="FILE",
+            help="Write every chunk (both directions) as JSON lines.",
+        ),
     ] = None,
     ipv4: IPv4Opt = False,
     ipv6: IPv6Opt = False,
