@@ -101,7 +101,7 @@ def test_port_check_with_256_fds_scans_1000_ports(scan_ports: tuple[list[int], s
     assert {s for p, s in states.items() if p not in open_ports} == {"closed"}
 
 
-def test_backlog_lab_with_256_fds_lowers_concurrency_and_says_so() -> None:
+def test_backlog_lab_with_256_fds_copes_and_names_the_limit() -> None:
     argv = [
         "backlog", "--lab", "--connections", "1000", "--accept-rate", "100000",
         "--hold", "1s", "--timeout", "1s", "--json",
@@ -116,8 +116,9 @@ def test_backlog_lab_with_256_fds_lowers_concurrency_and_says_so() -> None:
     # stopped_pending is part of timed_out; not_started = asked - attempted.
     outcomes = ("established", "refused", "reset", "timed_out", "errors", "not_started")
     assert sum(report[k] for k in outcomes) == 1000
-    assert report["concurrency"] < 256
-    assert any("RLIMIT_NOFILE" in hit for hit in report["limits_hit"])
+    # Either way is fine (fewer sockets in flight, or more connect processes), as long as the
+    # report says the fd limit shaped the run.
+    assert any("RLIMIT_NOFILE" in hit for hit in report["limits_hit"]), report["limits_hit"]
 
 
 def test_sigterm_under_load_exits_with_totals_and_removes_the_socket(tmp_path: Path) -> None:
