@@ -1483,9 +1483,13 @@ def splice_relay(
             errno_name(number),
         )
 
+    ready: set[int] | None = None  # fds poll reported (None: try every way)
     try:
         while True:
             for index, way in enumerate(ways):
+                if ready is not None and way.src not in ready and way.dst not in ready:
+                    continue
+                short = False
                 try:
                     while True:
                         if way.pending:
@@ -1495,7 +1499,9 @@ def splice_relay(
                             if on_moved is not None:
                                 on_moved(index == 0, sent)
                             continue
-                        if way.eof:
+                        # A short read has most likely emptied the socket: ask poll before
+                        # reading again (saves a failing call per message in a ping-pong).
+                        if way.eof or short:
                             break
                         got = os.splice(way.src, way.pipe_w, chunk, flags=flags)
                         if got == 0:
@@ -1503,6 +1509,7 @@ def splice_relay(
                             _shut_write(way.dst)
                             break
                         way.pending = got
+                        short = got < chunk
                 except BlockingIOError:
                     pass
                 except OSError as exc:
@@ -1533,6 +1540,7 @@ def splice_relay(
             bad = [fd for fd, ev in events if ev & select.POLLNVAL]
             if bad:
                 return result("error", bad[0], errno.EBADF)
+            ready = {fd for fd, _ in events}
     finally:
         for way in ways:
             os.close(way.pipe_r)
