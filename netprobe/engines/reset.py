@@ -189,7 +189,6 @@ class ResetOptions:
         upstream: proxy only: (host, port) to forward to.
         direction: proxy only: the side(s) the action hits and whose bytes count.
         toxics: proxy only.
-        framing: the framing spec for after-frames.
         connect_timeout_s: proxy only: upstream connect timeout.
         splice: proxy only: relay faithful connections with splice(2) in a thread (Linux),
             which moves bytes without copying them through Python; False keeps every
