@@ -1,7 +1,7 @@
 """`netprobe backlog`: parse options, run the flood engine, render the report. No I/O here."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Typer reads the signature on every run, and
+# string annotations would make it eval() each option (see cli/port_check.py).
 import sys
 from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
@@ -245,7 +245,7 @@ def _lab_text(cfg: Any) -> str:
     return f" (lab: listen({cfg.backlog}), {how})"
 
 
-def _progress(err: TextIO, tick: Tick, done: int, total: int) -> None:
+def _progress(err: TextIO, tick: "Tick", done: int, total: int) -> None:
     width = 20
     filled = min(width, width * done // max(1, total))
     bar = "#" * filled + "." * (width - filled)
@@ -257,7 +257,7 @@ def _progress(err: TextIO, tick: Tick, done: int, total: int) -> None:
     err.flush()
 
 
-def _report(out: TextIO, summary: BacklogSummary, *, charts: bool) -> None:
+def _report(out: TextIO, summary: "BacklogSummary", *, charts: bool) -> None:
     rec = summary.record
     w = out.write
     w(
@@ -334,7 +334,7 @@ def _report(out: TextIO, summary: BacklogSummary, *, charts: bool) -> None:
         w(f"gate {gate['gate']}: {state} (measured {_num(gate['value'])})\n")
 
 
-def _histogram(out: TextIO, hist: LatencyHistogram) -> None:
+def _histogram(out: TextIO, hist: "LatencyHistogram") -> None:
     bands = hist.coarse()
     if not bands:
         return
@@ -345,7 +345,7 @@ def _histogram(out: TextIO, hist: LatencyHistogram) -> None:
         out.write(f"  <= {band['le_ms']:>10.3f}  {bar} {band['count']}\n")
 
 
-def _timeline(out: TextIO, ticks: list[Tick]) -> None:
+def _timeline(out: TextIO, ticks: "list[Tick]") -> None:
     if not ticks:
         return
     out.write("timeline (per second):\n")

@@ -1,7 +1,7 @@
 """`netprobe listeners`: listening sockets on this host with owners and queues. No I/O here."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Typer reads the signature on every run, and
+# string annotations would make it eval() each option (see cli/port_check.py).
 import sys
 from typing import Annotated
 

@@ -773,7 +773,6 @@ class _LabListener:
         self.accept_rate = cfg.accept_rate
         self.accept_delay_s = cfg.accept_delay_s
         self.accepted = 0
-        self.peers: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -800,8 +799,6 @@ class _LabListener:
             if peer is None:
                 continue
             self.accepted += 1
-            host = peer.rsplit(":", 1)[0].strip("[]")
-            self.peers[host] = self.peers.get(host, 0) + 1
             if interval:
                 # At most one accept of credit: a paced server does not catch up in bursts.
                 next_at = max(next_at + interval, time.monotonic() - interval)
@@ -1048,8 +1045,13 @@ def _run(
                 thread.join(delay)  # wakes at once when the run ends
             else:
                 time.sleep(delay)
-    finally:
-        thread.join(max(0.0, hard_stop - time.monotonic()))
+    except BaseException:
+        # Ctrl-C or a failure while sampling: do not wait for the run to finish. Connect
+        # processes are killed at once; a worker thread is a daemon and ends with us.
+        if isinstance(thread, _ConnectProcesses):
+            thread.join(0.0)
+        raise
+    thread.join(max(0.0, hard_stop - time.monotonic()))
     if isinstance(thread, _ConnectProcesses):
         failure.extend(thread.failures)
     if failure:
