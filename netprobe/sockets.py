@@ -1457,7 +1457,8 @@ def splice_relay(
 
     For a thread of its own: blocks until both directions reached EOF (each EOF is passed
     on as a FIN once its bytes are out), one side failed, or `wake_fd` became readable.
-    The sockets stay open and non-blocking; the caller owns and closes them.
+    Both sockets must be non-blocking (as asyncio leaves them; a blocking one could stall
+    the relay inside splice). They stay open: the caller owns and closes them.
 
     Args:
         fd_a, fd_b: the two sockets' file descriptors.
