@@ -6,7 +6,7 @@
 #   ./scripts/bench_send.sh            full run: 1 GiB, 3 rounds (installs peers with apt-get if missing)
 #   ./scripts/bench_send.sh --smoke    seconds: 8 MiB, 1 round; nc/socat optional
 # Prints per tool and test: median MB/s (1 MB = 10^6 bytes), ratio to nc, peak RSS (max over
-# rounds, from /usr/bin/time %M or psutil). Exits 1 when any round-trip output differs from
+# rounds: GNU time's %M, or psutil sampling where /usr/bin/time is missing). Exits 1 when any round-trip output differs from
 # the input or a client fails. Goal (issue 5): netprobe >= nc throughput, constant memory.
 # Servers: `netprobe echo --mode discard|echo` (SERVER=python: a threaded stdlib server).
 # socat's PIPE echo is not offered: it stalled here under load, for nc as well (16 KiB pipe).
@@ -107,17 +107,46 @@ client_cmd() {  # client_cmd TOOL PORT
   esac
 }
 
+# The runner: wall time of the client alone (the runner's own start-up excluded) and the
+# client's peak RSS in KiB.
+cat >"$tmp/run.py" <<'PY'
+import os, subprocess, sys, tempfile, time
+stdin, stdout, stderr, *cmd = sys.argv[1:]
+# ru_maxrss of a child forked from Python counts the pre-exec copy of Python (~11 MB), so the
+# peak comes from GNU time (a small C parent) when present, else from psutil sampling.
+use_time = os.access("/usr/bin/time", os.X_OK)
+report = tempfile.mktemp()
+if use_time:
+    cmd = ["/usr/bin/time", "-f", "%M", "-o", report, *cmd]
+with open(stdin, "rb") as i, open(stdout, "wb") as o, open(stderr, "wb") as e:
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdin=i, stdout=o, stderr=e)
+    peak = 0
+    if not use_time:
+        import psutil
+        watched = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                peak = max(peak, watched.memory_info().rss // 1024)
+            except psutil.Error:
+                break
+            time.sleep(0.01)
+    rc = proc.wait()
+    t1 = time.monotonic()
+if use_time:
+    with open(report) as f:
+        peak = int(f.read().split()[-1])
+    os.unlink(report)
+print(rc, f"{t1 - t0:.6f}", peak)
+PY
+runner="$root/.venv/bin/python $tmp/run.py"
+
 status=0
-declare -A rate rss
 run_one() {  # run_one TOOL TEST ROUND -> appends "MB/s" to $tmp/TOOL.TEST.rates, RSS KB to .rss
-  local tool="$1" test="$2" port out cmd t0 t1 peak
+  local tool="$1" test="$2" port out cmd rc secs peak
   if [ "$test" = upload ]; then port=$discard_port; out=/dev/null; else port=$echo_port; out="$tmp/out.bin"; fi
   cmd=$(client_cmd "$tool" "$port")
-  t0=$EPOCHREALTIME
-  /usr/bin/time -f "%M" -o "$tmp/time.txt" $cmd <"$tmp/in.bin" >"$out" 2>"$tmp/client.err"
-  local rc=$?
-  t1=$EPOCHREALTIME
-  peak=$(tail -1 "$tmp/time.txt")
+  read -r rc secs peak < <($runner "$tmp/in.bin" "$out" "$tmp/client.err" $cmd)
   if [ $rc -ne 0 ]; then
     echo "bench_send: $tool $test exited $rc: $(head -3 "$tmp/client.err")" >&2
     status=1
@@ -131,17 +160,17 @@ run_one() {  # run_one TOOL TEST ROUND -> appends "MB/s" to $tmp/TOOL.TEST.rates
     fi
     rm -f "$tmp/out.bin"
   fi
-  awk -v b="$bytes" -v a="$t0" -v z="$t1" 'BEGIN { printf "%.1f\n", b / (z - a) / 1e6 }' >>"$tmp/$tool.$test.rates"
-  echo "$t0 $t1" | awk '{ printf "%.4f\n", $2 - $1 }' >>"$tmp/$tool.$test.secs"
+  awk -v b="$bytes" -v s="$secs" 'BEGIN { printf "%.1f\n", b / s / 1e6 }' >>"$tmp/$tool.$test.rates"
+  echo "$secs" >>"$tmp/$tool.$test.secs"
   echo "$peak" >>"$tmp/$tool.$test.rss"
 }
 
-median() { sort -n "$1" | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.1f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+median() { sort -n "$1" | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.4f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 # Fixed cost of one netprobe run (interpreter + CLI imports + an empty exchange), median of 5.
 for _ in 1 2 3 4 5; do
-  t0=$EPOCHREALTIME; "$np" send "127.0.0.1:$discard_port" </dev/null >/dev/null; t1=$EPOCHREALTIME
-  awk -v a="$t0" -v z="$t1" 'BEGIN { printf "%.3f\n", z - a }' >>"$tmp/startup"
+  read -r _rc secs _peak < <($runner /dev/null /dev/null /dev/null "$np" send "127.0.0.1:$discard_port")
+  echo "$secs" >>"$tmp/startup"
 done
 startup=$(median "$tmp/startup")
 
