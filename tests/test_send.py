@@ -265,6 +265,24 @@ def test_truncated_frame_at_eof_exits_1(start: Callable[..., ServerThread]) -> N
     assert "framing_error" in as_json(res.stdout)
 
 
+def test_malformed_frame_stops_reading(start: Callable[..., ServerThread]) -> None:
+    def bad_netstring(conn: socket.socket) -> None:
+        while conn.recv(65536):
+            pass
+        conn.sendall(b"3:abc,x:zz,")
+        conn.recv(1)
+
+    srv = start(bad_netstring)
+    res = invoke(
+        ["send", addr(srv), "q", "--framing", "netstring", "--json", "--idle-timeout", "5s"]
+    )
+    assert res.exit_code == 1
+    rec = as_json(res.stdout)
+    assert rec["frames"] == ["abc"]
+    assert rec["ended_by"] == "error"
+    assert rec["framing_error"]
+
+
 # --- other transports -----------------------------------------------------------------------
 
 

@@ -348,7 +348,7 @@ class _Receiver:
                 stop = True
         else:
             self._output(data)
-        if stop:
+        if stop and self.framing_error is None:
             self.met = True
         return stop
 
@@ -365,7 +365,8 @@ class _Receiver:
         except FramingError as exc:
             self.framing_error = f"datagram of {len(data)} bytes: {exc}"
         self.kept += len(data)
-        return False
+        want = self.expect.expect_frames
+        return want is not None and self.frame_count >= want
 
     def _frame(self, frame: bytes) -> None:
         self.frame_count += 1
@@ -383,7 +384,9 @@ class _Receiver:
                 if want is not None and self.frame_count >= want:
                     return True
         except FramingError as exc:
+            # The stream cannot be resynchronised after a bad frame: stop reading.
             self.framing_error = str(exc)
+            return True
         return False
 
     def _output(self, data: bytes) -> None:
@@ -658,7 +661,7 @@ def exchange(
     if receiver.framing_error is not None:
         result.framing_error = receiver.framing_error
         if result.ended_by == "expect" and not receiver.met:
-            result.ended_by = "eof"
+            result.ended_by = "error"  # stopped on a malformed frame, not an expectation
     result.errno_name = pumped.errno_name
     result.expect_met = receiver.met if opts.expect.any else None
     if opts.collect:
