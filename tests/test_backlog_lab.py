@@ -58,7 +58,7 @@ def test_slow_accepting_server_grows_at_the_accept_rate() -> None:
     for tick in full:
         # New SYNs arrive 10x faster than accepts, so the queue stays full and the server
         # accepts about `rate` per second; loose bounds (shared CPU).
-        assert rate * 0.4 <= tick["accepted"] <= rate * 1.5 + 5
+        assert rate * 0.25 <= tick["accepted"] <= rate * 1.5 + 5
         assert tick["established"] >= 1
     established = [t["established"] for t in timeline]
     assert sum(established) == summary["established"] + summary["reset_after_established"]
