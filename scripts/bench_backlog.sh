@@ -129,11 +129,14 @@ kport=$server_port
 [ -n "$kport" ] || { echo "keep server did not start"; exit 2; }
 cmd=("${netprobe[@]}" backlog "127.0.0.1:$kport" -n "$n_held" -c "$n_held" --hold "$hold"
      --source "$sources" --timeout 5s --duration 60s --json)
-/usr/bin/env time -f "%e %M" -o "$work/held.time" "${cmd[@]}" >"$work/held.jsonl" \
+timer=()  # GNU time (package "time") adds wall time and RSS as the OS saw them; optional
+[ -x /usr/bin/time ] && timer=(/usr/bin/time -f "%e %M" -o "$work/held.time")
+rm -f "$work/held.time"
+"${timer[@]}" "${cmd[@]}" >"$work/held.jsonl" \
   || fail "netprobe backlog (held) exited non-zero"
 held_line=$(summary_field "$work/held.jsonl" "f\"held {s['peak_held']} of {s['attempted']} (established {s['established']}, errors {s['errors_by_errno']}) all open after {s['peak_held_at_s']} s; {s['processes']} process(es), peak RSS {s['rss_total_kb']//1024} MB in total; limits hit: {s['limits_hit'] or 'none'}\"")
 echo "netprobe held connections: $held_line"
-echo "  whole run incl. the ${hold} hold: $(awk '{print $1 " s wall, max RSS of the main process " int($2/1024) " MB"}' "$work/held.time")"
+[ -f "$work/held.time" ] && echo "  whole run incl. the ${hold} hold: $(awk '{print $1 " s wall, max RSS of the main process " int($2/1024) " MB"}' "$work/held.time")"
 echo "  command: netprobe backlog 127.0.0.1:PORT -n $n_held -c $n_held --hold $hold --source $sources --timeout 5s --duration 60s --json"
 # When RLIMIT_NOFILE caps the concurrency, netprobe must say so and still hold that many at
 # once; every one of the attempts must complete either way.
