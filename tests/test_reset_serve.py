@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -303,3 +304,33 @@ def test_after_frames_on_an_unparsable_stream_closes_cleanly() -> None:
             time.sleep(0.01)
     assert records[0]["reason"] == "frame-too-large"
     assert records[0]["fired"] is False
+
+
+@pytest.mark.slow
+def test_slow_accept_delays_connects_and_count_ignores_fillers() -> None:
+    argv = ["reset", "serve", "--port", "0", "--slow-accept", "--accept-rate", "2", "--count", "3"]
+    with subprocess_server(argv) as (proc, announce):
+        port = int(announce["port"])
+        times: list[float] = []
+        errors: list[BaseException] = []
+
+        def client() -> None:
+            start = time.monotonic()
+            try:
+                with connect(port) as sock:
+                    times.append(time.monotonic() - start)
+                    sock.sendall(b"hi")
+                    assert sock.recv(2) == b"hi"
+            except (OSError, AssertionError) as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(LONG)
+        assert not errors
+        assert proc.wait(LONG) == 0  # --count 3 counted our clients, not the queue filler
+    # One slot, accepting 2 per second: a burst of three has SYNs dropped, and a dropped SYN
+    # is retried only after about 1 s (Linux).
+    assert max(times) >= 0.5

@@ -486,7 +486,7 @@ def serve(
         bool,
         typer.Option(
             "--slow-accept",
-            help="Tiny backlog pre-filled by netprobe, accepting at --accept-rate: connects are slow.",
+            help="One-slot backlog pre-filled by netprobe, accepting --accept-rate per second: connects beyond that rate wait for SYN retransmits (1 s, 3 s, ...).",
         ),
     ] = False,
     no_accept: Annotated[

@@ -687,6 +687,9 @@ class ServeControl:
             host, port = client.getsockname()[:2]
             self._run.fillers.add(format_hostport(str(host), int(port)))
         self._fillers.extend(clients)
+        config = self._server.config
+        if config.count is not None and not config.pause_accept:
+            config.count += len(clients)  # the fillers will be accepted too: not clients
         return len(clients)
 
     def release(self) -> None:
