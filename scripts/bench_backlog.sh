@@ -145,5 +145,6 @@ echo "  command: netprobe backlog 127.0.0.1:PORT -n $n_held -c $n_held --hold $h
 [ "$(summary_field "$work/held.jsonl" "s['concurrency'] == $n_held or bool(s['limits_hit'])")" = True ] \
   || fail "held: concurrency was lowered without a limits_hit message"
 goal=$(summary_field "$work/held.jsonl" "'MET' if s['peak_held'] >= 50000 and (s['peak_held_at_s'] or 99) < 10 and s['rss_total_kb'] < 200*1024 else 'MISSED' + (' (limits: ' + '; '.join(s['limits_hit']) + ')' if s['limits_hit'] else '')")
+[ "$smoke" = 1 ] && goal="not measured in --smoke"
 echo "  goal 50,000 held in < 10 s with < 200 MB RSS: $goal"
 exit $status

@@ -76,3 +76,28 @@ def test_lab_on_ipv6_loopback() -> None:
     assert summary["target"].startswith("[::1]:")
     assert summary["server"]["accept_queue_max"] == 3
     assert summary["established"] == 3
+
+
+def test_no_overflow_is_not_claimed() -> None:
+    summary = _run(["--backlog", "64", "-n", "10", "--timeout", "1s"])[-1]
+    assert summary["established"] == 10
+    assert summary["server"]["accept_queue_max"] == 10
+    assert summary["prediction"]["held"] is True
+    text = " ".join(summary["interpretation"])
+    assert "never filled" in text
+    assert "dropped" not in text
+    # ListenOverflows is system-wide: only mention it when it moved during this run.
+    if not summary["server"]["listen_overflows_delta"]:
+        assert "ListenOverflows" not in text
+
+
+def test_ramp_reports_each_step() -> None:
+    argv = ["--backlog", "2", "--ramp", "20,40", "--step", "300ms", "--timeout", "200ms"]
+    records = _run(argv)
+    summary = records[-1]
+    steps = summary["steps"]
+    assert [s["rate"] for s in steps] == [20.0, 40.0]
+    assert sum(s["attempted"] for s in steps) == summary["attempted"]
+    assert steps[0]["established"] == 3  # the queue fills in the first step and stays full
+    assert steps[1]["established"] == 0
+    assert {r["step"] for r in records[:-1]} <= {0, 1}
