@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.conftest import HAS_IPV6
-from tests.helpers import LONG, SHORT, ServerThread, invoke
+from tests.helpers import LONG, ROOT, SHORT, ServerThread, invoke
 
 
 def _json_lines(stdout: bytes) -> list[dict[str, Any]]:
@@ -316,3 +320,27 @@ def test_bad_input_is_one_line_exit_2(argv: list[str]) -> None:
     assert result.stdout == b""
     assert len(result.stderr.strip().splitlines()) == 1
     assert result.stderr.startswith("netprobe: port-check: ")
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_with_a_partial_summary() -> None:
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "netprobe", "port-check", "127.0.0.1", "-p", "1-65535"),
+            *("--rate", "200", "--json"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        time.sleep(1.5)  # start-up, then a few hundred rate-limited attempts
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=LONG)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=LONG)
+    assert proc.returncode == 130
+    assert b"port-check: interrupted:" in err
+    assert all(json.loads(line)["kind"] == "port-check" for line in out.splitlines())

@@ -289,8 +289,15 @@ def _checks(
     # -q shows nothing, so the engine may skip building rows it would show (its fast path).
     skip_rows = open_only or fmt is OutputFormat.QUIET
     keys = [key for key, _header, _right in _RESULT_COLUMNS] if fmt is OutputFormat.TABLE else None
-    for result in run_checks(hosts, config, tally=tally, open_only=skip_rows):
-        renderer.emit(_record(result, "port-check", keys))
+    try:
+        for result in run_checks(hosts, config, tally=tally, open_only=skip_rows):
+            renderer.emit(_record(result, "port-check", keys))
+    except KeyboardInterrupt:
+        tally.finish()
+        renderer.close()  # a table shows what was checked before Ctrl-C
+        if not quiet:
+            log(f"port-check: interrupted: {tally.summary()}", always=True)
+        raise
     tally.finish()
     renderer.close()
     if not quiet:
