@@ -497,6 +497,7 @@ class _Tally:
         self.reset_after_established = 0
         self.timed_out = 0
         self.stopped_pending = 0
+        self.timed_out_kernel = 0
         self.errors = 0
         self.errors_by_errno: dict[str, int] = {}
         self.handshakes = 0  # completed handshakes whose result has been yielded
@@ -523,6 +524,9 @@ class _Tally:
                 self.reset_after_established += 1
         elif state is ConnectState.TIMEOUT:
             self.timed_out += 1
+            if result.errno_name == "ETIMEDOUT":
+                # The kernel gave up (SYN retries exhausted), not our --timeout (errno None).
+                self.timed_out_kernel += 1
             if result.ended_by == "stop":
                 self.stopped_pending += 1
         else:
@@ -1417,6 +1421,7 @@ def _summary_record(
         "errors_by_errno": dict(sorted(tally.errors_by_errno.items())),
         "reset_after_established": tally.reset_after_established,
         "stopped_pending": tally.stopped_pending,
+        "timed_out_kernel": tally.timed_out_kernel,
         "not_started": connections - tally.attempted,
         "latency_ms": tally.hist.summary_ms(),
         "histogram": tally.hist.coarse(),
