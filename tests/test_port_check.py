@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import select
 import signal
 import socket
 import subprocess
@@ -334,9 +335,15 @@ def test_ctrl_c_exits_130_with_a_partial_summary() -> None:
         cwd=ROOT,
     )
     try:
-        time.sleep(1.5)  # start-up, then a few hundred rate-limited attempts
+        # Interrupt only once results flow (start-up can take a second on a busy machine).
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], LONG * 2)
+        assert ready, "no result within the time limit"
+        first = proc.stdout.readline()
+        time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=LONG)
+        rest, err = proc.communicate(timeout=LONG)
+        out = first + rest
     finally:
         if proc.poll() is None:
             proc.kill()
