@@ -64,7 +64,8 @@ def _run(name: str, quick: bool) -> list[str]:
         return _emfile()
     if name == "sigterm":
         with tempfile.TemporaryDirectory(prefix="np-rel-") as tmp:
-            return scenarios.run_sigterm(str(Path(tmp) / "echo.sock")).lines()
+            unix = scenarios.run_sigterm(str(Path(tmp) / "echo.sock")).lines()
+        return unix + scenarios.run_sigterm_proxy().lines()
     commands = sorted({" ".join(a[:2]) if a[0] == "reset" else a[0] for a, _ in BAD_INPUTS})
     return [
         f"bad inputs tried: {len(BAD_INPUTS)} across {len(commands)} subcommands "
@@ -103,7 +104,7 @@ def _emfile() -> list[str]:
             "--json",
         ]
     )
-    return [scan.line(), flood.line()]
+    return [scan.line(), flood.line(), scenarios.run_echo_emfile().line()]
 
 
 if __name__ == "__main__":

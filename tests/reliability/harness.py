@@ -436,15 +436,22 @@ class Fleet:
 class EchoClient(Client):
     """Sends random payloads one at a time and checks each echoed byte, in order.
 
-    After `stop_at` it finishes the payload in flight, half-closes, and waits for the
-    server's FIN, so the server logs a clean close. Any mismatch, early EOF or socket error
+    After `stop_at` (or `max_rounds` round trips) it finishes the payload in flight,
+    half-closes, and waits for the server's FIN, so the server logs a clean close. Any mismatch, early EOF or socket error
     is recorded in `error`.
     """
 
-    def __init__(self, rng: random.Random, stop_at: float, max_payload: int = 8192) -> None:
+    def __init__(
+        self,
+        rng: random.Random,
+        stop_at: float,
+        max_payload: int = 8192,
+        max_rounds: int | None = None,
+    ) -> None:
         super().__init__()
         self.rng = rng
         self.stop_at = stop_at
+        self.max_rounds = max_rounds
         self.max_payload = max_payload
         self.expected = bytearray()  # sent, not yet echoed back
         self.out = b""
@@ -495,7 +502,8 @@ class EchoClient(Client):
             self.round_done()
 
     def round_done(self) -> None:
-        if time.monotonic() >= self.stop_at:
+        enough = self.max_rounds is not None and self.rounds >= self.max_rounds
+        if enough or time.monotonic() >= self.stop_at:
             self.closing = True
             self.sock.shutdown(socket.SHUT_WR)
         else:

@@ -32,6 +32,7 @@ from tests.reliability.harness import (
 )
 
 __all__ = [
+    "EchoEmfileFigures",
     "EmfileFigures",
     "LoadFigures",
     "NonReaderFigures",
@@ -39,11 +40,13 @@ __all__ = [
     "ServerFigures",
     "SigtermFigures",
     "SlowlorisFigures",
+    "run_echo_emfile",
     "run_emfile",
     "run_load",
     "run_nonreader",
     "run_resets",
     "run_sigterm",
+    "run_sigterm_proxy",
     "run_slowloris",
 ]
 
@@ -533,6 +536,7 @@ def run_nonreader(
 class SigtermFigures:
     """Figures of the SIGTERM-under-load scenario."""
 
+    name: str = ""
     clients: int = 0
     connected: int = 0
     bytes_before_signal: int = 0
@@ -544,7 +548,7 @@ class SigtermFigures:
 
     def lines(self) -> list[str]:
         return [
-            f"sigterm: {self.connected} clients busy on a Unix socket ({self.bytes_before_signal} "
+            f"sigterm: {self.connected} clients busy on {self.name} ({self.bytes_before_signal} "
             f"bytes echoed), SIGTERM -> exit {self.returncode} in {self.exit_s:.2f}s, totals: "
             f"connections {self.totals.get('connections')}, bytes in {self.totals.get('bytes_in')}, "
             f"reasons {self.totals.get('reasons')}; socket file left: {self.socket_file_left}"
@@ -557,16 +561,46 @@ def run_sigterm(
     """`clients` busy clients on `echo --unix PATH`; SIGTERM after `load_s`; the server must
     exit promptly with its totals and remove the socket file."""
     raise_fd_limit(clients + 256)
-    figures = SigtermFigures(clients=clients)
-    rng = random.Random(seed)
+    figures = SigtermFigures(name="echo --unix", clients=clients)
     argv = ["echo", "--unix", path, "--json", "--backlog", "1024"]
-    with ServerProc(argv) as srv, Fleet() as fleet:
+    with ServerProc(argv) as srv:
+        _sigterm_under_load(srv, path, figures, load_s, seed)
+    figures.totals = srv.totals()
+    figures.stderr = srv.stderr_text()
+    figures.socket_file_left = os.path.exists(path)
+    return figures
+
+
+def run_sigterm_proxy(clients: int = 200, load_s: float = 2.0, seed: int = 13) -> SigtermFigures:
+    """The same for `reset proxy` (TCP, relaying to an echo server): it must stop promptly
+    although its relays are busy."""
+    raise_fd_limit(clients + 256)
+    figures = SigtermFigures(name="reset proxy", clients=clients)
+    with ServerProc(["echo", "--port", "0", "--json", "--backlog", "1024"]) as upstream:
+        argv = ["reset", "proxy", "--upstream", f"127.0.0.1:{upstream.port}", "--json"]
+        with ServerProc(argv) as srv:
+            _sigterm_under_load(srv, ("127.0.0.1", srv.port), figures, load_s, seed)
+        figures.totals = srv.totals()
+        figures.stderr = srv.stderr_text()
+        figures.socket_file_left = False
+    return figures
+
+
+def _sigterm_under_load(
+    srv: ServerProc,
+    address: tuple[str, int] | str,
+    figures: SigtermFigures,
+    load_s: float,
+    seed: int,
+) -> None:
+    rng = random.Random(seed)
+    with Fleet() as fleet:
         group = [
             EchoClient(random.Random(rng.random()), float("inf"), max_payload=65536)
-            for _ in range(clients)
+            for _ in range(figures.clients)
         ]
         for client in group:
-            fleet.add(client, path)
+            fleet.add(client, address)
         fleet.run(
             lambda: all(c.connected_at is not None or c.done for c in group),
             deadline=time.monotonic() + 30.0,
@@ -589,12 +623,58 @@ def run_sigterm(
         # Keep the clients pushing while the server stops (that is the "heavy load").
         fleet.run(lambda: bool(exited), deadline=signalled + 10.0)
         waiter.join(10.0)
-        assert not waiter.is_alive(), "echo did not exit within 10 s of SIGTERM"
+        assert not waiter.is_alive(), f"{figures.name} did not exit within 10 s of SIGTERM"
         figures.exit_s = exited[0] - signalled
         figures.returncode = proc.returncode
-    figures.totals = srv.totals()
-    figures.stderr = srv.stderr_text()
-    figures.socket_file_left = os.path.exists(path)
+
+
+@dataclass
+class EchoEmfileFigures:
+    """An echo server with too few fds for its clients."""
+
+    nofile: int = 0
+    clients: int = 0
+    served: int = 0
+    rounds: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    fds_peak: int = 0
+    totals: dict[str, Any] = field(default_factory=dict)
+    stderr: str = ""
+
+    def line(self) -> str:
+        return (
+            f"emfile (nofile {self.nofile}): echo served {self.served}/{self.clients} clients "
+            f"({self.rounds} verified round trips, errors {self.errors or 0}), fds peak "
+            f"{self.fds_peak}, accept errors {self.totals.get('errors')} "
+            f"(reasons {self.totals.get('reasons')})"
+        )
+
+
+def run_echo_emfile(
+    nofile: int = 64, clients: int = 200, rounds: int = 20, seed: int = 17
+) -> EchoEmfileFigures:
+    """`clients` clients (all connecting at once) against an echo server that may hold only
+    `nofile` fds: accept() hits EMFILE, the server must back off and serve everyone as
+    earlier clients leave (no spin, no crash)."""
+    raise_fd_limit(clients + 256)
+    figures = EchoEmfileFigures(nofile=nofile, clients=clients)
+    rng = random.Random(seed)
+    argv = ["echo", "--port", "0", "--json", "--backlog", "1024"]
+    with ServerProc(argv, nofile=nofile) as srv, Fleet() as fleet:
+        group = [
+            EchoClient(random.Random(rng.random()), float("inf"), max_rounds=rounds)
+            for _ in range(clients)
+        ]
+        for client in group:
+            fleet.add(client, ("127.0.0.1", srv.port))
+        fleet.run(lambda: not fleet.active, time.monotonic() + 60.0, lambda now: srv.sample())
+        figures.served = sum(1 for c in group if c.done and c.error is None)
+        figures.rounds = sum(c.rounds for c in group)
+        figures.errors = dict(errors_of(group))
+        figures.fds_peak = srv.peak_fds
+        srv.stop()
+        figures.totals = srv.totals()
+        figures.stderr = srv.stderr_text()
     return figures
 
 

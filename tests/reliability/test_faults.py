@@ -12,10 +12,12 @@ import pytest
 
 from tests.reliability.scenarios import (
     RSS_SLACK,
+    run_echo_emfile,
     run_emfile,
     run_nonreader,
     run_resets,
     run_sigterm,
+    run_sigterm_proxy,
     run_slowloris,
 )
 
@@ -138,3 +140,25 @@ def test_sigterm_under_load_exits_with_totals_and_removes_the_socket(tmp_path: P
     assert not figures.socket_file_left
     assert "Traceback" not in figures.stderr
     json.dumps(totals)  # the totals line was one JSON object
+
+
+def test_echo_out_of_fds_backs_off_and_serves_everyone() -> None:
+    figures = run_echo_emfile(nofile=64, clients=200, rounds=20)
+    print("\n" + figures.line())
+    assert figures.errors == {}
+    assert figures.served == 200
+    assert figures.fds_peak <= 64
+    assert figures.totals["reasons"].get("eof", 0) >= 200
+    assert figures.totals["reasons"].get("accept-EMFILE", 0) >= 1  # the limit was really hit
+    assert "Traceback" not in figures.stderr
+
+
+def test_sigterm_stops_a_busy_reset_proxy_with_totals() -> None:
+    figures = run_sigterm_proxy(clients=200)
+    print("\n" + "\n".join(figures.lines()))
+    assert figures.connected == 200
+    assert figures.returncode == 0, figures.stderr
+    assert figures.exit_s <= 1.0, figures.exit_s
+    assert figures.totals["active"] == 0
+    assert figures.totals["connections"] >= 200  # (+ any stranger's port scan)
+    assert "Traceback" not in figures.stderr
