@@ -20,6 +20,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# The engine alone, timed in-process after its imports: the scan without Python/Typer start-up.
+ENGINE_CODE = """
+import json, sys, time
+from netprobe.engines.port_check import CheckConfig, Expect, Tally, build_hosts, parse_targets
+from netprobe.engines.port_check import run_checks
+low, high = int(sys.argv[1]), int(sys.argv[2])
+hosts = build_hosts(parse_targets(["127.0.0.1"]), ports=tuple(range(low, high + 1)), family=0,
+                    expect=Expect.OPEN)
+start = time.perf_counter()
+found = [r.port for r in run_checks(hosts, CheckConfig(), tally=Tally(), open_only=True)]
+print(json.dumps({"seconds": time.perf_counter() - start, "open": found}))
+"""
 FLOOR_CODE = """
 import socket, sys, time
 low, high = int(sys.argv[1]), int(sys.argv[2])
@@ -119,7 +131,7 @@ def main() -> int:
             f"{rounds} round(s); load average {os.getloadavg()[0]:.2f}",
             flush=True,
         )
-        runs: dict[str, list[float]] = {"netprobe": [], "nmap": [], "floor": []}
+        runs: dict[str, list[float]] = {"netprobe": [], "nmap": [], "floor": [], "engine": []}
         rss: dict[str, int] = {"netprobe": 0, "nmap": 0}
         cpus: dict[str, list[float]] = {"netprobe": [], "nmap": []}
         for number in range(1, rounds + 1):
@@ -168,6 +180,18 @@ def main() -> int:
             )
             runs["floor"].append(float(floor.stdout))
             line.append(f"floor {float(floor.stdout):.3f} s")
+            engine = subprocess.run(
+                [sys.executable, "-c", ENGINE_CODE, str(low), str(high)],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=300,
+                cwd=ROOT,
+            )
+            engine_report = json.loads(engine.stdout)
+            runs["engine"].append(engine_report["seconds"])
+            sets["engine (in-process)"] = set(engine_report["open"])
+            line.append(f"engine {engine_report['seconds']:.3f} s")
             after = _in_range(_proc_listening(), low, high)
             print("  ".join(line), flush=True)
             stable = before & after
@@ -211,6 +235,10 @@ def main() -> int:
                 f"best rounds: netprobe {best['netprobe']:.3f} s, nmap {best['nmap']:.3f} s, "
                 f"ratio {best['nmap'] / best['netprobe']:.2f}x"
             )
+        print(
+            f"netprobe engine alone (in-process timing, no start-up): {med['engine']:.3f} s = "
+            f"{total / med['engine']:,.0f} ports/s"
+        )
         print(
             f"floor (blocking connect_ex loop, in-process timing): {total / med['floor']:,.0f} ports/s"
         )
