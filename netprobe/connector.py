@@ -10,12 +10,16 @@ Memory is constant in the number of jobs: the job iterator is consumed lazily an
 finished attempt is yielded and forgotten.
 
 Speed (a 65,535-port loopback scan is the yardstick): on loopback the whole handshake, or
-the RST of a closed port, is processed inside connect() itself, so the verdict is usually
-readable from SO_ERROR right after connect_ex() returns EINPROGRESS. Reading it at once
-skips the epoll registration, the wake-up and the per-attempt bookkeeping object; only
-attempts that really wait (remote hosts, full accept queues) enter the poll set. The rest
-of the cost is the kernel's (socket, connect, close), so large runs can be split over
-forked worker processes (`workers`), one per core, whose results stream back over pipes.
+the RST of a closed port, is processed inside connect() itself, so the verdict is known when
+connect_ex() returns EINPROGRESS. A second connect_ex() on the same socket reports it
+(ECONNREFUSED, 0 once connected, EALREADY while still waiting), which skips the epoll
+registration, the wake-up and the per-attempt bookkeeping object; only attempts that really
+wait (remote hosts, full accept queues) enter the poll set. That second call also resets a
+refused socket (Linux: __inet_stream_connect's sock_error path disconnects it), so the next
+attempt reuses it: a closed port costs two syscalls instead of socket, connect, getsockopt
+and close. If a kernel does not reset it, reuse switches itself off. The rest of the cost is
+the kernel's, so large runs can be split over forked worker processes (`workers`), one per
+core, whose results stream back over pipes.
 
 Truthfulness on loopback: a connect to 127.0.0.1:P whose kernel-chosen source port happens
 to be P connects the socket to itself (TCP simultaneous open), and two of our own pending
