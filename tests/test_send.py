@@ -496,6 +496,12 @@ def test_transcript(start: Callable[..., ServerThread], tmp_path: Path) -> None:
         (["127.0.0.1:9", "x", "--file", "/etc/hostname"], "not both"),
         (["127.0.0.1:9", "--hex"], "--hex needs DATA"),
         (["127.0.0.1:9", "x", "--crlf", "--framing", "line"], "--crlf"),
+        (["127.0.0.1:9", "x", "--max-frame", "0"], "--max-frame 0"),
+        (["127.0.0.1:9", "x", "--expect-bytes", "0"], "--expect-bytes 0"),
+        (["127.0.0.1:9", "x", "--until", ""], "--until"),
+        (["127.0.0.1:9", "x", "--hexdump", "--json"], "--hexdump"),
+        (["127.0.0.1:9", "x", "--repeat", "0"], "--repeat"),
+        (["unix:/tmp/x.sock", "x", "--udp"], "--udp"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args: list[str], needle: str) -> None:

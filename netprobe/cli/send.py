@@ -210,6 +210,10 @@ def send(
             pattern = re.compile(until_regex.encode("utf-8", "surrogateescape"))
         except re.error as exc:
             raise UsageError(f"--until-regex {until_regex!r} is not a valid regex: {exc}") from None
+    if max_frame < 1:
+        raise UsageError(f"--max-frame {max_frame}: must be at least 1 byte")
+    if expect_bytes is not None and expect_bytes < 1:
+        raise UsageError(f"--expect-bytes {expect_bytes}: must be at least 1")
     if until == "":
         raise UsageError("--until needs a non-empty string")
     framing = None
