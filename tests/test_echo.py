@@ -142,7 +142,7 @@ def test_sigterm_prints_totals_and_exits_0() -> None:
             start = time.monotonic()
             proc.proc.send_signal(signal.SIGTERM)
             assert proc.wait() == 0
-            assert time.monotonic() - start < 1.5  # 1 s promised; slack for a loaded CI
+            assert time.monotonic() - start < 3.0  # 1 s promised; generous for a loaded CI
         records = proc.records_until("totals")
         assert records[-2]["reason"] == "shutdown"
         totals = records[-1]
@@ -273,9 +273,22 @@ def test_udp_echo_from_the_cli() -> None:
             assert client.recvfrom(65536)[0] == payload
 
 
+def test_unix_live_socket_file_is_not_replaced(tmp_path: Path) -> None:
+    path = tmp_path / "live.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+        live.bind(str(path))
+        live.listen(1)
+        result = invoke(["echo", "--unix", str(path)])
+    assert result.exit_code == 6
+    assert "EADDRINUSE" in result.stderr
+    assert result.stdout == b""
+
+
 def test_unix_announce_ready_file_and_cleanup(tmp_path: Path) -> None:
     path = tmp_path / "e.sock"
     ready = tmp_path / "ready.json"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+        stale.bind(str(path))  # a stale socket file: bound once, nobody listens now
     proc = EchoProcess(["--unix", str(path), "--ready-file", str(ready)])
     try:
         assert proc.readline() == f"listening on unix:{path}"
