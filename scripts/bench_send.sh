@@ -45,9 +45,12 @@ want_pkg nc.openbsd netcat-openbsd && tools="$tools nc"
 want_pkg socat socat && tools="$tools socat"
 
 tmp="$(mktemp -d)"
-pids=()
+# Servers start inside $(...) subshells, so their pids go to a file, not a shell array.
 cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
+  if [ -f "$tmp/pids" ]; then
+    while read -r pid; do kill "$pid" 2>/dev/null; done <"$tmp/pids"
+    sleep 0.2
+  fi
   rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -83,10 +86,10 @@ while True:
     conn, _ = listener.accept()
     threading.Thread(target=serve, args=(conn,), daemon=True).start()
 PY
-    pids+=($!)
+    echo $! >>"$tmp/pids"
   else
     "$np" echo --port 0 --mode "$kind" >"$log" 2>"$tmp/server-$kind.err" &
-    pids+=($!)
+    echo $! >>"$tmp/pids"
   fi
   for _ in $(seq 100); do
     grep -q 'listening on' "$log" 2>/dev/null && break
