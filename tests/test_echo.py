@@ -356,3 +356,11 @@ def test_bad_input_is_a_usage_error(argv: list[str], needle: str) -> None:
     assert result.stdout == b""
     assert needle in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_doctor_self_test_passes() -> None:
+    from netprobe.engines.echo import self_test
+
+    passed, figure, hint = self_test(timeout_s=LONG)
+    assert passed, (figure, hint)
+    assert figure.startswith("tcp 262144 B")
