@@ -60,8 +60,9 @@ def test_slowloris_connections_are_dropped_and_others_served() -> None:
 def test_client_that_never_reads_costs_bounded_memory() -> None:
     figures = run_nonreader(total=100 * 1024 * 1024, others=10)
     print("\n" + "\n".join(figures.lines()))
-    # Back-pressure: the stall came from the kernel buffers filling, long before 100 MB.
-    assert 0 < figures.stall_sent < 64 * 1024 * 1024
+    # Back-pressure: the sender stalled before 100 MB. What got out sits in kernel socket
+    # buffers (tcp_rmem may autotune to 32 MiB per side here), not in the server's memory.
+    assert 0 < figures.stall_sent < figures.total
     assert figures.rss_peak_stalled - figures.rss_before < 64 * 1024 * 1024
     assert figures.rss_peak - figures.rss_before < 64 * 1024 * 1024
     # Nothing was lost: once the client reads, all 100 MB come back in order.
