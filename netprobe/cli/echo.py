@@ -222,8 +222,15 @@ class _Output:
         if self.ready_file is not None:
             # Write then rename, so a script polling for the file never reads half of it.
             tmp = self.ready_file.with_name(self.ready_file.name + ".tmp")
-            tmp.write_text(dump_json(record) + "\n")
-            tmp.replace(self.ready_file)
+            try:
+                tmp.write_text(dump_json(record) + "\n")
+                tmp.replace(self.ready_file)
+            except OSError as exc:
+                from netprobe.errors import LocalError
+
+                raise LocalError(
+                    f"cannot write --ready-file {self.ready_file}: {exc.strerror or exc}"
+                ) from exc
         self._write(sys.stdout, dump_json(record) if self.json_out else f"listening on {bound}")
 
     def event(self, event: ConnEvent) -> None:
