@@ -71,7 +71,10 @@ def build_client() -> Path:
     cache.mkdir(exist_ok=True)
     binary = cache / "bench_echo_client"
     if not binary.exists() or binary.stat().st_mtime < CLIENT_SRC.stat().st_mtime:
-        subprocess.run([gcc, "-O2", "-o", str(binary), str(CLIENT_SRC)], check=True)
+        # Build under a private name, then rename: concurrent runs never see half a binary.
+        partial = cache / f"bench_echo_client.{os.getpid()}"
+        subprocess.run([gcc, "-O2", "-o", str(partial), str(CLIENT_SRC)], check=True)
+        os.replace(partial, binary)
     return binary
 
 

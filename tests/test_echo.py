@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -364,3 +365,19 @@ def test_doctor_self_test_passes() -> None:
     passed, figure, hint = self_test(timeout_s=LONG)
     assert passed, (figure, hint)
     assert figure.startswith("tcp 262144 B")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="the bench client needs gcc")
+def test_bench_echo_smoke_runs_and_checks_bytes() -> None:
+    result = subprocess.run(
+        [sys.executable, "scripts/bench_echo.py", "--smoke", "--servers", "netprobe"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "bulk MiB/s" in result.stdout
+    assert "RSS KB per conn" in result.stdout
