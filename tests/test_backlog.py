@@ -176,8 +176,9 @@ def _reset_handler(conn: socket.socket) -> None:
 def test_reset_by_server_is_classified_reset() -> None:
     srv = ServerThread(handler=_reset_handler)
     try:
-        argv = ["backlog", f"127.0.0.1:{srv.port}", "-n", "10", "-c", "10", "--hold", "3s"]
-        result = invoke([*argv, "--timeout", "1s", "--duration", "4s", "--json"])
+        # A long hold: the resets end it early; it only has to outlast a starved server thread.
+        argv = ["backlog", f"127.0.0.1:{srv.port}", "-n", "10", "-c", "10", "--hold", "8s"]
+        result = invoke([*argv, "--timeout", "2s", "--duration", "10s", "--json"])
     finally:
         srv.stop()
     assert result.exit_code == 0, result.stderr
@@ -318,7 +319,7 @@ def test_fd_limit_spreads_over_connect_processes() -> None:
 
     srv = _KeepServer()
     try:
-        argv = ["backlog", f"127.0.0.1:{srv.port}", "-n", "600", "-c", "600", "--hold", "1s"]
+        argv = ["backlog", f"127.0.0.1:{srv.port}", "-n", "600", "-c", "600", "--hold", "2s"]
         # A shell lowers soft and hard RLIMIT_NOFILE, as an unprivileged user would have it.
         shell = ["/bin/sh", "-c", 'ulimit -n 300 && exec "$0" "$@"', sys.executable]
         proc = subprocess.run(
