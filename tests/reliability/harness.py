@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import os
 import random
 import resource
 import selectors
@@ -28,7 +27,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import psutil  # type: ignore[import-untyped]
@@ -736,13 +734,3 @@ def sampler(servers: Sequence[ServerProc]) -> Callable[[float], None]:
                 server.sample()
 
     return tick
-
-
-def mib(n: int) -> str:
-    """`n` bytes as MiB text for the figures."""
-    return f"{n / 1048576:.1f} MiB"
-
-
-def tmp_unix_path(base: Path) -> str:
-    """A short AF_UNIX path (sun_path is 108 bytes) under base."""
-    return str(base / f"np-{os.getpid()}-{random.randrange(1 << 30)}.sock")

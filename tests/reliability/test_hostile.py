@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from netprobe.framing import parse_framing
 from tests.helpers import LONG, invoke
 from tests.reliability.harness import ServerProc
 
@@ -243,8 +244,6 @@ def test_echo_closes_hostile_framed_connections_and_goes_on_serving() -> None:
     for framing, cases in by_framing.items():
         argv = ["echo", "--port", "0", "--json", "--framing", framing]
         with ServerProc([*argv, "--max-frame", str(MAX_FRAME)]) as srv:
-            from netprobe.framing import parse_framing
-
             spec = parse_framing(framing)
             for payload, eof, reason in cases:
                 local, _ = _exchange(srv.port, payload, eof=eof)
