@@ -1,5 +1,6 @@
-"""Issue 9, hostile input: a table of bad command lines for every subcommand, and servers fed
-garbage, truncated frames, oversized frames and a 1 GB length prefix.
+"""Issue 9, hostile input: a table of bad command lines for every subcommand; servers fed
+garbage, truncated frames, oversized frames and a 1 GB length prefix; and `send` given the
+same by a hostile server.
 
 Safety: the only non-loopback literals are TEST-NET-1 (192.0.2.0/24), and only for commands
 that refuse non-loopback targets while parsing, so nothing is ever sent to them.
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from netprobe.framing import parse_framing
-from tests.helpers import LONG, invoke
+from tests.helpers import LONG, ServerThread, invoke
 from tests.reliability.harness import ServerProc
 
 T = "127.0.0.1:9"  # a well-formed target for cases whose bad value is elsewhere
@@ -287,3 +288,29 @@ def test_hostile_unix_path_is_refused_before_binding(tmp_path: Path) -> None:
     result = invoke(["echo", "--unix", str(tmp_path / ("y" * 200))])
     assert result.exit_code == 2
     assert not any(tmp_path.iterdir())
+
+
+HOSTILE_REPLIES = [
+    (struct.pack("!I", 1 << 30), "len32"),  # 1 GB length prefix
+    (b"\xff" * 64, "len32"),  # garbage: a 4 GB length
+    (struct.pack("!I", 10) + b"abc", "len32"),  # partial frame, then EOF
+    (b"12x:abc,", "netstring"),  # malformed length
+]
+
+
+@pytest.mark.parametrize(("reply", "framing"), HOSTILE_REPLIES)
+def test_send_reports_a_hostile_framed_reply_in_one_line(reply: bytes, framing: str) -> None:
+    def hostile(conn: socket.socket) -> None:
+        conn.recv(100)
+        conn.sendall(reply)
+
+    srv = ServerThread(handler=hostile)
+    try:
+        result = invoke(["send", f"127.0.0.1:{srv.port}", "x", "--framing", framing, "-t", "5s"])
+    finally:
+        srv.stop()
+    assert result.exit_code not in (0, 70), result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"127.0.0.1:{srv.port}" in lines[0]
+    assert "Traceback" not in result.stderr
