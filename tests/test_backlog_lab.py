@@ -84,7 +84,7 @@ def test_no_overflow_is_not_claimed() -> None:
     assert summary["server"]["accept_queue_max"] == 10
     assert summary["prediction"]["held"] is True
     text = " ".join(summary["interpretation"])
-    assert "never filled" in text
+    assert "never seen full" in text
     assert "dropped" not in text
     # ListenOverflows is system-wide: only mention it when it moved during this run.
     if not summary["server"]["listen_overflows_delta"]:

@@ -209,9 +209,9 @@ def backlog(
     elif not quiet:
         _report(out, summary, charts=terminal)
     out.flush()
-    for gate in summary.failed_gates:
-        value = next(g["value"] for g in summary.record["gates"] if g["gate"] == gate)
-        error_line("backlog", f"gate failed: {gate} (measured {_num(value)})")
+    for gate in summary.record["gates"]:
+        if gate["failed"]:
+            error_line("backlog", f"gate failed: {gate['gate']} (measured {_measured(gate)})")
     if summary.failed_gates:
         raise typer.Exit(1)
 
@@ -229,6 +229,11 @@ def _num(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
+
+
+def _measured(gate: dict[str, Any]) -> str:
+    unit = f" {gate['unit']}" if gate["unit"] and gate["value"] is not None else ""
+    return _num(gate["value"]) + unit
 
 
 def _lab_text(cfg: Any) -> str:
@@ -331,7 +336,7 @@ def _report(out: TextIO, summary: "BacklogSummary", *, charts: bool) -> None:
         _timeline(out, summary.timeline)
     for gate in rec["gates"]:
         state = "FAILED" if gate["failed"] else "passed"
-        w(f"gate {gate['gate']}: {state} (measured {_num(gate['value'])})\n")
+        w(f"gate {gate['gate']}: {state} (measured {_measured(gate)})\n")
 
 
 def _histogram(out: TextIO, hist: "LatencyHistogram") -> None:

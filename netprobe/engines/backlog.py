@@ -1128,7 +1128,12 @@ def _run(
         record["rss_total_kb"] = (record["max_rss_kb"] or 0) + thread.rss_kb_sum
     failed = [gate.text for gate in cfg.gates if gate.failed(record)]
     record["gates"] = [
-        {"gate": gate.text, "value": gate.value_in(record), "failed": gate.text in failed}
+        {
+            "gate": gate.text,
+            "value": gate.value_in(record),
+            "unit": "ms" if gate.metric in _LATENCY_KEYS else None,
+            "failed": gate.text in failed,
+        }
         for gate in cfg.gates
     ]
     record["failed_gates"] = failed
@@ -1336,6 +1341,11 @@ def _judge(prediction: dict[str, Any], rec: dict[str, Any]) -> tuple[bool | None
         if peak is None or attempted < cap:
             return None, "too few attempts to fill the queue"
         return peak == cap, f"accept queue peak {peak} (expected {cap})"
+    if kind == "depends":
+        drops = server.get("listener_drops_delta")
+        if drops is not None:
+            how = "the server kept up" if drops == 0 else "the server fell behind"
+            return None, f"conditional prediction; listener drops +{drops}: {how}"
     return None, "not checkable from this host's counters"
 
 
@@ -1375,8 +1385,8 @@ def _interpret(rec: dict[str, Any], cfg: BacklogConfig, limits: kernel.HostLimit
             lines.append(f"Accept queue full at {peak} = {why} (kernel's Recv-Q peak).")
         elif peak is not None:
             lines.append(
-                f"Accept queue peaked at {peak} of a possible {None if limit is None else limit + 1}: "
-                "it never filled."
+                f"Accept queue peaked at {peak} of a possible {None if limit is None else limit + 1} "
+                "in 50 ms samples: it was never seen full."
             )
         drops = server["listener_drops_delta"]
         if drops:
