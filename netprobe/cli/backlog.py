@@ -185,6 +185,10 @@ def backlog(
     total = effective_connections(cfg)
     for event in run_backlog(cfg):
         if isinstance(event, Preflight):
+            if json_out and progress:
+                # stdout holds JSON only; a person watching still sees the prediction first.
+                err.write(f"preflight: {event.text}\n")
+                err.flush()
             if not json_out and not quiet:
                 out.write(f"backlog {event.target}{_lab_text(cfg)}\n")
                 out.write(f"preflight: {event.text}\n")
