@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import select
@@ -351,3 +352,37 @@ def test_ctrl_c_exits_130_with_a_partial_summary() -> None:
     assert proc.returncode == 130
     assert b"port-check: interrupted:" in err
     assert all(json.loads(line)["kind"] == "port-check" for line in out.splitlines())
+
+
+class _Terminal(io.TextIOWrapper):
+    """A captured stream that claims to be a terminal (so the table format is chosen)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_terminal_table_sorted_and_collapses_many_closed_ports(server: ServerThread) -> None:
+    from netprobe.cli import main
+
+    out_raw, err_raw = io.BytesIO(), io.BytesIO()
+    out = _Terminal(out_raw, encoding="utf-8", write_through=True)
+    err = _Terminal(err_raw, encoding="utf-8", write_through=True)
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err
+    try:
+        small = main(["port-check", f"127.0.0.1:{server.port},3,1,2"])
+        small_out = out_raw.getvalue().decode()
+        out_raw.seek(0)
+        out_raw.truncate()
+        big = main(["port-check", "127.0.0.1", "-p", f"1-1100,{server.port}"])
+    finally:
+        sys.stdout, sys.stderr = saved
+    lines = small_out.splitlines()
+    assert lines[0].split()[:5] == ["TARGET", "ADDRESS", "PORT", "PROTO", "STATE"]
+    assert [int(line.split()[2]) for line in lines[1:]] == [1, 2, 3, server.port]
+    assert small == 1
+    big_out = out_raw.getvalue().decode()
+    assert "closed" not in big_out  # more than 1000 closed ports: left out of the table
+    assert str(server.port) in big_out
+    assert "not shown:" in err_raw.getvalue().decode()
+    assert big == 1
