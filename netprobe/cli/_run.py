@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -34,19 +35,18 @@ def _command_name(args: Sequence[str]) -> str | None:
     return words[0]
 
 
+_RANGE_RE = re.compile(r"^(Invalid value for [^:]+: )(\S+)( is not in the range .*)$", re.DOTALL)
+
+
 def _click_message(exc: Any) -> str:
-    # Typer validates `min=`/`max=`/int options with pydantic, whose message ("Input should
-    # be greater than or equal to 1") omits the rejected value; the value is in the cause.
+    # Click quotes the rejected value in every message but the range check's
+    # ("0 is not in the range x>=1"); quote it there too, so every bad-input line names the
+    # value the same way.
     message = str(exc.format_message())
-    errors = getattr(exc.__cause__, "errors", None)
-    if callable(errors):
-        try:
-            value = errors()[0].get("input")
-        except (TypeError, IndexError, AttributeError, KeyError):
-            return message
-        if isinstance(value, str) and repr(value) not in message:
-            hint, sep, why = message.partition(": ")
-            message = f"{hint}: {value!r}: {why}" if sep else f"{message} ({value!r})"
+    match = _RANGE_RE.match(message)
+    if match is not None:
+        head, value, tail = match.groups()
+        return f"{head}{value!r}{tail}"
     return message
 
 
