@@ -233,3 +233,14 @@ def test_against_a_server_that_resets_first() -> None:
     assert all(r["elapsed_s"] < 0.3 for r in lines[:3])
     assert lines[-1]["server_reset_first"] == 3
     assert [r["action"] for r in records] == ["rst"] * 3
+
+
+def test_non_loopback_target_needs_allow_remote() -> None:
+    # 192.0.2.1 is TEST-NET-1: the command must refuse it before sending anything.
+    result = invoke(["reset", "client", "192.0.2.1:80"])
+    assert result.exit_code == 2
+    assert result.stdout == b""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1
+    assert "192.0.2.1" in lines[0]
+    assert "--allow-remote" in lines[0]

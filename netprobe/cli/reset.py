@@ -266,6 +266,9 @@ def client(
         typer.Option("--timeout", "-t", parser=duration, metavar="T", help="Connect/send timeout."),
     ] = 5.0,
     run_for: Duration = None,
+    allow_remote: Annotated[
+        bool, typer.Option("--allow-remote", help="Allow a non-loopback TARGET.")
+    ] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -274,6 +277,7 @@ def client(
     The trigger counts bytes *sent* (--after-bytes) or time since the connect (--after-ms);
     without one, the client resets right after DATA (or at once with no DATA). Exit 0 when every
     connect succeeded, 4 when the server reset first, else the worst connect outcome.
+    A non-loopback TARGET needs --allow-remote.
     """
     from netprobe.engines.reset_client import CLIENT_TRIGGERS, ClientSummary, run_reset_client
     from netprobe.engines.reset_faults import Trigger, TriggerKind, build_trigger
@@ -294,7 +298,7 @@ def client(
             if not payload
             else Trigger(TriggerKind.AFTER_BYTES, len(payload))
         )
-    resolved, shown = _client_target(target)
+    resolved, shown = _client_target(target, allow_remote=allow_remote)
     fmt = choose_format(json_out=json_out, csv_out=False, quiet=quiet, out=sys.stdout)
     columns = [
         Column("conn", "CONN", align_right=True),
@@ -336,10 +340,10 @@ def client(
     raise typer.Exit(int(worst(codes)))
 
 
-def _client_target(text: str) -> tuple[Any, str]:
+def _client_target(text: str, *, allow_remote: bool) -> tuple[Any, str]:
     import socket
 
-    from netprobe.sockets import Resolved, format_hostport, parse_target, resolve
+    from netprobe.sockets import Resolved, format_hostport, is_loopback, parse_target, resolve
 
     parsed = parse_target(text)
     if parsed.path is not None:
@@ -349,6 +353,13 @@ def _client_target(text: str) -> tuple[Any, str]:
         raise UsageError(f"{text!r}: give one HOST:PORT (or unix:/path)")
     port = parsed.ports[0]
     resolved = resolve(parsed.host, port)[0]
+    # Checked on the resolved address, so a name that points off this host is caught too;
+    # nothing has been sent to the target at this point.
+    if not allow_remote and not is_loopback(resolved.host):
+        raise UsageError(
+            f"{text!r}: {resolved.host} is not a loopback address; reset client sends aborts "
+            "only to 127.0.0.0/8 and ::1 unless you pass --allow-remote"
+        )
     return resolved, format_hostport(parsed.host, port)
 
 
