@@ -73,7 +73,7 @@ def build_client() -> Path:
     if not binary.exists() or binary.stat().st_mtime < CLIENT_SRC.stat().st_mtime:
         # Build under a private name, then rename: concurrent runs never see half a binary.
         partial = cache / f"bench_echo_client.{os.getpid()}"
-        subprocess.run([gcc, "-O2", "-o", str(partial), str(CLIENT_SRC)], check=True)
+        subprocess.run([gcc, "-O2", "-pthread", "-o", str(partial), str(CLIENT_SRC)], check=True)
         os.replace(partial, binary)
     return binary
 

@@ -9,7 +9,7 @@
  *
  * Exit status: 0 ok, 1 echoed bytes differ or the server closed early, 2 usage/system error,
  * 3 no progress for 3 s (the server stalled).
- * Build: gcc -O2 -o bench_echo_client bench_echo_client.c
+ * Build: gcc -O2 -pthread -o bench_echo_client bench_echo_client.c
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -18,6 +18,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,6 +26,7 @@
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -83,50 +85,81 @@ static void raise_nofile(void) {
     }
 }
 
-/* One connection: write BYTES of the pattern while reading them back; compare as they come. */
+/* One connection: a sender thread writes BYTES of the pattern while this thread reads them
+ * back and compares them as they come. Two threads, as iperf3 has two processes: one thread
+ * doing both copies would be the bottleneck of a fast server. */
+struct bulk_job {
+    int fd;
+    long long total;
+    int failed;
+};
+
+static void *bulk_sender(void *arg) {
+    struct bulk_job *job = arg;
+    long long sent = 0;
+    while (sent < job->total) {
+        size_t off = (size_t)(sent % PATTERN_SIZE);
+        size_t want = CHUNK;
+        if ((long long)want > job->total - sent) want = (size_t)(job->total - sent);
+        ssize_t n = send(job->fd, pattern + off, want, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            job->failed = errno;
+            break;
+        }
+        sent += n;
+    }
+    /* No shutdown(SHUT_WR) at the end: ncat --exec drops the data still in flight when it sees
+     * a half-close, and the reader knows how much to expect anyway. */
+    return NULL;
+}
+
 static int bulk(const char *host, int port, long long total) {
-    int fd = connect_to(host, port, 1);
-    long long sent = 0, got = 0;
+    int fd = connect_to(host, port, 0);
+    struct timeval tv = {3, 0}; /* no progress for 3 s: the server stalled */
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     static unsigned char buf[CHUNK];
+    struct bulk_job job = {fd, total, 0};
+    pthread_t sender;
     double t0 = now();
+    if (pthread_create(&sender, NULL, bulk_sender, &job) != 0) die("pthread_create");
+    long long got = 0;
+    int status = 0;
     while (got < total) {
-        struct pollfd p = {fd, POLLIN | (sent < total ? POLLOUT : 0), 0};
-        if (poll(&p, 1, 3000) <= 0) {
-            fprintf(stderr, "bulk: stalled after %lld of %lld bytes back\n", got, total);
-            return 3;
+        ssize_t n = recv(fd, buf, sizeof buf, 0);
+        if (n == 0) {
+            fprintf(stderr, "bulk: EOF after %lld of %lld bytes back\n", got, total);
+            status = 1;
+            break;
         }
-        if ((p.revents & POLLOUT) && sent < total) {
-            size_t off = (size_t)(sent % PATTERN_SIZE);
-            size_t want = CHUNK;
-            if ((long long)want > total - sent) want = (size_t)(total - sent);
-            ssize_t n = send(fd, pattern + off, want, MSG_NOSIGNAL);
-            /* No shutdown(SHUT_WR) at the end: ncat --exec drops the data still in flight
-             * when it sees a half-close, and the client knows how much to expect anyway. */
-            if (n > 0) sent += n;
-            else if (n < 0 && errno != EAGAIN) die("send");
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                fprintf(stderr, "bulk: stalled after %lld of %lld bytes back\n", got, total);
+                status = 3;
+                break;
+            }
+            die("recv");
         }
-        if (p.revents & (POLLIN | POLLHUP | POLLERR)) {
-            ssize_t n = recv(fd, buf, sizeof buf, 0);
-            if (n == 0) {
-                fprintf(stderr, "bulk: EOF after %lld of %lld bytes back\n", got, total);
-                return 1;
-            }
-            if (n < 0) {
-                if (errno == EAGAIN) continue;
-                die("recv");
-            }
-            size_t off = (size_t)(got % PATTERN_SIZE);
-            if (memcmp(buf, pattern + off, (size_t)n) != 0) {
-                fprintf(stderr, "bulk: echoed bytes differ near offset %lld\n", got);
-                return 1;
-            }
-            got += n;
+        size_t off = (size_t)(got % PATTERN_SIZE);
+        if (memcmp(buf, pattern + off, (size_t)n) != 0) {
+            fprintf(stderr, "bulk: echoed bytes differ near offset %lld\n", got);
+            status = 1;
+            break;
         }
+        got += n;
     }
     double dt = now() - t0;
+    if (status != 0) shutdown(fd, SHUT_RDWR); /* unblock the sender */
+    pthread_join(sender, NULL);
     close(fd);
-    printf("%lld %.6f\n", got, dt);
-    return 0;
+    if (status == 0 && job.failed) {
+        fprintf(stderr, "bulk: send failed: %s\n", strerror(job.failed));
+        status = 2;
+    }
+    if (status == 0) printf("%lld %.6f\n", got, dt);
+    return status;
 }
 
 static int read_exact(int fd, unsigned char *buf, size_t n) {
