@@ -522,8 +522,13 @@ def resolve(
             raise ResolveError("resolve", None, "EAI_FAMILY", f"{host} is not an {want} address")
         sockaddr: tuple[Any, ...] = (host, port) if fam == socket.AF_INET else (host, port, 0, 0)
         return [Resolved(fam, sockaddr)]
-    with _map_errors("resolve"):
-        infos = socket.getaddrinfo(host, port, family, socktype)
+    try:
+        with _map_errors("resolve"):
+            infos = socket.getaddrinfo(host, port, family, socktype)
+    except UnicodeError:
+        # getaddrinfo IDNA-encodes the name first; an empty or over-long label ("a..b")
+        # fails there, before any lookup: that is bad input, not a network outcome.
+        raise AddressError(f"{host!r} is not a valid host name (empty or too long label)") from None
     seen: dict[tuple[int, tuple[Any, ...]], None] = {}
     for fam, _type, _proto, _canon, addr in infos:
         seen[(int(fam), tuple(addr))] = None

@@ -176,3 +176,10 @@ def test_raise_nofile_limit_never_above_hard() -> None:
     assert limit.raised_from is None
     if hard != resource.RLIM_INFINITY:
         assert (raise_nofile_limit(hard * 10).soft or 0) <= hard
+
+
+def test_resolve_rejects_malformed_names_as_bad_input() -> None:
+    from netprobe.errors import AddressError
+
+    with pytest.raises(AddressError, match="not a valid host name"):
+        resolve("a..b", 80)
