@@ -1,0 +1,213 @@
+"""`netprobe doctor`: every self-test passes on this machine, host facts, failure handling."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import pytest
+
+from netprobe.engines import doctor
+from netprobe.engines.doctor import CHECK_NAMES, QUICK_NAMES, Check, Verdict, run_doctor
+from netprobe.kernel import HostLimits
+from tests.helpers import invoke, run_netprobe
+
+HOST_FACTS = {
+    "platform",
+    "ipv4-loopback",
+    "ipv6-loopback",
+    "somaxconn",
+    "tcp-max-syn-backlog",
+    "tcp-syncookies",
+    "tcp-abort-on-overflow",
+    "ip-local-port-range",
+    "rlimit-nofile",
+    "socket-owners",
+    "queue-view",
+}
+SELF_TESTS = {
+    "echo-send-tcp",
+    "echo-send-udp",
+    "echo-send-unix",
+    "listen-send",
+    "connector",
+    "port-check",
+    "backlog-lab",
+    "listeners",
+    "reset-serve",
+    "reset-proxy",
+    "reset-client",
+    "framing",
+}
+ROW_KEYS = {"kind", "group", "check", "verdict", "figure", "hint", "elapsed_ms"}
+
+
+def _rows(stdout: bytes) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    lines = [json.loads(line) for line in stdout.decode().splitlines()]
+    assert lines, "no output"
+    assert lines[-1]["kind"] == "doctor-summary"
+    return lines[:-1], lines[-1]
+
+
+def _doctor_threads() -> list[str]:
+    names = ("doctor-", "backlog-", "reset-relay")
+    return [t.name for t in threading.enumerate() if t.name.startswith(names)]
+
+
+@pytest.mark.slow
+def test_doctor_json_every_self_test_passes_and_every_host_fact_is_there() -> None:
+    # In-process: a leaked socket is a ResourceWarning (an error here), a live thread shows.
+    result = invoke(["doctor", "--json"])
+    rows, summary = _rows(result.stdout)
+    assert {r["kind"] for r in rows} == {"doctor"}
+    for row in rows:
+        assert set(row) == ROW_KEYS, row
+        assert row["figure"], row
+        assert row["hint"], row
+        assert "\n" not in row["hint"]
+    names = [r["check"] for r in rows]
+    assert names == list(CHECK_NAMES)
+    assert set(names) == HOST_FACTS | SELF_TESTS
+    by_group = {g: {r["check"] for r in rows if r["group"] == g} for g in ("host", "selftest")}
+    assert by_group == {"host": HOST_FACTS, "selftest": SELF_TESTS}
+    not_passed = [r for r in rows if r["group"] == "selftest" and r["verdict"] != "pass"]
+    assert not_passed == []
+    # A host fact may warn (e.g. not root: other users' sockets are hidden), never fail here.
+    assert [r for r in rows if r["verdict"] == "fail"] == []
+    assert summary["ok"] is True
+    assert summary["quick"] is False
+    assert summary["checks"] == len(rows)
+    assert sum(summary[v.value] for v in Verdict) == len(rows)
+    assert summary["elapsed_s"] < 10  # the issue's bound; a run takes ~1.5 s here
+    assert result.exit_code == 0
+    assert _doctor_threads() == []
+
+
+@pytest.mark.slow
+def test_doctor_quick_json_runs_the_quick_subset() -> None:
+    # A real process: the README's first command, start-up and exit code included.
+    proc = run_netprobe(["doctor", "--quick", "--json"], timeout=30)
+    rows, summary = _rows(proc.stdout)
+    names = [r["check"] for r in rows]
+    assert names == list(QUICK_NAMES)
+    assert set(names) < set(CHECK_NAMES)
+    assert set(names) >= HOST_FACTS
+    assert {"echo-send-tcp", "port-check", "connector", "framing"} <= set(names)
+    assert [r for r in rows if r["verdict"] == "fail"] == []
+    assert summary["ok"] is True
+    assert summary["quick"] is True
+    assert summary["elapsed_s"] < 3  # the issue's bound; ~1 s here
+    assert proc.returncode == 0
+
+
+def _ok() -> tuple[Verdict, str, str]:
+    return Verdict.PASS, "1", "fine"
+
+
+def _warn() -> tuple[Verdict, str, str]:
+    return Verdict.WARN, "2", "a limit"
+
+
+def _boom() -> tuple[Verdict, str, str]:
+    raise RuntimeError("engine broke\nin two lines")
+
+
+def test_a_check_that_raises_is_a_fail_row_and_later_checks_still_run() -> None:
+    checks = [
+        Check("selftest", "boom", _boom, True),
+        Check("host", "fine", _ok, False),
+    ]
+    rows = list(run_doctor(checks=checks))
+    assert [(r.check, r.verdict) for r in rows] == [("boom", Verdict.FAIL), ("fine", Verdict.PASS)]
+    assert rows[0].figure == "RuntimeError"
+    assert rows[0].hint == "engine broke in two lines"
+    assert [r.check for r in run_doctor(quick=True, checks=checks)] == ["boom"]
+
+
+def test_cli_exits_1_when_a_check_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    checks = [Check("host", "fine", _ok, True), Check("selftest", "boom", _boom, True)]
+    monkeypatch.setattr(doctor, "_CHECKS", checks)
+    result = invoke(["doctor", "--json"])
+    rows, summary = _rows(result.stdout)
+    assert [r["verdict"] for r in rows] == ["pass", "fail"]
+    assert summary["ok"] is False
+    assert (summary["pass"], summary["fail"]) == (1, 1)
+    assert result.exit_code == 1
+
+
+def test_cli_warnings_do_not_fail_and_plain_output_summarises_on_stderr(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(doctor, "_CHECKS", [Check("host", "limit", _warn, True)])
+    result = invoke(["doctor"])
+    assert result.exit_code == 0
+    assert "limit" in result.text
+    assert "warn" in result.text
+    assert "doctor: OK: 1 warn" in result.stderr
+    quiet = invoke(["doctor", "--quiet"])
+    assert (quiet.exit_code, quiet.stdout, quiet.stderr) == (0, b"", "")
+
+
+# Host-fact verdicts for limits other hosts have (the values are injected; nothing is sent).
+
+
+def _limits(**changes: Any) -> HostLimits:
+    base: dict[str, Any] = {
+        "somaxconn": 4096,
+        "tcp_max_syn_backlog": 2048,
+        "tcp_syncookies": 1,
+        "tcp_abort_on_overflow": 0,
+        "port_range": (32768, 60999),
+        "nofile_soft": 1024,
+        "nofile_hard": 4096,
+    }
+    return HostLimits(**{**base, **changes})
+
+
+@pytest.mark.parametrize(
+    ("check", "changes", "verdict", "in_text"),
+    [
+        ("somaxconn", {}, Verdict.PASS, "min(B, 4096)+1"),
+        ("somaxconn", {"somaxconn": 128}, Verdict.WARN, "clamped to 128"),
+        ("somaxconn", {"somaxconn": None}, Verdict.SKIP, "not readable"),
+        ("tcp-max-syn-backlog", {}, Verdict.PASS, "syncookies answer"),
+        ("tcp-max-syn-backlog", {"tcp_syncookies": 0}, Verdict.PASS, "then SYNs drop"),
+        ("tcp-syncookies", {}, Verdict.PASS, "overflows"),
+        ("tcp-syncookies", {"tcp_syncookies": 0}, Verdict.WARN, "off"),
+        ("tcp-syncookies", {"tcp_syncookies": 2}, Verdict.WARN, "always"),
+        ("tcp-abort-on-overflow", {}, Verdict.PASS, "drops the final ACK"),
+        ("tcp-abort-on-overflow", {"tcp_abort_on_overflow": 1}, Verdict.WARN, "RST"),
+        ("ip-local-port-range", {}, Verdict.PASS, "28232"),
+        ("ip-local-port-range", {"port_range": (60000, 61000)}, Verdict.WARN, "1001"),
+        ("ip-local-port-range", {"port_range": None}, Verdict.SKIP, "not readable"),
+    ],
+)
+def test_sysctl_verdicts(
+    monkeypatch: pytest.MonkeyPatch,
+    check: str,
+    changes: dict[str, Any],
+    verdict: Verdict,
+    in_text: str,
+) -> None:
+    monkeypatch.setattr(doctor, "_limits", lambda: _limits(**changes))
+    func = {c.name: c.func for c in doctor._CHECKS}[check]
+    got, figure, hint = func()
+    assert got is verdict
+    assert in_text in figure + " " + hint
+
+
+def test_nofile_verdict_names_the_limits_and_who_can_raise_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import netprobe.sockets
+
+    monkeypatch.setattr(netprobe.sockets, "nofile_limit", lambda: (1024, 2048))
+    monkeypatch.setattr(doctor, "_capable", lambda bit: False)
+    verdict, figure, hint = doctor._nofile()
+    assert (verdict, figure) == (Verdict.WARN, "soft 1024, hard 2048")
+    assert "CAP_SYS_RESOURCE" in hint
+    monkeypatch.setattr(netprobe.sockets, "nofile_limit", lambda: (1024, 65536))
+    verdict, _figure, hint = doctor._nofile()
+    assert verdict is Verdict.PASS
+    assert "raises the soft limit up to 65536" in hint
