@@ -30,18 +30,33 @@ export PATH="$root/.venv/bin:$PATH"
   echo
 } > "$out"
 
+# The peers, installed once here so every job compares against the same tools (each script
+# also installs what it needs when run alone).
+if [ "$mode" != "--smoke" ] && command -v apt-get >/dev/null 2>&1; then
+  missing=""
+  for pair in nmap:nmap ncat:ncat socat:socat nc.openbsd:netcat-openbsd iperf3:iperf3 gcc:gcc; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || missing="$missing ${pair#*:}"
+  done
+  if [ -n "$missing" ]; then
+    echo "installing peers:$missing" >&2
+    apt-get install -y -q $missing >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null && apt-get install -y -q $missing >/dev/null; } \
+      || echo "could not install:$missing (the jobs report what they skipped)" >&2
+  fi
+fi
+
 status=0
 for bench in "$here"/bench_*; do
   name="$(basename "$bench")"
   case "$name" in
-    bench_all.sh|*.c|*.txt) continue ;;
-    bench_*_*) [ -x "$bench" ] || continue ;;  # helpers of another bench, unless runnable
+    bench_all.sh) continue ;;
+    bench_*_*) continue ;;  # helpers of one benchmark (listener farms, C clients)
   esac
-  [ -x "$bench" ] || continue
   echo "== $name $mode" >&2
   log="$root/bench-out/$name.log"
   start=$(date +%s)
-  if "$bench" $mode >"$log" 2>&1; then result="ok"; else result="FAILED (exit $?)"; status=1; fi
+  case "$name" in *.py) run=("$root/.venv/bin/python" "$bench") ;; *) run=(bash "$bench") ;; esac
+  if "${run[@]}" $mode >"$log" 2>&1; then result="ok"; else result="FAILED (exit $?)"; status=1; fi
   took=$(( $(date +%s) - start ))
   {
     echo "## $name"

@@ -1,0 +1,50 @@
+"""Every benchmark script has a --smoke mode that runs in seconds and exits 0 (issue 8).
+
+Peer tools (nmap, socat, ncat, nc, iperf3) are optional here: each script skips a missing peer
+and says so, and still checks netprobe's own correctness (bytes echoed, open sets found).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHES = sorted(
+    p.name
+    for p in (ROOT / "scripts").glob("bench_*")
+    if p.name != "bench_all.sh" and p.name.count("_") == 1 and p.suffix in {".sh", ".py"}
+)
+
+
+def test_every_job_of_the_report_is_here() -> None:
+    expected = {
+        "bench_startup.sh",
+        "bench_portcheck.sh",
+        "bench_echo.py",
+        "bench_send.sh",
+        "bench_backlog.sh",
+        "bench_reset.sh",
+    }
+    assert set(BENCHES) == expected
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("name", BENCHES)
+def test_bench_smoke_mode_passes(name: str) -> None:
+    script = ROOT / "scripts" / name
+    argv = [sys.executable, str(script)] if name.endswith(".py") else ["bash", str(script)]
+    proc = subprocess.run(
+        [*argv, "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=140,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    output = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
+    assert proc.returncode == 0, output[-3000:]
