@@ -305,7 +305,7 @@ def _socket_owners() -> Outcome:
     me = os.getuid() if hasattr(os, "getuid") else None
     total = 0
     hidden: dict[str, int] = {}
-    for proc in psutil.process_iter(["pid", "username", "uids"]):
+    for proc in psutil.process_iter(["pid", "username"]):
         info = proc.info
         total += 1
         try:
