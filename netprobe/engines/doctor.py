@@ -302,16 +302,20 @@ def _socket_owners() -> Outcome:
         import psutil  # type: ignore[import-untyped]
     except ImportError:
         return Verdict.SKIP, "no psutil", "install psutil to see socket owners"
+    if not os.path.isdir("/proc/self/fd"):
+        return Verdict.SKIP, "no /proc", "socket owners are read from /proc/PID/fd (Linux only)"
     me = os.getuid() if hasattr(os, "getuid") else None
     total = 0
     hidden: dict[str, int] = {}
-    for proc in psutil.process_iter(["pid", "username"]):
+    for proc in psutil.process_iter(["pid", "username", "status"]):
         info = proc.info
+        if info.get("status") == psutil.STATUS_ZOMBIE:
+            continue  # no open files left to show, whoever asks
         total += 1
         try:
             os.listdir(f"/proc/{info['pid']}/fd")
-        except FileNotFoundError:
-            continue  # the process ended meanwhile
+        except (FileNotFoundError, ProcessLookupError):
+            total -= 1  # the process ended meanwhile
         except OSError:
             user = info.get("username") or "?"
             hidden[user] = hidden.get(user, 0) + 1
