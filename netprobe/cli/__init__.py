@@ -1,31 +1,36 @@
 """The Typer application: one thin command per subcommand, composed here. No network I/O.
 
-Command modules import their engines inside the command body, so `netprobe --help` and a
-one-port check load only what they use.
+Start-up matters (a port check in a shell loop runs netprobe thousands of times), so the
+application is built per run with only the command asked for: Typer turns each command's
+signature into Click parameters when the app is called, and doing that for all ten commands
+cost more than the port check itself. `--help`, a bare `netprobe`, completion and unknown
+commands get the full application. Command modules import their engines inside the command body.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated
+import importlib
+import os
+from typing import Annotated, Any
 
 import typer
 
 from netprobe import __version__
-from netprobe.cli import backlog, doctor, echo, listen, listeners, port_check, reset, send
 from netprobe.cli._run import main
 
-__all__ = ["app", "main"]
+__all__ = ["build_app", "main"]
 
-_STUB = {"allow_extra_args": True, "ignore_unknown_options": True}
-
-app = typer.Typer(
-    name="netprobe",
-    help="Test and diagnose TCP, UDP and Unix-socket networking.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+# command name -> module under netprobe.cli holding it; "reset" is a group of three commands.
+_COMMANDS: dict[str, str] = {
+    "port-check": "port_check",
+    "echo": "echo",
+    "send": "send",
+    "listen": "listen",
+    "backlog": "backlog",
+    "listeners": "listeners",
+    "reset": "reset",
+    "doctor": "doctor",
+}
 
 
 def _version(value: bool) -> None:
@@ -34,7 +39,6 @@ def _version(value: bool) -> None:
         raise typer.Exit(0)
 
 
-@app.callback()
 def _root(
     version: Annotated[
         bool,
@@ -51,16 +55,30 @@ def _root(
     """
 
 
-def _register(name: str, func: Callable[..., object], stub: bool) -> None:
-    settings = _STUB if stub else {}
-    app.command(name, context_settings=settings)(func)
+def build_app(command: str | None = None) -> typer.Typer:
+    """The netprobe application with `command` only (None, or an unknown name: every command)."""
+    app = typer.Typer(
+        name="netprobe",
+        help="Test and diagnose TCP, UDP and Unix-socket networking.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    app.callback()(_root)
+    completing = any(key.endswith("_COMPLETE") for key in os.environ)
+    names = [command] if command in _COMMANDS and not completing else list(_COMMANDS)
+    for name in names:
+        assert name is not None
+        module = importlib.import_module(f"netprobe.cli.{_COMMANDS[name]}")
+        if name == "reset":
+            app.add_typer(module.app, name="reset")
+        else:
+            app.command(name)(getattr(module, _COMMANDS[name]))
+    return app
 
 
-_register("port-check", port_check.port_check, stub=False)
-_register("echo", echo.echo, stub=False)
-_register("send", send.send, stub=False)
-_register("listen", listen.listen, stub=False)
-_register("backlog", backlog.backlog, stub=False)
-_register("listeners", listeners.listeners, stub=False)
-_register("doctor", doctor.doctor, stub=False)
-app.add_typer(reset.app, name="reset")
+def __getattr__(name: str) -> Any:
+    # `netprobe.cli.app` (the full application) for tools and tests that want the Typer object.
+    if name == "app":
+        return build_app()
+    raise AttributeError(name)

@@ -59,13 +59,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
     from typer.exceptions import Abort
 
-    from netprobe.cli import app
+    from netprobe.cli import build_app
 
     args = list(sys.argv[1:] if argv is None else argv)
     current_argv[:] = args
     debug = "--debug" in args
     command = _command_name(args)
     try:
+        app = build_app(next((a for a in args if not a.startswith("-")), None))
         result: Any = app(args=args, prog_name="netprobe", standalone_mode=False)
     except NoArgsIsHelpError as exc:  # Typer has already printed the help
         message = exc.format_message().strip()
