@@ -1128,15 +1128,15 @@ class Server:
         sock.setblocking(False)
         task = self.loop.create_task(self.loop.connect_accepted_socket(lambda: conn, sock))
         self._setup_tasks.add(task)
-        task.add_done_callback(lambda done: self._setup_done(done, conn))
+        task.add_done_callback(lambda done: self._setup_done(done, conn, sock))
 
-    def _setup_done(self, task: asyncio.Task[Any], conn: Connection) -> None:
+    def _setup_done(self, task: asyncio.Task[Any], conn: Connection, sock: socket.socket) -> None:
         self._setup_tasks.discard(task)
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None and conn.transport is None:
-            # The transport could not be set up (the client vanished in between).
+        exc = None if task.cancelled() else task.exception()
+        if conn.transport is None and not conn._done and (task.cancelled() or exc is not None):
+            # No transport took the socket (stopped at once, or the client vanished in
+            # between): close it here, or it would leak until garbage collection.
+            sock.close()
             conn._finish(exc)
 
     def _new_id(self) -> int:

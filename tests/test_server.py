@@ -497,3 +497,17 @@ def test_outbound_writes_and_close_before_connect_are_delivered() -> None:
             closes = upstream.wait_events("close", 5)
             assert [e.bytes_in for e in closes] == [1000] * 5
             assert Relay.failures == []
+
+
+def test_stop_during_a_connect_burst_leaks_no_fds() -> None:
+    import gc
+
+    baseline = psutil.Process().num_fds()
+    for _ in range(3):
+        with serving(ServerConfig(port=0, backlog=256)) as srv:
+            clients = [srv.connect() for _ in range(40)]
+        # Stopped while accepts were still being set up; every server-side socket is closed.
+        for sock in clients:
+            sock.close()
+    gc.collect()
+    assert psutil.Process().num_fds() == baseline
