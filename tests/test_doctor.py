@@ -211,3 +211,42 @@ def test_nofile_verdict_names_the_limits_and_who_can_raise_them(
     verdict, _figure, hint = doctor._nofile()
     assert verdict is Verdict.PASS
     assert "raises the soft limit up to 65536" in hint
+
+
+def test_a_failing_exchange_still_stops_its_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_send(*args: Any, **kwargs: Any) -> Any:
+        raise ConnectionError("client side broke")
+
+    monkeypatch.setattr(doctor, "_send", broken_send)
+    checks = [c for c in doctor._CHECKS if c.name in {"echo-send-tcp", "reset-proxy"}]
+    rows = list(run_doctor(checks=checks))
+    assert [(r.check, r.verdict, r.figure) for r in rows] == [
+        ("echo-send-tcp", Verdict.FAIL, "ConnectionError"),
+        ("reset-proxy", Verdict.FAIL, "ConnectionError"),
+    ]
+    assert _doctor_threads() == []
+
+
+def test_socket_owners_as_a_user_who_cannot_read_other_processes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import os
+
+    import psutil  # type: ignore[import-untyped]
+
+    if len(psutil.pids()) < 2:
+        pytest.skip("no other process on this host to hide")
+    real_listdir = os.listdir
+    own = f"/proc/{os.getpid()}/fd"
+
+    def listdir(path: Any) -> list[str]:
+        # What a non-root user meets: other processes' fd directories are not readable.
+        if isinstance(path, str) and path.startswith("/proc/") and path != own:
+            raise PermissionError(13, "Permission denied", path)
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    verdict, figure, hint = doctor._socket_owners()
+    assert verdict is Verdict.WARN
+    assert "processes hidden" in figure
+    assert "no pid/process" in hint
