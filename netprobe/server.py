@@ -315,6 +315,7 @@ class Connection(asyncio.Protocol):
         "_closing",
         "_done",
         "_eof_pending",
+        "_held",
         "_idle_handle",
         "_last_rx",
         "_max_bytes",
@@ -354,6 +355,9 @@ class Connection(asyncio.Protocol):
         self._abort_pending = False  # abort() before an outbound connect finished
         self._eof_pending = False  # half_close() before an outbound connect finished
         self._pauses: set[str] | None = None
+        # Bytes (and an EOF: the b"" item) the transport delivered while paused, handed over
+        # on resume; see data_received.
+        self._held: list[bytes] | None = None
         self._pending: list[bytes] | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
         self._close_handle: asyncio.TimerHandle | None = None
@@ -454,6 +458,13 @@ class Connection(asyncio.Protocol):
         self._pauses.discard(key)
         if not self._pauses and self.transport is not None and not self._closing:
             self.transport.resume_reading()
+        if not self._pauses and self._held is not None:
+            held, self._held = self._held, None
+            for chunk in held:  # a handler that pauses again re-holds the rest, in order
+                if chunk:
+                    self.data_received(chunk)
+                else:
+                    self.eof_received()
 
     def call_later(self, delay_s: float, fn: Callable[..., Any], *args: Any) -> asyncio.TimerHandle:
         """Run fn(*args) after delay_s in the loop; the handle's cancel() stops it."""
@@ -493,6 +504,12 @@ class Connection(asyncio.Protocol):
             self._handler_failed()
 
     def data_received(self, data: bytes) -> None:
+        if self._pauses:
+            # Paused, yet the transport delivered: CPython 3.11 before the gh-103607 fix
+            # ignores pause_reading() made in connection_made, and bytes read in the same
+            # loop turn as a pause still arrive. Hold them; resume_reading() hands them over.
+            self._hold(data)
+            return
         self._last_rx = _monotonic()
         limit = self._max_bytes
         if limit is not None and self.bytes_in + len(data) >= limit:
@@ -514,7 +531,15 @@ class Connection(asyncio.Protocol):
         except Exception:
             self._handler_failed()
 
+    def _hold(self, data: bytes) -> None:
+        if self._held is None:
+            self._held = []
+        self._held.append(data)
+
     def eof_received(self) -> bool:
+        if self._pauses:
+            self._hold(b"")  # EOF after the held bytes
+            return True
         try:
             self.handler.on_eof(self)
         except Exception:

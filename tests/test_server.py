@@ -511,3 +511,41 @@ def test_stop_during_a_connect_burst_leaks_no_fds() -> None:
             sock.close()
     gc.collect()
     assert psutil.Process().num_fds() == baseline
+
+
+class LateReader(Handler):
+    """Pauses in on_open and resumes 100 ms later: what the client sent meanwhile, and its
+    EOF, must reach on_data/on_eof afterwards, in order (whatever the transport did)."""
+
+    __slots__ = ("got",)
+
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+
+    def on_open(self, conn: Connection) -> None:
+        conn.pause_reading("late")
+        conn.call_later(0.1, conn.resume_reading, "late")
+
+    def on_data(self, conn: Connection, data: bytes) -> None:
+        self.got.append(data)
+
+    def on_eof(self, conn: Connection) -> None:
+        conn.write(b"".join(self.got))
+        conn.close("eof")
+
+
+def test_bytes_and_eof_sent_while_paused_arrive_after_resume() -> None:
+    payload = bytes(range(256)) * 400
+    with serving(ServerConfig(port=0), LateReader) as srv:
+        for _ in range(5):
+            with srv.connect() as client:
+                client.sendall(payload)
+                client.shutdown(socket.SHUT_WR)
+                assert recv_until_eof(client) == payload
+
+
+def recv_until_eof(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
