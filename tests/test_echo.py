@@ -359,14 +359,6 @@ def test_bad_input_is_a_usage_error(argv: list[str], needle: str) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_doctor_self_test_passes() -> None:
-    from netprobe.engines.echo import self_test
-
-    passed, figure, hint = self_test(timeout_s=LONG)
-    assert passed, (figure, hint)
-    assert figure.startswith("tcp 262144 B")
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="the bench client needs gcc")
 def test_bench_echo_smoke_runs_and_checks_bytes() -> None:

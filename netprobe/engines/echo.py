@@ -23,7 +23,7 @@ from netprobe.server import (
     ServerSummary,
 )
 
-__all__ = ["EchoOptions", "handler_factory", "make_server", "self_test", "serve_echo"]
+__all__ = ["EchoOptions", "handler_factory", "make_server", "serve_echo"]
 
 MODES = ("echo", "discard")
 
@@ -239,61 +239,6 @@ def serve_echo(
     """
     server = make_server(config, options, on_event=on_event, on_ready=on_ready, on_totals=on_totals)
     return server.run()
-
-
-def self_test(timeout_s: float = 3.0) -> tuple[bool, str, str]:
-    """Loopback self-test for `netprobe doctor`: a TCP echo of 256 KiB and a UDP datagram
-    through real echo servers (port 0, in a thread), then a stop within the timeout.
-
-    Returns:
-        (passed, figure, hint): figure is what was measured, hint what went wrong or why it
-        matters.
-    """
-    import os
-    import threading
-    import time
-    import zlib
-
-    from netprobe.sockets import connect_nonblocking, recv_exactly, resolve, send_all
-
-    deadline = time.monotonic() + timeout_s
-    payload = os.urandom(256 * 1024)
-    servers = [
-        make_server(ServerConfig(port=0, handle_signals=False), EchoOptions()),
-        make_server(ServerConfig(port=0, udp=True, handle_signals=False), EchoOptions()),
-    ]
-    threads = []
-    try:
-        bounds = [server.listen() for server in servers]
-        for server in servers:
-            thread = threading.Thread(target=server.run, daemon=True)
-            thread.start()
-            threads.append(thread)
-        tcp = bounds[0]
-        target = resolve("127.0.0.1", tcp.port or 0)[0]
-        outcome = connect_nonblocking(target, deadline=deadline, keep=True)
-        if outcome.sock is None:
-            return False, f"tcp connect {outcome.state}", "the echo server did not accept"
-        with outcome.sock as sock:
-            sender = threading.Thread(target=send_all, args=(sock, payload, deadline))
-            sender.start()  # write and read at once: the server's replies must not block us
-            echoed = recv_exactly(sock, len(payload), deadline)
-            sender.join(max(0.0, deadline - time.monotonic()))
-        udp_ok = _udp_round_trip(bounds[1].port or 0, deadline)
-    finally:
-        for server in servers:
-            server.stop()
-        for thread in threads:
-            thread.join(max(0.1, deadline - time.monotonic()))
-    stopped = not any(thread.is_alive() for thread in threads)
-    figure = f"tcp {len(echoed)} B crc32 {zlib.crc32(echoed):08x}, udp {'ok' if udp_ok else 'lost'}"
-    if echoed != payload:
-        return False, figure, "echoed bytes differ from those sent"
-    if not udp_ok:
-        return False, figure, "no UDP echo from 127.0.0.1"
-    if not stopped:
-        return False, figure, "the echo server did not stop in time"
-    return True, figure, "echo server round trips over TCP and UDP, then a clean stop"
 
 
 def _udp_round_trip(port: int, deadline: float) -> bool:
