@@ -21,5 +21,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "netprobe: pip install failed; see $log" >&2
     exit 1
   fi
+  # pip writes .pyc files for what it installs, but not for an editable checkout; without them
+  # (and with PYTHONDONTWRITEBYTECODE set, as on some CI hosts) every run recompiles netprobe.
+  "$venv/bin/python" -m compileall -q "$root/netprobe" >/dev/null 2>&1 || true
   echo "$want" > "$stamp"
 fi

@@ -45,6 +45,9 @@ if [ "$mode" != "--smoke" ] && command -v apt-get >/dev/null 2>&1; then
   fi
 fi
 
+# Measure netprobe as installed: fresh .pyc files, as pip leaves them (see _venv.sh).
+"$root/.venv/bin/python" -m compileall -q "$root/netprobe" >/dev/null 2>&1 || true
+
 status=0
 for bench in "$here"/bench_*; do
   name="$(basename "$bench")"
