@@ -48,6 +48,19 @@ fi
 # Measure netprobe as installed: fresh .pyc files, as pip leaves them (see _venv.sh).
 "$root/.venv/bin/python" -m compileall -q "$root/netprobe" >/dev/null 2>&1 || true
 
+# Every job prints its own verdicts against the issue's goals; gather them in one place.
+goals_section() {
+  echo "## Goals at a glance"
+  echo
+  echo "Each job's own verdict lines (\`grep -iE 'goal|identical|verified'\` over bench-out/*.log):"
+  echo
+  echo '```'
+  for log in "$root"/bench-out/bench_*.log; do
+    grep -iE 'goal|identical|verified' "$log" | sed "s|^|$(basename "$log" .log): |"
+  done
+  echo '```'
+}
+
 status=0
 for bench in "$here"/bench_*; do
   name="$(basename "$bench")"
@@ -74,5 +87,6 @@ for bench in "$here"/bench_*; do
   } >> "$out"
   echo "   $result in ${took}s (log: bench-out/$name.log)" >&2
 done
+goals_section >> "$out"
 echo "wrote $out" >&2
 exit $status
