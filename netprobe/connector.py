@@ -366,7 +366,7 @@ class _Run:
                     timeout = max(0.0, min(wake) - monotonic()) if wake else -1.0
                     if timeout != 0.0 and self.on_idle is not None:
                         self.on_idle()
-                for fd, mask in poller.poll(timeout, 1024):
+                for fd, _mask in poller.poll(timeout, 1024):
                     attempt = pending.pop(fd, None)
                     now = monotonic()
                     if attempt is not None:
@@ -385,11 +385,9 @@ class _Run:
                     held_attempt = held.get(fd)
                     if held_attempt is None:
                         continue
-                    how = _peer_ending(held_attempt.sock, mask)
+                    how = _peer_ending(held_attempt.sock)
                     if how == "data":
-                        # The peer talks; we only care how it ends, so stop waking on input.
-                        poller.modify(fd, select.EPOLLRDHUP)
-                        continue
+                        continue  # drained; epoll wakes us again for more bytes or the end
                     del held[fd]
                     _end_hold(held_attempt, now, how, out)
                     held_attempt.sock.close()
@@ -571,17 +569,25 @@ def _failed(job: ConnectJob, now: float, code: int | None) -> ConnectResult:
     return ConnectResult(job, classify_errno(code), errno_name(code), now, 0.0)
 
 
-def _peer_ending(sock: _socket.socket, mask: int) -> str:
-    """How a held connection ended when epoll flagged it: "reset", "eof" or "data"."""
+def _peer_ending(sock: _socket.socket) -> str:
+    """Drain what a held connection's peer sent: "eof", "reset", or "data" (still open).
+
+    The bytes themselves (a banner, say) do not matter to a connect test, but they must be
+    read: the socket is level-triggered, so unread bytes, or a FIN/RST queued behind them,
+    would wake the loop again at once, forever. Bounded so one chatty peer cannot stall the
+    loop; what is left wakes it again.
+    """
     try:
-        data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        for _ in range(16):
+            if not sock.recv(65536, socket.MSG_DONTWAIT):
+                return "eof"
+    except BlockingIOError:
+        return "data"
     except ConnectionResetError:
         return "reset"
-    except BlockingIOError:
-        return "eof" if mask & (select.EPOLLRDHUP | select.EPOLLHUP) else "data"
     except OSError:
         return "reset"
-    return "eof" if data == b"" else "data"
+    return "data"
 
 
 def _end_hold(attempt: _Attempt, now: float, how: str, out: list[ConnectResult]) -> None:

@@ -8,6 +8,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from netprobe.connector import ConnectJob, ConnectorStats, run_connects
 from netprobe.results import ConnectState
 from tests.helpers import LONG, ServerThread
@@ -174,4 +176,33 @@ def test_unix_sockets_open_refused_and_missing(tmp_path: Path) -> None:
                 assert result.errno_name == "ENOENT"
     finally:
         gone.close()
+        listener.close()
+
+
+@pytest.mark.parametrize(("ending", "want"), [("fin", "eof"), ("rst", "reset")])
+def test_hold_sees_the_end_after_a_banner(ending: str, want: str) -> None:
+    # A server that greets (ssh, smtp) and then closes: the banner must be read, or the
+    # level-triggered socket keeps waking the loop and the close is never seen.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.settimeout(LONG)
+    port = listener.getsockname()[1]
+
+    def greet_and_close() -> None:
+        conn, _ = listener.accept()
+        conn.sendall(b"220 banner\r\n")
+        time.sleep(0.05)
+        if ending == "rst":
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    thread = threading.Thread(target=greet_and_close)
+    thread.start()
+    try:
+        results = list(run_connects([_job(port)], concurrency=1, timeout_s=1, hold_s=3))
+        thread.join(LONG)
+        assert [r.ended_by for r in results] == [want]
+        assert results[0].held_s < 2.5  # ended by the peer, not by our 3 s hold
+    finally:
         listener.close()
