@@ -588,7 +588,7 @@ def connect_nonblocking(
         if source is not None:
             _bind_source(sock, source)
         code: int | None = sock.connect_ex(target.sockaddr)
-        if code in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY):
+        if code in _CONNECT_PENDING:
             code = _wait_connected(sock, deadline)
         elapsed = time.monotonic() - start
         if code is None:
@@ -607,6 +607,15 @@ def connect_nonblocking(
     finally:
         if not handed_over:
             sock.close()
+
+
+# A non-blocking connect still under way. Windows says WSAEWOULDBLOCK (10035); on Linux
+# EWOULDBLOCK is EAGAIN, which there means "AF_UNIX listener's queue is full" and is final
+# (SOCKETS.md section 3), so it must not be waited on.
+_CONNECT_PENDING = frozenset(
+    {errno.EINPROGRESS, errno.EALREADY}
+    | ({errno.EWOULDBLOCK} if sys.platform == "win32" else set())
+)
 
 
 def _bind_source(sock: socket.socket, source: str) -> None:
@@ -850,6 +859,8 @@ def fill_accept_queue(listener: socket.socket, *, deadline: float) -> list[socke
             outcome = connect_nonblocking(target, deadline=probe_deadline, keep=True)
             if outcome.state is ConnectState.TIMEOUT:
                 return clients
+            if family == socket.AF_UNIX and outcome.errno_name == "EAGAIN":
+                return clients  # a full Unix queue refuses at once instead of dropping SYNs
             if outcome.sock is None:
                 raise NetworkError("fill accept queue", None, outcome.errno_name)
             clients.append(outcome.sock)

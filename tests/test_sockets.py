@@ -24,6 +24,7 @@ from netprobe.sockets import (
     classify_errno,
     connect_nonblocking,
     errno_name,
+    fill_accept_queue,
     half_close,
     open_listener,
     raise_nofile_limit,
@@ -183,3 +184,21 @@ def test_resolve_rejects_malformed_names_as_bad_input() -> None:
 
     with pytest.raises(AddressError, match="not a valid host name"):
         resolve("a..b", 80)
+
+
+def test_full_unix_queue_is_eagain_not_open(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "full.sock")
+    listener = open_listener(None, path=path, backlog=1)
+    clients = fill_accept_queue(listener, deadline=time.monotonic() + LONG)
+    try:
+        assert len(clients) == 2  # listen(1) holds backlog + 1
+        outcome = connect_nonblocking(
+            Resolved(socket.AF_UNIX, path),  # type: ignore[arg-type]
+            deadline=time.monotonic() + LONG,
+        )
+        assert (outcome.state, outcome.errno_name) == (ConnectState.ERROR, "EAGAIN")
+        assert outcome.sock is None
+    finally:
+        for client in clients:
+            client.close()
+        listener.close()
