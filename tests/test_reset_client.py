@@ -244,3 +244,23 @@ def test_non_loopback_target_needs_allow_remote() -> None:
     assert len(lines) == 1
     assert "192.0.2.1" in lines[0]
     assert "--allow-remote" in lines[0]
+
+
+def test_a_stalled_send_is_that_connection_timing_out_not_the_end_of_the_run() -> None:
+    # Nobody ever reads (the listener never accepts), so every send stalls at the timeout.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    try:
+        result = invoke(
+            ["reset", "client", f"127.0.0.1:{port}", "--after-bytes", "64M", "--count", "2",
+             "--concurrency", "2", "--timeout", "500ms", "--json"]
+        )  # fmt: skip
+    finally:
+        listener.close()
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    conns = [r for r in records if r.get("event") == "connection"]
+    assert [r["ended_by"] for r in conns] == ["timeout", "timeout"]
+    assert records[-1]["event"] == "totals"
+    assert result.exit_code == 3

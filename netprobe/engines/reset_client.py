@@ -156,6 +156,7 @@ def _one_client(
     sock = outcome.sock
     peer = _Peer()
     sent = 0
+    timed_out = False
     began = time.monotonic()
     try:
         if trigger.kind is TriggerKind.AFTER_BYTES:
@@ -168,10 +169,16 @@ def _one_client(
         peer.look(sock, 0.0)  # what already arrived counts as "before the reset"
     except NetworkError as exc:
         peer.reset_errno = peer.reset_errno or exc.errno_name or "error"
+    except DeadlineExceeded:
+        # The server stopped reading and our send stalled: a result for this connection
+        # (still ended by our RST), not the end of the whole run.
+        timed_out = True
     finally:
         abort_connection(sock)
     elapsed = time.monotonic() - start
-    if peer.reset_errno is not None:
+    if timed_out and peer.reset_errno is None:
+        ended_by, state, action = "timeout", ConnectState.TIMEOUT, "rst"
+    elif peer.reset_errno is not None:
         ended_by, state, action = "server-rst", ConnectState.RESET, "none"
     elif peer.closed:
         ended_by, state, action = "server-fin", ConnectState.OPEN, "rst"
