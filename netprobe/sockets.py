@@ -823,7 +823,9 @@ def accept_and_close(listener: socket.socket, deadline: float) -> str | None:
 
     Returns:
         The peer as `host:port`, or None when nothing arrived before `deadline` or accept
-        failed (EMFILE leaves the connection queued, SOCKETS.md §6: the caller backs off).
+        failed. EMFILE/ENFILE leave the connection queued (SOCKETS.md §6), so the listener
+        stays readable: this waits until the deadline (at most 50 ms) before returning None,
+        or a caller's loop would spin.
     """
     left = deadline - time.monotonic()
     if left <= 0:
@@ -831,7 +833,9 @@ def accept_and_close(listener: socket.socket, deadline: float) -> str | None:
     listener.settimeout(left)
     try:
         conn, peer = listener.accept()
-    except OSError:  # includes TimeoutError
+    except OSError as exc:  # includes TimeoutError
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            time.sleep(max(0.0, min(0.05, deadline - time.monotonic())))
         return None
     conn.close()
     return format_hostport(str(peer[0]), int(peer[1]))
