@@ -1325,8 +1325,9 @@ def udp_probe_many(
                     continue
                 key, sock, started = entry
                 poller.unregister(fd)
-                yield (key, *_udp_verdict(sock), now - started)
-                sock.close()
+                verdict = _udp_verdict(sock)
+                sock.close()  # before the yield: a consumer may stop iterating right there
+                yield (key, *verdict, now - started)
             while head < len(order) and order[head][0] <= now:
                 _deadline, fd = order[head]
                 head += 1
@@ -1458,6 +1459,10 @@ class _SpliceWay:
     def done(self) -> bool:
         return self.eof and not self.pending
 
+    def close(self) -> None:
+        os.close(self.pipe_r)
+        os.close(self.pipe_w)
+
 
 def _shut_write(fd: int) -> None:
     # shutdown() needs a socket object; a dup keeps the caller's fd untouched.
@@ -1490,7 +1495,13 @@ def splice_relay(
         RelayResult. Network outcomes are data, never exceptions.
     """
     flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-    ways = [_SpliceWay(fd_a, fd_b, chunk), _SpliceWay(fd_b, fd_a, chunk)]
+    first = _SpliceWay(fd_a, fd_b, chunk)
+    try:
+        second = _SpliceWay(fd_b, fd_a, chunk)
+    except OSError:
+        first.close()  # out of fds for the second pipe: give back the first one's pair
+        raise
+    ways = [first, second]
     names = {fd_a: "a", fd_b: "b"}
     poller = select.poll()
     registered: dict[int, int] = {}  # fd -> event mask now registered
@@ -1564,8 +1575,7 @@ def splice_relay(
             ready = {fd for fd, _ in events}
     finally:
         for way in ways:
-            os.close(way.pipe_r)
-            os.close(way.pipe_w)
+            way.close()
 
 
 _RELAY_RESET = _names_to_numbers("ECONNRESET", "EPIPE", "ECONNABORTED", "ETIMEDOUT")
