@@ -616,6 +616,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self.server = server
         self.handler = handler
         self.transport: asyncio.DatagramTransport | None = None
+        self.raw_sock: socket.socket | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -642,9 +643,22 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             if buffered() > server.config.high_water:
                 totals.reasons["dropped"] = totals.reasons.get("dropped", 0) + 1
                 return
+            if payload:
+                transport.sendto(payload, addr)
+            else:
+                # asyncio's DatagramTransport.sendto(b"") sends nothing on CPython 3.11, yet
+                # an empty datagram is a real reply (port-check --udp probes with one).
+                # The raw socket given to asyncio: the transport's wrapper has no sendto.
+                raw = self.raw_sock
+                try:
+                    if raw is None:
+                        raise OSError("no socket for an empty reply")
+                    raw.sendto(b"", addr)
+                except OSError:
+                    totals.reasons["send-error"] = totals.reasons.get("send-error", 0) + 1
+                    return
             totals.datagrams_out += 1
             totals.bytes_out += len(payload)
-            transport.sendto(payload, addr)
 
         try:
             self.handler.on_datagram(data, addr, reply)
@@ -1041,9 +1055,11 @@ class Server:
         assert self._listener is not None
         assert self.datagram_handler is not None
         handler = self.datagram_handler
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _UdpProtocol(self, handler), sock=self._listener
+        sock = self._listener
+        transport, protocol = await loop.create_datagram_endpoint(
+            lambda: _UdpProtocol(self, handler), sock=sock
         )
+        protocol.raw_sock = sock  # for empty replies (see _UdpProtocol.datagram_received)
         self._udp_transport = transport
         self._listener = None  # the transport owns it now
 

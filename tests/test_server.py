@@ -549,3 +549,17 @@ def recv_until_eof(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def test_udp_empty_datagram_gets_an_empty_reply() -> None:
+    # port-check --udp probes with an empty datagram; asyncio's sendto(b"") sends nothing.
+    with (
+        serving(ServerConfig(port=0, udp=True), datagram_handler=UdpEcho()) as srv,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+    ):
+        client.settimeout(LONG)
+        client.connect(srv.addr)
+        client.send(b"")
+        assert client.recv(100) == b""
+        client.send(b"x")
+        assert client.recv(100) == b"x"
