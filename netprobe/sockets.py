@@ -783,6 +783,9 @@ def _open_unix_listener(path: str, backlog: int) -> socket.socket:
         raise LocalError("Unix sockets are not available on this platform")
     # sun_path holds 108 bytes on Linux (104 on macOS/BSD) with the NUL; a longer path fails
     # bind() with an errno-less OSError("AF_UNIX path too long"): it is the user's input.
+    if not path:
+        # bind("") would autobind an abstract address on Linux and "succeed" with no file.
+        raise AddressError("the Unix socket path is empty (give a path, e.g. --unix /tmp/x.sock)")
     size = len(os.fsencode(path))
     if size > 107:
         raise UsageError(f"unix:{path}: the path is {size} bytes; a Unix socket path may have 107")

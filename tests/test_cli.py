@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from netprobe import __version__
 from tests.helpers import invoke, run_netprobe
 
@@ -41,3 +43,16 @@ def test_no_arguments_shows_help_and_exits_2() -> None:
     result = invoke([])
     assert result.exit_code == 2
     assert "port-check" in result.text + result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["echo", "--unix", ""], ["reset", "serve", "--unix", ""], ["listen", "--unix", ""]],
+)
+def test_empty_unix_path_is_bad_input(argv: list[str]) -> None:
+    result = invoke(argv)
+    assert result.exit_code == 2
+    assert result.stdout == b""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1
+    assert "Unix socket path is empty" in lines[0]

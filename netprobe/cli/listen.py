@@ -5,7 +5,6 @@ address announcement and peer outcomes go to stderr. The work is netprobe.engine
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import IO, Annotated, Any, cast
 
 import typer
@@ -46,7 +45,7 @@ def listen(
     ] = 0,
     udp: Annotated[bool, typer.Option("--udp", help="Receive UDP datagrams.")] = False,
     unix: Annotated[
-        Path | None, typer.Option("--unix", metavar="PATH", help="Listen on a Unix stream socket.")
+        str | None, typer.Option("--unix", metavar="PATH", help="Listen on a Unix stream socket.")
     ] = None,
     keep_open: Annotated[
         bool,
@@ -111,7 +110,7 @@ def listen(
         port=port,
         family=family,
         udp=udp,
-        unix_path=str(unix) if unix is not None else None,
+        unix_path=unix,
         keep_open=keep_open,
         max_bytes=max_bytes,
         idle_timeout_s=idle_timeout if idle_timeout else None,
