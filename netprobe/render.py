@@ -34,7 +34,18 @@ class OutputFormat(StrEnum):
 
 
 def choose_format(*, json_out: bool, csv_out: bool, quiet: bool, out: TextIO) -> OutputFormat:
-    """The format the user asked for, else a table on a terminal and plain lines elsewhere."""
+    """The format the user asked for, else a table on a terminal and plain lines elsewhere.
+
+    Raises:
+        UsageError: more than one of --json, --csv and --quiet (each excludes the others).
+    """
+    asked = [
+        flag for flag, on in (("--json", json_out), ("--csv", csv_out), ("--quiet", quiet)) if on
+    ]
+    if len(asked) > 1:
+        from netprobe.errors import UsageError
+
+        raise UsageError(f"{' and '.join(asked)} exclude each other: choose one output")
     if quiet:
         return OutputFormat.QUIET
     if json_out:

@@ -1,0 +1,96 @@
+"""The output layer and the exit-code rules: pure functions, no sockets."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from netprobe.errors import (
+    DeadlineExceeded,
+    LocalError,
+    NetworkError,
+    PeerResetError,
+    ResolveError,
+    UsageError,
+)
+from netprobe.exitcodes import ExitStatus, exit_status_for_error, exit_status_for_state, worst
+from netprobe.render import Column, OutputFormat, Renderer, choose_format
+from netprobe.results import ConnectState
+
+COLUMNS = [Column("host", "HOST"), Column("port", "PORT", align_right=True), Column("ms", "MS")]
+ROWS = [{"host": "b", "port": 80, "ms": 1.23456}, {"host": "a", "port": 443, "ms": None}]
+
+
+def _render(fmt: OutputFormat) -> str:
+    out = io.StringIO()
+    renderer = Renderer(fmt, out, COLUMNS, sort_key=lambda r: r["host"])
+    renderer.emit_all(ROWS)
+    renderer.close()
+    return out.getvalue()
+
+
+def test_json_lines_carry_every_key_in_order_of_arrival() -> None:
+    lines = _render(OutputFormat.JSON).splitlines()
+    assert [json.loads(line) for line in lines] == ROWS
+
+
+def test_csv_has_a_header_and_empty_cells_for_none() -> None:
+    assert _render(OutputFormat.CSV).splitlines() == ["host,port,ms", "b,80,1.235", "a,443,"]
+
+
+def test_plain_streams_and_table_sorts_and_aligns() -> None:
+    assert _render(OutputFormat.PLAIN).splitlines() == ["b 80 1.235", "a 443 -"]
+    assert _render(OutputFormat.TABLE).splitlines() == [
+        "HOST  PORT  MS",
+        "a      443  -",
+        "b       80  1.235",
+    ]
+    assert _render(OutputFormat.QUIET) == ""
+
+
+def test_choose_format() -> None:
+    pipe = io.StringIO()  # not a terminal
+    assert choose_format(json_out=False, csv_out=False, quiet=False, out=pipe) is OutputFormat.PLAIN
+    assert choose_format(json_out=True, csv_out=False, quiet=False, out=pipe) is OutputFormat.JSON
+    assert choose_format(json_out=False, csv_out=True, quiet=False, out=pipe) is OutputFormat.CSV
+    assert choose_format(json_out=False, csv_out=False, quiet=True, out=pipe) is OutputFormat.QUIET
+    with pytest.raises(UsageError, match="--json and --csv exclude each other"):
+        choose_format(json_out=True, csv_out=True, quiet=False, out=pipe)
+
+
+def test_worst_follows_the_documented_order() -> None:
+    assert worst([]) is ExitStatus.OK
+    assert worst([ExitStatus.TIMEOUT, ExitStatus.RESET]) is ExitStatus.RESET
+    assert worst([ExitStatus.RESET, ExitStatus.NOT_OPEN]) is ExitStatus.NOT_OPEN
+    assert worst([ExitStatus.NOT_OPEN, ExitStatus.RESOLVE]) is ExitStatus.RESOLVE
+    assert worst([ExitStatus.RESOLVE, ExitStatus.LOCAL]) is ExitStatus.LOCAL
+    assert worst([ExitStatus.LOCAL, ExitStatus.INTERNAL, ExitStatus.OK]) is ExitStatus.INTERNAL
+    assert worst([ExitStatus.OK, ExitStatus.WAIT_DEADLINE]) is ExitStatus.WAIT_DEADLINE
+
+
+@pytest.mark.parametrize(
+    ("exc", "status"),
+    [
+        (UsageError("x"), ExitStatus.USAGE),
+        (LocalError("x"), ExitStatus.LOCAL),
+        (ResolveError("resolve", -2, "EAI_NONAME"), ExitStatus.RESOLVE),
+        (PeerResetError("recv", 104, "ECONNRESET"), ExitStatus.RESET),
+        (DeadlineExceeded("recv"), ExitStatus.TIMEOUT),
+        (NetworkError("connect", 111, "ECONNREFUSED"), ExitStatus.NOT_OPEN),
+        (KeyboardInterrupt(), ExitStatus.INTERRUPTED),
+        (RuntimeError("bug"), ExitStatus.INTERNAL),
+    ],
+)
+def test_exit_status_for_error(exc: BaseException, status: ExitStatus) -> None:
+    assert exit_status_for_error(exc) is status
+
+
+def test_every_connect_state_has_an_exit_status() -> None:
+    assert exit_status_for_state(ConnectState.OPEN) is ExitStatus.OK
+    assert exit_status_for_state(ConnectState.REFUSED) is ExitStatus.NOT_OPEN
+    assert exit_status_for_state(ConnectState.TIMEOUT) is ExitStatus.TIMEOUT
+    assert exit_status_for_state(ConnectState.RESET) is ExitStatus.RESET
+    assert exit_status_for_state(ConnectState.RESOLVE) is ExitStatus.RESOLVE
+    assert {exit_status_for_state(s) for s in ConnectState} <= set(ExitStatus)
