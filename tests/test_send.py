@@ -510,3 +510,19 @@ def test_bad_input_exits_2_with_one_line(args: list[str], needle: str) -> None:
     assert res.stdout == b""
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert needle in res.stderr
+
+
+def test_json_says_how_a_run_without_a_connection_ended(
+    closed_port: int, full_queue_port: int
+) -> None:
+    refused = invoke(["send", f"127.0.0.1:{closed_port}", "x", "--json"])
+    assert refused.exit_code == 1
+    record = json.loads(refused.stdout)
+    assert (record["ended_by"], record["errno_name"], record["address"]) == (
+        "error",
+        "ECONNREFUSED",
+        None,
+    )
+    hung = invoke(["send", f"127.0.0.1:{full_queue_port}", "x", "--json", "--timeout", "300ms"])
+    assert hung.exit_code == 3
+    assert json.loads(hung.stdout)["ended_by"] == "timeout"

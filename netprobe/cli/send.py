@@ -11,7 +11,7 @@ from typing import IO, TYPE_CHECKING, Annotated, Any, cast
 import typer
 
 from netprobe.cli._options import IPv4Opt, IPv6Opt, duration, family_of, size
-from netprobe.errors import UsageError
+from netprobe.errors import DeadlineExceeded, NetworkError, UsageError
 
 if TYPE_CHECKING:
     from netprobe.engines.send import InputSource
@@ -280,7 +280,12 @@ def send(
             emit((dump_json(stats) + "\n" if json_out else _stats_text(stats)).encode())
             raise typer.Exit(int(status))
         transcript = Transcript(transcript_out) if transcript_out is not None else None
-        result = exchange(opts, None if json_out else emit, transcript)
+        try:
+            result = exchange(opts, None if json_out else emit, transcript)
+        except (NetworkError, DeadlineExceeded) as exc:
+            if json_out:  # every run says how it ended, a failed connect too
+                emit((dump_json(_unconnected_record(target, opts.udp, exc)) + "\n").encode())
+            raise  # the one stderr line and the exit code come from cli/_run
     finally:
         if handle is not None:
             handle.close()
@@ -297,3 +302,23 @@ def send(
             why = "no answer before the idle timeout"
         sys.stderr.write(f"netprobe: send: {result.address}: {why}\n")
     raise typer.Exit(int(status))
+
+
+def _unconnected_record(target: str, udp: bool, exc: Exception) -> dict[str, Any]:
+    """The --json object of a run that never got a connection (same keys as a normal run)."""
+    timed_out = isinstance(exc, DeadlineExceeded)
+    proto = "unix" if target.startswith("unix:") else ("udp" if udp else "tcp")
+    return {
+        "kind": "send",
+        "target": target,
+        "address": None,
+        "proto": proto,
+        "bytes_sent": 0,
+        "bytes_received": 0,
+        "connect_ms": None,
+        "first_byte_ms": None,
+        "total_ms": None,
+        "ended_by": "timeout" if timed_out else "error",
+        "errno_name": None if timed_out else getattr(exc, "errno_name", None),
+        "error": str(exc),
+    }
