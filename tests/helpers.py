@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,3 +116,35 @@ class ServerThread:
         self._thread.join(LONG)
         self.listener.close()
         assert not self._thread.is_alive(), "server thread did not stop"
+
+
+@contextlib.contextmanager
+def udp_echo_thread(prefix: bytes = b"") -> Iterator[int]:
+    """A UDP echo on 127.0.0.1 in a thread (each reply is prefix + datagram); yields its port.
+
+    The socket is bound before the thread starts; on exit the thread is stopped and joined.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(SHORT)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                data, peer = sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            sock.sendto(prefix + data, peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(LONG)
+        sock.close()
+        assert not thread.is_alive(), "UDP echo thread did not stop"

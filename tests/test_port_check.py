@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import HAS_IPV6
-from tests.helpers import LONG, ROOT, SHORT, ServerThread, invoke
+from tests.helpers import LONG, ROOT, ServerThread, invoke, udp_echo_thread
 
 
 def _json_lines(stdout: bytes) -> list[dict[str, Any]]:
@@ -203,31 +202,9 @@ def test_ipv6_loopback() -> None:
 
 @pytest.fixture
 def udp_echo() -> Iterator[int]:
-    """A UDP echo service on 127.0.0.1 (one thread, stopped and joined afterwards)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(SHORT)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                data, peer = sock.recvfrom(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            sock.sendto(data, peer)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(LONG)
-        sock.close()
-        assert not thread.is_alive()
+    """A UDP echo on 127.0.0.1."""
+    with udp_echo_thread() as port:
+        yield port
 
 
 def _free_udp_port() -> int:

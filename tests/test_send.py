@@ -15,7 +15,7 @@ import pytest
 
 from netprobe.framing import parse_framing
 from tests.conftest import HAS_IPV6
-from tests.helpers import LONG, SHORT, ServerThread, invoke
+from tests.helpers import LONG, ServerThread, invoke, udp_echo_thread
 
 Handler = Callable[[socket.socket], None]
 
@@ -326,28 +326,9 @@ def test_unix_socket_exchange(tmp_path: Path) -> None:
 
 @pytest.fixture
 def udp_echo() -> Iterator[int]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(SHORT)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                data, peer = sock.recvfrom(65536)
-            except TimeoutError:
-                continue
-            sock.sendto(b"re:" + data, peer)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(LONG)
-        sock.close()
-        assert not thread.is_alive()
+    """A UDP echo on 127.0.0.1 (replies are prefixed re:)."""
+    with udp_echo_thread(prefix=b"re:") as port:
+        yield port
 
 
 def test_udp_each_line_is_a_datagram(udp_echo: int) -> None:
