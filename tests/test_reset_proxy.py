@@ -17,6 +17,7 @@ import pytest
 from netprobe.engines.reset import Direction, ServeMode, Toxics
 from netprobe.engines.reset_client import generated_stream
 from netprobe.engines.reset_faults import Action, TriggerKind
+from netprobe.kernel import find_listener, read_sysctl
 from tests.helpers import LONG, invoke
 from tests.test_reset_helpers import (
     connect,
@@ -343,3 +344,19 @@ def test_bytes_before_the_trigger_still_arrive_under_latency() -> None:
     # The 50 000 bytes held back by the latency went out first, then the RST.
     assert (got, ending) == (generated_stream(50_000), "ECONNRESET")
     assert records[0]["reason"] == "rst"
+
+
+def test_backlog_option_sets_the_listen_queue_limit() -> None:
+    # A proxy in front of many clients connecting at once needs a queue longer than the
+    # default 128 (the load test holds 1,000): the kernel's own limit shows what listen() got.
+    with (
+        serve(options()) as (up_port, _),
+        subprocess_server(
+            ["reset", "proxy", "--upstream", f"127.0.0.1:{up_port}", "--backlog", "1000"]
+        ) as (_proc, announce),
+    ):
+        row = find_listener(int(announce["port"]), "127.0.0.1")
+        assert row is not None
+        if row.limit is None:
+            pytest.skip("no inet_diag: /proc/net/tcp does not show the queue limit")
+        assert row.limit == min(1000, int(read_sysctl("net/core/somaxconn") or 4096))

@@ -127,6 +127,12 @@ Bandwidth = Annotated[
         rich_help_panel=_A,
     ),
 ]
+Backlog = Annotated[
+    int,
+    typer.Option(
+        "--backlog", min=0, help="listen() backlog (raise it when many clients connect at once)."
+    ),
+]
 Count = Annotated[
     int | None, typer.Option("--count", metavar="N", min=1, help="Stop after N connections.")
 ]
@@ -513,7 +519,7 @@ def serve(
             "--accept-rate", min=0.001, metavar="R", help="Accepts per second with --slow-accept."
         ),
     ] = 1.0,
-    backlog: Annotated[int, typer.Option("--backlog", min=0, help="listen() backlog.")] = 128,
+    backlog: Backlog = 128,
     count: Count = None,
     run_for: Duration = None,
     json_out: JsonOpt = False,
@@ -676,6 +682,7 @@ def proxy(
             help="Never use the splice(2) relay for fault-free connections (Linux fast path).",
         ),
     ] = False,
+    backlog: Backlog = 128,
     count: Count = None,
     run_for: Duration = None,
     json_out: JsonOpt = False,
@@ -745,6 +752,7 @@ def proxy(
     config = ServerConfig(
         host=listen_host,
         port=listen_port,
+        backlog=backlog,
         count=count,
         duration_s=_duration_opt(run_for, "--duration"),
     )
