@@ -30,6 +30,7 @@ __all__ = [
     "kernel_facts",
     "read_counters",
     "read_sysctl",
+    "runnable_tasks",
     "socket_owners",
     "syn_recv_count",
     "tcp_listeners",
@@ -62,6 +63,19 @@ def read_sysctl(name: str, root: str = _PROC_SYS) -> str | None:
         with open(path, encoding="ascii") as handle:
             return handle.read().strip()
     except OSError:
+        return None
+
+
+def runnable_tasks(path: str = "/proc/loadavg") -> int | None:
+    """Tasks runnable at this instant, the reader included (/proc/loadavg's "R/T" field).
+
+    Unlike the load averages, which still count the last minute's work, this tells whether
+    a core is free right now. None where /proc is missing.
+    """
+    try:
+        with open(path, encoding="ascii") as handle:
+            return int(handle.read().split()[3].split("/")[0])
+    except (OSError, IndexError, ValueError):
         return None
 
 

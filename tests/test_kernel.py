@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,16 @@ def test_kernel_facts_summary_keys() -> None:
 
 def test_read_sysctl_missing_is_none() -> None:
     assert kernel.read_sysctl("net.core.no_such_sysctl_here") is None
+
+
+def test_runnable_tasks_reads_the_instant_count(tmp_path: Path) -> None:
+    fake = tmp_path / "loadavg"
+    fake.write_text("5.35 0.61 0.88 3/79 2863\n")
+    assert kernel.runnable_tasks(str(fake)) == 3  # the 1-minute load (5.35) is not it
+    fake.write_text("garbage\n")
+    assert kernel.runnable_tasks(str(fake)) is None
+    assert kernel.runnable_tasks(str(fake) + ".missing") is None
+    if os.path.exists("/proc/loadavg"):
+        running = kernel.runnable_tasks()
+        assert running is not None
+        assert running >= 1  # this process is running as it reads
