@@ -126,6 +126,30 @@ def test_refused_sockets_are_reused_without_changing_verdicts(closed_port: int) 
             srv.stop()
 
 
+def test_on_refused_takes_the_refusals_and_only_them(
+    server: ServerThread, closed_port: int, full_queue_port: int
+) -> None:
+    ports = [closed_port, server.port, closed_port, full_queue_port, closed_port]
+    jobs = [_job(port, key=(i, port)) for i, port in enumerate(ports * 8)]
+    refused: list[ConnectJob] = []
+    for concurrency in (1, 50):  # the inline path and the epoll path
+        refused.clear()
+        results = list(
+            run_connects(jobs, concurrency=concurrency, timeout_s=0.1, on_refused=refused.append)
+        )
+        assert sorted(j.key for j in refused) == sorted(
+            j.key for j in jobs if j.key[1] == closed_port
+        )
+        assert sorted(r.job.key for r in results) == sorted(
+            j.key for j in jobs if j.key[1] != closed_port
+        )
+        for result in results:
+            want = ConnectState.OPEN if result.job.key[1] == server.port else ConnectState.TIMEOUT
+            assert result.state is want, result
+    with pytest.raises(ValueError, match="workers"):
+        list(run_connects(jobs, concurrency=1, timeout_s=1, workers=2, on_refused=print))
+
+
 def test_workers_split_the_jobs_and_merge_every_result(closed_port: int) -> None:
     # A bare listener (no accept thread), so this process stays single-threaded and forks.
     listener = socket.socket()

@@ -486,9 +486,16 @@ class _KeyedJobs(Sequence[ConnectJob]):
         return ConnectJob(key, host.family, (host.sockaddr[0], port, *host.sockaddr[2:]))
 
     def __iter__(self) -> Iterator[ConnectJob]:
-        job = self._job
+        # The hot loop of a scan: one job per port, so per-host parts are looked up once.
+        hosts, last, family, address = self._hosts, -1, 0, ""
+        tail: tuple[Any, ...] = ()
         for key in self._keys:
-            yield job(key)
+            index = key >> 16
+            if index != last:
+                host, last = hosts[index], index
+                family, address, tail = host.family, host.sockaddr[0], tuple(host.sockaddr[2:])
+            port = key & 0xFFFF
+            yield ConnectJob(key, family, (address, port, *tail) if tail else (address, port))
 
 
 def _all_keys(hosts: Sequence[HostSpec]) -> _AllKeys:
@@ -503,8 +510,11 @@ def _probe(
     concurrency: int,
     timeout_s: float,
     stats: ConnectorStats | None = None,
+    on_refused: Callable[[ConnectJob], None] | None = None,
 ) -> Iterator[tuple[int, ConnectState, str | None, float]]:
-    """One attempt per key: (key, state, errno_name, elapsed_s) in completion order."""
+    """One attempt per key: (key, state, errno_name, elapsed_s) in completion order.
+
+    With `on_refused` (TCP only), refused attempts go there instead of being yielded."""
     if config.udp:
         items = ((key, _udp_target(hosts, key)) for key in keys)
         yield from udp_probe_many(
@@ -521,6 +531,7 @@ def _probe(
         timeout_s=timeout_s,
         rate=config.rate,
         stats=stats,
+        on_refused=on_refused,
     )
     yield from ((r.job.key, r.state, r.errno_name, r.elapsed_s) for r in results)
 
@@ -540,14 +551,22 @@ def _workers_for(config: CheckConfig, jobs: int) -> int:
     if config.udp or config.rate or jobs < _FORK_THRESHOLD:
         return 1
     cores = os.cpu_count() or 1
-    # A second process only pays when a core is (mostly) idle; on a busy host it only adds
-    # work (measured on 2 cores: up to 2x slower at load 3-6, 1.3-1.6x faster when idle). A
-    # benchmark alternating with another tool keeps the 1-minute load near 1 by itself.
+    if cores < 2:
+        return 1
+    # A second process only pays when a core is idle; on a busy host it only adds work
+    # (measured on 2 cores: up to 2x slower at load 3-6, 1.6-1.9x faster when idle). What
+    # counts is now: the runnable tasks at this instant besides us. The 1-minute load average
+    # still carries work that ended seconds ago (a scan just before this one, say).
+    from netprobe.kernel import runnable_tasks
+
+    running = runnable_tasks()
+    if running is not None:
+        return 2 if running - 1 <= cores - 2 else 1
     try:
         busy = os.getloadavg()[0]
     except OSError:
         busy = 0.0
-    return 2 if cores >= 2 and busy < cores else 1
+    return 2 if busy < cores else 1
 
 
 def run_checks(
@@ -600,6 +619,13 @@ def _one_pass(
     # Ports left out by open_only are counted here in bulk and folded into the tally at the end.
     skipped: dict[tuple[PortState, str | None, Expect], int] = {}
     timeout, is_open = ConnectState.TIMEOUT, PortState.OPEN
+    # An open-only TCP scan counts refusals per host without building a result for each:
+    # closed ports are most of a scan.
+    refused = [0] * len(hosts) if open_only and not config.udp else None
+
+    def on_refused(job: ConnectJob) -> None:
+        refused[job.key >> 16] += 1  # type: ignore[index]
+
     try:
         for attempt in range(1, config.retries + 2):
             last = attempt == config.retries + 1
@@ -611,6 +637,7 @@ def _one_pass(
                 concurrency=concurrency,
                 timeout_s=config.timeout_s,
                 stats=stats,
+                on_refused=on_refused if refused is not None else None,
             ):
                 if state is timeout and not last:
                     silent.append(key)
@@ -630,6 +657,12 @@ def _one_pass(
                 return
             keys = sorted(silent)
     finally:
+        if refused is not None:
+            closed = _TCP_STATE[ConnectState.REFUSED]
+            for index, number in enumerate(refused):
+                if number:
+                    bucket = (closed, "ECONNREFUSED", hosts[index].expect)
+                    skipped[bucket] = skipped.get(bucket, 0) + number
         if tally is not None:
             for (mapped, errno_name, expect), number in skipped.items():
                 tally.count(mapped, errno_name, expectation_met(mapped, expect), number)
