@@ -63,7 +63,7 @@ class ConnectJob:
     Attributes:
         key: anything the caller wants back with the result (e.g. the target and port).
         family: socket.AF_INET, AF_INET6 or AF_UNIX.
-        sockaddr: what connect() takes.
+        sockaddr: what connect() takes, with a numeric address (as getaddrinfo gives it).
         source: local address to bind before connecting (None: the kernel chooses).
     """
 
@@ -203,13 +203,25 @@ _EALREADY = errno.EALREADY
 _EISCONN = errno.EISCONN
 _ECONNREFUSED = errno.ECONNREFUSED
 _REFUSED = ConnectState.REFUSED
+_OPEN = ConnectState.OPEN
 _REFUSED_NAME = "ECONNREFUSED"
 # On a reused socket, a first connect() answering one of these means the refusal did not
 # reset it (Linux resets it: __inet_stream_connect's sock_error path calls disconnect).
 _NOT_RESET = frozenset({errno.EALREADY, errno.EISCONN, errno.ECONNABORTED, errno.EINVAL})
 _SOL_SOCKET = socket.SOL_SOCKET
 _SO_ERROR = socket.SO_ERROR
+_SO_LINGER = socket.SO_LINGER
 _LINGER_ZERO = struct.pack("ii", 1, 0)  # struct linger {l_onoff 1, l_linger 0}: close sends RST
+
+
+def _ephemeral_ports(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
+    """The range the kernel picks local ports from; every port when it cannot be read."""
+    try:
+        with open(path, encoding="ascii") as handle:
+            low, high = (int(word) for word in handle.read().split())
+    except (OSError, ValueError):
+        return 1, 65535
+    return low, high
 
 
 def _is_loopback_sockaddr(family: int, sockaddr: Any) -> bool:
@@ -255,6 +267,9 @@ class _Run:
         self.out: list[ConnectResult] = []
         self.reuse = True  # reuse refused sockets (see iterate); off if the kernel disagrees
         self.on_refused: Callable[[ConnectJob], None] | None = None
+        # A socket can only meet itself (or another of ours) on a port the kernel could have
+        # given it as its local port: outside this range the check costs nothing.
+        self.ephemeral = _ephemeral_ports()
 
     def close(self) -> None:
         for attempt in list(self.pending.values()) + list(self.held.values()):
@@ -271,6 +286,13 @@ class _Run:
         exhausted = False
         next_start = monotonic()
         new_socket, out_append, on_refused = _socket.socket, out.append, self.on_refused
+        eph_low, eph_high = self.ephemeral
+        fast_open = self.hold_s <= 0  # an OPEN verdict is final at once: close and report
+        abortive, loop_pending = self.abortive, self.loop_pending
+        # Whether the last job's address could meet one of our own sockets (a flood reuses
+        # one address object for all its jobs: worked out once).
+        last_addr: Any = None
+        addr_meets = False
         spare: _socket.socket | None = None  # refused last time: reusable for the next job
         spare_family = 0
         try:
@@ -299,8 +321,10 @@ class _Run:
                         reused = sock is not None
                         spare = None
                         if sock is None:
-                            with contextlib.suppress(OSError):  # _start retries and sorts EMFILE
+                            try:
                                 sock = new_socket(family, _STREAM_NONBLOCK)
+                            except OSError:  # _start retries and sorts EMFILE out
+                                sock = None
                         if sock is not None:
                             addr = job.sockaddr
                             try:
@@ -332,6 +356,38 @@ class _Run:
                                     sock.close()
                             elif code == _EALREADY:
                                 self._wait_for(job, sock, now)
+                            elif (code == _EISCONN or code == 0) and fast_open:
+                                # Connected (a flood's common case), inlined: close and report,
+                                # after the self-connect check where one is possible at all.
+                                if addr is not last_addr:
+                                    last_addr = addr
+                                    addr_meets = (
+                                        family != _AF_UNIX
+                                        and eph_low <= addr[1] <= eph_high
+                                        and _is_loopback_sockaddr(family, addr)
+                                    )
+                                met = False
+                                if addr_meets:
+                                    try:
+                                        local = sock.getsockname()
+                                    except OSError:
+                                        local = None
+                                    if local is not None and (
+                                        local[1] in loop_pending
+                                        or (local[1] == addr[1] and local[0] == addr[0])
+                                    ):
+                                        met = self._met_ourselves(job, sock, now)
+                                if not met:
+                                    if abortive:
+                                        # try, not suppress(): no context object per connect
+                                        try:  # noqa: SIM105
+                                            sock.setsockopt(_SOL_SOCKET, _SO_LINGER, _LINGER_ZERO)
+                                        except OSError:
+                                            pass
+                                    sock.close()
+                                    out_append(
+                                        ConnectResult(job, _OPEN, None, now, monotonic() - now)
+                                    )
                             elif code >= 0:
                                 if code == _EISCONN:
                                     code = 0
@@ -529,9 +585,7 @@ class _Run:
                 ConnectResult(job, state, verdict[1], started, now - started, 0.0, ended_by)
             )
             return
-        if job.family != socket.AF_UNIX and self._connected_to_ourselves(job, sock, now):
-            _close(sock, True)
-            self.out.append(ConnectResult(job, ConnectState.REFUSED, None, started, now - started))
+        if job.family != socket.AF_UNIX and self._met_ourselves(job, sock, started, now):
             return
         if self.hold_s > 0:
             attempt = _Attempt(job, sock, started, started + self.timeout_s)
@@ -546,14 +600,31 @@ class _Run:
         _close(sock, self.abortive)
         self.out.append(ConnectResult(job, state, None, started, now - started))
 
+    def _met_ourselves(
+        self, job: ConnectJob, sock: _socket.socket, started: float, now: float | None = None
+    ) -> bool:
+        """A connected socket that met itself or another of our pending sockets: True once
+        it is closed and reported REFUSED (nothing listens there), else False."""
+        if now is None:
+            now = time.monotonic()
+        if not self._connected_to_ourselves(job, sock, now):
+            return False
+        _close(sock, True)
+        self.out.append(ConnectResult(job, ConnectState.REFUSED, None, started, now - started))
+        return True
+
     def _connected_to_ourselves(self, job: ConnectJob, sock: _socket.socket, now: float) -> bool:
         """True for a self-connect or a connect to another of our pending sockets."""
-        if not _is_loopback_sockaddr(job.family, job.sockaddr):
+        low, high = self.ephemeral
+        if not (low <= job.sockaddr[1] <= high and _is_loopback_sockaddr(job.family, job.sockaddr)):
             return False
         try:
-            local, peer = sock.getsockname(), sock.getpeername()
+            local = sock.getsockname()
         except OSError:
             return False
+        # The peer of a connected socket is where it connected to: job.sockaddr (numeric, as
+        # getaddrinfo gave it), so one getsockname() call is enough.
+        peer = job.sockaddr
         if local[:2] == peer[:2]:
             self.st.extra["self_connects"] = self.st.extra.get("self_connects", 0) + 1
             return True

@@ -149,7 +149,25 @@ def netns_main() -> None:
             sock.close()
 
 
-def _run_in_netns() -> dict[str, Any] | None:
+def self_connect_main() -> None:
+    """Runs inside the namespace: with the ephemeral range cut to two ports, scan exactly
+    those ports, where every connect that "succeeds" met one of our own sockets."""
+    from netprobe.connector import ConnectJob, ConnectorStats, run_connects
+
+    low = 40000
+    with open("/proc/sys/net/ipv4/ip_local_port_range", "w", encoding="ascii") as sysctl:
+        sysctl.write(f"{low} {low + 1}")
+    states: dict[str, int] = {}
+    stats = ConnectorStats()
+    for concurrency in (1, 2, 2, 1):
+        jobs = [ConnectJob(port, socket.AF_INET, ("127.0.0.1", port)) for port in (low, low + 1)]
+        for _ in range(20):
+            for result in run_connects(jobs, concurrency=concurrency, timeout_s=2.0, stats=stats):
+                states[result.state.value] = states.get(result.state.value, 0) + 1
+    print(json.dumps({"states": states, "self_connects": stats.extra.get("self_connects", 0)}))
+
+
+def _run_in_netns(code: str = "") -> dict[str, Any] | None:
     unshare, ip = shutil.which("unshare"), shutil.which("ip")
     if unshare is None or ip is None or not sys.platform.startswith("linux"):
         return None
@@ -161,7 +179,7 @@ def _run_in_netns() -> dict[str, Any] | None:
     )
     if probe.returncode != 0:
         return None
-    code = "from tests.test_port_check_fullscan import netns_main; netns_main()"
+    code = code or "from tests.test_port_check_fullscan import netns_main; netns_main()"
     proc = subprocess.run(
         [
             unshare,
@@ -221,3 +239,15 @@ def test_full_range_scan_in_the_host_namespace_finds_our_ports() -> None:
     finally:
         for sock in listeners + closed:
             sock.close()
+
+
+def test_a_socket_that_meets_itself_is_not_an_open_port() -> None:
+    # Linux lets a connect to a free port of the ephemeral range pick that very port as its
+    # source: the socket "connects" to itself (TCP simultaneous open). Nothing listens there.
+    report = _run_in_netns(
+        "from tests.test_port_check_fullscan import self_connect_main; self_connect_main()"
+    )
+    if report is None:
+        pytest.skip("no private network namespace here (unshare -rn)")
+    assert report["states"] == {"refused": 160}, report
+    assert report["self_connects"] > 0, report  # the case really happened

@@ -987,7 +987,9 @@ def _run(
                 if left <= 0 or time.monotonic() >= run_deadline:
                     break
                 step_index[0] = index
-                step_tally = _Tally()
+                # Steps are reported for ramps only; without one, a second tally of the same
+                # results would only double the counting on the hot path.
+                step_tally = _Tally() if cfg.ramp else tally
                 step_tallies.append(step_tally)
                 step_server.append({"queue": 0, "overflows_before": 0})
                 if cfg.ramp:
@@ -1001,7 +1003,7 @@ def _run(
                         "TcpExt.ListenOverflows", 0
                     )
                 jobs = _jobs(resolved.family, resolved.sockaddr, cfg.sources, left, counter, until)
-                for result in run_connects(
+                results = run_connects(
                     jobs,
                     concurrency=concurrency,
                     timeout_s=cfg.timeout_s,
@@ -1009,9 +1011,15 @@ def _run(
                     hold_s=cfg.hold_s,
                     stop_at=stop_at,
                     stats=stats,
-                ):
-                    tally.add(result)
-                    step_tally.add(result)
+                )
+                add, add_step = tally.add, step_tally.add
+                if step_tally is tally:
+                    for result in results:
+                        add(result)
+                else:
+                    for result in results:
+                        add(result)
+                        add_step(result)
                 left = connections - tally.attempted
                 finished_at[0] = time.monotonic()
                 if on_host:
