@@ -43,6 +43,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_SRC = ROOT / "scripts" / "bench_echo_client.c"
+CEILING_SRC = ROOT / "scripts" / "bench_echo_ceiling.c"
 MIB = 1024 * 1024
 
 
@@ -63,19 +64,24 @@ class EchoMismatch(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
-def build_client() -> Path:
+def build_c(source: Path) -> Path:
+    """Compile scripts/NAME.c into a cache directory (once per change) and return the binary."""
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
         raise BenchError("gcc not found: the load generator is C (apt-get install gcc)")
     cache = Path(tempfile.gettempdir()) / "netprobe-bench"
     cache.mkdir(exist_ok=True)
-    binary = cache / "bench_echo_client"
-    if not binary.exists() or binary.stat().st_mtime < CLIENT_SRC.stat().st_mtime:
+    binary = cache / source.stem
+    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
         # Build under a private name, then rename: concurrent runs never see half a binary.
-        partial = cache / f"bench_echo_client.{os.getpid()}"
-        subprocess.run([gcc, "-O2", "-pthread", "-o", str(partial), str(CLIENT_SRC)], check=True)
+        partial = cache / f"{source.stem}.{os.getpid()}"
+        subprocess.run([gcc, "-O2", "-pthread", "-o", str(partial), str(source)], check=True)
         os.replace(partial, binary)
     return binary
+
+
+def build_client() -> Path:
+    return build_c(CLIENT_SRC)
 
 
 def free_port() -> int:
@@ -154,6 +160,8 @@ class ServerSpec:
     argv: Callable[[int], list[str]]
     forks: bool = False  # one process per client (idle test uses fewer connections)
     idle: bool = True  # take part in the idle-RSS test
+    reference: bool = False  # not a product: a yardstick (reported apart, no goals)
+    env: dict[str, str] = field(default_factory=dict)  # added to the server's environment
 
 
 def netprobe_argv(port: int) -> list[str]:
@@ -165,6 +173,10 @@ SERVERS = {
     "netprobe-w2": ServerSpec(
         "netprobe-w2", lambda p: [*netprobe_argv(p), "--workers", "2"], idle=False
     ),
+    # The portable path: asyncio's own loop instead of uvloop (what the choice is worth).
+    "netprobe-asyncio": ServerSpec(
+        "netprobe-asyncio", netprobe_argv, idle=False, env={"NETPROBE_EVENT_LOOP": "asyncio"}
+    ),
     "socat": ServerSpec(
         "socat",
         lambda p: ["socat", f"TCP-LISTEN:{p},reuseaddr,fork,bind=127.0.0.1,backlog=4096", "PIPE"],
@@ -175,6 +187,21 @@ SERVERS = {
         lambda p: ["ncat", "-l", "-k", "-m", "20000", "--exec", "/bin/cat", "127.0.0.1", str(p)],
         forks=True,
     ),
+    # Yardsticks: what one process on one event loop reaches here at all, in C and in plain
+    # Python (no asyncio, no features). A goal that even the C one misses is out of reach of
+    # any one-process server on this machine.
+    "c-epoll": ServerSpec(
+        "c-epoll",
+        lambda p: [str(build_c(CEILING_SRC)), str(p)],
+        idle=False,
+        reference=True,
+    ),
+    "py-epoll": ServerSpec(
+        "py-epoll",
+        lambda p: [sys.executable, str(ROOT / "scripts" / "bench_echo_minimal.py"), str(p)],
+        idle=False,
+        reference=True,
+    ),
 }
 
 
@@ -183,6 +210,7 @@ def running(spec: ServerSpec) -> Iterator[tuple[int, int]]:
     port = free_port()
     proc = subprocess.Popen(
         spec.argv(port),
+        env={**os.environ, **spec.env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=ROOT,
@@ -352,9 +380,12 @@ def report(results: dict[str, Figures], iperf: list[float], args: argparse.Names
         ),
     ]
     width = max(len(label) for label, _ in rows)
-    print(f"{'':{width}}  " + "  ".join(f"{n:>12}" for n in names))
+    cols = [max(12, len(n)) for n in names]
+    print(f"{'':{width}}  " + "  ".join(f"{n:>{w}}" for n, w in zip(names, cols, strict=True)))
     for label, cells in rows:
-        print(f"{label:{width}}  " + "  ".join(f"{c:>12}" for c in cells))
+        print(
+            f"{label:{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, cols, strict=True))
+        )
     for name in names:
         for note in sorted(set(results[name].notes)):
             print(f"note: {name}: {note}")
@@ -362,7 +393,7 @@ def report(results: dict[str, Figures], iperf: list[float], args: argparse.Names
     iperf_med = statistics.median(iperf) if iperf else None
     print(f"iperf3 one loopback stream: {fmt(iperf_med)} MiB/s (median of {len(iperf)})")
     socat = results.get("socat")
-    for variant in ("netprobe", "netprobe-w2"):
+    for variant in ("netprobe", "netprobe-w2", "netprobe-asyncio"):
         nets = results.get(variant)
         if nets is None:
             continue
@@ -380,6 +411,24 @@ def report(results: dict[str, Figures], iperf: list[float], args: argparse.Names
             share = mine_bulk / iperf_med
             verdict = "met" if share >= 0.5 else "MISSED"
             print(f"  bulk: {share:.0%} of iperf3 one stream (goal 50%) {verdict}")
+    fast, portable = results.get("netprobe"), results.get("netprobe-asyncio")
+    if fast is not None and portable is not None:
+        gains = []
+        for label, figure, _goal in GOALS:
+            mine, theirs = fast.median(figure), portable.median(figure)
+            if mine is not None and theirs:
+                gains.append(f"{label} {mine / theirs:.2f}x")
+        print("event loop: netprobe on uvloop vs on asyncio's loop: " + "; ".join(gains))
+    references = [n for n in names if SERVERS[n].reference]
+    if socat is not None and references:
+        print("yardsticks (not netprobe; what one process reaches here):")
+        for name in references:
+            ratios = []
+            for label, figure, goal in GOALS:
+                mine, theirs = results[name].median(figure), socat.median(figure)
+                if mine is not None and theirs:
+                    ratios.append(f"{label} {mine / theirs:.2f}x socat (goal {goal}x)")
+            print(f"  {name}: " + "; ".join(ratios))
     nets = results.get("netprobe")
     if nets is not None and nets.idle_rss_kb_per_conn is not None:
         kb = nets.idle_rss_kb_per_conn
@@ -401,7 +450,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--peer-idle", type=int, default=500, help="idle connections for forking peers"
     )
-    parser.add_argument("--servers", default="netprobe,netprobe-w2,socat,ncat")
+    parser.add_argument(
+        "--servers", default="netprobe,netprobe-w2,netprobe-asyncio,socat,ncat,c-epoll,py-epoll"
+    )
     parser.add_argument("--install", action="store_true", help="apt-get install missing peers")
     parser.add_argument("--json", action="store_true", help="also print all figures as JSON")
     args = parser.parse_args(argv)
@@ -436,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
             if name not in SERVERS:
                 raise BenchError(f"unknown server {name!r}")
             exe = SERVERS[name].argv(0)[0]
-            if name != "netprobe" and shutil.which(exe) is None:
+            ours = name.startswith("netprobe") or SERVERS[name].reference
+            if not ours and shutil.which(exe) is None:
                 print(f"skipping {name}: not installed (use --install)", file=sys.stderr)
                 continue
             specs.append(SERVERS[name])

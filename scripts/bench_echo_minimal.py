@@ -1,0 +1,72 @@
+"""Reference server for scripts/bench_echo.py: the smallest correct pure-Python epoll echo.
+
+No asyncio, no features (limits, records, timeouts, Unix/UDP): one process, one epoll loop,
+recv_into and send. It shows what Python itself costs on this machine, apart from any event
+loop framework, next to netprobe echo and socat. Loopback only; ends on SIGTERM/SIGINT.
+
+    python3 scripts/bench_echo_minimal.py PORT
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import sys
+
+
+def main() -> int:
+    port = int(sys.argv[1])
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(4096)
+    listener.setblocking(False)
+    poller = select.epoll()
+    poller.register(listener.fileno(), select.EPOLLIN)
+    conns: dict[int, socket.socket] = {}
+    pending: dict[int, memoryview] = {}  # bytes a short send left over: the peer reads slowly
+    buf = bytearray(65536)
+    view = memoryview(buf)
+    lfd = listener.fileno()
+    while True:
+        for fd, _mask in poller.poll():
+            if fd == lfd:
+                while True:
+                    try:
+                        conn, _ = listener.accept()
+                    except BlockingIOError:
+                        break
+                    conn.setblocking(False)
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    conns[conn.fileno()] = conn
+                    poller.register(conn.fileno(), select.EPOLLIN)
+                continue
+            conn = conns[fd]
+            try:
+                rest = pending.pop(fd, None)
+                if rest is None:
+                    try:
+                        n = conn.recv_into(buf)
+                    except BlockingIOError:
+                        continue
+                    if not n:
+                        raise ConnectionError
+                    rest = view[:n]
+                sent = conn.send(rest)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                poller.unregister(fd)
+                del conns[fd]
+                conn.close()
+                continue
+            if sent < len(rest):
+                # Keep a copy (buf is reused) and wait for room; no reading meanwhile.
+                pending[fd] = memoryview(bytes(rest[sent:]))
+                poller.modify(fd, select.EPOLLOUT)
+            elif rest.obj is not buf:
+                poller.modify(fd, select.EPOLLIN)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
