@@ -22,6 +22,21 @@ import pytest
 
 from tests.helpers import LONG, ROOT, invoke
 
+try:
+    import uvloop  # noqa: F401
+
+    _LOOPS = ["uvloop", "asyncio"]
+except ImportError:  # the portable path only
+    _LOOPS = ["asyncio"]
+
+
+@pytest.fixture(autouse=True, params=_LOOPS)
+def event_loop_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every echo test on uvloop (the default where installed) and on asyncio's own loop
+    (NETPROBE_EVENT_LOOP=asyncio, the portable path); child processes inherit the choice."""
+    monkeypatch.setenv("NETPROBE_EVENT_LOOP", request.param)
+    return str(request.param)
+
 
 class EchoProcess:
     """`python -m netprobe echo ARGS` with its stdout read line by line (with timeouts)."""
@@ -118,11 +133,12 @@ def recv_exactly(sock: socket.socket, count: int) -> bytes:
 
 
 @pytest.mark.slow
-def test_sigterm_prints_totals_and_exits_0() -> None:
+def test_sigterm_prints_totals_and_exits_0(event_loop_kind: str) -> None:
     with echo_process() as (proc, announce):
         assert announce["proto"] == "tcp"
         assert announce["host"] == "127.0.0.1"
-        assert list(announce) == ["event", "proto", "host", "port"]
+        assert list(announce) == ["event", "proto", "host", "port", "event_loop"]
+        assert announce["event_loop"] == event_loop_kind
         with connect(announce) as client:
             client.sendall(b"x" * 100)
             assert recv_exactly(client, 100) == b"x" * 100
@@ -285,7 +301,7 @@ def test_unix_live_socket_file_is_not_replaced(tmp_path: Path) -> None:
     assert result.stdout == b""
 
 
-def test_unix_announce_ready_file_and_cleanup(tmp_path: Path) -> None:
+def test_unix_announce_ready_file_and_cleanup(tmp_path: Path, event_loop_kind: str) -> None:
     path = tmp_path / "e.sock"
     ready = tmp_path / "ready.json"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
@@ -297,6 +313,7 @@ def test_unix_announce_ready_file_and_cleanup(tmp_path: Path) -> None:
             "event": "listening",
             "proto": "unix",
             "path": str(path),
+            "event_loop": event_loop_kind,
         }
         with connect({"path": str(path)}) as client:
             client.sendall(b"unix")

@@ -4,6 +4,7 @@ accept control, UDP, Unix sockets, outbound connections and stopping."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import selectors
@@ -13,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil  # type: ignore[import-untyped]
 import pytest
@@ -31,6 +33,24 @@ from netprobe.server import (
 from netprobe.sockets import raise_nofile_limit
 from tests.conftest import HAS_IPV6
 from tests.helpers import LONG
+
+_LOOPS: dict[str, Callable[[], Any] | None] = {"asyncio": None}
+try:
+    import uvloop
+
+    _LOOPS["uvloop"] = uvloop.new_event_loop
+except ImportError:  # the portable path only
+    pass
+# Every test runs on both event loops the core serves on: asyncio's (reset serve/proxy, and
+# anywhere uvloop is missing) and uvloop's (echo, where installed).
+_loop_factory: list[Callable[[], Any] | None] = [None]
+
+
+@pytest.fixture(autouse=True, params=list(_LOOPS))
+def event_loop_kind(request: pytest.FixtureRequest) -> Iterator[str]:
+    _loop_factory[0] = _LOOPS[request.param]
+    yield request.param
+    _loop_factory[0] = None
 
 
 class Echo(Handler):
@@ -85,6 +105,8 @@ def serving(
 ) -> Iterator[Running]:
     events: list[ConnEvent] = []
     ready = threading.Event()
+    if config.loop_factory is None:
+        config = dataclasses.replace(config, loop_factory=_loop_factory[0])
     server = Server(
         config,
         None if config.udp else factory,
@@ -392,7 +414,10 @@ def test_stop_within_a_second_despite_a_client_that_never_reads() -> None:
     events: list[ConnEvent] = []
     ready = threading.Event()
     server = Server(
-        ServerConfig(port=0), Echo, on_event=events.append, on_ready=lambda _b: ready.set()
+        ServerConfig(port=0, loop_factory=_loop_factory[0]),
+        Echo,
+        on_event=events.append,
+        on_ready=lambda _b: ready.set(),
     )
     server.listen()
     thread = threading.Thread(target=server.run, daemon=True)
@@ -563,3 +588,17 @@ def test_udp_empty_datagram_gets_an_empty_reply() -> None:
         assert client.recv(100) == b""
         client.send(b"x")
         assert client.recv(100) == b"x"
+
+
+def test_echo_picks_uvloop_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    from netprobe.engines.echo import EchoOptions, make_server
+    from netprobe.server import event_loop_name
+
+    monkeypatch.setenv("NETPROBE_EVENT_LOOP", "asyncio")
+    assert event_loop_name() == "asyncio"
+    assert make_server(ServerConfig(port=0), EchoOptions()).config.loop_factory is None
+    monkeypatch.delenv("NETPROBE_EVENT_LOOP")
+    have_uvloop = "uvloop" in _LOOPS
+    assert event_loop_name() == ("uvloop" if have_uvloop else "asyncio")
+    factory = make_server(ServerConfig(port=0), EchoOptions()).config.loop_factory
+    assert (factory is not None) == have_uvloop

@@ -195,6 +195,7 @@ def echo(
     server = make_server(
         config, options, on_event=out.event, on_ready=out.ready, on_totals=out.running_totals
     )
+    out.event_loop = "asyncio" if server.config.loop_factory is None else "uvloop"
     server.listen()  # bind errors (exit 6) surface here, before anything is printed
     summary = server.run()
     out.final_totals(summary)
@@ -214,11 +215,12 @@ class _Output:
     def __init__(self, json_out: bool, ready_file: Path | None) -> None:
         self.json_out = json_out
         self.ready_file = ready_file
+        self.event_loop = "asyncio"
 
     def ready(self, bound: Bound) -> None:
         from netprobe.render import dump_json
 
-        record = bound.to_record()
+        record = {**bound.to_record(), "event_loop": self.event_loop}
         if self.ready_file is not None:
             # Write then rename, so a script polling for the file never reads half of it.
             tmp = self.ready_file.with_name(self.ready_file.name + ".tmp")

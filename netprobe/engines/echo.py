@@ -4,6 +4,7 @@ frame-aware, with an optional delay. Does network I/O through netprobe.server; n
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from netprobe.server import (
     Server,
     ServerConfig,
     ServerSummary,
+    default_loop_factory,
 )
 
 __all__ = ["EchoOptions", "handler_factory", "make_server", "serve_echo"]
@@ -210,6 +212,8 @@ def make_server(
         UsageError: bad mode or framing.
     """
     factory = handler_factory(options)
+    if config.loop_factory is None:
+        config = dataclasses.replace(config, loop_factory=default_loop_factory())
     if config.udp:
         server = Server(
             config,
