@@ -56,7 +56,7 @@ goals_section() {
   echo
   echo '```'
   for log in "$root"/bench-out/bench_*.log; do
-    grep -iE 'goal|identical|verified' "$log" | sed "s|^|$(basename "$log" .log): |"
+    { grep -iE 'goal|identical|verified' "$log" || true; } | sed "s|^|$(basename "$log" .log): |"
   done
   echo '```'
 }
