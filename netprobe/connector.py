@@ -63,7 +63,7 @@ class ConnectJob:
     Attributes:
         key: anything the caller wants back with the result (e.g. the target and port).
         family: socket.AF_INET, AF_INET6 or AF_UNIX.
-        sockaddr: what connect() takes, with a numeric address (as getaddrinfo gives it).
+        sockaddr: what connect() takes.
         source: local address to bind before connecting (None: the kernel chooses).
     """
 
@@ -224,13 +224,30 @@ def _ephemeral_ports(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tu
     return low, high
 
 
+_LOOPBACK_HOSTS: dict[tuple[int, str], bool] = {}
+_V6_LOOPBACK = socket.inet_pton(socket.AF_INET6, "::1") if socket.has_ipv6 else b""
+_V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
+
+
 def _is_loopback_sockaddr(family: int, sockaddr: Any) -> bool:
-    if family == socket.AF_INET:
-        return str(sockaddr[0]).startswith("127.")
-    if family == socket.AF_INET6:
-        host = str(sockaddr[0])
-        return host == "::1" or host.startswith("::ffff:127.")
-    return False
+    """127.0.0.0/8, ::1 or ::ffff:127.x.y.z, however the address is spelled ("127.1",
+    "0:0:0:0:0:0:0:1", "::FFFF:7f00:1"): parsed by the C library once per spelling."""
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    host = str(sockaddr[0]).split("%", 1)[0]
+    known = _LOOPBACK_HOSTS.get((family, host))
+    if known is None:
+        try:
+            if family == socket.AF_INET:
+                known = socket.inet_aton(host)[0] == 127
+            else:
+                raw = socket.inet_pton(socket.AF_INET6, host)
+                known = raw == _V6_LOOPBACK or (raw[:12] == _V4_MAPPED and raw[12] == 127)
+        except (OSError, ValueError):
+            known = False
+        if len(_LOOPBACK_HOSTS) < 4096:  # a scan of many hosts must not grow it forever
+            _LOOPBACK_HOSTS[(family, host)] = known
+    return known
 
 
 class _Run:
@@ -366,17 +383,21 @@ class _Run:
                                         and eph_low <= addr[1] <= eph_high
                                         and _is_loopback_sockaddr(family, addr)
                                     )
+                                # The verdict's time: the checks and the close below are ours.
+                                done = monotonic()
                                 met = False
                                 if addr_meets:
                                     try:
                                         local = sock.getsockname()
                                     except OSError:
                                         local = None
+                                    # Meeting ourselves needs our port to be the destination's
+                                    # or a pending one's destination (ports are ints: no
+                                    # address spelling to compare here).
                                     if local is not None and (
-                                        local[1] in loop_pending
-                                        or (local[1] == addr[1] and local[0] == addr[0])
+                                        local[1] == addr[1] or local[1] in loop_pending
                                     ):
-                                        met = self._met_ourselves(job, sock, now)
+                                        met = self._met_ourselves(job, sock, now, done)
                                 if not met:
                                     if abortive:
                                         # try, not suppress(): no context object per connect
@@ -385,9 +406,7 @@ class _Run:
                                         except OSError:
                                             pass
                                     sock.close()
-                                    out_append(
-                                        ConnectResult(job, _OPEN, None, now, monotonic() - now)
-                                    )
+                                    out_append(ConnectResult(job, _OPEN, None, now, done - now))
                             elif code >= 0:
                                 if code == _EISCONN:
                                     code = 0
@@ -620,11 +639,14 @@ class _Run:
             return False
         try:
             local = sock.getsockname()
+            # A socket meets itself only on its own port, and another of ours only on the
+            # port that one is connecting to: anything else needs no second look.
+            if local[1] != job.sockaddr[1] and local[1] not in self.loop_pending:
+                return False
+            # Both ends as the kernel spells them (job.sockaddr may say "127.1").
+            peer = sock.getpeername()
         except OSError:
             return False
-        # The peer of a connected socket is where it connected to: job.sockaddr (numeric, as
-        # getaddrinfo gave it), so one getsockname() call is enough.
-        peer = job.sockaddr
         if local[:2] == peer[:2]:
             self.st.extra["self_connects"] = self.st.extra.get("self_connects", 0) + 1
             return True

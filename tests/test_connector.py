@@ -230,3 +230,31 @@ def test_hold_sees_the_end_after_a_banner(ending: str, want: str) -> None:
         assert results[0].held_s < 2.5  # ended by the peer, not by our 3 s hold
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize(
+    ("family", "host", "loopback"),
+    [
+        (socket.AF_INET, "127.0.0.1", True),
+        (socket.AF_INET, "127.1", True),
+        (socket.AF_INET, "127.255.0.9", True),
+        (socket.AF_INET, "128.0.0.1", False),
+        (socket.AF_INET, "10.0.0.1", False),
+        (socket.AF_INET6, "::1", True),
+        (socket.AF_INET6, "0:0:0:0:0:0:0:1", True),
+        (socket.AF_INET6, "::FFFF:127.0.0.1", True),
+        (socket.AF_INET6, "::ffff:7f00:1", True),
+        (socket.AF_INET6, "::ffff:10.0.0.1", False),
+        (socket.AF_INET6, "fe80::1%lo", False),
+        (socket.AF_INET6, "not an address", False),
+        (socket.AF_UNIX, "/tmp/x.sock", False),
+    ],
+)
+def test_loopback_is_recognised_however_it_is_spelled(
+    family: int, host: str, loopback: bool
+) -> None:
+    # Where a socket can meet itself is decided on this: a spelling it misses is a
+    # self-connect reported open.
+    from netprobe.connector import _is_loopback_sockaddr
+
+    assert _is_loopback_sockaddr(family, (host, 1)) is loopback
