@@ -692,7 +692,7 @@ def default_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's loop factory, or None (asyncio's own loop): see event_loop_name.
 
     Measured by scripts/bench_echo.py on 2 cores: uvloop runs the echo's one-connection
-    ping-pong ~1.7x and its 100-connection rate ~1.3x faster than asyncio's selector loop.
+    ping-pong ~1.2x and its 100-connection rate 1.3-1.45x faster than asyncio's selector loop.
     asyncio stays the portable path (Windows, PyPy, NETPROBE_EVENT_LOOP=asyncio), and the
     reset servers' path: their splice relay takes sockets from under the transports, which
     asyncio's loop allows and uvloop's (libuv's own fd watchers) does not.
