@@ -620,12 +620,10 @@ class _Run:
         self.out.append(ConnectResult(job, state, None, started, now - started))
 
     def _met_ourselves(
-        self, job: ConnectJob, sock: _socket.socket, started: float, now: float | None = None
+        self, job: ConnectJob, sock: _socket.socket, started: float, now: float
     ) -> bool:
         """A connected socket that met itself or another of our pending sockets: True once
         it is closed and reported REFUSED (nothing listens there), else False."""
-        if now is None:
-            now = time.monotonic()
         if not self._connected_to_ourselves(job, sock, now):
             return False
         _close(sock, True)

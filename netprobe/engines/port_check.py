@@ -621,10 +621,11 @@ def _one_pass(
     timeout, is_open = ConnectState.TIMEOUT, PortState.OPEN
     # An open-only TCP scan counts refusals per host without building a result for each:
     # closed ports are most of a scan.
-    refused = [0] * len(hosts) if open_only and not config.udp else None
+    count_refused = open_only and not config.udp
+    refused = [0] * len(hosts) if count_refused else []
 
     def on_refused(job: ConnectJob) -> None:
-        refused[job.key >> 16] += 1  # type: ignore[index]
+        refused[job.key >> 16] += 1
 
     try:
         for attempt in range(1, config.retries + 2):
@@ -637,7 +638,7 @@ def _one_pass(
                 concurrency=concurrency,
                 timeout_s=config.timeout_s,
                 stats=stats,
-                on_refused=on_refused if refused is not None else None,
+                on_refused=on_refused if count_refused else None,
             ):
                 if state is timeout and not last:
                     silent.append(key)
@@ -657,7 +658,7 @@ def _one_pass(
                 return
             keys = sorted(silent)
     finally:
-        if refused is not None:
+        if count_refused:
             closed = _TCP_STATE[ConnectState.REFUSED]
             for index, number in enumerate(refused):
                 if number:
