@@ -91,6 +91,15 @@ _ACCEPT_BACKOFF_S = 0.1
 _SHUTDOWN_GRACE_S = 0.5
 
 _monotonic = time.monotonic
+_perf_counter = time.perf_counter
+# One busy-poll run hands control back to the loop after this long (or its window, if longer)
+# even while bytes keep coming (a bulk stream): timers, signals, new clients and write flushing
+# must not wait.
+_BUSY_POLL_MAX_S = 0.002
+_BUSY_POLL_READ = 262144  # what uvloop reads per call
+# Request/response traffic comes in small reads; a stream fills the buffer. Polling pays off only
+# for the first: for a stream it takes CPU the sender needs, so a large read ends it.
+_BUSY_POLL_SMALL = 16384
 
 # What a parent sends its workers (stop, running totals) and Ctrl-C from a terminal.
 _WORKER_SIGNALS = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", signal.SIGTERM)}
@@ -141,6 +150,11 @@ class ServerConfig:
         workers: processes sharing the listening socket (POSIX fork, TCP/Unix streams only;
             run() forks workers - 1 children after listen(); totals are summed at the end,
             conn_id values stay unique, events come from every process).
+        busy_poll_s: after handling a small read (< 16 KiB) from a client, keep reading that
+            client's socket (non-blocking, without the event loop) until it stays silent this
+            long, while it is the only client (0: off). A ping-pong client's next message then arrives on
+            a running CPU instead of waking a sleeping one, as with Linux's net.core.busy_read
+            for NIC queues; the cost is this much CPU after each burst. POSIX only.
     """
 
     host: str = "127.0.0.1"
@@ -164,6 +178,7 @@ class ServerConfig:
     handle_signals: bool = True
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     workers: int = 1
+    busy_poll_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,6 +331,7 @@ class Connection(asyncio.Protocol):
         "_closing",
         "_done",
         "_eof_pending",
+        "_fd",
         "_held",
         "_idle_handle",
         "_last_rx",
@@ -362,6 +378,7 @@ class Connection(asyncio.Protocol):
         self._pending: list[bytes] | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
         self._close_handle: asyncio.TimerHandle | None = None
+        self._fd = -1  # the socket's fd when busy polling applies to this connection
 
     # -- the handler's API ---------------------------------------------------------------
 
@@ -489,6 +506,10 @@ class Connection(asyncio.Protocol):
             return
         if self._pauses:
             self.transport.pause_reading()
+        if config.busy_poll_s > 0 and not self.outbound and os.name == "posix":
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                self._fd = sock.fileno()
         if config.idle_timeout_s is not None and not self.outbound:
             self._idle_handle = self._server.loop.call_later(
                 config.idle_timeout_s, self._check_idle
@@ -511,6 +532,52 @@ class Connection(asyncio.Protocol):
             # loop turn as a pause still arrive. Hold them; resume_reading() hands them over.
             self._hold(data)
             return
+        self._receive(data)
+        if self._fd >= 0 and len(data) < _BUSY_POLL_SMALL and len(self._server._active) == 1:
+            self._busy_poll()
+
+    def _busy_poll(self) -> None:
+        server = self._server
+        window = server.config.busy_poll_s
+        now = _perf_counter()
+        quiet_until = now + window
+        give_back = now + max(window, _BUSY_POLL_MAX_S)
+        fd = self._fd
+        transport = self.transport
+        assert transport is not None
+        while len(server._active) == 1 and not server._outbound:
+            if self._pauses or self._closing or self._done or server._stopping:
+                return
+            try:
+                data = os.read(fd, _BUSY_POLL_READ)
+            except BlockingIOError:
+                now = _perf_counter()
+                if now >= quiet_until or now >= give_back:
+                    return
+                continue
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                # The kernel reports an RST once: the loop would never see this one.
+                self.errno_name = sockets.errno_name(exc.errno)
+                reset = isinstance(exc, ConnectionResetError | BrokenPipeError)
+                self.abort(CloseReason.RESET if reset else CloseReason.ERROR)
+                return
+            if not data:
+                return  # EOF stays readable: the loop delivers it as usual
+            now = _perf_counter()
+            self._receive(data)
+            quiet_until = now + window
+            if (
+                now >= give_back
+                or len(data) >= _BUSY_POLL_SMALL
+                or transport.get_write_buffer_size()
+            ):
+                # Back to the loop: its turn is due, or the peer streams (a large read, or a
+                # backlog the loop must flush as the socket drains) rather than waits.
+                return
+
+    def _receive(self, data: bytes) -> None:
         self._last_rx = _monotonic()
         limit = self._max_bytes
         if limit is not None and self.bytes_in + len(data) >= limit:
@@ -521,10 +588,7 @@ class Connection(asyncio.Protocol):
             self.close(CloseReason.LIMIT)
             return
         self.bytes_in += len(data)
-        try:
-            self.handler.on_data(self, data)
-        except Exception:
-            self._handler_failed()
+        self._deliver(data)
 
     def _deliver(self, data: bytes) -> None:
         try:

@@ -173,6 +173,10 @@ SERVERS = {
     "netprobe-w2": ServerSpec(
         "netprobe-w2", lambda p: [*netprobe_argv(p), "--workers", "2"], idle=False
     ),
+    # Without busy polling (the default polls a lone client 50 us after each message).
+    "netprobe-no-poll": ServerSpec(
+        "netprobe-no-poll", lambda p: [*netprobe_argv(p), "--busy-poll", "0"], idle=False
+    ),
     # The portable path: asyncio's own loop instead of uvloop (what the choice is worth).
     "netprobe-asyncio": ServerSpec(
         "netprobe-asyncio", netprobe_argv, idle=False, env={"NETPROBE_EVENT_LOOP": "asyncio"}
@@ -393,7 +397,7 @@ def report(results: dict[str, Figures], iperf: list[float], args: argparse.Names
     iperf_med = statistics.median(iperf) if iperf else None
     print(f"iperf3 one loopback stream: {fmt(iperf_med)} MiB/s (median of {len(iperf)})")
     socat = results.get("socat")
-    for variant in ("netprobe", "netprobe-w2", "netprobe-asyncio"):
+    for variant in ("netprobe", "netprobe-no-poll", "netprobe-w2", "netprobe-asyncio"):
         nets = results.get(variant)
         if nets is None:
             continue
@@ -411,14 +415,19 @@ def report(results: dict[str, Figures], iperf: list[float], args: argparse.Names
             share = mine_bulk / iperf_med
             verdict = "met" if share >= 0.5 else "MISSED"
             print(f"  bulk: {share:.0%} of iperf3 one stream (goal 50%) {verdict}")
-    fast, portable = results.get("netprobe"), results.get("netprobe-asyncio")
-    if fast is not None and portable is not None:
+    for other, title in (
+        ("netprobe-asyncio", "event loop: netprobe on uvloop vs on asyncio's loop"),
+        ("netprobe-no-poll", "busy poll: netprobe (50 us, the default) vs --busy-poll 0"),
+    ):
+        fast, slow = results.get("netprobe"), results.get(other)
+        if fast is None or slow is None:
+            continue
         gains = []
         for label, figure, _goal in GOALS:
-            mine, theirs = fast.median(figure), portable.median(figure)
+            mine, theirs = fast.median(figure), slow.median(figure)
             if mine is not None and theirs:
                 gains.append(f"{label} {mine / theirs:.2f}x")
-        print("event loop: netprobe on uvloop vs on asyncio's loop: " + "; ".join(gains))
+        print(f"{title}: " + "; ".join(gains))
     references = [n for n in names if SERVERS[n].reference]
     if socat is not None and references:
         print("yardsticks (not netprobe; what one process reaches here):")
@@ -451,7 +460,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--peer-idle", type=int, default=500, help="idle connections for forking peers"
     )
     parser.add_argument(
-        "--servers", default="netprobe,netprobe-w2,netprobe-asyncio,socat,ncat,c-epoll,py-epoll"
+        "--servers",
+        default="netprobe,netprobe-no-poll,netprobe-w2,netprobe-asyncio,socat,ncat,c-epoll,py-epoll",
     )
     parser.add_argument("--install", action="store_true", help="apt-get install missing peers")
     parser.add_argument("--json", action="store_true", help="also print all figures as JSON")

@@ -366,6 +366,9 @@ def test_port_in_use_exits_6_with_one_line() -> None:
         (["--once", "--count", "2"], "--count"),
         (["--workers", "2", "--udp"], "--udp"),
         (["--workers", "0"], "--workers"),
+        (["--busy-poll", "20ms"], "--busy-poll"),
+        (["--busy-poll", "-1"], "-1"),
+        (["--busy-poll", "often"], "often"),
     ],
 )
 def test_bad_input_is_a_usage_error(argv: list[str], needle: str) -> None:

@@ -215,8 +215,14 @@ def test_stalled_client_never_delays_the_others() -> None:
         stalled.close()
 
 
-def test_resets_are_logged_and_fds_return_to_baseline() -> None:
-    with serving(ServerConfig(port=0)) as srv:
+# Busy polling reads a lone client's socket outside the loop; 10 ms windows make the RSTs,
+# EOFs and limits below land while the server is polling, not only while the loop waits.
+BUSY_POLL = pytest.mark.parametrize("busy_poll_s", [0.0, 0.01], ids=["loop", "busy-poll"])
+
+
+@BUSY_POLL
+def test_resets_are_logged_and_fds_return_to_baseline(busy_poll_s: float) -> None:
+    with serving(ServerConfig(port=0, busy_poll_s=busy_poll_s)) as srv:
         with srv.connect() as warm:  # let the loop create whatever it keeps (self-pipe etc.)
             warm.sendall(b"x")
             assert recv_exactly(warm, 1) == b"x"
@@ -320,13 +326,62 @@ def test_idle_timeout_drops_silent_clients() -> None:
         assert reasons[0] == "idle-timeout"
 
 
-def test_max_bytes_closes_with_reason_limit() -> None:
-    with serving(ServerConfig(port=0, max_bytes=10)) as srv:
+@BUSY_POLL
+def test_max_bytes_closes_with_reason_limit(busy_poll_s: float) -> None:
+    with serving(ServerConfig(port=0, max_bytes=10, busy_poll_s=busy_poll_s)) as srv:
         with srv.connect() as client:
             client.sendall(b"0123456789abcdef")
             assert recv_exactly(client, 20) == b"0123456789"
         close = srv.wait_events("close", 1)[0]
         assert (close.reason, close.bytes_in, close.bytes_out) == ("limit", 10, 10)
+
+
+@BUSY_POLL
+def test_ping_pong_limit_reached_mid_exchange(busy_poll_s: float) -> None:
+    with serving(ServerConfig(port=0, max_bytes=640, busy_poll_s=busy_poll_s)) as srv:
+        with srv.connect() as client:
+            for i in range(10):
+                message = bytes([i]) * 64
+                client.sendall(message)
+                assert recv_exactly(client, 64) == message
+            # The server closed at the 640th byte: these bytes find no reader, so the answer
+            # is EOF or, when they arrived after the close, an RST.
+            with contextlib.suppress(OSError):
+                client.sendall(b"one too many")
+            with contextlib.suppress(ConnectionResetError):
+                assert recv_exactly(client, 1) == b""
+        close = srv.wait_events("close", 1)[0]
+        assert (close.reason, close.bytes_in, close.bytes_out) == ("limit", 640, 640)
+
+
+@BUSY_POLL
+def test_ping_pong_byte_exact_with_a_second_client_arriving(busy_poll_s: float) -> None:
+    rng = random.Random(7)
+    with serving(ServerConfig(port=0, busy_poll_s=busy_poll_s)) as srv:
+        first = srv.connect()
+        second: socket.socket | None = None
+        sent = 0
+        try:
+            for i in range(300):
+                message = rng.randbytes(rng.choice([1, 64, 1500]))
+                first.sendall(message)
+                assert recv_exactly(first, len(message)) == message
+                sent += len(message)
+                if i == 100:  # while the first client is being polled, a second one comes
+                    second = srv.connect()
+                if second is not None and i % 50 == 0:
+                    second.sendall(b"second")
+                    assert recv_exactly(second, 6) == b"second"
+            first.shutdown(socket.SHUT_WR)
+            assert recv_exactly(first, 1) == b""
+        finally:
+            first.close()
+            if second is not None:
+                second.close()
+        closes = srv.wait_events("close", 2)
+        by_id = {e.conn_id: e for e in closes}
+        assert (by_id[1].reason, by_id[1].bytes_in, by_id[1].bytes_out) == ("eof", sent, sent)
+        assert by_id[2].bytes_in == by_id[2].bytes_out == 6 * 4
 
 
 def test_pause_accept_listens_but_never_accepts() -> None:
