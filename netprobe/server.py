@@ -51,6 +51,7 @@ import os
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -100,6 +101,12 @@ _BUSY_POLL_READ = 262144  # what uvloop reads per call
 # Request/response traffic comes in small reads; a stream fills the buffer. Polling pays off only
 # for the first: for a stream it takes CPU the sender needs, so a large read ends it.
 _BUSY_POLL_SMALL = 16384
+# Linux TCP's recv(MSG_TRUNC) drops bytes without copying them (tcp(7)): drain_chunk handlers.
+# The kernel never writes this buffer; it is there because recv_into wants one.
+_DRAIN_WORKS = sys.platform == "linux" and hasattr(socket, "MSG_TRUNC")
+_DRAIN_FLAGS = getattr(socket, "MSG_TRUNC", 0) | getattr(socket, "MSG_DONTWAIT", 0)
+_DRAIN_BUFFER = bytearray(1 << 20) if _DRAIN_WORKS else bytearray()
+_DRAIN_ROUNDS = 64
 
 # What a parent sends its workers (stop, running totals) and Ctrl-C from a terminal.
 _WORKER_SIGNALS = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", signal.SIGTERM)}
@@ -279,6 +286,12 @@ class Handler:
 
     __slots__ = ()
 
+    # A handler that never looks at the bytes (a discard server) sets this to a chunk size:
+    # on Linux TCP the connection then drops what the kernel holds in chunks of at most this
+    # many bytes without copying them out (recv MSG_TRUNC), counting them as received;
+    # on_data still sees the bytes the event loop read itself.
+    drain_chunk: int = 0
+
     def on_open(self, conn: Connection) -> None:
         """The connection is established (accepted, or outbound connected)."""
 
@@ -330,6 +343,7 @@ class Connection(asyncio.Protocol):
         "_close_handle",
         "_closing",
         "_done",
+        "_drain_sock",
         "_eof_pending",
         "_fd",
         "_held",
@@ -379,6 +393,7 @@ class Connection(asyncio.Protocol):
         self._idle_handle: asyncio.TimerHandle | None = None
         self._close_handle: asyncio.TimerHandle | None = None
         self._fd = -1  # the socket's fd when busy polling applies to this connection
+        self._drain_sock: socket.socket | None = None  # a dup of it, for drain_chunk handlers
 
     # -- the handler's API ---------------------------------------------------------------
 
@@ -510,6 +525,12 @@ class Connection(asyncio.Protocol):
             sock = self.transport.get_extra_info("socket")
             if sock is not None:
                 self._fd = sock.fileno()
+        if self.handler.drain_chunk > 0 and _DRAIN_WORKS:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                # A duplicate descriptor: ours to close, so the loop's stays the loop's.
+                with contextlib.suppress(OSError):
+                    self._drain_sock = socket.socket(fileno=os.dup(sock.fileno()))
         if config.idle_timeout_s is not None and not self.outbound:
             self._idle_handle = self._server.loop.call_later(
                 config.idle_timeout_s, self._check_idle
@@ -533,8 +554,37 @@ class Connection(asyncio.Protocol):
             self._hold(data)
             return
         self._receive(data)
-        if self._fd >= 0 and len(data) < _BUSY_POLL_SMALL and len(self._server._active) == 1:
+        if self._drain_sock is not None:
+            self._drain()
+        elif self._fd >= 0 and len(data) < _BUSY_POLL_SMALL and len(self._server._active) == 1:
             self._busy_poll()
+
+    def _drain(self) -> None:
+        sock = self._drain_sock
+        assert sock is not None
+        chunk = min(self.handler.drain_chunk, len(_DRAIN_BUFFER))
+        for _ in range(_DRAIN_ROUNDS):  # then the loop: other clients get their turn
+            if self._pauses or self._closing or self._done:
+                return
+            size = chunk
+            if self._max_bytes is not None:
+                size = min(size, self._max_bytes - self.bytes_in)
+            try:
+                count = sock.recv_into(_DRAIN_BUFFER, size, _DRAIN_FLAGS)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.errno_name = sockets.errno_name(exc.errno)
+                reset = isinstance(exc, ConnectionResetError | BrokenPipeError)
+                self.abort(CloseReason.RESET if reset else CloseReason.ERROR)
+                return
+            if not count:
+                return  # EOF stays readable: the loop delivers it as usual
+            self._last_rx = _monotonic()
+            self.bytes_in += count
+            if self._max_bytes is not None and self.bytes_in >= self._max_bytes:
+                self.close(CloseReason.LIMIT)
+                return
 
     def _busy_poll(self) -> None:
         server = self._server
@@ -652,6 +702,9 @@ class Connection(asyncio.Protocol):
         if self.reason is None:
             self.reason = CloseReason.EOF
         self.transport = None
+        if self._drain_sock is not None:
+            self._drain_sock.close()
+            self._drain_sock = None
         self._server._connection_done(self)
 
     def _handler_failed(self) -> None:

@@ -253,14 +253,25 @@ def test_line_framing_and_delay() -> None:
         assert time.monotonic() - start >= 0.14
 
 
-def test_discard_mode_reads_and_drops() -> None:
+@pytest.mark.parametrize("size", [5000, 24 * 1024 * 1024 + 7])
+def test_discard_mode_reads_and_drops(size: int) -> None:
+    # 24 MiB: more than a socket buffer holds, so most of it is dropped inside the kernel
+    # (MSG_TRUNC on Linux) and still counted to the byte.
     with echo_process("--mode", "discard") as (proc, announce):
         with connect(announce) as client:
-            client.sendall(b"z" * 5000)
+            client.sendall(b"z" * size)
             client.shutdown(socket.SHUT_WR)
             assert client.recv(10) == b""
         close = proc.records_until("close")[-1]
-        assert (close["bytes_in"], close["bytes_out"]) == (5000, 0)
+        assert (close["reason"], close["bytes_in"], close["bytes_out"]) == ("eof", size, 0)
+
+
+def test_discard_mode_max_bytes_and_max_frame_hold_for_dropped_bytes() -> None:
+    with echo_process("--mode", "discard", "--max-bytes", "3000000") as (proc, announce):
+        with connect(announce) as client, contextlib.suppress(OSError):
+            client.sendall(b"z" * 8_000_000)  # the server closes at 3,000,000
+        close = proc.records_until("close")[-1]
+        assert (close["reason"], close["bytes_in"]) == ("limit", 3_000_000)
 
 
 def test_idle_timeout_and_max_conns_from_the_cli() -> None:

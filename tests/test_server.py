@@ -326,6 +326,44 @@ def test_idle_timeout_drops_silent_clients() -> None:
         assert reasons[0] == "idle-timeout"
 
 
+class Drop(Handler):
+    """A discard handler that lets the core drop bytes in the kernel (drain_chunk)."""
+
+    __slots__ = ()
+    drain_chunk = 65536
+
+
+def test_drained_bytes_are_counted_limited_and_resets_seen() -> None:
+    big = 16 * 1024 * 1024 + 3
+    with serving(ServerConfig(port=0), Drop) as srv:
+        with srv.connect() as warm:
+            warm.sendall(b"x")
+        srv.wait_events("close", 1)
+        baseline = psutil.Process().num_fds()
+        with srv.connect() as client:
+            client.sendall(b"d" * big)
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(1) == b""
+        close = srv.wait_events("close", 2)[-1]
+        assert (close.reason, close.bytes_in, close.bytes_out) == ("eof", big, 0)
+        for _ in range(5):
+            sock = srv.connect()
+            sock.sendall(b"r" * 4_000_000)
+            set_linger_zero(sock)
+            sock.close()
+        closes = srv.wait_events("close", 7)[2:]
+        assert [e.reason for e in closes] == ["reset"] * 5
+        deadline = time.monotonic() + LONG
+        while psutil.Process().num_fds() > baseline and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert psutil.Process().num_fds() == baseline  # the drain's duplicate fds are closed
+    with serving(ServerConfig(port=0, max_bytes=1_000_001), Drop) as srv:
+        with srv.connect() as client, contextlib.suppress(OSError):
+            client.sendall(b"d" * 4_000_000)
+        close = srv.wait_events("close", 1)[0]
+        assert (close.reason, close.bytes_in) == ("limit", 1_000_001)
+
+
 @BUSY_POLL
 def test_max_bytes_closes_with_reason_limit(busy_poll_s: float) -> None:
     with serving(ServerConfig(port=0, max_bytes=10, busy_poll_s=busy_poll_s)) as srv:

@@ -71,6 +71,11 @@ class _Discard(Handler):
     def __init__(self, max_frame: int) -> None:
         self.max_frame = max_frame
 
+    @property
+    def drain_chunk(self) -> int:  # type: ignore[override]
+        # Dropped in the kernel, never read: no chunk may exceed --max-frame there either.
+        return self.max_frame
+
     def on_data(self, conn: Connection, data: bytes) -> None:
         if len(data) > self.max_frame:
             conn.close(CloseReason.FRAME_TOO_LARGE)
