@@ -312,6 +312,16 @@ class _Run:
         addr_meets = False
         spare: _socket.socket | None = None  # refused last time: reusable for the next job
         spare_family = 0
+        # A job handed back by a refusal streak (see _refusal_streak), with the socket its
+        # connect already answered on (None: not connected yet) and that answer.
+        carry: ConnectJob | None = None
+        carry_sock: _socket.socket | None = None
+        carry_code = -1
+        job: ConnectJob | None
+        sock: _socket.socket | None
+        # Counting refusals through on_refused (open-only scans) at full speed lets runs of
+        # refused ports go through the streak loop; a rate cap paces every job instead.
+        streaks = on_refused is not None and not interval
         try:
             while True:
                 now = monotonic()
@@ -321,10 +331,14 @@ class _Run:
                 while not exhausted and not stopping and len(pending) + len(held) < self.limit:
                     if interval and now < next_start:
                         break
-                    job = next(job_iter, None)
-                    if job is None:
-                        exhausted = True
-                        break
+                    if carry is not None:
+                        job = carry
+                        carry = None
+                    else:
+                        job = next(job_iter, None)
+                        if job is None:
+                            exhausted = True
+                            break
                     # The hot path of a scan, inlined. A second connect() on a non-blocking socket
                     # reports how the first one ended: the refusal (ECONNREFUSED, which also
                     # resets the socket so the next port can reuse it: 2 syscalls a closed port
@@ -332,9 +346,16 @@ class _Run:
                     # while the handshake still waits. Anything unusual (a source address, no
                     # socket, an OPEN or RESET verdict) takes the general path in _start/_verdict.
                     code = -1
-                    if job.source is None:
+                    if carry_sock is not None:  # connected by the streak: its answer is code
+                        sock = carry_sock
+                        carry_sock, code = None, carry_code
+                        family, addr = job.family, job.sockaddr
+                    elif job.source is None:
                         family = job.family
-                        sock = spare if spare is not None and spare_family == family else None
+                        sock = spare
+                        if sock is not None and spare_family != family:
+                            sock.close()  # kept for the other family: no use for this job
+                            sock = None
                         reused = sock is not None
                         spare = None
                         if sock is None:
@@ -358,59 +379,68 @@ class _Run:
                                 sock.close()
                                 out_append(_failed(job, now, exc.errno))
                                 code = -2
-                            if code == _ECONNREFUSED:
-                                if on_refused is not None:
-                                    on_refused(job)
-                                else:
-                                    out_append(
-                                        ConnectResult(
-                                            job, _REFUSED, _REFUSED_NAME, now, monotonic() - now
-                                        )
+                    if code >= 0 and sock is not None:
+                        if code == _ECONNREFUSED:
+                            if on_refused is not None:
+                                on_refused(job)
+                            else:
+                                out_append(
+                                    ConnectResult(
+                                        job, _REFUSED, _REFUSED_NAME, now, monotonic() - now
                                     )
-                                if self.reuse and family != _AF_UNIX:
-                                    spare, spare_family = sock, family
-                                else:
-                                    sock.close()
-                            elif code == _EALREADY:
-                                self._wait_for(job, sock, now)
-                            elif (code == _EISCONN or code == 0) and fast_open:
-                                # Connected (a flood's common case), inlined: close and report,
-                                # after the self-connect check where one is possible at all.
-                                if addr is not last_addr:
-                                    last_addr = addr
-                                    addr_meets = (
-                                        family != _AF_UNIX
-                                        and eph_low <= addr[1] <= eph_high
-                                        and _is_loopback_sockaddr(family, addr)
+                                )
+                            if self.reuse and family != _AF_UNIX:
+                                spare, spare_family = sock, family
+                                if streaks and on_refused is not None:
+                                    spare, carry, carry_sock, carry_code, exhausted, started = (
+                                        self._refusal_streak(sock, family, job_iter, on_refused)
                                     )
-                                # The verdict's time: the checks and the close below are ours.
-                                done = monotonic()
-                                met = False
-                                if addr_meets:
-                                    try:
-                                        local = sock.getsockname()
+                                    st.started += started
+                                    if exhausted or carry is None:  # done, or the stop time
+                                        st.started += 1
+                                        break
+                            else:
+                                sock.close()
+                        elif code == _EALREADY:
+                            self._wait_for(job, sock, now)
+                        elif (code == _EISCONN or code == 0) and fast_open:
+                            # Connected (a flood's common case), inlined: close and report,
+                            # after the self-connect check where one is possible at all.
+                            if addr is not last_addr:
+                                last_addr = addr
+                                addr_meets = (
+                                    family != _AF_UNIX
+                                    and eph_low <= addr[1] <= eph_high
+                                    and _is_loopback_sockaddr(family, addr)
+                                )
+                            # The verdict's time: the checks and the close below are ours.
+                            done = monotonic()
+                            met = False
+                            if addr_meets:
+                                try:
+                                    local = sock.getsockname()
+                                except OSError:
+                                    local = None
+                                # Meeting ourselves needs our port to be the destination's
+                                # or a pending one's destination (ports are ints: no
+                                # address spelling to compare here).
+                                if local is not None and (
+                                    local[1] == addr[1] or local[1] in loop_pending
+                                ):
+                                    met = self._met_ourselves(job, sock, now, done)
+                            if not met:
+                                if abortive:
+                                    # try, not suppress(): no context object per connect
+                                    try:  # noqa: SIM105
+                                        sock.setsockopt(_SOL_SOCKET, _SO_LINGER, _LINGER_ZERO)
                                     except OSError:
-                                        local = None
-                                    # Meeting ourselves needs our port to be the destination's
-                                    # or a pending one's destination (ports are ints: no
-                                    # address spelling to compare here).
-                                    if local is not None and (
-                                        local[1] == addr[1] or local[1] in loop_pending
-                                    ):
-                                        met = self._met_ourselves(job, sock, now, done)
-                                if not met:
-                                    if abortive:
-                                        # try, not suppress(): no context object per connect
-                                        try:  # noqa: SIM105
-                                            sock.setsockopt(_SOL_SOCKET, _SO_LINGER, _LINGER_ZERO)
-                                        except OSError:
-                                            pass
-                                    sock.close()
-                                    out_append(ConnectResult(job, _OPEN, None, now, done - now))
-                            elif code >= 0:
-                                if code == _EISCONN:
-                                    code = 0
-                                self._verdict(job, sock, now, code, monotonic())
+                                        pass
+                                sock.close()
+                                out_append(ConnectResult(job, _OPEN, None, now, done - now))
+                        else:
+                            if code == _EISCONN:
+                                code = 0
+                            self._verdict(job, sock, now, code, monotonic())
                     if code == -1 and self._start(job, now) is _NO_FD:
                         if pending or held:
                             self.limit = max(1, len(pending) + len(held))
@@ -510,6 +540,51 @@ class _Run:
         finally:
             if spare is not None:
                 spare.close()
+            if carry_sock is not None:  # the run stopped before its job's turn came
+                carry_sock.close()
+
+    def _refusal_streak(
+        self,
+        sock: _socket.socket,
+        family: int,
+        job_iter: Iterator[ConnectJob],
+        on_refused: Callable[[ConnectJob], None],
+    ) -> tuple[_socket.socket | None, ConnectJob | None, _socket.socket | None, int, bool, int]:
+        """Connect the next jobs on `sock`, just refused, for as long as they are refused too.
+
+        Most of a scan is closed ports: this loop does for each only what a refusal needs
+        (two connect_ex calls and on_refused), without the general loop's per-job checks. The
+        first job it cannot finish goes back to that loop: with the socket its connect_ex
+        already answered on and the answer, or, for another family or a source address, not
+        connected at all. Returns (spare socket, that job, its socket or None, its answer,
+        exhausted, jobs refused here); no job back and not exhausted means the stop time came.
+        """
+        connect_ex, stop_at, monotonic = sock.connect_ex, self.stop_at, time.monotonic
+        refused = 0
+        for job in job_iter:
+            if job.source is not None or job.family != family:
+                return sock, job, None, -1, False, refused
+            addr = job.sockaddr
+            try:
+                code = connect_ex(addr)
+                if code == _EINPROGRESS:
+                    code = connect_ex(addr)
+                elif code in _NOT_RESET:
+                    # Not reset after the refusal (see iterate): no more reuse, and this job
+                    # starts again on a fresh socket.
+                    sock.close()
+                    self.reuse = False
+                    return None, job, None, -1, False, refused
+            except OSError:
+                # The general path connects it again and reports the error with its errno.
+                return sock, job, None, -1, False, refused
+            if code != _ECONNREFUSED:
+                return None, job, sock, code, False, refused
+            on_refused(job)
+            refused += 1
+            if stop_at is not None and not refused & 255 and monotonic() >= stop_at:
+                return sock, None, None, -1, False, refused
+        return sock, None, None, -1, True, refused
 
     def _start(self, job: ConnectJob, now: float) -> Any:
         """Create the socket and connect; a verdict known at once goes straight to out."""

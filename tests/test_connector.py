@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import socket
 import struct
 import threading
@@ -12,6 +13,7 @@ import pytest
 
 from netprobe.connector import ConnectJob, ConnectorStats, run_connects
 from netprobe.results import ConnectState
+from tests.conftest import HAS_IPV6
 from tests.helpers import LONG, ServerThread
 
 
@@ -148,6 +150,84 @@ def test_on_refused_takes_the_refusals_and_only_them(
             assert result.state is want, result
     with pytest.raises(ValueError, match="workers"):
         list(run_connects(jobs, concurrency=1, timeout_s=1, workers=2, on_refused=print))
+
+
+def test_refusal_streaks_hand_back_what_they_cannot_finish(
+    server: ServerThread, closed_port: int
+) -> None:
+    # Runs of refusals (reused sockets, see _refusal_streak) broken by an open port, a job of
+    # another family and one with a source address: each must still get its own verdict.
+    closed6: int | None = None
+    holder6: socket.socket | None = None
+    if HAS_IPV6:
+        holder6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        holder6.bind(("::1", 0))  # bound, never listening: closed
+        closed6 = holder6.getsockname()[1]
+    try:
+        jobs: list[ConnectJob] = []
+        for i in range(60):
+            kind = i % 6
+            if kind == 1:
+                jobs.append(_job(server.port, key=(i, "open")))
+            elif kind == 3 and closed6 is not None:
+                jobs.append(ConnectJob((i, "closed"), socket.AF_INET6, ("::1", closed6, 0, 0)))
+            elif kind == 4:
+                jobs.append(
+                    ConnectJob(
+                        (i, "closed"), socket.AF_INET, ("127.0.0.1", closed_port), "127.0.0.1"
+                    )
+                )
+            else:
+                jobs.append(_job(closed_port, key=(i, "closed")))
+        for concurrency in (1, 50):
+            refused: list[ConnectJob] = []
+            stats = ConnectorStats()
+            results = list(
+                run_connects(
+                    jobs,
+                    concurrency=concurrency,
+                    timeout_s=LONG,
+                    on_refused=refused.append,
+                    stats=stats,
+                )
+            )
+            assert sorted(j.key for j in refused) == sorted(
+                j.key for j in jobs if j.key[1] == "closed"
+            )
+            assert sorted(r.job.key for r in results) == sorted(
+                j.key for j in jobs if j.key[1] == "open"
+            )
+            assert all(r.state is ConnectState.OPEN for r in results)
+            assert stats.started == len(jobs)
+    finally:
+        if holder6 is not None:
+            holder6.close()
+
+
+def test_a_refusal_streak_ends_at_the_stop_time(closed_port: int) -> None:
+    endless = (_job(closed_port, key=i) for i in itertools.count())
+    refused = 0
+
+    def count(_job: ConnectJob) -> None:
+        nonlocal refused
+        refused += 1
+
+    stats = ConnectorStats()
+    start = time.monotonic()
+    results = list(
+        run_connects(
+            endless,
+            concurrency=10,
+            timeout_s=1,
+            stop_at=start + 0.3,
+            on_refused=count,
+            stats=stats,
+        )
+    )
+    assert results == []
+    assert refused > 0
+    assert stats.started == refused
+    assert time.monotonic() - start < LONG
 
 
 def test_workers_split_the_jobs_and_merge_every_result(closed_port: int) -> None:

@@ -684,9 +684,9 @@ class _Stride(Sequence[int]):
         return self._keys[self._start + index * self._step]
 
     def __iter__(self) -> Iterator[int]:
-        keys = self._keys
-        for index in range(self._start, len(keys), self._step):
-            yield keys[index]
+        # Skipping inside the keys' own iterator: indexing _AllKeys per key costs a search
+        # and two Python calls, a fifth of a worker's time per port.
+        return itertools.islice(iter(self._keys), self._start, None, self._step)
 
 
 def _can_fork() -> bool:
