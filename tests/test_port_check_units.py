@@ -15,14 +15,13 @@ from netprobe.engines.port_check import (
     Tally,
     build_hosts,
     expectation_met,
-    latency_stats,
     parse_require,
     parse_targets,
-    percentile,
     read_targets,
     sort_key,
     status_for,
 )
+from netprobe.engines.port_check_modes import latency_stats, percentile
 from netprobe.errors import ResolveError, UsageError
 from netprobe.exitcodes import ExitStatus
 from netprobe.sockets import Resolved

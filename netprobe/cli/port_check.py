@@ -16,12 +16,8 @@ from netprobe.cli._options import CsvOpt, IPv4Opt, IPv6Opt, JsonOpt, QuietOpt, d
 from netprobe.errors import UsageError
 
 if TYPE_CHECKING:
-    from netprobe.engines.port_check import (
-        CheckConfig,
-        LatencySummary,
-        PortCheckResult,
-        Probe,
-    )
+    from netprobe.engines.port_check import CheckConfig, PortCheckResult
+    from netprobe.engines.port_check_modes import LatencySummary, Probe
     from netprobe.render import Renderer
 
 __all__ = ["port_check"]
@@ -345,7 +341,8 @@ def _latency(
     quiet: bool,
     required: int | None,
 ) -> int:
-    from netprobe.engines.port_check import LatencySummary, Tally, run_latency
+    from netprobe.engines.port_check import Tally
+    from netprobe.engines.port_check_modes import LatencySummary, run_latency
     from netprobe.render import OutputFormat
 
     renderer = _renderer(fmt, _LATENCY_COLUMNS)
@@ -382,7 +379,7 @@ def _wait(
     deadline: float,
     interval: float,
 ) -> tuple[int, Any]:
-    from netprobe.engines.port_check import WaitOutcome, run_wait
+    from netprobe.engines.port_check_modes import WaitOutcome, run_wait
     from netprobe.exitcodes import ExitStatus
     from netprobe.render import log
 

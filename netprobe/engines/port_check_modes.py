@@ -1,0 +1,373 @@
+"""port-check's repeated modes: latency probes (tcping/paping: --count) and wait-until-open
+(wait-for-it: --wait), both built on the one-pass checks of netprobe.engines.port_check.
+
+Kept apart from the scan so a scan's start-up does not define what only these modes use. Never
+prints; the statistics are pure functions, tested without sockets.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from netprobe.engines.port_check import (
+    _TCP_STATE,
+    _UDP_STATE,
+    CheckConfig,
+    Expect,
+    HostSpec,
+    PortCheckResult,
+    PortState,
+    TargetSpec,
+    _all_keys,
+    _probe,
+    _result,
+    _unresolved,
+    build_hosts,
+    expectation_met,
+    plan_concurrency,
+)
+from netprobe.errors import UsageError
+from netprobe.sockets import Resolved, format_hostport
+
+__all__ = [
+    "LatencyStats",
+    "LatencySummary",
+    "Probe",
+    "WaitOutcome",
+    "WaitProgress",
+    "latency_stats",
+    "percentile",
+    "run_latency",
+    "run_wait",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyStats:
+    """Aggregates of one target's probes; times in ms, None when no probe got an answer."""
+
+    sent: int
+    received: int
+    loss_pct: float
+    min_ms: float | None
+    avg_ms: float | None
+    max_ms: float | None
+    stddev_ms: float | None
+    p50_ms: float | None
+    p90_ms: float | None
+    p99_ms: float | None
+
+
+def percentile(sorted_values: Sequence[float], pct: float) -> float:
+    """Linear-interpolated percentile of sorted values (numpy's default "linear" method).
+
+    Raises:
+        ValueError: no values, or pct outside 0-100.
+    """
+    if not sorted_values:
+        raise ValueError("percentile of no values")
+    if not 0.0 <= pct <= 100.0:
+        raise ValueError(f"percentile {pct} outside 0-100")
+    rank = (len(sorted_values) - 1) * pct / 100.0
+    low = math.floor(rank)
+    high = min(low + 1, len(sorted_values) - 1)
+    fraction = rank - low
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * fraction
+
+
+def latency_stats(samples_ms: Sequence[float], sent: int) -> LatencyStats:
+    """Aggregate answered probes' latencies; `sent` counts every probe (for loss %).
+
+    stddev is the population standard deviation (as ping's mdev); percentiles interpolate
+    linearly between ranks.
+
+    Raises:
+        ValueError: more samples than probes sent.
+    """
+    received = len(samples_ms)
+    if received > sent:
+        raise ValueError(f"{received} answers for {sent} probes")
+    loss = 0.0 if sent == 0 else round(100.0 * (sent - received) / sent, 3)
+    if not samples_ms:
+        return LatencyStats(
+            sent, 0, loss if sent else 0.0, None, None, None, None, None, None, None
+        )
+    ordered = sorted(samples_ms)
+    mean = math.fsum(ordered) / received
+    variance = math.fsum((x - mean) ** 2 for x in ordered) / received
+    return LatencyStats(
+        sent,
+        received,
+        loss,
+        round(ordered[0], 3),
+        round(mean, 3),
+        round(ordered[-1], 3),
+        round(math.sqrt(variance), 3),
+        round(percentile(ordered, 50), 3),
+        round(percentile(ordered, 90), 3),
+        round(percentile(ordered, 99), 3),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """One latency probe (kind "port-check.probe" in JSON)."""
+
+    target: str
+    address: str | None
+    port: int | None
+    proto: str
+    seq: int
+    state: PortState
+    errno_name: str | None
+    latency_ms: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class LatencySummary:
+    """All probes of one address:port (kind "port-check.latency" in JSON).
+
+    `state` is open when any probe was answered "open", else the last probe's state; `ok`
+    applies the expectation to that state.
+    """
+
+    target: str
+    address: str | None
+    port: int | None
+    proto: str
+    state: PortState
+    errno_name: str | None
+    expect: Expect
+    ok: bool
+    sent: int
+    received: int
+    loss_pct: float
+    min_ms: float | None
+    avg_ms: float | None
+    max_ms: float | None
+    stddev_ms: float | None
+    p50_ms: float | None
+    p90_ms: float | None
+    p99_ms: float | None
+
+    def as_result(self) -> PortCheckResult:
+        """The summary as a plain result, for the tally and the exit status."""
+        return PortCheckResult(
+            self.target,
+            self.address,
+            self.port,
+            self.proto,
+            self.state,
+            self.errno_name,
+            self.avg_ms,
+            None,
+            self.expect,
+            self.ok,
+            self.sent,
+        )
+
+
+def run_latency(
+    hosts: Sequence[HostSpec],
+    config: CheckConfig,
+    *,
+    count: int,
+    interval_s: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[Probe | LatencySummary]:
+    """Probe every address:port `count` times, `interval_s` apart (all in parallel each round).
+
+    Yields each Probe as it ends, then one LatencySummary per address:port.
+    """
+    proto = "udp" if config.udp else "tcp"
+    keys = list(_all_keys(hosts))
+    samples: dict[int, list[float]] = {key: [] for key in keys}
+    last: dict[int, tuple[PortState, str | None]] = {}
+    concurrency = plan_concurrency(config.concurrency, len(keys)) if keys else 1
+    states = _UDP_STATE if config.udp else _TCP_STATE
+    for seq in range(1, count + 1):
+        round_start = time.monotonic()
+        for key, state, errno_name, elapsed in _probe(
+            hosts, keys, config, concurrency=concurrency, timeout_s=config.timeout_s
+        ):
+            mapped = states[state]
+            host = hosts[key >> 16]
+            latency = None
+            if mapped is PortState.OPEN:
+                latency = round(elapsed * 1000.0, 3)
+                samples[key].append(elapsed * 1000.0)
+                last[key] = (mapped, None)
+            elif last.get(key, (None,))[0] is not PortState.OPEN:
+                last[key] = (mapped, errno_name)
+            yield Probe(
+                host.target, host.address, key & 0xFFFF, proto, seq, mapped, errno_name, latency
+            )
+        if seq < count:
+            sleep(max(0.0, round_start + interval_s - time.monotonic()))
+    for host in hosts:
+        if host.error is not None:
+            result = _unresolved(host, proto)
+            yield LatencySummary(
+                host.target,
+                None,
+                result.port,
+                proto,
+                PortState.ERROR,
+                host.error,
+                host.expect,
+                False,
+                count,
+                0,
+                100.0,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+            )
+    for key in keys:
+        host = hosts[key >> 16]
+        agg = latency_stats(samples[key], count)
+        final, final_errno = last.get(key, (PortState.FILTERED, None))
+        yield LatencySummary(
+            host.target,
+            host.address,
+            key & 0xFFFF,
+            proto,
+            final,
+            final_errno,
+            host.expect,
+            expectation_met(final, host.expect),
+            agg.sent,
+            agg.received,
+            agg.loss_pct,
+            agg.min_ms,
+            agg.avg_ms,
+            agg.max_ms,
+            agg.stddev_ms,
+            agg.p50_ms,
+            agg.p90_ms,
+            agg.p99_ms,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Wait mode (wait-for-it, for many targets in parallel)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WaitProgress:
+    """After each round: how many checks hold, how many are needed, who is still waited for."""
+
+    round: int
+    satisfied: int
+    needed: int
+    total: int
+    left_s: float
+    waiting: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WaitOutcome:
+    """How the wait ended: `held` True when the requirement held before the deadline."""
+
+    held: bool
+    elapsed_s: float
+    rounds: int
+    results: tuple[PortCheckResult, ...]  # the latest result of every check
+    never: tuple[str, ...]  # checks whose condition never held (address:port labels)
+
+
+def _label(host: HostSpec, port: int) -> str:
+    return format_hostport(host.address or host.name, port)
+
+
+def run_wait(
+    specs: Sequence[TargetSpec],
+    config: CheckConfig,
+    *,
+    ports: tuple[int, ...] | None,
+    family: int,
+    expect: Expect,
+    required: int | None,
+    deadline_s: float,
+    interval_s: float,
+    resolver: Callable[[str, int], list[Resolved]] | None = None,
+) -> Iterator[WaitProgress | WaitOutcome]:
+    """Retry the checks until the requirement holds or `deadline_s` passes.
+
+    A check that held stays held (it is not probed again). Names that do not resolve yet are
+    resolved again each round (a container's name may appear late). The pause between rounds
+    starts at 50 ms and doubles, capped at `interval_s`. Yields a WaitProgress after each
+    round and the WaitOutcome last.
+    """
+    start = time.monotonic()
+    end = start + deadline_s
+    proto = "udp" if config.udp else "tcp"
+    hosts = build_hosts(specs, ports=ports, family=family, expect=expect, resolver=resolver)
+    # Units of the requirement: every address:port (an unresolvable name counts per port).
+    units = [(i, port) for i, host in enumerate(hosts) for port in host.ports]
+    needed = len(units) if required is None else required
+    if needed > len(units):
+        raise UsageError(f"--require {needed} is more than the {len(units)} checks given")
+    latest: dict[tuple[int, int], PortCheckResult] = {}
+    done: set[tuple[int, int]] = set()
+    pause = 0.05
+    rounds = 0
+    while True:
+        rounds += 1
+        left = end - time.monotonic()
+        for index, host in enumerate(hosts):
+            if rounds > 1 and host.error is not None:
+                again = build_hosts(
+                    [TargetSpec(host.target, host.name, host.ports, host.expect)],
+                    ports=host.ports,
+                    family=family,
+                    expect=host.expect,
+                    resolver=resolver,
+                )
+                hosts[index] = again[0]
+        todo = [(i, p) for (i, p) in units if (i, p) not in done and hosts[i].error is None]
+        for i, p in units:
+            if hosts[i].error is not None:
+                latest[(i, p)] = _result(
+                    hosts[i], p, proto, PortState.ERROR, hosts[i].error, None, rounds
+                )
+        if todo:
+            timeout = max(0.001, min(config.timeout_s, left))
+            keyed = [(i << 16) | p for i, p in todo]
+            concurrency = plan_concurrency(config.concurrency, len(keyed))
+            states = _UDP_STATE if config.udp else _TCP_STATE
+            for key, state, errno_name, elapsed in _probe(
+                hosts, keyed, config, concurrency=concurrency, timeout_s=timeout
+            ):
+                unit = (key >> 16, key & 0xFFFF)
+                result = _result(
+                    hosts[unit[0]], unit[1], proto, states[state], errno_name, elapsed, rounds
+                )
+                latest[unit] = result
+                if result.ok:
+                    done.add(unit)
+        now = time.monotonic()
+        waiting = tuple(_label(hosts[i], p) for i, p in units if (i, p) not in done)
+        if len(done) >= needed:
+            yield WaitOutcome(True, now - start, rounds, _ordered(latest, units), waiting)
+            return
+        if now >= end:
+            yield WaitOutcome(False, now - start, rounds, _ordered(latest, units), waiting)
+            return
+        yield WaitProgress(rounds, len(done), needed, len(units), end - now, waiting)
+        time.sleep(max(0.0, min(pause, end - time.monotonic())))
+        pause = min(pause * 2, max(interval_s, 0.05))
+
+
+def _ordered(
+    latest: dict[tuple[int, int], PortCheckResult], units: Sequence[tuple[int, int]]
+) -> tuple[PortCheckResult, ...]:
+    return tuple(latest[unit] for unit in units if unit in latest)
