@@ -574,9 +574,7 @@ class Connection(asyncio.Protocol):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self.errno_name = sockets.errno_name(exc.errno)
-                reset = isinstance(exc, ConnectionResetError | BrokenPipeError)
-                self.abort(CloseReason.RESET if reset else CloseReason.ERROR)
+                self._read_failed(exc)
                 return
             if not count:
                 return  # EOF stays readable: the loop delivers it as usual
@@ -585,6 +583,13 @@ class Connection(asyncio.Protocol):
             if self._max_bytes is not None and self.bytes_in >= self._max_bytes:
                 self.close(CloseReason.LIMIT)
                 return
+
+    def _read_failed(self, exc: OSError) -> None:
+        # A read of our own (drain, busy poll) took the socket's error: the kernel reports an
+        # RST once, so the loop would never see this one. Close as the loop would have.
+        self.errno_name = sockets.errno_name(exc.errno)
+        reset = isinstance(exc, ConnectionResetError | BrokenPipeError)
+        self.abort(CloseReason.RESET if reset else CloseReason.ERROR)
 
     def _busy_poll(self) -> None:
         server = self._server
@@ -608,10 +613,7 @@ class Connection(asyncio.Protocol):
             except InterruptedError:
                 continue
             except OSError as exc:
-                # The kernel reports an RST once: the loop would never see this one.
-                self.errno_name = sockets.errno_name(exc.errno)
-                reset = isinstance(exc, ConnectionResetError | BrokenPipeError)
-                self.abort(CloseReason.RESET if reset else CloseReason.ERROR)
+                self._read_failed(exc)
                 return
             if not data:
                 return  # EOF stays readable: the loop delivers it as usual
