@@ -118,7 +118,9 @@ def echo(
             parser=duration,
             metavar="DURATION",
             help="While one client is connected, keep reading it for this long after each "
-            "message before sleeping (lower round-trip latency for CPU; 0 turns it off).",
+            "message before sleeping (lower round-trip latency for CPU; 0 turns it off). "
+            "[default: 50us]",
+            show_default=False,
         ),
     ] = 50e-6,
     json_out: JsonOpt = False,
