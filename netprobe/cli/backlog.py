@@ -51,7 +51,7 @@ def backlog(
         typer.Option(
             "--connections",
             "-n",
-            help="Total attempts [default: 200; a ramp: rate x step per step].",
+            help="Total attempts (default: 200; a ramp: rate x step per step).",
             show_default=False,
         ),
     ] = None,
@@ -60,7 +60,7 @@ def backlog(
         typer.Option(
             "--concurrency",
             "-c",
-            help="Attempts in flight [default: min(connections, 1000)].",
+            help="Attempts in flight (default: min(connections, 1000)).",
             show_default=False,
         ),
     ] = None,
@@ -68,7 +68,7 @@ def backlog(
         float | None,
         typer.Option(
             "--rate",
-            help="New attempts per second [default: as fast as possible].",
+            help="New attempts per second (default: as fast as possible).",
             show_default=False,
         ),
     ] = None,

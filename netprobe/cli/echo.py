@@ -107,7 +107,7 @@ def echo(
         int,
         typer.Option(
             "--workers",
-            help="Processes sharing the listener (TCP/Unix; uses more cores). [default: 1]",
+            help="Processes sharing the listener (TCP/Unix; uses more cores). Default: 1.",
             show_default=False,
         ),
     ] = 1,
@@ -119,7 +119,7 @@ def echo(
             metavar="DURATION",
             help="While one client is connected, keep reading it for this long after each "
             "message before sleeping (lower round-trip latency for CPU; 0 turns it off). "
-            "[default: 50us]",
+            "Default: 50us.",
             show_default=False,
         ),
     ] = 50e-6,
