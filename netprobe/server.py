@@ -107,6 +107,7 @@ _DRAIN_WORKS = sys.platform == "linux" and hasattr(socket, "MSG_TRUNC")
 _DRAIN_FLAGS = getattr(socket, "MSG_TRUNC", 0) | getattr(socket, "MSG_DONTWAIT", 0)
 _DRAIN_BUFFER = bytearray(1 << 20) if _DRAIN_WORKS else bytearray()
 _DRAIN_ROUNDS = 64
+_DRAIN_START = 65536  # a read this large means a streaming client: worth draining
 
 # What a parent sends its workers (stop, running totals) and Ctrl-C from a terminal.
 _WORKER_SIGNALS = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", signal.SIGTERM)}
@@ -324,6 +325,15 @@ class DatagramHandler:
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
+def _reason_for(exc: BaseException) -> str:
+    """The close reason of a connection that ended with exc (the loop's or a read of ours)."""
+    if isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
+        return CloseReason.RESET
+    if isinstance(exc, TimeoutError) and getattr(exc, "errno", None) == errno.ETIMEDOUT:
+        return CloseReason.RESET  # keepalive/retransmit gave up: the peer is gone
+    return CloseReason.ERROR
+
+
 class Connection(asyncio.Protocol):
     """One TCP or Unix stream connection; the asyncio protocol and the handler's handle.
 
@@ -343,6 +353,7 @@ class Connection(asyncio.Protocol):
         "_close_handle",
         "_closing",
         "_done",
+        "_drain_from",
         "_drain_sock",
         "_eof_pending",
         "_fd",
@@ -393,7 +404,8 @@ class Connection(asyncio.Protocol):
         self._idle_handle: asyncio.TimerHandle | None = None
         self._close_handle: asyncio.TimerHandle | None = None
         self._fd = -1  # the socket's fd when busy polling applies to this connection
-        self._drain_sock: socket.socket | None = None  # a dup of it, for drain_chunk handlers
+        self._drain_from = -1  # the socket's fd when a drain_chunk handler may drain it
+        self._drain_sock: socket.socket | None = None  # a dup of that fd, once a client streams
 
     # -- the handler's API ---------------------------------------------------------------
 
@@ -493,11 +505,19 @@ class Connection(asyncio.Protocol):
             self.transport.resume_reading()
         if not self._pauses and self._held is not None:
             held, self._held = self._held, None
-            for chunk in held:  # a handler that pauses again re-holds the rest, in order
-                if chunk:
-                    self.data_received(chunk)
-                else:
-                    self.eof_received()
+            # These bytes were read before the pause: polling or draining the socket between
+            # two of them would slip newer bytes in between.
+            fd, drain_from = self._fd, self._drain_from
+            self._fd = self._drain_from = -1
+            try:
+                for chunk in held:  # a handler that pauses again re-holds the rest, in order
+                    if chunk:
+                        self.data_received(chunk)
+                    else:
+                        self.eof_received()
+            finally:
+                if not self._done:
+                    self._fd, self._drain_from = fd, drain_from
 
     def call_later(self, delay_s: float, fn: Callable[..., Any], *args: Any) -> asyncio.TimerHandle:
         """Run fn(*args) after delay_s in the loop; the handle's cancel() stops it."""
@@ -528,9 +548,7 @@ class Connection(asyncio.Protocol):
         if self.handler.drain_chunk > 0 and _DRAIN_WORKS:
             sock = self.transport.get_extra_info("socket")
             if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-                # A duplicate descriptor: ours to close, so the loop's stays the loop's.
-                with contextlib.suppress(OSError):
-                    self._drain_sock = socket.socket(fileno=os.dup(sock.fileno()))
+                self._drain_from = sock.fileno()
         if config.idle_timeout_s is not None and not self.outbound:
             self._idle_handle = self._server.loop.call_later(
                 config.idle_timeout_s, self._check_idle
@@ -554,14 +572,23 @@ class Connection(asyncio.Protocol):
             self._hold(data)
             return
         self._receive(data)
-        if self._drain_sock is not None:
-            self._drain()
+        if self._drain_from >= 0:
+            self._drain(len(data))
         elif self._fd >= 0 and len(data) < _BUSY_POLL_SMALL and len(self._server._active) == 1:
             self._busy_poll()
 
-    def _drain(self) -> None:
+    def _drain(self, last_read: int) -> None:
         sock = self._drain_sock
-        assert sock is not None
+        if sock is None:
+            # The duplicate descriptor (ours to close, so the loop's stays the loop's) only for
+            # a client that streams: a quiet one must not cost a second fd under `ulimit -n`.
+            if last_read < _DRAIN_START or self._closing or self._done:
+                return
+            try:
+                sock = self._drain_sock = socket.socket(fileno=os.dup(self._drain_from))
+            except OSError:  # out of fds: the loop reads it all, as without draining
+                self._drain_from = -1
+                return
         chunk = min(self.handler.drain_chunk, len(_DRAIN_BUFFER))
         for _ in range(_DRAIN_ROUNDS):  # then the loop: other clients get their turn
             if self._pauses or self._closing or self._done:
@@ -588,8 +615,7 @@ class Connection(asyncio.Protocol):
         # A read of our own (drain, busy poll) took the socket's error: the kernel reports an
         # RST once, so the loop would never see this one. Close as the loop would have.
         self.errno_name = sockets.errno_name(exc.errno)
-        reset = isinstance(exc, ConnectionResetError | BrokenPipeError)
-        self.abort(CloseReason.RESET if reset else CloseReason.ERROR)
+        self.abort(_reason_for(exc))
 
     def _busy_poll(self) -> None:
         server = self._server
@@ -599,9 +625,18 @@ class Connection(asyncio.Protocol):
         give_back = now + max(window, _BUSY_POLL_MAX_S)
         fd = self._fd
         transport = self.transport
-        assert transport is not None
+        if transport is None:
+            return
         while len(server._active) == 1 and not server._outbound:
-            if self._pauses or self._closing or self._done or server._stopping:
+            # is_closing(): a write failed and the transport closed itself; connection_lost
+            # (and with it _closing) only comes in a later loop turn.
+            if (
+                self._pauses
+                or self._closing
+                or self._done
+                or server._stopping
+                or transport.is_closing()
+            ):
                 return
             try:
                 data = os.read(fd, _BUSY_POLL_READ)
@@ -695,15 +730,11 @@ class Connection(asyncio.Protocol):
             number = getattr(exc, "errno", None)
             self.errno_name = self.errno_name or sockets.errno_name(number)
             if self.reason is None:
-                if isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
-                    self.reason = CloseReason.RESET
-                elif isinstance(exc, TimeoutError) and number == errno.ETIMEDOUT:
-                    self.reason = CloseReason.RESET  # keepalive/retransmit gave up: peer gone
-                else:
-                    self.reason = CloseReason.ERROR
+                self.reason = _reason_for(exc)
         if self.reason is None:
             self.reason = CloseReason.EOF
         self.transport = None
+        self._fd = self._drain_from = -1
         if self._drain_sock is not None:
             self._drain_sock.close()
             self._drain_sock = None

@@ -333,6 +333,36 @@ class Drop(Handler):
     drain_chunk = 65536
 
 
+def test_quiet_discard_clients_cost_one_fd_each() -> None:
+    # The drain's duplicate descriptor is only made for a client that streams.
+    with serving(ServerConfig(port=0), Drop) as srv:
+        with srv.connect() as warm:
+            warm.sendall(b"x")
+        srv.wait_events("close", 1)
+        baseline = psutil.Process().num_fds()
+        clients = [srv.connect() for _ in range(10)]
+        try:
+            for client in clients:
+                client.sendall(b"small")
+            srv.wait_events("accept", 11)
+            time.sleep(0.1)  # let the server read what they sent
+            # 10 client sockets here plus 10 accepted ones: no duplicates.
+            assert psutil.Process().num_fds() == baseline + 20
+        finally:
+            for client in clients:
+                client.close()
+
+
+def test_read_errors_get_the_loops_close_reasons() -> None:
+    from netprobe.server import _reason_for
+
+    assert _reason_for(ConnectionResetError(104, "reset")) == "reset"
+    assert _reason_for(BrokenPipeError(32, "pipe")) == "reset"
+    assert _reason_for(ConnectionAbortedError(103, "aborted")) == "reset"
+    assert _reason_for(TimeoutError(110, "timed out")) == "reset"
+    assert _reason_for(OSError(113, "no route")) == "error"
+
+
 def test_drained_bytes_are_counted_limited_and_resets_seen() -> None:
     big = 16 * 1024 * 1024 + 3
     with serving(ServerConfig(port=0), Drop) as srv:
