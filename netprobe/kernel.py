@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import math
 import os
 import socket
 import struct
@@ -36,6 +37,7 @@ __all__ = [
     "tcp_listeners",
     "udp_sockets",
     "unix_listeners",
+    "usable_cpus",
 ]
 
 _PROC_SYS = "/proc/sys"
@@ -77,6 +79,84 @@ def runnable_tasks(path: str = "/proc/loadavg") -> int | None:
             return int(handle.read().split()[3].split("/")[0])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as handle:
+            return handle.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def cgroup_cpu_limit(
+    proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup"
+) -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (1.5: 150 ms per 100 ms), None if none.
+
+    cgroup v2 (`cpu.max`) and v1 (`cpu.cfs_quota_us` / `cpu.cfs_period_us`); a quota set on
+    any ancestor counts too (the tightest wins), as the scheduler enforces every level.
+    """
+    text = _read_text(proc_cgroup)
+    if text is None:
+        return None
+    limits: list[float] = []
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        hierarchy, controllers, path = parts
+        files: tuple[str, ...]
+        if hierarchy == "0" and controllers == "":
+            base, files = root, ("cpu.max",)
+        elif "cpu" in controllers.split(","):
+            base, files = os.path.join(root, controllers), ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+            if not os.path.isdir(base):  # "cpu,cpuacct" is often reached by a cpu symlink only
+                base = os.path.join(root, "cpu")
+        else:
+            continue
+        rel = path.strip("/")
+        while True:
+            limit = _quota_at(os.path.join(base, rel), files)
+            if limit is not None:
+                limits.append(limit)
+            if not rel:
+                break
+            rel = os.path.dirname(rel)
+    return min(limits) if limits else None
+
+
+def _quota_at(directory: str, files: tuple[str, ...]) -> float | None:
+    if len(files) == 1:  # v2: "max 100000" or "150000 100000"
+        text = _read_text(os.path.join(directory, files[0]))
+        fields = text.split() if text else []
+    else:
+        fields = [_read_text(os.path.join(directory, name)) or "" for name in files]
+    if len(fields) != 2:
+        return None
+    try:
+        quota, period = int(fields[0]), int(fields[1])
+    except ValueError:  # "max": no limit at this level
+        return None
+    if quota <= 0 or period <= 0:  # v1 writes -1 for no limit
+        return None
+    return quota / period
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may actually use: its affinity mask (taskset, cpuset), capped by
+    a cgroup CPU quota (a container's --cpus), rounded up; at least 1.
+
+    os.cpu_count() counts the host's CPUs and would over-commit inside a container.
+    """
+    try:
+        count = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        count = os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    if quota is not None:
+        count = min(count, math.ceil(quota))
+    return max(1, count)
 
 
 def _int_sysctl(name: str) -> int | None:

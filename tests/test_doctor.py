@@ -23,6 +23,7 @@ HOST_FACTS = {
     "tcp-abort-on-overflow",
     "ip-local-port-range",
     "rlimit-nofile",
+    "cpus",
     "socket-owners",
     "queue-view",
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -127,3 +128,47 @@ def test_runnable_tasks_reads_the_instant_count(tmp_path: Path) -> None:
         running = kernel.runnable_tasks()
         assert running is not None
         assert running >= 1  # this process is running as it reads
+
+
+def _cgroup_file(root: Path, rel: str, name: str, text: str) -> None:
+    directory = root / rel
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / name).write_text(text)
+
+
+def test_cgroup_v2_quota_tightest_level_wins(tmp_path: Path) -> None:
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/box/app\n")
+    root = tmp_path / "fs"
+    _cgroup_file(root, "box/app", "cpu.max", "max 100000\n")  # no limit on its own level
+    _cgroup_file(root, "box", "cpu.max", "150000 100000\n")  # the parent's quota applies
+    _cgroup_file(root, "", "cpu.max", "400000 100000\n")
+    assert kernel.cgroup_cpu_limit(str(proc), str(root)) == 1.5
+
+
+def test_cgroup_v1_quota_and_no_limit(tmp_path: Path) -> None:
+    proc = tmp_path / "cgroup"
+    proc.write_text("4:memory:/x\n3:cpu,cpuacct:/docker/abc\n")
+    root = tmp_path / "fs"
+    _cgroup_file(root, "cpu,cpuacct/docker/abc", "cpu.cfs_quota_us", "50000\n")
+    _cgroup_file(root, "cpu,cpuacct/docker/abc", "cpu.cfs_period_us", "100000\n")
+    assert kernel.cgroup_cpu_limit(str(proc), str(root)) == 0.5
+    _cgroup_file(root, "cpu,cpuacct/docker/abc", "cpu.cfs_quota_us", "-1\n")
+    assert kernel.cgroup_cpu_limit(str(proc), str(root)) is None
+    assert kernel.cgroup_cpu_limit(str(tmp_path / "missing"), str(root)) is None
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs sched_setaffinity")
+def test_usable_cpus_follows_the_affinity_mask() -> None:
+    # A child pinned to one CPU (as under `taskset -c N`) must see one, whatever the host has.
+    first = min(os.sched_getaffinity(0))
+    code = "from netprobe.kernel import usable_cpus; print(usable_cpus())"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, {first}),
+    )
+    assert out.stdout.strip() == "1"
+    assert 1 <= kernel.usable_cpus() <= len(os.sched_getaffinity(0))

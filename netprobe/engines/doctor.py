@@ -249,6 +249,22 @@ def _port_range() -> Outcome:
     return (Verdict.WARN if count < 10_000 else Verdict.PASS), figure, hint
 
 
+def _cpus() -> Outcome:
+    from netprobe import kernel
+
+    host = os.cpu_count() or 1
+    usable = kernel.usable_cpus()
+    quota = kernel.cgroup_cpu_limit()
+    figure = f"{usable} usable of {host}"
+    if quota is not None:
+        figure += f" (cgroup quota {quota:g} CPUs)"
+    if usable < 2:
+        hint = "one CPU: load tests share it with the server under test; scans use one process"
+    else:
+        hint = "port-check splits large scans over 2 processes when a CPU is idle"
+    return Verdict.PASS, figure, hint
+
+
 def _capable(bit: int) -> bool:
     """Whether this process holds capability number `bit` (effective set; root assumed)."""
     try:
@@ -802,6 +818,7 @@ _CHECKS: list[Check] = [
     Check("host", "tcp-abort-on-overflow", _abort_on_overflow, True),
     Check("host", "ip-local-port-range", _port_range, True),
     Check("host", "rlimit-nofile", _nofile, True),
+    Check("host", "cpus", _cpus, True),
     Check("host", "socket-owners", _socket_owners, True),
     Check("host", "queue-view", _queue_view, True),
     Check("selftest", "echo-send-tcp", _echo_tcp, True),

@@ -540,15 +540,17 @@ def _workers_for(config: CheckConfig, jobs: int) -> int:
         return config.workers
     if config.udp or config.rate or jobs < _FORK_THRESHOLD:
         return 1
-    cores = os.cpu_count() or 1
-    if cores < 2:
+    from netprobe.kernel import runnable_tasks, usable_cpus
+
+    # Inside `taskset -c 0` or a one-CPU container a second process only takes turns with us.
+    if usable_cpus() < 2:
         return 1
+    cores = os.cpu_count() or 1
     # A second process only pays when a core is idle; on a busy host it only adds work
     # (measured on 2 cores: up to 2x slower at load 3-6, 1.6-1.9x faster when idle). What
-    # counts is now: the runnable tasks at this instant besides us. The 1-minute load average
-    # still carries work that ended seconds ago (a scan just before this one, say).
-    from netprobe.kernel import runnable_tasks
-
+    # counts is now: the runnable tasks at this instant besides us, host-wide as the count is.
+    # The 1-minute load average still carries work that ended seconds ago (a scan just before
+    # this one, say).
     running = runnable_tasks()
     if running is not None:
         return 2 if running - 1 <= cores - 2 else 1
