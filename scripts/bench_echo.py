@@ -125,6 +125,33 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
+def pin_tree(pid: int, cpus: set[int]) -> None:
+    """Move the server and its children to CPUS; a forking server's later children inherit it."""
+    import psutil
+
+    for proc in process_tree(pid):
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+            os.sched_setaffinity(proc.pid, cpus)
+
+
+def children_cpu() -> float:
+    """User+system CPU seconds of this script's finished children (the load generator)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def split_cpus() -> tuple[set[int], set[int]] | None:
+    """(server CPUs, client CPUs): one core for each side, or None when that is not possible."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return {cpus[-1]}, {cpus[0]}
+
+
 def tree_rss(pid: int) -> int:
     import psutil
 
@@ -135,9 +162,20 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def run_client(client: Path, *args: str, timeout: float = 120.0) -> tuple[float, float]:
+def run_client(
+    client: Path, *args: str, timeout: float = 120.0, cpus: set[int] | None = None
+) -> tuple[float, float]:
+    def pin() -> None:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+
     result = subprocess.run(
-        [str(client), *args], capture_output=True, text=True, timeout=timeout, check=False
+        [str(client), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        preexec_fn=pin if cpus is not None else None,
     )
     if result.returncode == 1:
         raise EchoMismatch(result.stderr.strip())
@@ -248,6 +286,10 @@ class Figures:
     pingpong_cpu_us: list[float] = field(default_factory=list)
     multi_msgs_s: list[float] = field(default_factory=list)
     multi_cpu_us: list[float] = field(default_factory=list)
+    multi_client_cpu_us: list[float] = field(default_factory=list)
+    # The same test with the server (all its processes) on one core, the client on another.
+    pinned_msgs_s: list[float] = field(default_factory=list)
+    pinned_cpu_us: list[float] = field(default_factory=list)
     idle_conns: int = 0
     idle_rss_kb_per_conn: float | None = None
     idle_rss_delta_kb_per_conn: float | None = None
@@ -279,12 +321,29 @@ def measure_round(
     fig.pingpong_rt_s.append(count / seconds)
     fig.pingpong_cpu_us.append((cpu2 - cpu1) / count * 1e6)
 
-    count, seconds = run_client(
-        client, "multi", host, str(port), str(args.conns), "64", str(args.seconds)
-    )
+    multi = (client, "multi", host, str(port), str(args.conns), "64", str(args.seconds))
+    own0 = children_cpu()
+    count, seconds = run_client(*multi)
+    own1 = children_cpu()
     cpu3 = tree_cpu(pid)
     fig.multi_msgs_s.append(count / seconds)
     fig.multi_cpu_us.append((cpu3 - cpu2) / count * 1e6)
+    fig.multi_client_cpu_us.append((own1 - own0) / count * 1e6)
+
+    split = split_cpus()
+    if split is None:
+        return
+    # On a small machine the client and the server share the cores: the figure above is what
+    # both together reach. With one core each, it is what the server does with one core.
+    server_cpus, client_cpus = split
+    pin_tree(pid, server_cpus)
+    try:
+        count, seconds = run_client(*multi, cpus=client_cpus)
+    finally:
+        pin_tree(pid, set(os.sched_getaffinity(0)))
+    cpu4 = tree_cpu(pid)
+    fig.pinned_msgs_s.append(count / seconds)
+    fig.pinned_cpu_us.append((cpu4 - cpu3) / count * 1e6)
 
 
 def measure_idle(client: Path, port: int, pid: int, conns: int, fig: Figures) -> None:
@@ -353,6 +412,7 @@ GOALS = (
     ("bulk MiB/s", "bulk_mib_s", 2.5),
     ("ping-pong round trips/s", "pingpong_rt_s", 1.2),
     ("100-conn msgs/s", "multi_msgs_s", 2.5),
+    ("100-conn msgs/s, 1 core each", "pinned_msgs_s", 2.5),
 )
 
 
@@ -375,6 +435,15 @@ def report(results: dict[str, Figures], iperf: list[float], args: argparse.Names
         ),
         (f"{args.conns}-conn msgs/s", [fmt(results[n].median("multi_msgs_s")) for n in names]),
         ("  server CPU us per msg", [fmt(results[n].median("multi_cpu_us"), 1) for n in names]),
+        (
+            "  client CPU us per msg",
+            [fmt(results[n].median("multi_client_cpu_us"), 1) for n in names],
+        ),
+        (
+            f"{args.conns}-conn msgs/s, 1 core each",
+            [fmt(results[n].median("pinned_msgs_s")) for n in names],
+        ),
+        ("  server CPU us per msg", [fmt(results[n].median("pinned_cpu_us"), 1) for n in names]),
         ("idle conns held", [str(results[n].idle_conns or "-") for n in names]),
         ("  RSS total MiB", [fmt(results[n].idle_rss_total_mib, 1) for n in names]),
         ("  RSS KB per conn (total/N)", [fmt(results[n].idle_rss_kb_per_conn, 1) for n in names]),
@@ -394,6 +463,12 @@ def report(results: dict[str, Figures], iperf: list[float], args: argparse.Names
         for note in sorted(set(results[name].notes)):
             print(f"note: {name}: {note}")
     print(f"rounds: {args.rounds}; bulk {args.bulk // MIB} MiB; {args.seconds} s per rate test")
+    split = split_cpus()
+    if split is not None:
+        print(
+            f"1 core each: the server and all its processes on CPU {min(split[0])}, the client"
+            f" on CPU {min(split[1])}; otherwise both share all {os.cpu_count()} CPUs"
+        )
     iperf_med = statistics.median(iperf) if iperf else None
     print(f"iperf3 one loopback stream: {fmt(iperf_med)} MiB/s (median of {len(iperf)})")
     socat = results.get("socat")
