@@ -35,6 +35,7 @@ from netprobe.errors import (
 from netprobe.results import ConnectState
 
 __all__ = [
+    "AF_UNIX",
     "DEFAULT_CIDR_CAP",
     "PUMP_CHUNK",
     "SPLICE_AVAILABLE",
@@ -86,6 +87,8 @@ __all__ = [
 # A CIDR block bigger than this is refused unless the caller allows it: a typo such as /8
 # instead of /24 would otherwise start a 16-million-address scan.
 DEFAULT_CIDR_CAP = 65_536
+# The Unix-socket family for code outside the socket core (-1 where the platform has none).
+AF_UNIX: int = getattr(socket, "AF_UNIX", -1)
 
 # ---------------------------------------------------------------------------------------------
 # Parsing (no I/O)

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -363,3 +364,91 @@ def test_terminal_table_sorted_and_collapses_many_closed_ports(server: ServerThr
     assert str(server.port) in big_out
     assert "not shown:" in err_raw.getvalue().decode()
     assert big == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# unix:/PATH targets (nc -zU): connect(2) on a Unix stream socket
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def unix_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    # A short directory: sun_path holds 107 bytes, and pytest's tmp_path can be longer.
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="np-") as path:
+        yield path
+
+
+def test_unix_targets_open_refused_missing_and_full(unix_dir: str) -> None:
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(f"{unix_dir}/up.sock")
+    listening.listen(8)
+    bound_only = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound_only.bind(f"{unix_dir}/stale.sock")  # a file, nobody listening: ECONNREFUSED
+    full = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    full.bind(f"{unix_dir}/full.sock")
+    full.listen(0)
+    fillers = []
+    try:
+        while True:  # fill the never-accepted queue until connect says EAGAIN
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            fillers.append(client)
+            if client.connect_ex(f"{unix_dir}/full.sock") != 0:
+                break
+            assert len(fillers) < 64, "the queue never filled"
+        names = ["up", "stale", "missing", "full"]
+        result = invoke(["port-check", "--json", *(f"unix:{unix_dir}/{n}.sock" for n in names)])
+        rows = {r["address"].rsplit("/", 1)[1]: r for r in _json_lines(result.stdout)}
+        got = {
+            name: (rows[f"{name}.sock"]["state"], rows[f"{name}.sock"]["errno_name"])
+            for name in names
+        }
+        assert got == {
+            "up": ("open", None),
+            "stale": ("closed", "ECONNREFUSED"),
+            "missing": ("closed", "ENOENT"),
+            "full": ("open", "EAGAIN"),  # a full queue still proves a listener
+        }
+        for row in rows.values():
+            assert row["proto"] == "unix"
+            assert row["port"] is None
+            assert row["service"] is None
+        assert result.exit_code == 1  # stale and missing are not open
+    finally:
+        for sock in (listening, bound_only, full, *fillers):
+            sock.close()
+
+
+def test_unix_target_expectations_latency_and_wait(unix_dir: str) -> None:
+    path = f"{unix_dir}/app.sock"
+    assert invoke(["port-check", f"unix:{path}=closed"]).exit_code == 0
+    late = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # wait-for-it for a socket file that appears later (a service starting up).
+        def appear() -> None:
+            late.bind(path)
+            late.listen(4)
+
+        timer = threading.Timer(0.3, appear)
+        timer.start()
+        try:
+            waited = invoke(["port-check", "--wait", "--deadline", "10s", f"unix:{path}"])
+        finally:
+            timer.join()
+        assert waited.exit_code == 0, waited.stderr
+        probes = invoke(["port-check", "--json", "-c", "3", "--interval", "10ms", f"unix:{path}"])
+        assert probes.exit_code == 0
+        summary = _json_lines(probes.stdout)[-1]
+        assert summary["kind"] == "port-check.latency"
+        assert (summary["proto"], summary["port"], summary["received"]) == ("unix", None, 3)
+    finally:
+        late.close()
+
+
+def test_unix_target_with_udp_is_bad_input() -> None:
+    result = invoke(["port-check", "--udp", "unix:/run/x.sock"])
+    assert result.exit_code == 2
+    assert "unix:/run/x.sock" in result.stderr
+    assert "--udp" in result.stderr

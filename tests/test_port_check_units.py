@@ -101,13 +101,22 @@ def test_parse_targets_forms_and_expectations() -> None:
         ("host:22=maybe", "'open' or 'closed'"),
         ("host:0", "out of range"),
         ("host:", "missing port"),
-        ("unix:/tmp/x.sock", "not Unix sockets"),
+        ("unix:", "socket path"),
         ("[::1", "closing"),
     ],
 )
 def test_parse_targets_rejects(text: str, fragment: str) -> None:
     with pytest.raises(UsageError, match=fragment):
         parse_targets([text])
+
+
+def test_parse_targets_unix_paths_keep_their_equals_signs() -> None:
+    specs = parse_targets(["unix:/run/a.sock", "unix:/run/b=c.sock", "unix:/run/d.sock=closed"])
+    assert [(s.host, s.unix, s.expect) for s in specs] == [
+        ("/run/a.sock", True, None),
+        ("/run/b=c.sock", True, None),  # not an expectation: part of the path
+        ("/run/d.sock", True, Expect.CLOSED),
+    ]
 
 
 def test_read_targets_skips_comments_and_blanks() -> None:

@@ -127,8 +127,9 @@ def port_check(
     targets: Annotated[
         list[str] | None,
         typer.Argument(
-            help="HOST, HOST:PORTS, [IPV6]:PORTS or CIDR; append =closed (or =open) to set the "
-            "expectation per target. After `--`: a COMMAND to run once the check holds.",
+            help="HOST, HOST:PORTS, [IPV6]:PORTS, CIDR or unix:/PATH (a Unix stream socket); "
+            "append =closed (or =open) to set the expectation per target. After `--`: a COMMAND "
+            "to run once the check holds.",
             show_default=False,
         ),
     ] = None,
@@ -208,7 +209,7 @@ def port_check(
         str, typer.Option("--until", help="Wait mode: wait until targets are open or closed.")
     ] = "open",
 ) -> None:
-    """Check TCP/UDP ports: open, closed, filtered; latency probes; wait until open.
+    """Check TCP/UDP ports and Unix sockets: open, closed, filtered; latency probes; wait until open.
 
     Exit codes: 0 the requirement holds; else the worst failure: 1 closed/unreachable or not
     as expected, 3 only timeouts, 5 resolution, 6 local error; 124 wait deadline; with
@@ -240,6 +241,9 @@ def port_check(
     if command and count is not None:
         raise UsageError("-- COMMAND needs a check or --wait, not --count")
     specs = parse_targets(given)
+    if udp and any(spec.unix for spec in specs):
+        unix = next(spec.text for spec in specs if spec.unix)
+        raise UsageError(f"{unix!r}: --udp checks UDP ports; unix: targets are stream sockets")
     port_list = parse_ports(ports) if ports is not None else None
     required = parse_require(require)
     family = family_of(ipv4, ipv6)

@@ -26,6 +26,7 @@ from netprobe.errors import AddressError, ResolveError, UsageError
 from netprobe.exitcodes import ExitStatus, worst
 from netprobe.results import ConnectState
 from netprobe.sockets import (
+    AF_UNIX,
     DEFAULT_CIDR_CAP,
     Resolved,
     expand_hosts,
@@ -91,6 +92,17 @@ _TCP_STATE = {
     ConnectState.RESOLVE: PortState.ERROR,
 }
 _UDP_STATE = {**_TCP_STATE, ConnectState.TIMEOUT: PortState.OPEN_FILTERED}
+# connect(2) on a Unix socket path ends at once with its own errnos (SOCKETS.md §3): a missing
+# file means nothing listens there (closed, like a refusal); EAGAIN is a full accept queue, so
+# something listens (open); EACCES is the file's permissions, not a firewall (error).
+_UNIX_STATE = {
+    "ENOENT": ConnectState.REFUSED,
+    "ENOTSOCK": ConnectState.REFUSED,
+    "EAGAIN": ConnectState.OPEN,
+    "EWOULDBLOCK": ConnectState.OPEN,
+    "EACCES": ConnectState.ERROR,
+    "EPERM": ConnectState.ERROR,
+}
 # States that satisfy "closed": nothing accepts a connection there.
 _NOT_OPEN = frozenset({PortState.CLOSED, PortState.FILTERED, PortState.UNREACHABLE})
 
@@ -102,12 +114,14 @@ _NOT_OPEN = frozenset({PortState.CLOSED, PortState.FILTERED, PortState.UNREACHAB
 
 @dataclass(frozen=True, slots=True)
 class TargetSpec:
-    """One TARGET as given: host (name, literal or CIDR), optional ports, expectation."""
+    """One TARGET as given: host (name, literal or CIDR) or Unix socket path (`unix` True),
+    optional ports, expectation."""
 
     text: str
     host: str
     ports: tuple[int, ...] | None
     expect: Expect | None  # None: the command-wide --expect applies
+    unix: bool = False
 
 
 def parse_targets(texts: Iterable[str]) -> list[TargetSpec]:
@@ -124,12 +138,16 @@ def parse_targets(texts: Iterable[str]) -> list[TargetSpec]:
             try:
                 expect = Expect(suffix.strip().lower())
             except ValueError:
-                raise UsageError(
-                    f"{text!r}: expectation {suffix!r} must be 'open' or 'closed'"
-                ) from None
+                if not text.strip().startswith("unix:"):  # a socket path may hold a '='
+                    raise UsageError(
+                        f"{text!r}: expectation {suffix!r} must be 'open' or 'closed'"
+                    ) from None
+                body = text
         target = parse_target(body)
-        if target.host is None:
-            raise AddressError(f"{text!r}: port-check takes hosts and ports, not Unix sockets")
+        if target.path is not None:
+            specs.append(TargetSpec(body.strip(), target.path, None, expect, unix=True))
+            continue
+        assert target.host is not None
         specs.append(TargetSpec(body.strip(), target.host, target.ports, expect))
     return specs
 
@@ -214,8 +232,14 @@ class HostSpec:
     error: str | None = None
     sockaddr: tuple[Any, ...] = ()
 
-    def address_for(self, port: int) -> tuple[Any, ...]:
+    def address_for(self, port: int) -> Any:
+        if self.family == AF_UNIX:
+            return self.sockaddr[0]  # the path
         return (self.sockaddr[0], port, *self.sockaddr[2:])
+
+    @property
+    def unix(self) -> bool:
+        return self.family == AF_UNIX
 
 
 def build_hosts(
@@ -238,14 +262,21 @@ def build_hosts(
     resolve_one = resolver or (lambda host, fam: resolve(host, 0, family=fam))
     hosts: list[HostSpec] = []
     # Expand every block first, so an over-large CIDR fails before any probe is sent.
-    expanded = []
+    expanded: list[tuple[TargetSpec, tuple[int, ...], list[str]]] = []
     for spec in specs:
+        if spec.unix:  # a socket path: no ports, nothing to resolve
+            expanded.append((spec, (0,), [spec.host]))
+            continue
         spec_ports = spec.ports or ports
         if not spec_ports:
             raise UsageError(f"{spec.text!r} has no port: give HOST:PORT or -p PORTS")
         expanded.append((spec, spec_ports, list(expand_hosts(spec.host, cap=cidr_cap))))
     for spec, spec_ports, members in expanded:
         want = spec.expect or expect
+        if spec.unix:
+            path = spec.host
+            hosts.append(HostSpec(spec.text, path, path, AF_UNIX, (0,), want, None, (path,)))
+            continue
         for member in members:
             try:
                 first = resolve_one(member, family)[0]
@@ -394,6 +425,8 @@ def _result(
     elapsed_s: float | None,
     attempts: int,
 ) -> PortCheckResult:
+    if host.family == AF_UNIX:
+        proto, port = "unix", None
     latency = None
     if elapsed_s is not None and state not in (
         PortState.FILTERED,
@@ -472,18 +505,21 @@ class _KeyedJobs(Sequence[ConnectJob]):
 
     def _job(self, key: int) -> ConnectJob:
         host = self._hosts[key >> 16]
-        port = key & 0xFFFF
-        return ConnectJob(key, host.family, (host.sockaddr[0], port, *host.sockaddr[2:]))
+        return ConnectJob(key, host.family, host.address_for(key & 0xFFFF))
 
     def __iter__(self) -> Iterator[ConnectJob]:
         # The hot loop of a scan: one job per port, so per-host parts are looked up once.
-        hosts, last, family, address = self._hosts, -1, 0, ""
+        hosts, last, family, address, unix = self._hosts, -1, 0, "", False
         tail: tuple[Any, ...] = ()
         for key in self._keys:
             index = key >> 16
             if index != last:
                 host, last = hosts[index], index
                 family, address, tail = host.family, host.sockaddr[0], tuple(host.sockaddr[2:])
+                unix = family == AF_UNIX
+            if unix:  # the path is the whole address
+                yield ConnectJob(key, family, address)
+                continue
             port = key & 0xFFFF
             yield ConnectJob(key, family, (address, port, *tail) if tail else (address, port))
 
@@ -523,7 +559,15 @@ def _probe(
         stats=stats,
         on_refused=on_refused,
     )
-    yield from ((r.job.key, r.state, r.errno_name, r.elapsed_s) for r in results)
+    unix = {i for i, host in enumerate(hosts) if host.family == AF_UNIX}
+    if not unix:
+        yield from ((r.job.key, r.state, r.errno_name, r.elapsed_s) for r in results)
+        return
+    for r in results:
+        state = r.state
+        if r.job.key >> 16 in unix:
+            state = _UNIX_STATE.get(r.errno_name or "", state)
+        yield r.job.key, state, r.errno_name, r.elapsed_s
 
 
 def _udp_target(hosts: Sequence[HostSpec], key: int) -> Resolved:

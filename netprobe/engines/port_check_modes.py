@@ -203,7 +203,13 @@ def run_latency(
             elif last.get(key, (None,))[0] is not PortState.OPEN:
                 last[key] = (mapped, errno_name)
             yield Probe(
-                host.target, host.address, key & 0xFFFF, proto, seq, mapped, errno_name, latency
+                host.target,
+                host.address,
+                *_port_proto(host, key, proto),
+                seq,
+                mapped,
+                errno_name,
+                latency,
             )
         if seq < count:
             sleep(max(0.0, round_start + interval_s - time.monotonic()))
@@ -237,8 +243,7 @@ def run_latency(
         yield LatencySummary(
             host.target,
             host.address,
-            key & 0xFFFF,
-            proto,
+            *_port_proto(host, key, proto),
             final,
             final_errno,
             host.expect,
@@ -285,7 +290,15 @@ class WaitOutcome:
 
 
 def _label(host: HostSpec, port: int) -> str:
+    if host.unix:
+        return host.target
     return format_hostport(host.address or host.name, port)
+
+
+def _port_proto(host: HostSpec, key: int, proto: str) -> tuple[int | None, str]:
+    if host.unix:
+        return None, "unix"
+    return key & 0xFFFF, proto
 
 
 def run_wait(
