@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from netprobe.results import ConnectState
-from netprobe.sockets import classify_errno, errno_name
+from netprobe.sockets import POLL_MAX_S, classify_errno, errno_name
 
 __all__ = ["ConnectJob", "ConnectResult", "ConnectorStats", "run_connects"]
 
@@ -480,7 +480,7 @@ class _Run:
                         wake.append(next_start)
                     if stop_at is not None and not stopping:
                         wake.append(stop_at)
-                    timeout = max(0.0, min(wake) - monotonic()) if wake else -1.0
+                    timeout = min(max(0.0, min(wake) - monotonic()), POLL_MAX_S) if wake else -1.0
                     if timeout != 0.0 and self.on_idle is not None:
                         self.on_idle()
                 for fd, _mask in poller.poll(timeout, 1024):

@@ -37,6 +37,7 @@ from netprobe.results import ConnectState
 __all__ = [
     "AF_UNIX",
     "DEFAULT_CIDR_CAP",
+    "POLL_MAX_S",
     "PUMP_CHUNK",
     "SPLICE_AVAILABLE",
     "ConnectOutcome",
@@ -66,6 +67,7 @@ __all__ = [
     "parse_ports",
     "parse_size",
     "parse_target",
+    "poll_ms",
     "pump_duplex",
     "raise_nofile_limit",
     "recv_datagram",
@@ -96,6 +98,10 @@ AF_UNIX: int = getattr(socket, "AF_UNIX", -1)
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(us|ms|s|m|h)?\s*$", re.IGNORECASE)
 _DURATION_UNIT = {None: 1.0, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# About 31 years: far beyond any run, and inside what every timer and wait call accepts.
+_MAX_DURATION_S = 1e9
+# 4 EiB: any byte count a run can mean fits, and int(float) never meets infinity.
+_MAX_SIZE = 2**62
 
 
 def parse_duration(text: str) -> float:
@@ -110,7 +116,12 @@ def parse_duration(text: str) -> float:
             raise UsageError(f"{text!r} is negative; a duration must be 0 or more")
         raise UsageError(f"{text!r} is not a duration (use e.g. 1.5, 250ms, 2s, 1m)")
     unit = match.group(2).lower() if match.group(2) else None
-    return float(match.group(1)) * _DURATION_UNIT[unit]
+    seconds = float(match.group(1)) * _DURATION_UNIT[unit]
+    if not seconds <= _MAX_DURATION_S:  # also inf from a 400-digit number
+        raise UsageError(
+            f"{text!r} is too long; a duration must be at most {_MAX_DURATION_S:.0e} s"
+        )
+    return seconds
 
 
 # Sizes follow coreutils: KB = 1000, K = KiB = 1024 (likewise M/MB/MiB, G/GB/GiB).
@@ -139,7 +150,10 @@ def parse_size(text: str, *, per_second: bool = False) -> int:
         raise UsageError(f"{text!r} is not a size (use e.g. 64KiB)")
     # "KB" with an explicit B and no i is decimal; a bare "K" or "KiB" is binary.
     base = 1000 if (byte and not binary and prefix) else 1024
-    return int(float(number) * base ** _SIZE_POWER[prefix])
+    value = float(number) * base ** _SIZE_POWER[prefix]
+    if not value <= _MAX_SIZE:
+        raise UsageError(f"{text!r} is too large; a size must be at most 4 EiB")
+    return int(value)
 
 
 def parse_ports(spec: str) -> tuple[int, ...]:
@@ -171,7 +185,7 @@ def parse_ports(spec: str) -> tuple[int, ...]:
 
 def _parse_port(text: str, context: str, *, allow_zero: bool = False) -> int:
     item = text.strip()
-    if not item.isdigit():
+    if not (item.isascii() and item.isdigit()):  # "²".isdigit() is True, int("²") fails
         raise AddressError(f"{item!r} is not a port number (in {context!r})")
     port = int(item)
     low = 0 if allow_zero else 1
@@ -630,6 +644,15 @@ def _bind_source(sock: socket.socket, source: str) -> None:
     sock.bind((source, 0))
 
 
+# poll(2) takes an int of milliseconds: a deadline weeks away waits in slices of this.
+POLL_MAX_S = (2**31 - 1) / 1000.0
+
+
+def poll_ms(left_s: float) -> int:
+    """A poll(2) timeout for `left_s` seconds: rounded up, at least 1 ms, at most POLL_MAX_S."""
+    return max(1, int(min(left_s, POLL_MAX_S) * 1000 + 0.999))
+
+
 def _wait_connected(sock: socket.socket, deadline: float | None) -> int | None:
     """Wait until a pending connect ends; its errno (0 = connected), None at the deadline."""
     poller = select.poll()
@@ -638,7 +661,7 @@ def _wait_connected(sock: socket.socket, deadline: float | None) -> int | None:
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             return None
-        events = poller.poll(None if left is None else max(1, int(left * 1000 + 0.999)))
+        events = poller.poll(None if left is None else poll_ms(left))
         if events:
             return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
 
@@ -1128,7 +1151,7 @@ def pump_duplex(
             left, why = min(limits)
             if left <= 0:
                 return end(why)
-            timeout_ms = max(1, int(left * 1000 + 0.999))
+            timeout_ms = poll_ms(left)
         if continue_now:
             timeout_ms = 0
         for fd, event in poller.poll(timeout_ms):
@@ -1177,12 +1200,15 @@ def wait_readable(items: Sequence[int | socket.socket], deadline: float | None) 
     poller = select.poll()
     for item in items:
         poller.register(item, select.POLLIN)
-    left = None if deadline is None else deadline - time.monotonic()
-    if left is not None and left <= 0:
-        timeout_ms: int | None = 0
-    else:
-        timeout_ms = None if left is None else max(1, int(left * 1000 + 0.999))
-    return [fd for fd, _event in poller.poll(timeout_ms)]
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            timeout_ms: int | None = 0
+        else:
+            timeout_ms = None if left is None else poll_ms(left)
+        ready = [fd for fd, _event in poller.poll(timeout_ms)]
+        if ready or timeout_ms == 0 or (left is not None and left <= POLL_MAX_S):
+            return ready
 
 
 def accept_one(listener: socket.socket, deadline: float | None) -> tuple[socket.socket, str]:
@@ -1323,7 +1349,7 @@ def udp_probe_many(
             if interval and not exhausted and len(live) < concurrency:
                 until_next = next_start - time.monotonic()
                 left = min(left, until_next) if live else until_next
-            events = poller.poll(max(0, int(left * 1000 + 0.999)))
+            events = poller.poll(poll_ms(left) if left > 0 else 0)
             now = time.monotonic()
             for fd, _mask in events:
                 entry = live.pop(fd, None)
@@ -1413,7 +1439,7 @@ def _load_services_file(path: str) -> bool:
         if len(fields) < 2 or "/" not in fields[1]:
             continue
         port_text, _, proto = fields[1].partition("/")
-        if port_text.isdigit():
+        if port_text.isascii() and port_text.isdigit():
             # The first entry wins, as getservbyport() returns the first match.
             _SERVICES.setdefault((int(port_text), proto), fields[0])
     return True

@@ -45,7 +45,10 @@ def _root(
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
     ] = False,
     debug: Annotated[
-        bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")
+        bool,
+        typer.Option(
+            "--debug", help="Also show the traceback of an error (exit codes stay the same)."
+        ),
     ] = False,
 ) -> None:
     """Test and diagnose TCP, UDP and Unix-socket networking.

@@ -16,6 +16,8 @@ __all__ = ["error_line", "main"]
 
 def error_line(command: str | None, message: str) -> None:
     """The one line a failed run prints on stderr: `netprobe: CMD: message`."""
+    if sys.stderr is None:  # started with stderr closed: the exit code is all there is
+        return
     where = f"netprobe: {command}: " if command else "netprobe: "
     sys.stderr.write(where + " ".join(message.split("\n")) + "\n")
     sys.stderr.flush()
@@ -24,6 +26,23 @@ def error_line(command: str | None, message: str) -> None:
 # The argv of the run in progress. Click drops the `--` separator, and a command that takes
 # `-- COMMAND ARGS...` (port-check --wait) needs to know where it stood.
 current_argv: list[str] = []
+
+
+def _debug_requested(args: Sequence[str]) -> bool:
+    # A global option: it counts only before the command word. After it, `--debug` is the
+    # command's bad option, or the value of one (`send ... --until --debug`).
+    for arg in args:
+        if arg == "--debug":
+            return True
+        if not arg.startswith("-"):
+            return False
+    return False
+
+
+def _traceback() -> None:
+    import traceback
+
+    traceback.print_exc(file=sys.stderr)
 
 
 def _command_name(args: Sequence[str]) -> str | None:
@@ -54,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run netprobe with argv (default sys.argv[1:]) and return the exit status.
 
     Click's usage errors and netprobe's own errors become one line on stderr; any other
-    exception is a bug (exit 70). `--debug` re-raises so the traceback shows.
+    exception is a bug (exit 70). `--debug` prints the traceback first; the exit status is
+    the same with or without it (scripts keep their meaning).
     """
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
     from typer.exceptions import Abort
@@ -63,7 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = list(sys.argv[1:] if argv is None else argv)
     current_argv[:] = args
-    debug = "--debug" in args
+    if sys.stdout is None:  # started with stdout closed (`>&-`): as if sent to /dev/null
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (lives for the run)
+        error_line(None, "stdout is closed: results are discarded")
+    debug = _debug_requested(args)
     command = _command_name(args)
     try:
         app = build_app(next((a for a in args if not a.startswith("-")), None))
@@ -75,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitStatus.USAGE
     except ClickException as exc:  # usage errors, bad option values, unreadable files
         if debug:
-            raise
+            _traceback()
         error_line(command, _click_message(exc))
         return ExitStatus.USAGE
     except (Abort, KeyboardInterrupt):
@@ -83,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitStatus.INTERRUPTED
     except NetprobeError as exc:
         if debug:
-            raise
+            _traceback()
         error_line(command, str(exc))
         return exit_status_for_error(exc)
     except BrokenPipeError:
@@ -93,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitStatus.OK
     except Exception as exc:
         if debug:
-            raise
+            _traceback()
         error_line(
             command, f"internal error: {type(exc).__name__}: {exc} (--debug shows the traceback)"
         )

@@ -48,13 +48,18 @@ def _command_after_dashes(targets: list[str]) -> tuple[list[str], list[str]]:
 def _read_targets_file(path: str) -> list[str]:
     from netprobe.engines.port_check import read_targets
 
-    if path == "-":
-        return read_targets(sys.stdin)
     try:
+        if path == "-":
+            if sys.stdin is None:  # started with stdin closed (`<&-`)
+                raise UsageError("--targets-file '-': stdin is closed")
+            return read_targets(sys.stdin)
         with open(path, encoding="utf-8") as handle:
             return read_targets(handle)
     except OSError as exc:
         raise UsageError(f"--targets-file {path!r}: cannot read it: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start]
+        raise UsageError(f"--targets-file {path!r}: not UTF-8 text (byte {bad:#04x})") from None
 
 
 def _payload(text: str | None, hex_text: str | None, udp: bool) -> bytes:
@@ -236,6 +241,8 @@ def port_check(
     except ValueError:
         bad = expect if expect.lower() not in ("open", "closed") else until
         raise UsageError(f"{bad!r} is not open or closed") from None
+    if timeout <= 0:
+        raise UsageError(f"--timeout {timeout:g}: each attempt needs a timeout above 0")
     if count is not None and wait:
         raise UsageError("--count and --wait exclude each other")
     if command and count is not None:

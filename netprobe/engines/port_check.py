@@ -173,7 +173,7 @@ def parse_require(text: str) -> int | None:
         return None
     if value == "any":
         return 1
-    if value.isdigit() and int(value) >= 1:
+    if value.isascii() and value.isdigit() and int(value) >= 1:
         return int(value)
     raise UsageError(f"--require {text!r}: use all, any or a count of at least 1")
 
