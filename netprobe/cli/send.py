@@ -49,15 +49,17 @@ def _input(data: str | None, hex_data: bool, file: Path | None) -> tuple[InputSo
 
 def _stats_text(stats: dict[str, Any]) -> str:
     ended = ", ".join(f"{k} {v}" for k, v in sorted(stats["ended_by"].items()))
+    errnos = ", ".join(f"{k} {v}" for k, v in sorted(stats["errno_name"].items()))
     lines = [f"runs {stats['runs']}  completed {stats['completed']}  failed {stats['failed']}"]
-    lines[0] += f"  ({ended})" if ended else ""
+    causes = "; ".join(part for part in (ended, errnos) if part)
+    lines[0] += f"  ({causes})" if causes else ""
     lines.append(
         f"{'ms':<14}" + "".join(f"{h:>10}" for h in ("min", "avg", "p50", "p90", "p99", "max"))
     )
     for metric in ("connect_ms", "first_byte_ms", "total_ms"):
         row = stats[metric]
         name = metric.removesuffix("_ms").replace("_", " ")
-        if row is None:
+        if not row["count"]:
             lines.append(f"{name:<14}" + f"{'-':>10}" * 6)
         else:
             cells = (row[k] for k in ("min", "avg", "p50", "p90", "p99", "max"))
@@ -188,6 +190,7 @@ def send(
         Transcript,
         exchange,
         exit_status_for,
+        failed_result,
         latency_stats,
         repeat_exchange,
     )
@@ -265,18 +268,11 @@ def send(
                 raise UsageError("--repeat needs DATA, --file or a regular-file stdin to replay")
 
             def show(result: Any) -> None:
-                if json_out:
+                if json_out:  # a run that never connected too: the same fields as one run
                     emit((dump_json(result.record()) + "\n").encode())
 
-            def failed(cause: str, message: str) -> None:
-                if json_out:
-                    record = {"kind": "send", "target": target, "ended_by": cause}
-                    emit((dump_json({**record, "error": message}) + "\n").encode())
-
-            results, failures, status = repeat_exchange(
-                opts, repeat, interval, on_result=show, on_failure=failed
-            )
-            stats = latency_stats(results, failures)
+            results, status = repeat_exchange(opts, repeat, interval, on_result=show)
+            stats = latency_stats(results)
             emit((dump_json(stats) + "\n" if json_out else _stats_text(stats)).encode())
             raise typer.Exit(int(status))
         transcript = Transcript(transcript_out) if transcript_out is not None else None
@@ -284,7 +280,7 @@ def send(
             result = exchange(opts, None if json_out else emit, transcript)
         except (NetworkError, DeadlineExceeded) as exc:
             if json_out:  # every run says how it ended, a failed connect too
-                emit((dump_json(_unconnected_record(target, opts.udp, exc)) + "\n").encode())
+                emit((dump_json(failed_result(opts, exc).record()) + "\n").encode())
             raise  # the one stderr line and the exit code come from cli/_run
     finally:
         if handle is not None:
@@ -300,25 +296,8 @@ def send(
             why = f"expectation not met (ended by {result.ended_by})"
         elif result.ended_by == "idle-timeout":
             why = "no answer before the idle timeout"
-        sys.stderr.write(f"netprobe: send: {result.address}: {why}\n")
+        line = f"{result.address}: {why}"
+        if result.error is not None:  # e.g. UDP: "recv: ECONNREFUSED: nothing listens on ..."
+            line = result.error
+        sys.stderr.write(f"netprobe: send: {line}\n")
     raise typer.Exit(int(status))
-
-
-def _unconnected_record(target: str, udp: bool, exc: Exception) -> dict[str, Any]:
-    """The --json object of a run that never got a connection (same keys as a normal run)."""
-    timed_out = isinstance(exc, DeadlineExceeded)
-    proto = "unix" if target.startswith("unix:") else ("udp" if udp else "tcp")
-    return {
-        "kind": "send",
-        "target": target,
-        "address": None,
-        "proto": proto,
-        "bytes_sent": 0,
-        "bytes_received": 0,
-        "connect_ms": None,
-        "first_byte_ms": None,
-        "total_ms": None,
-        "ended_by": "timeout" if timed_out else "error",
-        "errno_name": None if timed_out else getattr(exc, "errno_name", None),
-        "error": str(exc),
-    }

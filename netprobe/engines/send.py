@@ -53,12 +53,16 @@ __all__ = [
     "Transcript",
     "exchange",
     "exit_status_for",
+    "failed_result",
     "latency_stats",
     "percentile",
     "repeat_exchange",
 ]
 
 Emit = Callable[[bytes], None]
+
+# The keys of each latency row in the send-stats object (README: send --json).
+STAT_KEYS = ("min", "avg", "p50", "p90", "p99", "max", "count")
 
 # --until-regex keeps a window of the received stream to search; a match longer than this
 # is not found (memory stays bounded on an endless stream).
@@ -116,6 +120,29 @@ class InputSource:
         except (OSError, ValueError):
             return False
         return True
+
+    def offset(self) -> int | None:
+        """Where the next read starts, when the input can be read again from there (DATA, a
+        regular file, an in-memory stream); None for a pipe, a terminal or a socket."""
+        if self.data is not None:
+            return 0
+        if self.stream is None or self.pollable:
+            return None
+        try:
+            if self.fd is not None:
+                return os.lseek(self.fd, 0, os.SEEK_CUR)
+            return self.stream.tell()
+        except (OSError, ValueError):
+            return None
+
+    def seek(self, offset: int) -> None:
+        """Go back to an offset() taken earlier (DATA needs nothing)."""
+        if self.data is not None:
+            return
+        if self.fd is not None:
+            os.lseek(self.fd, offset, os.SEEK_SET)
+        elif self.stream is not None:
+            self.stream.seek(offset)
 
     def chunks(self, size: int) -> Callable[[int], tuple[bytes, bool]]:
         """A reader returning (chunk, eof) per call: the shape pump_duplex wants."""
@@ -468,15 +495,16 @@ class SendResult:
     """The outcome of one exchange; field names are the --json keys."""
 
     target: str
-    address: str
+    address: str | None  # None: no connection was made
     proto: str
     bytes_sent: int = 0
     bytes_received: int = 0
     connect_ms: float | None = None
     first_byte_ms: float | None = None
-    total_ms: float = 0.0
+    total_ms: float | None = 0.0
     ended_by: str = "eof"
     errno_name: str | None = None
+    error: str | None = None  # the message of the error that ended the run
     expect_met: bool | None = None
     framing_error: str | None = None
     datagrams_sent: int | None = None
@@ -499,7 +527,7 @@ class SendResult:
             "ended_by",
         ):
             rec[key] = getattr(self, key)
-        for key in ("errno_name", "expect_met", "framing_error"):
+        for key in ("errno_name", "error", "expect_met", "framing_error"):
             if getattr(self, key) is not None:
                 rec[key] = getattr(self, key)
         if self.datagrams_sent is not None:
@@ -574,10 +602,67 @@ def _connect(addrs: list[Resolved], deadline: float) -> tuple[Any, Resolved, flo
     raise last_error
 
 
+def failed_result(opts: SendOptions, exc: NetworkError | DeadlineExceeded) -> SendResult:
+    """The result of a run that never got a connection (same fields as any other run).
+
+    `address` and the timings are None; ended_by is "timeout" for a connect timeout, else
+    "error" with errno_name (ECONNREFUSED, EAI_NONAME, ...) and the error message.
+    """
+    timed_out = isinstance(exc, DeadlineExceeded)
+    proto = "unix" if opts.target.path is not None else ("udp" if opts.udp else "tcp")
+    result = SendResult(
+        opts.target.text,
+        None,
+        proto,
+        total_ms=None,
+        ended_by="timeout" if timed_out else "error",
+        errno_name=None if isinstance(exc, DeadlineExceeded) else exc.errno_name,
+        error=str(exc),
+    )
+    if opts.udp:
+        result.datagrams_sent = result.datagrams_received = 0
+    return result
+
+
+def _check_input(opts: SendOptions) -> None:
+    """Encode every frame (or datagram) once, sending nothing, then seek back.
+
+    So an input a framing cannot carry (a `line` payload containing a newline, 256 bytes for
+    `len8`) is refused before a connection is opened. Only input that can be read twice is
+    checked here (DATA, a regular file); a pipe is checked frame by frame as it is sent, so
+    its earlier frames may already be on the wire.
+
+    Raises:
+        UsageError: a frame that cannot be encoded.
+    """
+    framing = opts.framing
+    if framing is None or (framing.name == "raw" and not opts.udp):
+        return  # nothing can fail to encode
+    start = opts.source.offset()
+    if start is None:
+        return
+    try:
+        if opts.udp:
+            for _datagram in _datagrams(opts):
+                pass
+        else:
+            read = _input_reader(
+                opts.source, crlf=opts.crlf, framing=framing, max_frame=opts.max_frame
+            )
+            eof = False
+            while not eof:
+                _chunk, eof = read(PUMP_CHUNK)
+    finally:
+        opts.source.seek(start)
+
+
 def exchange(
     opts: SendOptions, emit: Emit | None, transcript: Transcript | None = None
 ) -> SendResult:
     """Run one exchange: connect, send the input, read the reply until it ends.
+
+    Input that can be read twice is encoded (checked) before the connect, so a payload the
+    framing cannot carry is refused before anything is sent.
 
     Args:
         opts: what to send and how the read ends.
@@ -587,12 +672,20 @@ def exchange(
 
     Returns:
         SendResult; how the read ended is in ended_by ("eof", "reset", "idle-timeout",
-        "timeout", "expect").
+        "timeout", "expect", "error"). UDP: an ICMP port unreachable is ended_by "error"
+        with errno_name ECONNREFUSED (the datagrams sent before it are counted).
 
     Raises:
         UsageError: bad target or unframeable input. ResolveError: the name did not resolve.
         ConnectError: refused or unreachable. DeadlineExceeded: the connect timed out.
     """
+    _check_input(opts)
+    return _exchange_checked(opts, emit, transcript)
+
+
+def _exchange_checked(
+    opts: SendOptions, emit: Emit | None, transcript: Transcript | None
+) -> SendResult:
     if opts.udp:
         return _exchange_udp(opts, emit, transcript)
     addrs = _addresses(opts)
@@ -601,6 +694,11 @@ def exchange(
     # Without --timeout a connect is bounded by the idle timeout: "nothing happened for 2 s".
     idle = opts.idle_timeout_s
     connect_deadline = deadline if deadline is not None else start + (idle or 10.0)
+    # Built before the connect: DATA is encoded here, and nothing may raise between the
+    # connect and the try/finally that closes the socket.
+    read_input = _input_reader(
+        opts.source, crlf=opts.crlf, framing=opts.framing, max_frame=opts.max_frame
+    )
     sock, addr, connect_s = _connect(addrs, connect_deadline)
     proto = "unix" if _is_unix(addr) else "tcp"
     result = SendResult(opts.target.text, _shown(addr), proto, connect_ms=_ms(connect_s))
@@ -610,9 +708,6 @@ def exchange(
         decoder=opts.framing.decoder(opts.max_frame) if opts.framing is not None else None,
         collect=opts.collect,
         hexdump=opts.hexdump,
-    )
-    read_input = _input_reader(
-        opts.source, crlf=opts.crlf, framing=opts.framing, max_frame=opts.max_frame
     )
 
     def on_received(data: bytes) -> bool:
@@ -710,17 +805,7 @@ def _exchange_udp(
         while True:
             if not wait_readable([sock], until if until is not None else time.monotonic()):
                 return None
-            try:
-                data, _src = recv_datagram(sock, None)
-            except NetworkError as exc:
-                if exc.errno_name == "ECONNREFUSED":
-                    raise ConnectError(
-                        "recv",
-                        exc.errno,
-                        "ECONNREFUSED",
-                        f"nothing listens on {result.address}/udp (ICMP port unreachable)",
-                    ) from None
-                raise
+            data, _src = recv_datagram(sock, None)
             now = time.monotonic()
             last_activity = now
             if first_byte_at is None:
@@ -734,6 +819,15 @@ def _exchange_udp(
             if stop or (want is not None and result.datagrams_received >= want):
                 receiver.met = True
                 return "expect"
+
+    def failed(exc: NetworkError) -> str:
+        # Network outcomes are data: the datagrams already sent stay counted.
+        result.errno_name = exc.errno_name
+        result.error = str(exc)
+        if exc.errno_name == "ECONNREFUSED":
+            detail = f"nothing listens on {result.address}/udp (ICMP port unreachable)"
+            result.error = str(NetworkError(exc.op, exc.errno, exc.errno_name, detail))
+        return "error"
 
     ended: str | None = None
     try:
@@ -757,6 +851,10 @@ def _exchange_udp(
             ended = take(until)
             if ended is None and until is not None and time.monotonic() >= until:
                 ended = "timeout" if until == deadline else "idle-timeout"
+    except NetworkError as exc:
+        # Linux: ECONNREFUSED on the recv (or the next send) after an ICMP port unreachable;
+        # also EMSGSIZE, ENETUNREACH, ... from a send.
+        ended = failed(exc)
     finally:
         sock.close()
     receiver.finish(False)
@@ -804,33 +902,41 @@ def percentile(sorted_values: list[float], pct: float) -> float:
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (pos - low)
 
 
-def latency_stats(results: list[SendResult], failures: dict[str, int]) -> dict[str, Any]:
-    """min/avg/p50/p90/p99/max of connect, first byte and total (ms) over the runs."""
+def latency_stats(results: list[SendResult]) -> dict[str, Any]:
+    """The `send-stats` object of a --repeat: outcomes counted, and latency statistics.
+
+    runs = completed (exit status 0) + failed. `ended_by` and `errno_name` count the runs'
+    own values. connect_ms, first_byte_ms and total_ms are each {min, avg, p50, p90, p99,
+    max, count} in ms over the runs that have that timing (a run that never connected has
+    none; first_byte_ms needs a reply); with count 0 the other fields are null.
+    """
+    completed = sum(1 for r in results if exit_status_for(r) is ExitStatus.OK)
     stats: dict[str, Any] = {
         "kind": "send-stats",
-        "runs": len(results) + sum(failures.values()),
-        "completed": sum(1 for r in results if exit_status_for(r) is ExitStatus.OK),
-        "failed": sum(failures.values()),
+        "runs": len(results),
+        "completed": completed,
+        "failed": len(results) - completed,
         "ended_by": {},
+        "errno_name": {},
     }
     for r in results:
         stats["ended_by"][r.ended_by] = stats["ended_by"].get(r.ended_by, 0) + 1
-    for name, count in failures.items():
-        stats["ended_by"][name] = stats["ended_by"].get(name, 0) + count
+        if r.errno_name is not None:
+            stats["errno_name"][r.errno_name] = stats["errno_name"].get(r.errno_name, 0) + 1
     for metric in ("connect_ms", "first_byte_ms", "total_ms"):
         values = sorted(v for r in results if (v := getattr(r, metric)) is not None)
-        if not values:
-            stats[metric] = None
-            continue
-        stats[metric] = {
-            "min": values[0],
-            "avg": round(sum(values) / len(values), 3),
-            "p50": round(percentile(values, 50), 3),
-            "p90": round(percentile(values, 90), 3),
-            "p99": round(percentile(values, 99), 3),
-            "max": values[-1],
-            "count": len(values),
-        }
+        row: dict[str, float | int | None] = dict.fromkeys(STAT_KEYS)
+        row["count"] = len(values)
+        if values:
+            row.update(
+                min=values[0],
+                avg=round(sum(values) / len(values), 3),
+                p50=round(percentile(values, 50), 3),
+                p90=round(percentile(values, 90), 3),
+                p99=round(percentile(values, 99), 3),
+                max=values[-1],
+            )
+        stats[metric] = row
     return stats
 
 
@@ -839,47 +945,39 @@ def repeat_exchange(
     count: int,
     interval_s: float,
     on_result: Callable[[SendResult], None] | None = None,
-    on_failure: Callable[[str, str], None] | None = None,
-) -> tuple[list[SendResult], dict[str, int], ExitStatus]:
+) -> tuple[list[SendResult], ExitStatus]:
     """Run the exchange `count` times, a new connection each time, `interval_s` apart.
 
-    A failed connect is counted (by its cause: refused, timeout, reset, ...) and the runs go
-    on; resolution and usage errors end the loop at once.
+    The input is checked once, before the first run (as exchange() does). A run whose
+    connect fails is a result too (failed_result(): address and timings None, ended_by
+    "timeout" or "error" with errno_name) and the runs go on; resolution and usage errors
+    end the loop at once.
 
     Returns:
-        (results, failures by cause, the worst exit status).
+        (one result per run, the worst exit status).
+
+    Raises:
+        UsageError: the input cannot be replayed, or cannot be framed.
     """
     from netprobe.exitcodes import exit_status_for_error, worst
 
     results: list[SendResult] = []
-    failures: dict[str, int] = {}
     statuses: list[ExitStatus] = []
     for run in range(count):
         if run and interval_s > 0:
             time.sleep(interval_s)
         if not opts.source.rewind():
             raise UsageError("--repeat needs DATA, --file or a regular-file stdin to replay")
+        if run == 0:
+            _check_input(opts)
         try:
-            result = exchange(opts, None)
+            result = _exchange_checked(opts, None, None)
+            status = exit_status_for(result)
         except (ConnectError, PeerResetError, DeadlineExceeded) as exc:
-            cause = _failure_cause(exc)
-            failures[cause] = failures.get(cause, 0) + 1
-            statuses.append(exit_status_for_error(exc))
-            if on_failure is not None:
-                on_failure(cause, str(exc))
-            continue
+            result = failed_result(opts, exc)
+            status = exit_status_for_error(exc)
         results.append(result)
-        statuses.append(exit_status_for(result))
+        statuses.append(status)
         if on_result is not None:
             on_result(result)
-    return results, failures, worst(statuses)
-
-
-def _failure_cause(exc: Exception) -> str:
-    if isinstance(exc, DeadlineExceeded):
-        return "connect-timeout"
-    if isinstance(exc, PeerResetError):
-        return "reset"
-    if isinstance(exc, NetworkError) and exc.errno_name == "ECONNREFUSED":
-        return "refused"
-    return "error"
+    return results, worst(statuses)

@@ -1,0 +1,290 @@
+"""`netprobe send`: every run's JSON has one schema and one `ended_by` vocabulary (a failed
+`--repeat` run, a UDP refusal), the `send-stats` rows keep their documented shape, and a
+payload the framing cannot carry is refused before anything is sent. Real loopback sockets."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import LONG, ServerThread, invoke
+
+# issue #5's list, plus README's `error` (another socket error, or a malformed reply frame)
+ENDED_BY = {"eof", "reset", "idle-timeout", "timeout", "expect", "error"}
+STAT_ROW = ["min", "avg", "p50", "p90", "p99", "max", "count"]
+EMPTY_ROW = {**dict.fromkeys(STAT_ROW[:-1]), "count": 0}
+
+
+def json_lines(out: bytes) -> list[dict[str, Any]]:
+    records = [json.loads(line) for line in out.decode().splitlines()]
+    assert all(isinstance(r, dict) for r in records)
+    return records
+
+
+@pytest.fixture
+def server() -> Iterator[ServerThread]:
+    """Reads each request to its end, then closes without a reply."""
+
+    def handler(conn: socket.socket) -> None:
+        while conn.recv(65536):  # unread data would make close() an RST
+            pass
+
+    srv = ServerThread(handler=handler)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def resetting_server() -> Iterator[ServerThread]:
+    """Reads the request, then closes with SO_LINGER 0: the client sees an RST."""
+
+    def handler(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    srv = ServerThread(handler=handler)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def idle_listener() -> Iterator[socket.socket]:
+    """A TCP listener that never accepts: a connect made to it waits in its accept queue."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(LONG)
+    try:
+        yield listener
+    finally:
+        listener.close()
+
+
+@pytest.fixture
+def udp_receiver() -> Iterator[socket.socket]:
+    """A bound UDP socket that only collects datagrams."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(LONG)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def first_connection_is_the_sentinel(listener: socket.socket) -> bool:
+    """Connect once more and accept: True when nothing had connected before (FIFO queue)."""
+    with socket.create_connection(listener.getsockname(), timeout=LONG) as sentinel:
+        conn, peer = listener.accept()
+        conn.close()
+        return bool(peer == sentinel.getsockname())
+
+
+def first_datagram_is_the_sentinel(receiver: socket.socket) -> bool:
+    """Send one datagram more and read: True when nothing had arrived before it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sentinel:
+        sentinel.sendto(b"sentinel", receiver.getsockname())
+        data, _peer = receiver.recvfrom(65536)
+    return data == b"sentinel"
+
+
+def free_udp_port() -> int:
+    """A UDP port nothing listens on: bound, then released (a send there gets ICMP back)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        port: int = holder.getsockname()[1]
+    return port
+
+
+# --- bug 1: a failed --repeat run prints the object a single failed run prints --------------
+
+
+def test_failed_repeat_run_is_the_single_run_object(closed_port: int) -> None:
+    target = f"127.0.0.1:{closed_port}"
+    single = invoke(["send", target, "hello", "--json"])
+    assert single.exit_code == 1
+    (one,) = json_lines(single.stdout)
+    repeated = invoke(["send", target, "hello", "--repeat", "2", "--json"])
+    assert repeated.exit_code == 1
+    *runs, stats = json_lines(repeated.stdout)
+    assert runs == [one, one]
+    assert one["ended_by"] in ENDED_BY
+    assert (one["address"], one["proto"], one["errno_name"]) == (None, "tcp", "ECONNREFUSED")
+    assert (one["bytes_sent"], one["bytes_received"], one["total_ms"]) == (0, 0, None)
+    assert stats["kind"] == "send-stats"
+    assert (stats["runs"], stats["completed"], stats["failed"]) == (2, 0, 2)
+    assert stats["ended_by"] == {"error": 2}
+    assert stats["errno_name"] == {"ECONNREFUSED": 2}
+
+
+def test_repeat_connect_timeout_uses_the_same_vocabulary(full_queue_port: int) -> None:
+    target = f"127.0.0.1:{full_queue_port}"
+    args = ["send", target, "x", "--json", "--timeout", "200ms"]
+    single = invoke(args)
+    assert single.exit_code == 3
+    (one,) = json_lines(single.stdout)
+    repeated = invoke([*args, "--repeat", "2"])
+    assert repeated.exit_code == 3
+    *runs, stats = json_lines(repeated.stdout)
+    assert runs == [one, one]
+    assert (one["ended_by"], one["address"], "errno_name" in one) == ("timeout", None, False)
+    assert stats["ended_by"] == {"timeout": 2}
+    assert stats["errno_name"] == {}
+
+
+def test_stats_rows_keep_their_shape_when_nothing_connected(closed_port: int) -> None:
+    res = invoke(["send", f"127.0.0.1:{closed_port}", "x", "--repeat", "2", "--json"])
+    stats = json_lines(res.stdout)[-1]
+    for metric in ("connect_ms", "first_byte_ms", "total_ms"):
+        assert stats[metric] == EMPTY_ROW, metric
+    text = invoke(["send", f"127.0.0.1:{closed_port}", "x", "--repeat", "2"])
+    assert text.exit_code == 1
+    lines = text.stdout.decode().splitlines()
+    assert lines[0] == "runs 2  completed 0  failed 2  (error 2; ECONNREFUSED 2)"
+    assert lines[2].split() == ["connect", "-", "-", "-", "-", "-", "-"]
+
+
+def test_stats_first_byte_row_counts_only_runs_with_a_reply(server: ServerThread) -> None:
+    res = invoke(["send", f"127.0.0.1:{server.port}", "x", "--repeat", "3", "--json"])
+    assert res.exit_code == 0, res.stderr
+    *runs, stats = json_lines(res.stdout)
+    assert [r["bytes_received"] for r in runs] == [0, 0, 0]
+    assert stats["first_byte_ms"] == EMPTY_ROW
+    assert list(stats["connect_ms"]) == STAT_ROW
+    assert stats["connect_ms"]["count"] == stats["total_ms"]["count"] == 3
+
+
+def test_stats_runs_are_completed_plus_failed(resetting_server: ServerThread) -> None:
+    target = f"127.0.0.1:{resetting_server.port}"
+    res = invoke(["send", target, "hi", "--no-shutdown", "--repeat", "2", "--json"])
+    assert res.exit_code == 4
+    *runs, stats = json_lines(res.stdout)
+    assert [r["ended_by"] for r in runs] == ["reset", "reset"]
+    assert (stats["runs"], stats["completed"], stats["failed"]) == (2, 0, 2)
+    assert stats["ended_by"] == {"reset": 2}
+    assert stats["connect_ms"]["count"] == 2
+
+
+# --- bug 2: a UDP refusal counts what was sent ----------------------------------------------
+
+
+def test_udp_refusal_reports_what_was_sent() -> None:
+    port = free_udp_port()
+    res = invoke(["send", f"127.0.0.1:{port}", "hi", "--udp", "--json", "--idle-timeout", "5s"])
+    assert res.exit_code == 1
+    (rec,) = json_lines(res.stdout)
+    assert rec["address"] == f"127.0.0.1:{port}"
+    assert rec["proto"] == "udp"
+    assert (rec["bytes_sent"], rec["datagrams_sent"]) == (2, 1)
+    assert (rec["bytes_received"], rec["datagrams_received"]) == (0, 0)
+    assert (rec["ended_by"], rec["errno_name"]) == ("error", "ECONNREFUSED")
+    assert "ICMP port unreachable" in rec["error"]
+    assert isinstance(rec["total_ms"], float)
+    text = invoke(["send", f"127.0.0.1:{port}", "hi", "--udp", "--idle-timeout", "5s"])
+    assert text.exit_code == 1
+    assert text.stderr.count("\n") == 1
+    assert "ECONNREFUSED" in text.stderr
+
+
+def test_udp_refusal_in_a_repeat_is_a_counted_run() -> None:
+    port = free_udp_port()
+    target = f"127.0.0.1:{port}"
+    res = invoke(["send", target, "hi", "--udp", "--repeat", "2", "--json", "--idle-timeout", "5s"])
+    assert res.exit_code == 1
+    *runs, stats = json_lines(res.stdout)
+    assert [(r["address"], r["datagrams_sent"], r["ended_by"]) for r in runs] == [
+        (target, 1, "error")
+    ] * 2
+    assert (stats["runs"], stats["failed"], stats["errno_name"]) == (2, 2, {"ECONNREFUSED": 2})
+
+
+# --- bug 3: an unframeable payload is refused before anything is sent ------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "payload"),
+    [("len8", "x" * 256), ("line", "a\nb"), ("crlf", "a\r\nb")],
+)
+def test_unframeable_data_is_refused_before_connecting(
+    idle_listener: socket.socket, closed_port: int, spec: str, payload: str
+) -> None:
+    # A closed port answers a connect with ECONNREFUSED (exit 1): exit 2 shows none was made.
+    res = invoke(["send", f"127.0.0.1:{closed_port}", payload, "--framing", spec])
+    assert (res.exit_code, res.stdout) == (2, b"")
+    assert f"as a {spec} frame" in res.stderr
+    port = idle_listener.getsockname()[1]
+    for extra in ([], ["--repeat", "3"], ["--json"]):
+        res = invoke(["send", f"127.0.0.1:{port}", payload, "--framing", spec, *extra])
+        assert (res.exit_code, res.stdout) == (2, b""), extra
+    assert first_connection_is_the_sentinel(idle_listener)
+
+
+def test_unframeable_hex_data_is_refused_before_connecting(idle_listener: socket.socket) -> None:
+    port = idle_listener.getsockname()[1]
+    res = invoke(["send", f"127.0.0.1:{port}", "ab" * 256, "--hex", "--framing", "len8"])
+    assert res.exit_code == 2
+    assert "256-byte payload" in res.stderr
+    assert first_connection_is_the_sentinel(idle_listener)
+
+
+@pytest.mark.parametrize("via", ["file", "stdin"])
+def test_unframeable_line_in_a_file_is_refused_before_connecting(
+    idle_listener: socket.socket, tmp_path: Path, via: str
+) -> None:
+    # The bad line comes after a good one and after more than one read chunk (256 KiB).
+    body = b"ok\n" + b"y" * 300_000 + b"\n" + b"z" * 300 + b"\n"
+    path = tmp_path / "frames.txt"
+    path.write_bytes(body)
+    target = f"127.0.0.1:{idle_listener.getsockname()[1]}"
+    if via == "file":
+        res = invoke(["send", target, "--file", str(path), "--framing", "len8"])
+    else:
+        res = invoke(["send", target, "--framing", "len8"], stdin=body)
+    assert res.exit_code == 2
+    assert "len8 frame" in res.stderr
+    assert first_connection_is_the_sentinel(idle_listener)
+
+
+def test_unframeable_udp_line_is_refused_before_the_first_datagram(
+    udp_receiver: socket.socket, tmp_path: Path
+) -> None:
+    path = tmp_path / "datagrams.txt"
+    path.write_bytes(b"first\n" + b"w" * 300 + b"\n")
+    target = f"127.0.0.1:{udp_receiver.getsockname()[1]}"
+    res = invoke(["send", target, "--udp", "--file", str(path), "--framing", "len8", "--json"])
+    assert (res.exit_code, res.stdout) == (2, b"")
+    assert first_datagram_is_the_sentinel(udp_receiver)
+
+
+def test_checked_file_is_still_sent_whole(tmp_path: Path) -> None:
+    """The check reads the input once; the exchange must still send all of it."""
+    received: list[bytes] = []
+
+    def collect(conn: socket.socket) -> None:
+        while data := conn.recv(65536):
+            received.append(data)
+
+    path = tmp_path / "lines.txt"
+    path.write_bytes(b"alpha\n" + b"b" * 300_000 + b"\ngamma")
+    srv = ServerThread(handler=collect)
+    try:
+        res = invoke(["send", f"127.0.0.1:{srv.port}", "--file", str(path), "--framing", "len32"])
+        stdin_res = invoke(
+            ["send", f"127.0.0.1:{srv.port}", "--framing", "len32"], stdin=path.read_bytes()
+        )
+    finally:
+        srv.stop()
+    assert res.exit_code == 0, res.stderr
+    assert stdin_res.exit_code == 0, stdin_res.stderr
+    one = b"".join(struct.pack("!I", len(p)) + p for p in path.read_bytes().split(b"\n"))
+    assert b"".join(received) == one + one
