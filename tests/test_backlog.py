@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import socket
 import struct
 import sys
@@ -112,6 +114,40 @@ def test_parse_ramp() -> None:
         parse_ramp("fast")
 
 
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("nan", "'nan' is not a finite number"),
+        ("100,inf", "'inf' is not a finite number"),
+        ("1e-300", "'1e-300' is below the slowest rate, 0.001/s"),
+    ],
+)
+def test_parse_ramp_refuses_non_finite_and_tiny_rates(text: str, words: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(words)):
+        parse_ramp(text)
+
+
+def test_parse_gate_refuses_a_threshold_float_makes_infinite() -> None:
+    with pytest.raises(UsageError, match="not a finite number"):
+        parse_gate("p99>" + "9" * 400)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("accept_rate", 1e-300, "--accept-rate 1e-300"),
+        ("accept_rate", math.inf, "--accept-rate inf"),
+        ("rate", 1e-300, "--rate 1e-300"),
+        ("rate", math.inf, "--rate inf"),
+        ("backlog", 2**31, "--backlog 2147483648: must be at most 2147483647"),
+    ],
+)
+def test_validate_refuses_overflowing_values(field: str, value: float, words: str) -> None:
+    cfg = BacklogConfig(lab=True, **{field: value})  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match=re.escape(words)):
+        validate_config(cfg)
+
+
 def test_validate_rejects_remote_sources() -> None:
     cfg = BacklogConfig(host="127.0.0.1", port=9, sources=["192.0.2.1"])
     with pytest.raises(UsageError, match="loopback"):
@@ -133,6 +169,14 @@ def test_validate_rejects_remote_sources() -> None:
         ["backlog", "--lab", "--source", "127.0.0.9-127.0.0.1"],
         ["backlog", "127.0.0.1:0"],
         ["backlog", "--lab", "--duration", "-1s"],
+        # Review fixes: each of these used to run (exit 0, or 70 for the backlog).
+        ["backlog", "--lab", "-q", "-n", "3", "--timeout", "100ms", "--accept-rate", "1e-300"],
+        ["backlog", "--lab", "-n", "3", "--timeout", "100ms", "--accept-rate", "inf"],
+        ["backlog", "--lab", "-n", "3", "--timeout", "100ms", "--rate", "inf"],
+        ["backlog", "--lab", "-n", "3", "--timeout", "100ms", "--rate", "1e-300"],
+        ["backlog", "--lab", "-n", "3", "--timeout", "100ms", "--ramp", "1e-300"],
+        ["backlog", "--lab", "-n", "3", "--timeout", "100ms", "--backlog", "99999999999"],
+        ["backlog", "--lab", "-n", "3", "--timeout", "100ms", "--json", "-q"],
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv: list[str]) -> None:

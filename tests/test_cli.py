@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import socket
+
 import pytest
+import typer
 
 from netprobe import __version__
-from tests.helpers import invoke, run_netprobe
+from tests.helpers import CliResult, invoke, run_netprobe
 
 COMMANDS = ["port-check", "echo", "send", "listen", "backlog", "listeners", "reset", "doctor"]
 
@@ -56,3 +60,162 @@ def test_empty_unix_path_is_bad_input(argv: list[str]) -> None:
     lines = result.stderr.splitlines()
     assert len(lines) == 1
     assert "Unix socket path is empty" in lines[0]
+
+
+# --- bad input shared by several commands (review fixes) -------------------------------------
+
+
+def _one_usage_line(result: CliResult) -> str:
+    assert result.exit_code == 2, result.stderr
+    assert result.stdout == b""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+# --duration bounds each server in case the bad value were accepted (the test then fails on
+# the exit code instead of hanging).
+SERVERS = [
+    ["echo", "--port", "0", "--duration", "0.2"],
+    ["listen", "--port", "0", "--idle-timeout", "0.2"],
+    ["reset", "serve", "--port", "0", "--duration", "0.2"],
+]
+
+
+@pytest.mark.parametrize("server", SERVERS, ids=lambda argv: " ".join(argv[:2]))
+@pytest.mark.parametrize(
+    ("host", "needle"),
+    [
+        ("", "--host ''"),
+        ("   ", "--host '   '"),
+        ("a b", "'a b'"),
+        ("[::1]", "'[::1]'"),
+        ("127.0.0.1:80", "'127.0.0.1:80'"),
+        ("127.0.0.0/8", "'127.0.0.0/8'"),
+        ("unix:/tmp/np.sock", "'unix:/tmp/np.sock'"),
+    ],
+)
+def test_malformed_host_is_a_usage_error_naming_it(
+    server: list[str], host: str, needle: str
+) -> None:
+    # Before: getaddrinfo was asked, and the line said only "resolve: EAI_NONAME" (exit 5).
+    line = _one_usage_line(invoke([*server, "--host", host]))
+    assert needle in line
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["backlog", "--lab", "-n", "2", "--timeout", "100ms"],
+        ["reset", "serve", "--port", "0", "--duration", "0.2"],
+        ["reset", "proxy", "--upstream", "127.0.0.1:9", "--duration", "0.2"],
+    ],
+    ids=lambda argv: " ".join(argv[:2]),
+)
+@pytest.mark.parametrize("quiet", ["-q", "--quiet"])
+def test_json_and_quiet_exclude_each_other(argv: list[str], quiet: str) -> None:
+    # As port-check, listeners, doctor and reset client already do (and the README says).
+    line = _one_usage_line(invoke([*argv, "--json", quiet]))
+    assert "--json and --quiet exclude each other" in line
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["echo", "--port", "0", "--duration", "0.2"],
+        ["backlog", "--lab", "-n", "2", "--timeout", "100ms"],
+        ["reset", "serve", "--port", "0", "--duration", "0.2"],
+        ["reset", "proxy", "--upstream", "127.0.0.1:9", "--duration", "0.2"],
+    ],
+    ids=lambda argv: " ".join(argv[:2]),
+)
+def test_backlog_beyond_a_c_int_is_a_usage_error(argv: list[str]) -> None:
+    # Before: listen() raised OverflowError, reported as an internal error (exit 70).
+    line = _one_usage_line(invoke([*argv, "--backlog", "99999999999"]))
+    assert "99999999999" in line
+    assert "2147483647" in line
+
+
+# --- the shared parsers in netprobe.cli._options ----------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-inf", "infinity", "1e400"])
+def test_per_second_refuses_non_finite_numbers(text: str) -> None:
+    from netprobe.cli._options import per_second
+
+    with pytest.raises(typer.BadParameter, match="not a finite number") as info:
+        per_second(text)
+    assert repr(text) in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "1e-300", "0.0009"])
+def test_per_second_refuses_rates_below_the_minimum(text: str) -> None:
+    from netprobe.cli._options import per_second
+
+    with pytest.raises(typer.BadParameter) as info:
+        per_second(text)
+    assert repr(text) in str(info.value)
+
+
+@pytest.mark.parametrize(("text", "value"), [("0.001", 0.001), ("5", 5.0), ("1e6", 1e6)])
+def test_per_second_takes_ordinary_rates(text: str, value: float) -> None:
+    from netprobe.cli._options import per_second
+
+    assert per_second(text) == value
+
+
+@pytest.mark.parametrize(
+    ("text", "family", "expected"),
+    [
+        (None, 0, "127.0.0.1"),
+        (None, socket.AF_INET, "127.0.0.1"),
+        (None, socket.AF_INET6, "::1"),
+        ("::1", socket.AF_INET6, "::1"),
+        ("0.0.0.0", socket.AF_INET, "0.0.0.0"),
+        ("localhost", socket.AF_INET6, "localhost"),
+        (" 127.0.0.2 ", 0, "127.0.0.2"),
+        ("fe80::1%lo", 0, "fe80::1%lo"),
+    ],
+)
+def test_bind_host_defaults_and_passes_good_hosts(
+    text: str | None, family: int, expected: str
+) -> None:
+    from netprobe.cli._options import bind_host
+
+    assert bind_host(text, family=family) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "family", "words"),
+    [
+        ("::1", socket.AF_INET, "-4 and --host ::1 contradict each other"),
+        ("127.0.0.1", socket.AF_INET6, "-6 and --host 127.0.0.1 contradict each other"),
+        ("::zz", 0, "'::zz'"),
+    ],
+)
+def test_bind_host_refuses_family_conflicts_and_bad_literals(
+    text: str, family: int, words: str
+) -> None:
+    from netprobe.cli._options import bind_host
+    from netprobe.errors import UsageError
+
+    with pytest.raises(UsageError, match=re.escape(words)):
+        bind_host(text, family=family)
+
+
+def test_naming_host_names_the_host_and_keeps_exit_5() -> None:
+    from netprobe.cli._options import naming_host
+    from netprobe.errors import ResolveError
+    from netprobe.exitcodes import ExitStatus, exit_status_for_error
+    from netprobe.sockets import resolve
+
+    # A real ResolveError from the socket core, made without any lookup (a literal of the
+    # wrong family): the line must name the host the user gave, and still mean exit 5.
+    with pytest.raises(ResolveError) as info, naming_host("127.0.0.1"):
+        resolve("127.0.0.1", 0, family=socket.AF_INET6)
+    assert str(info.value) == (
+        "--host '127.0.0.1': cannot resolve: EAI_FAMILY: 127.0.0.1 is not an IPv6 address"
+    )
+    assert info.value.errno_name == "EAI_FAMILY"
+    assert exit_status_for_error(info.value) == ExitStatus.RESOLVE

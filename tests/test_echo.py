@@ -390,6 +390,71 @@ def test_bad_input_is_a_usage_error(argv: list[str], needle: str) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("nan", "not a finite number"),
+        ("inf", "not a finite number"),
+        ("-inf", "not a finite number"),
+        ("1e-300", "at least 0.001"),
+        ("0", "more than 0"),
+    ],
+)
+def test_accept_rate_must_be_a_finite_rate(value: str, why: str) -> None:
+    # Before: nan and 1e-300 started a server whose first accept failed inside the event loop
+    # (uvloop: "cannot convert float NaN to integer"); --duration bounds that case here.
+    result = invoke(["echo", "--port", "0", "--duration", "0.2", "--accept-rate", value])
+    assert result.exit_code == 2, result.stderr
+    assert result.stdout == b""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1
+    assert f"'--accept-rate': '{value}'" in lines[0]
+    assert why in lines[0]
+
+
+def test_backlog_beyond_a_c_int_is_bad_input() -> None:
+    result = invoke(["echo", "--port", "0", "--duration", "0.2", "--backlog", "99999999999"])
+    assert result.exit_code == 2, result.stderr
+    assert result.stdout == b""
+    assert result.stderr == (
+        "netprobe: echo: --backlog 99999999999 is out of range (0-2147483647)\n"
+    )
+
+
+@pytest.mark.parametrize("which", ["file", "tmp"])
+def test_ready_file_that_is_a_directory_is_refused_before_binding(
+    tmp_path: Path, which: str
+) -> None:
+    # Before: the server bound, wrote FILE.tmp, failed to rename it onto the directory
+    # (exit 6) and left FILE.tmp behind.
+    ready = tmp_path / "ready"
+    (ready if which == "file" else tmp_path / "ready.tmp").mkdir()
+    before = sorted(os.listdir(tmp_path))
+    result = invoke(["echo", "--port", "0", "--duration", "0.2", "--ready-file", str(ready)])
+    assert result.exit_code == 2, result.stderr
+    assert result.stdout == b""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1
+    assert f"--ready-file '{ready}'" in lines[0]
+    assert "is a directory" in lines[0]
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_ready_file_failure_leaves_no_temp_file(tmp_path: Path) -> None:
+    # The write itself failing after the checks (here: the target became a directory) is
+    # exit 6, and the temporary file is gone too.
+    from netprobe.cli.echo import _Output
+    from netprobe.errors import LocalError
+    from netprobe.server import Bound
+
+    ready = tmp_path / "ready.json"
+    ready.mkdir()
+    out = _Output(json_out=True, ready_file=ready)
+    with pytest.raises(LocalError, match="cannot write --ready-file"):
+        out.ready(Bound("tcp", "127.0.0.1", 7))
+    assert sorted(os.listdir(tmp_path)) == ["ready.json"]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="the bench client needs gcc")
 def test_bench_echo_smoke_runs_and_checks_bytes() -> None:

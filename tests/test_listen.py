@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import HAS_IPV6
 from tests.helpers import LONG, ROOT, invoke, run_netprobe
 
 
@@ -265,3 +266,34 @@ def test_bad_input_exits_2(args: list[str], needle: str) -> None:
     assert res.stdout == b""
     assert len(res.stderr.strip().splitlines()) == 1
     assert needle in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--host", "::1", "-4"], "-4 and --host ::1 contradict each other"),
+        (["--host", "127.0.0.1", "-6"], "-6 and --host 127.0.0.1 contradict each other"),
+        (["--host", "[::1]"], "--host '[::1]'"),
+        (["--host", ""], "--host ''"),
+    ],
+)
+def test_host_and_family_conflicts_exit_2(args: list[str], words: str) -> None:
+    # Before: exit 5 with "resolve: EAI_FAMILY ..." or "EAI_NONAME" naming no host.
+    res = invoke(["listen", "--idle-timeout", "0.2", *args])
+    assert res.exit_code == 2, res.stderr
+    assert res.stdout == b""
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1
+    assert words in lines[0]
+
+
+@pytest.mark.skipif(not HAS_IPV6, reason="no ::1 on this host")
+@pytest.mark.parametrize("proto", [[], ["--udp"]])
+def test_dash_6_without_host_binds_ipv6_loopback(proto: list[str]) -> None:
+    # Before: the default 127.0.0.1 was resolved as IPv6: exit 5, EAI_FAMILY.
+    res = invoke(["listen", "-6", "--json", "--idle-timeout", "0.1", *proto])
+    assert res.exit_code == 3, res.stderr  # nobody came: the documented timeout code
+    announce = json.loads(res.stderr.splitlines()[0])
+    assert announce["event"] == "listening"
+    assert announce["host"] == "::1"
+    assert announce["proto"] == ("udp" if proto else "tcp")

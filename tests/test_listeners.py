@@ -70,6 +70,17 @@ def test_bad_port_exits_2() -> None:
     assert result.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("kinds", [["--unix"], ["--tcp", "--unix"]])
+def test_port_with_unix_exits_2_with_one_line(kinds: list[str]) -> None:
+    # --port leaves out Unix sockets, so asking for both matched nothing (exit 1, silent).
+    result = invoke(["listeners", "--port", "22", *kinds])
+    assert result.exit_code == 2, result.stderr
+    assert result.stdout == b""
+    assert result.stderr == (
+        "netprobe: listeners: --port 22 and --unix exclude each other: Unix sockets have no port\n"
+    )
+
+
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
 def test_queue_figures_match_ss() -> None:
     with socket.socket() as listener:

@@ -216,6 +216,10 @@ def test_sigusr1_toggles_faults() -> None:
         (["--upstream", "127.0.0.1:9", "--slice", "0"], "--slice 0"),
         (["--upstream", "127.0.0.1"], "HOST:PORT"),
         ([], "--upstream"),
+        # --duration bounds a run that accepted the bad value.
+        (["--upstream", "127.0.0.1:9", "--after-ms", "nan", "--duration", "0.2"], "'nan'"),
+        (["--upstream", "127.0.0.1:9", "--json", "-q", "--duration", "0.2"], "--json and"),
+        (["--upstream", "127.0.0.1:9", "--backlog", "99999999999"], "'99999999999'"),
     ],
 )
 def test_bad_input(argv: list[str], words: str) -> None:

@@ -272,6 +272,14 @@ def test_cli_announces_and_reports_json() -> None:
         (["--after-frames", "2"], "--framing"),
         (["--after-frames", "2", "--framing", "len7"], "len7"),
         (["--slow-accept", "--no-accept"], "exclude"),
+        # Non-finite numbers (float() takes them); --duration bounds a run that accepted one.
+        (["--after-ms", "nan", "--duration", "0.2"], "--after-ms 'nan': not a finite"),
+        (["--after-ms", "inf", "--duration", "0.2"], "--after-ms 'inf': not a finite"),
+        (["--after-ms", "1e300", "--duration", "0.2"], "--after-ms '1e300' is too long"),
+        (["--slow-accept", "--accept-rate", "nan", "--duration", "0.2"], "'nan'"),
+        (["--slow-accept", "--accept-rate", "inf", "--duration", "0.2"], "'inf'"),
+        (["--slow-accept", "--accept-rate", "1e-300", "--duration", "0.2"], "'1e-300'"),
+        (["--probability", "nan"], "--probability nan"),
     ],
 )
 def test_bad_input(argv: list[str], words: str) -> None:

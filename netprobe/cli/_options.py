@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Annotated
 
 import typer
@@ -9,15 +11,26 @@ import typer
 from netprobe.errors import UsageError
 
 __all__ = [
+    "MAX_BACKLOG",
+    "MIN_RATE",
     "CsvOpt",
     "IPv4Opt",
     "IPv6Opt",
     "JsonOpt",
     "QuietOpt",
+    "bind_host",
     "duration",
+    "naming_host",
     "not_built",
+    "per_second",
     "size",
 ]
+
+# The slowest pace a rate option takes: one event every 1000 s. A rate is turned into a wait
+# of 1/R seconds, and a much smaller R (1e-300) overflows the timers and waits it reaches.
+MIN_RATE = 0.001
+# listen() takes a C int; the kernel clamps any backlog to net.core.somaxconn anyway.
+MAX_BACKLOG = 2**31 - 1
 
 
 def duration(value: str | float) -> float:
@@ -54,6 +67,95 @@ def rate_size(value: str | int) -> int:
         return parse_size(value, per_second=True)
     except UsageError as exc:
         raise typer.BadParameter(str(exc)) from None
+
+
+def per_second(value: str | float) -> float:
+    """Typer parser for a rate (events per second): a finite number of at least MIN_RATE.
+
+    nan and inf are refused (float() takes them, and no pace can be made of them), and so is
+    a rate so small that 1/R seconds overflows a timer.
+    """
+    import math
+
+    if isinstance(value, float | int):
+        number = float(value)
+    else:
+        try:
+            number = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"{value!r} is not a number (per second)") from None
+    if not math.isfinite(number):
+        raise typer.BadParameter(f"{value!r} is not a finite number")
+    if number <= 0:
+        raise typer.BadParameter(f"{value!r}: a rate must be more than 0")
+    if number < MIN_RATE:
+        raise typer.BadParameter(
+            f"{value!r} is too small: a rate must be at least {MIN_RATE:g} per second"
+        )
+    return number
+
+
+def bind_host(text: str | None, *, family: int = 0, option: str = "--host") -> str:
+    """The host a server binds: `text` checked, or (None) loopback in the family -4/-6 asks for.
+
+    No I/O: a name is checked for its form only (a name that does not resolve fails at bind,
+    see naming_host).
+
+    Raises:
+        UsageError: empty or malformed text (spaces, brackets, a port, a CIDR block, a Unix
+            path), or an IP literal of the other family than `family`.
+    """
+    import ipaddress
+    import socket
+
+    if text is None:
+        return "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    from netprobe.sockets import parse_target
+
+    shown = f"{option} {text!r}"
+    raw = text.strip()
+    if not raw:
+        raise UsageError(f"{shown} is empty: give an address or name to bind (e.g. 127.0.0.1)")
+    if raw.startswith("["):
+        inner = raw[1:].split("]", 1)[0] or "::1"
+        raise UsageError(f"{shown}: give the address without brackets (e.g. {option} {inner})")
+    try:
+        target = parse_target(raw)
+    except UsageError as exc:
+        raise UsageError(f"{option} {exc}") from None
+    if target.path is not None:
+        raise UsageError(f"{shown} is not a host name or address (a Unix socket: --unix PATH)")
+    host = target.host
+    assert host is not None
+    if target.ports is not None:
+        raise UsageError(f"{shown}: give the host alone (the port goes in --port)")
+    if "/" in host:
+        raise UsageError(f"{shown} is a network block: give one address to bind")
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host  # a name: -4/-6 choose among its addresses when it is resolved
+    if family == socket.AF_INET and ip.version == 6:
+        raise UsageError(f"-4 and {option} {host} contradict each other: {host} is IPv6")
+    if family == socket.AF_INET6 and ip.version == 4:
+        raise UsageError(f"-6 and {option} {host} contradict each other: {host} is IPv4")
+    return host
+
+
+@contextlib.contextmanager
+def naming_host(host: str, option: str = "--host") -> Iterator[None]:
+    """Around a bind: a name that does not resolve still exits 5, but the line names it."""
+    from netprobe.errors import ResolveError
+
+    try:
+        yield
+    except ResolveError as exc:
+        # "resolve: EAI_NONAME: Name or service not known" -> keep the resolver's own words.
+        parts = str(exc).split(": ", 2)
+        detail = parts[2] if len(parts) == 3 else ""
+        raise ResolveError(
+            f"{option} {host!r}: cannot resolve", exc.errno, exc.errno_name, detail
+        ) from exc
 
 
 JsonOpt = Annotated[

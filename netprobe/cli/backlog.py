@@ -7,7 +7,17 @@ from typing import TYPE_CHECKING, Annotated, Any, TextIO
 
 import typer
 
-from netprobe.cli._options import IPv4Opt, IPv6Opt, JsonOpt, QuietOpt, duration, family_of
+from netprobe.cli._options import (
+    MAX_BACKLOG,
+    MIN_RATE,
+    IPv4Opt,
+    IPv6Opt,
+    JsonOpt,
+    QuietOpt,
+    duration,
+    family_of,
+    per_second,
+)
 
 if TYPE_CHECKING:
     from netprobe.engines.backlog import BacklogSummary, LatencyHistogram, Tick
@@ -26,13 +36,19 @@ def backlog(
         bool, typer.Option("--lab", help="Flood netprobe's own loopback listener (listen(B)).")
     ] = False,
     backlog_arg: Annotated[
-        int, typer.Option("--backlog", help="The --lab listener's listen() backlog.")
+        int,
+        typer.Option(
+            "--backlog", help=f"The --lab listener's listen() backlog (0 to {MAX_BACKLOG})."
+        ),
     ] = 128,
     accept_rate: Annotated[
         float | None,
         typer.Option(
             "--accept-rate",
-            help="--lab listener accepts this many per second (default: never).",
+            parser=per_second,
+            metavar="R",
+            help=f"--lab listener accepts this many per second (at least {MIN_RATE:g}; "
+            "default: never).",
             show_default=False,
         ),
     ] = None,
@@ -68,7 +84,9 @@ def backlog(
         float | None,
         typer.Option(
             "--rate",
-            help="New attempts per second (default: as fast as possible).",
+            parser=per_second,
+            metavar="R",
+            help=f"New attempts per second (at least {MIN_RATE:g}; default: as fast as possible).",
             show_default=False,
         ),
     ] = None,
@@ -146,9 +164,10 @@ def backlog(
         parse_sources,
         run_backlog,
     )
-    from netprobe.render import dump_json
+    from netprobe.render import choose_format, dump_json
     from netprobe.sockets import parse_host_port
 
+    choose_format(json_out=json_out, csv_out=False, quiet=quiet, out=sys.stdout)  # -q xor --json
     host: str | None = None
     port: int | None = None
     if target is not None:

@@ -3,6 +3,7 @@ beyond printing; the engine serves."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -10,7 +11,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from netprobe.cli._options import JsonOpt, duration, size
+from netprobe.cli._options import (
+    MAX_BACKLOG,
+    MIN_RATE,
+    JsonOpt,
+    bind_host,
+    duration,
+    naming_host,
+    per_second,
+    size,
+)
 from netprobe.errors import UsageError
 
 if TYPE_CHECKING:
@@ -81,10 +91,20 @@ def echo(
             "--duration", parser=duration, metavar="DURATION", help="Exit after this long."
         ),
     ] = None,
-    backlog: Annotated[int, typer.Option("--backlog", help="listen() backlog.")] = 128,
+    backlog: Annotated[
+        int,
+        typer.Option(
+            "--backlog", help=f"listen() backlog (0 to {MAX_BACKLOG}; the kernel caps it)."
+        ),
+    ] = 128,
     accept_rate: Annotated[
         float | None,
-        typer.Option("--accept-rate", help="Accept at most R connections per second."),
+        typer.Option(
+            "--accept-rate",
+            parser=per_second,
+            metavar="R",
+            help=f"Accept at most R connections per second (at least {MIN_RATE:g}).",
+        ),
     ] = None,
     pause_accept: Annotated[
         bool, typer.Option("--pause-accept", help="Listen but never accept (the backlog fills).")
@@ -143,9 +163,8 @@ def echo(
     _check_range("--port", port, 0, 65535)
     _check_range("--max-conns", max_conns, 1)
     _check_range("--count", count, 1)
-    _check_range("--backlog", backlog, 0)
-    if accept_rate is not None and accept_rate <= 0:
-        raise UsageError(f"--accept-rate {accept_rate:g} must be more than 0")
+    _check_range("--backlog", backlog, 0, MAX_BACKLOG)
+    host = bind_host(host)
     _check_range("--workers", workers, 1, 64)
     if workers > 1:
         for flag, given in (
@@ -180,9 +199,8 @@ def echo(
         raise UsageError(f"--busy-poll {busy_poll * 1e3:g}ms must be between 0 and 10ms")
     if idle_timeout is not None and idle_timeout <= 0:
         raise UsageError(f"--idle-timeout {idle_timeout:g}s must be more than 0")
-    if ready_file is not None and not os.access(ready_file.parent, os.W_OK):
-        # Checked now: failing later, inside the serving loop, would be an internal error.
-        raise UsageError(f"--ready-file '{ready_file}': cannot write in {ready_file.parent}")
+    if ready_file is not None:
+        _check_ready_file(ready_file)
     config = ServerConfig(
         host=host,
         port=port,
@@ -211,9 +229,24 @@ def echo(
         config, options, on_event=out.event, on_ready=out.ready, on_totals=out.running_totals
     )
     out.event_loop = "asyncio" if server.config.loop_factory is None else "uvloop"
-    server.listen()  # bind errors (exit 6) surface here, before anything is printed
+    with naming_host(host):
+        server.listen()  # bind errors (exit 6) surface here, before anything is printed
     summary = server.run()
     out.final_totals(summary)
+
+
+def _check_ready_file(ready_file: Path) -> None:
+    # Checked now: failing later, after the bind, would be exit 6 for what is bad input.
+    tmp = _tmp_path(ready_file)
+    for path in (ready_file, tmp):
+        if path.is_dir():
+            raise UsageError(f"--ready-file '{ready_file}': {path} is a directory, not a file")
+    if not os.access(ready_file.parent, os.W_OK):
+        raise UsageError(f"--ready-file '{ready_file}': cannot write in {ready_file.parent}")
+
+
+def _tmp_path(ready_file: Path) -> Path:
+    return ready_file.with_name(ready_file.name + ".tmp")
 
 
 def _check_range(flag: str, value: int | None, low: int, high: int | None = None) -> None:
@@ -238,12 +271,16 @@ class _Output:
         record = {**bound.to_record(), "event_loop": self.event_loop}
         if self.ready_file is not None:
             # Write then rename, so a script polling for the file never reads half of it.
-            tmp = self.ready_file.with_name(self.ready_file.name + ".tmp")
+            tmp = _tmp_path(self.ready_file)
             try:
                 tmp.write_text(dump_json(record) + "\n")
                 tmp.replace(self.ready_file)
             except OSError as exc:
                 from netprobe.errors import LocalError
+
+                # Never leave the half-done file behind (unlink refuses a directory).
+                with contextlib.suppress(OSError):
+                    tmp.unlink(missing_ok=True)
 
                 raise LocalError(
                     f"cannot write --ready-file {self.ready_file}: {exc.strerror or exc}"

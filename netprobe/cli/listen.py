@@ -9,7 +9,15 @@ from typing import IO, Annotated, Any, cast
 
 import typer
 
-from netprobe.cli._options import IPv4Opt, IPv6Opt, duration, family_of, size
+from netprobe.cli._options import (
+    IPv4Opt,
+    IPv6Opt,
+    bind_host,
+    duration,
+    family_of,
+    naming_host,
+    size,
+)
 
 __all__ = ["listen"]
 
@@ -39,7 +47,14 @@ def _describe(event: dict[str, Any]) -> str:
 
 
 def listen(
-    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
+    host: Annotated[
+        str | None,
+        typer.Option(
+            "--host",
+            help="Address to bind. Default: 127.0.0.1 (::1 with -6).",
+            show_default=False,
+        ),
+    ] = None,
     port: Annotated[
         int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0 picks a free one).")
     ] = 0,
@@ -88,6 +103,7 @@ def listen(
     if udp and unix is not None:
         raise UsageError("--udp and --unix exclude each other")
     family = family_of(ipv4, ipv6)
+    bind = bind_host(host, family=family)
     stdin = sys.stdin
     source = None
     interactive = False
@@ -106,7 +122,7 @@ def listen(
         sys.stderr.flush()
 
     opts = ListenOptions(
-        host=host,
+        host=bind,
         port=port,
         family=family,
         udp=udp,
@@ -117,5 +133,6 @@ def listen(
         source=source,
         interactive=interactive,
     )
-    summary = run_listen(opts, emit, on_event)
+    with naming_host(bind):
+        summary = run_listen(opts, emit, on_event)
     raise typer.Exit(int(summary.exit_status()))

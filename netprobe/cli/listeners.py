@@ -37,6 +37,10 @@ def listeners(
     from netprobe.render import Column, Renderer, choose_format, log
     from netprobe.results import to_record
 
+    if port is not None and unix:
+        from netprobe.errors import UsageError
+
+        raise UsageError(f"--port {port} and --unix exclude each other: Unix sockets have no port")
     if not (tcp or udp or unix):
         tcp = udp = unix = True
     rows = list_listeners(port=port, tcp=tcp, udp=udp, unix=unix)

@@ -6,12 +6,24 @@ Trigger and a FaultSchedule (engines/reset_faults.py) before any socket opens.
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from netprobe.cli._options import JsonOpt, QuietOpt, duration, rate_size, size
+from netprobe.cli._options import (
+    MAX_BACKLOG,
+    MIN_RATE,
+    JsonOpt,
+    QuietOpt,
+    bind_host,
+    duration,
+    naming_host,
+    per_second,
+    rate_size,
+    size,
+)
 from netprobe.errors import UsageError
 
 if TYPE_CHECKING:
@@ -130,7 +142,10 @@ Bandwidth = Annotated[
 Backlog = Annotated[
     int,
     typer.Option(
-        "--backlog", min=0, help="listen() backlog (raise it when many clients connect at once)."
+        "--backlog",
+        min=0,
+        max=MAX_BACKLOG,
+        help="listen() backlog (raise it when many clients connect at once).",
     ),
 ]
 Count = Annotated[
@@ -148,10 +163,22 @@ def _ms(value: str | None, option: str) -> float | None:
     from netprobe.sockets import parse_duration
 
     text = value.strip()
+    if _is_number(text):
+        seconds = float(text) / 1000.0
+        # float() takes nan and inf (and 1e400): a trigger time must be a real one.
+        if not math.isfinite(seconds):
+            raise UsageError(f"{option} {value!r}: not a finite number of milliseconds")
+        if seconds > _MAX_SECONDS:
+            raise UsageError(f"{option} {value!r} is too long; at most {_MAX_SECONDS:.0e} s")
+        return seconds
     try:
-        return float(text) / 1000.0 if _is_number(text) else parse_duration(text)
+        return parse_duration(text)
     except UsageError as exc:
         raise UsageError(f"{option}: {exc}") from None
+
+
+# The longest time a bare --after-ms number may give: the cap parse_duration puts on durations.
+_MAX_SECONDS = 1e9
 
 
 def _is_number(text: str) -> bool:
@@ -516,7 +543,10 @@ def serve(
     accept_rate: Annotated[
         float,
         typer.Option(
-            "--accept-rate", min=0.001, metavar="R", help="Accepts per second with --slow-accept."
+            "--accept-rate",
+            parser=per_second,
+            metavar="R",
+            help=f"Accepts per second with --slow-accept (at least {MIN_RATE:g}).",
         ),
     ] = 1.0,
     backlog: Backlog = 128,
@@ -533,8 +563,11 @@ def serve(
     --count, --duration); SIGUSR1 prints running totals.
     """
     from netprobe.engines.reset import SERVE_TRIGGERS, ResetOptions, make_serve, parse_mode
+    from netprobe.render import choose_format
     from netprobe.server import ServerConfig
 
+    choose_format(json_out=json_out, csv_out=False, quiet=quiet, out=sys.stdout)  # -q xor --json
+    host = bind_host(host)
     trigger, schedule, rate = _faults(
         SERVE_TRIGGERS,
         on_accept=on_accept,
@@ -574,7 +607,8 @@ def serve(
     server, faults, control = make_serve(
         config, options, on_record=out.record, on_ready=out.ready, on_totals=out.running
     )
-    server.listen()  # bind errors surface here (exit 6), before anything is printed
+    with naming_host(host):
+        server.listen()  # bind errors surface here (exit 6), before anything is printed
     try:
         if slow_accept or no_accept:
             control.prefill()
@@ -701,9 +735,11 @@ def proxy(
         Toxics,
         make_proxy,
     )
+    from netprobe.render import choose_format
     from netprobe.server import ServerConfig
     from netprobe.sockets import is_loopback, parse_host_port
 
+    choose_format(json_out=json_out, csv_out=False, quiet=quiet, out=sys.stdout)  # -q xor --json
     if upstream is None:
         raise UsageError("--upstream HOST:PORT is required")
     up_host, up_port = parse_host_port(upstream, allow_port_zero=False)
@@ -770,6 +806,7 @@ def proxy(
     server, faults, _control = make_proxy(
         config, options, on_record=out.record, on_ready=out.ready, on_toggle=out.toggled
     )
-    server.listen()
+    with naming_host(listen_host, "--listen"):
+        server.listen()
     summary = server.run()
     out.totals(summary, faults, {"seed": schedule.seed, "upstream": upstream})

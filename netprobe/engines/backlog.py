@@ -61,6 +61,10 @@ SYN_RECV_INTERVAL_S = 0.25  # SYN-RECV dumps walk every socket: sampled less oft
 MAX_SOURCES = 4096  # a typo like 127.0.0.0/8 must not build a 16-million-entry list
 _FD_RESERVE = 64  # descriptors kept free for stdio, netlink dumps, the lab listener
 MAX_PROCESSES = 8  # connect processes when RLIMIT_NOFILE is the cap (see _ConnectProcesses)
+# The slowest rate taken (the CLI's MIN_RATE): pacing waits 1/R seconds, and a far smaller R
+# (1e-300) overflows threading and timer waits.
+MIN_RATE = 0.001
+MAX_BACKLOG = 2**31 - 1  # listen() takes a C int; the kernel clamps to somaxconn anyway
 
 # ---------------------------------------------------------------------------------------------
 # Latency histogram (HDR-style log buckets, bounded memory)
@@ -225,8 +229,12 @@ def parse_ramp(text: str) -> list[float]:
             rate = float(item)
         except ValueError:
             raise UsageError(f"--ramp item {item!r} is not a rate (use e.g. 100,200,400)") from None
-        if not rate > 0 or math.isinf(rate):
+        if not math.isfinite(rate):
+            raise UsageError(f"--ramp rate {item!r} is not a finite number")
+        if not rate > 0:
             raise UsageError(f"--ramp rate {item!r} must be above 0")
+        if rate < MIN_RATE:
+            raise UsageError(f"--ramp rate {item!r} is below the slowest rate, {MIN_RATE:g}/s")
         rates.append(rate)
     return rates
 
@@ -304,6 +312,8 @@ def parse_gate(text: str) -> Gate:
         value = float(number)
     except ValueError:
         raise UsageError(f"--fail-if {text!r}: {number!r} is not a number") from None
+    if not math.isfinite(value):  # 400 digits make float() return inf
+        raise UsageError(f"--fail-if {text!r}: {number!r} is not a finite number")
     if metric in _LATENCY_KEYS:
         scale = {None: 1.0, "ms": 1.0, "s": 1000.0, "us": 0.001}.get(unit)
         if scale is None:
@@ -383,8 +393,13 @@ def validate_config(cfg: BacklogConfig) -> None:
         raise UsageError(f"--rate {cfg.rate:g}: must be above 0 (omit it for as fast as possible)")
     if cfg.backlog < 0:
         raise UsageError(f"--backlog {cfg.backlog}: must be 0 or more")
+    if cfg.backlog > MAX_BACKLOG:
+        raise UsageError(f"--backlog {cfg.backlog}: must be at most {MAX_BACKLOG}")
     if cfg.accept_rate is not None and not cfg.accept_rate > 0:
         raise UsageError(f"--accept-rate {cfg.accept_rate:g}: must be above 0")
+    for flag, value in (("--rate", cfg.rate), ("--accept-rate", cfg.accept_rate)):
+        if value is not None and not MIN_RATE <= value < math.inf:
+            raise UsageError(f"{flag} {value:g}: must be a finite rate of at least {MIN_RATE:g}/s")
     if not cfg.duration_s > 0:
         raise UsageError("--duration must be above 0")
     if not cfg.timeout_s > 0:

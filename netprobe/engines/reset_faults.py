@@ -10,6 +10,7 @@ the I/O side forward exactly the bytes before the trigger and then act.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from enum import StrEnum
@@ -128,6 +129,8 @@ def build_trigger(
     for kind, seconds in ((TriggerKind.AFTER_MS, after_ms), (TriggerKind.ON_IDLE, on_idle)):
         if seconds is None:
             continue
+        if not math.isfinite(seconds):  # nan passes every comparison and never fires
+            raise UsageError(f"--{kind} {seconds}: must be a finite time")
         if seconds < 0:
             raise UsageError(f"--{kind} {seconds}: must be 0 or more")
         if kind is TriggerKind.ON_IDLE and seconds == 0:
