@@ -46,6 +46,8 @@ def test_debug_after_the_command_is_that_command_s_bad_option() -> None:
         (["port-check", "127.0.0.1:1", "--require", "\u00b2"], "--require"),
         (["port-check", "127.0.0.1:1", "--timeout", "99999999999999h"], "too long"),
         (["port-check", "127.0.0.1:1", "--timeout", "0"], "--timeout 0"),
+        (["send", "127.0.0.1:1", "hi", "--timeout", "0"], "--timeout 0"),
+        (["reset", "client", "127.0.0.1:1", "--timeout", "0"], "--timeout 0"),
     ],
 )
 def test_out_of_range_values_are_usage_errors(argv: list[str], needle: str) -> None:

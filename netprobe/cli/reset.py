@@ -318,6 +318,8 @@ def client(
     from netprobe.render import Column, Renderer, choose_format, log
     from netprobe.results import to_record
 
+    if timeout <= 0:
+        raise UsageError(f"--timeout {timeout:g}: each connect and send needs a timeout above 0")
     trigger = build_trigger(
         allowed=CLIENT_TRIGGERS,
         on_connect=on_connect,

@@ -224,6 +224,8 @@ def send(
         from netprobe.framing import parse_framing
 
         framing = parse_framing(framing_spec)
+    if timeout is not None and timeout <= 0:
+        raise UsageError(f"--timeout {timeout:g}: the overall limit must be above 0")
     parsed = parse_target(target)
     family = family_of(ipv4, ipv6)
     source, handle = _input(data, hex_data, file)
