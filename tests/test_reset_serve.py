@@ -276,6 +276,7 @@ def test_cli_announces_and_reports_json() -> None:
         (["--after-ms", "nan", "--duration", "0.2"], "--after-ms 'nan': not a finite"),
         (["--after-ms", "inf", "--duration", "0.2"], "--after-ms 'inf': not a finite"),
         (["--after-ms", "1e300", "--duration", "0.2"], "--after-ms '1e300' is too long"),
+        (["--after-ms", "-5", "--duration", "0.2"], "--after-ms '-5': must be 0 or more"),
         (["--slow-accept", "--accept-rate", "nan", "--duration", "0.2"], "'nan'"),
         (["--slow-accept", "--accept-rate", "inf", "--duration", "0.2"], "'inf'"),
         (["--slow-accept", "--accept-rate", "1e-300", "--duration", "0.2"], "'1e-300'"),

@@ -288,3 +288,21 @@ def test_checked_file_is_still_sent_whole(tmp_path: Path) -> None:
     assert stdin_res.exit_code == 0, stdin_res.stderr
     one = b"".join(struct.pack("!I", len(p)) + p for p in path.read_bytes().split(b"\n"))
     assert b"".join(received) == one + one
+
+
+@pytest.mark.parametrize("spec", ["line", "len16", "netstring"])
+def test_frame_over_max_frame_is_refused_before_connecting(
+    idle_listener: socket.socket, tmp_path: Path, spec: str
+) -> None:
+    # --max-frame caps what we send as well as what we accept: DATA as one frame, and a long
+    # line that arrives inside one read chunk (not only one that spans chunks).
+    target = f"127.0.0.1:{idle_listener.getsockname()[1]}"
+    res = invoke(["send", target, "x" * 50, "--framing", spec, "--max-frame", "10"])
+    assert (res.exit_code, res.stdout) == (2, b"")
+    assert "--max-frame 10" in res.stderr
+    path = tmp_path / "lines.txt"
+    path.write_bytes(b"short\n" + b"y" * 50 + b"\nend\n")
+    res = invoke(["send", target, "--file", str(path), "--framing", spec, "--max-frame", "10"])
+    assert (res.exit_code, res.stdout) == (2, b"")
+    assert "longer than 10 bytes" in res.stderr
+    assert first_connection_is_the_sentinel(idle_listener)

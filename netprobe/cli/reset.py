@@ -170,6 +170,8 @@ def _ms(value: str | None, option: str) -> float | None:
             raise UsageError(f"{option} {value!r}: not a finite number of milliseconds")
         if seconds > _MAX_SECONDS:
             raise UsageError(f"{option} {value!r} is too long; at most {_MAX_SECONDS:.0e} s")
+        if seconds < 0:  # named as given: "-5", not the -0.005 s it stands for
+            raise UsageError(f"{option} {value!r}: must be 0 or more")
         return seconds
     try:
         return parse_duration(text)

@@ -203,7 +203,8 @@ class LineSplitter:
         self._buffer += chunk
         lines = self._buffer.split(b"\n")
         rest = lines.pop()
-        if len(rest) > self._max_line:
+        # Complete lines too: a long line that arrived within one chunk is just as long.
+        if len(rest) > self._max_line or any(len(line) > self._max_line for line in lines):
             raise UsageError(f"an input line is longer than {self._max_line} bytes")
         self._buffer = bytearray(rest)
         out = [bytes(line) for line in lines]
@@ -213,7 +214,12 @@ class LineSplitter:
         return out
 
 
-def _encode_frame(spec: FramingSpec, payload: bytes) -> bytes:
+def _encode_frame(spec: FramingSpec, payload: bytes, max_frame: int) -> bytes:
+    if len(payload) > max_frame:
+        raise UsageError(
+            f"cannot send {payload[:40]!r} as a {spec.name} frame: {len(payload)} bytes is more "
+            f"than --max-frame {max_frame}"
+        )
     try:
         return spec.encode(payload)
     except ValueError as exc:
@@ -229,7 +235,7 @@ def _input_reader(
         return read
     if framing is not None:
         if source.data is not None:
-            frame = _encode_frame(framing, source.data)
+            frame = _encode_frame(framing, source.data, max_frame)
             return lambda _n: (frame, True)
         splitter = LineSplitter(max_frame)
         spec = framing
@@ -237,7 +243,7 @@ def _input_reader(
         def read_framed(n: int) -> tuple[bytes, bool]:
             chunk, eof = read(n)
             lines = splitter.feed(chunk, eof)
-            return b"".join(_encode_frame(spec, line) for line in lines), eof
+            return b"".join(_encode_frame(spec, line, max_frame) for line in lines), eof
 
         return read_framed
     if crlf:
@@ -769,7 +775,7 @@ def _datagrams(opts: SendOptions) -> Iterator[bytes]:
     """Each DATA, each input line, or each line as a --framing frame: one datagram."""
     source, spec = opts.source, opts.framing
     if source.data is not None:
-        yield _encode_frame(spec, source.data) if spec is not None else source.data
+        yield _encode_frame(spec, source.data, opts.max_frame) if spec is not None else source.data
         return
     read = source.chunks(PUMP_CHUNK)
     splitter = LineSplitter(opts.max_frame)
@@ -779,7 +785,7 @@ def _datagrams(opts: SendOptions) -> Iterator[bytes]:
         for line in splitter.feed(chunk, eof):
             if opts.crlf:
                 line += b"\r"
-            yield _encode_frame(spec, line) if spec is not None else line
+            yield _encode_frame(spec, line, opts.max_frame) if spec is not None else line
 
 
 def _exchange_udp(
