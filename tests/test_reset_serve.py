@@ -340,6 +340,13 @@ def test_slow_accept_delays_connects_and_count_ignores_fillers() -> None:
             thread.join(LONG)
         assert not errors
         assert proc.wait(LONG) == 0  # --count 3 counted our clients, not the queue filler
+        assert proc.stdout is not None
+        lines = [json.loads(line) for line in proc.stdout.read().splitlines()]
+    totals = next(r for r in lines if r.get("event") == "totals")
+    # The totals too count clients only: the filler was accepted and closed by us.
+    assert totals["connections"] == 3
+    assert "filler" not in totals["reasons"]
+    assert sum(1 for r in lines if r.get("event") == "connection") == 3
     # One slot, accepting 2 per second: a burst of three has SYNs dropped, and a dropped SYN
     # is retried only after about 1 s (Linux).
     assert max(times) >= 0.5

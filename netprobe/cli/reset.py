@@ -407,6 +407,7 @@ class _Output:
         self.command = command
         self.json_out = json_out
         self.quiet = quiet
+        self.faults: Any = None  # the run's FaultTotals, once the server exists
 
     def _write(self, stream: Any, line: str) -> None:
         try:
@@ -451,14 +452,16 @@ class _Output:
         self._write(sys.stderr, f"netprobe: {self.command}: faults {state}")
 
     def running(self, summary: Any) -> None:
-        self._write(
-            sys.stderr, f"netprobe: {self.command}: {self._totals_text(summary.to_record())}"
-        )
+        record = summary.to_record()
+        if self.faults is not None:
+            record = self.faults.clients_only(record)
+        self._write(sys.stderr, f"netprobe: {self.command}: {self._totals_text(record)}")
 
     def totals(self, summary: Any, faults: Any, extra: dict[str, Any]) -> None:
         from netprobe.render import dump_json
 
         record = {"event": "totals", "kind": self.command, **summary.to_record()}
+        record = faults.clients_only(record)
         record.update(faults.to_record())
         record.update(extra)
         if self.quiet:
@@ -611,6 +614,7 @@ def serve(
     server, faults, control = make_serve(
         config, options, on_record=out.record, on_ready=out.ready, on_totals=out.running
     )
+    out.faults = faults
     with naming_host(host):
         server.listen()  # bind errors surface here (exit 6), before anything is printed
     try:

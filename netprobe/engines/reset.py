@@ -215,6 +215,9 @@ class ResetOptions:
         )
 
 
+_FILLER = "filler"  # the close reason of our own queue fillers
+
+
 @dataclass(slots=True)
 class FaultTotals:
     """What the faults did over a run (merged into the totals record)."""
@@ -222,9 +225,24 @@ class FaultTotals:
     faulted: int = 0
     passed: int = 0
     actions: dict[str, int] = field(default_factory=dict)
+    fillers: int = 0  # our own accept-queue fillers the server accepted (slow-accept)
 
     def to_record(self) -> dict[str, Any]:
         return {"faulted": self.faulted, "passed": self.passed, "actions": dict(self.actions)}
+
+    def clients_only(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The server core's totals record without our queue fillers: it counts every accepted
+        connection, and a filler is ours, not a client."""
+        if not self.fillers:
+            return record
+        out = dict(record)
+        out["connections"] = record["connections"] - self.fillers
+        reasons = dict(record.get("reasons", {}))
+        left = reasons.pop(_FILLER, 0) - self.fillers
+        if left > 0:
+            reasons[_FILLER] = left
+        out["reasons"] = reasons
+        return out
 
 
 class _Run:
@@ -462,7 +480,8 @@ class _ServeHandler(Handler):
             # One of our own accept-queue fillers (slow-accept): not a client, let it go.
             self.run.fillers.discard(conn.peer)
             self._filler = True
-            conn.abort("filler")
+            self.run.totals.fillers += 1
+            conn.abort(_FILLER)
             return
         self.index, self.action = self.run.draw()
         options = self.run.options
