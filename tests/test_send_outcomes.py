@@ -4,6 +4,7 @@ payload the framing cannot carry is refused before anything is sent. Real loopba
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import struct
@@ -28,7 +29,7 @@ def json_lines(out: bytes) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def server() -> Iterator[ServerThread]:
+def reading_server() -> Iterator[ServerThread]:
     """Reads each request to its end, then closes without a reply."""
 
     def handler(conn: socket.socket) -> None:
@@ -57,29 +58,31 @@ def resetting_server() -> Iterator[ServerThread]:
         srv.stop()
 
 
+@contextlib.contextmanager
+def _loopback_socket(kind: int, backlog: int | None = None) -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_INET, kind)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        if backlog is not None:
+            sock.listen(backlog)
+        sock.settimeout(LONG)
+        yield sock
+    finally:
+        sock.close()
+
+
 @pytest.fixture
 def idle_listener() -> Iterator[socket.socket]:
     """A TCP listener that never accepts: a connect made to it waits in its accept queue."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    listener.settimeout(LONG)
-    try:
+    with _loopback_socket(socket.SOCK_STREAM, backlog=8) as listener:
         yield listener
-    finally:
-        listener.close()
 
 
 @pytest.fixture
 def udp_receiver() -> Iterator[socket.socket]:
     """A bound UDP socket that only collects datagrams."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(LONG)
-    try:
+    with _loopback_socket(socket.SOCK_DGRAM) as sock:
         yield sock
-    finally:
-        sock.close()
 
 
 def first_connection_is_the_sentinel(listener: socket.socket) -> bool:
@@ -154,8 +157,8 @@ def test_stats_rows_keep_their_shape_when_nothing_connected(closed_port: int) ->
     assert lines[2].split() == ["connect", "-", "-", "-", "-", "-", "-"]
 
 
-def test_stats_first_byte_row_counts_only_runs_with_a_reply(server: ServerThread) -> None:
-    res = invoke(["send", f"127.0.0.1:{server.port}", "x", "--repeat", "3", "--json"])
+def test_stats_first_byte_row_counts_only_runs_with_a_reply(reading_server: ServerThread) -> None:
+    res = invoke(["send", f"127.0.0.1:{reading_server.port}", "x", "--repeat", "3", "--json"])
     assert res.exit_code == 0, res.stderr
     *runs, stats = json_lines(res.stdout)
     assert [r["bytes_received"] for r in runs] == [0, 0, 0]
