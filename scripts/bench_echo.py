@@ -290,6 +290,7 @@ class Figures:
     # The same test with the server (all its processes) on one core, the client on another.
     pinned_msgs_s: list[float] = field(default_factory=list)
     pinned_cpu_us: list[float] = field(default_factory=list)
+    pinned_client_cpu_us: list[float] = field(default_factory=list)
     idle_conns: int = 0
     idle_rss_kb_per_conn: float | None = None
     idle_rss_delta_kb_per_conn: float | None = None
@@ -338,12 +339,15 @@ def measure_round(
     server_cpus, client_cpus = split
     pin_tree(pid, server_cpus)
     try:
+        own0 = children_cpu()
         count, seconds = run_client(*multi, cpus=client_cpus)
+        own1 = children_cpu()
     finally:
         pin_tree(pid, set(os.sched_getaffinity(0)))
     cpu4 = tree_cpu(pid)
     fig.pinned_msgs_s.append(count / seconds)
     fig.pinned_cpu_us.append((cpu4 - cpu3) / count * 1e6)
+    fig.pinned_client_cpu_us.append((own1 - own0) / count * 1e6)
 
 
 def measure_idle(client: Path, port: int, pid: int, conns: int, fig: Figures) -> None:
@@ -420,6 +424,15 @@ def fmt(value: float | None, digits: int = 0) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def _busy(fig: Figures) -> str:
+    """How busy each side's core was in the 1-core-each test: the one near 100% set the rate."""
+    rate = fig.median("pinned_msgs_s")
+    server, client = fig.median("pinned_cpu_us"), fig.median("pinned_client_cpu_us")
+    if rate is None or server is None or client is None:
+        return "-"
+    return f"{server * rate / 1e4:.0f}/{client * rate / 1e4:.0f}"
+
+
 def report(results: dict[str, Figures], iperf: list[float], args: argparse.Namespace) -> None:
     names = list(results)
     rows: list[tuple[str, list[str]]] = [
@@ -444,6 +457,11 @@ def report(results: dict[str, Figures], iperf: list[float], args: argparse.Names
             [fmt(results[n].median("pinned_msgs_s")) for n in names],
         ),
         ("  server CPU us per msg", [fmt(results[n].median("pinned_cpu_us"), 1) for n in names]),
+        (
+            "  client CPU us per msg",
+            [fmt(results[n].median("pinned_client_cpu_us"), 1) for n in names],
+        ),
+        ("  busy: server/client core %", [_busy(results[n]) for n in names]),
         ("idle conns held", [str(results[n].idle_conns or "-") for n in names]),
         ("  RSS total MiB", [fmt(results[n].idle_rss_total_mib, 1) for n in names]),
         ("  RSS KB per conn (total/N)", [fmt(results[n].idle_rss_kb_per_conn, 1) for n in names]),
