@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import LONG, ServerThread, invoke
+from tests.helpers import LONG, ServerThread, invoke, run_netprobe
 
 # issue #5's list, plus README's `error` (another socket error, or a malformed reply frame)
 ENDED_BY = {"eof", "reset", "idle-timeout", "timeout", "expect", "error"}
@@ -309,3 +309,29 @@ def test_frame_over_max_frame_is_refused_before_connecting(
     assert (res.exit_code, res.stdout) == (2, b"")
     assert "longer than 10 bytes" in res.stderr
     assert first_connection_is_the_sentinel(idle_listener)
+
+
+def test_piped_input_goes_out_whole_after_the_peer_half_closes() -> None:
+    # listen half-closes when its own stdin ends, then keeps reading: a send whose input is a
+    # pipe must still deliver all of it (it used to stop at the peer's FIN and exit 0).
+    received: list[int] = []
+
+    def half_closing(conn: socket.socket) -> None:
+        conn.sendall(b"hello from the peer\n")
+        conn.shutdown(socket.SHUT_WR)
+        total = 0
+        while data := conn.recv(65536):
+            total += len(data)
+        received.append(total)
+
+    srv = ServerThread(handler=half_closing)
+    try:
+        payload = bytes(range(256)) * 12_000  # 3 MB through a pipe, many chunks
+        proc = run_netprobe(["send", f"127.0.0.1:{srv.port}", "--json"], stdin=payload)
+    finally:
+        srv.stop()
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["bytes_sent"] == len(payload)
+    assert record["data"] == "hello from the peer\n"
+    assert received == [len(payload)]

@@ -746,7 +746,10 @@ def _exchange_checked(
             deadline=deadline,
             idle_timeout_s=idle,
             shutdown_on_input_eof=opts.shutdown,
-            stop_on_peer_eof=True,
+            # A peer's FIN may be a half-close (listen, `nc -N`): it still reads, so the rest
+            # of the input goes out, as nc sends it. Stopping here cut uploads short silently.
+            # (send never reads a terminal, so the input always ends.)
+            stop_on_peer_eof=False,
         )
     finally:
         sock.close()
