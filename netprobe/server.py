@@ -774,9 +774,12 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         server = self.server
-        if server._stopping:
-            return
         totals = server._totals
+        count = server.config.count
+        # The stop requested at the Nth datagram takes a loop turn or more; datagrams already
+        # queued behind it (a burst) must not be served: --count N (and --once) mean N.
+        if server._stopping or (count is not None and totals.datagrams_in >= count):
+            return
         if server.config.allow and not server._allowed(addr):
             totals.rejected += 1
             return
@@ -815,7 +818,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             self.handler.on_datagram(data, addr, reply)
         except Exception:
             server._handler_errors += 1
-        if server.config.count is not None and totals.datagrams_in >= server.config.count:
+        if count is not None and totals.datagrams_in >= count:
             server._request_stop()
 
     def error_received(self, exc: Exception) -> None:
