@@ -304,17 +304,19 @@ def test_udp_echo_from_the_cli() -> None:
 def test_udp_count_serves_exactly_n_datagrams_of_a_burst() -> None:
     # The stop asked for at the 2nd datagram takes a loop turn: the 3 queued behind it must
     # not be echoed (they were, all 5, when sent back to back).
-    with echo_process("--udp", "--count", "2") as (proc, announce):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
-            for number in range(5):
-                client.sendto(b"%d" % number, (announce["host"], announce["port"]))
-            assert proc.wait() == 0
-            totals = proc.records_until("totals")[-1]
-            client.setblocking(False)
-            replies = []
-            with contextlib.suppress(BlockingIOError):
-                while True:
-                    replies.append(client.recv(64))
+    with (
+        echo_process("--udp", "--count", "2") as (proc, announce),
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+    ):
+        for number in range(5):
+            client.sendto(b"%d" % number, (announce["host"], announce["port"]))
+        assert proc.wait() == 0
+        totals = proc.records_until("totals")[-1]
+        client.setblocking(False)
+        replies = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                replies.append(client.recv(64))
     assert (totals["datagrams_in"], totals["datagrams_out"]) == (2, 2)
     assert replies == [b"0", b"1"]
 

@@ -452,3 +452,37 @@ def test_unix_target_with_udp_is_bad_input() -> None:
     assert result.exit_code == 2
     assert "unix:/run/x.sock" in result.stderr
     assert "--udp" in result.stderr
+
+
+def test_latency_open_only_and_ctrl_c(server: ServerThread, closed_port: int) -> None:
+    ports = f"{server.port},{closed_port}"
+    argv = ["port-check", f"127.0.0.1:{ports}", "-c", "2", "--interval", "10ms", "--json"]
+    result = invoke([*argv, "--open-only"])
+    assert result.exit_code == 1  # the closed port still counts
+    rows = _json_lines(result.stdout)
+    assert rows
+    assert {r["port"] for r in rows} == {server.port}
+    assert {r["kind"] for r in rows} == {"port-check.probe", "port-check.latency"}
+    # Ctrl-C after the first probe: exit 130 and a line saying what was measured.
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "netprobe", "port-check", f"127.0.0.1:{server.port}"),
+            *("-c", "100", "--interval", "200ms", "--json"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        first = json.loads(proc.stdout.readline())
+        assert first["kind"] == "port-check.probe"
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=LONG)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(LONG)
+    assert proc.returncode == 130
+    assert b"port-check: interrupted: " in err
+    assert b"answered" in err

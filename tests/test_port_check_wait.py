@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import LONG, ServerThread, invoke, run_netprobe
+from tests.helpers import LONG, ROOT, ServerThread, invoke, run_netprobe
 
 
 class LateListener:
@@ -140,3 +143,52 @@ def test_command_never_runs_when_the_wait_fails(tmp_path: Path, closed_port: int
     assert proc.returncode == 124
     assert not marker.exists()
     assert f"127.0.0.1:{closed_port}".encode() in proc.stderr
+
+
+def test_command_killed_by_a_signal_exits_128_plus_n(server: ServerThread) -> None:
+    # As a shell reports it (143 for SIGTERM), not subprocess's -15 (which exits 241).
+    kill_self = "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"
+    argv = ["port-check", f"127.0.0.1:{server.port}", "--wait", "--deadline", "5s"]
+    proc = run_netprobe([*argv, "--", sys.executable, "-c", kill_self])
+    assert proc.returncode == 128 + 15, proc.stderr
+
+
+def test_open_only_hides_the_other_rows_of_a_wait(server: ServerThread, closed_port: int) -> None:
+    targets = [f"127.0.0.1:{server.port}", f"127.0.0.1:{closed_port}=closed"]
+    result = invoke(["port-check", *targets, "--wait", "--deadline", "5s", "--json", "--open-only"])
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    assert [(r["port"], r["state"]) for r in rows] == [(server.port, "open")]
+
+
+def test_ctrl_c_during_a_wait_says_where_it_stood() -> None:
+    # A listener that stays open while we wait for it to close: every round connects to it,
+    # so an accept() here proves the wait loop runs before SIGINT is sent.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.settimeout(LONG)
+    port = listener.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "netprobe", "port-check", f"127.0.0.1:{port}"),
+            *("--wait", "--until", "closed", "--deadline", "60s"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        conn, _ = listener.accept()
+        conn.close()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=LONG)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(LONG)
+        listener.close()
+    assert proc.returncode == 130
+    assert out == b""
+    assert b"port-check: interrupted after" in err
+    assert b"Traceback" not in err

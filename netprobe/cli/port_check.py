@@ -267,8 +267,10 @@ def port_check(
         expect_now = wait_expect if until.lower() != "open" else default_expect
         if allow_large:
             raise UsageError("--allow-large is for scans, not --wait")
-        outcome = _wait(specs, config, port_list, family, expect_now, required, deadline, interval)
-        raise typer.Exit(_finish(outcome, command, fmt, quiet))
+        outcome = _wait(
+            specs, config, port_list, family, expect_now, required, deadline, interval, quiet
+        )
+        raise typer.Exit(_finish(outcome, command, fmt, quiet, open_only))
     hosts = build_hosts(
         specs,
         ports=port_list,
@@ -280,7 +282,7 @@ def port_check(
     if required is not None and required > units:
         raise UsageError(f"--require {required} is more than the {units} checks given")
     if count is not None:
-        raise typer.Exit(_latency(hosts, config, count, interval, fmt, quiet, required))
+        raise typer.Exit(_latency(hosts, config, count, interval, fmt, quiet, required, open_only))
     code = _checks(hosts, config, fmt, open_only, quiet, required)
     raise typer.Exit(_run_command(command, code) if command else code)
 
@@ -351,33 +353,57 @@ def _latency(
     fmt: Any,
     quiet: bool,
     required: int | None,
+    open_only: bool = False,
 ) -> int:
-    from netprobe.engines.port_check import Tally
+    from netprobe.engines.port_check import PortState, Tally
     from netprobe.engines.port_check_modes import LatencySummary, run_latency
-    from netprobe.render import OutputFormat
+    from netprobe.render import log
 
     renderer = _renderer(fmt, _LATENCY_COLUMNS)
     tally = Tally(required=required)
-    for event in run_latency(hosts, config, count=count, interval_s=interval):
-        if isinstance(event, LatencySummary):
-            tally.add(event.as_result())
-            renderer.emit(_record(event, "port-check.latency"))
-        elif fmt is OutputFormat.JSON:
-            renderer.emit(_record(event, "port-check.probe"))
-        elif fmt is OutputFormat.TABLE:
-            shown = f"{event.latency_ms:.3f} ms" if event.latency_ms is not None else ""
-            why = f" ({event.errno_name})" if event.errno_name else ""
-            where = f"{event.address or event.target}:{event.port}"
-            if event.address is not None and ":" in event.address:
-                where = f"[{event.address}]:{event.port}"
-            sys.stdout.write(
-                f"{where} {event.proto} seq={event.seq} {event.state.value}{why} {shown}".rstrip()
-                + "\n"
-            )
-            sys.stdout.flush()
+    probes = answered = 0
+    try:
+        for event in run_latency(hosts, config, count=count, interval_s=interval):
+            if isinstance(event, LatencySummary):
+                tally.add(event.as_result())
+            else:
+                probes += 1
+                answered += event.state is PortState.OPEN
+            if open_only and event.state is not PortState.OPEN:
+                continue  # counted above, not shown
+            _show_latency_event(event, fmt, renderer)
+    except KeyboardInterrupt:
+        renderer.close()  # a table shows the rows it had
+        if not quiet:
+            log(f"port-check: interrupted: {probes} probes, {answered} answered", always=True)
+        raise
     tally.finish()
     renderer.close()
     return int(tally.exit_status())
+
+
+def _show_latency_event(event: Any, fmt: Any, renderer: Any) -> None:
+    from netprobe.engines.port_check_modes import LatencySummary
+    from netprobe.render import OutputFormat
+
+    if isinstance(event, LatencySummary):
+        renderer.emit(_record(event, "port-check.latency"))
+    elif fmt is OutputFormat.JSON:
+        renderer.emit(_record(event, "port-check.probe"))
+    elif fmt is OutputFormat.TABLE:
+        shown = f"{event.latency_ms:.3f} ms" if event.latency_ms is not None else ""
+        why = f" ({event.errno_name})" if event.errno_name else ""
+        if event.port is None:  # unix:/path
+            where = event.target
+        elif event.address is not None and ":" in event.address:
+            where = f"[{event.address}]:{event.port}"
+        else:
+            where = f"{event.address or event.target}:{event.port}"
+        sys.stdout.write(
+            f"{where} {event.proto} seq={event.seq} {event.state.value}{why} {shown}".rstrip()
+            + "\n"
+        )
+        sys.stdout.flush()
 
 
 def _wait(
@@ -389,40 +415,59 @@ def _wait(
     required: int | None,
     deadline: float,
     interval: float,
+    quiet: bool = False,
 ) -> tuple[int, Any]:
+    import time
+
     from netprobe.engines.port_check_modes import WaitOutcome, run_wait
     from netprobe.exitcodes import ExitStatus
     from netprobe.render import log
 
-    for event in run_wait(
-        specs,
-        config,
-        ports=ports,
-        family=family,
-        expect=expect,
-        required=required,
-        deadline_s=deadline,
-        interval_s=interval,
-    ):
-        if isinstance(event, WaitOutcome):
-            status = ExitStatus.OK if event.held else ExitStatus.WAIT_DEADLINE
-            return int(status), event
-        waiting = ", ".join(event.waiting[:5]) + (" ..." if len(event.waiting) > 5 else "")
-        log(
-            f"port-check: waiting: {event.satisfied}/{event.needed} {expect.value}, "
-            f"{event.left_s:.1f} s left ({waiting})"
-        )
+    started = time.monotonic()
+    state = "nothing checked yet"
+    try:
+        for event in run_wait(
+            specs,
+            config,
+            ports=ports,
+            family=family,
+            expect=expect,
+            required=required,
+            deadline_s=deadline,
+            interval_s=interval,
+        ):
+            if isinstance(event, WaitOutcome):
+                status = ExitStatus.OK if event.held else ExitStatus.WAIT_DEADLINE
+                return int(status), event
+            waiting = ", ".join(event.waiting[:5]) + (" ..." if len(event.waiting) > 5 else "")
+            progress = f"{event.satisfied}/{event.needed} {expect.value}"
+            log(f"port-check: waiting: {progress}, {event.left_s:.1f} s left ({waiting})")
+            state = f"{progress} (waiting for {waiting})"
+    except KeyboardInterrupt:
+        if not quiet:
+            elapsed = time.monotonic() - started
+            log(f"port-check: interrupted after {elapsed:.2f} s: {state}", always=True)
+        raise
     raise AssertionError("run_wait ended without an outcome")  # pragma: no cover
 
 
-def _finish(code_and_outcome: tuple[int, Any], command: list[str], fmt: Any, quiet: bool) -> int:
+def _finish(
+    code_and_outcome: tuple[int, Any],
+    command: list[str],
+    fmt: Any,
+    quiet: bool,
+    open_only: bool = False,
+) -> int:
     from netprobe.cli._run import error_line
+    from netprobe.engines.port_check import PortState
     from netprobe.render import log
 
     code, outcome = code_and_outcome
     if not command:
         renderer = _renderer(fmt, _RESULT_COLUMNS)
         for result in outcome.results:
+            if open_only and result.state is not PortState.OPEN:
+                continue
             renderer.emit(_record(result, "port-check"))
         renderer.close()
     if outcome.held:
@@ -446,7 +491,9 @@ def _run_command(command: list[str], code: int) -> int:
     if code != 0:
         return code
     try:
-        return subprocess.run(command, check=False).returncode
+        status = subprocess.run(command, check=False).returncode
     except OSError as exc:
         error_line("port-check", f"cannot run {command[0]!r}: {exc.strerror}")
         return 127 if isinstance(exc, FileNotFoundError) else 126
+    # Killed by signal N: the shell's 128 + N (subprocess reports -N, which would exit 256 - N).
+    return 128 - status if status < 0 else status
