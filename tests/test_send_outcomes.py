@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import LONG, ServerThread, invoke, run_netprobe
+from tests.helpers import LONG, ServerThread, invoke, run_netprobe, udp_echo_thread
 
 # issue #5's list, plus README's `error` (another socket error, or a malformed reply frame)
 ENDED_BY = {"eof", "reset", "idle-timeout", "timeout", "expect", "error"}
@@ -335,3 +335,15 @@ def test_piped_input_goes_out_whole_after_the_peer_half_closes() -> None:
     assert record["bytes_sent"] == len(payload)
     assert record["data"] == "hello from the peer\n"
     assert received == [len(payload)]
+
+
+def test_an_empty_udp_reply_is_an_answer() -> None:
+    # The exchange sends an empty datagram and gets one back: 0 bytes, yet a reply (exit 0,
+    # not 3 "no answer").
+    with udp_echo_thread() as port:
+        res = invoke(
+            ["send", f"127.0.0.1:{port}", "", "--udp", "--idle-timeout", "300ms", "--json"]
+        )
+    record = json_lines(res.stdout)[0]
+    assert (record["datagrams_received"], record["bytes_received"]) == (1, 0)
+    assert res.exit_code == 0, res.stderr

@@ -19,6 +19,7 @@ __all__ = [
     "JsonOpt",
     "QuietOpt",
     "bind_host",
+    "check_literal_family",
     "duration",
     "naming_host",
     "not_built",
@@ -105,7 +106,6 @@ def bind_host(text: str | None, *, family: int = 0, option: str = "--host") -> s
         UsageError: empty or malformed text (spaces, brackets, a port, a CIDR block, a Unix
             path), or an IP literal of the other family than `family`.
     """
-    import ipaddress
     import socket
 
     if text is None:
@@ -131,15 +131,28 @@ def bind_host(text: str | None, *, family: int = 0, option: str = "--host") -> s
         raise UsageError(f"{shown}: give the host alone (the port goes in --port)")
     if "/" in host:
         raise UsageError(f"{shown} is a network block: give one address to bind")
+    check_literal_family(host, family, f"{option} {host}")
+    return host
+
+
+def check_literal_family(host: str, family: int, given: str) -> None:
+    """Refuse an IP literal of the other family than -4/-6 ask for: bad input, not a name
+    that fails to resolve (a name is left to resolution, which picks among its addresses).
+
+    Raises:
+        UsageError: `-4` with an IPv6 literal, or `-6` with an IPv4 one; `given` names it.
+    """
+    import ipaddress
+    import socket
+
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
-        return host  # a name: -4/-6 choose among its addresses when it is resolved
+        return
     if family == socket.AF_INET and ip.version == 6:
-        raise UsageError(f"-4 and {option} {host} contradict each other: {host} is IPv6")
+        raise UsageError(f"-4 and {given} contradict each other: {host} is IPv6")
     if family == socket.AF_INET6 and ip.version == 4:
-        raise UsageError(f"-6 and {option} {host} contradict each other: {host} is IPv4")
-    return host
+        raise UsageError(f"-6 and {given} contradict each other: {host} is IPv4")
 
 
 @contextlib.contextmanager

@@ -10,7 +10,14 @@ from typing import IO, TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
-from netprobe.cli._options import IPv4Opt, IPv6Opt, duration, family_of, size
+from netprobe.cli._options import (
+    IPv4Opt,
+    IPv6Opt,
+    check_literal_family,
+    duration,
+    family_of,
+    size,
+)
 from netprobe.errors import DeadlineExceeded, NetworkError, UsageError
 
 if TYPE_CHECKING:
@@ -228,6 +235,8 @@ def send(
         raise UsageError(f"--timeout {timeout:g}: the overall limit must be above 0")
     parsed = parse_target(target)
     family = family_of(ipv4, ipv6)
+    if parsed.host is not None:
+        check_literal_family(parsed.host, family, repr(target))
     source, handle = _input(data, hex_data, file)
     opts = SendOptions(
         target=parsed,

@@ -891,8 +891,10 @@ def exit_status_for(result: SendResult) -> ExitStatus:
         return ExitStatus.NOT_OPEN
     if result.expect_met is False:
         return ExitStatus.TIMEOUT if result.ended_by == "idle-timeout" else ExitStatus.NOT_OPEN
-    if result.ended_by == "idle-timeout" and result.bytes_received == 0:
-        return ExitStatus.TIMEOUT  # the peer never answered
+    # The peer never answered. Not bytes_received == 0: an empty UDP datagram is an answer.
+    answered = result.first_byte_ms is not None or result.bytes_received > 0
+    if result.ended_by == "idle-timeout" and not answered:
+        return ExitStatus.TIMEOUT
     return ExitStatus.OK
 
 
