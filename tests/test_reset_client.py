@@ -150,13 +150,20 @@ def test_data_then_reset_at_once(recorder: _RecordingServer) -> None:
 def test_reports_server_closing_first() -> None:
     srv = _RecordingServer(reply=b"bye\n", close_first=True)
     try:
-        result = invoke(["reset", "client", f"127.0.0.1:{srv.port}", "--after-ms", "200", "--json"])
+        # A timer far away: only the server's FIN can have ended the connection early.
+        argv = ["reset", "client", f"127.0.0.1:{srv.port}", "--after-ms", "60s", "--json"]
+        result = invoke(argv)
         assert result.exit_code == 0, result.stderr
-        record = _records(result.stdout)[0]
+        records = _records(result.stdout)
+        record = records[0]
         assert record["bytes_in"] == 4
         assert record["server_closed_first"] is True
         assert record["ended_by"] == "server-fin"
-        assert record["elapsed_s"] < 0.2  # the server's FIN ended it before the timer
+        assert record["elapsed_s"] < 60
+        # We still aborted it (our RST after their FIN): the totals count it as a reset sent.
+        assert record["action"] == "rst"
+        totals = records[-1]
+        assert (totals["resets_sent"], totals["server_closed_first"]) == (1, 1)
         srv.wait_for(1)
     finally:
         srv.stop()

@@ -86,13 +86,13 @@ class ClientSummary:
         self.connections += 1
         self.bytes_out += result.bytes_out
         self.bytes_in += result.bytes_in
-        if result.ended_by == "client-rst":
+        if result.action == "rst":  # ours: also after a server's FIN, or a stalled send
             self.resets_sent += 1
-        elif result.ended_by == "server-fin":
+        if result.ended_by == "server-fin":
             self.server_closed_first += 1
         elif result.ended_by == "server-rst":
             self.server_reset_first += 1
-        else:
+        elif result.ended_by != "client-rst":
             self.failed += 1
 
 
