@@ -170,7 +170,7 @@ def test_build_hosts_resolution_failure_is_a_result_not_an_exception() -> None:
     def resolver(host: str, family: int) -> list[Resolved]:
         if host == "gone.example":
             raise ResolveError("resolve", -2, "EAI_NONAME", "Name or service not known")
-        return [Resolved(2, ("127.0.0.1", 0))]
+        return [Resolved(2, (host if host[0].isdigit() else "127.0.0.1", 0))]
 
     specs = parse_targets(["gone.example:80", "ok.example:22=closed", "192.0.2.0/30:1"])
     hosts = build_hosts(specs, ports=None, family=0, expect=Expect.OPEN, resolver=resolver)
@@ -179,6 +179,39 @@ def test_build_hosts_resolution_failure_is_a_result_not_an_exception() -> None:
         ("ok.example", None, Expect.CLOSED),
     ]
     assert [h.name for h in hosts[2:]] == ["192.0.2.1", "192.0.2.2"]
+
+
+def test_build_hosts_checks_each_address_port_once() -> None:
+    def resolver(host: str, family: int) -> list[Resolved]:
+        return [Resolved(2, ("127.0.0.1" if host == "localhost" else host, 0))]
+
+    texts = [
+        "127.0.0.1:1",
+        "127.0.0.1:1,2",
+        "localhost:2,3",
+        "127.0.0.0/31:1",
+        "unix:/x",
+        "unix:/x",
+    ]
+    hosts = build_hosts(
+        parse_targets(texts), ports=None, family=0, expect=Expect.OPEN, resolver=resolver
+    )
+    checks = [(h.target, h.address, port) for h in hosts for port in h.ports]
+    assert checks == [  # the first target naming an address:port keeps it; order kept
+        ("127.0.0.1:1", "127.0.0.1", 1),
+        ("127.0.0.1:1,2", "127.0.0.1", 2),
+        ("localhost:2,3", "127.0.0.1", 3),
+        ("127.0.0.0/31:1", "127.0.0.0", 1),
+        ("unix:/x", "/x", 0),
+    ]
+    with pytest.raises(UsageError, match=r"127\.0\.0\.1:1 is checked twice"):
+        build_hosts(
+            parse_targets(["127.0.0.1:1", "localhost:1=closed"]),
+            ports=None,
+            family=0,
+            expect=Expect.OPEN,
+            resolver=resolver,
+        )
 
 
 def test_build_hosts_needs_a_port_and_caps_cidr() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import ipaddress
 import itertools
 import os
@@ -30,6 +31,7 @@ from netprobe.sockets import (
     DEFAULT_CIDR_CAP,
     Resolved,
     expand_hosts,
+    format_hostport,
     parse_target,
     raise_nofile_limit,
     resolve,
@@ -299,7 +301,42 @@ def build_hosts(
                     first.sockaddr,
                 )
             )
-    return hosts
+    return _without_duplicates(hosts)
+
+
+def _without_duplicates(hosts: list[HostSpec]) -> list[HostSpec]:
+    """Each address:port once, where it first appears (two targets naming the same address,
+    overlapping CIDR blocks or port lists): one row and one check each.
+
+    Raises:
+        UsageError: the same address:port expected open by one target and closed by another.
+    """
+    counts: dict[tuple[int, str], int] = {}
+    for host in hosts:
+        if host.address is not None:
+            key = (host.family, host.address)
+            counts[key] = counts.get(key, 0) + 1
+    if all(count == 1 for count in counts.values()):
+        return hosts  # the usual case, a full-range scan included: nothing to compare
+    seen: dict[tuple[int, str], dict[int, Expect]] = {}
+    kept = []
+    for host in hosts:
+        if host.address is None or counts[(host.family, host.address)] == 1:
+            kept.append(host)
+            continue
+        done = seen.setdefault((host.family, host.address), {})
+        for port in host.ports:
+            if done.get(port, host.expect) is not host.expect:
+                where = format_hostport(host.address, port)
+                raise UsageError(f"{where} is checked twice, expected open and closed")
+        ports = tuple(port for port in host.ports if port not in done)
+        if not ports:
+            continue
+        done.update(dict.fromkeys(ports, host.expect))
+        kept.append(
+            host if len(ports) == len(host.ports) else dataclasses.replace(host, ports=ports)
+        )
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------
