@@ -249,6 +249,24 @@ def test_udp_datagrams_both_ways(spawn: type[Listen]) -> None:
         code, out, err = listener.finish()
     assert code == 0, err
     assert out == b"dgram"
+    # The run's end reports the exchange as TCP reports a peer's end.
+    assert "ended: idle-timeout (received 5 B, sent 5 B," in err
+
+
+def test_udp_json_events_end_with_a_close(spawn: type[Listen]) -> None:
+    listener = spawn(["--udp", "--json", "--max-bytes", "6"])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.sendto(b"abc", ("127.0.0.1", listener.port))
+        client.sendto(b"defgh", ("127.0.0.1", listener.port))
+        code, out, err = listener.finish()
+        peer = f"127.0.0.1:{client.getsockname()[1]}"
+    assert code == 0, err
+    assert out == b"abcdef"
+    events = [json.loads(line) for line in err.splitlines()]
+    assert [e["event"] for e in events] == ["peer", "close"]
+    assert events[0]["peer"] == events[1]["peer"] == peer
+    close = events[1]
+    assert (close["ended_by"], close["bytes_in"], close["bytes_out"]) == ("max-bytes", 6, 0)
 
 
 @pytest.mark.parametrize(

@@ -204,7 +204,24 @@ def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSum
     stdin = _Stdin(opts.source)
     splitter = LineSplitter(65507)
     peer_addr: Any = None
-    last_activity = time.monotonic()
+    last_activity = peer_since = time.monotonic()
+
+    def close() -> ListenSummary:
+        # UDP has no connection to end: the run's end closes the exchange with the last peer,
+        # reported as TCP reports a peer's end (the byte counts are the whole run's).
+        if peer_addr is not None:
+            on_event(
+                {
+                    "event": "close",
+                    "peer": format_hostport(str(peer_addr[0]), int(peer_addr[1])),
+                    "ended_by": summary.ended_by,
+                    "bytes_in": summary.bytes_in,
+                    "bytes_out": summary.bytes_out,
+                    "duration_ms": round((time.monotonic() - peer_since) * 1000, 3),
+                }
+            )
+        return summary
+
     try:
         host, port = sock.getsockname()[:2]
         on_event({"event": "listening", "proto": "udp", "host": host, "port": port})
@@ -226,7 +243,7 @@ def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSum
                     on_event(
                         {"event": "idle", "waited_ms": round((opts.idle_timeout_s or 0) * 1000)}
                     )
-                return summary
+                return close()
             if stdin_fd is not None and stdin_fd in ready:
                 _send_lines(sock, stdin, splitter, peer_addr, summary)
             if sock.fileno() not in ready:
@@ -237,6 +254,7 @@ def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSum
                 continue  # an ICMP error for an earlier reply: the peer went away
             if peer_addr is None or (opts.keep_open and addr != peer_addr):
                 peer_addr = addr
+                peer_since = time.monotonic()
                 summary.peers += 1
                 on_event({"event": "peer", "peer": format_hostport(str(addr[0]), int(addr[1]))})
             elif addr != peer_addr:
@@ -246,7 +264,7 @@ def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSum
                 emit(data[: opts.max_bytes - summary.bytes_in])
                 summary.bytes_in = opts.max_bytes
                 summary.ended_by = "max-bytes"
-                return summary
+                return close()
             summary.bytes_in += len(data)
             emit(data)
     finally:
