@@ -60,6 +60,7 @@ __all__ = [
     "half_close",
     "is_loopback",
     "nofile_limit",
+    "not_loopback_why",
     "open_listener",
     "open_udp",
     "parse_duration",
@@ -333,6 +334,16 @@ def expand_hosts(host: str, *, cap: int | None = DEFAULT_CIDR_CAP) -> Iterator[s
         )
     for address in network.hosts() if network.num_addresses > 2 else network:
         yield str(address)
+
+
+def not_loopback_why(host: str) -> str:
+    """Why is_loopback(host) is False, for the refusal line: an address off loopback, or a
+    name (only localhost is taken without resolving; resolving first would already send)."""
+    try:
+        ipaddress.ip_network(host.split("%", 1)[0], strict=False)
+    except ValueError:
+        return f"{host} is a name, and only loopback addresses (127.0.0.0/8, ::1) and localhost"
+    return f"{host} is not a loopback address: only 127.0.0.0/8, ::1 and localhost"
 
 
 def is_loopback(host: str) -> bool:

@@ -48,6 +48,8 @@ def test_debug_after_the_command_is_that_command_s_bad_option() -> None:
         (["port-check", "127.0.0.1:1", "--timeout", "0"], "--timeout 0"),
         (["send", "127.0.0.1:1", "hi", "--timeout", "0"], "--timeout 0"),
         (["reset", "client", "127.0.0.1:1", "--timeout", "0"], "--timeout 0"),
+        (["port-check", "127.0.0.1:1", "--until", "closed"], "--until is for wait mode"),
+        (["port-check", "127.0.0.1:1", "--deadline", "5s"], "--deadline is for wait mode"),
         (["send", "[::1]:1", "hi", "-4"], "-4 and '[::1]:1' contradict each other"),
         (["send", "127.0.0.1:1", "hi", "-6"], "-6 and '127.0.0.1:1' contradict each other"),
     ],

@@ -204,15 +204,20 @@ def port_check(
     wait: Annotated[
         bool, typer.Option("--wait", help="Retry until --require holds or --deadline passes.")
     ] = False,
-    deadline: Annotated[
-        float,
+    deadline_opt: Annotated[
+        float | None,
         typer.Option(
             "--deadline", parser=duration, show_default="30s", help="Wait mode: give up after this."
         ),
-    ] = 30.0,
-    until: Annotated[
-        str, typer.Option("--until", help="Wait mode: wait until targets are open or closed.")
-    ] = "open",
+    ] = None,
+    until_opt: Annotated[
+        str | None,
+        typer.Option(
+            "--until",
+            show_default="open",
+            help="Wait mode: wait until targets are open or closed.",
+        ),
+    ] = None,
 ) -> None:
     """Check TCP/UDP ports and Unix sockets: open, closed, filtered; latency probes; wait until open.
 
@@ -235,6 +240,13 @@ def port_check(
         given += _read_targets_file(targets_file)
     if not given:
         raise UsageError("no targets: give TARGET... or --targets-file")
+    if not wait:
+        # Silently ignored, `--until closed` would report an open port as a success.
+        for flag, value in (("--deadline", deadline_opt), ("--until", until_opt)):
+            if value is not None:
+                raise UsageError(f"{flag} is for wait mode: add --wait")
+    deadline = 30.0 if deadline_opt is None else deadline_opt
+    until = "open" if until_opt is None else until_opt
     try:
         default_expect = Expect(expect.lower())
         wait_expect = Expect(until.lower())

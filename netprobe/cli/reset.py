@@ -745,7 +745,7 @@ def proxy(
     )
     from netprobe.render import choose_format
     from netprobe.server import ServerConfig
-    from netprobe.sockets import is_loopback, parse_host_port
+    from netprobe.sockets import is_loopback, not_loopback_why, parse_host_port
 
     choose_format(json_out=json_out, csv_out=False, quiet=quiet, out=sys.stdout)  # -q xor --json
     if upstream is None:
@@ -753,7 +753,8 @@ def proxy(
     up_host, up_port = parse_host_port(upstream, allow_port_zero=False)
     if not allow_remote and not is_loopback(up_host):
         raise UsageError(
-            f"--upstream {upstream}: {up_host} is not a loopback address (pass --allow-remote)"
+            f"--upstream {upstream}: {not_loopback_why(up_host)} are proxied to unless "
+            "--allow-remote is given"
         )
     listen_host, listen_port = parse_host_port(listen)
     try:

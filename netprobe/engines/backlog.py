@@ -36,6 +36,7 @@ from netprobe.sockets import (
     accept_and_close,
     format_hostport,
     is_loopback,
+    not_loopback_why,
     open_listener,
     raise_nofile_limit,
     resolve,
@@ -416,13 +417,13 @@ def validate_config(cfg: BacklogConfig) -> None:
         raise UsageError("missing TARGET (HOST:PORT), or use --lab")
     if cfg.host is not None and not cfg.allow_remote and not is_loopback(cfg.host):
         raise UsageError(
-            f"{cfg.host} is not a loopback address (127.0.0.0/8, ::1): a connection flood "
-            "goes to loopback only unless --allow-remote is given; nothing was sent"
+            f"{not_loopback_why(cfg.host)} are flooded unless --allow-remote is given; "
+            "nothing was sent"
         )
     for source in cfg.sources:
         if not cfg.allow_remote and not is_loopback(source):
             raise UsageError(
-                f"--source {source} is not a loopback address; add --allow-remote to use it"
+                f"--source {not_loopback_why(source)} are used unless --allow-remote is given"
             )
 
 

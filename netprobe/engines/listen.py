@@ -153,6 +153,7 @@ def _serve(
 ) -> str:
     start = time.monotonic()
     limit = opts.max_bytes
+    before = summary.bytes_in
 
     def on_received(data: bytes) -> bool:
         if limit is not None and summary.bytes_in + len(data) >= limit:
@@ -182,7 +183,9 @@ def _serve(
         "event": "close",
         "peer": peer,
         "ended_by": ended,
-        "bytes_in": result.bytes_received,
+        # What this peer's bytes gave to stdout: the last read may go past --max-bytes, and
+        # those bytes were dropped, as echo's bytes_in counts only what it kept.
+        "bytes_in": summary.bytes_in - before,
         "bytes_out": result.bytes_sent,
         "duration_ms": round((time.monotonic() - start) * 1000, 3),
     }
