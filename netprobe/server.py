@@ -797,22 +797,24 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             if buffered() > server.config.high_water:
                 totals.reasons["dropped"] = totals.reasons.get("dropped", 0) + 1
                 return
-            if payload:
-                transport.sendto(payload, addr)
-            else:
-                # asyncio's DatagramTransport.sendto(b"") sends nothing on CPython 3.11, yet
-                # an empty datagram is a real reply (port-check --udp probes with one).
-                # The raw socket given to asyncio: the transport's wrapper has no sendto.
-                raw = self.raw_sock
-                try:
-                    if raw is None:
-                        raise OSError("no socket for an empty reply")
-                    raw.sendto(b"", addr)
-                except OSError:
-                    totals.reasons["send-error"] = totals.reasons.get("send-error", 0) + 1
-                    return
+            # Counted before the send: the peer may read the reply (and ask for the totals)
+            # before this thread runs again.
             totals.datagrams_out += 1
             totals.bytes_out += len(payload)
+            if payload:
+                transport.sendto(payload, addr)
+                return
+            # asyncio's DatagramTransport.sendto(b"") sends nothing on CPython 3.11, yet an
+            # empty datagram is a real reply (port-check --udp probes with one). The raw
+            # socket given to asyncio: the transport's wrapper has no sendto.
+            raw = self.raw_sock
+            try:
+                if raw is None:
+                    raise OSError("no socket for an empty reply")
+                raw.sendto(b"", addr)
+            except OSError:
+                totals.datagrams_out -= 1
+                totals.reasons["send-error"] = totals.reasons.get("send-error", 0) + 1
 
         try:
             self.handler.on_datagram(data, addr, reply)
