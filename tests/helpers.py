@@ -69,6 +69,24 @@ def run_netprobe(
     )
 
 
+@contextlib.contextmanager
+def netprobe_process(argv: Sequence[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m netprobe ARGV` running with stdout and stderr piped (for signals sent
+    mid-run); killed at exit if it still runs."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "netprobe", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=LONG)
+
+
 class ServerThread:
     """A listener bound *before* the thread starts (no readiness race), always stopped.
 

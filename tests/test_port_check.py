@@ -8,7 +8,6 @@ import random
 import select
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import HAS_IPV6
-from tests.helpers import LONG, ROOT, ServerThread, invoke, udp_echo_thread
+from tests.helpers import LONG, ServerThread, invoke, netprobe_process, udp_echo_thread
 
 
 def _json_lines(stdout: bytes) -> list[dict[str, Any]]:
@@ -304,16 +303,8 @@ def test_bad_input_is_one_line_exit_2(argv: list[str]) -> None:
 
 @pytest.mark.slow
 def test_ctrl_c_exits_130_with_a_partial_summary() -> None:
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "netprobe", "port-check", "127.0.0.1", "-p", "1-65535"),
-            *("--rate", "200", "--json"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=ROOT,
-    )
-    try:
+    argv = ["port-check", "127.0.0.1", "-p", "1-65535", "--rate", "200", "--json"]
+    with netprobe_process(argv) as proc:
         # Interrupt only once results flow (start-up can take a second on a busy machine).
         assert proc.stdout is not None
         ready, _, _ = select.select([proc.stdout], [], [], LONG * 2)
@@ -323,10 +314,6 @@ def test_ctrl_c_exits_130_with_a_partial_summary() -> None:
         proc.send_signal(signal.SIGINT)
         rest, err = proc.communicate(timeout=LONG)
         out = first + rest
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=LONG)
     assert proc.returncode == 130
     assert b"port-check: interrupted:" in err
     assert all(json.loads(line)["kind"] == "port-check" for line in out.splitlines())
@@ -464,25 +451,13 @@ def test_latency_open_only_and_ctrl_c(server: ServerThread, closed_port: int) ->
     assert {r["port"] for r in rows} == {server.port}
     assert {r["kind"] for r in rows} == {"port-check.probe", "port-check.latency"}
     # Ctrl-C after the first probe: exit 130 and a line saying what was measured.
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "netprobe", "port-check", f"127.0.0.1:{server.port}"),
-            *("-c", "100", "--interval", "200ms", "--json"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=ROOT,
-    )
-    try:
+    slow = ["-c", "100", "--interval", "200ms", "--json"]
+    with netprobe_process(["port-check", f"127.0.0.1:{server.port}", *slow]) as proc:
         assert proc.stdout is not None
         first = json.loads(proc.stdout.readline())
         assert first["kind"] == "port-check.probe"
         proc.send_signal(signal.SIGINT)
         _out, err = proc.communicate(timeout=LONG)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(LONG)
     assert proc.returncode == 130
     assert b"port-check: interrupted: " in err
     assert b"answered" in err

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import LONG, ROOT, ServerThread, invoke, run_netprobe
+from tests.helpers import LONG, ServerThread, invoke, netprobe_process, run_netprobe
 
 
 class LateListener:
@@ -169,24 +168,14 @@ def test_ctrl_c_during_a_wait_says_where_it_stood() -> None:
     listener.listen(64)
     listener.settimeout(LONG)
     port = listener.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "netprobe", "port-check", f"127.0.0.1:{port}"),
-            *("--wait", "--until", "closed", "--deadline", "60s"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=ROOT,
-    )
+    argv = ["port-check", f"127.0.0.1:{port}", "--wait", "--until", "closed", "--deadline", "60s"]
     try:
-        conn, _ = listener.accept()
-        conn.close()
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=LONG)
+        with netprobe_process(argv) as proc:
+            conn, _ = listener.accept()
+            conn.close()
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=LONG)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(LONG)
         listener.close()
     assert proc.returncode == 130
     assert out == b""
