@@ -44,6 +44,7 @@ How to build on it (echo, listen, reset serve, reset proxy)::
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import ipaddress
@@ -742,7 +743,10 @@ class Connection(asyncio.Protocol):
 
     def _handler_failed(self) -> None:
         # A bug in a handler must not take the server down: this connection ends, others go on.
-        self._server._handler_errors += 1
+        # The close with reason "error" counts it in the totals' errors; only when another
+        # reason already won (it was closing) is the failure counted apart, so never twice.
+        if self.reason is not None and self.reason != CloseReason.ERROR:
+            self._server._handler_errors += 1
         self.abort(CloseReason.ERROR)
 
     def _check_idle(self) -> None:
@@ -829,6 +833,13 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
 
 EVENT_LOOP_ENV = "NETPROBE_EVENT_LOOP"
+
+
+def _in_thread_of(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 def event_loop_name() -> str:
@@ -1156,7 +1167,27 @@ class Server:
             loop.call_soon_threadsafe(self._request_stop)
 
     def totals(self) -> ServerSummary:
-        """A snapshot of the running totals."""
+        """A snapshot of the running totals (consistent from any thread).
+
+        The loop thread updates several counters per event; another thread reading them
+        directly could catch a closed connection neither active nor yet in the totals. So
+        from another thread the snapshot is taken by the loop, between two callbacks.
+        """
+        loop = self._loop
+        if loop is not None and loop.is_running() and not _in_thread_of(loop):
+            done: concurrent.futures.Future[ServerSummary] = concurrent.futures.Future()
+
+            def take() -> None:
+                if not done.done():
+                    done.set_result(self._snapshot())
+
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(take)
+                with contextlib.suppress(concurrent.futures.TimeoutError):
+                    return done.result(timeout=2.0)
+        return self._snapshot()
+
+    def _snapshot(self) -> ServerSummary:
         t = self._totals
         active = tuple(self._active)  # one C-level copy: safe against the loop thread
         live_in = sum(c.bytes_in for c in active)
@@ -1373,9 +1404,11 @@ class Server:
         return (self._next_id - 1) * max(1, self.config.workers) + self._worker + 1
 
     def _reject(self, sock: socket.socket, peer: str, reason: str) -> None:
-        sock.close()
+        # Counted before the close: the client may see its close (and read the totals) before
+        # this thread runs again.
         self._totals.rejected += 1
         self._totals.reasons[reason] = self._totals.reasons.get(reason, 0) + 1
+        sock.close()
         if self.on_event is not None:
             self.on_event(ConnEvent("reject", self._new_id(), peer, reason=reason))
 

@@ -10,6 +10,7 @@ import random
 import selectors
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -531,6 +532,45 @@ def test_handler_error_ends_only_that_connection() -> None:
             good.sendall(b"fine")
             assert recv_exactly(good, 4) == b"fine"
         assert srv.wait_events("close", 1)[0].reason == "error"
+        totals = srv.server.totals()
+        # One failure, one error: the close with reason "error" is the count (it was two).
+        assert (totals.errors, totals.reasons.get("error")) == (1, 1)
+
+
+@pytest.mark.slow
+def test_totals_from_another_thread_never_tear() -> None:
+    # A closed connection leaves the active set and joins the totals in one loop callback;
+    # a reader on another thread used to catch it in between (bytes_in went backwards, or
+    # counted twice). Forced thread switches make that window likely if it exists.
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    seen: list[tuple[int, int]] = []
+    stop = threading.Event()
+    try:
+        with serving(ServerConfig(port=0)) as srv:
+
+            def watch() -> None:
+                while not stop.is_set():
+                    totals = srv.server.totals()
+                    seen.append((totals.connections, totals.bytes_in))
+
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            try:
+                for _ in range(300):
+                    with srv.connect() as client:
+                        client.sendall(b"x" * 100)
+                        client.shutdown(socket.SHUT_WR)
+                        assert recv_exactly(client, 100) == b"x" * 100
+            finally:
+                stop.set()
+                watcher.join(LONG)
+    finally:
+        sys.setswitchinterval(switch)
+    assert seen
+    in_order = [b for _c, b in seen]
+    assert in_order == sorted(in_order), "bytes_in went backwards"
+    assert all(b <= 100 * c for c, b in seen), "bytes counted twice"
 
 
 def test_stop_within_a_second_despite_a_client_that_never_reads() -> None:
