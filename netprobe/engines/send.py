@@ -857,6 +857,10 @@ def _exchange_udp(
             idle_at = last_activity + opts.idle_timeout_s if opts.idle_timeout_s else None
             limits = [t for t in (deadline, idle_at) if t is not None]
             until = min(limits) if limits else None
+            if until is None:
+                # No deadline and no idle timeout: only a reply (or --expect) ends the read,
+                # so block for one; take(None) alone only looks and would spin a core.
+                wait_readable([sock], None)
             ended = take(until)
             if ended is None and until is not None and time.monotonic() >= until:
                 ended = "timeout" if until == deadline else "idle-timeout"
