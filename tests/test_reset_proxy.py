@@ -14,16 +14,18 @@ from typing import Any
 
 import pytest
 
-from netprobe.engines.reset import Direction, ServeMode, Toxics
+from netprobe.engines.reset import Direction, ServeMode, Toxics, make_proxy
 from netprobe.engines.reset_client import generated_stream
 from netprobe.engines.reset_faults import Action, TriggerKind
 from netprobe.kernel import find_listener, read_sysctl
+from netprobe.server import ServerConfig
 from tests.helpers import LONG, invoke
 from tests.test_reset_helpers import (
     connect,
     options,
     proxy,
     read_until_end,
+    running,
     serve,
     subprocess_server,
 )
@@ -364,3 +366,26 @@ def test_backlog_option_sets_the_listen_queue_limit() -> None:
         if row.limit is None:
             pytest.skip("no inet_diag: /proc/net/tcp does not show the queue limit")
         assert row.limit == min(1000, int(read_sysctl("net/core/somaxconn") or 4096))
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "event-loop"])
+def test_upstream_reset_is_not_counted_as_a_client_reset(splice: bool) -> None:
+    records: list[dict[str, Any]] = []
+    with serve(options(TriggerKind.AFTER_BYTES, 1, action=Action.RST)) as (up_port, _):
+        server, _faults, _control = make_proxy(
+            ServerConfig(port=0, handle_signals=False),
+            options(upstream=("127.0.0.1", up_port), splice=splice),
+            on_record=records.append,
+        )
+        with running(server) as port:
+            sock = connect(port)
+            sock.sendall(b"ping")
+            _got, ending = read_until_end(sock)
+            sock.close()
+            _wait_records(records, 1)
+            totals = server.totals()
+    assert ending == "ECONNRESET"  # the upstream's RST was passed on
+    assert records[0]["reason"] == "upstream-reset"
+    assert records[0]["upstream_errno"] == "ECONNRESET"
+    assert totals.resets == 0  # `resets` counts the clients' own resets
+    assert totals.reasons == {"upstream-reset": 1}

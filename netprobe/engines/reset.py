@@ -216,6 +216,7 @@ class ResetOptions:
 
 
 _FILLER = "filler"  # the close reason of our own queue fillers
+_UPSTREAM_RESET = "upstream-reset"  # the proxy's client was reset because the upstream was
 
 
 @dataclass(slots=True)
@@ -880,6 +881,8 @@ class _Session:
             reason = "reset" if result.ended == "reset" else "error"
             if culprit is upstream:
                 self.upstream_errno = result.errno_name
+                # Not the client's reset: the totals' `resets` count client resets only.
+                reason = _UPSTREAM_RESET if reason == "reset" else reason
             self.end_reason = reason
             other.abort(reason)  # pass the RST on
             culprit.abort(reason)
@@ -967,14 +970,17 @@ class _Session:
         self._stop_relay()
         self.closed[which] = True
         if which == "upstream":
-            self.upstream_errno = conn.errno_name
+            # The relay may have recorded it already (splice path): a close keeps that errno.
+            self.upstream_errno = conn.errno_name or self.upstream_errno
         other = self.upstream if which == "client" else self.client
         # After rst, fin or hang the action owns the other side's ending (an rst may still be
         # waiting for its last bytes to be acknowledged).
         owned = self.done_action in (Action.RST, Action.FIN, Action.HANG)
         if other is not None and not other.is_closing and not owned:
             if reason == "reset" and self.fired_at is None:
-                other.abort("reset")  # pass the RST on, as a transparent path would
+                # Pass the RST on, as a transparent path would; when the upstream sent it,
+                # the client's close says so (it is not a client reset).
+                other.abort(_UPSTREAM_RESET if which == "upstream" else "reset")
             else:
                 pipe = self.down if which == "upstream" else self.up
                 if pipe is None:
