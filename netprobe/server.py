@@ -317,7 +317,14 @@ class Handler:
 
 
 class DatagramHandler:
-    """UDP behaviour: `on_datagram(data, addr, reply)`; reply(bytes) answers the sender."""
+    """UDP behaviour: `on_datagram(data, addr, reply)`; reply(bytes) answers the sender.
+
+    A handler that calls reply later (a delayed echo) counts those in `pending_replies`: a
+    stop waits for them (--count/--once up to close_timeout_s, a signal up to the 0.5 s
+    grace) and counts the ones it could not wait for as `dropped`.
+    """
+
+    pending_replies: int = 0
 
     def on_datagram(self, data: bytes, addr: Any, reply: Callable[[bytes], None]) -> None:
         """One datagram arrived from addr."""
@@ -825,6 +832,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         except Exception:
             server._handler_errors += 1
         if count is not None and totals.datagrams_in >= count:
+            server._served_count = True
             server._request_stop()
 
     def error_received(self, exc: Exception) -> None:
@@ -950,6 +958,7 @@ class Server:
         self._stop_requested = False
         self._stopping = False
         self._handler_errors = 0
+        self._served_count = False  # UDP: the stop comes from --count, not a signal
         self._totals = ServerSummary()
         self._thread_lock = threading.Lock()
 
@@ -1455,6 +1464,7 @@ class Server:
         self._close_listener()
         loop = self.loop
         if self._udp_transport is not None:
+            await self._await_replies(loop)
             self._udp_transport.close()
             self._udp_transport = None
         for conn in list(self._active) + list(self._outbound):
@@ -1471,6 +1481,19 @@ class Server:
             await asyncio.sleep(0)
         for conn in list(self._active) + list(self._outbound):
             conn._finish(None)  # never set up (cancelled): account for it anyway
+
+    async def _await_replies(self, loop: asyncio.AbstractEventLoop) -> None:
+        handler = self.datagram_handler
+        if handler is None or not handler.pending_replies:
+            return
+        # --count N / --once promised N replies; a signal promised a quick exit.
+        wait = self.config.close_timeout_s if self._served_count else _SHUTDOWN_GRACE_S
+        deadline = loop.time() + wait
+        while handler.pending_replies and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        if handler.pending_replies:
+            reasons = self._totals.reasons
+            reasons["dropped"] = reasons.get("dropped", 0) + handler.pending_replies
 
     def _close_listener(self) -> None:
         listener = self._listener

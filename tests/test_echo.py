@@ -321,6 +321,39 @@ def test_udp_count_serves_exactly_n_datagrams_of_a_burst() -> None:
     assert replies == [b"0", b"1"]
 
 
+def test_udp_once_with_delay_still_sends_its_reply() -> None:
+    # The stop requested by --once used to close the socket before the delayed reply went.
+    with (
+        echo_process("--udp", "--once", "--delay", "100ms") as (proc, announce),
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+    ):
+        client.settimeout(LONG)
+        client.sendto(b"hello", (announce["host"], announce["port"]))
+        assert client.recv(64) == b"hello"
+        assert proc.wait() == 0
+        totals = proc.records_until("totals")[-1]
+    assert (totals["datagrams_in"], totals["datagrams_out"]) == (1, 1)
+    assert "dropped" not in totals["reasons"]
+
+
+def test_udp_sigterm_counts_delayed_replies_it_did_not_send() -> None:
+    with (
+        echo_process("--udp", "--delay", "60s") as (proc, announce),
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+    ):
+        client.sendto(b"late", (announce["host"], announce["port"]))
+        for _ in range(100):  # until the server has the datagram (its running totals say)
+            proc.proc.send_signal(signal.SIGUSR1)
+            if proc.record()["datagrams_in"] == 1:
+                break
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.wait() == 0  # a quick exit, not a 60 s wait
+        totals = proc.records_until("totals")[-1]
+    assert totals["final"] is True
+    assert (totals["datagrams_in"], totals["datagrams_out"]) == (1, 0)
+    assert totals["reasons"] == {"dropped": 1}
+
+
 def test_unix_live_socket_file_is_not_replaced(tmp_path: Path) -> None:
     path = tmp_path / "live.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:

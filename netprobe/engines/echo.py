@@ -181,7 +181,12 @@ class _DelayedUdpEcho(_UdpEcho):
 
     def on_datagram(self, data: bytes, addr: Any, reply: Callable[[bytes], None]) -> None:
         if self.echo and len(data) <= self.max_frame:
-            self.server.loop.call_later(self.delay_s, reply, data)
+            self.pending_replies += 1
+            self.server.loop.call_later(self.delay_s, self._reply, reply, data)
+
+    def _reply(self, reply: Callable[[bytes], None], data: bytes) -> None:
+        self.pending_replies -= 1
+        reply(data)
 
 
 def handler_factory(options: EchoOptions) -> Callable[[], Handler]:
