@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -252,6 +253,18 @@ def test_udp_datagrams_both_ways(spawn: type[Listen]) -> None:
     assert out == b"dgram"
     # The run's end reports the exchange as TCP reports a peer's end.
     assert "ended: idle-timeout (received 5 B, sent 5 B," in err
+
+
+def test_udp_ctrl_c_still_reports_the_close(spawn: type[Listen]) -> None:
+    listener = spawn(["--udp", "--json"])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.sendto(b"hello", ("127.0.0.1", listener.port))
+        assert listener.read_stdout(5) == b"hello"  # it has the datagram: now interrupt
+        listener.proc.send_signal(signal.SIGINT)
+        code, _out, err = listener.finish()
+    assert code == 130
+    close = [json.loads(line) for line in err.splitlines() if line.startswith("{")][-1]
+    assert (close["event"], close["ended_by"], close["bytes_in"]) == ("close", "interrupted", 5)
 
 
 def test_udp_json_events_end_with_a_close(spawn: type[Listen]) -> None:

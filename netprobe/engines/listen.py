@@ -270,6 +270,11 @@ def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSum
                 return close()
             summary.bytes_in += len(data)
             emit(data)
+    except KeyboardInterrupt:
+        # Ctrl-C is how a UDP listen usually ends: the report still comes, then exit 130.
+        summary.ended_by = "interrupted"
+        close()
+        raise
     finally:
         sock.close()
 
