@@ -149,6 +149,25 @@ def test_limit_bytes_closes_after_n() -> None:
     assert records[0]["reason"] == "limit"
 
 
+@pytest.mark.parametrize(
+    "toxics",
+    [Toxics(limit_bytes=1000, latency_s=0.1), Toxics(limit_bytes=1000, bandwidth=100_000)],
+    ids=["latency", "bandwidth"],
+)
+def test_limit_bytes_delivers_all_n_through_a_shaping_pipe(toxics: Toxics) -> None:
+    # The close used to come right after the Nth byte entered the pipe, dropping what the
+    # latency or bandwidth still held.
+    with (
+        serve(options(mode=ServeMode.SEND)) as (up_port, _),
+        proxy(options(upstream=("127.0.0.1", up_port), toxics=toxics)) as (port, records),
+    ):
+        with connect(port) as sock:
+            got, ending = read_until_end(sock)
+        _wait_records(records, 1)
+    assert (got, ending) == (generated_stream(1000), "eof")
+    assert records[0]["reason"] == "limit"
+
+
 def test_plan_on_accept_then_pass() -> None:
     opts = options(TriggerKind.ON_ACCEPT, plan="rst,ok", upstream=("127.0.0.1", 0))
     with serve(options()) as (up_port, _):

@@ -918,8 +918,11 @@ class _Session:
                     self._close_both(_framing_reason(exc))
                     return
                 if cut is not None:
+                    # The first N bytes still go out (a shaping pipe may hold them a while):
+                    # close both sides once they have, not before.
                     pipe.push(data[:cut])
-                    self._close_both("limit")
+                    pipe.seal()
+                    pipe.when_drained(lambda: self._close_both("limit"))
                     return
             state = self.states[direction]
             if state.trigger is not None and self._faulted(direction) and not state.fired:
