@@ -1508,9 +1508,16 @@ class _SpliceWay:
 
 
 def _shut_write(fd: int) -> None:
-    # shutdown() needs a socket object; a dup keeps the caller's fd untouched.
-    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as dup:
-        dup.shutdown(socket.SHUT_WR)
+    # shutdown() needs a socket object. One over the caller's fd, detached afterwards, leaves
+    # the fd open and needs no new descriptor (a dup failed with EMFILE in a process at its
+    # limit, and the FIN was silently not passed on).
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # the peer is gone already: nothing to tell it
+    finally:
+        sock.detach()
 
 
 def splice_relay(

@@ -408,3 +408,60 @@ def test_upstream_reset_is_not_counted_as_a_client_reset(splice: bool) -> None:
     assert records[0]["upstream_errno"] == "ECONNRESET"
     assert totals.resets == 0  # `resets` counts the clients' own resets
     assert totals.reasons == {"upstream-reset": 1}
+
+
+@pytest.mark.slow
+def test_out_of_fds_for_a_splice_relay_falls_back_to_the_event_loop() -> None:
+    # Near RLIMIT_NOFILE the relay's pipes cannot be made (EMFILE): the connection used to be
+    # reset ("error"), or its FIN was not passed on. At each limit the proxy either cannot
+    # start at all, or carries the exchange whole.
+    import functools
+    import resource
+    import select
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, ServerThread
+
+    def echo_to_eof(conn: socket.socket) -> None:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+    upstream = ServerThread(handler=echo_to_eof)
+    upstream_at = f"127.0.0.1:{upstream.port}"
+    carried = 0
+    try:
+        for limit in range(12, 21):
+            argv = ["reset", "proxy", "--listen", "127.0.0.1:0", "--json"]
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "netprobe", *argv, "--upstream", upstream_at],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=ROOT,
+                preexec_fn=functools.partial(
+                    resource.setrlimit, resource.RLIMIT_NOFILE, (limit, limit)
+                ),
+            )
+            try:
+                assert proc.stdout is not None
+                line = proc.stdout.readline()
+                if not line:
+                    continue  # too few fds to start at all: a clean failure is fine
+                port = int(json.loads(line)["port"])
+                with connect(port) as sock:
+                    sock.sendall(b"ping")
+                    sock.shutdown(socket.SHUT_WR)
+                    got, ending = read_until_end(sock)
+                assert (got, ending) == (b"ping", "eof"), limit
+                # Its record comes once both sides closed (the client saw EOF a moment before).
+                ready, _, _ = select.select([proc.stdout], [], [], LONG)
+                assert ready, f"no connection record at limit {limit}"
+                record = json.loads(proc.stdout.readline())
+                assert (record["event"], record["reason"]) == ("connection", "eof"), limit
+                carried += 1
+            finally:
+                proc.terminate()
+                proc.communicate(timeout=LONG)
+    finally:
+        upstream.stop()
+    assert carried >= 5

@@ -217,6 +217,7 @@ class ResetOptions:
 
 _FILLER = "filler"  # the close reason of our own queue fillers
 _UPSTREAM_RESET = "upstream-reset"  # the proxy's client was reset because the upstream was
+_RELAY_UNAVAILABLE = "unavailable"  # a splice relay that could not start: the loop carries on
 
 
 @dataclass(slots=True)
@@ -850,10 +851,14 @@ class _Session:
             return False
         # Neither transport has read or written a byte yet (the client was paused from its
         # accept, upstream pauses in its on_open), so the relay sees the streams whole.
+        try:
+            relay = _SpliceRelay(self, client_sock.fileno(), upstream_sock.fileno())
+        except OSError:  # no fd for its wake pipe (EMFILE): the event-loop path needs none
+            return False
         upstream.pause_reading("relay")
         self.client.pause_reading("relay")
         self.client.resume_reading("upstream")
-        self.relay = _SpliceRelay(self, client_sock.fileno(), upstream_sock.fileno())
+        self.relay = relay
         run.relays += 1
         self.relay.start()
         return True
@@ -874,6 +879,10 @@ class _Session:
         self._stop_relay()
         client, upstream = self.client, self.upstream
         assert upstream is not None
+        if result.ended == _RELAY_UNAVAILABLE:
+            upstream.resume_reading("relay")
+            client.resume_reading("relay")
+            return
         if result.ended == "eof":
             self._close_both("eof")
         elif result.ended in ("reset", "error"):
@@ -1132,12 +1141,16 @@ class _SpliceRelay:
         self.thread.start()
 
     def _run(self) -> None:
-        from netprobe.sockets import RelayResult, splice_relay
+        from netprobe.sockets import RelayResult, errno_name, splice_relay
 
         try:
             result = splice_relay(
                 self.fds[0], self.fds[1], wake_fd=self.wake_r, on_moved=self.session.relay_moved
             )
+        except OSError as exc:
+            # Its pipes could not be made (EMFILE at the fd limit): nothing has moved, so the
+            # event loop can carry this connection instead.
+            result = RelayResult(0, 0, _RELAY_UNAVAILABLE, None, errno_name(exc.errno))
         except Exception:  # a bug here must still hand the connection back
             result = RelayResult(0, 0, "error")
         if result.ended != "stop":
