@@ -267,6 +267,22 @@ def test_udp_ctrl_c_still_reports_the_close(spawn: type[Listen]) -> None:
     assert (close["event"], close["ended_by"], close["bytes_in"]) == ("close", "interrupted", 5)
 
 
+def test_tcp_ctrl_c_still_reports_the_close(spawn: type[Listen]) -> None:
+    listener = spawn(["--json"])
+    with socket.create_connection(("127.0.0.1", listener.port), timeout=LONG) as client:
+        listener.write(b"abc")
+        assert client.recv(3) == b"abc"
+        client.sendall(b"hello")
+        assert listener.read_stdout(5) == b"hello"  # both ways moved: now interrupt
+        listener.proc.send_signal(signal.SIGINT)
+        code, _out, err = listener.finish()
+    assert code == 130
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert [e["event"] for e in events] == ["accept", "close"]
+    close = events[-1]
+    assert (close["ended_by"], close["bytes_in"], close["bytes_out"]) == ("interrupted", 5, 3)
+
+
 def test_udp_json_events_end_with_a_close(spawn: type[Listen]) -> None:
     listener = spawn(["--udp", "--json", "--max-bytes", "6"])
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:

@@ -164,34 +164,50 @@ def _serve(
         emit(data)
         return False
 
+    sent = 0
+
+    def on_sent(chunk: memoryview) -> None:
+        nonlocal sent
+        sent += len(chunk)
+
+    def report(ended: str, errno_name: str | None) -> None:
+        summary.bytes_out += sent
+        event: dict[str, Any] = {
+            "event": "close",
+            "peer": peer,
+            "ended_by": ended,
+            # What this peer's bytes gave to stdout: the last read may go past --max-bytes,
+            # and those bytes were dropped, as echo's bytes_in counts only what it kept.
+            "bytes_in": summary.bytes_in - before,
+            "bytes_out": sent,
+            "duration_ms": round((time.monotonic() - start) * 1000, 3),
+        }
+        if errno_name is not None:
+            event["errno_name"] = errno_name
+        on_event(event)
+
     try:
         result = pump_duplex(
             conn,
             read_input=None if stdin.eof else stdin.read,
             input_fd=stdin.fd,
             on_received=on_received,
+            on_sent=on_sent,
             idle_timeout_s=opts.idle_timeout_s,
             shutdown_on_input_eof=True,
             stop_on_peer_eof=opts.interactive or stdin.eof,
             idle_while_input=True,
         )
+    except KeyboardInterrupt:
+        # Ctrl-C is how an interactive session often ends: the peer's report still comes
+        # (as for UDP), then exit 130.
+        summary.ended_by = "interrupted"
+        report("interrupted", None)
+        raise
     finally:
         conn.close()
-    summary.bytes_out += result.bytes_sent
     ended = "max-bytes" if result.ended_by == "stopped" else result.ended_by
-    event: dict[str, Any] = {
-        "event": "close",
-        "peer": peer,
-        "ended_by": ended,
-        # What this peer's bytes gave to stdout: the last read may go past --max-bytes, and
-        # those bytes were dropped, as echo's bytes_in counts only what it kept.
-        "bytes_in": summary.bytes_in - before,
-        "bytes_out": result.bytes_sent,
-        "duration_ms": round((time.monotonic() - start) * 1000, 3),
-    }
-    if result.errno_name is not None:
-        event["errno_name"] = result.errno_name
-    on_event(event)
+    report(ended, result.errno_name)
     return ended
 
 
