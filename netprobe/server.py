@@ -812,20 +812,29 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             # before this thread runs again.
             totals.datagrams_out += 1
             totals.bytes_out += len(payload)
-            if payload:
-                transport.sendto(payload, addr)
-                return
-            # asyncio's DatagramTransport.sendto(b"") sends nothing on CPython 3.11, yet an
-            # empty datagram is a real reply (port-check --udp probes with one). The raw
-            # socket given to asyncio: the transport's wrapper has no sendto.
             raw = self.raw_sock
+            if raw is None or (payload and buffered()):
+                # Behind replies the transport holds: it keeps their order.
+                if payload:
+                    transport.sendto(payload, addr)
+                    return
+                raw = None
+            # Sent here rather than by the transport: a send that fails at once (EMSGSIZE,
+            # EACCES) reaches the transport's error_received, indistinguishable from an ICMP
+            # error for an earlier reply, and the reply would stay counted as sent. asyncio's
+            # sendto(b"") also sends nothing on CPython 3.11, yet an empty datagram is a real
+            # reply (port-check --udp probes with one).
             try:
                 if raw is None:
                     raise OSError("no socket for an empty reply")
-                raw.sendto(b"", addr)
+                raw.sendto(payload, addr)
+            except (BlockingIOError, InterruptedError):
+                if payload:  # the socket buffer is full: the transport queues it
+                    transport.sendto(payload, addr)
+                    return
+                self._unsent(totals, payload)
             except OSError:
-                totals.datagrams_out -= 1
-                totals.reasons["send-error"] = totals.reasons.get("send-error", 0) + 1
+                self._unsent(totals, payload)
 
         try:
             self.handler.on_datagram(data, addr, reply)
@@ -834,6 +843,12 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         if count is not None and totals.datagrams_in >= count:
             server._served_count = True
             server._request_stop()
+
+    @staticmethod
+    def _unsent(totals: ServerSummary, payload: bytes) -> None:
+        totals.datagrams_out -= 1
+        totals.bytes_out -= len(payload)
+        totals.reasons["send-error"] = totals.reasons.get("send-error", 0) + 1
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for earlier replies (port unreachable on loopback): count, keep serving.

@@ -765,3 +765,25 @@ def test_echo_picks_uvloop_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch
     assert event_loop_name() == ("uvloop" if have_uvloop else "asyncio")
     factory = make_server(ServerConfig(port=0), EchoOptions()).config.loop_factory
     assert (factory is not None) == have_uvloop
+
+
+class _Oversized(DatagramHandler):
+    """Replies with more than a UDP datagram can carry: the kernel refuses it (EMSGSIZE)."""
+
+    def on_datagram(self, data: bytes, addr: object, reply: Callable[[bytes], None]) -> None:
+        reply(b"x" * 70_000 if data == b"big" else data)
+
+
+def test_udp_reply_the_kernel_refuses_is_not_counted_as_sent() -> None:
+    with (
+        serving(ServerConfig(port=0, udp=True), datagram_handler=_Oversized()) as srv,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+    ):
+        client.settimeout(LONG)
+        client.connect(srv.addr)
+        client.send(b"big")
+        client.send(b"ok")
+        assert client.recv(100) == b"ok"  # the server goes on after the failed send
+        totals = srv.server.totals()
+    assert (totals.datagrams_in, totals.datagrams_out, totals.bytes_out) == (2, 1, 2)
+    assert totals.reasons.get("send-error") == 1
