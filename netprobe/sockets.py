@@ -76,6 +76,7 @@ __all__ = [
     "recv_some",
     "remaining",
     "resolve",
+    "resolved_off_loopback",
     "send_all",
     "send_datagram",
     "service_name",
@@ -347,14 +348,25 @@ def not_loopback_why(host: str) -> str:
 
 
 def is_loopback(host: str) -> bool:
-    """True when `host` is a loopback literal or `localhost` (no resolution is done)."""
-    if host.lower() in {"localhost", "localhost.localdomain", "ip6-localhost"}:
+    """True when `host` is a loopback literal or `localhost` (no resolution is done).
+
+    `localhost` passes only this first gate: what it resolves to must pass again
+    (`resolved_off_loopback`), since a hosts file or a resolver may point it anywhere.
+    """
+    if host.lower() == "localhost":
         return True
     try:
         network = ipaddress.ip_network(host.split("%", 1)[0], strict=False)
     except ValueError:
         return False
     return network.is_loopback
+
+
+def resolved_off_loopback(host: str, address: str) -> str | None:
+    """None when the address `host` resolved to is loopback; else the refusal's first words."""
+    if is_loopback(address):
+        return None
+    return f"{host} resolves to {address}, which is not a loopback address (127.0.0.0/8, ::1)"
 
 
 def format_hostport(host: str, port: int | None) -> str:

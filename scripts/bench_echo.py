@@ -531,6 +531,16 @@ def report(results: dict[str, Figures], iperf: list[float], args: argparse.Names
                 if mine is not None and theirs:
                     ratios.append(f"{label} {mine / theirs:.2f}x socat (goal {goal}x)")
             print(f"  {name}: " + "; ".join(ratios))
+            nets = results.get("netprobe")
+            if nets is None:
+                continue
+            shares = []
+            for label, figure, _goal in GOALS:
+                mine, theirs = nets.median(figure), results[name].median(figure)
+                if mine is not None and theirs:
+                    shares.append(f"{label} {mine / theirs:.0%}")
+            # How far netprobe is from this yardstick, apart from socat's own noise.
+            print(f"    netprobe as a share of {name}: " + "; ".join(shares))
     nets = results.get("netprobe")
     if nets is not None and nets.idle_rss_kb_per_conn is not None:
         kb = nets.idle_rss_kb_per_conn

@@ -745,7 +745,13 @@ def proxy(
     )
     from netprobe.render import choose_format
     from netprobe.server import ServerConfig
-    from netprobe.sockets import is_loopback, not_loopback_why, parse_host_port
+    from netprobe.sockets import (
+        is_loopback,
+        not_loopback_why,
+        parse_host_port,
+        resolve,
+        resolved_off_loopback,
+    )
 
     choose_format(json_out=json_out, csv_out=False, quiet=quiet, out=sys.stdout)  # -q xor --json
     if upstream is None:
@@ -756,6 +762,14 @@ def proxy(
             f"--upstream {upstream}: {not_loopback_why(up_host)} are proxied to unless "
             "--allow-remote is given"
         )
+    if not allow_remote:
+        # The name passed the first gate (localhost); what it resolves to must pass too, and
+        # that address, not the name, is what every connection then goes to.
+        address = resolve(up_host, up_port)[0].host
+        why = resolved_off_loopback(up_host, address)
+        if why is not None:
+            raise UsageError(f"--upstream {upstream}: {why}; pass --allow-remote to proxy to it")
+        up_host = address
     listen_host, listen_port = parse_host_port(listen)
     try:
         chosen = Direction(direction.strip().lower())

@@ -40,6 +40,7 @@ from netprobe.sockets import (
     open_listener,
     raise_nofile_limit,
     resolve,
+    resolved_off_loopback,
 )
 
 __all__ = [
@@ -917,6 +918,9 @@ def _run(
         host, port = cfg.host, cfg.port
     resolved = resolve(host, port, family=cfg.family)[0]
     address = resolved.host
+    why = None if lab is not None or cfg.allow_remote else resolved_off_loopback(host, address)
+    if why is not None:
+        raise UsageError(f"{why}: it is flooded only with --allow-remote; nothing was sent")
     target = format_hostport(address, port)
     for source in cfg.sources:
         if (":" in source) != (":" in address):
