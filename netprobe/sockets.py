@@ -79,6 +79,7 @@ __all__ = [
     "resolved_off_loopback",
     "send_all",
     "send_datagram",
+    "send_some",
     "service_name",
     "set_linger_zero",
     "splice_relay",
@@ -708,6 +709,17 @@ def send_all(sock: socket.socket, data: bytes | memoryview, deadline: float | No
         with _map_errors("send"):
             sent += sock.send(view[sent:])
     return sent
+
+
+def send_some(sock: socket.socket, data: bytes | memoryview, deadline: float | None) -> int:
+    """One send: wait (until `deadline`) for room, hand the kernel what fits; returns the count.
+
+    Raises:
+        DeadlineExceeded, PeerResetError, NetworkError.
+    """
+    sock.settimeout(remaining(deadline, "send"))
+    with _map_errors("send"):
+        return sock.send(data)
 
 
 def recv_some(sock: socket.socket, max_bytes: int, deadline: float | None) -> bytes:

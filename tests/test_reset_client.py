@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 import time
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import LONG, invoke
+from tests.helpers import LONG, invoke, netprobe_process
 
 
 class _RecordingServer:
@@ -268,6 +269,39 @@ def test_a_stalled_send_is_that_connection_timing_out_not_the_end_of_the_run() -
         listener.close()
     records = [json.loads(line) for line in result.stdout.splitlines()]
     conns = [r for r in records if r.get("event") == "connection"]
-    assert [r["ended_by"] for r in conns] == ["timeout", "timeout"]
+    assert [r["ended_by"] for r in conns] == ["send-stalled", "send-stalled"]
+    assert [r["state"] for r in conns] == ["timeout", "timeout"]
+    # What the kernel took before the stall is still counted (socket buffers hold plenty).
+    assert all(r["bytes_out"] > 0 for r in conns), conns
     assert records[-1]["event"] == "totals"
+    assert records[-1]["bytes_out"] == sum(r["bytes_out"] for r in conns)
     assert result.exit_code == 3
+
+
+def _read_to_eof(conn: socket.socket) -> None:
+    while conn.recv(65536):
+        pass
+
+
+def test_ctrl_c_stops_connections_that_are_still_waiting() -> None:
+    # --after-ms 60s: without a stop flag the workers would hold Ctrl-C up for a minute.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(LONG)
+    port = listener.getsockname()[1]
+    try:
+        with netprobe_process(
+            ["reset", "client", f"127.0.0.1:{port}", "--after-ms", "60s", "--count", "4",
+             "--concurrency", "2"]
+        ) as proc:  # fmt: skip
+            accepted = [listener.accept()[0] for _ in range(2)]  # both workers are waiting
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=LONG) == 130
+            for conn in accepted:  # and each one aborted its connection on the way out
+                conn.settimeout(LONG)
+                with pytest.raises(ConnectionResetError):
+                    _read_to_eof(conn)
+                conn.close()
+    finally:
+        listener.close()

@@ -23,7 +23,7 @@ from netprobe.sockets import (
     abort_connection,
     connect_nonblocking,
     recv_some,
-    send_all,
+    send_some,
 )
 
 __all__ = ["ClientReset", "ClientSummary", "generated_stream", "run_reset_client"]
@@ -32,6 +32,13 @@ CLIENT_TRIGGERS = frozenset({TriggerKind.ON_CONNECT, TriggerKind.AFTER_BYTES, Tr
 
 _CHUNK = 16 * 1024  # one send between two looks at the receive side
 _PEEK_S = 0.001  # how long one look at the receive side may wait
+# The longest a worker waits (on a stalled send, or for a server's reply) before it looks
+# whether the run is being stopped (Ctrl-C): a stop must not wait out --timeout or --after-ms.
+_HALT_POLL_S = 0.05
+
+
+class _Halted(Exception):
+    """The run is stopping: the worker aborts its connection and returns nothing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +54,8 @@ class ClientReset:
         trigger: the trigger that ended the connection ("on-connect", "after-bytes 5000").
         action: what the client did: "rst", or "none" when the server ended it first.
         ended_by: "client-rst", "server-fin" (it closed first), "server-rst" (it reset
-            first), or the connect state when no connection was made.
+            first), "send-stalled" (the server stopped reading: a send timed out, state
+            "timeout"), or the connect state when no connection was made.
         bytes_out: bytes the client sent.
         bytes_in: bytes the server sent back before the reset.
         server_closed_first: the server closed (EOF) before the client's reset.
@@ -109,6 +117,7 @@ class _Peer:
 
     def __init__(self) -> None:
         self.bytes_in = 0
+        self.bytes_out = 0  # ours, counted as the kernel takes them (a stall keeps the count)
         self.closed = False  # EOF seen
         self.reset_errno: str | None = None
 
@@ -142,6 +151,7 @@ def _one_client(
     trigger: Trigger,
     data: bytes | None,
     timeout_s: float,
+    halt: threading.Event,
 ) -> ClientReset:
     start = time.monotonic()
     outcome = connect_nonblocking(target, deadline=start + timeout_s, keep=True)
@@ -155,29 +165,31 @@ def _one_client(
         )  # fmt: skip
     sock = outcome.sock
     peer = _Peer()
-    sent = 0
-    timed_out = False
+    stalled = False
     began = time.monotonic()
     try:
         if trigger.kind is TriggerKind.AFTER_BYTES:
-            sent = _send_until(sock, peer, data, int(trigger.value or 0), None, timeout_s)
+            _send_until(sock, peer, data, int(trigger.value or 0), None, timeout_s, halt)
         elif trigger.kind is TriggerKind.AFTER_MS:
             stop_at = began + float(trigger.value or 0.0)
-            sent = _send_until(sock, peer, data, None, stop_at, timeout_s)
+            _send_until(sock, peer, data, None, stop_at, timeout_s, halt)
             while not peer.ended and time.monotonic() < stop_at:
-                peer.look(sock, min(0.05, max(0.0, stop_at - time.monotonic())))
+                if halt.is_set():
+                    raise _Halted
+                wait = min(_HALT_POLL_S, max(0.0, stop_at - time.monotonic()))
+                peer.look(sock, wait)
         peer.look(sock, 0.0)  # what already arrived counts as "before the reset"
     except NetworkError as exc:
         peer.reset_errno = peer.reset_errno or exc.errno_name or "error"
     except DeadlineExceeded:
         # The server stopped reading and our send stalled: a result for this connection
         # (still ended by our RST), not the end of the whole run.
-        timed_out = True
+        stalled = True
     finally:
         abort_connection(sock)
     elapsed = time.monotonic() - start
-    if timed_out and peer.reset_errno is None:
-        ended_by, state, action = "timeout", ConnectState.TIMEOUT, "rst"
+    if stalled and peer.reset_errno is None:
+        ended_by, state, action = "send-stalled", ConnectState.TIMEOUT, "rst"
     elif peer.reset_errno is not None:
         ended_by, state, action = "server-rst", ConnectState.RESET, "none"
     elif peer.closed:
@@ -185,8 +197,8 @@ def _one_client(
     else:
         ended_by, state, action = "client-rst", ConnectState.OPEN, "rst"
     return ClientReset(
-        conn, shown, state, peer.reset_errno, trigger.describe(), action, ended_by, sent,
-        peer.bytes_in, peer.closed, outcome.elapsed_s, elapsed,
+        conn, shown, state, peer.reset_errno, trigger.describe(), action, ended_by,
+        peer.bytes_out, peer.bytes_in, peer.closed, outcome.elapsed_s, elapsed,
     )  # fmt: skip
 
 
@@ -197,14 +209,20 @@ def _send_until(
     limit: int | None,
     stop_at: float | None,
     timeout_s: float,
-) -> int:
+    halt: threading.Event,
+) -> None:
     """Send the stream until `limit` bytes or `stop_at`, reading replies in between.
 
     DATA repeats to reach `limit`; without a limit it is sent once. The generated stream
-    has no end of its own. Stops early when the server closes or resets.
+    has no end of its own. Stops early when the server closes or resets. The count is kept in
+    peer.bytes_out as the kernel takes the bytes.
+
+    Raises:
+        DeadlineExceeded: a send made no progress for `timeout_s` (before `stop_at`).
+        _Halted: the run is stopping.
     """
-    sent = 0
     while not peer.ended:
+        sent = peer.bytes_out
         if limit is not None and sent >= limit:
             break
         if stop_at is not None and time.monotonic() >= stop_at:
@@ -222,14 +240,22 @@ def _send_until(
         deadline = time.monotonic() + timeout_s
         if stop_at is not None:
             deadline = min(deadline, max(stop_at, time.monotonic() + _PEEK_S))
-        try:
-            sent += send_all(sock, chunk, deadline)
-        except DeadlineExceeded:
-            if stop_at is not None and time.monotonic() >= stop_at:
-                break
-            raise
+        view = memoryview(chunk)
+        while view:
+            if halt.is_set():
+                raise _Halted
+            now = time.monotonic()
+            if now >= deadline:
+                if stop_at is not None and now >= stop_at:
+                    return
+                raise DeadlineExceeded("send")
+            try:
+                count = send_some(sock, view, min(deadline, now + _HALT_POLL_S))
+            except DeadlineExceeded:
+                continue  # the loop looks at the stop flag and the real deadline
+            peer.bytes_out += count
+            view = view[count:]
         peer.look(sock, _PEEK_S)
-    return sent
 
 
 def run_reset_client(
@@ -261,16 +287,24 @@ def run_reset_client(
     """
     started = time.monotonic()
     pending: deque[Future[ClientReset]] = deque()
+    halt = threading.Event()
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        for conn in range(1, count + 1):
-            if stop is not None and stop.is_set():
-                break
-            if duration_s is not None and time.monotonic() - started >= duration_s:
-                break
-            while len(pending) >= concurrency:
+        try:
+            for conn in range(1, count + 1):
+                if stop is not None and stop.is_set():
+                    break
+                if duration_s is not None and time.monotonic() - started >= duration_s:
+                    break
+                while len(pending) >= concurrency:
+                    yield pending.popleft().result()
+                if on_start is not None:
+                    on_start(conn)
+                pending.append(
+                    pool.submit(_one_client, conn, target, shown, trigger, data, timeout_s, halt)
+                )
+            while pending:
                 yield pending.popleft().result()
-            if on_start is not None:
-                on_start(conn)
-            pending.append(pool.submit(_one_client, conn, target, shown, trigger, data, timeout_s))
-        while pending:
-            yield pending.popleft().result()
+        finally:
+            # Ctrl-C (or a consumer that stops early): the workers abort their connections
+            # within _HALT_POLL_S, so leaving the pool does not wait out --after-ms/--timeout.
+            halt.set()
