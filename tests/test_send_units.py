@@ -97,9 +97,27 @@ def test_crlf_whatever_the_chunking(data: bytes, cuts: list[int]) -> None:
     assert got == data.replace(b"\n", b"\r\n")
 
 
+# Pieces dense in CR and LF (one-byte pieces too), so CRLF pairs, bare CRs and bare LFs meet
+# every kind of chunk boundary.
+crlf_pieces = st.lists(
+    st.lists(st.sampled_from([b"\r", b"\n", b"a"]), max_size=6).map(b"".join), max_size=20
+)
+
+
+@given(crlf_pieces)
+def test_crlf_any_split_gives_the_whole_stream_conversion(pieces: list[bytes]) -> None:
+    converter = CrlfConverter()
+    got = b"".join(converter.feed(piece) for piece in pieces)
+    data = b"".join(pieces)
+    assert got == re.sub(rb"(?<!\r)\n", b"\r\n", data)  # each bare LF, and only those
+
+
 def test_crlf_keeps_crlf_split_between_chunks() -> None:
     converter = CrlfConverter()
     assert converter.feed(b"a\r") + converter.feed(b"\nb\n") == b"a\r\nb\r\n"
+    converter = CrlfConverter()  # a chunk of just the LF, then a bare LF
+    pieces = [b"a\r", b"\n", b"\n", b"b"]
+    assert b"".join(converter.feed(p) for p in pieces) == b"a\r\n\r\nb"
 
 
 @given(small, st.lists(st.integers(0, 300), max_size=20))

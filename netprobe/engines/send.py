@@ -186,9 +186,10 @@ class CrlfConverter:
         if not chunk:
             return b""
         head = b""
+        ends_with = chunk[-1:]  # before the head goes: a chunk of just b"\n" ends in it too
         if self._last == b"\r" and chunk.startswith(b"\n"):
             head, chunk = b"\n", chunk[1:]
-        self._last = chunk[-1:] if chunk else self._last
+        self._last = ends_with
         return head + chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
