@@ -304,6 +304,12 @@ class Handler:
         """The peer half-closed (FIN). Default: close after flushing what is buffered."""
         conn.close(CloseReason.EOF)
 
+    def on_limit(self, conn: Connection) -> None:
+        """--max-bytes was reached: the bytes kept have been delivered and reading has stopped.
+        Default: close (reason limit) after flushing what is buffered. A handler still holding
+        output for the peer (a delayed echo) may send it first, then close."""
+        conn.close(CloseReason.LIMIT)
+
     def on_close(self, conn: Connection, reason: str) -> None:
         """The connection is gone (called exactly once, also for failed outbound connects)."""
 
@@ -676,11 +682,19 @@ class Connection(asyncio.Protocol):
         self._last_rx = _monotonic()
         limit = self._max_bytes
         if limit is not None and self.bytes_in + len(data) >= limit:
+            if self.bytes_in >= limit:
+                return  # past the limit (its handler may still be sending): dropped
             data = data[: limit - self.bytes_in]
             self.bytes_in = limit
             if data:
                 self._deliver(data)
-            self.close(CloseReason.LIMIT)
+            if self._closing or self._done:
+                return
+            self.pause_reading("limit")
+            try:
+                self.handler.on_limit(self)
+            except Exception:
+                self._handler_failed()
             return
         self.bytes_in += len(data)
         self._deliver(data)

@@ -253,6 +253,37 @@ def test_line_framing_and_delay() -> None:
         assert time.monotonic() - start >= 0.14
 
 
+@pytest.mark.parametrize(
+    ("args", "sent", "echoed", "reason"),
+    [
+        # What was accepted before the limit or the framing error is echoed, as without delay.
+        (["--max-bytes", "5"], [b"0123456789"], b"01234", "limit"),
+        (["--framing", "line"], [b"a\nbb", b""], b"a\n", "incomplete-frame"),
+        (
+            ["--framing", "len16", "--max-frame", "4"],
+            [b"\x00\x01a", b"\x00\x09"],
+            b"\x00\x01a",
+            "frame-too-large",
+        ),
+    ],
+)
+def test_delay_still_echoes_what_came_before_the_close(
+    args: list[str], sent: list[bytes], echoed: bytes, reason: str
+) -> None:
+    with (
+        echo_process("--delay", "100ms", *args) as (proc, announce),
+        connect(announce) as client,
+    ):
+        for piece in sent:
+            if piece:
+                client.sendall(piece)
+            else:
+                client.shutdown(socket.SHUT_WR)
+        assert recv_exactly(client, len(echoed) + 1) == echoed  # then EOF
+        close = proc.records_until("close")[-1]
+    assert (close["reason"], close["bytes_out"]) == (reason, len(echoed))
+
+
 @pytest.mark.parametrize("size", [5000, 24 * 1024 * 1024 + 7])
 def test_discard_mode_reads_and_drops(size: int) -> None:
     # 24 MiB: more than a socket buffer holds, so most of it is dropped inside the kernel

@@ -90,7 +90,7 @@ class _FramedEcho(Handler):
     memory without bound.
     """
 
-    __slots__ = ("decoder", "delay_s", "echo", "eof", "queue", "queued", "spec", "timer")
+    __slots__ = ("closing", "decoder", "delay_s", "echo", "eof", "queue", "queued", "spec", "timer")
 
     def __init__(self, spec: FramingSpec, options: EchoOptions) -> None:
         self.spec = spec
@@ -101,6 +101,9 @@ class _FramedEcho(Handler):
         self.queued = 0
         self.timer: Any = None
         self.eof = False
+        # Why the connection ends once the queued frames are out: frames accepted before a
+        # limit or a framing error are still echoed, as they are without --delay.
+        self.closing: str | None = None
 
     def on_data(self, conn: Connection, data: bytes) -> None:
         self.decoder.feed(data)
@@ -112,6 +115,9 @@ class _FramedEcho(Handler):
         self._drain(conn)
         if not conn.is_closing and not self.queue:
             conn.close(CloseReason.EOF)
+
+    def on_limit(self, conn: Connection) -> None:
+        self._close_after_queue(conn, CloseReason.LIMIT)
 
     def on_close(self, conn: Connection, reason: str) -> None:
         if self.timer is not None:
@@ -128,11 +134,19 @@ class _FramedEcho(Handler):
                 if self.echo:
                     self._send(conn, self.spec.encode(frame))
         except FrameTooLarge:
-            conn.close(CloseReason.FRAME_TOO_LARGE)
+            self._close_after_queue(conn, CloseReason.FRAME_TOO_LARGE)
         except MalformedFrame:
-            conn.close(MALFORMED_FRAME)
+            self._close_after_queue(conn, MALFORMED_FRAME)
         except IncompleteFrame:
-            conn.close(INCOMPLETE_FRAME)
+            self._close_after_queue(conn, INCOMPLETE_FRAME)
+
+    def _close_after_queue(self, conn: Connection, reason: str) -> None:
+        if not self.queue:
+            conn.close(reason)
+            return
+        if self.closing is None:
+            self.closing = reason
+            conn.pause_reading("closing")  # nothing after the error or the limit is read
 
     def _send(self, conn: Connection, wire: bytes) -> None:
         if not self.delay_s:
@@ -157,6 +171,9 @@ class _FramedEcho(Handler):
             conn.write(wire)
         if self.queue:
             self.timer = conn.call_later(self.queue[0][0] - now, self._release, conn)
+        elif self.closing is not None:
+            conn.close(self.closing)
+            return
         elif self.eof:
             conn.close(CloseReason.EOF)
         if self.queued <= conn.server.config.low_water:
