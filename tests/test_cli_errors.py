@@ -3,6 +3,8 @@ internal error: --debug, out-of-range numbers, unreadable target files, closed s
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -13,7 +15,7 @@ import pytest
 
 from netprobe.errors import UsageError
 from netprobe.sockets import POLL_MAX_S, parse_duration, parse_size, poll_ms, wait_readable
-from tests.helpers import ROOT, invoke, run_netprobe
+from tests.helpers import LONG, ROOT, ServerThread, invoke, run_netprobe
 
 
 def _closed_port() -> tuple[socket.socket, int]:
@@ -127,3 +129,130 @@ def test_wait_readable_with_a_deadline_decades_away() -> None:
     finally:
         left.close()
         right.close()
+
+
+def _start(argv: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(  # type: ignore[call-overload,no-any-return]
+        [sys.executable, "-m", "netprobe", *argv], cwd=ROOT, **kwargs
+    )
+
+
+def _finish(proc: subprocess.Popen[bytes]) -> int:
+    try:
+        return proc.wait(timeout=LONG)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(LONG)
+
+
+def test_echo_with_stderr_closed_still_serves() -> None:
+    # Its accept/close lines go to stderr: with stderr closed they go nowhere, the echo goes on.
+    proc = _start(
+        ["echo", "--port", "0", "--once"],
+        stdout=subprocess.PIPE,
+        preexec_fn=lambda: os.close(2),
+    )
+    try:
+        assert proc.stdout is not None
+        announce = proc.stdout.readline().decode()  # listening on 127.0.0.1:PORT/tcp
+        port = int(announce.rsplit(":", 1)[1].split("/")[0])
+        with socket.create_connection(("127.0.0.1", port), timeout=LONG) as client:
+            client.sendall(b"hi")
+            assert client.recv(2) == b"hi"
+    finally:
+        code = _finish(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert code == 0
+
+
+def test_listen_with_stderr_closed_still_runs() -> None:
+    with socket.socket() as probe:  # a free port: listen's announce line is on the closed stderr
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = _start(
+        ["listen", "--port", str(port)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        preexec_fn=lambda: os.close(2),
+    )
+    try:
+        deadline = time.monotonic() + LONG
+        while True:
+            try:
+                client = socket.create_connection(("127.0.0.1", port), timeout=LONG)
+                break
+            except ConnectionRefusedError:
+                assert proc.poll() is None, "listen exited"
+                assert time.monotonic() < deadline, "listen never bound"
+                time.sleep(0.02)
+        with client:
+            client.sendall(b"to stdout")
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(10) == b""  # stdin is empty: listen sends its FIN
+        assert proc.stdout is not None
+        assert proc.stdout.read() == b"to stdout"
+    finally:
+        code = _finish(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert code == 0
+
+
+def _streaming_server(conn: socket.socket) -> None:
+    chunk = b"x" * 65536
+    for _ in range(64):  # 4 MiB, far more than a pipe holds
+        conn.sendall(chunk)
+
+
+def test_send_whose_stdout_closes_early_exits_0() -> None:
+    server = ServerThread(handler=_streaming_server)
+    try:
+        proc = _start(
+            ["send", f"127.0.0.1:{server.port}"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        assert proc.stdout.read(1) == b"x"
+        proc.stdout.close()  # `| head -c1`
+        code = _finish(proc)
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+    finally:
+        server.stop()
+    assert code == 0, err
+    assert "internal error" not in err
+
+
+def test_listen_whose_stdout_closes_still_reports_the_peer() -> None:
+    proc = _start(
+        ["listen", "--port", "0", "--json"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        announce = json.loads(proc.stderr.readline())
+        proc.stdout.close()  # nobody reads the peer's bytes
+        with (
+            socket.create_connection(("127.0.0.1", announce["port"]), timeout=LONG) as client,
+            contextlib.suppress(OSError),  # listen may be gone before the last bytes
+        ):
+            for _ in range(64):
+                client.sendall(b"y" * 65536)
+        code = _finish(proc)
+        events = [json.loads(line) for line in proc.stderr.read().splitlines()]
+        proc.stderr.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(LONG)
+    assert code == 0
+    assert [e["event"] for e in events] == ["accept", "close"]
+    assert events[-1]["ended_by"] == "output-closed"

@@ -69,6 +69,17 @@ def _click_message(exc: Any) -> str:
     return message
 
 
+def _output_closed() -> int:
+    # stdout was closed early (`netprobe ... | head`): results were cut, not a failure. What
+    # is still buffered for it goes to /dev/null, so the exit does not fail on it again.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.__stdout__.fileno() if sys.__stdout__ is not None else 1)
+    finally:
+        os.close(devnull)
+    return ExitStatus.OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run netprobe with argv (default sys.argv[1:]) and return the exit status.
 
@@ -83,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = list(sys.argv[1:] if argv is None else argv)
     current_argv[:] = args
+    if sys.stderr is None:  # started with stderr closed (`2>&-`): logs and events go nowhere
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (lives for the run)
     if sys.stdout is None:  # started with stdout closed (`>&-`): as if sent to /dev/null
         sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (lives for the run)
         error_line(None, "stdout is closed: results are discarded")
@@ -110,10 +123,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         error_line(command, str(exc))
         return exit_status_for_error(exc)
     except BrokenPipeError:
-        # stdout was closed early (`netprobe ... | head`): results were cut, not a failure.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return ExitStatus.OK
+        return _output_closed()
+    except SystemExit as exc:
+        # Typer turns an EPIPE that escapes a command into sys.exit(1), after wrapping the
+        # standard streams in click's PacifyFlushWrapper: that pair is a closed stdout.
+        if exc.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
+            return _output_closed()
+        raise
     except Exception as exc:
         if debug:
             _traceback()

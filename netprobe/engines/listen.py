@@ -198,11 +198,12 @@ def _serve(
             stop_on_peer_eof=opts.interactive or stdin.eof,
             idle_while_input=True,
         )
-    except KeyboardInterrupt:
-        # Ctrl-C is how an interactive session often ends: the peer's report still comes
-        # (as for UDP), then exit 130.
-        summary.ended_by = "interrupted"
-        report("interrupted", None)
+    except (KeyboardInterrupt, BrokenPipeError) as exc:
+        # Ctrl-C is how an interactive session often ends, and a closed stdout (`| head`)
+        # ends it too: the peer's report still comes (as for UDP), then the exit.
+        ended = "interrupted" if isinstance(exc, KeyboardInterrupt) else "output-closed"
+        summary.ended_by = ended
+        report(ended, None)
         raise
     finally:
         conn.close()
@@ -286,9 +287,10 @@ def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSum
                 return close()
             summary.bytes_in += len(data)
             emit(data)
-    except KeyboardInterrupt:
-        # Ctrl-C is how a UDP listen usually ends: the report still comes, then exit 130.
-        summary.ended_by = "interrupted"
+    except (KeyboardInterrupt, BrokenPipeError) as exc:
+        # Ctrl-C is how a UDP listen usually ends (or a closed stdout): the report still
+        # comes, then the exit.
+        summary.ended_by = "interrupted" if isinstance(exc, KeyboardInterrupt) else "output-closed"
         close()
         raise
     finally:
