@@ -154,6 +154,10 @@ class ServerConfig:
         high_water, low_water: per-connection write-buffer marks (back-pressure).
         close_timeout_s: a graceful close whose flush takes longer than this is aborted.
         handle_signals: stop on SIGINT/SIGTERM, totals on SIGUSR1 (main thread only).
+        late_signals_ignored: with handle_signals, once the server has stopped SIGINT/SIGTERM
+            are ignored instead of restored to their defaults: for a process that exits when
+            run() returns, a signal in its last milliseconds must not turn a clean exit into
+            death by signal (143) or an interrupt (130).
         loop_factory: event loop factory for asyncio.Runner; None: asyncio's own loop. The
             echo server passes default_loop_factory() (uvloop where installed).
         workers: processes sharing the listening socket (POSIX fork, TCP/Unix streams only;
@@ -185,6 +189,7 @@ class ServerConfig:
     low_water: int = DEFAULT_LOW_WATER
     close_timeout_s: float = 10.0
     handle_signals: bool = True
+    late_signals_ignored: bool = False
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     workers: int = 1
     busy_poll_s: float = 0.0
@@ -1187,6 +1192,8 @@ class Server:
                 signal.pthread_sigmask(signal.SIG_BLOCK, installed)
             for sig in installed:
                 loop.remove_signal_handler(sig)
+                if self.config.late_signals_ignored and sig in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(sig, signal.SIG_IGN)
             if self._lifeline is not None:
                 loop.remove_reader(self._lifeline)
             self._close_listener()

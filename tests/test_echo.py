@@ -209,6 +209,23 @@ def test_once_serves_one_client_then_exits() -> None:
         assert records[-1]["connections"] == 1
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_once_is_exiting_keeps_exit_0(sig: int) -> None:
+    # A script's cleanup (`kill $pid; wait $pid`) may signal the server in its last
+    # milliseconds, after --once has ended the run: the exit status must stay 0.
+    with echo_process("--once") as (proc, announce):
+        with connect(announce) as client:
+            client.sendall(b"bye")
+            client.shutdown(socket.SHUT_WR)
+            assert recv_exactly(client, 4) == b"bye"  # and EOF: the server is finishing
+        deadline = time.monotonic() + LONG
+        while proc.proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(ProcessLookupError):
+                proc.proc.send_signal(sig)
+            time.sleep(0.002)
+        assert proc.wait() == 0
+
+
 def test_count_exits_after_n_clients_and_logs_resets() -> None:
     with echo_process("--count", "3") as (proc, announce):
         for i in range(3):

@@ -283,6 +283,22 @@ def test_tcp_ctrl_c_still_reports_the_close(spawn: type[Listen]) -> None:
     assert (close["ended_by"], close["bytes_in"], close["bytes_out"]) == ("interrupted", 5, 3)
 
 
+@pytest.mark.parametrize("udp", [False, True])
+def test_sigterm_reports_the_peer_then_exits_143(spawn: type[Listen], udp: bool) -> None:
+    listener = spawn(["--json", *(["--udp"] if udp else [])])
+    kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET, kind) as client:
+        client.settimeout(LONG)
+        client.connect(("127.0.0.1", listener.port))
+        client.send(b"hello")
+        assert listener.read_stdout(5) == b"hello"
+        listener.proc.send_signal(signal.SIGTERM)
+        code, _out, err = listener.finish()
+    assert code == 143
+    close = [json.loads(line) for line in err.splitlines() if line.startswith("{")][-1]
+    assert (close["event"], close["ended_by"], close["bytes_in"]) == ("close", "interrupted", 5)
+
+
 def test_udp_json_events_end_with_a_close(spawn: type[Listen]) -> None:
     listener = spawn(["--udp", "--json", "--max-bytes", "6"])
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:

@@ -202,6 +202,7 @@ def echo(
     if ready_file is not None:
         _check_ready_file(ready_file)
     config = ServerConfig(
+        late_signals_ignored=True,  # the process exits when the server is done
         host=host,
         port=port,
         path=unix,

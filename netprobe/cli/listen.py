@@ -4,6 +4,7 @@ address announcement and peer outcomes go to stderr. The work is netprobe.engine
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import IO, Annotated, Any, cast
 
@@ -133,6 +134,24 @@ def listen(
         source=source,
         interactive=interactive,
     )
-    with naming_host(bind):
-        summary = run_listen(opts, emit, on_event)
+    try:
+        previous: Any = signal.signal(signal.SIGTERM, _terminated)
+    except ValueError:  # not the main thread (an embedding program): its signals, its rules
+        previous = None
+    try:
+        with naming_host(bind):
+            summary = run_listen(opts, emit, on_event)
+    except _Terminated:
+        raise typer.Exit(128 + signal.SIGTERM) from None  # as if killed, after the report
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     raise typer.Exit(int(summary.exit_status()))
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM: the engine reports the peer as it does for Ctrl-C (`interrupted`)."""
+
+
+def _terminated(_signum: int, _frame: object) -> None:
+    raise _Terminated

@@ -598,6 +598,7 @@ def serve(
         raise UsageError("--slow-accept/--no-accept need TCP (a full Unix queue fails at once)")
     run_s = _duration_opt(run_for, "--duration")
     config = ServerConfig(
+        late_signals_ignored=True,  # the process exits when the server is done
         host=host,
         port=port,
         path=unix,
@@ -809,6 +810,7 @@ def proxy(
         timeout_s=_duration_opt(timeout, "--timeout"),
     )
     config = ServerConfig(
+        late_signals_ignored=True,  # the process exits when the server is done
         host=listen_host,
         port=listen_port,
         backlog=backlog,
