@@ -11,6 +11,7 @@ import contextlib
 import ipaddress
 import math
 import os
+import re
 import socket
 import struct
 import sys
@@ -535,16 +536,27 @@ def udp_sockets(port: int | None = None) -> list[SocketRow]:
 _SO_ACCEPTCON = 0x10000
 
 
+# Num: RefCount Protocol Flags Type St Inode[ Path]. The kernel writes exactly one space
+# before the path and the path as is, so a path may hold (and even start with) spaces.
+_UNIX_ROW_RE = re.compile(r"^\s*(?:\S+\s+){3}(\S+)\s+\S+\s+\S+\s+(\d+)(?: (.*))?$")
+
+
 def unix_listeners() -> list[SocketRow]:
     """Listening Unix stream/seqpacket sockets (abstract names start with '@')."""
     out: list[SocketRow] = []
-    for cols in _proc_rows("/proc/net/unix"):
-        if len(cols) < 7:
+    try:
+        with open("/proc/net/unix", encoding="utf-8", errors="backslashreplace") as handle:
+            lines = handle.read().split("\n")[1:]
+    except OSError:
+        return out
+    for line in lines:
+        match = _UNIX_ROW_RE.match(line)
+        if match is None:
             continue
+        flags, inode, path = match.groups()
         with contextlib.suppress(ValueError):
-            if int(cols[3], 16) & _SO_ACCEPTCON:
-                path = cols[7] if len(cols) > 7 else ""
-                out.append(SocketRow("unix", path, None, None, int(cols[6])))
+            if int(flags, 16) & _SO_ACCEPTCON:
+                out.append(SocketRow("unix", path or "", None, None, int(inode)))
     return out
 
 

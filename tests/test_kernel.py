@@ -107,6 +107,31 @@ def test_find_listener_falls_back_to_the_wildcard() -> None:
         assert kernel.find_listener(port, "::1") is None
 
 
+@linux
+def test_unix_listeners_keep_every_blank_of_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The kernel writes one blank before the path and the path as is: blanks inside, at the
+    # end, and (for a relative bind) at the start all belong to it. Bytes that are not UTF-8
+    # show as backslash escapes.
+    monkeypatch.chdir(tmp_path)
+    names: list[str | bytes] = [str(tmp_path / "a b"), str(tmp_path / "x  y "), " lead", b"n\xff"]
+    listeners = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in names]
+    try:
+        for listener, name in zip(listeners, names, strict=True):
+            listener.bind(name)
+            listener.listen(1)
+        inodes = {
+            os.fstat(listener.fileno()).st_ino: name if isinstance(name, str) else "n\\xff"
+            for listener, name in zip(listeners, names, strict=True)
+        }
+        rows = {r.inode: r.address for r in kernel.unix_listeners() if r.inode in inodes}
+    finally:
+        for listener in listeners:
+            listener.close()
+    assert rows == inodes
+
+
 def test_kernel_facts_summary_keys() -> None:
     facts = kernel.kernel_facts()
     assert set(facts) == {"platform", "limits", "tcp_listeners", "inet_diag", "counters"}

@@ -58,6 +58,30 @@ def test_udp_and_unix_filters(tmp_path: Path) -> None:
     assert unix_rows[0]["pid"] == os.getpid()
 
 
+def test_unix_path_with_spaces_is_shown_whole(tmp_path: Path) -> None:
+    # /proc/net/unix was split on every blank, so "/tmp/x/my sock" showed as "/tmp/x/my"; and
+    # read as ASCII, so any non-ASCII name on the host made listeners fail.
+    paths = [str(tmp_path / "my sock"), str(tmp_path / "two  blanks and a trailing ")]
+    paths.append(str(tmp_path / "caf\u00e9 sock"))
+    abstract = f"netprobe test {os.getpid()} with blanks"
+    listeners = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(4)]
+    try:
+        for listener, name in zip(listeners, [*paths, "\0" + abstract], strict=True):
+            listener.bind(name)
+            listener.listen(1)
+        rows = _rows(["--unix"])
+        text = invoke(["listeners", "--unix"])
+    finally:
+        for listener in listeners:
+            listener.close()
+    wanted = {*paths, "@" + abstract}
+    mine = {r["address"]: r["pid"] for r in rows if r["address"] in wanted}
+    assert mine == dict.fromkeys(wanted, os.getpid())
+    assert text.exit_code == 0, text.stderr
+    for name in wanted:
+        assert f" {name} " in text.text
+
+
 def test_no_match_exits_1(closed_port: int) -> None:
     result = invoke(["listeners", "--tcp", "--port", str(closed_port)])
     assert result.exit_code == 1

@@ -241,6 +241,15 @@ def test_sigusr1_toggles_faults() -> None:
         (["--upstream", "127.0.0.1:9", "--after-ms", "nan", "--duration", "0.2"], "'nan'"),
         (["--upstream", "127.0.0.1:9", "--json", "-q", "--duration", "0.2"], "--json and"),
         (["--upstream", "127.0.0.1:9", "--backlog", "99999999999"], "'99999999999'"),
+        # Was accepted, then every upstream connect failed ETIMEDOUT after about 1 ms.
+        (
+            ["--upstream", "127.0.0.1:9", "--connect-timeout", "0", "--duration", "0.2"],
+            "--connect-timeout 0",
+        ),
+        (
+            ["--upstream", "127.0.0.1:9", "--connect-timeout", "0ms", "--duration", "0.2"],
+            "--connect-timeout 0",
+        ),
     ],
 )
 def test_bad_input(argv: list[str], words: str) -> None:

@@ -757,6 +757,10 @@ def proxy(
     choose_format(json_out=json_out, csv_out=False, quiet=quiet, out=sys.stdout)  # -q xor --json
     if upstream is None:
         raise UsageError("--upstream HOST:PORT is required")
+    if connect_timeout <= 0:
+        raise UsageError(
+            f"--connect-timeout {connect_timeout:g}: each upstream connect needs a timeout above 0"
+        )
     up_host, up_port = parse_host_port(upstream, allow_port_zero=False)
     if not allow_remote and not is_loopback(up_host):
         raise UsageError(

@@ -186,12 +186,14 @@ def _syn_backlog() -> Outcome:
         return (
             Verdict.PASS,
             str(value),
-            f"syncookies off: about {value} half-open (SYN-RECV) connections, then SYNs drop",
+            "syncookies off: SYNs drop once SYN-RECV requests pass the listen backlog, "
+            f"or about {value * 3 // 4} (3/4 of it) for unproven peers",
         )
     return (
         Verdict.PASS,
         str(value),
-        "half-open (SYN-RECV) queue size; beyond it syncookies answer, so SYNs are not dropped",
+        "matters only with syncookies off; the SYN-queue cap is the listen backlog "
+        "(Linux 4.4+); a full accept queue drops SYNs anyway",
     )
 
 
@@ -209,7 +211,8 @@ def _syncookies() -> Outcome:
         return (
             Verdict.WARN,
             "0",
-            "off: a SYN flood past tcp_max_syn_backlog drops SYNs (backlog shows timeouts)",
+            "off: SYNs past the SYN-queue cap drop instead of getting a cookie (backlog "
+            "shows timeouts)",
         )
     return (
         Verdict.WARN,
@@ -226,12 +229,14 @@ def _abort_on_overflow() -> Outcome:
         return (
             Verdict.PASS,
             "0",
-            "full accept queue drops the final ACK: client says connected, server has no socket",
+            "full accept queue: SYNs drop (client stuck in SYN-SENT, the usual case on "
+            "loopback) or the final ACK drops (client says connected, server has no socket)",
         )
     return (
         Verdict.WARN,
         str(value),
-        "non-default: a full accept queue answers RST, so backlog runs show resets, not timeouts",
+        "non-default: RST only when the final ACK finds the accept queue full; SYNs to a "
+        "full queue still drop (on loopback, the usual case)",
     )
 
 
@@ -266,7 +271,12 @@ def _cpus() -> Outcome:
 
 
 def _capable(bit: int) -> bool:
-    """Whether this process holds capability number `bit` (effective set; root assumed)."""
+    """Whether this process holds capability number `bit` (effective set; root assumed).
+
+    The set is the one of this process's user namespace: a capability that the kernel checks
+    against the initial namespace (CAP_SYS_RESOURCE for rlimits) may show here and still not
+    work. Test such things for real instead (see _hard_nofile_raisable).
+    """
     try:
         with open("/proc/self/status", encoding="ascii") as handle:
             for line in handle:
@@ -278,7 +288,49 @@ def _capable(bit: int) -> bool:
 
 
 _CAP_SYS_PTRACE = 19  # read other users' /proc/PID/fd (socket owners)
-_CAP_SYS_RESOURCE = 24  # raise the hard RLIMIT_NOFILE
+
+
+def _try_raise_hard_nofile() -> bool:
+    """Raise the hard RLIMIT_NOFILE by one, then put it back; whether the raise worked."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard + 1))
+    except (ValueError, OSError):  # EPERM: "not allowed to raise maximum limit"
+        return False
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))  # lowering is always allowed
+    return True
+
+
+def _hard_nofile_raisable() -> bool:
+    """Whether this process may raise its hard RLIMIT_NOFILE, found by trying it.
+
+    CapEff cannot tell: setrlimit needs CAP_SYS_RESOURCE in the initial user namespace, so
+    root in a container or under `unshare -r` shows the bit and is still refused. The try
+    runs in a forked child that exits at once, so nothing changes here; a threaded process
+    (fork could deadlock the child) tries in place and restores the limit straight away.
+    """
+    if hasattr(os, "fork") and threading.active_count() == 1:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - forked child
+            code = 1
+            try:
+                code = 0 if _try_raise_hard_nofile() else 1
+            finally:
+                os._exit(code)
+        _pid, status = os.waitpid(pid, 0)
+        return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    return _try_raise_hard_nofile()
+
+
+def _nr_open() -> int | None:
+    """fs.nr_open: the kernel's cap on any hard RLIMIT_NOFILE, privileged or not."""
+    try:
+        with open("/proc/sys/fs/nr_open", encoding="ascii") as handle:
+            return int(handle.read())
+    except (OSError, ValueError):
+        return None
 
 
 def _nofile() -> Outcome:
@@ -288,13 +340,19 @@ def _nofile() -> Outcome:
     if soft is None and hard is None:
         return Verdict.SKIP, "unknown", "RLIMIT_NOFILE is not available on this platform"
     figure = f"soft {soft or 'unlimited'}, hard {hard or 'unlimited'}"
-    can_raise_hard = _capable(_CAP_SYS_RESOURCE)
+    nr_open = _nr_open()
+    can_raise_hard = hard is not None and _hard_nofile_raisable()
     if hard is None:
         raise_note = "no hard cap"
     elif can_raise_hard:
-        raise_note = "this user may also raise the hard limit (CAP_SYS_RESOURCE)"
+        raise_note = "raising the hard limit was tried and works here (CAP_SYS_RESOURCE)"
+    elif nr_open is not None and hard >= nr_open:
+        raise_note = f"the hard limit is already fs.nr_open ({nr_open}), the kernel's cap"
     else:
-        raise_note = "raising the hard limit needs CAP_SYS_RESOURCE (root), not held here"
+        raise_note = (
+            "raising the hard limit was tried and refused "
+            "(needs CAP_SYS_RESOURCE in the initial user namespace)"
+        )
     ceiling = hard if hard is not None else soft
     if ceiling is not None and ceiling < 4096 and not can_raise_hard:
         return (
