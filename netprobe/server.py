@@ -337,8 +337,10 @@ class DatagramHandler:
 
     pending_replies: int = 0
 
-    def on_datagram(self, data: bytes, addr: Any, reply: Callable[[bytes], None]) -> None:
-        """One datagram arrived from addr."""
+    def on_datagram(self, data: bytes, addr: Any, reply: Callable[[bytes], None]) -> str | None:
+        """One datagram arrived from addr. Returns None, or why it gets no reply (a reason
+        counted in the totals' `reasons`, e.g. "frame-too-large")."""
+        return None
 
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
@@ -856,9 +858,12 @@ class _UdpProtocol(asyncio.DatagramProtocol):
                 self._unsent(totals, payload)
 
         try:
-            self.handler.on_datagram(data, addr, reply)
+            unanswered = self.handler.on_datagram(data, addr, reply)
         except Exception:
             server._handler_errors += 1
+        else:
+            if unanswered:
+                totals.reasons[unanswered] = totals.reasons.get(unanswered, 0) + 1
         if count is not None and totals.datagrams_in >= count:
             server._served_count = True
             server._request_stop()

@@ -322,6 +322,22 @@ def test_discard_mode_max_bytes_and_max_frame_hold_for_dropped_bytes() -> None:
         assert (close["reason"], close["bytes_in"]) == ("limit", 3_000_000)
 
 
+def test_udp_datagram_over_max_frame_is_dropped_and_counted() -> None:
+    with (
+        echo_process("--udp", "--max-frame", "3") as (proc, announce),
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+    ):
+        client.settimeout(LONG)
+        client.connect((announce["host"], announce["port"]))
+        client.send(b"hello")  # over --max-frame: no reply
+        client.send(b"ok")
+        assert client.recv(100) == b"ok"  # the next one is echoed, so the first was handled
+        proc.proc.send_signal(signal.SIGTERM)
+        totals = proc.records_until("totals")[-1]
+    assert (totals["datagrams_in"], totals["datagrams_out"]) == (2, 1)
+    assert totals["reasons"] == {"frame-too-large": 1}
+
+
 def test_idle_timeout_and_max_conns_from_the_cli() -> None:
     # The idle timeout is long enough that a loaded machine cannot let it expire before the
     # second client has been rejected.
@@ -473,6 +489,7 @@ def test_port_in_use_exits_6_with_one_line() -> None:
         (["--udp", "--max-conns", "3"], "--max-conns"),
         (["--allow", "10.0.0.300/8"], "10.0.0.300/8"),
         (["--delay", "soon"], "soon"),
+        (["--udp", "--framing", "len16"], "--framing len16 applies to TCP and Unix streams"),
         (["--max-frame", "0"], "--max-frame"),
         (["--port", "70000"], "70000"),
         (["--once", "--count", "2"], "--count"),

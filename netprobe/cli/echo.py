@@ -186,6 +186,8 @@ def echo(
             ("--max-bytes", max_bytes is not None),
             ("--accept-rate", accept_rate is not None),
             ("--pause-accept", pause_accept),
+            # A datagram is its own frame: --max-frame applies, a stream framing does not.
+            (f"--framing {framing}", framing.strip().lower() != "raw"),
         ):
             if given:
                 raise UsageError(f"{flag} applies to TCP and Unix streams, not to --udp")

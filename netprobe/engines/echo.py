@@ -185,9 +185,12 @@ class _UdpEcho(DatagramHandler):
         self.echo = options.mode == "echo"
         self.max_frame = options.max_frame
 
-    def on_datagram(self, data: bytes, addr: Any, reply: Callable[[bytes], None]) -> None:
-        if self.echo and len(data) <= self.max_frame:
+    def on_datagram(self, data: bytes, addr: Any, reply: Callable[[bytes], None]) -> str | None:
+        if len(data) > self.max_frame:
+            return CloseReason.FRAME_TOO_LARGE  # counted: a silent drop would look like loss
+        if self.echo:
             reply(data)
+        return None
 
 
 class _DelayedUdpEcho(_UdpEcho):
@@ -196,10 +199,13 @@ class _DelayedUdpEcho(_UdpEcho):
         self.delay_s = options.delay_s
         self.server = server
 
-    def on_datagram(self, data: bytes, addr: Any, reply: Callable[[bytes], None]) -> None:
-        if self.echo and len(data) <= self.max_frame:
+    def on_datagram(self, data: bytes, addr: Any, reply: Callable[[bytes], None]) -> str | None:
+        if len(data) > self.max_frame:
+            return CloseReason.FRAME_TOO_LARGE
+        if self.echo:
             self.pending_replies += 1
             self.server.loop.call_later(self.delay_s, self._reply, reply, data)
+        return None
 
     def _reply(self, reply: Callable[[bytes], None], data: bytes) -> None:
         self.pending_replies -= 1
