@@ -380,3 +380,29 @@ def test_fd_limit_spreads_over_connect_processes() -> None:
     assert summary["established"] == 600
     assert summary["peak_held"] == 600
     assert any("the run used 3 connect processes" in c for c in summary["limits_hit"])
+
+
+# --- judging the "paced" prediction -------------------------------------------------------
+
+
+def _paced(peak: int, drops: int | None) -> tuple[bool | None, str]:
+    from netprobe.engines.backlog import _judge
+
+    prediction = {"text": "expect up to 17 queued at once", "kind": "paced", "capacity": 17}
+    server = {"accept_queue_max": peak, "listener_drops_delta": drops}
+    return _judge(prediction, {"attempted": 50, "server": server, "host": {"tcp_syncookies": 1}})
+
+
+def test_paced_prediction_is_an_upper_bound() -> None:
+    assert _paced(0, 0)[0] is True  # the listener kept up: "up to 17" held
+    assert _paced(17, 5)[0] is True
+    assert _paced(18, 0)[0] is False
+    assert _paced(0, 0)[1] == "accept queue peak 0 (at most 17 expected)"
+
+
+def test_paced_drops_below_the_sampled_peak_mean_a_missed_full_queue() -> None:
+    # Drops while the 50 ms samples never saw the queue full: it filled between samples.
+    held, detail = _paced(3, 4)
+    assert held is True
+    assert "dropped 4 packets" in detail
+    assert "full at times the sampling did not catch" in detail

@@ -101,3 +101,41 @@ def test_ramp_reports_each_step() -> None:
     assert steps[0]["established"] == 3  # the queue fills in the first step and stays full
     assert steps[1]["established"] == 0
     assert {r["step"] for r in records[:-1]} <= {0, 1}
+
+
+def test_ramp_step_short_of_its_rate_is_not_cut_by_duration() -> None:
+    # 2 slots, each held 400 ms: about 5 connects/s, far below the steps' 20/s and 40/s, so
+    # each step ends with attempts unstarted. The 30 s --duration is never reached.
+    argv = ["--backlog", "100", "--ramp", "20,40", "--step", "500ms", "-c", "2"]
+    summary = _run([*argv, "--hold", "400ms", "--timeout", "1s"])[-1]
+    assert summary["connections"] == 30
+    assert summary["duration_s"] < 30
+    assert summary["not_started"] > 0
+    assert summary["cut_by_duration"] is False
+    assert summary["not_started_step_end"] == summary["not_started"]
+    assert all(s["rate_shortfall"] > 0 for s in summary["steps"])
+    text = " ".join(summary["interpretation"])
+    assert "--duration" not in text
+    assert f"Ramp step rates not reached: {summary['not_started']} attempts never started" in text
+    assert "concurrency 2" in text
+
+
+def test_ramp_cut_by_duration_is_still_reported() -> None:
+    argv = ["--backlog", "100", "--ramp", "20,20", "--step", "500ms", "--duration", "700ms"]
+    summary = _run([*argv, "--timeout", "1s"])[-1]
+    assert summary["cut_by_duration"] is True
+    assert summary["not_started"] > 0
+    assert summary["not_started_step_end"] == 0
+    assert summary["steps"][-1]["rate_shortfall"] is None  # --duration cut that step
+    assert any(line.startswith("The run hit --duration 0.7s") for line in summary["interpretation"])
+
+
+def test_paced_prediction_holds_when_the_listener_keeps_up() -> None:
+    # The preflight says "expect up to 65 queued at once"; accepting 1000/s against 200
+    # connects/s keeps the queue near empty, and a peak below the cap is what "up to" means.
+    argv = ["--backlog", "64", "--accept-rate", "1000", "-n", "80", "--rate", "200"]
+    summary = _run([*argv, "--timeout", "1s"])[-1]
+    assert "expect up to 65 queued at once" in summary["prediction"]["text"]
+    assert summary["server"]["accept_queue_max"] <= 65
+    assert summary["prediction"]["held"] is True
+    assert "at most 65 expected" in summary["prediction"]["detail"]

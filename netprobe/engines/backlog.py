@@ -572,6 +572,15 @@ class _Tally:
 
 
 @dataclass(slots=True)
+class _RunEnd:
+    """How the connect loop ended (for the summary)."""
+
+    deadline_hit: bool  # the --duration deadline stopped attempts, not a ramp step's end
+    step_shortfall: list[int | None]  # per ramp step; None: --duration cut the step
+    slots_full: bool  # a 50 ms sample saw every concurrency slot busy
+
+
+@dataclass(slots=True)
 class _ServerView:
     """Samples of the listener under test (None fields: no listener on this host)."""
 
@@ -992,6 +1001,13 @@ def _run(
     step_server: list[dict[str, int]] = []
     step_index = [0]
     finished_at = [0.0]  # when the last connect ended (the worker sets it)
+    # Whether the --duration deadline itself stopped attempts (the worker sets it): with a
+    # ramp, the end of each step also stops them, and that is not the deadline.
+    deadline_hit = [False]
+    # Per ramp step: how many fewer attempts than its rate x --step (or than were left) it
+    # started before it ended; None for a step --duration cut.
+    step_shortfall: list[int | None] = []
+    slots_full = [False]  # a 50 ms sample saw every concurrency slot busy
     failure: list[BaseException] = []
     started = time.monotonic()
     run_deadline = started + cfg.duration_s
@@ -1004,7 +1020,10 @@ def _run(
         left = connections
         try:
             for index, rate in enumerate(steps):
-                if left <= 0 or time.monotonic() >= run_deadline:
+                if left <= 0:
+                    break
+                if time.monotonic() >= run_deadline:
+                    deadline_hit[0] = True
                     break
                 step_index[0] = index
                 # Steps are reported for ramps only; without one, a second tally of the same
@@ -1012,16 +1031,22 @@ def _run(
                 step_tally = _Tally() if cfg.ramp else tally
                 step_tallies.append(step_tally)
                 step_server.append({"queue": 0, "overflows_before": 0})
-                if cfg.ramp:
-                    step_end = time.monotonic() + cfg.step_s
-                    stop_at = min(step_end + cfg.timeout_s + cfg.hold_s, run_deadline)
-                    until: float | None = min(step_end, run_deadline)
-                else:
-                    stop_at, until = run_deadline, None
                 if on_host:
                     step_server[-1]["overflows_before"] = kernel.read_counters().get(
                         "TcpExt.ListenOverflows", 0
                     )
+                # The step's clock starts after the counter read, so that it does not eat
+                # into the step's first interval.
+                step_end = time.monotonic() + cfg.step_s
+                quota = 0
+                if cfg.ramp:
+                    assert rate is not None
+                    stop_at = min(step_end + cfg.timeout_s + cfg.hold_s, run_deadline)
+                    until: float | None = min(step_end, run_deadline)
+                    quota = min(math.ceil(rate * cfg.step_s), left)  # as effective_connections
+                else:
+                    stop_at, until = run_deadline, None
+                stopped_before = tally.stopped_pending
                 jobs = _jobs(resolved.family, resolved.sockaddr, cfg.sources, left, counter, until)
                 results = run_connects(
                     jobs,
@@ -1042,6 +1067,19 @@ def _run(
                         add_step(result)
                 left = connections - tally.attempted
                 finished_at[0] = time.monotonic()
+                # Attempts end early only at stop_at and stop starting at `until` (None: only
+                # stop_at); only those that are the run's deadline count as cut by --duration.
+                cut_at_deadline = until is None or until >= run_deadline
+                if (left > 0 and cut_at_deadline) or (
+                    tally.stopped_pending > stopped_before and stop_at >= run_deadline
+                ):
+                    deadline_hit[0] = True
+                if cfg.ramp:
+                    step_shortfall.append(
+                        None
+                        if cut_at_deadline and left > 0
+                        else max(0, quota - step_tally.attempted)
+                    )
                 if on_host:
                     after = kernel.read_counters().get("TcpExt.ListenOverflows", 0)
                     step_server[-1]["overflows"] = after - step_server[-1]["overflows_before"]
@@ -1074,6 +1112,8 @@ def _run(
             now = time.monotonic()
             if stats.held > peak_seen:
                 peak_seen, peak_at = stats.held, now - started
+            if stats.in_flight + stats.held >= stats.concurrency > 0:
+                slots_full[0] = True
             if server is not None:
                 server.sample(tick_max)
                 if step_server:
@@ -1102,6 +1142,7 @@ def _run(
                 caps.append(
                     f"the connect loop did not end by the --duration cap; report cut at {now - started:.1f}s"
                 )
+                deadline_hit[0] = True
                 break
             delay = max(0.0, min(SAMPLE_INTERVAL_S, started + second - time.monotonic()))
             if isinstance(thread, threading.Thread):
@@ -1120,6 +1161,9 @@ def _run(
     if failure:
         raise failure[0]
     elapsed = (finished_at[0] or time.monotonic()) - started
+    if isinstance(thread, _ConnectProcesses):
+        # No ramp there: attempts stop early only at the --duration deadline.
+        deadline_hit[0] = tally.attempted < connections or tally.stopped_pending > 0
     # Sample once more before the lab listener closes (its queue still holds the clients).
     if server is not None:
         server.sample({})
@@ -1145,6 +1189,7 @@ def _run(
         steps,
         step_tallies,
         step_server,
+        _RunEnd(deadline_hit[0], step_shortfall, slots_full[0]),
     )
     # Sampled every 50 ms: when the most connections were held at once (for --hold runs).
     record["peak_held_at_s"] = None if peak_at is None else round(peak_at, 3)
@@ -1364,11 +1409,26 @@ def _judge(prediction: dict[str, Any], rec: dict[str, Any]) -> tuple[bool | None
             return None, "the listener's drop counter is not readable"
         return drops == 0, f"listener drops +{drops}"
     if kind == "paced":
+        # "Up to cap": a peak below it holds too (the listener kept up).
         cap = prediction["capacity"]
         peak = server.get("accept_queue_max")
         if peak is None or attempted < cap:
             return None, "too few attempts to fill the queue"
-        return peak == cap, f"accept queue peak {peak} (expected {cap})"
+        if peak > cap:
+            return False, f"accept queue peak {peak} (expected at most {cap})"
+        drops = server.get("listener_drops_delta")
+        if peak < cap and drops:
+            # The listener drops when its accept queue is full (SOCKETS.md 1.3), or, with
+            # syncookies off, its SYN queue: it filled and drained between two samples.
+            which = (
+                "queue" if (rec.get("host") or {}).get("tcp_syncookies") else "accept or SYN queue"
+            )
+            return True, (
+                f"accept queue peak {peak} in 50 ms samples (at most {cap} expected); the "
+                f"listener dropped {drops} packets, so its {which} was full at times the "
+                "sampling did not catch"
+            )
+        return True, f"accept queue peak {peak} (at most {cap} expected)"
     if kind == "depends":
         drops = server.get("listener_drops_delta")
         if drops is not None:
@@ -1377,7 +1437,9 @@ def _judge(prediction: dict[str, Any], rec: dict[str, Any]) -> tuple[bool | None
     return None, "not checkable from this host's counters"
 
 
-def _interpret(rec: dict[str, Any], cfg: BacklogConfig, limits: kernel.HostLimits) -> list[str]:
+def _interpret(
+    rec: dict[str, Any], cfg: BacklogConfig, limits: kernel.HostLimits, slots_full: bool = False
+) -> list[str]:
     lines: list[str] = []
     attempted = rec["attempted"]
     parts = [f"{rec['established']} of {attempted} connects completed the handshake (client view)"]
@@ -1412,9 +1474,12 @@ def _interpret(rec: dict[str, Any], cfg: BacklogConfig, limits: kernel.HostLimit
                 why = f"Send-Q {limit} + 1"
             lines.append(f"Accept queue full at {peak} = {why} (kernel's Recv-Q peak).")
         elif peak is not None:
+            seen = "it was never seen full"
+            if server["listener_drops_delta"]:
+                seen += ", yet the listener dropped packets: it filled between samples"
             lines.append(
                 f"Accept queue peaked at {peak} of a possible {None if limit is None else limit + 1} "
-                "in 50 ms samples: it was never seen full."
+                f"in 50 ms samples: {seen}."
             )
         drops = server["listener_drops_delta"]
         if drops:
@@ -1453,7 +1518,40 @@ def _interpret(rec: dict[str, Any], cfg: BacklogConfig, limits: kernel.HostLimit
             f"The run hit --duration {cfg.duration_s:g}s: {rec['stopped_pending']} pending "
             f"attempts were ended, {rec['not_started']} never started."
         )
+    lines.extend(_ramp_shortfall_lines(rec, cfg, slots_full))
     return lines
+
+
+def _ramp_shortfall_lines(rec: dict[str, Any], cfg: BacklogConfig, slots_full: bool) -> list[str]:
+    # The end of each ramp step stops new attempts too: a step that cannot keep its rate
+    # (too few slots, or a loop that falls behind) leaves attempts unstarted, and that is
+    # not --duration.
+    short = [s["step"] for s in rec.get("steps") or [] if s["rate_shortfall"]]
+    left = rec["not_started_step_end"]
+    concurrency = rec["concurrency"]
+    if slots_full:
+        remedy = "raise -c or shorten --hold" if cfg.hold_s else "raise -c"
+        why = f"concurrency {concurrency}, all slots seen busy: {remedy}"
+    else:
+        why = f"concurrency {concurrency}, never seen all busy: the connect loop fell behind"
+    if short and left:
+        return [
+            f"Ramp step rates not reached: {left} attempts never started before their step "
+            f"ended ({why})."
+        ]
+    if short:
+        names = ("step " if len(short) == 1 else "steps ") + ", ".join(map(str, short))
+        return [
+            f"Ramp step rates not reached in {names}: fewer attempts started than rate x "
+            f"--step ({why})."
+        ]
+    if left:
+        planned = sum(math.ceil(rate * cfg.step_s) for rate in cfg.ramp)
+        return [
+            f"The last ramp step ended with {left} attempts never started: -n "
+            f"{rec['connections']} is more than the steps start at their rates ({planned})."
+        ]
+    return []
 
 
 def _summary_record(
@@ -1476,7 +1574,9 @@ def _summary_record(
     steps: list[float | None],
     step_tallies: list[_Tally],
     step_server: list[dict[str, int]],
+    end: _RunEnd,
 ) -> dict[str, Any]:
+    not_started = connections - tally.attempted
     rec: dict[str, Any] = {
         "kind": "backlog",
         "target": target,
@@ -1491,7 +1591,9 @@ def _summary_record(
         "reset_after_established": tally.reset_after_established,
         "stopped_pending": tally.stopped_pending,
         "timed_out_kernel": tally.timed_out_kernel,
-        "not_started": connections - tally.attempted,
+        "not_started": not_started,
+        # With a ramp, the attempts still left when the last step ended (not --duration).
+        "not_started_step_end": 0 if end.deadline_hit or not cfg.ramp else not_started,
         "latency_ms": tally.hist.summary_ms(),
         "histogram": tally.hist.coarse(),
         "connections": connections,
@@ -1504,7 +1606,7 @@ def _summary_record(
         "peak_held": stats.peak_held,
         "fd_backoffs": stats.fd_backoffs,
         "sources": len(cfg.sources) or 1,
-        "cut_by_duration": tally.attempted < connections or tally.stopped_pending > 0,
+        "cut_by_duration": end.deadline_hit,
         "limits_hit": list(caps),
         "host": limits_rec,
         "counters": deltas,
@@ -1550,10 +1652,11 @@ def _summary_record(
                 "listen_overflows_delta": step_server[i].get("overflows")
                 if server is not None
                 else None,
+                "rate_shortfall": end.step_shortfall[i] if i < len(end.step_shortfall) else None,
             }
             for i, t in enumerate(step_tallies)
         ]
     held, detail = _judge(prediction, rec)
     rec["prediction"] = {"text": prediction["text"], "held": held, "detail": detail}
-    rec["interpretation"] = _interpret(rec, cfg, limits)
+    rec["interpretation"] = _interpret(rec, cfg, limits, end.slots_full)
     return rec
