@@ -49,6 +49,7 @@ __all__ = [
     "abort_connection",
     "accept_and_close",
     "accept_one",
+    "check_unix_path_size",
     "classify_errno",
     "connect_nonblocking",
     "connect_udp",
@@ -231,6 +232,7 @@ def parse_target(text: str) -> Target:
         path = raw[len("unix:") :]
         if not path:
             raise AddressError(f"{text!r}: unix: needs a socket path, e.g. unix:/tmp/app.sock")
+        check_unix_path_size(path)
         return Target(text=text, path=path)
     if raw.startswith("["):
         close = raw.find("]")
@@ -446,8 +448,14 @@ _RESET = _names_to_numbers("ECONNRESET", "ECONNABORTED")
 
 
 def classify_errno(number: int | None) -> ConnectState:
-    """Map the errno a connect ended with to a ConnectState (0 and EISCONN are OPEN)."""
-    if number is None or number == 0 or number == errno.EISCONN:
+    """Map the errno a connect ended with to a ConnectState (0 and EISCONN are OPEN).
+
+    None (an OSError without an errno, such as "AF_UNIX path too long") is an ERROR: only a
+    connect that said so is open.
+    """
+    if number is None:
+        return ConnectState.ERROR
+    if number == 0 or number == errno.EISCONN:
         return ConnectState.OPEN
     if number in _REFUSED:
         return ConnectState.REFUSED
@@ -839,17 +847,28 @@ def _bind_or_explain(sock: socket.socket, sockaddr: Any, shown: str) -> None:
         raise LocalError(f"cannot bind {shown}: {name}: {why}", name) from exc
 
 
-def _open_unix_listener(path: str, backlog: int) -> socket.socket:
-    if not hasattr(socket, "AF_UNIX"):
-        raise LocalError("Unix sockets are not available on this platform")
-    # sun_path holds 108 bytes on Linux (104 on macOS/BSD) with the NUL; a longer path fails
-    # bind() with an errno-less OSError("AF_UNIX path too long"): it is the user's input.
-    if not path:
-        # bind("") would autobind an abstract address on Linux and "succeed" with no file.
-        raise AddressError("the Unix socket path is empty (give a path, e.g. --unix /tmp/x.sock)")
+def check_unix_path_size(path: str) -> None:
+    """Refuse a Unix socket path that cannot fit sun_path, before any socket call.
+
+    sun_path holds 108 bytes on Linux (104 on macOS/BSD) with the NUL; a longer path fails
+    bind() and connect() with an errno-less OSError("AF_UNIX path too long"): the user's
+    input, not a network outcome.
+
+    Raises:
+        UsageError: the path is longer than 107 bytes.
+    """
     size = len(os.fsencode(path))
     if size > 107:
         raise UsageError(f"unix:{path}: the path is {size} bytes; a Unix socket path may have 107")
+
+
+def _open_unix_listener(path: str, backlog: int) -> socket.socket:
+    if not hasattr(socket, "AF_UNIX"):
+        raise LocalError("Unix sockets are not available on this platform")
+    if not path:
+        # bind("") would autobind an abstract address on Linux and "succeed" with no file.
+        raise AddressError("the Unix socket path is empty (give a path, e.g. --unix /tmp/x.sock)")
+    check_unix_path_size(path)
     with contextlib.suppress(FileNotFoundError):
         mode = os.lstat(path).st_mode
         if not stat.S_ISSOCK(mode):
@@ -1266,6 +1285,7 @@ def unix_address(path: str) -> Resolved:
     """A Resolved for a Unix stream socket path, for connect_nonblocking."""
     if not hasattr(socket, "AF_UNIX"):
         raise LocalError("Unix sockets are not available on this platform")
+    check_unix_path_size(path)
     sockaddr: Any = path  # AF_UNIX addresses are plain paths, not tuples
     return Resolved(socket.AF_UNIX, sockaddr)
 

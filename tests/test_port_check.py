@@ -441,6 +441,17 @@ def test_unix_target_with_udp_is_bad_input() -> None:
     assert "--udp" in result.stderr
 
 
+@pytest.mark.parametrize("mode", [[], ["--wait", "--deadline", "1s"], ["-c", "1"]])
+def test_unix_path_too_long_for_a_socket_is_bad_input(mode: list[str]) -> None:
+    # Such a path used to come back `open` (an errno-less OSError), and --wait ran its command.
+    path = "/tmp/" + "y" * 103  # 108 bytes: one more than sun_path holds
+    result = invoke(["port-check", *mode, f"unix:{path}"])
+    assert result.exit_code == 2
+    assert result.stdout == b""
+    assert "108 bytes" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
 def test_latency_open_only_and_ctrl_c(server: ServerThread, closed_port: int) -> None:
     ports = f"{server.port},{closed_port}"
     argv = ["port-check", f"127.0.0.1:{ports}", "-c", "2", "--interval", "10ms", "--json"]

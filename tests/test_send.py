@@ -507,3 +507,9 @@ def test_json_says_how_a_run_without_a_connection_ended(
     hung = invoke(["send", f"127.0.0.1:{full_queue_port}", "x", "--json", "--timeout", "300ms"])
     assert hung.exit_code == 3
     assert json.loads(hung.stdout)["ended_by"] == "timeout"
+
+
+def test_unix_path_too_long_for_a_socket_is_bad_input() -> None:
+    result = invoke(["send", "unix:/tmp/" + "z" * 120, "hi"])
+    assert result.exit_code == 2
+    assert "a Unix socket path may have 107" in result.stderr

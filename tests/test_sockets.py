@@ -56,9 +56,10 @@ def test_errno_names() -> None:
         (errno.ENETUNREACH, ConnectState.UNREACHABLE),
         (errno.ECONNRESET, ConnectState.RESET),
         (errno.EADDRNOTAVAIL, ConnectState.ERROR),
+        (None, ConnectState.ERROR),  # an errno-less OSError is no proof of an open port
     ],
 )
-def test_classify_errno(code: int, state: ConnectState) -> None:
+def test_classify_errno(code: int | None, state: ConnectState) -> None:
     assert classify_errno(code) is state
 
 
