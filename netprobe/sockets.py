@@ -37,6 +37,7 @@ from netprobe.results import ConnectState
 __all__ = [
     "AF_UNIX",
     "DEFAULT_CIDR_CAP",
+    "MAX_CIDR_HOSTS",
     "POLL_MAX_S",
     "PUMP_CHUNK",
     "SPLICE_AVAILABLE",
@@ -93,6 +94,10 @@ __all__ = [
 # A CIDR block bigger than this is refused unless the caller allows it: a typo such as /8
 # instead of /24 would otherwise start a 16-million-address scan.
 DEFAULT_CIDR_CAP = 65_536
+# --allow-large lifts DEFAULT_CIDR_CAP up to here: every address becomes a resolved host record
+# before the first probe (measured: 2**20 addresses take about 15 s and 360 MiB), so an IPv6 /64
+# would never start and never end.
+MAX_CIDR_HOSTS = 1 << 20
 # The Unix-socket family for code outside the socket core (-1 where the platform has none).
 AF_UNIX: int = getattr(socket, "AF_UNIX", -1)
 
@@ -322,7 +327,7 @@ def expand_hosts(host: str, *, cap: int | None = DEFAULT_CIDR_CAP) -> Iterator[s
     broadcast addresses, as nmap and ipaddress.hosts() do.
 
     Raises:
-        AddressError: the block holds more than `cap` addresses (None: no cap).
+        AddressError: the block holds more than `cap` addresses (None: up to MAX_CIDR_HOSTS).
     """
     if "/" not in host:
         yield host
@@ -331,6 +336,11 @@ def expand_hosts(host: str, *, cap: int | None = DEFAULT_CIDR_CAP) -> Iterator[s
         network = ipaddress.ip_network(host, strict=False)
     except ValueError as exc:
         raise AddressError(f"{host!r}: bad CIDR block: {exc}") from None
+    if network.num_addresses > MAX_CIDR_HOSTS:
+        raise AddressError(
+            f"{host!r} holds {network.num_addresses} addresses, above the {MAX_CIDR_HOSTS} "
+            "netprobe expands even with --allow-large (split it into smaller blocks)"
+        )
     if cap is not None and network.num_addresses > cap:
         raise AddressError(
             f"{host!r} holds {network.num_addresses} addresses, above the cap of {cap} "

@@ -256,3 +256,11 @@ def test_listen_whose_stdout_closes_still_reports_the_peer() -> None:
     assert code == 0
     assert [e["event"] for e in events] == ["accept", "close"]
     assert events[-1]["ended_by"] == "output-closed"
+
+
+def test_allow_large_still_refuses_a_block_it_could_never_expand() -> None:
+    # An IPv6 /64 used to expand for ever (memory growing, nothing sent) under --allow-large.
+    proc = run_netprobe(["port-check", "--allow-large", "::/64", "-p", "22", "-q"])
+    assert proc.returncode == 2
+    assert proc.stderr.count(b"\n") == 1
+    assert b"even with --allow-large" in proc.stderr

@@ -119,8 +119,12 @@ def test_expand_hosts() -> None:
     assert list(expand_hosts("example.org")) == ["example.org"]
     assert len(list(expand_hosts("2001:db8::/120"))) == 255
     with pytest.raises(AddressError, match="above the cap"):
-        list(expand_hosts("10.0.0.0/8"))
-    assert next(expand_hosts("10.0.0.0/8", cap=None)) == "10.0.0.1"
+        list(expand_hosts("10.0.0.0/15"))
+    assert next(expand_hosts("10.0.0.0/12", cap=None)) == "10.0.0.1"  # 2**20: the most
+    with pytest.raises(AddressError, match="even with --allow-large"):
+        next(expand_hosts("10.0.0.0/8", cap=None))
+    with pytest.raises(AddressError, match="even with --allow-large"):
+        next(expand_hosts("2001:db8::/64", cap=None))  # used to expand for ever
 
 
 @pytest.mark.parametrize(
