@@ -551,7 +551,16 @@ class Resolved:
 
     @property
     def host(self) -> str:
-        return str(self.sockaddr[0])
+        """The address as text; an IPv6 address with a scope (link-local) keeps its `%zone`:
+        fe80::1 on two interfaces is two different peers."""
+        address = str(self.sockaddr[0])
+        scope = self.sockaddr[3] if len(self.sockaddr) > 3 else 0
+        if scope and "%" not in address:
+            try:
+                return f"{address}%{socket.if_indextoname(scope)}"
+            except (OSError, AttributeError):
+                return f"{address}%{scope}"
+        return address
 
     @property
     def port(self) -> int:

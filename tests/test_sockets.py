@@ -203,3 +203,25 @@ def test_full_unix_queue_is_eagain_not_open(tmp_path: os.PathLike[str]) -> None:
         for client in clients:
             client.close()
         listener.close()
+
+
+def test_link_local_addresses_keep_their_zone() -> None:
+    lo = socket.if_nametoindex("lo") if hasattr(socket, "if_nametoindex") else 0
+    if not lo:
+        pytest.skip("no interface named lo")
+    assert Resolved(socket.AF_INET6, ("fe80::1", 22, 0, lo)).host == "fe80::1%lo"
+    assert Resolved(socket.AF_INET6, ("::1", 22, 0, 0)).host == "::1"
+
+
+def test_port_check_keeps_one_link_local_address_per_interface() -> None:
+    from netprobe.engines.port_check import Expect, build_hosts, parse_targets
+
+    def resolver(host: str, family: int) -> list[Resolved]:
+        address, _, zone = host.partition("%")
+        return [Resolved(socket.AF_INET6, (address, 0, 0, int(zone)))]
+
+    # The scope ids stand for two interfaces: fe80::1 on each is a different peer.
+    specs = parse_targets(["[fe80::1%1]:22", "[fe80::1%2]:22=closed"])
+    hosts = build_hosts(specs, ports=None, family=0, expect=Expect.OPEN, resolver=resolver)
+    assert len(hosts) == 2
+    assert hosts[0].address != hosts[1].address
