@@ -320,6 +320,7 @@ def test_udp_json_events_end_with_a_close(spawn: type[Listen]) -> None:
     [
         (["--udp", "--unix", "/tmp/x.sock"], "exclude each other"),
         (["--port", "70000"], "65535"),
+        (["--max-bytes", "0"], "--max-bytes 0 must be at least 1 byte"),
         (["--idle-timeout", "later"], "not a duration"),
         (["--max-bytes", "lots"], "not a size"),
     ],

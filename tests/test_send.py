@@ -513,3 +513,16 @@ def test_unix_path_too_long_for_a_socket_is_bad_input() -> None:
     result = invoke(["send", "unix:/tmp/" + "z" * 120, "hi"])
     assert result.exit_code == 2
     assert "a Unix socket path may have 107" in result.stderr
+
+
+def test_udp_framing_enforces_max_frame_on_replies() -> None:
+    # The reply announces a 10-byte frame; --max-frame 4 refuses it, as over TCP.
+    with udp_echo_thread(prefix=b"\x00\x0a0123456789") as port:
+        res = invoke(
+            ["send", f"127.0.0.1:{port}", "--udp", "--framing", "len16", "--max-frame", "4",
+             "--expect-datagrams", "1", "--json", "ab"]
+        )  # fmt: skip
+    assert res.exit_code == 1, res.stdout
+    rec = as_json(res.stdout)
+    assert "max_frame is 4" in rec["framing_error"]
+    assert "frames" not in rec or rec["frames"] == []

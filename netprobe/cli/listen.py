@@ -103,6 +103,8 @@ def listen(
 
     if udp and unix is not None:
         raise UsageError("--udp and --unix exclude each other")
+    if max_bytes is not None and max_bytes < 1:
+        raise UsageError(f"--max-bytes {max_bytes} must be at least 1 byte")
     family = family_of(ipv4, ipv6)
     bind = bind_host(host, family=family)
     stdin = sys.stdin

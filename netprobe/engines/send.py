@@ -386,11 +386,12 @@ class _Receiver:
             self.met = True
         return stop
 
-    def datagram(self, data: bytes, framing: FramingSpec | None) -> bool:
-        """Take one UDP datagram (decoded on its own with --framing)."""
+    def datagram(self, data: bytes, framing: FramingSpec | None, max_frame: int) -> bool:
+        """Take one UDP datagram (decoded on its own with --framing, --max-frame enforced as
+        over TCP)."""
         if framing is None:
             return self.feed(data)
-        decoder = framing.decoder()
+        decoder = framing.decoder(max_frame)
         try:
             decoder.feed(data)
             decoder.feed(b"")
@@ -825,7 +826,7 @@ def _exchange_udp(
             result.bytes_received += len(data)
             if transcript is not None:
                 transcript.record("recv", data)
-            stop = receiver.datagram(data, opts.framing)
+            stop = receiver.datagram(data, opts.framing, opts.max_frame)
             if stop or (want is not None and result.datagrams_received >= want):
                 receiver.met = True
                 return "expect"
