@@ -266,6 +266,15 @@ def test_gate_failure_exits_1_and_names_the_gate() -> None:
     assert "gate failed: timed_out>0" in result.stderr
     assert "p99>10s" not in result.stderr
     assert b"gate timed_out>0: FAILED" in result.stdout
+    quiet = invoke([*argv, "--fail-if", "timed_out>0", "-q"])
+    assert quiet.exit_code == 1  # the exit code is all -q leaves
+    assert (quiet.stdout, quiet.stderr) == (b"", "")
+
+
+def test_target_of_the_other_family_than_asked_is_bad_input() -> None:
+    result = invoke(["backlog", "-4", "[::1]:80", "-n", "2"])
+    assert result.exit_code == 2
+    assert "-4 and TARGET [::1]:80 contradict each other" in result.stderr
 
 
 @linux

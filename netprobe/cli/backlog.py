@@ -14,6 +14,7 @@ from netprobe.cli._options import (
     IPv6Opt,
     JsonOpt,
     QuietOpt,
+    check_literal_family,
     duration,
     family_of,
     per_second,
@@ -172,6 +173,7 @@ def backlog(
     port: int | None = None
     if target is not None:
         host, port = parse_host_port(target, allow_port_zero=False)
+        check_literal_family(host, family_of(ipv4, ipv6), f"TARGET {target}")
     sources: list[str] = []
     for spec in source or []:
         sources.extend(parse_sources(spec))
@@ -232,7 +234,7 @@ def backlog(
     elif not quiet:
         _report(out, summary, charts=terminal)
     out.flush()
-    for gate in summary.record["gates"]:
+    for gate in summary.record["gates"] if not quiet else ():
         if gate["failed"]:
             error_line("backlog", f"gate failed: {gate['gate']} (measured {_measured(gate)})")
     if summary.failed_gates:
