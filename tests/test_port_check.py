@@ -398,6 +398,10 @@ def test_unix_targets_open_refused_missing_and_full(unix_dir: str) -> None:
             "missing": ("closed", "ENOENT"),
             "full": ("open", "EAGAIN"),  # a full queue still proves a listener
         }
+        probes = invoke(["port-check", "--json", "-c", "2", "--interval", "10ms",
+                         f"unix:{unix_dir}/full.sock"])  # fmt: skip
+        summary = _json_lines(probes.stdout)[-1]
+        assert (summary["state"], summary["errno_name"]) == ("open", "EAGAIN")
         for row in rows.values():
             assert row["proto"] == "unix"
             assert row["port"] is None

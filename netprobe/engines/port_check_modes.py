@@ -199,7 +199,7 @@ def run_latency(
             if mapped is PortState.OPEN:
                 latency = round(elapsed * 1000.0, 3)
                 samples[key].append(elapsed * 1000.0)
-                last[key] = (mapped, None)
+                last[key] = (mapped, errno_name)  # EAGAIN: open, its accept queue full
             elif last.get(key, (None,))[0] is not PortState.OPEN:
                 last[key] = (mapped, errno_name)
             yield Probe(
