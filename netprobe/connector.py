@@ -330,6 +330,13 @@ class _Run:
                 # Start new attempts while there is room (and the rate allows).
                 while not exhausted and not stopping and len(pending) + len(held) < self.limit:
                     if interval and now < next_start:
+                        # Not this job's turn yet. Fetch it now (it waits as the carry) so a
+                        # run whose jobs are all started ends at once instead of one rate
+                        # interval later, when the slot opens onto an empty iterator.
+                        if carry is None:
+                            carry = next(job_iter, None)
+                            if carry is None:
+                                exhausted = True
                         break
                     if carry is not None:
                         job = carry
@@ -993,14 +1000,18 @@ def _run_connects_poll(
     """Portable fallback: one attempt at a time through the socket core's helper."""
     from netprobe.sockets import Resolved, connect_nonblocking
 
+    next_start: float | None = None
     for job in jobs:
+        # Paced before each attempt but the first: nothing waits after the last one.
+        if rate and next_start is not None:
+            wake = next_start if stop_at is None else min(next_start, stop_at)
+            time.sleep(max(0.0, wake - time.monotonic()))
         if stop_at is not None and time.monotonic() >= stop_at:
             return
         st.started += 1
         start = time.monotonic()
+        next_start = start + 1.0 / rate if rate else None
         outcome = connect_nonblocking(
             Resolved(job.family, job.sockaddr), deadline=start + timeout_s, source=job.source
         )
         yield ConnectResult(job, outcome.state, outcome.errno_name, start, outcome.elapsed_s)
-        if rate:
-            time.sleep(max(0.0, 1.0 / rate - (time.monotonic() - start)))

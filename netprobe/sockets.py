@@ -1357,6 +1357,49 @@ def connect_udp(target: Resolved) -> socket.socket:
 # ---------------------------------------------------------------------------------------------
 
 _UDP_IN_PROGRESS = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR})
+# Probes started between two looks at the answers: a probe's latency is measured when its
+# answer is read, so starting the whole concurrency (thousands) first would add the time
+# spent starting the others to the first ones' latencies (an ICMP error on loopback arrives
+# inside send()). A few dozen starts cost well under a millisecond; a poll with no wait every
+# that many keeps the figures honest at the same throughput.
+_UDP_STARTS_PER_POLL = 32
+
+
+class _ReadPoller:
+    """Readiness for udp_probe_many: epoll where there is one, else poll().
+
+    With epoll a look at the answers costs what is ready, not what is registered, so looking
+    every few dozen starts stays cheap with thousands of silent probes waiting out the timeout.
+    """
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll() if hasattr(select, "epoll") else None
+        self._poll = select.poll() if self._epoll is None else None
+
+    def register(self, fd: int) -> None:
+        if self._epoll is not None:
+            self._epoll.register(fd, select.EPOLLIN | select.EPOLLERR)
+        else:
+            assert self._poll is not None
+            self._poll.register(fd, select.POLLIN | select.POLLERR)
+
+    def unregister(self, fd: int) -> None:
+        if self._epoll is not None:
+            self._epoll.unregister(fd)
+        else:
+            assert self._poll is not None
+            self._poll.unregister(fd)
+
+    def wait(self, left_s: float) -> list[tuple[int, int]]:
+        """The ready fds, waiting at most `left_s` seconds (0 or less: not at all)."""
+        if self._epoll is not None:
+            return self._epoll.poll(min(left_s, POLL_MAX_S) if left_s > 0 else 0)
+        assert self._poll is not None
+        return self._poll.poll(poll_ms(left_s) if left_s > 0 else 0)
+
+    def close(self) -> None:
+        if self._epoll is not None:
+            self._epoll.close()
 
 
 def udp_probe_many(
@@ -1373,29 +1416,44 @@ def udp_probe_many(
     ECONNREFUSED on it (SOCKETS.md §4). States: OPEN (a reply arrived), REFUSED (ICMP port
     unreachable), TIMEOUT (silence until the timeout: open or filtered), UNREACHABLE/ERROR
     for other errnos. Results come in completion order; at most `concurrency` sockets exist,
-    and with `rate` at most that many datagrams leave per second.
+    and with `rate` at most that many datagrams leave per second (the run ends with its last
+    probe: no wait for a rate slot after it). elapsed_s runs from the probe's start until its
+    answer is read, which happens at most _UDP_STARTS_PER_POLL starts later.
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
-    poller = select.poll()
+    poller = _ReadPoller()
     live: dict[int, tuple[Any, socket.socket, float]] = {}
     order: list[tuple[float, int]] = []  # (deadline, fd) in start order
     head = 0
     pending_items = iter(items)
+    # The next item, fetched before its turn (rate) or its start (the per-poll cap): whether
+    # one is left is known without waiting for the next rate slot.
+    ahead: tuple[Any, Resolved] | None = None
     exhausted = False
     interval = 1.0 / rate if rate else 0.0
     next_start = time.monotonic()
     try:
         while True:
+            more_now = False  # stopped starting for a look at the answers: poll without waiting
+            starts = 0
             while not exhausted and len(live) < concurrency:
-                if interval:
-                    if time.monotonic() < next_start:
-                        break
-                    next_start = max(next_start + interval, time.monotonic() - 1.0)
-                item = next(pending_items, None)
+                item = ahead if ahead is not None else next(pending_items, None)
+                ahead = None
                 if item is None:
                     exhausted = True
                     break
+                if starts == _UDP_STARTS_PER_POLL:
+                    ahead = item
+                    more_now = True
+                    break
+                if interval:
+                    now = time.monotonic()
+                    if now < next_start:
+                        ahead = item
+                        break
+                    next_start = max(next_start + interval, now - 1.0)
+                starts += 1
                 key, target = item
                 started = time.monotonic()
                 try:
@@ -1414,16 +1472,19 @@ def udp_probe_many(
                 fd = sock.fileno()
                 live[fd] = (key, sock, started)
                 order.append((started + timeout_s, fd))
-                poller.register(fd, select.POLLIN | select.POLLERR)
+                poller.register(fd)
             if exhausted and not live:
                 return
             while head < len(order) and order[head][1] not in live:
                 head += 1
-            left = order[head][0] - time.monotonic() if head < len(order) else 0.0
-            if interval and not exhausted and len(live) < concurrency:
-                until_next = next_start - time.monotonic()
-                left = min(left, until_next) if live else until_next
-            events = poller.poll(poll_ms(left) if left > 0 else 0)
+            if more_now:
+                left = 0.0
+            else:
+                left = order[head][0] - time.monotonic() if head < len(order) else 0.0
+                if interval and not exhausted and len(live) < concurrency:
+                    until_next = next_start - time.monotonic()
+                    left = min(left, until_next) if live else until_next
+            events = poller.wait(left)
             now = time.monotonic()
             for fd, _mask in events:
                 entry = live.pop(fd, None)
@@ -1450,6 +1511,7 @@ def udp_probe_many(
     finally:
         for _key, sock, _started in live.values():
             sock.close()
+        poller.close()
 
 
 def _udp_verdict(sock: socket.socket) -> tuple[ConnectState, str | None]:

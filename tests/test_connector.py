@@ -338,3 +338,39 @@ def test_loopback_is_recognised_however_it_is_spelled(
     from netprobe.connector import _is_loopback_sockaddr
 
     assert _is_loopback_sockaddr(family, (host, 1)) is loopback
+
+
+def test_a_rate_cap_ends_with_the_last_attempt(closed_port: int) -> None:
+    # Regression: the loop learned that no job was left only when the next rate slot opened,
+    # so a run waited one more interval after its last attempt (5 s here; with a rate of
+    # 1e-300, forever).
+    for jobs in ([_job(closed_port)], (job for job in [_job(closed_port)])):
+        start = time.monotonic()
+        results = list(run_connects(jobs, concurrency=10, timeout_s=1, rate=0.2))
+        took = time.monotonic() - start
+        assert [r.state for r in results] == [ConnectState.REFUSED]
+        assert took < 2.5, f"one attempt took {took:.2f} s at rate 0.2"
+
+
+def test_a_rate_cap_spaces_attempts_and_ends_with_the_last(closed_port: int) -> None:
+    # The job fetched early to know one is left still waits for its slot.
+    jobs = (_job(closed_port, key=i) for i in range(2))
+    start = time.monotonic()
+    results = list(run_connects(jobs, concurrency=10, timeout_s=1, rate=0.5))
+    took = time.monotonic() - start
+    assert [r.job.key for r in results] == [0, 1]
+    # Starts at 0 and 2 s; the old loop also waited out the slot at 4 s.
+    assert 2.0 * 0.9 <= took < 3.2, f"2 attempts at rate 0.5 took {took:.2f} s"
+
+
+def test_worker_processes_end_with_their_last_attempt_under_a_rate(closed_port: int) -> None:
+    # Each process paces its share (rate / workers) and must end with its own last attempt.
+    # Without fork (a threaded caller) both jobs run here: 0 and 2.5 s at rate 0.4.
+    for sequence in (True, False):
+        listed = [_job(closed_port, key=i) for i in range(2)]
+        jobs = listed if sequence else (job for job in listed)
+        start = time.monotonic()
+        results = list(run_connects(jobs, concurrency=10, timeout_s=1, rate=0.4, workers=2))
+        took = time.monotonic() - start
+        assert sorted(r.job.key for r in results) == [0, 1]
+        assert took < 4.0, f"2 attempts over 2 workers took {took:.2f} s at rate 0.4"

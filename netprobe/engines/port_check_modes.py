@@ -170,6 +170,12 @@ class LatencySummary:
         )
 
 
+def _paced_until(round_start: float, probes: int, rate: float | None) -> float:
+    """When a round of `probes` attempts started at round_start is done under `rate` per
+    second (no rate: at once)."""
+    return round_start + probes / rate if rate else round_start
+
+
 def run_latency(
     hosts: Sequence[HostSpec],
     config: CheckConfig,
@@ -212,7 +218,11 @@ def run_latency(
                 latency,
             )
         if seq < count:
-            sleep(max(0.0, round_start + interval_s - time.monotonic()))
+            # --rate holds across rounds too, not only within one.
+            next_at = max(
+                round_start + interval_s, _paced_until(round_start, len(keys), config.rate)
+            )
+            sleep(max(0.0, next_at - time.monotonic()))
     for host in hosts:
         if host.error is not None:
             result = _unresolved(host, proto)
@@ -335,7 +345,9 @@ def run_wait(
     rounds = 0
     while True:
         rounds += 1
-        left = end - time.monotonic()
+        round_start = time.monotonic()
+        probes = 0
+        left = end - round_start
         for index, host in enumerate(hosts):
             if rounds > 1 and host.error is not None:
                 again = build_hosts(
@@ -353,6 +365,7 @@ def run_wait(
                     hosts[i], p, proto, PortState.ERROR, hosts[i].error, None, rounds
                 )
         if todo:
+            probes = len(todo)
             timeout = max(0.001, min(config.timeout_s, left))
             keyed = [(i << 16) | p for i, p in todo]
             concurrency = plan_concurrency(config.concurrency, len(keyed))
@@ -376,7 +389,17 @@ def run_wait(
             yield WaitOutcome(False, now - start, rounds, _ordered(latest, units), waiting)
             return
         yield WaitProgress(rounds, len(done), needed, len(units), end - now, waiting)
-        time.sleep(max(0.0, min(pause, end - time.monotonic())))
+        # --rate holds across rounds too: the next round starts no sooner than this one's
+        # probes were allowed to take.
+        paced = _paced_until(round_start, probes, config.rate)
+        if paced >= end:
+            # The rate allows no more rounds before the deadline: wait it out, then report.
+            time.sleep(max(0.0, end - time.monotonic()))
+            now = time.monotonic()
+            yield WaitOutcome(False, now - start, rounds, _ordered(latest, units), waiting)
+            return
+        until = max(time.monotonic() + pause, paced)
+        time.sleep(max(0.0, min(until, end) - time.monotonic()))
         pause = min(pause * 2, max(interval_s, 0.05))
 
 
