@@ -6,18 +6,22 @@ import io
 import json
 import random
 import select
+import shlex
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import HAS_IPV6
-from tests.helpers import LONG, ServerThread, invoke, netprobe_process, udp_echo_thread
+from tests.helpers import LONG, ROOT, ServerThread, invoke, netprobe_process, udp_echo_thread
 
 
 def _json_lines(stdout: bytes) -> list[dict[str, Any]]:
@@ -290,6 +294,11 @@ def test_latency_mode_reports_statistics(server: ServerThread, closed_port: int)
         ["127.0.0.1:1", "--wait", "--require", "2"],
         ["127.0.0.1:1", "--wait", "--count", "2"],
         ["127.0.0.1:1", "--until", "gone", "--wait"],
+        # Options the mode would silently ignore:
+        ["127.0.0.1:1", "--interval", "10ms"],
+        ["127.0.0.1:1", "-c", "2", "--retries", "1"],
+        ["127.0.0.1:1", "--wait", "--retries", "1"],
+        ["127.0.0.1:1", "--udp", "--payload", "x" * 65508],
         [],
     ],
 )
@@ -476,3 +485,91 @@ def test_latency_open_only_and_ctrl_c(server: ServerThread, closed_port: int) ->
     assert proc.returncode == 130
     assert b"port-check: interrupted: " in err
     assert b"answered" in err
+
+
+def _run_cli(argv: list[str], timeout: float) -> subprocess.CompletedProcess[bytes]:
+    """`python -m netprobe ARGV` to completion within `timeout` seconds (else the test fails)."""
+    return subprocess.run(
+        [sys.executable, "-m", "netprobe", *argv],
+        capture_output=True,
+        cwd=ROOT,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("udp", [False, True])
+def test_rate_ends_with_the_last_attempt(closed_port: int, udp: bool) -> None:
+    # Regression: --rate waited one more interval after the last attempt (5 s at --rate 0.2
+    # for one port), so the process must be done well before that.
+    argv = ["port-check", f"127.0.0.1:{closed_port}", "--rate", "0.2", "--timeout", "300ms"]
+    start = time.monotonic()
+    proc = _run_cli([*argv, "--udp", "--json"] if udp else [*argv, "--json"], timeout=4.5)
+    took = time.monotonic() - start
+    rows = _json_lines(proc.stdout)
+    assert [row["port"] for row in rows] == [closed_port]
+    assert proc.returncode in (0, 1), proc.stderr
+    assert took < 4.5
+
+
+@pytest.mark.parametrize("rate", ["1e-300", "5e-324", "inf", "-inf", "nan", "0.0005", "0"])
+def test_rate_must_be_a_finite_pace_of_at_least_min_rate(closed_port: int, rate: str) -> None:
+    # --rate 1e-300 used to be accepted and never ended (a wait of 1e300 s after the last
+    # attempt); inf was accepted too. A subprocess with a timeout: the old code hangs.
+    proc = _run_cli(["port-check", f"127.0.0.1:{closed_port}", "--rate", rate], timeout=LONG * 2)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    assert proc.stdout == b""
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("netprobe: port-check: ")
+    assert "--rate" in err
+
+
+def test_rate_holds_across_latency_rounds(closed_port: int) -> None:
+    # Three rounds of one probe at --rate 2 cannot take less than a second: each round's
+    # limiter is new, so the pace between rounds is kept by the round loop.
+    argv = ["port-check", f"127.0.0.1:{closed_port}", "--rate", "2", "-c", "3", "--interval", "0"]
+    start = time.monotonic()
+    proc = _run_cli([*argv, "--json"], timeout=LONG * 2)
+    took = time.monotonic() - start
+    assert proc.returncode == 1, proc.stderr
+    probes = [r for r in _json_lines(proc.stdout) if r.get("kind") == "port-check.probe"]
+    assert len(probes) == 3
+    assert took >= 1.0  # probes at 0, 0.5 and 1.0 s at the least
+
+
+def test_rate_holds_across_wait_rounds(closed_port: int) -> None:
+    # At --rate 0.5 one port may be tried every 2 s: within a 3 s deadline that is two rounds
+    # (at 0 and 2 s), not the seven the doubling pause alone would make (50 ms, 100 ms, ...).
+    argv = ["port-check", "--wait", "--deadline", "3s", "--rate", "0.5", "--timeout", "100ms"]
+    proc = _run_cli([*argv, f"127.0.0.1:{closed_port}", "--json"], timeout=LONG * 2)
+    assert proc.returncode == 124, proc.stderr
+    rows = _json_lines(proc.stdout)
+    assert rows
+    assert rows[-1]["attempts"] <= 2
+
+
+def test_targets_file_with_a_byte_order_mark(tmp_path: Path, closed_port: int) -> None:
+    path = tmp_path / "targets.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + f"127.0.0.1:{closed_port}\n".encode())
+    result = invoke(["port-check", "--targets-file", str(path), "--json"])
+    assert result.exit_code == 1, result.stderr  # closed, not a bad target
+    assert [row["port"] for row in _json_lines(result.stdout)] == [closed_port]
+
+
+def test_quiet_wait_prints_nothing_even_on_a_terminal(closed_port: int) -> None:
+    # -q: no progress lines either (they go to stderr only on a terminal: `script` gives one).
+    script = shutil.which("script")
+    if script is None:
+        pytest.skip("script(1) not installed")
+    argv = [sys.executable, "-m", "netprobe", "port-check", "--wait", "--deadline", "700ms", "-q",
+            f"127.0.0.1:{closed_port}"]  # fmt: skip
+    proc = subprocess.run(
+        [script, "-qec", shlex.join(argv), "/dev/null"],
+        capture_output=True,
+        timeout=LONG * 2,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 124
+    assert b"waiting" not in proc.stdout + proc.stderr

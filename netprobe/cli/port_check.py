@@ -12,7 +12,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from netprobe.cli._options import CsvOpt, IPv4Opt, IPv6Opt, JsonOpt, QuietOpt, duration, family_of
+from netprobe.cli._options import (
+    MIN_RATE,
+    CsvOpt,
+    IPv4Opt,
+    IPv6Opt,
+    JsonOpt,
+    QuietOpt,
+    duration,
+    family_of,
+    per_second,
+)
 from netprobe.errors import UsageError
 
 if TYPE_CHECKING:
@@ -21,16 +31,6 @@ if TYPE_CHECKING:
     from netprobe.render import Renderer
 
 __all__ = ["port_check"]
-
-
-def _positive_rate(value: str | float) -> float:
-    try:
-        rate = float(value)
-    except ValueError:
-        raise typer.BadParameter(f"{value!r} is not a number of attempts per second") from None
-    if not rate > 0:
-        raise typer.BadParameter(f"{value!r} must be more than 0 attempts per second")
-    return rate
 
 
 def _command_after_dashes(targets: list[str]) -> tuple[list[str], list[str]]:
@@ -53,7 +53,8 @@ def _read_targets_file(path: str) -> list[str]:
             if sys.stdin is None:  # started with stdin closed (`<&-`)
                 raise UsageError("--targets-file '-': stdin is closed")
             return read_targets(sys.stdin)
-        with open(path, encoding="utf-8") as handle:
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of a target.
+        with open(path, encoding="utf-8-sig") as handle:
             return read_targets(handle)
     except OSError as exc:
         raise UsageError(f"--targets-file {path!r}: cannot read it: {exc.strerror}") from None
@@ -69,10 +70,20 @@ def _payload(text: str | None, hex_text: str | None, udp: bool) -> bytes:
         raise UsageError("--payload and --payload-hex need --udp")
     if hex_text is not None:
         try:
-            return bytes.fromhex(hex_text.replace(" ", "").replace(":", ""))
+            data = bytes.fromhex(hex_text.replace(" ", "").replace(":", ""))
         except ValueError as exc:
             raise UsageError(f"--payload-hex {hex_text!r} is not a hex string: {exc}") from None
-    return (text or "").encode("utf-8", "surrogateescape")
+    else:
+        data = (text or "").encode("utf-8", "surrogateescape")
+    if len(data) > _MAX_UDP_PAYLOAD:
+        flag = "--payload-hex" if hex_text is not None else "--payload"
+        raise UsageError(
+            f"{flag}: {len(data)} bytes do not fit one UDP datagram ({_MAX_UDP_PAYLOAD} at most)"
+        )
+    return data
+
+
+_MAX_UDP_PAYLOAD = 65507  # 65,535 - 8 (UDP header) - 20 (IPv4 header)
 
 
 def _record(
@@ -165,7 +176,12 @@ def port_check(
     ] = 0,
     rate: Annotated[
         float | None,
-        typer.Option("--rate", parser=_positive_rate, help="At most N attempts per second."),
+        typer.Option(
+            "--rate",
+            parser=per_second,
+            metavar="N",
+            help=f"At most N attempts per second (at least {MIN_RATE:g}).",
+        ),
     ] = None,
     ipv4: IPv4Opt = False,
     ipv6: IPv6Opt = False,
@@ -192,15 +208,15 @@ def port_check(
     count: Annotated[
         int | None, typer.Option("--count", "-c", min=1, help="Latency mode: N probes per target.")
     ] = None,
-    interval: Annotated[
-        float,
+    interval_opt: Annotated[
+        float | None,
         typer.Option(
             "--interval",
             parser=duration,
             show_default="1s",
             help="Between latency probes; the longest pause between wait rounds.",
         ),
-    ] = 1.0,
+    ] = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="Retry until --require holds or --deadline passes.")
     ] = False,
@@ -245,6 +261,12 @@ def port_check(
         for flag, value in (("--deadline", deadline_opt), ("--until", until_opt)):
             if value is not None:
                 raise UsageError(f"{flag} is for wait mode: add --wait")
+    if interval_opt is not None and not wait and count is None:
+        raise UsageError("--interval paces latency probes (-c) or wait rounds (--wait): add one")
+    if retries and (wait or count is not None):
+        mode = "--wait" if wait else "-c"
+        raise UsageError(f"--retries {retries} is for a check: {mode} repeats attempts itself")
+    interval = 1.0 if interval_opt is None else interval_opt
     deadline = 30.0 if deadline_opt is None else deadline_opt
     until = "open" if until_opt is None else until_opt
     try:
@@ -453,7 +475,8 @@ def _wait(
                 return int(status), event
             waiting = ", ".join(event.waiting[:5]) + (" ..." if len(event.waiting) > 5 else "")
             progress = f"{event.satisfied}/{event.needed} {expect.value}"
-            log(f"port-check: waiting: {progress}, {event.left_s:.1f} s left ({waiting})")
+            if not quiet:
+                log(f"port-check: waiting: {progress}, {event.left_s:.1f} s left ({waiting})")
             state = f"{progress} (waiting for {waiting})"
     except KeyboardInterrupt:
         if not quiet:
