@@ -1195,10 +1195,7 @@ class Server:
                 # A worker's work is done; a late SIGTERM/SIGUSR1 from the parent must not
                 # kill it (default action) before it reports its totals: block them first.
                 signal.pthread_sigmask(signal.SIG_BLOCK, installed)
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-                if self.config.late_signals_ignored and sig in (signal.SIGINT, signal.SIGTERM):
-                    signal.signal(sig, signal.SIG_IGN)
+            self._remove_signals(loop, installed)
             if self._lifeline is not None:
                 loop.remove_reader(self._lifeline)
             self._close_listener()
@@ -1308,6 +1305,24 @@ class Server:
             loop.add_signal_handler(usr1, self._report_totals)
             installed.append(usr1)
         return installed
+
+    def _remove_signals(self, loop: asyncio.AbstractEventLoop, installed: list[int]) -> None:
+        stops = [sig for sig in installed if sig in (signal.SIGINT, signal.SIGTERM)]
+        if not (self.config.late_signals_ignored and stops and hasattr(signal, "pthread_sigmask")):
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            return
+        # remove_signal_handler restores the default action; a signal between that and
+        # SIG_IGN would kill a process whose run is over. Blocked meanwhile, it waits, and
+        # meets SIG_IGN when the old mask comes back.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        try:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+                if sig in stops:
+                    signal.signal(sig, signal.SIG_IGN)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def _report_totals(self) -> None:
         self._signal_workers(signal.SIGUSR1)  # each worker prints its own running totals

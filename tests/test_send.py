@@ -524,5 +524,5 @@ def test_udp_framing_enforces_max_frame_on_replies() -> None:
         )  # fmt: skip
     assert res.exit_code == 1, res.stdout
     rec = as_json(res.stdout)
-    assert "max_frame is 4" in rec["framing_error"]
+    assert "max_frame is 4" in str(rec["framing_error"])
     assert "frames" not in rec or rec["frames"] == []
