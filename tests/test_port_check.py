@@ -21,7 +21,15 @@ from typing import Any
 import pytest
 
 from tests.conftest import HAS_IPV6
-from tests.helpers import LONG, ROOT, ServerThread, invoke, netprobe_process, udp_echo_thread
+from tests.helpers import (
+    LONG,
+    ROOT,
+    ServerThread,
+    invoke,
+    netprobe_process,
+    run_netprobe,
+    udp_echo_thread,
+)
 
 
 def _json_lines(stdout: bytes) -> list[dict[str, Any]]:
@@ -487,24 +495,13 @@ def test_latency_open_only_and_ctrl_c(server: ServerThread, closed_port: int) ->
     assert b"answered" in err
 
 
-def _run_cli(argv: list[str], timeout: float) -> subprocess.CompletedProcess[bytes]:
-    """`python -m netprobe ARGV` to completion within `timeout` seconds (else the test fails)."""
-    return subprocess.run(
-        [sys.executable, "-m", "netprobe", *argv],
-        capture_output=True,
-        cwd=ROOT,
-        timeout=timeout,
-        check=False,
-    )
-
-
 @pytest.mark.parametrize("udp", [False, True])
 def test_rate_ends_with_the_last_attempt(closed_port: int, udp: bool) -> None:
     # Regression: --rate waited one more interval after the last attempt (5 s at --rate 0.2
     # for one port), so the process must be done well before that.
     argv = ["port-check", f"127.0.0.1:{closed_port}", "--rate", "0.2", "--timeout", "300ms"]
     start = time.monotonic()
-    proc = _run_cli([*argv, "--udp", "--json"] if udp else [*argv, "--json"], timeout=4.5)
+    proc = run_netprobe([*argv, "--udp", "--json"] if udp else [*argv, "--json"], timeout=4.5)
     took = time.monotonic() - start
     rows = _json_lines(proc.stdout)
     assert [row["port"] for row in rows] == [closed_port]
@@ -516,7 +513,9 @@ def test_rate_ends_with_the_last_attempt(closed_port: int, udp: bool) -> None:
 def test_rate_must_be_a_finite_pace_of_at_least_min_rate(closed_port: int, rate: str) -> None:
     # --rate 1e-300 used to be accepted and never ended (a wait of 1e300 s after the last
     # attempt); inf was accepted too. A subprocess with a timeout: the old code hangs.
-    proc = _run_cli(["port-check", f"127.0.0.1:{closed_port}", "--rate", rate], timeout=LONG * 2)
+    proc = run_netprobe(
+        ["port-check", f"127.0.0.1:{closed_port}", "--rate", rate], timeout=LONG * 2
+    )
     err = proc.stderr.decode()
     assert proc.returncode == 2, err
     assert proc.stdout == b""
@@ -530,7 +529,7 @@ def test_rate_holds_across_latency_rounds(closed_port: int) -> None:
     # limiter is new, so the pace between rounds is kept by the round loop.
     argv = ["port-check", f"127.0.0.1:{closed_port}", "--rate", "2", "-c", "3", "--interval", "0"]
     start = time.monotonic()
-    proc = _run_cli([*argv, "--json"], timeout=LONG * 2)
+    proc = run_netprobe([*argv, "--json"], timeout=LONG * 2)
     took = time.monotonic() - start
     assert proc.returncode == 1, proc.stderr
     probes = [r for r in _json_lines(proc.stdout) if r.get("kind") == "port-check.probe"]
@@ -542,7 +541,7 @@ def test_rate_holds_across_wait_rounds(closed_port: int) -> None:
     # At --rate 0.5 one port may be tried every 2 s: within a 3 s deadline that is two rounds
     # (at 0 and 2 s), not the seven the doubling pause alone would make (50 ms, 100 ms, ...).
     argv = ["port-check", "--wait", "--deadline", "3s", "--rate", "0.5", "--timeout", "100ms"]
-    proc = _run_cli([*argv, f"127.0.0.1:{closed_port}", "--json"], timeout=LONG * 2)
+    proc = run_netprobe([*argv, f"127.0.0.1:{closed_port}", "--json"], timeout=LONG * 2)
     assert proc.returncode == 124, proc.stderr
     rows = _json_lines(proc.stdout)
     assert rows
