@@ -154,10 +154,10 @@ class ServerConfig:
         high_water, low_water: per-connection write-buffer marks (back-pressure).
         close_timeout_s: a graceful close whose flush takes longer than this is aborted.
         handle_signals: stop on SIGINT/SIGTERM, totals on SIGUSR1 (main thread only).
-        late_signals_ignored: with handle_signals, once the server has stopped SIGINT/SIGTERM
-            are ignored instead of restored to their defaults: for a process that exits when
-            run() returns, a signal in its last milliseconds must not turn a clean exit into
-            death by signal (143) or an interrupt (130).
+        late_signals_ignored: with handle_signals, once the server has stopped, SIGINT,
+            SIGTERM and SIGUSR1 are ignored instead of restored to their defaults: for a
+            process that exits when run() returns, a signal in its last milliseconds must not
+            turn a clean exit into death by signal (143, 138) or an interrupt (130).
         loop_factory: event loop factory for asyncio.Runner; None: asyncio's own loop. The
             echo server passes default_loop_factory() (uvloop where installed).
         workers: processes sharing the listening socket (POSIX fork, TCP/Unix streams only;
@@ -1307,7 +1307,10 @@ class Server:
         return installed
 
     def _remove_signals(self, loop: asyncio.AbstractEventLoop, installed: list[int]) -> None:
-        stops = [sig for sig in installed if sig in (signal.SIGINT, signal.SIGTERM)]
+        # SIGUSR1 too: its default action also kills, and a script toggling or polling a
+        # server (kill -USR1) must not turn a finished run into death by signal.
+        late = (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", signal.SIGTERM))
+        stops = [sig for sig in installed if sig in late]
         if not (self.config.late_signals_ignored and stops and hasattr(signal, "pthread_sigmask")):
             for sig in installed:
                 loop.remove_signal_handler(sig)

@@ -209,7 +209,7 @@ def test_once_serves_one_client_then_exits() -> None:
         assert records[-1]["connections"] == 1
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
 def test_a_signal_while_once_is_exiting_keeps_exit_0(sig: int) -> None:
     # A script's cleanup (`kill $pid; wait $pid`) may signal the server in its last
     # milliseconds, after --once has ended the run: the exit status must stay 0.
