@@ -1043,6 +1043,8 @@ class Server:
                 # Workers each get their own socket in one SO_REUSEPORT group, so the
                 # kernel spreads the clients over them (a shared socket lets one take all).
                 reuse_port=config.reuse_port or config.workers > 1,
+                # Our workers' group, not one another program already runs on this port.
+                new_reuse_group=config.workers > 1 and not config.reuse_port,
             )
             name = sock.getsockname()
             self.bound = Bound("tcp", str(name[0]), int(name[1]))

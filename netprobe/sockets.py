@@ -806,10 +806,14 @@ def open_listener(
     path: str | None = None,
     family: int = 0,
     reuse_port: bool = False,
+    new_reuse_group: bool = False,
 ) -> socket.socket:
     """Bind and listen (TCP on host:port, or a Unix stream socket at `path`).
 
     A stale Unix socket file is replaced only if nothing accepts connections on it.
+    With reuse_port and new_reuse_group, the port must be free first: SO_REUSEPORT alone
+    would let this socket join another program's group on that port (both serving half the
+    clients) where a plain bind fails with EADDRINUSE.
 
     Raises:
         LocalError: bind/listen failed (EADDRINUSE, EACCES, ...), named in the message.
@@ -819,6 +823,16 @@ def open_listener(
         return _open_unix_listener(path, backlog)
     assert host is not None
     addr = resolve(host, port, family=family, socktype=socket.SOCK_STREAM)[0]
+    if reuse_port and new_reuse_group and port != 0:
+        # A bind without SO_REUSEPORT fails on a port anyone listens on, reuse group or not.
+        probe = socket.socket(addr.family, socket.SOCK_STREAM)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if addr.family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            _bind_or_explain(probe, addr.sockaddr, format_hostport(host, port))
+        finally:
+            probe.close()
     sock = socket.socket(addr.family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

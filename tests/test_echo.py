@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import LONG, ROOT, invoke
+from tests.helpers import LONG, ROOT, invoke, run_netprobe
 
 try:
     import uvloop  # noqa: F401
@@ -197,6 +197,17 @@ def test_workers_share_the_port_and_sum_their_totals() -> None:
         assert records[-1]["bytes_in"] == sum(len(b"w%d" % i) for i in range(20))
         for worker in workers:
             assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+
+
+def test_workers_do_not_join_another_servers_port() -> None:
+    # SO_REUSEPORT alone let a second `echo --workers` share a busy port (each serving half
+    # the clients); the port must be refused as for a plain echo.
+    with echo_process("--workers", "2") as (_proc, announce):
+        second = run_netprobe(
+            ["echo", "--port", str(announce["port"]), "--workers", "2"], timeout=LONG * 2
+        )
+    assert second.returncode == 6
+    assert b"EADDRINUSE" in second.stderr
 
 
 def test_once_serves_one_client_then_exits() -> None:
