@@ -432,6 +432,9 @@ def errno_name(number: int | None) -> str | None:
         return None
     if number >= 10000 and number in _WSA_NAMES:
         return _WSA_NAMES[number]
+    if number < 0 and number in _EAI_NAMES:
+        # getaddrinfo's codes (Linux: negative), met where a connect resolves a name itself.
+        return _EAI_NAMES[number]
     name = errno.errorcode.get(number)
     if name is not None:
         return name.removeprefix("WSA")

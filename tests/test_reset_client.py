@@ -293,11 +293,16 @@ def test_ctrl_c_stops_connections_that_are_still_waiting() -> None:
     try:
         with netprobe_process(
             ["reset", "client", f"127.0.0.1:{port}", "--after-ms", "60s", "--count", "4",
-             "--concurrency", "2"]
+             "--concurrency", "2", "--json"]
         ) as proc:  # fmt: skip
             accepted = [listener.accept()[0] for _ in range(2)]  # both workers are waiting
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=LONG) == 130
+            assert proc.stdout is not None
+            records = [json.loads(line) for line in proc.stdout.read().splitlines()]
+            # The aborted connections and the totals are still reported.
+            assert [r["ended_by"] for r in records[:-1]] == ["interrupted", "interrupted"]
+            assert (records[-1]["event"], records[-1]["resets_sent"]) == ("totals", 2)
             for conn in accepted:  # and each one aborted its connection on the way out
                 conn.settimeout(LONG)
                 with pytest.raises(ConnectionResetError):
@@ -305,3 +310,12 @@ def test_ctrl_c_stops_connections_that_are_still_waiting() -> None:
                 conn.close()
     finally:
         listener.close()
+
+
+def test_a_name_other_than_localhost_is_refused_before_any_lookup() -> None:
+    # As backlog and reset proxy: refused by name (exit 2), never resolved (a DNS query would
+    # already leave the host). `.invalid` never resolves, so the old lookup gave exit 5.
+    result = invoke(["reset", "client", "db.example.invalid:80"])
+    assert result.exit_code == 2
+    assert "db.example.invalid is a name" in result.stderr
+    assert "--allow-remote" in result.stderr

@@ -225,3 +225,10 @@ def test_port_check_keeps_one_link_local_address_per_interface() -> None:
     hosts = build_hosts(specs, ports=None, family=0, expect=Expect.OPEN, resolver=resolver)
     assert len(hosts) == 2
     assert hosts[0].address != hosts[1].address
+
+
+def test_errno_name_knows_getaddrinfo_codes() -> None:
+    # An asyncio connect resolves a name itself and fails with a gaierror: its negative code
+    # must read as EAI_*, not "E-3".
+    assert errno_name(socket.EAI_AGAIN) == "EAI_AGAIN"
+    assert errno_name(socket.EAI_NONAME) == "EAI_NONAME"

@@ -314,7 +314,13 @@ def client(
     connect succeeded, 4 when the server reset first, else the worst connect outcome.
     A non-loopback TARGET needs --allow-remote.
     """
-    from netprobe.engines.reset_client import CLIENT_TRIGGERS, ClientSummary, run_reset_client
+    from netprobe.engines.reset_client import (
+        CLIENT_TRIGGERS,
+        ClientReset,
+        ClientSummary,
+        Interrupted,
+        run_reset_client,
+    )
     from netprobe.engines.reset_faults import Trigger, TriggerKind, build_trigger
     from netprobe.exitcodes import ExitStatus, exit_status_for_state, worst
     from netprobe.render import Column, Renderer, choose_format, log
@@ -348,6 +354,12 @@ def client(
     renderer = Renderer(fmt, sys.stdout, columns)
     summary = ClientSummary()
     codes = [ExitStatus.OK]
+
+    def report(result: ClientReset) -> None:
+        summary.add(result)
+        codes.append(exit_status_for_state(result.state))
+        renderer.emit({"event": "connection", **to_record(result)})
+
     try:
         for result in run_reset_client(
             resolved,
@@ -359,9 +371,13 @@ def client(
             timeout_s=timeout,
             duration_s=_duration_opt(run_for, "--duration"),
         ):
-            summary.add(result)
-            codes.append(exit_status_for_state(result.state))
-            renderer.emit({"event": "connection", **to_record(result)})
+            report(result)
+    except Interrupted as exc:
+        # Ctrl-C: the connections still running were aborted; they and the totals are
+        # reported as for a finished run, then exit 130.
+        for result in exc.rest:
+            report(result)
+        codes.append(ExitStatus.INTERRUPTED)
     finally:
         renderer.close()
     totals = {"event": "totals", "kind": "reset client", **to_record(summary)}
@@ -380,7 +396,14 @@ def client(
 def _client_target(text: str, *, allow_remote: bool) -> tuple[Any, str]:
     import socket
 
-    from netprobe.sockets import Resolved, format_hostport, is_loopback, parse_target, resolve
+    from netprobe.sockets import (
+        Resolved,
+        format_hostport,
+        is_loopback,
+        not_loopback_why,
+        parse_target,
+        resolve,
+    )
 
     parsed = parse_target(text)
     if parsed.path is not None:
@@ -389,6 +412,12 @@ def _client_target(text: str, *, allow_remote: bool) -> tuple[Any, str]:
     if not parsed.ports or len(parsed.ports) != 1 or "/" in parsed.host:
         raise UsageError(f"{text!r}: give one HOST:PORT (or unix:/path)")
     port = parsed.ports[0]
+    if not allow_remote and not is_loopback(parsed.host):
+        # As backlog and the proxy: a name other than localhost is refused before any lookup
+        # (resolving it would already send a DNS query off the host).
+        raise UsageError(
+            f"{text!r}: {not_loopback_why(parsed.host)} get aborts unless you pass --allow-remote"
+        )
     resolved = resolve(parsed.host, port)[0]
     # Checked on the resolved address, so a name that points off this host is caught too;
     # nothing has been sent to the target at this point.

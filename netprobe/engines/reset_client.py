@@ -7,6 +7,7 @@ whether it closed or reset first) is recorded per connection.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -26,7 +27,7 @@ from netprobe.sockets import (
     send_some,
 )
 
-__all__ = ["ClientReset", "ClientSummary", "generated_stream", "run_reset_client"]
+__all__ = ["ClientReset", "ClientSummary", "Interrupted", "generated_stream", "run_reset_client"]
 
 CLIENT_TRIGGERS = frozenset({TriggerKind.ON_CONNECT, TriggerKind.AFTER_BYTES, TriggerKind.AFTER_MS})
 
@@ -38,7 +39,16 @@ _HALT_POLL_S = 0.05
 
 
 class _Halted(Exception):
-    """The run is stopping: the worker aborts its connection and returns nothing."""
+    """The run is stopping: the worker aborts its connection and reports it `interrupted`."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during run_reset_client: `rest` holds the records of the connections that were
+    still running (each aborted, `ended_by` "interrupted"), so they can be reported too."""
+
+    def __init__(self, rest: list[ClientReset]) -> None:
+        super().__init__()
+        self.rest = rest
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +110,7 @@ class ClientSummary:
             self.server_closed_first += 1
         elif result.ended_by == "server-rst":
             self.server_reset_first += 1
-        elif result.ended_by != "client-rst":
+        elif result.ended_by not in ("client-rst", "interrupted"):
             self.failed += 1
 
 
@@ -165,7 +175,7 @@ def _one_client(
         )  # fmt: skip
     sock = outcome.sock
     peer = _Peer()
-    stalled = False
+    stalled = halted = False
     began = time.monotonic()
     try:
         if trigger.kind is TriggerKind.AFTER_BYTES:
@@ -185,10 +195,14 @@ def _one_client(
         # The server stopped reading and our send stalled: a result for this connection
         # (still ended by our RST), not the end of the whole run.
         stalled = True
+    except _Halted:
+        halted = True
     finally:
         abort_connection(sock)
     elapsed = time.monotonic() - start
-    if stalled and peer.reset_errno is None:
+    if halted and peer.reset_errno is None:
+        ended_by, state, action = "interrupted", ConnectState.OPEN, "rst"
+    elif stalled and peer.reset_errno is None:
         ended_by, state, action = "send-stalled", ConnectState.TIMEOUT, "rst"
     elif peer.reset_errno is not None:
         ended_by, state, action = "server-rst", ConnectState.RESET, "none"
@@ -258,6 +272,14 @@ def _send_until(
         peer.look(sock, _PEEK_S)
 
 
+def _next_done(pending: deque[Future[ClientReset]]) -> ClientReset:
+    # Waited for in place, then taken: a Ctrl-C during the wait leaves it in `pending`,
+    # where the interrupt handling still finds and reports it.
+    result = pending[0].result()
+    pending.popleft()
+    return result
+
+
 def run_reset_client(
     target: Resolved,
     shown: str,
@@ -296,14 +318,21 @@ def run_reset_client(
                 if duration_s is not None and time.monotonic() - started >= duration_s:
                     break
                 while len(pending) >= concurrency:
-                    yield pending.popleft().result()
+                    yield _next_done(pending)
                 if on_start is not None:
                     on_start(conn)
                 pending.append(
                     pool.submit(_one_client, conn, target, shown, trigger, data, timeout_s, halt)
                 )
             while pending:
-                yield pending.popleft().result()
+                yield _next_done(pending)
+        except KeyboardInterrupt:
+            halt.set()  # the workers abort within _HALT_POLL_S and report `interrupted`
+            rest = []
+            for future in pending:
+                with contextlib.suppress(Exception):
+                    rest.append(future.result())
+            raise Interrupted(rest) from None
         finally:
             # Ctrl-C (or a consumer that stops early): the workers abort their connections
             # within _HALT_POLL_S, so leaving the pool does not wait out --after-ms/--timeout.
