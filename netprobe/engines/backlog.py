@@ -1414,8 +1414,16 @@ def _judge(prediction: dict[str, Any], rec: dict[str, Any]) -> tuple[bool | None
         peak = server.get("accept_queue_max")
         if peak is None or attempted < cap:
             return None, "too few attempts to fill the queue"
-        if peak > cap:
+        if peak > cap + 1:
             return False, f"accept queue peak {peak} (expected at most {cap})"
+        if peak == cap + 1:
+            # tcp_v4_syn_recv_sock tests the queue for room, and the child is added later
+            # (inet_csk_reqsk_queue_add): two handshakes completing at once on two CPUs can
+            # both pass the test. A listener that accepts meanwhile makes that likelier.
+            return True, (
+                f"accept queue peak {peak}: one over the {cap} the kernel's room test allows, "
+                "as when two handshakes complete at once on two CPUs"
+            )
         drops = server.get("listener_drops_delta")
         if peak < cap and drops:
             # The listener drops when its accept queue is full (SOCKETS.md 1.3), or, with
