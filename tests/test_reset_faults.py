@@ -172,3 +172,9 @@ def test_cut_frames() -> None:
     assert state.cut_in(b"one\ntw") is None
     assert state.cut_in(b"o\nthree\n") == 2
     assert state.fired
+
+
+def test_zero_frames_acts_at_once_like_zero_bytes() -> None:
+    assert Trigger(TriggerKind.AFTER_FRAMES, 0, "line").at_once
+    assert Trigger(TriggerKind.AFTER_BYTES, 0).at_once
+    assert not Trigger(TriggerKind.AFTER_FRAMES, 1, "line").at_once

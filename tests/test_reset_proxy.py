@@ -474,3 +474,140 @@ def test_out_of_fds_for_a_splice_relay_falls_back_to_the_event_loop() -> None:
     finally:
         upstream.stop()
     assert carried >= 5
+
+
+@pytest.mark.parametrize("action", [Action.SLOW, Action.HALF_CLOSE])
+def test_client_reset_after_slow_or_half_close_is_passed_upstream(action: Action) -> None:
+    # slow and half-close leave the ending to the peers: a client RST still reaches the
+    # upstream as an RST (it used to go out as a FIN), and the record says "reset".
+    with serve(options()) as (up_port, up_records):
+        fault = options(
+            TriggerKind.ON_ACCEPT, action=action, slow_rate=100_000, direction=Direction.DOWN,
+            upstream=("127.0.0.1", up_port),
+        )  # fmt: skip
+        with proxy(fault) as (port, records):
+            sock = connect(port)
+            sock.sendall(b"ping")
+            if action is Action.SLOW:
+                assert sock.recv(4) == b"ping"  # the echo came back through the slow pipe
+            else:
+                assert sock.recv(4) == b""  # the half-close's FIN: the fault has fired
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # RST
+            _wait_records(records, 1)
+            _wait_records(up_records, 1)
+    assert up_records[0]["reason"] == "reset"
+    assert (records[0]["action"], records[0]["fired"]) == (str(action), True)
+    assert records[0]["reason"] == "reset"
+
+
+def test_slow_connection_that_ends_normally_says_eof() -> None:
+    with serve(options()) as (up_port, _):
+        fault = options(
+            TriggerKind.ON_ACCEPT, action=Action.SLOW, slow_rate=100_000,
+            upstream=("127.0.0.1", up_port),
+        )  # fmt: skip
+        with proxy(fault) as (port, records), connect(port) as sock:
+            sock.sendall(b"ping")
+            sock.shutdown(socket.SHUT_WR)
+            assert read_until_end(sock) == (b"ping", "eof")
+            _wait_records(records, 1)
+    record = records[0]
+    assert (record["action"], record["fired"], record["reason"]) == ("slow", True, "eof")
+
+
+@pytest.mark.parametrize("action", [Action.RST, Action.FIN])
+def test_direction_up_gives_the_client_a_fin_even_after_it_sent(action: Action) -> None:
+    # The spared client used to be closed with its bytes unread in the proxy's receive
+    # queue, which makes Linux send RST instead of FIN.
+    with serve(options()) as (up_port, _):
+        fault = options(
+            TriggerKind.ON_ACCEPT, action=action, direction=Direction.UP,
+            upstream=("127.0.0.1", up_port),
+        )  # fmt: skip
+        with proxy(fault) as (port, records), connect(port) as sock:
+            sock.sendall(b"hello")
+            assert read_until_end(sock) == (b"", "eof")
+            sock.close()
+            _wait_records(records, 1)
+    assert records[0]["reason"] == str(action)
+
+
+@pytest.mark.parametrize("action", [Action.RST, Action.FIN])
+def test_direction_down_closes_a_streaming_upstream_with_a_fin(action: Action) -> None:
+    # The same for a spared upstream that is still sending when the client is faulted.
+    with serve(options(mode=ServeMode.SEND)) as (up_port, up_records):
+        fault = options(
+            TriggerKind.AFTER_BYTES, 100_000, action=action, direction=Direction.DOWN,
+            upstream=("127.0.0.1", up_port),
+        )  # fmt: skip
+        with proxy(fault) as (port, records), connect(port) as sock:
+            got, _ending = read_until_end(sock)
+            sock.close()
+            _wait_records(up_records, 1)
+            _wait_records(records, 1)
+    assert got == generated_stream(100_000)
+    assert up_records[0]["reason"] == "eof"  # not "reset"
+    assert records[0]["reason"] == str(action)
+
+
+@pytest.mark.parametrize("action", [Action.FIN, Action.HALF_CLOSE, Action.RST])
+def test_totals_count_the_reason_the_record_gives(action: Action) -> None:
+    records: list[dict[str, Any]] = []
+    with serve(options()) as (up_port, _):
+        server, _faults, _control = make_proxy(
+            ServerConfig(port=0, handle_signals=False),
+            options(TriggerKind.AFTER_BYTES, 100, action=action, upstream=("127.0.0.1", up_port)),
+            on_record=records.append,
+        )
+        with running(server) as port:
+            with connect(port) as sock:
+                sock.sendall(b"a" * 1000)
+                read_until_end(sock)
+            _wait_records(records, 1)
+            totals = server.totals()
+    assert records[0]["reason"] == str(action)
+    assert totals.reasons == {str(action): 1}
+
+
+def test_splice_relays_leave_fds_for_later_connections() -> None:
+    # A spliced connection holds 8 fds, one on the event loop 2. Relays used to take fds
+    # until EMFILE, so under a low RLIMIT_NOFILE later clients failed (connect-error, or no
+    # accept at all) where --no-splice serves them all. Now relays keep to a share of the limit.
+    import contextlib
+    import functools
+    import resource
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    limit = 64  # --no-splice: about 7 fds at rest + 2 per connection
+    with serve(options()) as (up_port, _):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "netprobe", "reset", "proxy", "--listen", "127.0.0.1:0",
+             "--json", "--upstream", f"127.0.0.1:{up_port}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            preexec_fn=functools.partial(resource.setrlimit, resource.RLIMIT_NOFILE, (limit, limit)),
+        )  # fmt: skip
+        socks: list[socket.socket] = []
+        try:
+            assert proc.stdout is not None
+            port = int(json.loads(proc.stdout.readline())["port"])
+            echoed = 0
+            for _ in range(20):  # 20 x 8 fds would be far over the limit, 20 x 2 is not
+                sock = socket.create_connection(("127.0.0.1", port), timeout=1.0)
+                socks.append(sock)
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"x")
+                    echoed += sock.recv(1) == b"x"
+            fds = len(os.listdir(f"/proc/{proc.pid}/fd"))
+        finally:
+            for sock in socks:
+                sock.close()
+            proc.terminate()
+            proc.communicate(timeout=LONG)
+    assert echoed == 20
+    assert fds <= limit - 8  # fds stay free for the next accepts and upstream connects

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -256,6 +258,19 @@ def test_cli_announces_and_reports_json() -> None:
     assert record["bytes_out"] == 10
 
 
+def test_sigusr1_running_totals_are_json_with_json() -> None:
+    argv = ["reset", "serve", "--port", "0", "--after-bytes", "10"]
+    with subprocess_server(argv) as (proc, _announce):
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.stdout is not None
+        running = json.loads(proc.stdout.readline())
+        proc.send_signal(signal.SIGTERM)
+        final = json.loads(proc.stdout.readline())
+        assert proc.wait(LONG) == 0
+    assert (running["event"], running["kind"], running["final"]) == ("totals", "reset serve", False)
+    assert (final["event"], final["final"]) == ("totals", True)
+
+
 @pytest.mark.parametrize(
     ("argv", "words"),
     [
@@ -350,3 +365,37 @@ def test_slow_accept_delays_connects_and_count_ignores_fillers() -> None:
     # One slot, accepting 2 per second: a burst of three has SYNs dropped, and a dropped SYN
     # is retried only after about 1 s (Linux).
     assert max(times) >= 0.5
+
+
+def _wait_for(records: list[dict[str, Any]], count: int = 1) -> None:
+    deadline = time.monotonic() + LONG
+    while len(records) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(records) >= count, "no connection record"
+
+
+def test_send_mode_keeps_reading_a_client_that_does_not_read() -> None:
+    # The flood fills the write buffer of a client that never reads. Reading used to pause
+    # with it, so --after-bytes never fired (and bytes_in, --on-idle froze).
+    with serve(options(AFTER_BYTES, 1000, mode=ServeMode.SEND)) as (port, records):
+        sock = socket.socket()
+        with sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(LONG)
+            sock.connect(("127.0.0.1", port))
+            time.sleep(0.2)  # the flood fills every buffer on the way meanwhile
+            sock.sendall(b"k" * 1500)
+            _wait_for(records)  # the rst ends it while the client still holds it open
+    assert records[0]["fired"] is True
+    assert records[0]["bytes_in"] >= 1000
+    assert records[0]["reason"] == "rst"
+
+
+def test_after_zero_frames_acts_before_any_data() -> None:
+    # As --after-bytes 0: at once, not when the first bytes arrive (this client sends none).
+    with serve(options(TriggerKind.AFTER_FRAMES, 0, framing="line")) as (port, records):
+        with connect(port, timeout=2.0) as sock:
+            got, ending = read_until_end(sock)
+        _wait_for(records)
+    assert (got, ending) == (b"", "ECONNRESET")
+    assert records[0]["fired"] is True

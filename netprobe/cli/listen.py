@@ -92,8 +92,9 @@ def listen(
 
     The first stderr line announces the address (`listening on 127.0.0.1:PORT/tcp`, or a
     JSON object with --json). On stdin EOF the write side is half-closed. How the peer
-    ended (eof or reset) is reported on stderr. Exit codes: 0 the peer ended cleanly, 3 no
-    peer within --idle-timeout, 4 the peer reset the connection, 6 cannot bind.
+    ended (eof or reset) is reported on stderr. Exit codes: 0 the peer ended cleanly, 2 bad
+    input, 3 no peer within --idle-timeout, 4 the peer reset the connection, 5 --host does not
+    resolve, 6 cannot bind, 130 Ctrl-C, 143 SIGTERM (both after the peer's report).
     """
     from netprobe.engines.listen import ListenOptions
     from netprobe.engines.listen import listen as run_listen

@@ -481,9 +481,16 @@ class _Output:
         self._write(sys.stderr, f"netprobe: {self.command}: faults {state}")
 
     def running(self, summary: Any) -> None:
+        from netprobe.render import dump_json
+
         record = summary.to_record()
         if self.faults is not None:
             record = self.faults.clients_only(record)
+        if self.json_out and not self.quiet:
+            # As echo's: the same object as the final totals, marked as running.
+            running = {"event": "totals", "kind": self.command, **record, "final": False}
+            self._write(sys.stdout, dump_json(running))
+            return
         self._write(sys.stderr, f"netprobe: {self.command}: {self._totals_text(record)}")
 
     def totals(self, summary: Any, faults: Any, extra: dict[str, Any]) -> None:
@@ -493,6 +500,7 @@ class _Output:
         record = faults.clients_only(record)
         record.update(faults.to_record())
         record.update(extra)
+        record["final"] = True
         if self.quiet:
             return
         if self.json_out:
@@ -566,7 +574,7 @@ def serve(
         bool,
         typer.Option(
             "--slow-accept",
-            help="One-slot backlog pre-filled by netprobe, accepting --accept-rate per second: connects beyond that rate wait for SYN retransmits (1 s, 3 s, ...).",
+            help="One-slot backlog pre-filled by netprobe, accepting --accept-rate per second: connects beyond that rate wait for SYN retransmits (the first after about 1 s).",
         ),
     ] = False,
     no_accept: Annotated[

@@ -14,6 +14,7 @@ per direction) that apply toxics (latency, jitter, bandwidth, slices) when enabl
 straight through when not; back-pressure pauses the *other* side's reading. A connection no
 fault can touch is handed to a splice(2) relay thread instead (Linux): both transports stay
 paused while the kernel moves the bytes, and the relay is stopped before either socket closes.
+Relays keep to a share of RLIMIT_NOFILE (8 fds each against 2), so later clients still fit.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def _framing_reason(exc: FramingError) -> str:
 
 # After a `fin` action, the peer gets this long to close its side before we close ours.
 _FIN_LINGER_S = 2.0
+# The side an rst or fin spares (proxy) is closed with FIN, then given this long to close too.
+_SPARE_LINGER_S = 0.5
 # The send mode writes this much per step while the peer keeps up.
 _SEND_CHUNK = 64 * 1024
 _SEND_STEPS = 16  # chunks per loop turn
@@ -86,6 +89,14 @@ _SEND_STEPS = 16  # chunks per loop turn
 _PACE_TICK_S = 0.01
 # At most this many splice relay threads; further connections use the event loop.
 _RELAY_LIMIT = 256
+# A spliced connection holds 8 fds (its two sockets, the relay's wake pipe, a pipe pair per
+# direction), one on the event loop 2. So that splicing never costs many connections under a
+# low `ulimit -n`, relays together hold at most 1/_RELAY_FD_SHARE of the RLIMIT_NOFILE soft
+# limit, and one starts only while that share of the limit stays free for accepts and
+# upstream connects; other connections use the event loop.
+_SPLICED_FDS = 8
+_RELAY_EXTRA_FDS = 6
+_RELAY_FD_SHARE = 8
 # An `rst` first lets the bytes sent before the trigger reach the peer (a RST discards what
 # is still queued, SOCKETS.md §5), but waits at most this long for a peer that does not read.
 _RST_FLUSH_S = 0.2
@@ -266,6 +277,32 @@ class _Run:
         self.rng = random.Random(options.schedule.seed)
         self.server: Server | None = None
         self.relays = 0  # splice relays running now
+        self.sessions = 0  # proxied connections open now (2 sockets each, once connected)
+        self._fds_at_start: int | None = None  # fds open before the first session
+
+    def relay_fits(self) -> bool:
+        """Whether one more splice relay stays within its share of RLIMIT_NOFILE (see
+        _RELAY_FD_SHARE). The fds in use are estimated from the counts (listing /proc/self/fd
+        per connection would cost about a millisecond at 2,000 fds)."""
+        try:
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        except (ImportError, OSError, ValueError):
+            return True
+        if soft == resource.RLIM_INFINITY or soft <= 0:
+            return True
+        share = soft // _RELAY_FD_SHARE
+        if (self.relays + 1) * _SPLICED_FDS > share:
+            return False
+        if self._fds_at_start is None:
+            try:
+                # This session's two sockets are open already.
+                self._fds_at_start = len(os.listdir("/proc/self/fd")) - 2 * self.sessions
+            except OSError:
+                self._fds_at_start = 16  # no /proc: a typical start
+        in_use = self._fds_at_start + 2 * self.sessions + _RELAY_EXTRA_FDS * self.relays
+        return in_use + _RELAY_EXTRA_FDS <= soft - share
 
     def draw(self) -> tuple[int, Action]:
         index = self.index
@@ -530,6 +567,14 @@ class _ServeHandler(Handler):
             return
         conn.close("eof")
 
+    def on_write_paused(self, conn: Connection) -> None:
+        # Only an echo must stop reading while its output backs up (what it reads becomes
+        # output). send and discard keep reading: their bytes_in, --after-bytes and --on-idle
+        # must see a client that sends but does not read (send's flood fills this buffer;
+        # _pump_send already stops at the high-water mark).
+        if self.run.options.mode is ServeMode.ECHO:
+            super().on_write_paused(conn)
+
     def on_write_resumed(self, conn: Connection) -> None:
         super().on_write_resumed(conn)
         if self.run.options.mode is ServeMode.SEND:
@@ -674,8 +719,8 @@ class _ServeHandler(Handler):
 
     def _pipe_full(self, full: bool) -> None:
         conn = self.conn
-        if conn is None:
-            return
+        if conn is None or self.run.options.mode is not ServeMode.ECHO:
+            return  # as on_write_paused: only an echo's reading makes output
         if full:
             conn.pause_reading("slow")
         else:
@@ -761,6 +806,7 @@ class _Session:
         self.up: _Pipe | None = None  # client -> upstream
         self.down: _Pipe | None = None  # upstream -> client
         self.index, self.action = run.draw()
+        run.sessions += 1
         trigger = run.options.trigger if self.action is not Action.OK else None
         self.states = {
             Direction.UP: TriggerState(trigger, run.decoder()),
@@ -779,6 +825,9 @@ class _Session:
         self.upstream_errno: str | None = None
         self.emitted = False
         self.relay: _SpliceRelay | None = None
+        # Sides sent a FIN to end them (fin, or spared by an rst/fin on the other side): read
+        # and dropped until the peer's FIN, then closed with this reason (_fin, _spare).
+        self.lingering: dict[Connection, str] = {}
 
     # -- sides and directions ----------------------------------------------------------------
 
@@ -840,6 +889,7 @@ class _Session:
             or not run.options.splice
             or not run.options.faithful
             or run.relays >= _RELAY_LIMIT
+            or not run.relay_fits()
             or upstream is None
             or self.client.transport is None
             or upstream.transport is None
@@ -951,6 +1001,11 @@ class _Session:
     def eof(self, direction: Direction) -> None:
         """The source of `direction` sent FIN: pass it on once the pipe drained."""
         self.eofs[direction] = True
+        source = self.client if direction is Direction.UP else self.upstream
+        ending = None if source is None else self.lingering.pop(source, None)
+        if source is not None and ending is not None:
+            source.close(ending)  # we ended this side with a FIN: its peer's FIN completes it
+            return
         pipe = self.up if direction is Direction.UP else self.down
         dest = self._side(direction)
         if dest is None:
@@ -988,17 +1043,24 @@ class _Session:
         # After rst, fin or hang the action owns the other side's ending (an rst may still be
         # waiting for its last bytes to be acknowledged).
         owned = self.done_action in (Action.RST, Action.FIN, Action.HANG)
+        first_reset = reason == "reset" and self.end_reason not in ("reset", _UPSTREAM_RESET)
+        if first_reset and (which == "client" or not owned):
+            # A reset ends the connection whatever fault came before it (slow and half-close
+            # leave the ending to the peers; the record's action and fired tell the fault).
+            self.end_reason = _UPSTREAM_RESET if which == "upstream" else "reset"
         if other is not None and not other.is_closing and not owned:
-            if reason == "reset" and self.fired_at is None:
+            if reason == "reset":
                 # Pass the RST on, as a transparent path would; when the upstream sent it,
                 # the client's close says so (it is not a client reset).
                 other.abort(_UPSTREAM_RESET if which == "upstream" else "reset")
             else:
+                # The client's close carries the record's reason: the totals count that one.
+                ending = self.end_reason or reason
                 pipe = self.down if which == "upstream" else self.up
                 if pipe is None:
-                    other.close(reason)
+                    other.close(ending)
                 else:
-                    pipe.when_drained(lambda: other.close(reason))
+                    pipe.when_drained(lambda: other.close(ending))
         if self.closed["client"] and (self.upstream is None or self.closed["upstream"]):
             self._finish(reason)
 
@@ -1029,7 +1091,7 @@ class _Session:
         self.end_reason = self.end_reason or reason
         for conn in (self.client, self.upstream):
             if conn is not None and not conn.is_closing:
-                conn.close(reason)
+                conn.close(self.end_reason)  # the totals count the record's reason
 
     def fire(self) -> None:
         """Apply this session's action to the faulted side(s)."""
@@ -1040,7 +1102,8 @@ class _Session:
         self.fired_at = time.monotonic() - self.client.started_at
         action = self.action
         self.done_action = action
-        self.end_reason = str(action)
+        if action is not Action.SLOW:  # slow changes the pace, not how the connection ends
+            self.end_reason = str(action)
         faulted = [d for d in (Direction.DOWN, Direction.UP) if self._faulted(d)]
         others = [d for d in (Direction.DOWN, Direction.UP) if not self._faulted(d)]
         if action is Action.RST:
@@ -1080,12 +1143,28 @@ class _Session:
 
     def _fin(self, side: Connection) -> None:
         side.half_close()
+        self.lingering[side] = "fin"
         self.timers.append(side.call_later(_FIN_LINGER_S, side.close, "fin"))
 
     def _close_after_drain(self, direction: Direction, reason: str) -> None:
+        """Close the side an action spares once its bytes are out, with a FIN, not an RST."""
         side = self._side(direction)
+        pipe = self._pipe(direction)
+        pipe.seal()  # nothing more goes to it: a write after its FIN would fail
         if side is not None:
-            self._pipe(direction).when_drained(lambda: side.close(reason))
+            pipe.when_drained(lambda: self._spare(side, reason))
+
+    def _spare(self, side: Connection, reason: str) -> None:
+        # As serve's fin: FIN now, then read (and drop: the pipe its bytes would take is
+        # sealed) until the peer's FIN or the linger. A plain close with bytes from the peer
+        # still unread would send RST instead (TCPAbortOnClose, SOCKETS.md §5).
+        if side.is_closing:
+            return
+        self.lingering[side] = reason
+        side.half_close()
+        for key in ("peer", "pipe"):  # holds for a direction that carries nothing more
+            side.resume_reading(key)
+        self.timers.append(side.call_later(_SPARE_LINGER_S, side.close, reason))
 
     def _pipe(self, direction: Direction) -> _Pipe:
         pipe = self.up if direction is Direction.UP else self.down
@@ -1096,6 +1175,7 @@ class _Session:
         if self.emitted:
             return
         self.emitted = True
+        self.run.sessions -= 1
         for timer in self.timers:
             timer.cancel()
         self.timers.clear()

@@ -75,7 +75,9 @@ class Trigger:
     @property
     def at_once(self) -> bool:
         return self.kind in (TriggerKind.ON_ACCEPT, TriggerKind.ON_CONNECT) or (
-            self.kind in (TriggerKind.AFTER_BYTES, TriggerKind.AFTER_MS) and self.value == 0
+            # 0 bytes, frames or ms: nothing to wait for, so no waiting for the first data.
+            self.kind in (TriggerKind.AFTER_BYTES, TriggerKind.AFTER_FRAMES, TriggerKind.AFTER_MS)
+            and self.value == 0
         )
 
     def describe(self) -> str:
