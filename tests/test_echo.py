@@ -501,6 +501,7 @@ def test_port_in_use_exits_6_with_one_line() -> None:
         (["--allow", "10.0.0.300/8"], "10.0.0.300/8"),
         (["--delay", "soon"], "soon"),
         (["--udp", "--framing", "len16"], "--framing len16 applies to TCP and Unix streams"),
+        (["--unix", "/tmp/np-allow.sock", "--allow", "10.0.0.0/8"], "a Unix socket has none"),
         (["--max-frame", "0"], "--max-frame"),
         (["--port", "70000"], "70000"),
         (["--once", "--count", "2"], "--count"),
@@ -582,6 +583,25 @@ def test_ready_file_failure_leaves_no_temp_file(tmp_path: Path) -> None:
     with pytest.raises(LocalError, match="cannot write --ready-file"):
         out.ready(Bound("tcp", "127.0.0.1", 7))
     assert sorted(os.listdir(tmp_path)) == ["ready.json"]
+
+
+def test_ready_file_exists_only_while_listening(tmp_path: Path) -> None:
+    ready = tmp_path / "ready.json"
+    ready.write_text('{"event": "listening", "port": 1}')  # left by an earlier run
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        failed = run_netprobe(["echo", "--port", str(port), "--ready-file", str(ready)])
+    assert failed.returncode == 6
+    assert not ready.exists()  # a failed start does not look ready
+    with echo_process("--ready-file", str(ready), "--once") as (proc, announce):
+        assert json.loads(ready.read_text())["port"] == announce["port"]
+        with connect(announce) as client:
+            client.sendall(b"x")
+            assert recv_exactly(client, 1) == b"x"
+        assert proc.wait() == 0
+    assert not ready.exists()
 
 
 @pytest.mark.slow

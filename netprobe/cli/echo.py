@@ -179,6 +179,8 @@ def echo(
                 raise UsageError(f"--workers {workers} cannot be combined with {flag}")
     if udp and unix is not None:
         raise UsageError("--udp and --unix exclude each other")
+    if unix is not None and allow:
+        raise UsageError("--allow filters IP peers; a Unix socket has none (use its file mode)")
     if udp:
         for flag, given in (
             ("--max-conns", max_conns is not None),
@@ -232,9 +234,12 @@ def echo(
         config, options, on_event=out.event, on_ready=out.ready, on_totals=out.running_totals
     )
     out.event_loop = "asyncio" if server.config.loop_factory is None else "uvloop"
-    with naming_host(host):
-        server.listen()  # bind errors (exit 6) surface here, before anything is printed
-    summary = server.run()
+    try:
+        with naming_host(host):
+            server.listen()  # bind errors (exit 6) surface here, before anything is printed
+        summary = server.run()
+    finally:
+        _remove_ready_file(ready_file)  # nobody listens any more
     out.final_totals(summary)
 
 
@@ -246,6 +251,15 @@ def _check_ready_file(ready_file: Path) -> None:
             raise UsageError(f"--ready-file '{ready_file}': {path} is a directory, not a file")
     if not os.access(ready_file.parent, os.W_OK):
         raise UsageError(f"--ready-file '{ready_file}': cannot write in {ready_file.parent}")
+    # A file left by an earlier run would say "listening" for a server that may fail to bind:
+    # it exists only while this one listens.
+    _remove_ready_file(ready_file)
+
+
+def _remove_ready_file(ready_file: Path | None) -> None:
+    if ready_file is not None:
+        with contextlib.suppress(FileNotFoundError, OSError):
+            ready_file.unlink()
 
 
 def _tmp_path(ready_file: Path) -> Path:
