@@ -499,6 +499,8 @@ class Connection(asyncio.Protocol):
         if sock is not None and sock.family != socket.AF_UNIX:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+        # What the transport still holds is dropped, never sent: bytes_out counts it no more.
+        self.bytes_out -= min(self.bytes_out, transport.get_write_buffer_size())
         transport.abort()
 
     def half_close(self) -> None:

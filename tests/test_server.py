@@ -787,3 +787,29 @@ def test_udp_reply_the_kernel_refuses_is_not_counted_as_sent() -> None:
         totals = srv.server.totals()
     assert (totals.datagrams_in, totals.datagrams_out, totals.bytes_out) == (2, 1, 2)
     assert totals.reasons.get("send-error") == 1
+
+
+def test_an_aborted_connection_does_not_count_what_it_never_sent() -> None:
+    # A client that sends and never reads: the echo backs up in the transport, and the stop
+    # aborts the connection (RST) with that backlog unsent. bytes_out must leave it out.
+    with serving(ServerConfig(port=0)) as srv:
+        client = srv.connect()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.setblocking(False)
+        chunk = b"z" * 65536
+        stalled_since = None
+        deadline = time.monotonic() + LONG
+        while time.monotonic() < deadline:
+            try:
+                client.send(chunk)
+                stalled_since = None
+            except BlockingIOError:
+                stalled_since = stalled_since or time.monotonic()
+                if time.monotonic() - stalled_since > 0.3:  # the server stopped reading
+                    break
+                time.sleep(0.01)
+        events = srv.events
+    client.close()
+    close = next(e for e in events if e.event == "close")
+    assert close.reason == "shutdown"
+    assert close.bytes_out < close.bytes_in  # the backlog it dropped was not sent
