@@ -923,6 +923,10 @@ def _open_unix_listener(path: str, backlog: int) -> socket.socket:
 
 
 def _unix_accepting(path: str) -> bool:
+    # The kernel's own table first: a probe connect to a live server is a client to it (an
+    # `echo --unix --once` would count it as its one client and exit).
+    if _unix_listed_as_listening(path):
+        return True
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(0.5)
@@ -935,6 +939,15 @@ def _unix_accepting(path: str) -> bool:
         return True
     finally:
         probe.close()
+
+
+def _unix_listed_as_listening(path: str) -> bool:
+    """Whether /proc/net/unix lists a listening socket bound at `path` (as spelled, or as its
+    absolute path); False when not found there or not on Linux (the caller then probes)."""
+    from netprobe import kernel  # kernel imports this module: loaded on use
+
+    names = {path, os.path.abspath(path)}
+    return any(row.address in names for row in kernel.unix_listeners())
 
 
 def accept_and_close(listener: socket.socket, deadline: float) -> str | None:

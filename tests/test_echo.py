@@ -440,6 +440,23 @@ def test_unix_live_socket_file_is_not_replaced(tmp_path: Path) -> None:
     assert result.stdout == b""
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/net/unix")
+def test_a_refused_second_server_is_no_client_of_the_first(tmp_path: Path) -> None:
+    # Telling a live socket file from a stale one used to mean connecting to it: the first
+    # server counted that probe as its one --once client and exited.
+    path = str(tmp_path / "once.sock")
+    with echo_process("--unix", path, "--once") as (proc, announce):
+        second = run_netprobe(["echo", "--unix", path])
+        assert second.returncode == 6
+        assert proc.proc.poll() is None  # still waiting for its client
+        with connect(announce) as client:
+            client.sendall(b"me")
+            assert recv_exactly(client, 2) == b"me"
+        assert proc.wait() == 0
+        accepts = [r for r in proc.records_until("totals") if r["event"] == "accept"]
+    assert len(accepts) == 1
+
+
 def test_unix_announce_ready_file_and_cleanup(tmp_path: Path, event_loop_kind: str) -> None:
     path = tmp_path / "e.sock"
     ready = tmp_path / "ready.json"
