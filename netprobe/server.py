@@ -992,6 +992,7 @@ class Server:
         self._accepting = False
         self._accept_done = False
         self._accept_timer: asyncio.TimerHandle | None = None
+        self._accept_starved = False  # out of fds (or memory) since the last accept
         self._tokens = 0.0
         self._tokens_at = 0.0
         self._started_at = 0.0
@@ -1391,6 +1392,7 @@ class Server:
             except OSError as exc:
                 self._accept_failed(exc)
                 return
+            self._accept_starved = False
             self._admit(sock, addr)
             if not self._accepting:
                 return
@@ -1411,11 +1413,16 @@ class Server:
     def _accept_failed(self, exc: OSError) -> None:
         # Linux: ECONNABORTED/EPROTO etc. mean that one client vanished before accept(); the
         # queue goes on. EMFILE/ENFILE/ENOBUFS/ENOMEM mean we are out of resources: back off.
-        self._totals.errors += 1
-        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-            self._totals.reasons["accept-" + (sockets.errno_name(exc.errno) or "error")] = (
-                self._totals.reasons.get("accept-" + (sockets.errno_name(exc.errno) or ""), 0) + 1
-            )
+        starved = exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+        # A shortage is counted once, not once per retry: retries every _ACCEPT_BACKOFF_S
+        # would make the count measure how long it lasted.
+        if not (starved and self._accept_starved):
+            self._totals.errors += 1
+            if starved:
+                key = "accept-" + (sockets.errno_name(exc.errno) or "error")
+                self._totals.reasons[key] = self._totals.reasons.get(key, 0) + 1
+        if starved:
+            self._accept_starved = True
             self._stop_accepting()
             self._accept_timer = self.loop.call_later(_ACCEPT_BACKOFF_S, self._resume_accepting)
 

@@ -14,7 +14,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +41,13 @@ def event_loop_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPa
 class EchoProcess:
     """`python -m netprobe echo ARGS` with its stdout read line by line (with timeouts)."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], preexec_fn: Callable[[], None] | None = None) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "netprobe", "echo", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=ROOT,
+            preexec_fn=preexec_fn,
         )
         assert self.proc.stdout is not None
         self._sel = selectors.DefaultSelector()
@@ -635,3 +636,36 @@ def test_bench_echo_smoke_runs_and_checks_bytes() -> None:
     assert result.returncode == 0, result.stderr
     assert "bulk MiB/s" in result.stdout
     assert "RSS KB per conn" in result.stdout
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_NOFILE behaviour")
+def test_running_out_of_fds_is_one_error_however_long_it_lasts() -> None:
+    import resource
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+
+    proc = EchoProcess(["--port", "0", "--json"], preexec_fn=low_limit)
+    clients: list[socket.socket] = []
+    try:
+        port = proc.record()["port"]
+        # More clients than the server has fds for: its accepts fail (EMFILE).
+        clients.extend(
+            socket.create_connection(("127.0.0.1", port), timeout=LONG) for _ in range(50)
+        )
+        time.sleep(0.6)  # the shortage lasts: the server retries every 0.1 s meanwhile
+        for client in clients:
+            client.close()
+        clients.clear()
+        closed = 0
+        while closed < 50:  # every client served once fds are free again (events say so)
+            closed += proc.record()["event"] == "close"
+        proc.proc.send_signal(signal.SIGTERM)
+        totals = proc.records_until("totals")[-1]
+        assert proc.wait() == 0
+    finally:
+        for client in clients:
+            client.close()
+        proc.close()
+    assert totals["connections"] == 50
+    assert totals["reasons"].get("accept-EMFILE") == totals["errors"] == 1
