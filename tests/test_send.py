@@ -478,6 +478,7 @@ def test_transcript(start: Callable[..., ServerThread], tmp_path: Path) -> None:
         (["127.0.0.1:9", "--hex"], "--hex needs DATA"),
         (["127.0.0.1:9", "x", "--crlf", "--framing", "line"], "--crlf"),
         (["127.0.0.1:9", "x", "--max-frame", "0"], "--max-frame 0"),
+        (["127.0.0.1:9", "x", "--interval", "1s"], "--interval paces --repeat runs"),
         (["127.0.0.1:9", "x", "--expect-bytes", "0"], "--expect-bytes 0"),
         (["127.0.0.1:9", "x", "--until", ""], "--until"),
         (["127.0.0.1:9", "x", "--hexdump", "--json"], "--hexdump"),
@@ -526,3 +527,172 @@ def test_udp_framing_enforces_max_frame_on_replies() -> None:
     rec = as_json(res.stdout)
     assert "max_frame is 4" in str(rec["framing_error"])
     assert "frames" not in rec or rec["frames"] == []
+
+
+# --- review fixes: --repeat with --transcript/--hexdump, stalled uploads, partial frames, ----
+# --- an unwritable transcript ----------------------------------------------------------------
+
+
+def holding(reply: bytes, release: threading.Event) -> Handler:
+    """Send `reply` at once, then keep the connection open, never reading, until `release`."""
+
+    def handler(conn: socket.socket) -> None:
+        conn.sendall(reply)
+        release.wait(LONG)
+
+    return handler
+
+
+def test_repeat_transcript_records_every_run(
+    start: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    # It used to create the file and write nothing: the runs never got the transcript.
+    srv = start(echo_handler)
+    path = tmp_path / "t.jsonl"
+    res = invoke(["send", addr(srv), "abc", "--repeat", "3", "--transcript", str(path)])
+    assert res.exit_code == 0, res.stderr
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted({r["run"] for r in records}) == [1, 2, 3]
+    for run in (1, 2, 3):
+        mine = [r for r in records if r["run"] == run]
+        sent = b"".join(base64.b64decode(r["data_b64"]) for r in mine if r["direction"] == "send")
+        got = b"".join(base64.b64decode(r["data_b64"]) for r in mine if r["direction"] == "recv")
+        assert (sent, got) == (b"abc", b"abc")
+    assert [r["run"] for r in records] == sorted(r["run"] for r in records)
+    # A single run keeps its documented fields: no `run`.
+    single = tmp_path / "one.jsonl"
+    assert invoke(["send", addr(srv), "abc", "--transcript", str(single)]).exit_code == 0
+    assert all("run" not in json.loads(line) for line in single.read_text().splitlines())
+
+
+def test_repeat_with_hexdump_is_bad_input(server: ServerThread) -> None:
+    # --repeat discards the replies, so --hexdump used to be silently ignored.
+    res = invoke(["send", f"127.0.0.1:{server.port}", "x", "--repeat", "2", "--hexdump"])
+    assert (res.exit_code, res.stdout) == (2, b"")
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "--hexdump" in lines[0]
+    assert "--repeat" in lines[0]
+    assert server.accepted == 0
+
+
+def _stall_size() -> int:
+    """An upload the loopback buffers cannot swallow: well over the largest send buffer."""
+    try:
+        wmem_max = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    except (OSError, ValueError, IndexError):
+        wmem_max = 4 * 1024 * 1024
+    return max(8_000_000, 2 * wmem_max + 4 * 1024 * 1024)
+
+
+def test_upload_stalled_by_a_peer_that_stopped_reading_exits_3(
+    start: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    # The peer greets, then never reads: the upload stalls, the idle timeout ends the run.
+    # That used to exit 0 with nothing on stderr, since a reply (the banner) had come.
+    banner = b"220 hello\r\n"
+    payload = tmp_path / "upload.bin"
+    size = _stall_size()
+    payload.write_bytes(b"A" * size)
+    release = threading.Event()
+    try:
+        servers = [start(holding(banner, release)) for _ in range(2)]
+        for srv in servers:  # a fixed receive buffer: the kernel cannot take it all for it
+            srv.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        args = ["--file", str(payload), "--idle-timeout", "1s"]
+        as_json_run = invoke(["send", addr(servers[0]), *args, "--json"])
+        text_run = invoke(["send", addr(servers[1]), *args])
+    finally:
+        release.set()
+    assert as_json_run.exit_code == 3, as_json_run.stdout
+    rec = as_json(as_json_run.stdout)
+    assert rec["data"] == banner.decode()
+    assert rec["ended_by"] == "idle-timeout"
+    assert rec["input_complete"] is False
+    assert 0 < int(str(rec["bytes_sent"])) < size
+    assert text_run.exit_code == 3
+    assert text_run.stdout == banner
+    (line,) = text_run.stderr.splitlines()
+    assert "input not fully sent" in line
+    assert f"of {size} bytes went out before the idle timeout" in line
+
+
+def test_complete_upload_says_input_complete(start: Callable[..., ServerThread]) -> None:
+    srv = start(echo_handler)
+    res = invoke(["send", addr(srv), "ping", "--json"])
+    assert res.exit_code == 0, res.stderr
+    assert as_json(res.stdout)["input_complete"] is True
+
+
+def test_partial_frame_at_the_idle_timeout_is_a_framing_error(
+    start: Callable[..., ServerThread],
+) -> None:
+    # A len32 header announcing 5 bytes, 3 of them sent; the peer stays open. The partial
+    # frame used to be dropped silently, exit 0; after an EOF the same bytes are exit 1.
+    partial = b"\x00\x00\x00\x05abc"
+    release = threading.Event()
+    try:
+        servers = [start(holding(partial, release)) for _ in range(3)]
+        base = ["x", "--framing", "len32"]
+        idle_json = invoke(["send", addr(servers[0]), *base, "--idle-timeout", "1s", "--json"])
+        idle_text = invoke(["send", addr(servers[1]), *base, "--idle-timeout", "1s"])
+        overall = invoke(
+            ["send", addr(servers[2]), *base, "--idle-timeout", "0", "--timeout", "1500ms",
+             "--json"]
+        )  # fmt: skip
+    finally:
+        release.set()
+    assert idle_json.exit_code == 1, idle_json.stdout
+    rec = as_json(idle_json.stdout)
+    assert rec["ended_by"] == "idle-timeout"
+    assert rec["framing_error"] == "incomplete frame at idle timeout: 7 bytes of a frame"
+    assert rec["frames"] == []
+    assert idle_text.exit_code == 1
+    assert idle_text.stdout == b""
+    (line,) = idle_text.stderr.splitlines()
+    assert line.endswith("incomplete frame at idle timeout: 7 bytes of a frame")
+    # --timeout stays exit 3 (timed out), and now says what was cut off.
+    assert overall.exit_code == 3, overall.stdout
+    rec = as_json(overall.stdout)
+    assert rec["ended_by"] == "timeout"
+    assert rec["framing_error"] == "incomplete frame at timeout: 7 bytes of a frame"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("extra", [[], ["--repeat", "2"]])
+def test_transcript_write_failure_exits_6_with_one_line(
+    start: Callable[..., ServerThread], extra: list[str]
+) -> None:
+    # Every write to /dev/full fails with ENOSPC: that used to be "internal error", exit 70.
+    srv = start(echo_handler)
+    res = invoke(["send", addr(srv), "hello", "--transcript", "/dev/full", *extra])
+    assert res.exit_code == 6, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "/dev/full" in lines[0]
+    assert "ENOSPC" in lines[0]
+    assert "internal error" not in res.stderr
+
+
+def test_transcript_open_failure_of_the_host_exits_6(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: ServerThread
+) -> None:
+    # A path that cannot be used is bad input (exit 2); a host that cannot give us the file
+    # (no space for it, no free descriptor) is a local failure (exit 6), named with its errno.
+    import errno
+
+    target = tmp_path / "t.jsonl"
+    real_open = Path.open
+
+    def failing_open(self: Path, *args: object, **kwargs: object) -> object:
+        if self == target:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real_open(self, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(Path, "open", failing_open)
+    res = invoke(["send", f"127.0.0.1:{server.port}", "x", "--transcript", str(target)])
+    assert res.exit_code == 6, res.stderr
+    (line,) = res.stderr.splitlines()
+    assert str(target) in line
+    assert "ENOSPC" in line
+    assert server.accepted == 0

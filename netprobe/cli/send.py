@@ -4,6 +4,9 @@ here beyond opening the files the user names; the exchange is netprobe.engines.s
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import sys
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Annotated, Any, cast
@@ -18,10 +21,17 @@ from netprobe.cli._options import (
     family_of,
     size,
 )
-from netprobe.errors import DeadlineExceeded, NetworkError, UsageError
+from netprobe.errors import DeadlineExceeded, LocalError, NetworkError, UsageError
 
 if TYPE_CHECKING:
-    from netprobe.engines.send import InputSource
+    from netprobe.engines.send import InputSource, SendResult
+
+# Opening --transcript FILE fails with these when the path itself is wrong: bad input (exit 2).
+# Any other failure (a full disk, no free descriptor) is this host's refusal (exit 6).
+_BAD_PATH_ERRNOS = frozenset(
+    (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EROFS, errno.ENAMETOOLONG,
+     errno.ELOOP)
+)  # fmt: skip
 
 __all__ = ["send"]
 
@@ -52,6 +62,63 @@ def _input(data: str | None, hex_data: bool, file: Path | None) -> tuple[InputSo
     if stdin is None or stdin.isatty():
         return InputSource(data=b""), None
     return InputSource.from_stream(cast("IO[bytes]", getattr(stdin, "buffer", stdin))), None
+
+
+def _open_transcript(path: Path) -> IO[str]:
+    try:
+        return path.open("w", encoding="utf-8")
+    except OSError as exc:
+        if exc.errno in _BAD_PATH_ERRNOS:
+            raise UsageError(
+                f"--transcript {str(path)!r}: cannot write it: {exc.strerror}"
+            ) from None
+        from netprobe.sockets import errno_name
+
+        name = errno_name(exc.errno)
+        raise LocalError(
+            f"--transcript {str(path)!r}: cannot open it: {name or 'error'}: {exc.strerror or exc}",
+            name,
+        ) from None
+
+
+def _input_size(source: InputSource, converted: bool) -> int | None:
+    """The bytes the input puts on the wire, when known before sending (DATA, a regular
+    file sent as it is); None for a pipe or converted input (--crlf, --framing)."""
+    if converted:
+        return None
+    if source.data is not None:
+        return len(source.data)
+    start = source.offset()
+    if start is None or source.fd is None:
+        return None
+    try:
+        return max(os.fstat(source.fd).st_size - start, 0)
+    except OSError:
+        return None
+
+
+def _failure_line(result: SendResult, input_size: int | None) -> str:
+    """Why a single run did not complete, for the one stderr line."""
+    if result.error is not None:  # e.g. UDP: "recv: ECONNREFUSED: nothing listens on ..."
+        return result.error
+    answered = result.first_byte_ms is not None or result.bytes_received > 0
+    unsent = not result.input_complete and result.ended_by in ("idle-timeout", "timeout")
+    if result.framing_error is not None:
+        why = result.framing_error
+    elif result.expect_met is False:
+        why = f"expectation not met (ended by {result.ended_by})"
+    elif result.ended_by == "idle-timeout" and not answered:
+        why = "no answer before the idle timeout"
+    elif unsent:
+        why = ""  # the note below says it all
+    else:
+        why = result.ended_by
+    if unsent:
+        total = f" of {input_size}" if input_size is not None else ""
+        when = "the idle timeout" if result.ended_by == "idle-timeout" else "the timeout"
+        note = f"input not fully sent: {result.bytes_sent}{total} bytes went out before {when}"
+        why = f"{why}; {note}" if why else note
+    return f"{result.address}: {why}"
 
 
 def _stats_text(stats: dict[str, Any]) -> str:
@@ -160,8 +227,8 @@ def send(
         int,
         typer.Option("--repeat", min=1, help="Run the exchange N times; print latency stats."),
     ] = 1,
-    interval: Annotated[
-        float,
+    interval_opt: Annotated[
+        float | None,
         typer.Option(
             "--interval",
             show_default="0",
@@ -169,7 +236,7 @@ def send(
             metavar="DURATION",
             help="Pause between --repeat runs.",
         ),
-    ] = 0.0,
+    ] = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="One JSON object instead of the reply bytes.")
     ] = False,
@@ -186,8 +253,9 @@ def send(
 ) -> None:
     """Connect, send DATA / --file / stdin, print what comes back; say how it ended.
 
-    Exit codes: 0 completed, 1 refused (or expectation not met at EOF), 3 timed out or no
-    answer, 4 reset by peer, 5 name not resolved.
+    Exit codes: 0 completed, 1 refused (or expectation not met at EOF, or a framing error),
+    3 timed out, no answer, or input left unsent; 4 reset by peer, 5 name not resolved,
+    6 local failure (the transcript cannot be written).
     """
     import re
 
@@ -214,6 +282,13 @@ def send(
         raise UsageError("--crlf converts raw input; with framing use --framing crlf")
     if hexdump and (json_out or framing_spec is not None):
         raise UsageError("--hexdump shows raw replies; it excludes --json and --framing")
+    if interval_opt is not None and repeat <= 1:
+        raise UsageError("--interval paces --repeat runs: add --repeat N (N of 2 or more)")
+    interval = interval_opt or 0.0
+    if hexdump and repeat > 1:
+        raise UsageError(
+            "--hexdump shows the replies, which --repeat discards: use one or the other"
+        )
     pattern = None
     if until_regex is not None:
         try:
@@ -266,14 +341,13 @@ def send(
         out.flush()
 
     transcript_out: IO[str] | None = None
+    input_size = _input_size(source, crlf or framing is not None)
     try:
         if transcript_file is not None:
-            try:
-                transcript_out = transcript_file.open("w", encoding="utf-8")
-            except OSError as exc:
-                raise UsageError(
-                    f"--transcript {str(transcript_file)!r}: cannot write it: {exc.strerror}"
-                ) from None
+            transcript_out = _open_transcript(transcript_file)
+        transcript = (
+            Transcript(transcript_out, str(transcript_file)) if transcript_out is not None else None
+        )
         if repeat > 1:
             if not source.rewind():
                 raise UsageError("--repeat needs DATA, --file or a regular-file stdin to replay")
@@ -282,11 +356,12 @@ def send(
                 if json_out:  # a run that never connected too: the same fields as one run
                     emit((dump_json(result.record()) + "\n").encode())
 
-            results, status = repeat_exchange(opts, repeat, interval, on_result=show)
+            results, status = repeat_exchange(
+                opts, repeat, interval, on_result=show, transcript=transcript
+            )
             stats = latency_stats(results)
             emit((dump_json(stats) + "\n" if json_out else _stats_text(stats)).encode())
             raise typer.Exit(int(status))
-        transcript = Transcript(transcript_out) if transcript_out is not None else None
         try:
             result = exchange(opts, None if json_out else emit, transcript)
         except (NetworkError, DeadlineExceeded) as exc:
@@ -297,18 +372,13 @@ def send(
         if handle is not None:
             handle.close()
         if transcript_out is not None:
-            transcript_out.close()
+            # Every line was flushed as written, so close() can only fail again on the line
+            # whose write already raised LocalError: that one message is enough.
+            with contextlib.suppress(OSError):
+                transcript_out.close()
     if json_out:
         emit((dump_json(result.record()) + "\n").encode())
     status = exit_status_for(result)
     if status and not json_out:
-        why = result.framing_error or result.ended_by
-        if result.expect_met is False:
-            why = f"expectation not met (ended by {result.ended_by})"
-        elif result.ended_by == "idle-timeout":
-            why = "no answer before the idle timeout"
-        line = f"{result.address}: {why}"
-        if result.error is not None:  # e.g. UDP: "recv: ECONNREFUSED: nothing listens on ..."
-            line = result.error
-        sys.stderr.write(f"netprobe: send: {line}\n")
+        sys.stderr.write(f"netprobe: send: {_failure_line(result, input_size)}\n")
     raise typer.Exit(int(status))

@@ -20,6 +20,7 @@ from netprobe.errors import (
     ConnectError,
     DeadlineExceeded,
     FramingError,
+    LocalError,
     NetworkError,
     PeerResetError,
     UsageError,
@@ -32,6 +33,7 @@ from netprobe.sockets import (
     Target,
     connect_nonblocking,
     connect_udp,
+    errno_name,
     format_hostport,
     pump_duplex,
     recv_datagram,
@@ -438,40 +440,70 @@ class _Receiver:
         if data and self.emit is not None:
             self.emit(data)
 
-    def finish(self, peer_eof: bool) -> None:
-        """The read ended: flush the hexdump, check for a truncated frame at EOF."""
+    def finish(self, peer_eof: bool, ended_by: str | None = None) -> None:
+        """The read ended: flush the hexdump, check for a truncated frame at EOF, or at an
+        idle timeout or timeout (half a frame is no reply, whether or not the peer closed)."""
         if self.hexdumper is not None and not self.collect:
             self._emit(self.hexdumper.finish())
-        if self.decoder is not None and peer_eof and not self.met and not self.framing_error:
+        if self.decoder is None or self.met or self.framing_error:
+            return
+        if peer_eof:
             try:
                 self.decoder.feed(b"")
                 self._take_frames()
             except FramingError as exc:
                 self.framing_error = str(exc)
+        elif ended_by in ("idle-timeout", "timeout") and self.decoder.buffered:
+            # Every whole frame was taken as it arrived: what the decoder holds is a partial one.
+            when = "idle timeout" if ended_by == "idle-timeout" else "timeout"
+            self.framing_error = (
+                f"incomplete frame at {when}: {self.decoder.buffered} bytes of a frame"
+            )
 
 
 class Transcript:
     """Every chunk in either direction as one JSON line (debugging a protocol afterwards).
 
     Fields: direction ("send" or "recv"), monotonic (time.monotonic() seconds), t_ms (since
-    the exchange started), size, data_b64.
+    the exchange started), size, data_b64; under --repeat also run (1, 2, ...: the run the
+    chunk belongs to; t_ms then counts from that run's start).
     """
 
-    def __init__(self, out: IO[str]) -> None:
+    def __init__(self, out: IO[str], name: str | None = None) -> None:
         self.out = out
+        self.name = name if name is not None else getattr(out, "name", "transcript")
+        self.start = time.monotonic()
+        self.run: int | None = None
+
+    def start_run(self, run: int) -> None:
+        """Mark the chunks that follow as run `run` of a --repeat, timed from now."""
+        self.run = run
         self.start = time.monotonic()
 
     def record(self, direction: str, data: bytes | memoryview) -> None:
+        """Write one line (flushed at once).
+
+        Raises:
+            LocalError: the file cannot be written (a full disk, an I/O error).
+        """
         now = time.monotonic()
-        line = {
-            "direction": direction,
-            "monotonic": round(now, 6),
-            "t_ms": round((now - self.start) * 1000, 3),
-            "size": len(data),
-            "data_b64": base64.b64encode(data).decode("ascii"),
-        }
-        self.out.write(json.dumps(line, separators=(", ", ": ")) + "\n")
-        self.out.flush()
+        line: dict[str, Any] = {} if self.run is None else {"run": self.run}
+        line.update(
+            direction=direction,
+            monotonic=round(now, 6),
+            t_ms=round((now - self.start) * 1000, 3),
+            size=len(data),
+            data_b64=base64.b64encode(data).decode("ascii"),
+        )
+        try:
+            self.out.write(json.dumps(line, separators=(", ", ": ")) + "\n")
+            self.out.flush()
+        except OSError as exc:
+            name = errno_name(exc.errno) or "error"
+            raise LocalError(
+                f"--transcript {str(self.name)!r}: cannot write it: {name}: {exc.strerror or exc}",
+                errno_name(exc.errno),
+            ) from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,6 +547,8 @@ class SendResult:
     error: str | None = None  # the message of the error that ended the run
     expect_met: bool | None = None
     framing_error: str | None = None
+    # The whole input went out (an upload stalled by a peer that stopped reading: False).
+    input_complete: bool = True
     datagrams_sent: int | None = None
     datagrams_received: int | None = None
     data: bytes | None = None
@@ -533,6 +567,7 @@ class SendResult:
             "first_byte_ms",
             "total_ms",
             "ended_by",
+            "input_complete",
         ):
             rec[key] = getattr(self, key)
         for key in ("errno_name", "error", "expect_met", "framing_error"):
@@ -626,6 +661,7 @@ def failed_result(opts: SendOptions, exc: NetworkError | DeadlineExceeded) -> Se
         ended_by="timeout" if timed_out else "error",
         errno_name=None if isinstance(exc, DeadlineExceeded) else exc.errno_name,
         error=str(exc),
+        input_complete=False,
     )
     if opts.udp:
         result.datagrams_sent = result.datagrams_received = 0
@@ -756,8 +792,9 @@ def _exchange_checked(
     finally:
         sock.close()
     end = time.monotonic()
-    receiver.finish(pumped.peer_eof)
+    receiver.finish(pumped.peer_eof, pumped.ended_by)
     result.bytes_sent = pumped.bytes_sent
+    result.input_complete = pumped.input_done_at is not None
     result.bytes_received = pumped.bytes_received
     result.first_byte_ms = _ms(
         None if pumped.first_byte_at is None else pumped.first_byte_at - start
@@ -841,6 +878,7 @@ def _exchange_udp(
         return "error"
 
     ended: str | None = None
+    result.input_complete = False
     try:
         for datagram in _datagrams(opts):
             if deadline is not None and time.monotonic() >= deadline:
@@ -855,6 +893,8 @@ def _exchange_udp(
             ended = take(None)
             if ended is not None:
                 break
+        else:
+            result.input_complete = True
         while ended is None:
             idle_at = last_activity + opts.idle_timeout_s if opts.idle_timeout_s else None
             limits = [t for t in (deadline, idle_at) if t is not None]
@@ -872,7 +912,7 @@ def _exchange_udp(
         ended = failed(exc)
     finally:
         sock.close()
-    receiver.finish(False)
+    receiver.finish(False, ended)
     end = time.monotonic()
     result.ended_by = ended
     result.first_byte_ms = _ms(None if first_byte_at is None else first_byte_at - start)
@@ -886,7 +926,9 @@ def _exchange_udp(
 
 
 def exit_status_for(result: SendResult) -> ExitStatus:
-    """0 completed; 4 reset; 3 timed out or no answer at all; 1 expectation not met."""
+    """0 completed; 4 reset; 3 timed out, no answer at all, or input left unsent at the idle
+    timeout; 1 expectation not met at EOF, or a framing error (a partial frame at the idle
+    timeout too)."""
     if result.ended_by == "reset":
         return ExitStatus.RESET
     if result.ended_by == "error":
@@ -897,6 +939,8 @@ def exit_status_for(result: SendResult) -> ExitStatus:
         return ExitStatus.NOT_OPEN
     if result.expect_met is False:
         return ExitStatus.TIMEOUT if result.ended_by == "idle-timeout" else ExitStatus.NOT_OPEN
+    if result.ended_by == "idle-timeout" and not result.input_complete:
+        return ExitStatus.TIMEOUT  # the peer stopped reading: the upload stalled halfway
     # The peer never answered. Not bytes_received == 0: an empty UDP datagram is an answer.
     answered = result.first_byte_ms is not None or result.bytes_received > 0
     if result.ended_by == "idle-timeout" and not answered:
@@ -962,19 +1006,21 @@ def repeat_exchange(
     count: int,
     interval_s: float,
     on_result: Callable[[SendResult], None] | None = None,
+    transcript: Transcript | None = None,
 ) -> tuple[list[SendResult], ExitStatus]:
     """Run the exchange `count` times, a new connection each time, `interval_s` apart.
 
     The input is checked once, before the first run (as exchange() does). A run whose
     connect fails is a result too (failed_result(): address and timings None, ended_by
     "timeout" or "error" with errno_name) and the runs go on; resolution and usage errors
-    end the loop at once.
+    end the loop at once. A transcript records every run, its lines numbered with `run`.
 
     Returns:
         (one result per run, the worst exit status).
 
     Raises:
         UsageError: the input cannot be replayed, or cannot be framed.
+        LocalError: the transcript cannot be written.
     """
     from netprobe.exitcodes import exit_status_for_error, worst
 
@@ -988,7 +1034,9 @@ def repeat_exchange(
         if run == 0:
             _check_input(opts)
         try:
-            result = _exchange_checked(opts, None, None)
+            if transcript is not None:
+                transcript.start_run(run + 1)
+            result = _exchange_checked(opts, None, transcript)
             status = exit_status_for(result)
         except (ConnectError, PeerResetError, DeadlineExceeded) as exc:
             result = failed_result(opts, exc)
