@@ -597,8 +597,13 @@ class Connection(asyncio.Protocol):
         self._receive(data)
         if self._drain_from >= 0:
             self._drain(len(data))
-        elif self._fd >= 0 and len(data) < _BUSY_POLL_SMALL and len(self._server._active) == 1:
-            self._busy_poll()
+        elif self._fd >= 0:
+            if len(data) >= _BUSY_POLL_SMALL:
+                # A stream, not request/response: polling it would only take CPU from the
+                # sender, so this connection is not polled again.
+                self._fd = -1
+            elif len(self._server._active) == 1:
+                self._busy_poll()
 
     def _drain(self, last_read: int) -> None:
         sock = self._drain_sock
@@ -650,6 +655,7 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
+        waited = False  # the socket was empty at least once since the last read
         while len(server._active) == 1 and not server._outbound:
             # is_closing(): a write failed and the transport closed itself; connection_lost
             # (and with it _closing) only comes in a later loop turn.
@@ -664,6 +670,7 @@ class Connection(asyncio.Protocol):
             try:
                 data = os.read(fd, _BUSY_POLL_READ)
             except BlockingIOError:
+                waited = True
                 now = _perf_counter()
                 if now >= quiet_until or now >= give_back:
                     return
@@ -677,15 +684,22 @@ class Connection(asyncio.Protocol):
                 return  # EOF stays readable: the loop delivers it as usual
             now = _perf_counter()
             self._receive(data)
+            if len(data) >= _BUSY_POLL_SMALL:
+                self._fd = -1  # a stream (see data_received)
             quiet_until = now + window
             if (
-                now >= give_back
+                not waited
+                or now >= give_back
                 or len(data) >= _BUSY_POLL_SMALL
                 or transport.get_write_buffer_size()
             ):
-                # Back to the loop: its turn is due, or the peer streams (a large read, or a
-                # backlog the loop must flush as the socket drains) rather than waits.
+                # Back to the loop: its turn is due, or the peer streams rather than waits:
+                # bytes already there when we looked (a request/response peer is still
+                # waiting for our answer then), a large read, or a backlog the loop must flush
+                # as the socket drains. The loop reads a stream in large chunks; polling it
+                # in small ones costs the CPU the sender needs.
                 return
+            waited = False
 
     def _receive(self, data: bytes) -> None:
         self._last_rx = _monotonic()
