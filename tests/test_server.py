@@ -739,14 +739,21 @@ def recv_until_eof(sock: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-def test_udp_empty_datagram_gets_an_empty_reply() -> None:
-    # port-check --udp probes with an empty datagram; asyncio's sendto(b"") sends nothing.
+@contextlib.contextmanager
+def udp_serving(handler: DatagramHandler) -> Iterator[tuple[Running, socket.socket]]:
+    """A UDP server with `handler`, and a client socket connected to it."""
     with (
-        serving(ServerConfig(port=0, udp=True), datagram_handler=UdpEcho()) as srv,
+        serving(ServerConfig(port=0, udp=True), datagram_handler=handler) as srv,
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
     ):
         client.settimeout(LONG)
         client.connect(srv.addr)
+        yield srv, client
+
+
+def test_udp_empty_datagram_gets_an_empty_reply() -> None:
+    # port-check --udp probes with an empty datagram; asyncio's sendto(b"") sends nothing.
+    with udp_serving(UdpEcho()) as (_srv, client):
         client.send(b"")
         assert client.recv(100) == b""
         client.send(b"x")
@@ -775,12 +782,7 @@ class _Oversized(DatagramHandler):
 
 
 def test_udp_reply_the_kernel_refuses_is_not_counted_as_sent() -> None:
-    with (
-        serving(ServerConfig(port=0, udp=True), datagram_handler=_Oversized()) as srv,
-        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
-    ):
-        client.settimeout(LONG)
-        client.connect(srv.addr)
+    with udp_serving(_Oversized()) as (srv, client):
         client.send(b"big")
         client.send(b"ok")
         assert client.recv(100) == b"ok"  # the server goes on after the failed send
