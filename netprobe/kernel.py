@@ -289,6 +289,7 @@ _NLM_F_REQUEST_DUMP = 0x301  # NLM_F_REQUEST | NLM_F_ROOT | NLM_F_MATCH
 _NLMSG_ERROR = 2
 _NLMSG_DONE = 3
 _INET_DIAG_SKMEMINFO = 7
+_INET_DIAG_SKV6ONLY = 11  # a u8 the kernel adds for every AF_INET6 socket
 _SK_MEMINFO_DROPS = 8  # index of the drop count among the SKMEMINFO u32s
 _TCP_SYN_RECV = 3
 _TCP_LISTEN = 10
@@ -311,6 +312,7 @@ class ListenerQueue:
         uid: owning user id.
         inode: socket inode (ties the row to a process's fd).
         source: "inet_diag" or "proc" (the fallback, which lacks limit and drops).
+        v6only: an IPv6 socket that takes no IPv4 (IPV6_V6ONLY); None for IPv4 and via /proc.
     """
 
     family: int
@@ -322,6 +324,7 @@ class ListenerQueue:
     uid: int
     inode: int
     source: str
+    v6only: bool | None = None
 
 
 def _diag_dump(family: int, states: int, ext: int, sport: int = 0) -> list[tuple[Any, ...]]:
@@ -355,36 +358,48 @@ def _diag_dump(family: int, states: int, ext: int, sport: int = 0) -> list[tuple
                 body = offset + _NLMSG_HDR.size
                 if msg_type == _SOCK_DIAG_BY_FAMILY and length >= _NLMSG_HDR.size + _DIAG_MSG.size:
                     fields = _DIAG_MSG.unpack_from(data, body)
-                    drops = _skmem_drops(data, body + _DIAG_MSG.size, offset + length)
-                    rows.append((fields, drops))
+                    drops, v6only = _diag_attrs(data, body + _DIAG_MSG.size, offset + length)
+                    rows.append((fields, drops, v6only))
                 offset += (length + 3) & ~3
     finally:
         sock.close()
 
 
-def _skmem_drops(data: bytes, start: int, end: int) -> int | None:
+def _diag_attrs(data: bytes, start: int, end: int) -> tuple[int | None, bool | None]:
+    """The listener's drop count (SKMEMINFO) and, for IPv6, its v6only flag."""
+    drops: int | None = None
+    v6only: bool | None = None
     pos = start
     while pos + 4 <= end:
         attr_len, attr_type = struct.unpack_from("=HH", data, pos)
         if attr_len < 4:
-            return None
+            break
         if attr_type == _INET_DIAG_SKMEMINFO and attr_len >= 4 + 4 * (_SK_MEMINFO_DROPS + 1):
-            return int(struct.unpack_from("=I", data, pos + 4 + 4 * _SK_MEMINFO_DROPS)[0])
+            drops = int(struct.unpack_from("=I", data, pos + 4 + 4 * _SK_MEMINFO_DROPS)[0])
+        elif attr_type == _INET_DIAG_SKV6ONLY and attr_len >= 5:
+            v6only = bool(data[pos + 4])
         pos += (attr_len + 3) & ~3
-    return None
+    return drops, v6only
+
+
+def _ipv6_text(packed: bytes) -> str:
+    address = ipaddress.IPv6Address(packed)
+    mapped = address.ipv4_mapped
+    # As `ss` prints it (Python 3.11 would say ::ffff:7f00:1, and 3.13 the dotted form).
+    return f"::ffff:{mapped}" if mapped is not None else str(address)
 
 
 def _diag_address(family: int, raw: bytes) -> str:
     if family == socket.AF_INET:
         return str(ipaddress.IPv4Address(raw[:4]))
-    return str(ipaddress.IPv6Address(raw))
+    return _ipv6_text(raw)
 
 
 def _listeners_via_diag(port: int | None) -> list[ListenerQueue]:
     out: list[ListenerQueue] = []
     for family, version in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
         rows = _diag_dump(family, 1 << _TCP_LISTEN, 1 << (_INET_DIAG_SKMEMINFO - 1), port or 0)
-        for fields, drops in rows:
+        for fields, drops, v6only in rows:
             sport = struct.unpack("!H", fields[4])[0]
             if port is not None and sport != port:
                 continue
@@ -399,6 +414,7 @@ def _listeners_via_diag(port: int | None) -> list[ListenerQueue]:
                     uid=fields[13],
                     inode=fields[14],
                     source="inet_diag",
+                    v6only=v6only if version == 6 else None,
                 )
             )
     return out
@@ -415,7 +431,7 @@ def _proc_address(text: str) -> tuple[int, str, int]:
     packed = b"".join(words)
     if len(packed) == 4:
         return 4, str(ipaddress.IPv4Address(packed)), int(hex_port, 16)
-    return 6, str(ipaddress.IPv6Address(packed)), int(hex_port, 16)
+    return 6, _ipv6_text(packed), int(hex_port, 16)
 
 
 def _proc_rows(path: str) -> list[list[str]]:
@@ -463,14 +479,19 @@ def find_listener(port: int, address: str | None = None) -> ListenerQueue | None
     """The listener a connect to address:port would reach (exact address, else a wildcard)."""
     rows = tcp_listeners(port)
     if address is not None:
-        for row in rows:
-            if row.address == address:
-                return row
         version: int = 0
         with contextlib.suppress(ValueError):
             version = ipaddress.ip_address(address.split("%", 1)[0]).version
+        # An IPv4 target also reaches an IPv6 socket bound to its mapped form.
+        exact = {address, f"::ffff:{address}"} if version == 4 else {address}
         for row in rows:
-            if row.address in ("0.0.0.0", "::") and (row.family == version or row.address == "::"):
+            if row.address in exact:
+                return row
+        for row in rows:
+            if row.address == "0.0.0.0" and version == 4:
+                return row
+            # `::` takes IPv4 too unless it is v6only (None: unknown, via /proc).
+            if row.address == "::" and (version != 4 or row.v6only is not True):
                 return row
         return None
     return rows[0] if rows else None
@@ -485,7 +506,7 @@ def syn_recv_count(port: int) -> int | None:
         try:
             total = 0
             for family in (socket.AF_INET, socket.AF_INET6):
-                for fields, _drops in _diag_dump(family, 1 << _TCP_SYN_RECV, 0, port):
+                for fields, _drops, _v6only in _diag_dump(family, 1 << _TCP_SYN_RECV, 0, port):
                     if struct.unpack("!H", fields[4])[0] == port and fields[1] == _TCP_SYN_RECV:
                         total += 1
             return total

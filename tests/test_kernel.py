@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from netprobe import kernel
+from tests.conftest import HAS_IPV6
 from tests.helpers import LONG, SHORT
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc and netlink")
@@ -105,6 +106,33 @@ def test_find_listener_falls_back_to_the_wildcard() -> None:
         assert row is not None
         assert row.address == "0.0.0.0"
         assert kernel.find_listener(port, "::1") is None
+
+
+@linux
+@pytest.mark.skipif(not HAS_IPV6, reason="no IPv6 loopback")
+def test_find_listener_knows_mapped_and_v6only_sockets() -> None:
+    # An IPv6 socket bound to ::ffff:127.0.0.1 is what an IPv4 client on 127.0.0.1 reaches,
+    # and it is shown as ss shows it; a v6only `::` takes no IPv4 client, a dual-stack one does.
+    with socket.socket(socket.AF_INET6) as mapped:
+        mapped.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        mapped.bind(("::ffff:127.0.0.1", 0))
+        mapped.listen(2)
+        port = mapped.getsockname()[1]
+        row = kernel.find_listener(port, "127.0.0.1")
+        assert row is not None
+        assert row.address == "::ffff:127.0.0.1"
+    for v6only in (1, 0):
+        with socket.socket(socket.AF_INET6) as wildcard:
+            wildcard.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+            wildcard.bind(("::", 0))
+            wildcard.listen(2)
+            port = wildcard.getsockname()[1]
+            v6_row = kernel.find_listener(port, "::1")
+            assert v6_row is not None
+            if v6_row.source == "inet_diag":
+                assert v6_row.v6only is bool(v6only)
+                found = kernel.find_listener(port, "127.0.0.1")
+                assert (found is None) is bool(v6only)
 
 
 @linux
