@@ -435,12 +435,28 @@ def _proc_address(text: str) -> tuple[int, str, int]:
 
 
 def _proc_rows(path: str) -> list[list[str]]:
+    """The rows of a /proc/net/{tcp,udp}* table, split; a row that does not parse (columns
+    missing, an address that is not hex) is left out rather than failing the whole table."""
     try:
-        with open(path, encoding="ascii") as handle:
+        with open(path, encoding="ascii", errors="replace") as handle:
             lines = handle.read().splitlines()[1:]
     except OSError:
         return []
-    return [line.split() for line in lines if line.strip()]
+    rows = []
+    for line in lines:
+        cols = line.split()
+        try:
+            if len(cols) < 10:
+                raise ValueError(line)
+            _proc_address(cols[1])
+            _proc_address(cols[2])
+            int(cols[4].split(":")[1], 16)
+            int(cols[7])
+            int(cols[9])
+        except (ValueError, IndexError):
+            continue
+        rows.append(cols)
+    return rows
 
 
 def _listeners_via_proc(port: int | None) -> list[ListenerQueue]:

@@ -225,3 +225,14 @@ def test_usable_cpus_follows_the_affinity_mask() -> None:
     )
     assert out.stdout.strip() == "1"
     assert 1 <= kernel.usable_cpus() <= len(os.sched_getaffinity(0))
+
+
+def test_a_row_that_does_not_parse_is_left_out(tmp_path: Path) -> None:
+    table = tmp_path / "tcp"
+    header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+    good = "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000003 00:00000000 00000000  1000        0 4242\n"
+    bad = "   1: garbage 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 4243\n"
+    table.write_text(header + good + bad + "   2: short\n")
+    rows = kernel._proc_rows(str(table))
+    assert [row[9] for row in rows] == ["4242"]
+    assert kernel._proc_address(rows[0][1]) == (4, "127.0.0.1", 8080)
