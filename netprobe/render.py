@@ -72,6 +72,18 @@ class Column:
     align_right: bool = False
 
 
+def shown(text: str) -> str:
+    """Text as it may be printed: bytes that were not UTF-8 (a path from argv or the kernel,
+    kept as surrogate escapes) become `\\xNN`, so output never fails to encode and JSON stays
+    valid UTF-8."""
+    if text.isascii():
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def format_value(value: Any) -> str:
     """A record value as text: '-' for None, 3 decimals for floats, JSON for nested values."""
     if value is None:
@@ -81,13 +93,28 @@ def format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     if isinstance(value, dict | list):
-        return json.dumps(value, separators=(",", ":"))
-    return str(value)
+        return json.dumps(_printable(value), separators=(",", ":"))
+    return shown(str(value))
+
+
+def _printable(value: Any) -> Any:
+    if isinstance(value, str):
+        return shown(value)
+    if isinstance(value, dict):
+        return {shown(str(k)): _printable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable(v) for v in value]
+    return value
 
 
 def dump_json(record: Mapping[str, Any]) -> str:
     """One JSON object on one line (the JSON Lines form every command uses)."""
-    return json.dumps(record, separators=(", ", ": "), default=str)
+    text = json.dumps(record, separators=(", ", ": "), default=str)
+    if "\\ud" in text:
+        # A surrogate: a byte that was not UTF-8 (or a character beyond the BMP, which
+        # shown() keeps). Rare, so the common record pays one substring test for it.
+        text = json.dumps(_printable(record), separators=(", ", ": "), default=str)
+    return text
 
 
 class Renderer:
@@ -140,6 +167,13 @@ class Renderer:
             self.emit(record)
 
     def close(self) -> None:
+        if self.fmt is OutputFormat.CSV and self._csv is None:
+            # No rows: the header still comes, so a CSV reader sees an empty table, not an
+            # empty file.
+            self._csv = csv.writer(self.out, lineterminator="\n")
+            self._csv.writerow([c.key for c in self.columns])
+            self.out.flush()
+            return
         if self.fmt is not OutputFormat.TABLE or not self._rows:
             return
         rows = sorted(self._rows, key=self.sort_key) if self.sort_key else self._rows

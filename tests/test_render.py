@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -18,6 +21,7 @@ from netprobe.errors import (
 from netprobe.exitcodes import ExitStatus, exit_status_for_error, exit_status_for_state, worst
 from netprobe.render import Column, OutputFormat, Renderer, choose_format
 from netprobe.results import ConnectState
+from tests.helpers import ROOT
 
 COLUMNS = [Column("host", "HOST"), Column("port", "PORT", align_right=True), Column("ms", "MS")]
 ROWS = [{"host": "b", "port": 80, "ms": 1.23456}, {"host": "a", "port": 443, "ms": None}]
@@ -94,3 +98,36 @@ def test_every_connect_state_has_an_exit_status() -> None:
     assert exit_status_for_state(ConnectState.RESET) is ExitStatus.RESET
     assert exit_status_for_state(ConnectState.RESOLVE) is ExitStatus.RESOLVE
     assert {exit_status_for_state(s) for s in ConnectState} <= set(ExitStatus)
+
+
+def test_bytes_that_are_not_utf8_are_shown_as_escapes() -> None:
+    from netprobe.render import dump_json, format_value, shown
+
+    path = b"/tmp/x\xff".decode("utf-8", "surrogateescape")  # as argv or the kernel gives it
+    assert shown(path) == "/tmp/x\\xff"
+    assert format_value(path) == "/tmp/x\\xff"
+    assert json.loads(dump_json({"address": path, "ok": "💀"})) == {
+        "address": "/tmp/x\\xff",
+        "ok": "💀",  # characters beyond the BMP stay what they are
+    }
+
+
+def test_csv_without_rows_still_has_its_header() -> None:
+    out = io.StringIO()
+    renderer = Renderer(OutputFormat.CSV, out, [Column("port", "PORT"), Column("state", "STATE")])
+    renderer.close()
+    assert out.getvalue() == "port,state\n"
+
+
+def test_a_path_that_is_not_utf8_is_a_result_not_an_internal_error() -> None:
+    env = dict(os.environ, PYTHONIOENCODING="utf-8")  # strict, as under an en_US.UTF-8 locale
+    proc = subprocess.run(
+        [sys.executable, "-m", "netprobe", "port-check", os.fsdecode(b"unix:/nonexistent/x\xff")],
+        capture_output=True,
+        timeout=30,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr  # closed (ENOENT), not 70
+    assert b"/nonexistent/x\\xff" in proc.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -99,6 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if sys.stdout is None:  # started with stdout closed (`>&-`): as if sent to /dev/null
         sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (lives for the run)
         error_line(None, "stdout is closed: results are discarded")
+    for stream in (sys.stdout, sys.stderr):
+        # A path that is not UTF-8 must never make output fail: render.shown() writes such
+        # bytes as \xNN, and anything it misses comes out escaped rather than as exit 70.
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     debug = _debug_requested(args)
     command = _command_name(args)
     try:

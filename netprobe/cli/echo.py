@@ -283,7 +283,7 @@ class _Output:
         self.event_loop = "asyncio"
 
     def ready(self, bound: Bound) -> None:
-        from netprobe.render import dump_json
+        from netprobe.render import dump_json, shown
 
         record = {**bound.to_record(), "event_loop": self.event_loop}
         if self.ready_file is not None:
@@ -302,7 +302,7 @@ class _Output:
                 raise LocalError(
                     f"cannot write --ready-file {self.ready_file}: {exc.strerror or exc}"
                 ) from exc
-        self._write(sys.stdout, dump_json(record) if self.json_out else f"listening on {bound}")
+        self._write(sys.stdout, dump_json(record) if self.json_out else f"listening on {shown(str(bound))}")
 
     def event(self, event: ConnEvent) -> None:
         if self.json_out:

@@ -27,7 +27,9 @@ def _describe(event: dict[str, Any]) -> str:
     kind = event["event"]
     if kind == "listening":
         if event["proto"] == "unix":
-            return f"listening on unix:{event['path']}"
+            from netprobe.render import shown
+
+            return f"listening on unix:{shown(event['path'])}"
         from netprobe.sockets import format_hostport
 
         return f"listening on {format_hostport(event['host'], event['port'])}/{event['proto']}"

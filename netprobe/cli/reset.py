@@ -446,12 +446,12 @@ class _Output:
             pass  # nobody reads any more; serving goes on
 
     def ready(self, bound: Any) -> None:
-        from netprobe.render import dump_json
+        from netprobe.render import dump_json, shown
 
         if self.quiet:
             return
         self._write(
-            sys.stdout, dump_json(bound.to_record()) if self.json_out else f"listening on {bound}"
+            sys.stdout, dump_json(bound.to_record()) if self.json_out else f"listening on {shown(str(bound))}"
         )
 
     def record(self, record: dict[str, Any]) -> None:
