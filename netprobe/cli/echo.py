@@ -302,7 +302,9 @@ class _Output:
                 raise LocalError(
                     f"cannot write --ready-file {self.ready_file}: {exc.strerror or exc}"
                 ) from exc
-        self._write(sys.stdout, dump_json(record) if self.json_out else f"listening on {shown(str(bound))}")
+        self._write(
+            sys.stdout, dump_json(record) if self.json_out else f"listening on {shown(str(bound))}"
+        )
 
     def event(self, event: ConnEvent) -> None:
         if self.json_out:

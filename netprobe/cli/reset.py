@@ -451,7 +451,8 @@ class _Output:
         if self.quiet:
             return
         self._write(
-            sys.stdout, dump_json(bound.to_record()) if self.json_out else f"listening on {shown(str(bound))}"
+            sys.stdout,
+            dump_json(bound.to_record()) if self.json_out else f"listening on {shown(str(bound))}",
         )
 
     def record(self, record: dict[str, Any]) -> None:
