@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -96,12 +98,21 @@ def test_listener_queue_and_limit_via_diag_and_proc() -> None:
                 client.close()
 
 
+@contextlib.contextmanager
+def _listening(address: str, v6only: int | None = None) -> Iterator[int]:
+    """A TCP listener on address, port 0 (IPv6 with IPV6_V6ONLY set as given); yields the port."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family) as listener:
+        if v6only is not None:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+        listener.bind((address, 0))
+        listener.listen(2)
+        yield listener.getsockname()[1]
+
+
 @linux
 def test_find_listener_falls_back_to_the_wildcard() -> None:
-    with socket.socket() as listener:
-        listener.bind(("0.0.0.0", 0))
-        listener.listen(2)
-        port = listener.getsockname()[1]
+    with _listening("0.0.0.0") as port:
         row = kernel.find_listener(port, "127.0.0.1")
         assert row is not None
         assert row.address == "0.0.0.0"
@@ -113,20 +124,12 @@ def test_find_listener_falls_back_to_the_wildcard() -> None:
 def test_find_listener_knows_mapped_and_v6only_sockets() -> None:
     # An IPv6 socket bound to ::ffff:127.0.0.1 is what an IPv4 client on 127.0.0.1 reaches,
     # and it is shown as ss shows it; a v6only `::` takes no IPv4 client, a dual-stack one does.
-    with socket.socket(socket.AF_INET6) as mapped:
-        mapped.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        mapped.bind(("::ffff:127.0.0.1", 0))
-        mapped.listen(2)
-        port = mapped.getsockname()[1]
+    with _listening("::ffff:127.0.0.1", v6only=0) as port:
         row = kernel.find_listener(port, "127.0.0.1")
         assert row is not None
         assert row.address == "::ffff:127.0.0.1"
     for v6only in (1, 0):
-        with socket.socket(socket.AF_INET6) as wildcard:
-            wildcard.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
-            wildcard.bind(("::", 0))
-            wildcard.listen(2)
-            port = wildcard.getsockname()[1]
+        with _listening("::", v6only=v6only) as port:
             v6_row = kernel.find_listener(port, "::1")
             assert v6_row is not None
             if v6_row.source == "inet_diag":
