@@ -255,18 +255,6 @@ def test_udp_datagrams_both_ways(spawn: type[Listen]) -> None:
     assert "ended: idle-timeout (received 5 B, sent 5 B," in err
 
 
-def test_udp_ctrl_c_still_reports_the_close(spawn: type[Listen]) -> None:
-    listener = spawn(["--udp", "--json"])
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
-        client.sendto(b"hello", ("127.0.0.1", listener.port))
-        assert listener.read_stdout(5) == b"hello"  # it has the datagram: now interrupt
-        listener.proc.send_signal(signal.SIGINT)
-        code, _out, err = listener.finish()
-    assert code == 130
-    close = [json.loads(line) for line in err.splitlines() if line.startswith("{")][-1]
-    assert (close["event"], close["ended_by"], close["bytes_in"]) == ("close", "interrupted", 5)
-
-
 def test_tcp_ctrl_c_still_reports_the_close(spawn: type[Listen]) -> None:
     listener = spawn(["--json"])
     with socket.create_connection(("127.0.0.1", listener.port), timeout=LONG) as client:
@@ -283,18 +271,23 @@ def test_tcp_ctrl_c_still_reports_the_close(spawn: type[Listen]) -> None:
     assert (close["ended_by"], close["bytes_in"], close["bytes_out"]) == ("interrupted", 5, 3)
 
 
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 @pytest.mark.parametrize("udp", [False, True])
-def test_sigterm_reports_the_peer_then_exits_143(spawn: type[Listen], udp: bool) -> None:
+def test_a_signal_reports_the_peer_then_exits(
+    spawn: type[Listen], udp: bool, sig: int, code: int
+) -> None:
+    # Ctrl-C is how a UDP listen usually ends, SIGTERM how a script stops one: either way the
+    # peer is reported (ended_by interrupted), then 128 + the signal.
     listener = spawn(["--json", *(["--udp"] if udp else [])])
     kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
     with socket.socket(socket.AF_INET, kind) as client:
         client.settimeout(LONG)
         client.connect(("127.0.0.1", listener.port))
         client.send(b"hello")
-        assert listener.read_stdout(5) == b"hello"
-        listener.proc.send_signal(signal.SIGTERM)
-        code, _out, err = listener.finish()
-    assert code == 143
+        assert listener.read_stdout(5) == b"hello"  # it has the bytes: now the signal
+        listener.proc.send_signal(sig)
+        exit_code, _out, err = listener.finish()
+    assert exit_code == code
     close = [json.loads(line) for line in err.splitlines() if line.startswith("{")][-1]
     assert (close["event"], close["ended_by"], close["bytes_in"]) == ("close", "interrupted", 5)
 
