@@ -834,6 +834,11 @@ def _run_forked(
     share_rate = rate / workers if rate else None
     pids: list[int] = []
     readers: list[int] = []
+    owner: dict[int, tuple[int, int]] = {}  # pipe read end -> (worker, pid)
+    failed: set[int] = set()  # workers that did not exit cleanly: their silence means lost
+    # With a Sequence nothing else tells which of a worker's jobs got an answer.
+    seq = jobs if isinstance(jobs, Sequence) else None
+    answered = bytearray(len(seq)) if seq is not None else None
     try:
         for worker in range(1, workers):
             read_fd, write_fd = os.pipe()
@@ -852,16 +857,17 @@ def _run_forked(
             os.close(write_fd)
             pids.append(pid)
             readers.append(read_fd)
+            owner[read_fd] = (worker, pid)
         run = _Run(share, timeout_s, share_rate, hold_s, stop_at, abortive_close, st)
         waiting: dict[int, ConnectJob] = {}  # child jobs not answered yet
         early: dict[int, tuple[Any, ...]] = {}  # child answers for jobs not walked yet
         buffers: dict[int, bytearray] = {}
 
         def own_jobs() -> Iterator[ConnectJob]:
-            if isinstance(jobs, Sequence):
+            if seq is not None:
                 # Random access: walk only our share; a worker's job is fetched on its answer.
-                for index in range(0, len(jobs), workers):
-                    yield jobs[index]
+                for index in range(0, len(seq), workers):
+                    yield seq[index]
                 return
             for index, job in enumerate(jobs):
                 if index % workers == 0:
@@ -881,13 +887,23 @@ def _run_forked(
                 if not data:
                     run.poller.unregister(fd)
                     del run.extra_fds[fd]
+                    # The pipe ends when the worker exits: how it exited tells whether its
+                    # unanswered jobs were never due (a stop time) or lost with it.
+                    worker, pid = owner[fd]
+                    try:
+                        clean = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+                    except ChildProcessError:
+                        clean = False
+                    if not clean:
+                        failed.add(worker)
                     return
                 buffer.extend(data)
                 usable = len(buffer) - len(buffer) % _RECORD.size
                 for record in _RECORD.iter_unpack(memoryview(buffer)[:usable]):
                     st.started += 1
-                    if isinstance(jobs, Sequence):
-                        run.out.append(_decode(jobs[record[0]], record))
+                    if seq is not None and answered is not None:
+                        answered[record[0]] = 1
+                        run.out.append(_decode(seq[record[0]], record))
                         continue
                     job = waiting.pop(record[0], None)
                     if job is None:
@@ -901,14 +917,30 @@ def _run_forked(
         for fd in readers:
             run.extra_fds[fd] = make_reader(fd)
             run.poller.register(fd, select.EPOLLIN)
+        walk = own_jobs()
         try:
-            yield from run.iterate(own_jobs())
+            yield from run.iterate(walk)
         finally:
             run.close()
-        # A worker that died early leaves jobs unanswered: report them, never drop them.
+        if early:
+            # A stop time ended our share before the walk reached jobs a worker did answer:
+            # walk on (our own jobs are not started now) to put those answers to their jobs.
+            for _job in walk:
+                if not early:
+                    break
+            yield from run.out
+            run.out.clear()
+        # A worker that died leaves jobs unanswered: report them, never drop them. A worker
+        # that exited cleanly answered every job it started; the rest a stop time left out.
         now = time.monotonic()
-        for job in waiting.values():
-            yield ConnectResult(job, ConnectState.ERROR, "ECHILD", now, 0.0)
+        for index, job in waiting.items():
+            if index % workers in failed:
+                yield ConnectResult(job, ConnectState.ERROR, "ECHILD", now, 0.0)
+        if seq is not None and answered is not None:
+            for worker in sorted(failed):
+                for index in range(worker, len(seq), workers):
+                    if not answered[index]:
+                        yield ConnectResult(seq[index], ConnectState.ERROR, "ECHILD", now, 0.0)
     finally:
         for fd in readers:
             with contextlib.suppress(OSError):

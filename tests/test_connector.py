@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 import socket
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -257,6 +261,71 @@ def test_workers_split_the_jobs_and_merge_every_result(closed_port: int) -> None
             assert stats.extra["workers"] == (2 if forks else 1)
     finally:
         listener.close()
+
+
+class _DyingJobs(Sequence[ConnectJob]):
+    """Jobs whose worker process is killed (as by the OOM killer) when it fetches job `fatal`."""
+
+    def __init__(self, listed: list[ConnectJob], fatal: int) -> None:
+        self.listed, self.fatal, self.parent = listed, fatal, os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.listed)
+
+    def __getitem__(self, index: Any) -> Any:
+        if index == self.fatal and os.getpid() != self.parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.listed[index]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="workers need fork")
+def test_a_dead_workers_jobs_are_reported_not_dropped(closed_port: int) -> None:
+    assert threading.active_count() == 1, "a threaded test process would not fork"
+    listed = [_job(closed_port, key=i) for i in range(200)]
+    for jobs in (_DyingJobs(listed, fatal=51), (j for j in _DyingJobs(listed, fatal=-1))):
+        results = list(run_connects(jobs, concurrency=20, timeout_s=LONG, workers=2))
+        if isinstance(jobs, _DyingJobs):
+            assert sorted(r.job.key for r in results) == list(range(200))
+            lost = {r.job.key for r in results if r.state is ConnectState.ERROR}
+            assert all(r.errno_name == "ECHILD" for r in results if r.job.key in lost)
+            # The worker had jobs 1, 3, ... and died fetching 51: from there on all are lost.
+            assert set(range(51, 200, 2)) <= lost <= set(range(1, 200, 2))
+        else:
+            assert sorted(r.job.key for r in results) == list(range(200))
+            assert all(r.state is ConnectState.REFUSED for r in results)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="workers need fork")
+@pytest.mark.parametrize("hanging", ["ours", "the worker's"])
+def test_a_stop_time_with_workers_neither_invents_nor_drops_results(
+    closed_port: int, full_queue_port: int, hanging: str
+) -> None:
+    # One share's connects hang, the other's are refused at once: the fast process walks far
+    # ahead of the slow one before the stop time ends both.
+    assert threading.active_count() == 1, "a threaded test process would not fork"
+    slow = 0 if hanging == "ours" else 1
+    ports = [full_queue_port if i % 2 == slow else closed_port for i in range(400)]
+    listed = [_job(port, key=i) for i, port in enumerate(ports)]
+    results = list(
+        run_connects(
+            (job for job in listed),
+            concurrency=20,
+            timeout_s=LONG,
+            workers=2,
+            stop_at=time.monotonic() + 0.5,
+        )
+    )
+    keys = [r.job.key for r in results]
+    assert len(keys) == len(set(keys))
+    # Every refused job is reported (the worker's answers for jobs we had not walked too)...
+    assert {k for k in range(400) if k % 2 != slow} <= set(keys)
+    # ...and the hanging share's jobs never started are not made up as errors.
+    assert all(r.state is not ConnectState.ERROR for r in results)
+    assert all(
+        r.state is ConnectState.TIMEOUT and r.ended_by == "stop"
+        for r in results
+        if r.job.key % 2 == slow
+    )
 
 
 def test_unix_sockets_open_refused_and_missing(tmp_path: Path) -> None:
