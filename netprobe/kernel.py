@@ -15,7 +15,7 @@ import re
 import socket
 import struct
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,12 +25,18 @@ __all__ = [
     "HostLimits",
     "ListenerQueue",
     "Owner",
+    "ProcMount",
     "SocketRow",
     "counter_deltas",
     "find_listener",
     "host_limits",
+    "in_initial_user_namespace",
     "kernel_facts",
+    "parse_id_map",
+    "parse_proc_mount",
+    "proc_mount",
     "read_counters",
+    "read_id_map",
     "read_sysctl",
     "runnable_tasks",
     "socket_owners",
@@ -491,52 +497,114 @@ def tcp_listeners(port: int | None = None) -> list[ListenerQueue]:
     return _listeners_via_proc(port)
 
 
+def _reached_listener(listeners: Iterable[ListenerQueue], address: str) -> ListenerQueue | None:
+    """The listener among `listeners` (all on one port) that a connect to `address` reaches.
+
+    Mirrors the kernel's listener lookup: an exact address beats a wildcard, and at equal
+    rank an IPv4 socket beats an IPv6 one. An IPv4 destination (or its ::ffff: form, which
+    is IPv4 on the wire) also reaches an IPv6 socket bound to the mapped address, and a `::`
+    socket unless it is v6only (None: unknown, via /proc, so assumed dual-stack as the
+    default is). A scope id (`fe80::1%eth0`) names an interface, not another address.
+    """
+    rows = sorted(listeners, key=lambda row: row.family)  # stable: IPv4 first at equal rank
+    text = address.split("%", 1)[0]
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    with contextlib.suppress(ValueError):
+        ip = ipaddress.ip_address(text)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip is None:  # not an IP literal: only its own text can match
+        exact, ipv4 = {text}, False
+    elif ip.version == 4:
+        exact, ipv4 = {str(ip), f"::ffff:{ip}"}, True
+    else:
+        exact, ipv4 = {str(ip)}, False
+    for row in rows:
+        if row.address in exact:
+            return row
+    for row in rows:
+        if row.address == "0.0.0.0" and ipv4:
+            return row
+        if row.address == "::" and (not ipv4 or row.v6only is not True):
+            return row
+    return None
+
+
 def find_listener(port: int, address: str | None = None) -> ListenerQueue | None:
     """The listener a connect to address:port would reach (exact address, else a wildcard)."""
     rows = tcp_listeners(port)
     if address is not None:
-        version: int = 0
-        with contextlib.suppress(ValueError):
-            version = ipaddress.ip_address(address.split("%", 1)[0]).version
-        # An IPv4 target also reaches an IPv6 socket bound to its mapped form.
-        exact = {address, f"::ffff:{address}"} if version == 4 else {address}
-        for row in rows:
-            if row.address in exact:
-                return row
-        for row in rows:
-            if row.address == "0.0.0.0" and version == 4:
-                return row
-            # `::` takes IPv4 too unless it is v6only (None: unknown, via /proc).
-            if row.address == "::" and (version != 4 or row.v6only is not True):
-                return row
-        return None
+        return _reached_listener(rows, address)
     return rows[0] if rows else None
 
 
-def syn_recv_count(port: int) -> int | None:
-    """Request sockets in SYN-RECV on `port` (the SYN-queue depth `ss` has no column for).
+def _syn_recv_of(
+    requests: Iterable[tuple[int, str]], listeners: Sequence[ListenerQueue], address: str
+) -> int:
+    """How many of `requests` ((family 4/6, local address) of SYN-RECV sockets on one port)
+    belong to the listener that a connect to `address` reaches, among `listeners`.
 
-    None when neither inet_diag nor /proc can be read.
+    A request socket names no listener (its inode is 0), so each is given to the listener
+    its own local address reaches, looked up among the listeners of its family: the table
+    it shows in is its listener's (IPv4 on a dual-stack socket shows in the IPv6 one with a
+    ::ffff: address). So a wildcard gets the requests of every local address of its family
+    that no specific listener takes. The SO_REUSEPORT sockets of one address share a SYN
+    queue figure: a request socket cannot tell which of them it is queued on.
     """
+    target = _reached_listener(listeners, address)
+    if target is None:
+        return 0
+    want = (target.family, target.address)
+    by_family: dict[int, list[ListenerQueue]] = {4: [], 6: []}
+    for row in listeners:
+        by_family.setdefault(row.family, []).append(row)
+    owners: dict[tuple[int, str], tuple[int, str] | None] = {}
+    count = 0
+    for request in requests:
+        if request not in owners:  # a flood has thousands of requests on a few addresses
+            owner = _reached_listener(by_family.get(request[0], []), request[1])
+            owners[request] = None if owner is None else (owner.family, owner.address)
+        if owners[request] == want:
+            count += 1
+    return count
+
+
+def _syn_recv_requests(port: int) -> list[tuple[int, str]] | None:
+    """(family 4/6, local address) of every SYN-RECV socket on `port`; None if unreadable."""
     if hasattr(socket, "AF_NETLINK"):
         try:
-            total = 0
-            for family in (socket.AF_INET, socket.AF_INET6):
+            out: list[tuple[int, str]] = []
+            for family, version in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
                 for fields, _drops, _v6only in _diag_dump(family, 1 << _TCP_SYN_RECV, 0, port):
                     if struct.unpack("!H", fields[4])[0] == port and fields[1] == _TCP_SYN_RECV:
-                        total += 1
-            return total
+                        out.append((version, _diag_address(family, fields[6])))
+            return out
         except OSError:
             pass
     found = False
-    total = 0
+    requests: list[tuple[int, str]] = []
     for path in ("/proc/net/tcp", "/proc/net/tcp6"):
         rows = _proc_rows(path)
         found = found or bool(rows) or os.path.exists(path)
         for cols in rows:
-            if len(cols) >= 4 and cols[3] == "03" and _proc_address(cols[1])[2] == port:
-                total += 1
-    return total if found else None
+            if len(cols) >= 4 and cols[3] == "03":
+                version, local, lport = _proc_address(cols[1])
+                if lport == port:
+                    requests.append((version, local))
+    return requests if found else None
+
+
+def syn_recv_count(port: int, address: str | None = None) -> int | None:
+    """Request sockets in SYN-RECV (the SYN-queue depth `ss` has no column for).
+
+    With `address`, only those of the listener a connect to address:port reaches (see
+    _syn_recv_of); without it, every one on `port`, whatever its local address. None when
+    neither inet_diag nor /proc can be read.
+    """
+    requests = _syn_recv_requests(port)
+    if requests is None or address is None:
+        return None if requests is None else len(requests)
+    return _syn_recv_of(requests, tcp_listeners(port), address)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -664,6 +732,99 @@ def owner_or_uid(owners: Mapping[int, Owner], inode: int, uid: int | None) -> Ow
     if owner is not None:
         return owner
     return Owner(None, None, _user_name(uid))
+
+
+# ---------------------------------------------------------------------------------------------
+# What this process may see of other processes: /proc's hidepid, the user namespace
+# ---------------------------------------------------------------------------------------------
+
+# hidepid as kernels before 5.8 print it (a number) and later ones (a name).
+_HIDEPID_NAMES = {"0": "off", "1": "noaccess", "2": "invisible", "4": "ptraceable"}
+
+
+@dataclass(frozen=True, slots=True)
+class ProcMount:
+    """The options of the procfs on /proc that hide other users' processes.
+
+    Attributes:
+        hidepid: "off"; "noaccess" (other users' /proc/PID listed but unreadable);
+            "invisible" (not even listed); "ptraceable" (only processes one may ptrace show).
+        gid: the group exempt from noaccess and invisible (a host id; 0 unless set).
+    """
+
+    hidepid: str
+    gid: int
+
+
+_MOUNTINFO_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def parse_proc_mount(mountinfo: str, mount_point: str = "/proc") -> ProcMount | None:
+    """The procfs options in effect at `mount_point`, from /proc/PID/mountinfo text.
+
+    None when nothing, or something other than procfs, is mounted there. When mounts are
+    stacked on the point, the one on top is what a path resolves to: the one that is no
+    other's parent (listing order is not enough: `mount --beneath` slides one underneath).
+    """
+    found: list[tuple[str, str, str, str]] = []  # id, parent id, fs type, super options
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        try:
+            sep = fields.index("-", 6)
+            point = _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
+            entry = (fields[0], fields[1], fields[sep + 1], fields[sep + 3])
+        except (ValueError, IndexError):
+            continue
+        if point == mount_point:
+            found.append(entry)
+    parents = {parent for _id, parent, _fs, _opts in found}
+    on_top = [entry for entry in found if entry[0] not in parents] or found
+    if not on_top or on_top[-1][2] != "proc":
+        return None
+    options: dict[str, str] = {}
+    for option in on_top[-1][3].split(","):
+        name, _eq, value = option.partition("=")
+        options[name] = value
+    hidepid = options.get("hidepid", "off")
+    gid = options.get("gid", "0")
+    return ProcMount(_HIDEPID_NAMES.get(hidepid, hidepid), int(gid) if gid.isdigit() else 0)
+
+
+def proc_mount(path: str = "/proc/self/mountinfo") -> ProcMount | None:
+    """The hidepid and gid options of /proc, as psutil and socket_owners read it."""
+    try:
+        # Other mount points may hold any bytes; they must not hide the /proc line.
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return parse_proc_mount(handle.read())
+    except OSError:
+        return None
+
+
+def parse_id_map(text: str) -> list[tuple[int, int, int]]:
+    """The (inside, outside, count) lines of a /proc/PID/uid_map or gid_map."""
+    out: list[tuple[int, int, int]] = []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            inside, outside, count = (int(field) for field in line.split())
+            out.append((inside, outside, count))
+    return out
+
+
+def read_id_map(kind: str = "uid") -> list[tuple[int, int, int]] | None:
+    """This process's uid_map ("uid") or gid_map ("gid"); None when unreadable."""
+    text = _read_text(f"/proc/self/{kind}_map")
+    return None if text is None else parse_id_map(text)
+
+
+# The identity over every id: what the initial user namespace (and only it) shows.
+_INITIAL_ID_MAP = [(0, 0, 4294967295)]
+
+
+def in_initial_user_namespace() -> bool | None:
+    """False inside a user namespace (a rootless container, `unshare -r`), where uid 0 holds
+    capabilities only over that namespace's own processes; None when it cannot be told."""
+    id_map = read_id_map("uid")
+    return None if id_map is None else id_map == _INITIAL_ID_MAP
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -322,3 +324,113 @@ def test_nofile_probe_in_a_threaded_process_restores_the_limits() -> None:
     )
     assert truth.returncode in (0, 1), truth.stderr
     assert got is (truth.returncode == 0)
+
+
+# socket-owners: what really limits the owners listeners can show. The row is computed in a
+# child process placed where the limit holds: a private mount namespace whose /proc has
+# hidepid, a user namespace (`unshare -r`), or root without CAP_SYS_PTRACE.
+_OWNERS_ROW = """
+import encodings.ascii, encodings.utf_8, json, os, pwd, sys
+import psutil
+from netprobe import kernel
+from netprobe.engines import doctor
+if sys.argv[1:] == ["nobody"]:  # after the imports: the interpreter may live under /root
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+print(json.dumps([str(v) for v in doctor._socket_owners()]))
+"""
+_NOBODY = 65534
+
+
+def _owners_row(prefix: list[str], *args: str) -> tuple[str, str, str]:
+    argv = [*prefix, sys.executable, "-c", _OWNERS_ROW, *args]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr
+    verdict, figure, hint = json.loads(proc.stdout)
+    return verdict, figure, hint
+
+
+def _runs(argv: list[str]) -> bool:
+    try:
+        return subprocess.run(argv, capture_output=True, timeout=20, check=False).returncode == 0
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _nobody_process() -> Iterator[None]:
+    """A process of another user (nobody) for the duration (needs root to start it)."""
+    helper = subprocess.Popen(["sleep", "60"], user=_NOBODY, group=_NOBODY, extra_groups=[])
+    try:
+        yield
+    finally:
+        helper.kill()
+        helper.wait(timeout=10)
+
+
+_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@pytest.mark.skipif(not _ROOT, reason="mounting a /proc with hidepid needs root")
+@pytest.mark.parametrize(
+    ("hidepid", "name", "unseen"), [("1", "noaccess", "unreadable"), ("2", "invisible", "listed")]
+)
+def test_socket_owners_warns_when_proc_hides_other_users(
+    hidepid: str, name: str, unseen: str
+) -> None:
+    # hidepid=2 used to pass ("all 1 processes"): the processes it hides are not listed, so
+    # none of them failed the fd probe. Root's processes (pytest's) are the other user's.
+    mount = f"mount -t proc -o hidepid={hidepid} proc /proc"
+    prefix = ["unshare", "-m", "--propagation", "private", "sh", "-c", f'{mount} && exec "$@"', "-"]
+    if not _runs([*prefix, "true"]):
+        pytest.skip("cannot mount a private /proc here")
+    verdict, figure, hint = _owners_row(prefix, "nobody")
+    assert verdict == "warn", (figure, hint)
+    assert f"hidepid={name}" in figure
+    assert unseen in hint
+    assert "run as root to see them" in hint
+    if name == "noaccess":  # listed but unreadable: counted, and named by /proc/PID's owner
+        assert "root (" in hint
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux user namespaces")
+def test_socket_owners_in_a_user_namespace_says_so_not_run_as_root() -> None:
+    # uid 0 of `unshare -r` is refused other users' fds like anyone: "run as root" was wrong.
+    if not _runs(["unshare", "-r", "true"]):
+        pytest.skip("no unprivileged user namespaces here")
+    import psutil  # type: ignore[import-untyped]
+
+    with _nobody_process() if _ROOT else contextlib.nullcontext():
+        if not any(p.uids().real != os.getuid() for p in psutil.process_iter()):
+            pytest.skip("no process of another user to hide")
+        verdict, figure, hint = _owners_row(["unshare", "-r"])
+    assert verdict == "warn", (figure, hint)
+    assert "root of a user namespace" in hint
+    assert "run as root to see them" not in hint
+
+
+@pytest.mark.skipif(not _ROOT or shutil.which("setpriv") is None, reason="needs root, setpriv")
+def test_socket_owners_root_without_cap_sys_ptrace_warns() -> None:
+    # A container's root: its DAC override lists /proc/PID/fd, but reading the links takes
+    # CAP_SYS_PTRACE. Listing alone made the row pass while listeners showed no owners.
+    drop = ["setpriv", "--inh-caps=-sys_ptrace", "--bounding-set=-sys_ptrace"]
+    with _nobody_process():
+        verdict, figure, hint = _owners_row(drop)
+    assert verdict == "warn", (figure, hint)
+    assert "nobody (1)" in hint
+    assert "lacks CAP_SYS_PTRACE" in hint
+
+
+@pytest.mark.parametrize(
+    ("uid", "userns", "ptrace", "says"),
+    [
+        (0, True, False, "root of a user namespace"),
+        (1000, True, False, "uid 1000 of a user namespace"),
+        (0, False, False, "lacks CAP_SYS_PTRACE"),
+        (0, False, True, "still refused"),
+        (1000, False, False, "run as root to see them"),
+    ],
+)
+def test_owners_remedy_names_the_limit(uid: int, userns: bool, ptrace: bool, says: str) -> None:
+    assert says in doctor._owners_remedy(uid, userns=userns, ptrace=ptrace)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from netprobe import kernel
 from tests.conftest import HAS_IPV6
@@ -239,3 +242,306 @@ def test_a_row_that_does_not_parse_is_left_out(tmp_path: Path) -> None:
     rows = kernel._proc_rows(str(table))
     assert [row[9] for row in rows] == ["4242"]
     assert kernel._proc_address(rows[0][1]) == (4, "127.0.0.1", 8080)
+
+
+# SYN-RECV per listener. TCP_DEFER_ACCEPT keeps a finished handshake in SYN-RECV until data
+# arrives (here never), so request sockets stay put for the whole test instead of flickering
+# past on loopback.
+_DEFER_S = 30
+
+
+def _deferred(
+    stack: contextlib.ExitStack, address: str, port: int, *, v6only: int | None = None
+) -> int:
+    """A listener on address:port (SO_REUSEPORT, so a wildcard and a specific address can
+    share the port) that leaves its handshakes in SYN-RECV; returns its port."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    listener = stack.enter_context(socket.socket(family))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if v6only is not None:
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, _DEFER_S)
+    listener.bind((address, port))
+    listener.listen(16)
+    return int(listener.getsockname()[1])
+
+
+def _handshakes(stack: contextlib.ExitStack, port: int, counts: dict[str, int]) -> None:
+    """counts[address] completed handshakes to address:port, clients kept open; then wait
+    (bounded) until the kernel shows them all in SYN-RECV."""
+    for address, n in counts.items():
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        for _ in range(n):
+            client = stack.enter_context(socket.socket(family))
+            client.settimeout(LONG)
+            client.connect((address, port))
+    deadline = time.monotonic() + LONG
+    while kernel.syn_recv_count(port) != sum(counts.values()) and time.monotonic() < deadline:
+        time.sleep(SHORT)
+    assert kernel.syn_recv_count(port) == sum(counts.values())
+
+
+def _shared_port(addresses: list[tuple[str, int | None]]) -> tuple[contextlib.ExitStack, int]:
+    """Deferred listeners on every address, all on one port (a few tries: another program
+    may hold the port on one of the later addresses)."""
+    for _ in range(20):
+        stack = contextlib.ExitStack()
+        try:
+            port = 0
+            for address, v6only in addresses:
+                port = _deferred(stack, address, port, v6only=v6only)
+        except OSError:
+            stack.close()
+            continue
+        return stack, port
+    pytest.fail("no port free on every address")
+
+
+@linux
+def test_syn_recv_count_keeps_to_the_flooded_listener() -> None:
+    # Another listener on the same port (another loopback address, ::1) has its own SYN
+    # queue: it used to be added in, whatever address backlog flooded.
+    addresses: list[tuple[str, int | None]] = [("127.0.0.1", None), ("127.0.0.2", None)]
+    counts = {"127.0.0.1": 1, "127.0.0.2": 2}
+    if HAS_IPV6:
+        addresses.append(("::1", 1))
+        counts["::1"] = 3
+    stack, port = _shared_port(addresses)
+    with stack:
+        _handshakes(stack, port, counts)
+        for address, n in counts.items():
+            assert kernel.syn_recv_count(port, address) == n, address
+        assert kernel.syn_recv_count(port, "127.0.0.9") == 0  # nothing listens there
+        assert kernel.syn_recv_count(port) == sum(counts.values())  # the old meaning
+
+
+@linux
+def test_syn_recv_count_gives_a_wildcard_what_no_specific_listener_takes() -> None:
+    addresses: list[tuple[str, int | None]] = [("0.0.0.0", None), ("127.0.0.2", None)]
+    counts = {"127.0.0.1": 1, "127.0.0.3": 2, "127.0.0.2": 4}
+    if HAS_IPV6:
+        addresses.append(("::", 1))  # v6only: IPv4 handshakes are not its business
+        counts["::1"] = 3
+    stack, port = _shared_port(addresses)
+    with stack:
+        _handshakes(stack, port, counts)
+        assert kernel.syn_recv_count(port, "127.0.0.1") == 3  # 127.0.0.1 and .3: the wildcard's
+        assert kernel.syn_recv_count(port, "127.0.0.3") == 3
+        assert kernel.syn_recv_count(port, "0.0.0.0") == 3
+        assert kernel.syn_recv_count(port, "127.0.0.2") == 4
+        if HAS_IPV6:
+            assert kernel.syn_recv_count(port, "::1") == 3
+            assert kernel.syn_recv_count(port, "::") == 3
+
+
+@linux
+@pytest.mark.skipif(not HAS_IPV6, reason="no IPv6 loopback")
+def test_syn_recv_count_follows_ipv4_into_ipv6_sockets() -> None:
+    # IPv4 handshakes on an IPv6 socket show in the IPv6 table with a ::ffff: address: a
+    # dual-stack `::` owns them, and so does a socket bound to the mapped address.
+    stack, port = _shared_port([("::", 0)])
+    with stack:
+        _handshakes(stack, port, {"127.0.0.1": 2, "::1": 1})
+        assert kernel.syn_recv_count(port, "127.0.0.1") == 3
+        assert kernel.syn_recv_count(port, "::1") == 3
+        assert kernel.syn_recv_count(port, "::ffff:127.0.0.1") == 3
+    stack, port = _shared_port([("::ffff:127.0.0.1", 0), ("127.0.0.2", None)])
+    with stack:
+        _handshakes(stack, port, {"127.0.0.1": 2, "127.0.0.2": 1})
+        assert kernel.syn_recv_count(port, "127.0.0.1") == 2
+        assert kernel.syn_recv_count(port, "::ffff:127.0.0.1") == 2
+        assert kernel.syn_recv_count(port, "127.0.0.2") == 1
+
+
+def _lq(family: int, address: str, v6only: bool | None = None) -> kernel.ListenerQueue:
+    return kernel.ListenerQueue(family, address, 8080, 0, None, None, 0, 0, "proc", v6only)
+
+
+# Synthetic rows (as inet_diag or /proc/net/tcp* give them) for the pure SYN-RECV filter.
+_SPECIFIC_AND_WILDCARDS = [
+    _lq(4, "0.0.0.0"),
+    _lq(4, "127.0.0.2"),
+    _lq(6, "::", v6only=True),
+    _lq(6, "::1"),
+]
+
+
+@pytest.mark.parametrize(
+    ("listeners", "requests", "target", "want"),
+    [
+        # A specific listener takes its own address; the wildcard takes the rest of its family.
+        (
+            _SPECIFIC_AND_WILDCARDS,
+            [(4, "127.0.0.2"), (4, "127.0.0.1"), (4, "10.0.0.5")],
+            "127.0.0.2",
+            1,
+        ),
+        (
+            _SPECIFIC_AND_WILDCARDS,
+            [(4, "127.0.0.2"), (4, "127.0.0.1"), (4, "10.0.0.5")],
+            "127.0.0.1",
+            2,
+        ),
+        (_SPECIFIC_AND_WILDCARDS, [(4, "127.0.0.2"), (4, "127.0.0.1")], "0.0.0.0", 1),
+        (_SPECIFIC_AND_WILDCARDS, [(6, "::1"), (6, "fe80::1"), (6, "::2")], "::1", 1),
+        (_SPECIFIC_AND_WILDCARDS, [(6, "::1"), (6, "fe80::1"), (6, "::2")], "::", 2),
+        (_SPECIFIC_AND_WILDCARDS, [(6, "::1"), (4, "127.0.0.1")], "::2", 0),
+        # A scope id names the interface, not another address.
+        (_SPECIFIC_AND_WILDCARDS, [(6, "fe80::1")], "fe80::1%lo", 1),
+        # Dual-stack `::` (or v6only unknown, via /proc): IPv4 arrives mapped in the v6 table.
+        ([_lq(6, "::", v6only=False)], [(6, "::ffff:127.0.0.1"), (6, "::1")], "127.0.0.1", 2),
+        ([_lq(6, "::")], [(6, "::ffff:127.0.0.1"), (6, "::1")], "127.0.0.1", 2),
+        ([_lq(6, "::", v6only=True)], [(6, "::1")], "127.0.0.1", 0),
+        # A v6 socket bound to a mapped address is what an IPv4 client of that address reaches.
+        (
+            [_lq(6, "::ffff:127.0.0.1"), _lq(4, "127.0.0.2")],
+            [(6, "::ffff:127.0.0.1"), (4, "127.0.0.2")],
+            "127.0.0.1",
+            1,
+        ),
+        (
+            [_lq(6, "::ffff:127.0.0.1"), _lq(4, "127.0.0.2")],
+            [(6, "::ffff:127.0.0.1"), (4, "127.0.0.2")],
+            "::ffff:127.0.0.1",
+            1,
+        ),
+        # No listener for the target: none of the requests are its.
+        ([_lq(4, "127.0.0.2")], [(4, "127.0.0.2")], "127.0.0.1", 0),
+        ([], [(4, "127.0.0.1")], "127.0.0.1", 0),
+    ],
+)
+def test_syn_recv_filter_on_synthetic_rows(
+    listeners: list[kernel.ListenerQueue],
+    requests: list[tuple[int, str]],
+    target: str,
+    want: int,
+) -> None:
+    assert kernel._syn_recv_of(requests, listeners, target) == want
+
+
+_V4 = ["0.0.0.0", "127.0.0.1", "127.0.0.2", "10.1.2.3"]
+_V6 = ["::", "::1", "fe80::1", "::ffff:127.0.0.1", "::ffff:10.1.2.3"]
+
+
+@st.composite
+def _listener_sets(draw: st.DrawFn) -> list[kernel.ListenerQueue]:
+    """Listeners on one port that can coexist: never an IPv4 address and its ::ffff: form."""
+    v4 = draw(st.sets(st.sampled_from(_V4)))
+    v6 = {a for a in draw(st.sets(st.sampled_from(_V6))) if a.removeprefix("::ffff:") not in v4}
+    v6only = draw(st.sampled_from([True, False, None]))
+    rows = [_lq(4, a) for a in v4] + [_lq(6, a, v6only if a == "::" else None) for a in v6]
+    return draw(st.permutations(rows))
+
+
+_REQUESTS = st.lists(
+    st.one_of(
+        st.tuples(st.just(4), st.sampled_from(_V4[1:])),
+        st.tuples(st.just(6), st.sampled_from(_V6[1:])),
+    ),
+    max_size=12,
+)
+
+
+@given(listeners=_listener_sets(), requests=_REQUESTS)
+def test_each_syn_recv_belongs_to_at_most_one_listener(
+    listeners: list[kernel.ListenerQueue], requests: list[tuple[int, str]]
+) -> None:
+    # One target address per distinct listener (its own address reaches it): no request is
+    # counted for two listeners, and with a wildcard for each family every one is counted
+    # once. (A v6only `::` takes no ::ffff: request; such a request cannot exist.)
+    targets = {}
+    for row in listeners:
+        reached = kernel._reached_listener(listeners, row.address)
+        assert reached is row
+        targets[(row.family, row.address)] = row.address
+    claims = [
+        sum(kernel._syn_recv_of([r], listeners, t) for t in targets.values()) for r in requests
+    ]
+    assert all(claim in (0, 1) for claim in claims)
+    total = sum(kernel._syn_recv_of(requests, listeners, t) for t in targets.values())
+    assert total == sum(claims) <= len(requests)
+    addresses = {(row.family, row.address): row for row in listeners}
+    dual = (6, "::") in addresses and addresses[(6, "::")].v6only is not True
+    for request, claim in zip(requests, claims, strict=True):
+        mapped = request[1].startswith("::ffff:")
+        wildcard = (4, "0.0.0.0") if request[0] == 4 else (6, "::")
+        if request in addresses or (wildcard in addresses and (dual or not mapped)):
+            assert claim == 1, request
+
+
+_MOUNTINFO = """\
+22 1 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw
+25 22 0:24 / /proc/sys/fs/binfmt_misc rw,relatime shared:13 - autofs systemd-1 rw,fd=29
+30 1 8:1 / /mnt/odd\\040dir rw,relatime - ext4 /dev/sda1 rw
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        (_MOUNTINFO, kernel.ProcMount("off", 0)),
+        # A second procfs mounted over /proc is the one in effect (new kernels name the mode).
+        (
+            _MOUNTINFO
+            + "63 22 0:39 / /proc rw,relatime - proc proc rw,gid=1001,hidepid=invisible\n",
+            kernel.ProcMount("invisible", 1001),
+        ),
+        # Kernels before 5.8 print a number; optional fields may come before the separator.
+        (
+            "22 1 0:21 / /proc rw shared:12 master:3 - proc proc rw,hidepid=2\n",
+            kernel.ProcMount("invisible", 0),
+        ),
+        ("22 1 0:21 / /proc rw - proc proc rw,hidepid=1\n", kernel.ProcMount("noaccess", 0)),
+        ("22 1 0:21 / /proc rw - proc proc rw,hidepid=4\n", kernel.ProcMount("ptraceable", 0)),
+        # `mount --beneath` slid 63 under 22: listed last, yet 22 is the one on top.
+        (
+            "22 63 0:21 / /proc rw - proc proc rw\n63 1 0:39 / /proc rw - proc proc rw,hidepid=2\n",
+            kernel.ProcMount("off", 0),
+        ),
+        # Not procfs on /proc, or nothing there: no answer rather than a guess.
+        ("22 1 0:21 / /proc rw - tmpfs tmpfs rw\n", None),
+        ("30 1 8:1 / /mnt rw - ext4 /dev/sda1 rw\nnot a mountinfo line\n", None),
+    ],
+)
+def test_proc_mount_options_come_from_the_mount_on_top(
+    text: str, want: kernel.ProcMount | None
+) -> None:
+    assert kernel.parse_proc_mount(text) == want
+
+
+def test_proc_mount_point_escapes_are_decoded() -> None:
+    assert kernel.parse_proc_mount(_MOUNTINFO, "/mnt/odd dir") is None  # ext4, not procfs
+    text = "40 1 0:50 / /srv/my\\040proc rw - proc proc rw,hidepid=2\n"
+    assert kernel.parse_proc_mount(text, "/srv/my proc") == kernel.ProcMount("invisible", 0)
+
+
+@linux
+def test_proc_mount_reads_this_process() -> None:
+    mount = kernel.proc_mount()
+    assert mount is not None
+    assert mount.hidepid in {"off", "noaccess", "invisible", "ptraceable"}
+
+
+def test_initial_user_namespace_is_the_identity_over_every_id() -> None:
+    assert kernel.parse_id_map("         0          0 4294967295\n") == [(0, 0, 4294967295)]
+    assert kernel.parse_id_map("0 1000 1\n1 100000 65536\n") == [(0, 1000, 1), (1, 100000, 65536)]
+    assert kernel.parse_id_map("") == []
+    assert kernel.parse_id_map("0 0 4294967295\n") == kernel._INITIAL_ID_MAP
+    assert kernel.parse_id_map("0 0 1\n") != kernel._INITIAL_ID_MAP  # `unshare -r` by root
+
+
+@linux
+def test_in_initial_user_namespace_matches_unshare() -> None:
+    code = "from netprobe import kernel; print(kernel.in_initial_user_namespace())"
+    unshare = shutil.which("unshare")
+    probe = [unshare or "unshare", "-r", "true"]
+    if unshare is None or subprocess.run(probe, capture_output=True, check=False).returncode:
+        pytest.skip("no unprivileged user namespaces here")
+    out = subprocess.run(
+        ["unshare", "-r", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=True,
+    )
+    assert out.stdout.strip() == "False"

@@ -621,7 +621,8 @@ class _ServerView:
         if not full and now - self.syn_sampled_at < SYN_RECV_INTERVAL_S:
             return
         self.syn_sampled_at = now
-        syn = kernel.syn_recv_count(self.port)
+        # Only the flooded listener's: another address on this port has its own SYN queue.
+        syn = kernel.syn_recv_count(self.port, self.address)
         self.syn_recv_now = syn
         if syn is not None:
             self.syn_recv_max = max(self.syn_recv_max, syn)

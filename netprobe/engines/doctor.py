@@ -370,6 +370,95 @@ def _nofile() -> Outcome:
     return Verdict.PASS, figure, f"about {soft} sockets at once; {raise_note}"
 
 
+def _fds_readable(pid: int) -> bool | None:
+    """Whether this process may read the fd links of `pid`, as socket_owners must; None when
+    the process is gone.
+
+    Listing /proc/PID/fd is not enough: root's DAC override lists it, but each link needs
+    ptrace read access (CAP_SYS_PTRACE over another user's process), which a container's
+    root usually lacks.
+    """
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    except OSError:
+        return False
+    for name in names:
+        try:
+            os.readlink(f"{fd_dir}/{name}")
+        except FileNotFoundError:
+            continue  # that fd was closed meanwhile: try the next
+        except OSError:
+            return False
+        return True
+    return True
+
+
+def _user_of(pid: int, username: str | None) -> str:
+    """psutil's user name, else the owner of /proc/PID (readable under hidepid=noaccess,
+    where psutil is refused the status file it takes the uid from)."""
+    if username:
+        return username
+    try:
+        uid = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return "?"
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
+def _host_gids() -> set[int]:
+    """This process's groups as host ids, the terms /proc's gid= option is shown in."""
+    from netprobe import kernel
+
+    local = {os.getegid(), *os.getgroups()}
+    id_map = kernel.read_id_map("gid")
+    if id_map is None:
+        return local
+    return {
+        out + gid - inside
+        for gid in local
+        for inside, out, n in id_map
+        if inside <= gid < inside + n
+    }
+
+
+def _owners_remedy(uid: int, *, userns: bool, ptrace: bool) -> str:
+    """What would show the hidden owners, given what limits this process.
+
+    Reading another user's fd links takes CAP_SYS_PTRACE over that process (the gid= group
+    of a hidepid mount only gets the processes listed, not their fds).
+
+    Args:
+        uid: this process's uid (0: root, of the initial namespace or of a user namespace).
+        userns: in a user namespace, whose capabilities stop at its own processes.
+        ptrace: holds CAP_SYS_PTRACE over every process (so only in the initial namespace).
+    """
+    if userns:
+        who = "root" if uid == 0 else f"uid {uid}"
+        return (
+            f"this is {who} of a user namespace (uid_map is not 0 0 4294967295), whose "
+            "capabilities stop at its own processes: run netprobe as root on the host"
+        )
+    if uid == 0 and not ptrace:
+        return (
+            "root here lacks CAP_SYS_PTRACE (containers drop it): add it, e.g. "
+            "docker run --cap-add SYS_PTRACE"
+        )
+    if uid == 0:
+        return (
+            "root with CAP_SYS_PTRACE is still refused there: a security module (SELinux, "
+            "AppArmor, Yama) or the process itself (undumpable) forbids reading its fds"
+        )
+    return "run as root to see them"
+
+
 def _socket_owners() -> Outcome:
     """Can this user see which process owns another user's socket? (psutil, as listeners does)."""
     try:
@@ -378,36 +467,52 @@ def _socket_owners() -> Outcome:
         return Verdict.SKIP, "no psutil", "install psutil to see socket owners"
     if not os.path.isdir("/proc/self/fd"):
         return Verdict.SKIP, "no /proc", "socket owners are read from /proc/PID/fd (Linux only)"
-    me = os.getuid() if hasattr(os, "getuid") else None
+    from netprobe import kernel
+
     total = 0
     hidden: dict[str, int] = {}
     for proc in psutil.process_iter(["pid", "username", "status"]):
         info = proc.info
         if info.get("status") == psutil.STATUS_ZOMBIE:
             continue  # no open files left to show, whoever asks
+        readable = _fds_readable(info["pid"])
+        if readable is None:
+            continue  # the process ended meanwhile
         total += 1
-        try:
-            os.listdir(f"/proc/{info['pid']}/fd")
-        except (FileNotFoundError, ProcessLookupError):
-            total -= 1  # the process ended meanwhile
-        except OSError:
-            user = info.get("username") or "?"
+        if not readable:
+            user = _user_of(info["pid"], info.get("username"))
             hidden[user] = hidden.get(user, 0) + 1
-    root = me == 0
-    if not hidden:
-        who = "root" if root else "CAP_SYS_PTRACE" if _capable(_CAP_SYS_PTRACE) else "this user"
+    uid = os.getuid()
+    # Root of a user namespace holds its capabilities over that namespace's processes only.
+    userns = kernel.in_initial_user_namespace() is False
+    ptrace = _capable(_CAP_SYS_PTRACE) and not userns
+    # hidepid spares whoever may ptrace a process and, but for "ptraceable", the gid= group
+    # (the kernel's has_pid_permissions). Under "invisible" the hidden processes are not
+    # even listed, so the scan above cannot count them: the mount option has to say it.
+    mount = kernel.proc_mount()
+    hidepid = mount.hidepid if mount is not None else "off"
+    spared_gid = mount.gid if mount is not None and hidepid != "ptraceable" else None
+    veiled = hidepid != "off" and not ptrace and spared_gid not in _host_gids()
+    if not hidden and not veiled:
+        who = "root" if uid == 0 else "CAP_SYS_PTRACE" if ptrace else "this user"
         return (
             Verdict.PASS,
             f"all {total} processes",
             f"listeners and backlog name the process of every socket ({who})",
         )
     count = sum(hidden.values())
-    users = ", ".join(f"{u} ({n})" for u, n in sorted(hidden.items(), key=lambda kv: -kv[1])[:3])
-    return (
-        Verdict.WARN,
-        f"{count} of {total} processes hidden",
-        f"other users' sockets show a user but no pid/process: {users}; run as root to see them",
-    )
+    figure = f"{count} of {total} processes hidden" if hidden else f"{total} visible"
+    notes = ["other users' sockets show a user but no pid/process"]
+    if hidden:
+        ranked = sorted(hidden.items(), key=lambda kv: -kv[1])[:3]
+        users = ", ".join(f"{user} ({n})" for user, n in ranked)
+        notes = [f"sockets of the hidden processes show a user but no pid/process: {users}"]
+    if veiled:
+        figure += f", /proc hidepid={hidepid}"
+        unseen = "unreadable" if hidepid == "noaccess" else "not even listed"
+        notes.append(f"/proc is mounted hidepid={hidepid}: other users' processes are {unseen}")
+    notes.append(_owners_remedy(uid, userns=userns, ptrace=ptrace))
+    return Verdict.WARN, figure, "; ".join(notes)
 
 
 def _queue_view() -> Outcome:
