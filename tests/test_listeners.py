@@ -133,3 +133,46 @@ def test_queue_figures_match_ss() -> None:
     # ss -H: State Recv-Q Send-Q Local:Port Peer:Port
     assert (int(fields[1]), int(fields[2])) == (3, 5)
     assert (rows[0]["recv_q"], rows[0]["send_q"]) == (3, 5)
+
+
+_LISTEN_AS_NOBODY = """
+import os, socket, sys
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(1)
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+print(listener.getsockname()[1], flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(
+    not (hasattr(os, "geteuid") and os.geteuid() == 0) or shutil.which("unshare") is None,
+    reason="needs root (to start a process of another user) and unshare",
+)
+def test_hidden_owner_in_a_user_namespace_is_explained_as_such() -> None:
+    # uid 0 of `unshare -r` is root of that namespace only: "no process holds them" (what
+    # root was told) hid the real limit.
+    probe = subprocess.run(["unshare", "-r", "true"], capture_output=True, check=False)
+    if probe.returncode:
+        pytest.skip("no user namespaces here")
+    with subprocess.Popen(
+        [sys.executable, "-c", _LISTEN_AS_NOBODY],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as owner:
+        try:
+            assert owner.stdout is not None
+            port = owner.stdout.readline().strip()
+            argv = ["unshare", "-r", sys.executable, "-m", "netprobe", "listeners", "--port", port]
+            result = subprocess.run(
+                argv, capture_output=True, text=True, timeout=LONG * 4, check=False
+            )
+        finally:
+            owner.kill()
+    assert result.returncode == 0, result.stderr
+    assert "1 of 1 rows lack process data" in result.stderr
+    assert "in a user namespace" in result.stderr

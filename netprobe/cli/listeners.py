@@ -64,11 +64,18 @@ def listeners(
     renderer.close()
     hidden = sum(1 for row in rows if not row.process_known)
     if hidden and not quiet:
-        why = (
-            "not root: other users' processes are hidden"
-            if not is_root()
-            else "no process holds them, or they vanished"
-        )
+        from netprobe.kernel import in_initial_user_namespace
+
+        if in_initial_user_namespace() is False:
+            # uid 0 here is root of this namespace only: the host's processes stay hidden.
+            why = "in a user namespace: processes outside it are hidden"
+        elif not is_root():
+            why = "not root: other users' processes are hidden"
+        else:
+            why = (
+                "no process holds them, they vanished, or their fds are unreadable even to "
+                "root: see `netprobe doctor`, socket-owners"
+            )
         log(
             f"netprobe: listeners: {hidden} of {len(rows)} rows lack process data ({why})",
             always=True,
