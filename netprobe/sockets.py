@@ -42,6 +42,7 @@ __all__ = [
     "PUMP_CHUNK",
     "SPLICE_AVAILABLE",
     "ConnectOutcome",
+    "HangupPoller",
     "NofileLimit",
     "PumpResult",
     "RelayResult",
@@ -71,6 +72,7 @@ __all__ = [
     "parse_size",
     "parse_target",
     "poll_ms",
+    "probe_peer",
     "pump_duplex",
     "raise_nofile_limit",
     "recv_datagram",
@@ -1004,6 +1006,70 @@ def fill_accept_queue(listener: socket.socket, *, deadline: float) -> list[socke
         for client in clients:
             client.close()
         raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Peers that left a connection nobody reads (reset's hang)
+# ---------------------------------------------------------------------------------------------
+
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0)
+_POLL_GONE = (
+    getattr(select, "POLLERR", 0) | getattr(select, "POLLHUP", 0) | getattr(select, "POLLNVAL", 0)
+)
+
+
+class HangupPoller:
+    """Which watched sockets' peers sent FIN or RST, told without reading them.
+
+    For connections that are deliberately not read (the event loop no longer watches them):
+    a read would take bytes that must stay unread, and a MSG_PEEK sees a FIN only behind no
+    unread byte. poll() reports a FIN as POLLRDHUP (Linux) and an RST as POLLERR/POLLHUP,
+    whatever is queued. One zero-timeout poll covers every watched socket. Without poll()
+    (Windows) `available` is False and nothing is ever reported.
+    """
+
+    def __init__(self) -> None:
+        self._poll: Any = select.poll() if hasattr(select, "poll") else None
+        self.available = self._poll is not None
+
+    def add(self, fd: int, *, fin: bool = True) -> None:
+        """Watch fd for an RST, and also for a FIN unless `fin` is False."""
+        if self._poll is not None:
+            self._poll.register(fd, _POLLRDHUP if fin else 0)
+
+    def remove(self, fd: int) -> None:
+        if self._poll is not None:
+            with contextlib.suppress(KeyError):
+                self._poll.unregister(fd)
+
+    def ready(self) -> list[tuple[int, bool]]:
+        """(fd, gone) for each socket whose peer sent FIN (gone False) or RST (gone True)."""
+        if self._poll is None:
+            return []
+        return [(fd, bool(mask & _POLL_GONE)) for fd, mask in self._poll.poll(0)]
+
+
+def probe_peer(sock: Any, idle_s: int = 1, interval_s: int = 1, count: int = 5) -> bool:
+    """Send TCP keepalive probes on sock so that a peer which is gone shows as an error.
+
+    A peer's FIN does not say whether it closed or only shut its write side (and still waits
+    to read). A closed peer's kernel answers the probes for its FIN-WAIT-2 time
+    (tcp_fin_timeout, 60 s by default), then resets one; a host that vanished answers none
+    (ETIMEDOUT after `count` probes). False where keepalive cannot be set (not TCP).
+    """
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (
+            ("TCP_KEEPIDLE", idle_s),
+            ("TCP_KEEPINTVL", interval_s),
+            ("TCP_KEEPCNT", count),
+        ):
+            option = getattr(socket, name, None)
+            if option is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    except OSError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------

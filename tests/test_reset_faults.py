@@ -178,3 +178,9 @@ def test_zero_frames_acts_at_once_like_zero_bytes() -> None:
     assert Trigger(TriggerKind.AFTER_FRAMES, 0, "line").at_once
     assert Trigger(TriggerKind.AFTER_BYTES, 0).at_once
     assert not Trigger(TriggerKind.AFTER_FRAMES, 1, "line").at_once
+
+
+def test_zero_bytes_out_acts_at_once_like_zero_bytes() -> None:
+    # A discard server never writes: waiting for the first write would never fire.
+    assert Trigger(TriggerKind.AFTER_BYTES_OUT, 0).at_once
+    assert not Trigger(TriggerKind.AFTER_BYTES_OUT, 1).at_once

@@ -611,3 +611,76 @@ def test_splice_relays_leave_fds_for_later_connections() -> None:
             proc.communicate(timeout=LONG)
     assert echoed == 20
     assert fds <= limit - 8  # fds stay free for the next accepts and upstream connects
+
+
+@pytest.mark.parametrize("ending", ["rst", "fin-then-gone"])
+def test_client_gone_from_a_hung_connection_ends_the_upstream(ending: str) -> None:
+    # Both sides stayed open after a hang until the proxy stopped, whatever the client did:
+    # an fd pair (and an upstream connection) leaked per hung client. A client that is gone
+    # is passed on as it ended: its RST as an RST; its FIN (read before the RST a keepalive
+    # probe drew, which showed it gone) as a FIN.
+    with serve(options()) as (up_port, up_records):
+        hang = options(TriggerKind.ON_ACCEPT, action=Action.HANG, upstream=("127.0.0.1", up_port))
+        with proxy(hang) as (port, records):
+            sock = connect(port, timeout=0.3)
+            try:
+                sock.sendall(b"ab")
+                assert read_until_end(sock) == (b"", "timeout")
+            finally:
+                if ending == "rst":
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                else:  # gone once its FIN is acknowledged: no FIN-WAIT-2 time
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_LINGER2, -1)
+                sock.close()
+            _wait_records(records, 1)
+            _wait_records(up_records, 1)
+    assert (records[0]["action"], records[0]["fired"]) == ("hang", True)
+    rst = ending == "rst"
+    assert records[0]["reason"] == ("reset" if rst else "hang")
+    assert up_records[0]["reason"] == ("reset" if rst else "eof")
+
+
+def test_a_half_closed_client_of_a_hung_proxy_still_hangs() -> None:
+    with serve(options()) as (up_port, up_records):
+        hang = options(TriggerKind.ON_ACCEPT, action=Action.HANG, upstream=("127.0.0.1", up_port))
+        with proxy(hang) as (port, records), connect(port, timeout=2.0) as sock:
+            sock.sendall(b"ab")
+            sock.shutdown(socket.SHUT_WR)
+            assert read_until_end(sock) == (b"", "timeout")  # no EOF: still hung
+            assert not records
+            assert not up_records
+
+
+def test_upstream_leaving_a_hung_connection_is_closed_and_the_client_still_hangs() -> None:
+    from tests.helpers import ServerThread
+
+    seen: list[str] = []
+
+    def leave(conn: socket.socket) -> None:
+        conn.sendall(b"bye")  # unread by the hung proxy
+        conn.shutdown(socket.SHUT_WR)
+        try:
+            seen.append("eof" if conn.recv(1) == b"" else "data")
+        except OSError as exc:  # pragma: no cover - reported below
+            seen.append(type(exc).__name__)
+
+    upstream = ServerThread(handler=leave)
+    try:
+        hang = options(
+            TriggerKind.ON_ACCEPT, action=Action.HANG, upstream=("127.0.0.1", upstream.port)
+        )
+        with proxy(hang) as (port, records):
+            with connect(port, timeout=0.3) as sock:
+                deadline = time.monotonic() + LONG
+                while not seen and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                # The proxy closed its upstream side (a FIN: it read what upstream had sent)...
+                assert seen == ["eof"]
+                # ... while its client still sees the hang, not the upstream's FIN.
+                assert read_until_end(sock) == (b"", "timeout")
+                assert not records
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            _wait_records(records, 1)
+    finally:
+        upstream.stop()
+    assert (records[0]["action"], records[0]["reason"]) == ("hang", "reset")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -399,3 +400,81 @@ def test_after_zero_frames_acts_before_any_data() -> None:
         _wait_for(records)
     assert (got, ending) == (b"", "ECONNRESET")
     assert records[0]["fired"] is True
+
+
+@pytest.mark.parametrize("mode", [ServeMode.DISCARD, ServeMode.ECHO])
+def test_after_zero_bytes_out_acts_before_any_data(mode: ServeMode) -> None:
+    # As --after-bytes 0 and --after-frames 0: at once. It used to wait for the first write,
+    # which a discard server never makes (nor an echo whose client sends nothing).
+    with serve(options(TriggerKind.AFTER_BYTES_OUT, 0, mode=mode)) as (port, records):
+        try:
+            sock = connect(port, timeout=2.0)
+        except ConnectionResetError:
+            # The RST can beat connect()'s own wake-up: SO_ERROR then reads ECONNRESET.
+            got, ending = b"", "ECONNRESET"
+        else:
+            with sock:
+                got, ending = read_until_end(sock)
+        assert (got, ending) == (b"", "ECONNRESET")
+        _wait_for(records)
+    assert (records[0]["fired"], records[0]["reason"]) == (True, "rst")
+
+
+def _abort(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # RST
+
+
+def _close_at_once(sock: socket.socket) -> None:
+    # No FIN-WAIT-2 time: the socket is gone as soon as its FIN is acknowledged, so the next
+    # segment from the hung server (a keepalive probe) is answered by an RST.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_LINGER2, -1)
+    sock.close()  # FIN
+
+
+@pytest.mark.parametrize("ending", ["rst", "fin-then-gone"])
+def test_hung_connection_ends_when_its_client_is_gone(ending: str) -> None:
+    # A hung connection used to be kept (and its fd) until the run ended, client or not.
+    with serve(options(AFTER_BYTES, 1000, action=Action.HANG)) as (port, records):
+        sock = connect(port, timeout=0.3)
+        try:
+            sock.sendall(b"z" * 5000)  # 4000 of them stay unread behind the hang
+            assert read_until_end(sock)[1] == "timeout"
+        finally:
+            if ending == "rst":
+                _abort(sock)
+            else:
+                _close_at_once(sock)
+        _wait_for(records)
+    record = records[0]
+    assert (record["action"], record["fired"]) == ("hang", True)
+    # After its FIN the socket reads EOF before the RST's error: either ends the hang.
+    assert record["reason"] in (("reset",) if ending == "rst" else ("reset", "hang"))
+
+
+def test_a_half_closed_client_still_hangs() -> None:
+    # A FIN is not leaving: `nc -N` or `netprobe send` shut their write side and wait for the
+    # answer, and the hang is there to make exactly them time out.
+    with serve(options(AFTER_BYTES, 10, action=Action.HANG)) as (port, records):
+        with connect(port, timeout=2.0) as sock:
+            sock.sendall(b"z" * 100)
+            sock.shutdown(socket.SHUT_WR)
+            assert read_until_end(sock) == (b"z" * 10, "timeout")  # no EOF: still hung
+            assert not records
+            _abort(sock)
+        _wait_for(records)
+    # The FIN came first: the socket reads EOF before the RST's error.
+    assert (records[0]["action"], records[0]["reason"]) == ("hang", "hang")
+
+
+def test_hang_does_not_read_while_the_client_stays() -> None:
+    # Noticing a client that left must not read: the hung side's receive window stays shut,
+    # so a client that keeps sending stalls.
+    opts = options(TriggerKind.ON_ACCEPT, action=Action.HANG, mode=ServeMode.DISCARD)
+    payload = b"w" * (64 << 20)  # more than any receive and send buffer hold
+    with (
+        serve(opts) as (port, _records),
+        connect(port, timeout=1.5) as sock,
+        pytest.raises(TimeoutError),
+    ):
+        sock.sendall(payload)

@@ -1,13 +1,14 @@
 """`reset serve` and `reset proxy`: handlers on the one server core that misbehave on cue.
-Does I/O (through netprobe.server only).
+Does I/O (through netprobe.server and netprobe.sockets; it looks at sockets itself only for
+SIOCOUTQ).
 
 Strategy: every connection draws its action from the run's FaultSchedule when it opens
 (plan step, seeded coin, or always), then a TriggerState counts its bytes/frames while timers
 watch after-ms / on-idle. Bytes before the trigger are served faithfully (echoed, discarded,
 forwarded); at the trigger the action runs: rst aborts (SO_LINGER 0) once the bytes before it
 are acknowledged, fin and half-close send FIN and drain what the peer still sends (so the FIN
-is not turned into a RST by unread data), hang stops reading and writing, slow routes the
-output through a paced _Pipe.
+is not turned into a RST by unread data), hang stops reading and writing (until the peer
+is gone: _HangWatch), slow routes the output through a paced _Pipe.
 
 The proxy joins a client connection and an outbound upstream connection with two _Pipes (one
 per direction) that apply toxics (latency, jitter, bandwidth, slices) when enabled and write
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from netprobe import sockets
 from netprobe.engines.reset_client import generated_stream
 from netprobe.engines.reset_faults import (
     Action,
@@ -134,6 +136,89 @@ def _abort_flushed(conn: Connection, reason: str, deadline: float | None = None)
         conn.call_later(_RST_POLL_S, _abort_flushed, conn, reason, deadline)
         return
     conn.abort(reason)
+
+
+# How often the run looks for the peers of hung connections that have left (see _HangWatch).
+_HANG_CHECK_S = 0.5
+
+
+class _HangWatch:
+    """The run's hung connections, checked every _HANG_CHECK_S for a peer that left.
+
+    A hung connection is paused, so the event loop no longer watches its socket and never saw
+    its peer leave: the socket (and a proxy's upstream connection) stayed until the run ended.
+    Reading to find out is no option: the read would take the bytes the hang must leave unread
+    (the peer's window has to fill so that it times out); sockets.HangupPoller looks without
+    reading, one syscall per tick for the whole run, and the timer runs only while some
+    connection hangs.
+
+    An RST means the peer is gone. A FIN does not: a client that shut only its write side
+    (`nc -N`, `netprobe send`, an HTTP/1.0 client) still waits for an answer, and the hang is
+    there to make exactly that client time out. So after a FIN (where `fin_leaves` is False)
+    the hang goes on and keepalive probes (sockets.probe_peer) find out whether the peer still
+    exists: a closed one resets a probe once its FIN-WAIT-2 time is over, a vanished host
+    answers none, and either shows up here as an error.
+    """
+
+    def __init__(self) -> None:
+        self._poller: sockets.HangupPoller | None = None
+        self._fds: dict[Connection, int] = {}
+        self._watched: dict[int, tuple[Connection, Callable[[Connection], None], bool]] = {}
+        self._timer: Any = None
+
+    def add(
+        self, conn: Connection, on_left: Callable[[Connection], None], *, fin_leaves: bool
+    ) -> None:
+        """Call on_left(conn) once conn's peer has reset (or, if fin_leaves, sent FIN)."""
+        sock = conn.get_extra_info("socket")
+        if sock is None or conn.is_closing or conn in self._fds:
+            return
+        if self._poller is None:
+            self._poller = sockets.HangupPoller()
+        if not self._poller.available:
+            return
+        fd = sock.fileno()
+        self._poller.add(fd)
+        self._fds[conn] = fd
+        self._watched[fd] = (conn, on_left, fin_leaves)
+        if self._timer is None:
+            self._timer = conn.call_later(_HANG_CHECK_S, self._check, conn.server.loop)
+
+    def discard(self, conn: Connection) -> None:
+        """Stop watching conn (before its socket closes: a closed fd number is soon reused)."""
+        fd = self._fds.pop(conn, None)
+        if fd is None or self._poller is None:
+            return
+        del self._watched[fd]
+        self._poller.remove(fd)
+        if not self._fds and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self, loop: Any) -> None:
+        self._timer = None
+        assert self._poller is not None
+        left = []
+        for fd, gone in self._poller.ready():
+            entry = self._watched.get(fd)
+            if entry is None:
+                continue
+            conn, on_left, fin_leaves = entry
+            if gone or fin_leaves:
+                self.discard(conn)
+                left.append((conn, on_left))
+                continue
+            # Only a FIN: from now on an error (a probe reset or unanswered) ends the hang.
+            self._poller.remove(fd)
+            self._poller.add(fd, fin=False)
+            sock = conn.get_extra_info("socket")
+            if sock is not None:
+                sockets.probe_peer(sock)
+        if self._fds:
+            self._timer = loop.call_later(_HANG_CHECK_S, self._check, loop)
+        for conn, on_left in left:
+            if not conn.is_closing:
+                on_left(conn)
 
 
 class Direction(StrEnum):
@@ -279,6 +364,7 @@ class _Run:
         self.relays = 0  # splice relays running now
         self.sessions = 0  # proxied connections open now (2 sockets each, once connected)
         self._fds_at_start: int | None = None  # fds open before the first session
+        self.hangs = _HangWatch()
 
     def relay_fits(self) -> bool:
         """Whether one more splice relay stays within its share of RLIMIT_NOFILE (see
@@ -559,7 +645,7 @@ class _ServeHandler(Handler):
         self._serve(data)
 
     def on_eof(self, conn: Connection) -> None:
-        if self._after_fire in (Action.FIN, Action.HALF_CLOSE):
+        if self._after_fire in (Action.FIN, Action.HALF_CLOSE, Action.HANG):
             conn.close(str(self._after_fire))
             return
         if self._pipe is not None and self._pipe.queued:
@@ -581,6 +667,7 @@ class _ServeHandler(Handler):
             self._pump_send()
 
     def on_close(self, conn: Connection, reason: str) -> None:
+        self.run.hangs.discard(conn)
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
@@ -706,10 +793,20 @@ class _ServeHandler(Handler):
             conn.half_close()
         elif action is Action.HANG:
             conn.pause_reading("hang")
+            self.run.hangs.add(conn, self._client_left, fin_leaves=False)
         elif action is Action.SLOW:
             rate = self.run.options.slow_rate
             self._pipe = _Pipe(conn, Toxics(bandwidth=rate), self.run, self._pipe_full, conn)
             self._pipe.set_rate(rate)
+
+    @staticmethod
+    def _client_left(conn: Connection) -> None:
+        # The hung client sent FIN or RST: it sends no more, so reading (and dropping, see
+        # on_data) opens no window it could use. The read brings its FIN to on_eof, which
+        # closes with a FIN of ours (nothing left unread, so not an RST), or its RST to the
+        # usual reset close; an echo's full write buffer must not hold the read back either.
+        for key in ("hang", "write-buffer"):
+            conn.resume_reading(key)
 
     def _fin(self, conn: Connection, reason: str) -> None:
         # FIN now, then read (and drop) until the peer closes: closing with unread bytes
@@ -1006,6 +1103,11 @@ class _Session:
         if source is not None and ending is not None:
             source.close(ending)  # we ended this side with a FIN: its peer's FIN completes it
             return
+        if source is not None and self.done_action is Action.HANG:
+            # Its peer left a hung connection, and nothing is forwarded any more: close this
+            # side (everything it sent was read, so with a FIN); side_closed sees to the other.
+            source.close(self.end_reason or str(Action.HANG))
+            return
         pipe = self.up if direction is Direction.UP else self.down
         dest = self._side(direction)
         if dest is None:
@@ -1032,17 +1134,21 @@ class _Session:
             other.resume_reading("peer")
 
     def side_closed(self, which: str, conn: Connection, reason: str) -> None:
-        # The transport closes the socket right after this callback: the relay thread must
-        # let go of the descriptors first.
+        # The transport closes the socket right after this callback: the relay thread and
+        # the hang watch must let go of the descriptors first.
         self._stop_relay()
+        self.run.hangs.discard(conn)
         self.closed[which] = True
         if which == "upstream":
             # The relay may have recorded it already (splice path): a close keeps that errno.
             self.upstream_errno = conn.errno_name or self.upstream_errno
         other = self.upstream if which == "client" else self.client
-        # After rst, fin or hang the action owns the other side's ending (an rst may still be
-        # waiting for its last bytes to be acknowledged).
-        owned = self.done_action in (Action.RST, Action.FIN, Action.HANG)
+        # After rst or fin the action owns the other side's ending (an rst may still be
+        # waiting for its last bytes to be acknowledged). After a hang the client's leaving
+        # ends the upstream too (it is held for the client only), while the upstream's leaving
+        # must not end the client's hang: the client is the one meant to time out.
+        hung = self.done_action is Action.HANG
+        owned = self.done_action in (Action.RST, Action.FIN) or (hung and which == "upstream")
         first_reset = reason == "reset" and self.end_reason not in ("reset", _UPSTREAM_RESET)
         if first_reset and (which == "client" or not owned):
             # A reset ends the connection whatever fault came before it (slow and half-close
@@ -1053,6 +1159,10 @@ class _Session:
                 # Pass the RST on, as a transparent path would; when the upstream sent it,
                 # the client's close says so (it is not a client reset).
                 other.abort(_UPSTREAM_RESET if which == "upstream" else "reset")
+            elif hung:
+                # The hung upstream may hold bytes we never read: a plain close would send
+                # RST (TCPAbortOnClose), not the FIN that passes the client's FIN on.
+                self._spare(other, self.end_reason or reason)
             else:
                 # The client's close carries the record's reason: the totals count that one.
                 ending = self.end_reason or reason
@@ -1125,9 +1235,18 @@ class _Session:
                 side = self._side(d)
                 if side is not None:
                     side.pause_reading("hang")
+                    self.run.hangs.add(side, self._hung_peer_left, fin_leaves=side is self.upstream)
         elif action is Action.SLOW:
             for d in faulted:
                 self._pipe(d).set_rate(self.run.options.slow_rate)
+
+    @staticmethod
+    def _hung_peer_left(side: Connection) -> None:
+        # A hung side's peer sent FIN or RST: it sends no more, so reading (and dropping,
+        # see data) opens no window it could use. The read brings its FIN to eof() or its
+        # RST to side_closed(), which end the connection as after any other fault.
+        for key in ("hang", "peer", "pipe"):
+            side.resume_reading(key)
 
     def _act_after_drain(self, direction: Direction, act: Callable[[Connection], None]) -> None:
         """Forward nothing more towards this side; act on it once the bytes held are out."""
@@ -1162,7 +1281,8 @@ class _Session:
             return
         self.lingering[side] = reason
         side.half_close()
-        for key in ("peer", "pipe"):  # holds for a direction that carries nothing more
+        self.run.hangs.discard(side)  # read from now on: the loop sees its peer's FIN
+        for key in ("peer", "pipe", "hang"):  # holds for a direction that carries nothing more
             side.resume_reading(key)
         self.timers.append(side.call_later(_SPARE_LINGER_S, side.close, reason))
 

@@ -58,6 +58,19 @@ class TriggerKind(StrEnum):
     ON_IDLE = "on-idle"
 
 
+# Triggers that count up to their value. At 0 there is nothing to wait for: they act at once,
+# not at the first data, nor (after-bytes-out) at the first write, which a discard server or
+# an echo whose client stays silent never makes.
+_COUNTING = frozenset(
+    {
+        TriggerKind.AFTER_BYTES,
+        TriggerKind.AFTER_BYTES_OUT,
+        TriggerKind.AFTER_FRAMES,
+        TriggerKind.AFTER_MS,
+    }
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Trigger:
     """One trigger: its kind and its value (bytes, frames or seconds; None for at-once).
@@ -75,9 +88,7 @@ class Trigger:
     @property
     def at_once(self) -> bool:
         return self.kind in (TriggerKind.ON_ACCEPT, TriggerKind.ON_CONNECT) or (
-            # 0 bytes, frames or ms: nothing to wait for, so no waiting for the first data.
-            self.kind in (TriggerKind.AFTER_BYTES, TriggerKind.AFTER_FRAMES, TriggerKind.AFTER_MS)
-            and self.value == 0
+            self.kind in _COUNTING and self.value == 0
         )
 
     def describe(self) -> str:
