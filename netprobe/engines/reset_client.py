@@ -7,11 +7,10 @@ whether it closed or reset first) is recorded per connection.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -272,11 +271,11 @@ def _send_until(
         peer.look(sock, _PEEK_S)
 
 
-def _next_done(pending: deque[Future[ClientReset]]) -> ClientReset:
-    # Waited for in place, then taken: a Ctrl-C during the wait leaves it in `pending`,
-    # where the interrupt handling still finds and reports it.
+def _next_done(pending: deque[Future[ClientReset | None]]) -> ClientReset:
+    # Waited for in place, then taken: a Ctrl-C during the wait leaves it in `pending`.
     result = pending[0].result()
     pending.popleft()
+    assert result is not None  # only a halted run has workers that never started
     return result
 
 
@@ -292,7 +291,7 @@ def run_reset_client(
     duration_s: float | None = None,
     stop: threading.Event | None = None,
     on_start: Callable[[int], None] | None = None,
-) -> Iterator[ClientReset]:
+) -> Generator[ClientReset, None, None]:
     """Run `count` aborting connections, at most `concurrency` at once; yield each result.
 
     Args:
@@ -308,8 +307,28 @@ def run_reset_client(
     at most `concurrency` run at once).
     """
     started = time.monotonic()
-    pending: deque[Future[ClientReset]] = deque()
+    pending: deque[Future[ClientReset | None]] = deque()
     halt = threading.Event()
+    # Every finished connection, by number, filled in by the workers themselves: a Ctrl-C can
+    # land between pool.submit() and pending.append() (submit starts a thread, and the
+    # worker may connect before submit returns), and that connection must still be reported.
+    finished: dict[int, ClientReset] = {}
+    reported = 0  # connections 1..reported have been yielded
+    # Workers running now. The pool cannot be asked: a Ctrl-C inside submit() can leave a
+    # worker that already runs out of the threads its shutdown() waits for.
+    active: set[int] = set()
+
+    def work(conn: int) -> ClientReset | None:
+        active.add(conn)
+        try:
+            if halt.is_set():
+                return None  # Ctrl-C came first: this connection never starts
+            result = _one_client(conn, target, shown, trigger, data, timeout_s, halt)
+            finished[conn] = result
+            return result
+        finally:
+            active.discard(conn)
+
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         try:
             for conn in range(1, count + 1):
@@ -318,20 +337,24 @@ def run_reset_client(
                 if duration_s is not None and time.monotonic() - started >= duration_s:
                     break
                 while len(pending) >= concurrency:
-                    yield _next_done(pending)
+                    result = _next_done(pending)
+                    reported = result.conn
+                    yield result
                 if on_start is not None:
                     on_start(conn)
-                pending.append(
-                    pool.submit(_one_client, conn, target, shown, trigger, data, timeout_s, halt)
-                )
+                pending.append(pool.submit(work, conn))
             while pending:
-                yield _next_done(pending)
+                result = _next_done(pending)
+                reported = result.conn
+                yield result
         except KeyboardInterrupt:
             halt.set()  # the workers abort within _HALT_POLL_S and report `interrupted`
-            rest = []
-            for future in pending:
-                with contextlib.suppress(Exception):
-                    rest.append(future.result())
+            pool.shutdown(wait=True)
+            # A connect in progress is bounded by its timeout, not by the halt.
+            give_up = time.monotonic() + timeout_s + 1.0
+            while active and time.monotonic() < give_up:
+                time.sleep(_HALT_POLL_S / 5)
+            rest = [finished[conn] for conn in sorted(finished) if conn > reported]
             raise Interrupted(rest) from None
         finally:
             # Ctrl-C (or a consumer that stops early): the workers abort their connections
