@@ -1,5 +1,6 @@
 """`cat 50MB | netprobe send HOST:PORT > out` as real processes and pipes: identical bytes
-through an echo server, with flat memory (RSS sampled with psutil while it runs)."""
+through an echo server, with flat memory (RSS sampled with psutil while it runs); and
+`--until-regex` over a 16 MB reply."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import psutil  # type: ignore[import-untyped]
 import pytest
 
-from tests.helpers import LONG, ROOT, ServerThread
+from tests.helpers import LONG, ROOT, ServerThread, run_netprobe
 
 SIZE = 50_000_000
 RSS_LIMIT = 50 * 1024 * 1024  # the issue's bound: well under 50 MB for a 50 MB stream
@@ -84,3 +85,39 @@ def test_50mb_stream_round_trip_with_flat_memory(tmp_path: Path) -> None:
     assert count == SIZE
     assert got.hexdigest() == digest.hexdigest()
     assert 0 < peak < RSS_LIMIT, f"peak RSS {peak / 1e6:.1f} MB"
+
+
+def test_until_regex_over_a_16mb_reply_stops_at_the_match_as_it_arrives() -> None:
+    # The old code searched its whole 16 MiB window on every chunk: this took ~10 s. The
+    # server keeps the connection open after the match, and the idle timeout is off, so
+    # only a match found as it arrives ends the run before --timeout (exit 3).
+    line = b"0123456789 the quick brown fox jumps over the lazy dog, 42 times DONE\r\n"
+    body = line * (16_000_000 // len(line))
+    reply = body + b"DONE 42\r\nnot this\r\nDONE 43\r\n"
+
+    def serve(conn: socket.socket) -> None:
+        conn.recv(64)
+        conn.sendall(reply)
+        while conn.recv(65536):  # until the client closes (or the LONG socket timeout)
+            pass
+
+    srv = ServerThread(handler=serve)
+    try:
+        proc = run_netprobe(
+            [
+                "send",
+                f"127.0.0.1:{srv.port}",
+                "x",
+                "--until-regex",
+                r"(?m)^DONE \d+\r$",
+                "--idle-timeout",
+                "0",
+                "--timeout",
+                "20",
+            ],
+            timeout=30,
+        )
+    finally:
+        srv.stop()
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == body + b"DONE 42\r"

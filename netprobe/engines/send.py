@@ -7,6 +7,7 @@ the `emit` callback the caller passes in, so memory stays flat whatever the stre
 from __future__ import annotations
 
 import base64
+import importlib
 import json
 import math
 import os
@@ -69,6 +70,18 @@ STAT_KEYS = ("min", "avg", "p50", "p90", "p99", "max", "count")
 # --until-regex keeps a window of the received stream to search; a match longer than this
 # is not found (memory stays bounded on an endless stream).
 REGEX_WINDOW = 16 * 1024 * 1024
+# A chunk is searched from at most this far back (see _RegexCut), unless a whole search is
+# due. A 64 KiB line is long for a text protocol, and this much may be searched again for
+# each chunk, however small.
+REGEX_RECENT = 64 * 1024
+# A pattern that may match from further back (`(?s).*`, a long run of digits for `\d+`) is
+# searched over the whole window on every chunk while it is at most this big: cheap, and
+# nothing is held back. (Searching 16 MiB on every chunk made a 16 MB reply take 10 s.)
+REGEX_SMALL = 1024 * 1024
+# Beyond it, the whole window is searched again once the stream has grown by 1/REGEX_REGROW
+# of what the last whole search covered: the searches add up to a constant times the
+# stream, and at most that much output is held back meanwhile.
+REGEX_REGROW = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +338,309 @@ class Expectations:
         )
 
 
+class _Unknown(Exception):
+    """Raised inside the pattern analysis: a construct it does not bound."""
+
+
+# The bytes each class escape matches in a bytes pattern (no LOCALE), asked of `re` itself.
+_CATEGORY_ESCAPES = {
+    "CATEGORY_DIGIT": rb"\d",
+    "CATEGORY_NOT_DIGIT": rb"\D",
+    "CATEGORY_SPACE": rb"\s",
+    "CATEGORY_NOT_SPACE": rb"\S",
+    "CATEGORY_WORD": rb"\w",
+    "CATEGORY_NOT_WORD": rb"\W",
+}
+_ALL_BYTES = frozenset(range(256))
+
+
+@dataclass(frozen=True)
+class _RegexProfile:
+    """What bounds where a match can start, for --until-regex.
+
+    A match attempt inspects at most `reach` bytes that are not in `free` from its start on
+    (lookaheads and `$` included); `free` holds every byte an unbounded repeat can consume
+    (empty for a pattern of bounded width: then `reach` bounds the bytes inspected).
+    """
+
+    reach: int
+    free: frozenset[int]
+
+
+def _regex_profile(pattern: re.Pattern[bytes]) -> _RegexProfile | None:
+    """The pattern's profile, or None when it cannot be worked out."""
+    try:
+        # re._parser is private (CPython 3.11+). Anything unexpected in it means "no
+        # profile", which is always correct, only slower.
+        parser = importlib.import_module("re._parser")
+        tree = parser.parse(pattern.pattern, pattern.flags)
+        walker = _ProfileWalker(int(parser.MAXREPEAT))
+        _width, reach, _bytes = walker.sequence(list(tree), pattern.flags, inside=False)
+    except Exception:
+        return None
+    return _RegexProfile(reach, frozenset(walker.free))
+
+
+class _ProfileWalker:
+    """Walks a parsed pattern for _regex_profile.
+
+    Each construct gives (width, reach, length): the most bytes outside `free` it consumes,
+    the most it inspects past where it starts (an end-of-string test counts as inspecting
+    a byte), and the most bytes it consumes at all (None: unbounded). A unit inside an
+    unbounded repeat adds what it can match to `free` and counts (0, 1): it consumes free
+    bytes only, but may inspect another byte and fail.
+    """
+
+    def __init__(self, unbounded: int) -> None:
+        self.unbounded = unbounded
+        self.free: set[int] = set()
+        self.groups: dict[int, int | None] = {}
+
+    def sequence(
+        self, items: list[Any], flags: int, *, inside: bool
+    ) -> tuple[int, int, int | None]:
+        width = reach = 0
+        length: int | None = 0
+        for op, av in items:
+            item_width, item_reach, item_length = self.item(str(op), av, flags, inside)
+            reach = max(reach, width + item_reach)
+            width += item_width
+            length = None if length is None or item_length is None else length + item_length
+        return width, reach, length
+
+    def item(self, name: str, av: Any, flags: int, inside: bool) -> tuple[int, int, int | None]:
+        if name in ("LITERAL", "NOT_LITERAL", "ANY", "IN"):
+            if not inside:
+                return 1, 1, 1
+            self.free |= _unit_bytes(name, av, flags)
+            return 0, 1, 1
+        if name == "AT":
+            return 0, 1, 0  # `$` and `\b` look at the next byte (or the end)
+        if name == "SUBPATTERN":
+            group, add_flags, del_flags, items = av
+            found = self.sequence(list(items), (flags | add_flags) & ~del_flags, inside=inside)
+            if group is not None:
+                self.groups[group] = found[2]
+            return found
+        if name == "ATOMIC_GROUP":
+            return self.sequence(list(av), flags, inside=inside)
+        if name == "BRANCH":
+            return _widest([self.sequence(list(b), flags, inside=inside) for b in av[1]])
+        if name == "GROUPREF_EXISTS":
+            no = self.sequence(list(av[2]), flags, inside=inside) if av[2] else (0, 0, 0)
+            return _widest([self.sequence(list(av[1]), flags, inside=inside), no])
+        if name == "GROUPREF":
+            # It repeats the group's bytes, which may differ in case: count them all.
+            length = self.groups.get(av)
+            if length is None or (inside and length):
+                raise _Unknown(name)
+            return length, length, length
+        if name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            _low, high, items = av
+            forever = high >= self.unbounded
+            width, reach, length = self.sequence(list(items), flags, inside=inside or forever)
+            if forever:
+                if width:
+                    raise _Unknown(name)
+                return 0, reach, None if length else 0
+            if not high:
+                return 0, 0, 0
+            return (
+                high * width,
+                (high - 1) * width + reach,
+                None if length is None else high * length,
+            )
+        if name in ("ASSERT", "ASSERT_NOT"):
+            direction, items = av
+            # What a lookaround inspects is not consumed by an enclosing repeat: its bytes
+            # count whatever they are.
+            _width, reach, _length = self.sequence(list(items), flags, inside=False)
+            if direction == 1:
+                return 0, reach, 0
+            if any(str(op) in ("ASSERT", "ASSERT_NOT") for op, _av in items):
+                raise _Unknown("a lookaround inside a lookbehind")
+            return 0, 1, 0  # a lookbehind inspects bytes before here (and `$` this one)
+        raise _Unknown(name)
+
+
+def _widest(found: list[tuple[int, int, int | None]]) -> tuple[int, int, int | None]:
+    lengths = [f[2] for f in found]
+    longest = None if None in lengths else max(n for n in lengths if n is not None)
+    return max(f[0] for f in found), max(f[1] for f in found), longest
+
+
+def _unit_bytes(name: str, av: Any, flags: int) -> frozenset[int]:
+    """The bytes a single-byte construct may match (more is harmless: only less is wrong)."""
+    if flags & re.LOCALE:
+        return _ALL_BYTES
+    if name == "ANY":
+        return _ALL_BYTES if flags & re.DOTALL else _ALL_BYTES - {0x0A}
+    if name == "NOT_LITERAL":
+        return _ALL_BYTES - {av}
+    items = [("LITERAL", av)] if name == "LITERAL" else [(str(op), arg) for op, arg in av]
+    listed: set[int] = set()
+    negate = False
+    for op, arg in items:
+        if op == "NEGATE":
+            negate = True
+        elif op == "LITERAL":
+            listed.add(arg)
+        elif op == "RANGE":
+            listed.update(range(arg[0], arg[1] + 1))
+        elif op == "CATEGORY" and str(arg) in _CATEGORY_ESCAPES:
+            escape = re.compile(_CATEGORY_ESCAPES[str(arg)])
+            listed.update(b for b in range(256) if escape.match(bytes([b])))
+        else:
+            return _ALL_BYTES
+    if negate:
+        # Case folding only takes more bytes out of a negated class.
+        return _ALL_BYTES - listed
+    if flags & re.IGNORECASE:
+        listed.update(bytes(listed).swapcase())
+    return frozenset(listed)
+
+
+class _RegexCut:
+    """--until-regex over a stream: passes bytes on until the first match, cut at its end.
+
+    Strategy: the old code searched the whole window (the last REGEX_WINDOW bytes) after
+    every chunk, which is quadratic. Here `search(window, pos)` (`^`, `\\b` and lookbehinds
+    still see the bytes before `pos`) starts where a new match can start. The stream up to
+    `cleared` is known to hold no match; an attempt at `s` can only turn out differently now
+    if it inspects a byte at or past `cleared`, so all of `s..cleared` lies within one
+    attempt. A pattern's profile (_RegexProfile) says an attempt inspects at most `reach`
+    bytes outside `free`; so no match can start before the reach+1-th byte outside `free`
+    counted back from `cleared`. For a bounded pattern that is `reach` bytes back; for
+    `.*` the reach+1-th newline back; for `\\d+` the reach+1-th non-digit.
+
+    - When that start is at most REGEX_RECENT back, the search from it is exact: the
+      result is the whole window's, and all of it is cleared. This is the usual case.
+    - Otherwise (a pattern without a profile, `(?s).*`, a long run of free bytes): each
+      chunk is searched from REGEX_RECENT before it, so a match starting no further back is
+      found at once, and the whole window is searched while it is at most REGEX_SMALL, and
+      again whenever the stream has grown by 1/REGEX_REGROW of what the last whole search
+      covered: the total work stays linear. Bytes no exact or whole search has cleared are
+      held back, since a longer match may still end inside them; they are passed on once
+      cleared, or by flush() at the end of the read. A match found by a partial search is
+      searched for again over the whole window, so the leftmost one is taken.
+    """
+
+    def __init__(
+        self,
+        pattern: re.Pattern[bytes],
+        *,
+        window: int = REGEX_WINDOW,
+        small: int = REGEX_SMALL,
+        recent: int = REGEX_RECENT,
+        regrow: int = REGEX_REGROW,
+    ) -> None:
+        self._pattern = pattern
+        self._window_size = window
+        self._small = small
+        self._recent = recent
+        self._regrow = regrow
+        profile = _regex_profile(pattern)
+        # How many bytes outside `free` to count back (one of margin costs nothing); None:
+        # no useful profile (a count beyond REGEX_RECENT bytes would always fail).
+        self._need: int | None = None
+        if profile is not None and profile.free != _ALL_BYTES and profile.reach + 2 <= recent:
+            self._need = profile.reach + 2
+        self._table: bytes | None = None  # 1 for each byte outside `free`, for translate()
+        if profile is not None and profile.free:
+            self._table = bytes(0 if b in profile.free else 1 for b in range(256))
+        self._window = bytearray()
+        self._base = 0  # stream offset of the window's first byte
+        # The first start a search tries: 1 once the front of the window was dropped, so `^`
+        # and `\A` do not match at an arbitrary cut.
+        self._floor = 0
+        self._cleared = 0  # stream offset: the stream up to here holds no match
+        self._released = 0  # stream offset: everything before it was passed on
+
+    @property
+    def held(self) -> int:
+        """Bytes received but not passed on yet."""
+        return self._base + len(self._window) - self._released
+
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        """Take a chunk; return the bytes that may be passed on now, and whether the pattern
+        matched (then they end at the match's end, and nothing more may follow)."""
+        window = self._window
+        before = len(window)
+        window += data
+        start = self._first_start(self._cleared - self._base)
+        if start is None:
+            grown = self._base + len(window) - self._cleared
+            searched = len(window) - grown  # what the last whole search covered
+            whole = len(window) <= self._small or grown * self._regrow >= searched
+            start = self._floor if whole else max(self._floor, before - self._recent)
+            match = self._search(start)
+            if match is not None and not whole:
+                match = self._search(self._floor)
+            elif match is None and not whole:
+                return b"", False
+        else:
+            match = self._search(start)
+        if match is not None:
+            # With a lookahead the match may end before bytes already passed on (as before).
+            return self._release(max(self._base + match.end(), self._released)), True
+        self._cleared = self._base + len(window)
+        out = self._release(self._cleared)
+        excess = len(window) - self._window_size
+        if excess > 0:
+            del window[:excess]
+            self._base += excess
+            self._floor = 1
+        return out, False
+
+    def flush(self) -> tuple[bytes, bool]:
+        """The read ended: search the whole window once more and pass on what was held back
+        (cut at a match's end, when there is one); the same return as feed()."""
+        if not self.held:
+            return b"", False
+        match = self._search(self._floor)
+        if match is None:
+            return self._release(self._base + len(self._window)), False
+        return self._release(max(self._base + match.end(), self._released)), True
+
+    def _first_start(self, cleared: int) -> int | None:
+        """Where in the window a match not yet seen can start at the earliest (see the
+        strategy), when that is at most REGEX_RECENT before `cleared`; else None."""
+        need, floor = self._need, self._floor
+        lowest = max(floor, cleared - self._recent)
+        if need is None:
+            start = -1
+        elif self._table is None:
+            start = cleared - need + 1
+        else:
+            start = -1
+            span = 4 * need + 64
+            while start < 0:
+                low = max(lowest, cleared - span)
+                counted = self._window[low:cleared].translate(self._table)
+                at = len(counted)
+                for _ in range(need):
+                    at = counted.rfind(1, 0, at)
+                    if at < 0:
+                        break
+                else:
+                    start = low + at + 1
+                if low == lowest:
+                    break
+                span *= 8
+        if start >= lowest:
+            return start
+        # The window's first byte is as far back as any match can start.
+        return floor if lowest == floor else None
+
+    def _search(self, pos: int) -> re.Match[bytes] | None:
+        return self._pattern.search(self._window, pos)
+
+    def _release(self, upto: int) -> bytes:
+        start = self._released - self._base
+        self._released = upto
+        return bytes(self._window[start : upto - self._base])
+
+
 class _Receiver:
     """Consumes what the peer sends: cuts at an expectation, decodes frames, emits output."""
 
@@ -348,14 +664,16 @@ class _Receiver:
         self.frame_count = 0
         self.met = False
         self.framing_error: str | None = None
+        self._taken = 0  # bytes taken in, up to --expect-bytes (the regex may hold some back)
         self._tail = b""  # last len(until)-1 bytes, so a delimiter split across chunks is seen
-        self._window = bytearray()
+        self._regex = _RegexCut(expect.until_regex) if expect.until_regex is not None else None
 
     def _cut(self, data: bytes) -> tuple[bytes, bool]:
         exp = self.expect
         stop = False
-        if exp.expect_bytes is not None and self.kept + len(data) >= exp.expect_bytes:
-            data, stop = data[: exp.expect_bytes - self.kept], True
+        if exp.expect_bytes is not None and self._taken + len(data) >= exp.expect_bytes:
+            data, stop = data[: exp.expect_bytes - self._taken], True
+        self._taken += len(data)
         if exp.until is not None:
             joined = self._tail + data
             where = joined.find(exp.until)
@@ -364,29 +682,43 @@ class _Receiver:
             else:
                 keep = len(exp.until) - 1
                 self._tail = joined[-keep:] if keep else b""
-        if exp.until_regex is not None:
-            before = len(self._window)
-            self._window += data
-            match = exp.until_regex.search(self._window)
-            if match is not None:
-                data, stop = data[: max(match.end() - before, 0)], True
-            elif len(self._window) > REGEX_WINDOW:
-                del self._window[: len(self._window) - REGEX_WINDOW]
+        if self._regex is not None:
+            data, found = self._regex.feed(data)
+            if stop and not found:
+                # --expect-bytes ends the read here: what the regex held back goes out now.
+                rest, found = self._regex.flush()
+                data += rest
+            stop = stop or found
         return data, stop
 
     def feed(self, data: bytes) -> bool:
         """Take one chunk from the peer; True when an expectation is met (stop reading)."""
         data, stop = self._cut(data)
-        self.kept += len(data)
-        if self.decoder is not None:
-            self.decoder.feed(data)
-            if self._take_frames():
-                stop = True
-        else:
-            self._output(data)
+        if self._pass(data):
+            stop = True
         if stop and self.framing_error is None:
             self.met = True
         return stop
+
+    def _pass(self, data: bytes) -> bool:
+        """Output (or decode) bytes that survived the cut; True when --expect-frames is met or
+        a frame is malformed."""
+        self.kept += len(data)
+        if self.decoder is None:
+            self._output(data)
+            return False
+        if data:  # b"" would tell the decoder the stream ended
+            self.decoder.feed(data)
+        return self._take_frames()
+
+    def release_held(self) -> None:
+        """Pass on what --until-regex still holds back, cut at a match found in it (a last
+        search over the whole window)."""
+        if self._regex is None or self.met or self.framing_error is not None:
+            return
+        rest, found = self._regex.flush()
+        if (self._pass(rest) or found) and self.framing_error is None:
+            self.met = True
 
     def datagram(self, data: bytes, framing: FramingSpec | None, max_frame: int) -> bool:
         """Take one UDP datagram (decoded on its own with --framing, --max-frame enforced as
@@ -443,6 +775,7 @@ class _Receiver:
     def finish(self, peer_eof: bool, ended_by: str | None = None) -> None:
         """The read ended: flush the hexdump, check for a truncated frame at EOF, or at an
         idle timeout or timeout (half a frame is no reply, whether or not the peer closed)."""
+        self.release_held()
         if self.hexdumper is not None and not self.collect:
             self._emit(self.hexdumper.finish())
         if self.decoder is None or self.met or self.framing_error:
@@ -789,6 +1122,11 @@ def _exchange_checked(
             # (send never reads a terminal, so the input always ends.)
             stop_on_peer_eof=False,
         )
+    except KeyboardInterrupt:
+        # Bytes --until-regex holds back arrived before the interrupt: they belong in the
+        # output as much as those passed on already.
+        receiver.release_held()
+        raise
     finally:
         sock.close()
     end = time.monotonic()
@@ -910,6 +1248,9 @@ def _exchange_udp(
         # Linux: ECONNREFUSED on the recv (or the next send) after an ICMP port unreachable;
         # also EMSGSIZE, ENETUNREACH, ... from a send.
         ended = failed(exc)
+    except KeyboardInterrupt:
+        receiver.release_held()  # as over TCP
+        raise
     finally:
         sock.close()
     receiver.finish(False, ended)
