@@ -107,12 +107,25 @@ AF_UNIX: int = getattr(socket, "AF_UNIX", -1)
 # Parsing (no I/O)
 # ---------------------------------------------------------------------------------------------
 
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(us|ms|s|m|h)?\s*$", re.IGNORECASE)
+# ASCII only, as ports are: \d takes every Unicode digit (float() too), and Unicode case
+# folding matches "\u017f" (long s) to the unit "s", which the unit table then lacks.
+_DURATION_RE = re.compile(
+    r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(us|ms|s|m|h)?\s*$", re.IGNORECASE | re.ASCII
+)
 _DURATION_UNIT = {None: 1.0, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 # About 31 years: far beyond any run, and inside what every timer and wait call accepts.
 _MAX_DURATION_S = 1e9
-# 4 EiB: any byte count a run can mean fits, and int(float) never meets infinity.
+# 4 EiB: any byte count a run can mean fits.
 _MAX_SIZE = 2**62
+# Digits before the point that _MAX_SIZE can hold (2**62 has 19); more is too large outright.
+_MAX_SIZE_DIGITS = 19
+# A fraction of k significant decimals is n / 10**k, n not ending in 0. No unit multiplies by
+# more than 2**40 (T) or 10**12 (TB), and past k = 40 neither gives whole bytes: 10**k would
+# have to divide n * 2**40, making n a multiple of 10. So a longer fraction never reaches int().
+_MAX_WHOLE_DECIMALS = 40
+# The most digits a port can have once leading zeros are gone: judged before int(), which
+# refuses strings over 4300 digits.
+_PORT_DIGITS = 5
 
 
 def parse_duration(text: str) -> float:
@@ -136,15 +149,19 @@ def parse_duration(text: str) -> float:
 
 
 # Sizes follow coreutils: KB = 1000, K = KiB = 1024 (likewise M/MB/MiB, G/GB/GiB).
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
+# ASCII only, as durations: no Unicode digits, no Kelvin sign for K.
+_SIZE_RE = re.compile(
+    r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE | re.ASCII
+)
 _SIZE_POWER = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 
 def parse_size(text: str, *, per_second: bool = False) -> int:
-    """Parse a byte count: `100`, `64K`, `64KB`, `1MiB`, `2G`; `/s` allowed with per_second.
+    """Parse a byte count: `100`, `64K`, `64KB`, `1MiB`, `2G`, `1.5K`; `/s` allowed with
+    per_second. A fraction must come to whole bytes once its unit applies (`1.5K` is 1536).
 
     Raises:
-        UsageError: not a size, or negative.
+        UsageError: not a size, negative, too large, or not a whole number of bytes.
     """
     body = text.strip()
     if per_second and body.lower().endswith("/s"):
@@ -161,10 +178,23 @@ def parse_size(text: str, *, per_second: bool = False) -> int:
         raise UsageError(f"{text!r} is not a size (use e.g. 64KiB)")
     # "KB" with an explicit B and no i is decimal; a bare "K" or "KiB" is binary.
     base = 1000 if (byte and not binary and prefix) else 1024
-    value = float(number) * base ** _SIZE_POWER[prefix]
-    if not value <= _MAX_SIZE:
-        raise UsageError(f"{text!r} is too large; a size must be at most 4 EiB")
-    return int(value)
+    multiplier: int = base ** _SIZE_POWER[prefix]
+    whole, _, fraction = number.partition(".")
+    whole, fraction = whole.lstrip("0"), fraction.rstrip("0")
+    too_large = f"{text!r} is too large; a size must be at most 4 EiB"
+    # Exact integers, not float (1.1MB is 1100000 bytes, not 1100000.0000000002); the digit
+    # counts are judged first, as int() refuses strings over 4300 digits.
+    if len(whole) > _MAX_SIZE_DIGITS:
+        raise UsageError(too_large)
+    if len(fraction) <= _MAX_WHOLE_DECIMALS:
+        scaled = int(whole + fraction or "0") * multiplier
+        denominator: int = 10 ** len(fraction)
+        if scaled > _MAX_SIZE * denominator:
+            raise UsageError(too_large)
+        if scaled % denominator == 0:
+            return scaled // denominator
+    unit = " per second" if per_second else ""
+    raise UsageError(f"{text!r} is not a whole number of bytes{unit}")
 
 
 def parse_ports(spec: str) -> tuple[int, ...]:
@@ -198,11 +228,11 @@ def _parse_port(text: str, context: str, *, allow_zero: bool = False) -> int:
     item = text.strip()
     if not (item.isascii() and item.isdigit()):  # "²".isdigit() is True, int("²") fails
         raise AddressError(f"{item!r} is not a port number (in {context!r})")
-    port = int(item)
+    digits = item.lstrip("0") or "0"
     low = 0 if allow_zero else 1
-    if not low <= port <= 65535:
-        raise AddressError(f"port {port} is out of range {low}-65535 (in {context!r})")
-    return port
+    if len(digits) > _PORT_DIGITS or not low <= int(digits) <= 65535:
+        raise AddressError(f"port {digits} is out of range {low}-65535 (in {context!r})")
+    return int(digits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,7 +305,7 @@ def _ports_in_target(spec: str, text: str) -> tuple[int, ...]:
         raise AddressError(f"{text!r}: {exc}") from None
 
 
-_HOST_RE = re.compile(r"^[A-Za-z0-9_.\-]+(/\d{1,3})?$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9_.\-]+(/[0-9]{1,3})?$")
 
 
 def _check_host(host: str, text: str) -> None:
@@ -289,7 +319,10 @@ def _check_host(host: str, text: str) -> None:
 
 
 def _check_ipv6(host: str, text: str) -> None:
-    address = host.split("%", 1)[0]  # a zone index (fe80::1%eth0) is legal in a literal
+    address, percent, zone = host.partition("%")  # a zone (fe80::1%eth0) is legal in a literal
+    if percent and not zone.split("/", 1)[0]:
+        # The resolver would say EAI_NONAME (exit 5), as if a name had failed to resolve.
+        raise AddressError(f"{text!r}: {host!r} has an empty zone after %")
     try:
         ipaddress.IPv6Address(address)
     except ValueError:
@@ -300,7 +333,7 @@ def parse_host_port(text: str, *, allow_port_zero: bool = True) -> tuple[str, in
     """Parse one `HOST:PORT` or `[V6]:PORT` (for --listen, --upstream); port 0 allowed.
 
     Raises:
-        AddressError: no port, several ports, or malformed.
+        AddressError: no port, several ports, a CIDR block, or malformed.
     """
     raw = text.strip()
     if raw.startswith("["):
@@ -317,6 +350,9 @@ def parse_host_port(text: str, *, allow_port_zero: bool = True) -> tuple[str, in
         if not host:
             raise AddressError(f"{text!r}: missing host before ':'")
         _check_host(host, text)
+        if "/" in host:
+            # Passed on, the block is looked up as a name: EAI_NONAME, exit 5, not bad input.
+            raise AddressError(f"{text!r}: {host!r} is a block where one address is needed")
     if not rest.startswith(":") or len(rest) == 1:
         raise AddressError(f"{text!r}: missing port (HOST:PORT)")
     return host, _parse_port(rest[1:], text, allow_zero=allow_port_zero)

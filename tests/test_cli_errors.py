@@ -4,6 +4,7 @@ internal error: --debug, out-of-range numbers, unreadable target files, closed s
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import socket
@@ -264,3 +265,187 @@ def test_allow_large_still_refuses_a_block_it_could_never_expand() -> None:
     assert proc.returncode == 2
     assert proc.stderr.count(b"\n") == 1
     assert b"even with --allow-large" in proc.stderr
+
+
+# Longer than the 4300 digits int() converts: each of these was `internal error: ValueError`.
+_HUGE = "9" * 5000
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["port-check", f"127.0.0.1:{_HUGE}"], "is out of range 1-65535"),
+        (["port-check", "127.0.0.1", "-p", _HUGE], "is out of range 1-65535"),
+        (["port-check", "127.0.0.1", "-p", f"1-{_HUGE}"], "is out of range 1-65535"),
+        (["port-check", "127.0.0.1:1", "--require", _HUGE], "--require"),
+        (["send", f"127.0.0.1:{_HUGE}", "hi"], "is out of range 1-65535"),
+        (["reset", "client", f"127.0.0.1:{_HUGE}"], "is out of range 1-65535"),
+        (["backlog", f"127.0.0.1:{_HUGE}"], "is out of range 1-65535"),
+        (
+            ["reset", "proxy", "--listen", f"127.0.0.1:{_HUGE}", "--upstream", "127.0.0.1:1"],
+            "is out of range 0-65535",
+        ),
+        (
+            ["reset", "proxy", "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{_HUGE}"],
+            "is out of range 1-65535",
+        ),
+    ],
+)
+def test_a_number_of_any_length_is_bad_input(argv: list[str], needle: str) -> None:
+    result = invoke(argv)
+    assert result.exit_code == 2, result.stderr
+    assert needle in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "internal error" not in result.stderr
+
+
+def test_targets_file_line_over_the_limit(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "targets.txt")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(f"# ok\n127.0.0.1:1\n127.0.0.1:{_HUGE}\n")
+    result = invoke(["port-check", "--targets-file", path])
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr == (
+        f"netprobe: port-check: --targets-file {path!r}: line 3 is longer than 4096 characters "
+        "(one target per line)\n"
+    )
+
+
+def _capped_memory() -> None:
+    import resource
+
+    cap = 1 << 30  # far more than a run needs; a read that never ends meets it in seconds
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_targets_file_without_newlines_is_refused_without_reading_it_all() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "netprobe", "port-check", "--targets-file", "/dev/zero"],
+        capture_output=True,
+        timeout=30,
+        cwd=ROOT,
+        check=False,
+        preexec_fn=_capped_memory,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (
+        b"netprobe: port-check: --targets-file '/dev/zero': line 1 is longer than 4096 "
+        b"characters (one target per line)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["backlog", "127.0.0.0/8:80"],
+        ["backlog", "127.0.0.1/32:80"],
+        ["reset", "proxy", "--listen", "127.0.0.0/8:0", "--upstream", "127.0.0.1:1"],
+        ["reset", "proxy", "--listen", "127.0.0.1:0", "--upstream", "127.0.0.0/8:80"],
+    ],
+)
+def test_a_block_where_one_address_is_needed(argv: list[str]) -> None:
+    result = invoke(argv)
+    assert result.exit_code == 2, result.stderr
+    assert "is a block where one address is needed" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["port-check", "[::1%]:80"],
+        ["port-check", "::1%", "-p", "80"],
+        ["send", "[::1%]:80", "hi"],
+        ["echo", "--host", "::1%"],
+        ["backlog", "[::1%]:80"],
+        ["reset", "proxy", "--listen", "[::1%]:0", "--upstream", "127.0.0.1:1"],
+        ["reset", "client", "[::1%]:80"],
+    ],
+)
+def test_an_empty_ipv6_zone_is_bad_input(argv: list[str]) -> None:
+    result = invoke(argv)
+    assert result.exit_code == 2, result.stderr
+    assert "has an empty zone after %" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_a_fraction_of_a_byte_is_bad_input() -> None:
+    sock, port = _closed_port()
+    try:
+        argvs = [
+            ["send", f"127.0.0.1:{port}", "hi", "--expect-bytes", "1.5"],
+            ["reset", "serve", "--port", "0", "--mode", "send 1.5", "--duration", "100ms"],
+            ["reset", "serve", "--port", "0", "--after-bytes", "0.5", "--duration", "100ms"],
+        ]
+        results = [invoke(argv) for argv in argvs]
+    finally:
+        sock.close()
+    for result in results:
+        assert result.exit_code == 2, result.stderr
+        assert result.stderr.count("\n") == 1
+    assert "'1.5' is not a whole number of bytes" in results[0].stderr
+    assert "'1.5' is not a whole number of bytes" in results[1].stderr
+    assert "--after-bytes: '0.5' is not a whole number of bytes" in results[2].stderr
+
+
+def test_unicode_digits_are_not_numbers() -> None:
+    sock, port = _closed_port()
+    try:
+        argvs = [
+            ["port-check", f"127.0.0.1:{port}", "-t", "\uff15s"],
+            ["port-check", f"127.0.0.1:{port}", "-t", "\u0663s"],
+            ["send", f"127.0.0.1:{port}", "hi", "--expect-bytes", "\uff11K"],
+        ]
+        results = [invoke(argv) for argv in argvs]
+    finally:
+        sock.close()
+    for result, shown in zip(results, ["'\uff15s'", "'\u0663s'", "'\uff11K'"], strict=True):
+        assert result.exit_code == 2, result.stderr
+        assert shown in result.stderr
+        assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (
+            [b"echo", b"--host", b"\xff"],
+            b"netprobe: echo: --host '\\xff': '\\xff' is not a host name or address\n",
+        ),
+        (
+            [b"port-check", b"127.0.0.1:\xfe"],
+            b"netprobe: port-check: '127.0.0.1:\\xfe': '\\xfe' is not a port number (in '\\xfe')\n",
+        ),
+        (
+            [b"port-check", b"127.0.0.1:1", b"--require", b"\xff2"],
+            b"netprobe: port-check: --require '\\xff2': use all, any or a count of at least 1\n",
+        ),
+    ],
+)
+def test_bytes_that_are_not_utf8_are_shown_as_xnn(argv: list[bytes], line: bytes) -> None:
+    proc = subprocess.run(
+        [os.fsencode(sys.executable), b"-m", b"netprobe", *argv],
+        capture_output=True,
+        timeout=30,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == line
+
+
+def test_error_line_shows_escaped_bytes_as_xnn(monkeypatch: pytest.MonkeyPatch) -> None:
+    from netprobe.cli._run import error_line
+
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    error_line("send", repr("a\udcffb") + " and a\udcfeb")
+    # A backslash the user typed stays (repr doubles it): what follows it is no escaped byte.
+    error_line("send", " ".join(repr(text) for text in ("\\udcff", "\\\\udcff", "\\\udcff")))
+    error_line("send", "caf\u00e9 " + repr("\ud800"))  # valid text and other surrogates kept
+    assert err.getvalue().splitlines() == [
+        r"netprobe: send: 'a\xffb' and a\xfeb",
+        r"netprobe: send: '\\udcff' '\\\\udcff' '\\\xff'",
+        "netprobe: send: caf\u00e9 '\\ud800'",
+    ]

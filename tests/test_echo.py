@@ -669,3 +669,40 @@ def test_running_out_of_fds_is_one_error_however_long_it_lasts() -> None:
         proc.close()
     assert totals["connections"] == 50
     assert totals["reasons"].get("accept-EMFILE") == totals["errors"] == 1
+
+
+# --- sweep fixes: a bad --ready-file, and bad input that came after the ready file ----------
+
+
+@pytest.mark.parametrize(("value", "why"), [("", "is empty"), ("/", "is a directory")])
+def test_ready_file_without_a_file_name_is_bad_input(value: str, why: str) -> None:
+    # Before: `internal error: ValueError: PosixPath('.') has an empty name`, exit 70.
+    result = invoke(["echo", "--port", "0", "--duration", "0.2", "--ready-file", value])
+    assert result.exit_code == 2, result.stderr
+    assert result.stdout == b""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1
+    assert f"--ready-file {value!r}" in lines[0]
+    assert why in lines[0]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--mode", "bogus"],
+        ["--framing", "len7"],
+        ["--allow", "10.0.0.300/8"],
+        ["--unix", ""],
+        ["--unix", "/tmp/" + "u" * 120],
+    ],
+)
+def test_bad_input_leaves_an_old_ready_file_alone(tmp_path: Path, bad: list[str]) -> None:
+    # Before: the old ready file was removed first, then the bad value refused (exit 2).
+    ready = tmp_path / "keep.json"
+    ready.write_text('{"event": "listening", "port": 1}\n')
+    result = invoke(["echo", "--port", "0", "--duration", "0.2", "--ready-file", str(ready), *bad])
+    assert result.exit_code == 2, result.stderr
+    assert result.stdout == b""
+    assert len(result.stderr.splitlines()) == 1
+    assert ready.read_text() == '{"event": "listening", "port": 1}\n'
+    assert sorted(os.listdir(tmp_path)) == ["keep.json"]

@@ -355,3 +355,28 @@ def test_dash_6_without_host_binds_ipv6_loopback(proto: list[str]) -> None:
     assert announce["event"] == "listening"
     assert announce["host"] == "::1"
     assert announce["proto"] == ("udp" if proto else "tcp")
+
+
+# --- sweep fix: --idle-timeout 0 means no limit, as it does for send ------------------------
+
+
+def test_idle_timeout_0_is_documented_as_no_limit() -> None:
+    # Before: 0 quietly meant "wait forever", which neither --help nor README said.
+    res = invoke(["listen", "--help"])
+    assert res.exit_code == 0
+    text = " ".join(res.text.replace("│", " ").split())
+    assert "no peer, no data); 0 disables it" in text
+
+
+def test_idle_timeout_0_waits_for_a_late_peer(spawn: type[Listen]) -> None:
+    listener = spawn(["--idle-timeout", "0"])
+    time.sleep(0.3)  # longer than any "0 s" wait: nobody has come yet
+    assert listener.proc.poll() is None
+    with _connect(listener.port) as peer:
+        peer.sendall(b"late")
+        peer.shutdown(socket.SHUT_WR)
+        code, out, err = listener.finish()
+        assert _read_to_eof(peer) == b""
+    assert code == 0, err
+    assert out == b"late"
+    assert "ended: eof" in err

@@ -172,3 +172,101 @@ def test_loopback_and_format() -> None:
     assert not is_loopback("example.org")
     assert format_hostport("::1", 80) == "[::1]:80"
     assert format_hostport("127.0.0.1", None) == "127.0.0.1"
+
+
+# A port that int() cannot even convert (Python refuses strings over 4300 digits) used to
+# surface as `internal error: ValueError`; the digits are judged before any conversion.
+@pytest.mark.parametrize("spec", ["9" * 5000, "1-" + "9" * 5000, "9" * 5000 + "-1", "100000"])
+def test_parse_ports_refuses_a_port_of_any_length(spec: str) -> None:
+    with pytest.raises(AddressError, match="is out of range 1-65535"):
+        parse_ports(spec)
+
+
+def test_parse_ports_reads_through_leading_zeros() -> None:
+    assert parse_ports("0" * 5000 + "80") == (80,)
+    assert parse_ports("065535") == (65535,)
+    with pytest.raises(AddressError, match="port 65536 is out of range"):
+        parse_ports("0065536")
+
+
+@pytest.mark.parametrize(
+    "text", ["127.0.0.1:" + "9" * 5000, "[::1]:" + "9" * 5000, "127.0.0.1:0" + "9" * 5000]
+)
+def test_parse_host_port_refuses_a_port_of_any_length(text: str) -> None:
+    with pytest.raises(AddressError, match="is out of range 0-65535"):
+        parse_host_port(text)
+    with pytest.raises(AddressError, match="is out of range 1-65535"):
+        parse_target(text)
+
+
+@pytest.mark.parametrize("text", ["127.0.0.0/8:80", "192.0.2.0/30:0", "127.0.0.1/32:80"])
+def test_parse_host_port_refuses_a_block(text: str) -> None:
+    with pytest.raises(AddressError, match="a block where one address is needed"):
+        parse_host_port(text)
+
+
+@pytest.mark.parametrize("text", ["[::1%]:80", "::1%", "[fe80::1%]", "fe80::1%/128"])
+def test_empty_ipv6_zone_is_refused(text: str) -> None:
+    with pytest.raises(AddressError, match="empty zone after %"):
+        parse_target(text)
+
+
+def test_empty_ipv6_zone_is_refused_for_one_address() -> None:
+    with pytest.raises(AddressError, match="empty zone after %"):
+        parse_host_port("[::1%]:80")
+    assert parse_host_port("[fe80::1%lo]:80") == ("fe80::1%lo", 80)
+
+
+@pytest.mark.parametrize(
+    ("text", "count"),
+    [
+        ("1.5K", 1536),
+        ("0.5KiB", 512),
+        ("1.1MB", 1_100_000),  # a float would make it 1100000.0000000002
+        ("2.0", 2),
+        ("3.", 3),
+        ("1." + "0" * 5000, 1),
+        ("0.000001MB", 1),
+        ("0" * 5000 + "7", 7),
+    ],
+)
+def test_parse_size_takes_fractions_that_come_out_whole(text: str, count: int) -> None:
+    assert parse_size(text) == count
+
+
+@pytest.mark.parametrize(
+    "text", ["0.5", "1.5", "0.1K", "1.0000001MB", "1." + "5" * 5000, "0.0000001MB"]
+)
+def test_parse_size_refuses_a_fraction_of_a_byte(text: str) -> None:
+    with pytest.raises(UsageError, match=r"is not a whole number of bytes"):
+        parse_size(text)
+
+
+def test_parse_size_names_the_value_as_given() -> None:
+    with pytest.raises(UsageError, match=r"^' 0.5 ' is not a whole number of bytes"):
+        parse_size(" 0.5 ")
+    with pytest.raises(UsageError, match=r"^'0.5/s' is not a whole number of bytes per second"):
+        parse_size("0.5/s", per_second=True)
+
+
+# \d matches every Unicode digit (float() takes them too); the port parser refuses them, and
+# durations and sizes now do as well.
+# Case-insensitive matching is ASCII-only too: Unicode folding let "1\u017f" (long s) match
+# the unit "s" and then miss the unit table (`internal error: KeyError`).
+@pytest.mark.parametrize(
+    "text", ["\uff15s", "\u0663s", "1\uff10ms", ".\u0665", "1\u017f", "1m\u017f", "1\u212a"]
+)
+def test_parse_duration_takes_ascii_only(text: str) -> None:
+    with pytest.raises(UsageError, match="is not a duration"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["\uff11K", "\u0663", "1.\uff15K", "1\u212a", "1K\u0131B"])
+def test_parse_size_takes_ascii_only(text: str) -> None:
+    with pytest.raises(UsageError, match="is not a size"):
+        parse_size(text)
+
+
+def test_cidr_prefix_takes_ascii_digits_only() -> None:
+    with pytest.raises(AddressError, match="is not a host name or address"):
+        parse_target("127.0.0.0/\u0668:80")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import statistics
 
@@ -120,17 +121,67 @@ def test_parse_targets_unix_paths_keep_their_equals_signs() -> None:
 
 
 def test_read_targets_skips_comments_and_blanks() -> None:
-    lines = ["# hosts\n", "127.0.0.1:22\n", "\n", "  localhost:80  # web\n", "[::1]:1\n"]
-    assert read_targets(lines) == ["127.0.0.1:22", "localhost:80", "[::1]:1"]
+    text = "# hosts\n127.0.0.1:22\n\n  localhost:80  # web\r\n[::1]:1"
+    assert read_targets(io.StringIO(text)) == ["127.0.0.1:22", "localhost:80", "[::1]:1"]
+
+
+# The longest --targets-file line, as the README gives it.
+MAX_TARGET_LINE = 4096
+
+
+def test_read_targets_takes_lines_up_to_the_limit() -> None:
+    longest = "#" + "x" * (MAX_TARGET_LINE - 1)
+    text = f"{longest}\n{longest}\r\n127.0.0.1:1\n{longest}"
+    assert read_targets(io.StringIO(text)) == ["127.0.0.1:1"]
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("127.0.0.1:1\n" + "x" * (MAX_TARGET_LINE + 1) + "\n", 2),
+        ("#" * (MAX_TARGET_LINE + 1), 1),  # no newline at all
+        ("\n\n" + "x" * (MAX_TARGET_LINE + 1) + "\r\n", 3),
+    ],
+)
+def test_read_targets_refuses_a_line_over_the_limit(text: str, line: int) -> None:
+    with pytest.raises(UsageError, match=f"^line {line} is longer than {MAX_TARGET_LINE} "):
+        read_targets(io.StringIO(text))
+
+
+class _Endless:
+    """/dev/zero as a text stream: no newline ever comes."""
+
+    def __init__(self) -> None:
+        self.read = 0
+
+    def readline(self, size: int = -1, /) -> str:
+        assert size >= 0, "an unbounded readline() of an endless line never returns"
+        self.read += size
+        return "\0" * size
+
+
+def test_read_targets_stops_reading_a_line_without_end() -> None:
+    stream = _Endless()
+    with pytest.raises(UsageError, match="line 1 is longer than"):
+        read_targets(stream)  # type: ignore[arg-type]
+    assert stream.read <= MAX_TARGET_LINE + 2
 
 
 def test_parse_require() -> None:
     assert parse_require("all") is None
     assert parse_require("ANY") == 1
     assert parse_require("2") == 2
-    for bad in ("0", "-1", "most", ""):
+    assert parse_require("0" * 5000 + "2") == 2
+    for bad in ("0", "-1", "most", "", "0" * 5000):
         with pytest.raises(UsageError, match="--require"):
             parse_require(bad)
+
+
+@pytest.mark.parametrize("text", ["9" * 5000, "1" + "0" * 18])
+def test_parse_require_refuses_a_count_no_run_holds(text: str) -> None:
+    # int() refuses strings over 4300 digits: this was `internal error: ValueError`.
+    with pytest.raises(UsageError, match="is more checks than any run holds"):
+        parse_require(text)
 
 
 def test_expectation_and_status() -> None:

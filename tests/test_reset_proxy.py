@@ -10,6 +10,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from netprobe.engines.reset_client import generated_stream
 from netprobe.engines.reset_faults import Action, TriggerKind
 from netprobe.kernel import find_listener, read_sysctl
 from netprobe.server import ServerConfig
-from tests.helpers import LONG, invoke
+from tests.helpers import LONG, invoke, run_netprobe
 from tests.test_reset_helpers import (
     connect,
     options,
@@ -684,3 +685,74 @@ def test_upstream_leaving_a_hung_connection_is_closed_and_the_client_still_hangs
     finally:
         upstream.stop()
     assert (records[0]["action"], records[0]["reason"]) == ("hang", "reset")
+
+
+# --- sweep fixes: a proxy to itself, --timeout 0, lines that name their option --------------
+
+
+@pytest.fixture
+def held_port() -> Iterator[int]:
+    """A port bound (not listening) on 127.0.0.1 for the test: a proxy that tried to bind it
+    would fail (exit 6), so exit 2 also shows the refusal came before any bind."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        yield holder.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("listen", "upstream", "extra"),
+    [
+        ("127.0.0.1:{port}", "127.0.0.1:{port}", []),
+        ("127.0.0.1:{port}", "[::ffff:127.0.0.1]:{port}", ["--allow-remote"]),
+        ("127.0.0.1:{port}", "localhost:{port}", ["--allow-remote"]),
+        ("0.0.0.0:{port}", "127.0.0.1:{port}", []),
+        ("0.0.0.0:{port}", "127.0.0.9:{port}", []),
+        ("[::]:{port}", "127.0.0.1:{port}", []),
+        ("[::]:{port}", "[::1]:{port}", []),
+    ],
+)
+def test_upstream_that_is_the_listen_address_is_refused(
+    held_port: int, listen: str, upstream: str, extra: list[str]
+) -> None:
+    # Before: accepted; each client's connection was forwarded to the proxy itself, which
+    # forwarded that one again (one client set off thousands of connections).
+    up = upstream.format(port=held_port)
+    argv = ["reset", "proxy", "--listen", listen.format(port=held_port), "--upstream", up]
+    result = invoke([*argv, *extra, "--duration", "0.2"])
+    assert result.exit_code == 2, result.stderr
+    assert result.stdout == b""
+    (line,) = result.stderr.splitlines()
+    assert f"--upstream {up!r}" in line
+    assert "own --listen address" in line
+
+
+def test_listen_port_0_never_collides_with_the_upstream(held_port: int) -> None:
+    # A real process: a server that runs to its end ignores SIGINT/SIGTERM from then on
+    # (late_signals_ignored), and in this process later children would inherit that.
+    argv = ["reset", "proxy", "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{held_port}"]
+    result = run_netprobe([*argv, "--duration", "0.2", "--json"], timeout=LONG * 2)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[0])["event"] == "listening"
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        # Before: accepted; every connection was closed as soon as it came.
+        (["--timeout", "0", "--duration", "0.2"], "--timeout 0:"),
+        (["--timeout", "0ms", "--duration", "0.2"], "--timeout 0:"),
+        # Before: both printed `'127.0.0.1': expected HOST:PORT ...`, naming no option.
+        (["--listen", "127.0.0.1"], "--listen '127.0.0.1': expected HOST:PORT"),
+        (["--listen", "127.0.0.1:x"], "--listen '127.0.0.1:x'"),
+        (["--upstream", "127.0.0.1"], "--upstream '127.0.0.1': expected HOST:PORT"),
+        (["--upstream", "127.0.0.1:0"], "--upstream '127.0.0.1:0'"),
+        (["--action", "", "--duration", "0.2"], "--action '' is not an action"),
+        (["--plan", "rst,slow"], "--plan 'rst,slow' has slow, which needs --bandwidth"),
+    ],
+)
+def test_bad_input_names_the_option(argv: list[str], words: str) -> None:
+    result = invoke(["reset", "proxy", "--upstream", "127.0.0.1:9", *argv])
+    assert result.exit_code == 2, result.stderr
+    assert result.stdout == b""
+    (line,) = result.stderr.splitlines()
+    assert words in line

@@ -478,3 +478,39 @@ def test_hang_does_not_read_while_the_client_stays() -> None:
         pytest.raises(TimeoutError),
     ):
         sock.sendall(payload)
+
+
+# --- sweep fixes: every bad-input line names the option it is about -------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        # Before: `'abc' is not a size (...)`, naming no option.
+        (["--mode", "send abc"], "--mode 'send abc': 'abc' is not a size"),
+        # Before: `'abc' is not an action (...)`.
+        (["--action", "abc"], "--action 'abc' is not an action"),
+        # Before: accepted, and quietly meant rst (--duration bounds that run).
+        (["--action", "", "--duration", "0.2"], "--action '' is not an action"),
+        (["--action", " ", "--duration", "0.2"], "--action ' ' is not an action"),
+        # Before: `--action slow needs --bandwidth`, naming an option that was not given.
+        (["--plan", "slow"], "--plan 'slow' has slow, which needs --bandwidth"),
+        (["--plan", "rst,slow,ok"], "--plan 'rst,slow,ok' has slow, which needs --bandwidth"),
+    ],
+)
+def test_bad_input_names_the_option(argv: list[str], words: str) -> None:
+    result = invoke(["reset", "serve", "--port", "0", *argv])
+    assert result.exit_code == 2, result.stderr
+    assert result.stdout == b""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("netprobe: reset serve: ")
+    assert words in line
+    if "--plan" in argv:
+        assert "--action" not in line
+
+
+def test_mode_size_error_names_the_mode() -> None:
+    from netprobe.engines.reset import parse_mode
+
+    with pytest.raises(UsageError, match=r"^--mode 'send 5x': '5x' is not a size"):
+        parse_mode("send 5x")

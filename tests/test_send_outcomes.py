@@ -347,3 +347,61 @@ def test_an_empty_udp_reply_is_an_answer() -> None:
     record = json_lines(res.stdout)[0]
     assert (record["datagrams_received"], record["bytes_received"]) == (1, 0)
     assert res.exit_code == 0, res.stderr
+
+
+# --- sweep fixes: empty paths, and a transcript touched before the input was refused --------
+
+
+@pytest.mark.parametrize(("option", "data"), [("--transcript", ["x"]), ("--file", [])])
+def test_empty_path_is_named_as_given(closed_port: int, option: str, data: list[str]) -> None:
+    # Before: the line named '.' (the empty path read as the current directory).
+    res = invoke(["send", f"127.0.0.1:{closed_port}", *data, option, ""])
+    assert (res.exit_code, res.stdout) == (2, b""), res.stderr
+    (line,) = res.stderr.splitlines()
+    assert f"{option} ''" in line
+    assert "'.'" not in line
+
+
+OLD_TRANSCRIPT = '{"direction": "recv", "size": 0, "data_b64": ""}\n'
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--repeat", "2"],  # stdin is a pipe here: nothing to replay
+        ["x" * 256, "--framing", "len8"],
+        ["a\nb", "--framing", "line", "--repeat", "2"],
+        ["x", "--udp", "--target-as-unix"],
+    ],
+    ids=["repeat-pipe", "unframeable", "unframeable-repeat", "udp-unix"],
+)
+def test_bad_input_leaves_the_transcript_file_alone(
+    tmp_path: Path, closed_port: int, argv: list[str]
+) -> None:
+    # Before: FILE was opened ("w": truncated, or created) first, and the input refused after.
+    target = f"127.0.0.1:{closed_port}"
+    if "--target-as-unix" in argv:
+        argv = [a for a in argv if a != "--target-as-unix"]
+        target = f"unix:{tmp_path / 'nobody.sock'}"
+    kept = tmp_path / "keep.jsonl"
+    kept.write_text(OLD_TRANSCRIPT)
+    # A real process: its stdin is a pipe (invoke's in-memory stdin could be replayed).
+    res = run_netprobe(["send", target, *argv, "--transcript", str(kept)])
+    assert (res.returncode, res.stdout) == (2, b""), res.stderr
+    assert len(res.stderr.splitlines()) == 1
+    assert kept.read_text() == OLD_TRANSCRIPT
+    fresh = tmp_path / "new.jsonl"
+    res = run_netprobe(["send", target, *argv, "--transcript", str(fresh)])
+    assert res.returncode == 2, res.stderr
+    assert not fresh.exists()
+
+
+def test_a_run_that_fails_still_replaces_the_old_transcript(
+    tmp_path: Path, closed_port: int
+) -> None:
+    # The transcript is this run's record, an empty one too: a refused connect is no bad input.
+    kept = tmp_path / "keep.jsonl"
+    kept.write_text(OLD_TRANSCRIPT)
+    res = invoke(["send", f"127.0.0.1:{closed_port}", "x", "--transcript", str(kept)])
+    assert res.exit_code == 1, res.stderr
+    assert kept.read_text() == ""

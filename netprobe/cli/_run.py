@@ -15,12 +15,28 @@ from netprobe.exitcodes import ExitStatus, exit_status_for_error
 __all__ = ["error_line", "main"]
 
 
+# Bytes of argv that are not UTF-8 reach Python as surrogate escapes (0xff is U+DCFF), which
+# a message's !r writes as `\udcff`. repr doubles a backslash the user typed, so `\udc..`
+# is an escaped byte only after an even run of backslashes (or none); `\\udcff` is text.
+_REPR_ESCAPED_BYTE_RE = re.compile(r"(?<!\\)((?:\\\\)*)\\udc([89a-f][0-9a-f])")
+_ESCAPED_BYTE_RE = re.compile("[\udc80-\udcff]")
+
+
+def _bytes_as_xnn(line: str) -> str:
+    # The README promises \xNN for such bytes, as render.shown() writes them in results.
+    if line.isascii() and "\\udc" not in line:
+        return line
+    line = _REPR_ESCAPED_BYTE_RE.sub(r"\1\\x\2", line)
+    return _ESCAPED_BYTE_RE.sub(lambda m: f"\\x{ord(m[0]) - 0xDC00:02x}", line)
+
+
 def error_line(command: str | None, message: str) -> None:
-    """The one line a failed run prints on stderr: `netprobe: CMD: message`."""
+    """The one line a failed run prints on stderr: `netprobe: CMD: message`, with bytes that
+    were not UTF-8 shown as `\\xNN`."""
     if sys.stderr is None:  # started with stderr closed: the exit code is all there is
         return
     where = f"netprobe: {command}: " if command else "netprobe: "
-    sys.stderr.write(where + " ".join(message.split("\n")) + "\n")
+    sys.stderr.write(_bytes_as_xnn(where + " ".join(message.split("\n"))) + "\n")
     sys.stderr.flush()
 
 

@@ -117,8 +117,8 @@ def echo(
             help="Serve only these peers (repeatable); others are closed.",
         ),
     ] = None,
-    ready_file: Annotated[
-        Path | None,
+    ready_file_text: Annotated[
+        str | None,
         typer.Option(
             "--ready-file", metavar="FILE", help="Write the listening JSON object here when ready."
         ),
@@ -203,8 +203,10 @@ def echo(
         raise UsageError(f"--busy-poll {busy_poll * 1e3:g}ms must be between 0 and 10ms")
     if idle_timeout is not None and idle_timeout <= 0:
         raise UsageError(f"--idle-timeout {idle_timeout:g}s must be more than 0")
-    if ready_file is not None:
-        _check_ready_file(ready_file)
+    ready_file = _check_ready_file(ready_file_text) if ready_file_text is not None else None
+    if unix is not None:
+        # The bind would refuse these too, but only after the old ready file is gone.
+        _check_unix_path(unix)
     config = ServerConfig(
         late_signals_ignored=True,  # the process exits when the server is done
         host=host,
@@ -230,10 +232,14 @@ def echo(
         delay_s=delay or 0.0,
     )
     out = _Output(json_out, ready_file)
-    server = make_server(
+    server = make_server(  # checks --mode and --framing
         config, options, on_event=out.event, on_ready=out.ready, on_totals=out.running_totals
     )
     out.event_loop = "asyncio" if server.config.loop_factory is None else "uvloop"
+    # Only now, with every option checked: bad input must leave an old ready file alone. A
+    # file left by an earlier run would say "listening" for a server that may still fail to
+    # bind: it exists only while this one listens.
+    _remove_ready_file(ready_file)
     try:
         with naming_host(host):
             server.listen()  # bind errors (exit 6) surface here, before anything is printed
@@ -243,17 +249,31 @@ def echo(
     out.final_totals(summary)
 
 
-def _check_ready_file(ready_file: Path) -> None:
-    # Checked now: failing later, after the bind, would be exit 6 for what is bad input.
+def _check_ready_file(text: str) -> Path:
+    # Checked now: failing later, after the bind, would be exit 6 for what is bad input. No
+    # side effects here: the old file is removed only once every option has been checked.
+    shown = f"--ready-file {text!r}"
+    if not text:
+        raise UsageError(f"{shown}: the path is empty (give a file, e.g. /tmp/echo.json)")
+    ready_file = Path(text)
+    # Path("/") and Path(".") have no name to put ".tmp" after: both are directories.
+    if not ready_file.name or ready_file.is_dir():
+        raise UsageError(f"{shown}: {text} is a directory, not a file")
     tmp = _tmp_path(ready_file)
-    for path in (ready_file, tmp):
-        if path.is_dir():
-            raise UsageError(f"--ready-file '{ready_file}': {path} is a directory, not a file")
+    if tmp.is_dir():
+        raise UsageError(f"{shown}: {tmp} is a directory, not a file")
     if not os.access(ready_file.parent, os.W_OK):
-        raise UsageError(f"--ready-file '{ready_file}': cannot write in {ready_file.parent}")
-    # A file left by an earlier run would say "listening" for a server that may fail to bind:
-    # it exists only while this one listens.
-    _remove_ready_file(ready_file)
+        raise UsageError(f"{shown}: cannot write in {ready_file.parent}")
+    return ready_file
+
+
+def _check_unix_path(path: str) -> None:
+    from netprobe.errors import AddressError
+    from netprobe.sockets import check_unix_path_size
+
+    if not path:
+        raise AddressError("the Unix socket path is empty (give a path, e.g. --unix /tmp/x.sock)")
+    check_unix_path_size(path)
 
 
 def _remove_ready_file(ready_file: Path | None) -> None:

@@ -84,7 +84,8 @@ def listen(
             "--idle-timeout",
             parser=duration,
             metavar="DURATION",
-            help="Give up when nothing happens for this long (no peer, no data).",
+            help="Give up when nothing happens for this long (no peer, no data); "
+            "0 disables it (the default), as for send.",
         ),
     ] = None,
     ipv4: IPv4Opt = False,
@@ -135,6 +136,7 @@ def listen(
         unix_path=unix,
         keep_open=keep_open,
         max_bytes=max_bytes,
+        # 0 is no limit, as send's --idle-timeout 0: a script can pass the same value to both.
         idle_timeout_s=idle_timeout if idle_timeout else None,
         source=source,
         interactive=interactive,

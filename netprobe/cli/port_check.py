@@ -48,14 +48,16 @@ def _command_after_dashes(targets: list[str]) -> tuple[list[str], list[str]]:
 def _read_targets_file(path: str) -> list[str]:
     from netprobe.engines.port_check import read_targets
 
+    if path == "-" and sys.stdin is None:  # started with stdin closed (`<&-`)
+        raise UsageError("--targets-file '-': stdin is closed")
     try:
         if path == "-":
-            if sys.stdin is None:  # started with stdin closed (`<&-`)
-                raise UsageError("--targets-file '-': stdin is closed")
             return read_targets(sys.stdin)
         # utf-8-sig: a byte-order mark (Windows editors write one) is not part of a target.
         with open(path, encoding="utf-8-sig") as handle:
             return read_targets(handle)
+    except UsageError as exc:  # a line over the limit: read_targets gives its number
+        raise UsageError(f"--targets-file {path!r}: {exc}") from None
     except OSError as exc:
         raise UsageError(f"--targets-file {path!r}: cannot read it: {exc.strerror}") from None
     except UnicodeDecodeError as exc:

@@ -262,13 +262,95 @@ def _faults(
     )
     if plan is not None and action is not None:
         raise UsageError("--plan and --action both name the action; put it in the plan")
-    schedule = FaultSchedule.build(
-        action=parse_action(action or "rst"), plan=plan, probability=probability, seed=seed
-    )
+    try:
+        # Only a missing --action means rst: an empty one is a typo, and is refused as such.
+        chosen = parse_action(action if action is not None else "rst")
+    except UsageError as exc:
+        raise UsageError(f"--action {exc}") from None  # parse_action names the value alone
+    schedule = FaultSchedule.build(action=chosen, plan=plan, probability=probability, seed=seed)
     rate = _rate_opt(bandwidth, "--bandwidth")
     if schedule.uses_slow and rate is None:
-        raise UsageError("--action slow needs --bandwidth (e.g. --bandwidth 1KB/s)")
+        given = f"--plan {plan!r} has slow, which needs" if plan else "--action slow needs"
+        raise UsageError(f"{given} --bandwidth (e.g. --bandwidth 1KB/s)")
     return trigger, schedule, rate
+
+
+def _host_port(text: str, option: str, *, allow_port_zero: bool = True) -> tuple[str, int]:
+    """--listen / --upstream: HOST:PORT, the bad-input line naming the option it came from
+    (both take the same form, so the value alone does not say which one is wrong)."""
+    from netprobe.errors import AddressError
+    from netprobe.sockets import parse_host_port
+
+    try:
+        return parse_host_port(text, allow_port_zero=allow_port_zero)
+    except AddressError as exc:
+        message = str(exc)
+        if not message.startswith(repr(text)):
+            message = f"{text!r}: {message}"
+        raise AddressError(f"{option} {message}") from None
+
+
+def _is_own_listen_address(listen_host: str, listen_port: int, up_host: str, up_port: int) -> bool:
+    """Whether the upstream is where the proxy itself listens: every connection it opened
+    upstream would be one more client of its own, forwarded again, until the host runs out
+    of ports or descriptors (one client set off thousands).
+
+    Kept simple, on addresses alone: the same address and port; or a wildcard --listen and an
+    upstream at an address of this host (loopback, or one of its interfaces') on that port.
+    `::` counts as taking IPv4 too (Linux's default, net.ipv6.bindv6only=0); `0.0.0.0` does
+    not take IPv6. An unspecified upstream (0.0.0.0, ::) is loopback: Linux connects it
+    there. Names are resolved (only here, where the ports are the same already).
+    """
+    import ipaddress
+
+    if listen_port == 0 or listen_port != up_port:
+        return False  # port 0 binds a port nobody could have named as the upstream
+    own = _ips(listen_host)
+    for up in _ips(up_host):
+        if up.is_unspecified:
+            up = ipaddress.ip_address("127.0.0.1" if up.version == 4 else "::1")
+        for ip in own:
+            if ip == up:
+                return True
+            if ip.is_unspecified and (ip.version == 6 or up.version == 4) and _is_this_host(up):
+                return True
+    return False
+
+
+def _ips(host: str) -> list[Any]:
+    """The addresses `host` stands for (an IPv4-mapped IPv6 address as IPv4); [] when a name
+    does not resolve, which the bind or the connect reports in its own words."""
+    import contextlib
+    import ipaddress
+
+    from netprobe.errors import NetprobeError
+    from netprobe.sockets import resolve
+
+    texts = [host]
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        texts = []
+        with contextlib.suppress(NetprobeError):
+            texts = [found.host for found in resolve(host, 0)]
+    ips: list[Any] = []
+    for text in texts:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+        mapped = getattr(ip, "ipv4_mapped", None)
+        ips.append(mapped if mapped is not None else ip)
+    return ips
+
+
+def _is_this_host(ip: Any) -> bool:
+    if ip.is_loopback:
+        return True
+    try:
+        import psutil  # type: ignore[import-untyped]
+
+        interfaces = psutil.net_if_addrs().values()
+    except Exception:  # psutil missing or refused (a sandbox): loopback is all we know
+        return False
+    return any(str(entry.address).split("%", 1)[0] == str(ip) for a in interfaces for entry in a)
 
 
 def _emit_json(record: dict[str, Any]) -> None:
@@ -360,18 +442,27 @@ def client(
         codes.append(exit_status_for_state(result.state))
         renderer.emit({"event": "connection", **to_record(result)})
 
+    results = run_reset_client(
+        resolved,
+        shown,
+        trigger=trigger,
+        data=payload,
+        count=count,
+        concurrency=concurrency,
+        timeout_s=timeout,
+        duration_s=_duration_opt(run_for, "--duration"),
+    )
     try:
-        for result in run_reset_client(
-            resolved,
-            shown,
-            trigger=trigger,
-            data=payload,
-            count=count,
-            concurrency=concurrency,
-            timeout_s=timeout,
-            duration_s=_duration_opt(run_for, "--duration"),
-        ):
-            report(result)
+        try:
+            for result in results:
+                report(result)
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, Interrupted):
+                raise
+            # Ctrl-C while a result was being reported, outside the engine: hand it over,
+            # so the engine still aborts and reports the connections that are running.
+            results.throw(KeyboardInterrupt())
+            raise
     except Interrupted as exc:
         # Ctrl-C: the connections still running were aborted; they and the totals are
         # reported as for a finished run, then exit 130.
@@ -784,13 +875,7 @@ def proxy(
     )
     from netprobe.render import choose_format
     from netprobe.server import ServerConfig
-    from netprobe.sockets import (
-        is_loopback,
-        not_loopback_why,
-        parse_host_port,
-        resolve,
-        resolved_off_loopback,
-    )
+    from netprobe.sockets import is_loopback, not_loopback_why, resolve, resolved_off_loopback
 
     choose_format(json_out=json_out, csv_out=False, quiet=quiet, out=sys.stdout)  # -q xor --json
     if upstream is None:
@@ -799,7 +884,7 @@ def proxy(
         raise UsageError(
             f"--connect-timeout {connect_timeout:g}: each upstream connect needs a timeout above 0"
         )
-    up_host, up_port = parse_host_port(upstream, allow_port_zero=False)
+    up_host, up_port = _host_port(upstream, "--upstream", allow_port_zero=False)
     if not allow_remote and not is_loopback(up_host):
         raise UsageError(
             f"--upstream {upstream}: {not_loopback_why(up_host)} are proxied to unless "
@@ -813,7 +898,12 @@ def proxy(
         if why is not None:
             raise UsageError(f"--upstream {upstream}: {why}; pass --allow-remote to proxy to it")
         up_host = address
-    listen_host, listen_port = parse_host_port(listen)
+    listen_host, listen_port = _host_port(listen, "--listen")
+    if _is_own_listen_address(listen_host, listen_port, up_host, up_port):
+        raise UsageError(
+            f"--upstream {upstream!r} is the proxy's own --listen address ({listen}): each "
+            "connection would be forwarded back to the proxy, again and again"
+        )
     try:
         chosen = Direction(direction.strip().lower())
     except ValueError:
@@ -842,6 +932,14 @@ def proxy(
         raise UsageError("--slice 0: a slice must be at least 1 byte")
     if slice_delay is not None and slice_n is None:
         raise UsageError("--slice-delay needs --slice")
+    timeout_s = _duration_opt(timeout, "--timeout")
+    if timeout_s is not None and timeout_s <= 0:
+        # As --connect-timeout 0: not "no limit" (leave --timeout out for that) but a proxy
+        # that closes every connection as it comes.
+        raise UsageError(
+            f"--timeout {timeout_s:g}: must be above 0 (each connection is closed that long "
+            "after it began; leave --timeout out for no limit)"
+        )
     toxics = Toxics(
         latency_s=latency_s,
         jitter_s=jitter_s,
@@ -849,7 +947,7 @@ def proxy(
         slice_size=slice_n,
         slice_delay_s=_duration_opt(slice_delay, "--slice-delay") or 0.0,
         limit_bytes=_size_opt(limit_bytes, "--limit-bytes"),
-        timeout_s=_duration_opt(timeout, "--timeout"),
+        timeout_s=timeout_s,
     )
     config = ServerConfig(
         late_signals_ignored=True,  # the process exits when the server is done

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Annotated, Any, cast
@@ -36,7 +37,7 @@ _BAD_PATH_ERRNOS = frozenset(
 __all__ = ["send"]
 
 
-def _input(data: str | None, hex_data: bool, file: Path | None) -> tuple[InputSource, Any]:
+def _input(data: str | None, hex_data: bool, file: str | None) -> tuple[InputSource, Any]:
     """Choose what to send: DATA, --file, or stdin when it is not a terminal."""
     from netprobe.engines.send import InputSource
 
@@ -53,10 +54,12 @@ def _input(data: str | None, hex_data: bool, file: Path | None) -> tuple[InputSo
         except ValueError as exc:
             raise UsageError(f"--hex {data!r} is not a hex string: {exc}") from None
     if file is not None:
+        if not file:  # Path("") is ".", and the line would name that instead
+            raise UsageError("--file '': the path is empty (give a file to send)")
         try:
-            handle = file.open("rb")
+            handle = Path(file).open("rb")  # noqa: SIM115 (send() closes it after the run)
         except OSError as exc:
-            raise UsageError(f"--file {str(file)!r}: cannot read it: {exc.strerror}") from None
+            raise UsageError(f"--file {file!r}: cannot read it: {exc.strerror}") from None
         return InputSource.from_stream(handle), handle
     stdin = sys.stdin
     if stdin is None or stdin.isatty():
@@ -64,19 +67,69 @@ def _input(data: str | None, hex_data: bool, file: Path | None) -> tuple[InputSo
     return InputSource.from_stream(cast("IO[bytes]", getattr(stdin, "buffer", stdin))), None
 
 
-def _open_transcript(path: Path) -> IO[str]:
+class _TranscriptFile:
+    """--transcript FILE: opened before the run, so a path that cannot be written is refused
+    before anything is sent, but emptied only once the run uses it.
+
+    The engine refuses some input only as the exchange begins (a payload the framing cannot
+    carry, a Unix target with --udp): that bad input must leave an old FILE as it was, and
+    must not leave a new, empty one behind.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.name = text
+        path = Path(text)
+        try:
+            self.file = path.open("x", encoding="utf-8")
+            self.created = True
+        except FileExistsError:
+            # Append mode does not truncate (yet); the writes still start at 0 once emptied.
+            self.file = path.open("a", encoding="utf-8")
+            self.created = False
+        self.emptied = self.created
+        self.used = False
+
+    def write(self, text: str) -> int:
+        self.used = True
+        self._empty()
+        return self.file.write(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def _empty(self) -> None:
+        if self.emptied:
+            return
+        self.emptied = True
+        fd = self.file.fileno()
+        # "w" never truncated /dev/null or a FIFO either, and ftruncate() refuses them (EINVAL).
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.ftruncate(fd, 0)
+
+    def close(self, *, refused: bool) -> None:
+        """Close; `refused`: the run ended as bad input (the file is left as it was found)."""
+        try:
+            if not refused:
+                self._empty()  # a run that recorded nothing still replaces the old record
+        finally:
+            self.file.close()
+            if refused and self.created and not self.used:
+                Path(self.name).unlink(missing_ok=True)
+
+
+def _open_transcript(text: str) -> _TranscriptFile:
+    if not text:  # Path("") is ".", and the line would name that instead
+        raise UsageError("--transcript '': the path is empty (give a file to write)")
     try:
-        return path.open("w", encoding="utf-8")
+        return _TranscriptFile(text)
     except OSError as exc:
         if exc.errno in _BAD_PATH_ERRNOS:
-            raise UsageError(
-                f"--transcript {str(path)!r}: cannot write it: {exc.strerror}"
-            ) from None
+            raise UsageError(f"--transcript {text!r}: cannot write it: {exc.strerror}") from None
         from netprobe.sockets import errno_name
 
         name = errno_name(exc.errno)
         raise LocalError(
-            f"--transcript {str(path)!r}: cannot open it: {name or 'error'}: {exc.strerror or exc}",
+            f"--transcript {text!r}: cannot open it: {name or 'error'}: {exc.strerror or exc}",
             name,
         ) from None
 
@@ -150,7 +203,7 @@ def send(
         bool, typer.Option("--hex", help="DATA is a hex string (spaces and ':' allowed).")
     ] = False,
     file: Annotated[
-        Path | None, typer.Option("--file", "-f", metavar="FILE", help="Send this file (streamed).")
+        str | None, typer.Option("--file", "-f", metavar="FILE", help="Send this file (streamed).")
     ] = None,
     crlf: Annotated[bool, typer.Option("--crlf", help="Send line endings as CRLF.")] = False,
     no_shutdown: Annotated[
@@ -241,7 +294,7 @@ def send(
         bool, typer.Option("--json", help="One JSON object instead of the reply bytes.")
     ] = False,
     transcript_file: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--transcript",
             metavar="FILE",
@@ -313,6 +366,10 @@ def send(
     if parsed.host is not None:
         check_literal_family(parsed.host, family, repr(target))
     source, handle = _input(data, hex_data, file)
+    if repeat > 1 and not source.rewind():
+        if handle is not None:
+            handle.close()
+        raise UsageError("--repeat needs DATA, --file or a regular-file stdin to replay")
     opts = SendOptions(
         target=parsed,
         source=source,
@@ -340,17 +397,18 @@ def send(
         out.write(chunk)
         out.flush()
 
-    transcript_out: IO[str] | None = None
+    transcript_out: _TranscriptFile | None = None
+    refused = False
     input_size = _input_size(source, crlf or framing is not None)
     try:
         if transcript_file is not None:
             transcript_out = _open_transcript(transcript_file)
         transcript = (
-            Transcript(transcript_out, str(transcript_file)) if transcript_out is not None else None
+            Transcript(cast("IO[str]", transcript_out), transcript_file)
+            if transcript_out is not None
+            else None
         )
         if repeat > 1:
-            if not source.rewind():
-                raise UsageError("--repeat needs DATA, --file or a regular-file stdin to replay")
 
             def show(result: Any) -> None:
                 if json_out:  # a run that never connected too: the same fields as one run
@@ -368,6 +426,9 @@ def send(
             if json_out:  # every run says how it ended, a failed connect too
                 emit((dump_json(failed_result(opts, exc).record()) + "\n").encode())
             raise  # the one stderr line and the exit code come from cli/_run
+    except UsageError:
+        refused = True
+        raise
     finally:
         if handle is not None:
             handle.close()
@@ -375,7 +436,7 @@ def send(
             # Every line was flushed as written, so close() can only fail again on the line
             # whose write already raised LocalError: that one message is enough.
             with contextlib.suppress(OSError):
-                transcript_out.close()
+                transcript_out.close(refused=refused)
     if json_out:
         emit((dump_json(result.record()) + "\n").encode())
     status = exit_status_for(result)

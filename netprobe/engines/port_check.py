@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TextIO
 
 from netprobe.connector import ConnectJob, ConnectorStats, run_connects
 from netprobe.errors import AddressError, ResolveError, UsageError
@@ -41,6 +41,7 @@ from netprobe.sockets import (
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
+    "MAX_TARGET_LINE",
     "CheckConfig",
     "Expect",
     "HostSpec",
@@ -65,6 +66,12 @@ DEFAULT_CONCURRENCY = 4096
 _FD_RESERVE = 64  # descriptors kept free for stdio, the poller, pipes and imports
 # A run this large is split over two processes (the kernel's connect path is the cost).
 _FORK_THRESHOLD = 4096
+# The longest --targets-file line, in characters: a target with a long port list fits many
+# times over, and a file without newlines is refused after this much, not read into memory.
+MAX_TARGET_LINE = 4096
+# A --require count with more digits is beyond any run's checks (2**20 addresses of a block
+# times 65535 ports is 11 digits), and int() refuses strings over 4300 digits.
+_MAX_REQUIRE_DIGITS = 18
 
 
 class PortState(StrEnum):
@@ -154,10 +161,24 @@ def parse_targets(texts: Iterable[str]) -> list[TargetSpec]:
     return specs
 
 
-def read_targets(lines: Iterable[str]) -> list[str]:
-    """Targets from a --targets-file: one per line; blank lines and `#` comments skipped."""
+def read_targets(stream: TextIO) -> list[str]:
+    """Targets from a --targets-file stream: one per line; blank lines and `#` comments skipped.
+
+    Each read stops after MAX_TARGET_LINE characters (plus a line end), so a stream without
+    newlines (/dev/zero, a binary file) is refused at once instead of filling memory.
+
+    Raises:
+        UsageError: a line (comments too) longer than MAX_TARGET_LINE characters; the message
+            gives its line number.
+    """
     found = []
-    for line in lines:
+    number = 0
+    while line := stream.readline(MAX_TARGET_LINE + 2):  # room for "\r\n" after a full line
+        number += 1
+        if len(line.removesuffix("\n").removesuffix("\r")) > MAX_TARGET_LINE:
+            raise UsageError(
+                f"line {number} is longer than {MAX_TARGET_LINE} characters (one target per line)"
+            )
         text = line.split("#", 1)[0].strip()
         if text:
             found.append(text)
@@ -168,15 +189,20 @@ def parse_require(text: str) -> int | None:
     """`all` -> None, `any` -> 1, `N` -> N (at least 1).
 
     Raises:
-        UsageError: anything else.
+        UsageError: anything else, or a count of more than 18 digits.
     """
     value = text.strip().lower()
     if value == "all":
         return None
     if value == "any":
         return 1
-    if value.isascii() and value.isdigit() and int(value) >= 1:
-        return int(value)
+    if value.isascii() and value.isdigit():
+        digits = value.lstrip("0")
+        # Judged before int(), which refuses strings over 4300 digits.
+        if len(digits) > _MAX_REQUIRE_DIGITS:
+            raise UsageError(f"--require {text!r} is more checks than any run holds")
+        if digits:
+            return int(digits)
     raise UsageError(f"--require {text!r}: use all, any or a count of at least 1")
 
 

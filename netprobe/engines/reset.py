@@ -253,7 +253,10 @@ def parse_mode(text: str) -> tuple[ServeMode, int | None]:
         return mode, None
     if mode is not ServeMode.SEND:
         raise UsageError(f"--mode {text!r}: only 'send' takes a byte count")
-    return mode, parse_size(rest.strip())
+    try:
+        return mode, parse_size(rest.strip())
+    except UsageError as exc:
+        raise UsageError(f"--mode {text!r}: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
