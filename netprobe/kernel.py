@@ -698,7 +698,7 @@ def socket_owners(inodes: Iterable[int]) -> dict[int, Owner]:
     internally. Other users' processes cannot be read when not root: their sockets are
     absent from the result, and the caller reports those rows as lacking process data.
     """
-    import psutil  # type: ignore[import-untyped]
+    import psutil
 
     wanted = set(inodes)
     found: dict[int, Owner] = {}

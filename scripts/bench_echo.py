@@ -102,7 +102,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10.0) -
 
 
 def process_tree(pid: int) -> list[Any]:
-    import psutil  # type: ignore[import-untyped]
+    import psutil
 
     try:
         root = psutil.Process(pid)

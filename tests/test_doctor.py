@@ -399,7 +399,7 @@ def test_socket_owners_in_a_user_namespace_says_so_not_run_as_root() -> None:
     # uid 0 of `unshare -r` is refused other users' fds like anyone: "run as root" was wrong.
     if not _runs(["unshare", "-r", "true"]):
         pytest.skip("no unprivileged user namespaces here")
-    import psutil  # type: ignore[import-untyped]
+    import psutil
 
     with _nobody_process() if _ROOT else contextlib.nullcontext():
         if not any(p.uids().real != os.getuid() for p in psutil.process_iter()):

@@ -172,7 +172,7 @@ def test_sigterm_prints_totals_and_exits_0(event_loop_kind: str) -> None:
 
 
 def test_workers_share_the_port_and_sum_their_totals() -> None:
-    import psutil  # type: ignore[import-untyped]
+    import psutil
 
     with echo_process("--workers", "2") as (proc, announce):
         workers = psutil.Process(proc.proc.pid).children()

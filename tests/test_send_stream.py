@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-import psutil  # type: ignore[import-untyped]
+import psutil
 import pytest
 
 from tests.helpers import LONG, ROOT, ServerThread, run_netprobe

@@ -345,7 +345,7 @@ def _is_this_host(ip: Any) -> bool:
     if ip.is_loopback:
         return True
     try:
-        import psutil  # type: ignore[import-untyped]
+        import psutil
 
         interfaces = psutil.net_if_addrs().values()
     except Exception:  # psutil missing or refused (a sandbox): loopback is all we know

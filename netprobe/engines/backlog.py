@@ -1260,7 +1260,7 @@ def _cut_tick(
 def _is_local_address(address: str) -> bool:
     """True when `address` is one of this host's own (its listener is visible to us)."""
     try:
-        import psutil  # type: ignore[import-untyped]
+        import psutil
     except ImportError:  # pragma: no cover - psutil is a dependency
         return False
     for addrs in psutil.net_if_addrs().values():

@@ -462,7 +462,7 @@ def _owners_remedy(uid: int, *, userns: bool, ptrace: bool) -> str:
 def _socket_owners() -> Outcome:
     """Can this user see which process owns another user's socket? (psutil, as listeners does)."""
     try:
-        import psutil  # type: ignore[import-untyped]
+        import psutil
     except ImportError:
         return Verdict.SKIP, "no psutil", "install psutil to see socket owners"
     if not os.path.isdir("/proc/self/fd"):
