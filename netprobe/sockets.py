@@ -324,9 +324,16 @@ def _check_ipv6(host: str, text: str) -> None:
         # The resolver would say EAI_NONAME (exit 5), as if a name had failed to resolve.
         raise AddressError(f"{text!r}: {host!r} has an empty zone after %")
     try:
-        ipaddress.IPv6Address(address)
+        ip = ipaddress.IPv6Address(address)
     except ValueError:
         raise AddressError(f"{text!r}: {host!r} is not an IPv6 address") from None
+    # A zone only names the link of a link-local address (unicast fe80::/10, or multicast of
+    # link scope): the resolver refuses any other with EAI_NONAME, which reads as "does not
+    # resolve" (exit 5) for what is a malformed address.
+    if zone and not (ip.is_link_local or (ip.is_multicast and ip.packed[1] & 0x0F == 2)):
+        raise AddressError(
+            f"{text!r}: a zone (%{zone}) applies only to a link-local address (fe80::/10)"
+        )
 
 
 def parse_host_port(text: str, *, allow_port_zero: bool = True) -> tuple[str, int]:
@@ -384,8 +391,13 @@ def expand_hosts(host: str, *, cap: int | None = DEFAULT_CIDR_CAP) -> Iterator[s
             f"{host!r} holds {network.num_addresses} addresses, above the cap of {cap} "
             "(pass --allow-large to scan it anyway)"
         )
+    # The block's zone (fe80::%eth0/64) is every address's: without it a link-local connect
+    # fails EINVAL (no interface given).
+    scope = getattr(network.network_address, "scope_id", None)
+    zone = f"%{scope}" if scope else ""
     for address in network.hosts() if network.num_addresses > 2 else network:
-        yield str(address)
+        text = str(address)
+        yield text if "%" in text else text + zone
 
 
 def not_loopback_why(host: str) -> str:

@@ -270,3 +270,21 @@ def test_parse_size_takes_ascii_only(text: str) -> None:
 def test_cidr_prefix_takes_ascii_digits_only() -> None:
     with pytest.raises(AddressError, match="is not a host name or address"):
         parse_target("127.0.0.0/\u0668:80")
+
+
+@pytest.mark.parametrize("text", ["[::1%lo]:80", "::1%lo", "2001:db8::1%eth0", "[ff05::1%lo]"])
+def test_a_zone_on_an_address_that_is_not_link_local_is_refused(text: str) -> None:
+    # The resolver refuses it (EAI_NONAME): it read as "does not resolve" (exit 5).
+    with pytest.raises(AddressError, match="applies only to a link-local address"):
+        parse_target(text)
+
+
+@pytest.mark.parametrize("text", ["[fe80::1%lo]:80", "fe80::1%lo", "[ff02::1%lo]", "ff12::1%lo"])
+def test_a_zone_on_a_link_local_address_is_kept(text: str) -> None:
+    assert "%lo" in (parse_target(text).host or "")
+
+
+def test_a_link_local_block_keeps_its_zone_on_every_address() -> None:
+    # Without the zone a link-local connect fails EINVAL: the scan reported every port `error`.
+    assert list(expand_hosts("fe80::%lo/127")) == ["fe80::%lo", "fe80::1%lo"]
+    assert list(expand_hosts("fe80::/127")) == ["fe80::", "fe80::1"]
