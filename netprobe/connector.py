@@ -894,6 +894,8 @@ def _run_forked(
                         clean = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
                     except ChildProcessError:
                         clean = False
+                    # Reaped: its pid is free for any new process now, never to be killed.
+                    pids.remove(pid)
                     if not clean:
                         failed.add(worker)
                     return

@@ -327,10 +327,12 @@ def _check_ipv6(host: str, text: str) -> None:
         ip = ipaddress.IPv6Address(address)
     except ValueError:
         raise AddressError(f"{text!r}: {host!r} is not an IPv6 address") from None
-    # A zone only names the link of a link-local address (unicast fe80::/10, or multicast of
-    # link scope): the resolver refuses any other with EAI_NONAME, which reads as "does not
-    # resolve" (exit 5) for what is a malformed address.
-    if zone and not (ip.is_link_local or (ip.is_multicast and ip.packed[1] & 0x0F == 2)):
+    # An interface name as zone is only taken for a link-local address (unicast fe80::/10,
+    # multicast of interface or link scope): glibc refuses any other with EAI_NONAME, which
+    # reads as "does not resolve" (exit 5) for what is a malformed address. A numeric zone it
+    # takes on any address.
+    scoped = ip.is_link_local or (ip.is_multicast and ip.packed[1] & 0x0F in (1, 2))
+    if zone and not scoped and not zone.split("/", 1)[0].isdigit():
         raise AddressError(
             f"{text!r}: a zone (%{zone}) applies only to a link-local address (fe80::/10)"
         )

@@ -443,3 +443,24 @@ def test_worker_processes_end_with_their_last_attempt_under_a_rate(closed_port: 
         took = time.monotonic() - start
         assert sorted(r.job.key for r in results) == [0, 1]
         assert took < 4.0, f"2 attempts over 2 workers took {took:.2f} s at rate 0.4"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="workers need fork")
+def test_a_reaped_worker_is_never_signalled(
+    closed_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reaped when its pipe ends, a worker's pid is free for any other process: the SIGKILL
+    # meant for a worker still running must not go to it.
+    assert threading.active_count() == 1, "a threaded test process would not fork"
+    kills: list[tuple[int, int]] = []
+    real_kill = os.kill
+
+    def kill(pid: int, signum: int) -> None:
+        kills.append((pid, signum))
+        real_kill(pid, signum)
+
+    monkeypatch.setattr(os, "kill", kill)
+    listed = [_job(closed_port, key=i) for i in range(40)]
+    results = list(run_connects(listed, concurrency=8, timeout_s=LONG, workers=2))
+    assert len(results) == 40
+    assert kills == []

@@ -279,9 +279,17 @@ def test_a_zone_on_an_address_that_is_not_link_local_is_refused(text: str) -> No
         parse_target(text)
 
 
-@pytest.mark.parametrize("text", ["[fe80::1%lo]:80", "fe80::1%lo", "[ff02::1%lo]", "ff12::1%lo"])
+@pytest.mark.parametrize(
+    "text", ["[fe80::1%lo]:80", "fe80::1%lo", "[ff02::1%lo]", "ff12::1%lo", "ff01::1%lo"]
+)
 def test_a_zone_on_a_link_local_address_is_kept(text: str) -> None:
     assert "%lo" in (parse_target(text).host or "")
+
+
+@pytest.mark.parametrize("text", ["[::1%1]:80", "2001:db8::1%1"])
+def test_a_numeric_zone_is_kept_on_any_address(text: str) -> None:
+    # glibc takes a numeric zone on any address: refusing it broke what used to work.
+    assert "%1" in (parse_target(text).host or "")
 
 
 def test_a_link_local_block_keeps_its_zone_on_every_address() -> None:

@@ -707,7 +707,6 @@ def held_port() -> Iterator[int]:
         ("127.0.0.1:{port}", "localhost:{port}", ["--allow-remote"]),
         ("0.0.0.0:{port}", "127.0.0.1:{port}", []),
         ("0.0.0.0:{port}", "127.0.0.9:{port}", []),
-        ("[::]:{port}", "127.0.0.1:{port}", []),
         ("[::]:{port}", "[::1]:{port}", []),
     ],
 )
@@ -724,6 +723,17 @@ def test_upstream_that_is_the_listen_address_is_refused(
     (line,) = result.stderr.splitlines()
     assert f"--upstream {up!r}" in line
     assert "own --listen address" in line
+
+
+def test_a_wildcard_listen_covers_only_its_own_ip_version() -> None:
+    # The listener is IPV6_V6ONLY: [::]:P in front of an IPv4 server on 127.0.0.1:P is a
+    # proxy exposing it over IPv6, not a loop (it was refused).
+    from netprobe.cli.reset import _is_own_listen_address
+
+    assert not _is_own_listen_address("::", 7000, "127.0.0.1", 7000)
+    assert not _is_own_listen_address("0.0.0.0", 7000, "::1", 7000)
+    assert _is_own_listen_address("::", 7000, "::1", 7000)
+    assert _is_own_listen_address("0.0.0.0", 7000, "127.0.0.1", 7000)
 
 
 def test_listen_port_0_never_collides_with_the_upstream(held_port: int) -> None:

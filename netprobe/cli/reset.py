@@ -297,9 +297,10 @@ def _is_own_listen_address(listen_host: str, listen_port: int, up_host: str, up_
 
     Kept simple, on addresses alone: the same address and port; or a wildcard --listen and an
     upstream at an address of this host (loopback, or one of its interfaces') on that port.
-    `::` counts as taking IPv4 too (Linux's default, net.ipv6.bindv6only=0); `0.0.0.0` does
-    not take IPv6. An unspecified upstream (0.0.0.0, ::) is loopback: Linux connects it
-    there. Names are resolved (only here, where the ports are the same already).
+    A wildcard takes only its own IP version: the listener is IPV6_V6ONLY (open_listener), so
+    `[::]:P` in front of an IPv4 server on 127.0.0.1:P is a proxy, not a loop. An unspecified
+    upstream (0.0.0.0, ::) is loopback: Linux connects it there. Names are resolved (only
+    here, where the ports are the same already).
     """
     import ipaddress
 
@@ -312,7 +313,7 @@ def _is_own_listen_address(listen_host: str, listen_port: int, up_host: str, up_
         for ip in own:
             if ip == up:
                 return True
-            if ip.is_unspecified and (ip.version == 6 or up.version == 4) and _is_this_host(up):
+            if ip.is_unspecified and ip.version == up.version and _is_this_host(up):
                 return True
     return False
 
@@ -442,27 +443,29 @@ def client(
         codes.append(exit_status_for_state(result.state))
         renderer.emit({"event": "connection", **to_record(result)})
 
-    results = run_reset_client(
-        resolved,
-        shown,
-        trigger=trigger,
-        data=payload,
-        count=count,
-        concurrency=concurrency,
-        timeout_s=timeout,
-        duration_s=_duration_opt(run_for, "--duration"),
-    )
+    import signal
+    import threading
+
+    # Ctrl-C only sets a flag the engine polls: raised as KeyboardInterrupt it could land in
+    # the thread pool's own locking (pool.submit starting a worker) and end in exit 70, or
+    # wait unseen behind an untimed lock until a connection ended (up to --after-ms).
+    interrupt = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda _signum, _frame: interrupt.set())
     try:
-        try:
-            for result in results:
-                report(result)
-        except KeyboardInterrupt as exc:
-            if isinstance(exc, Interrupted):
-                raise
-            # Ctrl-C while a result was being reported, outside the engine: hand it over,
-            # so the engine still aborts and reports the connections that are running.
-            results.throw(KeyboardInterrupt())
-            raise
+        for result in run_reset_client(
+            resolved,
+            shown,
+            trigger=trigger,
+            data=payload,
+            count=count,
+            concurrency=concurrency,
+            timeout_s=timeout,
+            duration_s=_duration_opt(run_for, "--duration"),
+            interrupt=interrupt,
+        ):
+            report(result)
+        if interrupt.is_set():  # after the last connection had ended: nothing was cut short
+            codes.append(ExitStatus.INTERRUPTED)
     except Interrupted as exc:
         # Ctrl-C: the connections still running were aborted; they and the totals are
         # reported as for a finished run, then exit 130.
@@ -470,6 +473,7 @@ def client(
             report(result)
         codes.append(ExitStatus.INTERRUPTED)
     finally:
+        signal.signal(signal.SIGINT, previous)
         renderer.close()
     totals = {"event": "totals", "kind": "reset client", **to_record(summary)}
     if json_out and not quiet:

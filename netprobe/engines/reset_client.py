@@ -11,7 +11,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -271,9 +271,15 @@ def _send_until(
         peer.look(sock, _PEEK_S)
 
 
-def _next_done(pending: deque[Future[ClientReset | None]]) -> ClientReset:
-    # Waited for in place, then taken: a Ctrl-C during the wait leaves it in `pending`.
-    result = pending[0].result()
+def _next_done(
+    pending: deque[Future[ClientReset | None]], interrupt: threading.Event | None
+) -> ClientReset:
+    # Waited for in slices, so a Ctrl-C flag is seen within _HALT_POLL_S; then taken.
+    future = pending[0]
+    while not wait((future,), timeout=_HALT_POLL_S).done:
+        if interrupt is not None and interrupt.is_set():
+            raise KeyboardInterrupt
+    result = future.result()
     pending.popleft()
     assert result is not None  # only a halted run has workers that never started
     return result
@@ -291,6 +297,7 @@ def run_reset_client(
     duration_s: float | None = None,
     stop: threading.Event | None = None,
     on_start: Callable[[int], None] | None = None,
+    interrupt: threading.Event | None = None,
 ) -> Generator[ClientReset, None, None]:
     """Run `count` aborting connections, at most `concurrency` at once; yield each result.
 
@@ -302,6 +309,8 @@ def run_reset_client(
         timeout_s: per-connection connect and send timeout.
         duration_s: start no connection after this long.
         stop: set it to stop starting connections.
+        interrupt: set it (a SIGINT handler) for Ctrl-C: the running connections are aborted
+            and Interrupted carries their records. A KeyboardInterrupt does the same.
 
     Yields results in connection-number order (a slow one holds back the later ones, but
     at most `concurrency` run at once).
@@ -332,20 +341,24 @@ def run_reset_client(
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         try:
             for conn in range(1, count + 1):
+                if interrupt is not None and interrupt.is_set():
+                    raise KeyboardInterrupt
                 if stop is not None and stop.is_set():
                     break
                 if duration_s is not None and time.monotonic() - started >= duration_s:
                     break
                 while len(pending) >= concurrency:
-                    result = _next_done(pending)
+                    result = _next_done(pending, interrupt)
                     reported = result.conn
+                    finished.pop(reported, None)  # only the unreported are kept
                     yield result
                 if on_start is not None:
                     on_start(conn)
                 pending.append(pool.submit(work, conn))
             while pending:
-                result = _next_done(pending)
+                result = _next_done(pending, interrupt)
                 reported = result.conn
+                finished.pop(reported, None)
                 yield result
         except KeyboardInterrupt:
             halt.set()  # the workers abort within _HALT_POLL_S and report `interrupted`
