@@ -55,6 +55,16 @@ def invoke(argv: Sequence[str], stdin: bytes = b"") -> CliResult:
     return CliResult(int(code), out_raw.getvalue(), err_raw.getvalue().decode())
 
 
+def bad_input_line(argv: Sequence[str]) -> str:
+    """Run `netprobe ARGV`, which must be refused as bad input: exit 2, nothing on stdout and
+    exactly one line on stderr, which is returned."""
+    result = invoke(argv)
+    assert result.exit_code == 2, result.stderr
+    assert result.stdout == b""
+    (line,) = result.stderr.splitlines()
+    return line
+
+
 def run_netprobe(
     argv: Sequence[str], *, stdin: bytes = b"", timeout: float = 30.0
 ) -> subprocess.CompletedProcess[bytes]:
