@@ -572,7 +572,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.smoke:
         args.rounds = 1
         args.bulk = 8 * MIB
-        args.seconds = 0.3
+        args.seconds = 0.15
         args.conns = 10
         args.idle = 200
         args.peer_idle = 20

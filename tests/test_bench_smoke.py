@@ -48,3 +48,8 @@ def test_bench_smoke_mode_passes(name: str) -> None:
     )
     output = proc.stdout.decode(errors="replace") + proc.stderr.decode(errors="replace")
     assert proc.returncode == 0, output[-3000:]
+    if name == "bench_echo.py":  # every server variant ran and each figure was reported
+        report = proc.stdout.decode(errors="replace")
+        assert "bulk MiB/s" in report
+        assert "RSS KB per conn" in report
+        assert "netprobe-asyncio" in report

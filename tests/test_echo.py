@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import selectors
-import shutil
 import signal
 import socket
 import struct
@@ -616,22 +615,6 @@ def test_ready_file_exists_only_while_listening(tmp_path: Path) -> None:
             assert recv_exactly(client, 1) == b"x"
         assert proc.wait() == 0
     assert not ready.exists()
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="the bench client needs gcc")
-def test_bench_echo_smoke_runs_and_checks_bytes() -> None:
-    result = subprocess.run(
-        [sys.executable, "scripts/bench_echo.py", "--smoke", "--servers", "netprobe"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "bulk MiB/s" in result.stdout
-    assert "RSS KB per conn" in result.stdout
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_NOFILE behaviour")
