@@ -555,6 +555,14 @@ def test_accept_rate_must_be_a_finite_rate(value: str, why: str) -> None:
     assert why in line
 
 
+def test_pause_accept_with_an_accept_rate_is_refused() -> None:
+    # Before: accepted, and the rate silently meant nothing (a paused server never accepts).
+    line = bad_input_line(
+        ["echo", "--port", "0", "--duration", "0.2", "--pause-accept", "--accept-rate", "3"]
+    )
+    assert "--pause-accept never accepts: --accept-rate would change nothing" in line
+
+
 def test_backlog_beyond_a_c_int_is_bad_input() -> None:
     result = invoke(["echo", "--port", "0", "--duration", "0.2", "--backlog", "99999999999"])
     assert result.exit_code == 2, result.stderr

@@ -251,6 +251,11 @@ def test_sigusr1_toggles_faults() -> None:
             ["--upstream", "127.0.0.1:9", "--connect-timeout", "0ms", "--duration", "0.2"],
             "--connect-timeout 0",
         ),
+        # Was accepted and changed nothing (the seed drives --probability and --jitter only).
+        (
+            ["--upstream", "127.0.0.1:9", "--seed", "3", "--duration", "0.2"],
+            "--seed 3 drives --probability",
+        ),
     ],
 )
 def test_bad_input(argv: list[str], words: str) -> None:

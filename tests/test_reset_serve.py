@@ -496,6 +496,23 @@ def test_hang_does_not_read_while_the_client_stays() -> None:
         # Before: `--action slow needs --bandwidth`, naming an option that was not given.
         (["--plan", "slow"], "--plan 'slow' has slow, which needs --bandwidth"),
         (["--plan", "rst,slow,ok"], "--plan 'rst,slow,ok' has slow, which needs --bandwidth"),
+        # Before: accepted and ignored, so the server did not do what the option says
+        # (--duration bounds that run).
+        (["--accept-rate", "5", "--duration", "0.2"], "--accept-rate 5 paces --slow-accept"),
+        (
+            ["--no-accept", "--accept-rate", "5", "--duration", "0.2"],
+            "--no-accept never accepts: --accept-rate",
+        ),
+        (
+            ["--bandwidth", "1KB/s", "--duration", "0.2"],
+            "paces the slow action, and there is no --action slow",
+        ),
+        (
+            ["--plan", "rst,ok", "--bandwidth", "1KB/s", "--duration", "0.2"],
+            "--plan 'rst,ok' has no slow",
+        ),
+        (["--seed", "3", "--duration", "0.2"], "--seed 3 chooses the connections of --probability"),
+        (["--plan", "rst,ok", "--seed", "3", "--duration", "0.2"], "--seed 3 chooses"),
     ],
 )
 def test_bad_input_names_the_option(argv: list[str], words: str) -> None:

@@ -179,6 +179,8 @@ def echo(
                 raise UsageError(f"--workers {workers} cannot be combined with {flag}")
     if udp and unix is not None:
         raise UsageError("--udp and --unix exclude each other")
+    if pause_accept and accept_rate is not None:
+        raise UsageError("--pause-accept never accepts: --accept-rate would change nothing")
     if unix is not None and allow:
         raise UsageError("--allow filters IP peers; a Unix socket has none (use its file mode)")
     if udp:

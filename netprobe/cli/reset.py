@@ -36,6 +36,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 
+SLOW_ACCEPT_RATE = 1.0  # accepts per second for --slow-accept without --accept-rate
 _T = "Triggers (give one)"
 _A = "Actions"
 
@@ -681,14 +682,16 @@ def serve(
         ),
     ] = False,
     accept_rate: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--accept-rate",
             parser=per_second,
             metavar="R",
-            help=f"Accepts per second with --slow-accept (at least {MIN_RATE:g}).",
+            show_default=False,
+            help=f"Accepts per second with --slow-accept (default {SLOW_ACCEPT_RATE:g}, at least "
+            f"{MIN_RATE:g}).",
         ),
-    ] = 1.0,
+    ] = None,
     backlog: Backlog = 128,
     count: Count = None,
     run_for: Duration = None,
@@ -729,6 +732,22 @@ def serve(
         raise UsageError("--slow-accept and --no-accept exclude each other")
     if (slow_accept or no_accept) and unix is not None:
         raise UsageError("--slow-accept/--no-accept need TCP (a full Unix queue fails at once)")
+    # Options that would change nothing are refused, not ignored: the user expects an effect.
+    if no_accept and accept_rate is not None:
+        raise UsageError("--no-accept never accepts: --accept-rate would change nothing")
+    if not slow_accept and accept_rate is not None:
+        raise UsageError(
+            f"--accept-rate {accept_rate:g} paces --slow-accept: add it (`netprobe echo "
+            "--accept-rate` is an accepting server with a rate)"
+        )
+    if rate is not None and not schedule.uses_slow:
+        has = f"--plan {plan!r} has no slow" if plan else "there is no --action slow"
+        raise UsageError(f"--bandwidth {bandwidth!r} paces the slow action, and {has}")
+    if seed is not None and probability is None:
+        raise UsageError(
+            f"--seed {seed} chooses the connections of --probability; without it every "
+            "connection is faulted and the seed changes nothing"
+        )
     run_s = _duration_opt(run_for, "--duration")
     config = ServerConfig(
         late_signals_ignored=True,  # the process exits when the server is done
@@ -737,7 +756,9 @@ def serve(
         path=unix,
         backlog=0 if (slow_accept or no_accept) else backlog,
         pause_accept=no_accept,
-        accept_rate=accept_rate if slow_accept else None,
+        accept_rate=(SLOW_ACCEPT_RATE if accept_rate is None else accept_rate)
+        if slow_accept
+        else None,
         count=count,
         duration_s=run_s,
     )
@@ -930,6 +951,10 @@ def proxy(
     )
     trigger = _default_trigger(trigger, action, plan, probability)
     jitter_s = _duration_opt(jitter, "--jitter") or 0.0
+    if seed is not None and probability is None and not jitter_s:
+        raise UsageError(
+            f"--seed {seed} drives --probability and --jitter; without them it changes nothing"
+        )
     latency_s = _duration_opt(latency, "--latency") or 0.0
     slice_n = _size_opt(slice_size, "--slice")
     if slice_n == 0:
