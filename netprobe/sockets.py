@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from netprobe.errors import (
     AddressError,
@@ -663,6 +663,16 @@ def resolve(
 # ---------------------------------------------------------------------------------------------
 
 
+class Cancel(Protocol):
+    """What `cancel` arguments need: threading.Event fits."""
+
+    def is_set(self) -> bool: ...
+
+
+# How often a wait that can be cancelled looks at its flag.
+CANCEL_POLL_S = 0.05
+
+
 @dataclass(slots=True)
 class ConnectOutcome:
     """How one connect attempt ended.
@@ -672,12 +682,15 @@ class ConnectOutcome:
         errno_name: the errno's symbolic name; None for OPEN and for our own deadline.
         elapsed_s: from connect() to the verdict.
         sock: the connected socket when keep=True and state is OPEN (the caller closes it).
+        cancelled: `cancel` was set while the connect was under way (state TIMEOUT: it had
+            no answer by then).
     """
 
     state: ConnectState
     errno_name: str | None
     elapsed_s: float
     sock: socket.socket | None = None
+    cancelled: bool = False
 
 
 def set_linger_zero(sock: socket.socket) -> None:
@@ -694,10 +707,13 @@ def connect_nonblocking(
     source: str | None = None,
     keep: bool = False,
     socktype: int = socket.SOCK_STREAM,
+    cancel: Cancel | None = None,
 ) -> ConnectOutcome:
     """Connect once without blocking past `deadline`; never raises for network outcomes.
 
     Uses connect_ex, then waits for writability and reads SO_ERROR once (reading clears it).
+    With `cancel` (a threading.Event, say, set by a Ctrl-C handler) the wait ends within
+    CANCEL_POLL_S of it being set, as a TIMEOUT outcome marked `cancelled`.
 
     Raises:
         LocalError: no file descriptor (EMFILE/ENFILE) for the socket itself.
@@ -712,10 +728,11 @@ def connect_nonblocking(
             _bind_source(sock, source)
         code: int | None = sock.connect_ex(target.sockaddr)
         if code in _CONNECT_PENDING:
-            code = _wait_connected(sock, deadline)
+            code = _wait_connected(sock, deadline, cancel)
         elapsed = time.monotonic() - start
         if code is None:
-            return ConnectOutcome(ConnectState.TIMEOUT, None, elapsed)
+            cancelled = cancel is not None and cancel.is_set()
+            return ConnectOutcome(ConnectState.TIMEOUT, None, elapsed, cancelled=cancelled)
         state = classify_errno(code)
         if state is ConnectState.OPEN:
             if keep:
@@ -759,14 +776,21 @@ def poll_ms(left_s: float) -> int:
     return max(1, int(min(left_s, POLL_MAX_S) * 1000 + 0.999))
 
 
-def _wait_connected(sock: socket.socket, deadline: float | None) -> int | None:
-    """Wait until a pending connect ends; its errno (0 = connected), None at the deadline."""
+def _wait_connected(
+    sock: socket.socket, deadline: float | None, cancel: Cancel | None = None
+) -> int | None:
+    """Wait until a pending connect ends; its errno (0 = connected), None at the deadline
+    (or once `cancel` is set)."""
     poller = select.poll()
     poller.register(sock, select.POLLOUT)
     while True:
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
             return None
+        if cancel is not None:
+            if cancel.is_set():
+                return None
+            left = CANCEL_POLL_S if left is None else min(left, CANCEL_POLL_S)
         events = poller.poll(None if left is None else poll_ms(left))
         if events:
             return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import threading
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import LONG, invoke, netprobe_process
+from tests.helpers import LONG, SHORT, invoke, netprobe_process
 
 
 class _RecordingServer:
@@ -319,3 +320,49 @@ def test_a_name_other_than_localhost_is_refused_before_any_lookup() -> None:
     assert result.exit_code == 2
     assert "db.example.invalid is a name" in result.stderr
     assert "--allow-remote" in result.stderr
+
+
+def _syn_sent_to(port: int) -> bool:
+    """Whether a connect to 127.0.0.1:PORT is waiting for its SYN's answer (SYN-SENT)."""
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for row in table:
+            fields = row.split()
+            if fields[2] == f"0100007F:{port:04X}" and fields[3] == "02":
+                return True
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads /proc/net/tcp")
+def test_ctrl_c_gives_up_a_connect_that_gets_no_answer() -> None:
+    # A full accept queue drops SYNs: the connect waits for --timeout (60 s here). Before, Ctrl-C
+    # waited that out; now the connect is given up and reported like the other interrupted ones.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port), timeout=LONG)  # the one queue slot
+    try:
+        with netprobe_process(
+            ["reset", "client", f"127.0.0.1:{port}", "--timeout", "60s", "--json"]
+        ) as proc:
+            deadline = time.monotonic() + 4 * LONG
+            while not _syn_sent_to(port):
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "the client never connected"
+                time.sleep(SHORT)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=LONG) == 130
+            assert proc.stdout is not None
+            records = [json.loads(line) for line in proc.stdout.read().splitlines()]
+            (conn,) = records[:-1]
+            assert (conn["ended_by"], conn["state"], conn["action"]) == (
+                "interrupted",
+                "timeout",
+                "none",
+            )
+            assert records[-1]["event"] == "totals"
+            assert (records[-1]["connections"], records[-1]["failed"]) == (1, 0)
+    finally:
+        filler.close()
+        listener.close()

@@ -163,11 +163,15 @@ def _one_client(
     halt: threading.Event,
 ) -> ClientReset:
     start = time.monotonic()
-    outcome = connect_nonblocking(target, deadline=start + timeout_s, keep=True)
+    # A connect that gets no answer (a full backlog drops SYNs) would hold Ctrl-C up for
+    # --timeout: `halt` ends its wait.
+    outcome = connect_nonblocking(target, deadline=start + timeout_s, keep=True, cancel=halt)
     if outcome.state is not ConnectState.OPEN or outcome.sock is None:
         # A server that resets at accept can beat connect()'s own wake-up: SO_ERROR then
         # reads ECONNRESET. The handshake did complete, so the server reset first.
         ended_by = "server-rst" if outcome.state is ConnectState.RESET else str(outcome.state)
+        if outcome.cancelled:
+            ended_by = "interrupted"
         return ClientReset(
             conn, shown, outcome.state, outcome.errno_name, trigger.describe(), "none",
             ended_by, 0, 0, False, outcome.elapsed_s, outcome.elapsed_s,
