@@ -366,3 +366,56 @@ def test_ctrl_c_gives_up_a_connect_that_gets_no_answer() -> None:
     finally:
         filler.close()
         listener.close()
+
+
+def test_duration_ends_the_run_and_cuts_the_running_connections(
+    recorder: _RecordingServer,
+) -> None:
+    # Before: the deadline was looked at only before waiting for a free slot, so a third
+    # connection started after the duration, and the running ones went on to --after-ms.
+    result = invoke(
+        ["reset", "client", f"127.0.0.1:{recorder.port}", "--after-ms", "4s", "--count", "10",
+         "-c", "2", "--duration", "0.3s", "--json"]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    records = _records(result.stdout)
+    conns = [r for r in records if r["event"] == "connection"]
+    assert [(r["ended_by"], r["state"], r["action"]) for r in conns] == [
+        ("duration", "open", "rst"),
+        ("duration", "open", "rst"),
+    ]
+    assert all(r["elapsed_s"] < 4.0 for r in conns), conns
+    totals = records[-1]
+    assert (totals["event"], totals["connections"], totals["resets_sent"], totals["failed"]) == (
+        "totals",
+        2,
+        2,
+        0,
+    )
+    endings = recorder.wait_for(2)
+    assert [ending for ending, _ in endings] == ["ECONNRESET", "ECONNRESET"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads /proc/net/tcp")
+def test_duration_gives_up_a_connect_that_gets_no_answer() -> None:
+    # A full accept queue drops SYNs: the connect would wait out --timeout (60 s). The run ends
+    # at --duration instead; the connect had no answer, so it is a timeout (exit 3).
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port), timeout=LONG)
+    try:
+        result = invoke(
+            ["reset", "client", f"127.0.0.1:{port}", "--timeout", "60s", "--duration", "0.3s",
+             "--json"]
+        )  # fmt: skip
+        assert result.exit_code == 3, result.stderr
+        records = _records(result.stdout)
+        (conn,) = records[:-1]
+        assert (conn["ended_by"], conn["state"], conn["action"]) == ("duration", "timeout", "none")
+        assert conn["elapsed_s"] < 60
+        assert (records[-1]["connections"], records[-1]["failed"]) == (1, 1)
+    finally:
+        filler.close()
+        listener.close()

@@ -38,7 +38,22 @@ _HALT_POLL_S = 0.05
 
 
 class _Halted(Exception):
-    """The run is stopping: the worker aborts its connection and reports it `interrupted`."""
+    """The run is stopping: the worker aborts its connection and reports it ended by
+    `_Halt.why` ("interrupted" or "duration")."""
+
+
+class _Halt(threading.Event):
+    """Set to stop the running connections; `why` is their `ended_by`: Ctrl-C
+    ("interrupted") or the end of --duration ("duration")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.why = "interrupted"
+
+    def stop(self, why: str) -> None:
+        if not self.is_set():
+            self.why = why
+            self.set()
 
 
 class Interrupted(KeyboardInterrupt):
@@ -64,7 +79,9 @@ class ClientReset:
         action: what the client did: "rst", or "none" when the server ended it first.
         ended_by: "client-rst", "server-fin" (it closed first), "server-rst" (it reset
             first), "send-stalled" (the server stopped reading: a send timed out, state
-            "timeout"), or the connect state when no connection was made.
+            "timeout"), "interrupted" (Ctrl-C) or "duration" (the run's --duration ended:
+            aborted, or a connect given up, state "timeout"), or the connect state when no
+            connection was made.
         bytes_out: bytes the client sent.
         bytes_in: bytes the server sent back before the reset.
         server_closed_first: the server closed (EOF) before the client's reset.
@@ -109,7 +126,11 @@ class ClientSummary:
             self.server_closed_first += 1
         elif result.ended_by == "server-rst":
             self.server_reset_first += 1
-        elif result.ended_by not in ("client-rst", "interrupted"):
+        elif result.ended_by == "interrupted" or (
+            result.ended_by == "duration" and result.state is ConnectState.OPEN
+        ):
+            pass  # cut short by the run's end: neither the server's doing nor a failure
+        elif result.ended_by != "client-rst":
             self.failed += 1
 
 
@@ -160,7 +181,7 @@ def _one_client(
     trigger: Trigger,
     data: bytes | None,
     timeout_s: float,
-    halt: threading.Event,
+    halt: _Halt,
 ) -> ClientReset:
     start = time.monotonic()
     # A connect that gets no answer (a full backlog drops SYNs) would hold Ctrl-C up for
@@ -171,7 +192,7 @@ def _one_client(
         # reads ECONNRESET. The handshake did complete, so the server reset first.
         ended_by = "server-rst" if outcome.state is ConnectState.RESET else str(outcome.state)
         if outcome.cancelled:
-            ended_by = "interrupted"
+            ended_by = halt.why
         return ClientReset(
             conn, shown, outcome.state, outcome.errno_name, trigger.describe(), "none",
             ended_by, 0, 0, False, outcome.elapsed_s, outcome.elapsed_s,
@@ -204,7 +225,7 @@ def _one_client(
         abort_connection(sock)
     elapsed = time.monotonic() - start
     if halted and peer.reset_errno is None:
-        ended_by, state, action = "interrupted", ConnectState.OPEN, "rst"
+        ended_by, state, action = halt.why, ConnectState.OPEN, "rst"
     elif stalled and peer.reset_errno is None:
         ended_by, state, action = "send-stalled", ConnectState.TIMEOUT, "rst"
     elif peer.reset_errno is not None:
@@ -226,7 +247,7 @@ def _send_until(
     limit: int | None,
     stop_at: float | None,
     timeout_s: float,
-    halt: threading.Event,
+    halt: _Halt,
 ) -> None:
     """Send the stream until `limit` bytes or `stop_at`, reading replies in between.
 
@@ -276,16 +297,22 @@ def _send_until(
 
 
 def _next_done(
-    pending: deque[Future[ClientReset | None]], interrupt: threading.Event | None
-) -> ClientReset:
-    # Waited for in slices, so a Ctrl-C flag is seen within _HALT_POLL_S; then taken.
+    pending: deque[Future[ClientReset | None]],
+    interrupt: threading.Event | None,
+    halt: _Halt,
+    stop_at: float | None,
+) -> ClientReset | None:
+    """The oldest connection's result once it is done; None for one that never started (the
+    run ended first). Waited for in slices, so a Ctrl-C flag is seen within _HALT_POLL_S (and
+    raised), and the end of --duration stops the running connections as it passes."""
     future = pending[0]
     while not wait((future,), timeout=_HALT_POLL_S).done:
         if interrupt is not None and interrupt.is_set():
             raise KeyboardInterrupt
+        if stop_at is not None and time.monotonic() >= stop_at:
+            halt.stop("duration")
     result = future.result()
     pending.popleft()
-    assert result is not None  # only a halted run has workers that never started
     return result
 
 
@@ -311,7 +338,8 @@ def run_reset_client(
         trigger: on-connect, after-bytes N (bytes sent) or after-ms T.
         data: bytes to send (repeated for after-bytes), or None for the generated stream.
         timeout_s: per-connection connect and send timeout.
-        duration_s: start no connection after this long.
+        duration_s: the run's length: no connection starts after it, and the ones still
+            running then are aborted (`ended_by` "duration").
         stop: set it to stop starting connections.
         interrupt: set it (a SIGINT handler) for Ctrl-C: the running connections are aborted
             and Interrupted carries their records. A KeyboardInterrupt does the same.
@@ -320,8 +348,9 @@ def run_reset_client(
     at most `concurrency` run at once).
     """
     started = time.monotonic()
+    stop_at = None if duration_s is None else started + duration_s
     pending: deque[Future[ClientReset | None]] = deque()
-    halt = threading.Event()
+    halt = _Halt()
     # Every finished connection, by number, filled in by the workers themselves: a Ctrl-C can
     # land between pool.submit() and pending.append() (submit starts a thread, and the
     # worker may connect before submit returns), and that connection must still be reported.
@@ -335,7 +364,7 @@ def run_reset_client(
         active.add(conn)
         try:
             if halt.is_set():
-                return None  # Ctrl-C came first: this connection never starts
+                return None  # Ctrl-C or the end of the run came first: it never starts
             result = _one_client(conn, target, shown, trigger, data, timeout_s, halt)
             finished[conn] = result
             return result
@@ -345,29 +374,33 @@ def run_reset_client(
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         try:
             for conn in range(1, count + 1):
+                while len(pending) >= concurrency:
+                    result = _next_done(pending, interrupt, halt, stop_at)
+                    if result is not None:
+                        reported = result.conn
+                        finished.pop(reported, None)  # only the unreported are kept
+                        yield result
+                # Looked at after the wait for a free slot: that wait can outlast the run.
                 if interrupt is not None and interrupt.is_set():
                     raise KeyboardInterrupt
                 if stop is not None and stop.is_set():
                     break
-                if duration_s is not None and time.monotonic() - started >= duration_s:
+                if halt.is_set() or (stop_at is not None and time.monotonic() >= stop_at):
                     break
-                while len(pending) >= concurrency:
-                    result = _next_done(pending, interrupt)
-                    reported = result.conn
-                    finished.pop(reported, None)  # only the unreported are kept
-                    yield result
                 if on_start is not None:
                     on_start(conn)
                 pending.append(pool.submit(work, conn))
             while pending:
-                result = _next_done(pending, interrupt)
-                reported = result.conn
-                finished.pop(reported, None)
-                yield result
+                result = _next_done(pending, interrupt, halt, stop_at)
+                if result is not None:
+                    reported = result.conn
+                    finished.pop(reported, None)
+                    yield result
         except KeyboardInterrupt:
-            halt.set()  # the workers abort within _HALT_POLL_S and report `interrupted`
+            halt.stop("interrupted")  # the workers abort within _HALT_POLL_S and report it
             pool.shutdown(wait=True)
-            # A connect in progress is bounded by its timeout, not by the halt.
+            # Workers see the halt within _HALT_POLL_S (a connect in progress too, through its
+            # cancel flag); the timeout bounds this wait should one not.
             give_up = time.monotonic() + timeout_s + 1.0
             while active and time.monotonic() < give_up:
                 time.sleep(_HALT_POLL_S / 5)
