@@ -918,7 +918,8 @@ def open_listener(
         if reuse_port and hasattr(socket, "SO_REUSEPORT"):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if addr.family == socket.AF_INET6:
-            # Explicit v6 binds stay v6-only; `::` users who want both say so with -4/-6.
+            # v6-only, whatever the host's bindv6only: `::` must not take IPv4 peers too
+            # (as ncat and nginx); IPv4 is a second server on 0.0.0.0.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         _bind_or_explain(sock, addr.sockaddr, format_hostport(host, port))
         sock.listen(backlog)
