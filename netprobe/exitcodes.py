@@ -33,6 +33,7 @@ class ExitStatus(IntEnum):
     INTERNAL = 70  # a bug: unexpected exception (EX_SOFTWARE)
     WAIT_DEADLINE = 124  # wait mode gave up (as wait-for-it and timeout(1) do)
     INTERRUPTED = 130  # 128 + SIGINT
+    OUTPUT_CLOSED = 141  # 128 + SIGPIPE: the reader left before the verdict was known
 
 
 # Worst first: a run with many results exits with the first of these that occurred.

@@ -572,3 +572,47 @@ def test_quiet_wait_prints_nothing_even_on_a_terminal(closed_port: int) -> None:
     )
     assert proc.returncode == 124
     assert b"waiting" not in proc.stdout + proc.stderr
+
+
+def _cut_after_one_line(argv: list[str]) -> tuple[int, str]:
+    """Run `netprobe ARGV`, read one stdout line, close stdout (as `| head -1` does); the exit
+    status and stderr."""
+    with netprobe_process(argv) as proc:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        assert proc.stdout.readline()
+        proc.stdout.close()
+        status = proc.wait(timeout=LONG)
+        return status, proc.stderr.read().decode()
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "verdict"),
+    [
+        # Every check must hold, and all so far did: nobody knows about the rest.
+        (["--expect", "closed"], 141, "verdict unknown"),
+        (["--expect", "closed", "--json"], 141, "verdict unknown"),
+        # A failure settles it: more results cannot make the run pass.
+        ([], 1, "verdict settled"),
+        # --require 1 held with the first result.
+        (["--expect", "closed", "--require", "1"], 0, "verdict settled"),
+        # Latency rows: the summaries that settle it never came.
+        (
+            ["--expect", "closed", "--count", "2", "--interval", "1ms", "--json"],
+            141,
+            "verdict unknown",
+        ),
+    ],
+)
+def test_a_reader_that_leaves_early_gets_no_false_success(
+    tmp_path: Path, extra: list[str], status: int, verdict: str
+) -> None:
+    # Before: exit 0 whatever the results (`port-check ... | head` passed a gate that failed).
+    # Unix paths nobody listens on: each is closed (ENOENT), with no traffic at all, and 5,000
+    # rows are more than a pipe holds, so the writer meets the closed pipe.
+    targets = tmp_path / "targets"
+    targets.write_text("".join(f"unix:{tmp_path}/none-{i}\n" for i in range(5000)))
+    code, stderr = _cut_after_one_line(["port-check", "--targets-file", str(targets), *extra])
+    assert code == status, stderr
+    assert f"port-check: output closed ({verdict}" in stderr
+    assert "Traceback" not in stderr

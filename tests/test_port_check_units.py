@@ -217,6 +217,23 @@ def test_tally_requirements_and_worst_status() -> None:
     assert Tally().exit_status() is ExitStatus.NOT_OPEN  # nothing checked never "holds"
 
 
+def test_tally_decided_only_when_more_results_cannot_change_the_verdict() -> None:
+    every = Tally()
+    assert every.decided() is None
+    every.count(PortState.OPEN, None, True)
+    assert every.decided() is None  # a later closed port would still fail the run
+    every.count(PortState.FILTERED, None, False)
+    assert every.decided() is ExitStatus.TIMEOUT
+    every.count(PortState.CLOSED, "ECONNREFUSED", False)
+    assert every.decided() is ExitStatus.NOT_OPEN
+    two = Tally(required=2)
+    two.count(PortState.CLOSED, "ECONNREFUSED", False)
+    two.count(PortState.OPEN, None, True)
+    assert two.decided() is None  # the second open one may still come
+    two.count(PortState.OPEN, None, True)
+    assert two.decided() is ExitStatus.OK
+
+
 def test_build_hosts_resolution_failure_is_a_result_not_an_exception() -> None:
     def resolver(host: str, family: int) -> list[Resolved]:
         if host == "gone.example":

@@ -26,7 +26,7 @@ from netprobe.cli._options import (
 from netprobe.errors import UsageError
 
 if TYPE_CHECKING:
-    from netprobe.engines.port_check import CheckConfig, PortCheckResult
+    from netprobe.engines.port_check import CheckConfig, PortCheckResult, Tally
     from netprobe.engines.port_check_modes import LatencySummary, Probe
     from netprobe.render import Renderer
 
@@ -375,6 +375,8 @@ def _checks(
         if not quiet:
             log(f"port-check: interrupted: {tally.summary()}", always=True)
         raise
+    except BrokenPipeError:
+        return _output_closed(tally, quiet)
     finish()
     if not quiet:
         log(f"port-check: {tally.summary()}", always=True)
@@ -413,9 +415,28 @@ def _latency(
         if not quiet:
             log(f"port-check: interrupted: {probes} probes, {answered} answered", always=True)
         raise
+    except BrokenPipeError:
+        return _output_closed(tally, quiet)
     tally.finish()
     renderer.close()
     return int(tally.exit_status())
+
+
+def _output_closed(tally: "Tally", quiet: bool) -> int:
+    """stdout's reader left (`| head`, `| grep -q`): the run stops there. Its exit code is
+    the verdict if the results so far settle it, else 141 (128 + SIGPIPE, as a tool killed by
+    the broken pipe would end): never 0 for checks nobody made."""
+    from netprobe.cli._run import silence_stdout
+    from netprobe.exitcodes import ExitStatus
+    from netprobe.render import log
+
+    silence_stdout()
+    tally.finish()
+    status = tally.decided()
+    if not quiet:
+        verdict = "verdict settled" if status is not None else "verdict unknown"
+        log(f"port-check: output closed ({verdict}): {tally.summary()}", always=True)
+    return int(status if status is not None else ExitStatus.OUTPUT_CLOSED)
 
 
 def _show_latency_event(event: Any, fmt: Any, renderer: Any) -> None:

@@ -448,6 +448,14 @@ class Tally:
             return ExitStatus.OK
         return worst(self.failing) if self.failing else ExitStatus.NOT_OPEN
 
+    def decided(self) -> ExitStatus | None:
+        """The exit status the run will end with, if the results so far already settle it
+        (more results cannot change it): a failure when every check must hold, success once
+        --require N checks held. None while it is open."""
+        if self.required is None:
+            return worst(self.failing) if self.failing else None
+        return ExitStatus.OK if self.ok >= self.required else None
+
     def finish(self) -> None:
         self.ended = time.monotonic()
 
