@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import random
@@ -165,8 +166,31 @@ def test_open_only_and_csv(server: ServerThread, closed_port: int) -> None:
     assert [r["port"] for r in _json_lines(only.stdout)] == [server.port]
     assert "1 open, 1 closed" in only.stderr  # the summary still counts everything
     csv_out = invoke(["port-check", "127.0.0.1", "-p", ports, "--csv"]).text.splitlines()
-    assert csv_out[0] == "target,address,port,proto,state,errno_name,latency_ms,service"
+    # The shared columns first, in their old places; then what only JSON used to carry.
+    assert csv_out[0] == (
+        "target,address,port,proto,state,errno_name,latency_ms,service,expect,ok,attempts"
+    )
     assert len(csv_out) == 3
+
+
+@pytest.mark.parametrize("mode", [[], ["--count", "2", "--interval", "1ms"]])
+def test_csv_has_every_field_json_has(
+    server: ServerThread, closed_port: int, mode: list[str]
+) -> None:
+    # Before: CSV had no expect/ok (check rows) and no proto/received/expect/ok/errno_name
+    # (latency rows), so a spreadsheet could not tell which `=closed` rows passed.
+    targets = [f"127.0.0.1:{server.port}", f"127.0.0.1:{closed_port}=closed"]
+    rows = [
+        r for r in _json_lines(invoke(["port-check", *targets, *mode, "--json"]).stdout)
+        if r["kind"] != "port-check.probe"
+    ]  # fmt: skip
+    csv_text = invoke(["port-check", *targets, *mode, "--csv"]).text
+    table = {row["target"]: row for row in csv.DictReader(io.StringIO(csv_text))}
+    assert len(table) == len(rows) == 2
+    for record in rows:
+        row = table[record["target"]]
+        assert set(row) == set(record) - {"kind"}
+        assert (row["ok"], row["expect"]) == ("yes", record["expect"])
 
 
 def test_targets_file_and_stdin(tmp_path: Any, server: ServerThread, closed_port: int) -> None:

@@ -103,14 +103,20 @@ def _record(
     return record
 
 
-def _renderer(fmt: Any, columns: Sequence[tuple[str, str, bool]]) -> "Renderer":
+def _renderer(
+    fmt: Any, columns: Sequence[tuple[str, str, bool]], csv_extra: Sequence[str] = ()
+) -> "Renderer":
     from netprobe.engines.port_check import sort_key
-    from netprobe.render import Column, Renderer
+    from netprobe.render import Column, OutputFormat, Renderer
 
     def order(record: Mapping[str, Any]) -> Any:
         return sort_key(record.get("address"), record.get("port"), str(record.get("target")))
 
     cols = [Column(key, header, align_right=right) for key, header, right in columns]
+    if fmt is OutputFormat.CSV:
+        # CSV is for programs, as JSON is: every field JSON has, the extra ones after the
+        # columns the other formats share (their positions stay put).
+        cols += [Column(key, key) for key in csv_extra]
     return Renderer(fmt, sys.stdout, cols, sort_key=order)
 
 
@@ -124,6 +130,7 @@ _RESULT_COLUMNS = [
     ("latency_ms", "MS", True),
     ("service", "SERVICE", False),
 ]
+_RESULT_CSV_EXTRA = ("expect", "ok", "attempts")
 _LATENCY_COLUMNS = [
     ("target", "TARGET", False),
     ("address", "ADDRESS", False),
@@ -139,6 +146,7 @@ _LATENCY_COLUMNS = [
     ("p90_ms", "P90", True),
     ("p99_ms", "P99", True),
 ]
+_LATENCY_CSV_EXTRA = ("proto", "errno_name", "received", "expect", "ok")
 
 
 def port_check(
@@ -336,7 +344,7 @@ def _checks(
     from netprobe.engines.port_check import PortState, Tally, run_checks
     from netprobe.render import OutputFormat, log
 
-    renderer = _renderer(fmt, _RESULT_COLUMNS)
+    renderer = _renderer(fmt, _RESULT_COLUMNS, _RESULT_CSV_EXTRA)
     tally = Tally(required=required)
     # -q shows nothing, so the engine may skip building rows it would show (its fast path).
     skip_rows = open_only or fmt is OutputFormat.QUIET
@@ -397,7 +405,7 @@ def _latency(
     from netprobe.engines.port_check_modes import LatencySummary, run_latency
     from netprobe.render import log
 
-    renderer = _renderer(fmt, _LATENCY_COLUMNS)
+    renderer = _renderer(fmt, _LATENCY_COLUMNS, _LATENCY_CSV_EXTRA)
     tally = Tally(required=required)
     probes = answered = 0
     try:
@@ -522,7 +530,7 @@ def _finish(
 
     code, outcome = code_and_outcome
     if not command:
-        renderer = _renderer(fmt, _RESULT_COLUMNS)
+        renderer = _renderer(fmt, _RESULT_COLUMNS, _RESULT_CSV_EXTRA)
         for result in outcome.results:
             if open_only and result.state is not PortState.OPEN:
                 continue
