@@ -1048,7 +1048,17 @@ def _run(
                 else:
                     stop_at, until = run_deadline, None
                 stopped_before = tally.stopped_pending
-                jobs = _jobs(resolved.family, resolved.sockaddr, cfg.sources, left, counter, until)
+                # A ramp step makes its rate x --step attempts and no more: paced at 1/rate
+                # from the step's start, one more would fit just before `until` and belong,
+                # by its start time, to the next step's second.
+                jobs = _jobs(
+                    resolved.family,
+                    resolved.sockaddr,
+                    cfg.sources,
+                    quota if cfg.ramp else left,
+                    counter,
+                    until,
+                )
                 results = run_connects(
                     jobs,
                     concurrency=concurrency,
@@ -1084,6 +1094,12 @@ def _run(
                 if on_host:
                     after = kernel.read_counters().get("TcpExt.ListenOverflows", 0)
                     step_server[-1]["overflows"] = after - step_server[-1]["overflows_before"]
+                if cfg.ramp and index + 1 < len(steps) and left > 0:
+                    # Its quota made before its end, the step still lasts --step: the next
+                    # rate starts on time, not early.
+                    rest = min(step_end, run_deadline) - time.monotonic()
+                    if rest > 0:
+                        time.sleep(rest)
         except BaseException as exc:  # re-raised in the calling thread
             failure.append(exc)
 
