@@ -231,6 +231,13 @@ def test_reset_by_server_is_classified_reset() -> None:
     assert summary["reset_after_established"] == 10
     assert summary["established"] == 0
     assert summary["server"]["pid"] is not None
+    # The reading says so without contradicting itself (before: "0 of 10 connects completed
+    # the handshake", then "10 were reset by the server after the handshake completed").
+    text = " ".join(summary["interpretation"])
+    assert "0 of 10 connects were established and ended normally (client view); 10 were reset" in (
+        text
+    )
+    assert "10 were reset by the server after the handshake completed" in text
 
 
 def test_sources_spread_connections() -> None:

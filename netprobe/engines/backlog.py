@@ -1467,7 +1467,12 @@ def _interpret(
 ) -> list[str]:
     lines: list[str] = []
     attempted = rec["attempted"]
-    parts = [f"{rec['established']} of {attempted} connects completed the handshake (client view)"]
+    # `established` leaves out the connections the server reset after the handshake (they
+    # are `reset`): "completed the handshake" would contradict the reset count beside it.
+    parts = [
+        f"{rec['established']} of {attempted} connects were established and ended normally "
+        "(client view)"
+    ]
     for key, label in (
         ("timed_out", "timed out"),
         ("refused", "were refused"),
