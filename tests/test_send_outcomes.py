@@ -199,6 +199,18 @@ def test_udp_refusal_reports_what_was_sent() -> None:
     assert "ECONNREFUSED" in text.stderr
 
 
+def test_a_datagram_too_large_for_udp_is_this_hosts_refusal_exit_6(tmp_path: Path) -> None:
+    # Before: exit 1 ("refused / unreachable"), as if the peer had said no. The kernel refused
+    # the send (EMSGSIZE) before anything left: a local error, as port-check's exit 6 is.
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 70_000)
+    with udp_echo_thread() as port:
+        res = invoke(["send", "--udp", f"127.0.0.1:{port}", "--file", str(big), "--json"])
+    assert res.exit_code == 6, res.stderr
+    (rec,) = json_lines(res.stdout)
+    assert (rec["ended_by"], rec["errno_name"], rec["datagrams_sent"]) == ("error", "EMSGSIZE", 0)
+
+
 def test_udp_refusal_in_a_repeat_is_a_counted_run() -> None:
     port = free_udp_port()
     target = f"127.0.0.1:{port}"

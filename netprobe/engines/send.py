@@ -7,6 +7,7 @@ the `emit` callback the caller passes in, so memory stays flat whatever the stre
 from __future__ import annotations
 
 import base64
+import errno
 import importlib
 import json
 import math
@@ -32,6 +33,7 @@ from netprobe.sockets import (
     PUMP_CHUNK,
     Resolved,
     Target,
+    classify_errno,
     connect_nonblocking,
     connect_udp,
     errno_name,
@@ -1273,6 +1275,11 @@ def exit_status_for(result: SendResult) -> ExitStatus:
     if result.ended_by == "reset":
         return ExitStatus.RESET
     if result.ended_by == "error":
+        # This host's own refusal (EMSGSIZE for a datagram above 65,507 bytes, EMFILE,
+        # EADDRNOTAVAIL, ...) is exit 6, as everywhere in the suite; the peer's is 1.
+        code = getattr(errno, result.errno_name or "", None)
+        if isinstance(code, int) and classify_errno(code) is ConnectState.ERROR:
+            return ExitStatus.LOCAL
         return ExitStatus.NOT_OPEN
     if result.ended_by == "timeout":
         return ExitStatus.TIMEOUT
