@@ -1048,8 +1048,7 @@ class Server:
             self.bound = Bound("udp", str(name[0]), int(name[1]))
         elif config.path is not None:
             sock = sockets.open_listener(None, backlog=config.backlog, path=config.path)
-            info = os.stat(config.path)
-            self._unix_inode = (info.st_dev, info.st_ino)
+            self._unix_inode = sockets.file_identity(config.path)
             self.bound = Bound("unix", path=config.path)
         else:
             sock = sockets.open_listener(
@@ -1589,12 +1588,8 @@ class Server:
             self._accepting = False
         listener.close()
         path = self.config.path
-        if path is not None and self._unix_inode is not None:
-            # Remove the file only if it is still ours (another server may have replaced it).
-            with contextlib.suppress(OSError):
-                info = os.stat(path)
-                if (info.st_dev, info.st_ino) == self._unix_inode:
-                    os.unlink(path)
+        if path is not None:
+            sockets.remove_own_socket_file(path, self._unix_inode)
             self._unix_inode = None
 
 

@@ -975,6 +975,23 @@ def check_unix_path_size(path: str) -> None:
         raise UsageError(f"unix:{path}: the path is {size} bytes; a Unix socket path may have 107")
 
 
+def file_identity(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file at PATH (not following a symlink), None if there is none."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def remove_own_socket_file(path: str, identity: tuple[int, int] | None) -> None:
+    """Remove a Unix listener's socket file at exit, only if it is still the one we bound
+    (`identity` from file_identity after the bind): another server may have replaced it."""
+    if identity is not None and file_identity(path) == identity:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 def _open_unix_listener(path: str, backlog: int) -> socket.socket:
     if not hasattr(socket, "AF_UNIX"):
         raise LocalError("Unix sockets are not available on this platform")

@@ -238,6 +238,8 @@ def test_unix_socket(spawn: type[Listen], tmp_path: Path) -> None:
         assert _read_to_eof(client) == b"hi unix"
     code, out, err = listener.finish()
     assert (code, out) == (0, b"to listener"), err
+    # As echo and reset serve: the socket file goes with the listener (before: left behind).
+    assert not os.path.lexists(path)
 
 
 def test_udp_datagrams_both_ways(spawn: type[Listen]) -> None:

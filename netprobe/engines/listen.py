@@ -22,11 +22,13 @@ from netprobe.exitcodes import ExitStatus
 from netprobe.sockets import (
     PUMP_CHUNK,
     accept_one,
+    file_identity,
     format_hostport,
     open_listener,
     open_udp,
     pump_duplex,
     recv_datagram,
+    remove_own_socket_file,
     send_datagram,
     wait_readable,
 )
@@ -115,6 +117,8 @@ def listen(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSummary:
         path=opts.unix_path,
         family=opts.family,
     )
+    # As echo's: the socket file goes at exit, if it is still the one bound here.
+    socket_file = None if opts.unix_path is None else file_identity(opts.unix_path)
     summary = ListenSummary()
     stdin = _Stdin(opts.source)
     try:
@@ -140,6 +144,8 @@ def listen(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSummary:
                 return summary
     finally:
         listener.close()
+        if opts.unix_path is not None:
+            remove_own_socket_file(opts.unix_path, socket_file)
 
 
 def _serve(
