@@ -242,6 +242,21 @@ def test_unix_socket(spawn: type[Listen], tmp_path: Path) -> None:
     assert not os.path.lexists(path)
 
 
+def test_a_peer_that_closed_while_stdin_stays_open_is_reported_eof(spawn: type[Listen]) -> None:
+    # Before: `ended: idle-timeout`, though the peer had sent its EOF; only listen's own stdin
+    # (open, silent) kept the connection until the idle timeout.
+    listener = spawn(["--port", "0", "--idle-timeout", "300ms", "--json"])
+    with socket.create_connection(("127.0.0.1", listener.port), timeout=LONG) as client:
+        client.sendall(b"bye")
+        client.shutdown(socket.SHUT_WR)
+        assert _read_to_eof(client) == b""  # listen lets it go at the idle timeout
+    assert listener.proc.wait(timeout=LONG) == 0  # stdin is still open: never closed here
+    code, out, err = listener.finish()
+    assert (code, out) == (0, b"bye"), err
+    (close,) = [e for e in map(json.loads, err.splitlines()) if e["event"] == "close"]
+    assert (close["ended_by"], close["bytes_in"]) == ("eof", 3)
+
+
 def test_udp_datagrams_both_ways(spawn: type[Listen]) -> None:
     listener = spawn(["--udp", "--idle-timeout", "1500ms"])
     assert listener.announce.endswith("/udp\n")

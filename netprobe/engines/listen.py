@@ -214,6 +214,10 @@ def _serve(
     finally:
         conn.close()
     ended = "max-bytes" if result.ended_by == "stopped" else result.ended_by
+    if ended == "idle-timeout" and result.peer_eof:
+        # The peer had closed; only our stdin, open and silent, kept the connection until the
+        # idle timeout. The peer's side ended as it should: that is what the report says.
+        ended = "eof"
     report(ended, result.errno_name)
     return ended
 
