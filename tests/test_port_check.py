@@ -26,6 +26,7 @@ from tests.helpers import (
     LONG,
     ROOT,
     ServerThread,
+    bad_input_line,
     invoke,
     netprobe_process,
     run_netprobe,
@@ -206,6 +207,21 @@ def test_targets_file_and_stdin(tmp_path: Any, server: ServerThread, closed_port
     assert [r["port"] for r in _json_lines(piped.stdout)] == [server.port]
     missing = invoke(["port-check", "--targets-file", str(tmp_path / "nope")])
     assert missing.exit_code == 2
+
+
+def test_targets_file_blanks_bom_and_the_line_of_a_bad_target(
+    tmp_path: Path, server: ServerThread, closed_port: int
+) -> None:
+    both = f"\ufeff127.0.0.1:{server.port} 127.0.0.1:{closed_port}=closed\n"
+    piped = invoke(["port-check", "--targets-file", "-", "--json"], stdin=both.encode())
+    assert piped.exit_code == 0, piped.stderr
+    assert sorted(r["port"] for r in _json_lines(piped.stdout)) == sorted(
+        [server.port, closed_port]
+    )
+    listing = tmp_path / "targets.txt"
+    listing.write_text(f"127.0.0.1:{server.port}\n# a comment\n127.0.0.1:99999\n")
+    line = bad_input_line(["port-check", "--targets-file", str(listing)])
+    assert f"--targets-file {str(listing)!r} line 3: '127.0.0.1:99999'" in line
 
 
 def test_hostname_localhost(server: ServerThread) -> None:

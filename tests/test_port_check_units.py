@@ -19,6 +19,7 @@ from netprobe.engines.port_check import (
     parse_require,
     parse_targets,
     read_targets,
+    read_targets_numbered,
     sort_key,
     status_for,
 )
@@ -123,6 +124,22 @@ def test_parse_targets_unix_paths_keep_their_equals_signs() -> None:
 def test_read_targets_skips_comments_and_blanks() -> None:
     text = "# hosts\n127.0.0.1:22\n\n  localhost:80  # web\r\n[::1]:1"
     assert read_targets(io.StringIO(text)) == ["127.0.0.1:22", "localhost:80", "[::1]:1"]
+
+
+def test_read_targets_takes_blank_separated_targets_a_bom_and_whole_unix_lines() -> None:
+    # Before: a BOM on stdin and two targets on a line were one bad target each, refused with
+    # a message that named neither the file nor the line. nmap -iL takes blanks between them.
+    text = (
+        "\ufeff127.0.0.1:1 127.0.0.1:2\t[::1]:3 # c\nunix:/tmp/a b.sock\n\n  127.0.0.0/30=closed\n"
+    )
+    assert read_targets_numbered(io.StringIO(text)) == [
+        (1, "127.0.0.1:1"),
+        (1, "127.0.0.1:2"),
+        (1, "[::1]:3"),
+        (2, "unix:/tmp/a b.sock"),  # a path may hold a blank: the whole line
+        (4, "127.0.0.0/30=closed"),
+    ]
+    assert read_targets(io.StringIO("a\ufeff")) == ["a\ufeff"]  # only a leading BOM goes
 
 
 # The longest --targets-file line, as the README gives it.

@@ -26,7 +26,7 @@ from netprobe.cli._options import (
 from netprobe.errors import UsageError
 
 if TYPE_CHECKING:
-    from netprobe.engines.port_check import CheckConfig, PortCheckResult, Tally
+    from netprobe.engines.port_check import CheckConfig, PortCheckResult, Tally, TargetSpec
     from netprobe.engines.port_check_modes import LatencySummary, Probe
     from netprobe.render import Renderer
 
@@ -45,17 +45,17 @@ def _command_after_dashes(targets: list[str]) -> tuple[list[str], list[str]]:
     return targets, []
 
 
-def _read_targets_file(path: str) -> list[str]:
-    from netprobe.engines.port_check import read_targets
+def _read_targets_file(path: str) -> list["TargetSpec"]:
+    from netprobe.engines.port_check import parse_targets, read_targets_numbered
 
     if path == "-" and sys.stdin is None:  # started with stdin closed (`<&-`)
         raise UsageError("--targets-file '-': stdin is closed")
     try:
         if path == "-":
-            return read_targets(sys.stdin)
-        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of a target.
-        with open(path, encoding="utf-8-sig") as handle:
-            return read_targets(handle)
+            entries = read_targets_numbered(sys.stdin)
+        else:
+            with open(path, encoding="utf-8") as handle:
+                entries = read_targets_numbered(handle)
     except UsageError as exc:  # a line over the limit: read_targets gives its number
         raise UsageError(f"--targets-file {path!r}: {exc}") from None
     except OSError as exc:
@@ -63,6 +63,13 @@ def _read_targets_file(path: str) -> list[str]:
     except UnicodeDecodeError as exc:
         bad = exc.object[exc.start]
         raise UsageError(f"--targets-file {path!r}: not UTF-8 text (byte {bad:#04x})") from None
+    specs = []
+    for number, text in entries:
+        try:
+            specs.extend(parse_targets([text]))
+        except UsageError as exc:  # the file and line, so the bad entry can be found
+            raise UsageError(f"--targets-file {path!r} line {number}: {exc}") from None
+    return specs
 
 
 def _payload(text: str | None, hex_text: str | None, udp: bool) -> bytes:
@@ -262,9 +269,8 @@ def port_check(
     from netprobe.sockets import DEFAULT_CIDR_CAP, parse_ports
 
     given, command = _command_after_dashes(list(targets or []))
-    if targets_file is not None:
-        given += _read_targets_file(targets_file)
-    if not given:
+    from_file = _read_targets_file(targets_file) if targets_file is not None else []
+    if not given and not from_file:
         raise UsageError("no targets: give TARGET... or --targets-file")
     if not wait:
         # Silently ignored, `--until closed` would report an open port as a success.
@@ -291,7 +297,7 @@ def port_check(
         raise UsageError("--count and --wait exclude each other")
     if command and count is not None:
         raise UsageError("-- COMMAND needs a check or --wait, not --count")
-    specs = parse_targets(given)
+    specs = parse_targets(given) + from_file
     if udp and any(spec.unix for spec in specs):
         unix = next(spec.text for spec in specs if spec.unix)
         raise UsageError(f"{unix!r}: --udp checks UDP ports; unix: targets are stream sockets")

@@ -55,6 +55,7 @@ __all__ = [
     "parse_targets",
     "plan_concurrency",
     "read_targets",
+    "read_targets_numbered",
     "run_checks",
     "sort_key",
     "status_for",
@@ -162,7 +163,15 @@ def parse_targets(texts: Iterable[str]) -> list[TargetSpec]:
 
 
 def read_targets(stream: TextIO) -> list[str]:
-    """Targets from a --targets-file stream: one per line; blank lines and `#` comments skipped.
+    """Targets from a --targets-file stream (see read_targets_numbered)."""
+    return [text for _number, text in read_targets_numbered(stream)]
+
+
+def read_targets_numbered(stream: TextIO) -> list[tuple[int, str]]:
+    """(line number, target) from a --targets-file stream: blank lines and `#` comments
+    skipped; targets on one line may be separated by blanks (as nmap -iL takes them), except
+    a `unix:` path, which is the whole line (a path may hold a space). A byte-order mark
+    before the first line is dropped.
 
     Each read stops after MAX_TARGET_LINE characters (plus a line end), so a stream without
     newlines (/dev/zero, a binary file) is refused at once instead of filling memory.
@@ -171,17 +180,23 @@ def read_targets(stream: TextIO) -> list[str]:
         UsageError: a line (comments too) longer than MAX_TARGET_LINE characters; the message
             gives its line number.
     """
-    found = []
+    found: list[tuple[int, str]] = []
     number = 0
     while line := stream.readline(MAX_TARGET_LINE + 2):  # room for "\r\n" after a full line
         number += 1
+        if number == 1:
+            line = line.removeprefix("\ufeff")  # Windows editors write one
         if len(line.removesuffix("\n").removesuffix("\r")) > MAX_TARGET_LINE:
             raise UsageError(
-                f"line {number} is longer than {MAX_TARGET_LINE} characters (one target per line)"
+                f"line {number} is longer than {MAX_TARGET_LINE} characters (split it over lines)"
             )
         text = line.split("#", 1)[0].strip()
-        if text:
-            found.append(text)
+        if not text:
+            continue
+        if text.lower().startswith("unix:"):
+            found.append((number, text))
+        else:
+            found.extend((number, word) for word in text.split())
     return found
 
 
