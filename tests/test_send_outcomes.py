@@ -191,6 +191,7 @@ def test_udp_refusal_reports_what_was_sent() -> None:
     assert (rec["bytes_sent"], rec["datagrams_sent"]) == (2, 1)
     assert (rec["bytes_received"], rec["datagrams_received"]) == (0, 0)
     assert (rec["ended_by"], rec["errno_name"]) == ("error", "ECONNREFUSED")
+    assert rec["input_complete"] is True  # before: false, though DATA's one datagram went out
     assert "ICMP port unreachable" in rec["error"]
     assert isinstance(rec["total_ms"], float)
     text = invoke(["send", f"127.0.0.1:{port}", "hi", "--udp", "--idle-timeout", "5s"])

@@ -1022,7 +1022,7 @@ def _check_input(opts: SendOptions) -> None:
         return
     try:
         if opts.udp:
-            for _datagram in _datagrams(opts):
+            for _datagram in _datagrams(opts, [False]):
                 pass
         else:
             read = _input_reader(
@@ -1153,10 +1153,15 @@ def _exchange_checked(
     return result
 
 
-def _datagrams(opts: SendOptions) -> Iterator[bytes]:
-    """Each DATA, each input line, or each line as a --framing frame: one datagram."""
+def _datagrams(opts: SendOptions, last: list[bool]) -> Iterator[bytes]:
+    """Each DATA, each input line, or each line as a --framing frame: one datagram.
+
+    `last[0]` is set before the final datagram is yielded, when the input's end is known by
+    then: a reply that ends the run right after it (an ICMP refusal) must not make the input
+    look unsent."""
     source, spec = opts.source, opts.framing
     if source.data is not None:
+        last[0] = True
         yield _encode_frame(spec, source.data, opts.max_frame) if spec is not None else source.data
         return
     read = source.chunks(PUMP_CHUNK)
@@ -1164,9 +1169,11 @@ def _datagrams(opts: SendOptions) -> Iterator[bytes]:
     eof = False
     while not eof:
         chunk, eof = read(PUMP_CHUNK)
-        for line in splitter.feed(chunk, eof):
+        lines = splitter.feed(chunk, eof)
+        for index, line in enumerate(lines):
             if opts.crlf:
                 line += b"\r"
+            last[0] = eof and index == len(lines) - 1
             yield _encode_frame(spec, line, opts.max_frame) if spec is not None else line
 
 
@@ -1219,14 +1226,16 @@ def _exchange_udp(
 
     ended: str | None = None
     result.input_complete = False
+    last = [False]
     try:
-        for datagram in _datagrams(opts):
+        for datagram in _datagrams(opts, last):
             if deadline is not None and time.monotonic() >= deadline:
                 ended = "timeout"
                 break
             result.bytes_sent += send_datagram(sock, datagram)
             assert result.datagrams_sent is not None
             result.datagrams_sent += 1
+            result.input_complete = last[0]
             last_activity = time.monotonic()
             if transcript is not None:
                 transcript.record("send", datagram)
