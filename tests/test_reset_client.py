@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -333,39 +334,49 @@ def _syn_sent_to(port: int) -> bool:
     return False
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads /proc/net/tcp")
-def test_ctrl_c_gives_up_a_connect_that_gets_no_answer() -> None:
-    # A full accept queue drops SYNs: the connect waits for --timeout (60 s here). Before, Ctrl-C
-    # waited that out; now the connect is given up and reported like the other interrupted ones.
+@contextlib.contextmanager
+def _full_backlog() -> Iterator[int]:
+    """A port whose accept queue is full (backlog 0, one connection never accepted): the
+    kernel drops further SYNs, so a connect there waits for an answer that does not come."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(0)
     port = listener.getsockname()[1]
     filler = socket.create_connection(("127.0.0.1", port), timeout=LONG)  # the one queue slot
     try:
-        with netprobe_process(
-            ["reset", "client", f"127.0.0.1:{port}", "--timeout", "60s", "--json"]
-        ) as proc:
-            deadline = time.monotonic() + 4 * LONG
-            while not _syn_sent_to(port):
-                assert proc.poll() is None, proc.communicate()
-                assert time.monotonic() < deadline, "the client never connected"
-                time.sleep(SHORT)
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=LONG) == 130
-            assert proc.stdout is not None
-            records = [json.loads(line) for line in proc.stdout.read().splitlines()]
-            (conn,) = records[:-1]
-            assert (conn["ended_by"], conn["state"], conn["action"]) == (
-                "interrupted",
-                "timeout",
-                "none",
-            )
-            assert records[-1]["event"] == "totals"
-            assert (records[-1]["connections"], records[-1]["failed"]) == (1, 0)
+        yield port
     finally:
         filler.close()
         listener.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads /proc/net/tcp")
+def test_ctrl_c_gives_up_a_connect_that_gets_no_answer() -> None:
+    # A full accept queue drops SYNs: the connect waits for --timeout (60 s here). Before, Ctrl-C
+    # waited that out; now the connect is given up and reported like the other interrupted ones.
+    with (
+        _full_backlog() as port,
+        netprobe_process(
+            ["reset", "client", f"127.0.0.1:{port}", "--timeout", "60s", "--json"]
+        ) as proc,
+    ):
+        deadline = time.monotonic() + 4 * LONG
+        while not _syn_sent_to(port):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the client never connected"
+            time.sleep(SHORT)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=LONG) == 130
+        assert proc.stdout is not None
+        records = [json.loads(line) for line in proc.stdout.read().splitlines()]
+        (conn,) = records[:-1]
+        assert (conn["ended_by"], conn["state"], conn["action"]) == (
+            "interrupted",
+            "timeout",
+            "none",
+        )
+        assert records[-1]["event"] == "totals"
+        assert (records[-1]["connections"], records[-1]["failed"]) == (1, 0)
 
 
 def test_duration_ends_the_run_and_cuts_the_running_connections(
@@ -396,16 +407,10 @@ def test_duration_ends_the_run_and_cuts_the_running_connections(
     assert [ending for ending, _ in endings] == ["ECONNRESET", "ECONNRESET"]
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads /proc/net/tcp")
 def test_duration_gives_up_a_connect_that_gets_no_answer() -> None:
     # A full accept queue drops SYNs: the connect would wait out --timeout (60 s). The run ends
     # at --duration instead; the connect had no answer, so it is a timeout (exit 3).
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(0)
-    port = listener.getsockname()[1]
-    filler = socket.create_connection(("127.0.0.1", port), timeout=LONG)
-    try:
+    with _full_backlog() as port:
         result = invoke(
             ["reset", "client", f"127.0.0.1:{port}", "--timeout", "60s", "--duration", "0.3s",
              "--json"]
@@ -416,6 +421,3 @@ def test_duration_gives_up_a_connect_that_gets_no_answer() -> None:
         assert (conn["ended_by"], conn["state"], conn["action"]) == ("duration", "timeout", "none")
         assert conn["elapsed_s"] < 60
         assert (records[-1]["connections"], records[-1]["failed"]) == (1, 1)
-    finally:
-        filler.close()
-        listener.close()
