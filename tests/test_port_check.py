@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import random
 import select
 import shlex
@@ -612,6 +613,37 @@ def test_quiet_wait_prints_nothing_even_on_a_terminal(closed_port: int) -> None:
     )
     assert proc.returncode == 124
     assert b"waiting" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "status"),
+    [
+        # CSV writes its header at the end when no row was shown: before, that write met the
+        # closed pipe outside the check and the run exited 0.
+        (["--csv", "--open-only"], 1),
+        (["--count", "2", "--interval", "1ms", "--csv", "--open-only"], 1),
+        # Wait mode prints its rows once the outcome is final (before: exit 0, no stderr line).
+        (["--wait", "--deadline", "300ms"], 124),
+    ],
+)
+def test_a_reader_gone_before_the_first_row_changes_no_verdict(
+    closed_port: int, argv: list[str], status: int
+) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody reads: the first write fails with EPIPE
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "netprobe", "port-check", f"127.0.0.1:{closed_port}", *argv],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=LONG * 2,
+            cwd=ROOT,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == status, proc.stderr
+    assert b"Traceback" not in proc.stderr
 
 
 def _cut_after_one_line(argv: list[str]) -> tuple[int, str]:

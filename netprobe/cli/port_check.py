@@ -391,7 +391,10 @@ def _checks(
         raise
     except BrokenPipeError:
         return _output_closed(tally, quiet)
-    finish()
+    try:
+        finish()  # CSV's header, a table's rows: they can meet the closed pipe too
+    except BrokenPipeError:
+        return _output_closed(tally, quiet, complete=True)
     if not quiet:
         log(f"port-check: {tally.summary()}", always=True)
     return int(tally.exit_status())
@@ -432,21 +435,24 @@ def _latency(
     except BrokenPipeError:
         return _output_closed(tally, quiet)
     tally.finish()
-    renderer.close()
+    try:
+        renderer.close()
+    except BrokenPipeError:
+        return _output_closed(tally, quiet, complete=True)
     return int(tally.exit_status())
 
 
-def _output_closed(tally: "Tally", quiet: bool) -> int:
+def _output_closed(tally: "Tally", quiet: bool, *, complete: bool = False) -> int:
     """stdout's reader left (`| head`, `| grep -q`): the run stops there. Its exit code is
-    the verdict if the results so far settle it, else 141 (128 + SIGPIPE, as a tool killed by
-    the broken pipe would end): never 0 for checks nobody made."""
+    the verdict if the results settle it (all of them: `complete`), else 141 (128 + SIGPIPE,
+    as a tool killed by the broken pipe would end): never 0 for checks nobody made."""
     from netprobe.cli._run import silence_stdout
     from netprobe.exitcodes import ExitStatus
     from netprobe.render import log
 
     silence_stdout()
     tally.finish()
-    status = tally.decided()
+    status = tally.exit_status() if complete else tally.decided()
     if not quiet:
         verdict = "verdict settled" if status is not None else "verdict unknown"
         log(f"port-check: output closed ({verdict}): {tally.summary()}", always=True)
@@ -537,11 +543,17 @@ def _finish(
     code, outcome = code_and_outcome
     if not command:
         renderer = _renderer(fmt, _RESULT_COLUMNS, _RESULT_CSV_EXTRA)
-        for result in outcome.results:
-            if open_only and result.state is not PortState.OPEN:
-                continue
-            renderer.emit(_record(result, "port-check"))
-        renderer.close()
+        try:
+            for result in outcome.results:
+                if open_only and result.state is not PortState.OPEN:
+                    continue
+                renderer.emit(_record(result, "port-check"))
+            renderer.close()
+        except BrokenPipeError:
+            # The wait is over and its outcome final: the reader's leaving changes nothing.
+            from netprobe.cli._run import silence_stdout
+
+            silence_stdout()
     if outcome.held:
         if not quiet:
             log(f"port-check: condition held after {outcome.elapsed_s:.2f} s", always=True)

@@ -464,9 +464,10 @@ class Tally:
         return worst(self.failing) if self.failing else ExitStatus.NOT_OPEN
 
     def decided(self) -> ExitStatus | None:
-        """The exit status the run will end with, if the results so far already settle it
-        (more results cannot change it): a failure when every check must hold, success once
-        --require N checks held. None while it is open."""
+        """The exit status for a run cut short, once the results so far settle pass or fail
+        (more results cannot turn it): success once --require N checks held; a failure when
+        every check must hold and one did not, with the worst failure code so far (a later
+        result might have been graver: a resolve or local error). None while it is open."""
         if self.required is None:
             return worst(self.failing) if self.failing else None
         return ExitStatus.OK if self.ok >= self.required else None
