@@ -307,7 +307,7 @@ def test_targets_file_line_over_the_limit(tmp_path: os.PathLike[str]) -> None:
     assert result.exit_code == 2, result.stderr
     assert result.stderr == (
         f"netprobe: port-check: --targets-file {path!r}: line 3 is longer than 4096 characters "
-        "(split it over lines)\n"
+        "(one target per line)\n"
     )
 
 
@@ -331,7 +331,7 @@ def test_targets_file_without_newlines_is_refused_without_reading_it_all() -> No
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr == (
         b"netprobe: port-check: --targets-file '/dev/zero': line 1 is longer than 4096 "
-        b"characters (split it over lines)\n"
+        b"characters (one target per line)\n"
     )
 
 

@@ -210,10 +210,10 @@ def test_targets_file_and_stdin(tmp_path: Any, server: ServerThread, closed_port
     assert missing.exit_code == 2
 
 
-def test_targets_file_blanks_bom_and_the_line_of_a_bad_target(
+def test_targets_file_bom_and_the_line_of_a_bad_target(
     tmp_path: Path, server: ServerThread, closed_port: int
 ) -> None:
-    both = f"\ufeff127.0.0.1:{server.port} 127.0.0.1:{closed_port}=closed\n"
+    both = f"\ufeff127.0.0.1:{server.port}\n127.0.0.1:{closed_port} =closed\n"
     piped = invoke(["port-check", "--targets-file", "-", "--json"], stdin=both.encode())
     assert piped.exit_code == 0, piped.stderr
     assert sorted(r["port"] for r in _json_lines(piped.stdout)) == sorted(
@@ -223,6 +223,10 @@ def test_targets_file_blanks_bom_and_the_line_of_a_bad_target(
     listing.write_text(f"127.0.0.1:{server.port}\n# a comment\n127.0.0.1:99999\n")
     line = bad_input_line(["port-check", "--targets-file", str(listing)])
     assert f"--targets-file {str(listing)!r} line 3: '127.0.0.1:99999'" in line
+    listing.write_text("127.0.0.1:1 127.0.0.1:2\n")
+    line = bad_input_line(["port-check", "--targets-file", str(listing)])
+    assert line.startswith(f"netprobe: port-check: --targets-file {str(listing)!r} line 1: ")
+    assert line.endswith(" (one target per line)")
 
 
 def test_hostname_localhost(server: ServerThread) -> None:

@@ -126,18 +126,14 @@ def test_read_targets_skips_comments_and_blanks() -> None:
     assert read_targets(io.StringIO(text)) == ["127.0.0.1:22", "localhost:80", "[::1]:1"]
 
 
-def test_read_targets_takes_blank_separated_targets_a_bom_and_whole_unix_lines() -> None:
-    # Before: a BOM on stdin and two targets on a line were one bad target each, refused with
-    # a message that named neither the file nor the line. nmap -iL takes blanks between them.
-    text = (
-        "\ufeff127.0.0.1:1 127.0.0.1:2\t[::1]:3 # c\nunix:/tmp/a b.sock\n\n  127.0.0.0/30=closed\n"
-    )
+def test_read_targets_numbers_lines_and_drops_a_leading_bom() -> None:
+    # Before: a BOM on stdin made the first target bad. Blanks stay inside a target: one line,
+    # one target (`HOST:PORT =closed` keeps working; `localhost 5432` is not two hosts).
+    text = "\ufeff127.0.0.1:1 =closed # c\nunix:/tmp/a b.sock\n\n  localhost 5432\n"
     assert read_targets_numbered(io.StringIO(text)) == [
-        (1, "127.0.0.1:1"),
-        (1, "127.0.0.1:2"),
-        (1, "[::1]:3"),
-        (2, "unix:/tmp/a b.sock"),  # a path may hold a blank: the whole line
-        (4, "127.0.0.0/30=closed"),
+        (1, "127.0.0.1:1 =closed"),
+        (2, "unix:/tmp/a b.sock"),
+        (4, "localhost 5432"),
     ]
     assert read_targets(io.StringIO("a\ufeff")) == ["a\ufeff"]  # only a leading BOM goes
 

@@ -168,10 +168,11 @@ def read_targets(stream: TextIO) -> list[str]:
 
 
 def read_targets_numbered(stream: TextIO) -> list[tuple[int, str]]:
-    """(line number, target) from a --targets-file stream: blank lines and `#` comments
-    skipped; targets on one line may be separated by blanks (as nmap -iL takes them), except
-    a `unix:` path, which is the whole line (a path may hold a space). A byte-order mark
-    before the first line is dropped.
+    """(line number, target) from a --targets-file stream: one target per line; blank lines
+    and `#` comments skipped; a byte-order mark before the first line dropped.
+
+    Blanks do not separate targets (as they do for nmap -iL): `HOST:PORT =closed` is one
+    target, and `localhost 5432` must not become two hosts (`5432` being 0.0.21.56).
 
     Each read stops after MAX_TARGET_LINE characters (plus a line end), so a stream without
     newlines (/dev/zero, a binary file) is refused at once instead of filling memory.
@@ -188,15 +189,11 @@ def read_targets_numbered(stream: TextIO) -> list[tuple[int, str]]:
             line = line.removeprefix("\ufeff")  # Windows editors write one
         if len(line.removesuffix("\n").removesuffix("\r")) > MAX_TARGET_LINE:
             raise UsageError(
-                f"line {number} is longer than {MAX_TARGET_LINE} characters (split it over lines)"
+                f"line {number} is longer than {MAX_TARGET_LINE} characters (one target per line)"
             )
         text = line.split("#", 1)[0].strip()
-        if not text:
-            continue
-        if text.lower().startswith("unix:"):
+        if text:
             found.append((number, text))
-        else:
-            found.extend((number, word) for word in text.split())
     return found
 
 
