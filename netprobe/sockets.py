@@ -1231,6 +1231,8 @@ class PumpResult:
         input_done_at: monotonic time the input ended and was fully sent (None: it did not).
         peer_eof: the peer's FIN was seen.
         errno_name: errno name for "reset" and "error".
+        output_pending: at the end, input read (or a file being sent) was still waiting for
+            the peer to take it: a stalled upload rather than an input with nothing to say.
     """
 
     ended_by: str = "eof"
@@ -1240,6 +1242,7 @@ class PumpResult:
     input_done_at: float | None = None
     peer_eof: bool = False
     errno_name: str | None = None
+    output_pending: bool = False
 
 
 def pump_duplex(
@@ -1311,6 +1314,7 @@ def pump_duplex(
         result.ended_by = how
         if exc is not None:
             result.errno_name = errno_name(exc.errno)
+        result.output_pending = bool(pending) or (sendfile_fd is not None and input_open)
         return result
 
     def finish_input() -> None:

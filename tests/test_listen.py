@@ -257,6 +257,34 @@ def test_a_peer_that_closed_while_stdin_stays_open_is_reported_eof(spawn: type[L
     assert (close["ended_by"], close["bytes_in"]) == ("eof", 3)
 
 
+def test_a_peer_that_closed_but_never_read_our_stream_is_an_idle_timeout() -> None:
+    # The other side of the test above: stdin (/dev/zero) always has bytes for the peer, which
+    # closed its side and reads nothing. Our upload stalled: idle-timeout, not eof (a review
+    # found the first fix saying eof here).
+    with open("/dev/zero", "rb") as zero:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "netprobe", "listen", "--port", "0", "--idle-timeout",
+             "500ms", "--json"],
+            stdin=zero, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
+        )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        port = json.loads(proc.stderr.readline())["port"]
+        with socket.create_connection(("127.0.0.1", port), timeout=LONG) as client:
+            client.shutdown(socket.SHUT_WR)
+            assert proc.wait(timeout=LONG) == 0
+        events = [json.loads(line) for line in proc.stderr.read().splitlines()]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(LONG)
+        if proc.stderr is not None:
+            proc.stderr.close()
+    (close,) = [e for e in events if e["event"] == "close"]
+    assert close["ended_by"] == "idle-timeout"
+    assert close["bytes_out"] > 0
+
+
 def test_udp_datagrams_both_ways(spawn: type[Listen]) -> None:
     listener = spawn(["--udp", "--idle-timeout", "1500ms"])
     assert listener.announce.endswith("/udp\n")

@@ -214,9 +214,10 @@ def _serve(
     finally:
         conn.close()
     ended = "max-bytes" if result.ended_by == "stopped" else result.ended_by
-    if ended == "idle-timeout" and result.peer_eof:
+    if ended == "idle-timeout" and result.peer_eof and not result.output_pending:
         # The peer had closed; only our stdin, open and silent, kept the connection until the
-        # idle timeout. The peer's side ended as it should: that is what the report says.
+        # idle timeout. The peer's side ended as it should: that is what the report says. (With
+        # our bytes stuck unsent, a peer that stopped reading, idle-timeout is the truth.)
         ended = "eof"
     report(ended, result.errno_name)
     return ended
