@@ -385,8 +385,8 @@ def test_duration_ends_the_run_and_cuts_the_running_connections(
     # Before: the deadline was looked at only before waiting for a free slot, so a third
     # connection started after the duration, and the running ones went on to --after-ms.
     result = invoke(
-        ["reset", "client", f"127.0.0.1:{recorder.port}", "--after-ms", "4s", "--count", "10",
-         "-c", "2", "--duration", "0.3s", "--json"]
+        ["reset", "client", f"127.0.0.1:{recorder.port}", "--after-ms", "6s", "--count", "10",
+         "-c", "2", "--duration", "1s", "--json"]
     )  # fmt: skip
     assert result.exit_code == 0, result.stderr
     records = _records(result.stdout)
@@ -395,7 +395,7 @@ def test_duration_ends_the_run_and_cuts_the_running_connections(
         ("duration", "open", "rst"),
         ("duration", "open", "rst"),
     ]
-    assert all(r["elapsed_s"] < 4.0 for r in conns), conns
+    assert all(r["elapsed_s"] < 6.0 for r in conns), conns
     totals = records[-1]
     assert (totals["event"], totals["connections"], totals["resets_sent"], totals["failed"]) == (
         "totals",
@@ -409,7 +409,8 @@ def test_duration_ends_the_run_and_cuts_the_running_connections(
 
 def test_duration_gives_up_a_connect_that_gets_no_answer() -> None:
     # A full accept queue drops SYNs: the connect would wait out --timeout (60 s). The run ends
-    # at --duration instead; the connect had no answer, so it is a timeout (exit 3).
+    # at --duration instead. A connect cut by the run's end is no failure of its own, but a run
+    # that made no connection at all is a timeout (exit 3).
     with _full_backlog() as port:
         result = invoke(
             ["reset", "client", f"127.0.0.1:{port}", "--timeout", "60s", "--duration", "0.3s",
@@ -420,4 +421,4 @@ def test_duration_gives_up_a_connect_that_gets_no_answer() -> None:
         (conn,) = records[:-1]
         assert (conn["ended_by"], conn["state"], conn["action"]) == ("duration", "timeout", "none")
         assert conn["elapsed_s"] < 60
-        assert (records[-1]["connections"], records[-1]["failed"]) == (1, 1)
+        assert (records[-1]["connections"], records[-1]["failed"]) == (1, 0)

@@ -438,10 +438,20 @@ def client(
     renderer = Renderer(fmt, sys.stdout, columns)
     summary = ClientSummary()
     codes = [ExitStatus.OK]
+    cut_connects = made = 0
 
     def report(result: ClientReset) -> None:
+        nonlocal cut_connects, made
         summary.add(result)
-        codes.append(exit_status_for_state(result.state))
+        if result.ended_by == "duration" and result.action == "none":
+            # A connect the run's end gave up: it says nothing of the server (on a remote
+            # target any connect in flight at that moment would fail the run), unless the
+            # run made no connection at all (judged below).
+            cut_connects += 1
+        else:
+            codes.append(exit_status_for_state(result.state))
+            # A connection there was: we reset it, or the server ended it first.
+            made += result.action == "rst" or result.ended_by.startswith("server-")
         renderer.emit({"event": "connection", **to_record(result)})
 
     import signal
@@ -486,6 +496,8 @@ def client(
             f"reset by the server first {summary.server_reset_first}, failed {summary.failed}",
             always=True,
         )
+    if cut_connects and not made:
+        codes.append(ExitStatus.TIMEOUT)  # not one connect of the run was answered in time
     raise typer.Exit(int(worst(codes)))
 
 

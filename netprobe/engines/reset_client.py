@@ -80,8 +80,8 @@ class ClientReset:
         ended_by: "client-rst", "server-fin" (it closed first), "server-rst" (it reset
             first), "send-stalled" (the server stopped reading: a send timed out, state
             "timeout"), "interrupted" (Ctrl-C) or "duration" (the run's --duration ended:
-            aborted, or a connect given up, state "timeout"), or the connect state when no
-            connection was made.
+            aborted, or a connect given up, state "timeout"; neither counts as failed), or the
+            connect state when no connection was made.
         bytes_out: bytes the client sent.
         bytes_in: bytes the server sent back before the reset.
         server_closed_first: the server closed (EOF) before the client's reset.
@@ -126,9 +126,7 @@ class ClientSummary:
             self.server_closed_first += 1
         elif result.ended_by == "server-rst":
             self.server_reset_first += 1
-        elif result.ended_by == "interrupted" or (
-            result.ended_by == "duration" and result.state is ConnectState.OPEN
-        ):
+        elif result.ended_by in ("interrupted", "duration"):
             pass  # cut short by the run's end: neither the server's doing nor a failure
         elif result.ended_by != "client-rst":
             self.failed += 1
@@ -363,7 +361,7 @@ def run_reset_client(
     def work(conn: int) -> ClientReset | None:
         active.add(conn)
         try:
-            if halt.is_set():
+            if halt.is_set() or (stop_at is not None and time.monotonic() >= stop_at):
                 return None  # Ctrl-C or the end of the run came first: it never starts
             result = _one_client(conn, target, shown, trigger, data, timeout_s, halt)
             finished[conn] = result
@@ -385,7 +383,10 @@ def run_reset_client(
                     raise KeyboardInterrupt
                 if stop is not None and stop.is_set():
                     break
-                if halt.is_set() or (stop_at is not None and time.monotonic() >= stop_at):
+                if halt.is_set():
+                    break
+                if stop_at is not None and time.monotonic() >= stop_at:
+                    halt.stop("duration")  # the running ones end now, not a poll slice later
                     break
                 if on_start is not None:
                     on_start(conn)
