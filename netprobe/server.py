@@ -496,11 +496,14 @@ class Connection(asyncio.Protocol):
             self._abort_pending = True  # outbound still connecting
             return
         sock = transport.get_extra_info("socket")
+        dropped = transport.get_write_buffer_size()
         if sock is not None and sock.family != socket.AF_UNIX:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
-        # What the transport still holds is dropped, never sent: bytes_out counts it no more.
-        self.bytes_out -= min(self.bytes_out, transport.get_write_buffer_size())
+            # The RST also throws away the kernel's queue: the bytes the peer did not take.
+            dropped += sockets.send_queue_bytes(sock) or 0
+        # What was dropped was never received: bytes_out counts it no more.
+        self.bytes_out -= min(self.bytes_out, dropped)
         transport.abort()
 
     def half_close(self) -> None:

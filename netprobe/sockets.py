@@ -693,6 +693,23 @@ class ConnectOutcome:
     cancelled: bool = False
 
 
+def send_queue_bytes(sock: socket.socket) -> int | None:
+    """Bytes in a TCP socket's kernel send queue the peer has not acknowledged (unsent plus
+    in flight): what an RST now would throw away. None where the kernel cannot say (not TCP,
+    no SIOCOUTQ)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None  # AF_UNIX answers in buffer memory, not bytes
+    try:
+        import fcntl
+        import termios
+
+        # TIOCOUTQ is SIOCOUTQ on sockets (Linux).
+        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (ImportError, AttributeError, OSError):
+        return None
+    return int.from_bytes(raw, sys.byteorder)
+
+
 def set_linger_zero(sock: socket.socket) -> None:
     """Make close() send RST instead of FIN (and leave no TIME_WAIT)."""
     # struct linger is two ints on Linux/BSD/macOS; Windows uses two u_short.

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,3 +177,28 @@ def udp_echo_thread(prefix: bytes = b"") -> Iterator[int]:
         thread.join(LONG)
         sock.close()
         assert not thread.is_alive(), "UDP echo thread did not stop"
+
+
+def stuff_then_read(port: int, *, stuffing_s: float = 0.4, quiet_s: float = 1.5) -> int:
+    """A client of 127.0.0.1:PORT that sends for `stuffing_s` without reading (so an echoing
+    server's replies pile up in the kernel queues), stays quiet for `quiet_s`, then reads until
+    EOF or reset: the byte count it received."""
+    with socket.create_connection(("127.0.0.1", port), timeout=LONG) as client:
+        client.setblocking(False)
+        chunk = b"k" * 65536
+        until = time.monotonic() + stuffing_s
+        while time.monotonic() < until:
+            try:
+                client.send(chunk)
+            except BlockingIOError:
+                time.sleep(0.02)
+            except ConnectionResetError:
+                break  # the server already reset it: what it sent is still readable
+        time.sleep(quiet_s)
+        client.setblocking(True)
+        client.settimeout(LONG)
+        received = 0
+        with contextlib.suppress(ConnectionResetError):
+            while data := client.recv(65536):
+                received += len(data)
+        return received

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import LONG, ROOT, bad_input_line, invoke, run_netprobe
+from tests.helpers import LONG, ROOT, bad_input_line, invoke, run_netprobe, stuff_then_read
 
 try:
     import uvloop  # noqa: F401
@@ -347,6 +347,19 @@ def test_udp_datagram_over_max_frame_is_dropped_and_counted() -> None:
         totals = proc.records_until("totals")[-1]
     assert (totals["datagrams_in"], totals["datagrams_out"]) == (2, 1)
     assert totals["reasons"] == {"frame-too-large": 1}
+
+
+def test_an_aborted_connection_counts_only_the_bytes_its_client_received() -> None:
+    # The client sends without reading, so the echo's replies fill the kernel queues; the idle
+    # timeout then aborts it (RST), which throws the kernel's send queue away. Before, bytes_out
+    # counted that queue too: 4 MB "sent" to a client that could read 128 KB.
+    with echo_process("--idle-timeout", "500ms") as (proc, announce):
+        received = stuff_then_read(announce["port"])
+        proc.proc.send_signal(signal.SIGTERM)
+        (close,) = [r for r in proc.records_until("totals") if r["event"] == "close"]
+    assert close["reason"] == "idle-timeout"
+    assert close["bytes_out"] == received
+    assert close["bytes_in"] > received  # it read far more than the kernel let it send back
 
 
 def test_idle_timeout_and_max_conns_from_the_cli() -> None:

@@ -18,7 +18,7 @@ from netprobe.engines.reset_client import generated_stream
 from netprobe.engines.reset_faults import Action, TriggerKind, fault_chosen
 from netprobe.errors import UsageError
 from netprobe.server import ServerConfig
-from tests.helpers import LONG, invoke
+from tests.helpers import LONG, invoke, stuff_then_read
 from tests.test_reset_helpers import (
     connect,
     options,
@@ -366,6 +366,18 @@ def test_slow_accept_delays_connects_and_count_ignores_fillers() -> None:
     # One slot, accepting 2 per second: a burst of three has SYNs dropped, and a dropped SYN
     # is retried only after about 1 s (Linux).
     assert max(times) >= 0.5
+
+
+def test_an_rst_to_a_client_that_does_not_read_counts_only_what_it_received() -> None:
+    # The echo's replies fill the kernel queues of a client that does not read; the RST at
+    # --after-bytes throws the server's send queue away. Before, bytes_out said 2,000,000 to a
+    # client that could read about 113 KB.
+    with serve(options(AFTER_BYTES, 2_000_000)) as (port, records):
+        received = stuff_then_read(port)
+        _wait_for(records)
+    assert (records[0]["action"], records[0]["fired"]) == ("rst", True)
+    assert records[0]["bytes_out"] == received
+    assert received < 2_000_000
 
 
 def _wait_for(records: list[dict[str, Any]], count: int = 1) -> None:

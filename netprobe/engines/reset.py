@@ -1,6 +1,5 @@
 """`reset serve` and `reset proxy`: handlers on the one server core that misbehave on cue.
-Does I/O (through netprobe.server and netprobe.sockets; it looks at sockets itself only for
-SIOCOUTQ).
+Does I/O (through netprobe.server and netprobe.sockets).
 
 Strategy: every connection draws its action from the run's FaultSchedule when it opens
 (plan step, seeded coin, or always), then a TriggerState counts its bytes/frames while timers
@@ -23,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import sys
 import threading
 import time
 from collections import deque
@@ -114,15 +112,7 @@ def _unsent(conn: Connection) -> int:
     sock = transport.get_extra_info("socket")
     if sock is None:
         return queued
-    try:
-        import fcntl
-        import termios
-
-        # TIOCOUTQ is SIOCOUTQ on sockets (Linux): unsent plus unacknowledged bytes.
-        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-    except (ImportError, AttributeError, OSError):
-        return queued
-    return queued + int.from_bytes(raw, sys.byteorder)
+    return queued + (sockets.send_queue_bytes(sock) or 0)
 
 
 def _abort_flushed(conn: Connection, reason: str, deadline: float | None = None) -> None:
