@@ -194,21 +194,33 @@ class _UdpEcho(DatagramHandler):
 
 
 class _DelayedUdpEcho(_UdpEcho):
+    """Each reply waits --delay in the loop's timers. What waits is bounded as a stream's
+    delay queue is (the high-water mark, 256 KiB): UDP cannot pause its sender, so a datagram
+    beyond that is dropped and counted `dropped`, as a reply the socket cannot take is."""
+
     def __init__(self, options: EchoOptions, server: Server) -> None:
         super().__init__(options)
         self.delay_s = options.delay_s
         self.server = server
+        self.waiting_bytes = 0
 
     def on_datagram(self, data: bytes, addr: Any, reply: Callable[[bytes], None]) -> str | None:
         if len(data) > self.max_frame:
             return CloseReason.FRAME_TOO_LARGE
         if self.echo:
+            if (
+                self.pending_replies
+                and self.waiting_bytes + len(data) > self.server.config.high_water
+            ):
+                return "dropped"
             self.pending_replies += 1
+            self.waiting_bytes += len(data)
             self.server.loop.call_later(self.delay_s, self._reply, reply, data)
         return None
 
     def _reply(self, reply: Callable[[bytes], None], data: bytes) -> None:
         self.pending_replies -= 1
+        self.waiting_bytes -= len(data)
         reply(data)
 
 
