@@ -6,6 +6,8 @@ import json
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ from netprobe.engines.reset_client import generated_stream
 from netprobe.engines.reset_faults import Action, TriggerKind, fault_chosen
 from netprobe.errors import UsageError
 from netprobe.server import ServerConfig
-from tests.helpers import LONG, invoke, stuff_then_read
+from tests.helpers import LONG, ROOT, invoke, stuff_then_read
 from tests.test_reset_helpers import (
     connect,
     options,
@@ -270,6 +272,40 @@ def test_sigusr1_running_totals_are_json_with_json() -> None:
         assert proc.wait(LONG) == 0
     assert (running["event"], running["kind"], running["final"]) == ("totals", "reset serve", False)
     assert (final["event"], final["final"]) == ("totals", True)
+    # The same object (before: the running one had no faulted, passed, actions or seed).
+    assert set(running) == set(final)
+    assert running["seed"] == final["seed"]
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process PID has a handler for signal SIGNUM (/proc/PID/status SigCgt)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/PID/status")
+def test_quiet_prints_nothing_even_for_sigusr1() -> None:
+    # Before: -q ("print nothing") still wrote the SIGUSR1 totals line on stderr.
+    argv = [sys.executable, "-m", "netprobe", "reset", "serve", "--port", "0", "-q"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + LONG
+        while not _catches(proc.pid, signal.SIGUSR1):  # sent earlier, it would kill the run
+            assert proc.poll() is None
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=LONG)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=LONG)
+    assert (proc.returncode, out, err) == (0, b"", b"")
 
 
 @pytest.mark.parametrize(

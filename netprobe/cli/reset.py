@@ -545,6 +545,7 @@ class _Output:
         self.json_out = json_out
         self.quiet = quiet
         self.faults: Any = None  # the run's FaultTotals, once the server exists
+        self.extra: dict[str, Any] = {}  # run facts both totals carry (seed, upstream)
 
     def _write(self, stream: Any, line: str) -> None:
         try:
@@ -585,33 +586,39 @@ class _Output:
         from netprobe.render import dump_json
 
         state = "on" if enabled else "off"
-        if self.json_out and not self.quiet:
+        if self.quiet:
+            return  # -q prints nothing; the toggle itself still happens
+        if self.json_out:
             self._write(sys.stdout, dump_json({"event": "faults", "enabled": enabled}))
         self._write(sys.stderr, f"netprobe: {self.command}: faults {state}")
+
+    def _totals_record(self, summary: Any, *, final: bool) -> dict[str, Any]:
+        # One object for SIGUSR1's running totals and the final ones: the same fields in both.
+        record = {"event": "totals", "kind": self.command, **summary.to_record()}
+        if self.faults is not None:
+            record = self.faults.clients_only(record)
+            record.update(self.faults.to_record())
+        record.update(self.extra)
+        record["final"] = final
+        return record
 
     def running(self, summary: Any) -> None:
         from netprobe.render import dump_json
 
-        record = summary.to_record()
-        if self.faults is not None:
-            record = self.faults.clients_only(record)
-        if self.json_out and not self.quiet:
-            # As echo's: the same object as the final totals, marked as running.
-            running = {"event": "totals", "kind": self.command, **record, "final": False}
-            self._write(sys.stdout, dump_json(running))
+        if self.quiet:
+            return
+        record = self._totals_record(summary, final=False)
+        if self.json_out:
+            self._write(sys.stdout, dump_json(record))  # as echo's, marked as running
             return
         self._write(sys.stderr, f"netprobe: {self.command}: {self._totals_text(record)}")
 
-    def totals(self, summary: Any, faults: Any, extra: dict[str, Any]) -> None:
+    def totals(self, summary: Any) -> None:
         from netprobe.render import dump_json
 
-        record = {"event": "totals", "kind": self.command, **summary.to_record()}
-        record = faults.clients_only(record)
-        record.update(faults.to_record())
-        record.update(extra)
-        record["final"] = True
         if self.quiet:
             return
+        record = self._totals_record(summary, final=True)
         if self.json_out:
             self._write(sys.stdout, dump_json(record))
         else:
@@ -778,6 +785,7 @@ def serve(
         trigger=trigger, schedule=schedule, slow_rate=rate, mode=serve_mode, send_bytes=send_bytes
     )
     out = _Output("reset serve", json_out, quiet)
+    out.extra = {"seed": schedule.seed}
     server, faults, control = make_serve(
         config, options, on_record=out.record, on_ready=out.ready, on_totals=out.running
     )
@@ -790,7 +798,7 @@ def serve(
         summary = server.run()
     finally:
         control.release()
-    out.totals(summary, faults, {"seed": schedule.seed})
+    out.totals(summary)
 
 
 @app.command()
@@ -1009,10 +1017,12 @@ def proxy(
         splice=not no_splice,
     )
     out = _Output("reset proxy", json_out, quiet)
+    out.extra = {"seed": schedule.seed, "upstream": upstream}
     server, faults, _control = make_proxy(
         config, options, on_record=out.record, on_ready=out.ready, on_toggle=out.toggled
     )
+    out.faults = faults
     with naming_host(listen_host, "--listen"):
         server.listen()
     summary = server.run()
-    out.totals(summary, faults, {"seed": schedule.seed, "upstream": upstream})
+    out.totals(summary)
