@@ -434,3 +434,31 @@ def test_socket_owners_root_without_cap_sys_ptrace_warns() -> None:
 )
 def test_owners_remedy_names_the_limit(uid: int, userns: bool, ptrace: bool, says: str) -> None:
     assert says in doctor._owners_remedy(uid, userns=userns, ptrace=ptrace)
+
+
+_QUEUE_CHECKS_OFFLINE = """
+from netprobe.engines.doctor import _listeners, _queue_view
+for verdict, figure, hint in (_queue_view(), _listeners()):
+    print(verdict.value, "|", figure, "|", hint)
+"""
+
+
+def test_queue_checks_fail_when_no_connect_reaches_our_own_listener() -> None:
+    # In a network namespace of the test's own with loopback down, every connect fails
+    # (ENETUNREACH). Before, queue-view and listeners compared the queue with the connects
+    # that succeeded, 0 == 0, and passed without testing anything.
+    unshare = shutil.which("unshare")
+    probe = [unshare or "unshare", "-rn", "true"]
+    if unshare is None or subprocess.run(probe, capture_output=True, check=False).returncode:
+        pytest.skip("no unprivileged network namespaces here")
+    result = subprocess.run(
+        [unshare, "-rn", sys.executable, "-c", _QUEUE_CHECKS_OFFLINE],
+        capture_output=True, text=True, timeout=20, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(" | ") for line in result.stdout.splitlines()]
+    assert [(verdict, figure) for verdict, figure, _hint in rows] == [
+        ("fail", "0/2 connected"),
+        ("fail", "0/3 connected"),
+    ]
+    assert all("only 0 of" in hint and "ENETUNREACH" in hint for _v, _f, hint in rows)

@@ -515,26 +515,44 @@ def _socket_owners() -> Outcome:
     return Verdict.WARN, figure, "; ".join(notes)
 
 
+def _queue_up(port: int, count: int) -> tuple[list[Any], str | None]:
+    """`count` connections to our own 127.0.0.1:PORT listener, left in its accept queue; and
+    why not all of them connected (None when they did). A check that compared the queue with
+    the connections it got would pass on 0 == 0 when loopback is down."""
+    from netprobe import sockets
+
+    target = sockets.resolve("127.0.0.1", port)[0]
+    clients: list[Any] = []
+    why: str | None = None
+    for _ in range(count):
+        outcome = sockets.connect_nonblocking(
+            target, deadline=time.monotonic() + _STEP_S, keep=True
+        )
+        if outcome.sock is not None:
+            clients.append(outcome.sock)
+        else:
+            why = f"{outcome.state}" + (f" {outcome.errno_name}" if outcome.errno_name else "")
+    if why is not None:
+        why = f"only {len(clients)} of {count} connects to our own listener succeeded ({why})"
+    return clients, why
+
+
 def _queue_view() -> Outcome:
     """The kernel's accept-queue view (inet_diag) that backlog and listeners rely on."""
     from netprobe import kernel, sockets
 
     listener = sockets.open_listener("127.0.0.1", 0, backlog=8)
-    clients = []
+    clients: list[Any] = []
     try:
         port = int(listener.getsockname()[1])
-        target = sockets.resolve("127.0.0.1", port)[0]
-        for _ in range(2):
-            outcome = sockets.connect_nonblocking(
-                target, deadline=time.monotonic() + _STEP_S, keep=True
-            )
-            if outcome.sock is not None:
-                clients.append(outcome.sock)
+        clients, why = _queue_up(port, 2)
         row = kernel.find_listener(port, "127.0.0.1")
     finally:
         for client in clients:
             client.close()
         listener.close()
+    if why is not None:
+        return Verdict.FAIL, f"{len(clients)}/2 connected", why
     if row is None:
         return Verdict.FAIL, "not found", "our own listener is missing from the kernel's view"
     figure = f"queue {row.queue}/{row.limit if row.limit is not None else '?'} via {row.source}"
@@ -822,21 +840,17 @@ def _listeners() -> Outcome:
     from netprobe.engines.listeners import list_listeners
 
     listener = sockets.open_listener("127.0.0.1", 0, backlog=8)
-    clients = []
+    clients: list[Any] = []
     try:
         port = int(listener.getsockname()[1])
-        target = sockets.resolve("127.0.0.1", port)[0]
-        for _ in range(3):
-            outcome = sockets.connect_nonblocking(
-                target, deadline=time.monotonic() + _STEP_S, keep=True
-            )
-            if outcome.sock is not None:
-                clients.append(outcome.sock)
+        clients, why = _queue_up(port, 3)
         rows = list_listeners(port=port, udp=False, unix=False)
     finally:
         for client in clients:
             client.close()
         listener.close()
+    if why is not None:
+        return Verdict.FAIL, f"{len(clients)}/3 connected", why
     mine = [r for r in rows if r.address == "127.0.0.1" and r.port == port]
     if not mine:
         return Verdict.FAIL, "not listed", f"our listener 127.0.0.1:{port} is missing"
