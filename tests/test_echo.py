@@ -597,6 +597,23 @@ def test_accept_rate_must_be_a_finite_rate(value: str, why: str) -> None:
     assert why in line
 
 
+@pytest.mark.parametrize(
+    ("host", "allow"),
+    [("127.0.0.1", ["::1/128"]), ("::1", ["127.0.0.0/8", "127.1.0.0/16"])],
+)
+def test_allow_without_a_block_of_the_servers_family_is_refused(
+    host: str, allow: list[str]
+) -> None:
+    # Before: the server started and refused every client (a v4 server sees only v4 peers,
+    # a v6 one, bound v6-only, only v6 peers). --duration bounds that run on the old code.
+    argv = ["echo", "--host", host, "--port", "0", "--duration", "0.2"]
+    for block in allow:
+        argv += ["--allow", block]
+    line = bad_input_line(argv)
+    assert "every client would be refused" in line
+    assert f"serves only IPv{6 if ':' in host else 4} peers" in line
+
+
 def test_pause_accept_with_an_accept_rate_is_refused() -> None:
     # Before: accepted, and the rate silently meant nothing (a paused server never accepts).
     line = bad_input_line(

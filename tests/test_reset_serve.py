@@ -561,6 +561,10 @@ def test_hang_does_not_read_while_the_client_stays() -> None:
         ),
         (["--seed", "3", "--duration", "0.2"], "--seed 3 chooses the connections of --probability"),
         (["--plan", "rst,ok", "--seed", "3", "--duration", "0.2"], "--seed 3 chooses"),
+        (
+            ["--after-bytes-out", "10", "--mode", "discard", "--duration", "0.2"],
+            "--mode discard sends none: the fault would never fire",
+        ),
     ],
 )
 def test_bad_input_names_the_option(argv: list[str], words: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -158,7 +159,7 @@ def echo(
     """
     from netprobe.engines.echo import EchoOptions, make_server
     from netprobe.framing import DEFAULT_MAX_FRAME
-    from netprobe.server import ServerConfig, parse_allow
+    from netprobe.server import ServerConfig
 
     _check_range("--port", port, 0, 65535)
     _check_range("--max-conns", max_conns, 1)
@@ -221,7 +222,7 @@ def echo(
         max_bytes=max_bytes,
         accept_rate=accept_rate,
         pause_accept=pause_accept,
-        allow=parse_allow(allow or ()),
+        allow=_allow_for(host, allow or ()),
         count=1 if once else count,
         duration_s=run_for,
         workers=workers,
@@ -249,6 +250,28 @@ def echo(
     finally:
         _remove_ready_file(ready_file)  # nobody listens any more
     out.final_totals(summary)
+
+
+def _allow_for(host: str, specs: Sequence[str]) -> tuple[Any, ...]:
+    """--allow blocks; refused when none is of the family the server listens on (an IPv4
+    --host serves only IPv4 peers, an IPv6 one only IPv6: it binds v6-only), since every
+    client would then be turned away."""
+    import ipaddress
+
+    from netprobe.server import parse_allow
+
+    networks = parse_allow(specs)
+    try:
+        version = ipaddress.ip_address(host).version
+    except ValueError:
+        return networks  # a name: its family is known only once it resolves
+    if networks and all(net.version != version for net in networks):
+        blocks = " ".join(specs)
+        raise UsageError(
+            f"--allow {blocks}: no IPv{version} block, and --host {host} serves only IPv{version} "
+            "peers: every client would be refused"
+        )
+    return networks
 
 
 def _check_ready_file(text: str) -> Path:

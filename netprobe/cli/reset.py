@@ -724,7 +724,13 @@ def serve(
     trigger, action, whether it fired and when, bytes each way. Totals at exit (SIGINT/SIGTERM,
     --count, --duration); SIGUSR1 prints running totals.
     """
-    from netprobe.engines.reset import SERVE_TRIGGERS, ResetOptions, make_serve, parse_mode
+    from netprobe.engines.reset import (
+        SERVE_TRIGGERS,
+        ResetOptions,
+        ServeMode,
+        make_serve,
+        parse_mode,
+    )
     from netprobe.render import choose_format
     from netprobe.server import ServerConfig
 
@@ -747,6 +753,11 @@ def serve(
     )
     trigger = _default_trigger(trigger, action, plan, probability)
     serve_mode, send_bytes = parse_mode(mode)
+    if after_bytes_out is not None and serve_mode is ServeMode.DISCARD:
+        raise UsageError(
+            f"--after-bytes-out {after_bytes_out} counts bytes sent, and --mode discard sends "
+            "none: the fault would never fire"
+        )
     if slow_accept and no_accept:
         raise UsageError("--slow-accept and --no-accept exclude each other")
     if (slow_accept or no_accept) and unix is not None:
