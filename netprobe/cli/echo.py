@@ -32,7 +32,10 @@ __all__ = ["echo"]
 
 def echo(
     host: Annotated[
-        str, typer.Option("--host", help="Address to bind (0.0.0.0 or :: for all interfaces).")
+        str,
+        typer.Option(
+            "--host", help="Address to bind (0.0.0.0: all IPv4 interfaces; ::, all IPv6 ones)."
+        ),
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", help="Port (0 picks a free one).")] = 7007,
     udp: Annotated[bool, typer.Option("--udp", help="Echo UDP datagrams.")] = False,
