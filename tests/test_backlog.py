@@ -278,6 +278,15 @@ def test_gate_failure_exits_1_and_names_the_gate() -> None:
     assert (quiet.stdout, quiet.stderr) == (b"", "")
 
 
+def test_a_gate_on_a_metric_the_run_did_not_measure_fails(closed_port: int) -> None:
+    # Every connect is refused: no latency was measured. Before: "passed (measured -)", exit 0,
+    # so a CI gate on p99 passed a run that never connected.
+    argv = ["backlog", f"127.0.0.1:{closed_port}", "-n", "5", "--timeout", "500ms"]
+    result = invoke([*argv, "--fail-if", "p99>1s"])
+    assert result.exit_code == 1, result.stderr
+    assert "gate failed: p99>1s (not measured in this run: the gate cannot pass)" in result.stderr
+
+
 def test_target_of_the_other_family_than_asked_is_bad_input() -> None:
     result = invoke(["backlog", "-4", "[::1]:80", "-n", "2"])
     assert result.exit_code == 2

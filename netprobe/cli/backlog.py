@@ -236,7 +236,7 @@ def backlog(
     out.flush()
     for gate in summary.record["gates"] if not quiet else ():
         if gate["failed"]:
-            error_line("backlog", f"gate failed: {gate['gate']} (measured {_measured(gate)})")
+            error_line("backlog", f"gate failed: {gate['gate']} ({_measured(gate)})")
     if summary.failed_gates:
         raise typer.Exit(1)
 
@@ -257,8 +257,10 @@ def _num(value: Any) -> str:
 
 
 def _measured(gate: dict[str, Any]) -> str:
-    unit = f" {gate['unit']}" if gate["unit"] and gate["value"] is not None else ""
-    return _num(gate["value"]) + unit
+    if gate["value"] is None:
+        return "not measured in this run: the gate cannot pass"
+    unit = f" {gate['unit']}" if gate["unit"] else ""
+    return "measured " + _num(gate["value"]) + unit
 
 
 def _lab_text(cfg: Any) -> str:
@@ -361,7 +363,7 @@ def _report(out: TextIO, summary: "BacklogSummary", *, charts: bool) -> None:
         _timeline(out, summary.timeline)
     for gate in rec["gates"]:
         state = "FAILED" if gate["failed"] else "passed"
-        w(f"gate {gate['gate']}: {state} (measured {_measured(gate)})\n")
+        w(f"gate {gate['gate']}: {state} ({_measured(gate)})\n")
 
 
 def _histogram(out: TextIO, hist: "LatencyHistogram") -> None:

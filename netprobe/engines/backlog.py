@@ -293,9 +293,11 @@ class Gate:
         return None if value is None else float(value)
 
     def failed(self, summary: dict[str, Any]) -> bool:
-        """True when the condition holds (a metric that was not measured never fails)."""
+        """True when the condition holds, or when the run did not measure the metric (no
+        server view off this host, no latency without a connection): a gate that cannot be
+        checked must not pass a CI run."""
         value = self.value_in(summary)
-        return value is not None and _OPS[self.op](value, self.threshold)
+        return value is None or _OPS[self.op](value, self.threshold)
 
 
 def parse_gate(text: str) -> Gate:
