@@ -278,6 +278,28 @@ def test_gate_failure_exits_1_and_names_the_gate() -> None:
     assert (quiet.stdout, quiet.stderr) == (b"", "")
 
 
+@linux
+@pytest.mark.parametrize(("count", "fits"), [(8, True), (30, False)])
+def test_the_prediction_for_a_listener_that_never_accepts_counts_every_connect(
+    count: int, fits: bool
+) -> None:
+    # Closed connections stay in the accept queue until accepted: -c 5 does not bound it.
+    # Before: "expect no overflow: at most 5 connects at once" for 30, then 19 timed out.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(10)  # holds 11
+    try:
+        port = listener.getsockname()[1]
+        argv = ["backlog", f"127.0.0.1:{port}", "-n", str(count), "-c", "5", "--timeout", "300ms"]
+        result = invoke([*argv, "--json"])
+    finally:
+        listener.close()
+    assert result.exit_code == 0, result.stderr
+    prediction = _summary(result.stdout)["prediction"]
+    assert prediction["text"].startswith("expect no overflow") is fits, prediction
+    assert prediction["held"] is (True if fits else None), prediction
+
+
 def test_a_gate_on_a_metric_the_run_did_not_measure_fails(closed_port: int) -> None:
     # Every connect is refused: no latency was measured. Before: "passed (measured -)", exit 0,
     # so a CI gate on p99 passed a run that never connected.

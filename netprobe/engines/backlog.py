@@ -993,7 +993,7 @@ def _run(
     limits_rec["nofile_soft"], limits_rec["nofile_hard"] = soft_now, hard_now
     limits_rec["nofile_raised_from"] = nofile.raised_from
     limits_rec["nofile_effective"] = soft_now  # the soft limit in force for this run
-    prediction = _predict(cfg, connections, concurrency, limits, server, lab)
+    prediction = _predict(cfg, connections, limits, server, lab)
     yield Preflight(prediction["text"], target, limits_rec, caps)
 
     counters_before = kernel.read_counters() if on_host else {}
@@ -1331,7 +1331,6 @@ def _queue_capacity(limit: int | None) -> int | None:
 def _predict(
     cfg: BacklogConfig,
     connections: int,
-    concurrency: int,
     limits: kernel.HostLimits,
     server: _ServerView | None,
     lab: _LabListener | None,
@@ -1389,16 +1388,20 @@ def _predict(
             "capacity": None,
             "expect_established": None,
         }
-    if concurrency <= qcap - (server.queue_now or 0):
+    # Not `concurrency`: a connection stays in the accept queue until the server accepts it,
+    # even after the client closed it, so only the run's total bounds what can pile up.
+    if connections <= qcap - (server.queue_now or 0):
         text = (
-            f"expect no overflow: at most {concurrency} connects at once and the listener's "
-            f"queue holds {qcap} (Send-Q {server.limit} + 1, {server.queue_now or 0} queued now)"
+            f"expect no overflow: {connections} connects in all and the listener's queue holds "
+            f"{qcap} (Send-Q {server.limit} + 1, {server.queue_now or 0} queued now), even if "
+            "it never accepts"
         )
         return {"text": text, "kind": "fits", "capacity": qcap, "expect_established": None}
     text = (
-        f"the listener's queue holds {qcap} (Send-Q {server.limit} + 1); expect SYN drops "
-        f"(ListenOverflows) only if it accepts slower than connects arrive "
-        f"(tcp_abort_on_overflow={abort})"
+        f"the listener's queue holds {qcap} (Send-Q {server.limit} + 1) and this run makes "
+        f"{connections} connects; expect SYN drops (ListenOverflows) if it accepts slower than "
+        "they arrive (a connection stays queued until accepted, even once the client closed "
+        f"it; tcp_abort_on_overflow={abort})"
     )
     return {"text": text, "kind": "depends", "capacity": qcap, "expect_established": None}
 
