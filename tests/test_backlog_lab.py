@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
 from typing import Any
 
 import pytest
 
 from netprobe import kernel
-from tests.helpers import invoke
+from tests.helpers import ROOT, invoke
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux queue rules")
 
@@ -152,3 +154,31 @@ def test_paced_prediction_holds_when_the_listener_keeps_up() -> None:
     assert summary["server"]["accept_queue_max"] <= 65
     assert summary["prediction"]["held"] is True
     assert "at most 65 expected" in summary["prediction"]["detail"]
+
+
+_SMALL_PORT_RANGE = """
+echo "40000 40015" > /proc/sys/net/ipv4/ip_local_port_range || exit 99
+ip link set lo up 2>/dev/null || exit 99
+exec "$@"
+"""
+
+
+def test_the_port_range_cap_leaves_out_the_lab_listeners_own_port() -> None:
+    # In a network namespace of the test's own, with 16 ephemeral ports: the lab listener's
+    # port 0 takes one of them. Before, the cap said 16, the 16th connect failed EADDRNOTAVAIL
+    # and an `errors>0` gate failed the run; now the cap is 15 and every connect gets a port.
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare")
+    argv = ["backlog", "--lab", "--backlog", "100", "-n", "16", "--hold", "300ms", "--json"]
+    result = subprocess.run(
+        [unshare, "-rn", "sh", "-c", _SMALL_PORT_RANGE, "sh",
+         sys.executable, "-m", "netprobe", *argv, "--fail-if", "errors>0"],
+        capture_output=True, timeout=60, cwd=ROOT, check=False,
+    )  # fmt: skip
+    if result.returncode == 99 or b"unshare:" in result.stderr:
+        pytest.skip("no private network namespace with a writable port range here")
+    assert result.returncode == 0, result.stderr.decode()
+    summary = json.loads(result.stdout.decode().splitlines()[-1])
+    assert (summary["established"], summary["errors"]) == (16, 0)
+    assert any("less the lab listener's own port" in cap for cap in summary["limits_hit"])

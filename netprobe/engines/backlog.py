@@ -971,15 +971,22 @@ def _run(
             concurrency = per_process
     ports = limits.ports_per_source
     n_sources = max(1, len(cfg.sources))
-    if ports is not None and concurrency > ports * n_sources:
-        assert limits.port_range is not None
+    if ports is not None and limits.port_range is not None:
         low, high = limits.port_range
-        caps.append(
-            f"ip_local_port_range {low}-{high} gives {ports} ports per source address: "
-            f"{n_sources} source(s) cap concurrency at {ports * n_sources} (asked {concurrency}); "
-            "add --source addresses"
-        )
-        concurrency = ports * n_sources
+        usable = ports * n_sources
+        # The lab listener bound port 0, which takes one port of the same range from the
+        # address it shares with the connects (SOCKETS.md section 6).
+        ours = lab is not None and low <= lab.port <= high
+        if ours and lab is not None and (not cfg.sources or lab.host in cfg.sources):
+            usable -= 1
+        if concurrency > usable:
+            own = f", less the lab listener's own port {lab.port}" if ours and lab else ""
+            caps.append(
+                f"ip_local_port_range {low}-{high} gives {ports} ports per source address{own}: "
+                f"{n_sources} source(s) cap concurrency at {usable} (asked {concurrency}); "
+                "add --source addresses"
+            )
+            concurrency = usable
 
     server: _ServerView | None = None
     pid: int | None = None
