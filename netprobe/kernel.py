@@ -8,6 +8,7 @@ result so callers can say "not available" instead of guessing (SOCKETS.md §2).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import math
 import os
@@ -38,6 +39,7 @@ __all__ = [
     "read_counters",
     "read_id_map",
     "read_sysctl",
+    "reuseport_group",
     "runnable_tasks",
     "socket_owners",
     "syn_recv_count",
@@ -319,6 +321,8 @@ class ListenerQueue:
         inode: socket inode (ties the row to a process's fd).
         source: "inet_diag" or "proc" (the fallback, which lacks limit and drops).
         v6only: an IPv6 socket that takes no IPv4 (IPV6_V6ONLY); None for IPv4 and via /proc.
+        members: the SO_REUSEPORT sockets this row stands for (find_listener sums a group:
+            queue, drops, and a limit whose + 1 is the group's room, each socket's Send-Q + 1).
     """
 
     family: int
@@ -331,6 +335,7 @@ class ListenerQueue:
     inode: int
     source: str
     v6only: bool | None = None
+    members: int = 1
 
 
 def _diag_dump(family: int, states: int, ext: int, sport: int = 0) -> list[tuple[Any, ...]]:
@@ -531,11 +536,33 @@ def _reached_listener(listeners: Iterable[ListenerQueue], address: str) -> Liste
 
 
 def find_listener(port: int, address: str | None = None) -> ListenerQueue | None:
-    """The listener a connect to address:port would reach (exact address, else a wildcard)."""
+    """The listener a connect to address:port would reach (exact address, else a wildcard).
+
+    SO_REUSEPORT sockets on that address share its connects (the kernel spreads them over the
+    group), so a group comes back as one row of their sums, `members` saying how many.
+    """
     rows = tcp_listeners(port)
-    if address is not None:
-        return _reached_listener(rows, address)
-    return rows[0] if rows else None
+    row = _reached_listener(rows, address) if address is not None else (rows[0] if rows else None)
+    return None if row is None else reuseport_group(row, rows)
+
+
+def reuseport_group(row: ListenerQueue, rows: Sequence[ListenerQueue]) -> ListenerQueue:
+    """ROW, summed over the sockets of `rows` bound to the same address and port (an
+    SO_REUSEPORT group); ROW itself when it is alone."""
+    key = (row.family, row.address, row.port, row.v6only)
+    group = [r for r in rows if (r.family, r.address, r.port, r.v6only) == key]
+    if len(group) < 2:
+        return row
+    limits = [r.limit for r in group]
+    drops = [r.drops for r in group]
+    return dataclasses.replace(
+        row,
+        queue=sum(r.queue for r in group),
+        # Each socket holds its Send-Q + 1: the group holds the sum, i.e. this limit + 1.
+        limit=None if None in limits else sum(x for x in limits if x is not None) + len(group) - 1,
+        drops=None if None in drops else sum(x for x in drops if x is not None),
+        members=len(group),
+    )
 
 
 def _syn_recv_of(

@@ -123,6 +123,36 @@ def test_find_listener_falls_back_to_the_wildcard() -> None:
 
 
 @linux
+def test_find_listener_sums_an_so_reuseport_group() -> None:
+    # The kernel spreads connects over the group: one member's queue is not the listener's.
+    # Before: the first member alone (queue 3 of a possible 3) while 13 clients got in.
+    group = []
+    try:
+        for backlog in (4, 4, 2):
+            sock = socket.socket()
+            group.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(("127.0.0.1", group[0].getsockname()[1] if len(group) > 1 else 0))
+            sock.listen(backlog)
+        port = group[0].getsockname()[1]
+        # 3: whichever members the kernel picks, none overflows (the smallest holds 3).
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=LONG) for _ in range(3)]
+        try:
+            row = kernel.find_listener(port, "127.0.0.1")
+        finally:
+            for client in clients:
+                client.close()
+    finally:
+        for sock in group:
+            sock.close()
+    assert row is not None
+    assert (row.members, row.queue) == (3, 3)  # every queued connection, wherever it landed
+    if row.source == "inet_diag":
+        assert row.limit == 4 + 4 + 2 + 2  # so that limit + 1 = (4+1) + (4+1) + (2+1)
+        assert row.drops == 0
+
+
+@linux
 @pytest.mark.skipif(not HAS_IPV6, reason="no IPv6 loopback")
 def test_find_listener_knows_mapped_and_v6only_sockets() -> None:
     # An IPv6 socket bound to ::ffff:127.0.0.1 is what an IPv4 client on 127.0.0.1 reaches,

@@ -321,6 +321,9 @@ def _report(out: TextIO, summary: "BacklogSummary", *, charts: bool) -> None:
         if not server["listening"]:
             w(f"server: {server['address']}: no listener on this host\n")
         else:
+            members = server.get("reuseport_members") or 1
+            if members > 1:
+                owner += f", {members} SO_REUSEPORT listeners, figures summed"
             w(
                 f"server: {server['address']} {owner}  backlog limit (Send-Q) "
                 f"{_num(server['backlog_limit'])}  accept queue peak {_num(server['accept_queue_max'])}"

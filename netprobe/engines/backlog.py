@@ -600,6 +600,7 @@ class _ServerView:
     source: str | None = None
     seen: bool = False
     syn_sampled_at: float = -math.inf
+    members: int = 1  # SO_REUSEPORT sockets summed in the figures (kernel.find_listener)
 
     def sample(self, tick_max: dict[str, int]) -> None:
         row = kernel.find_listener(self.port, self.address)
@@ -608,6 +609,7 @@ class _ServerView:
             return
         self.seen = True
         self.limit = row.limit
+        self.members = max(self.members, row.members)
         self.queue_now = row.queue
         self.queue_max = max(self.queue_max, row.queue)
         self.inode, self.uid, self.source = row.inode, row.uid, row.source
@@ -1397,15 +1399,20 @@ def _predict(
         }
     # Not `concurrency`: a connection stays in the accept queue until the server accepts it,
     # even after the client closed it, so only the run's total bounds what can pile up.
-    if connections <= qcap - (server.queue_now or 0):
+    room = (
+        f"{server.members} SO_REUSEPORT listeners, each Send-Q + 1"
+        if server.members > 1
+        else f"Send-Q {server.limit} + 1"
+    )
+    # A group spreads connects by hash: one member may fill while the sum still has room.
+    if server.members == 1 and connections <= qcap - (server.queue_now or 0):
         text = (
             f"expect no overflow: {connections} connects in all and the listener's queue holds "
-            f"{qcap} (Send-Q {server.limit} + 1, {server.queue_now or 0} queued now), even if "
-            "it never accepts"
+            f"{qcap} ({room}, {server.queue_now or 0} queued now), even if it never accepts"
         )
         return {"text": text, "kind": "fits", "capacity": qcap, "expect_established": None}
     text = (
-        f"the listener's queue holds {qcap} (Send-Q {server.limit} + 1) and this run makes "
+        f"the listener's queue holds {qcap} ({room}) and this run makes "
         f"{connections} connects; expect SYN drops (ListenOverflows) if it accepts slower than "
         "they arrive (a connection stays queued until accepted, even once the client closed "
         f"it; tcp_abort_on_overflow={abort})"
@@ -1509,8 +1516,18 @@ def _interpret(
     server = rec.get("server")
     if server:
         limit, peak = server["backlog_limit"], server["accept_queue_max"]
+        members = server.get("reuseport_members") or 1
+        if members > 1:
+            lines.append(
+                f"{members} SO_REUSEPORT listeners share this address: the kernel spreads the "
+                "connects over them, and the queue, limit and drop figures are their sums (the "
+                "limit + 1 is the room of all of them, each Send-Q + 1); one member can be full "
+                "while others have room."
+            )
         if limit is not None and peak == limit + 1:
-            if cfg.lab:
+            if members > 1:
+                why = f"the {members} listeners' Send-Q + 1 each"
+            elif cfg.lab:
                 why = f"min(backlog {cfg.backlog}, somaxconn {limits.somaxconn}) + 1"
             else:
                 why = f"Send-Q {limit} + 1"
@@ -1672,6 +1689,7 @@ def _summary_record(
             "process": process,
             "accepted": lab.accepted if lab is not None else None,
             "queue_source": server.source,
+            "reuseport_members": server.members,
             # ListenOverflows/ListenDrops count dropped packets (a retransmitted SYN counts
             # again), not clients; the TcpExt ones are system-wide (SOCKETS.md 1.5).
             "drop_counters_unit": "packets, not clients; TcpExt counters are system-wide",
