@@ -582,6 +582,22 @@ def test_rate_holds_across_latency_rounds(closed_port: int) -> None:
     assert took >= 1.0  # probes at 0, 0.5 and 1.0 s at the least
 
 
+def test_rate_holds_across_retries() -> None:
+    # A silent UDP port: every attempt times out and is retried. Before, each retry pass
+    # started at once, 50 ms (the timeout) after the last: 3 attempts in 0.1 s at --rate 2.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        target = f"127.0.0.1:{silent.getsockname()[1]}"
+        argv = ["port-check", "--udp", target, "--timeout", "50ms", "--retries", "2"]
+        started = time.monotonic()
+        result = invoke([*argv, "--rate", "2", "--json"])
+        took = time.monotonic() - started
+    assert result.exit_code == 3, result.stderr
+    (row,) = _json_lines(result.stdout)
+    assert (row["state"], row["attempts"]) == ("open|filtered", 3)
+    assert took >= 1.0  # attempts at 0, 0.5 and 1.0 s at the least
+
+
 def test_rate_holds_across_wait_rounds(closed_port: int) -> None:
     # At --rate 0.5 one port may be tried every 2 s: within a 3 s deadline that is two rounds
     # (at 0 and 2 s), not the seven the doubling pause alone would make (50 ms, 100 ms, ...).

@@ -751,6 +751,7 @@ def _one_pass(
         for attempt in range(1, config.retries + 2):
             last = attempt == config.retries + 1
             silent = []
+            started = time.monotonic()
             for key, state, errno_name, elapsed in _probe(
                 hosts,
                 keys,
@@ -776,6 +777,13 @@ def _one_pass(
                 yield result
             if not silent:
                 return
+            if config.rate:
+                # --rate holds across passes: the pass started its attempts 1/rate apart, and
+                # a retry must not follow its pass's last one sooner (a new connector pass
+                # would start at once).
+                rest = started + len(keys) / config.rate - time.monotonic()
+                if rest > 0:
+                    time.sleep(rest)
             keys = sorted(silent)
     finally:
         if count_refused:
