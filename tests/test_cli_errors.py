@@ -449,3 +449,16 @@ def test_error_line_shows_escaped_bytes_as_xnn(monkeypatch: pytest.MonkeyPatch) 
         r"netprobe: send: '\\udcff' '\\\\udcff' '\\\xff'",
         "netprobe: send: caf\u00e9 '\\ud800'",
     ]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("fmt", [[], ["--json"]])
+def test_a_full_disk_behind_stdout_is_a_local_error(closed_port: int, fmt: list[str]) -> None:
+    # Before: exit 70, "internal error: OSError: [Errno 28] No space left on device".
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "netprobe", "port-check", f"127.0.0.1:{closed_port}", *fmt],
+            stdout=full, stderr=subprocess.PIPE, timeout=LONG * 2, cwd=ROOT, check=False,
+        )  # fmt: skip
+    assert proc.returncode == 6, proc.stderr
+    assert proc.stderr == b"netprobe: port-check: cannot write: ENOSPC: No space left on device\n"

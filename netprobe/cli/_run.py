@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import sys
@@ -86,6 +87,11 @@ def _click_message(exc: Any) -> str:
     return message
 
 
+# Local storage failures: writing stdout (or any file) to a full disk, over quota, or to a
+# failing device.
+_LOCAL_IO_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG})
+
+
 def silence_stdout() -> None:
     """After stdout was closed by its reader: what is still buffered for it, and anything
     written later, goes to /dev/null, so the exit does not fail on it again."""
@@ -152,6 +158,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exit_status_for_error(exc)
     except BrokenPipeError:
         return _output_closed()
+    except OSError as exc:
+        if exc.errno not in _LOCAL_IO_ERRNOS:
+            if debug:
+                _traceback()
+            error_line(
+                command,
+                f"internal error: {type(exc).__name__}: {exc} (--debug shows the traceback)",
+            )
+            return ExitStatus.INTERNAL
+        # A full disk (or quota) behind stdout, `> /dev/full`: this host's refusal, as a
+        # --transcript that cannot be written is, not a bug. What is still buffered for
+        # stdout goes to /dev/null, so the exit does not fail on it again.
+        if debug:
+            _traceback()
+        silence_stdout()
+        name = errno.errorcode.get(exc.errno or 0, "EIO")
+        error_line(command, f"cannot write: {name}: {exc.strerror}")
+        return ExitStatus.LOCAL
     except SystemExit as exc:
         # Typer turns an EPIPE that escapes a command into sys.exit(1), after wrapping the
         # standard streams in click's PacifyFlushWrapper: that pair is a closed stdout.
