@@ -481,6 +481,9 @@ def test_transcript(start: Callable[..., ServerThread], tmp_path: Path) -> None:
         (["127.0.0.1:9", "x", "--interval", "1s"], "--interval paces --repeat runs"),
         (["127.0.0.1:9", "x", "--expect-bytes", "0"], "--expect-bytes 0"),
         (["127.0.0.1:9", "x", "--until", ""], "--until"),
+        # Before: accepted, and matched before the first byte (the read ended at once).
+        (["127.0.0.1:9", "x", "--until-regex", ""], "matches an empty reply"),
+        (["127.0.0.1:9", "x", "--until-regex", "a*"], "matches an empty reply"),
         (["127.0.0.1:9", "x", "--hexdump", "--json"], "--hexdump"),
         (["127.0.0.1:9", "x", "--repeat", "0"], "--repeat"),
         (["unix:/tmp/x.sock", "x", "--udp"], "--udp"),

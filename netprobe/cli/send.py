@@ -348,6 +348,12 @@ def send(
             pattern = re.compile(until_regex.encode("utf-8", "surrogateescape"))
         except re.error as exc:
             raise UsageError(f"--until-regex {until_regex!r} is not a valid regex: {exc}") from None
+        if pattern.search(b"") is not None:
+            # As --until '': it would match before the first byte and end the read at once.
+            raise UsageError(
+                f"--until-regex {until_regex!r} matches an empty reply, so it would stop "
+                "before any byte: give a pattern that needs at least one"
+            )
     if max_frame < 1:
         raise UsageError(f"--max-frame {max_frame}: must be at least 1 byte")
     if expect_bytes is not None and expect_bytes < 1:
