@@ -307,7 +307,10 @@ class HexDumper:
         return "".join(lines).encode("ascii")
 
     def finish(self) -> bytes:
-        """The last partial row, then the total length as the final offset line."""
+        """The last partial row, then the total length as the final offset line (nothing at
+        all for an empty reply, as `hexdump -C` prints nothing for empty input)."""
+        if not self._offset and not self._partial:
+            return b""
         out = ""
         if self._partial:
             out = self._line(self._offset, bytes(self._partial))
