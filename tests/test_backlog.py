@@ -300,6 +300,31 @@ def test_the_prediction_for_a_listener_that_never_accepts_counts_every_connect(
     assert prediction["held"] is (True if fits else None), prediction
 
 
+@linux
+def test_a_queue_above_its_room_is_read_as_such() -> None:
+    # listen(5) with 6 queued, then listen(2): the kernel keeps the 6, above the new room of 3.
+    # Before: "peaked at 6 of a possible 3 ...: it was never seen full", which contradicts itself.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    port = listener.getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=LONG) for _ in range(6)]
+    try:
+        listener.listen(2)
+        argv = ["backlog", f"127.0.0.1:{port}", "-n", "1", "--timeout", "300ms", "--json"]
+        result = invoke(argv)
+    finally:
+        for client in clients:
+            client.close()
+        listener.close()
+    assert result.exit_code == 0, result.stderr
+    summary = _summary(result.stdout)
+    assert (summary["server"]["accept_queue_max"], summary["server"]["backlog_limit"]) == (6, 2)
+    text = " ".join(summary["interpretation"])
+    assert "Accept queue peaked at 6, above its room of 3 (Send-Q 2 + 1)" in text
+    assert "never seen full" not in text
+
+
 def test_a_gate_on_a_metric_the_run_did_not_measure_fails(closed_port: int) -> None:
     # Every connect is refused: no latency was measured. Before: "passed (measured -)", exit 0,
     # so a CI gate on p99 passed a run that never connected.

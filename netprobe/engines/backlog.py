@@ -1532,6 +1532,15 @@ def _interpret(
             else:
                 why = f"Send-Q {limit} + 1"
             lines.append(f"Accept queue full at {peak} = {why} (kernel's Recv-Q peak).")
+        elif limit is not None and peak is not None and peak > limit + 1:
+            # The room test and the queueing are not one step (two handshakes completing at
+            # once can both pass it), and a listen() that lowered the backlog keeps what was
+            # already queued: either way the kernel's own peak is the figure.
+            lines.append(
+                f"Accept queue peaked at {peak}, above its room of {limit + 1} (Send-Q {limit} "
+                "+ 1): handshakes that completed at once on two CPUs, or a backlog lowered "
+                "by a later listen() while connections were queued."
+            )
         elif peak is not None:
             seen = "it was never seen full"
             if server["listener_drops_delta"]:
