@@ -480,3 +480,35 @@ def test_paced_drops_below_the_sampled_peak_mean_a_missed_full_queue() -> None:
     assert held is True
     assert "dropped 4 packets" in detail
     assert "full at times the sampling did not catch" in detail
+
+
+# --- reading the syncookie counters ---------------------------------------------------------
+
+
+@linux
+def test_cookie_connections_to_a_listener_of_this_host_are_read_as_possible_ghosts() -> None:
+    # A cookie's final ACK that meets a full accept queue is dropped, and that client counts
+    # itself connected. Before, only --lab (which knows what it accepted) said so; a listener
+    # of someone else's on this host got "200 of 200 established" with SyncookiesRecv +191.
+    from netprobe import kernel
+    from netprobe.engines.backlog import BacklogConfig, _interpret
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    try:
+        port = listener.getsockname()[1]
+        result = invoke(["backlog", f"127.0.0.1:{port}", "-n", "4", "--json"])
+    finally:
+        listener.close()
+    assert result.exit_code == 0, result.stderr
+    record = _summary(result.stdout)
+    cfg = BacklogConfig(host="127.0.0.1", port=port)
+    record["counters"] = {**(record["counters"] or {}), "TcpExt.SyncookiesRecv": 3}
+    text = " ".join(_interpret(record, cfg, kernel.host_limits()))
+    assert (
+        "Up to 3 of the 4 connections counted established completed on a SYN cookie "
+        "(SyncookiesRecv +3, system-wide)"
+    ) in text
+    record["counters"]["TcpExt.SyncookiesRecv"] = 0
+    assert "SYN cookie" not in " ".join(_interpret(record, cfg, kernel.host_limits()))

@@ -1563,9 +1563,20 @@ def _interpret(
             )
         if (drops or overflows) and rec["timed_out"]:
             lines.append(f"{rec['timed_out']} clients timed out while SYNs were being dropped.")
-        cookies = (rec.get("counters") or {}).get("TcpExt.SyncookiesSent")
+        counters = rec.get("counters") or {}
+        cookies = counters.get("TcpExt.SyncookiesSent")
         if cookies:
             lines.append(f"SYN cookies sent: +{cookies} (system-wide).")
+        answered = counters.get("TcpExt.SyncookiesRecv")
+        if answered and server.get("accepted") is None and rec["established"]:
+            # The lab counts its ghosts below; a listener of someone else's cannot be asked.
+            lines.append(
+                f"Up to {min(answered, rec['established'])} of the {rec['established']} "
+                f"connections counted established completed on a SYN cookie (SyncookiesRecv "
+                f"+{answered}, system-wide) while the queue was full: a cookie's final ACK that "
+                "meets a full accept queue is dropped, and the client, which counts itself "
+                "connected, is not queued (a ghost until it sends)."
+            )
         if server["syn_recv_max"]:
             lines.append(
                 f"Up to {server['syn_recv_max']} request sockets sat in SYN-RECV: connections "
