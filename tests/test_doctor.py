@@ -80,6 +80,10 @@ def test_doctor_json_every_self_test_passes_and_every_host_fact_is_there() -> No
     assert by_group == {"host": HOST_FACTS, "selftest": SELF_TESTS}
     not_passed = [r for r in rows if r["group"] == "selftest" and r["verdict"] != "pass"]
     assert not_passed == []
+    # B is the kernel's (somaxconn may clamp listen()'s argument): the hint says which it was.
+    (lab,) = [r for r in rows if r["check"] == "backlog-lab"]
+    assert "queued B+1 = " in lab["hint"], lab
+    assert "(B = " in lab["hint"], lab
     # A host fact may warn (e.g. not root: other users' sockets are hidden), never fail here.
     assert [r for r in rows if r["verdict"] == "fail"] == []
     assert summary["ok"] is True
