@@ -569,6 +569,21 @@ def test_rate_must_be_a_finite_pace_of_at_least_min_rate(closed_port: int, rate:
     assert "--rate" in err
 
 
+def test_a_closed_probe_has_the_latency_of_its_rst(closed_port: int) -> None:
+    # An RST is an answer: a check gives its time, and so does a latency probe now (before:
+    # null, though the README says null only when no answer came). The summary's min/avg/...
+    # stay those of completed handshakes: none here.
+    argv = ["port-check", f"127.0.0.1:{closed_port}", "-c", "2", "--interval", "0", "--json"]
+    rows = _json_lines(invoke(argv).stdout)
+    probes = [r for r in rows if r["kind"] == "port-check.probe"]
+    assert [p["state"] for p in probes] == ["closed", "closed"]
+    assert all(isinstance(p["latency_ms"], float) for p in probes), probes
+    (summary,) = [r for r in rows if r["kind"] == "port-check.latency"]
+    assert (summary["received"], summary["min_ms"]) == (0, None)
+    check = _json_lines(invoke(["port-check", f"127.0.0.1:{closed_port}", "--json"]).stdout)
+    assert isinstance(check[0]["latency_ms"], float)
+
+
 def test_rate_holds_across_latency_rounds(closed_port: int) -> None:
     # Three rounds of one probe at --rate 2 cannot take less than a second: each round's
     # limiter is new, so the pace between rounds is kept by the round loop.

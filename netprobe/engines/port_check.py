@@ -225,6 +225,12 @@ def expectation_met(state: PortState, expect: Expect) -> bool:
     return state in _NOT_OPEN
 
 
+def answered(state: PortState) -> bool:
+    """Whether a verdict of this state came from an answer (a handshake, an RST, an ICMP
+    error), so its time is a latency: not a timeout, and not a local error."""
+    return state not in (PortState.FILTERED, PortState.OPEN_FILTERED, PortState.ERROR)
+
+
 def status_for(state: PortState, errno_name: str | None, ok: bool) -> ExitStatus:
     """The exit status one check stands for (OK when its expectation held)."""
     if ok:
@@ -512,11 +518,7 @@ def _result(
     if host.family == AF_UNIX:
         proto, port = "unix", None
     latency = None
-    if elapsed_s is not None and state not in (
-        PortState.FILTERED,
-        PortState.OPEN_FILTERED,
-        PortState.ERROR,
-    ):
+    if elapsed_s is not None and answered(state):
         latency = round(elapsed_s * 1000.0, 3)
     return PortCheckResult(
         host.target,

@@ -25,6 +25,7 @@ from netprobe.engines.port_check import (
     _probe,
     _result,
     _unresolved,
+    answered,
     build_hosts,
     expectation_met,
     plan_concurrency,
@@ -201,9 +202,10 @@ def run_latency(
         ):
             mapped = states[state]
             host = hosts[key >> 16]
-            latency = None
+            # As a check's latency_ms: an RST is an answer too. The summary's figures stay
+            # those of completed handshakes.
+            latency = round(elapsed * 1000.0, 3) if answered(mapped) else None
             if mapped is PortState.OPEN:
-                latency = round(elapsed * 1000.0, 3)
                 samples[key].append(elapsed * 1000.0)
                 last[key] = (mapped, errno_name)  # EAGAIN: open, its accept queue full
             elif last.get(key, (None,))[0] is not PortState.OPEN:
