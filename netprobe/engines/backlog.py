@@ -975,14 +975,12 @@ def _run(
     n_sources = max(1, len(cfg.sources))
     if ports is not None and limits.port_range is not None:
         low, high = limits.port_range
-        usable = ports * n_sources
-        # The lab listener bound port 0, which takes one port of the same range from the
-        # address it shares with the connects (SOCKETS.md section 6).
+        # The lab listener bound port 0, which takes one port of the same range: connect()
+        # skips a port any socket has bound, whatever its address, so from every source.
         ours = lab is not None and low <= lab.port <= high
-        if ours and lab is not None and (not cfg.sources or lab.host in cfg.sources):
-            usable -= 1
+        usable = (ports - 1 if ours else ports) * n_sources
         if concurrency > usable:
-            own = f", less the lab listener's own port {lab.port}" if ours and lab else ""
+            own = f" (less the lab listener's own port {lab.port})" if ours and lab else ""
             caps.append(
                 f"ip_local_port_range {low}-{high} gives {ports} ports per source address{own}: "
                 f"{n_sources} source(s) cap concurrency at {usable} (asked {concurrency}); "
