@@ -693,10 +693,15 @@ class ConnectOutcome:
     cancelled: bool = False
 
 
+# TCP states (tcpi_state) in which our FIN is sent and not yet acknowledged: SIOCOUTQ counts
+# it as one more byte (write_seq - snd_una).
+_FIN_UNACKED_STATES = frozenset({4, 9, 11})  # FIN_WAIT1, LAST_ACK, CLOSING
+
+
 def send_queue_bytes(sock: socket.socket) -> int | None:
-    """Bytes in a TCP socket's kernel send queue the peer has not acknowledged (unsent plus
-    in flight): what an RST now would throw away. None where the kernel cannot say (not TCP,
-    no SIOCOUTQ)."""
+    """Data bytes in a TCP socket's kernel send queue the peer has not acknowledged (unsent
+    plus in flight): what an RST now would throw away. None where the kernel cannot say (not
+    TCP, no SIOCOUTQ)."""
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return None  # AF_UNIX answers in buffer memory, not bytes
     try:
@@ -707,7 +712,13 @@ def send_queue_bytes(sock: socket.socket) -> int | None:
         raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
     except (ImportError, AttributeError, OSError):
         return None
-    return int.from_bytes(raw, sys.byteorder)
+    queued = int.from_bytes(raw, sys.byteorder)
+    if queued:
+        with contextlib.suppress(OSError, AttributeError):
+            # A FIN still unacknowledged is counted as a byte: it is no data of ours.
+            if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] in _FIN_UNACKED_STATES:
+                queued -= 1
+    return queued
 
 
 def set_linger_zero(sock: socket.socket) -> None:
@@ -1248,8 +1259,9 @@ class PumpResult:
         input_done_at: monotonic time the input ended and was fully sent (None: it did not).
         peer_eof: the peer's FIN was seen.
         errno_name: errno name for "reset" and "error".
-        output_pending: at the end, input read (or a file being sent) was still waiting for
-            the peer to take it: a stalled upload rather than an input with nothing to say.
+        output_pending: at the end, input read (or a file being sent, or bytes in the kernel's
+            send queue) was still waiting for the peer to take it: a stalled upload rather
+            than an input with nothing to say.
     """
 
     ended_by: str = "eof"
@@ -1331,7 +1343,13 @@ def pump_duplex(
         result.ended_by = how
         if exc is not None:
             result.errno_name = errno_name(exc.errno)
-        result.output_pending = bool(pending) or (sendfile_fd is not None and input_open)
+        # Ours still waiting: in the pump's hands, in the file being sent, or taken by the
+        # kernel but not acknowledged by the peer (a peer that stopped reading).
+        result.output_pending = (
+            bool(pending)
+            or (sendfile_fd is not None and input_open)
+            or bool(send_queue_bytes(sock))
+        )
         return result
 
     def finish_input() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -10,9 +11,11 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -245,7 +248,7 @@ def test_unix_socket(spawn: type[Listen], tmp_path: Path) -> None:
 def test_a_peer_that_closed_while_stdin_stays_open_is_reported_eof(spawn: type[Listen]) -> None:
     # Before: `ended: idle-timeout`, though the peer had sent its EOF; only listen's own stdin
     # (open, silent) kept the connection until the idle timeout.
-    listener = spawn(["--port", "0", "--idle-timeout", "300ms", "--json"])
+    listener = spawn(["--port", "0", "--idle-timeout", "1500ms", "--json"])
     with socket.create_connection(("127.0.0.1", listener.port), timeout=LONG) as client:
         client.sendall(b"bye")
         client.shutdown(socket.SHUT_WR)
@@ -257,17 +260,33 @@ def test_a_peer_that_closed_while_stdin_stays_open_is_reported_eof(spawn: type[L
     assert (close["ended_by"], close["bytes_in"]) == ("eof", 3)
 
 
-def test_a_peer_that_closed_but_never_read_our_stream_is_an_idle_timeout() -> None:
-    # The other side of the test above: stdin (/dev/zero) always has bytes for the peer, which
-    # closed its side and reads nothing. Our upload stalled: idle-timeout, not eof (a review
-    # found the first fix saying eof here).
-    with open("/dev/zero", "rb") as zero:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "netprobe", "listen", "--port", "0", "--idle-timeout",
-             "500ms", "--json"],
-            stdin=zero, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
-        )  # fmt: skip
+@pytest.mark.parametrize("source", ["endless", "3 MB then silence"])
+def test_a_peer_that_closed_but_never_read_our_stream_is_an_idle_timeout(source: str) -> None:
+    # The other side of the test above: the peer closed its side and reads nothing, while our
+    # stdin had bytes for it. Our upload stalled: idle-timeout, not eof. Endless (/dev/zero):
+    # the pump always holds unsent input (a review found the first fix saying eof here). 3 MB
+    # then an open, silent stdin: the kernel may take it all into its send queue, unread by
+    # the peer (a second review found eof there too).
+    stdin: Any = subprocess.PIPE
+    zero = open("/dev/zero", "rb") if source == "endless" else None  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "netprobe", "listen", "--port", "0", "--idle-timeout",
+         "1500ms", "--json"],
+        stdin=zero or stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    writer = None
     try:
+        if zero is None:
+            assert proc.stdin is not None
+            feed = proc.stdin
+
+            def write_then_stay() -> None:
+                with contextlib.suppress(BrokenPipeError):
+                    feed.write(b"z" * 3_000_000)
+                    feed.flush()  # and the pipe stays open: stdin goes silent, not at EOF
+
+            writer = threading.Thread(target=write_then_stay, daemon=True)
+            writer.start()
         assert proc.stderr is not None
         port = json.loads(proc.stderr.readline())["port"]
         with socket.create_connection(("127.0.0.1", port), timeout=LONG) as client:
@@ -278,8 +297,12 @@ def test_a_peer_that_closed_but_never_read_our_stream_is_an_idle_timeout() -> No
         if proc.poll() is None:
             proc.kill()
         proc.wait(LONG)
-        if proc.stderr is not None:
-            proc.stderr.close()
+        if writer is not None:
+            writer.join(LONG)
+        for stream in (proc.stdin, proc.stderr, zero):
+            if stream is not None:
+                with contextlib.suppress(BrokenPipeError):
+                    stream.close()
     (close,) = [e for e in events if e["event"] == "close"]
     assert close["ended_by"] == "idle-timeout"
     assert close["bytes_out"] > 0

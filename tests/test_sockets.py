@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -232,3 +233,30 @@ def test_errno_name_knows_getaddrinfo_codes() -> None:
     # must read as EAI_*, not "E-3".
     assert errno_name(socket.EAI_AGAIN) == "EAI_AGAIN"
     assert errno_name(socket.EAI_NONAME) == "EAI_NONAME"
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="Linux TCP_INFO")
+def test_send_queue_bytes_counts_data_and_not_our_fin() -> None:
+    # SIOCOUTQ is write_seq - snd_una: a FIN sent and not yet acknowledged adds one. Before,
+    # an abort after a half-close counted that as a dropped byte: bytes_out one short.
+    from netprobe.sockets import send_queue_bytes
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        with socket.create_connection(listener.getsockname(), timeout=LONG) as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            server, _ = listener.accept()
+            with server:
+                server.setblocking(False)
+                sent = 0
+                with contextlib.suppress(BlockingIOError):
+                    while True:  # until the kernel holds what the client does not read
+                        sent += server.send(b"x" * 65536)
+                before = send_queue_bytes(server)
+                assert before is not None
+                assert 0 < before <= sent
+                server.shutdown(socket.SHUT_WR)  # the FIN waits behind the unread data
+                assert send_queue_bytes(server) == before
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix:
+        assert send_queue_bytes(unix) is None  # AF_UNIX counts buffer memory, not bytes
