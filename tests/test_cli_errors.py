@@ -461,4 +461,6 @@ def test_a_full_disk_behind_stdout_is_a_local_error(closed_port: int, fmt: list[
             stdout=full, stderr=subprocess.PIPE, timeout=LONG * 2, cwd=ROOT, check=False,
         )  # fmt: skip
     assert proc.returncode == 6, proc.stderr
-    assert proc.stderr == b"netprobe: port-check: cannot write: ENOSPC: No space left on device\n"
+    assert proc.stderr == (
+        b"netprobe: port-check: local I/O error: ENOSPC: No space left on device\n"
+    )

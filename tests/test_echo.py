@@ -442,18 +442,22 @@ def test_udp_sigterm_counts_delayed_replies_it_did_not_send() -> None:
     assert totals["reasons"] == {"dropped": 1}
 
 
-def test_udp_delay_holds_at_most_256_kib_of_replies() -> None:
+@pytest.mark.parametrize(("size", "sent"), [(8000, 50), (0, 1400)])
+def test_udp_delay_holds_at_most_256_kib_of_replies(size: int, sent: int) -> None:
     # Before: every datagram waited its --delay in memory, so a flood grew the server without
     # bound (72 MB of 60 KB datagrams against --delay 8s: +72 MB RSS). Now what waits stays
-    # within the high-water mark, 256 KiB: 32 datagrams of 8,000 bytes; the rest is dropped.
-    size, sent = 8000, 40
+    # within the high-water mark, 256 KiB, each reply counted with its overhead (so empty
+    # datagrams, a review found, cannot pile up either); the rest is dropped.
+    from netprobe.engines.echo import DELAYED_REPLY_OVERHEAD
+
+    pace = 0.01 if size else 0.0005  # the server reads each long before its buffer fills
     with (
         echo_process("--udp", "--delay", "60s") as (proc, announce),
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
     ):
         for _ in range(sent):
             client.sendto(b"d" * size, (announce["host"], announce["port"]))
-            time.sleep(0.005)  # the server reads each before its socket buffer could fill
+            time.sleep(pace)
         running: dict[str, Any] = {}
         for _ in range(100):  # until the server has read them all (its running totals say)
             proc.proc.send_signal(signal.SIGUSR1)
@@ -463,7 +467,7 @@ def test_udp_delay_holds_at_most_256_kib_of_replies() -> None:
         proc.proc.send_signal(signal.SIGTERM)
         assert proc.wait() == 0
         totals = proc.records_until("totals")[-1]
-    waiting = 256 * 1024 // size  # 32
+    waiting = 256 * 1024 // (size + DELAYED_REPLY_OVERHEAD)  # 31 of 8,000 B, 1,024 empty
     assert running["datagrams_in"] > waiting
     assert running["reasons"] == {"dropped": running["datagrams_in"] - waiting}
     # The stop drops the 32 that still waited: nothing was sent, everything is accounted for.

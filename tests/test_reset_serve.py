@@ -407,13 +407,15 @@ def test_slow_accept_delays_connects_and_count_ignores_fillers() -> None:
 def test_an_rst_to_a_client_that_does_not_read_counts_only_what_it_received() -> None:
     # The echo's replies fill the kernel queues of a client that does not read; the RST at
     # --after-bytes throws the server's send queue away. Before, bytes_out said 2,000,000 to a
-    # client that could read about 113 KB.
-    with serve(options(AFTER_BYTES, 2_000_000)) as (port, records):
+    # client that could read about 113 KB. 250 KB: reached before back-pressure stops the
+    # server reading on any kernel (the client's receive buffer and our 256 KiB mark alone
+    # hold more), and still more than the client can take unread.
+    with serve(options(AFTER_BYTES, 250_000)) as (port, records):
         received = stuff_then_read(port)
         _wait_for(records)
     assert (records[0]["action"], records[0]["fired"]) == ("rst", True)
     assert records[0]["bytes_out"] == received
-    assert received < 2_000_000
+    assert received < 250_000
 
 
 def _wait_for(records: list[dict[str, Any]], count: int = 1) -> None:
@@ -529,6 +531,16 @@ def test_hang_does_not_read_while_the_client_stays() -> None:
 
 
 # --- sweep fixes: every bad-input line names the option it is about -------------------------
+
+
+def test_after_zero_bytes_out_in_discard_mode_is_taken() -> None:
+    # 0 acts at once, before any byte: it fires in discard mode too (a review found the
+    # refusal of `--after-bytes-out N --mode discard` catching 0 as well).
+    result = invoke(
+        ["reset", "serve", "--port", "0", "--after-bytes-out", "0", "--mode", "discard",
+         "--duration", "0.2", "-q"]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
 
 
 @pytest.mark.parametrize(

@@ -87,8 +87,8 @@ def _click_message(exc: Any) -> str:
     return message
 
 
-# Local storage failures: writing stdout (or any file) to a full disk, over quota, or to a
-# failing device.
+# Local I/O failures: a full disk or quota behind stdout (or any file), a failing device, a
+# terminal that hung up.
 _LOCAL_IO_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG})
 
 
@@ -167,14 +167,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"internal error: {type(exc).__name__}: {exc} (--debug shows the traceback)",
             )
             return ExitStatus.INTERNAL
-        # A full disk (or quota) behind stdout, `> /dev/full`: this host's refusal, as a
-        # --transcript that cannot be written is, not a bug. What is still buffered for
-        # stdout goes to /dev/null, so the exit does not fail on it again.
+        # A full disk (or quota) behind stdout (`> /dev/full`), a failing device, a hung-up
+        # terminal: this host's failure, as a --transcript that cannot be written is, not a
+        # bug. Where it came from is not known here (stdout, stdin, a --file), so the line
+        # names the error only. What is still buffered for stdout goes to /dev/null, so the
+        # exit does not fail on it again.
         if debug:
             _traceback()
         silence_stdout()
         name = errno.errorcode.get(exc.errno or 0, "EIO")
-        error_line(command, f"cannot write: {name}: {exc.strerror}")
+        error_line(command, f"local I/O error: {name}: {exc.strerror}")
         return ExitStatus.LOCAL
     except SystemExit as exc:
         # Typer turns an EPIPE that escapes a command into sys.exit(1), after wrapping the

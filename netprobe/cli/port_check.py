@@ -68,7 +68,8 @@ def _read_targets_file(path: str) -> list["TargetSpec"]:
         try:
             specs.extend(parse_targets([text]))
         except UsageError as exc:  # the file and line, so the bad entry can be found
-            hint = " (one target per line)" if len(text.split()) > 1 else ""
+            blanks = len(text.split()) > 1 and "expectation" not in str(exc)
+            hint = " (one target per line)" if blanks else ""
             raise UsageError(f"--targets-file {path!r} line {number}: {exc}{hint}") from None
     return specs
 

@@ -753,7 +753,8 @@ def serve(
     )
     trigger = _default_trigger(trigger, action, plan, probability)
     serve_mode, send_bytes = parse_mode(mode)
-    if after_bytes_out is not None and serve_mode is ServeMode.DISCARD:
+    # 0 acts at once (before any byte), so only a positive count can never be reached.
+    if _size_opt(after_bytes_out, "--after-bytes-out") and serve_mode is ServeMode.DISCARD:
         raise UsageError(
             f"--after-bytes-out {after_bytes_out} counts bytes sent, and --mode discard sends "
             "none: the fault would never fire"

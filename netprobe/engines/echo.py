@@ -25,7 +25,7 @@ from netprobe.server import (
     default_loop_factory,
 )
 
-__all__ = ["EchoOptions", "handler_factory", "make_server", "serve_echo"]
+__all__ = ["DELAYED_REPLY_OVERHEAD", "EchoOptions", "handler_factory", "make_server", "serve_echo"]
 
 MODES = ("echo", "discard")
 
@@ -193,6 +193,11 @@ class _UdpEcho(DatagramHandler):
         return None
 
 
+# What one waiting reply costs besides its payload (the timer handle, its arguments, the
+# bytes object's header), counted so that empty datagrams cannot pile up without bound.
+DELAYED_REPLY_OVERHEAD = 256
+
+
 class _DelayedUdpEcho(_UdpEcho):
     """Each reply waits --delay in the loop's timers. What waits is bounded as a stream's
     delay queue is (the high-water mark, 256 KiB): UDP cannot pause its sender, so a datagram
@@ -208,19 +213,17 @@ class _DelayedUdpEcho(_UdpEcho):
         if len(data) > self.max_frame:
             return CloseReason.FRAME_TOO_LARGE
         if self.echo:
-            if (
-                self.pending_replies
-                and self.waiting_bytes + len(data) > self.server.config.high_water
-            ):
+            cost = len(data) + DELAYED_REPLY_OVERHEAD
+            if self.pending_replies and self.waiting_bytes + cost > self.server.config.high_water:
                 return "dropped"
             self.pending_replies += 1
-            self.waiting_bytes += len(data)
+            self.waiting_bytes += cost
             self.server.loop.call_later(self.delay_s, self._reply, reply, data)
         return None
 
     def _reply(self, reply: Callable[[bytes], None], data: bytes) -> None:
         self.pending_replies -= 1
-        self.waiting_bytes -= len(data)
+        self.waiting_bytes -= len(data) + DELAYED_REPLY_OVERHEAD
         reply(data)
 
 
