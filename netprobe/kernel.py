@@ -323,6 +323,8 @@ class ListenerQueue:
         v6only: an IPv6 socket that takes no IPv4 (IPV6_V6ONLY); None for IPv4 and via /proc.
         members: the SO_REUSEPORT sockets this row stands for (find_listener sums a group:
             queue, drops, and a limit whose + 1 is the group's room, each socket's Send-Q + 1).
+        ifindex: the interface the socket is bound to (SO_BINDTODEVICE, a VRF), 0 for none;
+            None via /proc.
     """
 
     family: int
@@ -336,6 +338,7 @@ class ListenerQueue:
     source: str
     v6only: bool | None = None
     members: int = 1
+    ifindex: int | None = None
 
 
 def _diag_dump(family: int, states: int, ext: int, sport: int = 0) -> list[tuple[Any, ...]]:
@@ -426,6 +429,7 @@ def _listeners_via_diag(port: int | None) -> list[ListenerQueue]:
                     inode=fields[14],
                     source="inet_diag",
                     v6only=v6only if version == 6 else None,
+                    ifindex=fields[8],
                 )
             )
     return out
@@ -547,10 +551,18 @@ def find_listener(port: int, address: str | None = None) -> ListenerQueue | None
 
 
 def reuseport_group(row: ListenerQueue, rows: Sequence[ListenerQueue]) -> ListenerQueue:
-    """ROW, summed over the sockets of `rows` bound to the same address and port (an
-    SO_REUSEPORT group); ROW itself when it is alone."""
-    key = (row.family, row.address, row.port, row.v6only)
-    group = [r for r in rows if (r.family, r.address, r.port, r.v6only) == key]
+    """ROW, summed over the sockets of `rows` bound to the same address, port, v6only flag and
+    device (an SO_REUSEPORT group); ROW itself when it is alone, or when the rows come from
+    /proc, which shows neither the flag nor the device (sockets bound to different devices
+    share an address and port without being a group)."""
+    if row.source != "inet_diag":
+        return row
+    key = (row.family, row.address, row.port, row.v6only, row.ifindex)
+    group = [
+        r
+        for r in rows
+        if r.source == "inet_diag" and (r.family, r.address, r.port, r.v6only, r.ifindex) == key
+    ]
     if len(group) < 2:
         return row
     limits = [r.limit for r in group]

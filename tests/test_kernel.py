@@ -146,10 +146,27 @@ def test_find_listener_sums_an_so_reuseport_group() -> None:
         for sock in group:
             sock.close()
     assert row is not None
+    if row.source != "inet_diag":
+        assert row.members == 1  # /proc shows no device or v6only flag: no grouping
+        return
     assert (row.members, row.queue) == (3, 3)  # every queued connection, wherever it landed
-    if row.source == "inet_diag":
-        assert row.limit == 4 + 4 + 2 + 2  # so that limit + 1 = (4+1) + (4+1) + (2+1)
-        assert row.drops == 0
+    assert row.limit == 4 + 4 + 2 + 2  # so that limit + 1 = (4+1) + (4+1) + (2+1)
+    assert row.drops == 0
+
+
+def test_a_group_is_one_address_port_flag_and_device_seen_by_inet_diag() -> None:
+    def row(
+        address: str = "127.0.0.1", ifindex: int | None = 0, source: str = "inet_diag"
+    ) -> kernel.ListenerQueue:
+        return kernel.ListenerQueue(4, address, 80, 1, 4, 0, 0, 0, source, None, ifindex=ifindex)
+
+    plain, other_device, other_address = row(), row(ifindex=2), row(address="127.0.0.2")
+    alone = kernel.reuseport_group(plain, [plain, other_device, other_address])
+    assert (alone.members, alone.queue) == (1, 1)  # bound to different devices: no group
+    twin = row()
+    assert kernel.reuseport_group(plain, [plain, twin, other_device]).members == 2
+    proc = row(ifindex=None, source="proc")
+    assert kernel.reuseport_group(proc, [proc, row(ifindex=None, source="proc")]).members == 1
 
 
 @linux
