@@ -43,6 +43,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_SRC = ROOT / "scripts" / "bench_echo_client.c"
+# The pauses that let CPU and RSS figures settle (a forked child reaped, a probe connection
+# gone) scale with this: --smoke checks correctness only, and shortens them.
+SETTLE = 1.0
 CEILING_SRC = ROOT / "scripts" / "bench_echo_ceiling.c"
 MIB = 1024 * 1024
 
@@ -115,7 +118,7 @@ def tree_cpu(pid: int) -> float:
     """User+system CPU seconds of the server and its children (socat/ncat fork per client)."""
     import psutil
 
-    time.sleep(0.1)  # a forked child that just finished is reaped (and counted) by then
+    time.sleep(0.1 * SETTLE)  # a forked child that just finished is reaped (and counted) by then
 
     total = 0.0
     for proc in process_tree(pid):
@@ -260,7 +263,7 @@ def running(spec: ServerSpec) -> Iterator[tuple[int, int]]:
     )
     try:
         wait_port(port, proc)
-        time.sleep(0.2)  # let the probe connection's child (forking servers) go away
+        time.sleep(0.2 * SETTLE)  # let the probe connection's child (forking servers) go away
         yield port, proc.pid
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -352,7 +355,7 @@ def measure_round(
 
 def measure_idle(client: Path, port: int, pid: int, conns: int, fig: Figures) -> None:
     # Give forking servers time to reap the children of earlier rounds.
-    time.sleep(0.5)
+    time.sleep(0.5 * SETTLE)
     before = tree_rss(pid)
     proc = subprocess.Popen(
         [str(client), "idle", "127.0.0.1", str(port), str(conns)],
@@ -367,7 +370,7 @@ def measure_idle(client: Path, port: int, pid: int, conns: int, fig: Figures) ->
         if not line.startswith("ready"):
             err = proc.stderr.read() if proc.stderr else ""
             raise BenchError(f"idle client did not get ready: {line!r} {err.strip()}")
-        time.sleep(0.5)
+        time.sleep(0.5 * SETTLE)
         held = tree_rss(pid)
     finally:
         if proc.stdin is not None:
@@ -570,6 +573,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="also print all figures as JSON")
     args = parser.parse_args(argv)
     if args.smoke:
+        global SETTLE
+        SETTLE = 0.2
         args.rounds = 1
         args.bulk = 8 * MIB
         args.seconds = 0.15

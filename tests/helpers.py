@@ -179,7 +179,7 @@ def udp_echo_thread(prefix: bytes = b"") -> Iterator[int]:
         assert not thread.is_alive(), "UDP echo thread did not stop"
 
 
-def stuff_then_read(port: int, *, stuffing_s: float = 0.4, quiet_s: float = 1.5) -> int:
+def stuff_then_read(port: int, *, stuffing_s: float = 0.4, quiet_s: float = 1.0) -> int:
     """A client of 127.0.0.1:PORT that sends for `stuffing_s` without reading (so an echoing
     server's replies pile up in the kernel queues), stays quiet for `quiet_s`, then reads until
     EOF or reset: the byte count it received."""

@@ -248,7 +248,7 @@ def test_unix_socket(spawn: type[Listen], tmp_path: Path) -> None:
 def test_a_peer_that_closed_while_stdin_stays_open_is_reported_eof(spawn: type[Listen]) -> None:
     # Before: `ended: idle-timeout`, though the peer had sent its EOF; only listen's own stdin
     # (open, silent) kept the connection until the idle timeout.
-    listener = spawn(["--port", "0", "--idle-timeout", "1500ms", "--json"])
+    listener = spawn(["--port", "0", "--idle-timeout", "1s", "--json"])
     with socket.create_connection(("127.0.0.1", listener.port), timeout=LONG) as client:
         client.sendall(b"bye")
         client.shutdown(socket.SHUT_WR)
@@ -271,7 +271,7 @@ def test_a_peer_that_closed_but_never_read_our_stream_is_an_idle_timeout(source:
     zero = open("/dev/zero", "rb") if source == "endless" else None  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "netprobe", "listen", "--port", "0", "--idle-timeout",
-         "1500ms", "--json"],
+         "1s", "--json"],
         stdin=zero or stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
     )  # fmt: skip
     writer = None
