@@ -5,7 +5,7 @@
 #
 # Times `netprobe --version`, `netprobe --help` and a one-port check (a loopback listener
 # started here) against `python -c 'import typer'` with the same .venv python: median wall time
-# of N runs each (default 15; --smoke: 3) and the ratio to the Typer floor. Then checks with
+# of N runs each (default 15; --smoke: 1) and the ratio to the Typer floor. Then checks with
 # `python -X importtime` that --help and a one-port check import neither asyncio nor psutil, and
 # prints the largest imports of each, so a dominating Typer/rich import shows up with figures.
 # Exits 1 if asyncio or psutil is imported.
@@ -16,7 +16,7 @@ source "$here/_venv.sh" ""
 runs=15
 while [ $# -gt 0 ]; do
   case "$1" in
-    --smoke) runs=3 ;;
+    --smoke) runs=1 ;;
     --runs) runs="$2"; shift ;;
     *) echo "usage: $0 [--smoke] [--runs N]" >&2; exit 2 ;;
   esac
