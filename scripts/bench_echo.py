@@ -247,7 +247,21 @@ SERVERS = {
         idle=False,
         reference=True,
     ),
+    "uvloop-min": ServerSpec(
+        "uvloop-min",
+        lambda p: [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_echo_minimal.py"),
+            str(p),
+            "uvloop",
+        ],
+        idle=False,
+        reference=True,
+    ),
 }
+# --smoke checks that the script works, not the figures: the netprobe variants that differ only
+# by a flag (--busy-poll 0, --workers 2) and the second minimal server are left out there.
+SMOKE_SERVERS = "netprobe,netprobe-asyncio,socat,ncat,c-epoll,py-epoll"
 
 
 @contextlib.contextmanager
@@ -567,11 +581,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--servers",
-        default="netprobe,netprobe-no-poll,netprobe-w2,netprobe-asyncio,socat,ncat,c-epoll,py-epoll",
+        default=None,
+        help="comma-separated (default: all; --smoke: " + SMOKE_SERVERS + ")",
     )
     parser.add_argument("--install", action="store_true", help="apt-get install missing peers")
     parser.add_argument("--json", action="store_true", help="also print all figures as JSON")
     args = parser.parse_args(argv)
+    if args.servers is None:
+        args.servers = SMOKE_SERVERS if args.smoke else ",".join(SERVERS)
     if args.smoke:
         global SETTLE
         SETTLE = 0.2

@@ -1,10 +1,12 @@
-"""Reference server for scripts/bench_echo.py: the smallest correct pure-Python epoll echo.
+"""Reference servers for scripts/bench_echo.py: the smallest correct Python echoes.
 
-No asyncio, no features (limits, records, timeouts, Unix/UDP): one process, one epoll loop,
-recv_into and send. It shows what Python itself costs on this machine, apart from any event
-loop framework, next to netprobe echo and socat. Loopback only; ends on SIGTERM/SIGINT.
+No features (limits, records, timeouts, Unix/UDP), one process. The default is a plain epoll
+loop (recv_into and send, no asyncio): what Python itself costs on this machine, apart from any
+event loop framework. `uvloop` is a one-line asyncio Protocol on uvloop (data_received writes
+the bytes back): the floor of the framework netprobe echo runs on, so the distance between it
+and netprobe is what netprobe's own code costs. Loopback only; ends on SIGTERM/SIGINT.
 
-    python3 scripts/bench_echo_minimal.py PORT
+    python3 scripts/bench_echo_minimal.py PORT [epoll|uvloop]
 """
 
 from __future__ import annotations
@@ -12,10 +14,37 @@ from __future__ import annotations
 import select
 import socket
 import sys
+from typing import cast
+
+
+def serve_uvloop(port: int) -> int:
+    import asyncio
+
+    import uvloop
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = cast(asyncio.Transport, transport)
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(data)
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        await loop.create_server(Echo, "127.0.0.1", port, backlog=4096)
+        await asyncio.Event().wait()
+
+    uvloop.run(serve())
+    return 0
 
 
 def main() -> int:
+    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["epoll"], ["uvloop"]):
+        print("usage: bench_echo_minimal.py PORT [epoll|uvloop]", file=sys.stderr)
+        return 2
     port = int(sys.argv[1])
+    if sys.argv[2:] == ["uvloop"]:
+        return serve_uvloop(port)
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(("127.0.0.1", port))

@@ -6,8 +6,10 @@ and says so, and still checks netprobe's own correctness (bytes echoed, open set
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,36 @@ def test_bench_smoke_mode_passes(name: str) -> None:
         assert "bulk MiB/s" in report
         assert "RSS KB per conn" in report
         assert "netprobe-asyncio" in report
+
+
+@pytest.mark.parametrize("loop", ["epoll", "uvloop"])
+def test_minimal_reference_servers_echo(loop: str) -> None:
+    # --smoke runs only the epoll one: each must still echo, or the full report is wrong.
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = ROOT / "scripts" / "bench_echo_minimal.py"
+    proc = subprocess.Popen([sys.executable, str(script), str(port), loop])
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                conn = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "the reference server never listened"
+                time.sleep(0.05)
+        with conn:
+            payload = bytes(range(256)) * 64
+            conn.sendall(payload)
+            got = b""
+            while len(got) < len(payload):
+                chunk = conn.recv(65536)
+                assert chunk, "closed early"
+                got += chunk
+            assert got == payload
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -614,9 +614,9 @@ def test_rate_holds_across_retries() -> None:
 
 
 def test_rate_holds_across_wait_rounds(closed_port: int) -> None:
-    # At --rate 0.5 one port may be tried every 2 s: within a 3 s deadline that is two rounds
-    # (at 0 and 2 s), not the seven the doubling pause alone would make (50 ms, 100 ms, ...).
-    argv = ["port-check", "--wait", "--deadline", "3s", "--rate", "0.5", "--timeout", "100ms"]
+    # At --rate 1 one port may be tried every second: within a 1.5 s deadline that is two
+    # rounds (at 0 and 1 s), not the five the doubling pause alone would make (50 ms, 100 ms, ...).
+    argv = ["port-check", "--wait", "--deadline", "1500ms", "--rate", "1", "--timeout", "100ms"]
     proc = run_netprobe([*argv, f"127.0.0.1:{closed_port}", "--json"], timeout=LONG * 2)
     assert proc.returncode == 124, proc.stderr
     rows = _json_lines(proc.stdout)

@@ -637,10 +637,10 @@ def test_partial_frame_at_the_idle_timeout_is_a_framing_error(
     try:
         servers = [start(holding(partial, release)) for _ in range(3)]
         base = ["x", "--framing", "len32"]
-        idle_json = invoke(["send", addr(servers[0]), *base, "--idle-timeout", "1s", "--json"])
-        idle_text = invoke(["send", addr(servers[1]), *base, "--idle-timeout", "1s"])
+        idle_json = invoke(["send", addr(servers[0]), *base, "--idle-timeout", "500ms", "--json"])
+        idle_text = invoke(["send", addr(servers[1]), *base, "--idle-timeout", "500ms"])
         overall = invoke(
-            ["send", addr(servers[2]), *base, "--idle-timeout", "0", "--timeout", "1500ms",
+            ["send", addr(servers[2]), *base, "--idle-timeout", "0", "--timeout", "700ms",
              "--json"]
         )  # fmt: skip
     finally:
