@@ -649,7 +649,7 @@ def test_client_gone_from_a_hung_connection_ends_the_upstream(ending: str) -> No
 def test_a_half_closed_client_of_a_hung_proxy_still_hangs() -> None:
     with serve(options()) as (up_port, up_records):
         hang = options(TriggerKind.ON_ACCEPT, action=Action.HANG, upstream=("127.0.0.1", up_port))
-        with proxy(hang) as (port, records), connect(port, timeout=2.0) as sock:
+        with proxy(hang) as (port, records), connect(port, timeout=1.0) as sock:
             sock.sendall(b"ab")
             sock.shutdown(socket.SHUT_WR)
             assert read_until_end(sock) == (b"", "timeout")  # no EOF: still hung
