@@ -6,6 +6,7 @@ results.to_record); nested values are shown as JSON in table, plain and CSV outp
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import sys
@@ -16,6 +17,7 @@ from typing import Any, TextIO
 
 __all__ = [
     "Column",
+    "LineSink",
     "OutputFormat",
     "Renderer",
     "choose_format",
@@ -204,3 +206,188 @@ def log(message: str, *, stream: TextIO | None = None, always: bool = False) -> 
     if always or _isatty(err):
         err.write(message + "\n")
         err.flush()
+
+
+class LineSink:
+    """Lines for a server's log or event stream, written without ever blocking the caller.
+
+    A server writes its events from its event loop: a reader that stops reading (a script that
+    keeps the pipe but reads only the announce line, a terminal on hold) must not stop the
+    echo for every client, nor a SIGTERM. A line is written at once while the stream can take
+    it; otherwise it waits in a queue that a thread writes out as the stream drains, up to
+    `limit` bytes. Lines beyond that are dropped and counted, and once the stream drains
+    again, `dropped_line(n)` (when given) says so in the stream itself. Streams that never
+    block (a file, /dev/null, an in-memory buffer) are written directly.
+    """
+
+    def __init__(
+        self,
+        stream: TextIO,
+        *,
+        limit: int = 1 << 20,
+        dropped_line: Callable[[int], str] | None = None,
+    ) -> None:
+        import os
+        import weakref
+
+        self._stream = stream
+        self._limit = limit
+        self._dropped_line = dropped_line
+        self._fd = _may_block(stream)
+        if self._fd is not None:
+            # From here on the fd is written directly: the thread must never block while it
+            # holds the stream's own lock, which the interpreter takes again at exit.
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+            self._encoding = getattr(stream, "encoding", None) or "utf-8"
+        self._reset()
+
+        # A forked worker must not inherit the lock held, nor a queue its thread left behind.
+        # (A weak reference: the hook outlives the sink, and must not keep it alive.)
+        ref = weakref.ref(self)
+
+        def reset_in_child() -> None:
+            sink = ref()
+            if sink is not None:
+                sink._reset()
+
+        os.register_at_fork(after_in_child=reset_in_child)
+
+    def _reset(self) -> None:
+        import collections
+        import threading
+
+        self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self._busy = False  # the thread is writing bytes it took from the queue
+        self._thread: Any = None
+        self._broken = False
+        self._unreported = 0
+        self.dropped = 0  # lines dropped because the reader fell behind
+
+    def write(self, line: str) -> None:
+        with self._lock:
+            if self._broken:
+                return
+            if self._fd is None:
+                self._write_stream(line + "\n")
+                return
+            data = self._encode(line + "\n")
+            if not self._queue and not self._busy:
+                from netprobe.sockets import can_write_now
+
+                if can_write_now(self._fd, len(data)):
+                    data = self._write_some(data)
+                    if not data:
+                        return
+            elif self._queued + len(data) > self._limit:
+                self.dropped += 1
+                self._unreported += 1
+                return
+            self._queue.append(data)
+            self._queued += len(data)
+            if self._thread is None:
+                import threading
+
+                self._thread = threading.Thread(
+                    target=self._drain, name="netprobe-log", daemon=True
+                )
+                self._thread.start()
+            self._drained.notify_all()
+
+    def close(self, timeout_s: float) -> int:
+        """Wait up to timeout_s for the queue to be written; returns the lines never written
+        (dropped, or still queued when the wait ended)."""
+        import time
+
+        end = time.monotonic() + timeout_s
+        with self._lock:
+            while (self._queue or self._busy) and not self._broken:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self._drained.wait(left)
+            return self.dropped + len(self._queue)
+
+    def _encode(self, text: str) -> bytes:
+        try:
+            return text.encode(self._encoding)
+        except (UnicodeEncodeError, LookupError):
+            return text.encode("utf-8", "backslashreplace")
+
+    def _write_stream(self, text: str) -> None:
+        try:
+            self._stream.write(text)
+            self._stream.flush()
+        except (OSError, ValueError):  # the reader is gone: nothing more is written
+            self._broken = True
+
+    def _write_some(self, data: bytes) -> bytes:
+        """Write what the fd takes now; returns the rest (marks the sink broken on EPIPE)."""
+        import os
+
+        assert self._fd is not None
+        try:
+            written = os.write(self._fd, data)
+        except (BlockingIOError, InterruptedError):
+            return data
+        except OSError:
+            self._broken = True
+            self._queue.clear()
+            self._queued = 0
+            return b""
+        return data[written:]
+
+    def _drain(self) -> None:
+        import os
+        import time
+
+        assert self._fd is not None
+        while True:
+            with self._lock:
+                while not self._queue and not self._broken:
+                    self._drained.wait()
+                if self._broken:
+                    self._drained.notify_all()
+                    return
+                data = self._queue.popleft()
+                self._queued -= len(data)
+                if not self._queue and self._unreported and self._dropped_line is not None:
+                    data += self._encode(self._dropped_line(self._unreported) + "\n")
+                    self._unreported = 0
+                self._busy = True
+            failed = False
+            view = memoryview(data)
+            while view and not failed:
+                try:
+                    view = view[os.write(self._fd, view) :]  # blocks while the reader is slow
+                except InterruptedError:
+                    continue
+                except BlockingIOError:  # someone made the shared fd non-blocking
+                    time.sleep(0.01)
+                except OSError:
+                    failed = True
+            with self._lock:
+                self._busy = False
+                if failed:
+                    self._broken = True
+                    self._queue.clear()
+                    self._queued = 0
+                self._drained.notify_all()
+
+
+def _may_block(stream: TextIO) -> int | None:
+    """The stream's fd when a write to it can block (pipe, socket, terminal), else None."""
+    import os
+    import stat
+
+    try:
+        fd = stream.fileno()
+        mode = os.fstat(fd).st_mode
+    except (OSError, ValueError, AttributeError):
+        return None  # an in-memory stream
+    if stat.S_ISREG(mode) or (stat.S_ISCHR(mode) and not os.isatty(fd)):
+        return None  # a file or /dev/null
+    return fd

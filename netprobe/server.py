@@ -993,6 +993,9 @@ class Server:
         self.on_event = on_event
         self.on_ready = on_ready
         self.on_totals = on_totals
+        # Called in a forked worker before it exits (it never returns from run()): the place
+        # to flush what its callbacks still hold.
+        self.on_worker_exit: Callable[[], None] | None = None
         self.bound: Bound | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: socket.socket | None = None
@@ -1144,6 +1147,9 @@ class Server:
         except BaseException:
             code = 70
         finally:
+            if self.on_worker_exit is not None:
+                with contextlib.suppress(BaseException):
+                    self.on_worker_exit()
             os._exit(code)
 
     def _signal_workers(self, sig: int) -> None:

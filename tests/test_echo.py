@@ -752,3 +752,38 @@ def test_bad_input_leaves_an_old_ready_file_alone(tmp_path: Path, bad: list[str]
     assert len(result.stderr.splitlines()) == 1
     assert ready.read_text() == '{"event": "listening", "port": 1}\n'
     assert sorted(os.listdir(tmp_path)) == ["keep.json"]
+
+
+@pytest.mark.parametrize(("json_out", "clients"), [(True, 600), (False, 1500)])
+def test_a_reader_that_stops_reading_never_stops_the_echo_or_sigterm(
+    json_out: bool, clients: int
+) -> None:
+    # A script that keeps the pipes but reads only the announce line: the events fill the
+    # pipe (64 KiB) after about 220 clients (JSON on stdout) or 650 (text on stderr). Writing
+    # them used to block the server, which then echoed nothing and ignored SIGTERM.
+    proc = EchoProcess(["--port", "0", *(["--json"] if json_out else [])])
+    try:
+        line = proc.readline()
+        port = json.loads(line)["port"] if json_out else int(line.rsplit(":", 1)[1].split("/")[0])
+        for number in range(clients):
+            with socket.create_connection(("127.0.0.1", port), timeout=LONG) as sock:
+                sock.sendall(b"x")
+                assert sock.recv(1) == b"x", f"client {number} got no echo"
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.wait() == 0
+        assert proc.proc.stdout is not None
+        assert proc.proc.stderr is not None
+        out = proc.proc.stdout.read().decode()
+        err = proc.proc.stderr.read().decode()
+    finally:
+        proc.close()
+    # What was written is whole lines, in order (the pipe held the first of them).
+    events = out if json_out else err
+    assert events.endswith("\n")
+    if json_out:
+        records = [json.loads(text) for text in events.splitlines()]
+        accepts = [r["conn_id"] for r in records if r["event"] == "accept"]
+    else:
+        accepts = [int(text.split()[1][1:]) for text in events.splitlines() if "accept" in text]
+    assert accepts == list(range(1, len(accepts) + 1))
+    assert len(accepts) < clients  # (else the pipe never filled: the test proved nothing)

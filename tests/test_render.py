@@ -19,7 +19,7 @@ from netprobe.errors import (
     UsageError,
 )
 from netprobe.exitcodes import ExitStatus, exit_status_for_error, exit_status_for_state, worst
-from netprobe.render import Column, OutputFormat, Renderer, choose_format
+from netprobe.render import Column, LineSink, OutputFormat, Renderer, choose_format
 from netprobe.results import ConnectState
 from tests.helpers import ROOT
 
@@ -131,3 +131,36 @@ def test_a_path_that_is_not_utf8_is_a_result_not_an_internal_error() -> None:
     )
     assert proc.returncode == 1, proc.stderr  # closed (ENOENT), not 70
     assert b"/nonexistent/x\\xff" in proc.stdout
+
+
+def test_line_sink_never_blocks_drops_past_its_limit_and_says_so() -> None:
+    import threading
+
+    read_fd, write_fd = os.pipe()
+    stream = os.fdopen(write_fd, "w")
+    try:
+        sink = LineSink(stream, limit=10_000, dropped_line=lambda n: f"dropped {n}")
+        lines = [f"line {i:06d} " + "x" * 88 for i in range(2000)]  # 200 KB: 3x the pipe
+        for line in lines:
+            sink.write(line)  # nobody reads yet: this must still return
+        assert sink.dropped > 0
+        got = bytearray()
+
+        def read_all() -> None:
+            while chunk := os.read(read_fd, 65536):
+                got.extend(chunk)
+
+        reader = threading.Thread(target=read_all)
+        reader.start()
+        assert sink.close(10.0) == sink.dropped  # all the rest was written
+        sink.write("after")  # once drained, lines go straight out again
+        assert sink.close(10.0) == sink.dropped
+    finally:
+        stream.close()
+    reader.join(10)
+    text = got.decode().splitlines()
+    assert text[-2:] == [f"dropped {sink.dropped}", "after"]
+    written = text[:-2]
+    # The lines that made it are the first ones, whole and in order; the rest were counted.
+    assert written == lines[: len(written)]
+    assert len(written) + sink.dropped == len(lines)

@@ -24,6 +24,9 @@ from netprobe.cli._options import (
 )
 from netprobe.errors import UsageError
 
+# How long the last event lines may wait for a slow reader at exit (stdout; stderr half that).
+FINISH_S = 0.4
+
 if TYPE_CHECKING:
     from netprobe.server import Bound, ConnEvent, ServerSummary
 
@@ -242,6 +245,7 @@ def echo(
         config, options, on_event=out.event, on_ready=out.ready, on_totals=out.running_totals
     )
     out.event_loop = "asyncio" if server.config.loop_factory is None else "uvloop"
+    server.on_worker_exit = out.finish
     # Only now, with every option checked: bad input must leave an old ready file alone. A
     # file left by an earlier run would say "listening" for a server that may still fail to
     # bind: it exists only while this one listens.
@@ -253,6 +257,7 @@ def echo(
     finally:
         _remove_ready_file(ready_file)  # nobody listens any more
     out.final_totals(summary)
+    out.finish()
 
 
 def _allow_for(host: str, specs: Sequence[str]) -> tuple[Any, ...]:
@@ -326,9 +331,23 @@ class _Output:
     """Where announce, events and totals go: JSON lines on stdout, or text (events on stderr)."""
 
     def __init__(self, json_out: bool, ready_file: Path | None) -> None:
+        from netprobe.render import LineSink, dump_json
+
         self.json_out = json_out
         self.ready_file = ready_file
         self.event_loop = "asyncio"
+        # Events never block the server (see LineSink): a reader that falls behind loses lines,
+        # counted, and told so in the stream once it catches up.
+        self._out = LineSink(
+            sys.stdout,
+            dropped_line=lambda n: dump_json(
+                {"event": "dropped", "lines": n, "why": "the reader of stdout fell behind"}
+            ),
+        )
+        self._err = LineSink(
+            sys.stderr,
+            dropped_line=lambda n: f"dropped {n} event lines: the reader of stderr fell behind",
+        )
 
     def ready(self, bound: Bound) -> None:
         from netprobe.render import dump_json, shown
@@ -380,6 +399,9 @@ class _Output:
     def _totals(self, summary: ServerSummary, *, final: bool) -> None:
         record: dict[str, Any] = summary.to_record()
         record["final"] = final
+        dropped = self._out.dropped + self._err.dropped
+        if dropped:
+            record["events_dropped"] = dropped
         if self.json_out:
             from netprobe.render import dump_json
 
@@ -394,13 +416,16 @@ class _Output:
         if summary.datagrams_in or summary.datagrams_out:
             text += f"datagrams in {summary.datagrams_in}, out {summary.datagrams_out}, "
         text += f"reasons: {reasons}, {summary.duration_s:.3f}s"
+        if dropped:
+            text += f", event lines dropped {dropped}"
         # Final totals are the run's result (stdout); running totals are a log line.
         self._write(sys.stdout if final else sys.stderr, text)
 
-    @staticmethod
-    def _write(stream: Any, line: str) -> None:
-        try:
-            stream.write(line + "\n")
-            stream.flush()
-        except (BrokenPipeError, ValueError):
-            pass  # nobody reads any more; serving goes on
+    def _write(self, stream: Any, line: str) -> None:
+        # (Nobody reading any more is no reason to stop serving: the sinks then drop lines.)
+        (self._out if stream is sys.stdout else self._err).write(line)
+
+    def finish(self) -> None:
+        """Give a slow reader a moment for the last lines; a stuck one never holds the exit."""
+        self._out.close(FINISH_S)
+        self._err.close(FINISH_S / 2)

@@ -37,6 +37,7 @@ app = typer.Typer(
 )
 
 SLOW_ACCEPT_RATE = 1.0  # accepts per second for --slow-accept without --accept-rate
+_FINISH_S = 0.4  # how long the last lines may wait for a slow reader at exit (as echo's)
 _T = "Triggers (give one)"
 _A = "Actions"
 
@@ -546,13 +547,31 @@ class _Output:
         self.quiet = quiet
         self.faults: Any = None  # the run's FaultTotals, once the server exists
         self.extra: dict[str, Any] = {}  # run facts both totals carry (seed, upstream)
+        from netprobe.render import LineSink, dump_json
+
+        # Records never block the server (see LineSink): a reader that falls behind loses
+        # lines, counted, and told so in the stream once it catches up.
+        self._out = LineSink(
+            sys.stdout,
+            dropped_line=lambda n: dump_json(
+                {"event": "dropped", "lines": n, "why": "the reader of stdout fell behind"}
+            ),
+        )
+        self._err = LineSink(
+            sys.stderr,
+            dropped_line=lambda n: (
+                f"netprobe: {command}: dropped {n} lines: the reader of stderr fell behind"
+            ),
+        )
 
     def _write(self, stream: Any, line: str) -> None:
-        try:
-            stream.write(line + "\n")
-            stream.flush()
-        except (BrokenPipeError, ValueError):
-            pass  # nobody reads any more; serving goes on
+        # (Nobody reading any more is no reason to stop serving: the sinks then drop lines.)
+        (self._out if stream is sys.stdout else self._err).write(line)
+
+    def finish(self) -> None:
+        """Give a slow reader a moment for the last lines; a stuck one never holds the exit."""
+        self._out.close(_FINISH_S)
+        self._err.close(_FINISH_S / 2)
 
     def ready(self, bound: Any) -> None:
         from netprobe.render import dump_json, shown
@@ -600,6 +619,9 @@ class _Output:
             record.update(self.faults.to_record())
         record.update(self.extra)
         record["final"] = final
+        dropped = self._out.dropped + self._err.dropped
+        if dropped:
+            record["events_dropped"] = dropped
         return record
 
     def running(self, summary: Any) -> None:
@@ -635,6 +657,8 @@ class _Output:
             text += f", faulted {record['faulted']} ({actions or '-'}), passed {record['passed']}"
         if record.get("seed") is not None:
             text += f", seed {record['seed']}"
+        if record.get("events_dropped"):
+            text += f", lines dropped {record['events_dropped']}"
         return text
 
 
@@ -811,6 +835,7 @@ def serve(
     finally:
         control.release()
     out.totals(summary)
+    out.finish()
 
 
 @app.command()
@@ -1038,3 +1063,4 @@ def proxy(
         server.listen()
     summary = server.run()
     out.totals(summary)
+    out.finish()
