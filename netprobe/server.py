@@ -254,6 +254,9 @@ class ServerSummary:
         reasons: close reason -> count.
         datagrams_in, datagrams_out: UDP only.
         duration_s: from listening to now (or to the stop).
+        worker, workers: in a running total of a server with workers > 1, which process's
+            (1..workers) it is: each process reports its own on SIGUSR1. None otherwise
+            (the final totals are summed).
     """
 
     connections: int = 0
@@ -267,10 +270,12 @@ class ServerSummary:
     datagrams_in: int = 0
     datagrams_out: int = 0
     duration_s: float = 0.0
+    worker: int | None = None
+    workers: int | None = None
 
     def to_record(self) -> dict[str, Any]:
-        """A JSON-ready dict (event "totals")."""
-        return {
+        """A JSON-ready dict (event "totals"); "worker"/"workers" only when set."""
+        record = {
             "event": "totals",
             "connections": self.connections,
             "active": self.active,
@@ -284,6 +289,10 @@ class ServerSummary:
             "datagrams_out": self.datagrams_out,
             "duration_s": round(self.duration_s, 6),
         }
+        if self.worker is not None:
+            record["worker"] = self.worker
+            record["workers"] = self.workers
+        return record
 
 
 class Handler:
@@ -344,6 +353,18 @@ class DatagramHandler:
 
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+def _ended_how(status: int) -> str:
+    """A waitpid status in words: "was killed by SIGKILL", "exited with status 70"."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        return f"was killed by {name}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
 
 
 def _reason_for(exc: BaseException) -> str:
@@ -832,7 +853,11 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         if server._stopping or (count is not None and totals.datagrams_in >= count):
             return
         if server.config.allow and not server._allowed(addr):
+            # Counted as TCP's are, with their reason (no event per datagram: a flood of them
+            # would be a flood of lines).
             totals.rejected += 1
+            reason = CloseReason.NOT_ALLOWED
+            totals.reasons[reason] = totals.reasons.get(reason, 0) + 1
             return
         totals.datagrams_in += 1
         totals.bytes_in += len(data)
@@ -1006,6 +1031,9 @@ class Server:
         self._setup_tasks: set[asyncio.Task[Any]] = set()
         self._next_id = 0
         self._worker = 0  # 0: the parent (or the only process); 1..N-1: forked workers
+        # Workers that ended without reporting their totals ("worker 2 (pid 123) was killed
+        # by SIGKILL"): what they served is missing from the totals; each counts as an error.
+        self.lost_workers: list[str] = []
         self._children: list[tuple[int, int, int]] = []  # (pid, summary fd, lifeline fd)
         self._lifeline: int | None = None
         self._next_out_id = 0
@@ -1090,6 +1118,7 @@ class Server:
             self._close_listener()
         if self._children:
             self._collect_workers(summary)
+        summary.worker = summary.workers = None  # summed over the workers by now
         return summary
 
     # -- workers (POSIX) ------------------------------------------------------------------------
@@ -1162,22 +1191,23 @@ class Server:
 
         self._signal_workers(signal.SIGTERM)
         deadline = _monotonic() + 2.0
-        for pid, summary_fd, lifeline_fd in self._children:
+        for index, (pid, summary_fd, lifeline_fd) in enumerate(self._children, start=2):
             os.close(lifeline_fd)
             while True:
-                done, _status = os.waitpid(pid, os.WNOHANG)
+                done, status = os.waitpid(pid, os.WNOHANG)
                 if done:
                     break
                 if _monotonic() > deadline:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
+                    _done, status = os.waitpid(pid, 0)
                     break
                 time.sleep(0.01)
             with os.fdopen(summary_fd, "rb") as pipe:
                 data = pipe.read()
             if not data:
                 summary.errors += 1  # the worker died without reporting
+                self.lost_workers.append(f"worker {index} (pid {pid}) {_ended_how(status)}")
                 continue
             record = json.loads(data)
             for name in ("connections", "rejected", "bytes_in", "bytes_out", "resets", "errors"):
@@ -1278,6 +1308,8 @@ class Server:
             datagrams_in=t.datagrams_in,
             datagrams_out=t.datagrams_out,
             duration_s=_monotonic() - self._started_at if self._started_at else 0.0,
+            worker=self._worker + 1 if self.config.workers > 1 else None,
+            workers=self.config.workers if self.config.workers > 1 else None,
         )
 
     def open_connection(

@@ -787,3 +787,73 @@ def test_a_reader_that_stops_reading_never_stops_the_echo_or_sigterm(
         accepts = [int(text.split()[1][1:]) for text in events.splitlines() if "accept" in text]
     assert accepts == list(range(1, len(accepts) + 1))
     assert len(accepts) < clients  # (else the pipe never filled: the test proved nothing)
+
+
+@pytest.mark.parametrize("option", [["--backlog", "5"], ["--busy-poll", "1ms"]])
+def test_stream_only_options_with_udp_are_refused(option: list[str]) -> None:
+    # Before: accepted and silently meaningless (their defaults hid that they were given).
+    line = bad_input_line(["echo", "--udp", "--port", "0", "--duration", "0.2", *option])
+    assert f"{option[0]} applies to TCP and Unix streams, not to --udp" in line
+
+
+@pytest.mark.parametrize(
+    ("host", "block"), [("127.0.0.1", "10.0.0.0/8"), ("127.0.0.1", "128.0.0.0/1")]
+)
+def test_allow_that_no_loopback_peer_matches_is_refused(host: str, block: str) -> None:
+    # Before: the server started and refused every client (all of them come from 127/8).
+    line = bad_input_line(["echo", "--host", host, "--port", "0", "--duration", "0.2",
+                           "--allow", block])  # fmt: skip
+    assert "every client would be refused" in line
+    assert block in line
+
+
+def test_udp_datagrams_from_peers_not_allowed_are_counted_with_their_reason() -> None:
+    # A wildcard bind serves 127.0.0.1 and refuses 127.0.0.2; the refusals used to be counted
+    # in "rejected" with no reason (TCP's carry "not-allowed").
+    with echo_process("--udp", "--host", "0.0.0.0", "--allow", "127.0.0.1/32") as (
+        proc,
+        announce,
+    ):
+        port = announce["port"]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as refused:
+            refused.bind(("127.0.0.2", 0))
+            refused.sendto(b"no", ("127.0.0.1", port))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(LONG)
+            client.bind(("127.0.0.1", 0))
+            client.sendto(b"yes", ("127.0.0.1", port))  # sent after the refused one
+            assert client.recvfrom(16)[0] == b"yes"
+        proc.proc.send_signal(signal.SIGTERM)
+        totals = proc.records_until("totals")[-1]
+    assert totals["rejected"] == 1
+    assert totals["reasons"].get("not-allowed") == 1
+
+
+def test_workers_running_totals_say_whose_and_a_lost_worker_is_reported() -> None:
+    import psutil
+
+    with echo_process("--workers", "3") as (proc, _announce):
+        children = psutil.Process(proc.proc.pid).children()
+        assert len(children) == 2
+        # Before: three records alike, with no way to tell them apart or know how many come.
+        proc.proc.send_signal(signal.SIGUSR1)
+        running = [proc.record() for _ in range(3)]
+        assert {(r["worker"], r["workers"]) for r in running} == {(1, 3), (2, 3), (3, 3)}
+        assert all(r["final"] is False for r in running)
+        # A worker killed (OOM killer, a stray kill) used to vanish without a word: exit 0,
+        # nothing on stderr, its clients missing from the totals.
+        victim = children[0]
+        victim.kill()
+        deadline = time.monotonic() + LONG
+        while victim.is_running() and victim.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.wait() == 0
+        final = proc.records_until("totals")[-1]
+        assert final["final"] is True
+        assert "worker" not in final
+        assert final["errors"] == 1
+        assert proc.proc.stderr is not None
+        err = proc.proc.stderr.read().decode()
+    assert f"(pid {victim.pid}) was killed by SIGKILL: what it served is missing" in err

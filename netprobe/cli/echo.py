@@ -26,6 +26,8 @@ from netprobe.errors import UsageError
 
 # How long the last event lines may wait for a slow reader at exit (stdout; stderr half that).
 FINISH_S = 0.4
+DEFAULT_BACKLOG = 128
+DEFAULT_BUSY_POLL_S = 50e-6
 
 if TYPE_CHECKING:
     from netprobe.server import Bound, ConnEvent, ServerSummary
@@ -99,11 +101,13 @@ def echo(
         ),
     ] = None,
     backlog: Annotated[
-        int,
+        int | None,
         typer.Option(
-            "--backlog", help=f"listen() backlog (0 to {MAX_BACKLOG}; the kernel caps it)."
+            "--backlog",
+            help=f"listen() backlog (0 to {MAX_BACKLOG}; the kernel caps it). Default: 128.",
+            show_default=False,
         ),
-    ] = 128,
+    ] = None,
     accept_rate: Annotated[
         float | None,
         typer.Option(
@@ -139,7 +143,7 @@ def echo(
         ),
     ] = 1,
     busy_poll: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--busy-poll",
             parser=duration,
@@ -149,7 +153,7 @@ def echo(
             "Default: 50us.",
             show_default=False,
         ),
-    ] = 50e-6,
+    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Echo (RFC 862) or discard (RFC 863) server for testing clients and proxies.
@@ -197,6 +201,8 @@ def echo(
             ("--max-bytes", max_bytes is not None),
             ("--accept-rate", accept_rate is not None),
             ("--pause-accept", pause_accept),
+            ("--backlog", backlog is not None),  # no listen() for datagrams
+            ("--busy-poll", busy_poll is not None),
             # A datagram is its own frame: --max-frame applies, a stream framing does not.
             (f"--framing {framing}", framing.strip().lower() != "raw"),
         ):
@@ -208,6 +214,10 @@ def echo(
         raise UsageError(f"--max-frame {max_frame} must be at least 1 byte")
     if max_bytes is not None and max_bytes < 1:
         raise UsageError(f"--max-bytes {max_bytes} must be at least 1 byte")
+    if busy_poll is None:
+        busy_poll = DEFAULT_BUSY_POLL_S
+    if backlog is None:
+        backlog = DEFAULT_BACKLOG
     if not 0 <= busy_poll <= 0.01:
         raise UsageError(f"--busy-poll {busy_poll * 1e3:g}ms must be between 0 and 10ms")
     if idle_timeout is not None and idle_timeout <= 0:
@@ -257,6 +267,8 @@ def echo(
     finally:
         _remove_ready_file(ready_file)  # nobody listens any more
     out.final_totals(summary)
+    for lost in server.lost_workers:
+        out.note(f"netprobe: echo: {lost}: what it served is missing from the totals")
     out.finish()
 
 
@@ -279,6 +291,14 @@ def _allow_for(host: str, specs: Sequence[str]) -> tuple[Any, ...]:
             f"--allow {blocks}: no IPv{version} block, and --host {host} serves only IPv{version} "
             "peers: every client would be refused"
         )
+    if networks and ipaddress.ip_address(host).is_loopback:
+        # Only this host's loopback addresses reach a loopback bind.
+        loopback = ipaddress.ip_network("127.0.0.0/8" if version == 4 else "::1/128")
+        if not any(net.version == version and net.overlaps(loopback) for net in networks):
+            raise UsageError(
+                f"--allow {' '.join(specs)}: --host {host} is loopback, reached only from "
+                f"{loopback}, which no block includes: every client would be refused"
+            )
     return networks
 
 
@@ -408,8 +428,9 @@ class _Output:
             self._write(sys.stdout, dump_json(record))
             return
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary.reasons.items())) or "-"
+        which = f" (worker {summary.worker}/{summary.workers})" if summary.worker else ""
         text = (
-            f"totals: connections {summary.connections}, active {summary.active}, "
+            f"totals{which}: connections {summary.connections}, active {summary.active}, "
             f"rejected {summary.rejected}, bytes in {summary.bytes_in}, "
             f"bytes out {summary.bytes_out}, resets {summary.resets}, errors {summary.errors}, "
         )
@@ -424,6 +445,9 @@ class _Output:
     def _write(self, stream: Any, line: str) -> None:
         # (Nobody reading any more is no reason to stop serving: the sinks then drop lines.)
         (self._out if stream is sys.stdout else self._err).write(line)
+
+    def note(self, line: str) -> None:
+        self._err.write(line)
 
     def finish(self) -> None:
         """Give a slow reader a moment for the last lines; a stuck one never holds the exit."""
