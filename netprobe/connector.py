@@ -317,6 +317,7 @@ class _Run:
         carry: ConnectJob | None = None
         carry_sock: _socket.socket | None = None
         carry_code = -1
+        carry_at = 0.0
         job: ConnectJob | None
         sock: _socket.socket | None
         # Counting refusals through on_refused (open-only scans) at full speed lets runs of
@@ -357,6 +358,7 @@ class _Run:
                         sock = carry_sock
                         carry_sock, code = None, carry_code
                         family, addr = job.family, job.sockaddr
+                        now = carry_at  # its latency counts from its connect, not from here
                     elif job.source is None:
                         family = job.family
                         sock = spare
@@ -399,9 +401,15 @@ class _Run:
                             if self.reuse and family != _AF_UNIX:
                                 spare, spare_family = sock, family
                                 if streaks and on_refused is not None:
-                                    spare, carry, carry_sock, carry_code, exhausted, started = (
-                                        self._refusal_streak(sock, family, job_iter, on_refused)
-                                    )
+                                    (
+                                        spare,
+                                        carry,
+                                        carry_sock,
+                                        carry_code,
+                                        carry_at,
+                                        exhausted,
+                                        started,
+                                    ) = self._refusal_streak(sock, family, job_iter, on_refused)
                                     st.started += started
                                     if exhausted or carry is None:  # done, or the stop time
                                         st.started += 1
@@ -556,22 +564,26 @@ class _Run:
         family: int,
         job_iter: Iterator[ConnectJob],
         on_refused: Callable[[ConnectJob], None],
-    ) -> tuple[_socket.socket | None, ConnectJob | None, _socket.socket | None, int, bool, int]:
+    ) -> tuple[
+        _socket.socket | None, ConnectJob | None, _socket.socket | None, int, float, bool, int
+    ]:
         """Connect the next jobs on `sock`, just refused, for as long as they are refused too.
 
         Most of a scan is closed ports: this loop does for each only what a refusal needs
         (two connect_ex calls and on_refused), without the general loop's per-job checks. The
         first job it cannot finish goes back to that loop: with the socket its connect_ex
         already answered on and the answer, or, for another family or a source address, not
-        connected at all. Returns (spare socket, that job, its socket or None, its answer,
-        exhausted, jobs refused here); no job back and not exhausted means the stop time came.
+        connected at all. Returns (spare socket, that job, its socket or None, its answer, when
+        its connect started, exhausted, jobs refused here); no job back and not exhausted means
+        the stop time came.
         """
         connect_ex, stop_at, monotonic = sock.connect_ex, self.stop_at, time.monotonic
         refused = 0
         for job in job_iter:
             if job.source is not None or job.family != family:
-                return sock, job, None, -1, False, refused
+                return sock, job, None, -1, 0.0, False, refused
             addr = job.sockaddr
+            started_at = monotonic()
             try:
                 code = connect_ex(addr)
                 if code == _EINPROGRESS:
@@ -581,17 +593,17 @@ class _Run:
                     # starts again on a fresh socket.
                     sock.close()
                     self.reuse = False
-                    return None, job, None, -1, False, refused
+                    return None, job, None, -1, 0.0, False, refused
             except OSError:
                 # The general path connects it again and reports the error with its errno.
-                return sock, job, None, -1, False, refused
+                return sock, job, None, -1, 0.0, False, refused
             if code != _ECONNREFUSED:
-                return None, job, sock, code, False, refused
+                return None, job, sock, code, started_at, False, refused
             on_refused(job)
             refused += 1
             if stop_at is not None and not refused & 255 and monotonic() >= stop_at:
-                return sock, None, None, -1, False, refused
-        return sock, None, None, -1, True, refused
+                return sock, None, None, -1, 0.0, False, refused
+        return sock, None, None, -1, 0.0, True, refused
 
     def _start(self, job: ConnectJob, now: float) -> Any:
         """Create the socket and connect; a verdict known at once goes straight to out."""
