@@ -643,7 +643,12 @@ def resolve(
         if family and family != fam:
             want = "IPv4" if family == socket.AF_INET else "IPv6"
             raise ResolveError("resolve", None, "EAI_FAMILY", f"{host} is not an {want} address")
-        sockaddr: tuple[Any, ...] = (host, port) if fam == socket.AF_INET else (host, port, 0, 0)
+        # The canonical spelling ("0::1" is "::1"): duplicates are found by address, and
+        # rows show the address as the kernel reports it.
+        canonical = str(ip)
+        sockaddr: tuple[Any, ...] = (
+            (canonical, port) if fam == socket.AF_INET else (canonical, port, 0, 0)
+        )
         return [Resolved(fam, sockaddr)]
     try:
         with _map_errors("resolve"):

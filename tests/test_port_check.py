@@ -723,3 +723,30 @@ def test_a_reader_that_leaves_early_gets_no_false_success(
     assert code == status, stderr
     assert f"port-check: output closed ({verdict}" in stderr
     assert "Traceback" not in stderr
+
+
+def test_a_reader_gone_at_the_last_row_keeps_the_verdict(server: ServerThread) -> None:
+    # The one check had passed (it is tallied before its row is written): exit 0, not 141
+    # "verdict unknown" (`port-check HOST:PORT | true`).
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "netprobe", "port-check", f"127.0.0.1:{server.port}"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=LONG * 2,
+            cwd=ROOT,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0, proc.stderr
+    assert b"output closed (verdict settled)" in proc.stderr
+
+
+def test_wait_for_open_while_expecting_closed_is_a_contradiction(closed_port: int) -> None:
+    # Before: "condition held after 0.00 s" on a closed port, exit 0.
+    line = bad_input_line(["port-check", f"127.0.0.1:{closed_port}", "--wait", "--expect",
+                           "closed", "--until", "open", "--deadline", "1s"])  # fmt: skip
+    assert "--expect closed and --until open contradict each other" in line

@@ -384,3 +384,19 @@ def test_udp_latency_is_not_the_time_spent_starting_the_other_probes() -> None:
     assert median < 0.1 * span, (
         f"median latency {median * 1000:.2f} ms in a {span * 1000:.1f} ms run"
     )
+
+
+def test_ipv6_literals_spelled_differently_are_one_address() -> None:
+    # "[0::1]" and "[::1]" are one socket: they were two checks (and two rows, the address
+    # shown as typed), so the same port expected open and closed was not caught.
+    texts = ["[::1]:5", "[0::1]:5", "[0:0:0:0:0:0:0:1]:5,6"]
+    hosts = build_hosts(parse_targets(texts), ports=None, family=0, expect=Expect.OPEN)
+    checks = [(h.address, port) for h in hosts for port in h.ports]
+    assert checks == [("::1", 5), ("::1", 6)]
+    with pytest.raises(UsageError, match=r"\[::1\]:5 is checked twice"):
+        build_hosts(
+            parse_targets(["[::1]:5=closed", "[0::1]:5"]),
+            ports=None,
+            family=0,
+            expect=Expect.OPEN,
+        )

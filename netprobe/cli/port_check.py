@@ -293,6 +293,9 @@ def port_check(
     except ValueError:
         bad = expect if expect.lower() not in ("open", "closed") else until
         raise UsageError(f"{bad!r} is not open or closed") from None
+    if until_opt is not None and default_expect is Expect.CLOSED and wait_expect is Expect.OPEN:
+        # Waiting for "open" while expecting "closed" ended at once on a closed port (exit 0).
+        raise UsageError(f"--expect {expect} and --until {until_opt} contradict each other")
     if timeout <= 0:
         raise UsageError(f"--timeout {timeout:g}: each attempt needs a timeout above 0")
     if count is not None and wait:
@@ -335,7 +338,7 @@ def port_check(
         raise UsageError(f"--require {required} is more than the {units} checks given")
     if count is not None:
         raise typer.Exit(_latency(hosts, config, count, interval, fmt, quiet, required, open_only))
-    code = _checks(hosts, config, fmt, open_only, quiet, required)
+    code = _checks(hosts, config, fmt, open_only, quiet, required, units)
     raise typer.Exit(_run_command(command, code) if command else code)
 
 
@@ -347,7 +350,13 @@ _TABLE_CLOSED_MAX = 1000
 
 
 def _checks(
-    hosts: Any, config: "CheckConfig", fmt: Any, open_only: bool, quiet: bool, required: int | None
+    hosts: Any,
+    config: "CheckConfig",
+    fmt: Any,
+    open_only: bool,
+    quiet: bool,
+    required: int | None,
+    units: int,
 ) -> int:
     from netprobe.engines.port_check import PortState, Tally, run_checks
     from netprobe.render import OutputFormat, log
@@ -392,7 +401,9 @@ def _checks(
             log(f"port-check: interrupted: {tally.summary()}", always=True)
         raise
     except BrokenPipeError:
-        return _output_closed(tally, quiet)
+        # The row that met the closed pipe was tallied: when it was the last check, the
+        # verdict is whole.
+        return _output_closed(tally, quiet, complete=tally.total >= units)
     try:
         finish()  # CSV's header, a table's rows: they can meet the closed pipe too
     except BrokenPipeError:
@@ -412,27 +423,33 @@ def _latency(
     required: int | None,
     open_only: bool = False,
 ) -> int:
-    from netprobe.engines.port_check import PortState, Tally
+    from netprobe.engines.port_check import PortState, Tally, answered
     from netprobe.engines.port_check_modes import LatencySummary, run_latency
     from netprobe.render import log
 
     renderer = _renderer(fmt, _LATENCY_COLUMNS, _LATENCY_CSV_EXTRA)
     tally = Tally(required=required)
-    probes = answered = 0
+    probes = replies = opened = 0
     try:
         for event in run_latency(hosts, config, count=count, interval_s=interval):
             if isinstance(event, LatencySummary):
                 tally.add(event.as_result())
             else:
                 probes += 1
-                answered += event.state is PortState.OPEN
+                # An RST is an answer too (as a result's latency_ms); "open" is what the
+                # summary's loss counts.
+                replies += answered(event.state)
+                opened += event.state is PortState.OPEN
             if open_only and event.state is not PortState.OPEN:
                 continue  # counted above, not shown
             _show_latency_event(event, fmt, renderer)
     except KeyboardInterrupt:
         renderer.close()  # a table shows the rows it had
         if not quiet:
-            log(f"port-check: interrupted: {probes} probes, {answered} answered", always=True)
+            log(
+                f"port-check: interrupted: {probes} probes, {replies} answered, {opened} open",
+                always=True,
+            )
         raise
     except BrokenPipeError:
         return _output_closed(tally, quiet)
