@@ -128,6 +128,18 @@ _MAX_WHOLE_DECIMALS = 40
 _PORT_DIGITS = 5
 
 
+def parse_float(text: str) -> float:
+    """float() for command-line numbers: ASCII only, as durations and ports are (float() also
+    reads an Arabic-Indic one as 1 and "1_000" as 1000). Exponents, nan and inf pass: callers refuse those.
+
+    Raises:
+        ValueError: not a number.
+    """
+    if not text.isascii() or "_" in text:
+        raise ValueError(text)
+    return float(text)
+
+
 def parse_duration(text: str) -> float:
     """Parse `1.5`, `250ms`, `2s`, `1m` (also `us`, `h`) into seconds.
 

@@ -16,7 +16,7 @@ import pytest
 
 from netprobe.errors import UsageError
 from netprobe.sockets import POLL_MAX_S, parse_duration, parse_size, poll_ms, wait_readable
-from tests.helpers import LONG, ROOT, ServerThread, invoke, run_netprobe
+from tests.helpers import LONG, ROOT, ServerThread, bad_input_line, invoke, run_netprobe
 
 
 def _closed_port() -> tuple[socket.socket, int]:
@@ -464,3 +464,22 @@ def test_a_full_disk_behind_stdout_is_a_local_error(closed_port: int, fmt: list[
     assert proc.stderr == (
         b"netprobe: port-check: local I/O error: ENOSPC: No space left on device\n"
     )
+
+
+@pytest.mark.parametrize("text", ["\u0661", "1_000", "\u0660.5"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["port-check", "127.0.0.1:9", "--rate"],
+        ["echo", "--port", "0", "--duration", "0.2", "--accept-rate"],
+        ["backlog", "--lab", "-n", "3", "--rate"],
+        ["backlog", "--lab", "-n", "3", "--ramp"],
+        ["reset", "serve", "--port", "0", "--duration", "0.2", "--after-ms"],
+        ["reset", "serve", "--port", "0", "--duration", "0.2", "--on-accept", "--probability"],
+    ],
+    ids=["port-check-rate", "echo-accept-rate", "backlog-rate", "ramp", "after-ms", "probability"],
+)
+def test_numbers_take_ascii_digits_only(argv: list[str], text: str) -> None:
+    # float() reads Arabic-Indic digits and underscores: these ran with "\u0661" read as 1.
+    line = bad_input_line([*argv, text])
+    assert repr(text) in line or text in line

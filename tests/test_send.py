@@ -469,6 +469,9 @@ def test_transcript(start: Callable[..., ServerThread], tmp_path: Path) -> None:
         (["127.0.0.1:9", "--file", "/nonexistent/file"], "cannot read"),
         (["127.0.0.1:9", "x", "--until", "a", "--until-regex", "b"], "exclude each other"),
         (["127.0.0.1:9", "x", "--until-regex", "("], "not a valid regex"),
+        # re raises OverflowError / RecursionError for these (exit 70, internal error, before).
+        (["127.0.0.1:9", "x", "--until-regex", "x{4294967296}"], "not a valid regex"),
+        (["127.0.0.1:9", "x", "--until-regex", "(" * 5000 + "a" + ")" * 5000], "nested too deeply"),
         (["127.0.0.1:9", "x", "--framing", "len7"], "len7"),
         (["127.0.0.1:9", "x", "--expect-frames", "2"], "needs --framing"),
         (["127.0.0.1:9", "x", "--expect-datagrams", "2"], "needs --udp"),

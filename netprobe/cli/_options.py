@@ -81,8 +81,10 @@ def per_second(value: str | float) -> float:
     if isinstance(value, float | int):
         number = float(value)
     else:
+        from netprobe.sockets import parse_float
+
         try:
-            number = float(value)
+            number = parse_float(value)
         except ValueError:
             raise typer.BadParameter(f"{value!r} is not a number (per second)") from None
     if not math.isfinite(number):
@@ -94,6 +96,18 @@ def per_second(value: str | float) -> float:
             f"{value!r} is too small: a rate must be at least {MIN_RATE:g} per second"
         )
     return number
+
+
+def fraction(value: str | float) -> float:
+    """Typer parser for a fraction (--probability): an ASCII number; the engine checks 0-1."""
+    if isinstance(value, float | int):
+        return float(value)
+    from netprobe.sockets import parse_float
+
+    try:
+        return parse_float(value)
+    except ValueError:
+        raise typer.BadParameter(f"{value!r} is not a number (0 to 1)") from None
 
 
 def bind_host(text: str | None, *, family: int = 0, option: str = "--host") -> str:

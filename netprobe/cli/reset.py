@@ -19,6 +19,7 @@ from netprobe.cli._options import (
     QuietOpt,
     bind_host,
     duration,
+    fraction,
     naming_host,
     per_second,
     rate_size,
@@ -102,6 +103,7 @@ Probability = Annotated[
     float | None,
     typer.Option(
         "--probability",
+        parser=fraction,
         metavar="P",
         help="Fault only this fraction of connections (0 to 1).",
         rich_help_panel=_T,
@@ -162,11 +164,11 @@ def _ms(value: str | None, option: str) -> float | None:
     """--after-ms: a bare number is milliseconds; a unit (250ms, 1.5s) is honoured."""
     if value is None:
         return None
-    from netprobe.sockets import parse_duration
+    from netprobe.sockets import parse_duration, parse_float
 
     text = value.strip()
     if _is_number(text):
-        seconds = float(text) / 1000.0
+        seconds = parse_float(text) / 1000.0
         # float() takes nan and inf (and 1e400): a trigger time must be a real one.
         if not math.isfinite(seconds):
             raise UsageError(f"{option} {value!r}: not a finite number of milliseconds")
@@ -186,8 +188,10 @@ _MAX_SECONDS = 1e9
 
 
 def _is_number(text: str) -> bool:
+    from netprobe.sockets import parse_float
+
     try:
-        float(text)
+        parse_float(text)
     except ValueError:
         return False
     return True

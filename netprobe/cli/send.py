@@ -348,6 +348,11 @@ def send(
             pattern = re.compile(until_regex.encode("utf-8", "surrogateescape"))
         except re.error as exc:
             raise UsageError(f"--until-regex {until_regex!r} is not a valid regex: {exc}") from None
+        except (OverflowError, RecursionError) as exc:
+            # re raises these, not re.error, for a repeat count past 2**32-1 ("x{4294967296}")
+            # and for parentheses nested too deep for its parser.
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise UsageError(f"--until-regex {until_regex!r} is not a valid regex: {why}") from None
         if pattern.search(b"") is not None:
             # As --until '': it would match before the first byte and end the read at once.
             raise UsageError(

@@ -38,6 +38,7 @@ from netprobe.sockets import (
     is_loopback,
     not_loopback_why,
     open_listener,
+    parse_float,
     raise_nofile_limit,
     resolve,
     resolved_off_loopback,
@@ -228,7 +229,7 @@ def parse_ramp(text: str) -> list[float]:
     for raw in text.split(","):
         item = raw.strip()
         try:
-            rate = float(item)
+            rate = parse_float(item)
         except ValueError:
             raise UsageError(f"--ramp item {item!r} is not a rate (use e.g. 100,200,400)") from None
         if not math.isfinite(rate):
