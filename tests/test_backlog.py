@@ -177,6 +177,9 @@ def test_validate_rejects_remote_sources() -> None:
         ["backlog", "--lab", "-n", "3", "--timeout", "100ms", "--ramp", "1e-300"],
         ["backlog", "--lab", "-n", "3", "--timeout", "100ms", "--backlog", "99999999999"],
         ["backlog", "--lab", "-n", "3", "--timeout", "100ms", "--json", "-q"],
+        # Options that changed nothing, silently (exit 0) before.
+        ["backlog", "127.0.0.1:1", "-n", "3", "--timeout", "100ms", "--backlog", "5"],
+        ["backlog", "--lab", "-n", "3", "--timeout", "100ms", "--step", "1s"],
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv: list[str]) -> None:

@@ -857,3 +857,12 @@ def test_workers_running_totals_say_whose_and_a_lost_worker_is_reported() -> Non
         assert proc.proc.stderr is not None
         err = proc.proc.stderr.read().decode()
     assert f"(pid {victim.pid}) was killed by SIGKILL: what it served is missing" in err
+
+
+def test_ready_file_where_nothing_can_be_written_is_refused_before_binding() -> None:
+    # /proc refuses new files even to root, for whom os.access() says yes: the server used to
+    # bind, then fail to write (exit 6).
+    result = invoke(["echo", "--port", "0", "--duration", "0.2", "--ready-file", "/proc/np-x"])
+    assert result.exit_code == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert "--ready-file '/proc/np-x': cannot write" in line

@@ -237,8 +237,12 @@ def test_parse_framing() -> None:
     with pytest.raises(UsageError) as info:
         parse_framing("len7")
     assert str(info.value) == (
-        "len7 is not a framing (choose raw, line, crlf, len8, len16, len32, len64, netstring)"
+        "--framing 'len7' is not a framing "
+        "(choose raw, line, crlf, len8, len16, len32, len64, netstring)"
     )
+    # An empty value is named too (the line read "echo:  is not a framing").
+    with pytest.raises(UsageError, match=r"^--framing '' is not a framing"):
+        parse_framing("")
 
 
 def test_receive_buffer_compacts_once_consumed_outweighs_live() -> None:

@@ -577,6 +577,15 @@ def test_after_zero_bytes_out_in_discard_mode_is_taken() -> None:
             ["--after-bytes-out", "10", "--mode", "discard", "--duration", "0.2"],
             "--mode discard sends none: the fault would never fire",
         ),
+        # Before: accepted, and the one-slot backlog of these modes silently replaced it.
+        (
+            ["--slow-accept", "--backlog", "5", "--duration", "0.2"],
+            "--backlog 5: --slow-accept listens with a one-slot backlog",
+        ),
+        (
+            ["--no-accept", "--backlog", "5", "--duration", "0.2"],
+            "--backlog 5: --no-accept listens with a one-slot backlog",
+        ),
     ],
 )
 def test_bad_input_names_the_option(argv: list[str], words: str) -> None:

@@ -37,11 +37,13 @@ def backlog(
         bool, typer.Option("--lab", help="Flood netprobe's own loopback listener (listen(B)).")
     ] = False,
     backlog_arg: Annotated[
-        int,
+        int | None,
         typer.Option(
-            "--backlog", help=f"The --lab listener's listen() backlog (0 to {MAX_BACKLOG})."
+            "--backlog",
+            help=f"The --lab listener's listen() backlog (0 to {MAX_BACKLOG}). Default: 128.",
+            show_default=False,
         ),
-    ] = 128,
+    ] = None,
     accept_rate: Annotated[
         float | None,
         typer.Option(
@@ -140,11 +142,15 @@ def backlog(
         ),
     ] = None,
     step: Annotated[
-        float,
+        float | None,
         typer.Option(
-            "--step", parser=duration, metavar="DURATION", help="Length of each --ramp step."
+            "--step",
+            parser=duration,
+            metavar="DURATION",
+            help="Length of each --ramp step. Default: 5s.",
+            show_default=False,
         ),
-    ] = 5.0,
+    ] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -165,6 +171,7 @@ def backlog(
         parse_sources,
         run_backlog,
     )
+    from netprobe.errors import UsageError
     from netprobe.render import choose_format, dump_json
     from netprobe.sockets import parse_host_port
 
@@ -174,6 +181,14 @@ def backlog(
     if target is not None:
         host, port = parse_host_port(target, allow_port_zero=False)
         check_literal_family(host, family_of(ipv4, ipv6), f"TARGET {target}")
+    # Options that would change nothing are refused, not ignored.
+    if backlog_arg is not None and not lab:
+        raise UsageError(
+            f"--backlog {backlog_arg} sets the --lab listener's listen(); TARGET's backlog is "
+            "its own (add --lab, or leave --backlog out)"
+        )
+    if step is not None and ramp is None:
+        raise UsageError("--step is the length of each --ramp step: add --ramp")
     sources: list[str] = []
     for spec in source or []:
         sources.extend(parse_sources(spec))
@@ -181,7 +196,7 @@ def backlog(
         host=host,
         port=port,
         lab=lab,
-        backlog=backlog_arg,
+        backlog=128 if backlog_arg is None else backlog_arg,
         accept_rate=accept_rate,
         accept_delay_s=accept_delay,
         connections=connections,
@@ -194,7 +209,7 @@ def backlog(
         family=family_of(ipv4, ipv6),
         allow_remote=allow_remote,
         ramp=parse_ramp(ramp) if ramp is not None else [],
-        step_s=step,
+        step_s=5.0 if step is None else step,
         gates=[parse_gate(text) for text in fail_if or []],
     )
     out = sys.stdout

@@ -317,6 +317,17 @@ def _check_ready_file(text: str) -> Path:
         raise UsageError(f"{shown}: {tmp} is a directory, not a file")
     if not os.access(ready_file.parent, os.W_OK):
         raise UsageError(f"{shown}: cannot write in {ready_file.parent}")
+    # os.access says yes to root everywhere, /proc included: only a write tells.
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass  # a leftover of an earlier run: the real write replaces it
+    except OSError as exc:
+        raise UsageError(f"{shown}: cannot write {tmp}: {exc.strerror or exc}") from None
+    else:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     return ready_file
 
 

@@ -144,14 +144,16 @@ Bandwidth = Annotated[
     ),
 ]
 Backlog = Annotated[
-    int,
+    int | None,
     typer.Option(
         "--backlog",
         min=0,
         max=MAX_BACKLOG,
-        help="listen() backlog (raise it when many clients connect at once).",
+        help="listen() backlog (raise it when many clients connect at once). Default: 128.",
+        show_default=False,
     ),
 ]
+_DEFAULT_BACKLOG = 128
 Count = Annotated[
     int | None, typer.Option("--count", metavar="N", min=1, help="Stop after N connections.")
 ]
@@ -739,7 +741,7 @@ def serve(
             f"{MIN_RATE:g}).",
         ),
     ] = None,
-    backlog: Backlog = 128,
+    backlog: Backlog = None,
     count: Count = None,
     run_for: Duration = None,
     json_out: JsonOpt = False,
@@ -807,13 +809,21 @@ def serve(
             f"--seed {seed} chooses the connections of --probability; without it every "
             "connection is faulted and the seed changes nothing"
         )
+    if backlog is not None and (slow_accept or no_accept):
+        flag = "--slow-accept" if slow_accept else "--no-accept"
+        raise UsageError(
+            f"--backlog {backlog}: {flag} listens with a one-slot backlog it fills itself, so "
+            "--backlog would change nothing"
+        )
     run_s = _duration_opt(run_for, "--duration")
     config = ServerConfig(
         late_signals_ignored=True,  # the process exits when the server is done
         host=host,
         port=port,
         path=unix,
-        backlog=0 if (slow_accept or no_accept) else backlog,
+        backlog=0
+        if (slow_accept or no_accept)
+        else (_DEFAULT_BACKLOG if backlog is None else backlog),
         pause_accept=no_accept,
         accept_rate=(SLOW_ACCEPT_RATE if accept_rate is None else accept_rate)
         if slow_accept
@@ -940,7 +950,7 @@ def proxy(
             help="Never use the splice(2) relay for fault-free connections (Linux fast path).",
         ),
     ] = False,
-    backlog: Backlog = 128,
+    backlog: Backlog = None,
     count: Count = None,
     run_for: Duration = None,
     json_out: JsonOpt = False,
@@ -1043,7 +1053,7 @@ def proxy(
         late_signals_ignored=True,  # the process exits when the server is done
         host=listen_host,
         port=listen_port,
-        backlog=backlog,
+        backlog=_DEFAULT_BACKLOG if backlog is None else backlog,
         count=count,
         duration_s=_duration_opt(run_for, "--duration"),
     )
