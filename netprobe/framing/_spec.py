@@ -84,7 +84,5 @@ def parse_framing(spec: str) -> FramingSpec:
         UsageError: the spec is not a framing name (the message lists the choices).
     """
     if spec not in _CODECS:
-        raise UsageError(
-            f"--framing {spec!r} is not a framing (choose {', '.join(FRAMING_NAMES)})"
-        )
+        raise UsageError(f"--framing {spec!r} is not a framing (choose {', '.join(FRAMING_NAMES)})")
     return FramingSpec(spec)
