@@ -675,6 +675,23 @@ def resolve(
     return [Resolved(fam, addr) for fam, addr in seen]
 
 
+def resolve_named(
+    host: str, port: int, *, family: int = 0, socktype: int = socket.SOCK_STREAM
+) -> list[Resolved]:
+    """resolve(), its error naming the host: "resolve: EAI_NONAME: db.internal: Name or
+    service not known" (a command with one target says which name failed).
+
+    Raises:
+        ResolveError: as resolve().
+    """
+    try:
+        return resolve(host, port, family=family, socktype=socktype)
+    except ResolveError as exc:
+        parts = str(exc).split(": ", 2)  # "resolve", "EAI_...", the resolver's own words
+        detail = f"{host}: {parts[2]}" if len(parts) == 3 else host
+        raise ResolveError("resolve", exc.errno, exc.errno_name, detail) from exc
+
+
 # ---------------------------------------------------------------------------------------------
 # One non-blocking connect
 # ---------------------------------------------------------------------------------------------

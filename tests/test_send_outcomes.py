@@ -14,7 +14,14 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import LONG, ServerThread, invoke, run_netprobe, udp_echo_thread
+from tests.helpers import (
+    LONG,
+    ServerThread,
+    invoke,
+    netprobe_process,
+    run_netprobe,
+    udp_echo_thread,
+)
 
 # issue #5's list, plus README's `error` (another socket error, or a malformed reply frame)
 ENDED_BY = {"eof", "reset", "idle-timeout", "timeout", "expect", "error"}
@@ -418,3 +425,21 @@ def test_a_run_that_fails_still_replaces_the_old_transcript(
     res = invoke(["send", f"127.0.0.1:{closed_port}", "x", "--transcript", str(kept)])
     assert res.exit_code == 1, res.stderr
     assert kept.read_text() == ""
+
+
+def test_a_reset_right_after_the_accept_is_a_reset_run_not_a_failed_connect() -> None:
+    # A server that accepts and aborts at once: when its RST came before connect() looked at
+    # SO_ERROR (a race, about one run in six), the run was reported as never connected
+    # (address and connect_ms null, ended_by "error"). The handshake had completed.
+    argv = ["reset", "serve", "--on-accept", "--port", "0", "--json"]
+    with netprobe_process(argv) as server:
+        assert server.stdout is not None
+        port = json.loads(server.stdout.readline())["port"]
+        records = []
+        for _ in range(40):
+            result = invoke(["send", f"127.0.0.1:{port}", "x", "--json"])
+            assert result.exit_code == 4, result.stderr
+            records.append(json.loads(result.stdout))
+    assert {r["ended_by"] for r in records} == {"reset"}, records
+    assert all(r["address"] == f"127.0.0.1:{port}" for r in records)
+    assert all(r["connect_ms"] is not None for r in records)

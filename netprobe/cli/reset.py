@@ -517,7 +517,7 @@ def _client_target(text: str, *, allow_remote: bool) -> tuple[Any, str]:
         is_loopback,
         not_loopback_why,
         parse_target,
-        resolve,
+        resolve_named,
     )
 
     parsed = parse_target(text)
@@ -533,7 +533,7 @@ def _client_target(text: str, *, allow_remote: bool) -> tuple[Any, str]:
         raise UsageError(
             f"{text!r}: {not_loopback_why(parsed.host)} get aborts unless you pass --allow-remote"
         )
-    resolved = resolve(parsed.host, port)[0]
+    resolved = resolve_named(parsed.host, port)[0]
     # Checked on the resolved address, so a name that points off this host is caught too;
     # nothing has been sent to the target at this point.
     if not allow_remote and not is_loopback(resolved.host):
@@ -971,7 +971,7 @@ def proxy(
     )
     from netprobe.render import choose_format
     from netprobe.server import ServerConfig
-    from netprobe.sockets import is_loopback, not_loopback_why, resolve, resolved_off_loopback
+    from netprobe.sockets import is_loopback, not_loopback_why, resolve_named, resolved_off_loopback
 
     choose_format(json_out=json_out, csv_out=False, quiet=quiet, out=sys.stdout)  # -q xor --json
     if upstream is None:
@@ -989,7 +989,7 @@ def proxy(
     if not allow_remote:
         # The name passed the first gate (localhost); what it resolves to must pass too, and
         # that address, not the name, is what every connection then goes to.
-        address = resolve(up_host, up_port)[0].host
+        address = resolve_named(up_host, up_port)[0].host
         why = resolved_off_loopback(up_host, address)
         if why is not None:
             raise UsageError(f"--upstream {upstream}: {why}; pass --allow-remote to proxy to it")

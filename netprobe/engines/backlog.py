@@ -41,6 +41,7 @@ from netprobe.sockets import (
     parse_float,
     raise_nofile_limit,
     resolve,
+    resolve_named,
     resolved_off_loopback,
 )
 
@@ -931,7 +932,7 @@ def _run(
         assert cfg.host is not None
         assert cfg.port is not None
         host, port = cfg.host, cfg.port
-    resolved = resolve(host, port, family=cfg.family)[0]
+    resolved = resolve_named(host, port, family=cfg.family)[0]
     address = resolved.host
     why = None if lab is not None or cfg.allow_remote else resolved_off_loopback(host, address)
     if why is not None:

@@ -40,7 +40,7 @@ from netprobe.sockets import (
     format_hostport,
     pump_duplex,
     recv_datagram,
-    resolve,
+    resolve_named,
     send_datagram,
     unix_address,
     wait_readable,
@@ -950,7 +950,7 @@ def _addresses(opts: SendOptions) -> list[Resolved]:
         raise UsageError(f"{target.text!r}: give exactly one port (HOST:PORT or [V6]:PORT)")
     if target.host is None or "/" in target.host:
         raise UsageError(f"{target.text!r}: send needs one host, not a CIDR block")
-    return resolve(target.host, target.ports[0], family=opts.family)
+    return resolve_named(target.host, target.ports[0], family=opts.family)
 
 
 def _is_unix(addr: Resolved) -> bool:
@@ -965,6 +965,15 @@ def _shown(addr: Resolved) -> str:
     return format_hostport(addr.host, addr.port)
 
 
+class _ResetOnConnect(PeerResetError):
+    """connect() found the connection already reset by the peer (SO_ERROR ECONNRESET)."""
+
+    def __init__(self, shown: str, errno_name: str | None, elapsed_s: float) -> None:
+        super().__init__("connect", None, errno_name, shown)
+        self.address = shown
+        self.elapsed_s = elapsed_s
+
+
 def _connect(addrs: list[Resolved], deadline: float) -> tuple[Any, Resolved, float]:
     """Try each address in turn; the first that connects wins."""
     last_error: Exception | None = None
@@ -976,7 +985,9 @@ def _connect(addrs: list[Resolved], deadline: float) -> tuple[Any, Resolved, flo
         if outcome.state is ConnectState.TIMEOUT:
             last_error = DeadlineExceeded(f"connect to {shown}")
         elif outcome.state is ConnectState.RESET:
-            last_error = PeerResetError("connect", None, outcome.errno_name, shown)
+            # The handshake completed, and the peer's RST came before we looked (a server that
+            # accepts and aborts at once): a connection that ended by reset, not a failed one.
+            raise _ResetOnConnect(shown, outcome.errno_name, outcome.elapsed_s)
         else:
             last_error = ConnectError("connect", None, outcome.errno_name, shown)
     assert last_error is not None
@@ -1081,7 +1092,26 @@ def _exchange_checked(
     read_input = _input_reader(
         opts.source, crlf=opts.crlf, framing=opts.framing, max_frame=opts.max_frame
     )
-    sock, addr, connect_s = _connect(addrs, connect_deadline)
+    try:
+        sock, addr, connect_s = _connect(addrs, connect_deadline)
+    except _ResetOnConnect as exc:
+        # As a reset right after the connect is reported (ended_by "reset", exit 4), with
+        # nothing sent or received.
+        reset = SendResult(
+            opts.target.text,
+            exc.address,
+            "tcp",
+            connect_ms=_ms(exc.elapsed_s),
+            total_ms=_ms(time.monotonic() - start) or 0.0,
+            ended_by="reset",
+            errno_name=exc.errno_name,
+            input_complete=False,
+            expect_met=False if opts.expect.any else None,
+        )
+        if opts.collect:
+            reset.data = b""
+            reset.frames = [] if opts.framing is not None else None
+        return reset
     proto = "unix" if _is_unix(addr) else "tcp"
     result = SendResult(opts.target.text, _shown(addr), proto, connect_ms=_ms(connect_s))
     receiver = _Receiver(
@@ -1225,6 +1255,10 @@ def _exchange_udp(
         if exc.errno_name == "ECONNREFUSED":
             detail = f"nothing listens on {result.address}/udp (ICMP port unreachable)"
             result.error = str(NetworkError(exc.op, exc.errno, exc.errno_name, detail))
+        elif exc.errno_name == "EMSGSIZE":
+            # "send: send: EMSGSIZE: Message too long" read as a stutter and said no limit.
+            detail = "a UDP datagram carries at most 65,507 bytes (IPv6: 65,527)"
+            result.error = str(NetworkError("datagram", exc.errno, exc.errno_name, detail))
         return "error"
 
     ended: str | None = None
