@@ -213,11 +213,12 @@ class LineSink:
 
     A server writes its events from its event loop: a reader that stops reading (a script that
     keeps the pipe but reads only the announce line, a terminal on hold) must not stop the
-    echo for every client, nor a SIGTERM. A line is written at once while the stream can take
-    it; otherwise it waits in a queue that a thread writes out as the stream drains, up to
-    `limit` bytes. Lines beyond that are dropped and counted, and once the stream drains
-    again, `dropped_line(n)` (when given) says so in the stream itself. Streams that never
-    block (a file, /dev/null, an in-memory buffer) are written directly.
+    echo for every client, nor a SIGTERM. A line goes out at once through a non-blocking
+    handle of its own when the stream takes it; otherwise it waits in a queue that a thread
+    writes out as the stream drains, up to `limit` bytes. Lines beyond that are dropped and
+    counted, and the next line that fits is preceded by `dropped_line(n)` (when given), so the
+    stream itself says where lines are missing. Streams that never block (a file, /dev/null,
+    an in-memory buffer) are written directly.
     """
 
     def __init__(
@@ -234,12 +235,16 @@ class LineSink:
         self._limit = limit
         self._dropped_line = dropped_line
         self._fd = _may_block(stream)
+        self._nonblocking: int | None = None
         if self._fd is not None:
             # From here on the fd is written directly: the thread must never block while it
             # holds the stream's own lock, which the interpreter takes again at exit.
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()
             self._encoding = getattr(stream, "encoding", None) or "utf-8"
+            self._nonblocking = _nonblocking_twin(self._fd)
+            if self._nonblocking is not None:
+                self._release = weakref.finalize(self, os.close, self._nonblocking)
         self._reset()
 
         # A forked worker must not inherit the lock held, nor a queue its thread left behind.
@@ -275,17 +280,19 @@ class LineSink:
                 self._write_stream(line + "\n")
                 return
             data = self._encode(line + "\n")
-            if not self._queue and not self._busy:
-                from netprobe.sockets import can_write_now
-
-                if can_write_now(self._fd, len(data)):
-                    data = self._write_some(data)
-                    if not data:
-                        return
-            elif self._queued + len(data) > self._limit:
+            idle = not self._queue and not self._busy
+            if not idle and self._queued + len(data) > self._limit:
                 self.dropped += 1
                 self._unreported += 1
                 return
+            if self._unreported and self._dropped_line is not None:
+                # Where the lines went missing, before the first one that made it again.
+                data = self._encode(self._dropped_line(self._unreported) + "\n") + data
+            self._unreported = 0
+            if idle and self._nonblocking is not None:
+                data = self._write_some(data)
+                if not data:
+                    return
             self._queue.append(data)
             self._queued += len(data)
             if self._thread is None:
@@ -297,9 +304,31 @@ class LineSink:
                 self._thread.start()
             self._drained.notify_all()
 
+    def settle(self, timeout_s: float) -> int:
+        """Wait up to timeout_s for the queue to be written, then drop (and count) what is
+        still queued, so that a last line written next goes out first. Returns the count of
+        lines dropped so far."""
+        self._wait(timeout_s)
+        with self._lock:
+            if self._queue:
+                self.dropped += len(self._queue)
+                self._queue.clear()
+                self._queued = 0
+            return self.dropped
+
     def close(self, timeout_s: float) -> int:
         """Wait up to timeout_s for the queue to be written; returns the lines never written
         (dropped, or still queued when the wait ended)."""
+        self._wait(timeout_s)
+        with self._lock:
+            if self._nonblocking is not None:
+                # Our second handle would keep a pipe open after the stream's own is closed
+                # (its reader would never see EOF); later lines go through the thread.
+                self._nonblocking = None
+                self._release()
+            return self.dropped + len(self._queue)
+
+    def _wait(self, timeout_s: float) -> None:
         import time
 
         end = time.monotonic() + timeout_s
@@ -307,9 +336,8 @@ class LineSink:
             while (self._queue or self._busy) and not self._broken:
                 left = end - time.monotonic()
                 if left <= 0:
-                    break
+                    return
                 self._drained.wait(left)
-            return self.dropped + len(self._queue)
 
     def _encode(self, text: str) -> bytes:
         try:
@@ -325,18 +353,16 @@ class LineSink:
             self._broken = True
 
     def _write_some(self, data: bytes) -> bytes:
-        """Write what the fd takes now; returns the rest (marks the sink broken on EPIPE)."""
+        """Write what the stream takes now, never waiting; returns the rest."""
         import os
 
-        assert self._fd is not None
+        assert self._nonblocking is not None
         try:
-            written = os.write(self._fd, data)
+            written = os.write(self._nonblocking, data)
         except (BlockingIOError, InterruptedError):
             return data
         except OSError:
             self._broken = True
-            self._queue.clear()
-            self._queued = 0
             return b""
         return data[written:]
 
@@ -345,37 +371,54 @@ class LineSink:
         import time
 
         assert self._fd is not None
-        while True:
-            with self._lock:
-                while not self._queue and not self._broken:
-                    self._drained.wait()
-                if self._broken:
+        failed = False
+        try:
+            while True:
+                with self._lock:
+                    while not self._queue and not self._broken:
+                        self._drained.wait()
+                    if self._broken:
+                        return
+                    data = self._queue.popleft()
+                    self._queued -= len(data)
+                    self._busy = True
+                view = memoryview(data)
+                while view:
+                    try:
+                        view = view[os.write(self._fd, view) :]  # blocks while the reader is slow
+                    except InterruptedError:
+                        continue
+                    except BlockingIOError:  # someone made the shared fd non-blocking
+                        time.sleep(0.01)
+                    except OSError:
+                        failed = True
+                        return
+                with self._lock:
+                    self._busy = False
                     self._drained.notify_all()
-                    return
-                data = self._queue.popleft()
-                self._queued -= len(data)
-                if not self._queue and self._unreported and self._dropped_line is not None:
-                    data += self._encode(self._dropped_line(self._unreported) + "\n")
-                    self._unreported = 0
-                self._busy = True
-            failed = False
-            view = memoryview(data)
-            while view and not failed:
-                try:
-                    view = view[os.write(self._fd, view) :]  # blocks while the reader is slow
-                except InterruptedError:
-                    continue
-                except BlockingIOError:  # someone made the shared fd non-blocking
-                    time.sleep(0.01)
-                except OSError:
-                    failed = True
+        finally:
             with self._lock:
                 self._busy = False
-                if failed:
+                if failed or not self._broken:
+                    # EPIPE, or this thread ended unexpectedly: nothing more can be written.
                     self._broken = True
                     self._queue.clear()
                     self._queued = 0
                 self._drained.notify_all()
+
+
+def _nonblocking_twin(fd: int) -> int | None:
+    """A second, non-blocking open of what fd writes to (a pipe or a terminal), so a write
+    from the loop can never wait, whatever another process sharing fd does. None where
+    there is no such thing (a socket), or on a system without /proc."""
+    import os
+
+    try:
+        return os.open(
+            f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        )
+    except OSError:
+        return None
 
 
 def _may_block(stream: TextIO) -> int | None:

@@ -1018,9 +1018,12 @@ class Server:
         self.on_event = on_event
         self.on_ready = on_ready
         self.on_totals = on_totals
-        # Called in a forked worker before it exits (it never returns from run()): the place
-        # to flush what its callbacks still hold.
-        self.on_worker_exit: Callable[[], None] | None = None
+        # Called in a forked worker before it reports and exits (it never returns from run()):
+        # the place to flush what its callbacks still hold. It returns how many output lines
+        # the worker lost (a reader that fell behind); the parent sums them in
+        # workers_lines_lost.
+        self.on_worker_exit: Callable[[], int] | None = None
+        self.workers_lines_lost = 0
         self.bound: Bound | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: socket.socket | None = None
@@ -1172,7 +1175,11 @@ class Server:
         try:
             with asyncio.Runner(loop_factory=self.config.loop_factory) as runner:
                 summary = runner.run(self.serve())
-            os.write(summary_fd, json.dumps(summary.to_record()).encode())
+            record = summary.to_record()
+            if self.on_worker_exit is not None:
+                on_exit, self.on_worker_exit = self.on_worker_exit, None
+                record["lines_lost"] = on_exit()
+            os.write(summary_fd, json.dumps(record).encode())
         except BaseException:
             code = 70
         finally:
@@ -1212,6 +1219,7 @@ class Server:
             record = json.loads(data)
             for name in ("connections", "rejected", "bytes_in", "bytes_out", "resets", "errors"):
                 setattr(summary, name, getattr(summary, name) + int(record[name]))
+            self.workers_lines_lost += int(record.get("lines_lost", 0))
             for reason, number in record["reasons"].items():
                 summary.reasons[reason] = summary.reasons.get(reason, 0) + int(number)
         self._children = []

@@ -732,23 +732,6 @@ class ConnectOutcome:
 _FIN_UNACKED_STATES = frozenset({4, 9, 11})  # FIN_WAIT1, LAST_ACK, CLOSING
 
 
-def can_write_now(fd: int, size: int) -> bool:
-    """Whether writing `size` bytes to fd (a pipe, socket or terminal) would not block.
-
-    A pipe reporting room for one more page takes a write of up to PIPE_BUF bytes whole; a
-    longer write could still block, so it is never "now". An fd poll cannot judge: True (the
-    write itself will tell).
-    """
-    if size > select.PIPE_BUF:
-        return False
-    try:
-        poller = select.poll()
-        poller.register(fd, select.POLLOUT)
-        return bool(poller.poll(0))
-    except (OSError, ValueError):
-        return True
-
-
 def send_queue_bytes(sock: socket.socket) -> int | None:
     """Data bytes in a TCP socket's kernel send queue the peer has not acknowledged (unsent
     plus in flight): what an RST now would throw away. None where the kernel cannot say (not

@@ -695,20 +695,23 @@ def test_running_out_of_fds_is_one_error_however_long_it_lasts() -> None:
     def low_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
 
+    CLIENTS = 36
     proc = EchoProcess(["--port", "0", "--json"], preexec_fn=low_limit)
     clients: list[socket.socket] = []
     try:
         port = proc.record()["port"]
-        # More clients than the server has fds for: its accepts fail (EMFILE).
+        # More clients than the server has fds for (about 25 of the 40 are free): its
+        # accepts fail (EMFILE). Few enough that the rest fit once the first ones are gone:
+        # a second shortage would be a second error, rightly.
         clients.extend(
-            socket.create_connection(("127.0.0.1", port), timeout=LONG) for _ in range(50)
+            socket.create_connection(("127.0.0.1", port), timeout=LONG) for _ in range(CLIENTS)
         )
         time.sleep(0.6)  # the shortage lasts: the server retries every 0.1 s meanwhile
         for client in clients:
             client.close()
         clients.clear()
         closed = 0
-        while closed < 50:  # every client served once fds are free again (events say so)
+        while closed < CLIENTS:  # every client served once fds are free again (events say so)
             closed += proc.record()["event"] == "close"
         proc.proc.send_signal(signal.SIGTERM)
         totals = proc.records_until("totals")[-1]
@@ -717,8 +720,8 @@ def test_running_out_of_fds_is_one_error_however_long_it_lasts() -> None:
         for client in clients:
             client.close()
         proc.close()
-    assert totals["connections"] == 50
-    assert totals["reasons"].get("accept-EMFILE") == totals["errors"] == 1
+    assert totals["connections"] == CLIENTS
+    assert totals["reasons"].get("accept-EMFILE") == totals["errors"] == 1, json.dumps(totals)
 
 
 # --- sweep fixes: a bad --ready-file, and bad input that came after the ready file ----------
@@ -794,17 +797,6 @@ def test_stream_only_options_with_udp_are_refused(option: list[str]) -> None:
     # Before: accepted and silently meaningless (their defaults hid that they were given).
     line = bad_input_line(["echo", "--udp", "--port", "0", "--duration", "0.2", *option])
     assert f"{option[0]} applies to TCP and Unix streams, not to --udp" in line
-
-
-@pytest.mark.parametrize(
-    ("host", "block"), [("127.0.0.1", "10.0.0.0/8"), ("127.0.0.1", "128.0.0.0/1")]
-)
-def test_allow_that_no_loopback_peer_matches_is_refused(host: str, block: str) -> None:
-    # Before: the server started and refused every client (all of them come from 127/8).
-    line = bad_input_line(["echo", "--host", host, "--port", "0", "--duration", "0.2",
-                           "--allow", block])  # fmt: skip
-    assert "every client would be refused" in line
-    assert block in line
 
 
 def test_udp_datagrams_from_peers_not_allowed_are_counted_with_their_reason() -> None:

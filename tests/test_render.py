@@ -5,8 +5,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +25,7 @@ from netprobe.errors import (
 from netprobe.exitcodes import ExitStatus, exit_status_for_error, exit_status_for_state, worst
 from netprobe.render import Column, LineSink, OutputFormat, Renderer, choose_format
 from netprobe.results import ConnectState
-from tests.helpers import ROOT
+from tests.helpers import LONG, ROOT
 
 COLUMNS = [Column("host", "HOST"), Column("port", "PORT", align_right=True), Column("ms", "MS")]
 ROWS = [{"host": "b", "port": 80, "ms": 1.23456}, {"host": "a", "port": 443, "ms": None}]
@@ -164,3 +168,97 @@ def test_line_sink_never_blocks_drops_past_its_limit_and_says_so() -> None:
     # The lines that made it are the first ones, whole and in order; the rest were counted.
     assert written == lines[: len(written)]
     assert len(written) + sink.dropped == len(lines)
+
+
+def _echo_with_output(stdout: int, stderr: int, ready: str, *args: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "netprobe", "echo", "--port", "0", "--ready-file", ready, *args],
+        stdout=stdout,
+        stderr=stderr,
+        cwd=ROOT,
+    )
+    deadline = time.monotonic() + LONG
+    while not os.path.exists(ready):
+        assert proc.poll() is None, "echo exited"
+        assert time.monotonic() < deadline, "echo never got ready"
+        time.sleep(0.02)
+    return proc
+
+
+def _echo_clients(port: int, count: int) -> None:
+    for number in range(count):
+        with socket.create_connection(("127.0.0.1", port), timeout=LONG) as sock:
+            sock.sendall(b"x")
+            assert sock.recv(1) == b"x", f"client {number} got no echo"
+
+
+def test_an_unread_terminal_never_stops_the_echo(tmp_path: Path) -> None:
+    # A terminal says "writable" with any room at all, so a line written from the loop on
+    # that word could still block it: echo froze after about 240 clients on a pty nobody read.
+    master, slave = os.openpty()
+    ready = str(tmp_path / "ready.json")
+    try:
+        proc = _echo_with_output(slave, slave, ready)
+        os.close(slave)
+        slave = -1
+        try:
+            _echo_clients(json.loads(Path(ready).read_text())["port"], 800)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(LONG) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(LONG)
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_final_totals_go_out_before_a_slow_readers_backlog(
+    tmp_path: Path, workers: int
+) -> None:
+    # 600 clients' events (about 120 KB) wait for a reader that starts only at the end and
+    # takes 80 KB/s: the totals used to queue behind them and be lost at exit. Now what is
+    # still queued after a moment is dropped and counted, and the totals go out next.
+    import threading
+
+    read_end, write_end = os.pipe()
+    ready = str(tmp_path / "ready.json")
+    try:
+        argv = ["--json", "--workers", str(workers)]
+        proc = _echo_with_output(write_end, subprocess.DEVNULL, ready, *argv)
+        os.close(write_end)
+        write_end = -1
+        got = bytearray()
+
+        def read_slowly() -> None:
+            while chunk := os.read(read_end, 4096):
+                got.extend(chunk)
+                time.sleep(0.05)
+
+        try:
+            _echo_clients(json.loads(Path(ready).read_text())["port"], 600)
+            proc.send_signal(signal.SIGTERM)
+            reader = threading.Thread(target=read_slowly)
+            reader.start()
+            assert proc.wait(LONG) == 0
+            reader.join(LONG * 2)
+            assert not reader.is_alive()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(LONG)
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    records = [json.loads(line) for line in got.decode().splitlines()]
+    totals = records[-1]
+    assert (totals["event"], totals["final"]) == ("totals", True), records[-3:]
+    assert totals["connections"] == 600
+    events = [r for r in records if r["event"] in ("accept", "close")]
+    assert totals["events_dropped"] > 0
+    # Every event is either in the stream or counted as dropped (each worker's too).
+    assert len(events) + totals["events_dropped"] == 2 * 600

@@ -24,8 +24,11 @@ from netprobe.cli._options import (
 )
 from netprobe.errors import UsageError
 
-# How long the last event lines may wait for a slow reader at exit (stdout; stderr half that).
-FINISH_S = 0.4
+# How long the event lines still queued at the end may wait for a slow reader before the
+# final totals go out (stdout; stderr less), and the totals themselves after that: a stuck
+# reader never holds the exit for long.
+SETTLE_S = 0.25
+FINISH_S = 0.25
 DEFAULT_BACKLOG = 128
 DEFAULT_BUSY_POLL_S = 50e-6
 
@@ -255,7 +258,7 @@ def echo(
         config, options, on_event=out.event, on_ready=out.ready, on_totals=out.running_totals
     )
     out.event_loop = "asyncio" if server.config.loop_factory is None else "uvloop"
-    server.on_worker_exit = out.finish
+    server.on_worker_exit = out.worker_exit
     # Only now, with every option checked: bad input must leave an old ready file alone. A
     # file left by an earlier run would say "listening" for a server that may still fail to
     # bind: it exists only while this one listens.
@@ -266,7 +269,7 @@ def echo(
         summary = server.run()
     finally:
         _remove_ready_file(ready_file)  # nobody listens any more
-    out.final_totals(summary)
+    out.final_totals(summary, lost_elsewhere=server.workers_lines_lost)
     for lost in server.lost_workers:
         out.note(f"netprobe: echo: {lost}: what it served is missing from the totals")
     out.finish()
@@ -291,14 +294,6 @@ def _allow_for(host: str, specs: Sequence[str]) -> tuple[Any, ...]:
             f"--allow {blocks}: no IPv{version} block, and --host {host} serves only IPv{version} "
             "peers: every client would be refused"
         )
-    if networks and ipaddress.ip_address(host).is_loopback:
-        # Only this host's loopback addresses reach a loopback bind.
-        loopback = ipaddress.ip_network("127.0.0.0/8" if version == 4 else "::1/128")
-        if not any(net.version == version and net.overlaps(loopback) for net in networks):
-            raise UsageError(
-                f"--allow {' '.join(specs)}: --host {host} is loopback, reached only from "
-                f"{loopback}, which no block includes: every client would be refused"
-            )
     return networks
 
 
@@ -424,13 +419,21 @@ class _Output:
     def running_totals(self, summary: ServerSummary) -> None:
         self._totals(summary, final=False)
 
-    def final_totals(self, summary: ServerSummary) -> None:
-        self._totals(summary, final=True)
+    def final_totals(self, summary: ServerSummary, lost_elsewhere: int = 0) -> None:
+        """The totals line, after the event lines still queued (given a moment, then counted
+        as dropped): it goes out next, and says how many never did (`lost_elsewhere`: the
+        workers' own)."""
+        self.settle()
+        self._totals(summary, final=True, lost_elsewhere=lost_elsewhere)
 
-    def _totals(self, summary: ServerSummary, *, final: bool) -> None:
+    def settle(self) -> int:
+        """Let the queued lines go out (bounded); returns how many were dropped in all."""
+        return self._err.settle(SETTLE_S / 2) + self._out.settle(SETTLE_S)
+
+    def _totals(self, summary: ServerSummary, *, final: bool, lost_elsewhere: int = 0) -> None:
         record: dict[str, Any] = summary.to_record()
         record["final"] = final
-        dropped = self._out.dropped + self._err.dropped
+        dropped = self._out.dropped + self._err.dropped + lost_elsewhere
         if dropped:
             record["events_dropped"] = dropped
         if self.json_out:
@@ -464,3 +467,9 @@ class _Output:
         """Give a slow reader a moment for the last lines; a stuck one never holds the exit."""
         self._out.close(FINISH_S)
         self._err.close(FINISH_S / 2)
+
+    def worker_exit(self) -> int:
+        """A forked worker's last lines (bounded wait); returns the lines it lost."""
+        dropped = self.settle()
+        self.finish()
+        return dropped

@@ -38,7 +38,8 @@ app = typer.Typer(
 )
 
 SLOW_ACCEPT_RATE = 1.0  # accepts per second for --slow-accept without --accept-rate
-_FINISH_S = 0.4  # how long the last lines may wait for a slow reader at exit (as echo's)
+_SETTLE_S = 0.25  # how long queued lines may wait for a slow reader at the end (as echo's)
+_FINISH_S = 0.25  # and the totals line after them
 _T = "Triggers (give one)"
 _A = "Actions"
 
@@ -644,6 +645,9 @@ class _Output:
     def totals(self, summary: Any) -> None:
         from netprobe.render import dump_json
 
+        # The queued lines first (a moment, then counted as dropped): the totals go out next.
+        self._err.settle(_SETTLE_S / 2)
+        self._out.settle(_SETTLE_S)
         if self.quiet:
             return
         record = self._totals_record(summary, final=True)
