@@ -22,7 +22,7 @@ netprobe=("$py" -m netprobe)
 smoke=0
 [ "${1:-}" = "--smoke" ] && smoke=1
 if [ "$smoke" = 1 ]; then
-  n_rate=3000; n_c=3000; n_held=2000; hold=3s; nmap_ports=1-3000; rounds=1
+  n_rate=3000; n_c=3000; n_held=2000; hold=1s; nmap_ports=1-3000; rounds=1
 else
   n_rate=50000; n_c=50000; n_held=50000; hold=15s; nmap_ports=1-65535; rounds=3
 fi
