@@ -425,11 +425,11 @@ def test_a_rate_cap_spaces_attempts_and_ends_with_the_last(closed_port: int) -> 
     # The job fetched early to know one is left still waits for its slot.
     jobs = (_job(closed_port, key=i) for i in range(2))
     start = time.monotonic()
-    results = list(run_connects(jobs, concurrency=10, timeout_s=1, rate=0.5))
+    results = list(run_connects(jobs, concurrency=10, timeout_s=1, rate=1.0))
     took = time.monotonic() - start
     assert [r.job.key for r in results] == [0, 1]
-    # Starts at 0 and 2 s; the old loop also waited out the slot at 4 s.
-    assert 2.0 * 0.9 <= took < 3.2, f"2 attempts at rate 0.5 took {took:.2f} s"
+    # Starts at 0 and 1 s; the old loop also waited out the slot at 2 s.
+    assert 1.0 * 0.9 <= took < 1.6, f"2 attempts at rate 1 took {took:.2f} s"
 
 
 def test_worker_processes_end_with_their_last_attempt_under_a_rate(closed_port: int) -> None:

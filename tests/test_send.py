@@ -605,7 +605,7 @@ def test_upload_stalled_by_a_peer_that_stopped_reading_exits_3(
         servers = [start(holding(banner, release)) for _ in range(2)]
         for srv in servers:  # a fixed receive buffer: the kernel cannot take it all for it
             srv.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        args = ["--file", str(payload), "--idle-timeout", "1s"]
+        args = ["--file", str(payload), "--idle-timeout", "500ms"]
         as_json_run = invoke(["send", addr(servers[0]), *args, "--json"])
         text_run = invoke(["send", addr(servers[1]), *args])
     finally:
