@@ -236,12 +236,14 @@ class LineSink:
         self._dropped_line = dropped_line
         self._fd = _may_block(stream)
         self._nonblocking: int | None = None
+        self._named_fifo = False
         if self._fd is not None:
             # From here on the fd is written directly: the thread must never block while it
             # holds the stream's own lock, which the interpreter takes again at exit.
             with contextlib.suppress(OSError, ValueError):
                 stream.flush()
             self._encoding = getattr(stream, "encoding", None) or "utf-8"
+            self._named_fifo = _is_named_fifo(self._fd)
             self._nonblocking = _nonblocking_twin(self._fd)
             if self._nonblocking is not None:
                 self._release = weakref.finalize(self, os.close, self._nonblocking)
@@ -266,15 +268,21 @@ class LineSink:
         self._drained = threading.Condition(self._lock)
         self._queue: collections.deque[bytes] = collections.deque()
         self._queued = 0
+        # Queued chunks that carry a "dropped N" note (by id): N, to report again if lost.
+        self._reports: dict[int, int] = {}
         self._busy = False  # the thread is writing bytes it took from the queue
         self._thread: Any = None
         self._broken = False
         self._unreported = 0
-        self.dropped = 0  # lines dropped because the reader fell behind
+        self.dropped = 0  # lines dropped because the reader fell behind (or left)
+        # A write error that is ours, not the reader's (ENOSPC on a full disk, EIO): the
+        # caller raises it at the end (exit 6), as any output error is.
+        self.error: OSError | None = None
 
     def write(self, line: str) -> None:
         with self._lock:
             if self._broken:
+                self.dropped += 1
                 return
             if self._fd is None:
                 self._write_stream(line + "\n")
@@ -285,14 +293,23 @@ class LineSink:
                 self.dropped += 1
                 self._unreported += 1
                 return
-            if self._unreported and self._dropped_line is not None:
+            reported = self._unreported
+            if reported and self._dropped_line is not None:
                 # Where the lines went missing, before the first one that made it again.
-                data = self._encode(self._dropped_line(self._unreported) + "\n") + data
+                data = self._encode(self._dropped_line(reported) + "\n") + data
             self._unreported = 0
             if idle and self._nonblocking is not None:
-                data = self._write_some(data)
-                if not data:
+                rest = self._write_some(data)
+                if rest is None:  # no reader on the FIFO now: this line (and the note) lost
+                    self.dropped += 1
+                    self._unreported = reported + 1
                     return
+                if not rest:
+                    return
+                data = rest
+                reported = 0  # the note went out
+            if reported:
+                self._reports[id(data)] = reported
             self._queue.append(data)
             self._queued += len(data)
             if self._thread is None:
@@ -313,12 +330,13 @@ class LineSink:
             if self._queue:
                 self.dropped += len(self._queue)
                 self._queue.clear()
+                self._reports.clear()
                 self._queued = 0
             return self.dropped
 
     def close(self, timeout_s: float) -> int:
         """Wait up to timeout_s for the queue to be written; returns the lines never written
-        (dropped, or still queued when the wait ended)."""
+        (dropped, still queued, or still being written when the wait ended)."""
         self._wait(timeout_s)
         with self._lock:
             if self._nonblocking is not None:
@@ -326,7 +344,7 @@ class LineSink:
                 # (its reader would never see EOF); later lines go through the thread.
                 self._nonblocking = None
                 self._release()
-            return self.dropped + len(self._queue)
+            return self.dropped + len(self._queue) + int(self._busy and not self._broken)
 
     def _wait(self, timeout_s: float) -> None:
         import time
@@ -349,11 +367,15 @@ class LineSink:
         try:
             self._stream.write(text)
             self._stream.flush()
-        except (OSError, ValueError):  # the reader is gone: nothing more is written
+        except (BrokenPipeError, ValueError):  # the reader is gone: nothing more is written
+            self._broken = True
+        except OSError as exc:
+            self.error = exc
             self._broken = True
 
-    def _write_some(self, data: bytes) -> bytes:
-        """Write what the stream takes now, never waiting; returns the rest."""
+    def _write_some(self, data: bytes) -> bytes | None:
+        """Write what the stream takes now, never waiting; returns the rest (None: a named
+        FIFO has no reader now, nothing was written)."""
         import os
 
         assert self._nonblocking is not None
@@ -361,7 +383,15 @@ class LineSink:
             written = os.write(self._nonblocking, data)
         except (BlockingIOError, InterruptedError):
             return data
-        except OSError:
+        except BrokenPipeError:
+            if self._named_fifo:
+                # No reader right now; a FIFO on disk may get a new one: this line is lost,
+                # later ones are tried again.
+                return None
+            self._broken = True
+            return b""
+        except OSError as exc:
+            self.error = exc
             self._broken = True
             return b""
         return data[written:]
@@ -381,6 +411,7 @@ class LineSink:
                         return
                     data = self._queue.popleft()
                     self._queued -= len(data)
+                    reported = self._reports.pop(id(data), 0)
                     self._busy = True
                 view = memoryview(data)
                 while view:
@@ -390,7 +421,16 @@ class LineSink:
                         continue
                     except BlockingIOError:  # someone made the shared fd non-blocking
                         time.sleep(0.01)
-                    except OSError:
+                    except BrokenPipeError:
+                        if not self._named_fifo:
+                            failed = True
+                            return
+                        with self._lock:  # no reader now: this chunk is lost, not the rest
+                            self.dropped += 1
+                            self._unreported += 1 + reported  # its note is lost too
+                        break
+                    except OSError as exc:
+                        self.error = exc
                         failed = True
                         return
                 with self._lock:
@@ -403,22 +443,43 @@ class LineSink:
                     # EPIPE, or this thread ended unexpectedly: nothing more can be written.
                     self._broken = True
                     self._queue.clear()
+                    self._reports.clear()
                     self._queued = 0
                 self._drained.notify_all()
 
 
 def _nonblocking_twin(fd: int) -> int | None:
-    """A second, non-blocking open of what fd writes to (a pipe or a terminal), so a write
-    from the loop can never wait, whatever another process sharing fd does. None where
-    there is no such thing (a socket), or on a system without /proc."""
+    """A second, non-blocking open of the pipe fd writes to, so a write from the loop can
+    never wait, whatever another process sharing fd does. None for anything else: a
+    terminal (a non-blocking write may take part of a line, and the tty's lock keeps a whole
+    blocking write in one piece, which the thread's are), a socket, no /proc."""
     import os
+    import stat
 
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return None
+    except OSError:
+        return None
     try:
         return os.open(
             f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
         )
     except OSError:
         return None
+
+
+def _is_named_fifo(fd: int) -> bool:
+    """A FIFO with a name on disk (a reader may leave and a new one come), not a pipe."""
+    import os
+    import stat
+
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode) and not os.readlink(
+            f"/proc/self/fd/{fd}"
+        ).startswith("pipe:")
+    except OSError:
+        return False
 
 
 def _may_block(stream: TextIO) -> int | None:

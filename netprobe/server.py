@@ -1133,20 +1133,27 @@ class Server:
             raise ValueError("workers > 1 needs a stream listener")
         sys.stdout.flush()
         sys.stderr.flush()
-        for index in range(1, count + 1):
-            summary_r, summary_w = os.pipe()
-            life_r, life_w = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # the worker: serve, report totals through the pipe, never return
-                os.close(summary_r)
-                os.close(life_w)
-                for _pid, fd1, fd2 in self._children:
-                    os.close(fd1)
-                    os.close(fd2)
-                self._become_worker(index, summary_w, life_r)
-            os.close(summary_w)
-            os.close(life_r)
-            self._children.append((pid, summary_r, life_w))
+        # A worker is born with the stop and totals signals blocked (they wait until its loop
+        # handles them): the parent forwards SIGUSR1 as soon as it announces, and a worker
+        # that got it before blocking it died of it (the default action).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+        try:
+            for index in range(1, count + 1):
+                summary_r, summary_w = os.pipe()
+                life_r, life_w = os.pipe()
+                pid = os.fork()
+                if pid == 0:  # the worker: serve, report totals through the pipe, never return
+                    os.close(summary_r)
+                    os.close(life_w)
+                    for _pid, fd1, fd2 in self._children:
+                        os.close(fd1)
+                        os.close(fd2)
+                    self._become_worker(index, summary_w, life_r)
+                os.close(summary_w)
+                os.close(life_r)
+                self._children.append((pid, summary_r, life_w))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def _become_worker(self, index: int, summary_fd: int, lifeline_fd: int) -> None:
         import json

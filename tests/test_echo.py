@@ -828,6 +828,8 @@ def test_workers_running_totals_say_whose_and_a_lost_worker_is_reported() -> Non
         children = psutil.Process(proc.proc.pid).children()
         assert len(children) == 2
         # Before: three records alike, with no way to tell them apart or know how many come.
+        # (Sent right after the announce: a worker not yet past its start-up used to die of
+        # it, SIGUSR1's default action, in about half the runs.)
         proc.proc.send_signal(signal.SIGUSR1)
         running = [proc.record() for _ in range(3)]
         assert {(r["worker"], r["workers"]) for r in running} == {(1, 3), (2, 3), (3, 3)}

@@ -262,3 +262,69 @@ def test_the_final_totals_go_out_before_a_slow_readers_backlog(
     assert totals["events_dropped"] > 0
     # Every event is either in the stream or counted as dropped (each worker's too).
     assert len(events) + totals["events_dropped"] == 2 * 600
+
+
+def test_a_full_disk_under_the_event_output_is_exit_6(tmp_path: Path) -> None:
+    # Before: every write error counted as "the reader is gone", and the run ended 0 with its
+    # results lost; a write error of this host's own is a local I/O error.
+    ready = str(tmp_path / "ready.json")
+    with open("/dev/full", "wb") as full:
+        proc = _echo_with_output(full.fileno(), subprocess.PIPE, ready, "--json")
+    try:
+        _echo_clients(json.loads(Path(ready).read_text())["port"], 3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(LONG) == 6
+        assert proc.stderr is not None
+        (line,) = proc.stderr.read().decode().splitlines()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(LONG)
+        if proc.stderr is not None:
+            proc.stderr.close()
+    assert "local I/O error: ENOSPC" in line
+
+
+def test_a_named_fifo_gets_the_lines_again_once_a_new_reader_comes(tmp_path: Path) -> None:
+    # Before: the first EPIPE (the reader left) stopped all output for good, the totals too.
+    fifo = tmp_path / "events"
+    os.mkfifo(fifo)
+    first = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so the writer's open does not wait
+    ready = str(tmp_path / "ready.json")
+    with open(fifo, "wb") as writer:
+        proc = _echo_with_output(writer.fileno(), subprocess.DEVNULL, ready, "--json")
+    second = -1
+    try:
+        port = json.loads(Path(ready).read_text())["port"]
+        _echo_clients(port, 1)
+        os.close(first)  # the reader leaves
+        first = -1
+        _echo_clients(port, 2)  # their events meet EPIPE
+        second = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        _echo_clients(port, 1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(LONG) == 0
+        os.set_blocking(second, True)
+        got = bytearray()
+        while chunk := os.read(second, 65536):
+            got.extend(chunk)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(LONG)
+        for fd in (first, second):
+            if fd >= 0:
+                os.close(fd)
+    records = [json.loads(line) for line in got.decode().splitlines()]
+    # The pipe keeps what the first reader left unread (client 1's lines); clients 2 and 3
+    # came with no reader (their closes may have come after the second one opened).
+    accepts = [r["conn_id"] for r in records if r["event"] == "accept"]
+    assert accepts in ([4], [1, 4]), records
+    totals = records[-1]
+    assert (totals["event"], totals["connections"]) == ("totals", 4)
+    events = [r for r in records if r["event"] in ("accept", "close")]
+    assert len(events) + totals["events_dropped"] == 2 * 4
+    # The stream says where lines went missing, and how many in all.
+    markers = [r["lines"] for r in records if r["event"] == "dropped"]
+    assert markers
+    assert sum(markers) == totals["events_dropped"] >= 2

@@ -27,8 +27,8 @@ from netprobe.errors import UsageError
 # How long the event lines still queued at the end may wait for a slow reader before the
 # final totals go out (stdout; stderr less), and the totals themselves after that: a stuck
 # reader never holds the exit for long.
-SETTLE_S = 0.25
-FINISH_S = 0.25
+SETTLE_S = 0.2
+FINISH_S = 0.2
 DEFAULT_BACKLOG = 128
 DEFAULT_BUSY_POLL_S = 50e-6
 
@@ -467,9 +467,13 @@ class _Output:
         """Give a slow reader a moment for the last lines; a stuck one never holds the exit."""
         self._out.close(FINISH_S)
         self._err.close(FINISH_S / 2)
+        for sink in (self._out, self._err):
+            if sink.error is not None:  # ours (a full disk), not the reader's: exit 6
+                raise sink.error
 
     def worker_exit(self) -> int:
-        """A forked worker's last lines (bounded wait); returns the lines it lost."""
-        dropped = self.settle()
-        self.finish()
-        return dropped
+        """A forked worker's last lines; returns the lines it lost. Its waits are short: the
+        parent's own come after them, and the whole stop must stay within a second."""
+        self._err.settle(SETTLE_S / 4)
+        self._out.settle(SETTLE_S / 2)
+        return self._out.close(0.02) + self._err.close(0.02)

@@ -38,8 +38,8 @@ app = typer.Typer(
 )
 
 SLOW_ACCEPT_RATE = 1.0  # accepts per second for --slow-accept without --accept-rate
-_SETTLE_S = 0.25  # how long queued lines may wait for a slow reader at the end (as echo's)
-_FINISH_S = 0.25  # and the totals line after them
+_SETTLE_S = 0.2  # how long queued lines may wait for a slow reader at the end (as echo's)
+_FINISH_S = 0.2  # and the totals line after them
 _T = "Triggers (give one)"
 _A = "Actions"
 
@@ -579,6 +579,9 @@ class _Output:
         """Give a slow reader a moment for the last lines; a stuck one never holds the exit."""
         self._out.close(_FINISH_S)
         self._err.close(_FINISH_S / 2)
+        for sink in (self._out, self._err):
+            if sink.error is not None:  # ours (a full disk), not the reader's: exit 6
+                raise sink.error
 
     def ready(self, bound: Any) -> None:
         from netprobe.render import dump_json, shown
