@@ -44,7 +44,7 @@ from netprobe.errors import FramingError
 if TYPE_CHECKING:
     from netprobe.framing import Decoder
 
-SMOKE_EXAMPLES = 1500
+SMOKE_EXAMPLES = 600
 
 
 @dataclass(frozen=True)

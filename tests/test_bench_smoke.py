@@ -54,7 +54,7 @@ def test_bench_smoke_mode_passes(name: str) -> None:
         report = proc.stdout.decode(errors="replace")
         assert "bulk MiB/s" in report
         assert "RSS KB per conn" in report
-        assert "netprobe-asyncio" in report
+        assert "c-epoll" in report
 
 
 @pytest.mark.parametrize("loop", ["epoll", "uvloop"])

@@ -29,7 +29,7 @@ def _run(args: list[str], cwd: Path) -> str:
 
 def test_fuzz_smoke_hypothesis(tmp_path: Path) -> None:
     out = _run(["--smoke", "--engine", "hypothesis"], tmp_path)
-    assert "engine=hypothesis examples=1500 " in out
+    assert "engine=hypothesis examples=600 " in out
 
 
 @pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris not installed")
