@@ -20,6 +20,7 @@ __all__ = [
     "LineSink",
     "OutputFormat",
     "Renderer",
+    "ServerOutput",
     "choose_format",
     "dump_json",
     "format_value",
@@ -446,6 +447,65 @@ class LineSink:
                     self._reports.clear()
                     self._queued = 0
                 self._drained.notify_all()
+
+
+# How long the lines still queued at a server's end may wait for a slow reader before its
+# final totals go out (stdout; stderr half that), and the totals themselves after that: a
+# stuck reader never holds the exit for long (a stop must end within a second).
+SETTLE_S = 0.2
+FINISH_S = 0.2
+
+
+class ServerOutput:
+    """A server's stdout (results, or JSON events) and stderr (log lines) as LineSinks: events
+    never block the server; a reader that falls behind loses lines, counted, and the stream
+    says where (`{"event": "dropped", ...}` on stdout, `dropped N event lines: ...` on
+    stderr, after `err_prefix`)."""
+
+    def __init__(self, err_prefix: str = "") -> None:
+        self.out = LineSink(
+            sys.stdout,
+            dropped_line=lambda n: dump_json(
+                {"event": "dropped", "lines": n, "why": "the reader of stdout fell behind"}
+            ),
+        )
+        self.err = LineSink(
+            sys.stderr,
+            dropped_line=lambda n: (
+                f"{err_prefix}dropped {n} event lines: the reader of stderr fell behind"
+            ),
+        )
+
+    def write(self, stream: TextIO, line: str) -> None:
+        # (Nobody reading any more is no reason to stop serving: the sinks then drop lines.)
+        (self.out if stream is sys.stdout else self.err).write(line)
+
+    @property
+    def dropped(self) -> int:
+        return self.out.dropped + self.err.dropped
+
+    def settle(self, share: float = 1.0) -> int:
+        """Let the queued lines go out (bounded; `share` of the usual wait), then drop and
+        count the rest, so a last line goes out next. Returns the lines dropped in all."""
+        return self.err.settle(SETTLE_S / 2 * share) + self.out.settle(SETTLE_S * share)
+
+    def finish(self) -> None:
+        """Give a slow reader a moment for the last lines; a stuck one never holds the exit.
+
+        Raises:
+            OSError: a write failed for a reason of this host's own (ENOSPC): exit 6.
+        """
+        self.out.close(FINISH_S)
+        self.err.close(FINISH_S / 2)
+        for sink in (self.out, self.err):
+            if sink.error is not None:
+                raise sink.error
+
+    def worker_exit(self) -> int:
+        """A forked worker's last lines; returns the lines it lost. Its waits are short: the
+        parent's own come after them, and the whole stop must stay within a second."""
+        self.settle(share=0.5)
+        return self.out.close(0.02) + self.err.close(0.02)
 
 
 def _nonblocking_twin(fd: int) -> int | None:

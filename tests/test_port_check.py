@@ -664,11 +664,18 @@ def test_quiet_wait_prints_nothing_even_on_a_terminal(closed_port: int) -> None:
 def test_a_reader_gone_before_the_first_row_changes_no_verdict(
     closed_port: int, argv: list[str], status: int
 ) -> None:
+    proc = _port_check_into_a_closed_pipe([f"127.0.0.1:{closed_port}", *argv])
+    assert proc.returncode == status, proc.stderr
+    assert b"Traceback" not in proc.stderr
+
+
+def _port_check_into_a_closed_pipe(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+    """`port-check ARGV` with stdout a pipe nobody reads: the first write fails with EPIPE."""
     read_end, write_end = os.pipe()
-    os.close(read_end)  # nobody reads: the first write fails with EPIPE
+    os.close(read_end)
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "netprobe", "port-check", f"127.0.0.1:{closed_port}", *argv],
+        return subprocess.run(
+            [sys.executable, "-m", "netprobe", "port-check", *argv],
             stdout=write_end,
             stderr=subprocess.PIPE,
             timeout=LONG * 2,
@@ -677,8 +684,6 @@ def test_a_reader_gone_before_the_first_row_changes_no_verdict(
         )
     finally:
         os.close(write_end)
-    assert proc.returncode == status, proc.stderr
-    assert b"Traceback" not in proc.stderr
 
 
 def _cut_after_one_line(argv: list[str]) -> tuple[int, str]:
@@ -728,19 +733,7 @@ def test_a_reader_that_leaves_early_gets_no_false_success(
 def test_a_reader_gone_at_the_last_row_keeps_the_verdict(server: ServerThread) -> None:
     # The one check had passed (it is tallied before its row is written): exit 0, not 141
     # "verdict unknown" (`port-check HOST:PORT | true`).
-    read_end, write_end = os.pipe()
-    os.close(read_end)
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "netprobe", "port-check", f"127.0.0.1:{server.port}"],
-            stdout=write_end,
-            stderr=subprocess.PIPE,
-            timeout=LONG * 2,
-            cwd=ROOT,
-            check=False,
-        )
-    finally:
-        os.close(write_end)
+    proc = _port_check_into_a_closed_pipe([f"127.0.0.1:{server.port}"])
     assert proc.returncode == 0, proc.stderr
     assert b"output closed (verdict settled)" in proc.stderr
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -185,6 +187,19 @@ def _echo_with_output(stdout: int, stderr: int, ready: str, *args: str) -> subpr
     return proc
 
 
+@contextlib.contextmanager
+def _stopped_at_the_end(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
+    """The echo process, killed (by its PID) if the test left it running."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(LONG)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
 def _echo_clients(port: int, count: int) -> None:
     for number in range(count):
         with socket.create_connection(("127.0.0.1", port), timeout=LONG) as sock:
@@ -198,17 +213,12 @@ def test_an_unread_terminal_never_stops_the_echo(tmp_path: Path) -> None:
     master, slave = os.openpty()
     ready = str(tmp_path / "ready.json")
     try:
-        proc = _echo_with_output(slave, slave, ready)
-        os.close(slave)
-        slave = -1
-        try:
+        with _stopped_at_the_end(_echo_with_output(slave, slave, ready)) as proc:
+            os.close(slave)
+            slave = -1
             _echo_clients(json.loads(Path(ready).read_text())["port"], 800)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(LONG) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(LONG)
     finally:
         os.close(master)
         if slave >= 0:
@@ -228,9 +238,6 @@ def test_the_final_totals_go_out_before_a_slow_readers_backlog(
     ready = str(tmp_path / "ready.json")
     try:
         argv = ["--json", "--workers", str(workers)]
-        proc = _echo_with_output(write_end, subprocess.DEVNULL, ready, *argv)
-        os.close(write_end)
-        write_end = -1
         got = bytearray()
 
         def read_slowly() -> None:
@@ -238,7 +245,10 @@ def test_the_final_totals_go_out_before_a_slow_readers_backlog(
                 got.extend(chunk)
                 time.sleep(0.05)
 
-        try:
+        spawned = _echo_with_output(write_end, subprocess.DEVNULL, ready, *argv)
+        with _stopped_at_the_end(spawned) as proc:
+            os.close(write_end)
+            write_end = -1
             _echo_clients(json.loads(Path(ready).read_text())["port"], 600)
             proc.send_signal(signal.SIGTERM)
             reader = threading.Thread(target=read_slowly)
@@ -246,10 +256,6 @@ def test_the_final_totals_go_out_before_a_slow_readers_backlog(
             assert proc.wait(LONG) == 0
             reader.join(LONG * 2)
             assert not reader.is_alive()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(LONG)
     finally:
         os.close(read_end)
         if write_end >= 0:
@@ -269,19 +275,13 @@ def test_a_full_disk_under_the_event_output_is_exit_6(tmp_path: Path) -> None:
     # results lost; a write error of this host's own is a local I/O error.
     ready = str(tmp_path / "ready.json")
     with open("/dev/full", "wb") as full:
-        proc = _echo_with_output(full.fileno(), subprocess.PIPE, ready, "--json")
-    try:
+        spawned = _echo_with_output(full.fileno(), subprocess.PIPE, ready, "--json")
+    with _stopped_at_the_end(spawned) as proc:
         _echo_clients(json.loads(Path(ready).read_text())["port"], 3)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(LONG) == 6
         assert proc.stderr is not None
         (line,) = proc.stderr.read().decode().splitlines()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(LONG)
-        if proc.stderr is not None:
-            proc.stderr.close()
     assert "local I/O error: ENOSPC" in line
 
 
@@ -292,26 +292,24 @@ def test_a_named_fifo_gets_the_lines_again_once_a_new_reader_comes(tmp_path: Pat
     first = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so the writer's open does not wait
     ready = str(tmp_path / "ready.json")
     with open(fifo, "wb") as writer:
-        proc = _echo_with_output(writer.fileno(), subprocess.DEVNULL, ready, "--json")
+        spawned = _echo_with_output(writer.fileno(), subprocess.DEVNULL, ready, "--json")
     second = -1
+    got = bytearray()
     try:
-        port = json.loads(Path(ready).read_text())["port"]
-        _echo_clients(port, 1)
-        os.close(first)  # the reader leaves
-        first = -1
-        _echo_clients(port, 2)  # their events meet EPIPE
-        second = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-        _echo_clients(port, 1)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(LONG) == 0
-        os.set_blocking(second, True)
-        got = bytearray()
-        while chunk := os.read(second, 65536):
-            got.extend(chunk)
+        with _stopped_at_the_end(spawned) as proc:
+            port = json.loads(Path(ready).read_text())["port"]
+            _echo_clients(port, 1)
+            os.close(first)  # the reader leaves
+            first = -1
+            _echo_clients(port, 2)  # their events meet EPIPE
+            second = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+            _echo_clients(port, 1)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(LONG) == 0
+            os.set_blocking(second, True)
+            while chunk := os.read(second, 65536):
+                got.extend(chunk)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(LONG)
         for fd in (first, second):
             if fd >= 0:
                 os.close(fd)

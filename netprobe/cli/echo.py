@@ -24,11 +24,6 @@ from netprobe.cli._options import (
 )
 from netprobe.errors import UsageError
 
-# How long the event lines still queued at the end may wait for a slow reader before the
-# final totals go out (stdout; stderr less), and the totals themselves after that: a stuck
-# reader never holds the exit for long.
-SETTLE_S = 0.2
-FINISH_S = 0.2
 DEFAULT_BACKLOG = 128
 DEFAULT_BUSY_POLL_S = 50e-6
 
@@ -357,23 +352,12 @@ class _Output:
     """Where announce, events and totals go: JSON lines on stdout, or text (events on stderr)."""
 
     def __init__(self, json_out: bool, ready_file: Path | None) -> None:
-        from netprobe.render import LineSink, dump_json
+        from netprobe.render import ServerOutput
 
         self.json_out = json_out
         self.ready_file = ready_file
         self.event_loop = "asyncio"
-        # Events never block the server (see LineSink): a reader that falls behind loses lines,
-        # counted, and told so in the stream once it catches up.
-        self._out = LineSink(
-            sys.stdout,
-            dropped_line=lambda n: dump_json(
-                {"event": "dropped", "lines": n, "why": "the reader of stdout fell behind"}
-            ),
-        )
-        self._err = LineSink(
-            sys.stderr,
-            dropped_line=lambda n: f"dropped {n} event lines: the reader of stderr fell behind",
-        )
+        self._io = ServerOutput()
 
     def ready(self, bound: Bound) -> None:
         from netprobe.render import dump_json, shown
@@ -428,12 +412,12 @@ class _Output:
 
     def settle(self) -> int:
         """Let the queued lines go out (bounded); returns how many were dropped in all."""
-        return self._err.settle(SETTLE_S / 2) + self._out.settle(SETTLE_S)
+        return self._io.settle()
 
     def _totals(self, summary: ServerSummary, *, final: bool, lost_elsewhere: int = 0) -> None:
         record: dict[str, Any] = summary.to_record()
         record["final"] = final
-        dropped = self._out.dropped + self._err.dropped + lost_elsewhere
+        dropped = self._io.dropped + lost_elsewhere
         if dropped:
             record["events_dropped"] = dropped
         if self.json_out:
@@ -457,23 +441,13 @@ class _Output:
         self._write(sys.stdout if final else sys.stderr, text)
 
     def _write(self, stream: Any, line: str) -> None:
-        # (Nobody reading any more is no reason to stop serving: the sinks then drop lines.)
-        (self._out if stream is sys.stdout else self._err).write(line)
+        self._io.write(stream, line)
 
     def note(self, line: str) -> None:
-        self._err.write(line)
+        self._io.err.write(line)
 
     def finish(self) -> None:
-        """Give a slow reader a moment for the last lines; a stuck one never holds the exit."""
-        self._out.close(FINISH_S)
-        self._err.close(FINISH_S / 2)
-        for sink in (self._out, self._err):
-            if sink.error is not None:  # ours (a full disk), not the reader's: exit 6
-                raise sink.error
+        self._io.finish()
 
     def worker_exit(self) -> int:
-        """A forked worker's last lines; returns the lines it lost. Its waits are short: the
-        parent's own come after them, and the whole stop must stay within a second."""
-        self._err.settle(SETTLE_S / 4)
-        self._out.settle(SETTLE_S / 2)
-        return self._out.close(0.02) + self._err.close(0.02)
+        return self._io.worker_exit()

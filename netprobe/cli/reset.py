@@ -38,8 +38,6 @@ app = typer.Typer(
 )
 
 SLOW_ACCEPT_RATE = 1.0  # accepts per second for --slow-accept without --accept-rate
-_SETTLE_S = 0.2  # how long queued lines may wait for a slow reader at the end (as echo's)
-_FINISH_S = 0.2  # and the totals line after them
 _T = "Triggers (give one)"
 _A = "Actions"
 
@@ -554,34 +552,15 @@ class _Output:
         self.quiet = quiet
         self.faults: Any = None  # the run's FaultTotals, once the server exists
         self.extra: dict[str, Any] = {}  # run facts both totals carry (seed, upstream)
-        from netprobe.render import LineSink, dump_json
+        from netprobe.render import ServerOutput
 
-        # Records never block the server (see LineSink): a reader that falls behind loses
-        # lines, counted, and told so in the stream once it catches up.
-        self._out = LineSink(
-            sys.stdout,
-            dropped_line=lambda n: dump_json(
-                {"event": "dropped", "lines": n, "why": "the reader of stdout fell behind"}
-            ),
-        )
-        self._err = LineSink(
-            sys.stderr,
-            dropped_line=lambda n: (
-                f"netprobe: {command}: dropped {n} lines: the reader of stderr fell behind"
-            ),
-        )
+        self._io = ServerOutput(err_prefix=f"netprobe: {command}: ")
 
     def _write(self, stream: Any, line: str) -> None:
-        # (Nobody reading any more is no reason to stop serving: the sinks then drop lines.)
-        (self._out if stream is sys.stdout else self._err).write(line)
+        self._io.write(stream, line)
 
     def finish(self) -> None:
-        """Give a slow reader a moment for the last lines; a stuck one never holds the exit."""
-        self._out.close(_FINISH_S)
-        self._err.close(_FINISH_S / 2)
-        for sink in (self._out, self._err):
-            if sink.error is not None:  # ours (a full disk), not the reader's: exit 6
-                raise sink.error
+        self._io.finish()
 
     def ready(self, bound: Any) -> None:
         from netprobe.render import dump_json, shown
@@ -629,7 +608,7 @@ class _Output:
             record.update(self.faults.to_record())
         record.update(self.extra)
         record["final"] = final
-        dropped = self._out.dropped + self._err.dropped
+        dropped = self._io.dropped
         if dropped:
             record["events_dropped"] = dropped
         return record
@@ -649,8 +628,7 @@ class _Output:
         from netprobe.render import dump_json
 
         # The queued lines first (a moment, then counted as dropped): the totals go out next.
-        self._err.settle(_SETTLE_S / 2)
-        self._out.settle(_SETTLE_S)
+        self._io.settle()
         if self.quiet:
             return
         record = self._totals_record(summary, final=True)
