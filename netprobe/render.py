@@ -314,12 +314,7 @@ class LineSink:
             self._queue.append(data)
             self._queued += len(data)
             if self._thread is None:
-                import threading
-
-                self._thread = threading.Thread(
-                    target=self._drain, name="netprobe-log", daemon=True
-                )
-                self._thread.start()
+                self._thread = _start_quiet_thread(self._drain)
             self._drained.notify_all()
 
     def settle(self, timeout_s: float) -> int:
@@ -330,10 +325,24 @@ class LineSink:
         with self._lock:
             if self._queue:
                 self.dropped += len(self._queue)
+                # Noted in the stream before the next line (the last one: the totals), with
+                # the notes the dropped chunks carried.
+                self._unreported += len(self._queue) + sum(self._reports.values())
                 self._queue.clear()
                 self._reports.clear()
                 self._queued = 0
             return self.dropped
+
+    @property
+    def unreported(self) -> int:
+        """Lines dropped that no "dropped N" line in the stream has told of yet."""
+        return self._unreported
+
+    def add_unreported(self, count: int) -> None:
+        """Lines another writer of this stream lost (a forked worker's): the next "dropped"
+        line tells of them too."""
+        with self._lock:
+            self._unreported += count
 
     def close(self, timeout_s: float) -> int:
         """Wait up to timeout_s for the queue to be written; returns the lines never written
@@ -489,23 +498,42 @@ class ServerOutput:
         count the rest, so a last line goes out next. Returns the lines dropped in all."""
         return self.err.settle(SETTLE_S / 2 * share) + self.out.settle(SETTLE_S * share)
 
-    def finish(self) -> None:
+    def finish(self) -> OSError | None:
         """Give a slow reader a moment for the last lines; a stuck one never holds the exit.
-
-        Raises:
-            OSError: a write failed for a reason of this host's own (ENOSPC): exit 6.
-        """
+        Returns a write error of this host's own (ENOSPC), which the caller reports (exit 6)."""
         self.out.close(FINISH_S)
         self.err.close(FINISH_S / 2)
-        for sink in (self.out, self.err):
-            if sink.error is not None:
-                raise sink.error
+        return self.out.error or self.err.error
 
-    def worker_exit(self) -> int:
-        """A forked worker's last lines; returns the lines it lost. Its waits are short: the
+    def worker_exit(self) -> dict[str, int]:
+        """A forked worker's last lines: the counters it reports to the parent (the lines it
+        lost, and those of stdout no "dropped" line told of). Its waits are short: the
         parent's own come after them, and the whole stop must stay within a second."""
         self.settle(share=0.5)
-        return self.out.close(0.02) + self.err.close(0.02)
+        out_lost = self.out.close(0.02)
+        # Beyond what it dropped: a line still being written as the worker ends.
+        unmarked = self.out.unreported + (out_lost - self.out.dropped)
+        return {"lines_lost": out_lost + self.err.close(0.02), "lines_unmarked": unmarked}
+
+
+def _start_quiet_thread(target: Callable[[], None]) -> Any:
+    """A daemon thread that no signal is ever delivered to. Python runs handlers in the main
+    thread only; while the main thread blocks a signal (a server's stop), the kernel would
+    hand a process-directed one to this thread instead, where its default action kills the
+    process. Started with everything blocked, it inherits that mask."""
+    import signal
+    import threading
+
+    thread = threading.Thread(target=target, name="netprobe-log", daemon=True)
+    if not hasattr(signal, "pthread_sigmask"):
+        thread.start()
+        return thread
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return thread
 
 
 def _nonblocking_twin(fd: int) -> int | None:

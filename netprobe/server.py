@@ -1019,11 +1019,10 @@ class Server:
         self.on_ready = on_ready
         self.on_totals = on_totals
         # Called in a forked worker before it reports and exits (it never returns from run()):
-        # the place to flush what its callbacks still hold. It returns how many output lines
-        # the worker lost (a reader that fell behind); the parent sums them in
-        # workers_lines_lost.
-        self.on_worker_exit: Callable[[], int] | None = None
-        self.workers_lines_lost = 0
+        # the place to flush what its callbacks still hold. The counters it returns (lines
+        # of output the worker lost, say) are summed over the workers in worker_counters.
+        self.on_worker_exit: Callable[[], dict[str, int]] | None = None
+        self.worker_counters: dict[str, int] = {}
         self.bound: Bound | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: socket.socket | None = None
@@ -1185,7 +1184,7 @@ class Server:
             record = summary.to_record()
             if self.on_worker_exit is not None:
                 on_exit, self.on_worker_exit = self.on_worker_exit, None
-                record["lines_lost"] = on_exit()
+                record["counters"] = on_exit()
             os.write(summary_fd, json.dumps(record).encode())
         except BaseException:
             code = 70
@@ -1226,7 +1225,8 @@ class Server:
             record = json.loads(data)
             for name in ("connections", "rejected", "bytes_in", "bytes_out", "resets", "errors"):
                 setattr(summary, name, getattr(summary, name) + int(record[name]))
-            self.workers_lines_lost += int(record.get("lines_lost", 0))
+            for name, number in record.get("counters", {}).items():
+                self.worker_counters[name] = self.worker_counters.get(name, 0) + int(number)
             for reason, number in record["reasons"].items():
                 summary.reasons[reason] = summary.reasons.get(reason, 0) + int(number)
         self._children = []

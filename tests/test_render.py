@@ -165,10 +165,15 @@ def test_line_sink_never_blocks_drops_past_its_limit_and_says_so() -> None:
         stream.close()
     reader.join(10)
     text = got.decode().splitlines()
-    assert text[-2:] == [f"dropped {sink.dropped}", "after"]
-    written = text[:-2]
-    # The lines that made it are the first ones, whole and in order; the rest were counted.
-    assert written == lines[: len(written)]
+    assert text[-2:] == [text[-2], "after"]
+    assert text[-2].startswith("dropped ")
+    # Each gap is told where it is ("dropped N" before the next line that made it), and they
+    # add up; the lines that made it are whole and in order.
+    notes = [int(line.split()[1]) for line in text if line.startswith("dropped ")]
+    assert sum(notes) == sink.dropped
+    written = [line for line in text[:-1] if not line.startswith("dropped ")]
+    made_it = set(written)
+    assert written == [line for line in lines if line in made_it]
     assert len(written) + sink.dropped == len(lines)
 
 
@@ -266,8 +271,11 @@ def test_the_final_totals_go_out_before_a_slow_readers_backlog(
     assert totals["connections"] == 600
     events = [r for r in records if r["event"] in ("accept", "close")]
     assert totals["events_dropped"] > 0
-    # Every event is either in the stream or counted as dropped (each worker's too).
+    # Every event is either in the stream or counted as dropped (each worker's too), and the
+    # stream itself tells of every one dropped (the last, just before the totals).
     assert len(events) + totals["events_dropped"] == 2 * 600
+    markers = [r["lines"] for r in records if r["event"] == "dropped"]
+    assert sum(markers) == totals["events_dropped"], markers
 
 
 def test_a_full_disk_under_the_event_output_is_exit_6(tmp_path: Path) -> None:
@@ -283,6 +291,42 @@ def test_a_full_disk_under_the_event_output_is_exit_6(tmp_path: Path) -> None:
         assert proc.stderr is not None
         (line,) = proc.stderr.read().decode().splitlines()
     assert "local I/O error: ENOSPC" in line
+
+
+def test_a_full_disk_with_a_stderr_nobody_reads_still_exits_6_promptly(tmp_path: Path) -> None:
+    # Text mode: the events fill stderr (never read), stdout is a full disk. The exit-6 line
+    # used to be written to that stderr with a blocking write: the run never ended.
+    ready = str(tmp_path / "ready.json")
+    with open("/dev/full", "wb") as full:
+        spawned = _echo_with_output(full.fileno(), subprocess.PIPE, ready)
+    with _stopped_at_the_end(spawned) as proc:
+        _echo_clients(json.loads(Path(ready).read_text())["port"], 1500)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(LONG) == 6
+
+
+def test_no_signal_reaches_the_writer_thread() -> None:
+    # While the main thread blocks SIGTERM (a server's stop does), the kernel handed a
+    # process-directed SIGTERM to the writer thread, whose default action killed the process.
+    script = """
+import os, signal, sys, time
+from netprobe.render import LineSink
+master, slave = os.openpty()
+sink = LineSink(os.fdopen(slave, "w"))
+for i in range(3000):
+    sink.write(f"line {i:05d} " + "x" * 60)  # more than a terminal holds: the thread waits
+time.sleep(0.2)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.3)
+print("alive")
+sys.stdout.flush()
+os._exit(0)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, timeout=LONG * 2, cwd=ROOT
+    )
+    assert (done.returncode, done.stdout) == (0, b"alive\n"), done.stderr
 
 
 def test_a_named_fifo_gets_the_lines_again_once_a_new_reader_comes(tmp_path: Path) -> None:

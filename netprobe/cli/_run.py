@@ -8,7 +8,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from netprobe.errors import NetprobeError
 from netprobe.exitcodes import ExitStatus, exit_status_for_error
@@ -39,6 +39,19 @@ def error_line(command: str | None, message: str) -> None:
     where = f"netprobe: {command}: " if command else "netprobe: "
     sys.stderr.write(_bytes_as_xnn(where + " ".join(message.split("\n"))) + "\n")
     sys.stderr.flush()
+
+
+def exit_local_io_error(command: str, exc: OSError, log: Any) -> NoReturn:
+    """A server's output failed for a reason of this host's own (ENOSPC): the usual line, but
+    written through the server's non-blocking stderr `log` (a LineSink: a stderr nobody
+    reads must not hold the exit), then exit 6."""
+    import typer
+
+    silence_stdout()
+    name = errno.errorcode.get(exc.errno or 0, "EIO")
+    log.write(f"netprobe: {command}: local I/O error: {name}: {exc.strerror}")
+    log.close(0.1)
+    raise typer.Exit(int(ExitStatus.LOCAL))
 
 
 # The argv of the run in progress. Click drops the `--` separator, and a command that takes

@@ -264,7 +264,7 @@ def echo(
         summary = server.run()
     finally:
         _remove_ready_file(ready_file)  # nobody listens any more
-    out.final_totals(summary, lost_elsewhere=server.workers_lines_lost)
+    out.final_totals(summary, lost_elsewhere=out.workers_lost(server.worker_counters))
     for lost in server.lost_workers:
         out.note(f"netprobe: echo: {lost}: what it served is missing from the totals")
     out.finish()
@@ -447,7 +447,17 @@ class _Output:
         self._io.err.write(line)
 
     def finish(self) -> None:
-        self._io.finish()
+        exc = self._io.finish()
+        if exc is not None:
+            from netprobe.cli._run import exit_local_io_error
 
-    def worker_exit(self) -> int:
+            exit_local_io_error("echo", exc, self._io.err)
+
+    def worker_exit(self) -> dict[str, int]:
         return self._io.worker_exit()
+
+    def workers_lost(self, counters: dict[str, int]) -> int:
+        """The workers' lost lines, those the stream has not told of yet noted for the next
+        "dropped" line; returns how many were lost."""
+        self._io.out.add_unreported(counters.get("lines_unmarked", 0))
+        return counters.get("lines_lost", 0)

@@ -560,7 +560,11 @@ class _Output:
         self._io.write(stream, line)
 
     def finish(self) -> None:
-        self._io.finish()
+        exc = self._io.finish()
+        if exc is not None:
+            from netprobe.cli._run import exit_local_io_error
+
+            exit_local_io_error(self.command, exc, self._io.err)
 
     def ready(self, bound: Any) -> None:
         from netprobe.render import dump_json, shown
