@@ -1157,9 +1157,8 @@ class Server:
     def _become_worker(self, index: int, summary_fd: int, lifeline_fd: int) -> None:
         import json
 
-        # Until the worker's loop handles them, a SIGTERM from the parent must wait (pending),
-        # not kill the worker before it can report.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+        # _WORKER_SIGNALS are blocked already (inherited from _fork_workers): a SIGTERM from
+        # the parent waits until this worker's loop handles it, and cannot kill it unreported.
         self._worker = index
         self._children = []
         self._lifeline = lifeline_fd
