@@ -568,6 +568,17 @@ def test_port_in_use_exits_6_with_one_line() -> None:
         (["--delay", "soon"], "soon"),
         (["--udp", "--framing", "len16"], "--framing len16 applies to TCP and Unix streams"),
         (["--unix", "/tmp/np-allow.sock", "--allow", "10.0.0.0/8"], "a Unix socket has none"),
+        # Before: --host and --port were silently ignored with --unix.
+        # (--duration: the old code served, and must stop by itself.)
+        (
+            ["--unix", "/tmp/np-ip.sock", "--host", "0.0.0.0", "--duration", "0.2"],
+            "--host 0.0.0.0 has no effect",
+        ),
+        # Given by hand, the default port counts too.
+        (
+            ["--unix", "/tmp/np-ip.sock", "-p", "7007", "--duration", "0.2"],
+            "--port 7007 has no effect",
+        ),
         (["--max-frame", "0"], "--max-frame"),
         (["--port", "70000"], "70000"),
         (["--once", "--count", "2"], "--count"),

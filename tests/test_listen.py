@@ -380,6 +380,20 @@ def test_udp_json_events_end_with_a_close(spawn: type[Listen]) -> None:
     ("args", "needle"),
     [
         (["--udp", "--unix", "/tmp/x.sock"], "exclude each other"),
+        # Before: the IP options were silently ignored with --unix.
+        (
+            ["--unix", "/tmp/x.sock", "-6", "--idle-timeout", "0.2"],
+            "-6 has no effect with --unix /tmp/x.sock",
+        ),
+        (["--unix", "/tmp/x.sock", "-4", "--idle-timeout", "0.2"], "-4 has no effect"),
+        (
+            ["--unix", "/tmp/x.sock", "--host", "::1", "--idle-timeout", "0.2"],
+            "--host ::1 has no effect",
+        ),
+        (
+            ["--unix", "/tmp/x.sock", "--port", "0", "--idle-timeout", "0.2"],
+            "--port 0 has no effect",
+        ),
         (["--port", "70000"], "65535"),
         (["--max-bytes", "0"], "--max-bytes 0 must be at least 1 byte"),
         (["--idle-timeout", "later"], "not a duration"),

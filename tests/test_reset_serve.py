@@ -577,6 +577,11 @@ def test_after_zero_bytes_out_in_discard_mode_is_taken() -> None:
             ["--after-bytes-out", "10", "--mode", "discard", "--duration", "0.2"],
             "--mode discard sends none: the fault would never fire",
         ),
+        # Before: --port was silently ignored with --unix.
+        (
+            ["--unix", "/tmp/np-rs.sock", "--port", "9", "--duration", "0.2"],
+            "--port 9 has no effect with --unix /tmp/np-rs.sock",
+        ),
         # Before: accepted, and the one-slot backlog of these modes silently replaced it.
         (
             ["--slow-accept", "--backlog", "5", "--duration", "0.2"],

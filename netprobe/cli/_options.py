@@ -24,6 +24,7 @@ __all__ = [
     "naming_host",
     "not_built",
     "per_second",
+    "refuse_ip_options_with_unix",
     "size",
 ]
 
@@ -209,6 +210,29 @@ def family_of(ipv4: bool, ipv6: bool) -> int:
     if ipv6:
         return socket.AF_INET6
     return 0
+
+
+def refuse_ip_options_with_unix(ctx: typer.Context, path: str | None, **values: object) -> None:
+    """A server on --unix PATH has no address, port or IP family: an IP option given with it
+    would change nothing, so it is refused rather than silently ignored.
+
+    values: parameter name -> value as given (host, port, ipv4, ipv6); only those the user set
+    (command line or environment) count: `--port 7007` typed by hand counts although it equals
+    the default. The error names the first one with its value.
+    """
+    if path is None:
+        return
+    flags = {"host": "--host", "port": "--port", "ipv4": "-4", "ipv6": "-6"}
+    for name, value in values.items():
+        source = ctx.get_parameter_source(name)
+        if source is None or source.name not in ("COMMANDLINE", "ENVIRONMENT"):
+            continue
+        flag = flags[name]
+        shown = flag if isinstance(value, bool) else f"{flag} {value}"
+        raise UsageError(
+            f"{shown} has no effect with --unix {path}: a Unix socket has no address, port or "
+            "IP family (give one or the other)"
+        )
 
 
 def not_built(command: str) -> None:

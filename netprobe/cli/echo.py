@@ -20,6 +20,7 @@ from netprobe.cli._options import (
     duration,
     naming_host,
     per_second,
+    refuse_ip_options_with_unix,
     size,
 )
 from netprobe.errors import UsageError
@@ -34,6 +35,7 @@ __all__ = ["echo"]
 
 
 def echo(
+    ctx: typer.Context,
     host: Annotated[
         str,
         typer.Option(
@@ -188,6 +190,7 @@ def echo(
                 raise UsageError(f"--workers {workers} cannot be combined with {flag}")
     if udp and unix is not None:
         raise UsageError("--udp and --unix exclude each other")
+    refuse_ip_options_with_unix(ctx, unix, host=host, port=port)
     if pause_accept and accept_rate is not None:
         raise UsageError("--pause-accept never accepts: --accept-rate would change nothing")
     if unix is not None and allow:

@@ -17,6 +17,7 @@ from netprobe.cli._options import (
     duration,
     family_of,
     naming_host,
+    refuse_ip_options_with_unix,
     size,
 )
 
@@ -50,6 +51,7 @@ def _describe(event: dict[str, Any]) -> str:
 
 
 def listen(
+    ctx: typer.Context,
     host: Annotated[
         str | None,
         typer.Option(
@@ -107,6 +109,7 @@ def listen(
 
     if udp and unix is not None:
         raise UsageError("--udp and --unix exclude each other")
+    refuse_ip_options_with_unix(ctx, unix, host=host, port=port, ipv4=ipv4, ipv6=ipv6)
     if max_bytes is not None and max_bytes < 1:
         raise UsageError(f"--max-bytes {max_bytes} must be at least 1 byte")
     family = family_of(ipv4, ipv6)

@@ -23,6 +23,7 @@ from netprobe.cli._options import (
     naming_host,
     per_second,
     rate_size,
+    refuse_ip_options_with_unix,
     size,
 )
 from netprobe.errors import UsageError
@@ -670,6 +671,7 @@ def _default_trigger(
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
     port: Annotated[
         int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0 picks a free one).")
@@ -780,6 +782,7 @@ def serve(
         )
     if slow_accept and no_accept:
         raise UsageError("--slow-accept and --no-accept exclude each other")
+    refuse_ip_options_with_unix(ctx, unix, host=host, port=port)
     if (slow_accept or no_accept) and unix is not None:
         raise UsageError("--slow-accept/--no-accept need TCP (a full Unix queue fails at once)")
     # Options that would change nothing are refused, not ignored: the user expects an effect.
