@@ -490,6 +490,9 @@ def test_transcript(start: Callable[..., ServerThread], tmp_path: Path) -> None:
         (["127.0.0.1:9", "x", "--hexdump", "--json"], "--hexdump"),
         (["127.0.0.1:9", "x", "--repeat", "0"], "--repeat"),
         (["unix:/tmp/x.sock", "x", "--udp"], "--udp"),
+        # Before: ignored (the connect to a missing file then exited 1).
+        (["unix:/tmp/np-none.sock", "x", "-6"], "-6 has no effect with 'unix:/tmp/np-none.sock'"),
+        (["unix:/tmp/np-none.sock", "x", "-4"], "-4 has no effect"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(args: list[str], needle: str) -> None:

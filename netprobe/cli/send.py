@@ -376,6 +376,9 @@ def send(
     family = family_of(ipv4, ipv6)
     if parsed.host is not None:
         check_literal_family(parsed.host, family, repr(target))
+    elif parsed.path is not None and family:
+        flag = "-4" if ipv4 else "-6"
+        raise UsageError(f"{flag} has no effect with {target!r}: a Unix socket has no IP family")
     source, handle = _input(data, hex_data, file)
     if repeat > 1 and not source.rewind():
         if handle is not None:
