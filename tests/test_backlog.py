@@ -457,6 +457,33 @@ def test_fd_limit_spreads_over_connect_processes() -> None:
     assert any("the run used 3 connect processes" in c for c in summary["limits_hit"])
 
 
+@linux
+def test_too_few_fds_for_the_connect_processes_is_a_local_error() -> None:
+    # Before: os.pipe() raised EMFILE out of the engine: exit 70 (internal error), and the
+    # connect processes already forked went on connecting.
+    import subprocess
+
+    srv = _KeepServer()
+    try:
+        shell = ["/bin/sh", "-c", 'ulimit -n 8 && exec "$0" "$@"', sys.executable]
+        proc = subprocess.run(
+            [*shell, "-m", "netprobe", "backlog", f"127.0.0.1:{srv.port}", "-n", "20"]
+            + ["--timeout", "300ms", "--json"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        srv.stop()
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 6, stderr
+    assert proc.stdout == b""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "pipe() failed with EMFILE" in lines[0]
+    assert "RLIMIT_NOFILE soft 8, hard 8" in lines[0]
+
+
 # --- judging the "paced" prediction -------------------------------------------------------
 
 

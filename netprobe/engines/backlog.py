@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import ipaddress
 import itertools
 import math
@@ -30,10 +31,11 @@ from typing import Any
 
 from netprobe import kernel
 from netprobe.connector import ConnectJob, ConnectorStats, ConnectResult, run_connects
-from netprobe.errors import UsageError
+from netprobe.errors import LocalError, UsageError
 from netprobe.results import ConnectState
 from netprobe.sockets import (
     accept_and_close,
+    errno_name,
     format_hostport,
     is_loopback,
     not_loopback_why,
@@ -683,9 +685,22 @@ class _ConnectProcesses:
         self._rss_kb = 0
 
     def start(self) -> None:
+        """Fork the connect processes. LocalError when the host refuses a pipe or a process
+        (RLIMIT_NOFILE, RLIMIT_NPROC): the ones already started are killed first, so no child
+        goes on connecting after the run has failed."""
         for index in range(self.count):
-            read_fd, write_fd = os.pipe()
-            pid = os.fork()
+            try:
+                read_fd, write_fd = os.pipe()
+            except OSError as exc:
+                self._abandon()
+                raise self._start_failed(index, "pipe()", exc) from exc
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                os.close(read_fd)
+                os.close(write_fd)
+                self._abandon()
+                raise self._start_failed(index, "fork()", exc) from exc
             if pid == 0:  # pragma: no cover - the child never returns
                 os.close(read_fd)
                 for fd in self._children:
@@ -695,6 +710,29 @@ class _ConnectProcesses:
             os.set_blocking(read_fd, False)
             self._children[read_fd] = pid
             self._buffers[read_fd] = bytearray()
+
+    def _start_failed(self, index: int, what: str, exc: OSError) -> LocalError:
+        name = errno_name(exc.errno)
+        limit = ""
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            import resource  # POSIX only, as fork is
+
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            limit = f" (RLIMIT_NOFILE soft {soft}, hard {hard}: raise it with ulimit -n)"
+        return LocalError(
+            f"cannot start connect process {index + 1} of {self.count}: {what} failed with {name}"
+            f"{limit}; the ones started were stopped",
+            name,
+        )
+
+    def _abandon(self) -> None:
+        for fd, pid in list(self._children.items()):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            self._children.pop(fd)
+            os.close(fd)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
 
     def _child(self, index: int, write_fd: int) -> None:  # pragma: no cover - forked child
         code = 1
@@ -958,7 +996,8 @@ def _run(
             processes = wanted_processes
             caps.append(
                 f"RLIMIT_NOFILE soft {nofile.soft} (hard {nofile.hard}) allows {per_process} "
-                f"sockets per process: the run used {processes} connect processes"
+                f"socket{'s' if per_process != 1 else ''} per process: the run used {processes} "
+                "connect processes"
             )
             if processes * per_process < concurrency:
                 caps.append(
