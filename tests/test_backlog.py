@@ -466,9 +466,9 @@ def test_too_few_fds_for_the_connect_processes_is_a_local_error() -> None:
     srv = _KeepServer()
     try:
         shell = ["/bin/sh", "-c", 'ulimit -n 8 && exec "$0" "$@"', sys.executable]
+        argv = ["backlog", f"127.0.0.1:{srv.port}", "-n", "20", "--timeout", "300ms", "--json"]
         proc = subprocess.run(
-            [*shell, "-m", "netprobe", "backlog", f"127.0.0.1:{srv.port}", "-n", "20"]
-            + ["--timeout", "300ms", "--json"],
+            [*shell, "-m", "netprobe", *argv],
             capture_output=True,
             timeout=30,
             check=False,

@@ -150,6 +150,36 @@ def test_data_then_reset_at_once(recorder: _RecordingServer) -> None:
     assert _time_wait_on(recorder.port) - before == set()
 
 
+def test_data_with_after_ms_is_sent_once(recorder: _RecordingServer) -> None:
+    # Before: without --after-bytes the DATA was repeated to a 16 KiB chunk (bytes_out 16384).
+    argv = ["reset", "client", f"127.0.0.1:{recorder.port}", "hello", "--after-ms", "200"]
+    result = invoke([*argv, "--json"])
+    assert result.exit_code == 0, result.stderr
+    record = _records(result.stdout)[0]
+    assert record["bytes_out"] == 5
+    assert record["ended_by"] == "client-rst"
+    ending, got = recorder.wait_for(1)[0]
+    assert (ending, got) == ("ECONNRESET", 5)
+
+
+@pytest.mark.parametrize(
+    ("trigger", "label", "sent"),
+    [
+        # The triggers are shared by the three commands: the aliases of the client.
+        (["--on-accept"], "on-connect", 0),
+        (["--after-bytes-out", "3"], "after-bytes 3", 3),
+    ],
+)
+def test_shared_trigger_names(
+    recorder: _RecordingServer, trigger: list[str], label: str, sent: int
+) -> None:
+    result = invoke(["reset", "client", f"127.0.0.1:{recorder.port}", "hello", *trigger, "--json"])
+    assert result.exit_code == 0, result.stderr
+    record = _records(result.stdout)[0]
+    assert (record["trigger"], record["bytes_out"]) == (label, sent)
+    assert recorder.wait_for(1)[0] == ("ECONNRESET", sent)
+
+
 def test_reports_server_closing_first() -> None:
     srv = _RecordingServer(reply=b"bye\n", close_first=True)
     try:
@@ -203,27 +233,21 @@ def test_bad_target() -> None:
     assert "HOST:PORT" in result.stderr
 
 
-@pytest.mark.unix
-def test_unix_target(tmp_path: Path) -> None:
+def test_unix_target_is_refused(tmp_path: Path) -> None:
+    # Before: the client "reset" a Unix connection, reported client-rst, and the server read a
+    # clean EOF: AF_UNIX has no RST.
     path = str(tmp_path / "c.sock")
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(path)
     listener.listen(4)
-    listener.settimeout(LONG)
     try:
         result = invoke(["reset", "client", f"unix:{path}", "abc", "--json"])
-        assert result.exit_code == 0, result.stderr
-        record = _records(result.stdout)[0]
-        assert record["target"] == f"unix:{path}"
-        assert record["bytes_out"] == 3
-        conn, _ = listener.accept()
-        with conn:
-            conn.settimeout(LONG)
-            # Unix sockets have no RST: the server reads the bytes, then EOF.
-            assert conn.recv(10) == b"abc"
-            assert conn.recv(10) == b""
     finally:
         listener.close()
+    assert result.exit_code == 2
+    assert result.stdout == b""
+    assert "a Unix socket has no RST" in result.stderr
+    assert result.stderr.count("\n") == 1
 
 
 def test_against_a_server_that_resets_first() -> None:

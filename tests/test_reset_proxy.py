@@ -234,7 +234,10 @@ def test_sigusr1_toggles_faults() -> None:
         (["--upstream", "127.0.0.1:9", "--after-bytes", "-1"], "--after-bytes -1"),
         (["--upstream", "127.0.0.1:9", "--after-bytes", "1", "--on-accept"], "two triggers"),
         (["--upstream", "127.0.0.1:9", "--direction", "sideways"], "--direction"),
-        (["--upstream", "127.0.0.1:9", "--after-bytes-out", "5"], "No such option"),
+        # --after-bytes-out is the proxy's --after-bytes (it sends what it receives): one trigger.
+        (["--upstream", "127.0.0.1:9", "--after-bytes-out", "5", "--after-bytes", "3"], "give one"),
+        (["--upstream", "127.0.0.1:9", "--after-bytes-out", "lots"], "--after-bytes-out: 'lots'"),
+        (["--upstream", "127.0.0.1:9", "--after-bytes-out", "-1"], "--after-bytes-out -1"),
         (["--upstream", "127.0.0.1:9", "--slice", "0"], "--slice 0"),
         (["--upstream", "127.0.0.1"], "HOST:PORT"),
         ([], "--upstream"),

@@ -226,15 +226,35 @@ def test_no_accept_makes_connects_time_out() -> None:
 @pytest.mark.unix
 def test_unix_socket(tmp_path: Path) -> None:
     path = str(tmp_path / "r.sock")
-    with serve(options(AFTER_BYTES, 3), path=path) as (_, records):
+    with serve(options(AFTER_BYTES, 3, action=Action.FIN), path=path) as (_, records):
         with socket.socket(socket.AF_UNIX) as sock:
             sock.settimeout(LONG)
             sock.connect(path)
             sock.sendall(b"hello")
-            got, _ending = read_until_end(sock)
-        assert got in (b"hel", b"")
+            got, ending = read_until_end(sock)
+        assert (got, ending) == (b"hel", "eof")
     assert not Path(path).exists()
     del records
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ([], "the default action rst, and a Unix socket has no RST"),
+        (["--action", "rst"], "--action rst, and a Unix socket has no RST"),
+        (["--plan", "fin,rst"], "--plan 'fin,rst' has rst"),
+    ],
+)
+def test_rst_on_a_unix_socket_is_refused(tmp_path: Path, extra: list[str], words: str) -> None:
+    # Before: served, and each client read a clean EOF while the record said "rst" (SO_LINGER
+    # 0 means nothing to AF_UNIX).
+    path = str(tmp_path / "r.sock")
+    argv = ["reset", "serve", "--unix", path, "--after-bytes", "3", "--duration", "0.2", *extra]
+    result = invoke(argv)
+    assert result.exit_code == 2, result.stderr
+    assert result.stdout == b""
+    assert words in result.stderr
+    assert result.stderr.count("\n") == 1
 
 
 def test_cli_announces_and_reports_json() -> None:
@@ -259,6 +279,20 @@ def test_cli_announces_and_reports_json() -> None:
     assert record["bytes_in"] == 16
     assert got == b"0123456789"
     assert record["bytes_out"] == 10
+
+
+def test_on_connect_is_on_accept() -> None:
+    # The issue lists `--on-accept` / `--on-connect` among the triggers of all three commands;
+    # serve took only the first (exit 2, "No such option").
+    argv = ["reset", "serve", "--port", "0", "--on-connect", "--count", "1"]
+    with subprocess_server(argv) as (proc, announce):
+        with connect(int(announce["port"])) as sock:
+            got, ending = read_until_end(sock)
+        assert proc.stdout is not None
+        record = json.loads(proc.stdout.readline())
+        assert proc.wait(LONG) == 0
+    assert (got, ending) == (b"", "ECONNRESET")
+    assert (record["trigger"], record["action"], record["fired"]) == ("on-accept", "rst", True)
 
 
 def test_sigusr1_running_totals_are_json_with_json() -> None:

@@ -48,6 +48,30 @@ OnAccept = Annotated[
 OnConnect = Annotated[
     bool, typer.Option("--on-connect", help="Act at once on each connection.", rich_help_panel=_T)
 ]
+# The issue's triggers are shared by all three commands: where one name would be the only
+# spelling, the other is its alias (the at-once trigger of serve, and of the client).
+ServeAtOnce = Annotated[
+    bool,
+    typer.Option(
+        "--on-accept", "--on-connect", help="Act at once on each connection.", rich_help_panel=_T
+    ),
+]
+ClientAtOnce = Annotated[
+    bool,
+    typer.Option(
+        "--on-connect", "--on-accept", help="Act at once on each connection.", rich_help_panel=_T
+    ),
+]
+SentBytes = Annotated[
+    str | None,
+    typer.Option(
+        "--after-bytes-out",
+        metavar="N",
+        help="After N bytes sent in the faulted direction: the bytes --after-bytes counts "
+        "here (give one of the two).",
+        rich_help_panel=_T,
+    ),
+]
 AfterBytes = Annotated[
     str | None,
     typer.Option(
@@ -197,6 +221,20 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _sent_bytes(after_bytes: str | None, after_bytes_out: str | None) -> str | None:
+    """The proxy and the client count sent bytes with --after-bytes already (the proxy sends on
+    what it receives; the client's count is of bytes sent): --after-bytes-out is that trigger."""
+    if after_bytes_out is None:
+        return after_bytes
+    count = _size_opt(after_bytes_out, "--after-bytes-out")
+    if after_bytes is not None:
+        raise UsageError(
+            f"--after-bytes {after_bytes} and --after-bytes-out {after_bytes_out} are one "
+            "trigger here (bytes sent): give one"
+        )
+    return str(count)
 
 
 def _size_opt(value: str | None, option: str) -> int | None:
@@ -371,15 +409,16 @@ def _emit_json(record: dict[str, Any]) -> None:
 
 @app.command()
 def client(
-    target: Annotated[str, typer.Argument(help="HOST:PORT, [V6]:PORT or unix:/path.")],
+    target: Annotated[str, typer.Argument(help="HOST:PORT or [V6]:PORT.")],
     data: Annotated[
         str | None,
         typer.Argument(
             help="Bytes to send (repeated up to --after-bytes); default: a generated stream."
         ),
     ] = None,
-    on_connect: OnConnect = False,
+    on_connect: ClientAtOnce = False,
     after_bytes: AfterBytes = None,
+    after_bytes_out: SentBytes = None,
     after_ms: AfterMs = None,
     count: Annotated[
         int, typer.Option("--count", metavar="N", min=1, help="Connections to make.")
@@ -419,6 +458,7 @@ def client(
 
     if timeout <= 0:
         raise UsageError(f"--timeout {timeout:g}: each connect and send needs a timeout above 0")
+    after_bytes = _sent_bytes(after_bytes, after_bytes_out)
     trigger = build_trigger(
         allowed=CLIENT_TRIGGERS,
         on_connect=on_connect,
@@ -509,10 +549,8 @@ def client(
 
 
 def _client_target(text: str, *, allow_remote: bool) -> tuple[Any, str]:
-    import socket
 
     from netprobe.sockets import (
-        Resolved,
         format_hostport,
         is_loopback,
         not_loopback_why,
@@ -522,10 +560,15 @@ def _client_target(text: str, *, allow_remote: bool) -> tuple[Any, str]:
 
     parsed = parse_target(text)
     if parsed.path is not None:
-        return Resolved(socket.AF_UNIX, parsed.path), f"unix:{parsed.path}"  # type: ignore[arg-type]
+        # AF_UNIX has no RST: the server would read a clean EOF (ECONNRESET only when the
+        # client left bytes unread), while this command promises an abort.
+        raise UsageError(
+            f"{text!r}: a Unix socket has no RST (the server reads a clean EOF); reset client "
+            "takes HOST:PORT (`netprobe send` closes a Unix connection)"
+        )
     assert parsed.host is not None
     if not parsed.ports or len(parsed.ports) != 1 or "/" in parsed.host:
-        raise UsageError(f"{text!r}: give one HOST:PORT (or unix:/path)")
+        raise UsageError(f"{text!r}: give one HOST:PORT or [V6]:PORT")
     port = parsed.ports[0]
     if not allow_remote and not is_loopback(parsed.host):
         # As backlog and the proxy: a name other than localhost is refused before any lookup
@@ -687,7 +730,7 @@ def serve(
             help="Before the fault: echo, discard, or 'send BYTES' (a generated stream; 'send' alone: endless).",
         ),
     ] = "echo",
-    on_accept: OnAccept = False,
+    on_accept: ServeAtOnce = False,
     after_bytes: AfterBytes = None,
     after_ms: AfterMs = None,
     after_frames: AfterFrames = None,
@@ -752,6 +795,7 @@ def serve(
         make_serve,
         parse_mode,
     )
+    from netprobe.engines.reset_faults import Action
     from netprobe.render import choose_format
     from netprobe.server import ServerConfig
 
@@ -783,6 +827,19 @@ def serve(
     if slow_accept and no_accept:
         raise UsageError("--slow-accept and --no-accept exclude each other")
     refuse_ip_options_with_unix(ctx, unix, host=host, port=port)
+    if unix is not None and schedule.uses(Action.RST):
+        # AF_UNIX has no RST: SO_LINGER 0 changes nothing, and the peer reads a clean EOF
+        # (ECONNRESET only when the closing side left bytes unread), so `rst` would not do what
+        # it promises.
+        chosen = (
+            f"--plan {plan!r} has rst"
+            if plan is not None
+            else ("--action rst" if action is not None else "the default action rst")
+        )
+        raise UsageError(
+            f"{chosen}, and a Unix socket has no RST (its peer reads a clean EOF): choose "
+            "--action fin, half-close, hang or slow with --unix"
+        )
     if (slow_accept or no_accept) and unix is not None:
         raise UsageError("--slow-accept/--no-accept need TCP (a full Unix queue fails at once)")
     # Options that would change nothing are refused, not ignored: the user expects an effect.
@@ -867,6 +924,7 @@ def proxy(
     on_accept: OnAccept = False,
     on_connect: OnConnect = False,
     after_bytes: AfterBytes = None,
+    after_bytes_out: SentBytes = None,
     after_ms: AfterMs = None,
     after_frames: AfterFrames = None,
     framing: Framing = None,
@@ -1001,7 +1059,7 @@ def proxy(
         PROXY_TRIGGERS,
         on_accept=on_accept,
         on_connect=on_connect,
-        after_bytes=after_bytes,
+        after_bytes=_sent_bytes(after_bytes, after_bytes_out),
         after_ms=after_ms,
         after_frames=after_frames,
         framing=framing,

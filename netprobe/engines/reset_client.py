@@ -265,7 +265,12 @@ def _send_until(
             break
         if data is not None and limit is None and sent >= len(data):
             break
-        want = _CHUNK if limit is None else min(_CHUNK, limit - sent)
+        if limit is not None:
+            want = min(_CHUNK, limit - sent)
+        elif data is not None:
+            want = min(_CHUNK, len(data) - sent)  # once: what is left of it, never a repeat
+        else:
+            want = _CHUNK
         if data is None:
             chunk = generated_stream(want, sent)
         elif data:

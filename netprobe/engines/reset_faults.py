@@ -270,8 +270,12 @@ class FaultSchedule:
 
     @property
     def uses_slow(self) -> bool:
+        return self.uses(Action.SLOW)
+
+    def uses(self, action: Action) -> bool:
+        """Whether some connection can get `action` (from the plan, or the one action)."""
         steps = self.plan if self.plan is not None else (self.action,)
-        return Action.SLOW in steps
+        return action in steps
 
 
 class TriggerState:
