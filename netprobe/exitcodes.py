@@ -21,7 +21,9 @@ __all__ = ["SEVERITY", "ExitStatus", "exit_status_for_error", "exit_status_for_s
 
 @unique
 class ExitStatus(IntEnum):
-    """Every exit code netprobe uses; README's table is generated from the same list."""
+    """Every exit code netprobe uses (README's table lists the same; a test checks it).
+
+    A command chained with `--wait ... -- COMMAND` passes on that command's own code."""
 
     OK = 0
     NOT_OPEN = 1  # the target answered "no": closed, refused, expectation not met
@@ -34,6 +36,7 @@ class ExitStatus(IntEnum):
     WAIT_DEADLINE = 124  # wait mode gave up (as wait-for-it and timeout(1) do)
     INTERRUPTED = 130  # 128 + SIGINT
     OUTPUT_CLOSED = 141  # 128 + SIGPIPE: the reader left before the verdict was known
+    TERMINATED = 143  # 128 + SIGTERM: listen and send, stopped after their report
 
 
 # Worst first: a run with many results exits with the first of these that occurred.

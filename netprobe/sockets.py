@@ -51,6 +51,7 @@ __all__ = [
     "abort_connection",
     "accept_and_close",
     "accept_one",
+    "check_listen_path",
     "check_unix_path_size",
     "classify_errno",
     "connect_nonblocking",
@@ -1054,13 +1055,23 @@ def remove_own_socket_file(path: str, identity: tuple[int, int] | None) -> None:
             os.unlink(path)
 
 
+def check_listen_path(path: str) -> None:
+    """Refuse a --unix PATH a listener cannot bind, before anything starts.
+
+    Raises:
+        AddressError: the path is empty (bind("") would autobind an abstract address on Linux
+            and "succeed" with no file).
+        UsageError: the path does not fit sun_path (check_unix_path_size).
+    """
+    if not path:
+        raise AddressError("the Unix socket path is empty (give a path, e.g. --unix /tmp/x.sock)")
+    check_unix_path_size(path)
+
+
 def _open_unix_listener(path: str, backlog: int) -> socket.socket:
     if not hasattr(socket, "AF_UNIX"):
         raise LocalError("Unix sockets are not available on this platform")
-    if not path:
-        # bind("") would autobind an abstract address on Linux and "succeed" with no file.
-        raise AddressError("the Unix socket path is empty (give a path, e.g. --unix /tmp/x.sock)")
-    check_unix_path_size(path)
+    check_listen_path(path)
     with contextlib.suppress(FileNotFoundError):
         mode = os.lstat(path).st_mode
         if not stat.S_ISSOCK(mode):
@@ -1322,6 +1333,7 @@ def pump_duplex(
     idle_while_input: bool = False,
     chunk_size: int = PUMP_CHUNK,
     sendfile_fd: int | None = None,
+    into: PumpResult | None = None,
 ) -> PumpResult:
     """Copy input to the socket while copying the socket to on_received, until one side ends.
 
@@ -1345,6 +1357,8 @@ def pump_duplex(
         chunk_size: the most bytes read or sent per call.
         sendfile_fd: send the input from this regular file with sendfile(2) (zero-copy, from
             its current offset) instead of read_input.
+        into: the PumpResult to count in (returned): the caller still has the counts when an
+            exception (Ctrl-C) ends the pump.
 
     Returns:
         PumpResult. Network outcomes are data, never exceptions.
@@ -1353,7 +1367,7 @@ def pump_duplex(
     sfd = sock.fileno()
     poller = select.poll()
     masks: dict[int, int] = {}
-    result = PumpResult()
+    result = into if into is not None else PumpResult()
     pending = memoryview(b"")
     input_open = read_input is not None or sendfile_fd is not None
     input_done = False
@@ -1387,9 +1401,11 @@ def pump_duplex(
         return result
 
     def finish_input() -> None:
-        nonlocal input_done
+        nonlocal input_done, last_activity
         input_done = True
-        result.input_done_at = time.monotonic()
+        result.input_done_at = last_activity = time.monotonic()
+        # The end of the input is activity: a peer that answers after our FIN gets the whole
+        # idle time from it, however long the input paused before it ended.
         if shutdown_on_input_eof:
             half_close(sock)
 

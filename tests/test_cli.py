@@ -9,7 +9,7 @@ import pytest
 import typer
 
 from netprobe import __version__
-from tests.helpers import CliResult, invoke, run_netprobe
+from tests.helpers import ROOT, CliResult, invoke, run_netprobe
 
 COMMANDS = ["port-check", "echo", "send", "listen", "backlog", "listeners", "reset", "doctor"]
 
@@ -219,3 +219,17 @@ def test_naming_host_names_the_host_and_keeps_exit_5() -> None:
     )
     assert info.value.errno_name == "EAI_FAMILY"
     assert exit_status_for_error(info.value) == ExitStatus.RESOLVE
+
+
+def test_readme_exit_code_table_lists_every_exit_status() -> None:
+    # The table is the suite's public list: a code the program uses must be in it, and a row
+    # must name a code the program has (listen's 143 was missing from both).
+    import re
+
+    from netprobe.exitcodes import ExitStatus
+
+    text = (ROOT / "README.md").read_text()
+    start = text.index("| code | name | meaning |")
+    rows = re.findall(r"^\| (\d+) \| ([A-Z_]+) \|", text[start:], flags=re.MULTILINE)
+    table = {int(code): name for code, name in rows}
+    assert table == {int(status): status.name for status in ExitStatus}

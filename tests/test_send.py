@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -179,6 +183,101 @@ def test_idle_timeout_after_data_is_a_normal_end(start: Callable[..., ServerThre
     assert rec["data"] == "220 hello\r\n250 more\r\ntail"
 
 
+def _answer_after_eof(conn: socket.socket) -> None:
+    while conn.recv(65536):
+        pass
+    time.sleep(0.1)
+    conn.sendall(b"got it\n")
+
+
+def test_peer_answering_after_our_fin_gets_the_idle_time_from_it(
+    start: Callable[..., ServerThread],
+) -> None:
+    # Before: stdin paused longer than --idle-timeout before it ended, so the idle limit had
+    # already passed when the FIN went out: exit 3 "no answer" while the answer was on its way.
+    srv = start(_answer_after_eof)
+    with subprocess.Popen(
+        [sys.executable, "-m", "netprobe", "send", addr(srv), "--idle-timeout", "300ms"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        proc.stdin.write(b"req")
+        proc.stdin.flush()
+        time.sleep(0.8)  # the pause: longer than the idle timeout
+        proc.stdin.close()
+        assert proc.wait(LONG) == 0, proc.stderr.read()
+        out = proc.stdout.read()
+    assert out == b"got it\n"
+
+
+def _send_process(*argv: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "netprobe", "send", *argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _wait_for(check: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + LONG
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_run_still_says_how_it_ended(
+    start: Callable[..., ServerThread], signum: int, code: int
+) -> None:
+    # Before: exit 130 (or death by SIGTERM) with nothing on stdout or stderr.
+    got = threading.Event()
+
+    def echo_and_note(conn: socket.socket) -> None:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+            got.set()
+
+    srv = start(echo_and_note)
+    with _send_process(addr(srv), "--json") as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        proc.stdin.write(b"x")
+        proc.stdin.flush()  # stdin stays open: only the signal ends the run
+        assert got.wait(LONG)
+        time.sleep(0.1)  # the echo is back in the client
+        proc.send_signal(signum)
+        try:
+            assert proc.wait(LONG) == code
+        finally:
+            proc.stdin.close()
+        rec = as_json(proc.stdout.read())
+    assert (rec["ended_by"], rec["bytes_sent"], rec["bytes_received"]) == ("interrupted", 1, 1)
+    assert rec["data"] == "x"
+
+
+def test_an_interrupted_repeat_prints_the_statistics_so_far(
+    start: Callable[..., ServerThread],
+) -> None:
+    srv = start(echo_handler)
+    with _send_process(addr(srv), "ping", "--repeat", "5", "--interval", "30s") as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        proc.stdin.close()
+        _wait_for(lambda: srv.accepted >= 1)
+        time.sleep(0.3)  # the first run is over: the process waits out the interval
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(LONG) == 130
+        out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
+    assert out.startswith("runs 1  completed 1  failed 0")
+    assert err == "netprobe: send: interrupted after 1 of 5 runs\n"
+
+
 def test_hexdump_format(start: Callable[..., ServerThread]) -> None:
     srv = start(echo_handler)
     res = invoke(["send", addr(srv), "--hexdump", "--hex", "48656c6c6f2c20776f726c64210a00ff7f41"])
@@ -329,6 +428,75 @@ def udp_echo() -> Iterator[int]:
     """A UDP echo on 127.0.0.1 (replies are prefixed re:)."""
     with udp_echo_thread(prefix=b"re:") as port:
         yield port
+
+
+def test_udp_raw_framing_keeps_every_byte(udp_echo: int, tmp_path: Path) -> None:
+    # Before: raw input was still cut into lines, so every 0x0a byte was dropped.
+    payload = bytes(range(256))
+    path = tmp_path / "all.bin"
+    path.write_bytes(payload)
+    target = f"127.0.0.1:{udp_echo}"
+    argv = ["send", target, "--udp", "--framing", "raw", "--file", str(path), "--json"]
+    res = invoke([*argv, "--expect-datagrams", "1"])
+    assert res.exit_code == 0, res.stderr
+    rec = as_json(res.stdout)
+    assert (rec["bytes_sent"], rec["datagrams_sent"]) == (256, 1)
+    assert (rec["bytes_received"], rec["datagrams_received"]) == (259, 1)
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "sent"),
+    [
+        # Before: each line went out ending in a bare CR, and DATA was not converted at all.
+        (["--expect-datagrams", "2"], b"a\nb\n", "re:a\r\nre:b\r\n"),
+        (["a\nb", "--expect-datagrams", "1"], b"", "re:a\r\nb"),
+    ],
+)
+def test_udp_crlf_ends_lines_with_crlf(
+    udp_echo: int, args: list[str], stdin: bytes, sent: str
+) -> None:
+    res = invoke(["send", f"127.0.0.1:{udp_echo}", "--udp", "--crlf", *args, "--json"], stdin=stdin)
+    assert res.exit_code == 0, res.stderr
+    assert as_json(res.stdout)["data"] == sent
+
+
+def test_udp_replies_are_taken_while_the_input_pauses() -> None:
+    # Before: replies were read only between input lines, so with stdin open and quiet the
+    # reply sat in the socket: --expect-datagrams (and --timeout) waited for the next line.
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    server.settimeout(LONG)
+
+    def answer_late() -> None:
+        with contextlib.suppress(OSError):
+            data, peer = server.recvfrom(65536)
+            time.sleep(0.2)  # after the client looked for an answer and went back to its input
+            server.sendto(b"re:" + data, peer)
+
+    thread = threading.Thread(target=answer_late, daemon=True)
+    thread.start()
+    port = server.getsockname()[1]
+    argv = ["send", f"127.0.0.1:{port}", "--udp", "--expect-datagrams", "1", "--json"]
+    with subprocess.Popen(
+        [sys.executable, "-m", "netprobe", *argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        proc.stdin.write(b"a\n")
+        proc.stdin.flush()
+        try:
+            code = proc.wait(LONG)  # stdin stays open: only the reply can end the run
+        finally:
+            proc.stdin.close()
+        assert code == 0, proc.stderr.read()
+        rec = as_json(proc.stdout.read())
+    thread.join(LONG)
+    server.close()
+    assert (rec["ended_by"], rec["data"], rec["datagrams_sent"]) == ("expect", "re:a", 1)
 
 
 def test_udp_each_line_is_a_datagram(udp_echo: int) -> None:

@@ -6,8 +6,9 @@ import contextlib
 import errno
 import os
 import re
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from netprobe.errors import NetprobeError
@@ -29,6 +30,34 @@ def _bytes_as_xnn(line: str) -> str:
         return line
     line = _REPR_ESCAPED_BYTE_RE.sub(r"\1\\x\2", line)
     return _ESCAPED_BYTE_RE.sub(lambda m: f"\\x{ord(m[0]) - 0xDC00:02x}", line)
+
+
+class SigtermState:
+    """Whether SIGTERM arrived inside sigterm_as_interrupt (it then exits 143, not 130)."""
+
+    terminated = False
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[SigtermState]:
+    """Within the block, SIGTERM raises KeyboardInterrupt where Ctrl-C would: a command then
+    reports how its run ended, as for Ctrl-C, before it exits (143, as if killed: check
+    `state.terminated`). Outside the main thread (an embedding program) nothing changes."""
+    state = SigtermState()
+
+    def handler(_signum: int, _frame: object) -> None:
+        state.terminated = True
+        raise KeyboardInterrupt
+
+    try:
+        previous: Any = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: its signals, its rules
+        previous = None
+    try:
+        yield state
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def error_line(command: str | None, message: str) -> None:

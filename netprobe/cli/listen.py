@@ -4,7 +4,6 @@ address announcement and peer outcomes go to stderr. The work is netprobe.engine
 
 from __future__ import annotations
 
-import signal
 import sys
 from typing import IO, Annotated, Any, cast
 
@@ -20,6 +19,7 @@ from netprobe.cli._options import (
     refuse_ip_options_with_unix,
     size,
 )
+from netprobe.cli._run import sigterm_as_interrupt
 
 __all__ = ["listen"]
 
@@ -105,6 +105,7 @@ def listen(
     from netprobe.engines.listen import listen as run_listen
     from netprobe.engines.send import InputSource
     from netprobe.errors import UsageError
+    from netprobe.exitcodes import ExitStatus
     from netprobe.render import dump_json
 
     if udp and unix is not None:
@@ -144,24 +145,13 @@ def listen(
         source=source,
         interactive=interactive,
     )
-    try:
-        previous: Any = signal.signal(signal.SIGTERM, _terminated)
-    except ValueError:  # not the main thread (an embedding program): its signals, its rules
-        previous = None
-    try:
-        with naming_host(bind):
-            summary = run_listen(opts, emit, on_event)
-    except _Terminated:
-        raise typer.Exit(128 + signal.SIGTERM) from None  # as if killed, after the report
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    # SIGTERM: the engine reports the peer as it does for Ctrl-C (`interrupted`).
+    with sigterm_as_interrupt() as term:
+        try:
+            with naming_host(bind):
+                summary = run_listen(opts, emit, on_event)
+        except KeyboardInterrupt:
+            if term.terminated:  # as if killed, after the report
+                raise typer.Exit(ExitStatus.TERMINATED) from None
+            raise
     raise typer.Exit(int(summary.exit_status()))
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM: the engine reports the peer as it does for Ctrl-C (`interrupted`)."""
-
-
-def _terminated(_signum: int, _frame: object) -> None:
-    raise _Terminated

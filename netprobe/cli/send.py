@@ -22,7 +22,9 @@ from netprobe.cli._options import (
     family_of,
     size,
 )
+from netprobe.cli._run import sigterm_as_interrupt
 from netprobe.errors import DeadlineExceeded, LocalError, NetworkError, UsageError
+from netprobe.exitcodes import ExitStatus
 
 if TYPE_CHECKING:
     from netprobe.engines.send import InputSource, SendResult
@@ -154,6 +156,11 @@ def _failure_line(result: SendResult, input_size: int | None) -> str:
     """Why a single run did not complete, for the one stderr line."""
     if result.error is not None:  # e.g. UDP: "recv: ECONNREFUSED: nothing listens on ..."
         return result.error
+    if result.ended_by == "interrupted":
+        return (
+            f"{result.address}: interrupted after sending {result.bytes_sent} B and receiving "
+            f"{result.bytes_received} B"
+        )
     answered = result.first_byte_ms is not None or result.bytes_received > 0
     unsent = not result.input_complete and result.ended_by in ("idle-timeout", "timeout")
     if result.framing_error is not None:
@@ -414,6 +421,10 @@ def send(
     transcript_out: _TranscriptFile | None = None
     refused = False
     input_size = _input_size(source, crlf or framing is not None)
+    # SIGTERM as Ctrl-C from here on: the run is reported, then exits 143. (A stack rather
+    # than a with-block: it is left in the finally below.)
+    sigterm = contextlib.ExitStack()
+    term = sigterm.enter_context(sigterm_as_interrupt())
     try:
         if transcript_file is not None:
             transcript_out = _open_transcript(transcript_file)
@@ -433,17 +444,27 @@ def send(
             )
             stats = latency_stats(results)
             emit((dump_json(stats) + "\n" if json_out else _stats_text(stats)).encode())
-            raise typer.Exit(int(status))
+            if status is ExitStatus.INTERRUPTED:
+                sys.stderr.write(
+                    f"netprobe: send: interrupted after {len(results)} of {repeat} runs\n"
+                )
+            raise typer.Exit(int(_signal_status(status, term.terminated)))
         try:
             result = exchange(opts, None if json_out else emit, transcript)
         except (NetworkError, DeadlineExceeded) as exc:
             if json_out:  # every run says how it ended, a failed connect too
                 emit((dump_json(failed_result(opts, exc).record()) + "\n").encode())
             raise  # the one stderr line and the exit code come from cli/_run
+        except KeyboardInterrupt:
+            # Before the exchange began (connecting): there is no run to report.
+            sys.stderr.write(f"netprobe: send: {target}: interrupted while connecting\n")
+            status = _signal_status(ExitStatus.INTERRUPTED, term.terminated)
+            raise typer.Exit(int(status)) from None
     except UsageError:
         refused = True
         raise
     finally:
+        sigterm.close()
         if handle is not None:
             handle.close()
         if transcript_out is not None:
@@ -456,4 +477,11 @@ def send(
     status = exit_status_for(result)
     if status and not json_out:
         sys.stderr.write(f"netprobe: send: {_failure_line(result, input_size)}\n")
-    raise typer.Exit(int(status))
+    raise typer.Exit(int(_signal_status(status, term.terminated)))
+
+
+def _signal_status(status: ExitStatus, terminated: bool) -> ExitStatus:
+    """A run ended by SIGTERM exits 143, as if killed (after its report), not Ctrl-C's 130."""
+    if status is ExitStatus.INTERRUPTED and terminated:
+        return ExitStatus.TERMINATED
+    return status

@@ -31,6 +31,7 @@ from netprobe.exitcodes import ExitStatus
 from netprobe.results import ConnectState
 from netprobe.sockets import (
     PUMP_CHUNK,
+    PumpResult,
     Resolved,
     Target,
     classify_errno,
@@ -1065,7 +1066,8 @@ def exchange(
 
     Returns:
         SendResult; how the read ended is in ended_by ("eof", "reset", "idle-timeout",
-        "timeout", "expect", "error"). UDP: an ICMP port unreachable is ended_by "error"
+        "timeout", "expect", "error", "interrupted": Ctrl-C, or SIGTERM with
+        cli/_run.sigterm_as_interrupt, during the exchange). UDP: an ICMP port unreachable is ended_by "error"
         with errno_name ECONNREFUSED (the datagrams sent before it are counted).
 
     Raises:
@@ -1141,8 +1143,9 @@ def _exchange_checked(
         and opts.framing is None
         and transcript is None
     )
+    pumped = PumpResult()
     try:
-        pumped = pump_duplex(
+        pump_duplex(
             sock,
             read_input=None if zero_copy else read_input,
             sendfile_fd=src.fd if zero_copy else None,
@@ -1156,12 +1159,12 @@ def _exchange_checked(
             # of the input goes out, as nc sends it. Stopping here cut uploads short silently.
             # (send never reads a terminal, so the input always ends.)
             stop_on_peer_eof=False,
+            into=pumped,
         )
     except KeyboardInterrupt:
-        # Bytes --until-regex holds back arrived before the interrupt: they belong in the
-        # output as much as those passed on already.
-        receiver.release_held()
-        raise
+        # Ctrl-C (or SIGTERM, see cli/_run.sigterm_as_interrupt) mid-exchange: the run still
+        # says how it ended, with what moved until then; the exit code comes from ended_by.
+        pumped.ended_by = "interrupted"
     finally:
         sock.close()
     end = time.monotonic()
@@ -1186,26 +1189,52 @@ def _exchange_checked(
     return result
 
 
-def _datagrams(opts: SendOptions, last: list[bool]) -> Iterator[bytes]:
-    """Each DATA, each input line, or each line as a --framing frame: one datagram.
+# The most one datagram carries over IPv4; raw input is cut into reads of at most this.
+_MAX_DATAGRAM = 65507
+
+
+class _UdpEnded(Exception):
+    """The run ended (a reply met --expect, the deadline) while waiting for the input."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _datagrams(
+    opts: SendOptions, last: list[bool], wait_input: Callable[[], None] | None = None
+) -> Iterator[bytes]:
+    """Each DATA, each input line, or each line as a --framing frame: one datagram. With
+    --framing raw, each read of the input (at most 65,507 bytes) is one, bytes unchanged.
 
     `last[0]` is set before the final datagram is yielded, when the input's end is known by
     then: a reply that ends the run right after it (an ICMP refusal) must not make the input
-    look unsent."""
+    look unsent. `wait_input` is called before each read of a pollable input (it returns once
+    the input is readable, or raises _UdpEnded): replies are taken while the input pauses."""
     source, spec = opts.source, opts.framing
     if source.data is not None:
         last[0] = True
-        yield _encode_frame(spec, source.data, opts.max_frame) if spec is not None else source.data
+        data = source.data.replace(b"\n", b"\r\n") if opts.crlf else source.data
+        yield _encode_frame(spec, data, opts.max_frame) if spec is not None else data
         return
     read = source.chunks(PUMP_CHUNK)
+    raw = spec is not None and spec.name == "raw"
     splitter = LineSplitter(opts.max_frame)
     eof = False
     while not eof:
-        chunk, eof = read(PUMP_CHUNK)
+        if wait_input is not None:
+            wait_input()
+        chunk, eof = read(_MAX_DATAGRAM if raw else PUMP_CHUNK)
+        if raw:
+            # Lines would drop the newlines (as over TCP): the bytes go as they were read.
+            last[0] = eof
+            if chunk:
+                yield chunk
+            continue
         lines = splitter.feed(chunk, eof)
         for index, line in enumerate(lines):
             if opts.crlf:
-                line += b"\r"
+                line += b"\r\n"  # the line's ending, converted (it had none left: split off)
             last[0] = eof and index == len(lines) - 1
             yield _encode_frame(spec, line, opts.max_frame) if spec is not None else line
 
@@ -1261,11 +1290,27 @@ def _exchange_udp(
             result.error = str(NetworkError("datagram", exc.errno, exc.errno_name, detail))
         return "error"
 
+    def wait_input() -> None:
+        """Take replies while the input pauses; return once it is readable."""
+        fd = opts.source.fd
+        assert fd is not None
+        while True:
+            ready = wait_readable([sock, fd], deadline)
+            if sock.fileno() in ready:
+                reason = take(None)
+                if reason is not None:
+                    raise _UdpEnded(reason)
+            if fd in ready:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise _UdpEnded("timeout")
+
+    pollable = opts.source.pollable and opts.source.fd is not None
     ended: str | None = None
     result.input_complete = False
     last = [False]
     try:
-        for datagram in _datagrams(opts, last):
+        for datagram in _datagrams(opts, last, wait_input if pollable else None):
             if deadline is not None and time.monotonic() >= deadline:
                 ended = "timeout"
                 break
@@ -1292,13 +1337,14 @@ def _exchange_udp(
             ended = take(until)
             if ended is None and until is not None and time.monotonic() >= until:
                 ended = "timeout" if until == deadline else "idle-timeout"
+    except _UdpEnded as stop:
+        ended = stop.reason
     except NetworkError as exc:
         # Linux: ECONNREFUSED on the recv (or the next send) after an ICMP port unreachable;
         # also EMSGSIZE, ENETUNREACH, ... from a send.
         ended = failed(exc)
     except KeyboardInterrupt:
-        receiver.release_held()  # as over TCP
-        raise
+        ended = "interrupted"  # as over TCP: the run is reported, then exits 130
     finally:
         sock.close()
     receiver.finish(False, ended)
@@ -1318,6 +1364,8 @@ def exit_status_for(result: SendResult) -> ExitStatus:
     """0 completed; 4 reset; 3 timed out, no answer at all, or input left unsent at the idle
     timeout; 1 expectation not met at EOF, or a framing error (a partial frame at the idle
     timeout too)."""
+    if result.ended_by == "interrupted":
+        return ExitStatus.INTERRUPTED
     if result.ended_by == "reset":
         return ExitStatus.RESET
     if result.ended_by == "error":
@@ -1410,7 +1458,8 @@ def repeat_exchange(
     end the loop at once. A transcript records every run, its lines numbered with `run`.
 
     Returns:
-        (one result per run, the worst exit status).
+        (one result per run, the worst exit status); a Ctrl-C ends the runs there, with
+        ExitStatus.INTERRUPTED (the run it cut short is a result, ended_by "interrupted").
 
     Raises:
         UsageError: the input cannot be replayed, or cannot be framed.
@@ -1421,8 +1470,11 @@ def repeat_exchange(
     results: list[SendResult] = []
     statuses: list[ExitStatus] = []
     for run in range(count):
-        if run and interval_s > 0:
-            time.sleep(interval_s)
+        try:
+            if run and interval_s > 0:
+                time.sleep(interval_s)
+        except KeyboardInterrupt:
+            break  # between runs: the statistics of those done
         if not opts.source.rewind():
             raise UsageError("--repeat needs DATA, --file or a regular-file stdin to replay")
         if run == 0:
@@ -1435,8 +1487,14 @@ def repeat_exchange(
         except (ConnectError, PeerResetError, DeadlineExceeded) as exc:
             result = failed_result(opts, exc)
             status = exit_status_for_error(exc)
+        except KeyboardInterrupt:
+            break  # while connecting: that run never started
         results.append(result)
         statuses.append(status)
         if on_result is not None:
             on_result(result)
-    return results, worst(statuses)
+        if status is ExitStatus.INTERRUPTED:
+            break
+    else:
+        return results, worst(statuses)
+    return results, ExitStatus.INTERRUPTED
