@@ -209,6 +209,31 @@ def log(message: str, *, stream: TextIO | None = None, always: bool = False) -> 
         err.flush()
 
 
+class StatusLine:
+    """One line of progress on a terminal, rewritten in place (CR, then erase the line), so a
+    long wait shows one changing line rather than a screenful; nothing at all elsewhere."""
+
+    _ERASE = "\r\033[K"
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._err = stream if stream is not None else sys.stderr
+        self.enabled = _isatty(self._err)
+        self._shown = False
+
+    def show(self, message: str) -> None:
+        if self.enabled:
+            self._err.write(self._ERASE + message)
+            self._err.flush()
+            self._shown = True
+
+    def clear(self) -> None:
+        """Erase the line, so what follows starts at column 0 (call before any other output)."""
+        if self._shown:
+            self._err.write(self._ERASE)
+            self._err.flush()
+            self._shown = False
+
+
 class LineSink:
     """Lines for a server's log or event stream, written without ever blocking the caller.
 

@@ -140,6 +140,9 @@ def test_parse_gate_refuses_a_threshold_float_makes_infinite() -> None:
         ("rate", 1e-300, "--rate 1e-300"),
         ("rate", math.inf, "--rate inf"),
         ("backlog", 2**31, "--backlog 2147483648: must be at most 2147483647"),
+        # Before: "--timeout must be above 0", not naming the value.
+        ("timeout_s", 0.0, "--timeout 0s: must be above 0"),
+        ("duration_s", -1.0, "--duration -1s: must be above 0"),
     ],
 )
 def test_validate_refuses_overflowing_values(field: str, value: float, words: str) -> None:

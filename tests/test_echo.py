@@ -101,7 +101,8 @@ class EchoProcess:
 
 @contextlib.contextmanager
 def echo_process(*args: str) -> Iterator[tuple[EchoProcess, dict[str, Any]]]:
-    proc = EchoProcess(["--port", "0", "--json", *args])
+    port = [] if "--unix" in args else ["--port", "0"]  # --port with --unix is bad input
+    proc = EchoProcess([*port, "--json", *args])
     try:
         announce = proc.record()
         assert announce["event"] == "listening"
@@ -584,7 +585,9 @@ def test_port_in_use_exits_6_with_one_line() -> None:
         (["--once", "--count", "2"], "--count"),
         (["--workers", "2", "--udp"], "--udp"),
         (["--workers", "0"], "--workers"),
-        (["--busy-poll", "20ms"], "--busy-poll"),
+        (["--busy-poll", "20ms"], "--busy-poll 20ms: must be between 0 and 10ms"),
+        # Before: "--busy-poll 3.6e+06ms".
+        (["--busy-poll", "1h"], "--busy-poll 3600s: must be"),
         (["--busy-poll", "-1"], "-1"),
         (["--busy-poll", "often"], "often"),
     ],

@@ -370,3 +370,26 @@ def test_a_named_fifo_gets_the_lines_again_once_a_new_reader_comes(tmp_path: Pat
     markers = [r["lines"] for r in records if r["event"] == "dropped"]
     assert markers
     assert sum(markers) == totals["events_dropped"] >= 2
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_status_line_rewrites_one_line_on_a_terminal_only() -> None:
+    # port-check --wait used to print a new progress line every round on a terminal.
+    from netprobe.render import StatusLine
+
+    tty = _Tty()
+    line = StatusLine(tty)
+    line.show("1/3 open")
+    line.show("2/3 open")
+    line.clear()
+    line.clear()  # once is enough
+    assert tty.getvalue() == "\r\033[K1/3 open\r\033[K2/3 open\r\033[K"
+    pipe = io.StringIO()
+    quiet = StatusLine(pipe)
+    quiet.show("1/3 open")
+    quiet.clear()
+    assert (quiet.enabled, pipe.getvalue()) == (False, "")

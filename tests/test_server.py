@@ -221,6 +221,20 @@ def test_stalled_client_never_delays_the_others() -> None:
 BUSY_POLL = pytest.mark.parametrize("busy_poll_s", [0.0, 0.01], ids=["loop", "busy-poll"])
 
 
+def _settled_fds() -> int:
+    """This process's fd count once it holds still: the close event of a connection comes
+    from connection_lost, and asyncio's transport closes the socket only after it returns, so
+    a count taken right after the event could still include that fd (a flaky baseline)."""
+    deadline = time.monotonic() + LONG
+    last, still = psutil.Process().num_fds(), 0
+    while still < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+        now = psutil.Process().num_fds()
+        still = still + 1 if now == last else 0
+        last = now
+    return last
+
+
 @BUSY_POLL
 def test_resets_are_logged_and_fds_return_to_baseline(busy_poll_s: float) -> None:
     with serving(ServerConfig(port=0, busy_poll_s=busy_poll_s)) as srv:
@@ -228,7 +242,7 @@ def test_resets_are_logged_and_fds_return_to_baseline(busy_poll_s: float) -> Non
             warm.sendall(b"x")
             assert recv_exactly(warm, 1) == b"x"
         srv.wait_events("close", 1)
-        baseline = psutil.Process().num_fds()
+        baseline = _settled_fds()
         n = 20
         for _ in range(n):
             sock = srv.connect()
@@ -340,7 +354,7 @@ def test_quiet_discard_clients_cost_one_fd_each() -> None:
         with srv.connect() as warm:
             warm.sendall(b"x")
         srv.wait_events("close", 1)
-        baseline = psutil.Process().num_fds()
+        baseline = _settled_fds()
         clients = [srv.connect() for _ in range(10)]
         try:
             for client in clients:
@@ -370,7 +384,7 @@ def test_drained_bytes_are_counted_limited_and_resets_seen() -> None:
         with srv.connect() as warm:
             warm.sendall(b"x")
         srv.wait_events("close", 1)
-        baseline = psutil.Process().num_fds()
+        baseline = _settled_fds()
         with srv.connect() as client:
             client.sendall(b"d" * big)
             client.shutdown(socket.SHUT_WR)

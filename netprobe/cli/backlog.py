@@ -172,7 +172,7 @@ def backlog(
         run_backlog,
     )
     from netprobe.errors import UsageError
-    from netprobe.render import choose_format, dump_json
+    from netprobe.render import StatusLine, choose_format, dump_json
     from netprobe.sockets import parse_host_port
 
     choose_format(json_out=json_out, csv_out=False, quiet=quiet, out=sys.stdout)  # -q xor --json
@@ -214,8 +214,9 @@ def backlog(
     )
     out = sys.stdout
     err = sys.stderr
+    status = StatusLine(err)
     terminal = _isatty(out)
-    progress = _isatty(err) and not quiet
+    progress = status.enabled and not quiet
     summary: BacklogSummary | None = None
     attempts_so_far = 0
     total = effective_connections(cfg)
@@ -237,12 +238,10 @@ def backlog(
                 out.flush()
             attempts_so_far += event.attempts
             if progress:
-                _progress(err, event, attempts_so_far, total)
+                status.show(_progress(event, attempts_so_far, total))
         else:
             summary = event
-    if progress:
-        err.write("\r\033[K")
-        err.flush()
+    status.clear()
     assert summary is not None
     if json_out and not quiet:
         out.write(dump_json(summary.record) + "\n")
@@ -292,16 +291,15 @@ def _lab_text(cfg: Any) -> str:
     return f" (lab: listen({cfg.backlog}), {how})"
 
 
-def _progress(err: TextIO, tick: "Tick", done: int, total: int) -> None:
+def _progress(tick: "Tick", done: int, total: int) -> str:
     width = 20
     filled = min(width, width * done // max(1, total))
     bar = "#" * filled + "." * (width - filled)
     queue = "" if tick.accept_queue is None else f"  queue {tick.accept_queue}"
-    err.write(
-        f"\r\033[K[{bar}] {done}/{total}  {tick.t}s  +{tick.established} established  "
+    return (
+        f"[{bar}] {done}/{total}  {tick.t}s  +{tick.established} established  "
         f"+{tick.failures} failed  in flight {tick.in_flight}  held {tick.held}{queue}"
     )
-    err.flush()
 
 
 def _report(out: TextIO, summary: "BacklogSummary", *, charts: bool) -> None:

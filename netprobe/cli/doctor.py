@@ -22,10 +22,12 @@ def doctor(
 ) -> int:
     """Check this host's limits and run a loopback self-test of every subcommand.
 
-    Host facts (kernel, loopback, somaxconn, SYN backlog, syncookies, abort_on_overflow,
-    port range, RLIMIT_NOFILE, socket owners, queue view) get a verdict and a hint; each
-    self-test is a real exchange with the real engines on loopback (port 0, stopped after).
-    Nothing needs root. Exit 0 only if no check fails (warnings do not fail); otherwise 1.
+    Host facts (kernel, loopback, somaxconn, SYN backlog, syncookies,
+    abort_on_overflow, port range, RLIMIT_NOFILE, socket owners, queue view)
+    get a verdict and a hint; each self-test is a real exchange with the real
+    engines on loopback (port 0, stopped after). Nothing needs root.
+
+    Exit 0 only if no check fails (warnings do not fail); otherwise 1.
     """
     from netprobe.engines.doctor import Verdict, run_doctor
     from netprobe.exitcodes import ExitStatus

@@ -220,13 +220,17 @@ def echo(
     if backlog is None:
         backlog = DEFAULT_BACKLOG
     if not 0 <= busy_poll <= 0.01:
-        raise UsageError(f"--busy-poll {busy_poll * 1e3:g}ms must be between 0 and 10ms")
+        # In the unit that keeps the number plain: 1h is 3600s, not 3.6e+06ms.
+        shown = f"{busy_poll:g}s" if abs(busy_poll) >= 1 else f"{busy_poll * 1e3:g}ms"
+        raise UsageError(f"--busy-poll {shown}: must be between 0 and 10ms")
     if idle_timeout is not None and idle_timeout <= 0:
         raise UsageError(f"--idle-timeout {idle_timeout:g}s must be more than 0")
     ready_file = _check_ready_file(ready_file_text) if ready_file_text is not None else None
     if unix is not None:
         # The bind would refuse these too, but only after the old ready file is gone.
-        _check_unix_path(unix)
+        from netprobe.sockets import check_listen_path
+
+        check_listen_path(unix)
     config = ServerConfig(
         late_signals_ignored=True,  # the process exits when the server is done
         host=host,
@@ -322,15 +326,6 @@ def _check_ready_file(text: str) -> Path:
         with contextlib.suppress(OSError):
             tmp.unlink()
     return ready_file
-
-
-def _check_unix_path(path: str) -> None:
-    from netprobe.errors import AddressError
-    from netprobe.sockets import check_unix_path_size
-
-    if not path:
-        raise AddressError("the Unix socket path is empty (give a path, e.g. --unix /tmp/x.sock)")
-    check_unix_path_size(path)
 
 
 def _remove_ready_file(ready_file: Path | None) -> None:

@@ -26,10 +26,11 @@ def listeners(
     csv_out: CsvOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """List listening sockets: address, port, proto, pid, process, user, TCP accept queue.
+    """List listening sockets: address, port, proto, pid, process, user, accept queue.
 
-    Recv-Q is the accept queue now and Send-Q its limit, as `ss -ltn` shows them. As a
-    non-root user other users' processes are hidden: those rows say so.
+    Recv-Q is the accept queue now and Send-Q its limit, as `ss -ltn` shows them.
+    As a non-root user other users' processes are hidden: their rows have no pid
+    or process (`process_known` false in JSON), and stderr says how many.
 
     Exit codes: 0 listeners found, 1 none matched, 2 bad input.
     """

@@ -517,10 +517,11 @@ def _wait(
 
     from netprobe.engines.port_check_modes import WaitOutcome, run_wait
     from netprobe.exitcodes import ExitStatus
-    from netprobe.render import log
+    from netprobe.render import StatusLine, log
 
     started = time.monotonic()
     state = "nothing checked yet"
+    line = StatusLine()  # one line rewritten each round, not a line per round
     try:
         for event in run_wait(
             specs,
@@ -533,18 +534,22 @@ def _wait(
             interval_s=interval,
         ):
             if isinstance(event, WaitOutcome):
+                line.clear()
                 status = ExitStatus.OK if event.held else ExitStatus.WAIT_DEADLINE
                 return int(status), event
             waiting = ", ".join(event.waiting[:5]) + (" ..." if len(event.waiting) > 5 else "")
             progress = f"{event.satisfied}/{event.needed} {expect.value}"
             if not quiet:
-                log(f"port-check: waiting: {progress}, {event.left_s:.1f} s left ({waiting})")
+                line.show(f"port-check: waiting: {progress}, {event.left_s:.1f} s left ({waiting})")
             state = f"{progress} (waiting for {waiting})"
     except KeyboardInterrupt:
+        line.clear()
         if not quiet:
             elapsed = time.monotonic() - started
             log(f"port-check: interrupted after {elapsed:.2f} s: {state}", always=True)
         raise
+    finally:
+        line.clear()  # an error line that follows starts at column 0
     raise AssertionError("run_wait ended without an outcome")  # pragma: no cover
 
 

@@ -827,6 +827,10 @@ def serve(
     if slow_accept and no_accept:
         raise UsageError("--slow-accept and --no-accept exclude each other")
     refuse_ip_options_with_unix(ctx, unix, host=host, port=port)
+    if unix is not None:
+        from netprobe.sockets import check_listen_path
+
+        check_listen_path(unix)  # a path that cannot be bound is the first thing to say
     if unix is not None and schedule.uses(Action.RST):
         # AF_UNIX has no RST: SO_LINGER 0 changes nothing, and the peer reads a clean EOF
         # (ECONNRESET only when the closing side left bytes unread), so `rst` would not do what

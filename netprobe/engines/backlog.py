@@ -409,11 +409,11 @@ def validate_config(cfg: BacklogConfig) -> None:
         if value is not None and not MIN_RATE <= value < math.inf:
             raise UsageError(f"{flag} {value:g}: must be a finite rate of at least {MIN_RATE:g}/s")
     if not cfg.duration_s > 0:
-        raise UsageError("--duration must be above 0")
+        raise UsageError(f"--duration {cfg.duration_s:g}s: must be above 0")
     if not cfg.timeout_s > 0:
-        raise UsageError("--timeout must be above 0")
+        raise UsageError(f"--timeout {cfg.timeout_s:g}s: must be above 0")
     if cfg.ramp and not cfg.step_s > 0:
-        raise UsageError("--step must be above 0")
+        raise UsageError(f"--step {cfg.step_s:g}s: must be above 0")
     if cfg.ramp and cfg.rate is not None:
         raise UsageError("--ramp and --rate exclude each other (the ramp sets the rates)")
     if not cfg.lab and (cfg.accept_rate is not None or cfg.accept_delay_s is not None):

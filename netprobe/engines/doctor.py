@@ -955,9 +955,10 @@ def _reset_client() -> Outcome:
         closed.wait(_STEP_S)  # the server learns of the RST on its next read
     client = results[0] if results else None
     reason = closes[0].reason if closes else None
+    ended = client.ended_by if client else "no connection"
     figure = (
-        f"client {client.ended_by if client else None} after {client.bytes_out if client else 0} "
-        f"B, server saw {reason}"
+        f"client {ended} after {client.bytes_out if client else 0} B, "
+        f"server saw {reason or 'no close'}"
     )
     if client is None or client.ended_by != "client-rst" or client.bytes_out != _RESET_AFTER:
         return Verdict.FAIL, figure, f"expected the client to reset after {_RESET_AFTER} B"
