@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -30,6 +31,25 @@ def _has_ipv6() -> bool:
 
 
 HAS_IPV6 = _has_ipv6()
+
+_STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM, *[getattr(signal, "SIGUSR1", signal.SIGTERM)]]
+
+
+@pytest.fixture(autouse=True)
+def _signal_dispositions() -> Iterator[None]:
+    """Each test starts and ends with this process's signal handlers as they were.
+
+    A server run in-process through the CLI (`invoke(["echo", ...])`) leaves SIGINT, SIGTERM
+    and SIGUSR1 ignored, as the real process needs while it exits; here the process goes on,
+    and every later subprocess would inherit SIGINT ignored (a child's Ctrl-C test then hangs).
+    """
+    saved = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 @pytest.fixture

@@ -216,7 +216,25 @@ def test_refused_when_nothing_listens(closed_port: int) -> None:
     summary = _summary(result.stdout)
     assert summary["refused"] == 20
     assert summary["server"]["listening"] is False
+    assert summary["server"]["bound"] is None
     assert summary["prediction"]["held"] is True
+
+
+def test_a_wildcard_listener_is_reported_where_it_is_bound() -> None:
+    # A listener on 0.0.0.0 takes the flood to 127.0.0.1: `address` is what was flooded,
+    # `bound` is where the kernel lists the listener (`ss -ltn` shows 0.0.0.0:P).
+    srv = ServerThread(host="0.0.0.0")  # accepts and closes; nothing is sent beyond loopback
+    try:
+        argv = ["backlog", f"127.0.0.1:{srv.port}", "-n", "5", "--timeout", "1s", "--json"]
+        result = invoke(argv)
+    finally:
+        srv.stop()
+    assert result.exit_code == 0, result.stderr
+    server = _summary(result.stdout)["server"]
+    assert (server["address"], server["bound"]) == (
+        f"127.0.0.1:{srv.port}",
+        f"0.0.0.0:{srv.port}",
+    )
 
 
 def _reset_handler(conn: socket.socket) -> None:

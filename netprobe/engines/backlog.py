@@ -603,6 +603,7 @@ class _ServerView:
     uid: int | None = None
     source: str | None = None
     seen: bool = False
+    bound: str | None = None  # the listener's own address: 0.0.0.0 for a wildcard one
     syn_sampled_at: float = -math.inf
     members: int = 1  # SO_REUSEPORT sockets summed in the figures (kernel.find_listener)
 
@@ -612,6 +613,7 @@ class _ServerView:
             self.queue_now = None
             return
         self.seen = True
+        self.bound = row.address
         self.limit = row.limit
         self.members = max(self.members, row.members)
         self.queue_now = row.queue
@@ -1735,6 +1737,7 @@ def _summary_record(
             drops = server.drops_end - server.drops_start
         rec["server"] = {
             "address": format_hostport(server.address, server.port),
+            "bound": None if server.bound is None else format_hostport(server.bound, server.port),
             "listening": server.seen,
             "backlog_limit": server.limit,
             "accept_queue_max": server.queue_max if server.seen else None,
