@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -222,9 +223,20 @@ class StatusLine:
 
     def show(self, message: str) -> None:
         if self.enabled:
+            # Cut to the terminal's width: erasing reaches only the last row of a wrapped
+            # line, so a longer one would leave a trail of its first rows behind.
+            width = self._columns()
+            if len(message) >= width:
+                message = message[: max(1, width - 4)] + "..."
             self._err.write(self._ERASE + message)
             self._err.flush()
             self._shown = True
+
+    def _columns(self) -> int:
+        try:
+            return os.get_terminal_size(self._err.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            return 80
 
     def clear(self) -> None:
         """Erase the line, so what follows starts at column 0 (call before any other output)."""
@@ -566,7 +578,6 @@ def _nonblocking_twin(fd: int) -> int | None:
     never wait, whatever another process sharing fd does. None for anything else: a
     terminal (a non-blocking write may take part of a line, and the tty's lock keeps a whole
     blocking write in one piece, which the thread's are), a socket, no /proc."""
-    import os
     import stat
 
     try:
@@ -584,7 +595,6 @@ def _nonblocking_twin(fd: int) -> int | None:
 
 def _is_named_fifo(fd: int) -> bool:
     """A FIFO with a name on disk (a reader may leave and a new one come), not a pipe."""
-    import os
     import stat
 
     try:
@@ -597,7 +607,6 @@ def _is_named_fifo(fd: int) -> bool:
 
 def _may_block(stream: TextIO) -> int | None:
     """The stream's fd when a write to it can block (pipe, socket, terminal), else None."""
-    import os
     import stat
 
     try:

@@ -393,3 +393,14 @@ def test_status_line_rewrites_one_line_on_a_terminal_only() -> None:
     quiet.show("1/3 open")
     quiet.clear()
     assert (quiet.enabled, pipe.getvalue()) == (False, "")
+
+
+def test_status_line_is_cut_to_the_terminal_width() -> None:
+    # A wrapped line is erased only on its last row: each round left the first rows behind.
+    from netprobe.render import StatusLine
+
+    tty = _Tty()
+    line = StatusLine(tty)
+    line.show("x" * 200)  # StringIO has no fileno: the width falls back to 80 columns
+    shown = tty.getvalue().removeprefix("\r\033[K")
+    assert shown == "x" * 76 + "..."

@@ -216,6 +216,8 @@ def test_on_connect_against_closed_port(closed_port: int) -> None:
         (["--after-bytes", "-1"], "--after-bytes -1"),
         (["--after-bytes", "10", "--on-connect"], "two triggers"),
         (["--after-ms", "soon"], "--after-ms"),
+        # The error names the trigger as typed (it is --after-bytes inside).
+        (["--after-bytes-out", "10", "--after-ms", "5"], "--after-bytes-out and --after-ms"),
         (["--count", "0"], "--count"),
     ],
 )

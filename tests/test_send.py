@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import signal
 import socket
 import struct
@@ -260,6 +261,46 @@ def test_an_interrupted_run_still_says_how_it_ended(
     assert rec["data"] == "x"
 
 
+def test_interrupted_while_connecting_still_prints_its_json_object(full_queue_port: int) -> None:
+    # Before: nothing on stdout (the README: a run that never connects still prints its object).
+    argv = [f"127.0.0.1:{full_queue_port}", "hi", "--timeout", "20s", "--json"]
+    with _send_process(*argv) as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        proc.stdin.close()
+        time.sleep(0.5)  # the SYN waits for a queue that never has room
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(LONG) == 143
+        rec = as_json(proc.stdout.read())
+        err = proc.stderr.read().decode()
+    assert (rec["ended_by"], rec["address"], rec["bytes_sent"]) == ("interrupted", None, 0)
+    assert "interrupted while connecting" in err
+
+
+def test_interrupted_while_stdout_blocks_is_not_called_connecting(
+    start: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    # The hexdump of the reply fills the stdout pipe nobody reads to within 45 bytes of its
+    # 64 KiB: 829 full rows of 79 bytes go out during the exchange, and the last, partial row
+    # waits at the end (receiver.finish). Before: the signal there said "while connecting".
+    srv = start(echo_handler)
+    path = tmp_path / "in.bin"
+    path.write_bytes(os.urandom(829 * 16 + 15))
+    with _send_process(addr(srv), "--file", str(path), "--hexdump") as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        proc.stdin.close()
+        _wait_for(lambda: srv.accepted >= 1)
+        time.sleep(1.0)  # the exchange is over: the process waits on its last output row
+        proc.send_signal(signal.SIGTERM)
+        proc.stdout.read()  # let it write what it still has, then exit
+        assert proc.wait(LONG) == 143
+        err = proc.stderr.read().decode()
+    assert "interrupted after sending" in err, err
+
+
 def test_an_interrupted_repeat_prints_the_statistics_so_far(
     start: Callable[..., ServerThread],
 ) -> None:
@@ -450,6 +491,9 @@ def test_udp_raw_framing_keeps_every_byte(udp_echo: int, tmp_path: Path) -> None
         # Before: each line went out ending in a bare CR, and DATA was not converted at all.
         (["--expect-datagrams", "2"], b"a\nb\n", "re:a\r\nre:b\r\n"),
         (["a\nb", "--expect-datagrams", "1"], b"", "re:a\r\nb"),
+        # An existing CRLF stays as it is (it became CR CR LF), as over TCP.
+        (["a\r\nb\nc", "--expect-datagrams", "1"], b"", "re:a\r\nb\r\nc"),
+        (["--expect-datagrams", "2"], b"l1\r\nl2\n", "re:l1\r\nre:l2\r\n"),
     ],
 )
 def test_udp_crlf_ends_lines_with_crlf(
@@ -514,6 +558,28 @@ def test_udp_each_line_is_a_datagram(udp_echo: int) -> None:
         ["send", target, "--udp", "ping", "--expect-datagrams", "1", "--idle-timeout", "5s"]
     )
     assert (res.exit_code, res.stdout) == (0, b"re:ping")
+
+
+@pytest.mark.parametrize("framing", [[], ["--framing", "raw"]], ids=["lines", "raw"])
+def test_udp_refused_after_the_last_datagram_keeps_input_complete(
+    tmp_path: Path, framing: list[str]
+) -> None:
+    # Before: raw input learnt its end only on the empty read after the last datagram, so an
+    # ICMP refusal to that datagram reported input_complete false (lines: when they end in \n).
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"abc\n")
+    argv = ["send", f"127.0.0.1:{port}", "--udp", "--file", str(path), *framing, "--json"]
+    res = invoke([*argv, "--idle-timeout", "1s"])
+    assert res.exit_code == 1, res.stderr
+    rec = as_json(res.stdout)
+    assert (rec["errno_name"], rec["datagrams_sent"], rec["input_complete"]) == (
+        "ECONNREFUSED",
+        1,
+        True,
+    )
 
 
 def test_udp_refused_exits_1(closed_port: int) -> None:

@@ -6,8 +6,10 @@ Trigger and a FaultSchedule (engines/reset_faults.py) before any socket opens.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -221,6 +223,21 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def _named_as_typed(after_bytes_out: str | None) -> Iterator[None]:
+    """Trigger errors name --after-bytes-out when that is what the user typed (_sent_bytes
+    hands its value on as --after-bytes)."""
+    try:
+        yield
+    except UsageError as exc:
+        if after_bytes_out is None:
+            raise
+        import re
+
+        message = re.sub(r"--after-bytes(?![-\w])", "--after-bytes-out", str(exc))
+        raise UsageError(message) from None
 
 
 def _sent_bytes(after_bytes: str | None, after_bytes_out: str | None) -> str | None:
@@ -459,12 +476,13 @@ def client(
     if timeout <= 0:
         raise UsageError(f"--timeout {timeout:g}: each connect and send needs a timeout above 0")
     after_bytes = _sent_bytes(after_bytes, after_bytes_out)
-    trigger = build_trigger(
-        allowed=CLIENT_TRIGGERS,
-        on_connect=on_connect,
-        after_bytes=_size_opt(after_bytes, "--after-bytes"),
-        after_ms=_ms(after_ms, "--after-ms"),
-    )
+    with _named_as_typed(after_bytes_out):
+        trigger = build_trigger(
+            allowed=CLIENT_TRIGGERS,
+            on_connect=on_connect,
+            after_bytes=_size_opt(after_bytes, "--after-bytes"),
+            after_ms=_ms(after_ms, "--after-ms"),
+        )
     payload = None if data is None else data.encode("utf-8", "surrogateescape")
     if trigger is None:
         trigger = (
@@ -1059,21 +1077,22 @@ def proxy(
     except ValueError:
         raise UsageError(f"--direction {direction!r}: choose up, down or both") from None
     slow = (action or "").strip().lower() == "slow" or "slow" in (plan or "").lower()
-    trigger, schedule, rate = _faults(
-        PROXY_TRIGGERS,
-        on_accept=on_accept,
-        on_connect=on_connect,
-        after_bytes=_sent_bytes(after_bytes, after_bytes_out),
-        after_ms=after_ms,
-        after_frames=after_frames,
-        framing=framing,
-        on_idle=on_idle,
-        action=action,
-        plan=plan,
-        probability=probability,
-        seed=seed,
-        bandwidth=bandwidth,
-    )
+    with _named_as_typed(after_bytes_out):
+        trigger, schedule, rate = _faults(
+            PROXY_TRIGGERS,
+            on_accept=on_accept,
+            on_connect=on_connect,
+            after_bytes=_sent_bytes(after_bytes, after_bytes_out),
+            after_ms=after_ms,
+            after_frames=after_frames,
+            framing=framing,
+            on_idle=on_idle,
+            action=action,
+            plan=plan,
+            probability=probability,
+            seed=seed,
+            bandwidth=bandwidth,
+        )
     trigger = _default_trigger(trigger, action, plan, probability)
     jitter_s = _duration_opt(jitter, "--jitter") or 0.0
     if seed is not None and probability is None and not jitter_s:

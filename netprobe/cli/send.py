@@ -455,14 +455,20 @@ def send(
             if json_out:  # every run says how it ended, a failed connect too
                 emit((dump_json(failed_result(opts, exc).record()) + "\n").encode())
             raise  # the one stderr line and the exit code come from cli/_run
-        except KeyboardInterrupt:
-            # Before the exchange began (connecting): there is no run to report.
+        except KeyboardInterrupt as exc:
+            # Before the exchange began (the engine reports one it cut short): connecting.
+            if json_out:
+                emit((dump_json(failed_result(opts, exc).record()) + "\n").encode())
             sys.stderr.write(f"netprobe: send: {target}: interrupted while connecting\n")
             status = _signal_status(ExitStatus.INTERRUPTED, term.terminated)
             raise typer.Exit(int(status)) from None
     except UsageError:
         refused = True
         raise
+    except KeyboardInterrupt:
+        # Anywhere else (writing a --repeat summary to a stdout that blocks, ...).
+        sys.stderr.write("netprobe: send: interrupted\n")
+        raise typer.Exit(int(_signal_status(ExitStatus.INTERRUPTED, term.terminated))) from None
     finally:
         sigterm.close()
         if handle is not None:

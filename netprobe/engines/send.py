@@ -995,22 +995,30 @@ def _connect(addrs: list[Resolved], deadline: float) -> tuple[Any, Resolved, flo
     raise last_error
 
 
-def failed_result(opts: SendOptions, exc: NetworkError | DeadlineExceeded) -> SendResult:
+def failed_result(
+    opts: SendOptions, exc: NetworkError | DeadlineExceeded | KeyboardInterrupt
+) -> SendResult:
     """The result of a run that never got a connection (same fields as any other run).
 
-    `address` and the timings are None; ended_by is "timeout" for a connect timeout, else
-    "error" with errno_name (ECONNREFUSED, EAI_NONAME, ...) and the error message.
+    `address` and the timings are None; ended_by is "timeout" for a connect timeout,
+    "interrupted" for Ctrl-C (or SIGTERM) while connecting, else "error" with errno_name
+    (ECONNREFUSED, EAI_NONAME, ...) and the error message.
     """
-    timed_out = isinstance(exc, DeadlineExceeded)
     proto = "unix" if opts.target.path is not None else ("udp" if opts.udp else "tcp")
+    if isinstance(exc, KeyboardInterrupt):
+        ended, errno_name_, error = "interrupted", None, None
+    elif isinstance(exc, DeadlineExceeded):
+        ended, errno_name_, error = "timeout", None, str(exc)
+    else:
+        ended, errno_name_, error = "error", exc.errno_name, str(exc)
     result = SendResult(
         opts.target.text,
         None,
         proto,
         total_ms=None,
-        ended_by="timeout" if timed_out else "error",
-        errno_name=None if isinstance(exc, DeadlineExceeded) else exc.errno_name,
-        error=str(exc),
+        ended_by=ended,
+        errno_name=errno_name_,
+        error=error,
         input_complete=False,
     )
     if opts.udp:
@@ -1168,7 +1176,10 @@ def _exchange_checked(
     finally:
         sock.close()
     end = time.monotonic()
-    receiver.finish(pumped.peer_eof, pumped.ended_by)
+    try:
+        receiver.finish(pumped.peer_eof, pumped.ended_by)  # may write: stdout can block
+    except KeyboardInterrupt:
+        pumped.ended_by = "interrupted"
     result.bytes_sent = pumped.bytes_sent
     result.input_complete = pumped.input_done_at is not None
     result.bytes_received = pumped.bytes_received
@@ -1201,6 +1212,26 @@ class _UdpEnded(Exception):
         self.reason = reason
 
 
+def _read_ahead(read: Callable[[int], tuple[bytes, bool]]) -> Callable[[int], tuple[bytes, bool]]:
+    """The same reader, its `eof` set with the last chunk rather than on the empty read after it
+    (for inputs whose reads never block: a read ahead must not wait for more input)."""
+    ahead: tuple[bytes, bool] | None = None
+
+    def read_one(n: int) -> tuple[bytes, bool]:
+        nonlocal ahead
+        chunk, eof = ahead if ahead is not None else read(n)
+        ahead = None
+        if eof:
+            return chunk, True
+        ahead = read(n)
+        if not ahead[0] and ahead[1]:
+            ahead = None
+            return chunk, True
+        return chunk, False
+
+    return read_one
+
+
 def _datagrams(
     opts: SendOptions, last: list[bool], wait_input: Callable[[], None] | None = None
 ) -> Iterator[bytes]:
@@ -1214,10 +1245,14 @@ def _datagrams(
     source, spec = opts.source, opts.framing
     if source.data is not None:
         last[0] = True
-        data = source.data.replace(b"\n", b"\r\n") if opts.crlf else source.data
+        data = CrlfConverter().feed(source.data) if opts.crlf else source.data
         yield _encode_frame(spec, data, opts.max_frame) if spec is not None else data
         return
     read = source.chunks(PUMP_CHUNK)
+    if wait_input is None:
+        # A file never blocks: one read ahead tells whether this chunk is the last, so a
+        # run ended by the reply to the final datagram still counts its input as complete.
+        read = _read_ahead(read)
     raw = spec is not None and spec.name == "raw"
     splitter = LineSplitter(opts.max_frame)
     eof = False
@@ -1234,7 +1269,8 @@ def _datagrams(
         lines = splitter.feed(chunk, eof)
         for index, line in enumerate(lines):
             if opts.crlf:
-                line += b"\r\n"  # the line's ending, converted (it had none left: split off)
+                # The line's ending as CRLF; one that was CRLF already keeps its one CR.
+                line = line.removesuffix(b"\r") + b"\r\n"
             last[0] = eof and index == len(lines) - 1
             yield _encode_frame(spec, line, opts.max_frame) if spec is not None else line
 
@@ -1347,7 +1383,10 @@ def _exchange_udp(
         ended = "interrupted"  # as over TCP: the run is reported, then exits 130
     finally:
         sock.close()
-    receiver.finish(False, ended)
+    try:
+        receiver.finish(False, ended)  # may write: stdout can block
+    except KeyboardInterrupt:
+        ended = "interrupted"
     end = time.monotonic()
     result.ended_by = ended
     result.first_byte_ms = _ms(None if first_byte_at is None else first_byte_at - start)
@@ -1492,7 +1531,10 @@ def repeat_exchange(
         results.append(result)
         statuses.append(status)
         if on_result is not None:
-            on_result(result)
+            try:
+                on_result(result)  # may write: stdout can block
+            except KeyboardInterrupt:
+                status = ExitStatus.INTERRUPTED
         if status is ExitStatus.INTERRUPTED:
             break
     else:
