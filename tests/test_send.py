@@ -59,6 +59,15 @@ def as_json(out: bytes) -> dict[str, object]:
     return record
 
 
+def _send_process(*argv: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "netprobe", "send", *argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
 # --- what is sent ---------------------------------------------------------------------------
 
 
@@ -197,12 +206,7 @@ def test_peer_answering_after_our_fin_gets_the_idle_time_from_it(
     # Before: stdin paused longer than --idle-timeout before it ended, so the idle limit had
     # already passed when the FIN went out: exit 3 "no answer" while the answer was on its way.
     srv = start(_answer_after_eof)
-    with subprocess.Popen(
-        [sys.executable, "-m", "netprobe", "send", addr(srv), "--idle-timeout", "300ms"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    ) as proc:
+    with _send_process(addr(srv), "--idle-timeout", "300ms") as proc:
         assert proc.stdin is not None
         assert proc.stdout is not None
         assert proc.stderr is not None
@@ -213,15 +217,6 @@ def test_peer_answering_after_our_fin_gets_the_idle_time_from_it(
         assert proc.wait(LONG) == 0, proc.stderr.read()
         out = proc.stdout.read()
     assert out == b"got it\n"
-
-
-def _send_process(*argv: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "netprobe", "send", *argv],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
 
 
 def _wait_for(check: Callable[[], bool]) -> None:
@@ -520,13 +515,8 @@ def test_udp_replies_are_taken_while_the_input_pauses() -> None:
     thread = threading.Thread(target=answer_late, daemon=True)
     thread.start()
     port = server.getsockname()[1]
-    argv = ["send", f"127.0.0.1:{port}", "--udp", "--expect-datagrams", "1", "--json"]
-    with subprocess.Popen(
-        [sys.executable, "-m", "netprobe", *argv],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    ) as proc:
+    argv = [f"127.0.0.1:{port}", "--udp", "--expect-datagrams", "1", "--json"]
+    with _send_process(*argv) as proc:
         assert proc.stdin is not None
         assert proc.stdout is not None
         assert proc.stderr is not None
