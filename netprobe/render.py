@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, TextIO
+from typing import IO, Any, TextIO, cast
 
 __all__ = [
     "Column",
@@ -210,6 +211,19 @@ def log(message: str, *, stream: TextIO | None = None, always: bool = False) -> 
         err.flush()
 
 
+def binary_stdout() -> IO[bytes]:
+    """stdout for raw bytes, buffered even under `python -u` / PYTHONUNBUFFERED.
+
+    Unbuffered, stdout's binary layer is the raw file: a write that a signal interrupts while
+    the pipe is full loses its bytes (a whole JSON object). Buffered, they stay in the buffer
+    and go out with the next flush. Callers flush after each write, so output is not delayed.
+    """
+    out: Any = getattr(sys.stdout, "buffer", sys.stdout)
+    if isinstance(out, io.RawIOBase):
+        out = io.BufferedWriter(out)
+    return cast("IO[bytes]", out)
+
+
 class StatusLine:
     """One line of progress on a terminal, rewritten in place (CR, then erase the line), so a
     long wait shows one changing line rather than a screenful; nothing at all elsewhere."""
@@ -234,9 +248,10 @@ class StatusLine:
 
     def _columns(self) -> int:
         try:
-            return os.get_terminal_size(self._err.fileno()).columns
+            columns = os.get_terminal_size(self._err.fileno()).columns
         except (AttributeError, ValueError, OSError):
             return 80
+        return columns or 80  # a pty whose size was never set says 0 (as shutil's fallback)
 
     def clear(self) -> None:
         """Erase the line, so what follows starts at column 0 (call before any other output)."""

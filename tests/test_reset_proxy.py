@@ -236,6 +236,11 @@ def test_sigusr1_toggles_faults() -> None:
         (["--upstream", "127.0.0.1:9", "--direction", "sideways"], "--direction"),
         # --after-bytes-out is the proxy's --after-bytes (it sends what it receives): one trigger.
         (["--upstream", "127.0.0.1:9", "--after-bytes-out", "5", "--after-bytes", "3"], "give one"),
+        # Before: "--after-bytes-out 3 and --after-bytes-out 5".
+        (
+            ["--upstream", "127.0.0.1:9", "--after-bytes", "3", "--after-bytes-out", "5"],
+            "--after-bytes 3 and --after-bytes-out 5 are one trigger",
+        ),
         (["--upstream", "127.0.0.1:9", "--after-bytes-out", "lots"], "--after-bytes-out: 'lots'"),
         (["--upstream", "127.0.0.1:9", "--after-bytes-out", "-1"], "--after-bytes-out -1"),
         (["--upstream", "127.0.0.1:9", "--slice", "0"], "--slice 0"),

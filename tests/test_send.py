@@ -273,6 +273,37 @@ def test_interrupted_while_connecting_still_prints_its_json_object(full_queue_po
     assert "interrupted while connecting" in err
 
 
+def test_repeat_interrupted_while_connecting_reports_that_run(full_queue_port: int) -> None:
+    # Before: the run cut short while connecting had no object (a single run has one).
+    argv = [f"127.0.0.1:{full_queue_port}", "hi", "--repeat", "3", "--timeout", "20s", "--json"]
+    with _send_process(*argv) as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        proc.stdin.close()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(LONG) == 130
+        records = [json.loads(line) for line in proc.stdout.read().splitlines()]
+    assert [r["kind"] for r in records] == ["send", "send-stats"]
+    assert (records[0]["ended_by"], records[1]["runs"]) == ("interrupted", 1)
+
+
+def test_repeat_interrupted_while_checking_the_input_prints_empty_statistics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before: Ctrl-C while the input was checked (a large file) escaped with no statistics.
+    from netprobe.engines import send as engine
+
+    def interrupted(_opts: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_check_input", interrupted)
+    res = invoke(["send", "127.0.0.1:9", "x", "--repeat", "2", "--json"])
+    assert res.exit_code == 130
+    assert as_json(res.stdout)["runs"] == 0
+    assert "interrupted after 0 of 2 runs" in res.stderr
+
+
 def test_interrupted_while_stdout_blocks_is_not_called_connecting(
     start: Callable[..., ServerThread], tmp_path: Path
 ) -> None:
@@ -570,6 +601,23 @@ def test_udp_refused_after_the_last_datagram_keeps_input_complete(
         1,
         True,
     )
+
+
+def test_udp_long_line_late_in_a_file_is_refused_before_sending(tmp_path: Path) -> None:
+    # Before: UDP line mode skipped the check of a file that can be read twice, so every
+    # earlier line went out before the long one was refused.
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"ok\n" * 100_000 + b"x" * 300 + b"\n")  # the long line in a later read
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(("127.0.0.1", 0))
+        port = receiver.getsockname()[1]
+        argv = ["send", f"127.0.0.1:{port}", "--udp", "--max-frame", "100", "--file", str(path)]
+        res = invoke([*argv, "--idle-timeout", "0.2"])
+        receiver.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            receiver.recv(100)  # nothing was sent
+    assert res.exit_code == 2
+    assert "longer than 100 bytes" in res.stderr
 
 
 def test_udp_refused_exits_1(closed_port: int) -> None:

@@ -1077,12 +1077,13 @@ def proxy(
     except ValueError:
         raise UsageError(f"--direction {direction!r}: choose up, down or both") from None
     slow = (action or "").strip().lower() == "slow" or "slow" in (plan or "").lower()
+    sent = _sent_bytes(after_bytes, after_bytes_out)  # its own message names both options
     with _named_as_typed(after_bytes_out):
         trigger, schedule, rate = _faults(
             PROXY_TRIGGERS,
             on_accept=on_accept,
             on_connect=on_connect,
-            after_bytes=_sent_bytes(after_bytes, after_bytes_out),
+            after_bytes=sent,
             after_ms=after_ms,
             after_frames=after_frames,
             framing=framing,

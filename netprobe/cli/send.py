@@ -329,7 +329,7 @@ def send(
         latency_stats,
         repeat_exchange,
     )
-    from netprobe.render import dump_json
+    from netprobe.render import binary_stdout, dump_json
     from netprobe.sockets import parse_target
 
     if until is not None and until_regex is not None:
@@ -412,7 +412,7 @@ def send(
         collect=json_out,
         hexdump=hexdump,
     )
-    out = cast("IO[bytes]", getattr(sys.stdout, "buffer", sys.stdout))
+    out = binary_stdout()
 
     def emit(chunk: bytes) -> None:
         out.write(chunk)
@@ -462,6 +462,13 @@ def send(
             sys.stderr.write(f"netprobe: send: {target}: interrupted while connecting\n")
             status = _signal_status(ExitStatus.INTERRUPTED, term.terminated)
             raise typer.Exit(int(status)) from None
+        # Still under the SIGTERM handler: a signal while stdout blocks on the report is
+        # Ctrl-C's, its exit code 143 (and the object stays in the buffer, see binary_stdout).
+        if json_out:
+            emit((dump_json(result.record()) + "\n").encode())
+        status = exit_status_for(result)
+        if status and not json_out:
+            sys.stderr.write(f"netprobe: send: {_failure_line(result, input_size)}\n")
     except UsageError:
         refused = True
         raise
@@ -478,11 +485,6 @@ def send(
             # whose write already raised LocalError: that one message is enough.
             with contextlib.suppress(OSError):
                 transcript_out.close(refused=refused)
-    if json_out:
-        emit((dump_json(result.record()) + "\n").encode())
-    status = exit_status_for(result)
-    if status and not json_out:
-        sys.stderr.write(f"netprobe: send: {_failure_line(result, input_size)}\n")
     raise typer.Exit(int(_signal_status(status, term.terminated)))
 
 

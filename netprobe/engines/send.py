@@ -1038,8 +1038,8 @@ def _check_input(opts: SendOptions) -> None:
         UsageError: a frame that cannot be encoded.
     """
     framing = opts.framing
-    if framing is None or (framing.name == "raw" and not opts.udp):
-        return  # nothing can fail to encode
+    if not opts.udp and (framing is None or framing.name == "raw"):
+        return  # nothing can fail to encode (UDP cuts lines, which --max-frame bounds)
     start = opts.source.offset()
     if start is None:
         return
@@ -1517,7 +1517,10 @@ def repeat_exchange(
         if not opts.source.rewind():
             raise UsageError("--repeat needs DATA, --file or a regular-file stdin to replay")
         if run == 0:
-            _check_input(opts)
+            try:
+                _check_input(opts)  # reads a whole file: it can take a while
+            except KeyboardInterrupt:
+                break
         try:
             if transcript is not None:
                 transcript.start_run(run + 1)
@@ -1526,8 +1529,10 @@ def repeat_exchange(
         except (ConnectError, PeerResetError, DeadlineExceeded) as exc:
             result = failed_result(opts, exc)
             status = exit_status_for_error(exc)
-        except KeyboardInterrupt:
-            break  # while connecting: that run never started
+        except KeyboardInterrupt as exc:
+            # While connecting: the run is reported as a single run would be.
+            result = failed_result(opts, exc)
+            status = ExitStatus.INTERRUPTED
         results.append(result)
         statuses.append(status)
         if on_result is not None:
