@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import json
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import IO, Any, TextIO, cast
+from typing import Any, TextIO
 
 __all__ = [
     "Column",
@@ -209,19 +208,6 @@ def log(message: str, *, stream: TextIO | None = None, always: bool = False) -> 
     if always or _isatty(err):
         err.write(message + "\n")
         err.flush()
-
-
-def binary_stdout() -> IO[bytes]:
-    """stdout for raw bytes, buffered even under `python -u` / PYTHONUNBUFFERED.
-
-    Unbuffered, stdout's binary layer is the raw file: a write that a signal interrupts while
-    the pipe is full loses its bytes (a whole JSON object). Buffered, they stay in the buffer
-    and go out with the next flush. Callers flush after each write, so output is not delayed.
-    """
-    out: Any = getattr(sys.stdout, "buffer", sys.stdout)
-    if isinstance(out, io.RawIOBase):
-        out = io.BufferedWriter(out)
-    return cast("IO[bytes]", out)
 
 
 class StatusLine:

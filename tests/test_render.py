@@ -421,19 +421,3 @@ def test_status_line_on_a_terminal_of_unknown_size_uses_80_columns() -> None:
     finally:
         os.close(master)
         os.close(slave)
-
-
-def test_binary_stdout_is_buffered_even_when_python_runs_unbuffered(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    # Under PYTHONUNBUFFERED stdout's binary layer is the raw file: a write interrupted while
-    # the pipe was full lost a whole JSON object. Buffered, it waits for the next flush.
-    from netprobe.render import binary_stdout
-
-    with open(tmp_path / "out", "wb", buffering=0) as raw:
-        monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, write_through=True))
-        out = binary_stdout()
-        assert isinstance(out, io.BufferedWriter)
-        out.write(b"kept")
-        out.flush()
-    assert (tmp_path / "out").read_bytes() == b"kept"

@@ -270,7 +270,7 @@ def test_interrupted_while_connecting_still_prints_its_json_object(full_queue_po
         rec = as_json(proc.stdout.read())
         err = proc.stderr.read().decode()
     assert (rec["ended_by"], rec["address"], rec["bytes_sent"]) == ("interrupted", None, 0)
-    assert "interrupted while connecting" in err
+    assert "interrupted before the exchange began" in err
 
 
 def test_repeat_interrupted_while_connecting_reports_that_run(full_queue_port: int) -> None:

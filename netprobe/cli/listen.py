@@ -106,7 +106,7 @@ def listen(
     from netprobe.engines.send import InputSource
     from netprobe.errors import UsageError
     from netprobe.exitcodes import ExitStatus
-    from netprobe.render import binary_stdout, dump_json
+    from netprobe.render import dump_json
 
     if udp and unix is not None:
         raise UsageError("--udp and --unix exclude each other")
@@ -121,7 +121,7 @@ def listen(
     if stdin is not None:
         interactive = stdin.isatty()
         source = InputSource.from_stream(cast("IO[bytes]", getattr(stdin, "buffer", stdin)))
-    out = binary_stdout()
+    out = cast("IO[bytes]", getattr(sys.stdout, "buffer", sys.stdout))
 
     def emit(chunk: bytes) -> None:
         if chunk:

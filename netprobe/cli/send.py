@@ -329,7 +329,7 @@ def send(
         latency_stats,
         repeat_exchange,
     )
-    from netprobe.render import binary_stdout, dump_json
+    from netprobe.render import dump_json
     from netprobe.sockets import parse_target
 
     if until is not None and until_regex is not None:
@@ -412,7 +412,7 @@ def send(
         collect=json_out,
         hexdump=hexdump,
     )
-    out = binary_stdout()
+    out = cast("IO[bytes]", getattr(sys.stdout, "buffer", sys.stdout))
 
     def emit(chunk: bytes) -> None:
         out.write(chunk)
@@ -456,14 +456,18 @@ def send(
                 emit((dump_json(failed_result(opts, exc).record()) + "\n").encode())
             raise  # the one stderr line and the exit code come from cli/_run
         except KeyboardInterrupt as exc:
-            # Before the exchange began (the engine reports one it cut short): connecting.
+            # Before the exchange began (the engine reports one it cut short): the input
+            # check or the connect.
             if json_out:
                 emit((dump_json(failed_result(opts, exc).record()) + "\n").encode())
-            sys.stderr.write(f"netprobe: send: {target}: interrupted while connecting\n")
+            sys.stderr.write(
+                f"netprobe: send: {target}: interrupted before the exchange began "
+                "(checking the input or connecting)\n"
+            )
             status = _signal_status(ExitStatus.INTERRUPTED, term.terminated)
             raise typer.Exit(int(status)) from None
         # Still under the SIGTERM handler: a signal while stdout blocks on the report is
-        # Ctrl-C's, its exit code 143 (and the object stays in the buffer, see binary_stdout).
+        # Ctrl-C's, its exit code 143.
         if json_out:
             emit((dump_json(result.record()) + "\n").encode())
         status = exit_status_for(result)

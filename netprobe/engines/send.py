@@ -1038,7 +1038,7 @@ def _check_input(opts: SendOptions) -> None:
         UsageError: a frame that cannot be encoded.
     """
     framing = opts.framing
-    if not opts.udp and (framing is None or framing.name == "raw"):
+    if (framing is not None and framing.name == "raw") or (framing is None and not opts.udp):
         return  # nothing can fail to encode (UDP cuts lines, which --max-frame bounds)
     start = opts.source.offset()
     if start is None:
