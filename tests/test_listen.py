@@ -462,3 +462,42 @@ def test_idle_timeout_0_waits_for_a_late_peer(spawn: type[Listen]) -> None:
     assert code == 0, err
     assert out == b"late"
     assert "ended: eof" in err
+
+
+def test_sigterm_with_stdout_stuck_exits_at_once_and_quietly() -> None:
+    # Before (stdout buffered, the default): after the peer's report the process waited for
+    # its reader to take what the buffer held (forever, for a reader that stopped reading).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    with subprocess.Popen(
+        [sys.executable, "-m", "netprobe", "listen", "--port", "0"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=env,
+    ) as proc:
+        assert proc.stderr is not None
+        announce = proc.stderr.readline().decode()
+        port = int(announce.rsplit(":", 1)[1].split("/")[0])
+        stop = threading.Event()
+
+        def trickle() -> None:
+            # Small pieces: each one lands in stdout's buffer, which then holds bytes at exit.
+            with contextlib.suppress(OSError), _connect(port) as sock:
+                while not stop.is_set():
+                    sock.sendall(b"z" * 1000)
+                    time.sleep(0.001)
+
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        try:
+            time.sleep(0.8)  # the 64 KiB pipe is full: listen waits on its output
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(LONG)  # nobody reads stdout, yet it exits
+        finally:
+            stop.set()
+            thread.join(LONG)
+        err = proc.stderr.read().decode()
+    assert code == 143, err
+    assert "ended: interrupted" in err
+    assert "Exception ignored" not in err

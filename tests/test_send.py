@@ -273,6 +273,40 @@ def test_interrupted_while_connecting_still_prints_its_json_object(full_queue_po
     assert "interrupted before the exchange began" in err
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_with_stdout_stuck_exits_at_once_and_quietly(
+    start: Callable[..., ServerThread], signum: int
+) -> None:
+    # Before (stdout buffered, the default): after its report the process waited for the
+    # reader to take what the buffer held, then failed on it at exit ("Exception ignored ...
+    # BrokenPipeError", exit 120) once the reader had left. nc exits at once.
+    def trickle(conn: socket.socket) -> None:
+        # Small pieces: each one lands in stdout's buffer, which then holds bytes at exit.
+        with contextlib.suppress(OSError):
+            for _ in range(3000):
+                conn.sendall(b"z" * 1000)
+                time.sleep(0.001)
+
+    srv = start(trickle)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    with subprocess.Popen(
+        [sys.executable, "-m", "netprobe", "send", addr(srv), ""],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    ) as proc:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        time.sleep(0.8)  # the 64 KiB pipe is full: the process waits on its output
+        proc.send_signal(signum)
+        code = proc.wait(LONG)  # nobody reads stdout, yet it exits
+        err = proc.stderr.read().decode()
+    assert code == (130 if signum == signal.SIGINT else 143), err
+    assert "interrupted after sending" in err
+    assert "Exception ignored" not in err
+
+
 def test_repeat_interrupted_while_connecting_reports_that_run(full_queue_port: int) -> None:
     # Before: the run cut short while connecting had no object (a single run has one).
     argv = [f"127.0.0.1:{full_queue_port}", "hi", "--repeat", "3", "--timeout", "20s", "--json"]

@@ -136,7 +136,15 @@ _LOCAL_IO_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG
 
 def silence_stdout() -> None:
     """After stdout was closed by its reader: what is still buffered for it, and anything
-    written later, goes to /dev/null, so the exit does not fail on it again."""
+    written later, goes to /dev/null, so the exit does not fail on it again.
+
+    Nothing happens when sys.stdout is not a file (a caller capturing the output in memory,
+    as the tests do): fd 1 is then someone else's."""
+    if sys.stdout is not None:
+        try:
+            sys.stdout.fileno()
+        except (AttributeError, ValueError, OSError):
+            return
     devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, sys.__stdout__.fileno() if sys.__stdout__ is not None else 1)

@@ -19,7 +19,7 @@ from netprobe.cli._options import (
     refuse_ip_options_with_unix,
     size,
 )
-from netprobe.cli._run import sigterm_as_interrupt
+from netprobe.cli._run import sigterm_as_interrupt, silence_stdout
 
 __all__ = ["listen"]
 
@@ -151,7 +151,10 @@ def listen(
             with naming_host(bind):
                 summary = run_listen(opts, emit, on_event)
         except KeyboardInterrupt:
-            if term.terminated:  # as if killed, after the report
+            # After the report: what a blocked stdout still holds is dropped, so the exit
+            # neither waits on a reader that stopped reading nor fails on one that left.
+            silence_stdout()
+            if term.terminated:  # as if killed
                 raise typer.Exit(ExitStatus.TERMINATED) from None
             raise
     raise typer.Exit(int(summary.exit_status()))

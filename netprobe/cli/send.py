@@ -22,7 +22,7 @@ from netprobe.cli._options import (
     family_of,
     size,
 )
-from netprobe.cli._run import sigterm_as_interrupt
+from netprobe.cli._run import sigterm_as_interrupt, silence_stdout
 from netprobe.errors import DeadlineExceeded, LocalError, NetworkError, UsageError
 from netprobe.exitcodes import ExitStatus
 
@@ -448,7 +448,7 @@ def send(
                 sys.stderr.write(
                     f"netprobe: send: interrupted after {len(results)} of {repeat} runs\n"
                 )
-            raise typer.Exit(int(_signal_status(status, term.terminated)))
+            raise typer.Exit(_final_code(status, term.terminated))
         try:
             result = exchange(opts, None if json_out else emit, transcript)
         except (NetworkError, DeadlineExceeded) as exc:
@@ -464,8 +464,7 @@ def send(
                 f"netprobe: send: {target}: interrupted before the exchange began "
                 "(checking the input or connecting)\n"
             )
-            status = _signal_status(ExitStatus.INTERRUPTED, term.terminated)
-            raise typer.Exit(int(status)) from None
+            raise typer.Exit(_final_code(ExitStatus.INTERRUPTED, term.terminated)) from None
         # Still under the SIGTERM handler: a signal while stdout blocks on the report is
         # Ctrl-C's, its exit code 143.
         if json_out:
@@ -479,7 +478,7 @@ def send(
     except KeyboardInterrupt:
         # Anywhere else (writing a --repeat summary to a stdout that blocks, ...).
         sys.stderr.write("netprobe: send: interrupted\n")
-        raise typer.Exit(int(_signal_status(ExitStatus.INTERRUPTED, term.terminated))) from None
+        raise typer.Exit(_final_code(ExitStatus.INTERRUPTED, term.terminated)) from None
     finally:
         sigterm.close()
         if handle is not None:
@@ -489,11 +488,15 @@ def send(
             # whose write already raised LocalError: that one message is enough.
             with contextlib.suppress(OSError):
                 transcript_out.close(refused=refused)
-    raise typer.Exit(int(_signal_status(status, term.terminated)))
+    raise typer.Exit(_final_code(status, term.terminated))
 
 
-def _signal_status(status: ExitStatus, terminated: bool) -> ExitStatus:
-    """A run ended by SIGTERM exits 143, as if killed (after its report), not Ctrl-C's 130."""
-    if status is ExitStatus.INTERRUPTED and terminated:
-        return ExitStatus.TERMINATED
-    return status
+def _final_code(status: ExitStatus, terminated: bool) -> int:
+    """The exit code: a run ended by SIGTERM exits 143, as if killed (after its report), not
+    Ctrl-C's 130. An interrupted run drops what a blocked stdout still holds, as nc does: the
+    exit must not wait on a reader that stopped reading, nor fail on one that left later
+    (Python's own flush at exit: "Exception ignored ... BrokenPipeError", exit 120)."""
+    if status is not ExitStatus.INTERRUPTED:
+        return int(status)
+    silence_stdout()
+    return int(ExitStatus.TERMINATED if terminated else ExitStatus.INTERRUPTED)
