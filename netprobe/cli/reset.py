@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -31,6 +30,8 @@ from netprobe.cli._options import (
 from netprobe.errors import UsageError
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from netprobe.engines.reset_faults import FaultSchedule, Trigger, TriggerKind
 
 __all__ = ["app"]
@@ -225,33 +226,13 @@ def _is_number(text: str) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def _named_as_typed(after_bytes_out: str | None) -> Iterator[None]:
-    """Trigger errors name --after-bytes-out when that is what the user typed (_sent_bytes
-    hands its value on as --after-bytes)."""
-    try:
-        yield
-    except UsageError as exc:
-        if after_bytes_out is None:
-            raise
-        import re
+def _sent_is_counted() -> dict[TriggerKind, TriggerKind]:
+    """The proxy and the client count bytes sent with --after-bytes already (the proxy sends
+    what it receives; the client's count is of bytes sent): there, --after-bytes-out is that
+    trigger."""
+    from netprobe.engines.reset_faults import TriggerKind
 
-        message = re.sub(r"--after-bytes(?![-\w])", "--after-bytes-out", str(exc))
-        raise UsageError(message) from None
-
-
-def _sent_bytes(after_bytes: str | None, after_bytes_out: str | None) -> str | None:
-    """The proxy and the client count sent bytes with --after-bytes already (the proxy sends on
-    what it receives; the client's count is of bytes sent): --after-bytes-out is that trigger."""
-    if after_bytes_out is None:
-        return after_bytes
-    count = _size_opt(after_bytes_out, "--after-bytes-out")
-    if after_bytes is not None:
-        raise UsageError(
-            f"--after-bytes {after_bytes} and --after-bytes-out {after_bytes_out} are one "
-            "trigger here (bytes sent): give one"
-        )
-    return str(count)
+    return {TriggerKind.AFTER_BYTES_OUT: TriggerKind.AFTER_BYTES}
 
 
 def _size_opt(value: str | None, option: str) -> int | None:
@@ -303,6 +284,7 @@ def _faults(
     probability: float | None = None,
     seed: int | None = None,
     bandwidth: str | None = None,
+    aliases: Mapping[TriggerKind, TriggerKind] | None = None,
 ) -> tuple[Trigger | None, FaultSchedule, int | None]:
     from netprobe.engines.reset_faults import FaultSchedule, build_trigger, parse_action
 
@@ -322,6 +304,7 @@ def _faults(
         after_bytes_out=_size_opt(after_bytes_out, "--after-bytes-out"),
         on_idle=_duration_opt(on_idle, "--on-idle"),
         framing=framing,
+        aliases=aliases,
     )
     if plan is not None and action is not None:
         raise UsageError("--plan and --action both name the action; put it in the plan")
@@ -384,7 +367,6 @@ def _is_own_listen_address(listen_host: str, listen_port: int, up_host: str, up_
 def _ips(host: str) -> list[Any]:
     """The addresses `host` stands for (an IPv4-mapped IPv6 address as IPv4); [] when a name
     does not resolve, which the bind or the connect reports in its own words."""
-    import contextlib
     import ipaddress
 
     from netprobe.errors import NetprobeError
@@ -475,14 +457,14 @@ def client(
 
     if timeout <= 0:
         raise UsageError(f"--timeout {timeout:g}: each connect and send needs a timeout above 0")
-    after_bytes = _sent_bytes(after_bytes, after_bytes_out)
-    with _named_as_typed(after_bytes_out):
-        trigger = build_trigger(
-            allowed=CLIENT_TRIGGERS,
-            on_connect=on_connect,
-            after_bytes=_size_opt(after_bytes, "--after-bytes"),
-            after_ms=_ms(after_ms, "--after-ms"),
-        )
+    trigger = build_trigger(
+        allowed=CLIENT_TRIGGERS,
+        on_connect=on_connect,
+        after_bytes=_size_opt(after_bytes, "--after-bytes"),
+        after_bytes_out=_size_opt(after_bytes_out, "--after-bytes-out"),
+        after_ms=_ms(after_ms, "--after-ms"),
+        aliases=_sent_is_counted(),
+    )
     payload = None if data is None else data.encode("utf-8", "surrogateescape")
     if trigger is None:
         trigger = (
@@ -1077,23 +1059,23 @@ def proxy(
     except ValueError:
         raise UsageError(f"--direction {direction!r}: choose up, down or both") from None
     slow = (action or "").strip().lower() == "slow" or "slow" in (plan or "").lower()
-    sent = _sent_bytes(after_bytes, after_bytes_out)  # its own message names both options
-    with _named_as_typed(after_bytes_out):
-        trigger, schedule, rate = _faults(
-            PROXY_TRIGGERS,
-            on_accept=on_accept,
-            on_connect=on_connect,
-            after_bytes=sent,
-            after_ms=after_ms,
-            after_frames=after_frames,
-            framing=framing,
-            on_idle=on_idle,
-            action=action,
-            plan=plan,
-            probability=probability,
-            seed=seed,
-            bandwidth=bandwidth,
-        )
+    trigger, schedule, rate = _faults(
+        PROXY_TRIGGERS,
+        on_accept=on_accept,
+        on_connect=on_connect,
+        after_bytes=after_bytes,
+        after_bytes_out=after_bytes_out,
+        after_ms=after_ms,
+        after_frames=after_frames,
+        framing=framing,
+        on_idle=on_idle,
+        action=action,
+        plan=plan,
+        probability=probability,
+        seed=seed,
+        bandwidth=bandwidth,
+        aliases=_sent_is_counted(),
+    )
     trigger = _default_trigger(trigger, action, plan, probability)
     jitter_s = _duration_opt(jitter, "--jitter") or 0.0
     if seed is not None and probability is None and not jitter_s:

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 from netprobe.errors import UsageError
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from netprobe.framing import Decoder
 
 __all__ = [
@@ -113,12 +115,16 @@ def build_trigger(
     after_bytes_out: int | None = None,
     on_idle: float | None = None,
     framing: str | None = None,
+    aliases: Mapping[TriggerKind, TriggerKind] | None = None,
 ) -> Trigger | None:
     """Validate the trigger options of one command and return the one trigger (or None).
 
     Args:
         allowed: the triggers this command supports; others are a usage error.
         after_ms / on_idle: seconds (already parsed from `250ms`, `2s`, ...).
+        aliases: options that are another trigger in this command (the proxy and the client
+            send what --after-bytes counts: --after-bytes-out is that trigger). Errors name
+            the option as typed; the trigger returned is the one it stands for.
 
     Raises:
         UsageError: a negative value, two triggers at once, a trigger the command does not
@@ -149,14 +155,20 @@ def build_trigger(
         if kind is TriggerKind.ON_IDLE and seconds == 0:
             raise UsageError("--on-idle 0: an idle time must be more than 0")
         given.append(Trigger(kind, float(seconds)))
+    aliases = aliases or {}
     for trigger in given:
-        if trigger.kind not in allowed:
-            choices = ", ".join(f"--{k}" for k in TriggerKind if k in allowed)
+        if aliases.get(trigger.kind, trigger.kind) not in allowed:
+            choices = ", ".join(f"--{k}" for k in TriggerKind if k in allowed or k in aliases)
             raise UsageError(f"--{trigger.kind} is not a trigger here (choose from {choices})")
     if len(given) > 1:
+        if len({aliases.get(t.kind, t.kind) for t in given}) == 1:
+            names = " and ".join(f"--{t.kind} {t.value:g}" for t in given)
+            raise UsageError(f"{names} are one trigger here (bytes sent): give one")
         names = " and ".join(f"--{t.kind}" for t in given)
         raise UsageError(f"{names} are two triggers at once; give only one")
     chosen: Trigger | None = given[0] if given else None
+    if chosen is not None and chosen.kind in aliases:
+        chosen = Trigger(aliases[chosen.kind], chosen.value)
     if chosen is not None and chosen.kind is TriggerKind.AFTER_FRAMES:
         if framing is None:
             raise UsageError("--after-frames needs --framing (e.g. --framing line)")
