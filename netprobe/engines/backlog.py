@@ -694,14 +694,14 @@ class _ConnectProcesses:
             try:
                 read_fd, write_fd = os.pipe()
             except OSError as exc:
-                self._abandon()
+                self._kill_all()
                 raise self._start_failed(index, "pipe()", exc) from exc
             try:
                 pid = os.fork()
             except OSError as exc:
                 os.close(read_fd)
                 os.close(write_fd)
-                self._abandon()
+                self._kill_all()
                 raise self._start_failed(index, "fork()", exc) from exc
             if pid == 0:  # pragma: no cover - the child never returns
                 os.close(read_fd)
@@ -726,15 +726,6 @@ class _ConnectProcesses:
             f"{limit}; the ones started were stopped",
             name,
         )
-
-    def _abandon(self) -> None:
-        for fd, pid in list(self._children.items()):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-            self._children.pop(fd)
-            os.close(fd)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
 
     def _child(self, index: int, write_fd: int) -> None:  # pragma: no cover - forked child
         code = 1
@@ -847,6 +838,9 @@ class _ConnectProcesses:
         deadline = time.monotonic() + timeout
         while self.is_alive() and time.monotonic() < deadline:
             time.sleep(0.02)
+        self._kill_all()
+
+    def _kill_all(self) -> None:
         for fd, pid in list(self._children.items()):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
