@@ -254,13 +254,16 @@ def test_an_interrupted_run_still_says_how_it_ended(
     assert rec["ended_by"] == "interrupted"
     # A loaded machine can deliver the signal between the send() that passed "x" to the
     # kernel and its count (a known limit: the signal is an exception, not a flag the pump
-    # polls), and the echo may not be back yet. The text-mode test below signals only once
-    # the echo is out, and checks the exact counts.
+    # polls), and the echo may not be back yet, or be counted and not yet collected. The
+    # text-mode test below signals only once the echo is out, and checks the exact counts.
     sent, received, data = rec["bytes_sent"], rec["bytes_received"], rec["data"]
     assert isinstance(sent, int)
+    assert isinstance(received, int)
     assert isinstance(data, str)
     assert sent <= 1
-    assert received == len(data) <= 1
+    # A received chunk is counted before it is collected: a signal between the two leaves it
+    # counted only (the same known limit), never the other way round.
+    assert len(data) <= received <= 1
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
