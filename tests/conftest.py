@@ -32,6 +32,13 @@ def _has_ipv6() -> bool:
 
 HAS_IPV6 = _has_ipv6()
 
+# A shell starts a background job (`cmd &`) with SIGINT ignored, and every child inherits that
+# (Python then installs no Ctrl-C handler): the tests that press Ctrl-C on a netprobe process
+# would wait on a child that cannot hear it. Those tests are about netprobe, not the job control
+# of whoever ran pytest, so the suite gives SIGINT its normal handler back.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 _STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM, *[getattr(signal, "SIGUSR1", signal.SIGTERM)]]
 
 
