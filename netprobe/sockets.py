@@ -13,10 +13,12 @@ import ipaddress
 import os
 import re
 import select
+import signal
 import socket
 import stat
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ __all__ = [
     "PUMP_CHUNK",
     "SPLICE_AVAILABLE",
     "ConnectOutcome",
+    "CountingGate",
     "HangupPoller",
     "NofileLimit",
     "PumpResult",
@@ -1280,6 +1283,78 @@ def raise_nofile_limit(wanted: int) -> NofileLimit:
 
 
 # ---------------------------------------------------------------------------------------------
+# Counts and signals: Ctrl-C never lands between a system call and the count of its result
+# ---------------------------------------------------------------------------------------------
+
+
+class CountingGate:
+    """Holds SIGINT and SIGTERM while the result of a system call is being counted.
+
+    Python raises KeyboardInterrupt between any two bytecodes. Landing after a recv() returned
+    and before its bytes were counted, it lost that chunk from the report (a sent chunk from
+    bytes_sent, a datagram from the datagram count). Code that counts wraps the call and the
+    count in `with gate:`; a signal that arrives inside is handled as the block ends, so the
+    exception comes with the counts complete. A stretch inside that may wait (handing data to
+    a stdout that can block) goes in `with gate.unheld():`, where signals act at once.
+
+    Signals are held only inside `gate.watching()`, in the main thread, and only those whose
+    handler is Python code (KeyboardInterrupt; cli/_run.sigterm_as_interrupt): a default or
+    ignored disposition is left as it is. Outside `unheld()` a block must not wait
+    (non-blocking calls only), so a held signal waits a few bytecodes at most.
+    """
+
+    __slots__ = ("_depth", "_held", "_previous", "_thread")
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._held: int | None = None
+        self._previous: dict[int, Callable[[int, Any], Any]] = {}
+        self._thread = threading.main_thread().ident
+
+    def __enter__(self) -> None:
+        self._depth += 1
+
+    def __exit__(self, *_exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._held is not None:
+            signum, self._held = self._held, None
+            self._previous[signum](signum, None)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self._depth:
+            self._held = signum
+        else:
+            self._previous[signum](signum, frame)
+
+    @contextlib.contextmanager
+    def unheld(self) -> Iterator[None]:
+        """Within a block, a stretch that may wait (a write to a stuck stdout): a signal acts
+        at once there; one held before it still waits for the block's end."""
+        depth, self._depth = self._depth, 0
+        try:
+            yield
+        finally:
+            self._depth = depth
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[CountingGate]:
+        """Within the block, blocks of `with gate:` hold the stop signals (main thread only)."""
+        if self._previous or threading.get_ident() != self._thread:
+            yield self  # already watching, or a thread signals never reach
+            return
+        wanted = (signal.SIGINT, signal.SIGTERM)
+        self._previous = {n: h for n in wanted if callable(h := signal.getsignal(n))}
+        try:
+            for signum in self._previous:
+                signal.signal(signum, self._handle)
+            yield self
+        finally:
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+            self._previous = {}
+
+
+# ---------------------------------------------------------------------------------------------
 # Both directions at once (send, listen): one poll loop over the socket and an input fd
 # ---------------------------------------------------------------------------------------------
 
@@ -1345,8 +1420,10 @@ def pump_duplex(
         read_input: returns (data, eof) for up to n bytes; None: nothing to send.
         input_fd: the fd behind read_input, polled before reading (None: reading never blocks,
             as for a regular file or in-memory data).
-        on_received: called with each chunk from the peer; returning True stops the pump.
-        on_sent: called with each slice the kernel accepted (transcripts).
+        on_received: called with each chunk from the peer (already counted); returning True
+            stops the pump. It may block (a stuck stdout): a signal still ends it at once.
+        on_sent: called with each slice the kernel accepted (counts, transcripts), with the
+            stop signals held (CountingGate): it must not wait.
         deadline: absolute monotonic deadline for the whole pump.
         idle_timeout_s: end when nothing moved for this long.
         shutdown_on_input_eof: send FIN (SHUT_WR) once the input is sent.
@@ -1368,6 +1445,7 @@ def pump_duplex(
     poller = select.poll()
     masks: dict[int, int] = {}
     result = into if into is not None else PumpResult()
+    gate = CountingGate()
     pending = memoryview(b"")
     input_open = read_input is not None or sendfile_fd is not None
     input_done = False
@@ -1421,128 +1499,136 @@ def pump_duplex(
     def try_sendfile() -> str | None:
         nonlocal input_open, last_activity
         assert sendfile_fd is not None
-        try:
-            n = os.sendfile(sfd, sendfile_fd, None, SENDFILE_CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return None
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            end("reset", exc)
-            return "reset"
-        except OSError as exc:
-            end("error", exc)
-            return "error"
-        if n == 0:
-            input_open = False
-        else:
-            result.bytes_sent += n
-            last_activity = time.monotonic()
+        with gate:
+            try:
+                n = os.sendfile(sfd, sendfile_fd, None, SENDFILE_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                end("reset", exc)
+                return "reset"
+            except OSError as exc:
+                end("error", exc)
+                return "error"
+            if n == 0:
+                input_open = False
+            else:
+                result.bytes_sent += n
+                last_activity = time.monotonic()
         return None
 
     def try_send() -> str | None:
         nonlocal pending, last_activity
-        try:
-            n = sock.send(pending)
-        except (BlockingIOError, InterruptedError):
-            return None
-        except (BrokenPipeError, ConnectionResetError) as exc:
-            end("reset", exc)
-            return "reset"
-        except OSError as exc:
-            end("error", exc)
-            return "error"
-        if n:
-            if on_sent is not None:
-                on_sent(pending[:n])
-            result.bytes_sent += n
-            pending = pending[n:]
-            last_activity = time.monotonic()
+        with gate:
+            try:
+                n = sock.send(pending)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                end("reset", exc)
+                return "reset"
+            except OSError as exc:
+                end("error", exc)
+                return "error"
+            if n:
+                if on_sent is not None:
+                    on_sent(pending[:n])
+                result.bytes_sent += n
+                pending = pending[n:]
+                last_activity = time.monotonic()
         return None
 
-    if not input_open:
-        finish_input()
-    while True:
-        now = time.monotonic()
-        if not input_done and not input_open and not pending:
+    with gate.watching():
+        if not input_open:
             finish_input()
-        if result.peer_eof and (stop_on_peer_eof or input_done):
-            return end("eof")
-        if deadline is not None and now >= deadline:
-            return end("timeout")
-        file_input = sendfile_fd is not None and input_open
-        instant_input = input_open and not pending and input_fd is None and sendfile_fd is None
-        if instant_input:
-            take_input()
-            if pending and try_send() is not None:
-                return result
-            continue_now = input_open and not pending
-        else:
-            continue_now = False
-        if not input_done and not input_open and not pending:
-            finish_input()  # before waiting: the peer may wait for our FIN to answer
-        set_mask(
-            sfd,
-            (0 if result.peer_eof else select.POLLIN)
-            | (select.POLLOUT if pending or file_input else 0),
-        )
-        if input_fd is not None and sendfile_fd is None:
-            set_mask(input_fd, select.POLLIN if input_open and not pending else 0)
-        if not masks:
-            if continue_now:
-                continue
-            return end("eof")
-        limits: list[tuple[float, str]] = []
-        if deadline is not None:
-            limits.append((deadline - now, "timeout"))
-        waiting_on_input = input_open and not pending and sendfile_fd is None
-        if idle_timeout_s is not None and (idle_while_input or not waiting_on_input):
-            limits.append((last_activity + idle_timeout_s - now, "idle-timeout"))
-        timeout_ms: int | None = None
-        if limits:
-            left, why = min(limits)
-            if left <= 0:
-                return end(why)
-            timeout_ms = poll_ms(left)
-        if continue_now:
-            timeout_ms = 0
-        for fd, event in poller.poll(timeout_ms):
-            if fd == sfd:
-                if (
-                    event & (select.POLLIN | select.POLLERR | select.POLLHUP)
-                    and not result.peer_eof
-                ):
-                    try:
-                        data = sock.recv(chunk_size)
-                    except (BlockingIOError, InterruptedError):
-                        data = None
-                    except ConnectionResetError as exc:
-                        return end("reset", exc)
-                    except OSError as exc:
-                        return end("error", exc)
-                    if data == b"":
-                        result.peer_eof = True
-                    elif data is not None:
-                        now = time.monotonic()
-                        last_activity = now
-                        if result.first_byte_at is None:
-                            result.first_byte_at = now
-                        result.bytes_received += len(data)
-                        if on_received(data):
-                            return end("stopped")
-                if event & (select.POLLOUT | select.POLLERR) and pending:
-                    if try_send() is not None:
-                        return result
-                elif event & (select.POLLOUT | select.POLLERR) and file_input:
-                    if try_sendfile() is not None:
-                        return result
-                elif event & select.POLLERR and result.peer_eof:
-                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                    if code:
-                        result.errno_name = errno_name(code)
-                        return end("reset" if code in _RESET else "error")
-            elif fd == input_fd:
+        while True:
+            now = time.monotonic()
+            if not input_done and not input_open and not pending:
+                finish_input()
+            if result.peer_eof and (stop_on_peer_eof or input_done):
+                return end("eof")
+            if deadline is not None and now >= deadline:
+                return end("timeout")
+            file_input = sendfile_fd is not None and input_open
+            instant_input = input_open and not pending and input_fd is None and sendfile_fd is None
+            if instant_input:
                 take_input()
                 if pending and try_send() is not None:
                     return result
+                continue_now = input_open and not pending
+            else:
+                continue_now = False
+            if not input_done and not input_open and not pending:
+                finish_input()  # before waiting: the peer may wait for our FIN to answer
+            set_mask(
+                sfd,
+                (0 if result.peer_eof else select.POLLIN)
+                | (select.POLLOUT if pending or file_input else 0),
+            )
+            if input_fd is not None and sendfile_fd is None:
+                set_mask(input_fd, select.POLLIN if input_open and not pending else 0)
+            if not masks:
+                if continue_now:
+                    continue
+                return end("eof")
+            limits: list[tuple[float, str]] = []
+            if deadline is not None:
+                limits.append((deadline - now, "timeout"))
+            waiting_on_input = input_open and not pending and sendfile_fd is None
+            if idle_timeout_s is not None and (idle_while_input or not waiting_on_input):
+                limits.append((last_activity + idle_timeout_s - now, "idle-timeout"))
+            timeout_ms: int | None = None
+            if limits:
+                left, why = min(limits)
+                if left <= 0:
+                    return end(why)
+                timeout_ms = poll_ms(left)
+            if continue_now:
+                timeout_ms = 0
+            for fd, event in poller.poll(timeout_ms):
+                if fd == sfd:
+                    if (
+                        event & (select.POLLIN | select.POLLERR | select.POLLHUP)
+                        and not result.peer_eof
+                    ):
+                        with gate:
+                            try:
+                                data = sock.recv(chunk_size)
+                            except (BlockingIOError, InterruptedError):
+                                data = None
+                            except ConnectionResetError as exc:
+                                return end("reset", exc)
+                            except OSError as exc:
+                                return end("error", exc)
+                            if data == b"":
+                                result.peer_eof = True
+                            elif data is not None:
+                                now = time.monotonic()
+                                last_activity = now
+                                if result.first_byte_at is None:
+                                    result.first_byte_at = now
+                                result.bytes_received += len(data)
+                                # Handed over before a signal held above acts; one that comes
+                                # while on_received waits (a stuck stdout) acts at once.
+                                with gate.unheld():
+                                    stop = on_received(data)
+                                if stop:
+                                    return end("stopped")
+                    if event & (select.POLLOUT | select.POLLERR) and pending:
+                        if try_send() is not None:
+                            return result
+                    elif event & (select.POLLOUT | select.POLLERR) and file_input:
+                        if try_sendfile() is not None:
+                            return result
+                    elif event & select.POLLERR and result.peer_eof:
+                        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                        if code:
+                            result.errno_name = errno_name(code)
+                            return end("reset" if code in _RESET else "error")
+                elif fd == input_fd:
+                    take_input()
+                    if pending and try_send() is not None:
+                        return result
 
 
 def wait_readable(items: Sequence[int | socket.socket], deadline: float | None) -> list[int]:

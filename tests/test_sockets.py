@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import socket
 import struct
+import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -20,6 +23,8 @@ from netprobe.errors import (
 )
 from netprobe.results import ConnectState
 from netprobe.sockets import (
+    CountingGate,
+    PumpResult,
     Resolved,
     abort_connection,
     classify_errno,
@@ -28,6 +33,7 @@ from netprobe.sockets import (
     fill_accept_queue,
     half_close,
     open_listener,
+    pump_duplex,
     raise_nofile_limit,
     recv_exactly,
     recv_some,
@@ -260,3 +266,107 @@ def test_send_queue_bytes_counts_data_and_not_our_fin() -> None:
                 assert send_queue_bytes(server) == before
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix:
         assert send_queue_bytes(unix) is None  # AF_UNIX counts buffer memory, not bytes
+
+
+# --- Ctrl-C and the counts (CountingGate) ------------------------------------------------------
+
+
+class _SignalAfterTheCall(socket.socket):
+    """A real socket whose recv()/send() is followed at once by a signal to this process.
+
+    The signal's handler runs at the next bytecode, between the system call and the count of
+    its result: the one place a Ctrl-C used to drop a chunk from the report.
+    """
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data = super().recv(bufsize, flags)
+        os.kill(os.getpid(), signal.SIGINT)
+        return data
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        sent = super().send(data, flags)
+        os.kill(os.getpid(), signal.SIGINT)
+        return sent
+
+
+def _signalling_pair() -> tuple[_SignalAfterTheCall, socket.socket]:
+    ours, peer = socket.socketpair()
+    return _SignalAfterTheCall(ours.family, ours.type, fileno=ours.detach()), peer
+
+
+def test_ctrl_c_right_after_a_recv_still_counts_the_chunk() -> None:
+    ours, peer = _signalling_pair()
+    got: list[bytes] = []
+
+    def take(data: bytes) -> bool:
+        got.append(data)
+        return False
+
+    with ours, peer:
+        peer.sendall(b"x" * 1000)
+        counts = PumpResult()
+        with pytest.raises(KeyboardInterrupt):
+            pump_duplex(ours, read_input=None, input_fd=None, on_received=take, into=counts)
+        # Counted, and still handed over: the interrupt came after the chunk was taken.
+        assert counts.bytes_received == 1000
+        assert got == [b"x" * 1000]
+        assert counts.first_byte_at is not None
+
+
+def test_ctrl_c_right_after_a_send_still_counts_the_bytes() -> None:
+    ours, peer = _signalling_pair()
+    sent: list[bytes] = []
+    with ours, peer:
+        counts = PumpResult()
+        with pytest.raises(KeyboardInterrupt):
+            pump_duplex(
+                ours,
+                read_input=lambda _n: (b"y" * 500, False),
+                input_fd=None,
+                on_received=lambda _data: False,
+                on_sent=lambda chunk: sent.append(bytes(chunk)),
+                into=counts,
+            )
+        assert peer.recv(4096) == b"y" * 500  # the kernel took them ...
+        assert counts.bytes_sent == 500  # ... and the report says so
+        assert sent == [b"y" * 500]
+
+
+def test_the_gate_holds_a_signal_to_the_end_of_its_block_and_only_there() -> None:
+    gate = CountingGate()
+    before = signal.getsignal(signal.SIGINT)
+    steps: list[str] = []
+
+    def counting() -> None:
+        with gate:
+            os.kill(os.getpid(), signal.SIGINT)
+            steps.append("counted")  # runs: the signal waits for the block's end
+
+    def not_counting() -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # outside a block: at once, as always
+        steps.append("never")
+
+    with gate.watching():
+        with pytest.raises(KeyboardInterrupt):
+            counting()
+        assert steps == ["counted"]
+        with pytest.raises(KeyboardInterrupt):
+            not_counting()
+        # A default disposition is not taken over (SIGTERM kills, as without the gate).
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert steps == ["counted"]
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_the_gate_leaves_signals_alone_outside_the_main_thread() -> None:
+    gate = CountingGate()
+    seen: list[object] = []
+
+    def look() -> None:
+        with gate.watching():
+            seen.append(gate._previous)
+
+    worker = threading.Thread(target=look)
+    worker.start()
+    worker.join(LONG)
+    assert seen == [{}]

@@ -31,6 +31,7 @@ from netprobe.exitcodes import ExitStatus
 from netprobe.results import ConnectState
 from netprobe.sockets import (
     PUMP_CHUNK,
+    CountingGate,
     PumpResult,
     Resolved,
     Target,
@@ -1291,6 +1292,7 @@ def _exchange_udp(
     first_byte_at: float | None = None
     last_activity = start
     want = opts.expect.expect_datagrams
+    gate = CountingGate()  # a Ctrl-C waits until the datagram in hand is counted
 
     def take(until: float | None) -> str | None:
         """Read replies until `until` (None: only those already queued); an end reason."""
@@ -1298,17 +1300,19 @@ def _exchange_udp(
         while True:
             if not wait_readable([sock], until if until is not None else time.monotonic()):
                 return None
-            data, _src = recv_datagram(sock, None)
-            now = time.monotonic()
-            last_activity = now
-            if first_byte_at is None:
-                first_byte_at = now
-            assert result.datagrams_received is not None
-            result.datagrams_received += 1
-            result.bytes_received += len(data)
-            if transcript is not None:
-                transcript.record("recv", data)
-            stop = receiver.datagram(data, opts.framing, opts.max_frame)
+            with gate:
+                data, _src = recv_datagram(sock, None)
+                now = time.monotonic()
+                last_activity = now
+                if first_byte_at is None:
+                    first_byte_at = now
+                assert result.datagrams_received is not None
+                result.datagrams_received += 1
+                result.bytes_received += len(data)
+                if transcript is not None:
+                    transcript.record("recv", data)
+                with gate.unheld():  # writes to stdout, which may block
+                    stop = receiver.datagram(data, opts.framing, opts.max_frame)
             if stop or (want is not None and result.datagrams_received >= want):
                 receiver.met = True
                 return "expect"
@@ -1346,33 +1350,35 @@ def _exchange_udp(
     result.input_complete = False
     last = [False]
     try:
-        for datagram in _datagrams(opts, last, wait_input if pollable else None):
-            if deadline is not None and time.monotonic() >= deadline:
-                ended = "timeout"
-                break
-            result.bytes_sent += send_datagram(sock, datagram)
-            assert result.datagrams_sent is not None
-            result.datagrams_sent += 1
-            result.input_complete = last[0]
-            last_activity = time.monotonic()
-            if transcript is not None:
-                transcript.record("send", datagram)
-            ended = take(None)
-            if ended is not None:
-                break
-        else:
-            result.input_complete = True
-        while ended is None:
-            idle_at = last_activity + opts.idle_timeout_s if opts.idle_timeout_s else None
-            limits = [t for t in (deadline, idle_at) if t is not None]
-            until = min(limits) if limits else None
-            if until is None:
-                # No deadline and no idle timeout: only a reply (or --expect) ends the read,
-                # so block for one; take(None) alone only looks and would spin a core.
-                wait_readable([sock], None)
-            ended = take(until)
-            if ended is None and until is not None and time.monotonic() >= until:
-                ended = "timeout" if until == deadline else "idle-timeout"
+        with gate.watching():
+            for datagram in _datagrams(opts, last, wait_input if pollable else None):
+                if deadline is not None and time.monotonic() >= deadline:
+                    ended = "timeout"
+                    break
+                with gate:
+                    result.bytes_sent += send_datagram(sock, datagram)
+                    assert result.datagrams_sent is not None
+                    result.datagrams_sent += 1
+                    result.input_complete = last[0]
+                    last_activity = time.monotonic()
+                    if transcript is not None:
+                        transcript.record("send", datagram)
+                ended = take(None)
+                if ended is not None:
+                    break
+            else:
+                result.input_complete = True
+            while ended is None:
+                idle_at = last_activity + opts.idle_timeout_s if opts.idle_timeout_s else None
+                limits = [t for t in (deadline, idle_at) if t is not None]
+                until = min(limits) if limits else None
+                if until is None:
+                    # No deadline and no idle timeout: only a reply (or --expect) ends the read,
+                    # so block for one; take(None) alone only looks and would spin a core.
+                    wait_readable([sock], None)
+                ended = take(until)
+                if ended is None and until is not None and time.monotonic() >= until:
+                    ended = "timeout" if until == deadline else "idle-timeout"
     except _UdpEnded as stop:
         ended = stop.reason
     except NetworkError as exc:
