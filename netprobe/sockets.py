@@ -1614,6 +1614,9 @@ def pump_duplex(
                                     stop = on_received(data)
                                 if stop:
                                     return end("stopped")
+                                # Time spent handing the chunk over (a stdout whose reader pauses) is
+                                # ours, not the peer's: the idle clock starts again once it is taken.
+                                last_activity = time.monotonic()
                     if event & (select.POLLOUT | select.POLLERR) and pending:
                         if try_send() is not None:
                             return result

@@ -968,6 +968,27 @@ def test_complete_upload_says_input_complete(start: Callable[..., ServerThread])
     assert as_json(res.stdout)["input_complete"] is True
 
 
+def test_a_reader_pausing_past_the_idle_timeout_loses_nothing(
+    start: Callable[..., ServerThread],
+) -> None:
+    # Before: the time send sat blocked on a full stdout counted as the peer being idle, so a
+    # reader that paused longer than --idle-timeout (`send ... | (sleep 3; cat)`) got a cut
+    # reply and exit 0 (nc delivers it all).
+    payload = os.urandom(2 * 1024 * 1024)
+
+    def serve(conn: socket.socket) -> None:
+        conn.recv(16)
+        conn.sendall(payload)
+
+    srv = start(serve)
+    with _send_process(addr(srv), "GET", "--idle-timeout", "300ms") as proc:
+        assert proc.stdout is not None
+        time.sleep(1.2)  # the reader pauses, four idle timeouts long
+        out, err = proc.communicate(timeout=LONG)
+    assert out == payload
+    assert proc.returncode == 0, err
+
+
 def test_partial_frame_at_the_idle_timeout_is_a_framing_error(
     start: Callable[..., ServerThread],
 ) -> None:

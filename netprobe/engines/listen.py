@@ -298,6 +298,7 @@ def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSum
                 return close()
             summary.bytes_in += len(data)
             emit(data)
+            last_activity = time.monotonic()  # a blocked stdout is not the peer being idle
     except (KeyboardInterrupt, BrokenPipeError) as exc:
         # Ctrl-C is how a UDP listen usually ends (or a closed stdout): the report still
         # comes, then the exit.

@@ -1313,6 +1313,7 @@ def _exchange_udp(
                     transcript.record("recv", data)
                 with gate.unheld():  # writes to stdout, which may block
                     stop = receiver.datagram(data, opts.framing, opts.max_frame)
+            last_activity = time.monotonic()  # a blocked stdout is not the peer being idle
             if stop or (want is not None and result.datagrams_received >= want):
                 receiver.met = True
                 return "expect"
