@@ -1789,7 +1789,8 @@ def udp_probe_many(
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
     poller = _ReadPoller()
-    live: dict[int, tuple[Any, socket.socket, float]] = {}
+    live: dict[int, tuple[Any, socket.socket, float, tuple[str, int], tuple[str, int]]] = {}
+    ours: dict[tuple[str, int], int] = {}  # live probes' own addresses: replies from us
     order: list[tuple[float, int]] = []  # (deadline, fd) in start order
     head = 0
     pending_items = iter(items)
@@ -1829,6 +1830,14 @@ def udp_probe_many(
                     continue
                 try:
                     sock.connect(target.sockaddr)
+                    local = _host_port(sock.getsockname())
+                    if local == _host_port(target.sockaddr) or _host_port(target.sockaddr) in ours:
+                        # The port is this scan's own probe socket (the kernel gave it the
+                        # port we probe): its datagram would come back from us and read as
+                        # "open". Nothing else can be bound there, so it is closed.
+                        sock.close()
+                        yield key, ConnectState.REFUSED, None, time.monotonic() - started
+                        continue
                     sock.send(payload)
                 except OSError as exc:
                     sock.close()
@@ -1836,7 +1845,8 @@ def udp_probe_many(
                     yield key, classify_errno(exc.errno), errno_name(exc.errno), elapsed
                     continue
                 fd = sock.fileno()
-                live[fd] = (key, sock, started)
+                ours[local] = fd
+                live[fd] = (key, sock, started, local, _host_port(target.sockaddr))
                 order.append((started + timeout_s, fd))
                 poller.register(fd)
             if exhausted and not live:
@@ -1856,9 +1866,14 @@ def udp_probe_many(
                 entry = live.pop(fd, None)
                 if entry is None:
                     continue
-                key, sock, started = entry
+                key, sock, started, local, aimed = entry
                 poller.unregister(fd)
+                ours.pop(local, None)
                 verdict = _udp_verdict(sock)
+                if aimed in ours and verdict[0] is ConnectState.OPEN:
+                    # A probe started after this one took the port it probes, and its own
+                    # datagram (from that port, so accepted here) is what arrived.
+                    verdict = (ConnectState.REFUSED, None)
                 sock.close()  # before the yield: a consumer may stop iterating right there
                 yield (key, *verdict, now - started)
             while head < len(order) and order[head][0] <= now:
@@ -1867,17 +1882,23 @@ def udp_probe_many(
                 entry = live.pop(fd, None)
                 if entry is None:
                     continue
-                key, sock, started = entry
+                key, sock, started, local, _aimed = entry
                 poller.unregister(fd)
+                ours.pop(local, None)
                 sock.close()
                 yield key, ConnectState.TIMEOUT, None, now - started
             if head > 4096:  # keep the start-order list from growing without bound
                 del order[:head]
                 head = 0
     finally:
-        for _key, sock, _started in live.values():
+        for _key, sock, *_rest in live.values():
             sock.close()
         poller.close()
+
+
+def _host_port(sockaddr: Any) -> tuple[str, int]:
+    """(host, port) of an IPv4 or IPv6 socket address (flow info and scope left out)."""
+    return str(sockaddr[0]), int(sockaddr[1])
 
 
 def _udp_verdict(sock: socket.socket) -> tuple[ConnectState, str | None]:

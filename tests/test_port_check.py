@@ -293,6 +293,36 @@ def test_udp_silence_is_open_filtered() -> None:
     assert result.exit_code == 3
 
 
+_PORT_RANGE_40000 = """
+echo "40000 $1" > /proc/sys/net/ipv4/ip_local_port_range || exit 99
+ip link set lo up 2>/dev/null || exit 99
+shift
+exec "$@"
+"""
+
+
+@pytest.mark.parametrize("last", [40000, 40003], ids=["one-port", "four-ports"])
+def test_udp_probes_never_answer_each_other(last: int) -> None:
+    # In a network namespace of the test's own whose ephemeral range is the ports probed, the
+    # kernel gives a probe socket the very port it probes (or another probe's): its datagram
+    # came back from us and the port read "open" (a --wait ran its command). nmap: closed.
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare")
+    argv = ["port-check", "--udp", f"127.0.0.1:40000-{last}", "-t", "300ms", "--json"]
+    result = subprocess.run(
+        [unshare, "-rn", "sh", "-c", _PORT_RANGE_40000, "sh", str(last),
+         sys.executable, "-m", "netprobe", *argv],
+        capture_output=True, timeout=60, cwd=ROOT, check=False,
+    )  # fmt: skip
+    if result.returncode == 99 or b"unshare:" in result.stderr:
+        pytest.skip("no private network namespace with a writable port range here")
+    rows = _json_lines(result.stdout)
+    assert sorted(r["port"] for r in rows) == list(range(40000, last + 1)), result.stderr
+    assert {r["state"] for r in rows} == {"closed"}, rows
+    assert result.returncode == 1, result.stderr
+
+
 def test_resolution_failure_is_a_per_target_error_exit_5(server: ServerThread) -> None:
     # -6 with an IPv4 literal fails inside the resolver without any DNS traffic.
     result = invoke(["port-check", "-6", "127.0.0.1:80", "--json"])
