@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import select
 import signal
 import socket
 import sys
@@ -144,12 +145,29 @@ def test_command_never_runs_when_the_wait_fails(tmp_path: Path, closed_port: int
     assert f"127.0.0.1:{closed_port}".encode() in proc.stderr
 
 
-def test_command_killed_by_a_signal_exits_128_plus_n(server: ServerThread) -> None:
-    # As a shell reports it (143 for SIGTERM), not subprocess's -15 (which exits 241).
-    kill_self = "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"
-    argv = ["port-check", f"127.0.0.1:{server.port}", "--wait", "--deadline", "5s"]
-    proc = run_netprobe([*argv, "--", sys.executable, "-c", kill_self])
-    assert proc.returncode == 128 + 15, proc.stderr
+def test_the_command_takes_the_process_over_as_wait_for_it_does(server: ServerThread) -> None:
+    # exec: the command is the process netprobe was, so a supervisor's SIGTERM (docker stop,
+    # systemd) reaches it. Run as a child, it was left running when netprobe got SIGTERM.
+    code = "import os, sys, time; print(os.getpid(), flush=True); time.sleep(30)"
+    argv = ["port-check", f"127.0.0.1:{server.port}", "--wait", "--deadline", "5s", "-q"]
+    with netprobe_process([*argv, "--", sys.executable, "-c", code]) as proc:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], LONG * 2)
+        assert ready, "the command did not start"
+        assert int(proc.stdout.readline()) == proc.pid
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(LONG)
+    assert proc.returncode == -signal.SIGTERM  # the command's own end: a shell shows 143
+
+
+def test_the_command_starts_with_sigpipe_as_a_shell_gives_it(server: ServerThread) -> None:
+    # Python ignores SIGPIPE, and exec keeps an ignored signal ignored: `yes | head` in the
+    # command would then spin on EPIPE instead of ending. (grep reads its own mask.)
+    argv = ["port-check", f"127.0.0.1:{server.port}", "--wait", "--deadline", "5s", "-q"]
+    proc = run_netprobe([*argv, "--", "grep", "SigIgn", "/proc/self/status"])
+    assert proc.returncode == 0, proc.stderr
+    ignored = int(proc.stdout.split()[-1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1))
 
 
 def test_open_only_hides_the_other_rows_of_a_wait(server: ServerThread, closed_port: int) -> None:

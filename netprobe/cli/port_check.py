@@ -6,8 +6,9 @@ the `-- COMMAND` of wait mode.
 # No `from __future__ import annotations` here: Typer reads the command's signature on every
 # run, and string annotations would make it eval() each of the ~30 options (measured: most of a
 # one-port check's start-up after imports).
+import contextlib
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -322,9 +323,10 @@ def port_check(
         expect_now = wait_expect if until.lower() != "open" else default_expect
         if allow_large:
             raise UsageError("--allow-large is for scans, not --wait")
-        outcome = _wait(
-            specs, config, port_list, family, expect_now, required, deadline, interval, quiet
-        )
+        with _sigterm_as_143():
+            outcome = _wait(
+                specs, config, port_list, family, expect_now, required, deadline, interval, quiet
+            )
         raise typer.Exit(_finish(outcome, command, fmt, quiet, open_only))
     hosts = build_hosts(
         specs,
@@ -336,10 +338,29 @@ def port_check(
     units = sum(len(h.ports) for h in hosts)
     if required is not None and required > units:
         raise UsageError(f"--require {required} is more than the {units} checks given")
-    if count is not None:
-        raise typer.Exit(_latency(hosts, config, count, interval, fmt, quiet, required, open_only))
-    code = _checks(hosts, config, fmt, open_only, quiet, required, units)
+    with _sigterm_as_143():
+        if count is not None:
+            code = _latency(hosts, config, count, interval, fmt, quiet, required, open_only)
+            raise typer.Exit(code)
+        code = _checks(hosts, config, fmt, open_only, quiet, required, units)
     raise typer.Exit(_run_command(command, code) if command else code)
+
+
+@contextlib.contextmanager
+def _sigterm_as_143() -> Iterator[None]:
+    """SIGTERM ends a run as Ctrl-C does (the rows so far, the `interrupted` line, a split
+    scan's second process stopped by the engine's cleanup), then exits 143. Killed outright,
+    the run left that process scanning on its own."""
+    from netprobe.cli._run import sigterm_as_interrupt
+    from netprobe.exitcodes import ExitStatus
+
+    with sigterm_as_interrupt() as term:
+        try:
+            yield
+        except KeyboardInterrupt:
+            if term.terminated:
+                raise typer.Exit(ExitStatus.TERMINATED) from None
+            raise
 
 
 # A terminal table keeps every row until the end (to sort and align it). Past this many closed
@@ -591,17 +612,27 @@ def _finish(
 
 
 def _run_command(command: list[str], code: int) -> int:
-    """Run the `-- COMMAND` once the check held; its exit status becomes ours."""
-    import subprocess
+    """Once the check held, become the `-- COMMAND` (exec, as wait-for-it): signals from a
+    supervisor (`docker stop`, systemd) reach it, and its exit status is the run's. Run as a
+    child, it was left running when netprobe got SIGTERM."""
+    import os
+    import signal
 
     from netprobe.cli._run import error_line
 
     if code != 0:
         return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Python starts with SIGPIPE and SIGXFSZ ignored, and an ignored signal stays ignored
+    # across exec: `yes | head` in the command would no longer end.
+    restore = [s for s in (getattr(signal, "SIGPIPE", None), getattr(signal, "SIGXFSZ", None)) if s]
+    before = {sig: signal.signal(sig, signal.SIG_DFL) for sig in restore}
     try:
-        status = subprocess.run(command, check=False).returncode
+        os.execvp(command[0], command)
     except OSError as exc:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
         error_line("port-check", f"cannot run {command[0]!r}: {exc.strerror}")
         return 127 if isinstance(exc, FileNotFoundError) else 126
-    # Killed by signal N: the shell's 128 + N (subprocess reports -N, which would exit 256 - N).
-    return 128 - status if status < 0 else status
+    raise AssertionError("exec returned")  # pragma: no cover
