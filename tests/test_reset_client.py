@@ -21,14 +21,17 @@ from tests.helpers import LONG, SHORT, invoke, netprobe_process
 class _RecordingServer:
     """Accepts clients; for each one reads until EOF or error and records how it ended."""
 
-    def __init__(self, reply: bytes = b"", close_first: bool = False) -> None:
+    def __init__(self, reply: bytes = b"", close_first: bool = False, pace_s: float = 0.0) -> None:
         self.listener = socket.socket()
+        if pace_s:  # a slow reader: small buffers (accepted sockets inherit them), small reads
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(64)
         self.listener.settimeout(0.05)
         self.port: int = self.listener.getsockname()[1]
         self.reply = reply
         self.close_first = close_first
+        self.pace_s = pace_s
         self.endings: list[tuple[str, int]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -58,7 +61,9 @@ class _RecordingServer:
             if self.close_first:
                 conn.shutdown(socket.SHUT_WR)
             while True:
-                data = conn.recv(65536)
+                if self.pace_s:
+                    time.sleep(self.pace_s)
+                data = conn.recv(16384 if self.pace_s else 65536)
                 if not data:
                     ending = "eof"
                     break
@@ -137,6 +142,19 @@ def test_after_bytes_server_sees_reset_and_no_time_wait(recorder: _RecordingServ
     # The server read some of the stream, then the reset (queued bytes may be dropped).
     assert all(ending == "ECONNRESET" for ending, _ in endings), endings
     assert _time_wait_on(recorder.port) - before == set()
+
+
+def test_the_rst_waits_while_a_slow_server_takes_every_byte() -> None:
+    # Before: the RST came right after the last send() and threw away what sat in our send
+    # queue: a server reading ~1.6 MB/s got 87 KB of `--after-bytes 600KB` (bytes_out said
+    # 600,000).
+    srv = _RecordingServer(pace_s=0.01)
+    try:
+        result = invoke(["reset", "client", f"127.0.0.1:{srv.port}", "--after-bytes", "600000"])
+        assert result.exit_code == 0, result.stderr
+        assert srv.wait_for(1) == [("ECONNRESET", 600_000)]
+    finally:
+        srv.stop()
 
 
 def test_data_then_reset_at_once(recorder: _RecordingServer) -> None:

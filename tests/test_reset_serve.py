@@ -452,6 +452,34 @@ def test_an_rst_to_a_client_that_does_not_read_counts_only_what_it_received() ->
     assert received < 250_000
 
 
+def test_an_rst_waits_for_a_slow_reader_to_take_every_byte_before_it() -> None:
+    # A client that reads, slowly: the RST used to come 200 ms after the trigger whatever
+    # the reader was doing, and a 1 MB/s reader got ECONNRESET after ~300 KB of a 1 MB
+    # --after-bytes-out. Now it waits while the reader makes progress.
+    size = 800_000
+    opts = options(TriggerKind.AFTER_BYTES_OUT, size, mode=ServeMode.SEND)
+    with serve(opts) as (port, records), socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # before the handshake
+        sock.settimeout(LONG)
+        sock.connect(("127.0.0.1", port))
+        got = bytearray()
+        ending = "eof"
+        while True:
+            time.sleep(0.01)  # about 1.6 MB/s: the whole stream takes half a second
+            try:
+                chunk = sock.recv(16384)
+            except ConnectionResetError:
+                ending = "rst"
+                break
+            if not chunk:
+                break
+            got += chunk
+        _wait_for(records)
+    assert ending == "rst"
+    assert bytes(got) == generated_stream(size)
+    assert records[0]["bytes_out"] == size
+
+
 def _wait_for(records: list[dict[str, Any]], count: int = 1) -> None:
     deadline = time.monotonic() + LONG
     while len(records) < count and time.monotonic() < deadline:

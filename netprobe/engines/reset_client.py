@@ -23,6 +23,7 @@ from netprobe.sockets import (
     abort_connection,
     connect_nonblocking,
     recv_some,
+    send_queue_bytes,
     send_some,
 )
 
@@ -211,6 +212,7 @@ def _one_client(
                 wait = min(_HALT_POLL_S, max(0.0, stop_at - time.monotonic()))
                 peer.look(sock, wait)
         peer.look(sock, 0.0)  # what already arrived counts as "before the reset"
+        _let_the_server_take_it(sock, peer, halt)
     except NetworkError as exc:
         peer.reset_errno = peer.reset_errno or exc.errno_name or "error"
     except DeadlineExceeded:
@@ -236,6 +238,29 @@ def _one_client(
         conn, shown, state, peer.reset_errno, trigger.describe(), action, ended_by,
         peer.bytes_out, peer.bytes_in, peer.closed, outcome.elapsed_s, elapsed,
     )  # fmt: skip
+
+
+# The RST waits for the server to take what we sent (a RST discards what is still queued,
+# SOCKETS.md §5) while it keeps reading: at most this long without progress.
+_RST_FLUSH_S = 0.2
+
+
+def _let_the_server_take_it(sock: Any, peer: _Peer, halt: _Halt) -> None:
+    """Wait until the server has acknowledged what we sent, while it makes progress.
+
+    Without it the RST threw away what sat in our send queue: `--after-bytes 1MB` to a
+    server reading 1 MB/s delivered 87 KB, and bytes_out said 1,000,000.
+    """
+    left = send_queue_bytes(sock) or 0
+    give_up = time.monotonic() + _RST_FLUSH_S
+    while left and not peer.ended and time.monotonic() < give_up:
+        if halt.is_set():
+            raise _Halted
+        peer.look(sock, _PEEK_S)  # replies count as "before the reset" too
+        now_left = send_queue_bytes(sock) or 0
+        if now_left < left:
+            give_up = time.monotonic() + _RST_FLUSH_S
+        left = now_left
 
 
 def _send_until(
