@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
 import socket
 import struct
 import sys
@@ -25,7 +26,7 @@ from netprobe.engines.backlog import (
     validate_config,
 )
 from netprobe.errors import UsageError
-from tests.helpers import LONG, SHORT, ServerThread, invoke
+from tests.helpers import LONG, SHORT, ServerThread, invoke, netprobe_process
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux counters")
 
@@ -563,3 +564,27 @@ def test_cookie_connections_to_a_listener_of_this_host_are_read_as_possible_ghos
     ) in text
     record["counters"]["TcpExt.SyncookiesRecv"] = 0
     assert "SYN cookie" not in " ".join(_interpret(record, cfg, kernel.host_limits()))
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupted_flood_still_reports_what_it_measured(signum: int, code: int) -> None:
+    # Before: Ctrl-C (or SIGTERM) printed nothing after the ticks: every figure was lost.
+    # tcpkali prints its totals.
+    argv = ["backlog", "--lab", "--backlog", "512", "-n", "400", "--rate", "50", "--json"]
+    with netprobe_process(argv) as proc:
+        assert proc.stdout is not None
+        ticks = 0
+        deadline = time.monotonic() + LONG * 2
+        while ticks < 2:  # two ticks: a second of connects has been made
+            assert time.monotonic() < deadline, "no ticks"
+            line = proc.stdout.readline()
+            assert line, "backlog ended early"
+            ticks += json.loads(line).get("kind") == "backlog.timeline"
+        proc.send_signal(signum)
+        rest, err = proc.communicate(timeout=LONG)
+    assert proc.returncode == code, err
+    summary = json.loads(rest.decode().splitlines()[-1])
+    assert summary["interrupted"] is True
+    assert 50 <= summary["attempted"] < 400
+    assert summary["established"] == summary["attempted"]
+    assert summary["interpretation"][0].startswith("Interrupted after ")

@@ -21,7 +21,7 @@ from netprobe.cli._options import (
 )
 
 if TYPE_CHECKING:
-    from netprobe.engines.backlog import BacklogSummary, LatencyHistogram, Tick
+    from netprobe.engines.backlog import BacklogConfig, BacklogSummary, LatencyHistogram, Tick
 
 __all__ = ["backlog"]
 
@@ -160,18 +160,16 @@ def backlog(
     target without --allow-remote (nothing sent), 5 TARGET does not resolve, 6 local
     failure (the lab listener could not bind).
     """
-    from netprobe.cli._run import error_line
+    from netprobe.cli._run import error_line, sigterm_as_interrupt
     from netprobe.engines.backlog import (
         BacklogConfig,
-        Preflight,
-        Tick,
-        effective_connections,
         parse_gate,
         parse_ramp,
         parse_sources,
         run_backlog,
     )
     from netprobe.errors import UsageError
+    from netprobe.exitcodes import ExitStatus
     from netprobe.render import StatusLine, choose_format, dump_json
     from netprobe.sockets import parse_host_port
 
@@ -217,32 +215,9 @@ def backlog(
     status = StatusLine(err)
     terminal = _isatty(out)
     progress = status.enabled and not quiet
-    summary: BacklogSummary | None = None
-    attempts_so_far = 0
-    total = effective_connections(cfg)
-    for event in run_backlog(cfg):
-        if isinstance(event, Preflight):
-            if json_out and progress:
-                # stdout holds JSON only; a person watching still sees the prediction first.
-                err.write(f"preflight: {event.text}\n")
-                err.flush()
-            if not json_out and not quiet:
-                out.write(f"backlog {event.target}{_lab_text(cfg)}\n")
-                out.write(f"preflight: {event.text}\n")
-                for cap in event.caps:
-                    out.write(f"preflight: capped: {cap}\n")
-                out.flush()
-        elif isinstance(event, Tick):
-            if json_out and not quiet:
-                out.write(dump_json(event.as_record()) + "\n")
-                out.flush()
-            attempts_so_far += event.attempts
-            if progress:
-                status.show(_progress(event, attempts_so_far, total))
-        else:
-            summary = event
+    with sigterm_as_interrupt() as term:
+        summary = _run(cfg, run_backlog, json_out, quiet, progress, status, out, err)
     status.clear()
-    assert summary is not None
     if json_out and not quiet:
         out.write(dump_json(summary.record) + "\n")
     elif not quiet:
@@ -251,8 +226,62 @@ def backlog(
     for gate in summary.record["gates"] if not quiet else ():
         if gate["failed"]:
             error_line("backlog", f"gate failed: {gate['gate']} ({_measured(gate)})")
+    if summary.record["interrupted"]:
+        raise typer.Exit(ExitStatus.TERMINATED if term.terminated else ExitStatus.INTERRUPTED)
     if summary.failed_gates:
         raise typer.Exit(1)
+
+
+def _run(
+    cfg: "BacklogConfig",
+    run_backlog: Any,
+    json_out: bool,
+    quiet: bool,
+    progress: bool,
+    status: Any,
+    out: TextIO,
+    err: TextIO,
+) -> "BacklogSummary":
+    """Run the flood, printing the preflight and the progress; the summary (an interrupted
+    run's too)."""
+    from netprobe.engines.backlog import Preflight, Tick, effective_connections
+    from netprobe.render import dump_json
+
+    summary: BacklogSummary | None = None
+    attempts_so_far = 0
+    total = effective_connections(cfg)
+    events = run_backlog(cfg)
+    try:
+        for event in events:
+            if isinstance(event, Preflight):
+                if json_out and progress:
+                    # stdout holds JSON only; a person watching still sees the prediction.
+                    err.write(f"preflight: {event.text}\n")
+                    err.flush()
+                if not json_out and not quiet:
+                    out.write(f"backlog {event.target}{_lab_text(cfg)}\n")
+                    out.write(f"preflight: {event.text}\n")
+                    for cap in event.caps:
+                        out.write(f"preflight: capped: {cap}\n")
+                    out.flush()
+            elif isinstance(event, Tick):
+                if json_out and not quiet:
+                    out.write(dump_json(event.as_record()) + "\n")
+                    out.flush()
+                attempts_so_far += event.attempts
+                if progress:
+                    status.show(_progress(event, attempts_so_far, total))
+            else:
+                summary = event
+    except KeyboardInterrupt:
+        # It landed here (printing a tick), not in the engine, which turns it into the
+        # report so far: hand it over there. (Before the flood starts, it comes back.)
+        if summary is not None or events.gi_frame is None:
+            raise
+        summary = events.throw(KeyboardInterrupt())
+        events.close()
+    assert summary is not None
+    return summary
 
 
 def _isatty(stream: TextIO) -> bool:

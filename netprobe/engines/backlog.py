@@ -1169,6 +1169,7 @@ def _run(
     second = 1
     accepted_before = 0
     peak_seen, peak_at = 0, None
+    interrupted_at: float | None = None
     try:
         while True:
             alive = thread.is_alive()
@@ -1212,19 +1213,26 @@ def _run(
                 thread.join(delay)  # wakes at once when the run ends
             else:
                 time.sleep(delay)
+    except KeyboardInterrupt:
+        # Ctrl-C (SIGTERM too, in the CLI): stop, and report what was measured until now, as
+        # tcpkali does; every figure was lost before. Connect processes are killed at once
+        # (their results arrive every 50 ms); a worker thread is a daemon and ends with us.
+        interrupted_at = time.monotonic()
+        if isinstance(thread, _ConnectProcesses):
+            thread.join(0.0)
     except BaseException:
-        # Ctrl-C or a failure while sampling: do not wait for the run to finish. Connect
-        # processes are killed at once; a worker thread is a daemon and ends with us.
+        # A failure while sampling: do not wait for the run to finish.
         if isinstance(thread, _ConnectProcesses):
             thread.join(0.0)
         raise
-    thread.join(max(0.0, hard_stop - time.monotonic()))
+    else:
+        thread.join(max(0.0, hard_stop - time.monotonic()))
     if isinstance(thread, _ConnectProcesses):
         failure.extend(thread.failures)
-    if failure:
+    if failure and interrupted_at is None:
         raise failure[0]
-    elapsed = (finished_at[0] or time.monotonic()) - started
-    if isinstance(thread, _ConnectProcesses):
+    elapsed = (interrupted_at or finished_at[0] or time.monotonic()) - started
+    if interrupted_at is None and isinstance(thread, _ConnectProcesses):
         # No ramp there: attempts stop early only at the --duration deadline.
         deadline_hit[0] = tally.attempted < connections or tally.stopped_pending > 0
     # Sample once more before the lab listener closes (its queue still holds the clients).
@@ -1258,6 +1266,13 @@ def _run(
     record["peak_held_at_s"] = None if peak_at is None else round(peak_at, 3)
     record["max_rss_kb"] = _max_rss_kb()
     record["processes"] = processes
+    record["interrupted"] = interrupted_at is not None
+    if interrupted_at is not None:
+        record["interpretation"].insert(
+            0,
+            f"Interrupted after {elapsed:.1f} s: the figures cover the connects that had ended "
+            "by then (a held connection counts once it is released).",
+        )
     # Peak RSS of this process, and the sum of the peaks of it and its connect processes.
     record["rss_total_kb"] = record["max_rss_kb"]
     if isinstance(thread, _ConnectProcesses):
