@@ -1295,7 +1295,9 @@ class CountingGate:
     bytes_sent, a datagram from the datagram count). Code that counts wraps the call and the
     count in `with gate:`; a signal that arrives inside is handled as the block ends, so the
     exception comes with the counts complete. A stretch inside that may wait (handing data to
-    a stdout that can block) goes in `with gate.unheld():`, where signals act at once.
+    a stdout that can block) goes in `with gate.unheld():`, where signals act at once (one
+    held until then too: the count is complete, and a supervisor's single SIGTERM must not
+    wait on a stuck stdout).
 
     Signals are held only inside `gate.watching()`, in the main thread, and only those whose
     handler is Python code (KeyboardInterrupt; cli/_run.sigterm_as_interrupt): a default or
@@ -1321,17 +1323,20 @@ class CountingGate:
             self._previous[signum](signum, None)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self._depth:
-            self._held = signum
-        else:
+        if not self._depth:
             self._previous[signum](signum, frame)
+        elif self._held != signal.SIGTERM:  # SIGTERM then Ctrl-C still exits as terminated
+            self._held = signum
 
     @contextlib.contextmanager
     def unheld(self) -> Iterator[None]:
-        """Within a block, a stretch that may wait (a write to a stuck stdout): a signal acts
-        at once there; one held before it still waits for the block's end."""
+        """Within a block, a stretch that may wait (a write to a stuck stdout): signals act at
+        once there, one held before it included."""
         depth, self._depth = self._depth, 0
         try:
+            if self._held is not None:
+                signum, self._held = self._held, None
+                self._previous[signum](signum, None)
             yield
         finally:
             self._depth = depth
@@ -1349,9 +1354,15 @@ class CountingGate:
                 signal.signal(signum, self._handle)
             yield self
         finally:
-            for signum, handler in self._previous.items():
-                signal.signal(signum, handler)
-            self._previous = {}
+            # Both put back, whatever arrives meanwhile: blocked, a signal waits for the end
+            # of the restore and then meets the handler it had before.
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, self._previous)
+            try:
+                for signum, handler in self._previous.items():
+                    signal.signal(signum, handler)
+                self._previous = {}
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1422,8 +1433,8 @@ def pump_duplex(
             as for a regular file or in-memory data).
         on_received: called with each chunk from the peer (already counted); returning True
             stops the pump. It may block (a stuck stdout): a signal still ends it at once.
-        on_sent: called with each slice the kernel accepted (counts, transcripts), with the
-            stop signals held (CountingGate): it must not wait.
+        on_sent: called with each slice the kernel accepted, after it is counted in the
+            result (transcripts).
         deadline: absolute monotonic deadline for the whole pump.
         idle_timeout_s: end when nothing moved for this long.
         shutdown_on_input_eof: send FIN (SHUT_WR) once the input is sent.
@@ -1531,11 +1542,11 @@ def pump_duplex(
                 end("error", exc)
                 return "error"
             if n:
-                if on_sent is not None:
-                    on_sent(pending[:n])
                 result.bytes_sent += n
-                pending = pending[n:]
+                sent, pending = pending[:n], pending[n:]
                 last_activity = time.monotonic()
+        if n and on_sent is not None:
+            on_sent(sent)  # a transcript: a write that may wait, so signals act at once
         return None
 
     with gate.watching():

@@ -307,9 +307,10 @@ def test_ctrl_c_right_after_a_recv_still_counts_the_chunk() -> None:
         counts = PumpResult()
         with pytest.raises(KeyboardInterrupt):
             pump_duplex(ours, read_input=None, input_fd=None, on_received=take, into=counts)
-        # Counted, and still handed over: the interrupt came after the chunk was taken.
+        # Counted; then the signal acts, before the hand-over (which may wait on a stuck
+        # stdout, where a supervisor's single SIGTERM must not wait).
         assert counts.bytes_received == 1000
-        assert got == [b"x" * 1000]
+        assert got == []
         assert counts.first_byte_at is not None
 
 
@@ -329,7 +330,52 @@ def test_ctrl_c_right_after_a_send_still_counts_the_bytes() -> None:
             )
         assert peer.recv(4096) == b"y" * 500  # the kernel took them ...
         assert counts.bytes_sent == 500  # ... and the report says so
-        assert sent == [b"y" * 500]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    os.write(fd, data)
+
+
+def test_a_transcript_write_that_waits_does_not_hold_ctrl_c() -> None:
+    # on_sent (a --transcript) writes to a pipe nobody reads. Inside the held block, each
+    # Ctrl-C was kept and the write retried: only SIGKILL ended `send --transcript FIFO`.
+    ours, peer = socket.socketpair()
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(w, b"z" * 65536)
+    os.set_blocking(w, True)
+    main = threading.get_ident()
+    interrupted = threading.Event()
+    # The signal, then (a bounded test) the pipe drained after 3 s, which unblocks a held one.
+    threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT)).start()
+
+    def drain_later() -> None:
+        if not interrupted.wait(3.0):
+            with contextlib.suppress(OSError):
+                while os.read(r, 65536):
+                    pass
+
+    drainer = threading.Thread(target=drain_later)
+    drainer.start()
+    started = time.monotonic()
+    try:
+        with ours, peer, pytest.raises(KeyboardInterrupt):
+            pump_duplex(
+                ours,
+                read_input=lambda _n: (b"y" * 100, False),
+                input_fd=None,
+                on_received=lambda _data: False,
+                on_sent=lambda chunk: _write_all(w, bytes(chunk)),
+            )
+        waited = time.monotonic() - started
+    finally:
+        interrupted.set()
+        os.close(w)
+        drainer.join(LONG)
+        os.close(r)
+    assert waited < 2.0
 
 
 def test_the_gate_holds_a_signal_to_the_end_of_its_block_and_only_there() -> None:
@@ -356,6 +402,28 @@ def test_the_gate_holds_a_signal_to_the_end_of_its_block_and_only_there() -> Non
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     assert steps == ["counted"]
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_sigterm_then_ctrl_c_in_one_block_is_still_sigterm() -> None:
+    gate = CountingGate()
+    seen: list[int] = []
+
+    def as_interrupt(signum: int, _frame: object) -> None:
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    def both() -> None:
+        with gate:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGTERM, as_interrupt)
+    try:
+        with gate.watching(), pytest.raises(KeyboardInterrupt):
+            both()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [signal.SIGTERM]  # exits 143 (terminated), not 130
 
 
 def test_the_gate_leaves_signals_alone_outside_the_main_thread() -> None:

@@ -21,6 +21,7 @@ from netprobe.errors import DeadlineExceeded, NetworkError
 from netprobe.exitcodes import ExitStatus
 from netprobe.sockets import (
     PUMP_CHUNK,
+    PumpResult,
     accept_one,
     file_identity,
     format_hostport,
@@ -170,13 +171,12 @@ def _serve(
         emit(data)
         return False
 
-    sent = 0
-
-    def on_sent(chunk: memoryview) -> None:
-        nonlocal sent
-        sent += len(chunk)
+    # The pump counts what the kernel took as it takes it (a Ctrl-C waits for the count), and
+    # the counts stay here when an interrupt ends it.
+    pumped = PumpResult()
 
     def report(ended: str, errno_name: str | None) -> None:
+        sent = pumped.bytes_sent
         summary.bytes_out += sent
         event: dict[str, Any] = {
             "event": "close",
@@ -198,11 +198,11 @@ def _serve(
             read_input=None if stdin.eof else stdin.read,
             input_fd=stdin.fd,
             on_received=on_received,
-            on_sent=on_sent,
             idle_timeout_s=opts.idle_timeout_s,
             shutdown_on_input_eof=True,
             stop_on_peer_eof=opts.interactive or stdin.eof,
             idle_while_input=True,
+            into=pumped,
         )
     except (KeyboardInterrupt, BrokenPipeError) as exc:
         # Ctrl-C is how an interactive session often ends, and a closed stdout (`| head`)

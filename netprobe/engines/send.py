@@ -1309,9 +1309,9 @@ def _exchange_udp(
                 assert result.datagrams_received is not None
                 result.datagrams_received += 1
                 result.bytes_received += len(data)
-                if transcript is not None:
-                    transcript.record("recv", data)
-                with gate.unheld():  # writes to stdout, which may block
+                with gate.unheld():  # writes to the transcript and stdout, which may block
+                    if transcript is not None:
+                        transcript.record("recv", data)
                     stop = receiver.datagram(data, opts.framing, opts.max_frame)
             last_activity = time.monotonic()  # a blocked stdout is not the peer being idle
             if stop or (want is not None and result.datagrams_received >= want):
@@ -1362,8 +1362,8 @@ def _exchange_udp(
                     result.datagrams_sent += 1
                     result.input_complete = last[0]
                     last_activity = time.monotonic()
-                    if transcript is not None:
-                        transcript.record("send", datagram)
+                if transcript is not None:
+                    transcript.record("send", datagram)  # a write that may wait
                 ended = take(None)
                 if ended is not None:
                     break
