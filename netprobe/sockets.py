@@ -1329,12 +1329,13 @@ class CountingGate:
             self._held = signum
 
     @contextlib.contextmanager
-    def unheld(self) -> Iterator[None]:
+    def unheld(self, *, held_first: bool = True) -> Iterator[None]:
         """Within a block, a stretch that may wait (a write to a stuck stdout): signals act at
-        once there, one held before it included."""
+        once there, one held before it included (held_first=False: that one waits for the
+        block's end, after the stretch: a report to write first)."""
         depth, self._depth = self._depth, 0
         try:
-            if self._held is not None:
+            if held_first and self._held is not None:
                 signum, self._held = self._held, None
                 self._previous[signum](signum, None)
             yield

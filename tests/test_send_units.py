@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import re
+import signal
 import types
 from typing import cast
 
@@ -459,3 +462,20 @@ def test_regex_profile(regex: bytes, profile: _RegexProfile | None) -> None:
 def test_regex_profile_of_something_unparsable_is_none() -> None:
     odd = cast("re.Pattern[bytes]", types.SimpleNamespace(pattern=None, flags=0))
     assert _regex_profile(odd) is None
+
+
+def test_a_signal_while_the_report_is_built_still_lets_it_out() -> None:
+    # Building the JSON of a big reply takes a while (0.5 s for 20 MB); a Ctrl-C or SIGTERM
+    # then discarded the report of an exchange that was already over. Now it waits until the
+    # object is written, then acts (exit 130/143).
+    from netprobe.cli.send import _emit_report
+
+    class Finished:
+        def record(self) -> dict[str, object]:
+            os.kill(os.getpid(), signal.SIGINT)  # lands while the object is being built
+            return {"ended_by": "eof", "bytes_received": 3}
+
+    written: list[bytes] = []
+    with pytest.raises(KeyboardInterrupt):
+        _emit_report(written.append, Finished())
+    assert [json.loads(w) for w in written] == [{"ended_by": "eof", "bytes_received": 3}]

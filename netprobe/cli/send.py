@@ -27,6 +27,8 @@ from netprobe.errors import DeadlineExceeded, LocalError, NetworkError, UsageErr
 from netprobe.exitcodes import ExitStatus
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from netprobe.engines.send import InputSource, SendResult
 
 # Opening --transcript FILE fails with these when the path itself is wrong: bad input (exit 2).
@@ -468,7 +470,7 @@ def send(
         # Still under the SIGTERM handler: a signal while stdout blocks on the report is
         # Ctrl-C's, its exit code 143.
         if json_out:
-            emit((dump_json(result.record()) + "\n").encode())
+            _emit_report(emit, result)
         status = exit_status_for(result)
         if status and not json_out:
             sys.stderr.write(f"netprobe: send: {_failure_line(result, input_size)}\n")
@@ -489,6 +491,20 @@ def send(
             with contextlib.suppress(OSError):
                 transcript_out.close(refused=refused)
     raise typer.Exit(_final_code(status, term.terminated))
+
+
+def _emit_report(emit: Callable[[bytes], None], result: Any) -> None:
+    """Write the finished exchange's JSON object. Building it takes a while for a big reply
+    (0.5 s for 20 MB): a signal then used to discard the whole report of an exchange already
+    over. It waits until the object is written (a signal during the write acts at once)."""
+    from netprobe.render import dump_json
+    from netprobe.sockets import CountingGate
+
+    gate = CountingGate()
+    with gate.watching(), gate:
+        text = (dump_json(result.record()) + "\n").encode()
+        with gate.unheld(held_first=False):
+            emit(text)
 
 
 def _final_code(status: ExitStatus, terminated: bool) -> int:
