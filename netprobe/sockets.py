@@ -386,8 +386,9 @@ def parse_host_port(text: str, *, allow_port_zero: bool = True) -> tuple[str, in
 def expand_hosts(host: str, *, cap: int | None = DEFAULT_CIDR_CAP) -> Iterator[str]:
     """Yield the addresses of a CIDR block lazily, or the host itself.
 
-    A /31 or /32 (/127, /128) yields every address; larger IPv4 blocks skip the network and
-    broadcast addresses, as nmap and ipaddress.hosts() do.
+    Every address of the block, its network and broadcast addresses too, as nmap scans them
+    ("the 256 hosts between 192.168.10.0 and 192.168.10.255, inclusive"): on loopback
+    127.0.0.0 is as reachable as any, and a /28 that left out .15 missed a listener there.
 
     Raises:
         AddressError: the block holds more than `cap` addresses (None: up to MAX_CIDR_HOSTS).
@@ -413,7 +414,7 @@ def expand_hosts(host: str, *, cap: int | None = DEFAULT_CIDR_CAP) -> Iterator[s
     # fails EINVAL (no interface given).
     scope = getattr(network.network_address, "scope_id", None)
     zone = f"%{scope}" if scope else ""
-    for address in network.hosts() if network.num_addresses > 2 else network:
+    for address in network:
         text = str(address)
         yield text if "%" in text else text + zone
 

@@ -113,14 +113,15 @@ def test_parse_host_port() -> None:
 
 
 def test_expand_hosts() -> None:
-    assert list(expand_hosts("192.0.2.0/30")) == ["192.0.2.1", "192.0.2.2"]
+    # Inclusive, as nmap: the network and broadcast addresses are hosts to check too.
+    assert list(expand_hosts("192.0.2.0/30")) == [f"192.0.2.{i}" for i in range(4)]
     assert list(expand_hosts("192.0.2.7/32")) == ["192.0.2.7"]
     assert list(expand_hosts("192.0.2.6/31")) == ["192.0.2.6", "192.0.2.7"]
     assert list(expand_hosts("example.org")) == ["example.org"]
-    assert len(list(expand_hosts("2001:db8::/120"))) == 255
+    assert len(list(expand_hosts("2001:db8::/120"))) == 256
     with pytest.raises(AddressError, match="above the cap"):
         list(expand_hosts("10.0.0.0/15"))
-    assert next(expand_hosts("10.0.0.0/12", cap=None)) == "10.0.0.1"  # 2**20: the most
+    assert next(expand_hosts("10.0.0.0/12", cap=None)) == "10.0.0.0"  # 2**20: the most
     with pytest.raises(AddressError, match="even with --allow-large"):
         next(expand_hosts("10.0.0.0/8", cap=None))
     with pytest.raises(AddressError, match="even with --allow-large"):

@@ -259,7 +259,7 @@ def test_build_hosts_resolution_failure_is_a_result_not_an_exception() -> None:
         ("gone.example", "EAI_NONAME", Expect.OPEN),
         ("ok.example", None, Expect.CLOSED),
     ]
-    assert [h.name for h in hosts[2:]] == ["192.0.2.1", "192.0.2.2"]
+    assert [h.name for h in hosts[2:]] == [f"192.0.2.{i}" for i in range(4)]
 
 
 def test_build_hosts_checks_each_address_port_once() -> None:
