@@ -311,6 +311,33 @@ def test_targets_file_line_over_the_limit(tmp_path: os.PathLike[str]) -> None:
     )
 
 
+def test_a_targets_file_line_without_a_port_is_named(tmp_path: os.PathLike[str]) -> None:
+    # Before: "'localhost' has no port", with no word of the file or its line 51.
+    path = os.path.join(tmp_path, "targets.txt")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(f"127.0.0.{i}:80\n" for i in range(1, 51))
+        handle.write("localhost\n")  # /etc/hosts: no lookup leaves the machine
+    result = invoke(["port-check", "--targets-file", path])
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr == (
+        f"netprobe: port-check: --targets-file {path!r} line 51: 'localhost' has no port: "
+        "give HOST:PORT or -p PORTS\n"
+    )
+    with_ports = invoke(["port-check", "--targets-file", path, "-p", "1", "-t", "1ms", "-q"])
+    assert with_ports.exit_code != 2, with_ports.stderr  # -p gives it one
+
+
+def test_a_bare_number_target_is_refused_not_probed_as_an_address() -> None:
+    # `port-check 127.0.0.1 8080 -p 8080` (as `nc -z HOST PORT`) probed 0.0.31.144:8080.
+    result = invoke(["port-check", "127.0.0.1", "8080", "-p", "8080"])
+    assert result.exit_code == 2, result.stderr
+    assert result.stdout == b""
+    assert result.stderr == (
+        "netprobe: port-check: '8080' is a bare number, not a host (the address 0.0.31.144): "
+        "give HOST:PORT, or the ports with -p\n"
+    )
+
+
 def _capped_memory() -> None:
     import resource
 

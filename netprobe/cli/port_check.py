@@ -46,7 +46,7 @@ def _command_after_dashes(targets: list[str]) -> tuple[list[str], list[str]]:
     return targets, []
 
 
-def _read_targets_file(path: str) -> list["TargetSpec"]:
+def _read_targets_file(path: str, ports_given: bool) -> list["TargetSpec"]:
     from netprobe.engines.port_check import parse_targets, read_targets_numbered
 
     if path == "-" and sys.stdin is None:  # started with stdin closed (`<&-`)
@@ -67,7 +67,11 @@ def _read_targets_file(path: str) -> list["TargetSpec"]:
     specs = []
     for number, text in entries:
         try:
-            specs.extend(parse_targets([text]))
+            parsed = parse_targets([text])
+            for spec in parsed:
+                if not spec.unix and not spec.ports and not ports_given:
+                    raise UsageError(f"{spec.text!r} has no port: give HOST:PORT or -p PORTS")
+            specs.extend(parsed)
         except UsageError as exc:  # the file and line, so the bad entry can be found
             blanks = len(text.split()) > 1 and "expectation" not in str(exc)
             hint = " (one target per line)" if blanks else ""
@@ -272,7 +276,9 @@ def port_check(
     from netprobe.sockets import DEFAULT_CIDR_CAP, parse_ports
 
     given, command = _command_after_dashes(list(targets or []))
-    from_file = _read_targets_file(targets_file) if targets_file is not None else []
+    from_file = (
+        _read_targets_file(targets_file, ports is not None) if targets_file is not None else []
+    )
     if not given and not from_file:
         raise UsageError("no targets: give TARGET... or --targets-file")
     if not wait:

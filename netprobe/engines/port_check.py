@@ -158,6 +158,14 @@ def parse_targets(texts: Iterable[str]) -> list[TargetSpec]:
             specs.append(TargetSpec(body.strip(), target.path, None, expect, unix=True))
             continue
         assert target.host is not None
+        if target.host.isascii() and target.host.isdigit():
+            # `port-check HOST 8080`, as `nc -z HOST PORT` takes it: the resolver reads 8080
+            # as the address 0.0.31.144 and the run probes that, a host nobody meant.
+            raise UsageError(
+                f"{body.strip()!r} is a bare number, not a host (the address "
+                f"{ipaddress.ip_address(int(target.host) % 2**32)}): give HOST:PORT, or the "
+                "ports with -p"
+            )
         specs.append(TargetSpec(body.strip(), target.host, target.ports, expect))
     return specs
 
