@@ -6,6 +6,7 @@ import base64
 import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -1061,3 +1062,24 @@ def test_transcript_open_failure_of_the_host_exits_6(
     assert str(target) in line
     assert "ENOSPC" in line
     assert server.accepted == 0
+
+
+def test_a_terminal_stdin_sends_nothing_and_says_so(start: Callable[..., ServerThread]) -> None:
+    # An nc user types into `netprobe send HOST:PORT`: nothing was sent, silently.
+    import pty
+
+    srv = start(echo_handler)
+    main, tty = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "netprobe", "send", addr(srv)],
+            stdin=tty, stderr=tty, stdout=subprocess.PIPE, timeout=LONG * 2, check=False,
+        )  # fmt: skip
+        said = b""
+        while select.select([main], [], [], 0.2)[0]:
+            said += os.read(main, 4096)
+    finally:
+        os.close(main)
+        os.close(tty)
+    assert proc.returncode in (0, 3)  # nothing sent: an idle timeout with no answer is 3
+    assert b"stdin is a terminal: sending nothing" in said

@@ -66,7 +66,16 @@ def _input(data: str | None, hex_data: bool, file: str | None) -> tuple[InputSou
             raise UsageError(f"--file {file!r}: cannot read it: {exc.strerror}") from None
         return InputSource.from_stream(handle), handle
     stdin = sys.stdin
-    if stdin is None or stdin.isatty():
+    if stdin is None:
+        return InputSource(data=b""), None
+    if stdin.isatty():
+        # nc would read what is typed; send is for scripts (its input must end), so it sends
+        # nothing. Said once, so a session that seems to work does not send nothing silently.
+        if sys.stderr is not None and sys.stderr.isatty():
+            sys.stderr.write(
+                "netprobe: send: stdin is a terminal: sending nothing (give DATA or --file, or "
+                "pipe the input; `netprobe listen` is the interactive end)\n"
+            )
         return InputSource(data=b""), None
     return InputSource.from_stream(cast("IO[bytes]", getattr(stdin, "buffer", stdin))), None
 
