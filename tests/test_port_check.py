@@ -567,10 +567,25 @@ def test_latency_open_only_and_ctrl_c(server: ServerThread, closed_port: int) ->
         first = json.loads(proc.stdout.readline())
         assert first["kind"] == "port-check.probe"
         proc.send_signal(signal.SIGINT)
-        _out, err = proc.communicate(timeout=LONG)
+        out, err = proc.communicate(timeout=LONG)
     assert proc.returncode == 130
     assert b"port-check: interrupted: " in err
     assert b"answered" in err
+    # As ping's statistics: the summary of the probes made (it printed none before).
+    summaries = [r for r in _json_lines(out) if r["kind"] == "port-check.latency"]
+    assert [(r["port"], r["state"]) for r in summaries] == [(server.port, "open")]
+    assert 1 <= summaries[0]["sent"] < 100
+    assert summaries[0]["received"] == summaries[0]["sent"]
+
+
+def test_latency_probes_are_lines_in_a_pipe_too(server: ServerThread) -> None:
+    # As ping and tcping: `-c 100 | tee log` showed nothing until the end.
+    proc = run_netprobe(["port-check", f"127.0.0.1:{server.port}", "-c", "2", "--interval", "1ms"])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.decode().splitlines()
+    assert lines[0].startswith(f"127.0.0.1:{server.port} tcp seq=1 open ")
+    assert lines[1].startswith(f"127.0.0.1:{server.port} tcp seq=2 open ")
+    assert len(lines) == 3  # then the summary row
 
 
 @pytest.mark.parametrize("udp", [False, True])

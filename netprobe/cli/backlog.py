@@ -276,7 +276,9 @@ def _run(
     except KeyboardInterrupt:
         # It landed here (printing a tick), not in the engine, which turns it into the
         # report so far: hand it over there. (Before the flood starts, it comes back.)
-        if summary is not None or events.gi_frame is None:
+        import inspect
+
+        if summary is not None or inspect.getgeneratorstate(events) != inspect.GEN_SUSPENDED:
             raise
         summary = events.throw(KeyboardInterrupt())
         events.close()

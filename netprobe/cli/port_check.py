@@ -457,19 +457,38 @@ def _latency(
     renderer = _renderer(fmt, _LATENCY_COLUMNS, _LATENCY_CSV_EXTRA)
     tally = Tally(required=required)
     probes = replies = opened = 0
+
+    def show(event: "Probe | LatencySummary") -> None:
+        nonlocal probes, replies, opened
+        if isinstance(event, LatencySummary):
+            tally.add(event.as_result())
+        else:
+            probes += 1
+            # An RST is an answer too (as a result's latency_ms); "open" is what the
+            # summary's loss counts.
+            replies += answered(event.state)
+            opened += event.state is PortState.OPEN
+        if open_only and event.state is not PortState.OPEN:
+            return  # counted above, not shown
+        _show_latency_event(event, fmt, renderer)
+
+    events = run_latency(hosts, config, count=count, interval_s=interval)
     try:
-        for event in run_latency(hosts, config, count=count, interval_s=interval):
-            if isinstance(event, LatencySummary):
-                tally.add(event.as_result())
-            else:
-                probes += 1
-                # An RST is an answer too (as a result's latency_ms); "open" is what the
-                # summary's loss counts.
-                replies += answered(event.state)
-                opened += event.state is PortState.OPEN
-            if open_only and event.state is not PortState.OPEN:
-                continue  # counted above, not shown
-            _show_latency_event(event, fmt, renderer)
+        try:
+            for event in events:
+                show(event)
+        except KeyboardInterrupt:
+            # Landed here (printing), not in the engine, which sums up the probes so far
+            # (as ping's statistics) and raises again: hand it over. Once the engine has
+            # raised it (or before it began), there is nothing more to show.
+            import inspect
+
+            if inspect.getgeneratorstate(events) == inspect.GEN_SUSPENDED:
+                with contextlib.suppress(KeyboardInterrupt, StopIteration):
+                    show(events.throw(KeyboardInterrupt()))
+                    for event in events:
+                        show(event)
+            raise
     except KeyboardInterrupt:
         renderer.close()  # a table shows the rows it had
         if not quiet:
@@ -513,7 +532,9 @@ def _show_latency_event(event: Any, fmt: Any, renderer: Any) -> None:
         renderer.emit(_record(event, "port-check.latency"))
     elif fmt is OutputFormat.JSON:
         renderer.emit(_record(event, "port-check.probe"))
-    elif fmt is OutputFormat.TABLE:
+    elif fmt in (OutputFormat.TABLE, OutputFormat.PLAIN):
+        # As ping and tcping: a line per probe in a pipe too (`-c 100 | tee log` was silent
+        # until the end).
         shown = f"{event.latency_ms:.3f} ms" if event.latency_ms is not None else ""
         why = f" ({event.errno_name})" if event.errno_name else ""
         if event.port is None:  # unix:/path

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 
 from netprobe.engines.port_check import (
@@ -184,47 +184,71 @@ def run_latency(
     count: int,
     interval_s: float,
     sleep: Callable[[float], None] = time.sleep,
-) -> Iterator[Probe | LatencySummary]:
+) -> Generator[Probe | LatencySummary, None, None]:
     """Probe every address:port `count` times, `interval_s` apart (all in parallel each round).
 
-    Yields each Probe as it ends, then one LatencySummary per address:port.
+    Yields each Probe as it ends, then one LatencySummary per address:port. A Ctrl-C
+    (KeyboardInterrupt) mid-run yields the summaries of the probes made so far, as ping
+    prints its statistics, then raises again: the next call to the iterator raises it.
     """
     proto = "udp" if config.udp else "tcp"
     keys = list(_all_keys(hosts))
     samples: dict[int, list[float]] = {key: [] for key in keys}
+    made: dict[int, int] = dict.fromkeys(keys, 0)  # probes ended, per address:port
     last: dict[int, tuple[PortState, str | None]] = {}
     concurrency = plan_concurrency(config.concurrency, len(keys)) if keys else 1
     states = _UDP_STATE if config.udp else _TCP_STATE
-    for seq in range(1, count + 1):
-        round_start = time.monotonic()
-        for key, state, errno_name, elapsed in _probe(
-            hosts, keys, config, concurrency=concurrency, timeout_s=config.timeout_s
-        ):
-            mapped = states[state]
-            host = hosts[key >> 16]
-            # As a check's latency_ms: an RST is an answer too. The summary's figures stay
-            # those of completed handshakes.
-            latency = round(elapsed * 1000.0, 3) if answered(mapped) else None
-            if mapped is PortState.OPEN:
-                samples[key].append(elapsed * 1000.0)
-                last[key] = (mapped, errno_name)  # EAGAIN: open, its accept queue full
-            elif last.get(key, (None,))[0] is not PortState.OPEN:
-                last[key] = (mapped, errno_name)
-            yield Probe(
-                host.target,
-                host.address,
-                *_port_proto(host, key, proto),
-                seq,
-                mapped,
-                errno_name,
-                latency,
-            )
-        if seq < count:
-            # --rate holds across rounds too, not only within one.
-            next_at = max(
-                round_start + interval_s, _paced_until(round_start, len(keys), config.rate)
-            )
-            sleep(max(0.0, next_at - time.monotonic()))
+    try:
+        for seq in range(1, count + 1):
+            round_start = time.monotonic()
+            for key, state, errno_name, elapsed in _probe(
+                hosts, keys, config, concurrency=concurrency, timeout_s=config.timeout_s
+            ):
+                mapped = states[state]
+                host = hosts[key >> 16]
+                # As a check's latency_ms: an RST is an answer too. The summary's figures
+                # stay those of completed handshakes.
+                latency = round(elapsed * 1000.0, 3) if answered(mapped) else None
+                made[key] += 1
+                if mapped is PortState.OPEN:
+                    samples[key].append(elapsed * 1000.0)
+                    last[key] = (mapped, errno_name)  # EAGAIN: open, its accept queue full
+                elif last.get(key, (None,))[0] is not PortState.OPEN:
+                    last[key] = (mapped, errno_name)
+                yield Probe(
+                    host.target,
+                    host.address,
+                    *_port_proto(host, key, proto),
+                    seq,
+                    mapped,
+                    errno_name,
+                    latency,
+                )
+            if seq < count:
+                # --rate holds across rounds too, not only within one.
+                next_at = max(
+                    round_start + interval_s, _paced_until(round_start, len(keys), config.rate)
+                )
+                sleep(max(0.0, next_at - time.monotonic()))
+    except KeyboardInterrupt:
+        rounds = max(made.values(), default=0)
+        yield from _latency_summaries(hosts, keys, samples, made, last, proto, rounds, True)
+        raise
+    yield from _latency_summaries(hosts, keys, samples, made, last, proto, count, False)
+
+
+def _latency_summaries(
+    hosts: Sequence[HostSpec],
+    keys: list[int],
+    samples: dict[int, list[float]],
+    made: dict[int, int],
+    last: dict[int, tuple[PortState, str | None]],
+    proto: str,
+    rounds: int,
+    interrupted: bool,
+) -> Iterator[LatencySummary]:
+    """One summary per address:port (and per unresolved host, `rounds` probes it could not
+    make) over the probes made."""
     for host in hosts:
         if host.error is not None:
             result = _unresolved(host, proto)
@@ -237,7 +261,7 @@ def run_latency(
                 host.error,
                 host.expect,
                 False,
-                count,
+                rounds,
                 0,
                 100.0,
                 None,
@@ -249,8 +273,10 @@ def run_latency(
                 None,
             )
     for key in keys:
+        if interrupted and not made[key]:
+            continue  # no probe of it ended: nothing to sum up
         host = hosts[key >> 16]
-        agg = latency_stats(samples[key], count)
+        agg = latency_stats(samples[key], made[key])
         final, final_errno = last.get(key, (PortState.FILTERED, None))
         yield LatencySummary(
             host.target,
