@@ -588,3 +588,23 @@ def test_an_interrupted_flood_still_reports_what_it_measured(signum: int, code: 
     assert 50 <= summary["attempted"] < 400
     assert summary["established"] == summary["attempted"]
     assert summary["interpretation"][0].startswith("Interrupted after ")
+
+
+def test_the_preflight_counts_what_already_waits_in_the_queue() -> None:
+    # A listener that never accepts, its queue partly full from earlier connects: the
+    # prediction said the queue "holds 3" as if empty, and the run's drops looked surprising.
+    listener = socket.socket()
+    waiting: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(2)  # holds 3
+        port = listener.getsockname()[1]
+        waiting.extend(socket.create_connection(("127.0.0.1", port), timeout=LONG) for _ in "ab")
+        result = invoke(["backlog", f"127.0.0.1:{port}", "-n", "3", "-t", "300ms", "--json"])
+    finally:
+        for sock in waiting:
+            sock.close()
+        listener.close()
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout.decode().splitlines()[-1])
+    assert "2 queued now: room for 1" in summary["prediction"]["text"]

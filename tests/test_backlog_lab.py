@@ -190,3 +190,35 @@ def test_the_port_range_cap_leaves_out_the_lab_listeners_own_port(sources: list[
     summary = json.loads(result.stdout.decode().splitlines()[-1])
     assert (summary["established"], summary["errors"]) == (count, 0)
     assert any("less the lab listener's own port" in cap for cap in summary["limits_hit"])
+
+
+_ABORT_ON_OVERFLOW = """
+echo 1 > /proc/sys/net/ipv4/tcp_abort_on_overflow || exit 99
+echo 0 > /proc/sys/net/ipv4/tcp_syncookies || exit 99
+ip link set lo up 2>/dev/null || exit 99
+exec "$@"
+"""
+
+
+def test_resets_from_tcp_abort_on_overflow_are_the_overflow_not_ghosts() -> None:
+    # In a network namespace of the test's own with tcp_abort_on_overflow=1: the kernel
+    # resets handshakes whose final ACK meets the full queue. The report called those
+    # clients "SYN-RECV or syncookie ghosts", with syncookies off.
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare")
+    argv = ["backlog", "--lab", "--backlog", "4", "--accept-rate", "20", "-n", "100",
+            "--rate", "200", "--hold", "500ms", "-t", "1500ms", "--json"]  # fmt: skip
+    result = subprocess.run(
+        [unshare, "-rn", "sh", "-c", _ABORT_ON_OVERFLOW, "sh", sys.executable, "-m", "netprobe",
+         *argv],
+        capture_output=True, timeout=60, cwd=ROOT, check=False,
+    )  # fmt: skip
+    if result.returncode == 99 or b"unshare:" in result.stderr:
+        pytest.skip("no private network namespace with writable TCP sysctls here")
+    assert result.returncode == 0, result.stderr.decode()
+    summary = json.loads(result.stdout.decode().splitlines()[-1])
+    lines = summary["interpretation"]
+    assert summary["reset_after_established"] > 0, lines
+    assert not [line for line in lines if "ghosts" in line], lines
+    assert any("tcp_abort_on_overflow=1" in line for line in lines), lines

@@ -1461,8 +1461,12 @@ def _predict(
             f"{qcap} ({room}, {server.queue_now or 0} queued now), even if it never accepts"
         )
         return {"text": text, "kind": "fits", "capacity": qcap, "expect_established": None}
+    queued = server.queue_now or 0
+    # Connections already waiting take their room: a queue found full (a listener that never
+    # accepts, after an earlier run) has none left, and this run's connects all drop.
+    now = f", {queued} queued now: room for {max(0, qcap - queued)}" if queued else ""
     text = (
-        f"the listener's queue holds {qcap} ({room}) and this run makes "
+        f"the listener's queue holds {qcap} ({room}{now}) and this run makes "
         f"{connections} connects; expect SYN drops (ListenOverflows) if it accepts slower than "
         "they arrive (a connection stays queued until accepted, even once the client closed "
         f"it; tcp_abort_on_overflow={abort})"
@@ -1551,10 +1555,19 @@ def _interpret(
         if rec[key]:
             parts.append(f"{rec[key]} {label}")
     lines.append("; ".join(parts) + ".")
+    # With tcp_abort_on_overflow=1 the kernel answers a final ACK that meets a full accept
+    # queue with RST: those resets are the overflow, not the server's doing (nor ghosts).
+    overflow_resets = limits.tcp_abort_on_overflow == 1
     if rec["reset_after_established"]:
+        why = (
+            " (tcp_abort_on_overflow=1: the kernel resets a handshake whose final ACK meets a "
+            "full accept queue, so these are the overflow)"
+            if overflow_resets
+            else ""
+        )
         lines.append(
             f"{rec['reset_after_established']} were reset by the server after the handshake "
-            "completed (ECONNRESET on an established connection)."
+            f"completed (ECONNRESET on an established connection){why}."
         )
     if rec["errors_by_errno"].get("EADDRNOTAVAIL"):
         lines.append(
@@ -1635,7 +1648,8 @@ def _interpret(
         accepted = server.get("accepted")
         if accepted is not None and server.get("accept_queue_end") is not None:
             known = accepted + server["accept_queue_end"]
-            ghosts = rec["established"] + rec["reset_after_established"] - known
+            resets = 0 if overflow_resets else rec["reset_after_established"]
+            ghosts = rec["established"] + resets - known
             if ghosts > 0:
                 lines.append(
                     f"{ghosts} clients reported connected that the server never queued or "
