@@ -216,6 +216,8 @@ def parse_size(text: str, *, per_second: bool = False) -> int:
 def parse_ports(spec: str) -> tuple[int, ...]:
     """Parse `22`, `1-1024`, `22,80,8000-8100` or `all` into ports, duplicates removed in order.
 
+    nmap's open ranges too: `-` (all, as `-p-`), `60000-` (to 65535), `-1024` (from 1).
+
     Raises:
         AddressError: empty, not a number, out of 1-65535, or a range that runs backwards.
     """
@@ -229,9 +231,12 @@ def parse_ports(spec: str) -> tuple[int, ...]:
         item = part.strip()
         if not item:
             raise AddressError(f"port list {spec!r} has an empty item")
-        if "-" in item[1:]:
+        if item == "-":
+            seen.update(dict.fromkeys(range(1, 65536)))
+        elif "-" in item:
             low_text, _, high_text = item.partition("-")
-            low, high = _parse_port(low_text, spec), _parse_port(high_text, spec)
+            low = _parse_port(low_text, spec) if low_text.strip() else 1
+            high = _parse_port(high_text, spec) if high_text.strip() else 65535
             if low > high:
                 raise AddressError(f"port range {item!r} runs backwards ({low} > {high})")
             seen.update(dict.fromkeys(range(low, high + 1)))

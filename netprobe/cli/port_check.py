@@ -175,7 +175,11 @@ def port_check(
     ] = None,
     ports: Annotated[
         str | None,
-        typer.Option("--ports", "-p", help="Ports for targets without one: 22,80,8000-8100, all."),
+        typer.Option(
+            "--ports",
+            "-p",
+            help="Ports for targets without one: 22,80,8000-8100, all (or -p- as nmap; 60000-).",
+        ),
     ] = None,
     targets_file: Annotated[
         str | None,
