@@ -1514,20 +1514,26 @@ def pump_duplex(
         if eof:
             input_open = False
 
+    def attempt(call: Callable[[], int]) -> int | str | None:
+        """A send's count; None: it would block; "reset"/"error": it ended the pump."""
+        try:
+            return call()
+        except (BlockingIOError, InterruptedError):
+            return None
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            end("reset", exc)
+            return "reset"
+        except OSError as exc:
+            end("error", exc)
+            return "error"
+
     def try_sendfile() -> str | None:
         nonlocal input_open, last_activity
         assert sendfile_fd is not None
         with gate:
-            try:
-                n = os.sendfile(sfd, sendfile_fd, None, SENDFILE_CHUNK)
-            except (BlockingIOError, InterruptedError):
-                return None
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                end("reset", exc)
-                return "reset"
-            except OSError as exc:
-                end("error", exc)
-                return "error"
+            n = attempt(lambda: os.sendfile(sfd, sendfile_fd, None, SENDFILE_CHUNK))
+            if not isinstance(n, int):
+                return n
             if n == 0:
                 input_open = False
             else:
@@ -1538,19 +1544,12 @@ def pump_duplex(
     def try_send() -> str | None:
         nonlocal pending, last_activity
         with gate:
-            try:
-                n = sock.send(pending)
-            except (BlockingIOError, InterruptedError):
-                return None
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                end("reset", exc)
-                return "reset"
-            except OSError as exc:
-                end("error", exc)
-                return "error"
+            n = attempt(lambda: sock.send(pending))
+            if not isinstance(n, int):
+                return n
+            sent, pending = pending[:n], pending[n:]
             if n:
                 result.bytes_sent += n
-                sent, pending = pending[:n], pending[n:]
                 last_activity = time.monotonic()
         if n and on_sent is not None:
             on_sent(sent)  # a transcript: a write that may wait, so signals act at once

@@ -98,6 +98,27 @@ def netprobe_process(argv: Sequence[str]) -> Iterator[subprocess.Popen[bytes]]:
         proc.communicate(timeout=LONG)
 
 
+def run_in_own_netns(setup: str, argv: Sequence[str]) -> subprocess.CompletedProcess[bytes]:
+    """`python -m netprobe ARGV` in a network namespace of the test's own (`unshare -rn`), its
+    loopback up, after `setup`: shell lines that set that namespace's sysctls, each ending in
+    `|| exit 99`. Skips the test where no such namespace can be made."""
+    import shutil
+
+    import pytest
+
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare")
+    script = f'{setup.strip()}\nip link set lo up 2>/dev/null || exit 99\nexec "$@"\n'
+    result = subprocess.run(
+        [unshare, "-rn", "sh", "-c", script, "sh", sys.executable, "-m", "netprobe", *argv],
+        capture_output=True, timeout=60, cwd=ROOT, check=False,
+    )  # fmt: skip
+    if result.returncode == 99 or b"unshare:" in result.stderr:
+        pytest.skip("no private network namespace with writable sysctls here")
+    return result
+
+
 class ServerThread:
     """A listener bound *before* the thread starts (no readiness race), always stopped.
 

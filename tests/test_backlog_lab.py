@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import sys
 from typing import Any
 
 import pytest
 
 from netprobe import kernel
-from tests.helpers import ROOT, invoke
+from tests.helpers import invoke, run_in_own_netns
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux queue rules")
 
@@ -156,11 +154,7 @@ def test_paced_prediction_holds_when_the_listener_keeps_up() -> None:
     assert "at most 65 expected" in summary["prediction"]["detail"]
 
 
-_SMALL_PORT_RANGE = """
-echo "40000 40015" > /proc/sys/net/ipv4/ip_local_port_range || exit 99
-ip link set lo up 2>/dev/null || exit 99
-exec "$@"
-"""
+_SMALL_PORT_RANGE = 'echo "40000 40015" > /proc/sys/net/ipv4/ip_local_port_range || exit 99'
 
 
 @pytest.mark.parametrize(
@@ -173,19 +167,9 @@ def test_the_port_range_cap_leaves_out_the_lab_listeners_own_port(sources: list[
     # port 0 takes one of them, from every source address (connect() skips a port any socket
     # has bound). Before, the cap said 16 per source, the connects beyond 15 per source failed
     # EADDRNOTAVAIL and an `errors>0` gate failed the run; now every connect gets a port.
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        pytest.skip("no unshare")
     count = 16 * max(1, len(sources) // 2)
     argv = ["backlog", "--lab", "--backlog", "100", "-n", str(count), "--hold", "300ms", "--json"]
-    argv += sources
-    result = subprocess.run(
-        [unshare, "-rn", "sh", "-c", _SMALL_PORT_RANGE, "sh",
-         sys.executable, "-m", "netprobe", *argv, "--fail-if", "errors>0"],
-        capture_output=True, timeout=60, cwd=ROOT, check=False,
-    )  # fmt: skip
-    if result.returncode == 99 or b"unshare:" in result.stderr:
-        pytest.skip("no private network namespace with a writable port range here")
+    result = run_in_own_netns(_SMALL_PORT_RANGE, [*argv, *sources, "--fail-if", "errors>0"])
     assert result.returncode == 0, result.stderr.decode()
     summary = json.loads(result.stdout.decode().splitlines()[-1])
     assert (summary["established"], summary["errors"]) == (count, 0)
@@ -195,8 +179,6 @@ def test_the_port_range_cap_leaves_out_the_lab_listeners_own_port(sources: list[
 _ABORT_ON_OVERFLOW = """
 echo 1 > /proc/sys/net/ipv4/tcp_abort_on_overflow || exit 99
 echo 0 > /proc/sys/net/ipv4/tcp_syncookies || exit 99
-ip link set lo up 2>/dev/null || exit 99
-exec "$@"
 """
 
 
@@ -204,18 +186,9 @@ def test_resets_from_tcp_abort_on_overflow_are_the_overflow_not_ghosts() -> None
     # In a network namespace of the test's own with tcp_abort_on_overflow=1: the kernel
     # resets handshakes whose final ACK meets the full queue. The report called those
     # clients "SYN-RECV or syncookie ghosts", with syncookies off.
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        pytest.skip("no unshare")
     argv = ["backlog", "--lab", "--backlog", "4", "--accept-rate", "20", "-n", "100",
             "--rate", "200", "--hold", "500ms", "-t", "1500ms", "--json"]  # fmt: skip
-    result = subprocess.run(
-        [unshare, "-rn", "sh", "-c", _ABORT_ON_OVERFLOW, "sh", sys.executable, "-m", "netprobe",
-         *argv],
-        capture_output=True, timeout=60, cwd=ROOT, check=False,
-    )  # fmt: skip
-    if result.returncode == 99 or b"unshare:" in result.stderr:
-        pytest.skip("no private network namespace with writable TCP sysctls here")
+    result = run_in_own_netns(_ABORT_ON_OVERFLOW, argv)
     assert result.returncode == 0, result.stderr.decode()
     summary = json.loads(result.stdout.decode().splitlines()[-1])
     lines = summary["interpretation"]

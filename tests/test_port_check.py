@@ -30,6 +30,7 @@ from tests.helpers import (
     bad_input_line,
     invoke,
     netprobe_process,
+    run_in_own_netns,
     run_netprobe,
     udp_echo_thread,
 )
@@ -293,30 +294,14 @@ def test_udp_silence_is_open_filtered() -> None:
     assert result.exit_code == 3
 
 
-_PORT_RANGE_40000 = """
-echo "40000 $1" > /proc/sys/net/ipv4/ip_local_port_range || exit 99
-ip link set lo up 2>/dev/null || exit 99
-shift
-exec "$@"
-"""
-
-
 @pytest.mark.parametrize("last", [40000, 40003], ids=["one-port", "four-ports"])
 def test_udp_probes_never_answer_each_other(last: int) -> None:
     # In a network namespace of the test's own whose ephemeral range is the ports probed, the
     # kernel gives a probe socket the very port it probes (or another probe's): its datagram
     # came back from us and the port read "open" (a --wait ran its command). nmap: closed.
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        pytest.skip("no unshare")
+    setup = f'echo "40000 {last}" > /proc/sys/net/ipv4/ip_local_port_range || exit 99'
     argv = ["port-check", "--udp", f"127.0.0.1:40000-{last}", "-t", "300ms", "--json"]
-    result = subprocess.run(
-        [unshare, "-rn", "sh", "-c", _PORT_RANGE_40000, "sh", str(last),
-         sys.executable, "-m", "netprobe", *argv],
-        capture_output=True, timeout=60, cwd=ROOT, check=False,
-    )  # fmt: skip
-    if result.returncode == 99 or b"unshare:" in result.stderr:
-        pytest.skip("no private network namespace with a writable port range here")
+    result = run_in_own_netns(setup, argv)
     rows = _json_lines(result.stdout)
     assert sorted(r["port"] for r in rows) == list(range(40000, last + 1)), result.stderr
     assert {r["state"] for r in rows} == {"closed"}, rows
