@@ -566,11 +566,18 @@ def test_cookie_connections_to_a_listener_of_this_host_are_read_as_possible_ghos
     assert "SYN cookie" not in " ".join(_interpret(record, cfg, kernel.host_limits()))
 
 
-@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_an_interrupted_flood_still_reports_what_it_measured(signum: int, code: int) -> None:
+@pytest.mark.parametrize(
+    ("signum", "code", "hold"),
+    [(signal.SIGINT, 130, []), (signal.SIGTERM, 143, []), (signal.SIGTERM, 143, ["--hold", "30s"])],
+)
+def test_an_interrupted_flood_still_reports_what_it_measured(
+    signum: int, code: int, hold: list[str]
+) -> None:
     # Before: Ctrl-C (or SIGTERM) printed nothing after the ticks: every figure was lost.
-    # tcpkali prints its totals.
+    # tcpkali prints its totals. Held connections count as established, as at --duration's
+    # end (they were "not started" in a first version), and no gate is judged.
     argv = ["backlog", "--lab", "--backlog", "512", "-n", "400", "--rate", "50", "--json"]
+    argv += [*hold, "--fail-if", "established<400"]
     with netprobe_process(argv) as proc:
         assert proc.stdout is not None
         ticks = 0
@@ -587,7 +594,10 @@ def test_an_interrupted_flood_still_reports_what_it_measured(signum: int, code: 
     assert summary["interrupted"] is True
     assert 50 <= summary["attempted"] < 400
     assert summary["established"] == summary["attempted"]
+    assert summary["not_started"] == 400 - summary["attempted"]
     assert summary["interpretation"][0].startswith("Interrupted after ")
+    assert summary["prediction"]["held"] is None
+    assert b"gate failed" not in err
 
 
 def test_the_preflight_counts_what_already_waits_in_the_queue() -> None:

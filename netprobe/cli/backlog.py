@@ -223,11 +223,11 @@ def backlog(
     elif not quiet:
         _report(out, summary, charts=terminal)
     out.flush()
+    if summary.record["interrupted"]:  # gates judge a whole run, not a part of one
+        raise typer.Exit(ExitStatus.TERMINATED if term.terminated else ExitStatus.INTERRUPTED)
     for gate in summary.record["gates"] if not quiet else ():
         if gate["failed"]:
             error_line("backlog", f"gate failed: {gate['gate']} ({_measured(gate)})")
-    if summary.record["interrupted"]:
-        raise typer.Exit(ExitStatus.TERMINATED if term.terminated else ExitStatus.INTERRUPTED)
     if summary.failed_gates:
         raise typer.Exit(1)
 

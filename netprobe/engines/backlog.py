@@ -526,6 +526,7 @@ class _Tally:
     """Client-view counts; written by the worker thread only."""
 
     def __init__(self) -> None:
+        self.frozen = False  # a Ctrl-C has summed up the run: later results are not counted
         self.attempted = 0
         self.established = 0
         self.refused = 0
@@ -540,6 +541,8 @@ class _Tally:
         self.hist = LatencyHistogram()
 
     def add(self, result: ConnectResult) -> None:
+        if self.frozen:
+            return
         self.attempted += 1
         state = result.state
         if state is _OPEN and result.ended_by is None:
@@ -575,6 +578,16 @@ class _Tally:
             self.errors += 1
             name = result.errno_name or state.value
             self.errors_by_errno[name] = self.errors_by_errno.get(name, 0) + 1
+
+    def cut(self, pending: int, held: int) -> None:
+        """A Ctrl-C ended the run: count what was under way as --duration counts it (a
+        pending connect ended as timed out, a held one established), then take no more."""
+        self.frozen = True
+        self.attempted += pending + held
+        self.timed_out += pending
+        self.stopped_pending += pending
+        self.established += held
+        self.handshakes += held
 
 
 @dataclass(slots=True)
@@ -1220,6 +1233,7 @@ def _run(
         interrupted_at = time.monotonic()
         if isinstance(thread, _ConnectProcesses):
             thread.join(0.0)
+        tally.cut(max(0, stats.in_flight), max(0, stats.held))
     except BaseException:
         # A failure while sampling: do not wait for the run to finish.
         if isinstance(thread, _ConnectProcesses):
@@ -1270,9 +1284,12 @@ def _run(
     if interrupted_at is not None:
         record["interpretation"].insert(
             0,
-            f"Interrupted after {elapsed:.1f} s: the figures cover the connects that had ended "
-            "by then (a held connection counts once it is released).",
+            f"Interrupted after {elapsed:.1f} s: connects still pending then count as timed "
+            "out (stopped_pending) and held ones as established, as at the --duration "
+            "deadline; the prediction is not judged.",
         )
+        record["prediction"]["held"] = None
+        record["prediction"]["detail"] = "not judged: the run was interrupted"
     # Peak RSS of this process, and the sum of the peaks of it and its connect processes.
     record["rss_total_kb"] = record["max_rss_kb"]
     if isinstance(thread, _ConnectProcesses):
