@@ -231,7 +231,9 @@ _V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 
 def _is_loopback_sockaddr(family: int, sockaddr: Any) -> bool:
     """127.0.0.0/8, ::1 or ::ffff:127.x.y.z, however the address is spelled ("127.1",
-    "0:0:0:0:0:0:0:1", "::FFFF:7f00:1"): parsed by the C library once per spelling."""
+    "0:0:0:0:0:0:0:1", "::FFFF:7f00:1"): parsed by the C library once per spelling. Also
+    0.0.0.0 and ::, which the kernel takes as this host: a connect there can meet our own
+    socket as well (a full scan of 0.0.0.0 found 1-2 phantom open ports per run)."""
     if family not in (socket.AF_INET, socket.AF_INET6):
         return False
     host = str(sockaddr[0]).split("%", 1)[0]
@@ -239,10 +241,13 @@ def _is_loopback_sockaddr(family: int, sockaddr: Any) -> bool:
     if known is None:
         try:
             if family == socket.AF_INET:
-                known = socket.inet_aton(host)[0] == 127
+                packed = socket.inet_aton(host)
+                known = packed[0] == 127 or packed == bytes(4)
             else:
                 raw = socket.inet_pton(socket.AF_INET6, host)
-                known = raw == _V6_LOOPBACK or (raw[:12] == _V4_MAPPED and raw[12] == 127)
+                known = raw in (_V6_LOOPBACK, bytes(16)) or (
+                    raw[:12] == _V4_MAPPED and (raw[12] == 127 or raw[12:] == bytes(4))
+                )
         except (OSError, ValueError):
             known = False
         if len(_LOOPBACK_HOSTS) < 4096:  # a scan of many hosts must not grow it forever

@@ -1848,7 +1848,10 @@ def udp_probe_many(
                 try:
                     sock.connect(target.sockaddr)
                     local = _host_port(sock.getsockname())
-                    if local == _host_port(target.sockaddr) or _host_port(target.sockaddr) in ours:
+                    # The kernel's spelling of the peer (0.0.0.0 is this host's address,
+                    # ::ffff:7f00:1 reads ::ffff:127.0.0.1), as getsockname() spells ours.
+                    aimed = _host_port(sock.getpeername())
+                    if local == aimed or aimed in ours:
                         # The port is this scan's own probe socket (the kernel gave it the
                         # port we probe): its datagram would come back from us and read as
                         # "open". Nothing else can be bound there, so it is closed.
@@ -1863,7 +1866,7 @@ def udp_probe_many(
                     continue
                 fd = sock.fileno()
                 ours[local] = fd
-                live[fd] = (key, sock, started, local, _host_port(target.sockaddr))
+                live[fd] = (key, sock, started, local, aimed)
                 order.append((started + timeout_s, fd))
                 poller.register(fd)
             if exhausted and not live:

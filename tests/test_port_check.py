@@ -295,12 +295,24 @@ def test_udp_silence_is_open_filtered() -> None:
 
 
 @pytest.mark.parametrize("last", [40000, 40003], ids=["one-port", "four-ports"])
-def test_udp_probes_never_answer_each_other(last: int) -> None:
+@pytest.mark.parametrize(
+    ("proto", "host"),
+    [
+        (["--udp"], "127.0.0.1"),
+        (["--udp"], "0.0.0.0"),
+        (["--udp"], "[::ffff:127.0.0.1]"),
+        ([], "0.0.0.0"),
+        ([], "[::]"),
+    ],
+)
+def test_probes_never_answer_each_other(last: int, proto: list[str], host: str) -> None:
     # In a network namespace of the test's own whose ephemeral range is the ports probed, the
     # kernel gives a probe socket the very port it probes (or another probe's): its datagram
     # came back from us and the port read "open" (a --wait ran its command). nmap: closed.
+    # 0.0.0.0 and :: are this host too (TCP connected to itself there), and ::ffff:7f00:1 is
+    # spelled ::ffff:127.0.0.1 by the kernel.
     setup = f'echo "40000 {last}" > /proc/sys/net/ipv4/ip_local_port_range || exit 99'
-    argv = ["port-check", "--udp", f"127.0.0.1:40000-{last}", "-t", "300ms", "--json"]
+    argv = ["port-check", *proto, f"{host}:40000-{last}", "-t", "300ms", "--json"]
     result = run_in_own_netns(setup, argv)
     rows = _json_lines(result.stdout)
     assert sorted(r["port"] for r in rows) == list(range(40000, last + 1)), result.stderr
