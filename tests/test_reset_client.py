@@ -23,8 +23,6 @@ class _RecordingServer:
 
     def __init__(self, reply: bytes = b"", close_first: bool = False, pace_s: float = 0.0) -> None:
         self.listener = socket.socket()
-        if pace_s:  # a slow reader: small buffers (accepted sockets inherit them), small reads
-            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(64)
         self.listener.settimeout(0.05)
@@ -63,7 +61,7 @@ class _RecordingServer:
             while True:
                 if self.pace_s:
                     time.sleep(self.pace_s)
-                data = conn.recv(16384 if self.pace_s else 65536)
+                data = conn.recv(8192 if self.pace_s else 65536)  # slow: small reads
                 if not data:
                     ending = "eof"
                     break
@@ -146,13 +144,14 @@ def test_after_bytes_server_sees_reset_and_no_time_wait(recorder: _RecordingServ
 
 def test_the_rst_waits_while_a_slow_server_takes_every_byte() -> None:
     # Before: the RST came right after the last send() and threw away what sat in our send
-    # queue: a server reading ~1.6 MB/s got 87 KB of `--after-bytes 600KB` (bytes_out said
-    # 600,000).
-    srv = _RecordingServer(pace_s=0.01)
+    # queue: a slow server got 87 KB of `--after-bytes 1MB` (bytes_out said 1,000,000).
+    srv = _RecordingServer(pace_s=0.05)  # ~160 KB/s in small reads: ACKs 400 ms apart
     try:
-        result = invoke(["reset", "client", f"127.0.0.1:{srv.port}", "--after-bytes", "600000"])
+        argv = ["reset", "client", f"127.0.0.1:{srv.port}", "--after-bytes", "300000", "--json"]
+        result = invoke(argv)
         assert result.exit_code == 0, result.stderr
-        assert srv.wait_for(1) == [("ECONNRESET", 600_000)]
+        assert srv.wait_for(1) == [("ECONNRESET", 300_000)]
+        assert json.loads(result.stdout.decode().splitlines()[0])["bytes_out"] == 300_000
     finally:
         srv.stop()
 

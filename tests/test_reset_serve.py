@@ -456,18 +456,19 @@ def test_an_rst_waits_for_a_slow_reader_to_take_every_byte_before_it() -> None:
     # A client that reads, slowly: the RST used to come 200 ms after the trigger whatever
     # the reader was doing, and a 1 MB/s reader got ECONNRESET after ~300 KB of a 1 MB
     # --after-bytes-out. Now it waits while the reader makes progress.
-    size = 800_000
+    size = 300_000
     opts = options(TriggerKind.AFTER_BYTES_OUT, size, mode=ServeMode.SEND)
     with serve(opts) as (port, records), socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # before the handshake
         sock.settimeout(LONG)
         sock.connect(("127.0.0.1", port))
         got = bytearray()
         ending = "eof"
         while True:
-            time.sleep(0.01)  # about 1.6 MB/s: the whole stream takes half a second
+            # About 160 KB/s, in small reads: its window opens (and its ACKs come) only a
+            # segment (64 KiB on loopback) at a time, 400 ms apart, while it reads steadily.
+            time.sleep(0.05)
             try:
-                chunk = sock.recv(16384)
+                chunk = sock.recv(8192)
             except ConnectionResetError:
                 ending = "rst"
                 break
@@ -478,6 +479,30 @@ def test_an_rst_waits_for_a_slow_reader_to_take_every_byte_before_it() -> None:
     assert ending == "rst"
     assert bytes(got) == generated_stream(size)
     assert records[0]["bytes_out"] == size
+
+
+def test_a_time_triggers_rst_keeps_its_moment_for_a_slow_reader() -> None:
+    # Waiting for a slow reader to take all a flood had queued put the RST of `--after-ms
+    # 200` seconds late (4 s, and more with more queued): a time trigger waits at most 1 s.
+    opts = options(TriggerKind.AFTER_MS, 0.2, mode=ServeMode.SEND)
+    with serve(opts) as (port, records), socket.socket() as sock:
+        sock.settimeout(LONG)
+        sock.connect(("127.0.0.1", port))
+        started = time.monotonic()
+        ending = "still open"
+        while time.monotonic() - started < 4.0:  # bounded: the old code drained for longer
+            time.sleep(0.05)
+            try:
+                if not sock.recv(8192):
+                    ending = "eof"
+                    break
+            except ConnectionResetError:
+                ending = "rst"
+                break
+        took = time.monotonic() - started
+        _wait_for(records)
+    assert ending == "rst"
+    assert took < 2.5  # 200 ms, then at most 1 s for what was queued (and slack)
 
 
 def _wait_for(records: list[dict[str, Any]], count: int = 1) -> None:

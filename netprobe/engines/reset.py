@@ -99,8 +99,11 @@ _RELAY_EXTRA_FDS = 6
 _RELAY_FD_SHARE = 8
 # An `rst` first lets the bytes sent before the trigger reach the peer (a RST discards what
 # is still queued, SOCKETS.md §5), for as long as the peer keeps taking them: it gives up
-# after this long without progress (a peer that stopped reading).
-_RST_FLUSH_S = 0.2
+# after this long without progress (a peer that stopped reading). Not less: a reader taking
+# small pieces opens its window only a segment (64 KiB on loopback) at a time, so its ACKs
+# can come more than 200 ms apart while it reads steadily (320 KB/s lost 90% at 200 ms).
+_RST_FLUSH_S = 1.0
+_RST_FLUSH_TIMED_MAX_S = 1.0
 _RST_POLL_S = 0.001
 
 
@@ -116,25 +119,38 @@ def _unsent(conn: Connection) -> int:
     return queued + (sockets.send_queue_bytes(sock) or 0)
 
 
-def _abort_flushed(
-    conn: Connection, reason: str, deadline: float | None = None, left: int | None = None
-) -> None:
+def _abort_flushed(conn: Connection, reason: str, *, timed: bool = False) -> None:
     """Abort (RST) once what was written has reached the peer, or after _RST_FLUSH_S in
-    which the peer took nothing more. (A fixed wait cut a slow reader short: a client reading
-    1 MB/s got ECONNRESET after 300 KB of a 2 MB trigger.)"""
+    which the peer took nothing more. (A fixed 200 ms cut a slow reader short: a client
+    reading 320 KB/s got ECONNRESET after 195 KB of a 2 MB trigger.) A time trigger
+    (`timed`: --after-ms, --on-idle) keeps its timing: at most _RST_FLUSH_TIMED_MAX_S late,
+    however much a flood has queued by then."""
+    if conn.is_closing:
+        return
+    conn.pause_reading("rst")
+    now = time.monotonic()
+    cap = now + _RST_FLUSH_TIMED_MAX_S if timed else None
+    _flush_then_abort(conn, reason, now + _RST_FLUSH_S, _unsent(conn), cap)
+
+
+def _flush_then_abort(
+    conn: Connection, reason: str, deadline: float, left: int, cap: float | None
+) -> None:
     if conn.is_closing:
         return
     now = time.monotonic()
     unsent = _unsent(conn)
-    if deadline is None:
-        conn.pause_reading("rst")
-        deadline = now + _RST_FLUSH_S
-    elif left is not None and unsent < left:
+    if unsent < left:
         deadline = now + _RST_FLUSH_S  # the peer is still reading: give it more time
-    if unsent and now < deadline:
-        conn.call_later(_RST_POLL_S, _abort_flushed, conn, reason, deadline, unsent)
+    if unsent and now < deadline and (cap is None or now < cap):
+        conn.call_later(_RST_POLL_S, _flush_then_abort, conn, reason, deadline, unsent, cap)
         return
     conn.abort(reason)
+
+
+def _timed(trigger: Trigger | None) -> bool:
+    """A trigger of time, not of bytes or frames: its RST keeps close to its moment."""
+    return trigger is not None and trigger.kind in (TriggerKind.AFTER_MS, TriggerKind.ON_IDLE)
 
 
 # How often the run looks for the peers of hung connections that have left (see _HangWatch).
@@ -788,7 +804,7 @@ class _ServeHandler(Handler):
         action = self.action
         self._after_fire = action
         if action is Action.RST:
-            _abort_flushed(conn, "rst")
+            _abort_flushed(conn, "rst", timed=_timed(self.run.options.trigger))
         elif action is Action.FIN:
             self._fin(conn, "fin")
         elif action is Action.HALF_CLOSE:
@@ -1219,8 +1235,9 @@ class _Session:
         faulted = [d for d in (Direction.DOWN, Direction.UP) if self._faulted(d)]
         others = [d for d in (Direction.DOWN, Direction.UP) if not self._faulted(d)]
         if action is Action.RST:
+            timed = _timed(self.run.options.trigger)
             for d in faulted:
-                self._act_after_drain(d, lambda side: _abort_flushed(side, "rst"))
+                self._act_after_drain(d, lambda side: _abort_flushed(side, "rst", timed=timed))
             for d in others:
                 self._close_after_drain(d, "rst")
         elif action in (Action.FIN, Action.HALF_CLOSE):

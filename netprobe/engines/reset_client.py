@@ -83,7 +83,7 @@ class ClientReset:
             "timeout"), "interrupted" (Ctrl-C) or "duration" (the run's --duration ended:
             aborted, or a connect given up, state "timeout"; neither counts as failed), or the
             connect state when no connection was made.
-        bytes_out: bytes the client sent.
+        bytes_out: bytes the client sent that the server acknowledged (the RST discards the rest).
         bytes_in: bytes the server sent back before the reset.
         server_closed_first: the server closed (EOF) before the client's reset.
         connect_s: connect latency.
@@ -146,7 +146,9 @@ class _Peer:
 
     def __init__(self) -> None:
         self.bytes_in = 0
-        self.bytes_out = 0  # ours, counted as the kernel takes them (a stall keeps the count)
+        self.bytes_out = (
+            0  # ours, counted as the kernel takes them; less the unacknowledged at the RST
+        )
         self.closed = False  # EOF seen
         self.reset_errno: str | None = None
 
@@ -212,7 +214,7 @@ def _one_client(
                 wait = min(_HALT_POLL_S, max(0.0, stop_at - time.monotonic()))
                 peer.look(sock, wait)
         peer.look(sock, 0.0)  # what already arrived counts as "before the reset"
-        _let_the_server_take_it(sock, peer, halt)
+        _let_the_server_take_it(sock, peer, halt, timed=trigger.kind is TriggerKind.AFTER_MS)
     except NetworkError as exc:
         peer.reset_errno = peer.reset_errno or exc.errno_name or "error"
     except DeadlineExceeded:
@@ -222,6 +224,9 @@ def _one_client(
     except _Halted:
         halted = True
     finally:
+        # bytes_out keeps what the server acknowledged: the RST discards the rest (a server
+        # that stopped reading, a Ctrl-C; a slow one is waited for above).
+        peer.bytes_out -= send_queue_bytes(sock) or 0
         abort_connection(sock)
     elapsed = time.monotonic() - start
     if halted and peer.reset_errno is None:
@@ -241,19 +246,22 @@ def _one_client(
 
 
 # The RST waits for the server to take what we sent (a RST discards what is still queued,
-# SOCKETS.md §5) while it keeps reading: at most this long without progress.
-_RST_FLUSH_S = 0.2
+# SOCKETS.md §5) while it keeps reading: at most this long without progress (see
+# engines/reset.py: ACKs of a slow reader come a segment at a time).
+_RST_FLUSH_S = 1.0
 
 
-def _let_the_server_take_it(sock: Any, peer: _Peer, halt: _Halt) -> None:
-    """Wait until the server has acknowledged what we sent, while it makes progress.
+def _let_the_server_take_it(sock: Any, peer: _Peer, halt: _Halt, *, timed: bool) -> None:
+    """Wait until the server has acknowledged what we sent, while it makes progress (after
+    a time trigger, `timed`, at most _RST_FLUSH_S in all: the RST keeps its moment).
 
     Without it the RST threw away what sat in our send queue: `--after-bytes 1MB` to a
     server reading 1 MB/s delivered 87 KB, and bytes_out said 1,000,000.
     """
     left = send_queue_bytes(sock) or 0
     give_up = time.monotonic() + _RST_FLUSH_S
-    while left and not peer.ended and time.monotonic() < give_up:
+    cap = give_up if timed else float("inf")
+    while left and not peer.ended and time.monotonic() < min(give_up, cap):
         if halt.is_set():
             raise _Halted
         peer.look(sock, _PEEK_S)  # replies count as "before the reset" too
