@@ -1625,8 +1625,9 @@ def pump_duplex(
                                 if result.first_byte_at is None:
                                     result.first_byte_at = now
                                 result.bytes_received += len(data)
-                                # Handed over before a signal held above acts; one that comes
-                                # while on_received waits (a stuck stdout) acts at once.
+                                # Counted. A signal held above acts now, before the hand-over
+                                # (which may wait on a stuck stdout); one that comes while
+                                # on_received waits acts at once.
                                 with gate.unheld():
                                     stop = on_received(data)
                                 if stop:

@@ -328,8 +328,10 @@ def _read_to_eof(conn: socket.socket) -> None:
         pass
 
 
-def test_ctrl_c_stops_connections_that_are_still_waiting() -> None:
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_stops_connections_that_are_still_waiting(signum: int, code: int) -> None:
     # --after-ms 60s: without a stop flag the workers would hold Ctrl-C up for a minute.
+    # SIGTERM the same way, then 143: it killed the run (no totals; the server saw a FIN).
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)
@@ -341,8 +343,8 @@ def test_ctrl_c_stops_connections_that_are_still_waiting() -> None:
              "--concurrency", "2", "--json"]
         ) as proc:  # fmt: skip
             accepted = [listener.accept()[0] for _ in range(2)]  # both workers are waiting
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=LONG) == 130
+            proc.send_signal(signum)
+            assert proc.wait(timeout=LONG) == code
             assert proc.stdout is not None
             records = [json.loads(line) for line in proc.stdout.read().splitlines()]
             # The aborted connections and the totals are still reported.

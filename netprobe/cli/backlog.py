@@ -216,7 +216,12 @@ def backlog(
     terminal = _isatty(out)
     progress = status.enabled and not quiet
     with sigterm_as_interrupt() as term:
-        summary = _run(cfg, run_backlog, json_out, quiet, progress, status, out, err)
+        try:
+            summary = _run(cfg, run_backlog, json_out, quiet, progress, status, out, err)
+        except KeyboardInterrupt:  # before the flood began (resolving, the lab's bind)
+            if term.terminated:
+                raise typer.Exit(ExitStatus.TERMINATED) from None
+            raise
     status.clear()
     if json_out and not quiet:
         out.write(dump_json(summary.record) + "\n")

@@ -508,7 +508,14 @@ def client(
     # the thread pool's own locking (pool.submit starting a worker) and end in exit 70, or
     # wait unseen behind an untimed lock until a connection ended (up to --after-ms).
     interrupt = threading.Event()
+    terminated = threading.Event()  # SIGTERM: the same report, then 143 (it used to kill)
+
+    def on_term(_signum: int, _frame: object) -> None:
+        terminated.set()
+        interrupt.set()
+
     previous = signal.signal(signal.SIGINT, lambda _signum, _frame: interrupt.set())
+    previous_term = signal.signal(signal.SIGTERM, on_term)
     try:
         for result in run_reset_client(
             resolved,
@@ -532,6 +539,7 @@ def client(
         codes.append(ExitStatus.INTERRUPTED)
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
         renderer.close()
     totals = {"event": "totals", "kind": "reset client", **to_record(summary)}
     if json_out and not quiet:
@@ -545,6 +553,8 @@ def client(
         )
     if cut_connects and not made:
         codes.append(ExitStatus.TIMEOUT)  # not one connect of the run was answered in time
+    if terminated.is_set():
+        raise typer.Exit(ExitStatus.TERMINATED)
     raise typer.Exit(int(worst(codes)))
 
 
