@@ -213,10 +213,11 @@ def parse_size(text: str, *, per_second: bool = False) -> int:
     raise UsageError(f"{text!r} is not a whole number of bytes{unit}")
 
 
-def parse_ports(spec: str) -> tuple[int, ...]:
+def parse_ports(spec: str, *, open_ranges: bool = False) -> tuple[int, ...]:
     """Parse `22`, `1-1024`, `22,80,8000-8100` or `all` into ports, duplicates removed in order.
 
-    nmap's open ranges too: `-` (all, as `-p-`), `60000-` (to 65535), `-1024` (from 1).
+    With `open_ranges` (port-check, as nmap): `-` (all, as `-p-`), `60000-` (to 65535),
+    `-1024` (from 1). Elsewhere `-1` is a typo, not ports 1-1.
 
     Raises:
         AddressError: empty, not a number, out of 1-65535, or a range that runs backwards.
@@ -231,12 +232,12 @@ def parse_ports(spec: str) -> tuple[int, ...]:
         item = part.strip()
         if not item:
             raise AddressError(f"port list {spec!r} has an empty item")
-        if item == "-":
+        if item == "-" and open_ranges:
             seen.update(dict.fromkeys(range(1, 65536)))
-        elif "-" in item:
+        elif "-" in (item if open_ranges else item[1:]):
             low_text, _, high_text = item.partition("-")
-            low = _parse_port(low_text, spec) if low_text.strip() else 1
-            high = _parse_port(high_text, spec) if high_text.strip() else 65535
+            low = _parse_port(low_text, spec) if low_text.strip() or not open_ranges else 1
+            high = _parse_port(high_text, spec) if high_text.strip() or not open_ranges else 65535
             if low > high:
                 raise AddressError(f"port range {item!r} runs backwards ({low} > {high})")
             seen.update(dict.fromkeys(range(low, high + 1)))
@@ -277,8 +278,9 @@ class Target:
         return self.path is not None
 
 
-def parse_target(text: str) -> Target:
+def parse_target(text: str, *, open_ranges: bool = False) -> Target:
     """Parse `HOST`, `HOST:PORTS`, `[V6]`, `[V6]:PORTS`, bare IPv6, CIDR, `unix:/path`.
+    (`open_ranges`: nmap's `60000-` in PORTS, see parse_ports.)
 
     Raises:
         AddressError: malformed target (the message names it and says why).
@@ -303,7 +305,7 @@ def parse_target(text: str) -> Target:
             return Target(text=text, host=host)
         if not rest.startswith(":") or len(rest) == 1:
             raise AddressError(f"{text!r}: expected ':PORT' after ']'")
-        return Target(text=text, host=host, ports=_ports_in_target(rest[1:], text))
+        return Target(text=text, host=host, ports=_ports_in_target(rest[1:], text, open_ranges))
     if raw.count(":") >= 2:
         # Bare IPv6 (maybe a CIDR block): ports come from -p, never from a trailing ":N".
         _check_ipv6(raw.split("/", 1)[0], text)
@@ -314,14 +316,14 @@ def parse_target(text: str) -> Target:
     _check_host(host, text)
     if not sep:
         return Target(text=text, host=host)
-    return Target(text=text, host=host, ports=_ports_in_target(port_text, text))
+    return Target(text=text, host=host, ports=_ports_in_target(port_text, text, open_ranges))
 
 
-def _ports_in_target(spec: str, text: str) -> tuple[int, ...]:
+def _ports_in_target(spec: str, text: str, open_ranges: bool) -> tuple[int, ...]:
     if not spec:
         raise AddressError(f"{text!r}: missing port after ':'")
     try:
-        return parse_ports(spec)
+        return parse_ports(spec, open_ranges=open_ranges)
     except AddressError as exc:
         raise AddressError(f"{text!r}: {exc}") from None
 

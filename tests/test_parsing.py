@@ -47,7 +47,9 @@ def test_parse_ports_all() -> None:
         ("0", "0 is out of range"),
         ("10-5", "runs backwards"),
         ("22,,80", "empty item"),
-        ("--5", "'-5' is not a port"),
+        ("--5", "is not a port"),
+        ("-5", "'-5' is not a port"),
+        ("1-", "'' is not a port"),
         ("1-x", "'x' is not a port"),
         ("5-1-", "runs backwards|is not a port"),
     ],
@@ -57,11 +59,15 @@ def test_parse_ports_rejects(spec: str, needle: str) -> None:
         parse_ports(spec)
 
 
-def test_parse_ports_takes_nmaps_open_ranges() -> None:
+def test_parse_ports_takes_nmaps_open_ranges_for_port_check_only() -> None:
     # nmap's `-p-`, `-p 60000-` and `-p -1024` were refused ("'-' is not a port number").
-    assert parse_ports("-") == tuple(range(1, 65536))
-    assert parse_ports("65530-") == (65530, 65531, 65532, 65533, 65534, 65535)
-    assert parse_ports("-3,22") == (1, 2, 3, 22)
+    assert parse_ports("-", open_ranges=True) == tuple(range(1, 65536))
+    assert parse_ports("65530-", open_ranges=True) == (65530, 65531, 65532, 65533, 65534, 65535)
+    assert parse_ports("-3,22", open_ranges=True) == (1, 2, 3, 22)
+    # Elsewhere (`send 127.0.0.1:-1`) a leading or trailing '-' is a typo, not a range.
+    for spec in ("-", "-1", "65535-"):
+        with pytest.raises(AddressError, match="is not a port"):
+            parse_ports(spec)
 
 
 @pytest.mark.parametrize(

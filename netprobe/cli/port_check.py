@@ -317,7 +317,7 @@ def port_check(
     if udp and any(spec.unix for spec in specs):
         unix = next(spec.text for spec in specs if spec.unix)
         raise UsageError(f"{unix!r}: --udp checks UDP ports; unix: targets are stream sockets")
-    port_list = parse_ports(ports) if ports is not None else None
+    port_list = parse_ports(ports, open_ranges=True) if ports is not None else None
     required = parse_require(require)
     family = family_of(ipv4, ipv6)
     config = CheckConfig(

@@ -153,7 +153,7 @@ def parse_targets(texts: Iterable[str]) -> list[TargetSpec]:
                         f"{text!r}: expectation {suffix!r} must be 'open' or 'closed'"
                     ) from None
                 body = text
-        target = parse_target(body)
+        target = parse_target(body, open_ranges=True)
         if target.path is not None:
             specs.append(TargetSpec(body.strip(), target.path, None, expect, unix=True))
             continue
