@@ -333,9 +333,12 @@ def test_a_bare_number_target_is_refused_not_probed_as_an_address() -> None:
     assert result.exit_code == 2, result.stderr
     assert result.stdout == b""
     assert result.stderr == (
-        "netprobe: port-check: '8080' is a bare number, not a host (the address 0.0.31.144): "
-        "give HOST:PORT, or the ports with -p\n"
+        "netprobe: port-check: '8080': 8080 is a bare number, not a host (as an address it "
+        "reads 0.0.31.144): give HOST:PORT, or the ports with -p\n"
     )
+    with_port = invoke(["port-check", "2130706433:9"])
+    assert with_port.exit_code == 2
+    assert with_port.stderr.endswith("write the address itself (127.0.0.1)\n")
 
 
 def _capped_memory() -> None:

@@ -497,7 +497,7 @@ def _latency(
         renderer.close()  # a table shows the rows it had
         if not quiet:
             log(
-                f"port-check: interrupted: {probes} probes, {replies} answered, {opened} open",
+                f"port-check: interrupted: {probes} probes ended, {replies} answered, {opened} open",
                 always=True,
             )
         raise

@@ -161,10 +161,15 @@ def parse_targets(texts: Iterable[str]) -> list[TargetSpec]:
         if target.host.isascii() and target.host.isdigit():
             # `port-check HOST 8080`, as `nc -z HOST PORT` takes it: the resolver reads 8080
             # as the address 0.0.31.144 and the run probes that, a host nobody meant.
+            address = ipaddress.ip_address(int(target.host) % 2**32)
+            hint = (
+                f"write the address itself ({address})"
+                if target.ports
+                else "give HOST:PORT, or the ports with -p"
+            )
             raise UsageError(
-                f"{body.strip()!r} is a bare number, not a host (the address "
-                f"{ipaddress.ip_address(int(target.host) % 2**32)}): give HOST:PORT, or the "
-                "ports with -p"
+                f"{body.strip()!r}: {target.host} is a bare number, not a host (as an address "
+                f"it reads {address}): {hint}"
             )
         specs.append(TargetSpec(body.strip(), target.host, target.ports, expect))
     return specs
