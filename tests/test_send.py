@@ -1083,3 +1083,85 @@ def test_a_terminal_stdin_sends_nothing_and_says_so(start: Callable[..., ServerT
         os.close(tty)
     assert proc.returncode in (0, 3)  # nothing sent: an idle timeout with no answer is 3
     assert b"stdin is a terminal: sending nothing" in said
+
+
+@contextlib.contextmanager
+def _udp_replier(replies: int, gap_s: float) -> Iterator[tuple[int, list[int]]]:
+    """A UDP server that answers each datagram with `replies` datagrams `gap_s` apart; yields
+    its port and the sizes of the datagrams it got."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(0.05)
+    got: list[int] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                data, peer = sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            got.append(len(data))
+            for i in range(replies):
+                if stop.wait(gap_s):
+                    return
+                sock.sendto(b"line%d\n" % i, peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield sock.getsockname()[1], got
+    finally:
+        stop.set()
+        thread.join(LONG)
+        sock.close()
+
+
+def test_udp_replies_that_keep_coming_are_read_past_one_idle_timeout() -> None:
+    # The idle limit was fixed before the replies came: --idle-timeout acted as an overall
+    # timeout (20 of 60 lines in 2 s, exit 0). socat -T2 gets them all.
+    with _udp_replier(8, 0.1) as (port, _got):
+        res = invoke(["send", "--udp", f"127.0.0.1:{port}", "hi", "--idle-timeout", "300ms",
+                      "--json"])  # fmt: skip
+    rec = as_json(res.stdout)
+    assert (rec["datagrams_received"], rec["ended_by"]) == (8, "idle-timeout"), rec
+    assert res.exit_code == 0, res.stderr
+
+
+def test_a_terminal_stdin_sends_no_udp_datagram_either() -> None:
+    # An empty DATA stood for "no input": over UDP one empty datagram went out, a real probe.
+    import pty
+
+    main, tty = pty.openpty()
+    try:
+        with _udp_replier(0, 0.0) as (port, got):
+            proc = subprocess.run(
+                [sys.executable, "-m", "netprobe", "send", "--udp", f"127.0.0.1:{port}",
+                 "--idle-timeout", "200ms", "--json"],
+                stdin=tty, capture_output=True, timeout=LONG * 2,
+                check=False,
+            )  # fmt: skip
+            time.sleep(0.1)  # a datagram on its way would be in by now
+    finally:
+        os.close(main)
+        os.close(tty)
+    assert got == []
+    assert as_json(proc.stdout)["datagrams_sent"] == 0
+
+
+def test_a_signal_with_stdout_stuck_ends_a_hexdump_too(start: Callable[..., ServerThread]) -> None:
+    # After the interrupt, the hexdump's last line was written behind the stuck write, with
+    # no signal left to end it: only SIGKILL did.
+    def flood(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            conn.sendall(b"\0" * 5_000_000)
+
+    srv = start(flood)
+    with _send_process(addr(srv), "hi", "--hexdump") as proc:  # stdout: a pipe nobody reads
+        time.sleep(1.0)  # the pipe fills, then the write blocks
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(LONG) == 143
+        finally:
+            if proc.poll() is None:
+                proc.kill()

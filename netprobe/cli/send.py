@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import stat
 import sys
@@ -66,17 +67,21 @@ def _input(data: str | None, hex_data: bool, file: str | None) -> tuple[InputSou
             raise UsageError(f"--file {file!r}: cannot read it: {exc.strerror}") from None
         return InputSource.from_stream(handle), handle
     stdin = sys.stdin
+    # No input at all is an empty stream, not an empty DATA: over UDP that sent one empty
+    # datagram (a real probe to many services); `send --udp HOST:PORT ''` still sends it.
+    nothing = InputSource.from_stream(io.BytesIO())
     if stdin is None:
-        return InputSource(data=b""), None
+        return nothing, None
     if stdin.isatty():
         # nc would read what is typed; send is for scripts (its input must end), so it sends
-        # nothing. Said once, so a session that seems to work does not send nothing silently.
+        # nothing. Said once (a log line: on a terminal), so that a session that seems to
+        # work does not send nothing silently.
         if sys.stderr is not None and sys.stderr.isatty():
             sys.stderr.write(
                 "netprobe: send: stdin is a terminal: sending nothing (give DATA or --file, or "
                 "pipe the input; `netprobe listen` is the interactive end)\n"
             )
-        return InputSource(data=b""), None
+        return nothing, None
     return InputSource.from_stream(cast("IO[bytes]", getattr(stdin, "buffer", stdin))), None
 
 

@@ -21,6 +21,7 @@ from netprobe.errors import DeadlineExceeded, NetworkError
 from netprobe.exitcodes import ExitStatus
 from netprobe.sockets import (
     PUMP_CHUNK,
+    CountingGate,
     PumpResult,
     accept_one,
     file_identity,
@@ -234,6 +235,7 @@ def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSum
     summary = ListenSummary()
     stdin = _Stdin(opts.source)
     splitter = LineSplitter(65507)
+    gate = CountingGate()
     peer_addr: Any = None
     last_activity = peer_since = time.monotonic()
 
@@ -256,49 +258,50 @@ def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSum
     try:
         host, port = sock.getsockname()[:2]
         on_event({"event": "listening", "proto": "udp", "host": host, "port": port})
-        while True:
-            watch: list[Any] = [sock]
-            stdin_fd = stdin.fd
-            if peer_addr is not None and not stdin.eof:
-                if stdin_fd is None:
-                    _send_lines(sock, stdin, splitter, peer_addr, summary)
+        with gate.watching():
+            while True:
+                watch: list[Any] = [sock]
+                stdin_fd = stdin.fd
+                if peer_addr is not None and not stdin.eof:
+                    if stdin_fd is None:
+                        _send_lines(sock, stdin, splitter, peer_addr, summary, gate)
+                        continue
+                    watch.append(stdin_fd)
+                until = None
+                if opts.idle_timeout_s is not None:
+                    until = last_activity + opts.idle_timeout_s
+                ready = wait_readable(watch, until)
+                if not ready:
+                    summary.ended_by = "idle-timeout"
+                    if summary.peers == 0:
+                        on_event(
+                            {"event": "idle", "waited_ms": round((opts.idle_timeout_s or 0) * 1000)}
+                        )
+                    return close()
+                if stdin_fd is not None and stdin_fd in ready:
+                    _send_lines(sock, stdin, splitter, peer_addr, summary, gate)
+                if sock.fileno() not in ready:
                     continue
-                watch.append(stdin_fd)
-            until = None
-            if opts.idle_timeout_s is not None:
-                until = last_activity + opts.idle_timeout_s
-            ready = wait_readable(watch, until)
-            if not ready:
-                summary.ended_by = "idle-timeout"
-                if summary.peers == 0:
-                    on_event(
-                        {"event": "idle", "waited_ms": round((opts.idle_timeout_s or 0) * 1000)}
-                    )
-                return close()
-            if stdin_fd is not None and stdin_fd in ready:
-                _send_lines(sock, stdin, splitter, peer_addr, summary)
-            if sock.fileno() not in ready:
-                continue
-            try:
-                data, addr = recv_datagram(sock, None)
-            except NetworkError:
-                continue  # an ICMP error for an earlier reply: the peer went away
-            if peer_addr is None or (opts.keep_open and addr != peer_addr):
-                peer_addr = addr
-                peer_since = time.monotonic()
-                summary.peers += 1
-                on_event({"event": "peer", "peer": format_hostport(str(addr[0]), int(addr[1]))})
-            elif addr != peer_addr:
-                continue
-            last_activity = time.monotonic()
-            if opts.max_bytes is not None and summary.bytes_in + len(data) >= opts.max_bytes:
-                emit(data[: opts.max_bytes - summary.bytes_in])
-                summary.bytes_in = opts.max_bytes
-                summary.ended_by = "max-bytes"
-                return close()
-            summary.bytes_in += len(data)
-            emit(data)
-            last_activity = time.monotonic()  # a blocked stdout is not the peer being idle
+                try:
+                    data, addr = recv_datagram(sock, None)
+                except NetworkError:
+                    continue  # an ICMP error for an earlier reply: the peer went away
+                if peer_addr is None or (opts.keep_open and addr != peer_addr):
+                    peer_addr = addr
+                    peer_since = time.monotonic()
+                    summary.peers += 1
+                    on_event({"event": "peer", "peer": format_hostport(str(addr[0]), int(addr[1]))})
+                elif addr != peer_addr:
+                    continue
+                last_activity = time.monotonic()
+                if opts.max_bytes is not None and summary.bytes_in + len(data) >= opts.max_bytes:
+                    emit(data[: opts.max_bytes - summary.bytes_in])
+                    summary.bytes_in = opts.max_bytes
+                    summary.ended_by = "max-bytes"
+                    return close()
+                summary.bytes_in += len(data)
+                emit(data)
+                last_activity = time.monotonic()  # a blocked stdout is not the peer being idle
     except (KeyboardInterrupt, BrokenPipeError) as exc:
         # Ctrl-C is how a UDP listen usually ends (or a closed stdout): the report still
         # comes, then the exit.
@@ -310,8 +313,14 @@ def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSum
 
 
 def _send_lines(
-    sock: Any, stdin: _Stdin, splitter: LineSplitter, peer: Any, summary: ListenSummary
+    sock: Any,
+    stdin: _Stdin,
+    splitter: LineSplitter,
+    peer: Any,
+    summary: ListenSummary,
+    gate: CountingGate,
 ) -> None:
     data, eof = stdin.read(PUMP_CHUNK)
     for line in splitter.feed(data, eof):
-        summary.bytes_out += send_datagram(sock, line, peer)
+        with gate:  # a signal between the send and its count lost a datagram from bytes_out
+            summary.bytes_out += send_datagram(sock, line, peer)

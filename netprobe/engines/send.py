@@ -782,6 +782,11 @@ class _Receiver:
     def finish(self, peer_eof: bool, ended_by: str | None = None) -> None:
         """The read ended: flush the hexdump, check for a truncated frame at EOF, or at an
         idle timeout or timeout (half a frame is no reply, whether or not the peer closed)."""
+        if ended_by == "interrupted":
+            # Nothing more to stdout: the write the signal cut may be stuck on a reader that
+            # stopped, and this one would wait behind it with no signal left to end it (a
+            # --hexdump's last line needed SIGKILL).
+            self.emit = None
         self.release_held()
         if self.hexdumper is not None and not self.collect:
             self._emit(self.hexdumper.finish())
@@ -1177,28 +1182,32 @@ def _exchange_checked(
     finally:
         sock.close()
     end = time.monotonic()
-    try:
-        receiver.finish(pumped.peer_eof, pumped.ended_by)  # may write: stdout can block
-    except KeyboardInterrupt:
-        pumped.ended_by = "interrupted"
-    result.bytes_sent = pumped.bytes_sent
-    result.input_complete = pumped.input_done_at is not None
-    result.bytes_received = pumped.bytes_received
-    result.first_byte_ms = _ms(
-        None if pumped.first_byte_at is None else pumped.first_byte_at - start
-    )
-    result.total_ms = _ms(end - start) or 0.0
-    result.ended_by = "expect" if pumped.ended_by == "stopped" else pumped.ended_by
-    if receiver.framing_error is not None:
-        result.framing_error = receiver.framing_error
-        if result.ended_by == "expect" and not receiver.met:
-            result.ended_by = "error"  # stopped on a malformed frame, not an expectation
-    result.errno_name = pumped.errno_name
-    result.expect_met = receiver.met if opts.expect.any else None
-    if opts.collect:
-        result.data = bytes(receiver.data)
-        result.frames = receiver.frames if opts.framing is not None else None
-    return result
+    while True:
+        # A signal here, after the exchange (copying a 100 MB reply takes a while), used to
+        # escape with the result unfilled: the report said nothing was sent or received.
+        # It marks the run interrupted instead, and the result is filled again.
+        try:
+            receiver.finish(pumped.peer_eof, pumped.ended_by)  # may write: stdout can block
+            result.bytes_sent = pumped.bytes_sent
+            result.input_complete = pumped.input_done_at is not None
+            result.bytes_received = pumped.bytes_received
+            result.first_byte_ms = _ms(
+                None if pumped.first_byte_at is None else pumped.first_byte_at - start
+            )
+            result.total_ms = _ms(end - start) or 0.0
+            result.ended_by = "expect" if pumped.ended_by == "stopped" else pumped.ended_by
+            if receiver.framing_error is not None:
+                result.framing_error = receiver.framing_error
+                if result.ended_by == "expect" and not receiver.met:
+                    result.ended_by = "error"  # a malformed frame, not an expectation
+            result.errno_name = pumped.errno_name
+            result.expect_met = receiver.met if opts.expect.any else None
+            if opts.collect:
+                result.data = bytes(receiver.data)
+                result.frames = receiver.frames if opts.framing is not None else None
+            return result
+        except KeyboardInterrupt:
+            pumped.ended_by = "interrupted"
 
 
 # The most one datagram carries over IPv4; raw input is cut into reads of at most this.
@@ -1370,16 +1379,16 @@ def _exchange_udp(
             else:
                 result.input_complete = True
             while ended is None:
+                # The idle limit moves with each reply: reading up to a limit fixed before the
+                # replies came made --idle-timeout an overall one (20 of 60 lines, exit 0).
                 idle_at = last_activity + opts.idle_timeout_s if opts.idle_timeout_s else None
                 limits = [t for t in (deadline, idle_at) if t is not None]
                 until = min(limits) if limits else None
-                if until is None:
-                    # No deadline and no idle timeout: only a reply (or --expect) ends the read,
-                    # so block for one; take(None) alone only looks and would spin a core.
-                    wait_readable([sock], None)
-                ended = take(until)
-                if ended is None and until is not None and time.monotonic() >= until:
+                # (No limit at all: block for a reply; only one, or --expect, ends the read.)
+                if not wait_readable([sock], until):
                     ended = "timeout" if until == deadline else "idle-timeout"
+                    break
+                ended = take(None)
     except _UdpEnded as stop:
         ended = stop.reason
     except NetworkError as exc:
@@ -1390,20 +1399,21 @@ def _exchange_udp(
         ended = "interrupted"  # as over TCP: the run is reported, then exits 130
     finally:
         sock.close()
-    try:
-        receiver.finish(False, ended)  # may write: stdout can block
-    except KeyboardInterrupt:
-        ended = "interrupted"
     end = time.monotonic()
-    result.ended_by = ended
-    result.first_byte_ms = _ms(None if first_byte_at is None else first_byte_at - start)
-    result.total_ms = _ms(end - start) or 0.0
-    result.expect_met = receiver.met if opts.expect.any else None
-    result.framing_error = receiver.framing_error
-    if opts.collect:
-        result.data = bytes(receiver.data)
-        result.frames = receiver.frames if opts.framing is not None else None
-    return result
+    while True:  # as over TCP: a signal after the exchange marks it interrupted, then fill
+        try:
+            receiver.finish(False, ended)  # may write: stdout can block
+            result.ended_by = ended
+            result.first_byte_ms = _ms(None if first_byte_at is None else first_byte_at - start)
+            result.total_ms = _ms(end - start) or 0.0
+            result.expect_met = receiver.met if opts.expect.any else None
+            result.framing_error = receiver.framing_error
+            if opts.collect:
+                result.data = bytes(receiver.data)
+                result.frames = receiver.frames if opts.framing is not None else None
+            return result
+        except KeyboardInterrupt:
+            ended = "interrupted"
 
 
 def exit_status_for(result: SendResult) -> ExitStatus:
