@@ -311,12 +311,12 @@ def test_a_peer_that_closed_but_never_read_our_stream_is_an_idle_timeout(source:
 def test_a_reader_pausing_past_the_idle_timeout_loses_nothing(spawn: type[Listen]) -> None:
     # Before: time blocked on a full stdout counted as the peer being idle, and a reader that
     # paused longer than --idle-timeout lost the rest of the upload.
-    listen = spawn(["--port", "0", "--idle-timeout", "300ms"])
+    listen = spawn(["--port", "0", "--idle-timeout", "150ms"])
     payload = os.urandom(2 * 1024 * 1024)
     with _connect(listen.port) as sock:
         sock.sendall(payload)
         sock.shutdown(socket.SHUT_WR)
-        time.sleep(1.2)  # the reader of listen's stdout pauses, four idle timeouts long
+        time.sleep(0.6)  # the reader of listen's stdout pauses, four idle timeouts long
         got = listen.read_stdout(len(payload))
         assert _read_to_eof(sock) == b""
     code, rest, err = listen.finish()

@@ -982,9 +982,9 @@ def test_a_reader_pausing_past_the_idle_timeout_loses_nothing(
         conn.sendall(payload)
 
     srv = start(serve)
-    with _send_process(addr(srv), "GET", "--idle-timeout", "300ms") as proc:
+    with _send_process(addr(srv), "GET", "--idle-timeout", "150ms") as proc:
         assert proc.stdout is not None
-        time.sleep(1.2)  # the reader pauses, four idle timeouts long
+        time.sleep(0.6)  # the reader pauses, four idle timeouts long
         out, err = proc.communicate(timeout=LONG)
     assert out == payload
     assert proc.returncode == 0, err
