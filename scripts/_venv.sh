@@ -20,7 +20,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   # editable_mode=compat: a plain path in a .pth file. The default "strict"/"lenient" modes
   # install an import finder that site.py loads on every start (pathlib, re, urllib...):
   # ~5 ms of each netprobe run, a third of Python's own start-up.
-  if ! "$venv/bin/python" -m pip install --disable-pip-version-check \
+  # --no-compile: pip would byte-compile every module of every package (5 of the 20 s of a
+  # fresh install, mostly for modules nothing here imports); Python writes the .pyc of what
+  # is imported on first use.
+  if ! "$venv/bin/python" -m pip install --disable-pip-version-check --no-compile \
       --config-settings editable_mode=compat -e "$spec" >"$log" 2>&1; then
     tail -n 30 "$log" >&2
     echo "netprobe: pip install failed; see $log" >&2
