@@ -65,6 +65,7 @@ __all__ = [
     "fill_accept_queue",
     "format_hostport",
     "half_close",
+    "inet_aton_reading",
     "is_loopback",
     "nofile_limit",
     "not_loopback_why",
@@ -276,6 +277,15 @@ class Target:
     @property
     def is_unix(self) -> bool:
         return self.path is not None
+
+
+def inet_aton_reading(text: str) -> str | None:
+    """The IPv4 address the C library reads in `text` (inet_aton: `2130706433`, octal
+    `017700000001`, `127.1`), dotted; None when it is no address."""
+    try:
+        return socket.inet_ntoa(socket.inet_aton(text))
+    except (OSError, ValueError):
+        return None
 
 
 def parse_target(text: str, *, open_ranges: bool = False) -> Target:

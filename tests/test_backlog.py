@@ -567,10 +567,11 @@ def test_cookie_connections_to_a_listener_of_this_host_are_read_as_possible_ghos
 
 
 @pytest.mark.parametrize(
-    ("signum", "code", "hold"), [(signal.SIGINT, 130, []), (signal.SIGTERM, 143, ["--hold", "30s"])]
+    ("signum", "code", "hold", "twice"),
+    [(signal.SIGINT, 130, [], True), (signal.SIGTERM, 143, ["--hold", "30s"], False)],
 )
 def test_an_interrupted_flood_still_reports_what_it_measured(
-    signum: int, code: int, hold: list[str]
+    signum: int, code: int, hold: list[str], twice: bool
 ) -> None:
     # Before: Ctrl-C (or SIGTERM) printed nothing after the ticks: every figure was lost.
     # tcpkali prints its totals. Held connections count as established, as at --duration's
@@ -587,6 +588,9 @@ def test_an_interrupted_flood_still_reports_what_it_measured(
             assert line, "backlog ended early"
             ticks += json.loads(line).get("kind") == "backlog.timeline"
         proc.send_signal(signum)
+        if twice:  # as timeout(1) does: a second one ms later cut the report short
+            time.sleep(0.002)
+            proc.send_signal(signum)
         rest, err = proc.communicate(timeout=LONG)
     assert proc.returncode == code, err
     summary = json.loads(rest.decode().splitlines()[-1])
@@ -597,6 +601,8 @@ def test_an_interrupted_flood_still_reports_what_it_measured(
     assert summary["interpretation"][0].startswith("Interrupted after ")
     assert summary["prediction"]["held"] is None
     assert b"gate failed" not in err
+    assert [g["failed"] for g in summary["gates"]] == [None]  # measured, not judged
+    assert summary["failed_gates"] == []
 
 
 def test_the_preflight_counts_what_already_waits_in_the_queue() -> None:
@@ -617,3 +623,22 @@ def test_the_preflight_counts_what_already_waits_in_the_queue() -> None:
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout.decode().splitlines()[-1])
     assert "2 queued now: room for 1" in summary["prediction"]["text"]
+
+
+def test_an_interrupted_ramp_keeps_its_steps_in_line_with_the_totals() -> None:
+    argv = ["backlog", "--lab", "--backlog", "8", "--ramp", "200,400", "--step", "2s",
+            "--timeout", "3s", "--json"]  # fmt: skip
+    with netprobe_process(argv) as proc:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the first tick: a second of the first step
+        assert json.loads(line)["kind"] == "backlog.timeline"
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=LONG)
+    assert proc.returncode == 130, err
+    summary = json.loads(rest.decode().splitlines()[-1])
+    step = summary["steps"][0]
+    # Before: the step said 9 attempted while the totals said 400 (its pending connects were
+    # counted in the totals only), and not_started_step_end claimed the steps ended early.
+    assert step["attempted"] == summary["attempted"]
+    assert step["timed_out"] == summary["timed_out"]
+    assert summary["not_started_step_end"] == 0

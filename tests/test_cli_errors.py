@@ -336,9 +336,10 @@ def test_a_bare_number_target_is_refused_not_probed_as_an_address() -> None:
         "netprobe: port-check: '8080': 8080 is a bare number, not a host (as an address it "
         "reads 0.0.31.144): give HOST:PORT, or the ports with -p\n"
     )
-    with_port = invoke(["port-check", "2130706433:9"])
-    assert with_port.exit_code == 2
-    assert with_port.stderr.endswith("write the address itself (127.0.0.1)\n")
+    for given in ("2130706433:9", "017700000001:9"):  # as inet_aton reads it: octal too
+        with_port = invoke(["port-check", given])
+        assert with_port.exit_code == 2
+        assert with_port.stderr.endswith("write the address itself (127.0.0.1)\n")
 
 
 def _capped_memory() -> None:

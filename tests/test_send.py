@@ -1165,3 +1165,28 @@ def test_a_signal_with_stdout_stuck_ends_a_hexdump_too(start: Callable[..., Serv
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_an_interrupted_hexdump_still_prints_what_came(start: Callable[..., ServerThread]) -> None:
+    # Only a write the signal cut stops the output: a first fix dropped the last dump line
+    # of every interrupted run, stdout fine or not (7 bytes received, 0 printed).
+    got = threading.Event()
+
+    def banner(conn: socket.socket) -> None:
+        conn.sendall(b"OK v1\r\n")
+        got.set()
+        with contextlib.suppress(OSError):
+            while conn.recv(16):  # until send is gone (stdin stays open: no FIN before)
+                pass
+
+    srv = start(banner)
+    with _send_process(addr(srv), "--hexdump", "--idle-timeout", "10s") as proc:
+        assert got.wait(LONG)
+        time.sleep(0.3)  # the banner is read; send now waits on the idle timeout
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=LONG)
+    assert proc.returncode == 130, err
+    assert out.decode().splitlines() == [
+        "00000000  4f 4b 20 76 31 0d 0a                              |OK v1..|",
+        "00000007",
+    ]

@@ -414,7 +414,7 @@ def _report(out: TextIO, summary: "BacklogSummary", *, charts: bool) -> None:
         _histogram(out, summary.histogram)
         _timeline(out, summary.timeline)
     for gate in rec["gates"]:
-        state = "FAILED" if gate["failed"] else "passed"
+        state = "not judged" if gate["failed"] is None else "FAILED" if gate["failed"] else "passed"
         w(f"gate {gate['gate']}: {state} ({_measured(gate)})\n")
 
 

@@ -597,6 +597,7 @@ class _RunEnd:
     deadline_hit: bool  # the --duration deadline stopped attempts, not a ramp step's end
     step_shortfall: list[int | None]  # per ramp step; None: --duration cut the step
     slots_full: bool  # a 50 ms sample saw every concurrency slot busy
+    interrupted: bool = False  # Ctrl-C/SIGTERM stopped attempts
 
 
 @dataclass(slots=True)
@@ -1230,10 +1231,15 @@ def _run(
         # Ctrl-C (SIGTERM too, in the CLI): stop, and report what was measured until now, as
         # tcpkali does; every figure was lost before. Connect processes are killed at once
         # (their results arrive every 50 ms); a worker thread is a daemon and ends with us.
+        # First, no second signal may cut the report short (timeout(1) sends two, ms apart).
+        _ignore_stop_signals()
         interrupted_at = time.monotonic()
         if isinstance(thread, _ConnectProcesses):
             thread.join(0.0)
-        tally.cut(max(0, stats.in_flight), max(0, stats.held))
+        pending, held = max(0, stats.in_flight), max(0, stats.held)
+        tally.cut(pending, held)
+        if cfg.ramp and step_tallies and step_tallies[-1] is not tally:
+            step_tallies[-1].cut(pending, held)  # the step under way, as the totals
     except BaseException:
         # A failure while sampling: do not wait for the run to finish.
         if isinstance(thread, _ConnectProcesses):
@@ -1274,7 +1280,7 @@ def _run(
         steps,
         step_tallies,
         step_server,
-        _RunEnd(deadline_hit[0], step_shortfall, slots_full[0]),
+        _RunEnd(deadline_hit[0], step_shortfall, slots_full[0], interrupted_at is not None),
     )
     # Sampled every 50 ms: when the most connections were held at once (for --hold runs).
     record["peak_held_at_s"] = None if peak_at is None else round(peak_at, 3)
@@ -1294,18 +1300,36 @@ def _run(
     record["rss_total_kb"] = record["max_rss_kb"]
     if isinstance(thread, _ConnectProcesses):
         record["rss_total_kb"] = (record["max_rss_kb"] or 0) + thread.rss_kb_sum
-    failed = [gate.text for gate in cfg.gates if gate.failed(record)]
+    # Gates judge a whole run: an interrupted one has them measured, not judged (failed null).
+    judged = interrupted_at is None
+    failed = [gate.text for gate in cfg.gates if judged and gate.failed(record)]
     record["gates"] = [
         {
             "gate": gate.text,
             "value": gate.value_in(record),
             "unit": "ms" if gate.metric in _LATENCY_KEYS else None,
-            "failed": gate.text in failed,
+            "failed": gate.text in failed if judged else None,
         }
         for gate in cfg.gates
     ]
     record["failed_gates"] = failed
     yield BacklogSummary(record, timeline, tally.hist, failed)
+
+
+def _ignore_stop_signals() -> None:
+    """From an interrupt on, SIGINT and SIGTERM are ignored (main thread only): the run is
+    ending and its report is on its way. Not put back: a second signal a moment later (two
+    from timeout(1), a Ctrl-C pressed twice) cut the report short, or killed the process as it
+    exited. A signal that lands while this runs is itself the interrupt already handled."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    while True:
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 def _cut_tick(
@@ -1753,7 +1777,9 @@ def _summary_record(
         "timed_out_kernel": tally.timed_out_kernel,
         "not_started": not_started,
         # With a ramp, the attempts still left when the last step ended (not --duration).
-        "not_started_step_end": 0 if end.deadline_hit or not cfg.ramp else not_started,
+        "not_started_step_end": (
+            0 if end.deadline_hit or end.interrupted or not cfg.ramp else not_started
+        ),
         "latency_ms": tally.hist.summary_ms(),
         "histogram": tally.hist.coarse(),
         "connections": connections,

@@ -32,6 +32,7 @@ from netprobe.sockets import (
     Resolved,
     expand_hosts,
     format_hostport,
+    inet_aton_reading,
     parse_target,
     raise_nofile_limit,
     resolve,
@@ -161,15 +162,15 @@ def parse_targets(texts: Iterable[str]) -> list[TargetSpec]:
         if target.host.isascii() and target.host.isdigit():
             # `port-check HOST 8080`, as `nc -z HOST PORT` takes it: the resolver reads 8080
             # as the address 0.0.31.144 and the run probes that, a host nobody meant.
-            address = ipaddress.ip_address(int(target.host) % 2**32)
+            address = inet_aton_reading(target.host)  # 017700000001: octal; 4294967296: none
+            reads = f"as an address it reads {address}" if address else "nor an address"
             hint = (
                 f"write the address itself ({address})"
-                if target.ports
+                if target.ports and address
                 else "give HOST:PORT, or the ports with -p"
             )
             raise UsageError(
-                f"{body.strip()!r}: {target.host} is a bare number, not a host (as an address "
-                f"it reads {address}): {hint}"
+                f"{body.strip()!r}: {target.host} is a bare number, not a host ({reads}): {hint}"
             )
         specs.append(TargetSpec(body.strip(), target.host, target.ports, expect))
     return specs

@@ -661,6 +661,7 @@ class _Receiver:
         hexdump: bool,
     ) -> None:
         self.emit = emit
+        self._emitting = False
         self.expect = expect
         self.decoder = decoder
         self.collect = collect
@@ -777,15 +778,17 @@ class _Receiver:
 
     def _emit(self, data: bytes) -> None:
         if data and self.emit is not None:
+            self._emitting = True  # still True if a signal cuts this write
             self.emit(data)
+            self._emitting = False
 
     def finish(self, peer_eof: bool, ended_by: str | None = None) -> None:
         """The read ended: flush the hexdump, check for a truncated frame at EOF, or at an
         idle timeout or timeout (half a frame is no reply, whether or not the peer closed)."""
-        if ended_by == "interrupted":
-            # Nothing more to stdout: the write the signal cut may be stuck on a reader that
-            # stopped, and this one would wait behind it with no signal left to end it (a
-            # --hexdump's last line needed SIGKILL).
+        if ended_by == "interrupted" and self._emitting:
+            # The signal cut a write to stdout, which may be stuck on a reader that stopped:
+            # the rest would wait behind it with no signal left to end it (a --hexdump's last
+            # line needed SIGKILL). Otherwise the last line still goes out.
             self.emit = None
         self.release_held()
         if self.hexdumper is not None and not self.collect:
