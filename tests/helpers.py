@@ -169,8 +169,11 @@ class ServerThread:
 
 
 @contextlib.contextmanager
-def udp_echo_thread(prefix: bytes = b"") -> Iterator[int]:
-    """A UDP echo on 127.0.0.1 in a thread (each reply is prefix + datagram); yields its port.
+def udp_server_thread(
+    answer: Callable[[bytes], Sequence[bytes]], gap_s: float = 0.0
+) -> Iterator[tuple[int, list[int]]]:
+    """A UDP server on 127.0.0.1 in a thread: each datagram gets the datagrams answer(data)
+    back, `gap_s` apart; yields its port and the sizes of the datagrams it got.
 
     The socket is bound before the thread starts; on exit the thread is stopped and joined.
     """
@@ -178,6 +181,7 @@ def udp_echo_thread(prefix: bytes = b"") -> Iterator[int]:
     sock.bind(("127.0.0.1", 0))
     sock.settimeout(SHORT)
     stop = threading.Event()
+    got: list[int] = []
 
     def serve() -> None:
         while not stop.is_set():
@@ -187,17 +191,28 @@ def udp_echo_thread(prefix: bytes = b"") -> Iterator[int]:
                 continue
             except OSError:
                 return
-            sock.sendto(prefix + data, peer)
+            got.append(len(data))
+            for reply in answer(data):
+                if gap_s and stop.wait(gap_s):
+                    return
+                sock.sendto(reply, peer)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        yield sock.getsockname()[1]
+        yield sock.getsockname()[1], got
     finally:
         stop.set()
         thread.join(LONG)
         sock.close()
-        assert not thread.is_alive(), "UDP echo thread did not stop"
+        assert not thread.is_alive(), "UDP server thread did not stop"
+
+
+@contextlib.contextmanager
+def udp_echo_thread(prefix: bytes = b"") -> Iterator[int]:
+    """A UDP echo on 127.0.0.1 in a thread (each reply is prefix + datagram); yields its port."""
+    with udp_server_thread(lambda data: [prefix + data]) as (port, _got):
+        yield port
 
 
 def stuff_then_read(port: int, *, stuffing_s: float = 0.4, quiet_s: float = 1.0) -> int:

@@ -16,12 +16,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from netprobe.framing import parse_framing
 from tests.conftest import HAS_IPV6
-from tests.helpers import LONG, ServerThread, invoke, udp_echo_thread
+from tests.helpers import LONG, ServerThread, invoke, udp_echo_thread, udp_server_thread
 
 Handler = Callable[[socket.socket], None]
 
@@ -1085,36 +1086,9 @@ def test_a_terminal_stdin_sends_nothing_and_says_so(start: Callable[..., ServerT
     assert b"stdin is a terminal: sending nothing" in said
 
 
-@contextlib.contextmanager
-def _udp_replier(replies: int, gap_s: float) -> Iterator[tuple[int, list[int]]]:
-    """A UDP server that answers each datagram with `replies` datagrams `gap_s` apart; yields
-    its port and the sizes of the datagrams it got."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.settimeout(0.05)
-    got: list[int] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                data, peer = sock.recvfrom(65536)
-            except TimeoutError:
-                continue
-            got.append(len(data))
-            for i in range(replies):
-                if stop.wait(gap_s):
-                    return
-                sock.sendto(b"line%d\n" % i, peer)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield sock.getsockname()[1], got
-    finally:
-        stop.set()
-        thread.join(LONG)
-        sock.close()
+def _udp_replier(replies: int, gap_s: float) -> Any:
+    """A UDP server answering each datagram with `replies` lines `gap_s` apart."""
+    return udp_server_thread(lambda _data: [b"line%d\n" % i for i in range(replies)], gap_s)
 
 
 def test_udp_replies_that_keep_coming_are_read_past_one_idle_timeout() -> None:
