@@ -147,11 +147,11 @@ def test_the_rst_waits_while_a_slow_server_takes_every_byte() -> None:
     # queue: a slow server got 87 KB of `--after-bytes 1MB` (bytes_out said 1,000,000).
     srv = _RecordingServer(pace_s=0.05)  # ~160 KB/s in small reads: ACKs 400 ms apart
     try:
-        argv = ["reset", "client", f"127.0.0.1:{srv.port}", "--after-bytes", "300000", "--json"]
+        argv = ["reset", "client", f"127.0.0.1:{srv.port}", "--after-bytes", "200000", "--json"]
         result = invoke(argv)
         assert result.exit_code == 0, result.stderr
-        assert srv.wait_for(1) == [("ECONNRESET", 300_000)]
-        assert json.loads(result.stdout.decode().splitlines()[0])["bytes_out"] == 300_000
+        assert srv.wait_for(1) == [("ECONNRESET", 200_000)]
+        assert json.loads(result.stdout.decode().splitlines()[0])["bytes_out"] == 200_000
     finally:
         srv.stop()
 

@@ -456,7 +456,7 @@ def test_an_rst_waits_for_a_slow_reader_to_take_every_byte_before_it() -> None:
     # A client that reads, slowly: the RST used to come 200 ms after the trigger whatever
     # the reader was doing, and a 1 MB/s reader got ECONNRESET after ~300 KB of a 1 MB
     # --after-bytes-out. Now it waits while the reader makes progress.
-    size = 300_000
+    size = 200_000
     opts = options(TriggerKind.AFTER_BYTES_OUT, size, mode=ServeMode.SEND)
     with serve(opts) as (port, records), socket.socket() as sock:
         sock.settimeout(LONG)
