@@ -105,6 +105,7 @@ _RELAY_FD_SHARE = 8
 _RST_FLUSH_S = 1.0
 _RST_FLUSH_TIMED_MAX_S = 1.0
 _RST_POLL_S = 0.001
+_RST_POLL_MAX_S = 0.02
 
 
 def _unsent(conn: Connection) -> int:
@@ -130,11 +131,11 @@ def _abort_flushed(conn: Connection, reason: str, *, timed: bool = False) -> Non
     conn.pause_reading("rst")
     now = time.monotonic()
     cap = now + _RST_FLUSH_TIMED_MAX_S if timed else None
-    _flush_then_abort(conn, reason, now + _RST_FLUSH_S, _unsent(conn), cap)
+    _flush_then_abort(conn, reason, now + _RST_FLUSH_S, _unsent(conn), cap, _RST_POLL_S)
 
 
 def _flush_then_abort(
-    conn: Connection, reason: str, deadline: float, left: int, cap: float | None
+    conn: Connection, reason: str, deadline: float, left: int, cap: float | None, poll_s: float
 ) -> None:
     if conn.is_closing:
         return
@@ -143,7 +144,10 @@ def _flush_then_abort(
     if unsent < left:
         deadline = now + _RST_FLUSH_S  # the peer is still reading: give it more time
     if unsent and now < deadline and (cap is None or now < cap):
-        conn.call_later(_RST_POLL_S, _flush_then_abort, conn, reason, deadline, unsent, cap)
+        # 1 ms at first (a fast reader's RST keeps its moment), then less often: a slow
+        # reader can take seconds, and a poll a millisecond per connection adds up.
+        next_poll = min(poll_s * 2, _RST_POLL_MAX_S)
+        conn.call_later(poll_s, _flush_then_abort, conn, reason, deadline, unsent, cap, next_poll)
         return
     conn.abort(reason)
 

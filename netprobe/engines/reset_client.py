@@ -261,10 +261,12 @@ def _let_the_server_take_it(sock: Any, peer: _Peer, halt: _Halt, *, timed: bool)
     left = send_queue_bytes(sock) or 0
     give_up = time.monotonic() + _RST_FLUSH_S
     cap = give_up if timed else float("inf")
+    wait_s = _PEEK_S  # 1 ms at first, then less often (a slow server can take seconds)
     while left and not peer.ended and time.monotonic() < min(give_up, cap):
         if halt.is_set():
             raise _Halted
-        peer.look(sock, _PEEK_S)  # replies count as "before the reset" too
+        peer.look(sock, wait_s)  # replies count as "before the reset" too
+        wait_s = min(wait_s * 2, _HALT_POLL_S / 2)
         now_left = send_queue_bytes(sock) or 0
         if now_left < left:
             give_up = time.monotonic() + _RST_FLUSH_S
