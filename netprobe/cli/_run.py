@@ -60,6 +60,22 @@ def sigterm_as_interrupt() -> Iterator[SigtermState]:
             signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def sigterm_exits_143() -> Iterator[SigtermState]:
+    """sigterm_as_interrupt, and a KeyboardInterrupt that leaves the block after SIGTERM
+    exits 143 (after Ctrl-C it goes on up: 130). For commands whose report of an interrupted
+    run is made inside the block."""
+    import typer
+
+    with sigterm_as_interrupt() as state:
+        try:
+            yield state
+        except KeyboardInterrupt:
+            if state.terminated:
+                raise typer.Exit(ExitStatus.TERMINATED) from None
+            raise
+
+
 def error_line(command: str | None, message: str) -> None:
     """The one line a failed run prints on stderr: `netprobe: CMD: message`, with bytes that
     were not UTF-8 shown as `\\xNN`."""

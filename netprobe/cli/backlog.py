@@ -160,7 +160,7 @@ def backlog(
     target without --allow-remote (nothing sent), 5 TARGET does not resolve, 6 local
     failure (the lab listener could not bind).
     """
-    from netprobe.cli._run import error_line, sigterm_as_interrupt
+    from netprobe.cli._run import error_line, sigterm_exits_143
     from netprobe.engines.backlog import (
         BacklogConfig,
         parse_gate,
@@ -215,13 +215,8 @@ def backlog(
     status = StatusLine(err)
     terminal = _isatty(out)
     progress = status.enabled and not quiet
-    with sigterm_as_interrupt() as term:
-        try:
-            summary = _run(cfg, run_backlog, json_out, quiet, progress, status, out, err)
-        except KeyboardInterrupt:  # before the flood began (resolving, the lab's bind)
-            if term.terminated:
-                raise typer.Exit(ExitStatus.TERMINATED) from None
-            raise
+    with sigterm_exits_143() as term:  # (an interrupt before the flood began comes out here)
+        summary = _run(cfg, run_backlog, json_out, quiet, progress, status, out, err)
     status.clear()
     if json_out and not quiet:
         out.write(dump_json(summary.record) + "\n")

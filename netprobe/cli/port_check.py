@@ -8,7 +8,7 @@ the `-- COMMAND` of wait mode.
 # one-port check's start-up after imports).
 import contextlib
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -269,6 +269,7 @@ def port_check(
     as expected, 3 only timeouts, 5 resolution, 6 local error; 124 wait deadline; with
     `-- COMMAND`, the command's status.
     """
+    from netprobe.cli._run import sigterm_exits_143
     from netprobe.engines.port_check import (
         CheckConfig,
         Expect,
@@ -333,7 +334,7 @@ def port_check(
         expect_now = wait_expect if until.lower() != "open" else default_expect
         if allow_large:
             raise UsageError("--allow-large is for scans, not --wait")
-        with _sigterm_as_143():
+        with sigterm_exits_143():
             outcome = _wait(
                 specs, config, port_list, family, expect_now, required, deadline, interval, quiet
             )
@@ -348,29 +349,12 @@ def port_check(
     units = sum(len(h.ports) for h in hosts)
     if required is not None and required > units:
         raise UsageError(f"--require {required} is more than the {units} checks given")
-    with _sigterm_as_143():
+    with sigterm_exits_143():
         if count is not None:
             code = _latency(hosts, config, count, interval, fmt, quiet, required, open_only)
             raise typer.Exit(code)
         code = _checks(hosts, config, fmt, open_only, quiet, required, units)
     raise typer.Exit(_run_command(command, code) if command else code)
-
-
-@contextlib.contextmanager
-def _sigterm_as_143() -> Iterator[None]:
-    """SIGTERM ends a run as Ctrl-C does (the rows so far, the `interrupted` line, a split
-    scan's second process stopped by the engine's cleanup), then exits 143. Killed outright,
-    the run left that process scanning on its own."""
-    from netprobe.cli._run import sigterm_as_interrupt
-    from netprobe.exitcodes import ExitStatus
-
-    with sigterm_as_interrupt() as term:
-        try:
-            yield
-        except KeyboardInterrupt:
-            if term.terminated:
-                raise typer.Exit(ExitStatus.TERMINATED) from None
-            raise
 
 
 # A terminal table keeps every row until the end (to sort and align it). Past this many closed
