@@ -449,13 +449,17 @@ class LineSink:
         import time
 
         assert self._fd is not None
-        failed = False
+        failed = idle = False
         try:
             while True:
                 with self._lock:
-                    while not self._queue and not self._broken:
-                        self._drained.wait()
                     if self._broken:
+                        return
+                    if not self._queue:
+                        # Written out: the thread ends (a process that wants to fork later
+                        # must be single-threaded); the next line that has to wait starts one.
+                        self._thread = None
+                        idle = True
                         return
                     data = self._queue.popleft()
                     self._queued -= len(data)
@@ -485,15 +489,16 @@ class LineSink:
                     self._busy = False
                     self._drained.notify_all()
         finally:
-            with self._lock:
-                self._busy = False
-                if failed or not self._broken:
-                    # EPIPE, or this thread ended unexpectedly: nothing more can be written.
-                    self._broken = True
-                    self._queue.clear()
-                    self._reports.clear()
-                    self._queued = 0
-                self._drained.notify_all()
+            if not idle:
+                with self._lock:
+                    self._busy = False
+                    if failed or not self._broken:
+                        # EPIPE, or this thread ended unexpectedly: nothing more can be written.
+                        self._broken = True
+                        self._queue.clear()
+                        self._reports.clear()
+                        self._queued = 0
+                    self._drained.notify_all()
 
 
 # How long the lines still queued at a server's end may wait for a slow reader before its

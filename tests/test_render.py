@@ -146,10 +146,13 @@ def test_line_sink_never_blocks_drops_past_its_limit_and_says_so() -> None:
     stream = os.fdopen(write_fd, "w")
     try:
         sink = LineSink(stream, limit=10_000, dropped_line=lambda n: f"dropped {n}")
+        before = set(threading.enumerate())
         lines = [f"line {i:06d} " + "x" * 88 for i in range(2000)]  # 200 KB: 3x the pipe
         for line in lines:
             sink.write(line)  # nobody reads yet: this must still return
         assert sink.dropped > 0
+        writers = set(threading.enumerate()) - before
+        assert writers
         got = bytearray()
 
         def read_all() -> None:
@@ -161,6 +164,11 @@ def test_line_sink_never_blocks_drops_past_its_limit_and_says_so() -> None:
         assert sink.close(10.0) == sink.dropped  # all the rest was written
         sink.write("after")  # once drained, lines go straight out again
         assert sink.close(10.0) == sink.dropped
+        # Its queue written, the sink's thread ends: it must not keep a process that wants to
+        # fork later (connector workers) threaded.
+        for writer in writers:
+            writer.join(10)
+            assert not writer.is_alive()
     finally:
         stream.close()
     reader.join(10)
