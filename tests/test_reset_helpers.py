@@ -74,6 +74,18 @@ def connect(port: int, timeout: float = LONG) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=timeout)
 
 
+def connect_and_read_until_end(port: int, timeout: float = LONG) -> tuple[bytes, str]:
+    """connect() then read_until_end(). A reset right after the accept can beat connect()'s
+    own wake-up: SO_ERROR then reads ECONNRESET and connect() raises it (more often on a busy
+    machine): that is the same ending, with nothing read."""
+    try:
+        sock = connect(port, timeout)
+    except ConnectionResetError:
+        return b"", "ECONNRESET"
+    with sock:
+        return read_until_end(sock)
+
+
 def read_until_end(sock: socket.socket) -> tuple[bytes, str]:
     """Read until EOF, reset or timeout: (bytes, "eof" | "ECONNRESET" | "timeout")."""
     chunks: list[bytes] = []

@@ -23,6 +23,7 @@ from netprobe.server import ServerConfig
 from tests.helpers import LONG, ROOT, invoke, stuff_then_read
 from tests.test_reset_helpers import (
     connect,
+    connect_and_read_until_end,
     options,
     read_until_end,
     running,
@@ -286,8 +287,7 @@ def test_on_connect_is_on_accept() -> None:
     # serve took only the first (exit 2, "No such option").
     argv = ["reset", "serve", "--port", "0", "--on-connect", "--count", "1"]
     with subprocess_server(argv) as (proc, announce):
-        with connect(int(announce["port"])) as sock:
-            got, ending = read_until_end(sock)
+        got, ending = connect_and_read_until_end(int(announce["port"]))
         assert proc.stdout is not None
         record = json.loads(proc.stdout.readline())
         assert proc.wait(LONG) == 0
@@ -532,8 +532,7 @@ def test_send_mode_keeps_reading_a_client_that_does_not_read() -> None:
 def test_after_zero_frames_acts_before_any_data() -> None:
     # As --after-bytes 0: at once, not when the first bytes arrive (this client sends none).
     with serve(options(TriggerKind.AFTER_FRAMES, 0, framing="line")) as (port, records):
-        with connect(port, timeout=2.0) as sock:
-            got, ending = read_until_end(sock)
+        got, ending = connect_and_read_until_end(port, timeout=2.0)
         _wait_for(records)
     assert (got, ending) == (b"", "ECONNRESET")
     assert records[0]["fired"] is True
@@ -544,14 +543,7 @@ def test_after_zero_bytes_out_acts_before_any_data(mode: ServeMode) -> None:
     # As --after-bytes 0 and --after-frames 0: at once. It used to wait for the first write,
     # which a discard server never makes (nor an echo whose client sends nothing).
     with serve(options(TriggerKind.AFTER_BYTES_OUT, 0, mode=mode)) as (port, records):
-        try:
-            sock = connect(port, timeout=2.0)
-        except ConnectionResetError:
-            # The RST can beat connect()'s own wake-up: SO_ERROR then reads ECONNRESET.
-            got, ending = b"", "ECONNRESET"
-        else:
-            with sock:
-                got, ending = read_until_end(sock)
+        got, ending = connect_and_read_until_end(port, timeout=2.0)
         assert (got, ending) == (b"", "ECONNRESET")
         _wait_for(records)
     assert (records[0]["fired"], records[0]["reason"]) == (True, "rst")
