@@ -212,13 +212,14 @@ def log(message: str, *, stream: TextIO | None = None, always: bool = False) -> 
 
 class StatusLine:
     """One line of progress on a terminal, rewritten in place (CR, then erase the line), so a
-    long wait shows one changing line rather than a screenful; nothing at all elsewhere."""
+    long wait shows one changing line rather than a screenful; nothing at all elsewhere, nor
+    on a terminal that says it cannot erase (TERM=dumb: an editor's shell buffer)."""
 
     _ERASE = "\r\033[K"
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self._err = stream if stream is not None else sys.stderr
-        self.enabled = _isatty(self._err)
+        self.enabled = _isatty(self._err) and os.environ.get("TERM") != "dumb"
         self._shown = False
 
     def show(self, message: str) -> None:

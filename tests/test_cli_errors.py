@@ -115,6 +115,57 @@ def test_closed_stdout_runs_as_if_sent_to_dev_null() -> None:
     assert b"internal error" not in proc.stderr
 
 
+def _run_with_stderr_reader_gone(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+    """`netprobe ARGV` whose stderr is a pipe nobody reads any more: its writes fail (EPIPE)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "netprobe", *argv],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=write_end,
+            timeout=LONG * 2, cwd=ROOT, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize(
+    ("argv", "code"),
+    [
+        (["port-check", "127.0.0.1:{closed}"], 1),
+        (["port-check", "127.0.0.1:{closed}", "--wait", "--deadline", "300ms"], 124),
+        (["port-check", "127.0.0.1:99999"], 2),
+        (["listen", "--port", "0", "--idle-timeout", "300ms"], 3),
+        (["reset", "client", "127.0.0.1:{closed}"], 1),
+        (["echo", "--port", "99999"], 2),
+    ],
+)
+def test_a_stderr_nobody_reads_changes_no_exit_code(
+    closed_port: int, argv: list[str], code: int
+) -> None:
+    # Before, the first log or error line raised EPIPE, taken for a closed stdout: exit 0 for
+    # a closed port, a timed-out wait and an idle listen; bad input died with exit 1.
+    argv = [arg.format(closed=closed_port) for arg in argv]
+    assert _run_with_stderr_reader_gone(argv).returncode == code
+
+
+def test_a_stderr_nobody_reads_still_runs_the_wait_command(server: ServerThread) -> None:
+    target = f"127.0.0.1:{server.port}"
+    argv = [
+        "port-check",
+        "--wait",
+        "--deadline",
+        "5s",
+        target,
+        "--",
+        "sh",
+        "-c",
+        "echo RAN; exit 7",
+    ]
+    proc = _run_with_stderr_reader_gone(argv)
+    assert (proc.returncode, proc.stdout) == (7, b"RAN\n")
+
+
 def test_poll_timeouts_stay_inside_poll_s_int() -> None:
     assert poll_ms(0.0001) == 1
     assert poll_ms(1.5) == 1500

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -429,3 +430,29 @@ def test_status_line_on_a_terminal_of_unknown_size_uses_80_columns() -> None:
     finally:
         os.close(master)
         os.close(slave)
+
+
+@pytest.mark.parametrize(("term", "shown"), [("xterm-256color", True), ("dumb", False)])
+def test_progress_shows_only_on_a_terminal_that_can_erase(
+    monkeypatch: pytest.MonkeyPatch, term: str, shown: bool
+) -> None:
+    from netprobe.render import StatusLine
+
+    monkeypatch.setenv("TERM", term)
+    master, slave = os.openpty()
+    stream = os.fdopen(slave, "w")
+    try:
+        line = StatusLine(stream)
+        line.show("waiting")
+        line.clear()
+        stream.write("END\n")  # what came before it is all the line wrote
+        stream.flush()
+        got = b""
+        while b"END" not in got:
+            assert select.select([master], [], [], LONG)[0], got
+            got += os.read(master, 4096)
+    finally:
+        stream.close()
+        os.close(master)
+    assert (b"\x1b[K" in got) is shown
+    assert (b"waiting" in got) is shown

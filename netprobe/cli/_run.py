@@ -9,7 +9,7 @@ import re
 import signal
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO, cast
 
 from netprobe.errors import NetprobeError
 from netprobe.exitcodes import ExitStatus, exit_status_for_error
@@ -168,6 +168,43 @@ def silence_stdout() -> None:
         os.close(devnull)
 
 
+class _StderrGuard:
+    """sys.stderr for a run: once its reader is gone (EPIPE), log lines are dropped and fd 2
+    goes to /dev/null. A closed stderr must not change what a run does or how it exits: a
+    log reader that died would otherwise turn a failed check into exit 0, skip a wait's
+    COMMAND, or stop a listener before its first client."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except BrokenPipeError:
+            self._reader_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self._stream.fileno())
+            finally:
+                os.close(devnull)
+        # What the stream still buffers now goes to /dev/null with the next flush.
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def _output_closed() -> int:
     # stdout was closed early (`netprobe send ... | head`): results were cut, not a failure.
     # (port-check, whose exit code is a verdict, decides for itself: see its _checks.)
@@ -182,11 +219,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     exception is a bug (exit 70). `--debug` prints the traceback first; the exit status is
     the same with or without it (scripts keep their meaning).
     """
-    from typer._click.exceptions import ClickException, NoArgsIsHelpError
-    from typer.exceptions import Abort
-
-    from netprobe.cli import build_app
-
     args = list(sys.argv[1:] if argv is None else argv)
     current_argv[:] = args
     if sys.stderr is None:  # started with stderr closed (`2>&-`): logs and events go nowhere
@@ -199,6 +231,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         # bytes as \xNN, and anything it misses comes out escaped rather than as exit 70.
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+    real_stderr = sys.stderr
+    sys.stderr = cast(TextIO, _StderrGuard(real_stderr))
+    try:
+        return _run(args)
+    finally:
+        if isinstance(sys.stderr, _StderrGuard):
+            sys.stderr = real_stderr
+
+
+def _run(args: list[str]) -> int:
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    from typer.exceptions import Abort
+
+    from netprobe.cli import build_app
+
     debug = _debug_requested(args)
     command = _command_name(args)
     try:
