@@ -1654,10 +1654,15 @@ def pump_duplex(
                         if try_sendfile() is not None:
                             return result
                     elif event & select.POLLERR and result.peer_eof:
+                        if stop_on_peer_eof or input_done:
+                            # The FIN came with the RST our last write provoked (the peer had
+                            # closed): ended as at the peer's FIN, as nc's run is.
+                            return end("eof")
                         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                         if code:
+                            # EPIPE: the RST came after the peer's FIN. It is the peer's doing.
                             result.errno_name = errno_name(code)
-                            return end("reset" if code in _RESET else "error")
+                            return end("reset" if code in _RELAY_RESET else "error")
                 elif fd == input_fd:
                     take_input()
                     if pending and try_send() is not None:

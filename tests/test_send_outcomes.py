@@ -443,3 +443,37 @@ def test_a_reset_right_after_the_accept_is_a_reset_run_not_a_failed_connect() ->
     assert {r["ended_by"] for r in records} == {"reset"}, records
     assert all(r["address"] == f"127.0.0.1:{port}" for r in records)
     assert all(r["connect_ms"] is not None for r in records)
+
+
+_ACCEPT_AND_CLOSE = """
+import socket, sys
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+while True:
+    listener.accept()[0].close()
+"""
+
+
+def test_a_peer_that_accepts_and_closes_at_once_is_eof_or_reset_never_a_local_error() -> None:
+    # Its FIN and the RST our one write provokes often come in one wake-up: the run ended
+    # "error" EPIPE, exit 6 ("this host refused"), in about half the runs.
+    import subprocess
+    import sys
+
+    server = subprocess.Popen([sys.executable, "-c", _ACCEPT_AND_CLOSE], stdout=subprocess.PIPE)
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        outcomes = set()
+        for _ in range(100):  # a race: about one run in ten or twenty hit it
+            result = invoke(["send", f"127.0.0.1:{port}", "x", "--json"])
+            record = json.loads(result.stdout)
+            outcomes.add((record["ended_by"], result.exit_code))
+    finally:
+        server.kill()
+        server.wait(LONG)
+        assert server.stdout is not None
+        server.stdout.close()
+    # eof: our byte went out before the peer's close (its RST answers it); reset: it arrived
+    # unread before the close, which then sends RST instead of FIN.
+    assert outcomes <= {("eof", 0), ("reset", 4)}, outcomes

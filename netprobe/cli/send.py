@@ -189,6 +189,8 @@ def _failure_line(result: SendResult, input_size: int | None) -> str:
         why = ""  # the note below says it all
     else:
         why = result.ended_by
+        if result.errno_name is not None:
+            why = f"{why} ({result.errno_name})"
     if unsent:
         total = f" of {input_size}" if input_size is not None else ""
         when = "the idle timeout" if result.ended_by == "idle-timeout" else "the timeout"
