@@ -91,6 +91,14 @@ _ACCEPT_BACKOFF_S = 0.1
 # On stop, clients get this long to take their last bytes before they are aborted (the whole
 # stop must finish within 1 s).
 _SHUTDOWN_GRACE_S = 0.5
+# A close of ours while the client may still send (a limit, a framing error, an idle timeout,
+# a stop) lingers: FIN after our bytes, then what the client still sends is read and dropped
+# until its FIN. Closing with its bytes unread would make the kernel answer RST at once and
+# throw away what we had queued for it (the echo it is owed). The linger also ends once every
+# byte we sent was acknowledged and the client has been quiet this long; close_timeout_s caps
+# it (then RST, and bytes_out loses what the client never got).
+_LINGER_QUIET_S = 0.05
+_LINGER_CHECK_S = 0.05
 
 _monotonic = time.monotonic
 _perf_counter = time.perf_counter
@@ -327,6 +335,11 @@ class Handler:
     def on_close(self, conn: Connection, reason: str) -> None:
         """The connection is gone (called exactly once, also for failed outbound connects)."""
 
+    def owes_output(self) -> bool:
+        """Whether the handler holds bytes it will still send unprompted (a delayed echo): the
+        idle timeout does not run meanwhile, since the client waits for them."""
+        return False
+
     def on_write_paused(self, conn: Connection) -> None:
         """conn's write buffer passed the high-water mark. Default: stop reading from conn."""
         conn.pause_reading("write-buffer")
@@ -402,8 +415,10 @@ class Connection(asyncio.Protocol):
         "_held",
         "_idle_handle",
         "_last_rx",
+        "_linger_since",
         "_max_bytes",
         "_pauses",
+        "_peer_eof",
         "_pending",
         "_server",
         "bytes_in",
@@ -436,6 +451,8 @@ class Connection(asyncio.Protocol):
         self._max_bytes = None if outbound else server.config.max_bytes
         self._closing = False
         self._done = False
+        self._peer_eof = False
+        self._linger_since = 0.0
         self._abort_pending = False  # abort() before an outbound connect finished
         self._eof_pending = False  # half_close() before an outbound connect finished
         self._pauses: set[str] | None = None
@@ -497,6 +514,10 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return  # outbound still connecting: connection_made flushes, then closes
+        if not self._peer_eof and transport.can_write_eof():
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family != socket.AF_UNIX and self._linger(transport):
+                return
         transport.close()
         if transport.get_write_buffer_size():
             # A client that never reads would keep the flush (and this fd) forever.
@@ -504,6 +525,36 @@ class Connection(asyncio.Protocol):
             self._close_handle = loop.call_later(
                 self._server.config.close_timeout_s, self.abort, reason
             )
+
+    def _linger(self, transport: asyncio.Transport) -> bool:
+        # (A Unix socket needs none: what we wrote already sits in the client's own queue.)
+        try:
+            transport.write_eof()  # FIN once the buffered bytes are out
+        except OSError:  # the client is gone already (ENOTCONN): a plain close
+            return False
+        self._linger_since = _monotonic()
+        self._pauses = self._held = None
+        transport.resume_reading()  # data_received drops what comes now
+        self._close_handle = self._server.loop.call_later(_LINGER_CHECK_S, self._linger_check)
+        return True
+
+    def _linger_check(self) -> None:
+        self._close_handle = None
+        transport = self.transport
+        if self._done or transport is None:
+            return
+        now = _monotonic()
+        if not transport.get_write_buffer_size() and now - self._last_rx >= _LINGER_QUIET_S:
+            sock = transport.get_extra_info("socket")
+            if sock is None or not sockets.send_queue_bytes(sock):
+                # Every byte we sent was acknowledged: a late byte from the client can no
+                # longer cost it one of ours (the RST it provokes finds nothing to drop).
+                transport.close()
+                return
+        if now - self._linger_since >= self._server.config.close_timeout_s:
+            self.abort(self.reason or CloseReason.EOF)
+            return
+        self._close_handle = self._server.loop.call_later(_LINGER_CHECK_S, self._linger_check)
 
     def abort(self, reason: str = CloseReason.ERROR) -> None:
         """Close at once with RST (SO_LINGER 0); buffered bytes are dropped."""
@@ -612,6 +663,9 @@ class Connection(asyncio.Protocol):
             self._handler_failed()
 
     def data_received(self, data: bytes) -> None:
+        if self._closing:  # lingering: read and dropped (see _linger)
+            self._last_rx = _monotonic()
+            return
         if self._pauses:
             # Paused, yet the transport delivered: CPython 3.11 before the gh-103607 fix
             # ignores pause_reading() made in connection_made, and bytes read in the same
@@ -758,6 +812,11 @@ class Connection(asyncio.Protocol):
         self._held.append(data)
 
     def eof_received(self) -> bool:
+        self._peer_eof = True
+        if self._closing:
+            if self.transport is not None:  # lingering: the client is done too
+                self.transport.close()
+            return True
         if self._pauses:
             self._hold(b"")  # EOF after the held bytes
             return True
@@ -823,7 +882,10 @@ class Connection(asyncio.Protocol):
             return
         timeout = self._server.config.idle_timeout_s
         assert timeout is not None
-        left = self._last_rx + timeout - _monotonic()
+        now = _monotonic()
+        if self.handler.owes_output():
+            self._last_rx = now  # waiting for our answer (a --delay) is not idling
+        left = self._last_rx + timeout - now
         if left > 0:
             self._idle_handle = self._server.loop.call_later(left, self._check_idle)
             return

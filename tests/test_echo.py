@@ -877,3 +877,94 @@ def test_ready_file_where_nothing_can_be_written_is_refused_before_binding() -> 
     assert result.exit_code == 2, result.stderr
     (line,) = result.stderr.splitlines()
     assert "--ready-file '/proc/np-x': cannot write" in line
+
+
+def _pipeline(client: socket.socket, payload: bytes, within_s: float = 2.0) -> int:
+    """Send payload without reading any reply (as a pipelining client does), for at most
+    within_s; returns how much went out."""
+    client.setblocking(False)
+    sent = 0
+    until = time.monotonic() + within_s
+    while sent < len(payload) and time.monotonic() < until:
+        try:
+            sent += client.send(payload[sent : sent + 65536])
+        except BlockingIOError:
+            time.sleep(0.005)
+        except (ConnectionResetError, BrokenPipeError):
+            break
+    client.setblocking(True)
+    client.settimeout(LONG)
+    return sent
+
+
+def _read_to_the_end(client: socket.socket) -> tuple[bytes, str]:
+    got = bytearray()
+    try:
+        while data := client.recv(1 << 20):
+            got += data
+    except ConnectionResetError:
+        return bytes(got), "reset"
+    return bytes(got), "eof"
+
+
+_FRAMES = b"".join(struct.pack(">I", 1000) + bytes([i % 251]) * 1000 for i in range(300))
+
+
+@pytest.mark.parametrize(
+    ("args", "payload", "owed", "reason"),
+    [
+        (["--max-bytes", "1MiB"], os.urandom(3_000_000), 1 << 20, "limit"),
+        (
+            ["--framing", "len32", "--max-frame", "1000"],
+            _FRAMES + struct.pack(">I", 5000) + b"t" * 200_000,
+            len(_FRAMES),
+            "frame-too-large",
+        ),
+    ],
+)
+def test_a_client_still_sending_at_our_close_gets_every_byte_owed_then_eof(
+    args: list[str], payload: bytes, owed: int, reason: str
+) -> None:
+    # Closing with the client's later bytes unread made the kernel answer RST at once and
+    # drop the echo still queued for it (about 100 KB of 1 MiB arrived), while the close event
+    # counted all of it. The server now sends FIN after the echo and reads the rest away.
+    with echo_process(*args) as (proc, announce), connect(announce) as client:
+        _pipeline(client, payload)
+        time.sleep(0.3)  # the client reads only now: the echo waits in the kernel's queues
+        got, ending = _read_to_the_end(client)
+        close = proc.records_until("close")[-1]
+    assert (len(got), ending) == (owed, "eof")
+    assert got == payload[:owed]
+    assert (close["reason"], close["bytes_out"]) == (reason, owed)
+
+
+def test_a_stop_counts_only_what_a_client_that_was_not_reading_got() -> None:
+    # --delay: at the stop our write buffer was empty (the echo waited in the kernel), so the
+    # close was a plain one, which the client's unread bytes turned into an RST: bytes_out
+    # counted megabytes the client never got.
+    with echo_process("--delay", "50ms") as (proc, announce), connect(announce) as client:
+        _pipeline(client, b"d" * 8_000_000, within_s=0.6)
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.wait() == 0
+        got, _ending = _read_to_the_end(client)
+        close = proc.records_until("close")[-1]
+    assert close["reason"] == "shutdown"
+    assert close["bytes_out"] == len(got)
+    assert got == b"d" * len(got)
+
+
+@pytest.mark.parametrize("half_close", [True, False])
+def test_the_idle_timeout_waits_while_a_delayed_echo_is_owed(half_close: bool) -> None:
+    with (
+        echo_process("--delay", "600ms", "--idle-timeout", "200ms") as (proc, announce),
+        connect(announce) as client,
+    ):
+        client.sendall(b"hello")
+        if half_close:
+            client.shutdown(socket.SHUT_WR)
+        got, ending = _read_to_the_end(client)
+        close = proc.records_until("close")[-1]
+    assert (got, ending) == (b"hello", "eof")
+    assert close["bytes_out"] == 5
+    # Silent after its answer, the client is still dropped as idle (without its FIN).
+    assert close["reason"] == ("eof" if half_close else "idle-timeout")

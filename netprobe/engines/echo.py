@@ -119,6 +119,9 @@ class _FramedEcho(Handler):
     def on_limit(self, conn: Connection) -> None:
         self._close_after_queue(conn, CloseReason.LIMIT)
 
+    def owes_output(self) -> bool:
+        return bool(self.queue)
+
     def on_close(self, conn: Connection, reason: str) -> None:
         if self.timer is not None:
             self.timer.cancel()
