@@ -7,6 +7,7 @@ import io
 import json
 import os
 import random
+import re
 import select
 import shlex
 import shutil
@@ -773,6 +774,35 @@ def test_a_reader_that_leaves_early_gets_no_false_success(
     assert code == status, stderr
     assert f"port-check: output closed ({verdict}" in stderr
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(
+    ("targets", "extra", "status", "said"),
+    [
+        # One probe came back open: the summary will say open, whatever the others do.
+        (["open"], [], 0, "settled"),
+        (["open", "closed"], ["--require", "any"], 0, "settled"),
+        (["open", "closed"], [], 141, "unknown"),
+        (["closed"], [], 141, "unknown"),
+    ],
+)
+def test_latency_probes_cut_by_the_reader_keep_a_settled_verdict(
+    server: ServerThread,
+    closed_port: int,
+    targets: list[str],
+    extra: list[str],
+    status: int,
+    said: str,
+) -> None:
+    # Before: 141 "verdict unknown: 0 ports: nothing checked" after a probe had found the one
+    # target open (`port-check HOST:PORT -c 5 | head -1`): only summaries were tallied.
+    ports = {"open": server.port, "closed": closed_port}
+    argv = ["port-check", *(f"127.0.0.1:{ports[t]}" for t in targets), "-c", "5"]
+    code, stderr = _cut_after_one_line([*argv, "--interval", "200ms", *extra])
+    assert code == status, stderr
+    # With the probes' counts (how many ended before the reader left varies), not "0 ports:
+    # nothing checked".
+    assert re.search(rf"output closed \(verdict {said}\): \d+ probes ended, \d+ answered", stderr)
 
 
 def test_a_reader_gone_at_the_last_row_keeps_the_verdict(server: ServerThread) -> None:

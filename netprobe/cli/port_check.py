@@ -9,7 +9,7 @@ the `-- COMMAND` of wait mode.
 import contextlib
 import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
@@ -443,12 +443,16 @@ def _latency(
     from netprobe.render import log
 
     renderer = _renderer(fmt, _LATENCY_COLUMNS, _LATENCY_CSV_EXTRA)
-    tally = Tally(required=required)
+    # One summary per address:port, and one per name that did not resolve.
+    checks = sum(1 if host.error is not None else len(host.ports) for host in hosts)
+    tally = Tally(required=required, expected=checks)
     probes = replies = opened = 0
+    summing_up = False  # the probes are over: the summaries are coming
 
     def show(event: "Probe | LatencySummary") -> None:
-        nonlocal probes, replies, opened
+        nonlocal probes, replies, opened, summing_up
         if isinstance(event, LatencySummary):
+            summing_up = True
             tally.add(event.as_result())
         else:
             probes += 1
@@ -486,7 +490,24 @@ def _latency(
             )
         raise
     except BrokenPipeError:
-        return _output_closed(tally, quiet)
+        # stdout's reader left. The verdict may be settled all the same: by the summaries
+        # still to come, once the probes are over; before, by the targets a probe already
+        # found open (their summary says open whatever comes next).
+        if summing_up:
+            for event in events:
+                tally.add(cast(LatencySummary, event).as_result())
+            return _output_closed(tally, quiet, complete=True)
+        import inspect
+
+        if inspect.getgeneratorstate(events) == inspect.GEN_SUSPENDED:
+            with contextlib.suppress(KeyboardInterrupt, StopIteration):
+                summary = events.throw(KeyboardInterrupt())  # the probes' summaries so far
+                while True:
+                    if isinstance(summary, LatencySummary) and summary.state is PortState.OPEN:
+                        tally.add(summary.as_result())
+                    summary = next(events)
+        counts = f"{probes} probes ended, {replies} answered, {opened} open"
+        return _output_closed(tally, quiet, counts=counts)
     tally.finish()
     try:
         renderer.close()
@@ -495,7 +516,9 @@ def _latency(
     return int(tally.exit_status())
 
 
-def _output_closed(tally: "Tally", quiet: bool, *, complete: bool = False) -> int:
+def _output_closed(
+    tally: "Tally", quiet: bool, *, complete: bool = False, counts: str | None = None
+) -> int:
     """stdout's reader left (`| head`, `| grep -q`): the run stops there. Its exit code is
     the verdict if the results settle it (all of them: `complete`), else 141 (128 + SIGPIPE,
     as a tool killed by the broken pipe would end): never 0 for checks nobody made."""
@@ -508,7 +531,7 @@ def _output_closed(tally: "Tally", quiet: bool, *, complete: bool = False) -> in
     status = tally.exit_status() if complete else tally.decided()
     if not quiet:
         verdict = "verdict settled" if status is not None else "verdict unknown"
-        log(f"port-check: output closed ({verdict}): {tally.summary()}", always=True)
+        log(f"port-check: output closed ({verdict}): {counts or tally.summary()}", always=True)
     return int(status if status is not None else ExitStatus.OUTPUT_CLOSED)
 
 

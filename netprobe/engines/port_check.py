@@ -438,6 +438,7 @@ class Tally:
     """Running totals over results: counts per state, the requirement, the exit status."""
 
     required: int | None = None  # None: every check must hold
+    expected: int | None = None  # how many checks the run makes, where known beforehand
     total: int = 0
     ok: int = 0
     counts: dict[str, int] = field(default_factory=dict)
@@ -484,9 +485,13 @@ class Tally:
         """The exit status for a run cut short, once the results so far settle pass or fail
         (more results cannot turn it): success once --require N checks held; a failure when
         every check must hold and one did not, with the worst failure code so far (a later
-        result might have been graver: a resolve or local error). None while it is open."""
+        result might have been graver: a resolve or local error); success when every check
+        must hold and all `expected` did. None while it is open."""
         if self.required is None:
-            return worst(self.failing) if self.failing else None
+            if self.failing:
+                return worst(self.failing)
+            held = self.expected is not None and self.ok >= self.expected
+            return ExitStatus.OK if held else None
         return ExitStatus.OK if self.ok >= self.required else None
 
     def finish(self) -> None:
