@@ -55,6 +55,11 @@ def test_debug_after_the_command_is_that_command_s_bad_option() -> None:
         (["port-check", "127.0.0.1:1", "--deadline", "5s"], "--deadline is for wait mode"),
         (["send", "[::1]:1", "hi", "-4"], "-4 and '[::1]:1' contradict each other"),
         (["send", "127.0.0.1:1", "hi", "-6"], "-6 and '127.0.0.1:1' contradict each other"),
+        # The kernel refuses these at bind (EINVAL, exit 6 with a bare strerror before).
+        (["echo", "--host", "::ffff:127.0.0.1"], "IPv4-mapped IPv6 address: bind 127.0.0.1"),
+        (["listen", "--host", "::ffff:127.0.0.1"], "IPv4-mapped IPv6 address: bind 127.0.0.1"),
+        (["reset", "serve", "--host", "::ffff:7f00:1"], "IPv4-mapped IPv6 address: bind 127.0.0.1"),
+        (["echo", "--delay", "50ms", "--mode", "discard"], "--mode discard sends none"),
     ],
 )
 def test_out_of_range_values_are_usage_errors(argv: list[str], needle: str) -> None:

@@ -146,8 +146,24 @@ def bind_host(text: str | None, *, family: int = 0, option: str = "--host") -> s
         raise UsageError(f"{shown}: give the host alone (the port goes in --port)")
     if "/" in host:
         raise UsageError(f"{shown} is a network block: give one address to bind")
+    mapped = _ipv4_mapped(host)
+    if mapped is not None:
+        # Servers bind IPv6 only (IPV6_V6ONLY), where the kernel refuses such an address
+        # (EINVAL): it is an IPv4 address in IPv6 clothes.
+        raise UsageError(f"{shown} is an IPv4-mapped IPv6 address: bind {mapped} itself")
     check_literal_family(host, family, f"{option} {host}")
     return host
+
+
+def _ipv4_mapped(host: str) -> str | None:
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return str(mapped) if mapped is not None else None
 
 
 def check_literal_family(host: str, family: int, given: str) -> None:

@@ -195,6 +195,8 @@ def echo(
         raise UsageError("--pause-accept never accepts: --accept-rate would change nothing")
     if unix is not None and allow:
         raise UsageError("--allow filters IP peers; a Unix socket has none (use its file mode)")
+    if delay and mode.strip().lower() == "discard":
+        raise UsageError("--delay waits before each echo: --mode discard sends none")
     if udp:
         for flag, given in (
             ("--max-conns", max_conns is not None),
