@@ -896,6 +896,12 @@ class Connection(asyncio.Protocol):
             self.close(CloseReason.IDLE_TIMEOUT)
 
 
+# Linux's IP_PKTINFO (Python 3.11's socket module lacks the name): a datagram's destination
+# address comes with it, and a reply names the address it leaves from.
+_IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+_PKTINFO_READS = 64  # datagrams read per readiness event: then other work gets its turn
+
+
 class _UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, server: Server, handler: DatagramHandler) -> None:
         self.server = server
@@ -907,6 +913,9 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        self._serve(data, addr, None)
+
+    def _serve(self, data: bytes, addr: Any, pktinfo: tuple[int, int, bytes] | None) -> None:
         server = self.server
         totals = server._totals
         count = server.config.count
@@ -923,6 +932,21 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             return
         totals.datagrams_in += 1
         totals.bytes_in += len(data)
+        reply = self._replier(addr) if pktinfo is None else self._replier_from(addr, pktinfo)
+        try:
+            unanswered = self.handler.on_datagram(data, addr, reply)
+        except Exception:
+            server._handler_errors += 1
+        else:
+            if unanswered:
+                totals.reasons[unanswered] = totals.reasons.get(unanswered, 0) + 1
+        if count is not None and totals.datagrams_in >= count:
+            server._served_count = True
+            server._request_stop()
+
+    def _replier(self, addr: Any) -> Callable[[bytes], None]:
+        server = self.server
+        totals = server._totals
         transport = self.transport
         assert transport is not None
         # The selector transport has get_write_buffer_size; the DatagramTransport stub lacks it.
@@ -963,16 +987,72 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             except OSError:
                 self._unsent(totals, payload)
 
-        try:
-            unanswered = self.handler.on_datagram(data, addr, reply)
-        except Exception:
-            server._handler_errors += 1
-        else:
-            if unanswered:
-                totals.reasons[unanswered] = totals.reasons.get(unanswered, 0) + 1
-        if count is not None and totals.datagrams_in >= count:
-            server._served_count = True
-            server._request_stop()
+        return reply
+
+    # -- a wildcard address (0.0.0.0, ::): replies leave from the address each datagram came to
+
+    def read_with_pktinfo(self) -> None:
+        """The socket is readable (loop.add_reader): serve what it holds. A server bound to a
+        wildcard reads with recvmsg to learn each datagram's destination, so its reply leaves
+        from that address: from the route's address instead, a client whose socket is
+        connected (to 127.0.0.5, a VIP) would never see it."""
+        sock = self.raw_sock
+        if sock is None:
+            return
+        space = socket.CMSG_SPACE(20)  # in_pktinfo (12) or in6_pktinfo (20)
+        for _ in range(_PKTINFO_READS):
+            try:
+                data, ancillary, _flags, addr = sock.recvmsg(65536, space)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # an ICMP error for an earlier reply (port unreachable)
+                self.server._totals.errors += 1
+                continue
+            pktinfo = next(
+                (
+                    (level, kind, raw)
+                    for level, kind, raw in ancillary
+                    if (level, kind)
+                    in (
+                        (socket.IPPROTO_IP, _IP_PKTINFO),
+                        (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO),
+                    )
+                ),
+                None,
+            )
+            self._serve(data, addr, _reply_pktinfo(pktinfo) if pktinfo is not None else None)
+            if self.raw_sock is None:  # --count reached, or the stop came: closed
+                return
+
+    def _replier_from(self, addr: Any, pktinfo: tuple[int, int, bytes]) -> Callable[[bytes], None]:
+        totals = self.server._totals
+
+        def reply(payload: bytes) -> None:
+            sock = self.raw_sock
+            if sock is None:
+                return
+            totals.datagrams_out += 1
+            totals.bytes_out += len(payload)
+            try:
+                sock.sendmsg([payload], [pktinfo], 0, addr)
+            except (BlockingIOError, InterruptedError):
+                # The socket's buffer is full. Without the transport's queue (it cannot pick
+                # the source address), a reply that does not fit is dropped, as UDP may.
+                totals.datagrams_out -= 1
+                totals.bytes_out -= len(payload)
+                totals.reasons["dropped"] = totals.reasons.get("dropped", 0) + 1
+            except OSError:
+                self._unsent(totals, payload)
+
+        return reply
+
+    def close(self) -> None:
+        """Stop reading and close the socket (the wildcard path, which has no transport)."""
+        sock, self.raw_sock = self.raw_sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                self.server.loop.remove_reader(sock.fileno())
+            sock.close()
 
     @staticmethod
     def _unsent(totals: ServerSummary, payload: bytes) -> None:
@@ -985,7 +1065,34 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self.server._totals.errors += 1
 
 
+def _reply_pktinfo(received: tuple[int, int, bytes]) -> tuple[int, int, bytes]:
+    """The control message for a reply from the address a datagram came to: in_pktinfo with
+    ipi_spec_dst set to the datagram's destination (ifindex 0: the route picks the way out);
+    in6_pktinfo as received (its ifindex keeps a link-local reply on its link)."""
+    level, kind, raw = received
+    if level == socket.IPPROTO_IP and len(raw) >= 12:
+        return level, kind, b"\0\0\0\0" + raw[8:12] + b"\0\0\0\0"
+    return level, kind, raw[:20]
+
+
 EVENT_LOOP_ENV = "NETPROBE_EVENT_LOOP"
+
+
+def _wildcard_pktinfo(sock: socket.socket) -> bool:
+    """Whether sock is bound to a wildcard address and now reports each datagram's
+    destination (Linux IP_PKTINFO / IPV6_RECVPKTINFO)."""
+    if sys.platform != "linux" or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    if sock.getsockname()[0] not in ("0.0.0.0", "::"):
+        return False
+    try:
+        if sock.family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+    except OSError:
+        return False
+    return True
 
 
 def _in_thread_of(loop: asyncio.AbstractEventLoop) -> bool:
@@ -1089,7 +1196,8 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: socket.socket | None = None
         self._unix_inode: tuple[int, int] | None = None
-        self._udp_transport: asyncio.DatagramTransport | None = None
+        # What serves UDP: the loop's transport, or on a wildcard address the protocol itself.
+        self._udp_transport: asyncio.DatagramTransport | _UdpProtocol | None = None
         self._active: set[Connection] = set()
         self._outbound: set[Connection] = set()
         self._setup_tasks: set[asyncio.Task[Any]] = set()
@@ -1477,6 +1585,13 @@ class Server:
         assert self.datagram_handler is not None
         handler = self.datagram_handler
         sock = self._listener
+        if _wildcard_pktinfo(sock):
+            protocol = _UdpProtocol(self, handler)
+            protocol.raw_sock = sock
+            loop.add_reader(sock.fileno(), protocol.read_with_pktinfo)
+            self._udp_transport = protocol
+            self._listener = None  # the protocol owns it now
+            return
         transport, protocol = await loop.create_datagram_endpoint(
             lambda: _UdpProtocol(self, handler), sock=sock
         )

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import HAS_IPV6
 from tests.helpers import LONG, ROOT, bad_input_line, invoke, run_netprobe, stuff_then_read
 
 try:
@@ -380,25 +381,37 @@ def test_idle_timeout_and_max_conns_from_the_cli() -> None:
         ]
 
 
-def test_udp_echo_from_the_cli() -> None:
-    with echo_process("--udp") as (_proc, announce):
+# A wildcard address takes another path (recvmsg/sendmsg with IP_PKTINFO, so replies leave
+# from the address each datagram came to): the UDP behaviours hold on both.
+_UDP_HOSTS = ["127.0.0.1", "0.0.0.0"]
+
+
+def _udp_to(announce: dict[str, Any]) -> tuple[str, int]:
+    host = "127.0.0.1" if announce["host"] == "0.0.0.0" else announce["host"]
+    return host, announce["port"]
+
+
+@pytest.mark.parametrize("host", _UDP_HOSTS)
+def test_udp_echo_from_the_cli(host: str) -> None:
+    with echo_process("--udp", "--host", host) as (_proc, announce):
         assert announce["proto"] == "udp"
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
             client.settimeout(LONG)
-            payload = os.urandom(65507)
-            client.sendto(payload, (announce["host"], announce["port"]))
-            assert client.recvfrom(65536)[0] == payload
+            for payload in (os.urandom(65507), b""):
+                client.sendto(payload, _udp_to(announce))
+                assert client.recvfrom(65536)[0] == payload
 
 
-def test_udp_count_serves_exactly_n_datagrams_of_a_burst() -> None:
+@pytest.mark.parametrize("host", _UDP_HOSTS)
+def test_udp_count_serves_exactly_n_datagrams_of_a_burst(host: str) -> None:
     # The stop asked for at the 2nd datagram takes a loop turn: the 3 queued behind it must
     # not be echoed (they were, all 5, when sent back to back).
     with (
-        echo_process("--udp", "--count", "2") as (proc, announce),
+        echo_process("--udp", "--count", "2", "--host", host) as (proc, announce),
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
     ):
         for number in range(5):
-            client.sendto(b"%d" % number, (announce["host"], announce["port"]))
+            client.sendto(b"%d" % number, _udp_to(announce))
         assert proc.wait() == 0
         totals = proc.records_until("totals")[-1]
         client.setblocking(False)
@@ -410,14 +423,15 @@ def test_udp_count_serves_exactly_n_datagrams_of_a_burst() -> None:
     assert replies == [b"0", b"1"]
 
 
-def test_udp_once_with_delay_still_sends_its_reply() -> None:
+@pytest.mark.parametrize("host", _UDP_HOSTS)
+def test_udp_once_with_delay_still_sends_its_reply(host: str) -> None:
     # The stop requested by --once used to close the socket before the delayed reply went.
     with (
-        echo_process("--udp", "--once", "--delay", "100ms") as (proc, announce),
+        echo_process("--udp", "--once", "--delay", "100ms", "--host", host) as (proc, announce),
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
     ):
         client.settimeout(LONG)
-        client.sendto(b"hello", (announce["host"], announce["port"]))
+        client.sendto(b"hello", _udp_to(announce))
         assert client.recv(64) == b"hello"
         assert proc.wait() == 0
         totals = proc.records_until("totals")[-1]
@@ -425,12 +439,13 @@ def test_udp_once_with_delay_still_sends_its_reply() -> None:
     assert "dropped" not in totals["reasons"]
 
 
-def test_udp_sigterm_counts_delayed_replies_it_did_not_send() -> None:
+@pytest.mark.parametrize("host", _UDP_HOSTS)
+def test_udp_sigterm_counts_delayed_replies_it_did_not_send(host: str) -> None:
     with (
-        echo_process("--udp", "--delay", "60s") as (proc, announce),
+        echo_process("--udp", "--delay", "60s", "--host", host) as (proc, announce),
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
     ):
-        client.sendto(b"late", (announce["host"], announce["port"]))
+        client.sendto(b"late", _udp_to(announce))
         for _ in range(100):  # until the server has the datagram (its running totals say)
             proc.proc.send_signal(signal.SIGUSR1)
             if proc.record()["datagrams_in"] == 1:
@@ -968,3 +983,31 @@ def test_the_idle_timeout_waits_while_a_delayed_echo_is_owed(half_close: bool) -
     assert close["bytes_out"] == 5
     # Silent after its answer, the client is still dropped as idle (without its FIN).
     assert close["reason"] == ("eof" if half_close else "idle-timeout")
+
+
+@pytest.mark.parametrize(
+    ("bind", "family", "dest"),
+    [
+        ("0.0.0.0", socket.AF_INET, "127.0.0.5"),
+        pytest.param(
+            "::", socket.AF_INET6, "::1", marks=pytest.mark.skipif(not HAS_IPV6, reason="no ::1")
+        ),
+    ],
+)
+def test_udp_on_a_wildcard_replies_from_the_address_each_datagram_came_to(
+    bind: str, family: int, dest: str
+) -> None:
+    # A client whose socket is connected (a VIP, a second address) takes datagrams from that
+    # address only. The reply left from the route's address (127.0.0.1 for 127.0.0.5): lost.
+    with (
+        echo_process("--udp", "--host", bind, "--count", "2") as (proc, announce),
+        socket.socket(family, socket.SOCK_DGRAM) as client,
+    ):
+        client.settimeout(LONG)
+        client.connect((dest, announce["port"]))
+        for payload in (b"to the VIP", b""):
+            client.send(payload)
+            assert client.recv(64) == payload
+        assert proc.wait() == 0
+        totals = proc.records_until("totals")[-1]
+    assert (totals["datagrams_in"], totals["datagrams_out"]) == (2, 2)
