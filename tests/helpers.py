@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import socket
 import subprocess
 import sys
@@ -17,6 +18,21 @@ SHORT = 0.05  # seconds: "a moment" in tests
 LONG = 5.0  # seconds: the most any single blocking step in a test may take
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _in_the_initial_user_namespace() -> bool:
+    try:
+        with open("/proc/self/uid_map") as uid_map:
+            return uid_map.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return True  # no user namespaces at all
+
+
+# Root of the host, not uid 0 of a user namespace (`unshare -r`, where scripts/test may run
+# the suite): only the first may start processes of other users or mount a /proc.
+REAL_ROOT = (
+    sys.platform.startswith("linux") and os.geteuid() == 0 and _in_the_initial_user_namespace()
+)
 
 
 @dataclass

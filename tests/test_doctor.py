@@ -17,7 +17,7 @@ import pytest
 from netprobe.engines import doctor
 from netprobe.engines.doctor import CHECK_NAMES, QUICK_NAMES, Check, Verdict, run_doctor
 from netprobe.kernel import HostLimits
-from tests.helpers import ROOT, invoke, run_netprobe
+from tests.helpers import REAL_ROOT, ROOT, invoke, run_netprobe
 
 HOST_FACTS = {
     "platform",
@@ -373,7 +373,7 @@ def _nobody_process() -> Iterator[None]:
         helper.wait(timeout=10)
 
 
-_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+_ROOT = REAL_ROOT
 
 
 @pytest.mark.skipif(not _ROOT, reason="mounting a /proc with hidepid needs root")

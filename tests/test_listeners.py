@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import LONG, SHORT, invoke
+from tests.helpers import LONG, REAL_ROOT, SHORT, invoke
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc")
 
@@ -149,7 +149,7 @@ sys.stdin.read()
 
 
 @pytest.mark.skipif(
-    not (hasattr(os, "geteuid") and os.geteuid() == 0) or shutil.which("unshare") is None,
+    not REAL_ROOT or shutil.which("unshare") is None,
     reason="needs root (to start a process of another user) and unshare",
 )
 def test_hidden_owner_in_a_user_namespace_is_explained_as_such() -> None:
