@@ -896,9 +896,6 @@ class Connection(asyncio.Protocol):
             self.close(CloseReason.IDLE_TIMEOUT)
 
 
-# Linux's IP_PKTINFO (Python 3.11's socket module lacks the name): a datagram's destination
-# address comes with it, and a reply names the address it leaves from.
-_IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 _PKTINFO_READS = 64  # datagrams read per readiness event: then other work gets its turn
 
 
@@ -915,7 +912,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self._serve(data, addr, None)
 
-    def _serve(self, data: bytes, addr: Any, pktinfo: tuple[int, int, bytes] | None) -> None:
+    def _serve(self, data: bytes, addr: Any, pktinfo: sockets.ReplyFrom | None) -> None:
         server = self.server
         totals = server._totals
         count = server.config.count
@@ -932,7 +929,10 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             return
         totals.datagrams_in += 1
         totals.bytes_in += len(data)
-        reply = self._replier(addr) if pktinfo is None else self._replier_from(addr, pktinfo)
+        # No transport: the wildcard path (read_with_pktinfo).
+        reply = (
+            self._replier(addr) if self.transport is not None else self._replier_from(addr, pktinfo)
+        )
         try:
             unanswered = self.handler.on_datagram(data, addr, reply)
         except Exception:
@@ -992,39 +992,27 @@ class _UdpProtocol(asyncio.DatagramProtocol):
     # -- a wildcard address (0.0.0.0, ::): replies leave from the address each datagram came to
 
     def read_with_pktinfo(self) -> None:
-        """The socket is readable (loop.add_reader): serve what it holds. A server bound to a
-        wildcard reads with recvmsg to learn each datagram's destination, so its reply leaves
-        from that address: from the route's address instead, a client whose socket is
-        connected (to 127.0.0.5, a VIP) would never see it."""
+        """The socket is readable (loop.add_reader): serve what it holds. On a wildcard
+        address each reply leaves from the address its datagram came to (see
+        sockets.enable_pktinfo), which the loop's datagram transport cannot do."""
         sock = self.raw_sock
         if sock is None:
             return
-        space = socket.CMSG_SPACE(20)  # in_pktinfo (12) or in6_pktinfo (20)
         for _ in range(_PKTINFO_READS):
             try:
-                data, ancillary, _flags, addr = sock.recvmsg(65536, space)
+                data, addr, reply_from = sockets.recv_datagram_to(sock)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:  # an ICMP error for an earlier reply (port unreachable)
                 self.server._totals.errors += 1
                 continue
-            pktinfo = next(
-                (
-                    (level, kind, raw)
-                    for level, kind, raw in ancillary
-                    if (level, kind)
-                    in (
-                        (socket.IPPROTO_IP, _IP_PKTINFO),
-                        (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO),
-                    )
-                ),
-                None,
-            )
-            self._serve(data, addr, _reply_pktinfo(pktinfo) if pktinfo is not None else None)
+            self._serve(data, addr, reply_from)
             if self.raw_sock is None:  # --count reached, or the stop came: closed
                 return
 
-    def _replier_from(self, addr: Any, pktinfo: tuple[int, int, bytes]) -> Callable[[bytes], None]:
+    def _replier_from(
+        self, addr: Any, pktinfo: sockets.ReplyFrom | None
+    ) -> Callable[[bytes], None]:
         totals = self.server._totals
 
         def reply(payload: bytes) -> None:
@@ -1034,7 +1022,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             totals.datagrams_out += 1
             totals.bytes_out += len(payload)
             try:
-                sock.sendmsg([payload], [pktinfo], 0, addr)
+                sock.sendmsg([payload], [pktinfo] if pktinfo is not None else [], 0, addr)
             except (BlockingIOError, InterruptedError):
                 # The socket's buffer is full. Without the transport's queue (it cannot pick
                 # the source address), a reply that does not fit is dropped, as UDP may.
@@ -1065,34 +1053,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self.server._totals.errors += 1
 
 
-def _reply_pktinfo(received: tuple[int, int, bytes]) -> tuple[int, int, bytes]:
-    """The control message for a reply from the address a datagram came to: in_pktinfo with
-    ipi_spec_dst set to the datagram's destination (ifindex 0: the route picks the way out);
-    in6_pktinfo as received (its ifindex keeps a link-local reply on its link)."""
-    level, kind, raw = received
-    if level == socket.IPPROTO_IP and len(raw) >= 12:
-        return level, kind, b"\0\0\0\0" + raw[8:12] + b"\0\0\0\0"
-    return level, kind, raw[:20]
-
-
 EVENT_LOOP_ENV = "NETPROBE_EVENT_LOOP"
-
-
-def _wildcard_pktinfo(sock: socket.socket) -> bool:
-    """Whether sock is bound to a wildcard address and now reports each datagram's
-    destination (Linux IP_PKTINFO / IPV6_RECVPKTINFO)."""
-    if sys.platform != "linux" or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return False
-    if sock.getsockname()[0] not in ("0.0.0.0", "::"):
-        return False
-    try:
-        if sock.family == socket.AF_INET:
-            sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
-        else:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
-    except OSError:
-        return False
-    return True
 
 
 def _in_thread_of(loop: asyncio.AbstractEventLoop) -> bool:
@@ -1585,7 +1546,7 @@ class Server:
         assert self.datagram_handler is not None
         handler = self.datagram_handler
         sock = self._listener
-        if _wildcard_pktinfo(sock):
+        if sockets.enable_pktinfo(sock):
             protocol = _UdpProtocol(self, handler)
             protocol.raw_sock = sock
             loop.add_reader(sock.fileno(), protocol.read_with_pktinfo)

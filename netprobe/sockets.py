@@ -1710,27 +1710,83 @@ def unix_address(path: str) -> Resolved:
     return Resolved(socket.AF_UNIX, sockaddr)
 
 
-def send_datagram(sock: socket.socket, data: bytes, addr: Any = None) -> int:
-    """Send one datagram (to `addr`, or to the connected peer).
+# A control message that makes a reply leave from a given local address (sendmsg).
+ReplyFrom = tuple[int, int, bytes]
+
+# Linux's IP_PKTINFO (Python 3.11's socket module lacks the name).
+_IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+_PKTINFO_SPACE = socket.CMSG_SPACE(20) if hasattr(socket, "CMSG_SPACE") else 0
+
+
+def enable_pktinfo(sock: socket.socket) -> bool:
+    """For a UDP socket bound to a wildcard address (0.0.0.0, ::): ask the kernel for each
+    datagram's destination address (Linux IP_PKTINFO / IPV6_RECVPKTINFO), so that
+    recv_datagram_to can say which address a reply must leave from. A reply sent plainly
+    leaves from the route's address instead (127.0.0.1 for a datagram to 127.0.0.5), which a
+    client whose socket is connected to the address it used never sees. False where that
+    does not apply (a specific address) or is not available."""
+    if sys.platform != "linux" or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    if sock.getsockname()[0] not in ("0.0.0.0", "::"):
+        return False
+    try:
+        if sock.family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+    except OSError:
+        return False
+    return True
+
+
+def recv_datagram_to(sock: socket.socket) -> tuple[bytes, Any, ReplyFrom | None]:
+    """One datagram from a socket that enable_pktinfo() set up (non-blocking use: raises
+    BlockingIOError when none waits): its bytes, its sender, and what makes a reply leave
+    from the address it came to (None if the kernel did not say)."""
+    data, ancillary, _flags, addr = sock.recvmsg(65536, _PKTINFO_SPACE)
+    for level, kind, raw in ancillary:
+        if level == socket.IPPROTO_IP and kind == _IP_PKTINFO and len(raw) >= 12:
+            # in_pktinfo: ifindex, spec_dst, addr. The reply's spec_dst is the datagram's
+            # destination; ifindex 0 lets the route pick the way out.
+            return data, addr, (level, kind, b"\0\0\0\0" + raw[8:12] + b"\0\0\0\0")
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(raw) >= 20:
+            # in6_pktinfo: addr, ifindex (which keeps a link-local reply on its link).
+            return data, addr, (level, kind, raw[:20])
+    return data, addr, None
+
+
+def send_datagram(
+    sock: socket.socket, data: bytes, addr: Any = None, reply_from: ReplyFrom | None = None
+) -> int:
+    """Send one datagram (to `addr`, or to the connected peer); from the local address
+    `reply_from` names (see recv_datagram_to), if given.
 
     Raises:
         NetworkError: EMSGSIZE and friends; ECONNREFUSED from an earlier ICMP reply.
     """
     sock.settimeout(None)
     with _map_errors("send"):
+        if reply_from is not None:
+            return sock.sendmsg([data], [reply_from], 0, addr)
         return sock.sendto(data, addr) if addr is not None else sock.send(data)
 
 
-def recv_datagram(sock: socket.socket, deadline: float | None) -> tuple[bytes, Any]:
-    """Receive one datagram (up to 64 KiB) with its source address.
+def recv_datagram(
+    sock: socket.socket, deadline: float | None, *, with_reply_from: bool = False
+) -> tuple[bytes, Any, ReplyFrom | None]:
+    """Receive one datagram (up to 64 KiB) with its source address, and (with_reply_from,
+    on a socket enable_pktinfo() set up) what makes a reply leave from the address it came
+    to; else None.
 
     Raises:
         DeadlineExceeded, NetworkError (ECONNREFUSED after an ICMP port unreachable).
     """
     sock.settimeout(remaining(deadline, "recv"))
     with _map_errors("recv"):
+        if with_reply_from:
+            return recv_datagram_to(sock)
         data, addr = sock.recvfrom(65536)
-    return data, addr
+    return data, addr, None
 
 
 def connect_udp(target: Resolved) -> socket.socket:

@@ -340,6 +340,21 @@ def test_udp_datagrams_both_ways(spawn: type[Listen]) -> None:
     assert "ended: idle-timeout (received 5 B, sent 5 B," in err
 
 
+def test_udp_on_a_wildcard_replies_from_the_address_the_peer_used(spawn: type[Listen]) -> None:
+    # Before: from the route's address (127.0.0.1 for 127.0.0.5), which a peer whose UDP
+    # socket is connected to 127.0.0.5 never takes.
+    listener = spawn(["--udp", "--host", "0.0.0.0", "--idle-timeout", "1500ms"])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(LONG)
+        client.connect(("127.0.0.5", listener.port))
+        client.send(b"dgram")
+        listener.write(b"reply\n")
+        assert client.recv(100) == b"reply"
+        code, out, err = listener.finish()
+    assert code == 0, err
+    assert out == b"dgram"
+
+
 def test_tcp_ctrl_c_still_reports_the_close(spawn: type[Listen]) -> None:
     listener = spawn(["--json"])
     with socket.create_connection(("127.0.0.1", listener.port), timeout=LONG) as client:

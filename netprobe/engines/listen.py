@@ -23,7 +23,9 @@ from netprobe.sockets import (
     PUMP_CHUNK,
     CountingGate,
     PumpResult,
+    ReplyFrom,
     accept_one,
+    enable_pktinfo,
     file_identity,
     format_hostport,
     open_listener,
@@ -232,6 +234,8 @@ def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSum
     max_bytes, or an interrupt.
     """
     sock = open_udp(opts.host, opts.port, family=opts.family)
+    pktinfo = enable_pktinfo(sock)  # on a wildcard: replies from the address the peer used
+    reply_from: ReplyFrom | None = None
     summary = ListenSummary()
     stdin = _Stdin(opts.source)
     splitter = LineSplitter(65507)
@@ -264,7 +268,7 @@ def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSum
                 stdin_fd = stdin.fd
                 if peer_addr is not None and not stdin.eof:
                     if stdin_fd is None:
-                        _send_lines(sock, stdin, splitter, peer_addr, summary, gate)
+                        _send_lines(sock, stdin, splitter, peer_addr, reply_from, summary, gate)
                         continue
                     watch.append(stdin_fd)
                 until = None
@@ -279,15 +283,15 @@ def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSum
                         )
                     return close()
                 if stdin_fd is not None and stdin_fd in ready:
-                    _send_lines(sock, stdin, splitter, peer_addr, summary, gate)
+                    _send_lines(sock, stdin, splitter, peer_addr, reply_from, summary, gate)
                 if sock.fileno() not in ready:
                     continue
                 try:
-                    data, addr = recv_datagram(sock, None)
+                    data, addr, to = recv_datagram(sock, None, with_reply_from=pktinfo)
                 except NetworkError:
                     continue  # an ICMP error for an earlier reply: the peer went away
                 if peer_addr is None or (opts.keep_open and addr != peer_addr):
-                    peer_addr = addr
+                    peer_addr, reply_from = addr, to
                     peer_since = time.monotonic()
                     summary.peers += 1
                     on_event({"event": "peer", "peer": format_hostport(str(addr[0]), int(addr[1]))})
@@ -317,10 +321,11 @@ def _send_lines(
     stdin: _Stdin,
     splitter: LineSplitter,
     peer: Any,
+    reply_from: ReplyFrom | None,
     summary: ListenSummary,
     gate: CountingGate,
 ) -> None:
     data, eof = stdin.read(PUMP_CHUNK)
     for line in splitter.feed(data, eof):
         with gate:  # a signal between the send and its count lost a datagram from bytes_out
-            summary.bytes_out += send_datagram(sock, line, peer)
+            summary.bytes_out += send_datagram(sock, line, peer, reply_from)

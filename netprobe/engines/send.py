@@ -1313,7 +1313,7 @@ def _exchange_udp(
             if not wait_readable([sock], until if until is not None else time.monotonic()):
                 return None
             with gate:
-                data, _src = recv_datagram(sock, None)
+                data, _src, _reply_from = recv_datagram(sock, None)
                 now = time.monotonic()
                 last_activity = now
                 if first_byte_at is None:
