@@ -337,7 +337,8 @@ class Handler:
 
     def owes_output(self) -> bool:
         """Whether the handler holds bytes it will still send unprompted (a delayed echo): the
-        idle timeout does not run meanwhile, since the client waits for them."""
+        idle timeout does not run meanwhile, since the client waits for them (and it starts
+        again once they are sent: see Connection.restart_idle_clock)."""
         return False
 
     def on_write_paused(self, conn: Connection) -> None:
@@ -411,6 +412,7 @@ class Connection(asyncio.Protocol):
         "_drain_from",
         "_drain_sock",
         "_eof_pending",
+        "_eof_sent",
         "_fd",
         "_held",
         "_idle_handle",
@@ -452,6 +454,7 @@ class Connection(asyncio.Protocol):
         self._closing = False
         self._done = False
         self._peer_eof = False
+        self._eof_sent = False
         self._linger_since = 0.0
         self._abort_pending = False  # abort() before an outbound connect finished
         self._eof_pending = False  # half_close() before an outbound connect finished
@@ -514,7 +517,7 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return  # outbound still connecting: connection_made flushes, then closes
-        if not self._peer_eof and transport.can_write_eof():
+        if not (self._peer_eof or self._eof_sent) and transport.can_write_eof():
             sock = transport.get_extra_info("socket")
             if sock is not None and sock.family != socket.AF_UNIX and self._linger(transport):
                 return
@@ -533,6 +536,7 @@ class Connection(asyncio.Protocol):
         except OSError:  # the client is gone already (ENOTCONN): a plain close
             return False
         self._linger_since = _monotonic()
+        self._server._lingering += 1  # closed for --max-conns: its slot is free
         self._pauses = self._held = None
         transport.resume_reading()  # data_received drops what comes now
         self._close_handle = self._server.loop.call_later(_LINGER_CHECK_S, self._linger_check)
@@ -585,6 +589,8 @@ class Connection(asyncio.Protocol):
             self._eof_pending = True  # outbound still connecting: after the buffered bytes
         elif not self._closing and transport.can_write_eof():
             transport.write_eof()
+            # Whoever half-closes reads on and closes when it chooses: no linger then.
+            self._eof_sent = True
 
     def pause_reading(self, key: str = "handler") -> None:
         """Stop reading from the peer until every key that paused it has resumed it."""
@@ -616,6 +622,11 @@ class Connection(asyncio.Protocol):
             finally:
                 if not self._done:
                     self._fd, self._drain_from = fd, drain_from
+
+    def restart_idle_clock(self) -> None:
+        """The idle timeout counts from now: the handler has just sent what it owed (a
+        delayed echo), and the client's silence until then was waiting, not idling."""
+        self._last_rx = _monotonic()
 
     def call_later(self, delay_s: float, fn: Callable[..., Any], *args: Any) -> asyncio.TimerHandle:
         """Run fn(*args) after delay_s in the loop; the handle's cancel() stops it."""
@@ -848,6 +859,8 @@ class Connection(asyncio.Protocol):
             return
         self._done = True
         self._closing = True
+        if self._linger_since:
+            self._server._lingering -= 1
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
@@ -909,10 +922,10 @@ class _UdpProtocol(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self._serve(data, addr, None)
-
-    def _serve(self, data: bytes, addr: Any, pktinfo: sockets.ReplyFrom | None) -> None:
+    def datagram_received(
+        self, data: bytes, addr: Any, reply_from: sockets.ReplyFrom | None = None
+    ) -> None:
+        """A datagram from the transport, or (with reply_from) from read_with_pktinfo."""
         server = self.server
         totals = server._totals
         count = server.config.count
@@ -931,7 +944,9 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         totals.bytes_in += len(data)
         # No transport: the wildcard path (read_with_pktinfo).
         reply = (
-            self._replier(addr) if self.transport is not None else self._replier_from(addr, pktinfo)
+            self._replier(addr)
+            if self.transport is not None
+            else self._replier_from(addr, reply_from)
         )
         try:
             unanswered = self.handler.on_datagram(data, addr, reply)
@@ -1006,7 +1021,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             except OSError:  # an ICMP error for an earlier reply (port unreachable)
                 self.server._totals.errors += 1
                 continue
-            self._serve(data, addr, reply_from)
+            self.datagram_received(data, addr, reply_from)
             if self.raw_sock is None:  # --count reached, or the stop came: closed
                 return
 
@@ -1160,6 +1175,7 @@ class Server:
         # What serves UDP: the loop's transport, or on a wildcard address the protocol itself.
         self._udp_transport: asyncio.DatagramTransport | _UdpProtocol | None = None
         self._active: set[Connection] = set()
+        self._lingering = 0  # of _active: closed by us, reading the client's last bytes away
         self._outbound: set[Connection] = set()
         self._setup_tasks: set[asyncio.Task[Any]] = set()
         self._next_id = 0
@@ -1650,7 +1666,7 @@ class Server:
         if config.allow and not self._allowed(addr):
             self._reject(sock, peer, CloseReason.NOT_ALLOWED)
             return
-        if config.max_conns is not None and len(self._active) >= config.max_conns:
+        if config.max_conns is not None and len(self._active) - self._lingering >= config.max_conns:
             self._reject(sock, peer, CloseReason.MAX_CONNS)
             return
         assert self.handler_factory is not None
@@ -1693,6 +1709,13 @@ class Server:
         # this thread runs again.
         self._totals.rejected += 1
         self._totals.reasons[reason] = self._totals.reasons.get(reason, 0) + 1
+        # FIN first, then what the client already sent is read away: closed with its bytes
+        # unread, the socket would answer a bare RST (no EOF for the client to see).
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+            sock.setblocking(False)
+            while sock.recv(65536):
+                pass
         sock.close()
         if self.on_event is not None:
             self.on_event(ConnEvent("reject", self._new_id(), peer, reason=reason))

@@ -1746,9 +1746,10 @@ def recv_datagram_to(sock: socket.socket) -> tuple[bytes, Any, ReplyFrom | None]
     data, ancillary, _flags, addr = sock.recvmsg(65536, _PKTINFO_SPACE)
     for level, kind, raw in ancillary:
         if level == socket.IPPROTO_IP and kind == _IP_PKTINFO and len(raw) >= 12:
-            # in_pktinfo: ifindex, spec_dst, addr. The reply's spec_dst is the datagram's
-            # destination; ifindex 0 lets the route pick the way out.
-            return data, addr, (level, kind, b"\0\0\0\0" + raw[8:12] + b"\0\0\0\0")
+            # in_pktinfo: ifindex, spec_dst, addr. spec_dst is the kernel's pick of our
+            # address: the datagram's destination, or for a broadcast the interface's own
+            # (a reply cannot leave from 127.255.255.255). ifindex 0: the route picks the way.
+            return data, addr, (level, kind, b"\0\0\0\0" + raw[4:8] + b"\0\0\0\0")
         if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(raw) >= 20:
             # in6_pktinfo: addr, ifindex (which keeps a link-local reply on its link).
             return data, addr, (level, kind, raw[:20])

@@ -60,6 +60,11 @@ def test_debug_after_the_command_is_that_command_s_bad_option() -> None:
         (["listen", "--host", "::ffff:127.0.0.1"], "IPv4-mapped IPv6 address: bind 127.0.0.1"),
         (["reset", "serve", "--host", "::ffff:7f00:1"], "IPv4-mapped IPv6 address: bind 127.0.0.1"),
         (["echo", "--delay", "50ms", "--mode", "discard"], "--mode discard sends none"),
+        (
+            ["reset", "proxy", "--listen", "[::ffff:127.0.0.1]:0", "--upstream", "127.0.0.1:9"],
+            "IPv4-mapped IPv6 address: bind 127.0.0.1",
+        ),
+        (["echo", "--host", "[::ffff:127.0.0.1]"], "without brackets (e.g. --host 127.0.0.1)"),
     ],
 )
 def test_out_of_range_values_are_usage_errors(argv: list[str], needle: str) -> None:

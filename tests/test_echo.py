@@ -1011,3 +1011,72 @@ def test_udp_on_a_wildcard_replies_from_the_address_each_datagram_came_to(
         assert proc.wait() == 0
         totals = proc.records_until("totals")[-1]
     assert (totals["datagrams_in"], totals["datagrams_out"]) == (2, 2)
+
+
+def test_udp_on_a_wildcard_answers_a_broadcast_from_its_own_address() -> None:
+    # The reply's source was the datagram's destination: 127.255.255.255, which sendmsg
+    # refuses (ENETUNREACH): no reply, counted "send-error". socat answers from 127.0.0.1.
+    with (
+        echo_process("--udp", "--host", "0.0.0.0", "--count", "1") as (proc, announce),
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client,
+    ):
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        client.settimeout(LONG)
+        client.sendto(b"anyone?", ("127.255.255.255", announce["port"]))
+        data, source = client.recvfrom(64)
+        assert proc.wait() == 0
+        totals = proc.records_until("totals")[-1]
+    assert (data, source[0]) == (b"anyone?", "127.0.0.1")
+    assert (totals["datagrams_out"], totals["reasons"]) == (1, {})
+
+
+def test_a_client_we_closed_no_longer_holds_a_max_conns_slot() -> None:
+    # A connection that lingers (it read our FIN; the server reads its last bytes away) is
+    # closed for --max-conns: the same client's next connect used to be refused while its
+    # old socket was still open.
+    with echo_process("--max-conns", "1", "--max-bytes", "10") as (proc, announce):
+        old: list[socket.socket] = []
+        try:
+            for _ in range(5):
+                client = connect(announce)
+                old.append(client)  # kept open: its linger outlives the test's next connect
+                client.sendall(b"0123456789")
+                assert _read_to_the_end(client) == (b"0123456789", "eof")
+        finally:
+            for client in old:
+                client.close()
+        proc.proc.send_signal(signal.SIGTERM)
+        totals = proc.records_until("totals")[-1]
+    assert totals["rejected"] == 0
+    assert totals["connections"] == 5
+
+
+def test_the_idle_timeout_counts_from_the_delayed_echo_not_before_it() -> None:
+    # The clock stood still only if its check fell while the echo was owed: with a delay
+    # shorter than the timeout the client was dropped 0.5 s after its echo.
+    with (
+        echo_process("--delay", "500ms", "--idle-timeout", "1s") as (proc, announce),
+        connect(announce) as client,
+    ):
+        client.sendall(b"a")
+        assert recv_exactly(client, 1) == b"a"
+        time.sleep(0.7)  # well inside the timeout, counted from the echo
+        client.sendall(b"b")
+        assert recv_exactly(client, 1) == b"b"
+        client.shutdown(socket.SHUT_WR)
+        assert _read_to_the_end(client) == (b"", "eof")
+        close = proc.records_until("close")[-1]
+    assert close["reason"] == "eof"
+
+
+def test_a_turned_away_client_sees_eof_not_a_reset() -> None:
+    # A reject closed the socket with the client's first bytes unread: the kernel answered a
+    # bare RST, so `send` ended "reset" (exit 4) in most runs. FIN first, then the read.
+    with echo_process("--max-conns", "1") as (_proc, announce), connect(announce) as holder:
+        holder.sendall(b"x")
+        assert recv_exactly(holder, 1) == b"x"  # it holds the one slot
+        endings = set()
+        for _ in range(20):
+            result = invoke(["send", f"127.0.0.1:{announce['port']}", "hi", "--json"])
+            endings.add((json.loads(result.stdout)["ended_by"], result.exit_code))
+    assert endings == {("eof", 0)}

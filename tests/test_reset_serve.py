@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -688,3 +689,20 @@ def test_mode_size_error_names_the_mode() -> None:
 
     with pytest.raises(UsageError, match=r"^--mode 'send 5x': '5x' is not a size"):
         parse_mode("send 5x")
+
+
+def test_fin_gives_up_on_a_client_that_keeps_sending_after_2_s() -> None:
+    # The fin action lingers itself (FIN, read on, close at the client's FIN or after 2 s);
+    # its close at 2 s started the server core's own linger too, which lasted until 10 s.
+    with serve(options(TriggerKind.AFTER_MS, 0.2, action=Action.FIN)) as (port, records):
+        with connect(port) as client:
+            client.setblocking(False)
+            deadline = time.monotonic() + 6.0
+            while not records and time.monotonic() < deadline:
+                with contextlib.suppress(BlockingIOError, ConnectionResetError, BrokenPipeError):
+                    client.recv(4096)
+                    client.send(b"t" * 10)  # a trickle that never ends
+                time.sleep(0.02)
+        _wait_for(records)
+    assert records[0]["reason"] == "fin"
+    assert records[0]["duration_s"] < 4.0  # "close at its FIN or after 2 s"

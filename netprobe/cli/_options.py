@@ -133,6 +133,7 @@ def bind_host(text: str | None, *, family: int = 0, option: str = "--host") -> s
         raise UsageError(f"{shown} is empty: give an address or name to bind (e.g. 127.0.0.1)")
     if raw.startswith("["):
         inner = raw[1:].split("]", 1)[0] or "::1"
+        inner = _ipv4_mapped(inner) or inner  # the hint must not be refused in turn
         raise UsageError(f"{shown}: give the address without brackets (e.g. {option} {inner})")
     try:
         target = parse_target(raw)
@@ -146,13 +147,21 @@ def bind_host(text: str | None, *, family: int = 0, option: str = "--host") -> s
         raise UsageError(f"{shown}: give the host alone (the port goes in --port)")
     if "/" in host:
         raise UsageError(f"{shown} is a network block: give one address to bind")
-    mapped = _ipv4_mapped(host)
-    if mapped is not None:
-        # Servers bind IPv6 only (IPV6_V6ONLY), where the kernel refuses such an address
-        # (EINVAL): it is an IPv4 address in IPv6 clothes.
-        raise UsageError(f"{shown} is an IPv4-mapped IPv6 address: bind {mapped} itself")
+    refuse_ipv4_mapped(host, shown)
     check_literal_family(host, family, f"{option} {host}")
     return host
+
+
+def refuse_ipv4_mapped(host: str, shown: str) -> None:
+    """Servers bind IPv6 only (IPV6_V6ONLY), where the kernel refuses an IPv4-mapped address
+    (EINVAL): it is an IPv4 address in IPv6 clothes, so the line names that address.
+
+    Raises:
+        UsageError: host is one (`shown` names the option and value).
+    """
+    mapped = _ipv4_mapped(host)
+    if mapped is not None:
+        raise UsageError(f"{shown} is an IPv4-mapped IPv6 address: bind {mapped} itself")
 
 
 def _ipv4_mapped(host: str) -> str | None:

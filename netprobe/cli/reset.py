@@ -25,6 +25,7 @@ from netprobe.cli._options import (
     per_second,
     rate_size,
     refuse_ip_options_with_unix,
+    refuse_ipv4_mapped,
     size,
 )
 from netprobe.errors import UsageError
@@ -1059,6 +1060,7 @@ def proxy(
             raise UsageError(f"--upstream {upstream}: {why}; pass --allow-remote to proxy to it")
         up_host = address
     listen_host, listen_port = _host_port(listen, "--listen")
+    refuse_ipv4_mapped(listen_host, f"--listen {listen!r}")
     if _is_own_listen_address(listen_host, listen_port, up_host, up_port):
         raise UsageError(
             f"--upstream {upstream!r} is the proxy's own --listen address ({listen}): each "

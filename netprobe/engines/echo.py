@@ -179,6 +179,8 @@ class _FramedEcho(Handler):
             return
         elif self.eof:
             conn.close(CloseReason.EOF)
+        else:
+            conn.restart_idle_clock()  # all that was owed is out: the idle timeout starts now
         if self.queued <= conn.server.config.low_water:
             conn.resume_reading("delay")
 
