@@ -340,7 +340,7 @@ class LineSink:
             self._unreported = 0
             if idle and self._nonblocking is not None:
                 rest = self._write_some(data)
-                if rest is None:  # no reader on the FIFO now: this line (and the note) lost
+                if rest is None:  # not written: this line (and the note) lost
                     self.dropped += 1
                     self._unreported = reported + 1
                     return
@@ -423,8 +423,9 @@ class LineSink:
             self._broken = True
 
     def _write_some(self, data: bytes) -> bytes | None:
-        """Write what the stream takes now, never waiting; returns the rest (None: a named
-        FIFO has no reader now, nothing was written)."""
+        """Write what the stream takes now, never waiting; returns the rest (None: nothing
+        was written and nothing will be: a named FIFO has no reader now, or the stream is
+        gone for good, `_broken`)."""
         import os
 
         assert self._nonblocking is not None
@@ -438,11 +439,11 @@ class LineSink:
                 # later ones are tried again.
                 return None
             self._broken = True
-            return b""
+            return None
         except OSError as exc:
             self.error = exc
             self._broken = True
-            return b""
+            return None
         return data[written:]
 
     def _drain(self) -> None:

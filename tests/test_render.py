@@ -456,3 +456,19 @@ def test_progress_shows_only_on_a_terminal_that_can_erase(
         os.close(master)
     assert (b"\x1b[K" in got) is shown
     assert (b"waiting" in got) is shown
+
+
+def test_line_sink_counts_every_line_a_gone_reader_lost() -> None:
+    # The first line (the one whose write met EPIPE) was not counted: "dropped 2N-1" of 2N.
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    stream = os.fdopen(write_fd, "w")
+    try:
+        sink = LineSink(stream)
+        for number in range(3):
+            sink.write(f"line {number}")
+        assert sink.close(1.0) == 3
+        assert sink.dropped == 3
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            stream.close()
