@@ -519,7 +519,17 @@ class Connection(asyncio.Protocol):
             return  # outbound still connecting: connection_made flushes, then closes
         if not (self._peer_eof or self._eof_sent) and transport.can_write_eof():
             sock = transport.get_extra_info("socket")
-            if sock is not None and sock.family != socket.AF_UNIX and self._linger(transport):
+            server = self._server
+            # Lingering sockets are not counted by --max-conns, but as many again at most.
+            crowded = (
+                server.config.max_conns is not None and server._lingering >= server.config.max_conns
+            )
+            if (
+                sock is not None
+                and sock.family != socket.AF_UNIX
+                and not crowded
+                and self._linger(transport)
+            ):
                 return
         transport.close()
         if transport.get_write_buffer_size():
@@ -536,7 +546,8 @@ class Connection(asyncio.Protocol):
         except OSError:  # the client is gone already (ENOTCONN): a plain close
             return False
         self._linger_since = _monotonic()
-        self._server._lingering += 1  # closed for --max-conns: its slot is free
+        if not self.outbound:
+            self._server._lingering += 1  # closed for --max-conns: its slot is free
         self._pauses = self._held = None
         transport.resume_reading()  # data_received drops what comes now
         self._close_handle = self._server.loop.call_later(_LINGER_CHECK_S, self._linger_check)
@@ -859,7 +870,7 @@ class Connection(asyncio.Protocol):
             return
         self._done = True
         self._closing = True
-        if self._linger_since:
+        if self._linger_since and not self.outbound:
             self._server._lingering -= 1
         if self._idle_handle is not None:
             self._idle_handle.cancel()

@@ -1080,3 +1080,31 @@ def test_a_turned_away_client_sees_eof_not_a_reset() -> None:
             result = invoke(["send", f"127.0.0.1:{announce['port']}", "hi", "--json"])
             endings.add((json.loads(result.stdout)["ended_by"], result.exit_code))
     assert endings == {("eof", 0)}
+
+
+def test_lingering_sockets_are_bounded_by_max_conns_too() -> None:
+    # Lingering sockets do not hold a --max-conns slot, but they were not bounded at all:
+    # clients that kept sending past --max-bytes each held a socket for up to 10 s.
+    import psutil
+
+    with echo_process("--max-conns", "2", "--max-bytes", "1000") as (proc, announce):
+        clients: list[socket.socket] = []
+        try:
+            for _ in range(8):
+                client = connect(announce)
+                clients.append(client)
+                client.sendall(b"m" * 2000)  # past the limit: the server closes, lingering
+                assert recv_exactly(client, 1000) == b"m" * 1000
+                assert client.recv(10) == b""  # its FIN: closed, the slot is free
+            for client in clients:  # still sending: a lingering socket stays
+                with contextlib.suppress(OSError):
+                    client.send(b"more")
+            held = [
+                c
+                for c in psutil.Process(proc.proc.pid).net_connections(kind="tcp")
+                if c.status != psutil.CONN_LISTEN
+            ]
+        finally:
+            for client in clients:
+                client.close()
+    assert len(held) <= 2

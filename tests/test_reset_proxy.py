@@ -779,3 +779,22 @@ def test_bad_input_names_the_option(argv: list[str], words: str) -> None:
     assert result.stdout == b""
     (line,) = result.stderr.splitlines()
     assert words in line
+
+
+@pytest.mark.parametrize("action", ["hang", "fin"])
+def test_a_stop_gives_the_record_the_reason_the_totals_count(action: str) -> None:
+    # The record said the action ("hang") while the totals counted "shutdown" (the stop
+    # closed the client first); serve's records already agreed with its totals.
+    with serve(options()) as (up_port, _):
+        argv = ["reset", "proxy", "--upstream", f"127.0.0.1:{up_port}", "--on-accept",
+                "--action", action, "--direction", "up"]  # fmt: skip
+        with subprocess_server(argv) as (proc, announce), connect(int(announce["port"])) as client:
+            client.sendall(b"hi")
+            assert proc.stdout is not None
+            time.sleep(0.2)  # the session is set up and its action fired
+            proc.send_signal(signal.SIGTERM)
+            record = _next_event(proc.stdout, "connection")
+            totals = _next_event(proc.stdout, "totals")
+            assert proc.wait(LONG) == 0
+    assert record["reason"] == "shutdown"
+    assert totals["reasons"] == {"shutdown": 1}

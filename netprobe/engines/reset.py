@@ -44,6 +44,7 @@ from netprobe.server import (
     DEFAULT_HIGH_WATER,
     DEFAULT_LOW_WATER,
     Bound,
+    CloseReason,
     Connection,
     Handler,
     Server,
@@ -1343,7 +1344,12 @@ class _Session:
                 "upstream_bytes_out": 0 if upstream is None else upstream.bytes_out,
                 "upstream_bytes_in": 0 if upstream is None else upstream.bytes_in,
                 "duration_s": round(time.monotonic() - client.started_at, 6),
-                "reason": self.end_reason or reason,
+                # A stop closed the client first: its reason is what the totals count.
+                "reason": (
+                    client.reason
+                    if client.reason == CloseReason.SHUTDOWN
+                    else self.end_reason or reason
+                ),
                 "upstream_errno": self.upstream_errno,
             }
         )
