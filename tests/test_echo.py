@@ -1054,13 +1054,15 @@ def test_a_client_we_closed_no_longer_holds_a_max_conns_slot() -> None:
 def test_the_idle_timeout_counts_from_the_delayed_echo_not_before_it() -> None:
     # The clock stood still only if its check fell while the echo was owed: with a delay
     # shorter than the timeout the client was dropped 0.5 s after its echo.
+    # Echo at 1.2 s; dropped at 1.5 s before (the timeout from the request), at 2.7 s now
+    # (from the echo): "b" at 2.1 s is 0.6 s from either.
     with (
-        echo_process("--delay", "500ms", "--idle-timeout", "1s") as (proc, announce),
+        echo_process("--delay", "1200ms", "--idle-timeout", "1500ms") as (proc, announce),
         connect(announce) as client,
     ):
         client.sendall(b"a")
         assert recv_exactly(client, 1) == b"a"
-        time.sleep(0.7)  # well inside the timeout, counted from the echo
+        time.sleep(0.9)
         client.sendall(b"b")
         assert recv_exactly(client, 1) == b"b"
         client.shutdown(socket.SHUT_WR)
