@@ -1030,21 +1030,33 @@ def test_udp_on_a_wildcard_answers_a_broadcast_from_its_own_address() -> None:
     assert (totals["datagrams_out"], totals["reasons"]) == (1, {})
 
 
+@contextlib.contextmanager
+def _closed_by_the_limit(
+    announce: dict[str, Any], count: int, limit: int
+) -> Iterator[list[socket.socket]]:
+    """`count` clients, one after another, each sending twice `limit` (--max-bytes) and
+    reading its echo to the server's FIN; all kept open (their sockets linger on the server's
+    side) until the block ends."""
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            client = connect(announce)
+            clients.append(client)
+            client.sendall(b"m" * 2 * limit)
+            assert _read_to_the_end(client) == (b"m" * limit, "eof")
+        yield clients
+    finally:
+        for client in clients:
+            client.close()
+
+
 def test_a_client_we_closed_no_longer_holds_a_max_conns_slot() -> None:
     # A connection that lingers (it read our FIN; the server reads its last bytes away) is
     # closed for --max-conns: the same client's next connect used to be refused while its
     # old socket was still open.
     with echo_process("--max-conns", "1", "--max-bytes", "10") as (proc, announce):
-        old: list[socket.socket] = []
-        try:
-            for _ in range(5):
-                client = connect(announce)
-                old.append(client)  # kept open: its linger outlives the test's next connect
-                client.sendall(b"0123456789")
-                assert _read_to_the_end(client) == (b"0123456789", "eof")
-        finally:
-            for client in old:
-                client.close()
+        with _closed_by_the_limit(announce, 5, 10):
+            pass
         proc.proc.send_signal(signal.SIGTERM)
         totals = proc.records_until("totals")[-1]
     assert totals["rejected"] == 0
@@ -1089,24 +1101,16 @@ def test_lingering_sockets_are_bounded_by_max_conns_too() -> None:
     # clients that kept sending past --max-bytes each held a socket for up to 10 s.
     import psutil
 
-    with echo_process("--max-conns", "2", "--max-bytes", "1000") as (proc, announce):
-        clients: list[socket.socket] = []
-        try:
-            for _ in range(8):
-                client = connect(announce)
-                clients.append(client)
-                client.sendall(b"m" * 2000)  # past the limit: the server closes, lingering
-                assert recv_exactly(client, 1000) == b"m" * 1000
-                assert client.recv(10) == b""  # its FIN: closed, the slot is free
-            for client in clients:  # still sending: a lingering socket stays
-                with contextlib.suppress(OSError):
-                    client.send(b"more")
-            held = [
-                c
-                for c in psutil.Process(proc.proc.pid).net_connections(kind="tcp")
-                if c.status != psutil.CONN_LISTEN
-            ]
-        finally:
-            for client in clients:
-                client.close()
+    with (
+        echo_process("--max-conns", "2", "--max-bytes", "1000") as (proc, announce),
+        _closed_by_the_limit(announce, 8, 1000) as clients,
+    ):
+        for client in clients:  # still sending: a lingering socket stays
+            with contextlib.suppress(OSError):
+                client.send(b"more")
+        held = [
+            c
+            for c in psutil.Process(proc.proc.pid).net_connections(kind="tcp")
+            if c.status != psutil.CONN_LISTEN
+        ]
     assert len(held) <= 2
