@@ -315,6 +315,10 @@ class Handler:
     # many bytes without copying them out (recv MSG_TRUNC), counting them as received;
     # on_data still sees the bytes the event loop read itself.
     drain_chunk: int = 0
+    # A handler whose on_data does nothing but write back each chunk of at most this many
+    # bytes unchanged (a raw echo) sets this: the connection then writes such chunks back
+    # itself, without calling on_data; longer ones still go to on_data. -1: not such a handler.
+    echo_limit: int = -1
 
     def on_open(self, conn: Connection) -> None:
         """The connection is established (accepted, or outbound connected)."""
@@ -411,6 +415,7 @@ class Connection(asyncio.Protocol):
         "_done",
         "_drain_from",
         "_drain_sock",
+        "_echo_limit",
         "_eof_pending",
         "_eof_sent",
         "_fd",
@@ -468,6 +473,9 @@ class Connection(asyncio.Protocol):
         self._fd = -1  # the socket's fd when busy polling applies to this connection
         self._drain_from = -1  # the socket's fd when a drain_chunk handler may drain it
         self._drain_sock: socket.socket | None = None  # a dup of that fd, once a client streams
+        # Chunks up to this size are echoed back on arrival (Handler.echo_limit); -1 where
+        # something must see them first (a --max-bytes count, an outbound connection).
+        self._echo_limit = -1 if outbound or self._max_bytes is not None else handler.echo_limit
 
     # -- the handler's API ---------------------------------------------------------------
 
@@ -694,11 +702,12 @@ class Connection(asyncio.Protocol):
             # loop turn as a pause still arrive. Hold them; resume_reading() hands them over.
             self._hold(data)
             return
+        size = len(data)
         self._receive(data)
         if self._drain_from >= 0:
-            self._drain(len(data))
+            self._drain(size)
         elif self._fd >= 0:
-            if len(data) >= _BUSY_POLL_SMALL:
+            if size >= _BUSY_POLL_SMALL:
                 # A stream, not request/response: polling it would only take CPU from the
                 # sender, so this connection is not polled again.
                 self._fd = -1
@@ -803,6 +812,16 @@ class Connection(asyncio.Protocol):
 
     def _receive(self, data: bytes) -> None:
         self._last_rx = _monotonic()
+        size = len(data)
+        if size <= self._echo_limit:
+            # The echo server's hot path: what on_data and write would do, without the calls.
+            self.bytes_in += size
+            self.bytes_out += size
+            try:
+                self.transport.write(data)  # type: ignore[union-attr]  # set while not _done
+            except Exception:
+                self._handler_failed()
+            return
         limit = self._max_bytes
         if limit is not None and self.bytes_in + len(data) >= limit:
             if self.bytes_in >= limit:

@@ -271,6 +271,19 @@ def test_max_frame_closes_only_the_offending_connection() -> None:
             assert recv_exactly(other, 4) == struct.pack("!H", 2) + b"ok"
 
 
+def test_raw_max_frame_echoes_a_read_at_the_limit_and_closes_on_one_over() -> None:
+    # Raw echo writes reads up to --max-frame back without calling its handler (the hot
+    # path); a longer read must still reach the handler and close, with exact counts.
+    with echo_process("--max-frame", "10") as (proc, announce):
+        with connect(announce) as client:
+            client.sendall(b"0123456789")
+            assert recv_exactly(client, 10) == b"0123456789"
+            client.sendall(b"abcdefghijk")  # one read of 11 bytes on loopback
+            assert recv_exactly(client, 1) == b""
+        close = proc.records_until("close")[-1]
+    assert (close["reason"], close["bytes_in"], close["bytes_out"]) == ("frame-too-large", 21, 10)
+
+
 def test_line_framing_and_delay() -> None:
     with (
         echo_process("--framing", "line", "--delay", "150ms") as (_proc, announce),

@@ -52,14 +52,16 @@ class EchoOptions:
 
 
 class _RawEcho(Handler):
-    # The hot path of the benchmark: one call per received chunk, nothing else.
-    __slots__ = ("max_frame",)
+    # The hot path of the benchmark: the connection itself echoes chunks up to echo_limit
+    # (Handler.echo_limit); on_data sees only a chunk over --max-frame, or every chunk where
+    # the connection cannot take that path (--max-bytes).
+    __slots__ = ("echo_limit",)
 
     def __init__(self, max_frame: int) -> None:
-        self.max_frame = max_frame
+        self.echo_limit = max_frame
 
     def on_data(self, conn: Connection, data: bytes) -> None:
-        if len(data) > self.max_frame:
+        if len(data) > self.echo_limit:
             conn.close(CloseReason.FRAME_TOO_LARGE)
             return
         conn.write(data)
