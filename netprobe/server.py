@@ -427,7 +427,10 @@ class Connection(asyncio.Protocol):
         "_pauses",
         "_peer_eof",
         "_pending",
+        "_rst_fd",
         "_server",
+        "_taken_seen",
+        "_was_owed",
         "bytes_in",
         "bytes_out",
         "conn_id",
@@ -469,10 +472,13 @@ class Connection(asyncio.Protocol):
         self._held: list[bytes] | None = None
         self._pending: list[bytes] | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
+        self._taken_seen = 0  # _bytes_taken() at the last idle check
+        self._was_owed = False  # and whether some of bytes_out was not taken yet then
         self._close_handle: asyncio.TimerHandle | None = None
         self._fd = -1  # the socket's fd when busy polling applies to this connection
         self._drain_from = -1  # the socket's fd when a drain_chunk handler may drain it
         self._drain_sock: socket.socket | None = None  # a dup of that fd, once a client streams
+        self._rst_fd = -1  # a dup of the fd an abort holds until connection_lost (see abort)
         # Chunks up to this size are echoed back on arrival (Handler.echo_limit); -1 where
         # something must see them first (a --max-bytes count, an outbound connection).
         self._echo_limit = -1 if outbound or self._max_bytes is not None else handler.echo_limit
@@ -532,12 +538,7 @@ class Connection(asyncio.Protocol):
             crowded = (
                 server.config.max_conns is not None and server._lingering >= server.config.max_conns
             )
-            if (
-                sock is not None
-                and sock.family != socket.AF_UNIX
-                and not crowded
-                and self._linger(transport)
-            ):
+            if sock is not None and not crowded and self._linger(transport):
                 return
         transport.close()
         if transport.get_write_buffer_size():
@@ -548,7 +549,9 @@ class Connection(asyncio.Protocol):
             )
 
     def _linger(self, transport: asyncio.Transport) -> bool:
-        # (A Unix socket needs none: what we wrote already sits in the client's own queue.)
+        # A Unix socket needs it too: what we wrote already sits in the client's own queue,
+        # but a close with its bytes unread in ours makes the kernel end that stream with
+        # ECONNRESET, not EOF.
         try:
             transport.write_eof()  # FIN once the buffered bytes are out
         except OSError:  # the client is gone already (ENOTCONN): a plain close
@@ -591,14 +594,19 @@ class Connection(asyncio.Protocol):
             self._abort_pending = True  # outbound still connecting
             return
         sock = transport.get_extra_info("socket")
-        dropped = transport.get_write_buffer_size()
-        if sock is not None and sock.family != socket.AF_UNIX:
+        # What was dropped was never received: bytes_out counts it no more.
+        self.bytes_out -= min(self.bytes_out, transport.get_write_buffer_size())
+        if sock is not None and sock.family != socket.AF_UNIX and self._rst_fd < 0:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
-            # The RST also throws away the kernel's queue: the bytes the peer did not take.
-            dropped += sockets.send_queue_bytes(sock) or 0
-        # What was dropped was never received: bytes_out counts it no more.
-        self.bytes_out -= min(self.bytes_out, dropped)
+            # The RST also throws away what the kernel has not sent yet. Until it goes, the
+            # kernel sends on as the client reads, and the loop may close its fd only in a
+            # later turn: a duplicate fd, closed last in _finish, sends the RST right after
+            # that count (one taken now could be tens of KB short).
+            try:
+                self._rst_fd = os.dup(sock.fileno())
+            except OSError:  # out of fds: counted now
+                self.bytes_out -= min(self.bytes_out, sockets.unsent_bytes(sock) or 0)
         transport.abort()
 
     def half_close(self) -> None:
@@ -906,10 +914,23 @@ class Connection(asyncio.Protocol):
             self.reason = CloseReason.EOF
         self.transport = None
         self._fd = self._drain_from = -1
+        if self._rst_fd >= 0:  # see abort()
+            with socket.socket(fileno=self._rst_fd) as rst:
+                self._rst_fd = -1
+                self.bytes_out -= min(self.bytes_out, sockets.unsent_bytes(rst) or 0)
         if self._drain_sock is not None:
             self._drain_sock.close()
             self._drain_sock = None
         self._server._connection_done(self)
+
+    def _bytes_taken(self) -> int:
+        """Bytes written that left our buffer and the kernel's unacknowledged queue."""
+        transport = self.transport
+        if transport is None:
+            return self.bytes_out
+        sock = transport.get_extra_info("socket")
+        queued = (sockets.send_queue_bytes(sock) or 0) if sock is not None else 0
+        return self.bytes_out - transport.get_write_buffer_size() - queued
 
     def _handler_failed(self) -> None:
         # A bug in a handler must not take the server down: this connection ends, others go on.
@@ -928,6 +949,18 @@ class Connection(asyncio.Protocol):
         now = _monotonic()
         if self.handler.owes_output():
             self._last_rx = now  # waiting for our answer (a --delay) is not idling
+        else:
+            # A client taking the output it is owed is not idle, though it sends nothing (we
+            # may have stopped reading it until it catches up: its silence is then ours). So
+            # the clock restarts when it took some since the last check, if some was owed
+            # then or still is: a reply taken at once does not count, a client that takes
+            # nothing is dropped, one that took the last of it a moment ago is not.
+            taken = self._bytes_taken()
+            owed = taken < self.bytes_out
+            if taken > self._taken_seen and (owed or self._was_owed):
+                self._last_rx = now
+            self._taken_seen = taken
+            self._was_owed = owed
         left = self._last_rx + timeout - now
         if left > 0:
             self._idle_handle = self._server.loop.call_later(left, self._check_idle)

@@ -749,29 +749,55 @@ class ConnectOutcome:
     cancelled: bool = False
 
 
-# TCP states (tcpi_state) in which our FIN is sent and not yet acknowledged: SIOCOUTQ counts
-# it as one more byte (write_seq - snd_una).
+# TCP states (tcpi_state) in which our FIN is queued and not yet acknowledged: SIOCOUTQ counts
+# it as one more byte (write_seq - snd_una), SIOCOUTQNSD too until it is sent.
 _FIN_UNACKED_STATES = frozenset({4, 9, 11})  # FIN_WAIT1, LAST_ACK, CLOSING
+
+
+# linux/sockios.h: the bytes of a socket's send queue not sent yet (SIOCOUTQ also counts the
+# ones sent and not acknowledged). Python's termios does not name it.
+_SIOCOUTQNSD = 0x894B
 
 
 def send_queue_bytes(sock: socket.socket) -> int | None:
     """Data bytes in a TCP socket's kernel send queue the peer has not acknowledged (unsent
-    plus in flight): what an RST now would throw away. None where the kernel cannot say (not
-    TCP, no SIOCOUTQ)."""
+    plus in flight). None where the kernel cannot say (not TCP, no SIOCOUTQ)."""
+    try:
+        import termios
+
+        request = termios.TIOCOUTQ  # TIOCOUTQ is SIOCOUTQ on sockets (Linux)
+    except (ImportError, AttributeError):
+        return None
+    return _tcp_queue_bytes(sock, request)
+
+
+def unsent_bytes(sock: socket.socket) -> int | None:
+    """Data bytes in a TCP socket's kernel send queue not sent yet: what an RST now keeps from
+    the peer. Bytes sent and not yet acknowledged are not counted: they sit in the peer's
+    receive queue (on loopback, where its ACK is merely delayed) or are on their way there,
+    and a Linux peer still reads them after the RST (SOCKETS.md §5). Where the kernel has no
+    SIOCOUTQNSD, the whole unacknowledged queue (send_queue_bytes). None: not TCP."""
+    if sys.platform == "linux":
+        queued = _tcp_queue_bytes(sock, _SIOCOUTQNSD)
+        if queued is not None:
+            return queued
+    return send_queue_bytes(sock)
+
+
+def _tcp_queue_bytes(sock: socket.socket, request: int) -> int | None:
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return None  # AF_UNIX answers in buffer memory, not bytes
     try:
         import fcntl
-        import termios
 
-        # TIOCOUTQ is SIOCOUTQ on sockets (Linux).
-        raw = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-    except (ImportError, AttributeError, OSError):
+        raw = fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0")
+    except (ImportError, OSError):
         return None
     queued = int.from_bytes(raw, sys.byteorder)
     if queued:
         with contextlib.suppress(OSError, AttributeError):
-            # A FIN still unacknowledged is counted as a byte: it is no data of ours.
+            # Our FIN, once queued, is counted as a byte (the last one, so while any is
+            # counted it is): it is no data of ours.
             if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] in _FIN_UNACKED_STATES:
                 queued -= 1
     return queued

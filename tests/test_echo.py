@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -964,6 +965,83 @@ def test_a_client_still_sending_at_our_close_gets_every_byte_owed_then_eof(
     assert (len(got), ending) == (owed, "eof")
     assert got == payload[:owed]
     assert (close["reason"], close["bytes_out"]) == (reason, owed)
+
+
+def test_a_unix_client_still_sending_at_our_close_gets_its_echo_then_eof(tmp_path: Path) -> None:
+    # The echo arrived, but then ECONNRESET instead of EOF: a Unix socket closed with bytes
+    # unread in its queue resets its peer. (The limit fits the socket buffers: a Unix client
+    # that pipelines more than they hold before reading deadlocks with any echo server. The
+    # delay holds the close until the client's later bytes have surely arrived.)
+    path = str(tmp_path / "e.sock")
+    with (
+        echo_process("--max-bytes", "100000", "--delay", "200ms", "--unix", path) as (
+            proc,
+            announce,
+        ),
+        connect(announce) as client,
+    ):
+        _pipeline(client, os.urandom(1_000_000))
+        time.sleep(0.3)
+        got, ending = _read_to_the_end(client)
+        close = proc.records_until("close")[-1]
+    assert (len(got), ending) == (100_000, "eof")
+    assert (close["reason"], close["bytes_out"]) == ("limit", 100_000)
+
+
+def test_the_idle_timeout_spares_a_client_that_takes_its_echo_slowly() -> None:
+    # The client sends 1 MiB and reads its echo at about 650 KB/s. Whenever 256 KiB wait for
+    # it, the server stops reading it (back-pressure), so it "sent nothing" for longer than
+    # the timeout while it took bytes all along: it was reset as idle with ~300 KB read.
+    payload = os.urandom(1 << 20)
+    with (
+        echo_process("--idle-timeout", "300ms") as (proc, announce),
+        socket.socket() as client,
+    ):
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        client.settimeout(LONG)
+        client.connect((announce["host"], announce["port"]))
+        sender = threading.Thread(target=client.sendall, args=(payload,), daemon=True)
+        sender.start()
+        got = bytearray()
+        with contextlib.suppress(ConnectionResetError):
+            while len(got) < len(payload) and (chunk := client.recv(32768)):
+                got += chunk
+                time.sleep(0.05)
+        sender.join(LONG)
+        client.shutdown(socket.SHUT_WR)
+        close = proc.records_until("close")[-1]
+    assert len(got) == len(payload)
+    assert got == payload
+    assert (close["reason"], close["bytes_out"]) == ("eof", len(payload))
+
+
+def test_a_stop_that_resets_a_slow_reader_counts_every_byte_it_can_read() -> None:
+    # The stop's RST throws away only what the kernel had not sent yet. Bytes sent but not
+    # yet acknowledged (the slow reader's ACK is merely delayed) are in its receive queue,
+    # and it reads them after the RST: bytes_out subtracted them too (64-360 KB too low).
+    payload = os.urandom(4 << 20)
+    with echo_process() as (proc, announce), socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        client.settimeout(LONG)
+        client.connect((announce["host"], announce["port"]))
+
+        def send() -> None:
+            with contextlib.suppress(OSError):  # the stop's RST ends it
+                client.sendall(payload)
+
+        threading.Thread(target=send, daemon=True).start()
+        got = 0
+        stop_at = time.monotonic() + 0.5
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := client.recv(32768):
+                got += len(chunk)
+                if stop_at and time.monotonic() >= stop_at:
+                    proc.proc.send_signal(signal.SIGTERM)  # mid-stream, the client reading
+                    stop_at = 0.0
+                time.sleep(0.01)
+        close = proc.records_until("close")[-1]
+    assert close["reason"] == "shutdown"
+    assert close["bytes_out"] == got
 
 
 def test_a_stop_counts_only_what_a_client_that_was_not_reading_got() -> None:

@@ -25,6 +25,7 @@ from netprobe.sockets import (
     recv_some,
     send_queue_bytes,
     send_some,
+    unsent_bytes,
 )
 
 __all__ = ["ClientReset", "ClientSummary", "Interrupted", "generated_stream", "run_reset_client"]
@@ -224,9 +225,9 @@ def _one_client(
     except _Halted:
         halted = True
     finally:
-        # bytes_out keeps what the server acknowledged: the RST discards the rest (a server
-        # that stopped reading, a Ctrl-C; a slow one is waited for above).
-        peer.bytes_out -= send_queue_bytes(sock) or 0
+        # bytes_out keeps what reached the server: the RST discards what was never sent (to
+        # a server that stopped reading, at a Ctrl-C; a slow one is waited for above).
+        peer.bytes_out -= unsent_bytes(sock) or 0
         abort_connection(sock)
     elapsed = time.monotonic() - start
     if halted and peer.reset_errno is None:
