@@ -113,6 +113,10 @@ class ConnectorStats:
     fd_backoffs: int = 0  # times EMFILE/ENFILE made the connector lower its concurrency
     lowest_concurrency: int = 0
     extra: dict[str, int] = field(default_factory=dict)
+    # The connect times (s) of the connections held right now (one process only; callable
+    # from another thread). A held connection's result comes at its release: a run ended
+    # before that (a Ctrl-C during a hold) still knows how long their handshakes took.
+    held_connect_times: Callable[[], list[float]] = list
 
 
 @dataclass(slots=True)
@@ -276,6 +280,7 @@ class _Run:
         self.stop_at = stop_at
         self.abortive = abortive_close
         self.st = st
+        st.held_connect_times = self._held_connect_times
         self.on_idle = on_idle
         self.poller = select.epoll()
         self.pending: dict[int, _Attempt] = {}  # fd -> connecting attempt
@@ -292,6 +297,11 @@ class _Run:
         # A socket can only meet itself (or another of ours) on a port the kernel could have
         # given it as its local port: outside this range the check costs nothing.
         self.ephemeral = _ephemeral_ports()
+
+    def _held_connect_times(self) -> list[float]:
+        # list() of the values is one C call under the GIL: the loop's thread cannot change
+        # the dict in the middle of it.
+        return [a.connected_at - a.started_at for a in list(self.held.values())]
 
     def close(self) -> None:
         for attempt in list(self.pending.values()) + list(self.held.values()):

@@ -642,3 +642,69 @@ def test_an_interrupted_ramp_keeps_its_steps_in_line_with_the_totals() -> None:
     assert step["attempted"] == summary["attempted"]
     assert step["timed_out"] == summary["timed_out"]
     assert summary["not_started_step_end"] == 0
+
+
+def _interrupted_run(argv: list[str], after_first_tick_s: float) -> list[dict[str, Any]]:
+    """Run `netprobe backlog ARGV --json`, SIGINT it `after_first_tick_s` after its first
+    tick, and return its JSON records (the summary last)."""
+    with netprobe_process([*argv, "--json"]) as proc:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # a second of connects has been made
+        assert json.loads(line)["kind"] == "backlog.timeline", line
+        time.sleep(after_first_tick_s)
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=LONG)
+    assert proc.returncode == 130, err
+    records = _records(line + rest)
+    assert all(r["kind"] == "backlog.timeline" for r in records[:-1])
+    assert records[-1]["interrupted"] is True
+    parts = ("established", "refused", "reset", "timed_out", "errors")
+    assert sum(records[-1][k] for k in parts) == records[-1]["attempted"]
+    return records
+
+
+@linux
+def test_an_interrupt_during_hold_reports_the_held_connections_connect_times() -> None:
+    # Before: `established 9`, `peak_held 9`, but every latency null and the histogram empty:
+    # held connections reach the tally only at their release, which --hold 30s puts far
+    # beyond the Ctrl-C. A run ended by --duration reported them.
+    argv = ["backlog", "--lab", "--backlog", "8", "-n", "20", "--timeout", "300ms"]
+    summary = _interrupted_run([*argv, "--hold", "30s"], 0.0)[-1]
+    assert summary["established"] >= 1
+    assert summary["peak_held"] == summary["established"]  # all still held at the interrupt
+    assert summary["latency_ms"]["p50"] is not None
+    assert summary["latency_ms"]["max"] is not None
+    # One connect time per handshake, each counted once.
+    assert sum(band["count"] for band in summary["histogram"]) == summary["established"]
+
+
+def test_an_interrupted_timeline_adds_up_to_the_summary() -> None:
+    # Before: the second under way at Ctrl-C had no timeline object, so the ticks' attempts
+    # summed to 400 (one second at --rate 400) while the summary said about 600.
+    argv = ["backlog", "--lab", "--backlog", "16", "-n", "4000", "--rate", "400"]
+    records = _interrupted_run([*argv, "--timeout", "300ms"], 0.5)
+    ticks, summary = records[:-1], records[-1]
+    assert ticks[-1]["span_s"] < 1.0  # the partial last second
+    assert sum(tick["attempts"] for tick in ticks) == summary["attempted"]
+    failures = ("refused", "reset", "timed_out", "errors")
+    assert sum(tick["failures"] for tick in ticks) == sum(summary[key] for key in failures)
+
+
+@linux
+def test_connects_the_duration_cut_off_are_not_said_to_have_timed_out() -> None:
+    # A listener that never accepts drops the SYNs of all but 5; the 35 others wait on their
+    # 3 s timeout when --duration 1s ends them. Before: "35 clients timed out while SYNs were
+    # being dropped.", though none reached its timeout (timed_out counts them, as documented).
+    argv = ["backlog", "--lab", "--backlog", "4", "-n", "40", "--timeout", "3s"]
+    result = invoke([*argv, "--duration", "1s", "--json"])
+    assert result.exit_code == 0, result.stderr
+    summary = _summary(result.stdout)
+    ended = summary["stopped_pending"]
+    assert ended > 0
+    assert summary["timed_out"] == ended  # they are part of timed_out in the JSON
+    text = "\n".join(summary["interpretation"])
+    assert "timed out while SYNs were being dropped" not in text
+    assert (
+        f"{ended} clients were still waiting while SYNs were being dropped when --duration 1s "
+        "ended them, before their --timeout 3s"
+    ) in text

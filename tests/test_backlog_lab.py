@@ -85,10 +85,13 @@ def test_no_overflow_is_not_claimed() -> None:
     assert summary["prediction"]["held"] is True
     text = " ".join(summary["interpretation"])
     assert "never seen full" in text
+    # ListenOverflows is system-wide: only mention it when it moved during this run (another
+    # test's listener in the same network namespace can move it), and then as not ours.
+    if summary["server"]["listen_overflows_delta"]:
+        assert "system-wide, so other listeners may add to it" in text
+        text = text[: text.index("ListenOverflows")]
+    assert "ListenOverflows" not in text
     assert "dropped" not in text
-    # ListenOverflows is system-wide: only mention it when it moved during this run.
-    if not summary["server"]["listen_overflows_delta"]:
-        assert "ListenOverflows" not in text
 
 
 def test_ramp_reports_each_step() -> None:

@@ -25,7 +25,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -579,15 +579,24 @@ class _Tally:
             name = result.errno_name or state.value
             self.errors_by_errno[name] = self.errors_by_errno.get(name, 0) + 1
 
-    def cut(self, pending: int, held: int) -> None:
+    def cut(self, pending: int, held: int, held_elapsed_s: Sequence[float] = ()) -> None:
         """A Ctrl-C ended the run: count what was under way as --duration counts it (a
-        pending connect ended as timed out, a held one established), then take no more."""
+        pending connect ended as timed out, a held one established, its connect time in the
+        histogram), then take no more.
+
+        `held_elapsed_s` are the connect times of the held connections: the connector hands
+        a held connection over only at its release, so without them an interrupt during
+        --hold reported established connections with no latency at all. Frozen from here,
+        the tally never sees their release: nothing is counted twice.
+        """
         self.frozen = True
         self.attempted += pending + held
         self.timed_out += pending
         self.stopped_pending += pending
         self.established += held
         self.handshakes += held
+        for elapsed_s in held_elapsed_s[:held]:
+            self.hist.record(elapsed_s)
 
 
 @dataclass(slots=True)
@@ -1184,6 +1193,10 @@ def _run(
     accepted_before = 0
     peak_seen, peak_at = 0, None
     interrupted_at: float | None = None
+    # True while a tick is handed out: an interrupt that lands in the caller then is thrown
+    # in there (the CLI's events.throw), and the caller takes the summary as the next value.
+    at_yield = False
+    last_tick: Tick | None = None  # an interrupted run's partial second
     try:
         while True:
             alive = thread.is_alive()
@@ -1208,10 +1221,12 @@ def _run(
                     tick = dataclasses.replace(tick, accepted=accepted_now - accepted_before)
                     accepted_before = accepted_now
                 tick_max = {}
+                second += 1  # before the yield: an interrupt thrown in there cuts the next one
                 if tick.span_s > 0.001 or alive:
                     timeline.append(tick)
+                    at_yield = True
                     yield tick
-                second += 1
+                    at_yield = False
             if not alive:
                 break
             if now > hard_stop:
@@ -1237,9 +1252,23 @@ def _run(
         if isinstance(thread, _ConnectProcesses):
             thread.join(0.0)
         pending, held = max(0, stats.in_flight), max(0, stats.held)
-        tally.cut(pending, held)
+        held_times = stats.held_connect_times()
+        tally.cut(pending, held, held_times)
         if cfg.ramp and step_tallies and step_tallies[-1] is not tally:
-            step_tallies[-1].cut(pending, held)  # the step under way, as the totals
+            step_tallies[-1].cut(pending, held, held_times)  # the step under way, as the totals
+        # The second under way is reported as a run's last one is: the timeline then adds up
+        # to the summary (its attempts were missing before: hundreds at a high --rate).
+        span = min(1.0, max(0.0, interrupted_at - (started + second - 1)))
+        tick = _cut_tick(
+            second, span, tally, stats, last, tick_max, server, step_index, cfg, (pending, held)
+        )
+        if lab is not None:
+            tick = dataclasses.replace(tick, accepted=lab.accepted - accepted_before)
+        if tick.span_s > 0.001 or tick.attempts or tick.established or tick.failures:
+            timeline.append(tick)
+            # Thrown in at a yield, the caller wants the summary next: the tick is only in
+            # the summary's timeline then.
+            last_tick = None if at_yield else tick
     except BaseException:
         # A failure while sampling: do not wait for the run to finish.
         if isinstance(thread, _ConnectProcesses):
@@ -1251,6 +1280,8 @@ def _run(
         failure.extend(thread.failures)
     if failure and interrupted_at is None:
         raise failure[0]
+    if last_tick is not None:
+        yield last_tick
     elapsed = (interrupted_at or finished_at[0] or time.monotonic()) - started
     if interrupted_at is None and isinstance(thread, _ConnectProcesses):
         # No ramp there: attempts stop early only at the --duration deadline.
@@ -1342,13 +1373,25 @@ def _cut_tick(
     server: _ServerView | None,
     step_index: list[int],
     cfg: BacklogConfig,
+    cut: tuple[int, int] | None = None,
 ) -> Tick:
-    # Held connections have completed their handshake but are reported only at release.
-    # The connector updates `held` before the released results reach the tally, so the sum
-    # can dip for a moment: keep the cumulative count monotonic (deltas never negative).
-    established_now = max(last["est"], tally.handshakes + stats.held)
+    """The tick of the second ending now; `cut` is (pending, held) of an interrupted run,
+    whose tally has counted those already (_Tally.cut)."""
+    in_flight, held = stats.in_flight, stats.held
+    if cut is None:
+        # Held connections have completed their handshake but are reported only at release.
+        # The connector updates `held` before the released results reach the tally, so the
+        # sum can dip for a moment: keep the cumulative count monotonic (deltas never negative).
+        established_now = max(last["est"], tally.handshakes + held)
+        attempts_now = stats.started
+    else:
+        # The frozen tally is what the summary reports: counting from it makes the ticks add
+        # up to the summary, while the worker thread may still be starting connects.
+        in_flight, held = cut
+        established_now = max(last["est"], tally.handshakes)
+        attempts_now = max(last["attempts"], tally.attempted)
     current = {
-        "attempts": stats.started,
+        "attempts": attempts_now,
         "est": established_now,
         "refused": tally.refused,
         "reset": tally.reset,
@@ -1368,8 +1411,8 @@ def _cut_tick(
         reset=diff["reset"],
         timed_out=diff["timed_out"],
         errors=diff["errors"],
-        in_flight=stats.in_flight,
-        held=stats.held,
+        in_flight=in_flight,
+        held=held,
         accept_queue=tick_max.get("queue") if server is not None else None,
         syn_recv=tick_max.get("syn", server.syn_recv_now) if server is not None else None,
     )
@@ -1577,7 +1620,11 @@ def _judge(prediction: dict[str, Any], rec: dict[str, Any]) -> tuple[bool | None
 
 
 def _interpret(
-    rec: dict[str, Any], cfg: BacklogConfig, limits: kernel.HostLimits, slots_full: bool = False
+    rec: dict[str, Any],
+    cfg: BacklogConfig,
+    limits: kernel.HostLimits,
+    slots_full: bool = False,
+    interrupted: bool = False,
 ) -> list[str]:
     lines: list[str] = []
     attempted = rec["attempted"]
@@ -1665,8 +1712,26 @@ def _interpret(
                 "accept queue was full; packets, not clients (each retransmitted SYN counts "
                 "again); system-wide, so other listeners may add to it."
             )
-        if (drops or overflows) and rec["timed_out"]:
-            lines.append(f"{rec['timed_out']} clients timed out while SYNs were being dropped.")
+        # timed_out also counts the connects the run's end cut off (stopped_pending): those
+        # did not wait out --timeout, and saying they timed out would claim what no
+        # figure shows.
+        ended = rec["stopped_pending"]
+        timed_out = rec["timed_out"] - ended
+        if (drops or overflows) and timed_out:
+            lines.append(f"{timed_out} clients timed out while SYNs were being dropped.")
+        if (drops or overflows) and ended:
+            by = (
+                "the interrupt"
+                if interrupted
+                else f"--duration {cfg.duration_s:g}s"
+                if rec["cut_by_duration"]
+                else "the run's end"
+            )
+            lines.append(
+                f"{ended} clients were still waiting while SYNs were being dropped when {by} "
+                f"ended them, before their --timeout {cfg.timeout_s:g}s (counted in timed_out "
+                "as stopped_pending)."
+            )
         counters = rec.get("counters") or {}
         cookies = counters.get("TcpExt.SyncookiesSent")
         if cookies:
@@ -1846,5 +1911,5 @@ def _summary_record(
         ]
     held, detail = _judge(prediction, rec)
     rec["prediction"] = {"text": prediction["text"], "held": held, "detail": detail}
-    rec["interpretation"] = _interpret(rec, cfg, limits, end.slots_full)
+    rec["interpretation"] = _interpret(rec, cfg, limits, end.slots_full, end.interrupted)
     return rec
