@@ -1064,7 +1064,11 @@ def _bind_or_explain(sock: socket.socket, sockaddr: Any, shown: str) -> None:
         name = errno_name(exc.errno)
         why = {
             "EADDRINUSE": "the address is already in use",
-            "EACCES": "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+            "EACCES": (
+                "permission denied (a socket file needs a directory we may write to)"
+                if isinstance(sockaddr, str)
+                else "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+            ),
             "EADDRNOTAVAIL": "that address is not on this host",
         }.get(name or "", exc.strerror or "bind failed")
         raise LocalError(f"cannot bind {shown}: {name}: {why}", name) from exc
@@ -1119,16 +1123,30 @@ def _open_unix_listener(path: str, backlog: int) -> socket.socket:
     if not hasattr(socket, "AF_UNIX"):
         raise LocalError("Unix sockets are not available on this platform")
     check_listen_path(path)
-    with contextlib.suppress(FileNotFoundError):
-        mode = os.lstat(path).st_mode
-        if not stat.S_ISSOCK(mode):
-            raise LocalError(f"cannot bind unix:{path}: EADDRINUSE: it exists and is not a socket")
-        if _unix_accepting(path):
-            raise LocalError(f"cannot bind unix:{path}: EADDRINUSE: a server is listening on it")
-        os.unlink(path)  # stale: nothing accepts on it
+    shown = f"unix:{path}"
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise _path_error(shown, exc, "cannot look at the path") from exc
+    else:
+        if not stat.S_ISSOCK(info.st_mode):
+            raise LocalError(f"cannot bind {shown}: EADDRINUSE: it exists and is not a socket")
+        if _unix_in_use(path):
+            raise LocalError(f"cannot bind {shown}: EADDRINUSE: a live socket is bound to it")
+        # Stale: no socket is bound to it. Removed only if it is still that file: another
+        # server starting now may have replaced it with its own since we looked.
+        if file_identity(path) == (info.st_dev, info.st_ino):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise _path_error(shown, exc, "cannot remove the stale socket file") from exc
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        _bind_or_explain(sock, path, f"unix:{path}")
+        _bind_or_explain(sock, path, shown)
         sock.listen(backlog)
     except BaseException:
         sock.close()
@@ -1136,32 +1154,28 @@ def _open_unix_listener(path: str, backlog: int) -> socket.socket:
     return sock
 
 
-def _unix_accepting(path: str) -> bool:
-    # The kernel's own table first: a probe connect to a live server is a client to it (an
-    # `echo --unix --once` would count it as its one client and exit).
-    if _unix_listed_as_listening(path):
-        return True
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _path_error(shown: str, exc: OSError, doing: str) -> LocalError:
+    name = errno_name(exc.errno)
+    return LocalError(f"cannot bind {shown}: {name}: {doing} ({exc.strerror})", name)
+
+
+def _unix_in_use(path: str) -> bool:
+    """Whether a live socket of any type is bound at path, asked without becoming anybody's
+    client: a datagram connect() to a stream socket fails with EPROTOTYPE before any
+    connection exists (a stream probe would be accepted: an `echo --unix --once` counted it
+    as its one client and exited), to a datagram one it succeeds, and to a file no socket is
+    bound to any more it fails with ECONNREFUSED. Any other answer (EACCES: we may not write
+    to it) is taken as in use: a file that may be live is never removed."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
-        probe.settimeout(0.5)
         probe.connect(path)
-    except BlockingIOError:
-        return True  # EAGAIN: the queue is full, so somebody listens (SOCKETS.md §3)
-    except OSError:
+    except (ConnectionRefusedError, FileNotFoundError):
         return False
-    else:
+    except OSError:
         return True
     finally:
         probe.close()
-
-
-def _unix_listed_as_listening(path: str) -> bool:
-    """Whether /proc/net/unix lists a listening socket bound at `path` (as spelled, or as its
-    absolute path); False when not found there or not on Linux (the caller then probes)."""
-    from netprobe import kernel  # kernel imports this module: loaded on use
-
-    names = {path, os.path.abspath(path)}
-    return any(row.address in names for row in kernel.unix_listeners())
+    return True
 
 
 def accept_and_close(listener: socket.socket, deadline: float) -> str | None:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -42,12 +43,14 @@ def event_loop_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPa
 class EchoProcess:
     """`python -m netprobe echo ARGS` with its stdout read line by line (with timeouts)."""
 
-    def __init__(self, args: list[str], preexec_fn: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, args: list[str], preexec_fn: Callable[[], None] | None = None, cwd: Path = ROOT
+    ) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "netprobe", "echo", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            cwd=ROOT,
+            cwd=cwd,
             preexec_fn=preexec_fn,
         )
         assert self.proc.stdout is not None
@@ -519,21 +522,89 @@ def test_unix_live_socket_file_is_not_replaced(tmp_path: Path) -> None:
     assert result.stdout == b""
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/net/unix")
-def test_a_refused_second_server_is_no_client_of_the_first(tmp_path: Path) -> None:
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative"])
+def test_a_refused_second_server_is_no_client_of_the_first(tmp_path: Path, relative: bool) -> None:
     # Telling a live socket file from a stale one used to mean connecting to it: the first
-    # server counted that probe as its one --once client and exited.
+    # server counted that probe as its one --once client and exited. Then /proc/net/unix was
+    # asked first, but it lists a path as its binder spelled it: a server bound as
+    # `once.sock` in its own directory was missed, and the probe was its client again.
     path = str(tmp_path / "once.sock")
-    with echo_process("--unix", path, "--once") as (proc, announce):
+    proc = EchoProcess(
+        ["--json", "--unix", "once.sock" if relative else path, "--once"], cwd=tmp_path
+    )
+    try:
+        assert proc.record()["event"] == "listening"
         second = run_netprobe(["echo", "--unix", path])
         assert second.returncode == 6
+        assert b"EADDRINUSE" in second.stderr
+        time.sleep(0.2)  # a probe accepted as the --once client ends the first server now
         assert proc.proc.poll() is None  # still waiting for its client
-        with connect(announce) as client:
+        with connect({"path": path}) as client:
             client.sendall(b"me")
             assert recv_exactly(client, 2) == b"me"
         assert proc.wait() == 0
         accepts = [r for r in proc.records_until("totals") if r["event"] == "accept"]
+    finally:
+        proc.close()
     assert len(accepts) == 1
+
+
+def test_a_live_socket_of_another_type_is_not_taken_over(tmp_path: Path) -> None:
+    # A datagram socket (a syslog-like receiver) bound at the path answered the old stream
+    # probe with EPROTOTYPE, taken as "stale": its file was removed and the path taken over.
+    path = str(tmp_path / "log.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as live:
+        live.bind(path)
+        result = run_netprobe(["echo", "--unix", path, "--duration", "0.2"])
+        assert result.returncode == 6, result.stderr
+        (line,) = result.stderr.decode().splitlines()
+        assert f"unix:{path}: EADDRINUSE" in line
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"x", path)
+        assert live.recv(1) == b"x"
+
+
+_SETPRIV = shutil.which("setpriv")
+
+
+@pytest.mark.skipif(
+    os.geteuid() == 0 and _SETPRIV is None, reason="root ignores directory permissions"
+)
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("stale.sock", "EACCES: cannot remove the stale socket file"),
+        ("new.sock", "EACCES: permission denied (a socket file needs a directory we may write to)"),
+    ],
+)
+def test_a_socket_path_in_a_directory_we_may_not_write(tmp_path: Path, name: str, why: str) -> None:
+    # A stale file there ended in "internal error: PermissionError", exit 70; a bind there
+    # blamed ports below 1024.
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+        stale.bind(str(ro / "stale.sock"))
+    ro.chmod(0o555)
+    # Root (also in a user namespace) passes permission checks: drop the capabilities that
+    # let it (the process runs as this uid, no new privileges).
+    drop = (
+        [str(_SETPRIV), "--bounding-set=-dac_override,-dac_read_search,-fowner", "--inh-caps=-all"]
+        if os.geteuid() == 0
+        else []
+    )
+    try:
+        result = subprocess.run(
+            [*drop, sys.executable, "-m", "netprobe", "echo", "--unix", str(ro / name)],
+            capture_output=True,
+            timeout=30,
+            cwd=ROOT,
+            check=False,
+        )
+    finally:
+        ro.chmod(0o755)
+    assert result.returncode == 6, result.stderr
+    (line,) = result.stderr.decode().splitlines()
+    assert f"unix:{ro / name}: {why}" in line
 
 
 def test_unix_announce_ready_file_and_cleanup(tmp_path: Path, event_loop_kind: str) -> None:

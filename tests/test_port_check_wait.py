@@ -91,6 +91,20 @@ def test_until_closed_waits_for_a_listener_to_go_away() -> None:
         srv.stop()
 
 
+def test_a_datagram_socket_at_a_unix_path_is_no_stream_listener(tmp_path: Path) -> None:
+    # connect(2) answers EPROTOTYPE there: it was an `error` row, exit 6 ("this host
+    # refused"), and `--until closed` could never hold.
+    path = tmp_path / "log.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as live:
+        live.bind(str(path))
+        result = invoke(["port-check", f"unix:{path}", "--json"])
+        assert result.exit_code == 1, result.stderr
+        (row,) = [json.loads(line) for line in result.stdout.splitlines()]
+        assert (row["state"], row["errno_name"]) == ("closed", "EPROTOTYPE")
+        waited = invoke(["port-check", f"unix:{path}", "--wait", "--until", "closed"])
+        assert waited.exit_code == 0, waited.stderr
+
+
 def test_require_any_holds_at_once_over_three_targets(server: ServerThread) -> None:
     closed = [socket.socket() for _ in range(2)]
     try:

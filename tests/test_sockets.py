@@ -165,7 +165,7 @@ def test_open_listener_in_use_is_local_error() -> None:
 def test_unix_listener_replaces_only_stale_files(tmp_path: os.PathLike[str]) -> None:
     path = os.path.join(tmp_path, "s.sock")
     first = open_listener(None, path=path)
-    with pytest.raises(LocalError, match="a server is listening"):
+    with pytest.raises(LocalError, match="a live socket is bound to it"):
         open_listener(None, path=path)
     first.close()  # the file stays behind: stale now
     second = open_listener(None, path=path)

@@ -105,10 +105,12 @@ _TCP_STATE = {
 _UDP_STATE = {**_TCP_STATE, ConnectState.TIMEOUT: PortState.OPEN_FILTERED}
 # connect(2) on a Unix socket path ends at once with its own errnos (SOCKETS.md §3): a missing
 # file means nothing listens there (closed, like a refusal); EAGAIN is a full accept queue, so
-# something listens (open); EACCES is the file's permissions, not a firewall (error).
+# something listens (open); EACCES is the file's permissions, not a firewall (error);
+# EPROTOTYPE is a live socket of another type (a datagram one): no stream listener (closed).
 _UNIX_STATE = {
     "ENOENT": ConnectState.REFUSED,
     "ENOTSOCK": ConnectState.REFUSED,
+    "EPROTOTYPE": ConnectState.REFUSED,
     "EAGAIN": ConnectState.OPEN,
     "EWOULDBLOCK": ConnectState.OPEN,
     "EACCES": ConnectState.ERROR,
