@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -14,8 +16,10 @@ from typing import Any
 
 import pytest
 
+from netprobe import errors
 from netprobe.engines import doctor
 from netprobe.engines.doctor import CHECK_NAMES, QUICK_NAMES, Check, Verdict, run_doctor
+from netprobe.errors import ConnectError, DeadlineExceeded, LocalError, NetworkError
 from netprobe.kernel import HostLimits
 from tests.helpers import REAL_ROOT, ROOT, invoke, run_netprobe
 
@@ -131,8 +135,9 @@ def test_a_check_that_raises_is_a_fail_row_and_later_checks_still_run() -> None:
     ]
     rows = list(run_doctor(checks=checks))
     assert [(r.check, r.verdict) for r in rows] == [("boom", Verdict.FAIL), ("fine", Verdict.PASS)]
-    assert rows[0].figure == "RuntimeError"
-    assert rows[0].hint == "engine broke in two lines"
+    # No errno: a bug. The class name goes to the hint; the figure says what became of the check.
+    assert rows[0].figure == "crashed"
+    assert rows[0].hint == "RuntimeError: engine broke in two lines"
     assert [r.check for r in run_doctor(quick=True, checks=checks)] == ["boom"]
 
 
@@ -466,3 +471,112 @@ def test_queue_checks_fail_when_no_connect_reaches_our_own_listener() -> None:
         ("fail", "0/3 connected"),
     ]
     assert all("only 0 of" in hint and "ENETUNREACH" in hint for _v, _f, hint in rows)
+
+
+def _raises(exc: Exception) -> Check:
+    def check() -> tuple[Verdict, str, str]:
+        raise exc
+
+    return Check("selftest", "raises", check, True)
+
+
+@pytest.mark.parametrize(
+    ("exc", "figure", "in_hint"),
+    [
+        # What loopback being down used to show: "ConnectError" / "NetworkError" as the figure.
+        (ConnectError("connect", errno.ENETUNREACH, "ENETUNREACH", "127.0.0.1:9"),
+         "connect: ENETUNREACH", "127.0.0.1:9"),
+        (NetworkError("fill accept queue", None, "ENETUNREACH"),
+         "fill accept queue: ENETUNREACH", "fill accept queue"),
+        (DeadlineExceeded("recv"), "recv: timed out", "recv"),
+        (LocalError("cannot bind 127.0.0.1:80: permission denied", "EACCES"),
+         "EACCES", "cannot bind 127.0.0.1:80"),
+        (OSError(errno.ENOSPC, "No space left on device", "/tmp/x"),
+         "ENOSPC", "No space left on device on /tmp/x"),
+    ],
+)  # fmt: skip
+def test_a_check_that_raises_shows_the_errno_and_the_operation_not_the_class(
+    exc: Exception, figure: str, in_hint: str
+) -> None:
+    (row,) = run_doctor(checks=[_raises(exc)])
+    assert row.verdict is Verdict.FAIL
+    assert row.figure == figure, row
+    assert in_hint in row.hint, row
+    assert type(exc).__name__ not in row.figure
+
+
+def test_an_errno_in_the_cause_is_named_too() -> None:
+    # Only sockets.py catches OSError; anything else wrapping one keeps it in __cause__.
+    try:
+        try:
+            raise OSError(errno.EMFILE, "Too many open files")
+        except OSError as inner:
+            raise RuntimeError("could not open the echo listener") from inner
+    except RuntimeError as outer:
+        exc = outer
+    (row,) = run_doctor(checks=[_raises(exc)])
+    assert (row.verdict, row.figure) == (Verdict.FAIL, "EMFILE")
+    assert row.hint == "could not open the echo listener"
+
+
+# Every check that exchanges bytes over 127.0.0.1 (echo-send-unix and framing do not).
+NEEDS_LOOPBACK = (SELF_TESTS - {"echo-send-unix", "framing"}) | {"queue-view"}
+# Figures that would only name the exception that carried a failure.
+EXCEPTION_NAMES = {
+    name
+    for name, obj in vars(builtins).items()
+    if isinstance(obj, type) and issubclass(obj, BaseException)
+} | set(errors.__all__)
+
+
+def _doctor_with_loopback_down(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+    """`python -m netprobe ARGV` in a fresh network namespace, whose loopback is down (as a
+    new namespace's always is). Skips where no namespace can be made."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare")
+    # -r where unprivileged user namespaces exist; plain -n for root, or inside a namespace
+    # whose capabilities allow it (the suite's workers may already run in `unshare -n`).
+    for flags in ("-rn", "-n"):
+        if _runs([unshare, flags, "true"]):
+            cmd = [unshare, flags, sys.executable, "-m", "netprobe", *argv]
+            return subprocess.run(cmd, capture_output=True, timeout=60, cwd=ROOT, check=False)
+    pytest.skip("no network namespace can be made here (no unshare -n or -rn)")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux network namespaces")
+@pytest.mark.parametrize("quick", [False, True], ids=["full", "quick"])
+def test_doctor_with_loopback_down_names_the_cause_once_and_skips_what_needs_it(
+    quick: bool,
+) -> None:
+    # It printed "ipv4-loopback fail unreachable ... ENETUNREACH" and then 11 more failures,
+    # several with "ConnectError" or "NetworkError" as the figure, and nowhere the cause.
+    proc = _doctor_with_loopback_down(["doctor", "--json", *(["--quick"] if quick else [])])
+    rows, summary = _rows(proc.stdout)
+    by_name = {r["check"]: r for r in rows}
+    v4 = by_name["ipv4-loopback"]
+    assert v4["verdict"] == "fail"
+    assert "loopback interface lo is down" in v4["hint"], v4
+    assert "ip link set lo up" in v4["hint"], v4
+    assert "ENETUNREACH" in v4["hint"], v4  # what was seen stays next to the cause
+    assert list(by_name) == list(QUICK_NAMES if quick else CHECK_NAMES)
+    for row in rows:
+        assert set(row) == ROW_KEYS, row
+        assert row["figure"] not in EXCEPTION_NAMES, row
+        assert "\n" not in row["hint"]
+    v6 = by_name["ipv6-loopback"]
+    assert v6["verdict"] == "warn"
+    assert "lo is down" in v6["hint"], v6
+    # The remedy is said once; every check that needs 127.0.0.1 is skipped, pointing there.
+    assert [r["check"] for r in rows if "ip link set" in r["hint"]] == ["ipv4-loopback"]
+    skipped = {r["check"] for r in rows if r["verdict"] == "skip"}
+    assert skipped == NEEDS_LOOPBACK & set(by_name)
+    for name in skipped:
+        assert "lo is down (see ipv4-loopback)" in by_name[name]["hint"], by_name[name]
+    # What needs no loopback still runs and passes.
+    assert by_name["framing"]["verdict"] == "pass"
+    if not quick:
+        assert by_name["echo-send-unix"]["verdict"] == "pass"
+    assert [r["check"] for r in rows if r["verdict"] == "fail"] == ["ipv4-loopback"]
+    assert (summary["ok"], summary["fail"]) == (False, 1)
+    assert proc.returncode == 1  # exit codes unchanged: a failed check is 1

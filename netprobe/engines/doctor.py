@@ -5,11 +5,14 @@ run in threads here and are always stopped), and host facts read through kernel.
 one CheckResult per check; never prints.
 
 Strategy: every check is a plain function returning (verdict, figure, hint), run in order by
-run_doctor. A check that raises becomes a FAIL row naming the exception, so one broken
-engine never hides the others. Each self-test exchanges real bytes (random payloads, compared
-by crc32 in both directions) and bounds every wait with a deadline: the whole run stays under
-10 s, `--quick` (host facts plus the fast self-tests) under 3 s. Nothing needs root: the
-checks that would show more as root (other users' sockets) say so instead of failing.
+run_doctor. A check that raises becomes a FAIL row naming the errno and the operation, so
+one broken engine never hides the others. When 127.0.0.1 fails because the loopback interface
+is down, the ipv4-loopback row says so with the remedy, and the checks that need loopback are
+skipped with that reason instead of each failing on its own. Each self-test exchanges real
+bytes (random payloads, compared by crc32 in both directions) and bounds every wait with a
+deadline: the whole run stays under 10 s, `--quick` (host facts plus the fast self-tests)
+under 3 s. Nothing needs root: the checks that would show more as root (other users' sockets)
+say so instead of failing.
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class Check:
     name: str
     func: CheckFunc
     quick: bool  # part of --quick
+    needs_loopback: bool = False  # exchanges over 127.0.0.1: skipped when loopback is down
 
 
 def run_doctor(
@@ -88,17 +92,68 @@ def run_doctor(
         quick: only the checks marked quick (host facts and the fast self-tests).
         checks: the checks to run instead of the built-in list (tests use it).
     """
+    lo_down: str | None = None  # the loopback interface, once ipv4-loopback found it down
     for check in _CHECKS if checks is None else checks:
         if quick and not check.quick:
+            continue
+        if lo_down is not None and check.needs_loopback:
+            # Every exchange would fail with the same ENETUNREACH: one cause, said once.
+            hint = f"not run: needs 127.0.0.1, and {lo_down} is down (see {_LOOPBACK_CHECK})"
+            yield CheckResult(check.group, check.name, Verdict.SKIP, f"{lo_down} down", hint, 0.0)
             continue
         start = time.monotonic()
         try:
             verdict, figure, hint = check.func()
         except Exception as exc:  # a check that crashes is a failed check, not a crash
-            verdict, figure = Verdict.FAIL, type(exc).__name__
-            hint = " ".join((str(exc) or repr(exc)).split())  # one line, whatever it said
+            verdict = Verdict.FAIL
+            figure, hint = _describe_failure(exc)
         elapsed_ms = (time.monotonic() - start) * 1000
         yield CheckResult(check.group, check.name, verdict, figure, hint, round(elapsed_ms, 2))
+        if check.name == _LOOPBACK_CHECK and verdict is Verdict.FAIL:
+            lo_down = _loopback_down()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _errno_of(exc: BaseException) -> str | None:
+    """The errno name an exception carries, itself or in its cause (sockets.py raises
+    NetworkError from the OSError)."""
+    from netprobe.sockets import errno_name
+
+    seen: BaseException | None = exc
+    for _ in range(8):  # a cause chain is short; the bound rules out a cycle
+        if seen is None:
+            break
+        name = getattr(seen, "errno_name", None)
+        if isinstance(name, str) and name:
+            return name
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return errno_name(seen.errno)
+        seen = seen.__cause__
+    return None
+
+
+def _describe_failure(exc: Exception) -> tuple[str, str]:
+    """(figure, hint) for a check that raised: the errno and the operation that failed, so
+    the row tells what broke rather than which exception class carried it."""
+    from netprobe.errors import DeadlineExceeded, NetworkError
+
+    message = _one_line(str(exc) or repr(exc))
+    errno = _errno_of(exc)
+    if isinstance(exc, NetworkError):
+        return f"{exc.op}: {errno or 'error'}", message
+    if isinstance(exc, DeadlineExceeded):
+        return f"{exc.op}: timed out", message
+    if isinstance(exc, OSError):
+        what = f" on {exc.filename}" if exc.filename is not None else ""
+        return errno or "OS error", f"{exc.strerror or message}{what}"
+    if errno is not None:
+        return errno, message
+    # No errno: a bug or a broken invariant. The class goes in the hint, where it helps a
+    # report; the figure says what happened to the check.
+    return "crashed", f"{type(exc).__name__}: {message}"
 
 
 # Every blocking step of a self-test is bounded by this (loopback answers in microseconds;
@@ -121,16 +176,52 @@ def _platform() -> Outcome:
     return Verdict.PASS, figure, "Linux: every kernel figure netprobe reports is available"
 
 
+_LOOPBACK_CHECK = "ipv4-loopback"  # the check whose failure makes run_doctor ask why
+_IFF_UP = 0x1  # <linux/if.h>
+
+
+def _loopback_down() -> str | None:
+    """The name of the loopback interface when it is down; None when it is up or unknown.
+
+    psutil asks the kernel (SIOCGIFFLAGS) in this process's network namespace. The sysfs file
+    is only the fallback: /sys shows the interfaces of the namespace that mounted it, so in a
+    fresh `unshare -n` (lo down) /sys/class/net/lo/flags still reads the host's lo, up.
+    """
+    try:
+        import psutil
+
+        stats = psutil.net_if_stats()
+    except (ImportError, OSError):
+        stats = None
+    if stats is not None:
+        for name, stat in stats.items():
+            if name in ("lo", "lo0") or "loopback" in stat.flags.split(","):
+                return None if stat.isup else name
+        return None
+    try:
+        with open("/sys/class/net/lo/flags", encoding="ascii") as handle:
+            flags = int(handle.read(), 16)
+    except (OSError, ValueError):
+        return None
+    return None if flags & _IFF_UP else "lo"
+
+
+def _lo_remedy(name: str) -> str:
+    if name == "lo":
+        return f"`ip link set {name} up` (root or CAP_NET_ADMIN in this network namespace)"
+    return f"`ifconfig {name} up` (as root)"  # BSD and macOS call it lo0
+
+
 def _loopback(host: str) -> CheckFunc:
     def check() -> Outcome:
         from netprobe import sockets
 
+        # No ::1 (IPv6 disabled) only costs the -6 options; no 127.0.0.1 breaks everything.
+        failed = Verdict.WARN if ":" in host else Verdict.FAIL
         try:
             listener = sockets.open_listener(host, 0, backlog=4)
         except Exception as exc:
-            # No ::1 (IPv6 disabled) only costs the -6 options; no 127.0.0.1 breaks everything.
-            verdict = Verdict.WARN if ":" in host else Verdict.FAIL
-            return verdict, "unusable", f"cannot listen on {host}: {exc}"
+            return _loopback_failed(failed, "unusable", f"cannot listen on {host}: {exc}")
         try:
             port = listener.getsockname()[1]
             target = sockets.resolve(host, port)[0]
@@ -138,7 +229,9 @@ def _loopback(host: str) -> CheckFunc:
         finally:
             listener.close()
         if outcome.state != "open":
-            return Verdict.FAIL, str(outcome.state), f"connect to {host} gave {outcome.errno_name}"
+            return _loopback_failed(
+                failed, str(outcome.state), f"connect to {host} gave {outcome.errno_name}"
+            )
         return (
             Verdict.PASS,
             "usable",
@@ -146,6 +239,21 @@ def _loopback(host: str) -> CheckFunc:
         )
 
     return check
+
+
+def _loopback_failed(verdict: Verdict, figure: str, what: str) -> Outcome:
+    """A loopback check's failure row, naming the cause when it is a loopback interface that
+    is down (a fresh network namespace: ENETUNREACH on 127.0.0.1, no ::1 at all)."""
+    name = _loopback_down()
+    if name is None:
+        return verdict, figure, what
+    # The remedy goes on the row that fails the run; the ::1 row points there.
+    then = (
+        f"see {_LOOPBACK_CHECK}"
+        if verdict is Verdict.WARN
+        else f"bring it up with {_lo_remedy(name)}"
+    )
+    return verdict, f"{name} down", f"the loopback interface {name} is down ({what}); {then}"
 
 
 def _limits() -> HostLimits:
@@ -998,7 +1106,7 @@ def _framing_selftest() -> Outcome:
 
 _CHECKS: list[Check] = [
     Check("host", "platform", _platform, True),
-    Check("host", "ipv4-loopback", _loopback("127.0.0.1"), True),
+    Check("host", _LOOPBACK_CHECK, _loopback("127.0.0.1"), True),
     Check("host", "ipv6-loopback", _loopback("::1"), True),
     Check("host", "somaxconn", _somaxconn, True),
     Check("host", "tcp-max-syn-backlog", _syn_backlog, True),
@@ -1008,18 +1116,18 @@ _CHECKS: list[Check] = [
     Check("host", "rlimit-nofile", _nofile, True),
     Check("host", "cpus", _cpus, True),
     Check("host", "socket-owners", _socket_owners, True),
-    Check("host", "queue-view", _queue_view, True),
-    Check("selftest", "echo-send-tcp", _echo_tcp, True),
-    Check("selftest", "echo-send-udp", _echo_udp, False),
+    Check("host", "queue-view", _queue_view, True, needs_loopback=True),
+    Check("selftest", "echo-send-tcp", _echo_tcp, True, needs_loopback=True),
+    Check("selftest", "echo-send-udp", _echo_udp, False, needs_loopback=True),
     Check("selftest", "echo-send-unix", _echo_unix, False),
-    Check("selftest", "listen-send", _listen_send, False),
-    Check("selftest", "connector", _connector_selftest, True),
-    Check("selftest", "port-check", _port_check, True),
-    Check("selftest", "backlog-lab", _backlog_lab, False),
-    Check("selftest", "listeners", _listeners, False),
-    Check("selftest", "reset-serve", _reset_serve, False),
-    Check("selftest", "reset-proxy", _reset_proxy, False),
-    Check("selftest", "reset-client", _reset_client, False),
+    Check("selftest", "listen-send", _listen_send, False, needs_loopback=True),
+    Check("selftest", "connector", _connector_selftest, True, needs_loopback=True),
+    Check("selftest", "port-check", _port_check, True, needs_loopback=True),
+    Check("selftest", "backlog-lab", _backlog_lab, False, needs_loopback=True),
+    Check("selftest", "listeners", _listeners, False, needs_loopback=True),
+    Check("selftest", "reset-serve", _reset_serve, False, needs_loopback=True),
+    Check("selftest", "reset-proxy", _reset_proxy, False, needs_loopback=True),
+    Check("selftest", "reset-client", _reset_client, False, needs_loopback=True),
     Check("selftest", "framing", _framing_selftest, True),
 ]
 
