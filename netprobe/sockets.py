@@ -54,6 +54,7 @@ __all__ = [
     "abort_connection",
     "accept_and_close",
     "accept_one",
+    "address_range",
     "check_listen_path",
     "check_unix_path_size",
     "classify_errno",
@@ -400,33 +401,59 @@ def parse_host_port(text: str, *, allow_port_zero: bool = True) -> tuple[str, in
     return host, _parse_port(rest[1:], text, allow_zero=allow_port_zero)
 
 
+def address_range(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None:
+    """(first address, count) of a range `127.0.0.2-127.0.0.20`, or `127.0.0.2-20` (the last
+    IPv4 octet, as nmap writes it); None when `text` is no range (an address, a name, even
+    one with a dash in it).
+
+    Raises:
+        AddressError: a range that runs backwards or mixes families.
+    """
+    low_text, dash, high_text = text.partition("-")
+    if not dash:
+        return None
+    try:
+        low = ipaddress.ip_address(low_text.strip())
+    except ValueError:
+        return None
+    high_text = high_text.strip()
+    if high_text.isascii() and high_text.isdigit() and low.version == 4:
+        high_text = f"{low_text.strip().rsplit('.', 1)[0]}.{high_text}"
+    try:
+        high = ipaddress.ip_address(high_text)
+    except ValueError:
+        return None
+    if high.version != low.version or int(high) < int(low):
+        raise AddressError(f"{text!r}: the range runs backwards or mixes families")
+    return low, int(high) - int(low) + 1
+
+
 def expand_hosts(host: str, *, cap: int | None = DEFAULT_CIDR_CAP) -> Iterator[str]:
-    """Yield the addresses of a CIDR block lazily, or the host itself.
+    """Yield the addresses of a CIDR block or an address range lazily, or the host itself.
 
     Every address of the block, its network and broadcast addresses too, as nmap scans them
     ("the 256 hosts between 192.168.10.0 and 192.168.10.255, inclusive"): on loopback
     127.0.0.0 is as reachable as any, and a /28 that left out .15 missed a listener there.
 
     Raises:
-        AddressError: the block holds more than `cap` addresses (None: up to MAX_CIDR_HOSTS).
+        AddressError: the block or range holds more than `cap` addresses (None: up to
+            MAX_CIDR_HOSTS), or the range runs backwards.
     """
     if "/" not in host:
-        yield host
+        span = address_range(host)
+        if span is None:
+            yield host
+            return
+        first, count = span
+        _check_expansion_size(host, count, cap)
+        for offset in range(count):
+            yield str(first + offset)
         return
     try:
         network = ipaddress.ip_network(host, strict=False)
     except ValueError as exc:
         raise AddressError(f"{host!r}: bad CIDR block: {exc}") from None
-    if network.num_addresses > MAX_CIDR_HOSTS:
-        raise AddressError(
-            f"{host!r} holds {network.num_addresses} addresses, above the {MAX_CIDR_HOSTS} "
-            "netprobe expands even with --allow-large (split it into smaller blocks)"
-        )
-    if cap is not None and network.num_addresses > cap:
-        raise AddressError(
-            f"{host!r} holds {network.num_addresses} addresses, above the cap of {cap} "
-            "(pass --allow-large to scan it anyway)"
-        )
+    _check_expansion_size(host, network.num_addresses, cap)
     # The block's zone (fe80::%eth0/64) is every address's: without it a link-local connect
     # fails EINVAL (no interface given).
     scope = getattr(network.network_address, "scope_id", None)
@@ -434,6 +461,19 @@ def expand_hosts(host: str, *, cap: int | None = DEFAULT_CIDR_CAP) -> Iterator[s
     for address in network:
         text = str(address)
         yield text if "%" in text else text + zone
+
+
+def _check_expansion_size(host: str, count: int, cap: int | None) -> None:
+    if count > MAX_CIDR_HOSTS:
+        raise AddressError(
+            f"{host!r} holds {count} addresses, above the {MAX_CIDR_HOSTS} "
+            "netprobe expands even with --allow-large (split it into smaller blocks)"
+        )
+    if cap is not None and count > cap:
+        raise AddressError(
+            f"{host!r} holds {count} addresses, above the cap of {cap} "
+            "(pass --allow-large to scan it anyway)"
+        )
 
 
 def not_loopback_why(host: str) -> str:

@@ -142,6 +142,24 @@ def test_expand_hosts() -> None:
         next(expand_hosts("2001:db8::/64", cap=None))  # used to expand for ever
 
 
+def test_expand_hosts_takes_address_ranges_as_nmap_does() -> None:
+    # `127.0.0.1-3` was looked up as a name (EAI_AGAIN, exit 5) while `backlog --source`
+    # took the same range.
+    assert list(expand_hosts("127.0.0.1-3")) == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    assert list(expand_hosts("127.0.0.254-127.0.1.1")) == [
+        "127.0.0.254",
+        "127.0.0.255",
+        "127.0.1.0",
+        "127.0.1.1",
+    ]
+    assert list(expand_hosts("::1-::2")) == ["::1", "::2"]
+    assert list(expand_hosts("my-host.example")) == ["my-host.example"]  # a name, dash and all
+    with pytest.raises(AddressError, match="runs backwards"):
+        list(expand_hosts("127.0.0.9-3"))
+    with pytest.raises(AddressError, match="above the cap"):
+        list(expand_hosts("10.0.0.0-10.1.0.0"))
+
+
 @pytest.mark.parametrize(
     ("text", "seconds"),
     [("1.5", 1.5), ("250ms", 0.25), ("2s", 2.0), ("1m", 60.0), ("0", 0.0), ("100us", 1e-4)],

@@ -31,10 +31,11 @@ from typing import Any
 
 from netprobe import kernel
 from netprobe.connector import ConnectJob, ConnectorStats, ConnectResult, run_connects
-from netprobe.errors import LocalError, UsageError
+from netprobe.errors import AddressError, LocalError, UsageError
 from netprobe.results import ConnectState
 from netprobe.sockets import (
     accept_and_close,
+    address_range,
     errno_name,
     format_hostport,
     is_loopback,
@@ -199,20 +200,20 @@ def parse_sources(text: str) -> list[str]:
                     )
                 out.extend(str(a) for a in network)
             elif "-" in item:
-                low_text, high_text = item.split("-", 1)
-                low = ipaddress.ip_address(low_text.strip())
-                high_text = high_text.strip()
-                if high_text.isdigit() and low.version == 4:
-                    high_text = low_text.rsplit(".", 1)[0] + "." + high_text
-                high = ipaddress.ip_address(high_text)
-                if high.version != low.version or int(high) < int(low):
-                    raise UsageError(f"--source range {item!r} runs backwards or mixes families")
-                count = int(high) - int(low) + 1
+                try:
+                    span = address_range(item)
+                except AddressError:
+                    raise UsageError(
+                        f"--source range {item!r} runs backwards or mixes families"
+                    ) from None
+                if span is None:
+                    raise ValueError(item)
+                low, count = span
                 if count > MAX_SOURCES:
                     raise UsageError(
                         f"--source {item!r} holds {count} addresses (at most {MAX_SOURCES})"
                     )
-                out.extend(str(ipaddress.ip_address(int(low) + i)) for i in range(count))
+                out.extend(str(low + i) for i in range(count))
             else:
                 out.append(str(ipaddress.ip_address(item)))
         except ValueError:
