@@ -340,6 +340,37 @@ def test_udp_datagrams_both_ways(spawn: type[Listen]) -> None:
     assert "ended: idle-timeout (received 5 B, sent 5 B," in err
 
 
+def test_udp_replies_from_stdin_keep_the_idle_clock_running(spawn: type[Listen]) -> None:
+    # Idle means nothing moved either way, as for TCP. Before, only the peer's datagrams
+    # counted: listen ended 1.5 s after the peer's one datagram (exit 0, `idle-timeout`), and
+    # the replies stdin still fed it were lost. Each reply here comes 0.75 s after the last
+    # (0.75 s of slack); the last comes 2.25 s after the peer's datagram.
+    listener = spawn(["--udp", "--json", "--idle-timeout", "1500ms"])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(LONG)
+        client.sendto(b"hi", ("127.0.0.1", listener.port))
+        assert listener.read_stdout(2) == b"hi"
+        got: list[bytes] = []
+        for reply in (b"a", b"b", b"c", b"d"):
+            if got:
+                time.sleep(0.75)
+            assert listener.proc.poll() is None, f"listen ended after replies {got}"
+            listener.write(reply + b"\n")
+            try:
+                got.append(client.recv(100))
+            except TimeoutError:
+                pytest.fail(f"reply {reply!r} never came (listen: {listener.proc.poll()})")
+        # A stdin that stays open and silent is no activity: the idle timeout still ends it.
+        assert listener.proc.wait(LONG) == 0
+        code, out, err = listener.finish()
+    assert got == [b"a", b"b", b"c", b"d"]
+    assert (code, out) == (0, b""), err  # b"hi" was read above
+    close = [json.loads(line) for line in err.splitlines()][-1]
+    assert (close["event"], close["ended_by"]) == ("close", "idle-timeout")
+    assert (close["bytes_in"], close["bytes_out"]) == (2, 4)
+    assert close["duration_ms"] >= 2250 + 1500 - 100  # the last reply, then a full idle timeout
+
+
 def test_udp_on_a_wildcard_replies_from_the_address_the_peer_used(spawn: type[Listen]) -> None:
     # Before: from the route's address (127.0.0.1 for 127.0.0.5), which a peer whose UDP
     # socket is connected to 127.0.0.5 never takes.

@@ -6,16 +6,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from netprobe.engines.send import SendResult, exit_status_for
+from netprobe.exitcodes import ExitStatus
 from tests.helpers import (
     LONG,
+    ROOT,
     ServerThread,
     invoke,
     netprobe_process,
@@ -477,3 +484,79 @@ def test_a_peer_that_accepts_and_closes_at_once_is_eof_or_reset_never_a_local_er
     # eof: our byte went out before the peer's close (its RST answers it); reset: it arrived
     # unread before the close, which then sends RST instead of FIN.
     assert outcomes <= {("eof", 0), ("reset", 4)}, outcomes
+
+
+# --- a Unix socket file whose permissions refuse us: this host's refusal, exit 6 -------------
+
+_SETPRIV = shutil.which("setpriv")
+# Root (also in a user namespace) passes permission checks: the child drops the capabilities
+# that let it, as tests/test_echo.py does (it runs as the same uid, with no new privileges).
+_DROP_DAC = (
+    [str(_SETPRIV), "--bounding-set=-dac_override,-dac_read_search,-fowner", "--inh-caps=-all"]
+    if os.geteuid() == 0 and _SETPRIV is not None
+    else []
+)
+
+
+@pytest.mark.unix
+@pytest.mark.skipif(
+    os.geteuid() == 0 and _SETPRIV is None, reason="root ignores file permissions (no setpriv)"
+)
+def test_a_unix_socket_whose_permissions_refuse_us_exits_6_as_port_check_does(
+    tmp_path: Path,
+) -> None:
+    # Before: exit 1 ("refused / unreachable", as if the listener had said no) while
+    # port-check gave the same EACCES exit 6. A live listener is there; the file's mode bars us.
+    path = tmp_path / "l.sock"
+
+    def run(*argv: str) -> subprocess.CompletedProcess[bytes]:
+        result = subprocess.run(
+            [*_DROP_DAC, sys.executable, "-m", "netprobe", *argv],
+            capture_output=True,
+            timeout=30,
+            cwd=ROOT,
+            check=False,
+        )
+        if result.stderr.startswith(b"setpriv:"):
+            pytest.skip(f"cannot drop capabilities here: {result.stderr.decode().strip()}")
+        return result
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+        live.bind(str(path))
+        live.listen(1)
+        path.chmod(0)
+        checked = run("port-check", f"unix:{path}", "--json")
+        text = run("send", f"unix:{path}", "hi")
+        as_json = run("send", f"unix:{path}", "hi", "--json")
+    (row,) = json_lines(checked.stdout)
+    assert (row["state"], row["errno_name"], checked.returncode) == ("error", "EACCES", 6)
+    assert text.returncode == 6, text.stderr
+    assert text.stderr.decode().splitlines() == [f"netprobe: send: connect: EACCES: unix:{path}"]
+    assert as_json.returncode == 6, as_json.stderr
+    (rec,) = json_lines(as_json.stdout)
+    assert (rec["address"], rec["proto"], rec["ended_by"], rec["errno_name"]) == (
+        None,
+        "unix",
+        "error",
+        "EACCES",
+    )
+
+
+@pytest.mark.parametrize(
+    ("proto", "errno_name", "code"),
+    [
+        ("unix", "EACCES", ExitStatus.LOCAL),  # the socket file's permissions
+        ("unix", "EPERM", ExitStatus.LOCAL),
+        ("unix", "ECONNREFUSED", ExitStatus.NOT_OPEN),  # a stale file: nobody listens
+        ("tcp", "EACCES", ExitStatus.NOT_OPEN),  # an admin-prohibited route: unreachable
+        ("tcp", "EPERM", ExitStatus.NOT_OPEN),
+    ],
+)
+def test_a_failed_connects_record_exits_as_the_run_did(
+    proto: str, errno_name: str, code: ExitStatus
+) -> None:
+    # The record of a run that never connected (a --repeat run's) maps to the same code as the
+    # run itself: a permission error on a Unix path is this host's (6), the same errno from a
+    # TCP connect stays README's "unreachable" (1).
+    result = SendResult("t", None, proto, total_ms=None, ended_by="error", errno_name=errno_name)
+    assert exit_status_for(result) is code

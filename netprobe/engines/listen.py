@@ -230,8 +230,9 @@ def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSum
     """Datagrams from the peer to emit; stdin lines back to it as datagrams.
 
     Each stdin line (without its newline) is one datagram. The first sender is the peer; without keep_open datagrams from others are ignored, with
-    it replies go to whoever sent last. UDP has no EOF: it ends at the idle timeout,
-    max_bytes, or an interrupt.
+    it replies go to whoever sent last. UDP has no EOF: it ends at the idle timeout (nothing
+    received and nothing sent for that long, as TCP's pump counts it), max_bytes, or an
+    interrupt.
     """
     sock = open_udp(opts.host, opts.port, family=opts.family)
     pktinfo = enable_pktinfo(sock)  # on a wildcard: replies from the address the peer used
@@ -268,7 +269,8 @@ def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSum
                 stdin_fd = stdin.fd
                 if peer_addr is not None and not stdin.eof:
                     if stdin_fd is None:
-                        _send_lines(sock, stdin, splitter, peer_addr, reply_from, summary, gate)
+                        if _send_lines(sock, stdin, splitter, peer_addr, reply_from, summary, gate):
+                            last_activity = time.monotonic()
                         continue
                     watch.append(stdin_fd)
                 until = None
@@ -282,8 +284,14 @@ def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSum
                             {"event": "idle", "waited_ms": round((opts.idle_timeout_s or 0) * 1000)}
                         )
                     return close()
-                if stdin_fd is not None and stdin_fd in ready:
-                    _send_lines(sock, stdin, splitter, peer_addr, reply_from, summary, gate)
+                if (
+                    stdin_fd is not None
+                    and stdin_fd in ready
+                    and _send_lines(sock, stdin, splitter, peer_addr, reply_from, summary, gate)
+                ):
+                    # Idle is as TCP's pump counts it: nothing moved either way. Counting only
+                    # the peer's datagrams ended the run while stdin still fed it replies.
+                    last_activity = time.monotonic()
                 if sock.fileno() not in ready:
                     continue
                 try:
@@ -324,8 +332,16 @@ def _send_lines(
     reply_from: ReplyFrom | None,
     summary: ListenSummary,
     gate: CountingGate,
-) -> None:
+) -> bool:
+    """Send the whole lines stdin has now; True when that was activity for the idle clock.
+
+    Activity, as in TCP's pump: a datagram sent, or the end of stdin (TCP's FIN; a peer that
+    answers only then gets the whole idle time from it). A partial line is not: nothing left.
+    """
     data, eof = stdin.read(PUMP_CHUNK)
+    sent = False
     for line in splitter.feed(data, eof):
         with gate:  # a signal between the send and its count lost a datagram from bytes_out
             summary.bytes_out += send_datagram(sock, line, peer, reply_from)
+        sent = True
+    return sent or eof

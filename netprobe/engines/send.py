@@ -984,6 +984,24 @@ class _ResetOnConnect(PeerResetError):
         self.elapsed_s = elapsed_s
 
 
+# connect(2) on a Unix socket path fails with these when the permissions of the file (or of a
+# directory on its path) forbid it: this host refusing us, exit 6 as port-check's `error` row
+# for the same path. Over TCP the same errnos come from an admin-prohibited route (a
+# firewall's reject): unreachable, exit 1, as README documents for both commands.
+_UNIX_PERMISSION_ERRNOS = frozenset({"EACCES", "EPERM"})
+
+
+class _UnixPermissionError(LocalError, ConnectError):
+    """connect() on a Unix socket path refused by its permissions.
+
+    A LocalError for the exit code (6), and still a ConnectError, so the run is reported as
+    any failed connect is (`--json`'s object, a counted `--repeat` run)."""
+
+    def __init__(self, shown: str, errno_name: str | None) -> None:
+        # NetworkError's constructor alone: LocalError's would reset errno_name to None.
+        ConnectError.__init__(self, "connect", None, errno_name, shown)
+
+
 def _connect(addrs: list[Resolved], deadline: float) -> tuple[Any, Resolved, float]:
     """Try each address in turn; the first that connects wins."""
     last_error: Exception | None = None
@@ -992,7 +1010,9 @@ def _connect(addrs: list[Resolved], deadline: float) -> tuple[Any, Resolved, flo
         if outcome.state is ConnectState.OPEN and outcome.sock is not None:
             return outcome.sock, addr, outcome.elapsed_s
         shown = _shown(addr)
-        if outcome.state is ConnectState.TIMEOUT:
+        if _is_unix(addr) and outcome.errno_name in _UNIX_PERMISSION_ERRNOS:
+            last_error = _UnixPermissionError(shown, outcome.errno_name)
+        elif outcome.state is ConnectState.TIMEOUT:
             last_error = DeadlineExceeded(f"connect to {shown}")
         elif outcome.state is ConnectState.RESET:
             # The handshake completed, and the peer's RST came before we looked (a server that
@@ -1089,7 +1109,8 @@ def exchange(
 
     Raises:
         UsageError: bad target or unframeable input. ResolveError: the name did not resolve.
-        ConnectError: refused or unreachable. DeadlineExceeded: the connect timed out.
+        ConnectError: refused or unreachable (a Unix socket path whose permissions refuse
+        us is also a LocalError: exit 6). DeadlineExceeded: the connect timed out.
     """
     _check_input(opts)
     return _exchange_checked(opts, emit, transcript)
@@ -1429,7 +1450,10 @@ def exit_status_for(result: SendResult) -> ExitStatus:
         return ExitStatus.RESET
     if result.ended_by == "error":
         # This host's own refusal (EMSGSIZE for a datagram above 65,507 bytes, EMFILE,
-        # EADDRNOTAVAIL, ...) is exit 6, as everywhere in the suite; the peer's is 1.
+        # EADDRNOTAVAIL, a Unix socket file's permissions, ...) is exit 6, as everywhere in
+        # the suite; the peer's is 1.
+        if result.proto == "unix" and result.errno_name in _UNIX_PERMISSION_ERRNOS:
+            return ExitStatus.LOCAL
         code = getattr(errno, result.errno_name or "", None)
         if isinstance(code, int) and classify_errno(code) is ConnectState.ERROR:
             return ExitStatus.LOCAL
