@@ -631,8 +631,8 @@ def test_a_closed_probe_has_the_latency_of_its_rst(closed_port: int) -> None:
 
 
 def test_rate_holds_across_latency_rounds(closed_port: int) -> None:
-    # Three rounds of one probe at --rate 2 cannot take less than a second: each round's
-    # limiter is new, so the pace between rounds is kept by the round loop.
+    # Three probes of one target at --rate 2 cannot take less than a second: each batch of
+    # probes gets a new limiter, so the pace between batches is kept by the latency loop.
     argv = ["port-check", f"127.0.0.1:{closed_port}", "--rate", "2", "-c", "3", "--interval", "0"]
     start = time.monotonic()
     proc = run_netprobe([*argv, "--json"], timeout=LONG * 2)
@@ -819,3 +819,17 @@ def test_wait_for_open_while_expecting_closed_is_a_contradiction(closed_port: in
     line = bad_input_line(["port-check", f"127.0.0.1:{closed_port}", "--wait", "--expect",
                            "closed", "--until", "open", "--deadline", "1s"])  # fmt: skip
     assert "--expect closed and --until open contradict each other" in line
+
+
+def test_port_check_scans_an_address_range() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.2", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        result = invoke(["port-check", "127.0.0.1-3", "-p", str(port), "--json"])
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["address"], r["state"]) for r in rows] == [
+        ("127.0.0.1", "closed"),
+        ("127.0.0.2", "open"),
+        ("127.0.0.3", "closed"),
+    ]

@@ -7,10 +7,14 @@ prints; the statistics are pure functions, tested without sockets.
 
 from __future__ import annotations
 
+import heapq
 import math
+import queue
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 from netprobe.engines.port_check import (
     _TCP_STATE,
@@ -31,6 +35,7 @@ from netprobe.engines.port_check import (
     plan_concurrency,
 )
 from netprobe.errors import UsageError
+from netprobe.results import ConnectState
 from netprobe.sockets import Resolved, format_hostport
 
 __all__ = [
@@ -177,6 +182,41 @@ def _paced_until(round_start: float, probes: int, rate: float | None) -> float:
     return round_start + probes / rate if rate else round_start
 
 
+class _Batch(Enum):
+    """Sentinel a batch's thread queues last: it is done (its sockets are closed)."""
+
+    DONE = "done"
+
+
+# What a batch's thread hands over: one probe's answer (key, state, errno_name, elapsed_s), an
+# exception it raised, or DONE.
+_BatchItem = tuple[int, ConnectState, str | None, float] | BaseException | _Batch
+
+
+def _run_batch(
+    hosts: Sequence[HostSpec],
+    keys: list[int],
+    config: CheckConfig,
+    out: queue.Queue[_BatchItem],
+    stop: threading.Event,
+) -> None:
+    # A thread of its own, so that a batch's slowest probe holds up no other target's next one.
+    try:
+        results = _probe(hosts, keys, config, concurrency=len(keys), timeout_s=config.timeout_s)
+        try:
+            for item in results:
+                out.put(item)
+                if stop.is_set():
+                    break  # the run is over (Ctrl-C, an error): nobody reads the rest
+        finally:
+            if isinstance(results, Generator):
+                results.close()  # the sockets still waiting are closed now, not at GC
+    except BaseException as exc:  # raised by the caller's thread, as if the probe were there
+        out.put(exc)
+    finally:
+        out.put(_Batch.DONE)
+
+
 def run_latency(
     hosts: Sequence[HostSpec],
     config: CheckConfig,
@@ -185,11 +225,14 @@ def run_latency(
     interval_s: float,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Generator[Probe | LatencySummary, None, None]:
-    """Probe every address:port `count` times, `interval_s` apart (all in parallel each round).
+    """Probe every address:port `count` times, each on its own pace: a target's next probe
+    starts `interval_s` after its last one started, or as that one ends if it took longer,
+    whatever the other targets' probes do (as tcping and paping pace each target).
 
     Yields each Probe as it ends, then one LatencySummary per address:port. A Ctrl-C
     (KeyboardInterrupt) mid-run yields the summaries of the probes made so far, as ping
     prints its statistics, then raises again: the next call to the iterator raises it.
+    `sleep` is how it waits while no probe is out.
     """
     proto = "udp" if config.udp else "tcp"
     keys = list(_all_keys(hosts))
@@ -198,42 +241,93 @@ def run_latency(
     last: dict[int, tuple[PortState, str | None]] = {}
     concurrency = plan_concurrency(config.concurrency, len(keys)) if keys else 1
     states = _UDP_STATE if config.udp else _TCP_STATE
+    # Plan: no rounds. Rounds waited for their slowest probe, so one target that never
+    # answers stretched every other target's interval to --timeout. Instead each target has
+    # its own due time; the probes due at one moment start together as a batch, in a thread
+    # of its own, and every batch's answers come back here through one queue, so the Probes
+    # are still yielded from the caller's thread, in the order they ended. Sockets out over
+    # all batches stay within `concurrency`. --rate holds over all of them too: a batch of n
+    # starts no sooner than n / rate seconds after the one before it.
+    position = {key: index for index, key in enumerate(keys)}  # ties keep the targets' order
+    start = time.monotonic()
+    due = [(start, index, key) for index, key in enumerate(keys)]  # a heap, soonest first
+    began: dict[int, float] = {}  # the keys with a probe out: when its batch started
+    answers: queue.Queue[_BatchItem] = queue.Queue()
+    stop = threading.Event()
+    running = 0  # batch threads not done yet
+    rate_free = start  # when --rate lets the next batch start
     try:
-        for seq in range(1, count + 1):
-            round_start = time.monotonic()
-            for key, state, errno_name, elapsed in _probe(
-                hosts, keys, config, concurrency=concurrency, timeout_s=config.timeout_s
-            ):
-                mapped = states[state]
-                host = hosts[key >> 16]
-                # As a check's latency_ms: an RST is an answer too. The summary's figures
-                # stay those of completed handshakes.
-                latency = round(elapsed * 1000.0, 3) if answered(mapped) else None
-                made[key] += 1
-                if mapped is PortState.OPEN:
-                    samples[key].append(elapsed * 1000.0)
-                    last[key] = (mapped, errno_name)  # EAGAIN: open, its accept queue full
-                elif last.get(key, (None,))[0] is not PortState.OPEN:
-                    last[key] = (mapped, errno_name)
-                yield Probe(
-                    host.target,
-                    host.address,
-                    *_port_proto(host, key, proto),
-                    seq,
-                    mapped,
-                    errno_name,
-                    latency,
-                )
-            if seq < count:
-                # --rate holds across rounds too, not only within one.
-                next_at = max(
-                    round_start + interval_s, _paced_until(round_start, len(keys), config.rate)
-                )
-                sleep(max(0.0, next_at - time.monotonic()))
+        while due or began or running:
+            try:
+                # Answers already in are taken before a new batch starts: probes that end
+                # together (a timeout shared by many targets) start again as one batch.
+                item = answers.get_nowait()
+            except queue.Empty:
+                now = time.monotonic()
+                room = concurrency - len(began)
+                if due and room > 0 and max(due[0][0], rate_free) <= now:
+                    batch: list[int] = []
+                    while due and due[0][0] <= now and len(batch) < room:
+                        batch.append(heapq.heappop(due)[2])
+                    began.update(dict.fromkeys(batch, now))
+                    if config.rate:
+                        rate_free = max(rate_free, now) + len(batch) / config.rate
+                    threading.Thread(
+                        target=_run_batch,
+                        args=(hosts, batch, config, answers, stop),
+                        name="port-check-latency",
+                        daemon=True,  # an interrupted run does not wait for its probes out
+                    ).start()
+                    running += 1
+                    continue
+                wake = max(due[0][0], rate_free) - now if due and room > 0 else None
+                if not running:
+                    # Nothing out (so there is room): only the next probe's time to wait for.
+                    sleep(max(0.0, wake or 0.0))
+                    continue
+                try:
+                    # At most a second at a time: a Ctrl-C is seen at once on Linux, but a
+                    # bounded wait cannot hang on a platform where it is not.
+                    item = answers.get(timeout=1.0 if wake is None else min(max(0.0, wake), 1.0))
+                except queue.Empty:
+                    continue
+            if item is _Batch.DONE:
+                running -= 1
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            key, state, errno_name, elapsed = item
+            ended = time.monotonic()
+            mapped = states[state]
+            host = hosts[key >> 16]
+            # As a check's latency_ms: an RST is an answer too. The summary's figures
+            # stay those of completed handshakes.
+            latency = round(elapsed * 1000.0, 3) if answered(mapped) else None
+            made[key] += 1
+            if mapped is PortState.OPEN:
+                samples[key].append(elapsed * 1000.0)
+                last[key] = (mapped, errno_name)  # EAGAIN: open, its accept queue full
+            elif last.get(key, (None,))[0] is not PortState.OPEN:
+                last[key] = (mapped, errno_name)
+            started = began.pop(key)
+            if made[key] < count:
+                heapq.heappush(due, (max(started + interval_s, ended), position[key], key))
+            yield Probe(
+                host.target,
+                host.address,
+                *_port_proto(host, key, proto),
+                made[key],  # one probe of a target is out at a time: this is its number
+                mapped,
+                errno_name,
+                latency,
+            )
     except KeyboardInterrupt:
+        stop.set()
         rounds = max(made.values(), default=0)
         yield from _latency_summaries(hosts, keys, samples, made, last, proto, rounds, True)
         raise
+    finally:
+        stop.set()  # after an error, or a consumer gone: the batches still out end early
     yield from _latency_summaries(hosts, keys, samples, made, last, proto, count, False)
 
 

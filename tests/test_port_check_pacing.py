@@ -1,0 +1,83 @@
+"""Latency mode paces each target on its own (tcping, paping): a silent target does not stretch
+an answering one's interval to the timeout. Real loopback listeners; the silent one is a full
+accept queue (its SYNs are dropped, so connects time out)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any
+
+from netprobe.engines.port_check import CheckConfig, Expect, PortState, build_hosts, parse_targets
+from netprobe.engines.port_check_modes import LatencySummary, Probe, run_latency
+from tests.helpers import ServerThread, invoke
+
+# A silent probe takes TIMEOUT_S; the answering target's third probe starts 2 * INTERVAL_S in.
+# The gap between the two (1.1 s) is the slack a loaded machine gets.
+INTERVAL_S = 0.2
+TIMEOUT_S = 1.5
+COUNT = 3
+
+
+def test_an_answering_target_is_not_paced_by_a_silent_one(
+    server: ServerThread, full_queue_port: int
+) -> None:
+    # Before: rounds. Each waited for its slowest probe, so the open port was probed once per
+    # timeout (1.5 s apart, not 0.2 s), its second probe only after the silent one's first
+    # had timed out.
+    targets = [f"127.0.0.1:{server.port}", f"127.0.0.1:{full_queue_port}"]
+    hosts = build_hosts(
+        parse_targets(targets), ports=None, family=socket.AF_INET, expect=Expect.OPEN
+    )
+    config = CheckConfig(timeout_s=TIMEOUT_S)
+    started = time.monotonic()
+    seen = [
+        (time.monotonic() - started, event)
+        for event in run_latency(hosts, config, count=COUNT, interval_s=INTERVAL_S)
+    ]
+    probes = [(at, e) for at, e in seen if isinstance(e, Probe)]
+    fast = [(at, e) for at, e in probes if e.port == server.port]
+    slow = [(at, e) for at, e in probes if e.port == full_queue_port]
+    assert [(e.seq, e.state) for _at, e in fast] == [(k, PortState.OPEN) for k in (1, 2, 3)]
+    assert [(e.seq, e.state) for _at, e in slow] == [(k, PortState.FILTERED) for k in (1, 2, 3)]
+    # Every probe of the open port ended before the silent port's first timeout ...
+    first_timeout = slow[0][0]
+    assert all(at < first_timeout for at, _e in fast), [round(at, 3) for at, _e in fast]
+    # ... yet they were paced, not fired back to back: probe k starts (k-1) intervals in.
+    for k, (at, _e) in enumerate(fast):
+        assert at >= k * INTERVAL_S, [round(at, 3) for at, _e in fast]
+    # The summaries still come after every probe, one per target, in the targets' order.
+    summaries = [e for _at, e in seen[len(probes) :] if isinstance(e, LatencySummary)]
+    assert len(summaries) == len(seen) - len(probes)
+    assert [(s.port, s.state, s.sent, s.received) for s in summaries] == [
+        (server.port, PortState.OPEN, COUNT, COUNT),
+        (full_queue_port, PortState.FILTERED, COUNT, 0),
+    ]
+
+
+def _rows(stdout: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.decode().splitlines() if line.strip()]
+
+
+def test_cli_latency_lines_of_an_answering_target_come_before_a_silent_ones_timeout(
+    server: ServerThread, full_queue_port: int
+) -> None:
+    # `port-check OPEN SILENT -c 3 --interval 200ms`: before, the open port's probes 2 and 3
+    # came after each of the silent port's timeouts.
+    open_t, silent_t = f"127.0.0.1:{server.port}", f"127.0.0.1:{full_queue_port}"
+    argv = ["port-check", open_t, silent_t, "-c", str(COUNT), "--json"]
+    result = invoke([*argv, "--interval", "200ms", "--timeout", "1500ms"])
+    assert result.exit_code == 3, result.stderr  # only timeouts fail: the silent port
+    rows = _rows(result.stdout)
+    kinds = [r["kind"] for r in rows]
+    assert kinds == ["port-check.probe"] * (2 * COUNT) + ["port-check.latency"] * 2
+    order = [(r["port"], r["seq"]) for r in rows[: 2 * COUNT]]
+    # The open port's three probes, then the silent port's: its first ends at the timeout.
+    assert order == [(server.port, k) for k in (1, 2, 3)] + [
+        (full_queue_port, k) for k in (1, 2, 3)
+    ]
+    assert [(r["target"], r["state"], r["received"]) for r in rows[2 * COUNT :]] == [
+        (open_t, "open", COUNT),
+        (silent_t, "filtered", 0),
+    ]
