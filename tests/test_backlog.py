@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
 import re
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -26,7 +29,7 @@ from netprobe.engines.backlog import (
     validate_config,
 )
 from netprobe.errors import UsageError
-from tests.helpers import LONG, SHORT, ServerThread, invoke, netprobe_process
+from tests.helpers import LONG, ROOT, SHORT, ServerThread, invoke, netprobe_process
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux counters")
 
@@ -703,8 +706,43 @@ def test_connects_the_duration_cut_off_are_not_said_to_have_timed_out() -> None:
     assert ended > 0
     assert summary["timed_out"] == ended  # they are part of timed_out in the JSON
     text = "\n".join(summary["interpretation"])
-    assert "timed out while SYNs were being dropped" not in text
+    assert "timed out" not in text  # the first line said "35 timed out" too
+    assert f"; {ended} were still waiting when the run ended" in text
     assert (
         f"{ended} clients were still waiting while SYNs were being dropped when --duration 1s "
         "ended them, before their --timeout 3s"
     ) in text
+
+
+@linux
+def test_an_interrupt_while_a_tick_is_written_still_reports_the_partial_second() -> None:
+    # Ctrl-C landing in the CLI while it wrote a tick to a slow stdout lost the partial
+    # second's timeline object: the timeline summed to 100 of 238 attempts.
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, 1031, 4096)  # F_SETPIPE_SZ: a small pipe, then nearly fill it
+    os.write(write_end, b"#" * 4000 + b"\n")
+    argv = ["backlog", "--lab", "-n", "1000", "--rate", "100", "--json"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "netprobe", *argv],
+        stdout=write_end,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    os.close(write_end)
+    try:
+        time.sleep(2.5)  # the first tick's line (at 1 s) waits on the full pipe since then
+        proc.send_signal(signal.SIGINT)
+        data = b""
+        while chunk := os.read(read_end, 65536):
+            data += chunk
+        assert proc.wait(LONG) == 130
+    finally:
+        os.close(read_end)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(LONG)
+    records = [json.loads(line) for line in data.decode().splitlines()[1:]]
+    ticks = [r for r in records if r["kind"] == "backlog.timeline"]
+    (summary,) = [r for r in records if r["kind"] == "backlog"]
+    assert summary["interrupted"] is True
+    assert sum(t["attempts"] for t in ticks) == summary["attempted"] > ticks[0]["attempts"]

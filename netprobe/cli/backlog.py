@@ -251,26 +251,32 @@ def _run(
     attempts_so_far = 0
     total = effective_connections(cfg)
     events = run_backlog(cfg)
+
+    def show(event: Any) -> None:
+        nonlocal attempts_so_far
+        if isinstance(event, Preflight):
+            if json_out and progress:
+                # stdout holds JSON only; a person watching still sees the prediction.
+                err.write(f"preflight: {event.text}\n")
+                err.flush()
+            if not json_out and not quiet:
+                out.write(f"backlog {event.target}{_lab_text(cfg)}\n")
+                out.write(f"preflight: {event.text}\n")
+                for cap in event.caps:
+                    out.write(f"preflight: capped: {cap}\n")
+                out.flush()
+        elif isinstance(event, Tick):
+            if json_out and not quiet:
+                out.write(dump_json(event.as_record()) + "\n")
+                out.flush()
+            attempts_so_far += event.attempts
+            if progress:
+                status.show(_progress(event, attempts_so_far, total))
+
     try:
         for event in events:
-            if isinstance(event, Preflight):
-                if json_out and progress:
-                    # stdout holds JSON only; a person watching still sees the prediction.
-                    err.write(f"preflight: {event.text}\n")
-                    err.flush()
-                if not json_out and not quiet:
-                    out.write(f"backlog {event.target}{_lab_text(cfg)}\n")
-                    out.write(f"preflight: {event.text}\n")
-                    for cap in event.caps:
-                        out.write(f"preflight: capped: {cap}\n")
-                    out.flush()
-            elif isinstance(event, Tick):
-                if json_out and not quiet:
-                    out.write(dump_json(event.as_record()) + "\n")
-                    out.flush()
-                attempts_so_far += event.attempts
-                if progress:
-                    status.show(_progress(event, attempts_so_far, total))
+            if isinstance(event, Preflight | Tick):
+                show(event)
             else:
                 summary = event
     except KeyboardInterrupt:
@@ -280,7 +286,13 @@ def _run(
 
         if summary is not None or inspect.getgeneratorstate(events) != inspect.GEN_SUSPENDED:
             raise
-        summary = events.throw(KeyboardInterrupt())
+        # The engine yields the partial second's tick first, then the summary (later
+        # signals are ignored by then).
+        event = events.throw(KeyboardInterrupt())
+        while isinstance(event, Preflight | Tick):
+            show(event)
+            event = next(events)
+        summary = event
         events.close()
     assert summary is not None
     return summary

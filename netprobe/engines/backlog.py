@@ -1194,9 +1194,6 @@ def _run(
     accepted_before = 0
     peak_seen, peak_at = 0, None
     interrupted_at: float | None = None
-    # True while a tick is handed out: an interrupt that lands in the caller then is thrown
-    # in there (the CLI's events.throw), and the caller takes the summary as the next value.
-    at_yield = False
     last_tick: Tick | None = None  # an interrupted run's partial second
     try:
         while True:
@@ -1225,9 +1222,7 @@ def _run(
                 second += 1  # before the yield: an interrupt thrown in there cuts the next one
                 if tick.span_s > 0.001 or alive:
                     timeline.append(tick)
-                    at_yield = True
                     yield tick
-                    at_yield = False
             if not alive:
                 break
             if now > hard_stop:
@@ -1267,9 +1262,7 @@ def _run(
             tick = dataclasses.replace(tick, accepted=lab.accepted - accepted_before)
         if tick.span_s > 0.001 or tick.attempts or tick.established or tick.failures:
             timeline.append(tick)
-            # Thrown in at a yield, the caller wants the summary next: the tick is only in
-            # the summary's timeline then.
-            last_tick = None if at_yield else tick
+            last_tick = tick
     except BaseException:
         # A failure while sampling: do not wait for the run to finish.
         if isinstance(thread, _ConnectProcesses):
@@ -1635,14 +1628,18 @@ def _interpret(
         f"{rec['established']} of {attempted} connects were established and ended normally "
         "(client view)"
     ]
-    for key, label in (
-        ("timed_out", "timed out"),
-        ("refused", "were refused"),
-        ("reset", "were reset"),
-        ("errors", "failed locally"),
+    # timed_out counts the connects the run's end cut off too (stopped_pending): those are
+    # not said to have timed out.
+    cut_off = rec.get("stopped_pending") or 0
+    for count, label in (
+        (rec["timed_out"] - cut_off, "timed out"),
+        (cut_off, "were still waiting when the run ended"),
+        (rec["refused"], "were refused"),
+        (rec["reset"], "were reset"),
+        (rec["errors"], "failed locally"),
     ):
-        if rec[key]:
-            parts.append(f"{rec[key]} {label}")
+        if count:
+            parts.append(f"{count} {label}")
     lines.append("; ".join(parts) + ".")
     # With tcp_abort_on_overflow=1 the kernel answers a final ACK that meets a full accept
     # queue with RST: those resets are the overflow, not the server's doing (nor ghosts).
