@@ -410,6 +410,7 @@ class Connection(asyncio.Protocol):
 
     __slots__ = (
         "_abort_pending",
+        "_aborted",
         "_close_handle",
         "_closing",
         "_done",
@@ -427,7 +428,6 @@ class Connection(asyncio.Protocol):
         "_pauses",
         "_peer_eof",
         "_pending",
-        "_rst_fd",
         "_server",
         "_taken_seen",
         "_was_owed",
@@ -465,6 +465,7 @@ class Connection(asyncio.Protocol):
         self._eof_sent = False
         self._linger_since = 0.0
         self._abort_pending = False  # abort() before an outbound connect finished
+        self._aborted = False  # abort() ran: a second one must not count the drop again
         self._eof_pending = False  # half_close() before an outbound connect finished
         self._pauses: set[str] | None = None
         # Bytes (and an EOF: the b"" item) the transport delivered while paused, handed over
@@ -478,7 +479,6 @@ class Connection(asyncio.Protocol):
         self._fd = -1  # the socket's fd when busy polling applies to this connection
         self._drain_from = -1  # the socket's fd when a drain_chunk handler may drain it
         self._drain_sock: socket.socket | None = None  # a dup of that fd, once a client streams
-        self._rst_fd = -1  # a dup of the fd an abort holds until connection_lost (see abort)
         # Chunks up to this size are echoed back on arrival (Handler.echo_limit); -1 where
         # something must see them first (a --max-bytes count, an outbound connection).
         self._echo_limit = -1 if outbound or self._max_bytes is not None else handler.echo_limit
@@ -586,27 +586,30 @@ class Connection(asyncio.Protocol):
         """Close at once with RST (SO_LINGER 0); buffered bytes are dropped."""
         if self.reason is None:
             self.reason = reason
-        if self._done:
+        if self._done or self._aborted:
             return
         self._closing = True
         transport = self.transport
         if transport is None:
             self._abort_pending = True  # outbound still connecting
             return
+        self._aborted = True  # uvloop reports the dropped buffer until connection_lost
         sock = transport.get_extra_info("socket")
+        buffered = transport.get_write_buffer_size()
+        if transport.is_closing() and not buffered:
+            # A close with nothing left to flush is done or under way: uvloop has closed the
+            # fd already, and its number may be another socket's by now. Nothing to drop.
+            sock = None
         # What was dropped was never received: bytes_out counts it no more.
-        self.bytes_out -= min(self.bytes_out, transport.get_write_buffer_size())
-        if sock is not None and sock.family != socket.AF_UNIX and self._rst_fd < 0:
+        self.bytes_out -= min(self.bytes_out, buffered)
+        if sock is not None and sock.family != socket.AF_UNIX:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
-            # The RST also throws away what the kernel has not sent yet. Until it goes, the
-            # kernel sends on as the client reads, and the loop may close its fd only in a
-            # later turn: a duplicate fd, closed last in _finish, sends the RST right after
-            # that count (one taken now could be tens of KB short).
-            try:
-                self._rst_fd = os.dup(sock.fileno())
-            except OSError:  # out of fds: counted now
-                self.bytes_out -= min(self.bytes_out, sockets.unsent_bytes(sock) or 0)
+            # The RST also throws away what the kernel has not sent yet. Until the RST goes
+            # the kernel sends on as the client reads, and the loop closes its fd only in a
+            # later turn: the RST goes now, right after the count (a count at the loop's
+            # close was tens of KB short).
+            self.bytes_out -= min(self.bytes_out, sockets.reset_counting_unsent(sock))
         transport.abort()
 
     def half_close(self) -> None:
@@ -914,10 +917,6 @@ class Connection(asyncio.Protocol):
             self.reason = CloseReason.EOF
         self.transport = None
         self._fd = self._drain_from = -1
-        if self._rst_fd >= 0:  # see abort()
-            with socket.socket(fileno=self._rst_fd) as rst:
-                self._rst_fd = -1
-                self.bytes_out -= min(self.bytes_out, sockets.unsent_bytes(rst) or 0)
         if self._drain_sock is not None:
             self._drain_sock.close()
             self._drain_sock = None
@@ -955,7 +954,10 @@ class Connection(asyncio.Protocol):
             # the clock restarts when it took some since the last check, if some was owed
             # then or still is: a reply taken at once does not count, a client that takes
             # nothing is dropped, one that took the last of it a moment ago is not.
-            taken = self._bytes_taken()
+            # (Nothing written since a check that found it all taken: no need to ask.)
+            taken = self._taken_seen
+            if self.bytes_out != taken or self._was_owed:
+                taken = self._bytes_taken()
             owed = taken < self.bytes_out
             if taken > self._taken_seen and (owed or self._was_owed):
                 self._last_rx = now

@@ -417,11 +417,14 @@ def address_range(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Addr
     except ValueError:
         return None
     high_text = high_text.strip()
-    if high_text.isascii() and high_text.isdigit() and low.version == 4:
+    octet = high_text.isascii() and high_text.isdigit() and low.version == 4
+    if octet:
         high_text = f"{low_text.strip().rsplit('.', 1)[0]}.{high_text}"
     try:
         high = ipaddress.ip_address(high_text)
     except ValueError:
+        if octet:  # `127.0.0.1-300` is a range gone wrong, not a name to look up
+            raise AddressError(f"{text!r}: {high_text.rsplit('.', 1)[1]} is no octet") from None
         return None
     if high.version != low.version or int(high) < int(low):
         raise AddressError(f"{text!r}: the range runs backwards or mixes families")
@@ -446,8 +449,10 @@ def expand_hosts(host: str, *, cap: int | None = DEFAULT_CIDR_CAP) -> Iterator[s
             return
         first, count = span
         _check_expansion_size(host, count, cap)
+        scope = getattr(first, "scope_id", None)  # fe80::1%lo-fe80::9%lo: every one's zone
+        zone = f"%{scope}" if scope else ""
         for offset in range(count):
-            yield str(first + offset)
+            yield f"{first + offset}{zone}"
         return
     try:
         network = ipaddress.ip_network(host, strict=False)
@@ -1015,6 +1020,34 @@ def half_close(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_WR)
 
 
+_LIBC: Any = None  # ctypes' handle on the C library (False: not to be had), loaded on use
+
+
+def reset_counting_unsent(sock: socket.socket) -> int:
+    """Send a TCP RST at once, the fd staying open, and return the data bytes the kernel
+    had not sent by then (unsent_bytes): what the RST keeps from the peer.
+
+    For a socket an event loop closes only later: until the RST the kernel goes on sending
+    as the peer reads, so a count taken earlier comes out short. connect(2) with AF_UNSPEC
+    disconnects (Linux tcp_disconnect: RST from an established or closing state, queues
+    dropped) in the system call right after the count. Elsewhere (not Linux, no ctypes) the
+    count is all it does, and the caller's close with SO_LINGER 0 resets."""
+    global _LIBC
+    if _LIBC is None and sys.platform == "linux":
+        try:  # before the count: an import between it and the RST would let the kernel send
+            import ctypes
+
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+        except (ImportError, OSError):
+            _LIBC = False
+    unsent = unsent_bytes(sock) or 0
+    if _LIBC and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError, AttributeError):
+            unspec = struct.pack("=H14x", socket.AF_UNSPEC)  # struct sockaddr, family only
+            _LIBC.connect(sock.fileno(), unspec, len(unspec))
+    return unsent
+
+
 def abort_connection(sock: socket.socket) -> None:
     """Close with RST (SO_LINGER on, 0 s): the peer gets ECONNRESET, no TIME_WAIT here."""
     with contextlib.suppress(OSError):
@@ -1173,8 +1206,9 @@ def _open_unix_listener(path: str, backlog: int) -> socket.socket:
     else:
         if not stat.S_ISSOCK(info.st_mode):
             raise LocalError(f"cannot bind {shown}: EADDRINUSE: it exists and is not a socket")
-        if _unix_in_use(path):
-            raise LocalError(f"cannot bind {shown}: EADDRINUSE: a live socket is bound to it")
+        in_use = _unix_in_use(path)
+        if in_use is not None:
+            raise LocalError(f"cannot bind {shown}: {in_use}", in_use.split(":", 1)[0])
         # Stale: no socket is bound to it. Removed only if it is still that file: another
         # server starting now may have replaced it with its own since we looked.
         if file_identity(path) == (info.st_dev, info.st_ino):
@@ -1199,23 +1233,28 @@ def _path_error(shown: str, exc: OSError, doing: str) -> LocalError:
     return LocalError(f"cannot bind {shown}: {name}: {doing} ({exc.strerror})", name)
 
 
-def _unix_in_use(path: str) -> bool:
-    """Whether a live socket of any type is bound at path, asked without becoming anybody's
-    client: a datagram connect() to a stream socket fails with EPROTOTYPE before any
-    connection exists (a stream probe would be accepted: an `echo --unix --once` counted it
-    as its one client and exited), to a datagram one it succeeds, and to a file no socket is
-    bound to any more it fails with ECONNREFUSED. Any other answer (EACCES: we may not write
-    to it) is taken as in use: a file that may be live is never removed."""
+def _unix_in_use(path: str) -> str | None:
+    """Why the socket file at path may not be replaced ("ERRNO: why"), or None when no
+    socket is bound to it any more (a stale file).
+
+    Asked without becoming anybody's client: a datagram connect() to a stream socket fails
+    with EPROTOTYPE before any connection exists (a stream probe would be accepted: an `echo
+    --unix --once` counted it as its one client and exited), to a datagram one it succeeds,
+    and to a file no socket is bound to any more it fails with ECONNREFUSED. Any other answer
+    (EACCES: we may not write to it) leaves the question open: a file that may be live is
+    never removed."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         probe.connect(path)
     except (ConnectionRefusedError, FileNotFoundError):
-        return False
-    except OSError:
-        return True
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.EPROTOTYPE, errno.EAGAIN):
+            name = errno_name(exc.errno) or "error"
+            return f"{name}: cannot tell whether a socket is still bound to it ({exc.strerror})"
     finally:
         probe.close()
-    return True
+    return "EADDRINUSE: a live socket is bound to it"
 
 
 def accept_and_close(listener: socket.socket, deadline: float) -> str | None:

@@ -575,6 +575,8 @@ _SETPRIV = shutil.which("setpriv")
     [
         ("stale.sock", "EACCES: cannot remove the stale socket file"),
         ("new.sock", "EACCES: permission denied (a socket file needs a directory we may write to)"),
+        # We may not write to the file itself: whether a socket is bound there is unknown.
+        ("locked.sock", "EACCES: cannot tell whether a socket is still bound to it"),
     ],
 )
 def test_a_socket_path_in_a_directory_we_may_not_write(tmp_path: Path, name: str, why: str) -> None:
@@ -582,8 +584,10 @@ def test_a_socket_path_in_a_directory_we_may_not_write(tmp_path: Path, name: str
     # blamed ports below 1024.
     ro = tmp_path / "ro"
     ro.mkdir()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
-        stale.bind(str(ro / "stale.sock"))
+    for stale_name in ("stale.sock", "locked.sock"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+            stale.bind(str(ro / stale_name))
+    (ro / "locked.sock").chmod(0)
     ro.chmod(0o555)
     # Root (also in a user namespace) passes permission checks: drop the capabilities that
     # let it (the process runs as this uid, no new privileges).

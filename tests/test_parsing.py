@@ -154,8 +154,11 @@ def test_expand_hosts_takes_address_ranges_as_nmap_does() -> None:
     ]
     assert list(expand_hosts("::1-::2")) == ["::1", "::2"]
     assert list(expand_hosts("my-host.example")) == ["my-host.example"]  # a name, dash and all
+    assert list(expand_hosts("fe80::1%lo-fe80::2%lo")) == ["fe80::1%lo", "fe80::2%lo"]
     with pytest.raises(AddressError, match="runs backwards"):
         list(expand_hosts("127.0.0.9-3"))
+    with pytest.raises(AddressError, match="300 is no octet"):
+        list(expand_hosts("127.0.0.1-300"))  # was looked up as a name
     with pytest.raises(AddressError, match="above the cap"):
         list(expand_hosts("10.0.0.0-10.1.0.0"))
 

@@ -202,10 +202,8 @@ def parse_sources(text: str) -> list[str]:
             elif "-" in item:
                 try:
                     span = address_range(item)
-                except AddressError:
-                    raise UsageError(
-                        f"--source range {item!r} runs backwards or mixes families"
-                    ) from None
+                except AddressError as exc:
+                    raise UsageError(f"--source range {exc}") from None
                 if span is None:
                     raise ValueError(item)
                 low, count = span
