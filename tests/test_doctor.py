@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -529,19 +530,45 @@ EXCEPTION_NAMES = {
 } | set(errors.__all__)
 
 
-def _doctor_with_loopback_down(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
+def _doctor_with_loopback_down(
+    argv: list[str], setup: str = ""
+) -> subprocess.CompletedProcess[bytes]:
     """`python -m netprobe ARGV` in a fresh network namespace, whose loopback is down (as a
-    new namespace's always is). Skips where no namespace can be made."""
+    new namespace's always is) unless the `setup` shell commands change it. Skips where no
+    namespace can be made."""
     unshare = shutil.which("unshare")
     if unshare is None:
         pytest.skip("no unshare")
+    if setup and shutil.which("ip") is None:
+        pytest.skip("no ip command")
     # -r where unprivileged user namespaces exist; plain -n for root, or inside a namespace
     # whose capabilities allow it (the suite's workers may already run in `unshare -n`).
     for flags in ("-rn", "-n"):
         if _runs([unshare, flags, "true"]):
-            cmd = [unshare, flags, sys.executable, "-m", "netprobe", *argv]
+            run = shlex.join([sys.executable, "-m", "netprobe", *argv])
+            cmd = [unshare, flags, "sh", "-c", f"{setup or ':'} && exec {run}"]
             return subprocess.run(cmd, capture_output=True, timeout=60, cwd=ROOT, check=False)
     pytest.skip("no network namespace can be made here (no unshare -n or -rn)")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux network namespaces")
+def test_doctor_without_127_0_0_1_skips_what_needs_it() -> None:
+    # lo up, 127.0.0.1 gone: listen-send was "crashed" (a RuntimeError around the bind's
+    # EADDRNOTAVAIL) and ten more checks failed one by one on the same cause.
+    setup = "ip link set lo up && ip addr del 127.0.0.1/8 dev lo"
+    proc = _doctor_with_loopback_down(["doctor", "--json"], setup)
+    rows, summary = _rows(proc.stdout)
+    by_name = {r["check"]: r for r in rows}
+    assert by_name["ipv4-loopback"]["verdict"] == "fail", by_name["ipv4-loopback"]
+    assert "EADDRNOTAVAIL" in by_name["ipv4-loopback"]["hint"]
+    skipped = {r["check"] for r in rows if r["verdict"] == "skip"}
+    assert skipped == NEEDS_LOOPBACK
+    for name in skipped:
+        assert by_name[name]["hint"] == (
+            "not run: needs 127.0.0.1, which does not work here (see ipv4-loopback)"
+        )
+    assert [r["check"] for r in rows if r["verdict"] == "fail"] == ["ipv4-loopback"]
+    assert (summary["fail"], proc.returncode) == (1, 1)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux network namespaces")

@@ -92,14 +92,17 @@ def run_doctor(
         quick: only the checks marked quick (host facts and the fast self-tests).
         checks: the checks to run instead of the built-in list (tests use it).
     """
-    lo_down: str | None = None  # the loopback interface, once ipv4-loopback found it down
+    # Once ipv4-loopback failed: (figure, why) for the checks that need 127.0.0.1.
+    no_loopback: tuple[str, str] | None = None
     for check in _CHECKS if checks is None else checks:
         if quick and not check.quick:
             continue
-        if lo_down is not None and check.needs_loopback:
-            # Every exchange would fail with the same ENETUNREACH: one cause, said once.
-            hint = f"not run: needs 127.0.0.1, and {lo_down} is down (see {_LOOPBACK_CHECK})"
-            yield CheckResult(check.group, check.name, Verdict.SKIP, f"{lo_down} down", hint, 0.0)
+        if no_loopback is not None and check.needs_loopback:
+            # Every exchange would fail the same way (ENETUNREACH, EADDRNOTAVAIL): one cause,
+            # said once.
+            figure, why = no_loopback
+            hint = f"not run: needs 127.0.0.1, {why} (see {_LOOPBACK_CHECK})"
+            yield CheckResult(check.group, check.name, Verdict.SKIP, figure, hint, 0.0)
             continue
         start = time.monotonic()
         try:
@@ -111,6 +114,11 @@ def run_doctor(
         yield CheckResult(check.group, check.name, verdict, figure, hint, round(elapsed_ms, 2))
         if check.name == _LOOPBACK_CHECK and verdict is Verdict.FAIL:
             lo_down = _loopback_down()
+            no_loopback = (
+                (f"{lo_down} down", f"and {lo_down} is down")
+                if lo_down is not None
+                else ("no 127.0.0.1", "which does not work here")
+            )
 
 
 def _one_line(text: str) -> str:
@@ -816,7 +824,9 @@ def _listen_send() -> Outcome:
     thread.start()
     try:
         if not ready.wait(_STEP_S) or not port:
-            raise RuntimeError(f"listen did not announce its port ({errors[:1]})")
+            if errors:
+                raise errors[0]  # its own failure (a bind's EADDRNOTAVAIL) names the cause
+            raise RuntimeError("listen did not announce its port")
         result = _send(f"127.0.0.1:{port[0]}", request)
     finally:
         thread.join(_STEP_S + _STOP_S)
