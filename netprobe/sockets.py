@@ -1020,6 +1020,38 @@ def half_close(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_WR)
 
 
+# A lingering close ends once the peer was quiet this long with all our bytes acknowledged.
+LINGER_QUIET_S = 0.05
+
+
+def close_lingering(sock: socket.socket, cap_s: float) -> None:
+    """Close a connection whose peer may still be sending, as a FIN rather than an RST.
+
+    A close with received bytes unread makes the kernel answer RST at once, and the peer
+    loses what it had not read yet of ours (SOCKETS.md §5). So: FIN after our bytes, then
+    read and drop until the peer's FIN, or until it has been quiet LINGER_QUIET_S with every
+    byte of ours acknowledged, or cap_s (then the close is what it is)."""
+    half_close(sock)
+    deadline = time.monotonic() + cap_s
+    try:
+        sock.setblocking(False)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready, _, _ = select.select([sock], [], [], min(left, LINGER_QUIET_S))
+            if not ready:
+                if not send_queue_bytes(sock):
+                    break  # quiet, and nothing of ours left to lose
+                continue
+            if not sock.recv(65536):
+                break  # the peer's FIN
+    except OSError:
+        pass  # reset or gone: nothing more to save
+    finally:
+        sock.close()
+
+
 _LIBC: Any = None  # ctypes' handle on the C library (False: not to be had), loaded on use
 
 

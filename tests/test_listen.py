@@ -227,6 +227,18 @@ def test_max_bytes(spawn: type[Listen]) -> None:
     assert "ended: max-bytes (received 4 B," in err
 
 
+def test_max_bytes_gives_a_peer_still_sending_eof_not_a_reset(spawn: type[Listen]) -> None:
+    # The close came with the peer's later bytes unread: the kernel answered RST, so a peer
+    # that sent past the limit got ECONNRESET, not EOF (as echo's lingering close gives).
+    listener = spawn(["--max-bytes", "10000"])  # less than a pipe holds: stdout never waits
+    with _connect(listener.port) as client:
+        client.sendall(b"x" * 150_000)
+        assert _read_to_eof(client) == b""  # EOF; a reset raises ConnectionResetError
+        code, out, err = listener.finish()
+    assert code == 0, err
+    assert out == b"x" * 10_000
+
+
 @pytest.mark.unix
 def test_unix_socket(spawn: type[Listen], tmp_path: Path) -> None:
     path = str(tmp_path / "l.sock")

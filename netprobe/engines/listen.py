@@ -25,6 +25,7 @@ from netprobe.sockets import (
     PumpResult,
     ReplyFrom,
     accept_one,
+    close_lingering,
     enable_pktinfo,
     file_identity,
     format_hostport,
@@ -40,6 +41,9 @@ from netprobe.sockets import (
 __all__ = ["ListenOptions", "ListenSummary", "listen"]
 
 OnEvent = Callable[[dict[str, Any]], None]
+# A peer still sending when --max-bytes ends its session: read and dropped this long at most
+# before the close (see sockets.close_lingering), so that it gets EOF, not an RST.
+_LINGER_CAP_S = 1.0
 
 
 @dataclass
@@ -214,6 +218,9 @@ def _serve(
         summary.ended_by = ended
         report(ended, None)
         raise
+    else:
+        if result.ended_by == "stopped":  # --max-bytes: the peer may still be sending
+            close_lingering(conn, _LINGER_CAP_S)
     finally:
         conn.close()
     ended = "max-bytes" if result.ended_by == "stopped" else result.ended_by
