@@ -97,7 +97,7 @@ _SHUTDOWN_GRACE_S = 0.5
 # throw away what we had queued for it (the echo it is owed). The linger also ends once every
 # byte we sent was acknowledged and the client has been quiet this long; close_timeout_s caps
 # it (then RST, and bytes_out loses what the client never got).
-_LINGER_QUIET_S = 0.05
+_LINGER_QUIET_S = sockets.LINGER_QUIET_S
 _LINGER_CHECK_S = 0.05
 
 _monotonic = time.monotonic

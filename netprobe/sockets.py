@@ -417,15 +417,18 @@ def address_range(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Addr
     except ValueError:
         return None
     high_text = high_text.strip()
-    octet = high_text.isascii() and high_text.isdigit() and low.version == 4
-    if octet:
-        high_text = f"{low_text.strip().rsplit('.', 1)[0]}.{high_text}"
-    try:
-        high = ipaddress.ip_address(high_text)
-    except ValueError:
-        if octet:  # `127.0.0.1-300` is a range gone wrong, not a name to look up
-            raise AddressError(f"{text!r}: {high_text.rsplit('.', 1)[1]} is no octet") from None
-        return None
+    high: ipaddress.IPv4Address | ipaddress.IPv6Address
+    if high_text.isascii() and high_text.isdigit() and low.version == 4:
+        # The last octet, as nmap reads it (`-03` too); `127.0.0.1-300` is a range gone
+        # wrong, not a name to look up.
+        if int(high_text) > 255:
+            raise AddressError(f"{text!r}: {high_text} is no octet")
+        high = ipaddress.IPv4Address(int(low) & ~0xFF | int(high_text))
+    else:
+        try:
+            high = ipaddress.ip_address(high_text)
+        except ValueError:
+            return None
     if high.version != low.version or int(high) < int(low):
         raise AddressError(f"{text!r}: the range runs backwards or mixes families")
     return low, int(high) - int(low) + 1

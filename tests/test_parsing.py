@@ -146,6 +146,7 @@ def test_expand_hosts_takes_address_ranges_as_nmap_does() -> None:
     # `127.0.0.1-3` was looked up as a name (EAI_AGAIN, exit 5) while `backlog --source`
     # took the same range.
     assert list(expand_hosts("127.0.0.1-3")) == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    assert list(expand_hosts("127.0.0.1-02")) == ["127.0.0.1", "127.0.0.2"]  # as nmap
     assert list(expand_hosts("127.0.0.254-127.0.1.1")) == [
         "127.0.0.254",
         "127.0.0.255",
