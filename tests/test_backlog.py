@@ -746,3 +746,21 @@ def test_an_interrupt_while_a_tick_is_written_still_reports_the_partial_second()
     (summary,) = [r for r in records if r["kind"] == "backlog"]
     assert summary["interrupted"] is True
     assert sum(t["attempts"] for t in ticks) == summary["attempted"] > ticks[0]["attempts"]
+
+
+def test_the_text_timeline_marks_a_partial_last_second() -> None:
+    # A run cut short (an interrupt, --duration 1.5s) ends on a second that covers less:
+    # shown as any other row, its counts read as a full second's.
+    import io
+
+    from netprobe.cli.backlog import _timeline
+    from netprobe.engines.backlog import Tick
+
+    def tick(t: int, span_s: float) -> Tick:
+        return Tick(t, span_s, None, 100, 90, 10, 0, 0, 10, 0, 5, 0, 3, 0)
+
+    out = io.StringIO()
+    _timeline(out, [tick(1, 1.0), tick(2, 0.5)])
+    rows = out.getvalue().splitlines()[2:]
+    assert "last" not in rows[0]
+    assert rows[1].endswith("(last 0.50 s only)")

@@ -444,7 +444,9 @@ def _timeline(out: TextIO, ticks: "list[Tick]") -> None:
         "     t  attempts  established  failures  in flight  held  queue  syn-recv  accepted\n"
     )
     for t in ticks:
+        # The last second of a run cut short covers less: its counts are not per second.
+        partial = f"  (last {t.span_s:.2f} s only)" if t.span_s < 0.995 else ""
         out.write(
             f"  {t.t:>4}  {t.attempts:>8}  {t.established:>11}  {t.failures:>8}  "
-            f"{t.in_flight:>9}  {t.held:>4}  {_num(t.accept_queue):>5}  {_num(t.syn_recv):>8}  {_num(t.accepted):>8}\n"
+            f"{t.in_flight:>9}  {t.held:>4}  {_num(t.accept_queue):>5}  {_num(t.syn_recv):>8}  {_num(t.accepted):>8}{partial}\n"
         )
