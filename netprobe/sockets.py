@@ -431,6 +431,11 @@ def address_range(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Addr
             return None
     if high.version != low.version or int(high) < int(low):
         raise AddressError(f"{text!r}: the range runs backwards or mixes families")
+    zones = {getattr(a, "scope_id", None) for a in (low, high)} - {None}
+    if len(zones) > 1:
+        raise AddressError(f"{text!r}: the two ends name different zones")
+    if zones and getattr(low, "scope_id", None) is None:  # fe80::1-fe80::3%lo: lo for all
+        low = ipaddress.ip_address(f"{low}%{zones.pop()}")
     return low, int(high) - int(low) + 1
 
 
@@ -1036,19 +1041,23 @@ def close_lingering(sock: socket.socket, cap_s: float) -> None:
     byte of ours acknowledged, or cap_s (then the close is what it is)."""
     half_close(sock)
     deadline = time.monotonic() + cap_s
+    poller = select.poll()  # not select(): any fd number
     try:
         sock.setblocking(False)
+        poller.register(sock, select.POLLIN)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            ready, _, _ = select.select([sock], [], [], min(left, LINGER_QUIET_S))
-            if not ready:
+            if not poller.poll(poll_ms(min(left, LINGER_QUIET_S))):
                 if not send_queue_bytes(sock):
                     break  # quiet, and nothing of ours left to lose
                 continue
-            if not sock.recv(65536):
-                break  # the peer's FIN
+            try:
+                if not sock.recv(65536):
+                    break  # the peer's FIN
+            except (BlockingIOError, InterruptedError):
+                continue
     except OSError:
         pass  # reset or gone: nothing more to save
     finally:

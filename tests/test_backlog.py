@@ -691,6 +691,9 @@ def test_an_interrupted_timeline_adds_up_to_the_summary() -> None:
     assert sum(tick["attempts"] for tick in ticks) == summary["attempted"]
     failures = ("refused", "reset", "timed_out", "errors")
     assert sum(tick["failures"] for tick in ticks) == sum(summary[key] for key in failures)
+    # The connects the interrupt cut off are among the failures (timed out): the partial
+    # second counted them in flight too.
+    assert ticks[-1]["in_flight"] == 0
 
 
 @linux

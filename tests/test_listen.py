@@ -239,6 +239,35 @@ def test_max_bytes_gives_a_peer_still_sending_eof_not_a_reset(spawn: type[Listen
     assert out == b"x" * 10_000
 
 
+def test_ctrl_c_while_max_bytes_lingers_still_reports_the_peer(spawn: type[Listen]) -> None:
+    # The peer keeps sending past --max-bytes, so the close lingers (up to 1 s); a Ctrl-C
+    # then ended the run with no report of the peer at all (the report came after the
+    # linger). It is made before the linger now.
+    listener = spawn(["--json", "--max-bytes", "100"])
+    listener.write(b"", close=True)
+    stop = threading.Event()
+
+    def flood() -> None:
+        with contextlib.suppress(OSError), _connect(listener.port) as client:
+            while not stop.is_set():
+                client.sendall(b"f" * 65536)
+
+    sender = threading.Thread(target=flood, daemon=True)
+    sender.start()
+    try:
+        assert listener.read_stdout(100) == b"f" * 100
+        time.sleep(0.3)  # lingering now: the flood goes on
+        listener.proc.send_signal(signal.SIGINT)
+        code, _out, err = listener.finish()
+    finally:
+        stop.set()
+        sender.join(LONG)
+    assert code == 130, err
+    events = [json.loads(line) for line in err.splitlines()]
+    (close,) = [e for e in events if e["event"] == "close"]
+    assert (close["ended_by"], close["bytes_in"]) == ("max-bytes", 100)
+
+
 @pytest.mark.unix
 def test_unix_socket(spawn: type[Listen], tmp_path: Path) -> None:
     path = str(tmp_path / "l.sock")

@@ -156,6 +156,9 @@ def test_expand_hosts_takes_address_ranges_as_nmap_does() -> None:
     assert list(expand_hosts("::1-::2")) == ["::1", "::2"]
     assert list(expand_hosts("my-host.example")) == ["my-host.example"]  # a name, dash and all
     assert list(expand_hosts("fe80::1%lo-fe80::2%lo")) == ["fe80::1%lo", "fe80::2%lo"]
+    assert list(expand_hosts("fe80::1-fe80::2%lo")) == ["fe80::1%lo", "fe80::2%lo"]
+    with pytest.raises(AddressError, match="different zones"):
+        list(expand_hosts("fe80::1%lo-fe80::2%eth9"))
     with pytest.raises(AddressError, match="runs backwards"):
         list(expand_hosts("127.0.0.9-3"))
     with pytest.raises(AddressError, match="300 is no octet"):

@@ -1378,8 +1378,9 @@ def _cut_tick(
         attempts_now = stats.started
     else:
         # The frozen tally is what the summary reports: counting from it makes the ticks add
-        # up to the summary, while the worker thread may still be starting connects.
-        in_flight, held = cut
+        # up to the summary, while the worker thread may still be starting connects. The
+        # connects still pending were counted ended (timed out) by the cut: none in flight.
+        in_flight, held = 0, cut[1]
         established_now = max(last["est"], tally.handshakes)
         attempts_now = max(last["attempts"], tally.attempted)
     current = {

@@ -200,36 +200,39 @@ def _serve(
         on_event(event)
 
     try:
-        result = pump_duplex(
-            conn,
-            read_input=None if stdin.eof else stdin.read,
-            input_fd=stdin.fd,
-            on_received=on_received,
-            idle_timeout_s=opts.idle_timeout_s,
-            shutdown_on_input_eof=True,
-            stop_on_peer_eof=opts.interactive or stdin.eof,
-            idle_while_input=True,
-            into=pumped,
-        )
-    except (KeyboardInterrupt, BrokenPipeError) as exc:
-        # Ctrl-C is how an interactive session often ends, and a closed stdout (`| head`)
-        # ends it too: the peer's report still comes (as for UDP), then the exit.
-        ended = "interrupted" if isinstance(exc, KeyboardInterrupt) else "output-closed"
-        summary.ended_by = ended
-        report(ended, None)
-        raise
-    else:
-        if result.ended_by == "stopped":  # --max-bytes: the peer may still be sending
+        try:
+            result = pump_duplex(
+                conn,
+                read_input=None if stdin.eof else stdin.read,
+                input_fd=stdin.fd,
+                on_received=on_received,
+                idle_timeout_s=opts.idle_timeout_s,
+                shutdown_on_input_eof=True,
+                stop_on_peer_eof=opts.interactive or stdin.eof,
+                idle_while_input=True,
+                into=pumped,
+            )
+        except (KeyboardInterrupt, BrokenPipeError) as exc:
+            # Ctrl-C is how an interactive session often ends, and a closed stdout (`| head`)
+            # ends it too: the peer's report still comes (as for UDP), then the exit.
+            ended = "interrupted" if isinstance(exc, KeyboardInterrupt) else "output-closed"
+            summary.ended_by = ended
+            report(ended, None)
+            raise
+        ended = "max-bytes" if result.ended_by == "stopped" else result.ended_by
+        if ended == "idle-timeout" and result.peer_eof and not result.output_pending:
+            # The peer had closed; only our stdin, open and silent, kept the connection until
+            # the idle timeout. The peer's side ended as it should: that is what the report
+            # says. (With our bytes stuck unsent, a peer that stopped reading, idle-timeout is
+            # the truth.)
+            ended = "eof"
+        # Reported before any linger: its duration is the session's, and a Ctrl-C during the
+        # linger finds it made.
+        report(ended, result.errno_name)
+        if ended == "max-bytes":  # the peer may still be sending
             close_lingering(conn, _LINGER_CAP_S)
     finally:
         conn.close()
-    ended = "max-bytes" if result.ended_by == "stopped" else result.ended_by
-    if ended == "idle-timeout" and result.peer_eof and not result.output_pending:
-        # The peer had closed; only our stdin, open and silent, kept the connection until the
-        # idle timeout. The peer's side ended as it should: that is what the report says. (With
-        # our bytes stuck unsent, a peer that stopped reading, idle-timeout is the truth.)
-        ended = "eof"
-    report(ended, result.errno_name)
     return ended
 
 
