@@ -594,14 +594,11 @@ class Connection(asyncio.Protocol):
             self._abort_pending = True  # outbound still connecting
             return
         self._aborted = True  # uvloop reports the dropped buffer until connection_lost
+        # (Both loops keep the fd open until connection_lost has run, a close() of theirs
+        # too: the socket is still this connection's.)
         sock = transport.get_extra_info("socket")
-        buffered = transport.get_write_buffer_size()
-        if transport.is_closing() and not buffered:
-            # A close with nothing left to flush is done or under way: uvloop has closed the
-            # fd already, and its number may be another socket's by now. Nothing to drop.
-            sock = None
         # What was dropped was never received: bytes_out counts it no more.
-        self.bytes_out -= min(self.bytes_out, buffered)
+        self.bytes_out -= min(self.bytes_out, transport.get_write_buffer_size())
         if sock is not None and sock.family != socket.AF_UNIX:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
