@@ -725,11 +725,16 @@ def test_an_interrupt_while_a_tick_is_written_still_reports_the_partial_second()
     fcntl.fcntl(write_end, 1031, 4096)  # F_SETPIPE_SZ: a small pipe, then nearly fill it
     os.write(write_end, b"#" * 4000 + b"\n")
     argv = ["backlog", "--lab", "-n", "1000", "--rate", "100", "--json"]
+    # stdout buffered, as Python sets it up for a pipe by default. (Unbuffered, python -u or
+    # PYTHONUNBUFFERED, a Ctrl-C inside the blocked write of a line loses that line: the
+    # write of one short line to a pipe is all or nothing; known, not fixed.)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "netprobe", *argv],
         stdout=write_end,
         stderr=subprocess.DEVNULL,
         cwd=ROOT,
+        env=env,
     )
     os.close(write_end)
     try:
