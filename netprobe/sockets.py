@@ -81,6 +81,7 @@ __all__ = [
     "probe_peer",
     "pump_duplex",
     "raise_nofile_limit",
+    "range_addresses",
     "recv_datagram",
     "recv_exactly",
     "recv_some",
@@ -439,6 +440,17 @@ def address_range(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Addr
     return low, int(high) - int(low) + 1
 
 
+def range_addresses(
+    first: ipaddress.IPv4Address | ipaddress.IPv6Address, count: int
+) -> Iterator[str]:
+    """The `count` addresses from `first` on, as text, each with `first`'s zone (fe80::1%lo:
+    an address's arithmetic drops it)."""
+    scope = getattr(first, "scope_id", None)
+    zone = f"%{scope}" if scope else ""
+    for offset in range(count):
+        yield f"{first + offset}{zone}"
+
+
 def expand_hosts(host: str, *, cap: int | None = DEFAULT_CIDR_CAP) -> Iterator[str]:
     """Yield the addresses of a CIDR block or an address range lazily, or the host itself.
 
@@ -457,10 +469,7 @@ def expand_hosts(host: str, *, cap: int | None = DEFAULT_CIDR_CAP) -> Iterator[s
             return
         first, count = span
         _check_expansion_size(host, count, cap)
-        scope = getattr(first, "scope_id", None)  # fe80::1%lo-fe80::9%lo: every one's zone
-        zone = f"%{scope}" if scope else ""
-        for offset in range(count):
-            yield f"{first + offset}{zone}"
+        yield from range_addresses(first, count)
         return
     try:
         network = ipaddress.ip_network(host, strict=False)

@@ -85,6 +85,7 @@ def test_parse_sources_forms() -> None:
     assert parse_sources("127.0.0.2-127.0.0.4") == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
     assert parse_sources("127.0.0.2-3,127.0.0.9") == ["127.0.0.2", "127.0.0.3", "127.0.0.9"]
     assert parse_sources("127.0.0.0/30") == ["127.0.0.0", "127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    assert parse_sources("fe80::1-fe80::2%lo") == ["fe80::1%lo", "fe80::2%lo"]  # zone kept
 
 
 @pytest.mark.parametrize("bad", ["127.0.0.9-127.0.0.2", "nope", "127.0.0.1,", "10.0.0.0/8"])

@@ -43,6 +43,7 @@ from netprobe.sockets import (
     open_listener,
     parse_float,
     raise_nofile_limit,
+    range_addresses,
     resolve,
     resolve_named,
     resolved_off_loopback,
@@ -211,7 +212,7 @@ def parse_sources(text: str) -> list[str]:
                     raise UsageError(
                         f"--source {item!r} holds {count} addresses (at most {MAX_SOURCES})"
                     )
-                out.extend(str(low + i) for i in range(count))
+                out.extend(range_addresses(low, count))
             else:
                 out.append(str(ipaddress.ip_address(item)))
         except ValueError:
