@@ -51,7 +51,6 @@ import ipaddress
 import os
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -370,9 +369,6 @@ class DatagramHandler:
         return None
 
 
-_LINGER_ZERO = struct.pack("ii", 1, 0)
-
-
 def _ended_how(status: int) -> str:
     """A waitpid status in words: "was killed by SIGKILL", "exited with status 70"."""
     if os.WIFSIGNALED(status):
@@ -601,7 +597,7 @@ class Connection(asyncio.Protocol):
         self.bytes_out -= min(self.bytes_out, transport.get_write_buffer_size())
         if sock is not None and sock.family != socket.AF_UNIX:
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+                sockets.set_linger_zero(sock)
             # The RST also throws away what the kernel has not sent yet. Until the RST goes
             # the kernel sends on as the client reads, and the loop closes its fd only in a
             # later turn: the RST goes now, right after the count (a count at the loop's
