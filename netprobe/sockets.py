@@ -955,6 +955,9 @@ def _wait_connected(
     (or once `cancel` is set)."""
     poller = select.poll()
     poller.register(sock, select.POLLOUT)
+    wake = _signal_wake_fd()
+    if wake is not None:
+        poller.register(wake, select.POLLIN)
     while True:
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
@@ -963,9 +966,11 @@ def _wait_connected(
             if cancel.is_set():
                 return None
             left = CANCEL_POLL_S if left is None else min(left, CANCEL_POLL_S)
-        events = poller.poll(None if left is None else poll_ms(left))
-        if events:
-            return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        for fd, _event in poller.poll(None if left is None else poll_ms(left)):
+            if fd == wake:
+                _drain_signal_wake(fd)
+            else:
+                return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1476,6 +1481,38 @@ def raise_nofile_limit(wanted: int) -> NofileLimit:
 # Counts and signals: Ctrl-C never lands between a system call and the count of its result
 # ---------------------------------------------------------------------------------------------
 
+# The read end of the pipe signal.set_wakeup_fd writes to (None until first needed).
+_signal_pipe: tuple[int, int] | None = None
+
+
+def _signal_wake_fd() -> int | None:
+    """An fd that becomes readable when a signal with a Python handler arrives, for a wait in
+    the main thread to poll beside its own fds (None elsewhere, or where an event loop owns
+    the wake-up fd). Drain it with _drain_signal_wake().
+
+    Python runs a signal's handler between bytecodes. A Ctrl-C that lands after the last of
+    them and before poll(2) starts only sets a flag, and a poll without a timeout then slept
+    through it: `send` ignored its one SIGINT, about one run in 700. The C-level handler
+    writes this fd at once, so the poll returns and the handler runs."""
+    global _signal_pipe
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    if _signal_pipe is None:
+        _signal_pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    read_end, write_end = _signal_pipe
+    previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    if previous not in (-1, write_end):
+        signal.set_wakeup_fd(previous)  # an asyncio loop's: its signals are its own
+        return None
+    return read_end
+
+
+def _drain_signal_wake(fd: int) -> None:
+    """Empty the wake-up fd after a poll reported it (the handler itself runs on its own)."""
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 512):
+            pass
+
 
 class CountingGate:
     """Holds SIGINT and SIGTERM while the result of a system call is being counted.
@@ -1740,6 +1777,9 @@ def pump_duplex(
         return None
 
     with gate.watching():
+        wake = _signal_wake_fd()
+        if wake is not None:
+            poller.register(wake, select.POLLIN)  # not in `masks`: it is no work of the pump's
         if not input_open:
             finish_input()
         while True:
@@ -1787,7 +1827,9 @@ def pump_duplex(
             if continue_now:
                 timeout_ms = 0
             for fd, event in poller.poll(timeout_ms):
-                if fd == sfd:
+                if fd == wake:
+                    _drain_signal_wake(fd)
+                elif fd == sfd:
                     if (
                         event & (select.POLLIN | select.POLLERR | select.POLLHUP)
                         and not result.peer_eof
@@ -1846,6 +1888,9 @@ def wait_readable(items: Sequence[int | socket.socket], deadline: float | None) 
     poller = select.poll()
     for item in items:
         poller.register(item, select.POLLIN)
+    wake = _signal_wake_fd()
+    if wake is not None:
+        poller.register(wake, select.POLLIN)
     while True:
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
@@ -1853,6 +1898,12 @@ def wait_readable(items: Sequence[int | socket.socket], deadline: float | None) 
         else:
             timeout_ms = None if left is None else poll_ms(left)
         ready = [fd for fd, _event in poller.poll(timeout_ms)]
+        if wake in ready:
+            # A signal whose handler returned (it did not end the wait): wait on.
+            _drain_signal_wake(wake)
+            ready.remove(wake)
+            if not ready:
+                continue
         if ready or timeout_ms == 0 or (left is not None and left <= POLL_MAX_S):
             return ready
 
@@ -1864,9 +1915,18 @@ def accept_one(listener: socket.socket, deadline: float | None) -> tuple[socket.
         DeadlineExceeded: nobody connected in time.
         LocalError: out of file descriptors.
     """
-    listener.settimeout(remaining(deadline, "accept"))
-    with _map_errors("accept"):
-        conn, addr = listener.accept()
+    listener.setblocking(False)
+    while True:
+        # Not a blocking accept(): a Ctrl-C just before it was slept through (_signal_wake_fd).
+        remaining(deadline, "accept")
+        if not wait_readable([listener], deadline):
+            continue  # remaining() raises once the deadline has passed
+        with _map_errors("accept"):
+            try:
+                conn, addr = listener.accept()
+            except BlockingIOError:
+                continue  # gone again before we took it (the peer reset it, say)
+        break
     conn.setblocking(True)
     if isinstance(addr, tuple) and len(addr) >= 2:
         return conn, format_hostport(str(addr[0]), int(addr[1]))

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, settings
 
-from netprobe.sockets import fill_accept_queue
+from netprobe.sockets import _signal_wake_fd, fill_accept_queue
 from tests.helpers import LONG, ServerThread
 
 settings.register_profile("dev", max_examples=100)
@@ -38,6 +38,10 @@ HAS_IPV6 = _has_ipv6()
 # of whoever ran pytest, so the suite gives SIGINT its normal handler back.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# The socket core's signal wake-up pipe lives as long as the process does (made by the first
+# wait in the main thread); made here, it is already in every test's count of this process's fds.
+_signal_wake_fd()
 
 _STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM, *[getattr(signal, "SIGUSR1", signal.SIGTERM)]]
 

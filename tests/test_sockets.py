@@ -10,6 +10,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -27,6 +28,7 @@ from netprobe.sockets import (
     PumpResult,
     Resolved,
     abort_connection,
+    accept_one,
     classify_errno,
     connect_nonblocking,
     errno_name,
@@ -39,6 +41,7 @@ from netprobe.sockets import (
     recv_some,
     resolve,
     send_all,
+    wait_readable,
 )
 from tests.conftest import HAS_IPV6
 from tests.helpers import LONG, SHORT, ServerThread
@@ -424,6 +427,66 @@ def test_sigterm_then_ctrl_c_in_one_block_is_still_sigterm() -> None:
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert seen == [signal.SIGTERM]  # exits 143 (terminated), not 130
+
+
+def _ctrl_c_the_poll_misses(after_s: float) -> threading.Thread:
+    """A Ctrl-C whose C-level handler runs while the main thread already sleeps in poll(2).
+
+    That is the race a single process meets when the signal lands after the last bytecode
+    before poll(): the flag is set, the poll is not interrupted. Here the main thread blocks
+    SIGINT and another thread takes it, which leaves the main thread in exactly that state."""
+
+    def press() -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        time.sleep(after_s)  # the main thread is in its poll by then (or the fd is ready first)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+    return threading.Thread(target=press)
+
+
+def _wait_in_pump(deadline: float) -> None:
+    ours, peer = socket.socketpair()
+    with ours, peer:  # the peer never sends nor closes: only the deadline ends the pump
+        pump_duplex(
+            ours,
+            read_input=None,
+            input_fd=None,
+            on_received=lambda _data: False,
+            shutdown_on_input_eof=False,
+            deadline=deadline,
+        )
+
+
+def _wait_in_wait_readable(deadline: float) -> None:
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        wait_readable([ours], deadline)
+
+
+def _wait_in_accept(deadline: float) -> None:
+    with open_listener("127.0.0.1", 0) as listener:
+        accept_one(listener, deadline)
+
+
+@pytest.mark.parametrize(
+    "wait", [_wait_in_pump, _wait_in_wait_readable, _wait_in_accept], ids=lambda f: f.__name__
+)
+def test_a_ctrl_c_that_lands_just_before_the_poll_still_ends_the_wait(
+    wait: Callable[[float], None],
+) -> None:
+    # Before: the wait slept until its deadline (with none, forever: `send` in CI ignored its
+    # single SIGINT, about one run in 700), and only then was the KeyboardInterrupt raised.
+    presser = _ctrl_c_the_poll_misses(0.2)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    started = time.monotonic()
+    try:
+        presser.start()
+        with pytest.raises(KeyboardInterrupt):
+            wait(started + 6 * LONG)
+    finally:
+        presser.join(LONG)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    assert time.monotonic() - started < LONG  # woken by the signal, not by the deadline
 
 
 def test_the_gate_leaves_signals_alone_outside_the_main_thread() -> None:
