@@ -485,7 +485,7 @@ def _latency(
         renderer.close()  # a table shows the rows it had
         if not quiet:
             log(
-                f"port-check: interrupted: {probes} probes ended, {replies} answered, {opened} open",
+                f"port-check: interrupted: {_probe_counts(probes, replies, opened)}",
                 always=True,
             )
         raise
@@ -506,7 +506,7 @@ def _latency(
                     if isinstance(summary, LatencySummary) and summary.state is PortState.OPEN:
                         tally.add(summary.as_result())
                     summary = next(events)
-        counts = f"{probes} probes ended, {replies} answered, {opened} open"
+        counts = _probe_counts(probes, replies, opened)
         return _output_closed(tally, quiet, counts=counts)
     tally.finish()
     try:
@@ -514,6 +514,10 @@ def _latency(
     except BrokenPipeError:
         return _output_closed(tally, quiet, complete=True)
     return int(tally.exit_status())
+
+
+def _probe_counts(probes: int, replies: int, opened: int) -> str:
+    return f"{probes} probe{'' if probes == 1 else 's'} ended, {replies} answered, {opened} open"
 
 
 def _output_closed(
