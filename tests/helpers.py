@@ -114,6 +114,58 @@ def netprobe_process(argv: Sequence[str]) -> Iterator[subprocess.Popen[bytes]]:
         proc.communicate(timeout=LONG)
 
 
+def wait_until(check: Callable[[], bool], what: str, timeout: float = LONG) -> None:
+    """Return once `check()` is true; fail the test after `timeout` seconds, naming `what`."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.005)
+
+
+# System call numbers /proc/PID/syscall shows, for the waits tests signal a process in.
+_SYSCALLS = {
+    "x86_64": {"write": 1, "poll": 7, "clock_nanosleep": 230},
+    "aarch64": {"write": 64, "poll": 73, "clock_nanosleep": 115},  # poll(2) is ppoll there
+}
+
+
+def in_syscall(pid: int, name: str, first_arg: int | None = None) -> bool:
+    """Whether process `pid` is blocked in system call `name` now (with `first_arg`, an fd
+    for write(2), if given). A test that signals a process "once it waits on X" waits for
+    this, not for a fixed time: under load the start-up alone can take longer than that."""
+    import platform
+
+    import pytest
+
+    numbers = _SYSCALLS.get(platform.machine())
+    if numbers is None:
+        pytest.skip(f"no system call table for {platform.machine()} in tests/helpers.py")
+    try:
+        with open(f"/proc/{pid}/syscall") as state:
+            fields = state.read().split()
+    except OSError:
+        return False  # gone, or /proc/PID/syscall not allowed here: the wait fails by name
+    if not fields or not fields[0].isdigit() or int(fields[0]) != numbers[name]:
+        return False
+    return first_arg is None or int(fields[1], 16) == first_arg
+
+
+def wait_in_syscall(pid: int, name: str, first_arg: int | None = None) -> None:
+    """Until process `pid` is blocked in `name` (see in_syscall)."""
+    wait_until(lambda: in_syscall(pid, name, first_arg), f"pid {pid} waits in {name}(2)")
+
+
+def wait_connecting(pid: int) -> None:
+    """Until process `pid` has a TCP connect waiting for its answer (a socket in SYN_SENT)."""
+    import psutil
+
+    def connecting() -> bool:
+        conns = psutil.Process(pid).net_connections("tcp")
+        return any(conn.status == psutil.CONN_SYN_SENT for conn in conns)
+
+    wait_until(connecting, f"pid {pid} is connecting")
+
+
 def run_in_own_netns(setup: str, argv: Sequence[str]) -> subprocess.CompletedProcess[bytes]:
     """`python -m netprobe ARGV` in a network namespace of the test's own (`unshare -rn`), its
     loopback up, after `setup`: shell lines that set that namespace's sysctls, each ending in

@@ -22,7 +22,16 @@ import pytest
 
 from netprobe.framing import parse_framing
 from tests.conftest import HAS_IPV6
-from tests.helpers import LONG, ServerThread, invoke, udp_echo_thread, udp_server_thread
+from tests.helpers import (
+    LONG,
+    ServerThread,
+    in_syscall,
+    invoke,
+    udp_echo_thread,
+    udp_server_thread,
+    wait_connecting,
+    wait_in_syscall,
+)
 
 Handler = Callable[[socket.socket], None]
 
@@ -294,7 +303,7 @@ def test_interrupted_while_connecting_still_prints_its_json_object(full_queue_po
         assert proc.stdout is not None
         assert proc.stderr is not None
         proc.stdin.close()
-        time.sleep(0.5)  # the SYN waits for a queue that never has room
+        wait_connecting(proc.pid)  # the SYN waits for a queue that never has room
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(LONG) == 143
         rec = as_json(proc.stdout.read())
@@ -328,7 +337,7 @@ def test_interrupted_with_stdout_stuck_exits_at_once_and_quietly(
     ) as proc:
         assert proc.stdout is not None
         assert proc.stderr is not None
-        time.sleep(0.8)  # the 64 KiB pipe is full: the process waits on its output
+        wait_in_syscall(proc.pid, "write", 1)  # the 64 KiB pipe is full: it waits on stdout
         proc.send_signal(signum)
         code = proc.wait(LONG)  # nobody reads stdout, yet it exits
         err = proc.stderr.read().decode()
@@ -344,7 +353,7 @@ def test_repeat_interrupted_while_connecting_reports_that_run(full_queue_port: i
         assert proc.stdin is not None
         assert proc.stdout is not None
         proc.stdin.close()
-        time.sleep(0.5)
+        wait_connecting(proc.pid)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(LONG) == 130
         records = [json.loads(line) for line in proc.stdout.read().splitlines()]
@@ -383,7 +392,7 @@ def test_interrupted_while_stdout_blocks_is_not_called_connecting(
         assert proc.stderr is not None
         proc.stdin.close()
         _wait_for(lambda: srv.accepted >= 1)
-        time.sleep(1.0)  # the exchange is over: the process waits on its last output row
+        wait_in_syscall(proc.pid, "write", 1)  # the exchange is over: it waits on its last row
         proc.send_signal(signal.SIGTERM)
         proc.stdout.read()  # let it write what it still has, then exit
         assert proc.wait(LONG) == 143
@@ -401,7 +410,7 @@ def test_an_interrupted_repeat_prints_the_statistics_so_far(
         assert proc.stderr is not None
         proc.stdin.close()
         _wait_for(lambda: srv.accepted >= 1)
-        time.sleep(0.3)  # the first run is over: the process waits out the interval
+        wait_in_syscall(proc.pid, "clock_nanosleep")  # the first run is over: the interval
         proc.send_signal(signal.SIGINT)
         assert proc.wait(LONG) == 130
         out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
@@ -1132,7 +1141,7 @@ def test_a_signal_with_stdout_stuck_ends_a_hexdump_too(start: Callable[..., Serv
 
     srv = start(flood)
     with _send_process(addr(srv), "hi", "--hexdump") as proc:  # stdout: a pipe nobody reads
-        time.sleep(1.0)  # the pipe fills, then the write blocks
+        wait_in_syscall(proc.pid, "write", 1)  # the pipe fills, then the write blocks
         proc.send_signal(signal.SIGTERM)
         try:
             assert proc.wait(LONG) == 143
@@ -1144,19 +1153,26 @@ def test_a_signal_with_stdout_stuck_ends_a_hexdump_too(start: Callable[..., Serv
 def test_an_interrupted_hexdump_still_prints_what_came(start: Callable[..., ServerThread]) -> None:
     # Only a write the signal cut stops the output: a first fix dropped the last dump line
     # of every interrupted run, stdout fine or not (7 bytes received, 0 printed).
-    got = threading.Event()
+    peer_ports: list[int] = []
 
     def banner(conn: socket.socket) -> None:
         conn.sendall(b"OK v1\r\n")
-        got.set()
+        peer_ports.append(conn.getpeername()[1])
         with contextlib.suppress(OSError):
             while conn.recv(16):  # until send is gone (stdin stays open: no FIN before)
                 pass
 
+    def banner_read() -> bool:
+        # send's socket has nothing left to read (/proc/net/tcp: rx_queue 0), and it polls.
+        with open("/proc/net/tcp") as table:
+            rows = [line.split() for line in table.readlines()[1:]]
+        port = f":{peer_ports[0]:04X}"
+        unread = [int(row[4].split(":")[1], 16) for row in rows if row[1].endswith(port)]
+        return unread == [0] and in_syscall(proc.pid, "poll")
+
     srv = start(banner)
     with _send_process(addr(srv), "--hexdump", "--idle-timeout", "10s") as proc:
-        assert got.wait(LONG)
-        time.sleep(0.3)  # the banner is read; send now waits on the idle timeout
+        _wait_for(lambda: bool(peer_ports) and banner_read())
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=LONG)
     assert proc.returncode == 130, err

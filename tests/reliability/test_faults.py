@@ -50,8 +50,9 @@ def test_slowloris_connections_are_dropped_and_others_served() -> None:
     assert figures.connected == figures.dropped == 500
     assert figures.dropped_by == {"fin": 500}  # a clean close, not a reset
     assert figures.idle_closes_logged == 500
-    # --idle-timeout 1s: not before 1 s (less the accept lag), and about 2 s at most.
-    assert figures.first_drop_s >= 0.9
+    # --idle-timeout 1s: not before 1 s by the server's clock (the clients' own figure starts
+    # when their loop sees the connect: 0.87 s once under load), and about 2 s at most.
+    assert figures.shortest_idle_close_s >= 1.0
     assert figures.last_drop_s <= 3.5
     assert figures.normal_errors == {}
     assert figures.normal_min_rounds_during >= 1
