@@ -130,9 +130,9 @@ _SYSCALLS = {
 
 
 def in_syscall(pid: int, name: str, first_arg: int | None = None) -> bool:
-    """Whether process `pid` is blocked in system call `name` now (with `first_arg`, an fd
-    for write(2), if given). A test that signals a process "once it waits on X" waits for
-    this, not for a fixed time: under load the start-up alone can take longer than that."""
+    """Whether a thread of process `pid` is blocked in system call `name` now (with
+    `first_arg`, an fd for write(2), if given). A test that signals a process "once it waits
+    on X" waits for this, not for a fixed time: under load the start-up alone can take longer."""
     import platform
 
     import pytest
@@ -141,13 +141,23 @@ def in_syscall(pid: int, name: str, first_arg: int | None = None) -> bool:
     if numbers is None:
         pytest.skip(f"no system call table for {platform.machine()} in tests/helpers.py")
     try:
-        with open(f"/proc/{pid}/syscall") as state:
-            fields = state.read().split()
+        tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return False  # gone, or /proc/PID/syscall not allowed here: the wait fails by name
-    if not fields or not fields[0].isdigit() or int(fields[0]) != numbers[name]:
-        return False
-    return first_arg is None or int(fields[1], 16) == first_arg
+        return False  # gone: the wait fails, naming what it waited for
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/syscall") as state:
+                fields = state.read().split()
+        except OSError:
+            continue  # the thread ended, or /proc/PID/syscall is not allowed here
+        called = fields[0] if fields else ""
+        if (
+            called.isdigit()
+            and int(called) == numbers[name]
+            and (first_arg is None or int(fields[1], 16) == first_arg)
+        ):
+            return True
+    return False
 
 
 def wait_in_syscall(pid: int, name: str, first_arg: int | None = None) -> None:

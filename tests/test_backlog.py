@@ -29,7 +29,15 @@ from netprobe.engines.backlog import (
     validate_config,
 )
 from netprobe.errors import UsageError
-from tests.helpers import LONG, ROOT, SHORT, ServerThread, invoke, netprobe_process
+from tests.helpers import (
+    LONG,
+    ROOT,
+    SHORT,
+    ServerThread,
+    invoke,
+    netprobe_process,
+    wait_in_syscall,
+)
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux counters")
 
@@ -739,7 +747,8 @@ def test_an_interrupt_while_a_tick_is_written_still_reports_the_partial_second()
     )
     os.close(write_end)
     try:
-        time.sleep(2.5)  # the first tick's line (at 1 s) waits on the full pipe since then
+        wait_in_syscall(proc.pid, "write", 1)  # the first tick's line (at 1 s) waits on the pipe
+        time.sleep(1.0)  # while the run goes on: attempts beyond the first tick's
         proc.send_signal(signal.SIGINT)
         data = b""
         while chunk := os.read(read_end, 65536):

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import HAS_IPV6
-from tests.helpers import LONG, ROOT, invoke, run_netprobe
+from tests.helpers import LONG, ROOT, invoke, run_netprobe, wait_in_syscall
 
 
 class Listen:
@@ -595,7 +595,7 @@ def test_sigterm_with_stdout_stuck_exits_at_once_and_quietly() -> None:
         thread = threading.Thread(target=trickle, daemon=True)
         thread.start()
         try:
-            time.sleep(0.8)  # the 64 KiB pipe is full: listen waits on its output
+            wait_in_syscall(proc.pid, "write", 1)  # the 64 KiB pipe is full: it waits on stdout
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(LONG)  # nobody reads stdout, yet it exits
         finally:

@@ -20,7 +20,7 @@ from netprobe.engines.reset_client import generated_stream
 from netprobe.engines.reset_faults import Action, TriggerKind
 from netprobe.kernel import find_listener, read_sysctl
 from netprobe.server import ServerConfig
-from tests.helpers import LONG, invoke, run_netprobe
+from tests.helpers import LONG, invoke, run_netprobe, wait_until
 from tests.test_reset_helpers import (
     connect,
     options,
@@ -781,6 +781,13 @@ def test_bad_input_names_the_option(argv: list[str], words: str) -> None:
     assert words in line
 
 
+def _accepted(pid: int, port: int) -> bool:
+    import psutil
+
+    conns = psutil.Process(pid).net_connections("tcp")
+    return any(c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED for c in conns)
+
+
 # (Not fin: its spared side has a timer of its own, 0.5 s, that may end the session first.)
 @pytest.mark.parametrize("action", ["hang"])
 def test_a_stop_gives_the_record_the_reason_the_totals_count(action: str) -> None:
@@ -792,8 +799,8 @@ def test_a_stop_gives_the_record_the_reason_the_totals_count(action: str) -> Non
         with subprocess_server(argv) as (proc, announce), connect(int(announce["port"])) as client:
             client.sendall(b"hi")
             assert proc.stdout is not None
-            time.sleep(0.2)  # the session is set up and its action fired
-            proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: _accepted(proc.pid, int(announce["port"])), "the proxy accepted")
+            proc.send_signal(signal.SIGTERM)  # the session is set up and its action fired
             record = _next_event(proc.stdout, "connection")
             totals = _next_event(proc.stdout, "totals")
             assert proc.wait(LONG) == 0
