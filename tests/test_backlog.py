@@ -29,6 +29,7 @@ from netprobe.engines.backlog import (
     validate_config,
 )
 from netprobe.errors import UsageError
+from netprobe.kernel import read_counters
 from tests.helpers import (
     LONG,
     ROOT,
@@ -37,6 +38,7 @@ from tests.helpers import (
     invoke,
     netprobe_process,
     wait_in_syscall,
+    wait_until,
 )
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux counters")
@@ -748,7 +750,12 @@ def test_an_interrupt_while_a_tick_is_written_still_reports_the_partial_second()
     os.close(write_end)
     try:
         wait_in_syscall(proc.pid, "write", 1)  # the first tick's line (at 1 s) waits on the pipe
-        time.sleep(1.0)  # while the run goes on: attempts beyond the first tick's
+        # The run goes on meanwhile: once it made attempts beyond the first tick's (counted by
+        # this worker's own namespace, where nothing else connects now), the signal.
+        opened = read_counters()["Tcp.ActiveOpens"]
+        wait_until(
+            lambda: read_counters()["Tcp.ActiveOpens"] >= opened + 5, "attempts after a tick"
+        )
         proc.send_signal(signal.SIGINT)
         data = b""
         while chunk := os.read(read_end, 65536):
