@@ -581,6 +581,31 @@ def _start_quiet_thread(target: Callable[[], None]) -> Any:
     return thread
 
 
+def write_nowait(stream: Any, data: bytes) -> None:
+    """Write `data` to a binary stream as far as it takes it now, never waiting: a pipe gets
+    it through a non-blocking twin (what does not fit is dropped; a piece of at most 4 KiB
+    goes whole or not at all), anything else (a file, a terminal, memory) a plain write.
+    For the last output of a run already interrupted: a reader that stopped reading must not
+    keep that run alive, and one that left must not change its exit code."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        fd = None
+    twin = _nonblocking_twin(fd) if fd is not None else None
+    if twin is None:
+        stream.write(data)
+        stream.flush()
+        return
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(twin, view) :]
+    except OSError:  # full (EAGAIN), or the reader left (EPIPE): the rest is dropped
+        pass
+    finally:
+        os.close(twin)
+
+
 def _nonblocking_twin(fd: int) -> int | None:
     """A second, non-blocking open of the pipe fd writes to, so a write from the loop can
     never wait, whatever another process sharing fd does. None for anything else: a

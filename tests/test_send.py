@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import select
@@ -417,6 +418,46 @@ def test_an_interrupted_repeat_prints_the_statistics_so_far(
     # The first run is over by then (or, on a slow machine, cut short): one run either way.
     assert out.startswith("runs 1  completed ")
     assert err.endswith("netprobe: send: interrupted after 1 of 5 runs\n")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_never_waits_on_a_full_stdout_for_its_last_output(
+    start: Callable[..., ServerThread], signum: int
+) -> None:
+    # The signal lands while send polls; the hexdump's last row is still to be written, to a
+    # pipe already full that nobody reads. Before: that write waited forever (exit only by
+    # SIGKILL); CI's helper saw it in 9 of 29 runs of a test under load. Now it is dropped.
+    banner = _Banner()
+    srv = start(banner)
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    os.write(write_end, b"#" * 4096)  # full
+    try:
+        with subprocess.Popen(
+            [sys.executable, "-m", "netprobe", "send", addr(srv), "--hexdump"],
+            stdin=subprocess.PIPE,  # open: only the signal ends the run
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+        ) as proc:
+            os.close(write_end)
+            write_end = -1
+            _wait_for(lambda: banner.read_by(proc.pid))
+            proc.send_signal(signum)
+            try:
+                code = proc.wait(LONG)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                assert proc.stdin is not None
+                proc.stdin.close()
+            assert proc.stderr is not None
+            err = proc.stderr.read().decode()
+    finally:
+        if write_end >= 0:
+            os.close(write_end)
+        os.close(read_end)
+    assert code == (130 if signum == signal.SIGINT else 143), err
+    assert err.endswith("interrupted after sending 0 B and receiving 7 B\n"), err
 
 
 def test_hexdump_format(start: Callable[..., ServerThread]) -> None:
@@ -1150,29 +1191,37 @@ def test_a_signal_with_stdout_stuck_ends_a_hexdump_too(start: Callable[..., Serv
                 proc.kill()
 
 
-def test_an_interrupted_hexdump_still_prints_what_came(start: Callable[..., ServerThread]) -> None:
-    # Only a write the signal cut stops the output: a first fix dropped the last dump line
-    # of every interrupted run, stdout fine or not (7 bytes received, 0 printed).
-    peer_ports: list[int] = []
+class _Banner:
+    """A server handler that sends a banner and then only reads; `read_by(pid)` says when
+    the client has read it all (its socket's rx_queue is 0) and waits in poll(2)."""
 
-    def banner(conn: socket.socket) -> None:
+    def __init__(self) -> None:
+        self.peer_ports: list[int] = []
+
+    def __call__(self, conn: socket.socket) -> None:
         conn.sendall(b"OK v1\r\n")
-        peer_ports.append(conn.getpeername()[1])
+        self.peer_ports.append(conn.getpeername()[1])
         with contextlib.suppress(OSError):
             while conn.recv(16):  # until send is gone (stdin stays open: no FIN before)
                 pass
 
-    def banner_read() -> bool:
-        # send's socket has nothing left to read (/proc/net/tcp: rx_queue 0), and it polls.
+    def read_by(self, pid: int) -> bool:
+        if not self.peer_ports:
+            return False
         with open("/proc/net/tcp") as table:
             rows = [line.split() for line in table.readlines()[1:]]
-        port = f":{peer_ports[0]:04X}"
+        port = f":{self.peer_ports[0]:04X}"
         unread = [int(row[4].split(":")[1], 16) for row in rows if row[1].endswith(port)]
-        return unread == [0] and in_syscall(proc.pid, "poll")
+        return unread == [0] and in_syscall(pid, "poll")
 
+
+def test_an_interrupted_hexdump_still_prints_what_came(start: Callable[..., ServerThread]) -> None:
+    # Only a write the signal cut stops the output: a first fix dropped the last dump line
+    # of every interrupted run, stdout fine or not (7 bytes received, 0 printed).
+    banner = _Banner()
     srv = start(banner)
     with _send_process(addr(srv), "--hexdump", "--idle-timeout", "10s") as proc:
-        _wait_for(lambda: bool(peer_ports) and banner_read())
+        _wait_for(lambda: banner.read_by(proc.pid))
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=LONG)
     assert proc.returncode == 130, err

@@ -436,6 +436,11 @@ def send(
         out.write(chunk)
         out.flush()
 
+    def emit_nowait(chunk: bytes) -> None:
+        from netprobe.render import write_nowait
+
+        write_nowait(out, chunk)
+
     transcript_out: _TranscriptFile | None = None
     refused = False
     input_size = _input_size(source, crlf or framing is not None)
@@ -468,7 +473,7 @@ def send(
                 )
             raise typer.Exit(_final_code(status, term.terminated))
         try:
-            result = exchange(opts, None if json_out else emit, transcript)
+            result = exchange(opts, None if json_out else emit, transcript, emit_nowait)
         except (NetworkError, DeadlineExceeded) as exc:
             if json_out:  # every run says how it ended, a failed connect too
                 emit((dump_json(failed_result(opts, exc).record()) + "\n").encode())

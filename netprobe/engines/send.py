@@ -659,8 +659,10 @@ class _Receiver:
         decoder: Decoder | None,
         collect: bool,
         hexdump: bool,
+        emit_nowait: Emit | None = None,
     ) -> None:
         self.emit = emit
+        self.emit_nowait = emit_nowait
         self._emitting = False
         self.expect = expect
         self.decoder = decoder
@@ -785,11 +787,11 @@ class _Receiver:
     def finish(self, peer_eof: bool, ended_by: str | None = None) -> None:
         """The read ended: flush the hexdump, check for a truncated frame at EOF, or at an
         idle timeout or timeout (half a frame is no reply, whether or not the peer closed)."""
-        if ended_by == "interrupted" and self._emitting:
-            # The signal cut a write to stdout, which may be stuck on a reader that stopped:
-            # the rest would wait behind it with no signal left to end it (a --hexdump's last
-            # line needed SIGKILL). Otherwise the last line still goes out.
-            self.emit = None
+        if ended_by == "interrupted" and self.emit is not None:
+            # The signal was the run's end: what is left goes out only as far as stdout takes
+            # it now (emit_nowait). Waiting, on a reader that stopped, had no signal left to end
+            # it (a --hexdump's last line needed SIGKILL). After a write the signal cut, nothing.
+            self.emit = None if self._emitting else (self.emit_nowait or self.emit)
         self.release_held()
         if self.hexdumper is not None and not self.collect:
             self._emit(self.hexdumper.finish())
@@ -1088,7 +1090,10 @@ def _check_input(opts: SendOptions) -> None:
 
 
 def exchange(
-    opts: SendOptions, emit: Emit | None, transcript: Transcript | None = None
+    opts: SendOptions,
+    emit: Emit | None,
+    transcript: Transcript | None = None,
+    emit_nowait: Emit | None = None,
 ) -> SendResult:
     """Run one exchange: connect, send the input, read the reply until it ends.
 
@@ -1100,6 +1105,8 @@ def exchange(
         emit: receives output bytes as they arrive (raw, hexdump or frame lines); None
             discards them (--repeat).
         transcript: records every chunk in both directions.
+        emit_nowait: as emit, never waiting (what does not fit now is dropped): used for
+            the output left once a signal ended the run. None: emit.
 
     Returns:
         SendResult; how the read ended is in ended_by ("eof", "reset", "idle-timeout",
@@ -1113,14 +1120,17 @@ def exchange(
         us is also a LocalError: exit 6). DeadlineExceeded: the connect timed out.
     """
     _check_input(opts)
-    return _exchange_checked(opts, emit, transcript)
+    return _exchange_checked(opts, emit, transcript, emit_nowait)
 
 
 def _exchange_checked(
-    opts: SendOptions, emit: Emit | None, transcript: Transcript | None
+    opts: SendOptions,
+    emit: Emit | None,
+    transcript: Transcript | None,
+    emit_nowait: Emit | None = None,
 ) -> SendResult:
     if opts.udp:
-        return _exchange_udp(opts, emit, transcript)
+        return _exchange_udp(opts, emit, transcript, emit_nowait)
     addrs = _addresses(opts)
     start = time.monotonic()
     deadline = start + opts.timeout_s if opts.timeout_s is not None else None
@@ -1160,6 +1170,7 @@ def _exchange_checked(
         decoder=opts.framing.decoder(opts.max_frame) if opts.framing is not None else None,
         collect=opts.collect,
         hexdump=opts.hexdump,
+        emit_nowait=emit_nowait,
     )
 
     def on_received(data: bytes) -> bool:
@@ -1310,7 +1321,10 @@ def _datagrams(
 
 
 def _exchange_udp(
-    opts: SendOptions, emit: Emit | None, transcript: Transcript | None
+    opts: SendOptions,
+    emit: Emit | None,
+    transcript: Transcript | None,
+    emit_nowait: Emit | None = None,
 ) -> SendResult:
     addrs = _addresses(opts)
     addr = addrs[0]
@@ -1320,7 +1334,12 @@ def _exchange_udp(
     result = SendResult(opts.target.text, _shown(addr), "udp", connect_ms=0.0)
     result.datagrams_sent = result.datagrams_received = 0
     receiver = _Receiver(
-        emit=emit, expect=opts.expect, decoder=None, collect=opts.collect, hexdump=opts.hexdump
+        emit=emit,
+        expect=opts.expect,
+        decoder=None,
+        collect=opts.collect,
+        hexdump=opts.hexdump,
+        emit_nowait=emit_nowait,
     )
     first_byte_at: float | None = None
     last_activity = start
