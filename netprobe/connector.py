@@ -45,7 +45,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from netprobe.results import ConnectState
-from netprobe.sockets import POLL_MAX_S, classify_errno, errno_name
+from netprobe.sockets import (
+    POLL_MAX_S,
+    classify_errno,
+    drain_signal_wake,
+    errno_name,
+    signal_wake_fd,
+)
 
 __all__ = ["ConnectJob", "ConnectResult", "ConnectorStats", "run_connects"]
 
@@ -283,6 +289,11 @@ class _Run:
         st.held_connect_times = self._held_connect_times
         self.on_idle = on_idle
         self.poller = select.epoll()
+        # The main thread's signal wake-up fd: a Ctrl-C just before epoll_wait would otherwise
+        # wait for the next attempt's deadline (--timeout) first.
+        self.wake = signal_wake_fd()
+        if self.wake is not None:
+            self.poller.register(self.wake, select.EPOLLIN)
         self.pending: dict[int, _Attempt] = {}  # fd -> connecting attempt
         self.held: dict[int, _Attempt] = {}  # fd -> established attempt being held
         self.order: collections.deque[_Attempt] = collections.deque()  # connecting, by start
@@ -514,6 +525,9 @@ class _Run:
                     if timeout != 0.0 and self.on_idle is not None:
                         self.on_idle()
                 for fd, _mask in poller.poll(timeout, 1024):
+                    if fd == self.wake:
+                        drain_signal_wake(fd)  # the handler runs (raises) on its own
+                        continue
                     attempt = pending.pop(fd, None)
                     now = monotonic()
                     if attempt is not None:

@@ -61,6 +61,7 @@ __all__ = [
     "connect_nonblocking",
     "connect_udp",
     "deadline_after",
+    "drain_signal_wake",
     "errno_name",
     "expand_hosts",
     "fill_accept_queue",
@@ -93,6 +94,8 @@ __all__ = [
     "send_some",
     "service_name",
     "set_linger_zero",
+    "signal_wake_fd",
+    "sleep",
     "splice_relay",
     "udp_probe",
     "udp_probe_many",
@@ -955,7 +958,7 @@ def _wait_connected(
     (or once `cancel` is set)."""
     poller = select.poll()
     poller.register(sock, select.POLLOUT)
-    wake = _signal_wake_fd()
+    wake = signal_wake_fd()
     if wake is not None:
         poller.register(wake, select.POLLIN)
     while True:
@@ -968,7 +971,7 @@ def _wait_connected(
             left = CANCEL_POLL_S if left is None else min(left, CANCEL_POLL_S)
         for fd, _event in poller.poll(None if left is None else poll_ms(left)):
             if fd == wake:
-                _drain_signal_wake(fd)
+                drain_signal_wake(fd)
             else:
                 return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
 
@@ -1485,10 +1488,10 @@ def raise_nofile_limit(wanted: int) -> NofileLimit:
 _signal_pipe: tuple[int, int] | None = None
 
 
-def _signal_wake_fd() -> int | None:
+def signal_wake_fd() -> int | None:
     """An fd that becomes readable when a signal with a Python handler arrives, for a wait in
     the main thread to poll beside its own fds (None elsewhere, or where an event loop owns
-    the wake-up fd). Drain it with _drain_signal_wake().
+    the wake-up fd). Drain it with drain_signal_wake().
 
     Python runs a signal's handler between bytecodes. A Ctrl-C that lands after the last of
     them and before poll(2) starts only sets a flag, and a poll without a timeout then slept
@@ -1507,11 +1510,41 @@ def _signal_wake_fd() -> int | None:
     return read_end
 
 
-def _drain_signal_wake(fd: int) -> None:
+def drain_signal_wake(fd: int) -> None:
     """Empty the wake-up fd after a poll reported it (the handler itself runs on its own)."""
     with contextlib.suppress(BlockingIOError):
         while os.read(fd, 512):
             pass
+
+
+def _forget_signal_pipe() -> None:
+    # A forked child must not share the parent's pipe: its waits would drain the byte the
+    # parent's signal wrote, and the parent's poll would sleep through that signal again.
+    # (Left set, the inherited wake-up fd would also read as an event loop's to the child.)
+    global _signal_pipe
+    if _signal_pipe is None:
+        return
+    read_end, write_end = _signal_pipe
+    _signal_pipe = None
+    with contextlib.suppress(ValueError):
+        previous = signal.set_wakeup_fd(-1)
+        if previous != write_end:
+            signal.set_wakeup_fd(previous)
+    for fd in (read_end, write_end):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_signal_pipe)
+
+
+def sleep(seconds: float) -> None:
+    """time.sleep() for the main thread that a signal always cuts short: a Ctrl-C landing
+    just before the sleep's system call would otherwise wait out the whole pause (the
+    interval of --repeat, -c, --wait). Elsewhere it simply sleeps."""
+    if seconds > 0:
+        wait_readable([], time.monotonic() + seconds)
 
 
 class CountingGate:
@@ -1777,7 +1810,7 @@ def pump_duplex(
         return None
 
     with gate.watching():
-        wake = _signal_wake_fd()
+        wake = signal_wake_fd()
         if wake is not None:
             poller.register(wake, select.POLLIN)  # not in `masks`: it is no work of the pump's
         if not input_open:
@@ -1828,7 +1861,7 @@ def pump_duplex(
                 timeout_ms = 0
             for fd, event in poller.poll(timeout_ms):
                 if fd == wake:
-                    _drain_signal_wake(fd)
+                    drain_signal_wake(fd)
                 elif fd == sfd:
                     if (
                         event & (select.POLLIN | select.POLLERR | select.POLLHUP)
@@ -1888,7 +1921,7 @@ def wait_readable(items: Sequence[int | socket.socket], deadline: float | None) 
     poller = select.poll()
     for item in items:
         poller.register(item, select.POLLIN)
-    wake = _signal_wake_fd()
+    wake = signal_wake_fd()
     if wake is not None:
         poller.register(wake, select.POLLIN)
     while True:
@@ -1900,7 +1933,7 @@ def wait_readable(items: Sequence[int | socket.socket], deadline: float | None) 
         ready = [fd for fd, _event in poller.poll(timeout_ms)]
         if wake in ready:
             # A signal whose handler returned (it did not end the wait): wait on.
-            _drain_signal_wake(wake)
+            drain_signal_wake(wake)
             ready.remove(wake)
             if not ready:
                 continue
@@ -1917,7 +1950,7 @@ def accept_one(listener: socket.socket, deadline: float | None) -> tuple[socket.
     """
     listener.setblocking(False)
     while True:
-        # Not a blocking accept(): a Ctrl-C just before it was slept through (_signal_wake_fd).
+        # Not a blocking accept(): a Ctrl-C just before it was slept through (signal_wake_fd).
         remaining(deadline, "accept")
         if not wait_readable([listener], deadline):
             continue  # remaining() raises once the deadline has passed
@@ -2065,6 +2098,10 @@ class _ReadPoller:
     def __init__(self) -> None:
         self._epoll = select.epoll() if hasattr(select, "epoll") else None
         self._poll = select.poll() if self._epoll is None else None
+        # A signal ends the wait at once (main thread), as in wait_readable.
+        self._wake = signal_wake_fd()
+        if self._wake is not None:
+            self.register(self._wake)
 
     def register(self, fd: int) -> None:
         if self._epoll is not None:
@@ -2081,6 +2118,13 @@ class _ReadPoller:
             self._poll.unregister(fd)
 
     def wait(self, left_s: float) -> list[tuple[int, int]]:
+        events = self._wait(left_s)
+        if self._wake is not None and any(fd == self._wake for fd, _ in events):
+            drain_signal_wake(self._wake)
+            events = [(fd, ev) for fd, ev in events if fd != self._wake]
+        return events
+
+    def _wait(self, left_s: float) -> list[tuple[int, int]]:
         """The ready fds, waiting at most `left_s` seconds (0 or less: not at all)."""
         if self._epoll is not None:
             return self._epoll.poll(min(left_s, POLL_MAX_S) if left_s > 0 else 0)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, settings
 
-from netprobe.sockets import _signal_wake_fd, fill_accept_queue
+from netprobe.sockets import fill_accept_queue, signal_wake_fd
 from tests.helpers import LONG, ServerThread
 
 # No timing checks (hypothesis's per-example deadline of 200 ms, its too_slow health check):
@@ -50,7 +50,7 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
 
 # The socket core's signal wake-up pipe lives as long as the process does (made by the first
 # wait in the main thread); made here, it is already in every test's count of this process's fds.
-_signal_wake_fd()
+signal_wake_fd()
 
 _STOP_SIGNALS = [signal.SIGINT, signal.SIGTERM, *[getattr(signal, "SIGUSR1", signal.SIGTERM)]]
 

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -607,3 +608,33 @@ def test_doctor_with_loopback_down_names_the_cause_once_and_skips_what_needs_it(
     assert [r["check"] for r in rows if r["verdict"] == "fail"] == ["ipv4-loopback"]
     assert (summary["ok"], summary["fail"]) == (False, 1)
     assert proc.returncode == 1  # exit codes unchanged: a failed check is 1
+
+
+def test_a_ctrl_c_during_the_backlog_lab_stops_doctor_with_signals_still_working() -> None:
+    # Before: the backlog engine turned the Ctrl-C into an "interrupted" report, which the
+    # check took as a pass, and left SIGINT and SIGTERM ignored: doctor ran every later
+    # check and exited 0 (10 of 16 runs with the signal aimed there), deaf to both signals.
+    import signal
+
+    import psutil
+
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    before = {sig: signal.getsignal(sig) for sig in stop_signals}
+    main = threading.get_ident()
+
+    def press_once_the_flood_runs() -> None:
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            if any(c.status == psutil.CONN_SYN_SENT for c in psutil.Process().net_connections()):
+                break
+            time.sleep(0.001)
+        signal.pthread_kill(main, signal.SIGINT)
+
+    press = threading.Thread(target=press_once_the_flood_runs)
+    press.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            doctor._backlog_lab()
+    finally:
+        press.join(5.0)
+    assert {sig: signal.getsignal(sig) for sig in stop_signals} == before

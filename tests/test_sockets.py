@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from netprobe.connector import ConnectJob, run_connects
 from netprobe.errors import (
     DeadlineExceeded,
     LocalError,
@@ -41,6 +42,8 @@ from netprobe.sockets import (
     recv_some,
     resolve,
     send_all,
+    sleep,
+    udp_probe_many,
     wait_readable,
 )
 from tests.conftest import HAS_IPV6
@@ -468,12 +471,18 @@ def _wait_in_accept(deadline: float) -> None:
         accept_one(listener, deadline)
 
 
-@pytest.mark.parametrize(
-    "wait", [_wait_in_pump, _wait_in_wait_readable, _wait_in_accept], ids=lambda f: f.__name__
-)
-def test_a_ctrl_c_that_lands_just_before_the_poll_still_ends_the_wait(
-    wait: Callable[[float], None],
-) -> None:
+def _wait_in_sleep(deadline: float) -> None:
+    sleep(deadline - time.monotonic())
+
+
+def _wait_in_udp_probe(deadline: float) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # bound, never answers
+        silent.bind(("127.0.0.1", 0))
+        (target,) = resolve("127.0.0.1", silent.getsockname()[1], family=socket.AF_INET)
+        list(udp_probe_many([(None, target)], b"?", timeout_s=deadline - time.monotonic()))
+
+
+def _ends_at_the_ctrl_c_the_poll_misses(wait: Callable[[float], None]) -> None:
     # Before: the wait slept until its deadline (with none, forever: `send` in CI ignored its
     # single SIGINT, about one run in 700), and only then was the KeyboardInterrupt raised.
     presser = _ctrl_c_the_poll_misses(0.2)
@@ -487,6 +496,28 @@ def test_a_ctrl_c_that_lands_just_before_the_poll_still_ends_the_wait(
         presser.join(LONG)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     assert time.monotonic() - started < LONG  # woken by the signal, not by the deadline
+
+
+@pytest.mark.parametrize(
+    "wait",
+    [_wait_in_pump, _wait_in_wait_readable, _wait_in_accept, _wait_in_sleep, _wait_in_udp_probe],
+    ids=lambda f: f.__name__,
+)
+def test_a_ctrl_c_that_lands_just_before_the_poll_still_ends_the_wait(
+    wait: Callable[[float], None],
+) -> None:
+    _ends_at_the_ctrl_c_the_poll_misses(wait)
+
+
+def test_a_ctrl_c_just_before_the_connectors_epoll_still_ends_its_wait(
+    full_queue_port: int,
+) -> None:
+    # Before: a connect that hangs (a full accept queue) held the signal until its timeout.
+    def connect_until(deadline: float) -> None:
+        job = ConnectJob(None, socket.AF_INET, ("127.0.0.1", full_queue_port))
+        list(run_connects([job], concurrency=1, timeout_s=deadline - time.monotonic()))
+
+    _ends_at_the_ctrl_c_the_poll_misses(connect_until)
 
 
 def test_the_gate_leaves_signals_alone_outside_the_main_thread() -> None:

@@ -237,11 +237,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     real_stderr = sys.stderr
     sys.stderr = cast(TextIO, _StderrGuard(real_stderr))
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _redeliver_interrupts(previous_hook)
     try:
         return _run(args)
     finally:
+        sys.unraisablehook = previous_hook
         if isinstance(sys.stderr, _StderrGuard):
             sys.stderr = real_stderr
+
+
+def _redeliver_interrupts(previous: Any) -> Any:
+    """Python runs a signal's handler in whatever Python code runs next, a weakref callback
+    or a __del__ too (the import system's module-lock callbacks, a generator closed by the
+    GC). A KeyboardInterrupt raised there is "ignored" (printed, then dropped): Ctrl-C or
+    SIGTERM (sigterm_as_interrupt) was lost, and the run went on (a connect then waited out
+    --timeout). Raise the signal again, so it ends the run where the code can take it."""
+
+    import threading
+
+    def hook(args: Any) -> None:
+        if (
+            args.exc_type is not None
+            and issubclass(args.exc_type, KeyboardInterrupt)
+            and threading.current_thread() is threading.main_thread()
+        ):
+            signal.raise_signal(signal.SIGINT)
+            return
+        previous(args)
+
+    return hook
 
 
 def _run(args: list[str]) -> int:

@@ -736,7 +736,26 @@ def _send(
         expect=Expectations(expect_datagrams=datagrams),
         collect=True,
     )
-    return exchange(opts, None)
+    result = exchange(opts, None)
+    if result.ended_by == "interrupted":
+        raise KeyboardInterrupt  # the engine reports a Ctrl-C as a result: doctor stops
+    return result
+
+
+def _stop_handlers() -> dict[int, Any]:
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_handlers(saved: dict[int, Any]) -> None:
+    import signal
+
+    for sig, handler in saved.items():
+        if handler is not None:
+            signal.signal(sig, handler)
 
 
 def _crc(data: bytes) -> str:
@@ -934,9 +953,17 @@ def _backlog_lab() -> Outcome:
         processes_ok=False,
     )
     record: dict[str, Any] = {}
-    for event in run_backlog(cfg):
-        if isinstance(event, BacklogSummary):
-            record = event.record
+    # The engine turns a Ctrl-C into an "interrupted" report and ignores SIGINT/SIGTERM from
+    # then on (what the backlog command wants): here the run must end, and stay stoppable.
+    saved = _stop_handlers()
+    try:
+        for event in run_backlog(cfg):
+            if isinstance(event, BacklogSummary):
+                record = event.record
+    finally:
+        _restore_handlers(saved)
+    if record.get("interrupted"):
+        raise KeyboardInterrupt
     server = record.get("server") or {}
     limit = server.get("backlog_limit")
     want = (limit if limit is not None else _LAB_BACKLOG) + 1  # somaxconn may clamp it

@@ -39,6 +39,7 @@ from netprobe.sockets import (
     service_name,
     udp_probe_many,
 )
+from netprobe.sockets import sleep as sockets_sleep
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -806,7 +807,7 @@ def _one_pass(
                 # would start at once).
                 rest = started + len(keys) / config.rate - time.monotonic()
                 if rest > 0:
-                    time.sleep(rest)
+                    sockets_sleep(rest)
             keys = sorted(silent)
     finally:
         if count_refused:

@@ -37,6 +37,7 @@ from netprobe.engines.port_check import (
 from netprobe.errors import UsageError
 from netprobe.results import ConnectState
 from netprobe.sockets import Resolved, format_hostport
+from netprobe.sockets import sleep as sockets_sleep
 
 __all__ = [
     "LatencyStats",
@@ -223,7 +224,7 @@ def run_latency(
     *,
     count: int,
     interval_s: float,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], None] = sockets_sleep,
 ) -> Generator[Probe | LatencySummary, None, None]:
     """Probe every address:port `count` times, each on its own pace: a target's next probe
     starts `interval_s` after its last one started, or as that one ends if it took longer,
@@ -516,12 +517,12 @@ def run_wait(
         paced = _paced_until(round_start, probes, config.rate)
         if paced >= end:
             # The rate allows no more rounds before the deadline: wait it out, then report.
-            time.sleep(max(0.0, end - time.monotonic()))
+            sockets_sleep(max(0.0, end - time.monotonic()))
             now = time.monotonic()
             yield WaitOutcome(False, now - start, rounds, _ordered(latest, units), waiting)
             return
         until = max(time.monotonic() + pause, paced)
-        time.sleep(max(0.0, min(until, end) - time.monotonic()))
+        sockets_sleep(max(0.0, min(until, end) - time.monotonic()))
         pause = min(pause * 2, max(interval_s, 0.05))
 
 

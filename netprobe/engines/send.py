@@ -44,6 +44,7 @@ from netprobe.sockets import (
     recv_datagram,
     resolve_named,
     send_datagram,
+    sleep,
     unix_address,
     wait_readable,
 )
@@ -1574,7 +1575,7 @@ def repeat_exchange(
     for run in range(count):
         try:
             if run and interval_s > 0:
-                time.sleep(interval_s)
+                sleep(interval_s)  # not time.sleep: a signal just before it was slept through
         except KeyboardInterrupt:
             break  # between runs: the statistics of those done
         if not opts.source.rewind():
