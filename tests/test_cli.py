@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 import typer
 
 from netprobe import __version__
-from tests.helpers import ROOT, CliResult, invoke, run_netprobe
+from tests.helpers import LONG, ROOT, CliResult, invoke, run_netprobe, wait_in_syscall
 
 COMMANDS = ["port-check", "echo", "send", "listen", "backlog", "listeners", "reset", "doctor"]
 
@@ -233,3 +238,40 @@ def test_readme_exit_code_table_lists_every_exit_status() -> None:
     rows = re.findall(r"^\| (\d+) \| ([A-Z_]+) \|", text[start:], flags=re.MULTILINE)
     table = {int(code): name for code, name in rows}
     assert table == {int(status): status.name for status in ExitStatus}
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["port-check", "127.0.0.1", "-p", "1-65535", "--rate", "2000", "--json"],
+        ["port-check", "127.0.0.1:1", "-c", "100", "--interval", "10s", "--json"],
+        ["backlog", "--lab", "-n", "1000", "--rate", "100", "--json"],
+    ],
+    ids=["port-check", "port-check-latency", "backlog"],
+)
+def test_an_interrupted_run_never_waits_on_a_stdout_nobody_reads(argv: list[str]) -> None:
+    # stdout: a pipe already full that nobody reads; the run's first write waits on it, and
+    # one Ctrl-C comes. Before: the report of the interrupted run (port-check's latency
+    # summaries, backlog's partial tick) or the exit's own flush (port-check) waited on that
+    # reader forever, with no signal left to end it (backlog ignores later ones by then).
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    os.write(write_end, b"#" * 4096)
+    try:
+        with subprocess.Popen(
+            [sys.executable, "-m", "netprobe", *argv],
+            stdout=write_end,
+            stderr=subprocess.DEVNULL,
+            cwd=ROOT,
+        ) as proc:
+            try:
+                wait_in_syscall(proc.pid, "write", 1)
+                proc.send_signal(signal.SIGINT)
+                code = proc.wait(LONG)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+    finally:
+        os.close(write_end)
+        os.close(read_end)
+    assert code == 130

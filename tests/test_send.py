@@ -411,7 +411,7 @@ def test_an_interrupted_repeat_prints_the_statistics_so_far(
         assert proc.stderr is not None
         proc.stdin.close()
         _wait_for(lambda: srv.accepted >= 1)
-        wait_in_syscall(proc.pid, "clock_nanosleep")  # the first run is over: the interval
+        wait_in_syscall(proc.pid, "poll")  # in the first run's exchange, or the interval after
         proc.send_signal(signal.SIGINT)
         assert proc.wait(LONG) == 130
         out, err = proc.stdout.read().decode(), proc.stderr.read().decode()

@@ -14,7 +14,7 @@ from typing import Any, NoReturn, TextIO, cast
 from netprobe.errors import NetprobeError
 from netprobe.exitcodes import ExitStatus, exit_status_for_error
 
-__all__ = ["error_line", "main"]
+__all__ = ["error_line", "main", "spare_a_stuck_stdout"]
 
 
 # Bytes of argv that are not UTF-8 reach Python as surrogate escapes (0xff is U+DCFF), which
@@ -168,6 +168,27 @@ def silence_stdout() -> None:
         os.close(devnull)
 
 
+# How long an interrupted run's report waits for a full stdout to take something.
+STUCK_STDOUT_GRACE_S = 1.0
+
+
+def spare_a_stuck_stdout() -> None:
+    """For a run already interrupted, before it writes its report: when stdout takes nothing
+    within STUCK_STDOUT_GRACE_S (a pipe whose reader stopped reading), that output and the
+    rest go to /dev/null. The signal was the run's end, and waiting on that reader had no
+    signal left to end it; a reader that is only slow still gets the report."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        return  # not a file (a caller capturing output in memory): it never waits
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if not poller.poll(int(STUCK_STDOUT_GRACE_S * 1000)):
+        silence_stdout()
+
+
 class _StderrGuard:
     """sys.stderr for a run: once its reader is gone (EPIPE), log lines are dropped and fd 2
     goes to /dev/null. A closed stderr must not change what a run does or how it exits: a
@@ -292,6 +313,7 @@ def _run(args: list[str]) -> int:
         return ExitStatus.USAGE
     except (Abort, KeyboardInterrupt):
         sys.stderr.write("\n")
+        spare_a_stuck_stdout()
         return ExitStatus.INTERRUPTED
     except NetprobeError as exc:
         if debug:
@@ -333,4 +355,7 @@ def _run(args: list[str]) -> int:
             command, f"internal error: {type(exc).__name__}: {exc} (--debug shows the traceback)"
         )
         return ExitStatus.INTERNAL
-    return int(result) if isinstance(result, int) else ExitStatus.OK
+    code = int(result) if isinstance(result, int) else ExitStatus.OK
+    if code in (ExitStatus.INTERRUPTED, ExitStatus.TERMINATED):
+        spare_a_stuck_stdout()  # else the exit's own flush of stdout could wait forever
+    return code

@@ -284,10 +284,13 @@ def _run(
         # report so far: hand it over there. (Before the flood starts, it comes back.)
         import inspect
 
+        from netprobe.cli._run import spare_a_stuck_stdout
+
         if summary is not None or inspect.getgeneratorstate(events) != inspect.GEN_SUSPENDED:
             raise
         # The engine yields the partial second's tick first, then the summary (later
-        # signals are ignored by then).
+        # signals are ignored by then: so no write may wait on a reader that stopped).
+        spare_a_stuck_stdout()
         event = events.throw(KeyboardInterrupt())
         while isinstance(event, Preflight | Tick):
             show(event)

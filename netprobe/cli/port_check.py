@@ -438,6 +438,7 @@ def _latency(
     required: int | None,
     open_only: bool = False,
 ) -> int:
+    from netprobe.cli._run import spare_a_stuck_stdout
     from netprobe.engines.port_check import PortState, Tally, answered
     from netprobe.engines.port_check_modes import LatencySummary, run_latency
     from netprobe.render import log
@@ -475,6 +476,7 @@ def _latency(
             # raised it (or before it began), there is nothing more to show.
             import inspect
 
+            spare_a_stuck_stdout()
             if inspect.getgeneratorstate(events) == inspect.GEN_SUSPENDED:
                 with contextlib.suppress(KeyboardInterrupt, StopIteration):
                     show(events.throw(KeyboardInterrupt()))
