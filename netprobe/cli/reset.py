@@ -444,6 +444,7 @@ def client(
     connect succeeded, 4 when the server reset first, else the worst connect outcome.
     A non-loopback TARGET needs --allow-remote.
     """
+    from netprobe.cli._run import spare_a_stuck_stdout
     from netprobe.engines.reset_client import (
         CLIENT_TRIGGERS,
         ClientReset,
@@ -500,7 +501,13 @@ def client(
             codes.append(exit_status_for_state(result.state))
             # A connection there was: we reset it, or the server ended it first.
             made += result.action == "rst" or result.ended_by.startswith("server-")
-        renderer.emit({"event": "connection", **to_record(result)})
+        try:
+            writing[0] = True
+            renderer.emit({"event": "connection", **to_record(result)})
+        except KeyboardInterrupt:
+            spare_a_stuck_stdout()  # the signal cut this write: maybe a reader that stopped
+        finally:
+            writing[0] = False
 
     import signal
     import threading
@@ -510,12 +517,20 @@ def client(
     # wait unseen behind an untimed lock until a connection ended (up to --after-ms).
     interrupt = threading.Event()
     terminated = threading.Event()  # SIGTERM: the same report, then 143 (it used to kill)
+    # Inside report()'s write the signal raises after all: a write stuck on a stdout whose
+    # reader stopped was otherwise retried after the handler, forever (8 of 8 runs).
+    writing = [False]
 
-    def on_term(_signum: int, _frame: object) -> None:
-        terminated.set()
+    def on_int(_signum: int, _frame: object) -> None:
         interrupt.set()
+        if writing[0]:
+            raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, lambda _signum, _frame: interrupt.set())
+    def on_term(signum: int, frame: object) -> None:
+        terminated.set()
+        on_int(signum, frame)
+
+    previous = signal.signal(signal.SIGINT, on_int)
     previous_term = signal.signal(signal.SIGTERM, on_term)
     try:
         for result in run_reset_client(
