@@ -108,6 +108,36 @@ def test_hexdump_does_not_depend_on_chunking(data: bytes, cuts: list[int]) -> No
     assert len(lines) == (len(data) + 15) // 16 + 1
 
 
+def test_a_signal_while_a_hexdump_chunk_is_formatted_keeps_the_dump_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before: the rows made before the Ctrl-C were lost, the offset had moved past them, and
+    # finish() printed the whole chunk as one 160-byte "row" (in a real run, up to 1 MB).
+    dumper = HexDumper()
+    assert len(dumper.feed(bytes(range(32))).splitlines()) == 2
+    made = 0
+    line = HexDumper._line
+
+    def cut_at_the_third_row(offset: int, row: bytes) -> str:
+        nonlocal made
+        made += 1
+        if made == 3:
+            raise KeyboardInterrupt
+        return line(offset, row)
+
+    monkeypatch.setattr(HexDumper, "_line", staticmethod(cut_at_the_third_row))
+    with pytest.raises(KeyboardInterrupt):
+        dumper.feed(b"x" * 160)
+    monkeypatch.undo()
+    # That chunk is not shown; the dump goes on from the rows that were.
+    assert dumper.feed(b"y" * 20) == (
+        b"00000020  79 79 79 79 79 79 79 79  79 79 79 79 79 79 79 79  |yyyyyyyyyyyyyyyy|\n"
+    )
+    assert dumper.finish() == (
+        b"00000030  79 79 79 79                                       |yyyy|\n00000034\n"
+    )
+
+
 @given(st.binary(max_size=100).map(lambda b: b.replace(b"\r", b"")), st.lists(st.integers(0, 200)))
 def test_crlf_whatever_the_chunking(data: bytes, cuts: list[int]) -> None:
     converter = CrlfConverter()

@@ -287,8 +287,11 @@ class HexDumper:
     """`hexdump -C` layout, streamed: offset, 16 hex bytes in two groups of 8, |ASCII|."""
 
     def __init__(self) -> None:
-        self._offset = 0
-        self._partial = bytearray()
+        # (offset of the next row, bytes of a row not yet complete): one attribute, replaced
+        # whole once a chunk's lines are made. A Ctrl-C while they were made (a 256 KiB chunk
+        # takes a while) lost the rows made so far but kept the whole chunk: finish() then
+        # printed it as one line of up to 1 MB, after a gap in the offsets.
+        self._state: tuple[int, bytes] = (0, b"")
 
     @staticmethod
     def _line(offset: int, row: bytes) -> str:
@@ -299,27 +302,26 @@ class HexDumper:
         return f"{offset:08x}  {left:<23}  {right:<23}  |{text}|\n"
 
     def feed(self, data: bytes) -> bytes:
-        """Lines for every complete 16-byte row now available."""
-        self._partial += data
-        lines = []
-        whole = len(self._partial) - len(self._partial) % 16
-        for start in range(0, whole, 16):
-            lines.append(self._line(self._offset, bytes(self._partial[start : start + 16])))
-            self._offset += 16
-        del self._partial[:whole]
-        return "".join(lines).encode("ascii")
+        """Lines for every complete 16-byte row now available (a signal while they are made
+        leaves the dumper as it was: that chunk is not shown, the offsets stay whole)."""
+        offset, partial = self._state
+        pending = partial + data
+        whole = len(pending) - len(pending) % 16
+        lines = "".join(
+            self._line(offset + start, pending[start : start + 16]) for start in range(0, whole, 16)
+        )
+        self._state = (offset + whole, pending[whole:])
+        return lines.encode("ascii")
 
     def finish(self) -> bytes:
         """The last partial row, then the total length as the final offset line (nothing at
         all for an empty reply, as `hexdump -C` prints nothing for empty input)."""
-        if not self._offset and not self._partial:
+        offset, partial = self._state
+        if not offset and not partial:
             return b""
-        out = ""
-        if self._partial:
-            out = self._line(self._offset, bytes(self._partial))
-            self._offset += len(self._partial)
-            self._partial.clear()
-        return (out + f"{self._offset:08x}\n").encode("ascii")
+        out = self._line(offset, partial) if partial else ""
+        self._state = (offset + len(partial), b"")
+        return (out + f"{offset + len(partial):08x}\n").encode("ascii")
 
 
 @dataclass(frozen=True)
