@@ -581,12 +581,14 @@ def _start_quiet_thread(target: Callable[[], None]) -> Any:
     return thread
 
 
-def write_nowait(stream: Any, data: bytes) -> None:
-    """Write `data` to a binary stream as far as it takes it now, never waiting: a pipe gets
-    it through a non-blocking twin (what does not fit is dropped; a piece of at most 4 KiB
-    goes whole or not at all), anything else (a file, a terminal, memory) a plain write.
+def write_within(stream: Any, data: bytes, within_s: float) -> bool:
+    """Write `data` to a binary stream, waiting at most `within_s` seconds for a pipe to take
+    it (through a non-blocking twin); False when the time ran out or the reader left, the
+    rest of `data` dropped. Anything else (a file, a terminal, memory) gets a plain write.
     For the last output of a run already interrupted: a reader that stopped reading must not
     keep that run alive, and one that left must not change its exit code."""
+    import time
+
     try:
         fd = stream.fileno()
     except (OSError, ValueError, AttributeError):
@@ -595,13 +597,20 @@ def write_nowait(stream: Any, data: bytes) -> None:
     if twin is None:
         stream.write(data)
         stream.flush()
-        return
+        return True
+    deadline = time.monotonic() + within_s
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(twin, view) :]
-    except OSError:  # full (EAGAIN), or the reader left (EPIPE): the rest is dropped
-        pass
+            try:
+                view = view[os.write(twin, view) :]
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.01)  # (the socket core alone polls; a pipe's room can wait this)
+        return True
+    except OSError:  # the reader left (EPIPE)
+        return False
     finally:
         os.close(twin)
 

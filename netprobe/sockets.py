@@ -1484,7 +1484,7 @@ def raise_nofile_limit(wanted: int) -> NofileLimit:
 # Counts and signals: Ctrl-C never lands between a system call and the count of its result
 # ---------------------------------------------------------------------------------------------
 
-# The read end of the pipe signal.set_wakeup_fd writes to (None until first needed).
+# The pipe signal.set_wakeup_fd writes to (None until first needed).
 _signal_pipe: tuple[int, int] | None = None
 
 
@@ -1496,7 +1496,10 @@ def signal_wake_fd() -> int | None:
     Python runs a signal's handler between bytecodes. A Ctrl-C that lands after the last of
     them and before poll(2) starts only sets a flag, and a poll without a timeout then slept
     through it: `send` ignored its one SIGINT, about one run in 700. The C-level handler
-    writes this fd at once, so the poll returns and the handler runs."""
+    writes this fd at once, so the poll returns and the handler runs.
+
+    Claimed again at each call (an asyncio loop in this thread takes the wake-up fd over and
+    drops it when it closes): a few microseconds, so a wait that cannot block skips it."""
     global _signal_pipe
     if threading.current_thread() is not threading.main_thread():
         return None
@@ -1921,7 +1924,8 @@ def wait_readable(items: Sequence[int | socket.socket], deadline: float | None) 
     poller = select.poll()
     for item in items:
         poller.register(item, select.POLLIN)
-    wake = signal_wake_fd()
+    # (A look that cannot wait, as UDP send's after each datagram, has no race to guard.)
+    wake = signal_wake_fd() if deadline is None or deadline > time.monotonic() else None
     if wake is not None:
         poller.register(wake, select.POLLIN)
     while True:

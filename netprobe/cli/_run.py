@@ -14,7 +14,7 @@ from typing import Any, NoReturn, TextIO, cast
 from netprobe.errors import NetprobeError
 from netprobe.exitcodes import ExitStatus, exit_status_for_error
 
-__all__ = ["error_line", "main", "spare_a_stuck_stdout"]
+__all__ = ["error_line", "main", "spare_a_stuck_stdout", "stdout_takes_some"]
 
 
 # Bytes of argv that are not UTF-8 reach Python as surrogate escapes (0xff is U+DCFF), which
@@ -177,16 +177,22 @@ def spare_a_stuck_stdout() -> None:
     within STUCK_STDOUT_GRACE_S (a pipe whose reader stopped reading), that output and the
     rest go to /dev/null. The signal was the run's end, and waiting on that reader had no
     signal left to end it; a reader that is only slow still gets the report."""
+    if not stdout_takes_some(STUCK_STDOUT_GRACE_S):
+        silence_stdout()
+
+
+def stdout_takes_some(within_s: float = 0.0) -> bool:
+    """Whether stdout can take some output within `within_s` seconds (a pipe with a free
+    page, a file, a terminal, memory): False for a pipe whose reader stopped reading."""
     import select
 
     try:
         fd = sys.stdout.fileno()
     except (AttributeError, ValueError, OSError):
-        return  # not a file (a caller capturing output in memory): it never waits
+        return True  # not a file (a caller capturing output in memory): it never waits
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
-    if not poller.poll(int(STUCK_STDOUT_GRACE_S * 1000)):
-        silence_stdout()
+    return bool(poller.poll(int(within_s * 1000)))
 
 
 class _StderrGuard:
@@ -258,36 +264,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     real_stderr = sys.stderr
     sys.stderr = cast(TextIO, _StderrGuard(real_stderr))
-    previous_hook = sys.unraisablehook
-    sys.unraisablehook = _redeliver_interrupts(previous_hook)
     try:
         return _run(args)
     finally:
-        sys.unraisablehook = previous_hook
         if isinstance(sys.stderr, _StderrGuard):
             sys.stderr = real_stderr
-
-
-def _redeliver_interrupts(previous: Any) -> Any:
-    """Python runs a signal's handler in whatever Python code runs next, a weakref callback
-    or a __del__ too (the import system's module-lock callbacks, a generator closed by the
-    GC). A KeyboardInterrupt raised there is "ignored" (printed, then dropped): Ctrl-C or
-    SIGTERM (sigterm_as_interrupt) was lost, and the run went on (a connect then waited out
-    --timeout). Raise the signal again, so it ends the run where the code can take it."""
-
-    import threading
-
-    def hook(args: Any) -> None:
-        if (
-            args.exc_type is not None
-            and issubclass(args.exc_type, KeyboardInterrupt)
-            and threading.current_thread() is threading.main_thread()
-        ):
-            signal.raise_signal(signal.SIGINT)
-            return
-        previous(args)
-
-    return hook
 
 
 def _run(args: list[str]) -> int:

@@ -444,7 +444,7 @@ def client(
     connect succeeded, 4 when the server reset first, else the worst connect outcome.
     A non-loopback TARGET needs --allow-remote.
     """
-    from netprobe.cli._run import spare_a_stuck_stdout
+    from netprobe.cli._run import spare_a_stuck_stdout, stdout_takes_some
     from netprobe.engines.reset_client import (
         CLIENT_TRIGGERS,
         ClientReset,
@@ -501,11 +501,13 @@ def client(
             codes.append(exit_status_for_state(result.state))
             # A connection there was: we reset it, or the server ended it first.
             made += result.action == "rst" or result.ended_by.startswith("server-")
+        record = {"event": "connection", **to_record(result)}
         try:
             writing[0] = True
-            renderer.emit({"event": "connection", **to_record(result)})
+            renderer.emit(record)
         except KeyboardInterrupt:
-            spare_a_stuck_stdout()  # the signal cut this write: maybe a reader that stopped
+            writing[0] = False
+            spare_a_stuck_stdout()  # the signal cut a write stuck on a reader that stopped
         finally:
             writing[0] = False
 
@@ -517,13 +519,14 @@ def client(
     # wait unseen behind an untimed lock until a connection ended (up to --after-ms).
     interrupt = threading.Event()
     terminated = threading.Event()  # SIGTERM: the same report, then 143 (it used to kill)
-    # Inside report()'s write the signal raises after all: a write stuck on a stdout whose
-    # reader stopped was otherwise retried after the handler, forever (8 of 8 runs).
+    # Inside report()'s write to a stdout that takes nothing (a reader that stopped) the
+    # signal raises after all: that write was otherwise retried after the handler, forever
+    # (8 of 8 runs). A write that goes through is never cut.
     writing = [False]
 
     def on_int(_signum: int, _frame: object) -> None:
         interrupt.set()
-        if writing[0]:
+        if writing[0] and not stdout_takes_some():
             raise KeyboardInterrupt
 
     def on_term(signum: int, frame: object) -> None:

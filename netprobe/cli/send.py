@@ -436,10 +436,15 @@ def send(
         out.write(chunk)
         out.flush()
 
-    def emit_nowait(chunk: bytes) -> None:
-        from netprobe.render import write_nowait
+    stuck = [False]
 
-        write_nowait(out, chunk)
+    def emit_bounded(chunk: bytes) -> None:
+        # After the signal: as every interrupted report, at most a second's wait on stdout.
+        from netprobe.cli._run import STUCK_STDOUT_GRACE_S
+        from netprobe.render import write_within
+
+        if not stuck[0] and not write_within(out, chunk, STUCK_STDOUT_GRACE_S):
+            stuck[0] = True
 
     transcript_out: _TranscriptFile | None = None
     refused = False
@@ -473,7 +478,7 @@ def send(
                 )
             raise typer.Exit(_final_code(status, term.terminated))
         try:
-            result = exchange(opts, None if json_out else emit, transcript, emit_nowait)
+            result = exchange(opts, None if json_out else emit, transcript, emit_bounded)
         except (NetworkError, DeadlineExceeded) as exc:
             if json_out:  # every run says how it ended, a failed connect too
                 emit((dump_json(failed_result(opts, exc).record()) + "\n").encode())

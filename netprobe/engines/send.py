@@ -309,9 +309,9 @@ class HexDumper:
         whole = len(pending) - len(pending) % 16
         lines = "".join(
             self._line(offset + start, pending[start : start + 16]) for start in range(0, whole, 16)
-        )
+        ).encode("ascii")
         self._state = (offset + whole, pending[whole:])
-        return lines.encode("ascii")
+        return lines
 
     def finish(self) -> bytes:
         """The last partial row, then the total length as the final offset line (nothing at
@@ -662,10 +662,10 @@ class _Receiver:
         decoder: Decoder | None,
         collect: bool,
         hexdump: bool,
-        emit_nowait: Emit | None = None,
+        emit_bounded: Emit | None = None,
     ) -> None:
         self.emit = emit
-        self.emit_nowait = emit_nowait
+        self.emit_bounded = emit_bounded
         self._emitting = False
         self.expect = expect
         self.decoder = decoder
@@ -791,10 +791,10 @@ class _Receiver:
         """The read ended: flush the hexdump, check for a truncated frame at EOF, or at an
         idle timeout or timeout (half a frame is no reply, whether or not the peer closed)."""
         if ended_by == "interrupted" and self.emit is not None:
-            # The signal was the run's end: what is left goes out only as far as stdout takes
-            # it now (emit_nowait). Waiting, on a reader that stopped, had no signal left to end
-            # it (a --hexdump's last line needed SIGKILL). After a write the signal cut, nothing.
-            self.emit = None if self._emitting else (self.emit_nowait or self.emit)
+            # The signal was the run's end: what is left waits on stdout only a moment
+            # (emit_bounded). Waiting on a reader that stopped had no signal left to end it (a
+            # --hexdump's last line needed SIGKILL). After a write the signal cut, nothing.
+            self.emit = None if self._emitting else (self.emit_bounded or self.emit)
         self.release_held()
         if self.hexdumper is not None and not self.collect:
             self._emit(self.hexdumper.finish())
@@ -1096,7 +1096,7 @@ def exchange(
     opts: SendOptions,
     emit: Emit | None,
     transcript: Transcript | None = None,
-    emit_nowait: Emit | None = None,
+    emit_bounded: Emit | None = None,
 ) -> SendResult:
     """Run one exchange: connect, send the input, read the reply until it ends.
 
@@ -1108,8 +1108,8 @@ def exchange(
         emit: receives output bytes as they arrive (raw, hexdump or frame lines); None
             discards them (--repeat).
         transcript: records every chunk in both directions.
-        emit_nowait: as emit, never waiting (what does not fit now is dropped): used for
-            the output left once a signal ended the run. None: emit.
+        emit_bounded: as emit, waiting at most a moment on stdout (the rest then dropped):
+            used for the output left once a signal ended the run. None: emit.
 
     Returns:
         SendResult; how the read ended is in ended_by ("eof", "reset", "idle-timeout",
@@ -1123,17 +1123,17 @@ def exchange(
         us is also a LocalError: exit 6). DeadlineExceeded: the connect timed out.
     """
     _check_input(opts)
-    return _exchange_checked(opts, emit, transcript, emit_nowait)
+    return _exchange_checked(opts, emit, transcript, emit_bounded)
 
 
 def _exchange_checked(
     opts: SendOptions,
     emit: Emit | None,
     transcript: Transcript | None,
-    emit_nowait: Emit | None = None,
+    emit_bounded: Emit | None = None,
 ) -> SendResult:
     if opts.udp:
-        return _exchange_udp(opts, emit, transcript, emit_nowait)
+        return _exchange_udp(opts, emit, transcript, emit_bounded)
     addrs = _addresses(opts)
     start = time.monotonic()
     deadline = start + opts.timeout_s if opts.timeout_s is not None else None
@@ -1173,7 +1173,7 @@ def _exchange_checked(
         decoder=opts.framing.decoder(opts.max_frame) if opts.framing is not None else None,
         collect=opts.collect,
         hexdump=opts.hexdump,
-        emit_nowait=emit_nowait,
+        emit_bounded=emit_bounded,
     )
 
     def on_received(data: bytes) -> bool:
@@ -1327,7 +1327,7 @@ def _exchange_udp(
     opts: SendOptions,
     emit: Emit | None,
     transcript: Transcript | None,
-    emit_nowait: Emit | None = None,
+    emit_bounded: Emit | None = None,
 ) -> SendResult:
     addrs = _addresses(opts)
     addr = addrs[0]
@@ -1342,7 +1342,7 @@ def _exchange_udp(
         decoder=None,
         collect=opts.collect,
         hexdump=opts.hexdump,
-        emit_nowait=emit_nowait,
+        emit_bounded=emit_bounded,
     )
     first_byte_at: float | None = None
     last_activity = start
