@@ -8,6 +8,11 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$here/.."
 source "$here/_venv.sh" ""
 mode="${1:-}"
+case "$mode" in
+  ""|--smoke) ;;
+  -h|--help) sed -n '2,5p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "bench_all.sh: unknown argument '$mode' (--smoke, or none for the full run)" >&2; exit 2 ;;
+esac
 out="$root/BENCHMARKS.md"
 [ "$mode" = "--smoke" ] && out="$root/bench-out/BENCHMARKS.smoke.md"
 mkdir -p "$root/bench-out"
