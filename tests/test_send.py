@@ -1196,22 +1196,28 @@ class _Banner:
     the client has read it all (its socket's rx_queue is 0) and waits in poll(2)."""
 
     def __init__(self) -> None:
-        self.peer_ports: list[int] = []
+        self.ends: list[tuple[str, str]] = []  # the client's (local, remote) in /proc/net/tcp
 
     def __call__(self, conn: socket.socket) -> None:
         conn.sendall(b"OK v1\r\n")
-        self.peer_ports.append(conn.getpeername()[1])
+        ours, theirs = conn.getsockname()[1], conn.getpeername()[1]
+        self.ends.append((f":{theirs:04X}", f":{ours:04X}"))
         with contextlib.suppress(OSError):
             while conn.recv(16):  # until send is gone (stdin stays open: no FIN before)
                 pass
 
     def read_by(self, pid: int) -> bool:
-        if not self.peer_ports:
+        if not self.ends:
             return False
         with open("/proc/net/tcp") as table:
             rows = [line.split() for line in table.readlines()[1:]]
-        port = f":{self.peer_ports[0]:04X}"
-        unread = [int(row[4].split(":")[1], 16) for row in rows if row[1].endswith(port)]
+        local, remote = self.ends[0]
+        # (Both ends: a TIME_WAIT socket of an earlier test may hold the same local port.)
+        unread = [
+            int(row[4].split(":")[1], 16)
+            for row in rows
+            if row[1].endswith(local) and row[2].endswith(remote)
+        ]
         return unread == [0] and in_syscall(pid, "poll")
 
 
