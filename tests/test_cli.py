@@ -288,3 +288,35 @@ def test_an_interrupted_run_never_waits_on_a_stdout_nobody_reads(
         os.close(write_end)
         os.close(read_end)
     assert code == 130
+
+
+def test_a_second_signal_while_the_report_waits_on_a_full_stdout_ends_quietly() -> None:
+    # The report of an interrupted run waits up to STUCK_STDOUT_GRACE_S for a stdout pipe
+    # nobody reads; a second Ctrl-C in that wait means "out now". Before: it escaped the exit
+    # path as a traceback (exit 1).
+    child = (
+        "import os, sys\n"
+        "from netprobe.cli._run import spare_a_stuck_stdout\n"
+        "spare_a_stuck_stdout()\n"
+        "sys.stderr.write('spared, stdout is ' + os.readlink('/proc/self/fd/1') + '\\n')\n"
+    )
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    os.write(write_end, b"#" * 4096)  # full
+    try:
+        with subprocess.Popen(
+            [sys.executable, "-c", child], stdout=write_end, stderr=subprocess.PIPE, cwd=ROOT
+        ) as proc:
+            try:
+                wait_in_syscall(proc.pid, "poll")  # the grace: a poll for room on stdout
+                proc.send_signal(signal.SIGINT)
+                code = proc.wait(LONG)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+            assert proc.stderr is not None
+            err = proc.stderr.read().decode()
+    finally:
+        os.close(write_end)
+        os.close(read_end)
+    assert (code, err) == (0, "spared, stdout is /dev/null\n")

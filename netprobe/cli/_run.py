@@ -176,8 +176,13 @@ def spare_a_stuck_stdout() -> None:
     """For a run already interrupted, before it writes its report: when stdout takes nothing
     within STUCK_STDOUT_GRACE_S (a pipe whose reader stopped reading), that output and the
     rest go to /dev/null. The signal was the run's end, and waiting on that reader had no
-    signal left to end it; a reader that is only slow still gets the report."""
-    if not stdout_takes_some(STUCK_STDOUT_GRACE_S):
+    signal left to end it; a reader that is only slow still gets the report. A second
+    signal during the wait means the same as a full pipe: out now, the report unshown."""
+    try:
+        takes = stdout_takes_some(STUCK_STDOUT_GRACE_S)
+    except KeyboardInterrupt:  # raised here, it would escape the exit path as a traceback
+        takes = False
+    if not takes:
         silence_stdout()
 
 
