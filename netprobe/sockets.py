@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from netprobe.errors import (
     AddressError,
@@ -88,6 +88,7 @@ __all__ = [
     "recv_some",
     "remaining",
     "resolve",
+    "resolve_each",
     "resolved_off_loopback",
     "send_all",
     "send_datagram",
@@ -102,6 +103,8 @@ __all__ = [
     "unix_address",
     "wait_readable",
 ]
+
+_T = TypeVar("_T")
 
 # A CIDR block bigger than this is refused unless the caller allows it: a typo such as /8
 # instead of /24 would otherwise start a 16-million-address scan.
@@ -726,29 +729,87 @@ def resolve(
 ) -> list[Resolved]:
     """Resolve host to addresses; numeric literals skip getaddrinfo (scans need that speed).
 
+    A name is looked up in a thread while the caller waits in a poll that a signal ends:
+    getaddrinfo() itself cannot be interrupted, and a Ctrl-C during a lookup whose resolver
+    never answers waited until the resolver gave up (5 s and more).
+
     Args:
         family: 0 for any, socket.AF_INET (-4) or socket.AF_INET6 (-6).
 
     Raises:
         ResolveError: the name does not resolve (errno_name is EAI_NONAME, EAI_AGAIN, ...).
+        AddressError: not a valid host name (an empty or over-long label).
+    """
+    found = _literal(host, port, family)
+    if found is not None:
+        return found
+    [outcome] = _in_lookup_threads([_looker(host, port, family, socktype)])
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def resolve_each(
+    hosts: Sequence[str], port: int, *, family: int = 0, socktype: int = socket.SOCK_STREAM
+) -> list[list[Resolved] | ResolveError | AddressError]:
+    """resolve() for each of `hosts`, the names looked up at once (RESOLVE_THREADS at a
+    time): a list of names costs about its slowest lookup, not the sum of them. Each result
+    is the addresses, or the error resolve() would raise, in the order of `hosts`."""
+    results: list[list[Resolved] | ResolveError | AddressError] = []
+    names: list[int] = []
+    for host in hosts:
+        try:
+            found = _literal(host, port, family)
+        except ResolveError as exc:
+            results.append(exc)
+            continue
+        if found is None:
+            names.append(len(results))
+            found = []  # its place, filled below
+        results.append(found)
+    if names:
+        jobs = [_looker(hosts[index], port, family, socktype) for index in names]
+        for index, outcome in zip(names, _in_lookup_threads(jobs), strict=True):
+            if isinstance(outcome, (ResolveError, AddressError)):
+                results[index] = outcome
+            elif isinstance(outcome, BaseException):
+                raise outcome  # a bug of ours, not the resolver's answer
+            else:
+                results[index] = outcome
+    return results
+
+
+def _literal(host: str, port: int, family: int) -> list[Resolved] | None:
+    """An IP literal's one address (no lookup), or None for a name.
+
+    Raises:
+        ResolveError: a literal of the other family than `family` (EAI_FAMILY).
     """
     literal = host.split("%", 1)[0]
     try:
         ip = ipaddress.ip_address(literal)
     except ValueError:
-        ip = None
-    if ip is not None and "%" not in host:
-        fam = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-        if family and family != fam:
-            want = "IPv4" if family == socket.AF_INET else "IPv6"
-            raise ResolveError("resolve", None, "EAI_FAMILY", f"{host} is not an {want} address")
-        # The canonical spelling ("0::1" is "::1"): duplicates are found by address, and
-        # rows show the address as the kernel reports it.
-        canonical = str(ip)
-        sockaddr: tuple[Any, ...] = (
-            (canonical, port) if fam == socket.AF_INET else (canonical, port, 0, 0)
-        )
-        return [Resolved(fam, sockaddr)]
+        return None
+    if "%" in host:
+        return None  # a zone: getaddrinfo turns the interface name into its scope id
+    fam = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    if family and family != fam:
+        want = "IPv4" if family == socket.AF_INET else "IPv6"
+        raise ResolveError("resolve", None, "EAI_FAMILY", f"{host} is not an {want} address")
+    # The canonical spelling ("0::1" is "::1"): duplicates are found by address, and rows
+    # show the address as the kernel reports it.
+    canonical = str(ip)
+    sockaddr: tuple[Any, ...] = (
+        (canonical, port) if fam == socket.AF_INET else (canonical, port, 0, 0)
+    )
+    return [Resolved(fam, sockaddr)]
+
+
+def _looker(host: str, port: int, family: int, socktype: int) -> Callable[[], list[Resolved]]:
+    return lambda: _lookup(host, port, family, socktype)
+
+
+def _lookup(host: str, port: int, family: int, socktype: int) -> list[Resolved]:
     try:
         with _map_errors("resolve"):
             infos = socket.getaddrinfo(host, port, family, socktype)
@@ -760,6 +821,80 @@ def resolve(
     for fam, _type, _proto, _canon, addr in infos:
         seen[(int(fam), tuple(addr))] = None
     return [Resolved(fam, addr) for fam, addr in seen]
+
+
+def _outcome_of(job: Callable[[], _T]) -> _T | BaseException:
+    try:
+        return job()
+    except Exception as exc:
+        return exc
+
+
+# Lookups in flight at once (resolve_each): each holds a thread in getaddrinfo().
+RESOLVE_THREADS = 32
+
+
+def _in_lookup_threads(jobs: Sequence[Callable[[], _T]]) -> list[_T | BaseException]:
+    """Run blocking `jobs` in up to RESOLVE_THREADS daemon threads; each one's result or
+    exception, in order. The caller waits in wait_readable, so a signal's handler runs (and
+    a KeyboardInterrupt leaves) at once; the threads still in a lookup are left to finish it
+    on their own, take no further job, and die with the process."""
+    count = len(jobs)
+    outcomes: list[Any] = [None] * count
+    taken = iter(range(count))
+    lock = threading.Lock()
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    stopped = False
+    workers = min(count, RESOLVE_THREADS)
+    alive = [workers]
+
+    def work() -> None:
+        try:
+            while True:
+                with lock:
+                    index = None if stopped else next(taken, None)
+                if index is None:
+                    return
+                try:
+                    outcomes[index] = jobs[index]()
+                except BaseException as exc:  # handed to the caller as a result
+                    outcomes[index] = exc
+                with contextlib.suppress(OSError):  # the caller has gone (EPIPE)
+                    os.write(write_end, b".")
+        finally:
+            # The last worker out owns the write end: closed by the caller while a worker
+            # still wrote, its number could name another file by then.
+            with lock:
+                alive[0] -= 1
+                last = alive[0] == 0
+            if last:
+                os.close(write_end)
+
+    started = 0
+    with contextlib.suppress(RuntimeError):  # "can't start new thread": fewer will do
+        while started < workers:
+            threading.Thread(target=work, name="netprobe-resolve", daemon=True).start()
+            started += 1
+    if started < workers:
+        with lock:
+            alive[0] -= workers - started
+            none_left = alive[0] == 0
+        if none_left:
+            os.close(write_end)
+        if not started:
+            os.close(read_end)
+            return [_outcome_of(job) for job in jobs]  # here, then: not interruptible
+    done = 0
+    try:
+        while done < count:
+            if wait_readable([read_end], None):
+                with contextlib.suppress(BlockingIOError):
+                    done += len(os.read(read_end, 4096))
+    finally:
+        with lock:
+            stopped = True
+        os.close(read_end)
+    return outcomes
 
 
 def resolve_named(

@@ -277,7 +277,7 @@ def port_check(
         parse_require,
         parse_targets,
     )
-    from netprobe.render import choose_format
+    from netprobe.render import choose_format, log
     from netprobe.sockets import DEFAULT_CIDR_CAP, parse_ports
 
     given, command = _command_after_dashes(list(targets or []))
@@ -339,13 +339,19 @@ def port_check(
                 specs, config, port_list, family, expect_now, required, deadline, interval, quiet
             )
         raise typer.Exit(_finish(outcome, command, fmt, quiet, open_only))
-    hosts = build_hosts(
-        specs,
-        ports=port_list,
-        family=family,
-        expect=default_expect,
-        cidr_cap=None if allow_large else DEFAULT_CIDR_CAP,
-    )
+    try:
+        with sigterm_exits_143():
+            hosts = build_hosts(
+                specs,
+                ports=port_list,
+                family=family,
+                expect=default_expect,
+                cidr_cap=None if allow_large else DEFAULT_CIDR_CAP,
+            )
+    except (KeyboardInterrupt, typer.Exit):  # Exit: SIGTERM (143)
+        if not quiet:
+            log("port-check: interrupted while looking up names: nothing checked", always=True)
+        raise
     units = sum(len(h.ports) for h in hosts)
     if required is not None and required > units:
         raise UsageError(f"--require {required} is more than the {units} checks given")

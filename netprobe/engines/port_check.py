@@ -35,7 +35,7 @@ from netprobe.sockets import (
     inet_aton_reading,
     parse_target,
     raise_nofile_limit,
-    resolve,
+    resolve_each,
     service_name,
     udp_probe_many,
 )
@@ -322,7 +322,6 @@ def build_hosts(
     Raises:
         UsageError: a target without a port and no -p, or a CIDR block over the cap.
     """
-    resolve_one = resolver or (lambda host, fam: resolve(host, 0, family=fam))
     hosts: list[HostSpec] = []
     # Expand every block first, so an over-large CIDR fails before any probe is sent.
     expanded: list[tuple[TargetSpec, tuple[int, ...], list[str]]] = []
@@ -334,6 +333,8 @@ def build_hosts(
         if not spec_ports:
             raise UsageError(f"{spec.text!r} has no port: give HOST:PORT or -p PORTS")
         expanded.append((spec, spec_ports, list(expand_hosts(spec.host, cap=cidr_cap))))
+    names = [m for spec, _ports, members in expanded if not spec.unix for m in members]
+    answers = _resolve_all(names, family, resolver)
     for spec, spec_ports, members in expanded:
         want = spec.expect or expect
         if spec.unix:
@@ -341,15 +342,15 @@ def build_hosts(
             hosts.append(HostSpec(spec.text, path, path, AF_UNIX, (0,), want, None, (path,)))
             continue
         for member in members:
-            try:
-                first = resolve_one(member, family)[0]
-            except UnicodeError:
-                # Python's IDNA codec rejects an empty or over-long label before any lookup.
-                raise AddressError(f"{spec.text!r}: {member!r} is not a valid host name") from None
-            except ResolveError as exc:
-                error = exc.errno_name or "EAI_FAIL"
+            answer = answers[member]
+            if isinstance(answer, AddressError):
+                # An empty or over-long label, refused before any lookup.
+                raise AddressError(f"{spec.text!r}: {member!r} is not a valid host name")
+            if isinstance(answer, ResolveError):
+                error = answer.errno_name or "EAI_FAIL"
                 hosts.append(HostSpec(spec.text, member, None, 0, spec_ports, want, error))
                 continue
+            first = answer[0]
             hosts.append(
                 HostSpec(
                     spec.text,
@@ -363,6 +364,24 @@ def build_hosts(
                 )
             )
     return _without_duplicates(hosts)
+
+
+def _resolve_all(
+    names: list[str], family: int, resolver: Callable[[str, int], list[Resolved]] | None
+) -> dict[str, list[Resolved] | ResolveError | AddressError]:
+    """Each distinct name's addresses or error; the names looked up at once (resolve_each)."""
+    distinct = list(dict.fromkeys(names))
+    if resolver is None:
+        return dict(zip(distinct, resolve_each(distinct, 0, family=family), strict=True))
+    answers: dict[str, list[Resolved] | ResolveError | AddressError] = {}
+    for name in distinct:
+        try:
+            answers[name] = resolver(name, family)
+        except (ResolveError, AddressError) as exc:
+            answers[name] = exc
+        except UnicodeError:
+            answers[name] = AddressError(f"{name!r} is not a valid host name")
+    return answers
 
 
 def _without_duplicates(hosts: list[HostSpec]) -> list[HostSpec]:
