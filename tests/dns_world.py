@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 HOLD_S = 5.0  # a hold mode's cap: past it, every query is answered at once
@@ -65,7 +66,7 @@ class Server:
         self.mode, self.hold = mode, hold
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 53))
-        self.held: list[tuple[bytes, object]] = []
+        self.held: list[tuple[bytes, Any]] = []
         self.outstanding: set[str] = set()
         self.most_at_once = 0
         self.names: set[str] = set()
