@@ -5,6 +5,7 @@ stdout and stderr, and what the server saw.
 
     python tests/dns_world.py hold N -- ARGV...    hold every query until N names are asked
                                                    at once (or HOLD_S passed), then answer
+    python tests/dns_world.py late T N -- ARGV...  NXDOMAIN for T seconds, then as hold N
     python tests/dns_world.py silent [SIG] -- ARGV...
                                                    never answer; signal netprobe (SIGINT)
                                                    at the first query
@@ -52,6 +53,11 @@ def address_of(name: str) -> str:
     return "127.0.0.1"
 
 
+def nxdomain(packet: bytes) -> bytes:
+    _name, _qtype, end = question(packet)
+    return packet[:2] + struct.pack("!HHHHH", 0x8183, 1, 0, 0, 0) + packet[12:end]
+
+
 def answer(packet: bytes) -> bytes:
     name, qtype, end = question(packet)
     records = b""
@@ -62,8 +68,8 @@ def answer(packet: bytes) -> bytes:
 
 
 class Server:
-    def __init__(self, mode: str, hold: int) -> None:
-        self.mode, self.hold = mode, hold
+    def __init__(self, mode: str, hold: int, unknown_s: float = 0.0) -> None:
+        self.mode, self.hold, self.unknown_s = mode, hold, unknown_s
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 53))
         self.held: list[tuple[bytes, Any]] = []
@@ -72,13 +78,14 @@ class Server:
         self.names: set[str] = set()
         self.first_query = threading.Event()
         self.started = time.monotonic()
-        self.holding = mode == "hold"
+        self.holding = mode in ("hold", "late")
+        self.nxdomains = 0
         threading.Thread(target=self.serve, daemon=True).start()
 
     def serve(self) -> None:
         self.sock.settimeout(0.05)
         while True:
-            if self.holding and time.monotonic() - self.started > HOLD_S:
+            if self.holding and time.monotonic() - self.started > self.unknown_s + HOLD_S:
                 self.release()
             try:
                 packet, peer = self.sock.recvfrom(4096)
@@ -88,6 +95,10 @@ class Server:
             self.names.add(name)
             self.first_query.set()
             if self.mode == "silent":
+                continue
+            if time.monotonic() - self.started < self.unknown_s:
+                self.sock.sendto(nxdomain(packet), peer)
+                self.nxdomains += 1
                 continue
             if not self.holding:
                 self.sock.sendto(answer(packet), peer)
@@ -109,7 +120,10 @@ def main() -> int:
     split = sys.argv.index("--")
     mode, *rest = sys.argv[1:split]
     argv = sys.argv[split + 1 :]
-    server = Server(mode, int(rest[0]) if mode == "hold" else 0)
+    if mode == "late":
+        server = Server(mode, int(rest[1]), float(rest[0]))
+    else:
+        server = Server(mode, int(rest[0]) if mode == "hold" else 0)
     listener = socket.create_server(("127.0.0.1", 0), backlog=512)
     port = str(listener.getsockname()[1])
     listeners = [listener] + [
@@ -144,6 +158,7 @@ def main() -> int:
         "stderr": err.decode(errors="replace"),
         "names": sorted(server.names),
         "most_at_once": server.most_at_once,
+        "nxdomains": server.nxdomains,
         "signalled": signalled,
         "seconds": round(time.monotonic() - server.started, 3),
         "listeners": len(listeners),

@@ -63,6 +63,18 @@ def test_port_check_looks_its_names_up_at_once(tmp_path: Path) -> None:
     assert report["code"] == 0, report
 
 
+def test_wait_looks_names_that_did_not_resolve_up_again_at_once(tmp_path: Path) -> None:
+    # No name is known for the first second (NXDOMAIN: a service not up yet); then the server
+    # answers only once all ten are asked at once. Before: each round looked the names up
+    # again one after another.
+    names = [f"host{i}.np.test:PORT" for i in range(10)]
+    argv = ["port-check", *names, "--wait", "--deadline", "20s", "--interval", "100ms"]
+    report = in_dns_world(tmp_path, ["late", "1", "10"], argv)
+    assert report["nxdomains"] >= 10, report
+    assert report["most_at_once"] == 10, report
+    assert report["code"] == 0, report
+
+
 @pytest.mark.parametrize(
     ("argv", "signame", "code", "said"),
     [

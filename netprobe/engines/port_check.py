@@ -346,24 +346,42 @@ def build_hosts(
             if isinstance(answer, AddressError):
                 # An empty or over-long label, refused before any lookup.
                 raise AddressError(f"{spec.text!r}: {member!r} is not a valid host name")
-            if isinstance(answer, ResolveError):
-                error = answer.errno_name or "EAI_FAIL"
-                hosts.append(HostSpec(spec.text, member, None, 0, spec_ports, want, error))
-                continue
-            first = answer[0]
-            hosts.append(
-                HostSpec(
-                    spec.text,
-                    member,
-                    first.host,
-                    first.family,
-                    spec_ports,
-                    want,
-                    None,
-                    first.sockaddr,
-                )
-            )
+            hosts.append(_host_spec(spec.text, member, spec_ports, want, answer))
     return _without_duplicates(hosts)
+
+
+def resolve_again(
+    hosts: Sequence[HostSpec],
+    family: int,
+    resolver: Callable[[str, int], list[Resolved]] | None = None,
+) -> list[HostSpec]:
+    """`hosts`, those whose name did not resolve looked up again (all at once, as
+    build_hosts does), in the same places."""
+    names = [host.name for host in hosts if host.error is not None]
+    if not names:
+        return list(hosts)
+    answers = _resolve_all(names, family, resolver)
+    again: list[HostSpec] = []
+    for host in hosts:
+        answer = answers.get(host.name) if host.error is not None else None
+        if answer is None or isinstance(answer, AddressError):
+            again.append(host)
+        else:
+            again.append(_host_spec(host.target, host.name, host.ports, host.expect, answer))
+    return again
+
+
+def _host_spec(
+    target: str,
+    member: str,
+    ports: tuple[int, ...],
+    expect: Expect,
+    answer: list[Resolved] | ResolveError,
+) -> HostSpec:
+    if isinstance(answer, ResolveError):
+        return HostSpec(target, member, None, 0, ports, expect, answer.errno_name or "EAI_FAIL")
+    first = answer[0]  # as nmap does: the first address
+    return HostSpec(target, member, first.host, first.family, ports, expect, None, first.sockaddr)
 
 
 def _resolve_all(

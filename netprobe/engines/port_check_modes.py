@@ -33,6 +33,7 @@ from netprobe.engines.port_check import (
     build_hosts,
     expectation_met,
     plan_concurrency,
+    resolve_again,
 )
 from netprobe.errors import UsageError
 from netprobe.results import ConnectState
@@ -471,16 +472,8 @@ def run_wait(
         round_start = time.monotonic()
         probes = 0
         left = end - round_start
-        for index, host in enumerate(hosts):
-            if rounds > 1 and host.error is not None:
-                again = build_hosts(
-                    [TargetSpec(host.target, host.name, host.ports, host.expect)],
-                    ports=host.ports,
-                    family=family,
-                    expect=host.expect,
-                    resolver=resolver,
-                )
-                hosts[index] = again[0]
+        if rounds > 1:
+            hosts = resolve_again(hosts, family, resolver)
         todo = [(i, p) for (i, p) in units if (i, p) not in done and hosts[i].error is None]
         for i, p in units:
             if hosts[i].error is not None:
