@@ -219,6 +219,10 @@ def _run_batch(
         out.put(_Batch.DONE)
 
 
+# The longest a latency run waits for an answer at a time (see run_latency).
+_ANSWER_SLICE_S = 0.1
+
+
 def run_latency(
     hosts: Sequence[HostSpec],
     config: CheckConfig,
@@ -288,9 +292,12 @@ def run_latency(
                     sleep(max(0.0, wake or 0.0))
                     continue
                 try:
-                    # At most a second at a time: a Ctrl-C is seen at once on Linux, but a
-                    # bounded wait cannot hang on a platform where it is not.
-                    item = answers.get(timeout=1.0 if wake is None else min(max(0.0, wake), 1.0))
+                    # In slices of _ANSWER_SLICE_S: a Ctrl-C that lands just before the
+                    # wait's lock sleeps begins only sets Python's flag; its handler runs
+                    # when the slice ends (the socket core's waits poll the signal wake-up
+                    # fd instead, which this queue cannot).
+                    slice_s = _ANSWER_SLICE_S if wake is None else min(wake, _ANSWER_SLICE_S)
+                    item = answers.get(timeout=max(0.0, slice_s))
                 except queue.Empty:
                     continue
             if item is _Batch.DONE:
