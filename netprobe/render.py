@@ -582,11 +582,12 @@ def _start_quiet_thread(target: Callable[[], None]) -> Any:
 
 
 def write_within(stream: Any, data: bytes, within_s: float) -> bool:
-    """Write `data` to a binary stream, waiting at most `within_s` seconds for a pipe to take
-    it (through a non-blocking twin); False when the time ran out or the reader left, the
-    rest of `data` dropped. Anything else (a file, a terminal, memory) gets a plain write.
-    For the last output of a run already interrupted: a reader that stopped reading must not
-    keep that run alive, and one that left must not change its exit code."""
+    """Write `data` to a binary stream, waiting at most `within_s` seconds at a time for a
+    pipe to take some of it (through a non-blocking twin); False when a wait ran out or the
+    reader left, the rest of `data` dropped. A reader that is only slow gets it all. Anything
+    else (a file, a terminal, memory) gets a plain write. For the last output of a run
+    already interrupted: a reader that stopped reading must not keep that run alive, and one
+    that left must not change its exit code."""
     import time
 
     try:
@@ -604,6 +605,7 @@ def write_within(stream: Any, data: bytes, within_s: float) -> bool:
         while view:
             try:
                 view = view[os.write(twin, view) :]
+                deadline = time.monotonic() + within_s
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     return False

@@ -320,3 +320,139 @@ def test_a_second_signal_while_the_report_waits_on_a_full_stdout_ends_quietly() 
         os.close(write_end)
         os.close(read_end)
     assert (code, err) == (0, "spared, stdout is /dev/null\n")
+
+
+def _pipe_holds(read_end: int) -> int:
+    import struct
+    import termios
+
+    return int(struct.unpack("i", fcntl.ioctl(read_end, termios.FIONREAD, b"\0\0\0\0"))[0])
+
+
+def _established_by(pid: int) -> int:
+    import psutil
+
+    conns = psutil.Process(pid).net_connections("tcp")
+    return sum(conn.status == psutil.CONN_ESTABLISHED for conn in conns)
+
+
+@pytest.mark.parametrize(
+    ("argv", "room", "ready"),
+    [
+        # Three probes' lines (~560 bytes) go out; the three summaries (~1050) do not fit.
+        (
+            [
+                *("port-check", "127.0.0.1:{port}", "127.0.0.2:{port}", "127.0.0.3:{port}"),
+                *("-c", "100", "--interval", "30s", "--json"),
+            ],
+            800,
+            "wrote 500",
+        ),
+        # The preflight line (~250 bytes) goes out; the partial tick and summary (~2.4 KB) not.
+        (["backlog", "--lab", "-n", "1000", "--rate", "100", "--json"], 1000, "wrote 200"),
+        # Nothing before the signal; then 50 connection records (~15 KB) and the totals.
+        (
+            [
+                *("reset", "client", "127.0.0.1:{port}", "--count", "50", "-c", "50"),
+                *("--after-ms", "30000", "--json"),
+            ],
+            3000,
+            "50 connected",
+        ),
+    ],
+    ids=["port-check-latency", "backlog", "reset-client"],
+)
+def test_an_interrupted_report_that_fills_a_stopped_readers_pipe_does_not_hold_the_exit(
+    argv: list[str], room: int, ready: str
+) -> None:
+    # stdout: a pipe nobody reads with room for what the run writes before the signal, not
+    # for its report. Before: the report's write waited on that reader forever once the
+    # pipe was full: port-check -c and reset client until a second signal, backlog (which
+    # ignores later signals, so that none cuts its report) until SIGKILL.
+    from tests.helpers import in_syscall, wait_until
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)  # never accepts: the kernel completes up to 128 handshakes
+    argv = [arg.format(port=listener.getsockname()[1]) for arg in argv]
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    os.write(write_end, b"#" * (4096 - room))
+    try:
+        with subprocess.Popen(
+            [sys.executable, "-m", "netprobe", *argv],
+            stdout=write_end,
+            stderr=subprocess.DEVNULL,
+            cwd=ROOT,
+        ) as proc:
+            try:
+                if ready.startswith("wrote "):
+                    least = 4096 - room + int(ready.split()[1])
+                    wait_until(lambda: _pipe_holds(read_end) >= least, f"pid {proc.pid}: {ready}")
+                else:
+                    wait_until(lambda: _established_by(proc.pid) >= 50, ready)
+                wait_until(lambda: not in_syscall(proc.pid, "write", 1), "not writing")
+                proc.send_signal(signal.SIGINT)
+                code = proc.wait(LONG)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+    finally:
+        os.close(write_end)
+        os.close(read_end)
+        listener.close()
+    assert code == 130
+
+
+def test_an_interrupted_report_still_reaches_a_slow_reader_whole() -> None:
+    # The bound is on a pipe that takes nothing for a second, not on the report's time: a
+    # reader that drains it a little at a time gets every line (backlog's summary is last).
+    import threading
+
+    from tests.helpers import in_syscall, wait_until
+
+    room = 1000
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    os.write(write_end, b"#" * (4096 - room))
+    got = bytearray()
+    argv = ["backlog", "--lab", "-n", "1000", "--rate", "100", "--json"]
+    try:
+        with subprocess.Popen(
+            [sys.executable, "-m", "netprobe", *argv],
+            stdout=write_end,
+            stderr=subprocess.DEVNULL,
+            cwd=ROOT,
+        ) as proc:
+            os.close(write_end)
+            write_end = -1
+            try:
+                least = 4096 - room + 200
+                wait_until(lambda: _pipe_holds(read_end) >= least, "the preflight line")
+                wait_until(lambda: not in_syscall(proc.pid, "write", 1), "not writing")
+                proc.send_signal(signal.SIGINT)
+
+                def drain() -> None:
+                    import time
+
+                    while chunk := os.read(read_end, 256):  # EOF once the process is gone
+                        got.extend(chunk)
+                        time.sleep(0.02)
+
+                reader = threading.Thread(target=drain)
+                reader.start()
+                code = proc.wait(LONG)
+                reader.join(LONG)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+    finally:
+        if write_end >= 0:
+            os.close(write_end)
+        os.close(read_end)
+    assert code == 130
+    import json
+
+    lines = bytes(got).lstrip(b"#").decode().splitlines()
+    last = json.loads(lines[-1])
+    assert (last["kind"], last["interrupted"]) == ("backlog", True), lines[-1][:200]

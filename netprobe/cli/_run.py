@@ -14,7 +14,14 @@ from typing import Any, NoReturn, TextIO, cast
 from netprobe.errors import NetprobeError
 from netprobe.exitcodes import ExitStatus, exit_status_for_error
 
-__all__ = ["error_line", "main", "spare_a_stuck_stdout", "stdout_takes_some"]
+__all__ = [
+    "BoundedStdout",
+    "bounded_stdout",
+    "error_line",
+    "main",
+    "spare_a_stuck_stdout",
+    "stdout_takes_some",
+]
 
 
 # Bytes of argv that are not UTF-8 reach Python as surrogate escapes (0xff is U+DCFF), which
@@ -184,6 +191,57 @@ def spare_a_stuck_stdout() -> None:
         takes = False
     if not takes:
         silence_stdout()
+
+
+class BoundedStdout:
+    """The text stream an interrupted run writes its report to, in place of sys.stdout: each
+    write waits at most STUCK_STDOUT_GRACE_S at a time for a pipe to take some of it; a pipe
+    that takes nothing for that long gets nothing more (stdout goes to /dev/null).
+
+    spare_a_stuck_stdout covers a pipe already full when the signal came; this one covers a
+    report that fills the pipe while it is written (the signal having found room). Without
+    it, `backlog` (which ignores later signals, so that none cuts its report) waited for
+    SIGKILL."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._gone = False
+
+    def write(self, text: str) -> int:
+        from netprobe.render import write_within
+
+        if not self._gone:
+            encoding = getattr(self._stream, "encoding", None) or "utf-8"
+            data = text.encode(encoding, errors="backslashreplace")
+            binary = getattr(self._stream, "buffer", None)
+            if binary is None:  # not a file: memory never waits
+                self._stream.write(text)
+            elif not write_within(binary, data, STUCK_STDOUT_GRACE_S):
+                self._gone = True
+                silence_stdout()
+        return len(text)
+
+    def flush(self) -> None:
+        pass  # every write went out whole, or nowhere
+
+    def isatty(self) -> bool:
+        return bool(self._stream.isatty())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def bounded_stdout(stream: Any) -> Any:
+    """A BoundedStdout over `stream` (sys.stdout), once what `stream` still buffers went out
+    (or, for a pipe that takes nothing within the grace, to /dev/null)."""
+    if isinstance(stream, BoundedStdout):
+        return stream
+    spare_a_stuck_stdout()
+    try:
+        stream.flush()
+    except (OSError, ValueError):
+        silence_stdout()
+    return BoundedStdout(stream)
 
 
 def stdout_takes_some(within_s: float = 0.0) -> bool:

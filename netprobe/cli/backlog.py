@@ -160,7 +160,7 @@ def backlog(
     target without --allow-remote (nothing sent), 5 TARGET does not resolve, 6 local
     failure (the lab listener could not bind).
     """
-    from netprobe.cli._run import error_line, sigterm_exits_143
+    from netprobe.cli._run import bounded_stdout, error_line, sigterm_exits_143
     from netprobe.engines.backlog import (
         BacklogConfig,
         parse_gate,
@@ -218,6 +218,10 @@ def backlog(
     with sigterm_exits_143() as term:  # (an interrupt before the flood began comes out here)
         summary = _run(cfg, run_backlog, json_out, quiet, progress, status, out, err)
     status.clear()
+    if summary.record["interrupted"]:
+        # Later signals are ignored (none may cut the report): no write may wait on a
+        # reader that stopped, not even one the report itself fills.
+        out = bounded_stdout(out)
     if json_out and not quiet:
         out.write(dump_json(summary.record) + "\n")
     elif not quiet:
@@ -244,6 +248,7 @@ def _run(
 ) -> "BacklogSummary":
     """Run the flood, printing the preflight and the progress; the summary (an interrupted
     run's too)."""
+    from netprobe.cli._run import bounded_stdout
     from netprobe.engines.backlog import Preflight, Tick, effective_connections
     from netprobe.render import dump_json
 
@@ -253,7 +258,7 @@ def _run(
     events = run_backlog(cfg)
 
     def show(event: Any) -> None:
-        nonlocal attempts_so_far
+        nonlocal attempts_so_far, out
         if isinstance(event, Preflight):
             if json_out and progress:
                 # stdout holds JSON only; a person watching still sees the prediction.
@@ -266,6 +271,8 @@ def _run(
                     out.write(f"preflight: capped: {cap}\n")
                 out.flush()
         elif isinstance(event, Tick):
+            if event.interrupted:
+                out = bounded_stdout(out)
             if json_out and not quiet:
                 out.write(dump_json(event.as_record()) + "\n")
                 out.flush()
@@ -284,13 +291,11 @@ def _run(
         # report so far: hand it over there. (Before the flood starts, it comes back.)
         import inspect
 
-        from netprobe.cli._run import spare_a_stuck_stdout
-
         if summary is not None or inspect.getgeneratorstate(events) != inspect.GEN_SUSPENDED:
             raise
         # The engine yields the partial second's tick first, then the summary (later
         # signals are ignored by then: so no write may wait on a reader that stopped).
-        spare_a_stuck_stdout()
+        out = bounded_stdout(out)
         event = events.throw(KeyboardInterrupt())
         while isinstance(event, Preflight | Tick):
             show(event)

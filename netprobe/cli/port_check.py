@@ -444,7 +444,7 @@ def _latency(
     required: int | None,
     open_only: bool = False,
 ) -> int:
-    from netprobe.cli._run import spare_a_stuck_stdout
+    from netprobe.cli._run import bounded_stdout
     from netprobe.engines.port_check import PortState, Tally, answered
     from netprobe.engines.port_check_modes import LatencySummary, run_latency
     from netprobe.render import log
@@ -471,7 +471,11 @@ def _latency(
             return  # counted above, not shown
         _show_latency_event(event, fmt, renderer)
 
-    events = run_latency(hosts, config, count=count, interval_s=interval)
+    def interrupted() -> None:
+        # The report of an interrupted run waits on no reader that stopped reading.
+        renderer.out = bounded_stdout(renderer.out)
+
+    events = run_latency(hosts, config, count=count, interval_s=interval, on_interrupt=interrupted)
     try:
         try:
             for event in events:
@@ -482,7 +486,7 @@ def _latency(
             # raised it (or before it began), there is nothing more to show.
             import inspect
 
-            spare_a_stuck_stdout()
+            interrupted()
             if inspect.getgeneratorstate(events) == inspect.GEN_SUSPENDED:
                 with contextlib.suppress(KeyboardInterrupt, StopIteration):
                     show(events.throw(KeyboardInterrupt()))

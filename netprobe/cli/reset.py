@@ -400,11 +400,12 @@ def _is_this_host(ip: Any) -> bool:
     return any(str(entry.address).split("%", 1)[0] == str(ip) for a in interfaces for entry in a)
 
 
-def _emit_json(record: dict[str, Any]) -> None:
+def _emit_json(record: dict[str, Any], out: Any = None) -> None:
     from netprobe.render import dump_json
 
-    sys.stdout.write(dump_json(record) + "\n")
-    sys.stdout.flush()
+    out = sys.stdout if out is None else out
+    out.write(dump_json(record) + "\n")
+    out.flush()
 
 
 @app.command()
@@ -444,7 +445,7 @@ def client(
     connect succeeded, 4 when the server reset first, else the worst connect outcome.
     A non-loopback TARGET needs --allow-remote.
     """
-    from netprobe.cli._run import spare_a_stuck_stdout, stdout_takes_some
+    from netprobe.cli._run import bounded_stdout, spare_a_stuck_stdout, stdout_takes_some
     from netprobe.engines.reset_client import (
         CLIENT_TRIGGERS,
         ClientReset,
@@ -550,9 +551,12 @@ def client(
             report(result)
         if interrupt.is_set():  # after the last connection had ended: nothing was cut short
             codes.append(ExitStatus.INTERRUPTED)
+            renderer.out = bounded_stdout(renderer.out)
     except Interrupted as exc:
         # Ctrl-C: the connections still running were aborted; they and the totals are
-        # reported as for a finished run, then exit 130.
+        # reported as for a finished run, then exit 130. A report that fills a pipe whose
+        # reader stopped must not wait for a second signal.
+        renderer.out = bounded_stdout(renderer.out)
         for result in exc.rest:
             report(result)
         codes.append(ExitStatus.INTERRUPTED)
@@ -562,7 +566,7 @@ def client(
         renderer.close()
     totals = {"event": "totals", "kind": "reset client", **to_record(summary)}
     if json_out and not quiet:
-        _emit_json(totals)
+        _emit_json(totals, renderer.out)
     elif not quiet:
         log(
             f"totals: connections {summary.connections}, reset by us {summary.resets_sent}, "

@@ -481,6 +481,9 @@ class Tick:
     accept_queue: int | None
     syn_recv: int | None
     accepted: int | None = None  # lab only: connections the lab server accepted this second
+    # The second a Ctrl-C/SIGTERM cut short: the run's end, with stop signals ignored from
+    # then on (a consumer must not let a write of it wait on a reader that stopped).
+    interrupted: bool = False
 
     def as_record(self) -> dict[str, Any]:
         """JSON form (kind backlog.timeline)."""
@@ -1409,6 +1412,7 @@ def _cut_tick(
         held=held,
         accept_queue=tick_max.get("queue") if server is not None else None,
         syn_recv=tick_max.get("syn", server.syn_recv_now) if server is not None else None,
+        interrupted=cut is not None,
     )
 
 

@@ -230,6 +230,7 @@ def run_latency(
     count: int,
     interval_s: float,
     sleep: Callable[[float], None] = sockets_sleep,
+    on_interrupt: Callable[[], None] | None = None,
 ) -> Generator[Probe | LatencySummary, None, None]:
     """Probe every address:port `count` times, each on its own pace: a target's next probe
     starts `interval_s` after its last one started, or as that one ends if it took longer,
@@ -238,7 +239,9 @@ def run_latency(
     Yields each Probe as it ends, then one LatencySummary per address:port. A Ctrl-C
     (KeyboardInterrupt) mid-run yields the summaries of the probes made so far, as ping
     prints its statistics, then raises again: the next call to the iterator raises it.
-    `sleep` is how it waits while no probe is out.
+    `sleep` is how it waits while no probe is out; `on_interrupt` is called before the
+    summaries of an interrupted run are yielded (a consumer that must not wait on a reader
+    now, as a CLI writing to a pipe, learns it there).
     """
     proto = "udp" if config.udp else "tcp"
     keys = list(_all_keys(hosts))
@@ -332,6 +335,8 @@ def run_latency(
             )
     except KeyboardInterrupt:
         stop.set()
+        if on_interrupt is not None:
+            on_interrupt()
         rounds = max(made.values(), default=0)
         yield from _latency_summaries(hosts, keys, samples, made, last, proto, rounds, True)
         raise
