@@ -600,6 +600,7 @@ def write_within(stream: Any, data: bytes, within_s: float) -> bool:
         stream.flush()
         return True
     deadline = time.monotonic() + within_s
+    queued = pipe_queued(twin)
     try:
         view = memoryview(data)
         while view:
@@ -607,6 +608,10 @@ def write_within(stream: Any, data: bytes, within_s: float) -> bool:
                 view = view[os.write(twin, view) :]
                 deadline = time.monotonic() + within_s
             except BlockingIOError:
+                now_queued = pipe_queued(twin)
+                if now_queued is not None and queued is not None and now_queued < queued:
+                    deadline = time.monotonic() + within_s  # the reader took some: it reads
+                queued = now_queued
                 if time.monotonic() >= deadline:
                     return False
                 time.sleep(0.01)  # (the socket core alone polls; a pipe's room can wait this)
@@ -633,6 +638,23 @@ def _nonblocking_twin(fd: int) -> int | None:
         return os.open(
             f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
         )
+    except OSError:
+        return None
+
+
+def pipe_queued(fd: int) -> int | None:
+    """The bytes a pipe (either end's fd) holds unread: FIONREAD; None where it does not
+    tell. A count that goes down means its reader reads, even while a write cannot go in
+    yet (Linux reports a pipe writable only once a whole page of it is free)."""
+    import fcntl
+    import stat
+    import struct
+    import termios
+
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return None  # a socket's FIONREAD counts what comes in, not what waits to go out
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
     except OSError:
         return None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 
 import pytest
 import typer
@@ -267,27 +269,46 @@ def test_an_interrupted_run_never_waits_on_a_stdout_nobody_reads(
     # reader forever, with no signal left to end it (backlog ignores later ones by then).
     # (reset client's handler only sets a flag: its stuck write was retried, 8 of 8 runs.)
     argv = [arg.format(port=server.port) for arg in argv]
+    with _small_pipe(room=0) as (_read_end, write_end):
+        code = _interrupted(argv, write_end, lambda pid: wait_in_syscall(pid, "write", 1))
+    assert code == 130
+
+
+@contextlib.contextmanager
+def _small_pipe(room: int) -> Iterator[tuple[int, int]]:
+    """A 4 KiB pipe with `room` bytes free (the rest "#"): its read end and write end."""
     read_end, write_end = os.pipe()
-    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
-    os.write(write_end, b"#" * 4096)
     try:
-        with subprocess.Popen(
-            [sys.executable, "-m", "netprobe", *argv],
-            stdout=write_end,
-            stderr=subprocess.DEVNULL,
-            cwd=ROOT,
-        ) as proc:
-            try:
-                wait_in_syscall(proc.pid, "write", 1)
-                proc.send_signal(signal.SIGINT)
-                code = proc.wait(LONG)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+        os.write(write_end, b"#" * (4096 - room))
+        yield read_end, write_end
     finally:
         os.close(write_end)
         os.close(read_end)
-    assert code == 130
+
+
+def _interrupted(
+    argv: list[str],
+    stdout: int,
+    ready: Callable[[int], None],
+    then: Callable[[], None] = lambda: None,
+) -> int:
+    """`netprobe ARGV`'s exit code, stdout to `stdout`, given one SIGINT once ready(pid);
+    then() runs right after the signal."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "netprobe", *argv],
+        stdout=stdout,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    ) as proc:
+        try:
+            ready(proc.pid)
+            proc.send_signal(signal.SIGINT)
+            then()
+            return proc.wait(LONG)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
 
 
 def test_a_second_signal_while_the_report_waits_on_a_full_stdout_ends_quietly() -> None:
@@ -371,36 +392,20 @@ def test_an_interrupted_report_that_fills_a_stopped_readers_pipe_does_not_hold_t
     # ignores later signals, so that none cuts its report) until SIGKILL.
     from tests.helpers import in_syscall, wait_until
 
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(128)  # never accepts: the kernel completes up to 128 handshakes
-    argv = [arg.format(port=listener.getsockname()[1]) for arg in argv]
-    read_end, write_end = os.pipe()
-    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
-    os.write(write_end, b"#" * (4096 - room))
-    try:
-        with subprocess.Popen(
-            [sys.executable, "-m", "netprobe", *argv],
-            stdout=write_end,
-            stderr=subprocess.DEVNULL,
-            cwd=ROOT,
-        ) as proc:
-            try:
-                if ready.startswith("wrote "):
-                    least = 4096 - room + int(ready.split()[1])
-                    wait_until(lambda: _pipe_holds(read_end) >= least, f"pid {proc.pid}: {ready}")
-                else:
-                    wait_until(lambda: _established_by(proc.pid) >= 50, ready)
-                wait_until(lambda: not in_syscall(proc.pid, "write", 1), "not writing")
-                proc.send_signal(signal.SIGINT)
-                code = proc.wait(LONG)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-    finally:
-        os.close(write_end)
-        os.close(read_end)
-        listener.close()
+    with socket.socket() as listener, _small_pipe(room) as (read_end, write_end):
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)  # never accepts: the kernel completes up to 128 handshakes
+        argv = [arg.format(port=listener.getsockname()[1]) for arg in argv]
+
+        def wrote_its_start(pid: int) -> None:
+            if ready.startswith("wrote "):
+                least = 4096 - room + int(ready.split()[1])
+                wait_until(lambda: _pipe_holds(read_end) >= least, f"pid {pid}: {ready}")
+            else:
+                wait_until(lambda: _established_by(pid) >= 50, ready)
+            wait_until(lambda: not in_syscall(pid, "write", 1), "not writing")
+
+        code = _interrupted(argv, write_end, wrote_its_start)
     assert code == 130
 
 
@@ -412,47 +417,37 @@ def test_an_interrupted_report_still_reaches_a_slow_reader_whole() -> None:
     from tests.helpers import in_syscall, wait_until
 
     room = 1000
-    read_end, write_end = os.pipe()
-    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
-    os.write(write_end, b"#" * (4096 - room))
     got = bytearray()
+    gone = threading.Event()
     argv = ["backlog", "--lab", "-n", "1000", "--rate", "100", "--json"]
-    try:
-        with subprocess.Popen(
-            [sys.executable, "-m", "netprobe", *argv],
-            stdout=write_end,
-            stderr=subprocess.DEVNULL,
-            cwd=ROOT,
-        ) as proc:
-            os.close(write_end)
-            write_end = -1
-            try:
-                least = 4096 - room + 200
-                wait_until(lambda: _pipe_holds(read_end) >= least, "the preflight line")
-                wait_until(lambda: not in_syscall(proc.pid, "write", 1), "not writing")
-                proc.send_signal(signal.SIGINT)
+    with _small_pipe(room) as (read_end, write_end):
 
-                def drain() -> None:
-                    import time
+        def preflight_written(pid: int) -> None:
+            least = 4096 - room + 200
+            wait_until(lambda: _pipe_holds(read_end) >= least, "the preflight line")
+            wait_until(lambda: not in_syscall(pid, "write", 1), "not writing")
 
-                    while chunk := os.read(read_end, 256):  # EOF once the process is gone
-                        got.extend(chunk)
-                        time.sleep(0.02)
+        def drain() -> None:
+            import select
+            import time
 
-                reader = threading.Thread(target=drain)
-                reader.start()
-                code = proc.wait(LONG)
+            while True:
+                if select.select([read_end], [], [], 0.1)[0]:
+                    got.extend(os.read(read_end, 256))
+                    time.sleep(0.1)  # 2.5 KB/s: the whole takes ~2 s, a stall 0.1 s
+                elif gone.is_set():
+                    return
+
+        reader = threading.Thread(target=drain)
+        try:
+            code = _interrupted(argv, write_end, preflight_written, then=reader.start)
+        finally:
+            gone.set()
+            if reader.is_alive():
                 reader.join(LONG)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-    finally:
-        if write_end >= 0:
-            os.close(write_end)
-        os.close(read_end)
     assert code == 130
     import json
 
     lines = bytes(got).lstrip(b"#").decode().splitlines()
     last = json.loads(lines[-1])
-    assert (last["kind"], last["interrupted"]) == ("backlog", True), lines[-1][:200]
+    assert (last["kind"], last.get("interrupted")) == ("backlog", True), lines[-1][:300]

@@ -246,8 +246,12 @@ def bounded_stdout(stream: Any) -> Any:
 
 def stdout_takes_some(within_s: float = 0.0) -> bool:
     """Whether stdout can take some output within `within_s` seconds (a pipe with a free
-    page, a file, a terminal, memory): False for a pipe whose reader stopped reading."""
+    page, a file, a terminal, memory), or its reader takes something meanwhile (a slow
+    reader frees a page slowly): False for a pipe whose reader stopped reading."""
     import select
+    import time
+
+    from netprobe.render import pipe_queued
 
     try:
         fd = sys.stdout.fileno()
@@ -255,7 +259,17 @@ def stdout_takes_some(within_s: float = 0.0) -> bool:
         return True  # not a file (a caller capturing output in memory): it never waits
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
-    return bool(poller.poll(int(within_s * 1000)))
+    deadline = time.monotonic() + within_s
+    queued = pipe_queued(fd)
+    while True:
+        left = deadline - time.monotonic()
+        if poller.poll(max(0, min(int(left * 1000), 50))):
+            return True
+        now_queued = pipe_queued(fd)
+        if queued is not None and now_queued is not None and now_queued < queued:
+            return True  # the reader took some: slow, not stopped
+        if left <= 0:
+            return False
 
 
 class _StderrGuard:
