@@ -37,6 +37,7 @@ from netprobe.errors import (
 from netprobe.results import ConnectState
 
 __all__ = [
+    "AF_INET",
     "AF_UNIX",
     "DEFAULT_CIDR_CAP",
     "MAX_CIDR_HOSTS",
@@ -114,6 +115,7 @@ DEFAULT_CIDR_CAP = 65_536
 # would never start and never end.
 MAX_CIDR_HOSTS = 1 << 20
 # The Unix-socket family for code outside the socket core (-1 where the platform has none).
+AF_INET: int = socket.AF_INET
 AF_UNIX: int = getattr(socket, "AF_UNIX", -1)
 
 # ---------------------------------------------------------------------------------------------
@@ -743,6 +745,9 @@ def resolve(
     found = _literal(host, port, family)
     if found is not None:
         return found
+    bad = _bad_name(host)
+    if bad is not None:
+        raise bad
     [outcome] = _in_lookup_threads([_looker(host, port, family, socktype)])
     if isinstance(outcome, BaseException):
         raise outcome
@@ -750,11 +755,18 @@ def resolve(
 
 
 def resolve_each(
-    hosts: Sequence[str], port: int, *, family: int = 0, socktype: int = socket.SOCK_STREAM
+    hosts: Sequence[str],
+    port: int,
+    *,
+    family: int = 0,
+    socktype: int = socket.SOCK_STREAM,
+    deadline: float | None = None,
 ) -> list[list[Resolved] | ResolveError | AddressError]:
     """resolve() for each of `hosts`, the names looked up at once (RESOLVE_THREADS at a
     time): a list of names costs about its slowest lookup, not the sum of them. Each result
-    is the addresses, or the error resolve() would raise, in the order of `hosts`."""
+    is the addresses, or the error resolve() would raise, in the order of `hosts`. A lookup
+    still out at `deadline` (time.monotonic()) is a ResolveError EAI_AGAIN, as a resolver
+    that gave up; its thread finishes on its own."""
     results: list[list[Resolved] | ResolveError | AddressError] = []
     names: list[int] = []
     for host in hosts:
@@ -763,14 +775,21 @@ def resolve_each(
         except ResolveError as exc:
             results.append(exc)
             continue
+        bad = _bad_name(host) if found is None else None
+        if bad is not None:
+            results.append(bad)  # known before any lookup: the others need not finish first
+            continue
         if found is None:
             names.append(len(results))
             found = []  # its place, filled below
         results.append(found)
     if names:
         jobs = [_looker(hosts[index], port, family, socktype) for index in names]
-        for index, outcome in zip(names, _in_lookup_threads(jobs), strict=True):
-            if isinstance(outcome, (ResolveError, AddressError)):
+        for index, outcome in zip(names, _in_lookup_threads(jobs, deadline), strict=True):
+            if outcome is _UNFINISHED:
+                detail = f"{hosts[index]}: no answer by the deadline"
+                results[index] = ResolveError("resolve", None, "EAI_AGAIN", detail)
+            elif isinstance(outcome, (ResolveError, AddressError)):
                 results[index] = outcome
             elif isinstance(outcome, BaseException):
                 raise outcome  # a bug of ours, not the resolver's answer
@@ -805,6 +824,17 @@ def _literal(host: str, port: int, family: int) -> list[Resolved] | None:
     return [Resolved(fam, sockaddr)]
 
 
+def _bad_name(host: str) -> AddressError | None:
+    """The error of a name getaddrinfo would refuse before any lookup: it IDNA-encodes the
+    name first, and an empty or over-long label ("a..b") fails there. Bad input, not a
+    network outcome."""
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return AddressError(f"{host!r} is not a valid host name (empty or too long label)")
+    return None
+
+
 def _looker(host: str, port: int, family: int, socktype: int) -> Callable[[], list[Resolved]]:
     return lambda: _lookup(host, port, family, socktype)
 
@@ -834,67 +864,96 @@ def _outcome_of(job: Callable[[], _T]) -> _T | BaseException:
 RESOLVE_THREADS = 32
 
 
-def _in_lookup_threads(jobs: Sequence[Callable[[], _T]]) -> list[_T | BaseException]:
+# What _in_lookup_threads gives for a job not finished by its deadline.
+_UNFINISHED: Any = object()
+
+
+def _in_lookup_threads(
+    jobs: Sequence[Callable[[], _T]], deadline: float | None = None
+) -> list[_T | BaseException]:
     """Run blocking `jobs` in up to RESOLVE_THREADS daemon threads; each one's result or
-    exception, in order. The caller waits in wait_readable, so a signal's handler runs (and
-    a KeyboardInterrupt leaves) at once; the threads still in a lookup are left to finish it
-    on their own, take no further job, and die with the process."""
+    exception, in order (_UNFINISHED for those not done by `deadline`). The caller waits in
+    wait_readable, so a signal's handler runs (and a KeyboardInterrupt leaves) at once; the
+    threads still in a lookup are left to finish it on their own, take no further job, and
+    die with the process. When every job is done, the threads are gone before this returns
+    (a process that forks next must have none)."""
+    if not jobs:
+        return []
+    try:
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:  # out of fds: here, then, as before (not interruptible)
+        return [_outcome_of(job) for job in jobs]
     count = len(jobs)
-    outcomes: list[Any] = [None] * count
+    outcomes: list[Any] = [_UNFINISHED] * count
     taken = iter(range(count))
     lock = threading.Lock()
-    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    stopped = False
-    workers = min(count, RESOLVE_THREADS)
-    alive = [workers]
+    state = {"stopped": False, "done": 0, "alive": min(count, RESOLVE_THREADS)}
 
     def work() -> None:
         try:
             while True:
                 with lock:
-                    index = None if stopped else next(taken, None)
+                    index = None if state["stopped"] else next(taken, None)
                 if index is None:
                     return
                 try:
-                    outcomes[index] = jobs[index]()
+                    outcome: Any = jobs[index]()
                 except BaseException as exc:  # handed to the caller as a result
-                    outcomes[index] = exc
-                with contextlib.suppress(OSError):  # the caller has gone (EPIPE)
+                    outcome = exc
+                with lock:
+                    if not state["stopped"]:
+                        outcomes[index] = outcome
+                        state["done"] += 1
+                # Only a wake-up: the count is the one above. A full pipe (a byte already
+                # waits) or a caller gone (EPIPE) loses nothing.
+                with contextlib.suppress(OSError):
                     os.write(write_end, b".")
         finally:
             # The last worker out owns the write end: closed by the caller while a worker
             # still wrote, its number could name another file by then.
             with lock:
-                alive[0] -= 1
-                last = alive[0] == 0
+                state["alive"] -= 1
+                last = state["alive"] == 0
             if last:
                 os.close(write_end)
 
-    started = 0
+    planned = state["alive"]
+    threads: list[threading.Thread] = []
     with contextlib.suppress(RuntimeError):  # "can't start new thread": fewer will do
-        while started < workers:
-            threading.Thread(target=work, name="netprobe-resolve", daemon=True).start()
-            started += 1
-    if started < workers:
+        while len(threads) < planned:
+            thread = threading.Thread(target=work, name="netprobe-resolve", daemon=True)
+            thread.start()
+            threads.append(thread)
+    if len(threads) < planned:
         with lock:
-            alive[0] -= workers - started
-            none_left = alive[0] == 0
-        if none_left:
+            state["alive"] -= planned - len(threads)  # those never started never leave
+            none_left = state["alive"] == 0
+        if none_left:  # every started one has left already (or none started)
             os.close(write_end)
-        if not started:
+        if not threads:
             os.close(read_end)
             return [_outcome_of(job) for job in jobs]  # here, then: not interruptible
-    done = 0
     try:
-        while done < count:
-            if wait_readable([read_end], None):
+        while True:
+            with lock:
+                if state["done"] >= count:
+                    break
+            if wait_readable([read_end], deadline):
                 with contextlib.suppress(BlockingIOError):
-                    done += len(os.read(read_end, 4096))
+                    os.read(read_end, 4096)
+            elif deadline is not None and time.monotonic() >= deadline:
+                break
     finally:
         with lock:
-            stopped = True
+            state["stopped"] = True
+            # A job that ends from now on is not the caller's: its outcome is not taken.
+            finished = list(outcomes)
+            all_done = state["done"] >= count
         os.close(read_end)
-    return outcomes
+    if all_done:
+        for thread in threads:
+            thread.join()  # each has no job left: it is on its way out
+    return finished
 
 
 def resolve_named(

@@ -350,7 +350,7 @@ def port_check(
             )
     except (KeyboardInterrupt, typer.Exit):  # Exit: SIGTERM (143)
         if not quiet:
-            log("port-check: interrupted while looking up names: nothing checked", always=True)
+            log("port-check: interrupted before the first check (looking up names)", always=True)
         raise
     units = sum(len(h.ports) for h in hosts)
     if required is not None and required > units:

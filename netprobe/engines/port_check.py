@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TextIO
@@ -27,6 +27,7 @@ from netprobe.errors import AddressError, ResolveError, UsageError
 from netprobe.exitcodes import ExitStatus, worst
 from netprobe.results import ConnectState
 from netprobe.sockets import (
+    AF_INET,
     AF_UNIX,
     DEFAULT_CIDR_CAP,
     Resolved,
@@ -35,6 +36,7 @@ from netprobe.sockets import (
     inet_aton_reading,
     parse_target,
     raise_nofile_limit,
+    resolve,
     resolve_each,
     service_name,
     udp_probe_many,
@@ -313,11 +315,12 @@ def build_hosts(
     expect: Expect,
     resolver: Callable[[str, int], list[Resolved]] | None = None,
     cidr_cap: int | None = DEFAULT_CIDR_CAP,
+    deadline: float | None = None,
 ) -> list[HostSpec]:
     """Expand CIDR blocks, resolve names (first address, as nmap does), attach ports.
 
     A name that does not resolve becomes a HostSpec with `error` set (a per-target result,
-    exit 5), not an exception.
+    exit 5), not an exception; so does one still being looked up at `deadline` (EAI_AGAIN).
 
     Raises:
         UsageError: a target without a port and no -p, or a CIDR block over the cap.
@@ -333,8 +336,12 @@ def build_hosts(
         if not spec_ports:
             raise UsageError(f"{spec.text!r} has no port: give HOST:PORT or -p PORTS")
         expanded.append((spec, spec_ports, list(expand_hosts(spec.host, cap=cidr_cap))))
-    names = [m for spec, _ports, members in expanded if not spec.unix for m in members]
-    answers = _resolve_all(names, family, resolver)
+    # Names come one to a target; a block's or range's members are literals, looked at one
+    # by one below (a /12 is a million of them: no table of answers for those).
+    names = [
+        members[0] for spec, _ports, members in expanded if not spec.unix and len(members) == 1
+    ]
+    answers = _resolve_all(names, family, resolver, deadline)
     for spec, spec_ports, members in expanded:
         want = spec.expect or expect
         if spec.unix:
@@ -342,7 +349,7 @@ def build_hosts(
             hosts.append(HostSpec(spec.text, path, path, AF_UNIX, (0,), want, None, (path,)))
             continue
         for member in members:
-            answer = answers[member]
+            answer = answers.get(member) or _answer(member, family, resolver)
             if isinstance(answer, AddressError):
                 # An empty or over-long label, refused before any lookup.
                 raise AddressError(f"{spec.text!r}: {member!r} is not a valid host name")
@@ -354,16 +361,24 @@ def resolve_again(
     hosts: Sequence[HostSpec],
     family: int,
     resolver: Callable[[str, int], list[Resolved]] | None = None,
+    *,
+    which: Container[int],
+    deadline: float | None = None,
 ) -> list[HostSpec]:
-    """`hosts`, those whose name did not resolve looked up again (all at once, as
-    build_hosts does), in the same places."""
-    names = [host.name for host in hosts if host.error is not None]
+    """`hosts`, the names of those at the indexes in `which` looked up again (all at once,
+    as build_hosts does), in the same places: a name may resolve only now, or to another
+    address than before (a container made anew). Literals and Unix paths stay."""
+    names = [
+        host.name
+        for index, host in enumerate(hosts)
+        if index in which and not host.unix and host.name != host.address
+    ]
     if not names:
         return list(hosts)
-    answers = _resolve_all(names, family, resolver)
+    answers = _resolve_all(names, family, resolver, deadline)
     again: list[HostSpec] = []
     for host in hosts:
-        answer = answers.get(host.name) if host.error is not None else None
+        answer = answers.get(host.name)
         if answer is None or isinstance(answer, AddressError):
             again.append(host)
         else:
@@ -380,17 +395,34 @@ def _host_spec(
 ) -> HostSpec:
     if isinstance(answer, ResolveError):
         return HostSpec(target, member, None, 0, ports, expect, answer.errno_name or "EAI_FAIL")
-    first = answer[0]  # as nmap does: the first address
+    # One address, as nmap checks: its first IPv4 one (nmap uses IPv4 unless -6), else its
+    # first. getaddrinfo puts ::1 before 127.0.0.1 for a "localhost" that has both (RFC
+    # 6724): checking that alone called a server on 127.0.0.1 closed.
+    first = next((found for found in answer if found.family == AF_INET), answer[0])
     return HostSpec(target, member, first.host, first.family, ports, expect, None, first.sockaddr)
 
 
+def _answer(
+    member: str, family: int, resolver: Callable[[str, int], list[Resolved]] | None
+) -> list[Resolved] | ResolveError | AddressError:
+    """One block member's address (a literal: no lookup), or its error."""
+    try:
+        return resolver(member, family) if resolver else resolve(member, 0, family=family)
+    except (ResolveError, AddressError) as exc:
+        return exc
+
+
 def _resolve_all(
-    names: list[str], family: int, resolver: Callable[[str, int], list[Resolved]] | None
+    names: list[str],
+    family: int,
+    resolver: Callable[[str, int], list[Resolved]] | None,
+    deadline: float | None = None,
 ) -> dict[str, list[Resolved] | ResolveError | AddressError]:
     """Each distinct name's addresses or error; the names looked up at once (resolve_each)."""
     distinct = list(dict.fromkeys(names))
     if resolver is None:
-        return dict(zip(distinct, resolve_each(distinct, 0, family=family), strict=True))
+        found = resolve_each(distinct, 0, family=family, deadline=deadline)
+        return dict(zip(distinct, found, strict=True))
     answers: dict[str, list[Resolved] | ResolveError | AddressError] = {}
     for name in distinct:
         try:
@@ -402,30 +434,36 @@ def _resolve_all(
     return answers
 
 
+def _identity(host: HostSpec) -> tuple[int, str]:
+    # A name that did not resolve stands for itself: given twice, it is one row too.
+    return (host.family, host.address) if host.address is not None else (-1, host.name)
+
+
 def _without_duplicates(hosts: list[HostSpec]) -> list[HostSpec]:
     """Each address:port once, where it first appears (two targets naming the same address,
-    overlapping CIDR blocks or port lists): one row and one check each.
+    overlapping CIDR blocks or port lists, a name that did not resolve given twice): one row
+    and one check each.
 
     Raises:
         UsageError: the same address:port expected open by one target and closed by another.
     """
     counts: dict[tuple[int, str], int] = {}
     for host in hosts:
-        if host.address is not None:
-            key = (host.family, host.address)
-            counts[key] = counts.get(key, 0) + 1
+        key = _identity(host)
+        counts[key] = counts.get(key, 0) + 1
     if all(count == 1 for count in counts.values()):
         return hosts  # the usual case, a full-range scan included: nothing to compare
     seen: dict[tuple[int, str], dict[int, Expect]] = {}
     kept = []
     for host in hosts:
-        if host.address is None or counts[(host.family, host.address)] == 1:
+        key = _identity(host)
+        if counts[key] == 1:
             kept.append(host)
             continue
-        done = seen.setdefault((host.family, host.address), {})
+        done = seen.setdefault(key, {})
         for port in host.ports:
             if done.get(port, host.expect) is not host.expect:
-                where = format_hostport(host.address, port)
+                where = format_hostport(host.address or host.name, port)
                 raise UsageError(f"{where} is checked twice, expected open and closed")
         ports = tuple(port for port in host.ports if port not in done)
         if not ports:

@@ -461,15 +461,18 @@ def run_wait(
 ) -> Iterator[WaitProgress | WaitOutcome]:
     """Retry the checks until the requirement holds or `deadline_s` passes.
 
-    A check that held stays held (it is not probed again). Names that do not resolve yet are
-    resolved again each round (a container's name may appear late). The pause between rounds
+    A check that held stays held (it is not probed again). The names of the checks still to
+    hold are looked up again each round (a container's name may appear late, or at another
+    address); a lookup still out at the deadline ends as EAI_AGAIN. The pause between rounds
     starts at 50 ms and doubles, capped at `interval_s`. Yields a WaitProgress after each
     round and the WaitOutcome last.
     """
     start = time.monotonic()
     end = start + deadline_s
     proto = "udp" if config.udp else "tcp"
-    hosts = build_hosts(specs, ports=ports, family=family, expect=expect, resolver=resolver)
+    hosts = build_hosts(
+        specs, ports=ports, family=family, expect=expect, resolver=resolver, deadline=end
+    )
     # Units of the requirement: every address:port (an unresolvable name counts per port).
     units = [(i, port) for i, host in enumerate(hosts) for port in host.ports]
     needed = len(units) if required is None else required
@@ -485,7 +488,11 @@ def run_wait(
         probes = 0
         left = end - round_start
         if rounds > 1:
-            hosts = resolve_again(hosts, family, resolver)
+            # Every name with a check still to hold, not only those that did not resolve:
+            # a container made anew comes back under its name at another address.
+            waiting_on = {i for (i, p) in units if (i, p) not in done}
+            hosts = resolve_again(hosts, family, resolver, which=waiting_on, deadline=end)
+            left = end - time.monotonic()
         todo = [(i, p) for (i, p) in units if (i, p) not in done and hosts[i].error is None]
         for i, p in units:
             if hosts[i].error is not None:
