@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -209,3 +210,22 @@ def test_a_name_that_does_not_resolve_given_twice_is_one_row() -> None:
         ("gone.example", (80,), "EAI_NONAME"),
         ("gone.example", (81,), "EAI_NONAME"),
     ]
+
+
+def test_open_only_names_a_name_that_did_not_resolve(tmp_path: Path) -> None:
+    # --open-only shows no error row: before, a failed name left only exit 5 behind.
+    argv = ["port-check", "never.np.test:80", "127.0.0.1:PORT", "--open-only"]
+    report = in_dns_world(tmp_path, ["late", "30", "1"], argv)
+    assert report["code"] == 5, report
+    assert "port-check: never.np.test: cannot resolve (EAI_NONAME)\n" in report["stderr"], report
+
+
+def test_the_summary_names_a_slow_lookup(tmp_path: Path) -> None:
+    # The server holds the one query until its cap (HOLD_S, 5 s; it waits for two names).
+    # The checks' time and rate stay their own; the lookups' time is said apart (before, a
+    # slow resolver showed nowhere).
+    report = in_dns_world(tmp_path, ["hold", "2"], ["port-check", "slow.np.test:PORT"])
+    assert report["code"] == 0, report
+    assert re.search(
+        r"in \d+\.\d\d s \(\d+ ports/s\), after \d+\.\d\d s of name lookups\n$", report["stderr"]
+    ), report

@@ -269,6 +269,8 @@ def port_check(
     as expected, 3 only timeouts, 5 resolution, 6 local error; 124 wait deadline; with
     `-- COMMAND`, the command's status.
     """
+    import time
+
     from netprobe.cli._run import sigterm_exits_143
     from netprobe.engines.port_check import (
         CheckConfig,
@@ -339,6 +341,7 @@ def port_check(
                 specs, config, port_list, family, expect_now, required, deadline, interval, quiet
             )
         raise typer.Exit(_finish(outcome, command, fmt, quiet, open_only))
+    looking_up = time.monotonic()
     try:
         with sigterm_exits_143():
             hosts = build_hosts(
@@ -352,14 +355,20 @@ def port_check(
         if not quiet:
             log("port-check: interrupted before the first check (looking up names)", always=True)
         raise
+    lookups_s = time.monotonic() - looking_up
     units = sum(len(h.ports) for h in hosts)
     if required is not None and required > units:
         raise UsageError(f"--require {required} is more than the {units} checks given")
+    if open_only and not quiet:
+        # Their rows are not shown: a failed name would leave only exit 5 (nmap says too).
+        for host in hosts:
+            if host.error is not None:
+                log(f"port-check: {host.name}: cannot resolve ({host.error})", always=True)
     with sigterm_exits_143():
         if count is not None:
             code = _latency(hosts, config, count, interval, fmt, quiet, required, open_only)
             raise typer.Exit(code)
-        code = _checks(hosts, config, fmt, open_only, quiet, required, units)
+        code = _checks(hosts, config, fmt, open_only, quiet, required, units, lookups_s)
     raise typer.Exit(_run_command(command, code) if command else code)
 
 
@@ -378,6 +387,7 @@ def _checks(
     quiet: bool,
     required: int | None,
     units: int,
+    lookups_s: float = 0.0,
 ) -> int:
     from netprobe.engines.port_check import PortState, Tally, run_checks
     from netprobe.render import OutputFormat, log
@@ -430,8 +440,15 @@ def _checks(
     except BrokenPipeError:
         return _output_closed(tally, quiet, complete=True)
     if not quiet:
-        log(f"port-check: {tally.summary()}", always=True)
+        # The checks' own time and rate; name lookups before them apart (nmap's "scanned in"
+        # counts them too, and a slow resolver showed nowhere).
+        took = f", after {lookups_s:.2f} s of name lookups" if lookups_s >= _LOOKUPS_SHOWN_S else ""
+        log(f"port-check: {tally.summary()}{took}", always=True)
     return int(tally.exit_status())
+
+
+# Name lookups that took this long are named in the summary line.
+_LOOKUPS_SHOWN_S = 0.5
 
 
 def _latency(
