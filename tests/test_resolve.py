@@ -229,3 +229,14 @@ def test_the_summary_names_a_slow_lookup(tmp_path: Path) -> None:
     assert re.search(
         r"in \d+\.\d\d s \(\d+ ports/s\), after \d+\.\d\d s of name lookups\n$", report["stderr"]
     ), report
+
+
+def test_a_wait_that_ran_out_names_its_checks_as_given_and_not_too_many(tmp_path: Path) -> None:
+    # mover.np.test stays at 127.0.0.50, where nobody listens, nor on .51-.60. Before: the
+    # line named addresses (127.0.0.50:P for the name given), every one of them.
+    argv = ["port-check", "mover.np.test:PORT", "127.0.0.50-60:PORT", "--wait", "--deadline", "1s"]
+    report = in_dns_world(tmp_path, ["answer"], argv)
+    assert report["code"] == 124, report
+    [line] = [x for x in report["stderr"].splitlines() if "never held" in x]
+    named = re.search(r"never held: (mover\.np\.test:\d+), 127\.0\.0\.51:\d+, .* and 1 more$", line)
+    assert named is not None, line

@@ -675,11 +675,18 @@ def _finish(
             log(f"port-check: condition held after {outcome.elapsed_s:.2f} s", always=True)
         return _run_command(command, code) if command else code
     if not quiet:
-        never = ", ".join(outcome.never)
+        shown = _NEVER_SHOWN
+        never = ", ".join(outcome.never[:shown])
+        if len(outcome.never) > shown:
+            never += f" and {len(outcome.never) - shown} more"
         error_line(
             "port-check", f"deadline passed after {outcome.elapsed_s:.2f} s; never held: {never}"
         )
     return code
+
+
+# The checks a deadline line names (a wait on a /24 would print them all on one line).
+_NEVER_SHOWN = 10
 
 
 def _run_command(command: list[str], code: int) -> int:

@@ -432,13 +432,13 @@ class WaitOutcome:
     elapsed_s: float
     rounds: int
     results: tuple[PortCheckResult, ...]  # the latest result of every check
-    never: tuple[str, ...]  # checks whose condition never held (address:port labels)
+    never: tuple[str, ...]  # checks whose condition never held (host:port as given)
 
 
 def _label(host: HostSpec, port: int) -> str:
     if host.unix:
         return host.target
-    return format_hostport(host.address or host.name, port)
+    return format_hostport(host.name, port)  # as given: "db:5432", not the address of db
 
 
 def _port_proto(host: HostSpec, key: int, proto: str) -> tuple[int | None, str]:
