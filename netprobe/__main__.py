@@ -2,6 +2,6 @@
 
 import sys
 
-from netprobe.cli import main
+from netprobe.entry import main
 
 sys.exit(main())

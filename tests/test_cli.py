@@ -451,3 +451,29 @@ def test_an_interrupted_report_still_reaches_a_slow_reader_whole() -> None:
     lines = bytes(got).lstrip(b"#").decode().splitlines()
     last = json.loads(lines[-1])
     assert (last["kind"], last.get("interrupted")) == ("backlog", True), lines[-1][:300]
+
+
+def test_a_ctrl_c_while_the_command_line_loads_exits_130_without_a_traceback() -> None:
+    # The Ctrl-C lands while Typer is imported (a finder raises it there, as the signal's
+    # handler would). Before: the console script imported netprobe.cli, Typer with it, before
+    # any code of ours ran, and printed the KeyboardInterrupt's traceback.
+    child = (
+        "import sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'typer':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "from netprobe.entry import main\n"
+        "sys.exit(main())\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", child, "port-check", "127.0.0.1:9"],
+        capture_output=True,
+        timeout=LONG,
+        cwd=ROOT,
+        check=False,
+    )
+    assert (proc.returncode, proc.stderr) == (130, b"\n"), proc.stderr.decode()
+    console = (ROOT / "pyproject.toml").read_text()
+    assert 'netprobe = "netprobe.entry:main"' in console
