@@ -248,8 +248,15 @@ def _run(
 ) -> "BacklogSummary":
     """Run the flood, printing the preflight and the progress; the summary (an interrupted
     run's too)."""
+    import inspect
+
     from netprobe.cli._run import bounded_stdout
-    from netprobe.engines.backlog import Preflight, Tick, effective_connections
+    from netprobe.engines.backlog import (
+        Preflight,
+        Tick,
+        effective_connections,
+        ignore_stop_signals,
+    )
     from netprobe.render import dump_json
 
     summary: BacklogSummary | None = None
@@ -289,8 +296,9 @@ def _run(
     except KeyboardInterrupt:
         # It landed here (printing a tick), not in the engine, which turns it into the
         # report so far: hand it over there. (Before the flood starts, it comes back.)
-        import inspect
-
+        # As the engine does on an interrupt, first of all: a second signal (timeout(1)
+        # sends two, ms apart) must not cut the report, not even while stdout is looked at.
+        ignore_stop_signals()
         if summary is not None or inspect.getgeneratorstate(events) != inspect.GEN_SUSPENDED:
             raise
         # The engine yields the partial second's tick first, then the summary (later

@@ -57,6 +57,7 @@ __all__ = [
     "Preflight",
     "Tick",
     "effective_connections",
+    "ignore_stop_signals",
     "parse_gate",
     "parse_ramp",
     "parse_sources",
@@ -1245,7 +1246,7 @@ def _run(
         # tcpkali does; every figure was lost before. Connect processes are killed at once
         # (their results arrive every 50 ms); a worker thread is a daemon and ends with us.
         # First, no second signal may cut the report short (timeout(1) sends two, ms apart).
-        _ignore_stop_signals()
+        ignore_stop_signals()
         interrupted_at = time.monotonic()
         if isinstance(thread, _ConnectProcesses):
             thread.join(0.0)
@@ -1343,7 +1344,7 @@ def _run(
     yield BacklogSummary(record, timeline, tally.hist, failed)
 
 
-def _ignore_stop_signals() -> None:
+def ignore_stop_signals() -> None:
     """From an interrupt on, SIGINT and SIGTERM are ignored (main thread only): the run is
     ending and its report is on its way. Not put back: a second signal a moment later (two
     from timeout(1), a Ctrl-C pressed twice) cut the report short, or killed the process as it
