@@ -68,6 +68,7 @@ __all__ = [
     "fill_accept_queue",
     "format_hostport",
     "half_close",
+    "ignore_stop_signals",
     "inet_aton_reading",
     "is_loopback",
     "nofile_limit",
@@ -1705,6 +1706,23 @@ def signal_wake_fd() -> int | None:
         signal.set_wakeup_fd(previous)  # an asyncio loop's: its signals are its own
         return None
     return read_end
+
+
+def ignore_stop_signals() -> None:
+    """From an interrupt on, SIGINT and SIGTERM are ignored (main thread only): the run is
+    ending and its report is on its way (a report whose writes are bounded, so that no
+    reader can hold it). Not put back: a second signal a moment later (two from timeout(1),
+    a Ctrl-C pressed twice) cut the report short, or killed the process as it exited. A
+    signal that lands while this runs is itself the interrupt already handled."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    while True:
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            return
+        except KeyboardInterrupt:
+            continue
 
 
 def drain_signal_wake(fd: int) -> None:

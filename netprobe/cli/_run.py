@@ -63,7 +63,9 @@ def sigterm_as_interrupt() -> Iterator[SigtermState]:
     try:
         yield state
     finally:
-        if previous is not None:
+        # Put back unless the run has since chosen to ignore it (sockets.ignore_stop_signals:
+        # its report under way): a second SIGTERM (timeout(1) sends two) would kill the exit.
+        if previous is not None and signal.getsignal(signal.SIGTERM) is handler:
             signal.signal(signal.SIGTERM, previous)
 
 
@@ -184,11 +186,16 @@ def spare_a_stuck_stdout() -> None:
     within STUCK_STDOUT_GRACE_S (a pipe whose reader stopped reading), that output and the
     rest go to /dev/null. The signal was the run's end, and waiting on that reader had no
     signal left to end it; a reader that is only slow still gets the report. A second
-    signal during the wait means the same as a full pipe: out now, the report unshown."""
+    signal during the wait ends it: stdout is kept if it can take something at once (the
+    second of timeout(1)'s two signals, ms apart, must not cost the report), else the report
+    goes unshown."""
     try:
         takes = stdout_takes_some(STUCK_STDOUT_GRACE_S)
     except KeyboardInterrupt:  # raised here, it would escape the exit path as a traceback
-        takes = False
+        try:
+            takes = stdout_takes_some(0.0)
+        except KeyboardInterrupt:  # a third, at once: out now
+            takes = False
     if not takes:
         silence_stdout()
 

@@ -251,13 +251,9 @@ def _run(
     import inspect
 
     from netprobe.cli._run import bounded_stdout
-    from netprobe.engines.backlog import (
-        Preflight,
-        Tick,
-        effective_connections,
-        ignore_stop_signals,
-    )
+    from netprobe.engines.backlog import Preflight, Tick, effective_connections
     from netprobe.render import dump_json
+    from netprobe.sockets import ignore_stop_signals
 
     summary: BacklogSummary | None = None
     attempts_so_far = 0

@@ -465,6 +465,7 @@ def _latency(
     from netprobe.engines.port_check import PortState, Tally, answered
     from netprobe.engines.port_check_modes import LatencySummary, run_latency
     from netprobe.render import log
+    from netprobe.sockets import ignore_stop_signals
 
     renderer = _renderer(fmt, _LATENCY_COLUMNS, _LATENCY_CSV_EXTRA)
     # One summary per address:port, and one per name that did not resolve.
@@ -489,7 +490,10 @@ def _latency(
         _show_latency_event(event, fmt, renderer)
 
     def interrupted() -> None:
-        # The report of an interrupted run waits on no reader that stopped reading.
+        # The report of an interrupted run waits on no reader that stopped reading, so no
+        # second signal is needed to end it, and none may cut it (timeout(1) sends two, ms
+        # apart: the second lost the summaries in 1 of 20 runs).
+        ignore_stop_signals()
         renderer.out = bounded_stdout(renderer.out)
 
     events = run_latency(hosts, config, count=count, interval_s=interval, on_interrupt=interrupted)

@@ -526,8 +526,11 @@ def client(
     writing = [False]
 
     def on_int(_signum: int, _frame: object) -> None:
+        # From the first signal on, the report's writes are bounded (bounded_stdout): a later
+        # one (timeout(1) sends two, ms apart) need not, and must not, cut them.
+        first = not interrupt.is_set()
         interrupt.set()
-        if writing[0] and not stdout_takes_some():
+        if first and writing[0] and not stdout_takes_some():
             raise KeyboardInterrupt
 
     def on_term(signum: int, frame: object) -> None:

@@ -38,6 +38,7 @@ from netprobe.sockets import (
     address_range,
     errno_name,
     format_hostport,
+    ignore_stop_signals,
     is_loopback,
     not_loopback_why,
     open_listener,
@@ -57,7 +58,6 @@ __all__ = [
     "Preflight",
     "Tick",
     "effective_connections",
-    "ignore_stop_signals",
     "parse_gate",
     "parse_ramp",
     "parse_sources",
@@ -1342,22 +1342,6 @@ def _run(
     ]
     record["failed_gates"] = failed
     yield BacklogSummary(record, timeline, tally.hist, failed)
-
-
-def ignore_stop_signals() -> None:
-    """From an interrupt on, SIGINT and SIGTERM are ignored (main thread only): the run is
-    ending and its report is on its way. Not put back: a second signal a moment later (two
-    from timeout(1), a Ctrl-C pressed twice) cut the report short, or killed the process as it
-    exited. A signal that lands while this runs is itself the interrupt already handled."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    while True:
-        try:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            return
-        except KeyboardInterrupt:
-            continue
 
 
 def _cut_tick(
