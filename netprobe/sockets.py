@@ -115,7 +115,7 @@ DEFAULT_CIDR_CAP = 65_536
 # before the first probe (measured: 2**20 addresses take about 15 s and 360 MiB), so an IPv6 /64
 # would never start and never end.
 MAX_CIDR_HOSTS = 1 << 20
-# The Unix-socket family for code outside the socket core (-1 where the platform has none).
+# Address families for code outside the socket core (AF_UNIX: -1 where the platform has none).
 AF_INET: int = socket.AF_INET
 AF_UNIX: int = getattr(socket, "AF_UNIX", -1)
 

@@ -317,7 +317,8 @@ def build_hosts(
     cidr_cap: int | None = DEFAULT_CIDR_CAP,
     deadline: float | None = None,
 ) -> list[HostSpec]:
-    """Expand CIDR blocks, resolve names (first address, as nmap does), attach ports.
+    """Expand CIDR blocks, resolve names (one address each, as nmap: see _host_spec), attach
+    ports.
 
     A name that does not resolve becomes a HostSpec with `error` set (a per-target result,
     exit 5), not an exception; so does one still being looked up at `deadline` (EAI_AGAIN).
