@@ -63,6 +63,14 @@ def in_dns_world(tmp_path: Path, mode: list[str], argv: list[str]) -> dict[str, 
     return report
 
 
+def _one_row(tmp_path: Path, mode: list[str], argv: list[str]) -> tuple[int, dict[str, Any]]:
+    """The exit code and the one JSON row of `netprobe ARGV --json` in a DNS world."""
+    report = in_dns_world(tmp_path, mode, [*argv, "--json"])
+    rows = [json.loads(line) for line in report["stdout"].splitlines()]
+    assert len(rows) == 1, report
+    return report["code"], rows[0]
+
+
 def test_port_check_looks_its_names_up_at_once(tmp_path: Path) -> None:
     # The server answers nothing until all 20 names are asked at once. Before: one lookup
     # after another, the run waited for each (a name whose resolver never answered held up
@@ -140,34 +148,28 @@ def test_resolve_each_keeps_order_and_reports_each_failure() -> None:
 def test_wait_keeps_to_its_deadline_while_a_lookup_hangs(tmp_path: Path) -> None:
     # The resolver never answers. Before: --deadline 2s waited for the lookup, then for each
     # round's new one (the world kills the run at 30 s).
-    argv = ["port-check", "never.np.test:80", "--wait", "--deadline", "2s", "--json"]
-    report = in_dns_world(tmp_path, ["silent", "none"], argv)
-    assert report["code"] == 124, report
-    [row] = [json.loads(line) for line in report["stdout"].splitlines()]
-    assert (row["state"], row["errno_name"]) == ("error", "EAI_AGAIN"), row
+    argv = ["port-check", "never.np.test:80", "--wait", "--deadline", "2s"]
+    code, row = _one_row(tmp_path, ["silent", "none"], argv)
+    assert (code, row["state"], row["errno_name"]) == (124, "error", "EAI_AGAIN"), row
 
 
 def test_wait_follows_a_name_to_its_new_address(tmp_path: Path) -> None:
     # mover.np.test names 127.0.0.50 (nobody listens) for its first second, then 127.0.0.7
     # (a service made anew). Before: a name was looked up again only while it did not
     # resolve: the wait probed .50 to the deadline.
-    argv = ["port-check", "mover.np.test:PORT", "--wait", "--deadline", "20s", "--json"]
-    report = in_dns_world(tmp_path, ["answer", "1"], argv)
-    assert report["code"] == 0, report
-    [row] = [json.loads(line) for line in report["stdout"].splitlines()]
-    assert (row["address"], row["state"]) == ("127.0.0.7", "open"), row
+    argv = ["port-check", "mover.np.test:PORT", "--wait", "--deadline", "20s"]
+    code, row = _one_row(tmp_path, ["answer", "1"], argv)
+    assert (code, row["address"], row["state"]) == (0, "127.0.0.7", "open"), row
 
 
 def test_a_name_with_ipv4_and_ipv6_addresses_is_checked_at_its_ipv4_one(tmp_path: Path) -> None:
     # dual.np.test has 127.0.0.1 and ::1 (as "localhost" has on many hosts); the listener is
     # IPv4 only. getaddrinfo gives ::1 first: checking that alone said "closed" (nmap checks
     # the IPv4 address unless -6).
-    report = in_dns_world(tmp_path, ["answer"], ["port-check", "dual.np.test:PORT", "--json"])
-    [row] = [json.loads(line) for line in report["stdout"].splitlines()]
-    assert (row["address"], row["state"], report["code"]) == ("127.0.0.1", "open", 0), report
-    report = in_dns_world(tmp_path, ["answer"], ["port-check", "dual.np.test:PORT", "-6", "--json"])
-    [row] = [json.loads(line) for line in report["stdout"].splitlines()]
-    assert (row["address"], row["state"]) == ("::1", "closed"), report
+    code, row = _one_row(tmp_path, ["answer"], ["port-check", "dual.np.test:PORT"])
+    assert (code, row["address"], row["state"]) == (0, "127.0.0.1", "open"), row
+    code, row = _one_row(tmp_path, ["answer"], ["port-check", "dual.np.test:PORT", "-6"])
+    assert (row["address"], row["state"]) == ("::1", "closed"), row
 
 
 def test_lookup_threads_count_every_job_with_a_small_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
