@@ -344,10 +344,11 @@ def test_a_second_signal_while_the_report_waits_on_a_full_stdout_ends_quietly() 
 
 
 def _pipe_holds(read_end: int) -> int:
-    import struct
-    import termios
+    from netprobe.render import pipe_queued
 
-    return int(struct.unpack("i", fcntl.ioctl(read_end, termios.FIONREAD, b"\0\0\0\0"))[0])
+    held = pipe_queued(read_end)
+    assert held is not None, "FIONREAD on a pipe"
+    return held
 
 
 def _established_by(pid: int) -> int:
