@@ -218,6 +218,11 @@ SERVERS = {
     "netprobe-no-poll": ServerSpec(
         "netprobe-no-poll", lambda p: [*netprobe_argv(p), "--busy-poll", "0"], idle=False
     ),
+    # uvloop's own transports for each connection instead of the echo's epoll set (Linux; see
+    # ServerConfig.own_epoll): what that set is worth.
+    "netprobe-no-epoll": ServerSpec(
+        "netprobe-no-epoll", netprobe_argv, idle=False, env={"NETPROBE_EPOLL": "0"}
+    ),
     # The portable path: asyncio's own loop instead of uvloop (what the choice is worth).
     "netprobe-asyncio": ServerSpec(
         "netprobe-asyncio", netprobe_argv, idle=False, env={"NETPROBE_EVENT_LOOP": "asyncio"}
@@ -508,7 +513,14 @@ def report(results: dict[str, Figures], iperf: list[float], args: argparse.Names
     iperf_med = statistics.median(iperf) if iperf else None
     print(f"iperf3 one loopback stream: {fmt(iperf_med)} MiB/s (median of {len(iperf)})")
     socat = results.get("socat")
-    for variant in ("netprobe", "netprobe-no-poll", "netprobe-w2", "netprobe-asyncio"):
+    variants = (
+        "netprobe",
+        "netprobe-no-poll",
+        "netprobe-w2",
+        "netprobe-no-epoll",
+        "netprobe-asyncio",
+    )
+    for variant in variants:
         nets = results.get(variant)
         if nets is None:
             continue
@@ -528,6 +540,10 @@ def report(results: dict[str, Figures], iperf: list[float], args: argparse.Names
             print(f"  bulk: {share:.0%} of iperf3 one stream (goal 50%) {verdict}")
     for other, title in (
         ("netprobe-asyncio", "event loop: netprobe on uvloop vs on asyncio's loop"),
+        (
+            "netprobe-no-epoll",
+            "own epoll set: netprobe (the default) vs NETPROBE_EPOLL=0 (uvloop's transports)",
+        ),
         ("netprobe-no-poll", "busy poll: netprobe (50 us, the default) vs --busy-poll 0"),
     ):
         fast, slow = results.get("netprobe"), results.get(other)
@@ -572,7 +588,9 @@ def report(results: dict[str, Figures], iperf: list[float], args: argparse.Names
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; runs in seconds")
-    parser.add_argument("--rounds", type=int, default=3)
+    # Five: on a shared 2-core VM one 2 s sample of the same server ranged over 1.5x; the
+    # median of five is steadier than of three, for every server alike.
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--bulk", type=int, default=512 * MIB, help="bytes per bulk round")
     parser.add_argument("--seconds", type=float, default=2.0, help="per rate test")
     parser.add_argument("--conns", type=int, default=100)

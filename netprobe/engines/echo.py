@@ -23,6 +23,7 @@ from netprobe.server import (
     ServerConfig,
     ServerSummary,
     default_loop_factory,
+    own_epoll_wanted,
 )
 
 __all__ = ["DELAYED_REPLY_OVERHEAD", "EchoOptions", "handler_factory", "make_server", "serve_echo"]
@@ -268,7 +269,9 @@ def make_server(
     """
     factory = handler_factory(options)
     if config.loop_factory is None:
-        config = dataclasses.replace(config, loop_factory=default_loop_factory())
+        config = dataclasses.replace(
+            config, loop_factory=default_loop_factory(), own_epoll=own_epoll_wanted()
+        )
     if config.udp:
         server = Server(
             config,
