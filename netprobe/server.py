@@ -986,6 +986,7 @@ class Connection(asyncio.Protocol):
 _OWN_EPOLL_WORKS = sys.platform == "linux" and hasattr(select, "epoll")
 _EPOLLIN = getattr(select, "EPOLLIN", 1)
 _EPOLLOUT = getattr(select, "EPOLLOUT", 4)
+_EPOLLERRHUP = getattr(select, "EPOLLERR", 8) | getattr(select, "EPOLLHUP", 16)
 _PUMP_READ = 262144  # bytes read per call, as uvloop does
 _PUMP_EVENTS = 512  # sockets served per turn of the loop: then timers, accepts, signals
 # A write buffer drops the bytes it has sent once they are this many and at least half of it:
@@ -1062,54 +1063,73 @@ class _Pump:
         view = self._view
         # (Connections close in later turns, accepts come in other callbacks: the count holds.)
         lone = len(self._server._active) == 1
-        epollin, epollout, small = _EPOLLIN, _EPOLLOUT, _BUSY_POLL_SMALL
+        epollin, epollout, errhup, small = _EPOLLIN, _EPOLLOUT, _EPOLLERRHUP, _BUSY_POLL_SMALL
         now = _monotonic()  # one clock read per batch: the idle clock needs no finer grain
         for fd, flags in events:
             transport = transports.get(fd)
             if transport is None:
                 continue
-            if flags & epollout:
-                transport._write_ready()
-                if not flags & ~epollout:  # room to write, nothing to read
+            try:
+                if flags & epollout:
+                    transport._write_ready()
+                    if not flags & ~epollout:  # room to write, nothing to read
+                        continue
+                if not transport.mask & epollin:
+                    if flags & errhup and transport.buffer:
+                        transport._write_ready()  # the send takes the error and ends it
                     continue
-            if not transport.mask & epollin:
-                continue
-            conn = transport.protocol
-            sock = transport.sock
-            try:
-                count = sock.recv_into(buf)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError as exc:
-                transport._fatal(exc)
-                continue
-            if not count:
-                transport._eof()
-                continue
-            if count > conn._echo_limit or conn._closing or conn._pauses:
-                conn.data_received(bytes(view[:count]))
-                continue
-            # Connection._receive's echo, inline.
-            conn._last_rx = now
-            conn.bytes_in += count
-            conn.bytes_out += count
-            if transport.buffer:  # bytes still wait to go out: these go after them
-                transport._keep(view[:count])
-                continue
-            try:
-                sent = sock.send(view[:count])
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                transport._fatal(exc)
-                continue
-            if sent < count:
-                transport._keep(view[sent:count])
-            if conn._fd >= 0:  # busy polling: see Connection.data_received
-                if count >= small:
-                    conn._fd = -1
-                elif lone:
-                    conn._busy_poll()
+                conn = transport.protocol
+                sock = transport.sock
+                try:
+                    count = sock.recv_into(buf)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:
+                    transport._fatal(exc)
+                    continue
+                if not count:
+                    transport._eof()
+                    continue
+                if count > conn._echo_limit or conn._closing or conn._pauses:
+                    conn.data_received(bytes(view[:count]))
+                    continue
+                # Connection._receive's echo, inline.
+                conn._last_rx = now
+                conn.bytes_in += count
+                conn.bytes_out += count
+                if transport.buffer:  # bytes still wait to go out: these go after them
+                    transport._keep(view[:count])
+                    continue
+                try:
+                    sent = sock.send(view[:count])
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError as exc:
+                    transport._fatal(exc)
+                    continue
+                if sent < count:
+                    transport._keep(view[sent:count])
+                if conn._fd >= 0:  # busy polling: see Connection.data_received
+                    if count >= small:
+                        conn._fd = -1
+                    elif lone:
+                        conn._busy_poll()
+            except Exception as exc:
+                # A bug of ours: it ends this connection. Left to the loop, it would cut the
+                # batch short each time, and the level-triggered set report it again: a spin.
+                self._failed(transport, exc)
+
+    def _failed(self, transport: _PumpTransport, exc: Exception) -> None:
+        self._loop.call_exception_handler(
+            {"message": "netprobe echo: a connection failed", "exception": exc}
+        )
+        try:
+            transport._force_close(exc)
+        except Exception:  # the state is beyond repair: let go of the socket at least
+            transport._lost_soon = True
+            with contextlib.suppress(Exception):
+                self.forget(transport)
+            transport.sock.close()
 
 
 class _PumpTransport(asyncio.Transport):
@@ -1269,14 +1289,15 @@ class _PumpTransport(asyncio.Transport):
     def _write_ready(self) -> None:
         buffer = self.buffer
         if buffer:
-            with memoryview(buffer) as view:  # released before the buffer grows again
-                try:
+            try:
+                # The view is released before anything resizes the buffer (_fatal clears it).
+                with memoryview(buffer) as view:
                     sent = self.sock.send(view[self.start :])
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError as exc:
-                    self._fatal(exc)
-                    return
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._fatal(exc)
+                return
             start = self.start + sent
             if start >= len(buffer):
                 buffer.clear()

@@ -930,3 +930,29 @@ def test_raw_echo_with_a_backlog_stays_byte_exact() -> None:
             assert client.recv(1) == b""
             (close,) = srv.wait_events("close", 1)
     assert (close.reason, close.bytes_in, close.bytes_out) == ("eof", len(payload), len(payload))
+
+
+def test_a_client_that_resets_while_we_wait_to_write_is_seen_at_once() -> None:
+    # It sends without reading: our write buffer fills and we stop reading it. Its RST then
+    # must end the connection (reason reset) while it sits there, not at the server's stop.
+    with serving(ServerConfig(port=0), _RawEcho) as srv:
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(srv.addr)
+        client.setblocking(False)
+        deadline = time.monotonic() + LONG
+        stuck_since = None
+        while time.monotonic() < deadline:
+            try:
+                client.send(b"x" * 65536)
+                stuck_since = None
+            except BlockingIOError:
+                stuck_since = stuck_since or time.monotonic()
+                if time.monotonic() - stuck_since > 0.3:
+                    break  # nothing moves: every buffer on the way is full
+                time.sleep(0.01)
+        set_linger_zero(client)
+        client.close()
+        (close,) = srv.wait_events("close", 1)
+        assert close.reason == "reset"
+        assert srv.server.totals().active == 0
