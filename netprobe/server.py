@@ -6,9 +6,6 @@ connection; the transport gives non-blocking I/O and write buffering, the protoc
 the `Connection` (one object per client, `__slots__`, so 10,000 idle clients stay small).
 The accept loop is our own `add_reader` on the listening socket rather than
 `loop.create_server`, because asyncio's accept loop can be neither paused nor paced.
-With `ServerConfig.own_epoll` (the echo server on Linux with uvloop) accepted connections get
-a transport of ours instead (`_PumpTransport`, the same contract) on an epoll set the loop
-watches as one fd; one callback serves all ready sockets and echoes raw-echo chunks inline.
 
 How to build on it (echo, listen, reset serve, reset proxy)::
 
@@ -52,7 +49,6 @@ import contextlib
 import errno
 import ipaddress
 import os
-import select
 import signal
 import socket
 import sys
@@ -179,12 +175,6 @@ class ServerConfig:
             long, while it is the only client (0: off). A ping-pong client's next message then arrives on
             a running CPU instead of waking a sleeping one, as with Linux's net.core.busy_read
             for NIC queues; the cost is this much CPU after each burst. POSIX only.
-        own_epoll: serve accepted connections on an epoll set of the server's own, which the
-            loop watches as one fd, instead of on the loop's transports: one tight loop serves
-            every ready socket, and echoes raw-echo handlers' chunks (Handler.echo_limit)
-            without a call per message. Linux only (elsewhere the loop's transports); the echo
-            server turns it on with uvloop (own_epoll_wanted). Outbound connections stay on
-            the loop's transports.
     """
 
     host: str = "127.0.0.1"
@@ -210,7 +200,6 @@ class ServerConfig:
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     workers: int = 1
     busy_poll_s: float = 0.0
-    own_epoll: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -978,384 +967,6 @@ class Connection(asyncio.Protocol):
             self.close(CloseReason.IDLE_TIMEOUT)
 
 
-# -- raw echo on an epoll set of the server's own (Linux) -------------------------------------
-
-# Measured by scripts/bench_echo.py (100 clients ping-pong, 2 cores): one epoll set of ours
-# that the loop watches as a single fd, its ready sockets served in one tight loop, costs less
-# server CPU per message than uvloop's per-socket callbacks (see ServerConfig.own_epoll).
-_OWN_EPOLL_WORKS = sys.platform == "linux" and hasattr(select, "epoll")
-_EPOLLIN = getattr(select, "EPOLLIN", 1)
-_EPOLLOUT = getattr(select, "EPOLLOUT", 4)
-_EPOLLERRHUP = getattr(select, "EPOLLERR", 8) | getattr(select, "EPOLLHUP", 16)
-_PUMP_READ = 262144  # bytes read per call, as uvloop does
-_PUMP_EVENTS = 512  # sockets served per turn of the loop: then timers, accepts, signals
-# A write buffer drops the bytes it has sent once they are this many and at least half of it:
-# moving the rest down after every send would copy a bulk echo's backlog once per send.
-_PUMP_COMPACT = 65536
-
-
-class _Pump:
-    """The epoll set: sockets in, one callback of the loop's for all of them.
-
-    For each ready socket the raw echo (read, write back what was read) runs right here, in
-    one loop with no call per message; anything else (a longer chunk, a paused or closing
-    connection, a backlog of unsent bytes, EOF, errors) goes through the transport and the
-    Connection as it would on the loop's own transports.
-    """
-
-    __slots__ = ("_buf", "_epoll", "_loop", "_server", "_transports", "_view")
-
-    def __init__(self, server: Server, loop: asyncio.AbstractEventLoop) -> None:
-        self._server = server
-        self._loop = loop
-        self._epoll = select.epoll()
-        self._transports: dict[int, _PumpTransport] = {}
-        self._buf = bytearray(_PUMP_READ)
-        self._view = memoryview(self._buf)
-        loop.add_reader(self._epoll.fileno(), self._run)
-
-    def adopt(self, sock: socket.socket, conn: Connection) -> None:
-        """Serve an accepted socket: conn.connection_made now, then reading."""
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):  # as the loops' own transports do
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport = _PumpTransport(self, sock, conn)
-        self._transports[transport.fd] = transport
-        conn.connection_made(transport)
-        transport._update()
-
-    def watch(self, transport: _PumpTransport, mask: int) -> None:
-        fd = transport.fd
-        old = transport.mask
-        if mask == old:
-            return
-        # An fd with no events wanted leaves the set: epoll reports EPOLLERR/EPOLLHUP even
-        # then, and a paused connection whose client reset would wake us without end.
-        if not old:
-            self._epoll.register(fd, mask)
-        elif not mask:
-            self._epoll.unregister(fd)
-        else:
-            self._epoll.modify(fd, mask)
-        transport.mask = mask
-
-    def forget(self, transport: _PumpTransport) -> None:
-        self.watch(transport, 0)
-        if self._transports.get(transport.fd) is transport:
-            del self._transports[transport.fd]
-
-    def close(self) -> None:
-        """Stop watching (the server has finished every connection by now)."""
-        with contextlib.suppress(Exception):  # the loop is closing too
-            self._loop.remove_reader(self._epoll.fileno())
-        for transport in list(self._transports.values()):
-            transport._force_close(None)
-            transport._lost(None)
-        self._epoll.close()
-
-    def _run(self) -> None:
-        try:
-            events = self._epoll.poll(0, _PUMP_EVENTS)
-        except InterruptedError:
-            return
-        transports = self._transports
-        buf = self._buf
-        view = self._view
-        # (Connections close in later turns, accepts come in other callbacks: the count holds.)
-        lone = len(self._server._active) == 1
-        epollin, epollout, errhup, small = _EPOLLIN, _EPOLLOUT, _EPOLLERRHUP, _BUSY_POLL_SMALL
-        now = _monotonic()  # one clock read per batch: the idle clock needs no finer grain
-        for fd, flags in events:
-            transport = transports.get(fd)
-            if transport is None:
-                continue
-            try:
-                if flags & epollout:
-                    transport._write_ready()
-                    if not flags & ~epollout:  # room to write, nothing to read
-                        continue
-                if not transport.mask & epollin:
-                    if flags & errhup and transport.buffer:
-                        transport._write_ready()  # the send takes the error and ends it
-                    continue
-                conn = transport.protocol
-                sock = transport.sock
-                try:
-                    count = sock.recv_into(buf)
-                except (BlockingIOError, InterruptedError):
-                    continue
-                except OSError as exc:
-                    transport._fatal(exc)
-                    continue
-                if not count:
-                    transport._eof()
-                    continue
-                if count > conn._echo_limit or conn._closing or conn._pauses:
-                    conn.data_received(bytes(view[:count]))
-                    continue
-                # Connection._receive's echo, inline.
-                conn._last_rx = now
-                conn.bytes_in += count
-                conn.bytes_out += count
-                if transport.buffer:  # bytes still wait to go out: these go after them
-                    transport._keep(view[:count])
-                    continue
-                try:
-                    sent = sock.send(view[:count])
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError as exc:
-                    transport._fatal(exc)
-                    continue
-                if sent < count:
-                    transport._keep(view[sent:count])
-                if conn._fd >= 0:  # busy polling: see Connection.data_received
-                    if count >= small:
-                        conn._fd = -1
-                    elif lone:
-                        conn._busy_poll()
-            except Exception as exc:
-                # A bug of ours: it ends this connection. Left to the loop, it would cut the
-                # batch short each time, and the level-triggered set report it again: a spin.
-                self._failed(transport, exc)
-
-    def _failed(self, transport: _PumpTransport, exc: Exception) -> None:
-        self._loop.call_exception_handler(
-            {"message": "netprobe echo: a connection failed", "exception": exc}
-        )
-        try:
-            transport._force_close(exc)
-        except Exception:  # the state is beyond repair: let go of the socket at least
-            transport._lost_soon = True
-            with contextlib.suppress(Exception):
-                self.forget(transport)
-            transport.sock.close()
-
-
-class _PumpTransport(asyncio.Transport):
-    """The asyncio.Transport a Connection served by a _Pump holds: the same contract as the
-    loop's socket transports (buffered writes with high/low marks, pause/resume reading,
-    write_eof, close after flushing, abort, connection_lost once, in a later turn)."""
-
-    __slots__ = (
-        "_closing",
-        "_eof_in",
-        "_eof_out",
-        "_high",
-        "_lost_soon",
-        "_low",
-        "_paused",
-        "_writing_paused",
-        "buffer",
-        "fd",
-        "mask",
-        "protocol",
-        "pump",
-        "sock",
-        "start",
-    )
-
-    def __init__(self, pump: _Pump, sock: socket.socket, protocol: Connection) -> None:
-        # No super().__init__(): its extra-info dict would cost every connection ~64 bytes.
-        self.pump = pump
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.protocol = protocol
-        self.mask = 0
-        self.buffer = bytearray()  # bytes to send from index start on; empty when none are
-        self.start = 0
-        self._high = 64 * 1024
-        self._low = 16 * 1024
-        self._paused = False
-        self._writing_paused = False
-        self._closing = False
-        self._eof_in = False
-        self._eof_out = False
-        self._lost_soon = False
-
-    # -- asyncio.Transport ---------------------------------------------------------------
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        # Looked up when asked (no dict per connection: 10,000 idle clients stay small).
-        sock = self.sock
-        if name == "socket":
-            return sock
-        if name in ("sockname", "peername") and sock.fileno() >= 0:
-            try:
-                return sock.getsockname() if name == "sockname" else sock.getpeername()
-            except OSError:
-                return default
-        return default
-
-    def is_closing(self) -> bool:
-        return self._closing
-
-    def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        self._update()
-        if not self.buffer:
-            self._lose_soon(None)
-
-    def abort(self) -> None:
-        self._force_close(None)
-
-    def is_reading(self) -> bool:
-        return not self._paused and not self._closing
-
-    def pause_reading(self) -> None:
-        if self._closing or self._paused:
-            return
-        self._paused = True
-        self._update()
-
-    def resume_reading(self) -> None:
-        if self._closing or not self._paused:
-            return
-        self._paused = False
-        self._update()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        if high is None:
-            high = 64 * 1024 if low is None else 4 * low
-        if low is None:
-            low = high // 4
-        if not high >= low >= 0:
-            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
-        self._high, self._low = high, low
-        self._pause_if_full()
-
-    def get_write_buffer_size(self) -> int:
-        return len(self.buffer) - self.start
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        return self._low, self._high
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._eof_out:
-            raise RuntimeError("Cannot call write() after write_eof()")
-        if self._lost_soon or not data:
-            return
-        if not self.buffer:
-            try:
-                sent = self.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as exc:
-                self._fatal(exc)
-                return
-            if sent == len(data):
-                return
-            data = memoryview(data)[sent:]
-        self._keep(data)
-
-    def write_eof(self) -> None:
-        if self._closing or self._eof_out:
-            return
-        self._eof_out = True
-        if not self.buffer:
-            self.sock.shutdown(socket.SHUT_WR)
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self.protocol
-
-    # -- internals ------------------------------------------------------------------------
-
-    def _update(self) -> None:
-        if self._lost_soon:
-            return
-        mask = 0
-        if not (self._paused or self._closing or self._eof_in):
-            mask = _EPOLLIN
-        if self.buffer:
-            mask |= _EPOLLOUT
-        self.pump.watch(self, mask)
-
-    def _keep(self, data: bytes | bytearray | memoryview) -> None:
-        self.buffer.extend(data)  # a copy: the pump's read buffer is reused
-        if not self.mask & _EPOLLOUT:
-            self._update()
-        self._pause_if_full()
-
-    def _pause_if_full(self) -> None:
-        if not self._writing_paused and len(self.buffer) - self.start > self._high:
-            self._writing_paused = True
-            self.protocol.pause_writing()
-
-    def _write_ready(self) -> None:
-        buffer = self.buffer
-        if buffer:
-            try:
-                # The view is released before anything resizes the buffer (_fatal clears it).
-                with memoryview(buffer) as view:
-                    sent = self.sock.send(view[self.start :])
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self._fatal(exc)
-                return
-            start = self.start + sent
-            if start >= len(buffer):
-                buffer.clear()
-                start = 0
-            elif start >= _PUMP_COMPACT and 2 * start >= len(buffer):
-                del buffer[:start]
-                start = 0
-            self.start = start
-            if self._writing_paused and len(buffer) - start <= self._low:
-                self._writing_paused = False
-                self.protocol.resume_writing()
-            if self.buffer or self._lost_soon:
-                return
-        self._update()
-        if self._closing:
-            self._lose_soon(None)
-        elif self._eof_out:
-            try:
-                self.sock.shutdown(socket.SHUT_WR)
-            except OSError as exc:
-                self._fatal(exc)
-
-    def _eof(self) -> None:
-        self._eof_in = True
-        if self.protocol.eof_received():
-            self._update()
-        else:
-            self.close()
-
-    def _fatal(self, exc: BaseException) -> None:
-        self._force_close(exc)
-
-    def _force_close(self, exc: BaseException | None) -> None:
-        if self._lost_soon:
-            return
-        self.buffer.clear()
-        self.start = 0
-        self._closing = True
-        self.pump.watch(self, 0)
-        self._lose_soon(exc)
-
-    def _lose_soon(self, exc: BaseException | None) -> None:
-        if self._lost_soon:
-            return
-        self._lost_soon = True
-        self.pump.watch(self, 0)
-        self.pump._loop.call_soon(self._lost, exc)
-
-    def _lost(self, exc: BaseException | None) -> None:
-        if self.sock.fileno() < 0:
-            return
-        try:
-            self.protocol.connection_lost(exc)  # type: ignore[arg-type]
-        finally:
-            self.pump.forget(self)
-            self.sock.close()
-
-
 _PKTINFO_READS = 64  # datagrams read per readiness event: then other work gets its turn
 
 
@@ -1516,7 +1127,6 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
 
 EVENT_LOOP_ENV = "NETPROBE_EVENT_LOOP"
-OWN_EPOLL_ENV = "NETPROBE_EPOLL"
 
 
 def _in_thread_of(loop: asyncio.AbstractEventLoop) -> bool:
@@ -1536,15 +1146,6 @@ def event_loop_name() -> str:
     except ImportError:
         return "asyncio"
     return "uvloop"
-
-
-def own_epoll_wanted() -> bool:
-    """Whether the echo server serves raw echo on its own epoll set (ServerConfig.own_epoll):
-    with uvloop, unless NETPROBE_EPOLL=0 (for comparing the two in scripts/bench_echo.py).
-    NETPROBE_EVENT_LOOP=asyncio keeps asyncio's own transports: the portable path, tested."""
-    if os.environ.get(OWN_EPOLL_ENV, "").strip() == "0":
-        return False
-    return _OWN_EPOLL_WORKS and event_loop_name() == "uvloop"
 
 
 def default_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -1635,7 +1236,6 @@ class Server:
         self._lingering = 0  # of _active: closed by us, reading the client's last bytes away
         self._outbound: set[Connection] = set()
         self._setup_tasks: set[asyncio.Task[Any]] = set()
-        self._pump: _Pump | None = None  # config.own_epoll, while serving
         self._next_id = 0
         self._worker = 0  # 0: the parent (or the only process); 1..N-1: forked workers
         # Workers that ended without reporting their totals ("worker 2 (pid 123) was killed
@@ -1853,8 +1453,6 @@ class Server:
         if self._lifeline is not None:
             # EOF on the lifeline: the parent is gone, so this worker must not outlive it.
             loop.add_reader(self._lifeline, self._request_stop)
-        if self.config.own_epoll and _OWN_EPOLL_WORKS and not self.config.udp:
-            self._pump = _Pump(self, loop)
         try:
             if self.config.duration_s is not None:
                 duration_handle = loop.call_later(self.config.duration_s, self._request_stop)
@@ -1877,9 +1475,6 @@ class Server:
             if self._lifeline is not None:
                 loop.remove_reader(self._lifeline)
             self._close_listener()
-            if self._pump is not None:
-                self._pump.close()
-                self._pump = None
         summary = self.totals()
         self._loop = None
         return summary
@@ -2149,10 +1744,6 @@ class Server:
         if self.on_event is not None:
             self.on_event(ConnEvent("accept", conn.conn_id, peer))
         sock.setblocking(False)
-        pump = self._pump
-        if pump is not None:
-            pump.adopt(sock, conn)
-            return
         task = self.loop.create_task(self.loop.connect_accepted_socket(lambda: conn, sock))
         self._setup_tasks.add(task)
         task.add_done_callback(lambda done: self._setup_done(done, conn, sock))

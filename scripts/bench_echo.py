@@ -218,11 +218,6 @@ SERVERS = {
     "netprobe-no-poll": ServerSpec(
         "netprobe-no-poll", lambda p: [*netprobe_argv(p), "--busy-poll", "0"], idle=False
     ),
-    # uvloop's own transports for each connection instead of the echo's epoll set (Linux; see
-    # ServerConfig.own_epoll): what that set is worth.
-    "netprobe-no-epoll": ServerSpec(
-        "netprobe-no-epoll", netprobe_argv, idle=False, env={"NETPROBE_EPOLL": "0"}
-    ),
     # The portable path: asyncio's own loop instead of uvloop (what the choice is worth).
     "netprobe-asyncio": ServerSpec(
         "netprobe-asyncio", netprobe_argv, idle=False, env={"NETPROBE_EVENT_LOOP": "asyncio"}
@@ -513,14 +508,7 @@ def report(results: dict[str, Figures], iperf: list[float], args: argparse.Names
     iperf_med = statistics.median(iperf) if iperf else None
     print(f"iperf3 one loopback stream: {fmt(iperf_med)} MiB/s (median of {len(iperf)})")
     socat = results.get("socat")
-    variants = (
-        "netprobe",
-        "netprobe-no-poll",
-        "netprobe-w2",
-        "netprobe-no-epoll",
-        "netprobe-asyncio",
-    )
-    for variant in variants:
+    for variant in ("netprobe", "netprobe-no-poll", "netprobe-w2", "netprobe-asyncio"):
         nets = results.get(variant)
         if nets is None:
             continue
@@ -540,10 +528,6 @@ def report(results: dict[str, Figures], iperf: list[float], args: argparse.Names
             print(f"  bulk: {share:.0%} of iperf3 one stream (goal 50%) {verdict}")
     for other, title in (
         ("netprobe-asyncio", "event loop: netprobe on uvloop vs on asyncio's loop"),
-        (
-            "netprobe-no-epoll",
-            "own epoll set: netprobe (the default) vs NETPROBE_EPOLL=0 (uvloop's transports)",
-        ),
         ("netprobe-no-poll", "busy poll: netprobe (50 us, the default) vs --busy-poll 0"),
     ):
         fast, slow = results.get("netprobe"), results.get(other)

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import psutil
 import pytest
@@ -40,24 +40,18 @@ try:
     import uvloop
 
     _LOOPS["uvloop"] = uvloop.new_event_loop
-    if sys.platform == "linux":
-        _LOOPS["own-epoll"] = uvloop.new_event_loop
 except ImportError:  # the portable path only
     pass
-# Every test runs on each way the core serves connections: asyncio's loop (reset serve/proxy,
-# and anywhere uvloop is missing), uvloop's, and uvloop with the server's own epoll set for
-# accepted connections (echo on Linux: ServerConfig.own_epoll).
+# Every test runs on both event loops the core serves on: asyncio's (reset serve/proxy, and
+# anywhere uvloop is missing) and uvloop's (echo, where installed).
 _loop_factory: list[Callable[[], Any] | None] = [None]
-_own_epoll = [False]
 
 
 @pytest.fixture(autouse=True, params=list(_LOOPS))
 def event_loop_kind(request: pytest.FixtureRequest) -> Iterator[str]:
     _loop_factory[0] = _LOOPS[request.param]
-    _own_epoll[0] = request.param == "own-epoll"
     yield request.param
     _loop_factory[0] = None
-    _own_epoll[0] = False
 
 
 class Echo(Handler):
@@ -113,7 +107,7 @@ def serving(
     events: list[ConnEvent] = []
     ready = threading.Event()
     if config.loop_factory is None:
-        config = dataclasses.replace(config, loop_factory=_loop_factory[0], own_epoll=_own_epoll[0])
+        config = dataclasses.replace(config, loop_factory=_loop_factory[0])
     server = Server(
         config,
         None if config.udp else factory,
@@ -597,7 +591,7 @@ def test_stop_within_a_second_despite_a_client_that_never_reads() -> None:
     events: list[ConnEvent] = []
     ready = threading.Event()
     server = Server(
-        ServerConfig(port=0, loop_factory=_loop_factory[0], own_epoll=_own_epoll[0]),
+        ServerConfig(port=0, loop_factory=_loop_factory[0]),
         Echo,
         on_event=events.append,
         on_ready=lambda _b: ready.set(),
@@ -790,12 +784,8 @@ def test_echo_picks_uvloop_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("NETPROBE_EVENT_LOOP")
     have_uvloop = "uvloop" in _LOOPS
     assert event_loop_name() == ("uvloop" if have_uvloop else "asyncio")
-    config = make_server(ServerConfig(port=0), EchoOptions()).config
-    assert (config.loop_factory is not None) == have_uvloop
-    # Its own epoll set goes with uvloop on Linux; NETPROBE_EPOLL=0 turns it off.
-    assert config.own_epoll == (have_uvloop and sys.platform == "linux")
-    monkeypatch.setenv("NETPROBE_EPOLL", "0")
-    assert not make_server(ServerConfig(port=0), EchoOptions()).config.own_epoll
+    factory = make_server(ServerConfig(port=0), EchoOptions()).config.loop_factory
+    assert (factory is not None) == have_uvloop
 
 
 class _Oversized(DatagramHandler):
@@ -843,17 +833,15 @@ def test_an_aborted_connection_does_not_count_what_it_never_sent() -> None:
 
 class _Flood(Handler):
     """Writes SIZE bytes at once on open (far past the write-buffer marks), then ends the
-    connection the way `how` says; records the transport's type."""
+    connection the way `how` says."""
 
     __slots__ = ("how",)
     SIZE = 4 * 1024 * 1024
-    transports: ClassVar[list[str]] = []
 
     def __init__(self, how: str) -> None:
         self.how = how
 
     def on_open(self, conn: Connection) -> None:
-        _Flood.transports.append(type(conn.transport).__name__)
         conn.write(bytes(range(256)) * (self.SIZE // 256))
         if self.how == "half_close":
             conn.half_close()
@@ -868,11 +856,8 @@ class _Flood(Handler):
 
 
 @pytest.mark.parametrize("how", ["half_close", "close"])
-def test_a_large_backlog_then_fin_arrives_whole_and_in_order(
-    how: str, event_loop_kind: str
-) -> None:
+def test_a_large_backlog_then_fin_arrives_whole_and_in_order(how: str) -> None:
     # The client reads slowly at first: the bytes wait in our write buffer, the FIN after them.
-    _Flood.transports.clear()
     with serving(ServerConfig(port=0), lambda: _Flood(how)) as srv, srv.connect() as client:
         time.sleep(0.2)
         got = bytearray()
@@ -885,13 +870,10 @@ def test_a_large_backlog_then_fin_arrives_whole_and_in_order(
         (close,) = srv.wait_events("close", 1)
         assert close.reason == "eof"
         assert close.bytes_out == _Flood.SIZE
-    (kind,) = _Flood.transports
-    assert (kind == "_PumpTransport") == (event_loop_kind == "own-epoll")
 
 
 class _RawEcho(Handler):
-    """A raw echo as the echo engine's: the connection writes chunks back itself (and on its
-    own epoll set, without leaving the loop that reads them)."""
+    """A raw echo as the echo engine's: the connection writes chunks back itself."""
 
     __slots__ = ()
     echo_limit = 1 << 20

@@ -23,7 +23,6 @@ from netprobe.server import (
     ServerConfig,
     ServerSummary,
     default_loop_factory,
-    own_epoll_wanted,
 )
 
 __all__ = ["DELAYED_REPLY_OVERHEAD", "EchoOptions", "handler_factory", "make_server", "serve_echo"]
@@ -269,9 +268,7 @@ def make_server(
     """
     factory = handler_factory(options)
     if config.loop_factory is None:
-        config = dataclasses.replace(
-            config, loop_factory=default_loop_factory(), own_epoll=own_epoll_wanted()
-        )
+        config = dataclasses.replace(config, loop_factory=default_loop_factory())
     if config.udp:
         server = Server(
             config,
