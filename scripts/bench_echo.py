@@ -13,7 +13,7 @@ The load generator is scripts/bench_echo_client.c, compiled with gcc into a cach
 (the same client drives every server). Every echoed byte is compared; the script exits 1 if
 any server returned different bytes, 2 if it could not run at all.
 
-    python3 scripts/bench_echo.py                 # full run (about 2-3 minutes)
+    python3 scripts/bench_echo.py                 # full run (about 8-9 minutes on 2 cores)
     python3 scripts/bench_echo.py --smoke         # seconds, tiny sizes, peers optional
     python3 scripts/bench_echo.py --install       # apt-get install socat ncat iperf3 first
 
