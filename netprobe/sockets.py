@@ -52,6 +52,7 @@ __all__ = [
     "RelayResult",
     "Resolved",
     "Target",
+    "WakePipe",
     "abort_connection",
     "accept_and_close",
     "accept_one",
@@ -2155,6 +2156,48 @@ def wait_readable(items: Sequence[int | socket.socket], deadline: float | None) 
                 continue
         if ready or timeout_ms == 0 or (left is not None and left <= POLL_MAX_S):
             return ready
+
+
+class WakePipe:
+    """Wakes a wait in the main thread (wait_readable on `fd`) from other threads.
+
+    For a main thread that waits on worker threads: a threading lock or queue wait is no
+    place for a Ctrl-C. A KeyboardInterrupt that lands inside Condition.wait between its
+    release and its try leaves the lock released, and the `with` around it then fails
+    with "release unlocked lock" in place of the interrupt. wait_readable polls the signal
+    wake-up fd beside this one, so the handler runs at once, in our code.
+
+    Workers call wake() after handing over what they have (a deque's append is atomic);
+    the waiter drains, then takes. close() may come while workers still run (an interrupted
+    run leaves its daemon threads behind): a later wake() does nothing, and never writes to
+    a reused fd number."""
+
+    __slots__ = ("_closed", "_lock", "_write_end", "fd")
+
+    def __init__(self) -> None:
+        self.fd, self._write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def wake(self) -> None:
+        with self._lock:
+            if not self._closed:
+                # A full pipe already has a byte waiting: nothing is lost.
+                with contextlib.suppress(BlockingIOError):
+                    os.write(self._write_end, b".")
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.fd, 4096):
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.close(self._write_end)
+            os.close(self.fd)
 
 
 def accept_one(listener: socket.socket, deadline: float | None) -> tuple[socket.socket, str]:

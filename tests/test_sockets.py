@@ -43,6 +43,7 @@ from netprobe.sockets import (
     resolve,
     send_all,
     sleep,
+    WakePipe,
     udp_probe_many,
     wait_readable,
 )
@@ -518,6 +519,33 @@ def test_a_ctrl_c_just_before_the_connectors_epoll_still_ends_its_wait(
         list(run_connects([job], concurrency=1, timeout_s=deadline - time.monotonic()))
 
     _ends_at_the_ctrl_c_the_poll_misses(connect_until)
+
+
+def test_a_wake_pipe_ends_a_wait_from_another_thread_and_is_mute_once_closed() -> None:
+    pipe = WakePipe()
+    try:
+        assert wait_readable([pipe.fd], time.monotonic() + 0.01) == []
+        waker = threading.Timer(0.05, pipe.wake)
+        waker.start()
+        assert wait_readable([pipe.fd], time.monotonic() + LONG) == [pipe.fd]
+        waker.join(LONG)
+        for _ in range(100_000 // 4096 + 2):
+            pipe.wake()  # more than the pipe holds: the surplus is dropped, never an error
+        pipe.drain()
+        assert wait_readable([pipe.fd], time.monotonic() + 0.01) == []
+    finally:
+        pipe.close()
+    # A worker that wakes after the close must not write to whatever file took its number.
+    read_end, write_end = os.pipe()
+    try:
+        pipe.wake()
+        pipe.close()
+        os.set_blocking(read_end, False)
+        with pytest.raises(BlockingIOError):
+            os.read(read_end, 1)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
 
 
 def test_the_gate_leaves_signals_alone_outside_the_main_thread() -> None:

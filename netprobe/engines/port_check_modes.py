@@ -7,9 +7,9 @@ prints; the statistics are pure functions, tested without sockets.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import math
-import queue
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
@@ -37,7 +37,7 @@ from netprobe.engines.port_check import (
 )
 from netprobe.errors import UsageError
 from netprobe.results import ConnectState
-from netprobe.sockets import Resolved, format_hostport
+from netprobe.sockets import Resolved, WakePipe, format_hostport, wait_readable
 from netprobe.sockets import sleep as sockets_sleep
 
 __all__ = [
@@ -199,7 +199,7 @@ def _run_batch(
     hosts: Sequence[HostSpec],
     keys: list[int],
     config: CheckConfig,
-    out: queue.Queue[_BatchItem],
+    out: Callable[[_BatchItem], None],
     stop: threading.Event,
 ) -> None:
     # A thread of its own, so that a batch's slowest probe holds up no other target's next one.
@@ -207,20 +207,16 @@ def _run_batch(
         results = _probe(hosts, keys, config, concurrency=len(keys), timeout_s=config.timeout_s)
         try:
             for item in results:
-                out.put(item)
+                out(item)
                 if stop.is_set():
                     break  # the run is over (Ctrl-C, an error): nobody reads the rest
         finally:
             if isinstance(results, Generator):
                 results.close()  # the sockets still waiting are closed now, not at GC
     except BaseException as exc:  # raised by the caller's thread, as if the probe were there
-        out.put(exc)
+        out(exc)
     finally:
-        out.put(_Batch.DONE)
-
-
-# The longest a latency run waits for an answer at a time (see run_latency).
-_ANSWER_SLICE_S = 0.1
+        out(_Batch.DONE)
 
 
 def run_latency(
@@ -248,91 +244,17 @@ def run_latency(
     samples: dict[int, list[float]] = {key: [] for key in keys}
     made: dict[int, int] = dict.fromkeys(keys, 0)  # probes ended, per address:port
     last: dict[int, tuple[PortState, str | None]] = {}
-    concurrency = plan_concurrency(config.concurrency, len(keys)) if keys else 1
-    states = _UDP_STATE if config.udp else _TCP_STATE
-    # Plan: no rounds. Rounds waited for their slowest probe, so one target that never
-    # answers stretched every other target's interval to --timeout. Instead each target has
-    # its own due time; the probes due at one moment start together as a batch, in a thread
-    # of its own, and every batch's answers come back here through one queue, so the Probes
-    # are still yielded from the caller's thread, in the order they ended. Sockets out over
-    # all batches stay within `concurrency`. --rate holds over all of them too: a batch of n
-    # starts no sooner than n / rate seconds after the one before it.
-    position = {key: index for index, key in enumerate(keys)}  # ties keep the targets' order
-    start = time.monotonic()
-    due = [(start, index, key) for index, key in enumerate(keys)]  # a heap, soonest first
-    began: dict[int, float] = {}  # the keys with a probe out: when its batch started
-    answers: queue.Queue[_BatchItem] = queue.Queue()
     stop = threading.Event()
-    running = 0  # batch threads not done yet
-    rate_free = start  # when --rate lets the next batch start
+    wake = WakePipe()
     try:
-        while due or began or running:
-            try:
-                # Answers already in are taken before a new batch starts: probes that end
-                # together (a timeout shared by many targets) start again as one batch.
-                item = answers.get_nowait()
-            except queue.Empty:
-                now = time.monotonic()
-                room = concurrency - len(began)
-                if due and room > 0 and max(due[0][0], rate_free) <= now:
-                    batch: list[int] = []
-                    while due and due[0][0] <= now and len(batch) < room:
-                        batch.append(heapq.heappop(due)[2])
-                    began.update(dict.fromkeys(batch, now))
-                    if config.rate:
-                        rate_free = max(rate_free, now) + len(batch) / config.rate
-                    threading.Thread(
-                        target=_run_batch,
-                        args=(hosts, batch, config, answers, stop),
-                        name="port-check-latency",
-                        daemon=True,  # an interrupted run does not wait for its probes out
-                    ).start()
-                    running += 1
-                    continue
-                wake = max(due[0][0], rate_free) - now if due and room > 0 else None
-                if not running:
-                    # Nothing out (so there is room): only the next probe's time to wait for.
-                    sleep(max(0.0, wake or 0.0))
-                    continue
-                try:
-                    # In slices of _ANSWER_SLICE_S: a Ctrl-C that lands just before the
-                    # wait's lock sleeps begins only sets Python's flag; its handler runs
-                    # when the slice ends (the socket core's waits poll the signal wake-up
-                    # fd instead, which this queue cannot).
-                    slice_s = _ANSWER_SLICE_S if wake is None else min(wake, _ANSWER_SLICE_S)
-                    item = answers.get(timeout=max(0.0, slice_s))
-                except queue.Empty:
-                    continue
-            if item is _Batch.DONE:
-                running -= 1
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            key, state, errno_name, elapsed = item
-            ended = time.monotonic()
-            mapped = states[state]
-            host = hosts[key >> 16]
-            # As a check's latency_ms: an RST is an answer too. The summary's figures
-            # stay those of completed handshakes.
-            latency = round(elapsed * 1000.0, 3) if answered(mapped) else None
-            made[key] += 1
-            if mapped is PortState.OPEN:
-                samples[key].append(elapsed * 1000.0)
-                last[key] = (mapped, errno_name)  # EAGAIN: open, its accept queue full
-            elif last.get(key, (None,))[0] is not PortState.OPEN:
-                last[key] = (mapped, errno_name)
-            started = began.pop(key)
-            if made[key] < count:
-                heapq.heappush(due, (max(started + interval_s, ended), position[key], key))
-            yield Probe(
-                host.target,
-                host.address,
-                *_port_proto(host, key, proto),
-                made[key],  # one probe of a target is out at a time: this is its number
-                mapped,
-                errno_name,
-                latency,
-            )
+        # The loop runs in a frame of its own, with no try around it there: CPython (3.11
+        # to 3.13) can raise a KeyboardInterrupt that lands on a loop's jump back to its
+        # head as if outside the try the loop begins (gh-108214), and this run then ended
+        # without its summaries, about one Ctrl-C in a few hundred. Raised in the probes'
+        # frame, it reaches this one through the `yield from`, which the try covers.
+        yield from _latency_probes(
+            hosts, config, keys, count, interval_s, sleep, samples, made, last, stop, wake
+        )
     except KeyboardInterrupt:
         stop.set()
         if on_interrupt is not None:
@@ -342,7 +264,110 @@ def run_latency(
         raise
     finally:
         stop.set()  # after an error, or a consumer gone: the batches still out end early
+        wake.close()
     yield from _latency_summaries(hosts, keys, samples, made, last, proto, count, False)
+
+
+def _latency_probes(
+    hosts: Sequence[HostSpec],
+    config: CheckConfig,
+    keys: list[int],
+    count: int,
+    interval_s: float,
+    sleep: Callable[[float], None],
+    samples: dict[int, list[float]],
+    made: dict[int, int],
+    last: dict[int, tuple[PortState, str | None]],
+    stop: threading.Event,
+    wake: WakePipe,
+) -> Iterator[Probe]:
+    """run_latency's probes, each yielded as it ends; `samples`, `made` and `last` are kept
+    up to date for the summaries."""
+    proto = "udp" if config.udp else "tcp"
+    concurrency = plan_concurrency(config.concurrency, len(keys)) if keys else 1
+    states = _UDP_STATE if config.udp else _TCP_STATE
+    # Plan: no rounds. Rounds waited for their slowest probe, so one target that never
+    # answers stretched every other target's interval to --timeout. Instead each target has
+    # its own due time; the probes due at one moment start together as a batch, in a thread
+    # of its own, and every batch's answers come back here (a deque, and a byte on `wake`),
+    # so the Probes are still yielded from the caller's thread, in the order they ended.
+    # Sockets out over all batches stay within `concurrency`. --rate holds over all of them
+    # too: a batch of n starts no sooner than n / rate seconds after the one before it.
+    position = {key: index for index, key in enumerate(keys)}  # ties keep the targets' order
+    start = time.monotonic()
+    due = [(start, index, key) for index, key in enumerate(keys)]  # a heap, soonest first
+    began: dict[int, float] = {}  # the keys with a probe out: when its batch started
+    answers: collections.deque[_BatchItem] = collections.deque()
+
+    def hand_over(item: _BatchItem) -> None:  # in a batch's thread
+        answers.append(item)
+        wake.wake()
+
+    running = 0  # batch threads not done yet
+    rate_free = start  # when --rate lets the next batch start
+    while due or began or running:
+        if not answers:
+            now = time.monotonic()
+            room = concurrency - len(began)
+            if due and room > 0 and max(due[0][0], rate_free) <= now:
+                # Answers already in are taken before a new batch starts: probes that end
+                # together (a timeout shared by many targets) start again as one batch.
+                batch: list[int] = []
+                while due and due[0][0] <= now and len(batch) < room:
+                    batch.append(heapq.heappop(due)[2])
+                began.update(dict.fromkeys(batch, now))
+                if config.rate:
+                    rate_free = max(rate_free, now) + len(batch) / config.rate
+                threading.Thread(
+                    target=_run_batch,
+                    args=(hosts, batch, config, hand_over, stop),
+                    name="port-check-latency",
+                    daemon=True,  # an interrupted run does not wait for its probes out
+                ).start()
+                running += 1
+                continue
+            next_at = max(due[0][0], rate_free) if due and room > 0 else None
+            if not running:
+                # Nothing out (so there is room): only the next probe's time to wait for.
+                sleep(max(0.0, (next_at or now) - now))
+                continue
+            # The socket core's wait: it polls the signal wake-up fd too, so a Ctrl-C acts
+            # at once wherever it lands (a queue's lock wait slept through one that came
+            # just before it, and could fail on one that came inside it).
+            if wait_readable([wake.fd], next_at):
+                wake.drain()
+            continue
+        item = answers.popleft()
+        if item is _Batch.DONE:
+            running -= 1
+            continue
+        if isinstance(item, BaseException):
+            raise item
+        key, state, errno_name, elapsed = item
+        ended = time.monotonic()
+        mapped = states[state]
+        host = hosts[key >> 16]
+        # As a check's latency_ms: an RST is an answer too. The summary's figures
+        # stay those of completed handshakes.
+        latency = round(elapsed * 1000.0, 3) if answered(mapped) else None
+        made[key] += 1
+        if mapped is PortState.OPEN:
+            samples[key].append(elapsed * 1000.0)
+            last[key] = (mapped, errno_name)  # EAGAIN: open, its accept queue full
+        elif last.get(key, (None,))[0] is not PortState.OPEN:
+            last[key] = (mapped, errno_name)
+        started = began.pop(key)
+        if made[key] < count:
+            heapq.heappush(due, (max(started + interval_s, ended), position[key], key))
+        yield Probe(
+            host.target,
+            host.address,
+            *_port_proto(host, key, proto),
+            made[key],  # one probe of a target is out at a time: this is its number
+            mapped,
+            errno_name,
+            latency,
+        )
 
 
 def _latency_summaries(
