@@ -28,6 +28,7 @@ from netprobe.sockets import (
     CountingGate,
     PumpResult,
     Resolved,
+    WakePipe,
     abort_connection,
     accept_one,
     classify_errno,
@@ -43,7 +44,6 @@ from netprobe.sockets import (
     resolve,
     send_all,
     sleep,
-    WakePipe,
     udp_probe_many,
     wait_readable,
 )
