@@ -47,6 +47,7 @@ from typing import Any
 from netprobe.results import ConnectState
 from netprobe.sockets import (
     POLL_MAX_S,
+    _map_errors,
     classify_errno,
     drain_signal_wake,
     errno_name,
@@ -288,7 +289,8 @@ class _Run:
         self.st = st
         st.held_connect_times = self._held_connect_times
         self.on_idle = on_idle
-        self.poller = select.epoll()
+        with _map_errors("epoll"):  # out of fds: LocalError, said as such (exit 6)
+            self.poller = select.epoll()
         # The main thread's signal wake-up fd: a Ctrl-C just before epoll_wait would otherwise
         # wait for the next attempt's deadline (--timeout) first.
         self.wake = signal_wake_fd()

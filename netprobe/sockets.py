@@ -1700,7 +1700,10 @@ def signal_wake_fd() -> int | None:
     if threading.current_thread() is not threading.main_thread():
         return None
     if _signal_pipe is None:
-        _signal_pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            _signal_pipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # out of fds: the wait goes on without it (and tries again next time)
+            return None
     read_end, write_end = _signal_pipe
     previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
     if previous not in (-1, write_end):
@@ -2159,45 +2162,61 @@ def wait_readable(items: Sequence[int | socket.socket], deadline: float | None) 
 
 
 class WakePipe:
-    """Wakes a wait in the main thread (wait_readable on `fd`) from other threads.
+    """Wakes a wait of the main thread for worker threads' hand-overs.
 
-    For a main thread that waits on worker threads: a threading lock or queue wait is no
-    place for a Ctrl-C. A KeyboardInterrupt that lands inside Condition.wait between its
-    release and its try leaves the lock released, and the `with` around it then fails
-    with "release unlocked lock" in place of the interrupt. wait_readable polls the signal
-    wake-up fd beside this one, so the handler runs at once, in our code.
+    A threading lock or queue wait is no place for a Ctrl-C: a KeyboardInterrupt that lands
+    inside Condition.wait between its release and its try leaves the lock released, and the
+    `with` around it then fails with "release unlocked lock" in place of the interrupt.
+    wait() polls this pipe beside the signal wake-up fd (wait_readable), so the handler runs
+    at once, in our code.
 
-    Workers call wake() after handing over what they have (a deque's append is atomic);
-    the waiter drains, then takes. close() may come while workers still run (an interrupted
-    run leaves its daemon threads behind): a later wake() does nothing, and never writes to
-    a reused fd number."""
+    Workers hand over (a deque's append is atomic), then call wake(); the waiter calls
+    wait(ready) with a check of what was handed over. A wake-up byte is written only while
+    the waiter waits or is about to: a burst of hand-overs costs no write each, and so no
+    switch to the waiter between them. close() may come while workers still run (an
+    interrupted run leaves its daemon threads behind): a later wake() does nothing, and
+    never writes to a reused fd number."""
 
-    __slots__ = ("_closed", "_lock", "_write_end", "fd")
+    __slots__ = ("_closed", "_lock", "_waiting", "_write_end", "fd")
 
     def __init__(self) -> None:
-        self.fd, self._write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        """Raises LocalError: out of file descriptors."""
+        with _map_errors("pipe"):
+            self.fd, self._write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._lock = threading.Lock()
         self._closed = False
+        self._waiting = False
 
     def wake(self) -> None:
-        with self._lock:
-            if not self._closed:
-                # A full pipe already has a byte waiting: nothing is lost.
-                with contextlib.suppress(BlockingIOError):
-                    os.write(self._write_end, b".")
+        # The waiter sets _waiting before it looks at what was handed over, and a worker
+        # hands over before it reads _waiting: one of the two always sees the other.
+        if self._waiting:
+            with self._lock:
+                if not self._closed:
+                    # A full pipe already has a byte waiting: nothing is lost.
+                    with contextlib.suppress(BlockingIOError):
+                        os.write(self._write_end, b".")
 
-    def drain(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self.fd, 4096):
-                pass
+    def wait(self, ready: Callable[[], object], deadline: float | None) -> None:
+        """Return once ready() is true, a worker woke us, or at `deadline` (main thread)."""
+        self._waiting = True
+        try:
+            if not ready() and wait_readable([self.fd], deadline):
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self.fd, 4096):
+                        pass
+        finally:
+            self._waiting = False
 
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            os.close(self._write_end)
-            os.close(self.fd)
+            try:
+                os.close(self._write_end)
+            finally:
+                os.close(self.fd)
 
 
 def accept_one(listener: socket.socket, deadline: float | None) -> tuple[socket.socket, str]:

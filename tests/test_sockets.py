@@ -522,22 +522,37 @@ def test_a_ctrl_c_just_before_the_connectors_epoll_still_ends_its_wait(
 
 
 def test_a_wake_pipe_ends_a_wait_from_another_thread_and_is_mute_once_closed() -> None:
+    handed: list[int] = []
     pipe = WakePipe()
     try:
-        assert wait_readable([pipe.fd], time.monotonic() + 0.01) == []
-        waker = threading.Timer(0.05, pipe.wake)
-        waker.start()
-        assert wait_readable([pipe.fd], time.monotonic() + LONG) == [pipe.fd]
-        waker.join(LONG)
-        for _ in range(100_000 // 4096 + 2):
-            pipe.wake()  # more than the pipe holds: the surplus is dropped, never an error
-        pipe.drain()
-        assert wait_readable([pipe.fd], time.monotonic() + 0.01) == []
+        started = time.monotonic()
+        pipe.wait(handed.__len__, started + 0.05)  # nothing handed over: the deadline
+        assert time.monotonic() - started >= 0.05
+
+        def hand_over() -> None:
+            handed.append(1)
+            pipe.wake()
+
+        worker = threading.Timer(0.05, hand_over)
+        worker.start()
+        started = time.monotonic()
+        pipe.wait(handed.__len__, started + 6 * LONG)
+        assert handed
+        assert time.monotonic() - started < LONG  # woken, not timed out
+        worker.join(LONG)
+        # A wake-up nobody waits for writes nothing: the next wait sleeps to its deadline.
+        pipe.wake()
+        started = time.monotonic()
+        pipe.wait(lambda: False, started + 0.05)
+        assert time.monotonic() - started >= 0.05
     finally:
         pipe.close()
     # A worker that wakes after the close must not write to whatever file took its number.
+    old_write_end = pipe._write_end
     read_end, write_end = os.pipe()
     try:
+        assert old_write_end in (read_end, write_end)  # the number was taken again
+        pipe._waiting = True  # as if a waiter were in wait(): wake() would write
         pipe.wake()
         pipe.close()
         os.set_blocking(read_end, False)

@@ -8,6 +8,7 @@ prints; the statistics are pure functions, tested without sockets.
 from __future__ import annotations
 
 import collections
+import functools
 import heapq
 import math
 import threading
@@ -37,7 +38,7 @@ from netprobe.engines.port_check import (
 )
 from netprobe.errors import UsageError
 from netprobe.results import ConnectState
-from netprobe.sockets import Resolved, WakePipe, format_hostport, wait_readable
+from netprobe.sockets import Resolved, WakePipe, format_hostport
 from netprobe.sockets import sleep as sockets_sleep
 
 __all__ = [
@@ -219,6 +220,11 @@ def _run_batch(
         out(_Batch.DONE)
 
 
+# How long answers of one batch that came in together are waited for before the next batch
+# starts (see _latency_probes): a thread hands over a burst of them in microseconds.
+_GATHER_S = 0.002
+
+
 def run_latency(
     hosts: Sequence[HostSpec],
     config: CheckConfig,
@@ -246,26 +252,39 @@ def run_latency(
     last: dict[int, tuple[PortState, str | None]] = {}
     stop = threading.Event()
     wake = WakePipe()
+    final: list[LatencySummary] = []  # the summaries of a run whose probes are all made
+    handed = 0  # how many of them the consumer has (or is being given)
     try:
-        # The loop runs in a frame of its own, with no try around it there: CPython (3.11
-        # to 3.13) can raise a KeyboardInterrupt that lands on a loop's jump back to its
-        # head as if outside the try the loop begins (gh-108214), and this run then ended
-        # without its summaries, about one Ctrl-C in a few hundred. Raised in the probes'
-        # frame, it reaches this one through the `yield from`, which the try covers.
-        yield from _latency_probes(
-            hosts, config, keys, count, interval_s, sleep, samples, made, last, stop, wake
-        )
+        try:
+            # The loop runs in a frame of its own, with no try around it there: CPython
+            # (3.11 to 3.13) can raise a KeyboardInterrupt that lands on a loop's jump back
+            # to its head as if outside the try the loop begins (gh-108214), and this run
+            # then ended without its summaries, about one Ctrl-C in a few hundred. Raised in
+            # the probes' frame, it reaches this one through the `yield from`, which the try
+            # covers.
+            yield from _latency_probes(
+                hosts, config, keys, count, interval_s, sleep, samples, made, last, stop, wake
+            )
+        finally:
+            stop.set()  # after an error, or a consumer gone: the batches still out end early
+            wake.close()
+        final = list(_latency_summaries(hosts, keys, samples, made, last, proto, count, False))
+        for summary in final:
+            handed += 1
+            yield summary
     except KeyboardInterrupt:
         stop.set()
+        wake.close()
         if on_interrupt is not None:
             on_interrupt()
-        rounds = max(made.values(), default=0)
-        yield from _latency_summaries(hosts, keys, samples, made, last, proto, rounds, True)
+        if final:
+            # Every probe was made: the summaries the consumer does not have yet (the one it
+            # was being given when the interrupt came is its own).
+            yield from final[handed:]
+        else:
+            rounds = max(made.values(), default=0)
+            yield from _latency_summaries(hosts, keys, samples, made, last, proto, rounds, True)
         raise
-    finally:
-        stop.set()  # after an error, or a consumer gone: the batches still out end early
-        wake.close()
-    yield from _latency_summaries(hosts, keys, samples, made, last, proto, count, False)
 
 
 def _latency_probes(
@@ -297,21 +316,31 @@ def _latency_probes(
     start = time.monotonic()
     due = [(start, index, key) for index, key in enumerate(keys)]  # a heap, soonest first
     began: dict[int, float] = {}  # the keys with a probe out: when its batch started
-    answers: collections.deque[_BatchItem] = collections.deque()
+    answers: collections.deque[tuple[int, _BatchItem]] = collections.deque()
 
-    def hand_over(item: _BatchItem) -> None:  # in a batch's thread
-        answers.append(item)
+    def hand_over(batch_id: int, item: _BatchItem) -> None:  # in a batch's thread
+        answers.append((batch_id, item))
         wake.wake()
 
     running = 0  # batch threads not done yet
+    started_batches = 0
+    outstanding: dict[int, int] = {}  # per batch still out: the answers not in yet
     rate_free = start  # when --rate lets the next batch start
+    # The batch whose answers are coming in, and until when the rest of them is waited for.
+    burst: int | None = None
+    burst_until = 0.0
     while due or began or running:
         if not answers:
             now = time.monotonic()
             room = concurrency - len(began)
             if due and room > 0 and max(due[0][0], rate_free) <= now:
-                # Answers already in are taken before a new batch starts: probes that end
-                # together (a timeout shared by many targets) start again as one batch.
+                if burst is not None and now < burst_until:
+                    # Probes that end together (refusals, a timeout shared by many targets)
+                    # start again as one batch. Their thread hands them over one at a time,
+                    # and each wake-up lets this thread in before the next: wait for the
+                    # rest (until all of that batch's are in, _GATHER_S at most) first.
+                    wake.wait(answers.__len__, burst_until)
+                    continue
                 batch: list[int] = []
                 while due and due[0][0] <= now and len(batch) < room:
                     batch.append(heapq.heappop(due)[2])
@@ -320,10 +349,18 @@ def _latency_probes(
                     rate_free = max(rate_free, now) + len(batch) / config.rate
                 threading.Thread(
                     target=_run_batch,
-                    args=(hosts, batch, config, hand_over, stop),
+                    args=(
+                        hosts,
+                        batch,
+                        config,
+                        functools.partial(hand_over, started_batches),
+                        stop,
+                    ),
                     name="port-check-latency",
                     daemon=True,  # an interrupted run does not wait for its probes out
                 ).start()
+                outstanding[started_batches] = len(batch)
+                started_batches += 1
                 running += 1
                 continue
             next_at = max(due[0][0], rate_free) if due and room > 0 else None
@@ -334,13 +371,21 @@ def _latency_probes(
             # The socket core's wait: it polls the signal wake-up fd too, so a Ctrl-C acts
             # at once wherever it lands (a queue's lock wait slept through one that came
             # just before it, and could fail on one that came inside it).
-            if wait_readable([wake.fd], next_at):
-                wake.drain()
+            wake.wait(answers.__len__, next_at)
             continue
-        item = answers.popleft()
+        batch_id, item = answers.popleft()
         if item is _Batch.DONE:
             running -= 1
+            outstanding.pop(batch_id, None)
+            if burst == batch_id:
+                burst = None
             continue
+        if burst != batch_id:
+            burst, burst_until = batch_id, time.monotonic() + _GATHER_S
+        left = outstanding.get(batch_id, 0) - 1
+        outstanding[batch_id] = left
+        if left <= 0 and burst == batch_id:
+            burst = None  # all of its answers are in: nothing more to wait for
         if isinstance(item, BaseException):
             raise item
         key, state, errno_name, elapsed = item
