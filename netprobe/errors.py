@@ -22,6 +22,7 @@ __all__ = [
     "PeerResetError",
     "ResolveError",
     "UsageError",
+    "from_an_interrupt",
 ]
 
 
@@ -102,3 +103,19 @@ class IncompleteFrame(FramingError):
 
 class MalformedFrame(FramingError):
     """Bytes that are not a valid frame for this codec (e.g. a bad netstring)."""
+
+
+def from_an_interrupt(exc: BaseException) -> bool:
+    """Whether `exc` is a Ctrl-C: a KeyboardInterrupt, or an error raised while Python was
+    handling one. A KeyboardInterrupt that lands inside threading's Condition.wait (a
+    Thread.start, a queue's get) between its lock's release and its try leaves that lock
+    released, and the `with` around the wait then fails with "RuntimeError: release unlocked
+    lock", the interrupt as its context: the run was interrupted, it did not fail."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a context chain is short; a cycle must not hang the exit
+        if seen is None:
+            return False
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__context__
+    return False

@@ -165,3 +165,46 @@ def test_a_ctrl_c_between_probes_sums_up_the_probes_made(
     summaries = [s for s in rest if isinstance(s, LatencySummary)]
     assert [(s.port, s.sent) for s in summaries] == [(server.port, 1), (closed_port, 1)]
     assert len(rest) == 2
+
+
+def _lock_error_from_a_ctrl_c() -> RuntimeError:
+    """What threading's Condition.wait gives when a Ctrl-C lands between its lock's release
+    and its try: the `with` around it fails to release, the interrupt as the context."""
+    try:
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise RuntimeError("release unlocked lock")
+    except RuntimeError as exc:
+        return exc
+
+
+def test_a_ctrl_c_that_threading_turned_into_an_error_is_still_a_ctrl_c(
+    server: ServerThread, closed_port: int
+) -> None:
+    events = run_latency(
+        _two_targets(server, closed_port), CheckConfig(timeout_s=LONG), count=5, interval_s=LONG
+    )
+    assert all(isinstance(next(events), Probe) for _ in range(2))
+    rest = [events.throw(_lock_error_from_a_ctrl_c())]
+    with pytest.raises(KeyboardInterrupt):
+        rest.extend(events)
+    summaries = [s for s in rest if isinstance(s, LatencySummary)]
+    assert [(s.port, s.sent) for s in summaries] == [(server.port, 1), (closed_port, 1)]
+    # Elsewhere the command line takes it for the interrupt it was: exit 130, not 70.
+    from netprobe.errors import from_an_interrupt
+
+    assert from_an_interrupt(_lock_error_from_a_ctrl_c())
+    assert not from_an_interrupt(RuntimeError("release unlocked lock"))
+
+
+def test_the_command_line_exits_130_for_a_ctrl_c_turned_into_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def interrupted(*_args: Any, **_kwargs: Any) -> Any:
+        raise _lock_error_from_a_ctrl_c()
+
+    monkeypatch.setattr(port_check_modes, "run_latency", interrupted)
+    result = invoke(["port-check", "127.0.0.1:1", "-c", "2", "--json"])
+    assert result.exit_code == 130, result.stderr
+    assert "internal error" not in result.stderr

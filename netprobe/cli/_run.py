@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn, TextIO, cast
 
-from netprobe.errors import NetprobeError
+from netprobe.errors import NetprobeError, from_an_interrupt
 from netprobe.exitcodes import ExitStatus, exit_status_for_error
 
 __all__ = [
@@ -416,6 +416,10 @@ def _run(args: list[str]) -> int:
     except Exception as exc:
         if debug:
             _traceback()
+        if from_an_interrupt(exc):  # a Ctrl-C that Python's own locking turned into this
+            sys.stderr.write("\n")
+            spare_a_stuck_stdout()
+            return ExitStatus.INTERRUPTED
         error_line(
             command, f"internal error: {type(exc).__name__}: {exc} (--debug shows the traceback)"
         )

@@ -36,7 +36,7 @@ from netprobe.engines.port_check import (
     plan_concurrency,
     resolve_again,
 )
-from netprobe.errors import UsageError
+from netprobe.errors import UsageError, from_an_interrupt
 from netprobe.results import ConnectState
 from netprobe.sockets import Resolved, WakePipe, format_hostport
 from netprobe.sockets import sleep as sockets_sleep
@@ -272,7 +272,9 @@ def run_latency(
         for summary in final:
             handed += 1
             yield summary
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not from_an_interrupt(exc):
+            raise
         stop.set()
         wake.close()
         if on_interrupt is not None:
@@ -284,7 +286,9 @@ def run_latency(
         else:
             rounds = max(made.values(), default=0)
             yield from _latency_summaries(hosts, keys, samples, made, last, proto, rounds, True)
-        raise
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        raise KeyboardInterrupt from exc  # as the caller handles a Ctrl-C
 
 
 def _latency_probes(
