@@ -333,6 +333,7 @@ def _latency_probes(
     # The batch whose answers are coming in, and until when the rest of them is waited for.
     burst: int | None = None
     burst_until = 0.0
+    held_since: float | None = None  # when a due batch was first held back for a burst
     while due or began or running:
         if not answers:
             now = time.monotonic()
@@ -342,9 +343,14 @@ def _latency_probes(
                     # Probes that end together (refusals, a timeout shared by many targets)
                     # start again as one batch. Their thread hands them over one at a time,
                     # and each wake-up lets this thread in before the next: wait for the
-                    # rest (until all of that batch's are in, _GATHER_S at most) first.
-                    wake.wait(answers.__len__, burst_until)
-                    continue
+                    # rest (until all of that batch's are in) first, _GATHER_S at most in
+                    # all, however many batches answer meanwhile.
+                    if held_since is None:
+                        held_since = now
+                    if now < held_since + _GATHER_S:
+                        wake.wait(answers.__len__, min(burst_until, held_since + _GATHER_S))
+                        continue
+                held_since = None
                 batch: list[int] = []
                 while due and due[0][0] <= now and len(batch) < room:
                     batch.append(heapq.heappop(due)[2])
