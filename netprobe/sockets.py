@@ -882,68 +882,44 @@ def _in_lookup_threads(
     if not jobs:
         return []
     try:
-        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:  # out of fds: here, then, as before (not interruptible)
+        pipe = WakePipe()
+    except LocalError:  # out of fds: here, then, as before (not interruptible)
         return [_outcome_of(job) for job in jobs]
     count = len(jobs)
     outcomes: list[Any] = [_UNFINISHED] * count
     taken = iter(range(count))
     lock = threading.Lock()
-    state = {"stopped": False, "done": 0, "alive": min(count, RESOLVE_THREADS)}
+    state = {"stopped": False, "done": 0}
 
     def work() -> None:
-        try:
-            while True:
-                with lock:
-                    index = None if state["stopped"] else next(taken, None)
-                if index is None:
-                    return
-                try:
-                    outcome: Any = jobs[index]()
-                except BaseException as exc:  # handed to the caller as a result
-                    outcome = exc
-                with lock:
-                    if not state["stopped"]:
-                        outcomes[index] = outcome
-                        state["done"] += 1
-                # Only a wake-up: the count is the one above. A full pipe (a byte already
-                # waits) or a caller gone (EPIPE) loses nothing.
-                with contextlib.suppress(OSError):
-                    os.write(write_end, b".")
-        finally:
-            # The last worker out owns the write end: closed by the caller while a worker
-            # still wrote, its number could name another file by then.
+        while True:
             with lock:
-                state["alive"] -= 1
-                last = state["alive"] == 0
-            if last:
-                os.close(write_end)
+                index = None if state["stopped"] else next(taken, None)
+            if index is None:
+                return
+            try:
+                outcome: Any = jobs[index]()
+            except BaseException as exc:  # handed to the caller as a result
+                outcome = exc
+            with lock:
+                if not state["stopped"]:
+                    outcomes[index] = outcome
+                    state["done"] += 1
+            pipe.wake()  # a no-op once the caller has closed it
 
-    planned = state["alive"]
     threads: list[threading.Thread] = []
     with contextlib.suppress(RuntimeError):  # "can't start new thread": fewer will do
-        while len(threads) < planned:
+        while len(threads) < min(count, RESOLVE_THREADS):
             thread = threading.Thread(target=work, name="netprobe-resolve", daemon=True)
             thread.start()
             threads.append(thread)
-    if len(threads) < planned:
-        with lock:
-            state["alive"] -= planned - len(threads)  # those never started never leave
-            none_left = state["alive"] == 0
-        if none_left:  # every started one has left already (or none started)
-            os.close(write_end)
-        if not threads:
-            os.close(read_end)
-            return [_outcome_of(job) for job in jobs]  # here, then: not interruptible
+    if not threads:
+        pipe.close()
+        return [_outcome_of(job) for job in jobs]  # here, then: not interruptible
     try:
-        while True:
-            with lock:
-                if state["done"] >= count:
-                    break
-            if wait_readable([read_end], deadline):
-                with contextlib.suppress(BlockingIOError):
-                    os.read(read_end, 4096)
-            elif deadline is not None and time.monotonic() >= deadline:
+        while state["done"] < count:
+            pipe.wait(lambda: state["done"] >= count, deadline)
+            if deadline is not None and time.monotonic() >= deadline:
                 break
     finally:
         with lock:
@@ -951,7 +927,7 @@ def _in_lookup_threads(
             # A job that ends from now on is not the caller's: its outcome is not taken.
             finished = list(outcomes)
             all_done = state["done"] >= count
-        os.close(read_end)
+        pipe.close()
     if all_done:
         for thread in threads:
             thread.join()  # each has no job left: it is on its way out
