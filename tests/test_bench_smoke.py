@@ -30,6 +30,7 @@ def test_every_job_of_the_report_is_here() -> None:
         "bench_send.sh",
         "bench_backlog.sh",
         "bench_reset.sh",
+        "bench_instructions.py",
     }
     assert set(BENCHES) == expected
 
@@ -55,6 +56,9 @@ def test_bench_smoke_mode_passes(name: str) -> None:
         assert "bulk MiB/s" in report
         assert "RSS KB per conn" in report
         assert "c-epoll" in report
+    if name == "bench_instructions.py" and b"valgrind not available" not in proc.stderr:
+        report = proc.stdout.decode(errors="replace")
+        assert report.count("instructions/message") == 2, report
 
 
 @pytest.mark.parametrize("loop", ["epoll", "uvloop"])

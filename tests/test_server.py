@@ -61,6 +61,13 @@ class Echo(Handler):
         conn.write(data)
 
 
+class FastEcho(Echo):
+    """Chunks echoed by the connection itself, as `netprobe echo` does (Handler.echo_limit)."""
+
+    __slots__ = ()
+    echo_limit = 1 << 20
+
+
 class UdpEcho(DatagramHandler):
     def on_datagram(self, data: bytes, addr: object, reply: Callable[[bytes], None]) -> None:
         reply(data)
@@ -438,9 +445,12 @@ def test_ping_pong_limit_reached_mid_exchange(busy_poll_s: float) -> None:
 
 
 @BUSY_POLL
-def test_ping_pong_byte_exact_with_a_second_client_arriving(busy_poll_s: float) -> None:
+@pytest.mark.parametrize("handler", [Echo, FastEcho], ids=["on-data", "echo-limit"])
+def test_ping_pong_byte_exact_with_a_second_client_arriving(
+    busy_poll_s: float, handler: type[Handler]
+) -> None:
     rng = random.Random(7)
-    with serving(ServerConfig(port=0, busy_poll_s=busy_poll_s)) as srv:
+    with serving(ServerConfig(port=0, busy_poll_s=busy_poll_s), handler) as srv:
         first = srv.connect()
         second: socket.socket | None = None
         sent = 0
@@ -465,6 +475,43 @@ def test_ping_pong_byte_exact_with_a_second_client_arriving(busy_poll_s: float) 
         by_id = {e.conn_id: e for e in closes}
         assert (by_id[1].reason, by_id[1].bytes_in, by_id[1].bytes_out) == ("eof", sent, sent)
         assert by_id[2].bytes_in == by_id[2].bytes_out == 6 * 4
+
+
+def test_busy_polling_follows_the_lone_client() -> None:
+    # Busy polling asks per message whether its client is alone; the server keeps that answer
+    # (Server._lone) as clients come and go, and an outbound connection counts too.
+    def lone() -> int | None:
+        conn = srv.server._lone
+        return None if conn is None else conn.conn_id
+
+    def settles(expected: int | None) -> None:
+        deadline = time.monotonic() + LONG
+        while lone() != expected and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert lone() == expected
+
+    with (
+        serving(ServerConfig(port=0, busy_poll_s=0.01), FastEcho) as srv,
+        socket.create_server(("127.0.0.1", 0)) as elsewhere,  # the kernel completes connects
+        contextlib.ExitStack() as clients,
+    ):
+        settles(None)
+        first = clients.enter_context(srv.connect())
+        settles(1)
+        second = clients.enter_context(srv.connect())
+        settles(None)
+        first.close()
+        settles(2)
+        outbound: list[Connection] = []
+        host, port = elsewhere.getsockname()
+        srv.server.loop.call_soon_threadsafe(
+            lambda: outbound.append(srv.server.open_connection(host, port, Echo()))
+        )
+        settles(None)
+        srv.server.loop.call_soon_threadsafe(lambda: outbound[0].abort())
+        settles(2)
+        second.close()
+        settles(None)
 
 
 def test_pause_accept_listens_but_never_accepts() -> None:
