@@ -846,7 +846,8 @@ class Connection(asyncio.Protocol):
             self._last_rx = _monotonic()
         size = len(data)
         if size <= self._echo_limit:
-            # The echo server's hot path: what on_data and write would do, without the calls.
+            # Raw echo, what on_data and write would do without the calls (the reads of a busy
+            # poll come here; the loop's take the same branch written out in data_received).
             self.bytes_in += size
             self.bytes_out += size
             try:

@@ -281,14 +281,20 @@ def running(spec: ServerSpec) -> Iterator[tuple[int, int]]:
         time.sleep(0.2 * SETTLE)  # let the probe connection's child (forking servers) go away
         yield port, proc.pid
     finally:
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen[bytes], wait_s: float = 5.0) -> None:
+    """SIGTERM to a server started in a session of its own (a forking one's children too),
+    then SIGKILL if it is still there after wait_s."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(wait_s)
+    except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,37 +330,43 @@ def measure_round(
     client: Path, port: int, pid: int, args: argparse.Namespace, fig: Figures
 ) -> None:
     host = "127.0.0.1"
-    cpu0 = tree_cpu(pid)
-    try:
-        count, seconds = run_client(client, "bulk", host, str(port), str(args.bulk))
-    except Stalled as exc:
-        fig.notes.append(f"bulk stalled: {exc}")
-    else:
-        cpu1 = tree_cpu(pid)
-        fig.bulk_mib_s.append(count / MIB / seconds)
-        fig.bulk_cpu_s_per_gib.append((cpu1 - cpu0) / (count / (1024 * MIB)))
-    cpu1 = tree_cpu(pid)
+    tests = args.tests
+    if "bulk" in tests:
+        cpu0 = tree_cpu(pid)
+        try:
+            count, seconds = run_client(client, "bulk", host, str(port), str(args.bulk))
+        except Stalled as exc:
+            fig.notes.append(f"bulk stalled: {exc}")
+        else:
+            cpu1 = tree_cpu(pid)
+            fig.bulk_mib_s.append(count / MIB / seconds)
+            fig.bulk_cpu_s_per_gib.append((cpu1 - cpu0) / (count / (1024 * MIB)))
 
-    count, seconds = run_client(client, "pingpong", host, str(port), "64", str(args.seconds))
-    cpu2 = tree_cpu(pid)
-    fig.pingpong_rt_s.append(count / seconds)
-    fig.pingpong_cpu_us.append((cpu2 - cpu1) / count * 1e6)
+    if "pingpong" in tests:
+        cpu1 = tree_cpu(pid)
+        count, seconds = run_client(client, "pingpong", host, str(port), "64", str(args.seconds))
+        cpu2 = tree_cpu(pid)
+        fig.pingpong_rt_s.append(count / seconds)
+        fig.pingpong_cpu_us.append((cpu2 - cpu1) / count * 1e6)
 
     multi = (client, "multi", host, str(port), str(args.conns), "64", str(args.seconds))
-    own0 = children_cpu()
-    count, seconds = run_client(*multi)
-    own1 = children_cpu()
-    cpu3 = tree_cpu(pid)
-    fig.multi_msgs_s.append(count / seconds)
-    fig.multi_cpu_us.append((cpu3 - cpu2) / count * 1e6)
-    fig.multi_client_cpu_us.append((own1 - own0) / count * 1e6)
+    if "multi" in tests:
+        cpu2 = tree_cpu(pid)
+        own0 = children_cpu()
+        count, seconds = run_client(*multi)
+        own1 = children_cpu()
+        cpu3 = tree_cpu(pid)
+        fig.multi_msgs_s.append(count / seconds)
+        fig.multi_cpu_us.append((cpu3 - cpu2) / count * 1e6)
+        fig.multi_client_cpu_us.append((own1 - own0) / count * 1e6)
 
     split = split_cpus()
-    if split is None:
+    if split is None or "pinned" not in tests:
         return
     # On a small machine the client and the server share the cores: the figure above is what
     # both together reach. With one core each, it is what the server does with one core.
     server_cpus, client_cpus = split
+    cpu3 = tree_cpu(pid)
     pin_tree(pid, server_cpus)
     try:
         own0 = children_cpu()
@@ -436,6 +448,10 @@ GOALS = (
     ("100-conn msgs/s", "multi_msgs_s", 2.5),
     ("100-conn msgs/s, 1 core each", "pinned_msgs_s", 2.5),
 )
+
+
+# What a round measures, in this order (--tests picks some); "idle" runs once, after the rounds.
+TESTS = ("bulk", "pingpong", "multi", "pinned", "idle")
 
 
 def fmt(value: float | None, digits: int = 0) -> str:
@@ -526,6 +542,18 @@ def report(results: dict[str, Figures], iperf: list[float], args: argparse.Names
             share = mine_bulk / iperf_med
             verdict = "met" if share >= 0.5 else "MISSED"
             print(f"  bulk: {share:.0%} of iperf3 one stream (goal 50%) {verdict}")
+    nets = results.get("netprobe")
+    if socat is not None and nets is not None:
+        # Each round measures the servers one after another within seconds: a ratio taken
+        # within a round is spared most of the drift of a shared host between rounds.
+        ours, theirs = nets.multi_msgs_s, socat.multi_msgs_s
+        if len(ours) > 1 and len(ours) == len(theirs):
+            per_round = [mine / peer for mine, peer in zip(ours, theirs, strict=True)]
+            print(
+                f"{args.conns}-conn msgs/s, netprobe/socat round by round: "
+                + ", ".join(f"{ratio:.2f}" for ratio in per_round)
+                + f" (median {statistics.median(per_round):.2f}x)"
+            )
     for other, title in (
         ("netprobe-asyncio", "event loop: netprobe on uvloop vs on asyncio's loop"),
         ("netprobe-no-poll", "busy poll: netprobe (50 us, the default) vs --busy-poll 0"),
@@ -587,9 +615,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="comma-separated (default: all; --smoke: " + SMOKE_SERVERS + ")",
     )
+    parser.add_argument(
+        "--tests",
+        default=",".join(TESTS),
+        help="comma-separated, from: " + ", ".join(TESTS) + " (default: all)",
+    )
     parser.add_argument("--install", action="store_true", help="apt-get install missing peers")
     parser.add_argument("--json", action="store_true", help="also print all figures as JSON")
     args = parser.parse_args(argv)
+    args.tests = {name.strip() for name in args.tests.split(",") if name.strip()}
+    if not args.tests or not args.tests <= set(TESTS):
+        parser.error(f"--tests: choose from {', '.join(TESTS)}")
     if args.servers is None:
         args.servers = SMOKE_SERVERS if args.smoke else ",".join(SERVERS)
     if args.smoke:
@@ -652,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
                 if value is not None:
                     iperf.append(value)
         for spec in specs:
-            if not spec.idle:
+            if not spec.idle or "idle" not in args.tests:
                 continue
             conns = args.peer_idle if spec.forks else args.idle
             print(f"idle: {spec.name} with {conns} connections", file=sys.stderr)

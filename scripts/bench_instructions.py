@@ -24,10 +24,8 @@ smoke run says so and exits 0, the full run exits 2.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -90,14 +88,7 @@ def instructions_per_message(
         )
         subprocess.run([*control, "-d", str(proc.pid)], check=True, capture_output=True)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+        bench_echo.stop_group(proc, 30.0)  # valgrind writes its last dump on the way out
     if count <= 0:
         raise bench_echo.BenchError(f"{name}: no message was echoed")
     dump = out / f"{name}.{proc.pid}.1"  # the first dump: the window between -z and -d

@@ -92,3 +92,17 @@ def test_minimal_reference_servers_echo(loop: str) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_bench_echo_tests_option_is_checked() -> None:
+    # --tests picks what a round measures (a focused run of the 100-connection test has room
+    # for more rounds); a name it does not know is refused before anything starts.
+    script = ROOT / "scripts" / "bench_echo.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--tests", "multi,bogus"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert b"--tests: choose from bulk, pingpong, multi, pinned, idle" in proc.stderr
