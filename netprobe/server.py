@@ -316,7 +316,9 @@ class Handler:
     drain_chunk: int = 0
     # A handler whose on_data does nothing but write back each chunk of at most this many
     # bytes unchanged (a raw echo) sets this: the connection then writes such chunks back
-    # itself, without calling on_data; longer ones still go to on_data. -1: not such a handler.
+    # itself, without calling on_data (with other clients connected, at the end of the loop
+    # turn, in order with anything else done to it); longer ones still go to on_data. -1: not
+    # such a handler.
     echo_limit: int = -1
 
     def on_open(self, conn: Connection) -> None:
@@ -498,6 +500,8 @@ class Connection(asyncio.Protocol):
     @property
     def write_buffer_size(self) -> int:
         """Bytes written but not yet handed to the kernel."""
+        if self._server._replies:
+            self._server._write_replies()
         if self.transport is None:
             return sum(len(chunk) for chunk in self._pending or ())
         return self.transport.get_write_buffer_size()
@@ -512,6 +516,8 @@ class Connection(asyncio.Protocol):
         """Queue bytes for the peer (never blocks; dropped once the connection is closing)."""
         if self._closing or self._done:
             return
+        if self._server._replies:
+            self._server._write_replies()  # echoed bytes queued before these go first
         self.bytes_out += len(data)
         transport = self.transport
         if transport is None:  # outbound, not connected yet
@@ -527,6 +533,8 @@ class Connection(asyncio.Protocol):
             self.reason = reason
         if self._closing or self._done:
             return
+        if self._server._replies:
+            self._server._write_replies()  # queued echoes are part of what the close flushes
         self._closing = True
         transport = self.transport
         if transport is None:
@@ -568,6 +576,8 @@ class Connection(asyncio.Protocol):
 
     def _linger_check(self) -> None:
         self._close_handle = None
+        if self._server._replies:
+            self._server._write_replies()
         transport = self.transport
         if self._done or transport is None:
             return
@@ -590,6 +600,8 @@ class Connection(asyncio.Protocol):
             self.reason = reason
         if self._done or self._aborted:
             return
+        if self._server._replies:
+            self._server._write_replies()  # then dropped with the rest, and counted so
         self._closing = True
         transport = self.transport
         if transport is None:
@@ -613,6 +625,8 @@ class Connection(asyncio.Protocol):
 
     def half_close(self) -> None:
         """Send FIN after the buffered bytes (shutdown SHUT_WR); reading continues."""
+        if self._server._replies:
+            self._server._write_replies()
         transport = self.transport
         if transport is None:
             self._eof_pending = True  # outbound still connecting: after the buffered bytes
@@ -712,13 +726,22 @@ class Connection(asyncio.Protocol):
             self.bytes_out += size
             if self._stamp_rx:
                 self._last_rx = _monotonic()
+            server = self._server
+            if server._lone is not self:
+                # Several clients: the replies of this loop turn go out together at its end
+                # (Server._write_replies), so a client waiting on many of them is woken once
+                # for the lot rather than once for each.
+                replies = server._replies
+                if not replies:
+                    server.loop.call_soon(server._write_replies)
+                replies.append((self, data))
+                return
             try:
                 self.transport.write(data)  # type: ignore[union-attr]  # set while not _done
             except Exception:
                 self._handler_failed()
                 return
-            if self._server._lone is self:
-                self._after_lone_read(size)
+            self._after_lone_read(size)
             return
         if self._closing:  # lingering: read and dropped (see _linger)
             self._last_rx = _monotonic()
@@ -787,6 +810,8 @@ class Connection(asyncio.Protocol):
 
     def _busy_poll(self) -> None:
         server = self._server
+        if server._replies:
+            server._write_replies()  # queued while another client was still connected
         window = server.config.busy_poll_s
         now = _perf_counter()
         quiet_until = now + window
@@ -922,6 +947,8 @@ class Connection(asyncio.Protocol):
             return
         self._done = True
         self._closing = True
+        if self._server._replies:
+            self._server._write_replies()  # the others' (its own were not sent: not counted)
         if self._linger_since and not self.outbound:
             self._server._lingering -= 1
         if self._idle_handle is not None:
@@ -946,6 +973,8 @@ class Connection(asyncio.Protocol):
 
     def _bytes_taken(self) -> int:
         """Bytes written that left our buffer and the kernel's unacknowledged queue."""
+        if self._server._replies:
+            self._server._write_replies()
         transport = self.transport
         if transport is None:
             return self.bytes_out
@@ -1267,6 +1296,10 @@ class Server:
         # The client while it is the only connection open (none outbound either), else None:
         # busy polling asks per message, so this is kept up to date rather than counted then.
         self._lone: Connection | None = None
+        # Raw echoes of this loop turn not yet written (see Connection.data_received). Anything
+        # else that writes to, closes or measures a connection writes them first, so the order
+        # of a connection's bytes is what it was.
+        self._replies: list[tuple[Connection, bytes]] = []
         self._setup_tasks: set[asyncio.Task[Any]] = set()
         self._next_id = 0
         self._worker = 0  # 0: the parent (or the only process); 1..N-1: forked workers
@@ -1790,6 +1823,21 @@ class Server:
             # between): close it here, or it would leak until garbage collection.
             sock.close()
             conn._finish(exc)
+
+    def _write_replies(self) -> None:
+        replies = self._replies
+        if not replies:
+            return
+        self._replies = []
+        for conn, data in replies:
+            if conn._closing or conn._done:
+                # Lost in this turn, or a write of it failed just now: never sent.
+                conn.bytes_out -= len(data)
+                continue
+            try:
+                conn.transport.write(data)  # type: ignore[union-attr]  # set while not _done
+            except Exception:
+                conn._handler_failed()
 
     def _update_lone(self) -> None:
         active = self._active

@@ -683,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {round_no + 1}/{args.rounds}: {spec.name}", file=sys.stderr)
                 with running(spec) as (port, pid):
                     measure_round(client, port, pid, args, results[spec.name])
-            if not args.smoke:
+            if not args.smoke and "bulk" in args.tests:
                 value = iperf3_mib_s(3.0)
                 if value is not None:
                     iperf.append(value)

@@ -514,6 +514,57 @@ def test_busy_polling_follows_the_lone_client() -> None:
         settles(None)
 
 
+def _in_loop(srv: Running, fn: Callable[[], None]) -> None:
+    """Run fn in the server's loop thread, as one callback, and wait for it."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            fn()
+        finally:
+            done.set()
+
+    srv.server.loop.call_soon_threadsafe(run)
+    assert done.wait(LONG)
+
+
+def _conn(srv: Running, conn_id: int) -> Connection:
+    return next(c for c in list(srv.server._active) if c.conn_id == conn_id)
+
+
+@pytest.mark.parametrize("then", ["write", "close"])
+def test_echoes_held_to_the_end_of_a_loop_turn_keep_their_place(then: str) -> None:
+    # With several clients a raw echo waits for the end of its loop turn (one wake-up of a
+    # client for all its replies). Whatever else that turn does to the connection (a write
+    # of its handler, a close) comes after it, as if the echo had gone out at once.
+    with serving(ServerConfig(port=0), FastEcho) as srv, contextlib.ExitStack() as clients:
+        first = clients.enter_context(srv.connect())
+        clients.enter_context(srv.connect())  # not alone: echoes wait for the turn's end
+        deadline = time.monotonic() + LONG
+        while time.monotonic() < deadline:  # both accepted, and their transports made
+            active = list(srv.server._active)
+            if len(active) == 2 and all(c.transport is not None for c in active):
+                break
+            time.sleep(0.005)
+        conn = _conn(srv, 1)
+
+        def turn() -> None:
+            conn.data_received(b"echoed")  # as the loop delivers a read
+            assert srv.server._replies, "the echo was not held: this test tests nothing"
+            if then == "write":
+                conn.write(b"+written")
+            else:
+                conn.close()
+
+        _in_loop(srv, turn)
+        expected = b"echoed+written" if then == "write" else b"echoed"
+        assert recv_exactly(first, len(expected)) == expected
+        if then == "close":
+            assert first.recv(10) == b""
+            close = srv.wait_events("close", 1)[0]
+            assert (close.conn_id, close.bytes_out) == (1, len(b"echoed"))
+
+
 def test_pause_accept_listens_but_never_accepts() -> None:
     with serving(ServerConfig(port=0, pause_accept=True, backlog=4)) as srv:
         with srv.connect() as client:  # the kernel completes the handshake into the queue
