@@ -720,8 +720,8 @@ class Connection(asyncio.Protocol):
         size = len(data)
         if size <= self._echo_limit and not (self._closing or self._pauses):
             # The echo server's hot path, once per message: _receive's first branch written
-            # out here, one Python call less (callgrind: ~400 of the ~4,900 instructions a
-            # message costs in user space; scripts/bench_echo_instructions.sh).
+            # out here, one Python call less (~400 instructions a message; callgrind,
+            # scripts/bench_instructions.py).
             self.bytes_in += size
             self.bytes_out += size
             if self._stamp_rx:
@@ -736,6 +736,8 @@ class Connection(asyncio.Protocol):
                     server.loop.call_soon(server._write_replies)
                 replies.append((self, data))
                 return
+            # Alone: none of its replies can be waiting (it became alone in _connection_done,
+            # after _finish wrote the queued ones), so this one may go at once.
             try:
                 self.transport.write(data)  # type: ignore[union-attr]  # set while not _done
             except Exception:
