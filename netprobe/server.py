@@ -98,6 +98,9 @@ _SHUTDOWN_GRACE_S = 0.5
 # it (then RST, and bytes_out loses what the client never got).
 _LINGER_QUIET_S = sockets.LINGER_QUIET_S
 _LINGER_CHECK_S = 0.05
+# uvloop counts timer deadlines in whole milliseconds: a timer may run up to 1 ms before the
+# delay has passed by time.monotonic().
+_TIMER_SLACK_S = 0.002
 
 _monotonic = time.monotonic
 _perf_counter = time.perf_counter
@@ -109,6 +112,13 @@ _BUSY_POLL_READ = 262144  # what uvloop reads per call
 # Request/response traffic comes in small reads; a stream fills the buffer. Polling pays off only
 # for the first: for a stream it takes CPU the sender needs, so a large read ends it.
 _BUSY_POLL_SMALL = 16384
+# With several clients, echoes of reads below this size wait for the end of the loop turn
+# (Connection.data_received). A larger read is written at once: a client that sends and never
+# reads fills the loop's read buffer, which the loop reads up to 32 times a turn, and each
+# write must be able to pause reading as the write buffer crosses its mark; it is the last
+# read of a turn that comes short. So at most one held echo per connection, below this size,
+# rides on top of the write buffer's mark.
+_BATCH_BELOW = 16384
 # Linux TCP's recv(MSG_TRUNC) drops bytes without copying them (tcp(7)): drain_chunk handlers.
 # The kernel never writes this buffer; it is there because recv_into wants one.
 _DRAIN_WORKS = sys.platform == "linux" and hasattr(socket, "MSG_TRUNC")
@@ -500,11 +510,10 @@ class Connection(asyncio.Protocol):
     @property
     def write_buffer_size(self) -> int:
         """Bytes written but not yet handed to the kernel."""
-        if self._server._replies:
-            self._server._write_replies()
+        held = sum(len(data) for conn, data in list(self._server._replies) if conn is self)
         if self.transport is None:
-            return sum(len(chunk) for chunk in self._pending or ())
-        return self.transport.get_write_buffer_size()
+            return held + sum(len(chunk) for chunk in self._pending or ())
+        return held + self.transport.get_write_buffer_size()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         """The transport's extra info ("peername", "sockname", "socket"); default if none."""
@@ -582,7 +591,8 @@ class Connection(asyncio.Protocol):
         if self._done or transport is None:
             return
         now = _monotonic()
-        if not transport.get_write_buffer_size() and now - self._last_rx >= _LINGER_QUIET_S:
+        quiet = now - self._last_rx + _TIMER_SLACK_S
+        if not transport.get_write_buffer_size() and quiet >= _LINGER_QUIET_S:
             sock = transport.get_extra_info("socket")
             if sock is None or not sockets.send_queue_bytes(sock):
                 # Every byte we sent was acknowledged: a late byte from the client can no
@@ -727,23 +737,28 @@ class Connection(asyncio.Protocol):
             if self._stamp_rx:
                 self._last_rx = _monotonic()
             server = self._server
-            if server._lone is not self:
-                # Several clients: the replies of this loop turn go out together at its end
-                # (Server._write_replies), so a client waiting on many of them is woken once
-                # for the lot rather than once for each.
-                replies = server._replies
-                if not replies:
-                    server.loop.call_soon(server._write_replies)
-                replies.append((self, data))
-                return
-            # Alone: none of its replies can be waiting (it became alone in _connection_done,
-            # after _finish wrote the queued ones), so this one may go at once.
+            lone = server._lone is self
+            if not lone:
+                if size < _BATCH_BELOW:
+                    # Several clients: the replies of this loop turn go out together at its
+                    # end (Server._write_replies), so a client waiting on many of them is
+                    # woken once for the lot rather than once for each.
+                    replies = server._replies
+                    if not replies:
+                        server.loop.call_soon(server._write_replies)
+                    replies.append((self, data))
+                    return
+                if server._replies:
+                    server._write_replies()  # this one's held echoes go first
+            # (Alone: none of its echoes can be held: it became alone in _connection_done,
+            # after _finish wrote them.)
             try:
                 self.transport.write(data)  # type: ignore[union-attr]  # set while not _done
             except Exception:
                 self._handler_failed()
                 return
-            self._after_lone_read(size)
+            if lone:
+                self._after_lone_read(size)
             return
         if self._closing:  # lingering: read and dropped (see _linger)
             self._last_rx = _monotonic()
