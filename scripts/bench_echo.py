@@ -116,16 +116,23 @@ def process_tree(pid: int) -> list[Any]:
 
 def tree_cpu(pid: int) -> float:
     """User+system CPU seconds of the server and its children (socat/ncat fork per client)."""
+    user, system = tree_cpu_split(pid)
+    return user + system
+
+
+def tree_cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of the server and its children."""
     import psutil
 
     time.sleep(0.1 * SETTLE)  # a forked child that just finished is reaped (and counted) by then
 
-    total = 0.0
+    user = system = 0.0
     for proc in process_tree(pid):
         with contextlib.suppress(psutil.NoSuchProcess):
             times = proc.cpu_times()
-            total += times.user + times.system + times.children_user + times.children_system
-    return total
+            user += times.user + times.children_user
+            system += times.system + times.children_system
+    return user, system
 
 
 def pin_tree(pid: int, cpus: set[int]) -> None:
@@ -311,6 +318,9 @@ class Figures:
     multi_msgs_s: list[float] = field(default_factory=list)
     multi_cpu_us: list[float] = field(default_factory=list)
     multi_client_cpu_us: list[float] = field(default_factory=list)
+    # Of the server's CPU time, the part spent in the kernel (system calls, TCP): what no
+    # user-space change can take away.
+    multi_kernel_share: list[float] = field(default_factory=list)
     # The same test with the server (all its processes) on one core, the client on another.
     pinned_msgs_s: list[float] = field(default_factory=list)
     pinned_cpu_us: list[float] = field(default_factory=list)
@@ -351,13 +361,15 @@ def measure_round(
 
     multi = (client, "multi", host, str(port), str(args.conns), "64", str(args.seconds))
     if "multi" in tests:
-        cpu2 = tree_cpu(pid)
+        user2, sys2 = tree_cpu_split(pid)
         own0 = children_cpu()
         count, seconds = run_client(*multi)
         own1 = children_cpu()
-        cpu3 = tree_cpu(pid)
+        user3, sys3 = tree_cpu_split(pid)
         fig.multi_msgs_s.append(count / seconds)
-        fig.multi_cpu_us.append((cpu3 - cpu2) / count * 1e6)
+        fig.multi_cpu_us.append((user3 + sys3 - user2 - sys2) / count * 1e6)
+        if user3 + sys3 > user2 + sys2:
+            fig.multi_kernel_share.append((sys3 - sys2) / (user3 + sys3 - user2 - sys2) * 100)
         fig.multi_client_cpu_us.append((own1 - own0) / count * 1e6)
 
     split = split_cpus()
@@ -483,6 +495,10 @@ def report(results: dict[str, Figures], iperf: list[float], args: argparse.Names
         (f"{args.conns}-conn msgs/s", [fmt(results[n].median("multi_msgs_s")) for n in names]),
         ("  server CPU us per msg", [fmt(results[n].median("multi_cpu_us"), 1) for n in names]),
         (
+            "  of which in the kernel %",
+            [fmt(results[n].median("multi_kernel_share")) for n in names],
+        ),
+        (
             "  client CPU us per msg",
             [fmt(results[n].median("multi_client_cpu_us"), 1) for n in names],
         ),
@@ -546,9 +562,9 @@ def report(results: dict[str, Figures], iperf: list[float], args: argparse.Names
     if socat is not None and nets is not None:
         # Each round measures the servers one after another within seconds: a ratio taken
         # within a round is spared most of the drift of a shared host between rounds.
-        ours, theirs = nets.multi_msgs_s, socat.multi_msgs_s
-        if len(ours) > 1 and len(ours) == len(theirs):
-            per_round = [mine / peer for mine, peer in zip(ours, theirs, strict=True)]
+        ours, peers = nets.multi_msgs_s, socat.multi_msgs_s
+        if len(ours) > 1 and len(ours) == len(peers):
+            per_round = [rate / peer for rate, peer in zip(ours, peers, strict=True)]
             print(
                 f"{args.conns}-conn msgs/s, netprobe/socat round by round: "
                 + ", ".join(f"{ratio:.2f}" for ratio in per_round)

@@ -89,6 +89,7 @@ def main() -> int:
                 del conns[fd]
                 conn.close()
                 continue
+            assert rest is not None  # set before any send
             if sent < len(rest):
                 # Keep a copy (buf is reused) and wait for room; no reading meanwhile.
                 pending[fd] = memoryview(bytes(rest[sent:]))

@@ -48,12 +48,13 @@ def main() -> int:
         selector.register(sock, selectors.EVENT_READ)
         listeners.append(sock)
     selector.register(sys.stdin, selectors.EVENT_READ)
+    stdin_fd = sys.stdin.fileno()
     print(json.dumps(sorted(s.getsockname()[1] for s in listeners)), flush=True)
     end = time.monotonic() + args.max_seconds
     try:
         while time.monotonic() < end:
             for key, _mask in selector.select(timeout=1.0):
-                if key.fileobj is sys.stdin:
+                if key.fd == stdin_fd:
                     if not sys.stdin.readline():
                         return 0
                     continue
