@@ -254,6 +254,19 @@ SERVERS = {
         idle=False,
         reference=True,
     ),
+    # Linux splice(2): bytes echoed inside the kernel, a thread per client (bulk; with 100
+    # clients it runs 100 threads, as socat runs 100 processes).
+    "splice-min": ServerSpec(
+        "splice-min",
+        lambda p: [
+            sys.executable,
+            str(ROOT / "scripts" / "bench_echo_minimal.py"),
+            str(p),
+            "splice",
+        ],
+        idle=False,
+        reference=True,
+    ),
     "uvloop-min": ServerSpec(
         "uvloop-min",
         lambda p: [

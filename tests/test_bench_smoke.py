@@ -6,6 +6,7 @@ and says so, and still checks netprobe's own correctness (bytes echoed, open set
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -61,11 +62,13 @@ def test_bench_smoke_mode_passes(name: str) -> None:
         assert report.count("instructions/message") == 2, report
 
 
-@pytest.mark.parametrize("loop", ["epoll", "uvloop"])
+@pytest.mark.parametrize("loop", ["epoll", "uvloop", "splice"])
 def test_minimal_reference_servers_echo(loop: str) -> None:
     # --smoke runs only the epoll one: each must still echo, or the full report is wrong.
     if loop == "uvloop":
         pytest.importorskip("uvloop")
+    if loop == "splice" and not hasattr(os, "splice"):
+        pytest.skip("splice(2) is Linux-only")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
