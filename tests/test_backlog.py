@@ -548,6 +548,33 @@ def test_paced_drops_below_the_sampled_peak_mean_a_missed_full_queue() -> None:
     assert "full at times the sampling did not catch" in detail
 
 
+@linux
+def test_drops_that_are_no_overflow_do_not_fail_the_prediction() -> None:
+    # sk_drops counts every packet the listener throws away. TCP_DEFER_ACCEPT drops each bare
+    # final ACK (the connection stays in SYN-RECV until data comes), as a lost final ACK
+    # leaves a client's FIN or RST to a request socket: the listener drops packets while its
+    # queue never fills, and TcpExt ListenDrops stays put. "Expect no overflow" held; it was
+    # judged from sk_drops alone and reported "did NOT hold: listener drops +20".
+    listener = socket.socket()
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 5)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(50)
+    try:
+        port = listener.getsockname()[1]
+        result = invoke(["backlog", f"127.0.0.1:{port}", "-n", "10", "-t", "2s", "--json"])
+    finally:
+        listener.close()
+    assert result.exit_code == 0, result.stderr
+    record = _summary(result.stdout)
+    server = record["server"]
+    assert server["listener_drops_delta"] >= 10, server
+    if server["listen_drops_delta"] is None:
+        pytest.skip("TcpExt counters are not readable here")
+    assert server["listen_drops_delta"] == 0, server
+    assert record["prediction"]["held"] is True, record["prediction"]
+    assert "none of them queue drops" in record["prediction"]["detail"]
+
+
 # --- reading the syncookie counters ---------------------------------------------------------
 
 

@@ -1541,6 +1541,22 @@ def _predict(
     return {"text": text, "kind": "depends", "capacity": qcap, "expect_established": None}
 
 
+def _queue_drops(server: dict[str, Any]) -> int | None:
+    """The listener's drops that its queues caused, as far as the counters tell.
+
+    sk_drops counts every packet the listener threw away, also a client's FIN or RST that
+    meets a request socket whose final ACK was lost (a SYN-RECV ghost): that is no overflow.
+    A full accept or SYN queue always counts TcpExt ListenDrops too (tcp_listendrop), so the
+    smaller of the two is what the queues dropped; ListenDrops alone is system-wide (another
+    listener's overflow would count), sk_drops alone is not only the queues.
+    """
+    drops: int | None = server.get("listener_drops_delta")
+    listen_drops: int | None = server.get("listen_drops_delta")
+    if drops is None or listen_drops is None:
+        return drops
+    return min(drops, listen_drops)
+
+
 def _judge(prediction: dict[str, Any], rec: dict[str, Any]) -> tuple[bool | None, str]:
     kind = prediction["kind"]
     server = rec.get("server") or {}
@@ -1564,6 +1580,13 @@ def _judge(prediction: dict[str, Any], rec: dict[str, Any]) -> tuple[bool | None
         drops = server.get("listener_drops_delta")
         if drops is None:
             return None, "the listener's drop counter is not readable"
+        queued = _queue_drops(server)
+        if drops and not queued:
+            return True, (
+                f"listener drops +{drops}, none of them queue drops (TcpExt ListenDrops "
+                f"+{server.get('listen_drops_delta')}): packets for handshakes that never "
+                "completed, not an overflow"
+            )
         return drops == 0, f"listener drops +{drops}"
     if kind == "paced":
         # "Up to cap": a peak below it holds too (the listener kept up).
@@ -1581,7 +1604,7 @@ def _judge(prediction: dict[str, Any], rec: dict[str, Any]) -> tuple[bool | None
                 f"accept queue peak {peak}: one over the {cap} the kernel's room test allows, "
                 "as when two handshakes complete at once on two CPUs"
             )
-        drops = server.get("listener_drops_delta")
+        drops = _queue_drops(server)
         if peak < cap and drops:
             # The listener drops when its accept queue is full (SOCKETS.md 1.3), or, with
             # syncookies off, its SYN queue: it filled and drained between two samples.
@@ -1595,10 +1618,10 @@ def _judge(prediction: dict[str, Any], rec: dict[str, Any]) -> tuple[bool | None
             )
         return True, f"accept queue peak {peak} (at most {cap} expected)"
     if kind == "depends":
-        drops = server.get("listener_drops_delta")
+        drops = _queue_drops(server)
         if drops is not None:
             how = "the server kept up" if drops == 0 else "the server fell behind"
-            return None, f"conditional prediction; listener drops +{drops}: {how}"
+            return None, f"conditional prediction; listener queue drops +{drops}: {how}"
     return None, "not checkable from this host's counters"
 
 
@@ -1681,7 +1704,7 @@ def _interpret(
             )
         elif peak is not None:
             seen = "it was never seen full"
-            if server["listener_drops_delta"]:
+            if _queue_drops(server):
                 seen += ", yet the listener dropped packets: it filled between samples"
             lines.append(
                 f"Accept queue peaked at {peak} of a possible {None if limit is None else limit + 1} "
@@ -1692,6 +1715,13 @@ def _interpret(
             lines.append(
                 f"The listener itself dropped {drops} packets (its sk_drops counter; packets, not clients)."
             )
+            if not _queue_drops(server):
+                lines.append(
+                    f"None of them were queue drops (TcpExt ListenDrops "
+                    f"+{server['listen_drops_delta']}): packets its request sockets threw "
+                    "away, such as a final ACK that TCP_DEFER_ACCEPT holds back or a client's "
+                    "FIN or RST for a handshake whose final ACK was lost."
+                )
         overflows = server["listen_overflows_delta"]
         if overflows:
             lines.append(
@@ -1704,9 +1734,10 @@ def _interpret(
         # figure shows.
         ended = rec["stopped_pending"]
         timed_out = rec["timed_out"] - ended
-        if (drops or overflows) and timed_out:
+        dropping = bool(_queue_drops(server) or overflows)
+        if dropping and timed_out:
             lines.append(f"{timed_out} clients timed out while SYNs were being dropped.")
-        if (drops or overflows) and ended:
+        if dropping and ended:
             by = (
                 "the interrupt"
                 if interrupted
