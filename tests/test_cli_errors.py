@@ -360,6 +360,30 @@ def test_a_number_of_any_length_is_bad_input(argv: list[str], needle: str) -> No
     assert "internal error" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("argv", "value"),
+    [
+        (["listeners", "-p", "\u0661\u0665"], "\u0661\u0665"),  # Arabic-Indic 15
+        (["backlog", "--lab", "-n", "\u0661"], "\u0661"),
+        (["backlog", "--lab", "-n", "2", "-c", "\u0661"], "\u0661"),
+        (["echo", "--port", "\uff17", "--duration", "1s"], "\uff17"),  # fullwidth 7
+        (["send", "127.0.0.1:1", "x", "--repeat", "\u00b2"], "\u00b2"),  # superscript 2
+        (["port-check", "127.0.0.1:1", "-c", "5_0"], "5_0"),
+        (["listeners", "-p", " 22"], " 22"),
+    ],
+)
+def test_whole_numbers_take_ascii_digits_only(argv: list[str], value: str) -> None:
+    # int() takes any script's digits, underscores and spaces, and every whole-number option
+    # converted with it: `backlog --lab -n \u0661` ran one connect.
+    line = bad_input_line(argv)
+    assert repr(value) in line, line
+    assert "is not a valid int" in line, line
+
+
+def test_whole_numbers_keep_their_sign_for_the_range_check() -> None:
+    assert "must be at least 1" in bad_input_line(["backlog", "--lab", "-n", "-5"])
+
+
 def test_targets_file_line_over_the_limit(tmp_path: os.PathLike[str]) -> None:
     path = os.path.join(tmp_path, "targets.txt")
     with open(path, "w", encoding="utf-8") as handle:

@@ -58,8 +58,25 @@ def _root(
     """
 
 
+def _ascii_int(value: Any) -> int:
+    # Typer's whole-number options convert with int(), which also takes other scripts' digits
+    # (Arabic-Indic U+0661), underscores ("5_000") and surrounding spaces; netprobe's numbers
+    # are ASCII digits, as its sizes, durations and ports are. ValueError is Click's "is not a
+    # valid int".
+    if isinstance(value, int):
+        return value
+    text = str(value)
+    digits = text[1:] if text[:1] in ("-", "+") else text
+    if not (digits.isascii() and digits.isdigit()):
+        raise ValueError(text)
+    return int(text)
+
+
 def build_app(command: str | None = None) -> typer.Typer:
     """The netprobe application with `command` only (None, or an unknown name: every command)."""
+    from typer._click.types import IntParamType
+
+    IntParamType._number_class = staticmethod(_ascii_int)  # type: ignore[assignment]  # see _ascii_int
     app = typer.Typer(
         name="netprobe",
         help="Test and diagnose TCP, UDP and Unix-socket networking.",
