@@ -1828,6 +1828,17 @@ class CountingGate:
 # 256 KiB per read/send: big enough that Python's per-call cost vanishes next to the copy
 # (1 GiB is ~4k iterations), small enough that memory stays flat whatever the input size.
 PUMP_CHUNK = 256 * 1024
+
+
+class _SendfileUnsupported(Exception):
+    """sendfile(2) refused the input file itself (no splice support): read it instead."""
+
+
+# What sendfile(2) answers for an input file it cannot read from (most of /proc: EINVAL).
+_SENDFILE_UNSUPPORTED = frozenset(
+    getattr(errno, name) for name in ("EINVAL", "ENOSYS", "EOPNOTSUPP") if hasattr(errno, name)
+)
+
 # sendfile(2) copies inside the kernel, so one call may move as much as the socket buffer takes.
 SENDFILE_CHUNK = 16 * 1024 * 1024
 
@@ -1973,14 +1984,28 @@ def pump_duplex(
             end("reset", exc)
             return "reset"
         except OSError as exc:
+            if (
+                exc.errno in _SENDFILE_UNSUPPORTED
+                and sendfile_fd is not None
+                and not result.bytes_sent
+                and read_input is not None
+            ):
+                raise _SendfileUnsupported from exc
             end("error", exc)
             return "error"
 
     def try_sendfile() -> str | None:
-        nonlocal input_open, last_activity
+        nonlocal input_open, last_activity, sendfile_fd
         assert sendfile_fd is not None
+        fd = sendfile_fd
         with gate:
-            n = attempt(lambda: os.sendfile(sfd, sendfile_fd, None, SENDFILE_CHUNK))
+            try:
+                n = attempt(lambda: os.sendfile(sfd, fd, None, SENDFILE_CHUNK))
+            except _SendfileUnsupported:
+                # A regular file of a file system without splice support (most of /proc) is
+                # read and sent as any input instead: nothing was taken from it yet.
+                sendfile_fd = None
+                return None
             if not isinstance(n, int):
                 return n
             if n == 0:

@@ -132,6 +132,30 @@ def test_file_and_stdin(start: Callable[..., ServerThread], tmp_path: Path) -> N
     assert res.stdout == payload
 
 
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="needs Linux /proc")
+def test_a_file_sendfile_cannot_send_is_read_instead(
+    start: Callable[..., ServerThread], tmp_path: Path
+) -> None:
+    # Most /proc files are regular files that sendfile(2) refuses (EINVAL): send exited 6
+    # having sent nothing, where nc sends them (`--file /proc/net/tcp`, `< /proc/self/status`).
+    srv = start(echo_handler)
+    expected = Path("/proc/self/cmdline").read_bytes()  # this process's, as invoke runs here
+    assert expected
+    res = invoke(["send", addr(srv), "--file", "/proc/self/cmdline"])
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout == expected
+    with open("/proc/self/cmdline", "rb") as stdin:  # opened here: this process's, too
+        proc = subprocess.run(
+            [sys.executable, "-m", "netprobe", "send", addr(srv)],
+            stdin=stdin,
+            capture_output=True,
+            timeout=LONG,
+            check=False,
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == expected
+
+
 def test_crlf_converts_bare_lf_only(start: Callable[..., ServerThread]) -> None:
     srv = start(echo_handler)
     res = invoke(["send", addr(srv), "--crlf"], stdin=b"a\nb\r\nc\n\nd")

@@ -1199,7 +1199,8 @@ def _exchange_checked(
     try:
         pump_duplex(
             sock,
-            read_input=None if zero_copy else read_input,
+            # Also with sendfile: a file it cannot send (most of /proc) is read instead.
+            read_input=read_input,
             sendfile_fd=src.fd if zero_copy else None,
             input_fd=src.fd if src.pollable else None,
             on_received=on_received,
