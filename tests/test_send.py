@@ -886,6 +886,11 @@ def test_transcript(start: Callable[..., ServerThread], tmp_path: Path) -> None:
         (["127.0.0.1:9", "x", "--framing", "len7"], "len7"),
         (["127.0.0.1:9", "x", "--expect-frames", "2"], "needs --framing"),
         (["127.0.0.1:9", "x", "--expect-datagrams", "2"], "needs --udp"),
+        # Before: the read ended inside a frame, the frames with it were dropped, exit 0.
+        (["127.0.0.1:9", "x", "--framing", "len32", "--expect-bytes", "6"], "--expect-frames N"),
+        (["127.0.0.1:9", "x", "--framing", "line", "--until", "l"], "--until ends the read"),
+        (["127.0.0.1:9", "x", "--framing", "netstring", "--until-regex", "l"], "--until-regex"),
+        (["127.0.0.1:9", "--udp", "x", "--framing", "len8", "--until", "b"], "--framing len8"),
         (["127.0.0.1", "x"], "one port"),
         (["127.0.0.1:9", "x", "--idle-timeout", "soon"], "not a duration"),
         (["127.0.0.1:9", "x", "--file", "/etc/hostname"], "not both"),

@@ -395,6 +395,22 @@ def send(
         from netprobe.framing import parse_framing
 
         framing = parse_framing(framing_spec)
+        byte_ends = [
+            flag
+            for flag, given in (
+                ("--expect-bytes", expect_bytes is not None),
+                ("--until", until is not None),
+                ("--until-regex", until_regex is not None),
+            )
+            if given
+        ]
+        if byte_ends and framing.name != "raw":
+            # A byte count or a delimiter over the raw stream would end the read inside a
+            # frame: the frames before it were dropped with it, and the run still said met.
+            raise UsageError(
+                f"{byte_ends[0]} ends the read on raw bytes, which --framing {framing_spec} decodes "
+                "into frames: end it with --expect-frames N instead"
+            )
     if timeout is not None and timeout <= 0:
         raise UsageError(f"--timeout {timeout:g}: the overall limit must be above 0")
     parsed = parse_target(target)
