@@ -576,6 +576,81 @@ def test_latency_open_only_and_ctrl_c(server: ServerThread, closed_port: int) ->
     assert summaries[0]["received"] == summaries[0]["sent"]
 
 
+_SPLIT_SCAN = """
+import sys
+import typer
+from netprobe.cli._run import sigterm_exits_143
+from netprobe.cli.port_check import _checks
+from netprobe.engines.port_check import CheckConfig, Expect, build_hosts, parse_targets
+from netprobe.render import OutputFormat
+
+ports = tuple(int(p) for p in sys.argv[1].split(","))
+hosts = build_hosts(parse_targets(["127.0.0.1"]), ports=ports, family=0, expect=Expect.OPEN)
+# Two processes as a large scan on an idle host gets them; paced, so it runs for seconds.
+config = CheckConfig(timeout_s=2.0, workers=2, rate=1000.0)
+try:
+    with sigterm_exits_143():
+        _checks(hosts, config, OutputFormat.JSON, True, False, None, len(ports))
+except KeyboardInterrupt:
+    sys.exit(130)
+except typer.Exit as exc:  # SIGTERM
+    sys.exit(exc.exit_code)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="split scans fork")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_split_scan_still_shows_what_its_worker_found(signum: int) -> None:
+    # An open-only scan split over two processes: the worker sent its results only at its
+    # end, so an interrupt lost them. Its open ports, found in the first milliseconds, never
+    # showed, and the counts covered half the ports checked.
+    listeners = []
+    try:
+        for _ in range(6):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(8)
+            listeners.append(sock)
+        open_ports = [sock.getsockname()[1] for sock in listeners]
+        fillers = [p for p in range(20000, 40000) if p not in open_ports]
+        # Listed first: keys alternate between the two processes, three open ports each.
+        ports = ",".join(str(p) for p in open_ports + fillers)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SPLIT_SCAN, ports],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        try:
+            assert proc.stdout is not None
+            first = json.loads(proc.stdout.readline())  # one of this process's three
+            assert first["state"] == "open", first
+            time.sleep(1.0)  # the worker finds its three as early, in its first ms
+            proc.send_signal(signum)
+            # Not communicate(): it reads the pipe itself and would miss the rows readline()
+            # took into the reader's buffer with the first one.
+            out = proc.stdout.read()
+            assert proc.stderr is not None
+            err = proc.stderr.read()
+            proc.wait(LONG)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for pipe in (proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
+    finally:
+        for sock in listeners:
+            sock.close()
+    assert proc.returncode == (130 if signum == signal.SIGINT else 143), err
+    rows = [first, *(json.loads(line) for line in out.decode().splitlines())]
+    assert sorted(row["port"] for row in rows) == sorted(open_ports), (rows, err)
+    summary = re.search(rb"interrupted: (\d+) ports: 6 open, (\d+) closed", err)
+    assert summary is not None, err
+    assert int(summary[1]) == 6 + int(summary[2])
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_two_signals_ms_apart_still_leave_the_latency_summaries(
     server: ServerThread, signum: int, code: int

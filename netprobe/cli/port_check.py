@@ -413,20 +413,31 @@ def _checks(
                 always=True,
             )
 
+    def show(result: Any) -> None:
+        nonlocal hidden
+        record = _record(result, "port-check", keys)
+        if table and result.state is PortState.CLOSED:
+            if hidden:
+                hidden += 1
+            else:
+                closed_rows.append(record)
+                if len(closed_rows) > _TABLE_CLOSED_MAX:
+                    hidden = len(closed_rows)
+                    closed_rows.clear()
+            return
+        renderer.emit(record)
+
+    results = run_checks(hosts, config, tally=tally, open_only=skip_rows)
     try:
-        for result in run_checks(hosts, config, tally=tally, open_only=skip_rows):
-            record = _record(result, "port-check", keys)
-            if table and result.state is PortState.CLOSED:
-                if hidden:
-                    hidden += 1
-                else:
-                    closed_rows.append(record)
-                    if len(closed_rows) > _TABLE_CLOSED_MAX:
-                        hidden = len(closed_rows)
-                        closed_rows.clear()
-                continue
-            renderer.emit(record)
+        for result in results:
+            show(result)
     except KeyboardInterrupt:
+        # Interrupted here rather than in the engine: it still hands over what a split scan's
+        # workers checked before they stopped (their rows, and their counts into the tally).
+        with contextlib.suppress(KeyboardInterrupt, StopIteration):
+            show(results.throw(KeyboardInterrupt()))
+            for result in results:
+                show(result)
         finish()  # a table shows what was checked before Ctrl-C
         if not quiet:
             log(f"port-check: interrupted: {tally.summary()}", always=True)

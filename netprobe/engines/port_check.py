@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, TextIO
@@ -40,6 +40,7 @@ from netprobe.sockets import (
     resolve_each,
     service_name,
     udp_probe_many,
+    wait_readable,
 )
 from netprobe.sockets import sleep as sockets_sleep
 
@@ -796,7 +797,7 @@ def run_checks(
     *,
     tally: Tally | None = None,
     open_only: bool = False,
-) -> Iterator[PortCheckResult]:
+) -> Generator[PortCheckResult, None, None]:
     """Check every port of every host once (plus retries of timeouts); yield as they end.
 
     Results stream in completion order; attempts that time out are retried `config.retries`
@@ -937,8 +938,23 @@ def _split_checks(
     loop the rest, so each forked worker runs its share with its own tally and sends back only
     what open-only output needs: the open results and its counts (a pickle over a pipe, once
     at the end). A worker that fails has its share checked again here: nothing is dropped.
+    Interrupted (Ctrl-C, or SIGTERM as KeyboardInterrupt), the workers are stopped too and
+    what they checked so far is yielded and counted before the interrupt goes on.
     """
     children: list[tuple[int, int, int]] = []  # (worker, pid, read end of its pipe)
+    received: dict[int, bytearray] = {}  # per pipe: what was read of its report so far
+    done: set[int] = set()  # pipes whose report was taken
+
+    def merge(report: tuple[list[PortCheckResult], Tally, dict[str, int]]) -> list[PortCheckResult]:
+        results, counts, extra = report
+        tally.merge(counts)
+        if stats is not None:
+            for name, value in extra.items():
+                if name != "workers":
+                    stats.extra[name] = stats.extra.get(name, 0) + value
+            stats.extra["workers"] = workers
+        return results
+
     try:
         for worker in range(1, workers):
             read_fd, write_fd = os.pipe()
@@ -950,22 +966,33 @@ def _split_checks(
                 _child_checks(hosts, config, _Stride(keys, worker, workers), write_fd)
             os.close(write_fd)
             children.append((worker, pid, read_fd))
-        yield from _one_pass(hosts, config, _Stride(keys, 0, workers), stats, tally, True)
-        for worker, _pid, fd in children:
-            report = _read_report(fd)
-            if report is None:
-                yield from _one_pass(
-                    hosts, config, _Stride(keys, worker, workers), stats, tally, True
-                )
-                continue
-            results, counts, extra = report
-            tally.merge(counts)
-            if stats is not None:
-                for name, value in extra.items():
-                    if name != "workers":
-                        stats.extra[name] = stats.extra.get(name, 0) + value
-                stats.extra["workers"] = workers
-            yield from results
+            received[read_fd] = bytearray()
+        try:
+            yield from _one_pass(hosts, config, _Stride(keys, 0, workers), stats, tally, True)
+            for worker, _pid, fd in children:
+                report = _read_report(fd, received[fd])
+                done.add(fd)
+                if report is None:
+                    yield from _one_pass(
+                        hosts, config, _Stride(keys, worker, workers), stats, tally, True
+                    )
+                    continue
+                yield from merge(report)
+        except KeyboardInterrupt:
+            # The interrupted run still reports every port checked so far: the workers' open
+            # ones too, found maybe long ago (the table's rows and the counts would leave them
+            # out). A worker stops on SIGUSR1 and sends what it has.
+            late = [(pid, fd) for _worker, pid, fd in children if fd not in done]
+            for pid, _fd in late:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGUSR1)
+            give_up = time.monotonic() + _WORKER_REPORT_S
+            for _pid, fd in late:
+                report = _read_report(fd, received[fd], give_up)
+                done.add(fd)
+                if report is not None:
+                    yield from merge(report)
+            raise
     finally:
         for _worker, pid, fd in children:
             with contextlib.suppress(OSError):
@@ -976,20 +1003,35 @@ def _split_checks(
                 os.waitpid(pid, 0)
 
 
-def _read_report(fd: int) -> tuple[list[PortCheckResult], Tally, dict[str, int]] | None:
+# How long an interrupted split scan waits for its workers' reports (a worker stops within a
+# connect timeout's poll; a stuck one is killed and its share is left out of the counts).
+_WORKER_REPORT_S = 1.0
+
+
+def _read_report(
+    fd: int, received: bytearray, give_up: float | None = None
+) -> tuple[list[PortCheckResult], Tally, dict[str, int]] | None:
+    """A worker's report from its pipe, read to EOF into `received` (kept by the caller, so a
+    read that an interrupt cut short goes on where it was); None: none came whole (or none
+    before `give_up`, a monotonic time)."""
     import pickle  # only split scans need it; kept off the start-up path
 
-    chunks = []
     while True:
+        if give_up is not None and not wait_readable([fd], give_up):
+            return None
         chunk = os.read(fd, 1 << 16)
         if not chunk:
             break
-        chunks.append(chunk)
+        received += chunk
     try:
-        report = pickle.loads(b"".join(chunks))
+        report = pickle.loads(bytes(received))
     except Exception:  # a worker that died mid-write leaves a truncated pickle
         return None
     return report if isinstance(report, tuple) and len(report) == 3 else None
+
+
+def _stop_worker(_signum: int, _frame: Any) -> None:  # pragma: no cover - in a forked worker
+    raise KeyboardInterrupt
 
 
 def _child_checks(
@@ -999,11 +1041,22 @@ def _child_checks(
 
     code = 1
     try:
-        # The parent owns Ctrl-C: it stops the run and kills its workers.
+        # The parent owns Ctrl-C: it stops the run, and then this worker with SIGUSR1, whose
+        # report of what it checked until then the parent still shows and counts.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         stats = ConnectorStats()
         tally = Tally()
-        results = list(_one_pass(hosts, config, keys, stats, tally, True))
+        results: list[PortCheckResult] = []
+        signal.signal(signal.SIGUSR1, _stop_worker)
+        signal.signal(signal.SIGTERM, _stop_worker)
+        try:
+            # Kept one by one (not list()): an interrupt keeps what came before it.
+            for result in _one_pass(hosts, config, keys, stats, tally, True):
+                results.append(result)  # noqa: PERF402
+        except KeyboardInterrupt:
+            pass
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         payload = memoryview(pickle.dumps((results, tally, stats.extra)))
         while payload:
             payload = payload[os.write(write_fd, payload) :]
