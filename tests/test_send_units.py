@@ -28,6 +28,7 @@ from netprobe.engines.send import (
     _RegexProfile,
     percentile,
 )
+from netprobe.errors import UsageError
 from tests.strategies import chunkings
 
 small = st.binary(max_size=200)
@@ -168,13 +169,34 @@ def test_crlf_keeps_crlf_split_between_chunks() -> None:
     assert b"".join(converter.feed(p) for p in pieces) == b"a\r\n\r\nb"
 
 
-@given(small, st.lists(st.integers(0, 300), max_size=20))
+@given(st.one_of(dense, small), st.lists(st.integers(0, 300), max_size=20))
 def test_line_splitter(data: bytes, cuts: list[int]) -> None:
     splitter = LineSplitter(1000)
     pieces = chunked(data, cuts)
     lines: list[bytes] = []
     for index, piece in enumerate(pieces):
         lines += splitter.feed(piece, index == len(pieces) - 1)
+    expected = data.split(b"\n")
+    if expected[-1] == b"":
+        expected.pop()
+    assert lines == expected
+
+
+@given(st.one_of(dense, small), st.lists(st.integers(0, 90), max_size=8), st.integers(0, 8))
+def test_line_splitter_refuses_a_long_line_wherever_it_is_cut(
+    data: bytes, cuts: list[int], max_line: int
+) -> None:
+    splitter = LineSplitter(max_line)
+    pieces = chunked(data, cuts)
+    too_long = any(len(line) > max_line for line in data.split(b"\n"))
+    lines: list[bytes] = []
+    try:
+        for index, piece in enumerate(pieces):
+            lines += splitter.feed(piece, index == len(pieces) - 1)
+    except UsageError:
+        assert too_long
+        return
+    assert not too_long
     expected = data.split(b"\n")
     if expected[-1] == b"":
         expected.pop()

@@ -221,18 +221,22 @@ class LineSplitter:
         self._max_line = max_line
 
     def feed(self, chunk: bytes, eof: bool) -> list[bytes]:
-        self._buffer += chunk
-        lines = self._buffer.split(b"\n")
+        # Only the new chunk is split: splitting the whole buffer each time made a long line
+        # cost its length once per chunk (a 24 MB line took 11 s in 64 KiB chunks).
+        lines = chunk.split(b"\n")
         rest = lines.pop()
-        # Complete lines too: a long line that arrived within one chunk is just as long.
-        if len(rest) > self._max_line or any(len(line) > self._max_line for line in lines):
-            raise UsageError(f"an input line is longer than {self._max_line} bytes")
-        self._buffer = bytearray(rest)
-        out = [bytes(line) for line in lines]
-        if eof and rest:
-            out.append(bytes(rest))
+        if lines and self._buffer:
+            self._buffer += lines[0]
+            lines[0] = bytes(self._buffer)
             self._buffer = bytearray()
-        return out
+        self._buffer += rest
+        # Complete lines too: a long line that arrived within one chunk is just as long.
+        if len(self._buffer) > self._max_line or any(len(line) > self._max_line for line in lines):
+            raise UsageError(f"an input line is longer than {self._max_line} bytes")
+        if eof and self._buffer:
+            lines.append(bytes(self._buffer))
+            self._buffer = bytearray()
+        return lines
 
 
 def _encode_frame(spec: FramingSpec, payload: bytes, max_frame: int) -> bytes:
