@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import ipaddress
 import math
 import os
@@ -449,14 +450,20 @@ def _proc_address(text: str) -> tuple[int, str, int]:
     return 6, _ipv6_text(packed), int(hex_port, 16)
 
 
+# Out of file descriptors: a table that could not be opened is not an empty one.
+_OUT_OF_FDS = frozenset((errno.EMFILE, errno.ENFILE))
+
+
 def _proc_rows(path: str) -> list[list[str]]:
     """The rows of a /proc/net/{tcp,udp}* table, split; a row that does not parse (columns
     missing, an address that is not hex) is left out rather than failing the whole table."""
     try:
         with open(path, encoding="ascii", errors="replace") as handle:
             lines = handle.read().splitlines()[1:]
-    except OSError:
-        return []
+    except OSError as exc:
+        if exc.errno in _OUT_OF_FDS:
+            raise  # the table exists; "no rows" would be a false answer
+        return []  # no such table here (no IPv6, no /proc)
     rows = []
     for line in lines:
         cols = line.split()
@@ -501,8 +508,9 @@ def tcp_listeners(port: int | None = None) -> list[ListenerQueue]:
     if hasattr(socket, "AF_NETLINK"):
         try:
             return _listeners_via_diag(port)
-        except OSError:
-            pass
+        except OSError as exc:
+            if exc.errno in _OUT_OF_FDS:
+                raise  # /proc needs a descriptor too: an empty list would be a false answer
     return _listeners_via_proc(port)
 
 

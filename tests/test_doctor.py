@@ -639,3 +639,35 @@ def test_a_ctrl_c_during_the_backlog_lab_stops_doctor_with_signals_still_working
     finally:
         press.join(5.0)
     assert {sig: signal.getsignal(sig) for sig in stop_signals} == before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts /proc/self/fd")
+def test_too_few_fds_fail_rlimit_nofile_once_and_skip_the_self_tests() -> None:
+    # At `ulimit -n 20` reset-proxy failed as "ended by eof (None) ... expected ECONNRESET",
+    # at 12 nine self-tests failed (listeners: "our listener is missing"), and asyncio's
+    # half-made event loops printed tracebacks: every one of them was EMFILE.
+    import resource
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (14, 14))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "netprobe", "doctor", "--json"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+        preexec_fn=low_limit,
+    )
+    rows, summary = _rows(proc.stdout)
+    by_name = {r["check"]: r for r in rows}
+    nofile = by_name["rlimit-nofile"]
+    assert nofile["verdict"] == "fail", nofile
+    assert "the self-tests need about" in nofile["hint"], nofile
+    skipped = {r["check"] for r in rows if r["verdict"] == "skip"}
+    assert skipped == SELF_TESTS - {"framing"}, rows
+    for name in skipped:
+        assert "(see rlimit-nofile)" in by_name[name]["hint"], by_name[name]
+    assert [r["check"] for r in rows if r["verdict"] == "fail"] == ["rlimit-nofile"]
+    assert (summary["fail"], proc.returncode) == (1, 1)
+    assert b"Traceback" not in proc.stderr, proc.stderr
+    assert b"Exception" not in proc.stderr, proc.stderr

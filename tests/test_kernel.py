@@ -592,3 +592,38 @@ def test_in_initial_user_namespace_matches_unshare() -> None:
         check=True,
     )
     assert out.stdout.strip() == "False"
+
+
+_LISTENERS_OUT_OF_FDS = """
+import errno, os
+from netprobe import kernel
+held = []
+try:
+    while True:  # every descriptor this process may have, in use
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError as exc:
+    assert exc.errno == errno.EMFILE
+try:
+    rows = kernel.tcp_listeners()
+except OSError as exc:
+    print(errno.errorcode[exc.errno])
+else:
+    print("rows", len(rows))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
+def test_listeners_out_of_fds_is_an_error_not_an_empty_list() -> None:
+    # Neither the inet_diag socket nor /proc/net/tcp could be opened: the empty list that
+    # came back said "nothing listens" (doctor: "not listed our listener ... is missing").
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        proc = subprocess.run(
+            [sys.executable, "-c", _LISTENERS_OUT_OF_FDS],
+            capture_output=True,
+            timeout=LONG,
+            check=False,
+        )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().split() == ["EMFILE"]

@@ -176,3 +176,37 @@ def test_hidden_owner_in_a_user_namespace_is_explained_as_such() -> None:
     assert result.returncode == 0, result.stderr
     assert "1 of 1 rows lack process data" in result.stderr
     assert "in a user namespace" in result.stderr
+
+
+_OUT_OF_FDS = """
+import os
+import psutil  # noqa: F401  (imported before the descriptors run out, as the command's own)
+import netprobe.cli.listeners, netprobe.engines.listeners, netprobe.render  # noqa: F401,E401
+from netprobe.cli import build_app, main
+build_app("listeners")
+held = []
+try:
+    while True:  # every descriptor this process may have, in use
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+code = main(["listeners"])
+for fd in held:
+    os.close(fd)
+print("exit", code)
+"""
+
+
+def test_out_of_fds_is_a_local_error_not_an_empty_list() -> None:
+    # The kernel's tables could not be opened: listeners printed an empty list (nothing
+    # listens), and doctor's self-test said our own listener was missing.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        proc = subprocess.run(
+            [sys.executable, "-c", _OUT_OF_FDS], capture_output=True, timeout=LONG, check=False
+        )
+    assert proc.stdout.decode().split() == ["exit", "6"], proc.stderr
+    assert proc.stderr.decode() == (
+        "netprobe: listeners: local error: EMFILE: Too many open files (see ulimit -n)\n"
+    )

@@ -388,6 +388,14 @@ def _run(args: list[str]) -> int:
     except BrokenPipeError:
         return _output_closed()
     except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            # Out of descriptors where a command had no reply of its own for it (listeners
+            # reading the kernel's tables): this host's limit, exit 6, not a bug.
+            if debug:
+                _traceback()
+            name = errno.errorcode[exc.errno]
+            error_line(command, f"local error: {name}: {exc.strerror} (see ulimit -n)")
+            return ExitStatus.LOCAL
         if exc.errno not in _LOCAL_IO_ERRNOS:
             if debug:
                 _traceback()

@@ -94,9 +94,24 @@ def run_doctor(
     """
     # Once ipv4-loopback failed: (figure, why) for the checks that need 127.0.0.1.
     no_loopback: tuple[str, str] | None = None
+    short_of_fds: tuple[str, str] | None = None  # (figure, hint) when the self-tests cannot run
+    fds_looked_at = False
     for check in _CHECKS if checks is None else checks:
         if quick and not check.quick:
             continue
+        if check.group == "selftest" and check.name != "framing":
+            if not fds_looked_at:
+                short_of_fds, fds_looked_at = _short_of_fds(), True
+            if short_of_fds is not None:
+                # Each would fail on EMFILE, but where is chance: a reset proxy that could
+                # not reach its upstream reads as a bug of its own. One cause, said once.
+                figure = short_of_fds[0]
+                hint = (
+                    f"not run: the self-tests need about {_SELFTEST_FDS} free file "
+                    "descriptors (see rlimit-nofile)"
+                )
+                yield CheckResult(check.group, check.name, Verdict.SKIP, figure, hint, 0.0)
+                continue
         if no_loopback is not None and check.needs_loopback:
             # Every exchange would fail the same way (ENETUNREACH, EADDRNOTAVAIL): one cause,
             # said once.
@@ -119,6 +134,38 @@ def run_doctor(
                 if lo_down is not None
                 else ("no 127.0.0.1", "which does not work here")
             )
+
+
+# The self-tests, one at a time, hold up to 13 descriptors more than doctor at rest (measured:
+# reset-proxy, its server, proxy, client and the event loop's own); a margin on top.
+_SELFTEST_FDS = 16
+
+
+def _short_of_fds() -> tuple[str, str] | None:
+    """(figure, hint) when too few file descriptors are left for the self-tests, after
+    raising the soft limit as far as the hard one allows; None when there are enough (or
+    the count is not known here)."""
+    from netprobe.sockets import raise_nofile_limit
+
+    limit = raise_nofile_limit(256)
+    if limit.soft is None:
+        return None
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        try:
+            in_use = len(os.listdir(folder)) - 1  # less the one listdir used
+        except OSError:
+            continue
+        break
+    else:
+        return None
+    free = limit.soft - in_use
+    if free >= _SELFTEST_FDS:
+        return None
+    return (
+        f"{free} fds free",
+        f"the self-tests need about {_SELFTEST_FDS} free file descriptors; RLIMIT_NOFILE "
+        f"allows {limit.soft} and {in_use} are in use (raise it: ulimit -n 1024)",
+    )
 
 
 def _one_line(text: str) -> str:
@@ -469,6 +516,10 @@ def _nofile() -> Outcome:
             "raising the hard limit was tried and refused "
             "(needs CAP_SYS_RESOURCE in the initial user namespace)"
         )
+    short = _short_of_fds()
+    if short is not None:
+        # As a loopback that does not work: the self-tests are skipped for it, the run fails.
+        return Verdict.FAIL, f"{figure}; {short[0]}", f"{short[1]}; {raise_note}"
     ceiling = hard if hard is not None else soft
     if ceiling is not None and ceiling < 4096 and not can_raise_hard:
         return (
