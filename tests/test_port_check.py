@@ -321,6 +321,15 @@ def test_probes_never_answer_each_other(proto: list[str], host: str, last: int) 
     assert result.returncode == 1, result.stderr
 
 
+def test_latency_summary_of_a_name_that_never_resolved_sent_nothing() -> None:
+    # It said "sent": 3, "loss_pct": 100.0: three probes lost, where none was sent.
+    result = invoke(["port-check", "-6", "127.0.0.1:80", "-c", "3", "--interval", "10ms", "--json"])
+    rows = _json_lines(result.stdout)
+    assert [(r["kind"], r["errno_name"]) for r in rows] == [("port-check.latency", "EAI_FAMILY")]
+    assert (rows[0]["sent"], rows[0]["received"], rows[0]["loss_pct"]) == (0, 0, None)
+    assert result.exit_code == 5
+
+
 def test_resolution_failure_is_a_per_target_error_exit_5(server: ServerThread) -> None:
     # -6 with an IPv4 literal fails inside the resolver without any DNS traffic.
     result = invoke(["port-check", "-6", "127.0.0.1:80", "--json"])

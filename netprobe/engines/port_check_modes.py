@@ -153,7 +153,7 @@ class LatencySummary:
     ok: bool
     sent: int
     received: int
-    loss_pct: float
+    loss_pct: float | None  # None: nothing was sent (a name that did not resolve)
     min_ms: float | None
     avg_ms: float | None
     max_ms: float | None
@@ -268,7 +268,7 @@ def run_latency(
         finally:
             stop.set()  # after an error, or a consumer gone: the batches still out end early
             wake.close()
-        final = list(_latency_summaries(hosts, keys, samples, made, last, proto, count, False))
+        final = list(_latency_summaries(hosts, keys, samples, made, last, proto, False))
         for summary in final:
             handed += 1
             yield summary
@@ -284,8 +284,7 @@ def run_latency(
             # was being given when the interrupt came is its own).
             yield from final[handed:]
         else:
-            rounds = max(made.values(), default=0)
-            yield from _latency_summaries(hosts, keys, samples, made, last, proto, rounds, True)
+            yield from _latency_summaries(hosts, keys, samples, made, last, proto, True)
         if isinstance(exc, KeyboardInterrupt):
             raise
         raise KeyboardInterrupt from exc  # as the caller handles a Ctrl-C
@@ -432,11 +431,10 @@ def _latency_summaries(
     made: dict[int, int],
     last: dict[int, tuple[PortState, str | None]],
     proto: str,
-    rounds: int,
     interrupted: bool,
 ) -> Iterator[LatencySummary]:
-    """One summary per address:port (and per unresolved host, `rounds` probes it could not
-    make) over the probes made."""
+    """One summary per address:port over the probes made (and per unresolved host: none
+    sent)."""
     for host in hosts:
         if host.error is not None:
             result = _unresolved(host, proto)
@@ -449,9 +447,9 @@ def _latency_summaries(
                 host.error,
                 host.expect,
                 False,
-                rounds,
+                0,  # no probe was sent: the name never gave an address
                 0,
-                100.0,
+                None,
                 None,
                 None,
                 None,
