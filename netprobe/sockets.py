@@ -610,8 +610,12 @@ def _names_to_numbers(*names: str) -> frozenset[int]:
     return frozenset(getattr(errno, name) for name in names if hasattr(errno, name))
 
 
+# EINVAL: the route is a blackhole (`ip route add blackhole ...`), which Linux answers on
+# connect() with EINVAL rather than an ICMP-like error (nmap calls such a port filtered), or a
+# link-local address came without its zone: no route either way. A connect the code itself got
+# wrong would say EINVAL too, but the errno name stays beside the verdict.
 _UNREACHABLE = _names_to_numbers(
-    "EHOSTUNREACH", "ENETUNREACH", "EHOSTDOWN", "ENETDOWN", "ENONET", "EACCES", "EPERM"
+    "EHOSTUNREACH", "ENETUNREACH", "EHOSTDOWN", "ENETDOWN", "ENONET", "EACCES", "EPERM", "EINVAL"
 )
 _TIMEOUT = _names_to_numbers("ETIMEDOUT")
 _REFUSED = _names_to_numbers("ECONNREFUSED")

@@ -321,6 +321,18 @@ def test_probes_never_answer_each_other(proto: list[str], host: str, last: int) 
     assert result.returncode == 1, result.stderr
 
 
+@pytest.mark.parametrize("proto", [[], ["--udp"]], ids=["tcp", "udp"])
+def test_a_blackhole_route_is_unreachable_not_a_local_error(proto: list[str]) -> None:
+    # Linux answers connect() through `ip route add blackhole` with EINVAL: it was `error`,
+    # exit 6 ("your machine is broken"), where nmap says filtered. The route is in a network
+    # namespace of the test's own, and a blackhole sends nothing anywhere.
+    setup = "ip route add blackhole 198.51.100.0/24 || exit 99"
+    result = run_in_own_netns(setup, ["port-check", *proto, "198.51.100.7:80", "--json"])
+    rows = _json_lines(result.stdout)
+    assert [(r["state"], r["errno_name"]) for r in rows] == [("unreachable", "EINVAL")], rows
+    assert result.returncode == 1, result.stderr
+
+
 def test_latency_summary_of_a_name_that_never_resolved_sent_nothing() -> None:
     # It said "sent": 3, "loss_pct": 100.0: three probes lost, where none was sent.
     result = invoke(["port-check", "-6", "127.0.0.1:80", "-c", "3", "--interval", "10ms", "--json"])
