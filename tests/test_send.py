@@ -529,6 +529,32 @@ def test_framing_round_trip_with_one_byte_writes(
     assert as_json(res.stdout)["frames"] == ["ALPHA", "BETA GAMMA", "", "DELTA"]
 
 
+@pytest.mark.parametrize("udp", [False, True], ids=["tcp", "udp"])
+def test_crlf_framing_of_crlf_input_adds_no_second_cr(
+    start: Callable[..., ServerThread], udp: bool
+) -> None:
+    # `printf 'a\r\nb\n' | send --framing crlf` put "a\r\r\nb\r\n" on the wire.
+    stdin = b"a\r\nb\n"
+    if udp:
+        with udp_echo_thread() as port:
+            argv = ["send", f"127.0.0.1:{port}", "--udp", "--framing", "crlf", "--json"]
+            res = invoke(argv, stdin=stdin)
+    else:
+        got: list[bytes] = []
+
+        def record(conn: socket.socket) -> None:
+            data = b""
+            while chunk := conn.recv(4096):
+                data += chunk
+            got.append(data)
+            conn.sendall(data)
+
+        res = invoke(["send", addr(start(record)), "--framing", "crlf", "--json"], stdin=stdin)
+        assert got == [b"a\r\nb\r\n"]
+    assert res.exit_code == 0, res.stderr
+    assert as_json(res.stdout)["frames"] == ["a", "b"]
+
+
 def test_raw_framing_sends_input_unchanged(start: Callable[..., ServerThread]) -> None:
     srv = start(echo_handler)
     res = invoke(["send", addr(srv), "--framing", "raw", "--json"], stdin=b"a\nb\n")

@@ -239,6 +239,12 @@ class LineSplitter:
         return lines
 
 
+def _line_of_crlf(line: bytes) -> bytes:
+    # An input line that ended in CRLF already: its CR is the line end `--framing crlf` adds,
+    # not part of the payload (it went out as "a\r\r\n").
+    return line.removesuffix(b"\r")
+
+
 def _encode_frame(spec: FramingSpec, payload: bytes, max_frame: int) -> bytes:
     if len(payload) > max_frame:
         raise UsageError(
@@ -264,10 +270,13 @@ def _input_reader(
             return lambda _n: (frame, True)
         splitter = LineSplitter(max_frame)
         spec = framing
+        own_cr = spec.name == "crlf"
 
         def read_framed(n: int) -> tuple[bytes, bool]:
             chunk, eof = read(n)
             lines = splitter.feed(chunk, eof)
+            if own_cr:
+                lines = [_line_of_crlf(line) for line in lines]
             return b"".join(_encode_frame(spec, line, max_frame) for line in lines), eof
 
         return read_framed
@@ -1320,6 +1329,8 @@ def _datagrams(
                 yield chunk
             continue
         lines = splitter.feed(chunk, eof)
+        if spec is not None and spec.name == "crlf":
+            lines = [_line_of_crlf(line) for line in lines]
         for index, line in enumerate(lines):
             if opts.crlf:
                 # The line's ending as CRLF; one that was CRLF already keeps its one CR.
