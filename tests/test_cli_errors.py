@@ -125,6 +125,22 @@ def test_closed_stdout_runs_as_if_sent_to_dev_null() -> None:
     assert b"internal error" not in proc.stderr
 
 
+def test_listen_with_stdout_closed_still_announces_on_the_first_stderr_line() -> None:
+    # Scripts read the port from listen's first stderr line; the closed-stdout note took it.
+    proc = subprocess.run(
+        [sys.executable, "-m", "netprobe", "listen", "-p", "0", "--idle-timeout", "0.2"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=30,
+        cwd=ROOT,
+        check=False,
+        preexec_fn=lambda: os.close(1),
+    )
+    lines = proc.stderr.decode().splitlines()
+    assert lines[0].startswith("listening on 127.0.0.1:"), lines
+    assert lines[1] == "netprobe: stdout is closed: results are discarded", lines
+
+
 def _run_with_stderr_reader_gone(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
     """`netprobe ARGV` whose stderr is a pipe nobody reads any more: its writes fail (EPIPE)."""
     read_end, write_end = os.pipe()

@@ -327,6 +327,18 @@ def _output_closed() -> int:
     return ExitStatus.OK
 
 
+_CLOSED_STDOUT = "stdout is closed: results are discarded"
+_closed_stdout_note: list[bool] = []  # [True]: said after the command's announcement
+
+
+def note_closed_stdout() -> None:
+    """Say that stdout was closed, once, if main() left that to the command (listen, after the
+    announcement that must be its first stderr line)."""
+    if _closed_stdout_note:
+        _closed_stdout_note.clear()
+        error_line(None, _CLOSED_STDOUT)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run netprobe with argv (default sys.argv[1:]) and return the exit status.
 
@@ -340,7 +352,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (lives for the run)
     if sys.stdout is None:  # started with stdout closed (`>&-`): as if sent to /dev/null
         sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (lives for the run)
-        error_line(None, "stdout is closed: results are discarded")
+        command = next((arg for arg in args if not arg.startswith("-")), None)
+        if command == "listen":
+            # Its first stderr line is the address announcement, which scripts read: the
+            # note comes right after it (note_closed_stdout).
+            _closed_stdout_note[:] = [True]
+        else:
+            error_line(None, _CLOSED_STDOUT)
     for stream in (sys.stdout, sys.stderr):
         # A path that is not UTF-8 must never make output fail: render.shown() writes such
         # bytes as \xNN, and anything it misses comes out escaped rather than as exit 70.

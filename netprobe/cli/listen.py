@@ -19,7 +19,7 @@ from netprobe.cli._options import (
     refuse_ip_options_with_unix,
     size,
 )
-from netprobe.cli._run import sigterm_as_interrupt, silence_stdout
+from netprobe.cli._run import note_closed_stdout, sigterm_as_interrupt, silence_stdout
 
 __all__ = ["listen"]
 
@@ -130,6 +130,8 @@ def listen(
 
     def on_event(event: dict[str, Any]) -> None:
         sys.stderr.write((dump_json(event) if json_out else _describe(event)) + "\n")
+        if event["event"] == "listening":
+            note_closed_stdout()
         sys.stderr.flush()
 
     opts = ListenOptions(
