@@ -101,6 +101,8 @@ def test_parse_targets_forms_and_expectations() -> None:
     ("text", "fragment"),
     [
         ("host:22=maybe", "'open' or 'closed'"),
+        # It said "'80=closed' is not a port number".
+        ("host:80=closed=open", "one expectation at most"),
         ("host:0", "out of range"),
         ("host:", "missing port"),
         ("unix:", "socket path"),
@@ -285,6 +287,11 @@ def test_build_hosts_checks_each_address_port_once() -> None:
         ("127.0.0.0/31:1", "127.0.0.0", 1),
         ("unix:/x", "/x", 0),
     ]
+    # A socket path has no port: it said "/x:0 is checked twice".
+    with pytest.raises(UsageError, match=r"^unix:/x is checked twice"):
+        build_hosts(
+            parse_targets(["unix:/x", "unix:/x=closed"]), ports=None, family=0, expect=Expect.OPEN
+        )
     with pytest.raises(UsageError, match=r"127\.0\.0\.1:1 is checked twice"):
         build_hosts(
             parse_targets(["127.0.0.1:1", "localhost:1=closed"]),

@@ -160,6 +160,9 @@ def parse_targets(texts: Iterable[str]) -> list[TargetSpec]:
                         f"{text!r}: expectation {suffix!r} must be 'open' or 'closed'"
                     ) from None
                 body = text
+            if "=" in body and not body.strip().startswith("unix:"):
+                # `:80=closed=open`: the first one's error named '80=closed' a bad port.
+                raise UsageError(f"{text!r}: one expectation at most (=open or =closed)")
         target = parse_target(body, open_ranges=True)
         if target.path is not None:
             specs.append(TargetSpec(body.strip(), target.path, None, expect, unix=True))
@@ -465,7 +468,11 @@ def _without_duplicates(hosts: list[HostSpec]) -> list[HostSpec]:
         done = seen.setdefault(key, {})
         for port in host.ports:
             if done.get(port, host.expect) is not host.expect:
-                where = format_hostport(host.address or host.name, port)
+                where = (
+                    f"unix:{host.name}"
+                    if host.family == AF_UNIX
+                    else format_hostport(host.address or host.name, port)
+                )
                 raise UsageError(f"{where} is checked twice, expected open and closed")
         ports = tuple(port for port in host.ports if port not in done)
         if not ports:
