@@ -7,7 +7,10 @@ framing violation where the user asked for strict framing.
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
+    "LOCAL_IO_ERRNOS",
     "AddressError",
     "ConnectError",
     "DeadlineExceeded",
@@ -24,6 +27,11 @@ __all__ = [
     "UsageError",
     "from_an_interrupt",
 ]
+
+
+# Local I/O failures: a full disk or quota behind stdout (or any file), a failing device, a
+# terminal that hung up. This host's failure (exit 6), not a bug and not the network's.
+LOCAL_IO_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG})
 
 
 class NetprobeError(Exception):

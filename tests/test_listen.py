@@ -26,11 +26,11 @@ from tests.helpers import LONG, ROOT, invoke, run_netprobe, wait_in_syscall
 class Listen:
     """A `netprobe listen` process; the first stderr line (the announcement) is read at once."""
 
-    def __init__(self, args: Sequence[str]) -> None:
+    def __init__(self, args: Sequence[str], stdout: Any = subprocess.PIPE) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "netprobe", "listen", *args],
             stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
+            stdout=stdout,
             stderr=subprocess.PIPE,
             cwd=ROOT,
         )
@@ -102,8 +102,8 @@ def spawn() -> Iterator[type[Listen]]:
     started: list[Listen] = []
 
     class Tracked(Listen):
-        def __init__(self, args: Sequence[str]) -> None:
-            super().__init__(args)
+        def __init__(self, args: Sequence[str], stdout: Any = subprocess.PIPE) -> None:
+            super().__init__(args, stdout)
             started.append(self)
 
     try:
@@ -462,6 +462,23 @@ def test_a_signal_reports_the_peer_then_exits(
     assert exit_code == code
     close = [json.loads(line) for line in err.splitlines() if line.startswith("{")][-1]
     assert (close["event"], close["ended_by"], close["bytes_in"]) == ("close", "interrupted", 5)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_stdout_that_fails_still_reports_the_peer(spawn: type[Listen]) -> None:
+    # `listen > /dev/full`: it printed the accept, then only "local I/O error: ENOSPC": no
+    # close event, no word of the peer.
+    with open("/dev/full", "wb") as full:
+        listen = spawn(["-p", "0", "--json"], full)
+    with _connect(listen.port) as sock:
+        sock.sendall(b"hi\n")
+        sock.shutdown(socket.SHUT_WR)
+        _read_to_eof(sock)
+    code, _out, err = listen.finish()
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    closes = [e for e in events if e["event"] == "close"]
+    assert [(e["ended_by"], e.get("errno_name")) for e in closes] == [("error", "ENOSPC")], err
+    assert code == 6, err
 
 
 def test_udp_json_events_end_with_a_close(spawn: type[Listen]) -> None:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn, TextIO, cast
 
-from netprobe.errors import NetprobeError, from_an_interrupt
+from netprobe.errors import LOCAL_IO_ERRNOS, NetprobeError, from_an_interrupt
 from netprobe.exitcodes import ExitStatus, exit_status_for_error
 
 __all__ = [
@@ -152,11 +152,6 @@ def _click_message(exc: Any) -> str:
         head, value, tail = match.groups()
         return f"{head}{value!r}{tail}"
     return message
-
-
-# Local I/O failures: a full disk or quota behind stdout (or any file), a failing device, a
-# terminal that hung up.
-_LOCAL_IO_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG})
 
 
 def silence_stdout() -> None:
@@ -414,7 +409,7 @@ def _run(args: list[str]) -> int:
             name = errno.errorcode[exc.errno]
             error_line(command, f"local error: {name}: {exc.strerror} (see ulimit -n)")
             return ExitStatus.LOCAL
-        if exc.errno not in _LOCAL_IO_ERRNOS:
+        if exc.errno not in LOCAL_IO_ERRNOS:
             if debug:
                 _traceback()
             error_line(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from netprobe.engines.send import Emit, InputSource, LineSplitter
-from netprobe.errors import DeadlineExceeded, NetworkError
+from netprobe.errors import LOCAL_IO_ERRNOS, DeadlineExceeded, NetworkError
 from netprobe.exitcodes import ExitStatus
 from netprobe.sockets import (
     PUMP_CHUNK,
@@ -27,6 +27,7 @@ from netprobe.sockets import (
     accept_one,
     close_lingering,
     enable_pktinfo,
+    errno_name,
     file_identity,
     format_hostport,
     open_listener,
@@ -219,6 +220,14 @@ def _serve(
             summary.ended_by = ended
             report(ended, None)
             raise
+        except OSError as exc:
+            if exc.errno not in LOCAL_IO_ERRNOS:
+                raise
+            # stdout failed (a full disk behind `> file`, EIO): the peer's report still comes,
+            # then the exit (6) says what broke.
+            summary.ended_by = "error"
+            report("error", errno_name(exc.errno))
+            raise
         ended = "max-bytes" if result.ended_by == "stopped" else result.ended_by
         if ended == "idle-timeout" and result.peer_eof and not result.output_pending:
             # The peer had closed; only our stdin, open and silent, kept the connection until
@@ -328,6 +337,12 @@ def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSum
         # Ctrl-C is how a UDP listen usually ends (or a closed stdout): the report still
         # comes, then the exit.
         summary.ended_by = "interrupted" if isinstance(exc, KeyboardInterrupt) else "output-closed"
+        close()
+        raise
+    except OSError as exc:
+        if exc.errno not in LOCAL_IO_ERRNOS:
+            raise
+        summary.ended_by = "error"  # stdout failed: reported as over TCP, then exit 6
         close()
         raise
     finally:
