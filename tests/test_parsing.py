@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from netprobe.errors import AddressError, UsageError
 from netprobe.sockets import (
@@ -140,6 +144,14 @@ def test_expand_hosts() -> None:
         next(expand_hosts("10.0.0.0/8", cap=None))
     with pytest.raises(AddressError, match="even with --allow-large"):
         next(expand_hosts("2001:db8::/64", cap=None))  # used to expand for ever
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(22, 32))
+def test_expand_hosts_of_an_ipv4_block_is_what_ipaddress_lists(base: int, prefix: int) -> None:
+    # IPv4 blocks are listed with inet_ntoa over integers, not ipaddress objects (speed).
+    block = f"{ipaddress.IPv4Address(base)}/{prefix}"
+    expected = [str(address) for address in ipaddress.ip_network(block, strict=False)]
+    assert list(expand_hosts(block)) == expected
 
 
 def test_expand_hosts_takes_address_ranges_as_nmap_does() -> None:
