@@ -48,7 +48,7 @@ from netprobe.results import ConnectState
 from netprobe.sockets import (
     POLL_MAX_S,
     _map_errors,
-    classify_errno,
+    classify_connect_errno,
     drain_signal_wake,
     errno_name,
     signal_wake_fd,
@@ -713,7 +713,7 @@ class _Run:
     ) -> None:
         verdict = _VERDICTS.get(code)
         if verdict is None:
-            state = classify_errno(code)
+            state = classify_connect_errno(code)
             plain = state not in (ConnectState.OPEN, ConnectState.RESET)
             verdict = _VERDICTS[code] = (state, errno_name(code), plain)
         state = verdict[0]
@@ -802,7 +802,7 @@ def _prepend(first: ConnectJob, rest: Iterator[ConnectJob]) -> Iterator[ConnectJ
 
 
 def _failed(job: ConnectJob, now: float, code: int | None) -> ConnectResult:
-    return ConnectResult(job, classify_errno(code), errno_name(code), now, 0.0)
+    return ConnectResult(job, classify_connect_errno(code), errno_name(code), now, 0.0)
 
 
 def _peer_ending(sock: _socket.socket) -> str:

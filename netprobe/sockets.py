@@ -59,6 +59,7 @@ __all__ = [
     "address_range",
     "check_listen_path",
     "check_unix_path_size",
+    "classify_connect_errno",
     "classify_errno",
     "connect_nonblocking",
     "connect_udp",
@@ -621,16 +622,24 @@ def _names_to_numbers(*names: str) -> frozenset[int]:
     return frozenset(getattr(errno, name) for name in names if hasattr(errno, name))
 
 
-# EINVAL: the route is a blackhole (`ip route add blackhole ...`), which Linux answers on
-# connect() with EINVAL rather than an ICMP-like error (nmap calls such a port filtered), or a
-# link-local address came without its zone: no route either way. A connect the code itself got
-# wrong would say EINVAL too, but the errno name stays beside the verdict.
 _UNREACHABLE = _names_to_numbers(
-    "EHOSTUNREACH", "ENETUNREACH", "EHOSTDOWN", "ENETDOWN", "ENONET", "EACCES", "EPERM", "EINVAL"
+    "EHOSTUNREACH", "ENETUNREACH", "EHOSTDOWN", "ENETDOWN", "ENONET", "EACCES", "EPERM"
 )
+# From connect() only, EINVAL: the route is a blackhole (`ip route add blackhole ...`), which
+# Linux answers with EINVAL rather than an ICMP-like error (nmap calls such a port filtered),
+# or a link-local address came without its zone: no route either way. Elsewhere (a send, a
+# sendfile) EINVAL is this host's own error.
+_UNREACHABLE_ON_CONNECT = _UNREACHABLE | _names_to_numbers("EINVAL")
 _TIMEOUT = _names_to_numbers("ETIMEDOUT")
 _REFUSED = _names_to_numbers("ECONNREFUSED")
 _RESET = _names_to_numbers("ECONNRESET", "ECONNABORTED")
+
+
+def classify_connect_errno(number: int | None) -> ConnectState:
+    """classify_errno for the errno a connect() ended with (EINVAL: no route, see above)."""
+    if number in _UNREACHABLE_ON_CONNECT:
+        return ConnectState.UNREACHABLE
+    return classify_errno(number)
 
 
 def classify_errno(number: int | None) -> ConnectState:
@@ -1095,7 +1104,7 @@ def connect_nonblocking(
         if code is None:
             cancelled = cancel is not None and cancel.is_set()
             return ConnectOutcome(ConnectState.TIMEOUT, None, elapsed, cancelled=cancelled)
-        state = classify_errno(code)
+        state = classify_connect_errno(code)
         if state is ConnectState.OPEN:
             if keep:
                 handed_over = True  # ownership moves to the caller
@@ -2490,8 +2499,10 @@ def udp_probe_many(
                 except OSError as exc:
                     yield key, classify_errno(exc.errno), errno_name(exc.errno), 0.0
                     continue
+                connected = False
                 try:
                     sock.connect(target.sockaddr)
+                    connected = True
                     local = _host_port(sock.getsockname())
                     # The kernel's spelling of the peer (0.0.0.0 is this host's address,
                     # ::ffff:7f00:1 reads ::ffff:127.0.0.1), as getsockname() spells ours.
@@ -2507,7 +2518,8 @@ def udp_probe_many(
                 except OSError as exc:
                     sock.close()
                     elapsed = time.monotonic() - started
-                    yield key, classify_errno(exc.errno), errno_name(exc.errno), elapsed
+                    classify = classify_errno if connected else classify_connect_errno
+                    yield key, classify(exc.errno), errno_name(exc.errno), elapsed
                     continue
                 fd = sock.fileno()
                 ours[local] = fd

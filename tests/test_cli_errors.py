@@ -141,6 +141,26 @@ def test_listen_with_stdout_closed_still_announces_on_the_first_stderr_line() ->
     assert lines[1] == "netprobe: stdout is closed: results are discarded", lines
 
 
+def test_listen_with_stdout_closed_that_cannot_bind_still_says_stdout_is_closed() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "netprobe", "listen", "-p", str(port)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=30,
+            cwd=ROOT,
+            check=False,
+            preexec_fn=lambda: os.close(1),
+        )
+    assert proc.returncode == 6, proc.stderr
+    lines = proc.stderr.decode().splitlines()
+    assert "EADDRINUSE" in lines[0], lines
+    assert lines[1:] == ["netprobe: stdout is closed: results are discarded"], lines
+
+
 def _run_with_stderr_reader_gone(argv: list[str]) -> subprocess.CompletedProcess[bytes]:
     """`netprobe ARGV` whose stderr is a pipe nobody reads any more: its writes fail (EPIPE)."""
     read_end, write_end = os.pipe()

@@ -550,6 +550,8 @@ def test_a_unix_socket_whose_permissions_refuse_us_exits_6_as_port_check_does(
         ("unix", "ECONNREFUSED", ExitStatus.NOT_OPEN),  # a stale file: nobody listens
         ("tcp", "EACCES", ExitStatus.NOT_OPEN),  # an admin-prohibited route: unreachable
         ("tcp", "EPERM", ExitStatus.NOT_OPEN),
+        ("tcp", "EINVAL", ExitStatus.NOT_OPEN),  # a blackhole route
+        ("udp", "EINVAL", ExitStatus.NOT_OPEN),
     ],
 )
 def test_a_failed_connects_record_exits_as_the_run_did(
@@ -560,3 +562,12 @@ def test_a_failed_connects_record_exits_as_the_run_did(
     # TCP connect stays README's "unreachable" (1).
     result = SendResult("t", None, proto, total_ms=None, ended_by="error", errno_name=errno_name)
     assert exit_status_for(result) is code
+
+
+def test_an_einval_after_the_connect_is_this_hosts_error() -> None:
+    # EINVAL is "no route" only from connect(); a sendfile or send that fails with it once
+    # connected is this host's own error (exit 6), not the peer's "no" (1).
+    result = SendResult(
+        "t", "127.0.0.1:1", "tcp", total_ms=1.0, ended_by="error", errno_name="EINVAL"
+    )
+    assert exit_status_for(result) is ExitStatus.LOCAL

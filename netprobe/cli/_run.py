@@ -347,8 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (lives for the run)
     if sys.stdout is None:  # started with stdout closed (`>&-`): as if sent to /dev/null
         sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (lives for the run)
-        command = next((arg for arg in args if not arg.startswith("-")), None)
-        if command == "listen":
+        if _command_name(args) == "listen":
             # Its first stderr line is the address announcement, which scripts read: the
             # note comes right after it (note_closed_stdout).
             _closed_stdout_note[:] = [True]
@@ -364,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args)
     finally:
+        note_closed_stdout()  # a listen that ended before its announcement still says it
         if isinstance(sys.stderr, _StderrGuard):
             sys.stderr = real_stderr
 

@@ -961,8 +961,8 @@ def _split_checks(
     received: dict[int, bytearray] = {}  # per pipe: what was read of its report so far
     done: set[int] = set()  # pipes whose report was taken
 
-    def merge(report: tuple[list[PortCheckResult], Tally, dict[str, int]]) -> list[PortCheckResult]:
-        results, counts, extra = report
+    def merge(report: _Report) -> list[PortCheckResult]:
+        results, counts, extra, _whole = report
         tally.merge(counts)
         if stats is not None:
             for name, value in extra.items():
@@ -974,12 +974,18 @@ def _split_checks(
     try:
         for worker in range(1, workers):
             read_fd, write_fd = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - the child never returns
-                os.close(read_fd)
-                for _worker, _pid, fd in children:
-                    os.close(fd)
-                _child_checks(hosts, config, _Stride(keys, worker, workers), write_fd)
+            # The worker is born with its stop signals held, so one that comes before its
+            # handlers are set waits for them instead of killing it with its share.
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_STOPS)
+            try:
+                pid = os.fork()
+                if pid == 0:  # pragma: no cover - the child never returns
+                    os.close(read_fd)
+                    for _worker, _pid, fd in children:
+                        os.close(fd)
+                    _child_checks(hosts, config, _Stride(keys, worker, workers), write_fd)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
             os.close(write_fd)
             children.append((worker, pid, read_fd))
             received[read_fd] = bytearray()
@@ -988,7 +994,9 @@ def _split_checks(
             for worker, _pid, fd in children:
                 report = _read_report(fd, received[fd])
                 done.add(fd)
-                if report is None:
+                if report is None or not report[3]:
+                    # Died, or stopped by a signal of its own (SIGTERM to it alone) while this
+                    # run goes on: its whole share is checked here instead.
                     yield from _one_pass(
                         hosts, config, _Stride(keys, worker, workers), stats, tally, True
                     )
@@ -1022,11 +1030,15 @@ def _split_checks(
 # How long an interrupted split scan waits for its workers' reports (a worker stops within a
 # connect timeout's poll; a stuck one is killed and its share is left out of the counts).
 _WORKER_REPORT_S = 1.0
+# What stops a worker early, its report still sent: SIGUSR1 from the parent when the run is
+# interrupted, SIGTERM sent to the whole process group.
+_WORKER_STOPS = frozenset((signal.SIGUSR1, signal.SIGTERM))
+# A worker's report: its open results, its counts, its connector figures, and whether it
+# checked its whole share (False: a signal stopped it).
+_Report = tuple[list[PortCheckResult], "Tally", dict[str, int], bool]
 
 
-def _read_report(
-    fd: int, received: bytearray, give_up: float | None = None
-) -> tuple[list[PortCheckResult], Tally, dict[str, int]] | None:
+def _read_report(fd: int, received: bytearray, give_up: float | None = None) -> _Report | None:
     """A worker's report from its pipe, read to EOF into `received` (kept by the caller, so a
     read that an interrupt cut short goes on where it was); None: none came whole (or none
     before `give_up`, a monotonic time)."""
@@ -1043,10 +1055,21 @@ def _read_report(
         report = pickle.loads(bytes(received))
     except Exception:  # a worker that died mid-write leaves a truncated pickle
         return None
-    return report if isinstance(report, tuple) and len(report) == 3 else None
+    return report if isinstance(report, tuple) and len(report) == 4 else None
+
+
+# In a worker: set once it stops (or has checked its share), so a later stop does nothing.
+_worker_done: list[bool] = []
 
 
 def _stop_worker(_signum: int, _frame: Any) -> None:  # pragma: no cover - in a forked worker
+    # Once: a second stop (SIGTERM to the group, then the parent's SIGUSR1 ms later) must not
+    # cut the first one's cleanup, which folds the closed ports into the counts. (Setting
+    # SIG_IGN here instead makes CPython print "Signal 15 ignored due to race condition" for
+    # one already on its way.)
+    if _worker_done:
+        return
+    _worker_done.append(True)
     raise KeyboardInterrupt
 
 
@@ -1058,22 +1081,26 @@ def _child_checks(
     code = 1
     try:
         # The parent owns Ctrl-C: it stops the run, and then this worker with SIGUSR1, whose
-        # report of what it checked until then the parent still shows and counts.
+        # report of what it checked until then the parent still shows and counts. The stop
+        # signals are held since the fork (see _split_checks) until their handler is set.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         stats = ConnectorStats()
         tally = Tally()
         results: list[PortCheckResult] = []
-        signal.signal(signal.SIGUSR1, _stop_worker)
-        signal.signal(signal.SIGTERM, _stop_worker)
+        whole = False
+        for stop in _WORKER_STOPS:
+            signal.signal(stop, _stop_worker)
         try:
+            # Inside the try: a stop that waited since the fork acts here, at once.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_STOPS)
             # Kept one by one (not list()): an interrupt keeps what came before it.
             for result in _one_pass(hosts, config, keys, stats, tally, True):
                 results.append(result)  # noqa: PERF402
+            _worker_done.append(True)
+            whole = True
         except KeyboardInterrupt:
             pass
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        payload = memoryview(pickle.dumps((results, tally, stats.extra)))
+        payload = memoryview(pickle.dumps((results, tally, stats.extra, whole)))
         while payload:
             payload = payload[os.write(write_fd, payload) :]
         code = 0

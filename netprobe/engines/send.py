@@ -35,6 +35,7 @@ from netprobe.sockets import (
     PumpResult,
     Resolved,
     Target,
+    classify_connect_errno,
     classify_errno,
     connect_nonblocking,
     connect_udp,
@@ -1493,7 +1494,9 @@ def exit_status_for(result: SendResult) -> ExitStatus:
         if result.proto == "unix" and result.errno_name in _UNIX_PERMISSION_ERRNOS:
             return ExitStatus.LOCAL
         code = getattr(errno, result.errno_name or "", None)
-        if isinstance(code, int) and classify_errno(code) is ConnectState.ERROR:
+        # No connection made: the connect's errno (EINVAL there is a blackhole route).
+        classify = classify_connect_errno if result.address is None else classify_errno
+        if isinstance(code, int) and classify(code) is ConnectState.ERROR:
             return ExitStatus.LOCAL
         return ExitStatus.NOT_OPEN
     if result.ended_by == "timeout":
