@@ -453,7 +453,11 @@ def _checks(
     if not quiet:
         # The checks' own time and rate; name lookups before them apart (nmap's "scanned in"
         # counts them too, and a slow resolver showed nowhere).
-        took = f", after {lookups_s:.2f} s of name lookups" if lookups_s >= _LOOKUPS_SHOWN_S else ""
+        took = ""
+        if lookups_s >= _LOOKUPS_SHOWN_S:
+            # Without a name among the targets the time went into listing a block's addresses.
+            names = any(not host.unix and host.name != host.address for host in hosts)
+            took = f", after {lookups_s:.2f} s of {'name lookups' if names else 'set-up'}"
         log(f"port-check: {tally.summary()}{took}", always=True)
     return int(tally.exit_status())
 
