@@ -216,6 +216,14 @@ def netprobe_argv(port: int) -> list[str]:
     return [sys.executable, "-m", "netprobe", "echo", "--port", str(port), "--backlog", "4096"]
 
 
+def _minimal(name: str, mode: str) -> ServerSpec:
+    """A yardstick of scripts/bench_echo_minimal.py in `mode`."""
+    script = str(ROOT / "scripts" / "bench_echo_minimal.py")
+    return ServerSpec(
+        name, lambda p: [sys.executable, script, str(p), mode], idle=False, reference=True
+    )
+
+
 SERVERS = {
     "netprobe": ServerSpec("netprobe", netprobe_argv),
     "netprobe-w2": ServerSpec(
@@ -248,36 +256,11 @@ SERVERS = {
         idle=False,
         reference=True,
     ),
-    "py-epoll": ServerSpec(
-        "py-epoll",
-        lambda p: [sys.executable, str(ROOT / "scripts" / "bench_echo_minimal.py"), str(p)],
-        idle=False,
-        reference=True,
-    ),
+    "py-epoll": _minimal("py-epoll", "epoll"),
     # Linux splice(2): bytes echoed inside the kernel, a thread per client (bulk; with 100
     # clients it runs 100 threads, as socat runs 100 processes).
-    "splice-min": ServerSpec(
-        "splice-min",
-        lambda p: [
-            sys.executable,
-            str(ROOT / "scripts" / "bench_echo_minimal.py"),
-            str(p),
-            "splice",
-        ],
-        idle=False,
-        reference=True,
-    ),
-    "uvloop-min": ServerSpec(
-        "uvloop-min",
-        lambda p: [
-            sys.executable,
-            str(ROOT / "scripts" / "bench_echo_minimal.py"),
-            str(p),
-            "uvloop",
-        ],
-        idle=False,
-        reference=True,
-    ),
+    "splice-min": _minimal("splice-min", "splice"),
+    "uvloop-min": _minimal("uvloop-min", "uvloop"),
 }
 # --smoke checks that the script works, not the figures: one server of each kind (netprobe, a
 # forking peer, a yardstick). The netprobe variants differ only by a flag or the loop, and

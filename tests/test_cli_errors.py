@@ -99,6 +99,7 @@ def test_targets_file_that_is_not_utf8(tmp_path: os.PathLike[str]) -> None:
 def _run_with_fd_closed(fd: int, argv: list[str]) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         [sys.executable, "-m", "netprobe", *argv],
+        stdin=subprocess.DEVNULL,  # listen reads it (fd 0 closed: closed after this)
         capture_output=True,
         timeout=30,
         cwd=ROOT,
@@ -127,15 +128,7 @@ def test_closed_stdout_runs_as_if_sent_to_dev_null() -> None:
 
 def test_listen_with_stdout_closed_still_announces_on_the_first_stderr_line() -> None:
     # Scripts read the port from listen's first stderr line; the closed-stdout note took it.
-    proc = subprocess.run(
-        [sys.executable, "-m", "netprobe", "listen", "-p", "0", "--idle-timeout", "0.2"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        timeout=30,
-        cwd=ROOT,
-        check=False,
-        preexec_fn=lambda: os.close(1),
-    )
+    proc = _run_with_fd_closed(1, ["listen", "-p", "0", "--idle-timeout", "0.2"])
     lines = proc.stderr.decode().splitlines()
     assert lines[0].startswith("listening on 127.0.0.1:"), lines
     assert lines[1] == "netprobe: stdout is closed: results are discarded", lines
@@ -145,16 +138,7 @@ def test_listen_with_stdout_closed_that_cannot_bind_still_says_stdout_is_closed(
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
-        port = busy.getsockname()[1]
-        proc = subprocess.run(
-            [sys.executable, "-m", "netprobe", "listen", "-p", str(port)],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=30,
-            cwd=ROOT,
-            check=False,
-            preexec_fn=lambda: os.close(1),
-        )
+        proc = _run_with_fd_closed(1, ["listen", "-p", str(busy.getsockname()[1])])
     assert proc.returncode == 6, proc.stderr
     lines = proc.stderr.decode().splitlines()
     assert "EADDRINUSE" in lines[0], lines
