@@ -620,10 +620,11 @@ except typer.Exit as exc:  # SIGTERM
 
 
 def _split_scan(
-    fillers: int, act: Callable[[subprocess.Popen[bytes]], None]
+    fillers: int, act: Callable[[subprocess.Popen[bytes]], None], wait_s: float = 1.0
 ) -> tuple[int, list[int], list[dict[str, Any]], bytes]:
     """Run _SPLIT_SCAN over six open ports (listed first: keys alternate between the two
-    processes, three each) and `fillers` closed ones; `act` runs once the first row is out.
+    processes, three each) and `fillers` closed ones; `act` runs `wait_s` after the first row.
+    Each process is paced at 1000 ports/s: its half takes fillers / 2000 s at least.
     Returns (exit status, the open ports, every row, stderr)."""
     listeners = []
     try:
@@ -645,7 +646,7 @@ def _split_scan(
             assert proc.stdout is not None
             assert proc.stderr is not None
             first = json.loads(proc.stdout.readline())  # one of this process's three
-            time.sleep(1.0)  # the worker finds its three as early, in its first ms
+            time.sleep(wait_s)  # the worker finds its three as early, in its first ms
             act(proc)
             # Not communicate(): it reads the pipe itself and would miss the rows readline()
             # took into the reader's buffer with the first one.
@@ -700,10 +701,11 @@ def test_a_split_scan_whose_worker_alone_is_stopped_checks_its_share_itself() ->
         (worker,) = psutil.Process(proc.pid).children()
         worker.send_signal(signal.SIGTERM)
 
-    status, open_ports, rows, err = _split_scan(2000, act)
+    # Stopped 0.1 s in, its 1.5 s of paced checks far from done.
+    status, open_ports, rows, err = _split_scan(3000, act, wait_s=0.1)
     assert status == 1, err  # finished: the closed ports are the failures
     assert sorted(row["port"] for row in rows) == sorted(open_ports), (rows, err)
-    assert re.search(rb"port-check: 2006 ports: 6 open, 2000 closed", err), err
+    assert re.search(rb"port-check: 3006 ports: 6 open, 3000 closed", err), err
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])

@@ -975,8 +975,9 @@ def _split_checks(
         for worker in range(1, workers):
             read_fd, write_fd = os.pipe()
             # The worker is born with its stop signals held, so one that comes before its
-            # handlers are set waits for them instead of killing it with its share.
-            held = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_STOPS)
+            # handlers are set waits for them instead of killing it with its share; here they
+            # wait until the worker is on the list the cleanup below stops.
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, *_WORKER_STOPS})
             try:
                 pid = os.fork()
                 if pid == 0:  # pragma: no cover - the child never returns
@@ -984,11 +985,11 @@ def _split_checks(
                     for _worker, _pid, fd in children:
                         os.close(fd)
                     _child_checks(hosts, config, _Stride(keys, worker, workers), write_fd)
+                os.close(write_fd)
+                children.append((worker, pid, read_fd))
+                received[read_fd] = bytearray()
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, held)
-            os.close(write_fd)
-            children.append((worker, pid, read_fd))
-            received[read_fd] = bytearray()
         try:
             yield from _one_pass(hosts, config, _Stride(keys, 0, workers), stats, tally, True)
             for worker, _pid, fd in children:
