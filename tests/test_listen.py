@@ -465,15 +465,20 @@ def test_a_signal_reports_the_peer_then_exits(
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
-def test_a_stdout_that_fails_still_reports_the_peer(spawn: type[Listen]) -> None:
+@pytest.mark.parametrize("udp", [False, True], ids=["tcp", "udp"])
+def test_a_stdout_that_fails_still_reports_the_peer(spawn: type[Listen], udp: bool) -> None:
     # `listen > /dev/full`: it printed the accept, then only "local I/O error: ENOSPC": no
     # close event, no word of the peer.
     with open("/dev/full", "wb") as full:
-        listen = spawn(["-p", "0", "--json"], full)
-    with _connect(listen.port) as sock:
-        sock.sendall(b"hi\n")
-        sock.shutdown(socket.SHUT_WR)
-        _read_to_eof(sock)
+        listen = spawn(["-p", "0", "--json", *(["--udp"] if udp else [])], full)
+    if udp:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"hi\n", ("127.0.0.1", listen.port))
+    else:
+        with _connect(listen.port) as sock:
+            sock.sendall(b"hi\n")
+            sock.shutdown(socket.SHUT_WR)
+            _read_to_eof(sock)
     code, _out, err = listen.finish()
     events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     closes = [e for e in events if e["event"] == "close"]

@@ -263,20 +263,21 @@ def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSum
     peer_addr: Any = None
     last_activity = peer_since = time.monotonic()
 
-    def close() -> ListenSummary:
+    def close(failed: str | None = None) -> ListenSummary:
         # UDP has no connection to end: the run's end closes the exchange with the last peer,
         # reported as TCP reports a peer's end (the byte counts are the whole run's).
         if peer_addr is not None:
-            on_event(
-                {
-                    "event": "close",
-                    "peer": format_hostport(str(peer_addr[0]), int(peer_addr[1])),
-                    "ended_by": summary.ended_by,
-                    "bytes_in": summary.bytes_in,
-                    "bytes_out": summary.bytes_out,
-                    "duration_ms": round((time.monotonic() - peer_since) * 1000, 3),
-                }
-            )
+            event: dict[str, Any] = {
+                "event": "close",
+                "peer": format_hostport(str(peer_addr[0]), int(peer_addr[1])),
+                "ended_by": summary.ended_by,
+                "bytes_in": summary.bytes_in,
+                "bytes_out": summary.bytes_out,
+                "duration_ms": round((time.monotonic() - peer_since) * 1000, 3),
+            }
+            if failed is not None:
+                event["errno_name"] = failed
+            on_event(event)
         return summary
 
     try:
@@ -343,7 +344,7 @@ def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSum
         if exc.errno not in LOCAL_IO_ERRNOS:
             raise
         summary.ended_by = "error"  # stdout failed: reported as over TCP, then exit 6
-        close()
+        close(errno_name(exc.errno))
         raise
     finally:
         sock.close()
