@@ -11,6 +11,7 @@ import errno
 
 __all__ = [
     "LOCAL_IO_ERRNOS",
+    "OUT_OF_FDS_ERRNOS",
     "AddressError",
     "ConnectError",
     "DeadlineExceeded",
@@ -32,6 +33,9 @@ __all__ = [
 # Local I/O failures: a full disk or quota behind stdout (or any file), a failing device, a
 # terminal that hung up. This host's failure (exit 6), not a bug and not the network's.
 LOCAL_IO_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG})
+# Out of file descriptors (this process's limit, or the system's): a file or socket that could
+# not be opened, never an empty answer.
+OUT_OF_FDS_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 class NetprobeError(Exception):

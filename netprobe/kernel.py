@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import ipaddress
 import math
 import os
@@ -21,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from netprobe.errors import OUT_OF_FDS_ERRNOS
 from netprobe.sockets import nofile_limit
 
 __all__ = [
@@ -450,10 +450,6 @@ def _proc_address(text: str) -> tuple[int, str, int]:
     return 6, _ipv6_text(packed), int(hex_port, 16)
 
 
-# Out of file descriptors: a table that could not be opened is not an empty one.
-_OUT_OF_FDS = frozenset((errno.EMFILE, errno.ENFILE))
-
-
 def _proc_rows(path: str) -> list[list[str]]:
     """The rows of a /proc/net/{tcp,udp}* table, split; a row that does not parse (columns
     missing, an address that is not hex) is left out rather than failing the whole table."""
@@ -461,7 +457,7 @@ def _proc_rows(path: str) -> list[list[str]]:
         with open(path, encoding="ascii", errors="replace") as handle:
             lines = handle.read().splitlines()[1:]
     except OSError as exc:
-        if exc.errno in _OUT_OF_FDS:
+        if exc.errno in OUT_OF_FDS_ERRNOS:
             raise  # the table exists; "no rows" would be a false answer
         return []  # no such table here (no IPv6, no /proc)
     rows = []
@@ -509,7 +505,7 @@ def tcp_listeners(port: int | None = None) -> list[ListenerQueue]:
         try:
             return _listeners_via_diag(port)
         except OSError as exc:
-            if exc.errno in _OUT_OF_FDS:
+            if exc.errno in OUT_OF_FDS_ERRNOS:
                 raise  # /proc needs a descriptor too: an empty list would be a false answer
     return _listeners_via_proc(port)
 

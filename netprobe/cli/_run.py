@@ -11,7 +11,12 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn, TextIO, cast
 
-from netprobe.errors import LOCAL_IO_ERRNOS, NetprobeError, from_an_interrupt
+from netprobe.errors import (
+    LOCAL_IO_ERRNOS,
+    OUT_OF_FDS_ERRNOS,
+    NetprobeError,
+    from_an_interrupt,
+)
 from netprobe.exitcodes import ExitStatus, exit_status_for_error
 
 __all__ = [
@@ -401,7 +406,7 @@ def _run(args: list[str]) -> int:
     except BrokenPipeError:
         return _output_closed()
     except OSError as exc:
-        if exc.errno in (errno.EMFILE, errno.ENFILE):
+        if exc.errno in OUT_OF_FDS_ERRNOS:
             # Out of descriptors where a command had no reply of its own for it (listeners
             # reading the kernel's tables): this host's limit, exit 6, not a bug.
             if debug:

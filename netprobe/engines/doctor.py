@@ -81,6 +81,7 @@ class Check:
     func: CheckFunc
     quick: bool  # part of --quick
     needs_loopback: bool = False  # exchanges over 127.0.0.1: skipped when loopback is down
+    needs_fds: bool = False  # opens sockets: skipped when too few descriptors are left
 
 
 def run_doctor(
@@ -99,7 +100,7 @@ def run_doctor(
     for check in _CHECKS if checks is None else checks:
         if quick and not check.quick:
             continue
-        if check.group == "selftest" and check.name != "framing":
+        if check.needs_fds:
             if not fds_looked_at:
                 short_of_fds, fds_looked_at = _short_of_fds(), True
             if short_of_fds is not None:
@@ -1205,17 +1206,17 @@ _CHECKS: list[Check] = [
     Check("host", "cpus", _cpus, True),
     Check("host", "socket-owners", _socket_owners, True),
     Check("host", "queue-view", _queue_view, True, needs_loopback=True),
-    Check("selftest", "echo-send-tcp", _echo_tcp, True, needs_loopback=True),
-    Check("selftest", "echo-send-udp", _echo_udp, False, needs_loopback=True),
-    Check("selftest", "echo-send-unix", _echo_unix, False),
-    Check("selftest", "listen-send", _listen_send, False, needs_loopback=True),
-    Check("selftest", "connector", _connector_selftest, True, needs_loopback=True),
-    Check("selftest", "port-check", _port_check, True, needs_loopback=True),
-    Check("selftest", "backlog-lab", _backlog_lab, False, needs_loopback=True),
-    Check("selftest", "listeners", _listeners, False, needs_loopback=True),
-    Check("selftest", "reset-serve", _reset_serve, False, needs_loopback=True),
-    Check("selftest", "reset-proxy", _reset_proxy, False, needs_loopback=True),
-    Check("selftest", "reset-client", _reset_client, False, needs_loopback=True),
+    Check("selftest", "echo-send-tcp", _echo_tcp, True, needs_loopback=True, needs_fds=True),
+    Check("selftest", "echo-send-udp", _echo_udp, False, needs_loopback=True, needs_fds=True),
+    Check("selftest", "echo-send-unix", _echo_unix, False, needs_fds=True),
+    Check("selftest", "listen-send", _listen_send, False, needs_loopback=True, needs_fds=True),
+    Check("selftest", "connector", _connector_selftest, True, needs_loopback=True, needs_fds=True),
+    Check("selftest", "port-check", _port_check, True, needs_loopback=True, needs_fds=True),
+    Check("selftest", "backlog-lab", _backlog_lab, False, needs_loopback=True, needs_fds=True),
+    Check("selftest", "listeners", _listeners, False, needs_loopback=True, needs_fds=True),
+    Check("selftest", "reset-serve", _reset_serve, False, needs_loopback=True, needs_fds=True),
+    Check("selftest", "reset-proxy", _reset_proxy, False, needs_loopback=True, needs_fds=True),
+    Check("selftest", "reset-client", _reset_client, False, needs_loopback=True, needs_fds=True),
     Check("selftest", "framing", _framing_selftest, True),
 ]
 
