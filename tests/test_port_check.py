@@ -75,6 +75,19 @@ def test_open_and_closed_among_random_listeners() -> None:
             srv.stop()
 
 
+def test_slow_set_up_without_names_is_called_set_up(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only addresses given: the time before the first probe went into listing them, not into
+    # name lookups (which the line named before). Any set-up is "slow" at a threshold of 0.
+    from netprobe.cli import port_check
+
+    monkeypatch.setattr(port_check, "_LOOKUPS_SHOWN_S", 0.0)
+    result = invoke(["port-check", f"127.0.0.1:{server.port}"])
+    assert result.exit_code == 0, result.stderr
+    assert re.search(r"ports/s\), after \d+\.\d\d s of set-up\n$", result.stderr), result.stderr
+
+
 def test_json_fields_and_service_names(server: ServerThread) -> None:
     result = invoke(["port-check", f"127.0.0.1:{server.port},1", "--json"])
     rows = {r["port"]: r for r in _json_lines(result.stdout)}
