@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -806,3 +807,74 @@ def test_a_stop_gives_the_record_the_reason_the_totals_count(action: str) -> Non
             assert proc.wait(LONG) == 0
     assert record["reason"] == "shutdown"
     assert totals["reasons"] == {"shutdown": 1}
+
+
+@contextlib.contextmanager
+def _answer_then_fin(
+    answer: bytes, fin_after_s: float = 0.0
+) -> Iterator[tuple[int, threading.Event, list[bytes]]]:
+    """An upstream for one client: `fin_after_s` after the accept it sends `answer` and FIN
+    (and sets the event), then reads to the end; yields (port, the event, [what it read])."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    fin_sent = threading.Event()
+    got: list[bytes] = []
+
+    def serve_one() -> None:
+        with listener, listener.accept()[0] as conn:
+            conn.settimeout(LONG)
+            time.sleep(fin_after_s)
+            conn.sendall(answer)
+            conn.shutdown(socket.SHUT_WR)
+            fin_sent.set()
+            chunks = []
+            while data := conn.recv(65536):
+                chunks.append(data)
+            got.append(b"".join(chunks))
+
+    thread = threading.Thread(target=serve_one, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], fin_sent, got
+    finally:
+        thread.join(LONG)
+
+
+@pytest.mark.parametrize(
+    "toxics",
+    [Toxics(latency_s=0.2), Toxics(bandwidth=10_000), Toxics(slice_size=100, slice_delay_s=0.01)],
+    ids=["latency", "bandwidth", "slice"],
+)
+def test_a_shaping_pipe_delivers_what_it_holds_when_both_fins_are_in(toxics: Toxics) -> None:
+    # The upstream answers with its FIN at once (a banner, an HTTP/1.0 reply), the client
+    # half-closes (as `nc -N` does) while the answer waits in the shaping pipe: the second
+    # FIN closed both sides, and the client saw a clean EOF after none or part of the answer.
+    answer = generated_stream(1000)
+    with _answer_then_fin(answer) as (up_port, fin_sent, _):
+        opts = options(upstream=("127.0.0.1", up_port), toxics=toxics, direction=Direction.DOWN)
+        with proxy(opts) as (port, records), connect(port) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert fin_sent.wait(LONG)
+            time.sleep(0.05)  # the proxy reads the upstream's FIN
+            sock.shutdown(socket.SHUT_WR)
+            got, ending = read_until_end(sock)
+            _wait_records(records, 1)
+    assert (len(got), ending) == (len(answer), "eof")
+    assert got == answer
+    assert records[0]["reason"] == "eof"
+
+
+def test_a_shaping_pipe_delivers_upstream_what_it_holds_when_both_fins_are_in() -> None:
+    # The other way: the client's bytes and FIN wait in the latency when the upstream's FIN
+    # comes (50 ms later): the upstream got none of them.
+    sent = generated_stream(1000)
+    with _answer_then_fin(b"", fin_after_s=0.05) as (up_port, _, upstream_got):
+        opts = options(
+            upstream=("127.0.0.1", up_port), toxics=Toxics(latency_s=0.3), direction=Direction.UP
+        )
+        with proxy(opts) as (port, records), connect(port) as sock:
+            sock.sendall(sent)
+            sock.shutdown(socket.SHUT_WR)
+            _, ending = read_until_end(sock)
+            _wait_records(records, 1)
+    assert ending == "eof"
+    assert upstream_got == [sent]

@@ -939,7 +939,7 @@ class _Session:
         self.done_action: Action | None = None
         self.timers: list[Any] = []
         self.last_rx = client.started_at
-        self.eofs = {Direction.UP: False, Direction.DOWN: False}
+        self.fins_passed: set[Direction] = set()  # FINs handed on, not only received
         self.closed = {"client": False, "upstream": False}
         self.end_reason: str | None = None
         self.upstream_errno: str | None = None
@@ -1120,7 +1120,6 @@ class _Session:
 
     def eof(self, direction: Direction) -> None:
         """The source of `direction` sent FIN: pass it on once the pipe drained."""
-        self.eofs[direction] = True
         source = self.client if direction is Direction.UP else self.upstream
         ending = None if source is None else self.lingering.pop(source, None)
         if source is not None and ending is not None:
@@ -1138,7 +1137,10 @@ class _Session:
 
         def done() -> None:
             dest.half_close()
-            if all(self.eofs.values()):
+            # Both FINs handed on: a FIN received while the other pipe still held bytes (a
+            # latency, a bandwidth) closed both sides with those bytes lost.
+            self.fins_passed.add(direction)
+            if len(self.fins_passed) == 2:
                 self._close_both("eof")
 
         if pipe is None:
