@@ -641,9 +641,24 @@ class Connection(asyncio.Protocol):
         if transport is None:
             self._eof_pending = True  # outbound still connecting: after the buffered bytes
         elif not self._closing and transport.can_write_eof():
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:
+                # The peer reset before the loop saw it (shutdown: ENOTCONN): its RST ends
+                # the connection, as the loop's next read would have said.
+                self._reset_seen_first()
+                return
             # Whoever half-closes reads on and closes when it chooses: no linger then.
             self._eof_sent = True
+
+    def _reset_seen_first(self) -> None:
+        number = 0
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                number = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self.errno_name = sockets.errno_name(number or errno.ECONNRESET)
+        self.abort(CloseReason.RESET)
 
     def pause_reading(self, key: str = "handler") -> None:
         """Stop reading from the peer until every key that paused it has resumed it."""

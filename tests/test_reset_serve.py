@@ -710,3 +710,15 @@ def test_fin_gives_up_on_a_client_that_keeps_sending_after_2_s() -> None:
         _wait_for(records)
     assert records[0]["reason"] == "fin"
     assert records[0]["duration_s"] < 4.0  # "close at its FIN or after 2 s"
+
+
+@pytest.mark.parametrize("action", [Action.FIN, Action.HALF_CLOSE])
+def test_a_fin_for_a_client_that_already_reset_is_a_reset(action: Action) -> None:
+    # The clients reset before the server's on-accept FIN: shutdown() then fails (ENOTCONN),
+    # which was taken for a failure of the server ("error", no errno, counted in errors).
+    with serve(options(TriggerKind.ON_ACCEPT, action=action)) as (port, records):
+        for _ in range(20):
+            _abort(connect(port))
+        _wait_for(records, 20)
+    assert {str(r["reason"]) for r in records} <= {"reset", str(action)}, records
+    assert all(r["errno_name"] == "ECONNRESET" for r in records if r["reason"] == "reset")
