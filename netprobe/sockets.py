@@ -87,6 +87,7 @@ __all__ = [
     "pump_duplex",
     "raise_nofile_limit",
     "range_addresses",
+    "read_queued",
     "recv_datagram",
     "recv_exactly",
     "recv_some",
@@ -1213,6 +1214,25 @@ def recv_some(sock: socket.socket, max_bytes: int, deadline: float | None) -> by
     sock.settimeout(remaining(deadline, "recv"))
     with _map_errors("recv"):
         return sock.recv(max_bytes)
+
+
+def read_queued(sock: socket.socket, limit: int = 64 << 20) -> int:
+    """Read away what already sits in the receive queue, without waiting; return its size.
+
+    After a send that took the peer's RST as its error, the bytes the peer sent before the
+    RST are still readable (Linux keeps the queue): a count of what it sent needs them.
+    Errors end the reading; `limit` bounds it.
+    """
+    total = 0
+    while total < limit:
+        try:
+            data = sock.recv(min(65536, limit - total), socket.MSG_DONTWAIT)
+        except OSError:
+            break
+        if not data:
+            break
+        total += len(data)
+    return total
 
 
 def recv_exactly(sock: socket.socket, count: int, deadline: float | None) -> bytes:

@@ -467,3 +467,18 @@ def test_duration_gives_up_a_connect_that_gets_no_answer() -> None:
         assert (conn["ended_by"], conn["state"], conn["action"]) == ("duration", "timeout", "none")
         assert conn["elapsed_s"] < 60
         assert (records[-1]["connections"], records[-1]["failed"]) == (1, 0)
+
+
+def test_bytes_the_server_sent_before_its_rst_count_when_a_send_meets_the_rst() -> None:
+    from netprobe.engines.reset_faults import TriggerKind
+    from tests.test_reset_helpers import options, serve
+
+    # The server echoes 1000 bytes, then resets; we are still sending (1 MB) and the send
+    # takes the error. The 1000 bytes sit readable in our receive queue: bytes_in said 0 in
+    # about a quarter of the connections.
+    with serve(options(TriggerKind.AFTER_BYTES, 1000), backlog=256) as (port, _):
+        argv = ["reset", "client", f"127.0.0.1:{port}", "--after-bytes", "1MB"]
+        result = invoke([*argv, "--count", "40", "-c", "10", "--json"])
+    assert result.exit_code == 4, result.stderr
+    lines = _records(result.stdout)
+    assert sorted({(r["ended_by"], r["bytes_in"]) for r in lines[:-1]}) == [("server-rst", 1000)]

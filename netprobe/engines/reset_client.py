@@ -22,6 +22,7 @@ from netprobe.sockets import (
     Resolved,
     abort_connection,
     connect_nonblocking,
+    read_queued,
     recv_some,
     send_queue_bytes,
     send_some,
@@ -218,6 +219,8 @@ def _one_client(
         _let_the_server_take_it(sock, peer, halt, timed=trigger.kind is TriggerKind.AFTER_MS)
     except NetworkError as exc:
         peer.reset_errno = peer.reset_errno or exc.errno_name or "error"
+        # A send took the RST's error: what the server sent before it is still readable.
+        peer.bytes_in += read_queued(sock)
     except DeadlineExceeded:
         # The server stopped reading and our send stalled: a result for this connection
         # (still ended by our RST), not the end of the whole run.
