@@ -445,8 +445,11 @@ def test_an_rst_to_a_client_that_does_not_read_counts_only_what_it_received() ->
     # client that could read about 113 KB. 250 KB: reached before back-pressure stops the
     # server reading on any kernel (the client's receive buffer and our 256 KiB mark alone
     # hold more), and still more than the client can take unread.
+    from netprobe.engines.reset import _RST_FLUSH_S
+
     with serve(options(AFTER_BYTES, 250_000)) as (port, records):
-        received = stuff_then_read(port)
+        # Quiet for longer than the RST waits for progress: a reader, not a slow one.
+        received = stuff_then_read(port, quiet_s=_RST_FLUSH_S + 1.0)
         _wait_for(records)
     assert (records[0]["action"], records[0]["fired"]) == ("rst", True)
     assert records[0]["bytes_out"] == received
@@ -465,8 +468,8 @@ def test_an_rst_waits_for_a_slow_reader_to_take_every_byte_before_it() -> None:
         got = bytearray()
         ending = "eof"
         while True:
-            # About 160 KB/s, in small reads: its window opens (and its ACKs come) only a
-            # segment (64 KiB on loopback) at a time, 400 ms apart, while it reads steadily.
+            # About 160 KB/s, in small reads: its window reopens (and its ACKs come) only
+            # every ~128 KiB it reads on loopback, 800 ms apart, while it reads steadily.
             time.sleep(0.05)
             try:
                 chunk = sock.recv(8192)
@@ -722,3 +725,20 @@ def test_a_fin_for_a_client_that_already_reset_is_a_reset(action: Action) -> Non
         _wait_for(records, 20)
     assert {str(r["reason"]) for r in records} <= {"reset", str(action)}, records
     assert all(r["errno_name"] == "ECONNRESET" for r in records if r["reason"] == "reset")
+
+
+def test_rst_waits_for_a_reader_taking_100_kb_a_second() -> None:
+    # A reader taking 4 KiB pieces reopens its window only every ~128 KiB here (no ACK, so
+    # no progress seen, for over a second at 100 KB/s): the flush gave up after 1 s and the
+    # RST threw away half the bytes before the trigger (195,072 of 250,000 arrived).
+    size = 250_000
+    opts = options(TriggerKind.AFTER_BYTES_OUT, size, mode=ServeMode.SEND)
+    with serve(opts) as (port, _), connect(port) as sock:
+        got = 0
+        try:
+            while data := sock.recv(4096):
+                got += len(data)
+                time.sleep(len(data) / 100_000)
+        except ConnectionResetError:
+            pass
+    assert got == size

@@ -101,9 +101,11 @@ _RELAY_FD_SHARE = 8
 # An `rst` first lets the bytes sent before the trigger reach the peer (a RST discards what
 # is still queued, SOCKETS.md §5), for as long as the peer keeps taking them: it gives up
 # after this long without progress (a peer that stopped reading). Not less: a reader taking
-# small pieces opens its window only a segment (64 KiB on loopback) at a time, so its ACKs
-# can come more than 200 ms apart while it reads steadily (320 KB/s lost 90% at 200 ms).
-_RST_FLUSH_S = 1.0
+# small pieces reopens its window only after about 128 KiB (half a 256 KiB receive buffer,
+# on loopback here), so a steady reader's ACKs come 128 KiB / rate apart: 1 s cut readers
+# of 100 KB/s after 195 KB of 400 KB, 2 s keeps those above about 64 KiB/s (measured: 80
+# KB/s whole, 60 KB/s cut).
+_RST_FLUSH_S = 2.0
 _RST_FLUSH_TIMED_MAX_S = 1.0
 _RST_POLL_S = 0.001
 _RST_POLL_MAX_S = 0.02

@@ -251,20 +251,22 @@ def _one_client(
 
 # The RST waits for the server to take what we sent (a RST discards what is still queued,
 # SOCKETS.md §5) while it keeps reading: at most this long without progress (see
-# engines/reset.py: ACKs of a slow reader come a segment at a time).
-_RST_FLUSH_S = 1.0
+# engines/reset.py: a slow reader's ACKs come about 128 KiB apart). After a time trigger it
+# waits at most _RST_TIMED_MAX_S in all: the RST keeps its moment.
+_RST_FLUSH_S = 2.0
+_RST_TIMED_MAX_S = 1.0
 
 
 def _let_the_server_take_it(sock: Any, peer: _Peer, halt: _Halt, *, timed: bool) -> None:
     """Wait until the server has acknowledged what we sent, while it makes progress (after
-    a time trigger, `timed`, at most _RST_FLUSH_S in all: the RST keeps its moment).
+    a time trigger, `timed`, at most _RST_TIMED_MAX_S in all: the RST keeps its moment).
 
     Without it the RST threw away what sat in our send queue: `--after-bytes 1MB` to a
     server reading 1 MB/s delivered 87 KB, and bytes_out said 1,000,000.
     """
     left = send_queue_bytes(sock) or 0
     give_up = time.monotonic() + _RST_FLUSH_S
-    cap = give_up if timed else float("inf")
+    cap = time.monotonic() + _RST_TIMED_MAX_S if timed else float("inf")
     wait_s = _PEEK_S  # 1 ms at first, then less often (a slow server can take seconds)
     while left and not peer.ended and time.monotonic() < min(give_up, cap):
         if halt.is_set():
