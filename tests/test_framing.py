@@ -276,3 +276,32 @@ def test_delimiter_search_is_linear(monkeypatch: pytest.MonkeyPatch) -> None:
     size = 20_000
     assert feed_byte_at_a_time(decoder, b"a" * size + b"--END--") == [b"a" * size]
     assert scanned <= 7 * (size + 7)
+
+
+@pytest.mark.parametrize("codec", [c for c in CODECS if c.kind != "raw"], ids=lambda c: c.name)
+@pytest.mark.parametrize("fault", ["incomplete", "too-large"])
+def test_a_decoder_that_failed_is_freed_without_the_cyclic_gc(codec: Codec, fault: str) -> None:
+    # The decoder kept the error it raised, whose traceback held the decoder's own frame: a
+    # cycle, so its buffer (up to max_frame) lived until the cyclic GC ran. An echo closing
+    # one connection after another for framing errors grew by max_frame each time.
+    import gc
+    import weakref
+
+    decoder = codec.make(64)
+    if fault == "incomplete":
+        decoder.feed(codec.encode(b"x" * 10)[:-1])
+        decoder.feed(b"")  # EOF mid-frame
+    else:
+        decoder.feed(codec.encode(b"x" * 100))
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(2):  # the stored error raised again must not make the cycle either
+            with pytest.raises((IncompleteFrame, FrameTooLarge, MalformedFrame)):
+                decoder.next_frame()
+        gone = weakref.ref(decoder)
+        del decoder
+        assert gone() is None
+    finally:
+        if was_enabled:
+            gc.enable()

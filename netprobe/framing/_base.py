@@ -141,7 +141,7 @@ class DecoderBase:
             IncompleteFrame: EOF was fed in the middle of a frame.
         """
         if self._error is not None:
-            raise self._error.with_traceback(None)
+            raise _untraced(self._error)
         try:
             frame = self._maybe_extract()
             if frame is not None:
@@ -149,7 +149,9 @@ class DecoderBase:
             if self._eof and self._pending():
                 raise IncompleteFrame(self._incomplete_message())
         except FramingError as exc:
-            self._error = exc
+            # Kept as a copy without a traceback: the one raised refers to this frame, so to
+            # self, and that cycle held the buffer (up to max_frame) until the cyclic GC ran.
+            self._error = _untraced(exc)
             raise
         return NEED_DATA
 
@@ -197,3 +199,8 @@ class BufferedDecoder(DecoderBase):
 
     def _unconsumed(self) -> bytes:
         return self._buf.contents()
+
+
+def _untraced(exc: FramingError) -> FramingError:
+    """A copy of `exc` without traceback, cause or context (to keep, or to raise again)."""
+    return type(exc)(*exc.args)
