@@ -57,6 +57,7 @@ __all__ = [
     "accept_and_close",
     "accept_one",
     "address_range",
+    "bytes_sent",
     "check_listen_path",
     "check_unix_path_size",
     "classify_connect_errno",
@@ -1031,6 +1032,28 @@ def send_queue_bytes(sock: socket.socket) -> int | None:
     except (ImportError, AttributeError):
         return None
     return _tcp_queue_bytes(sock, request)
+
+
+def bytes_sent(sock: socket.socket) -> int | None:
+    """Data bytes the kernel has transmitted on a TCP connection, each counted once (Linux
+    TCP_INFO: tcpi_bytes_sent less tcpi_bytes_retrans, kernel 4.19+). Still readable after the
+    peer's RST, which throws away the queue of what was never sent: sent, the bytes reached
+    the peer (on loopback; its ACK may lag, so what it acknowledged can be short of what it
+    read). None where the kernel cannot say."""
+    if sys.platform != "linux" or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SENT_END)
+    except OSError:
+        return None
+    if len(info) < _TCP_INFO_SENT_END:
+        return None
+    sent, retransmitted = struct.unpack_from("=QQ", info, _TCP_INFO_SENT_END - 16)
+    return int(sent - retransmitted)
+
+
+# struct tcp_info: u64 tcpi_bytes_sent at offset 200, u64 tcpi_bytes_retrans at 208.
+_TCP_INFO_SENT_END = 216
 
 
 def unsent_bytes(sock: socket.socket) -> int | None:

@@ -381,6 +381,31 @@ def test_an_aborted_connection_counts_only_the_bytes_its_client_received() -> No
     assert close["bytes_in"] > received  # it read far more than the kernel let it send back
 
 
+def test_a_client_that_resets_is_counted_only_the_bytes_it_could_read() -> None:
+    # The same queues, but the client resets (SO_LINGER 0) instead: its RST threw away the
+    # server's unsent bytes too, and bytes_out said 4.7 MB to a client holding 128 KB.
+    import fcntl
+    import termios
+
+    with echo_process() as (proc, announce):
+        with socket.create_connection(("127.0.0.1", announce["port"]), timeout=LONG) as client:
+            client.setblocking(False)
+            until = time.monotonic() + 0.4
+            while time.monotonic() < until:
+                try:
+                    client.send(b"k" * 65536)
+                except BlockingIOError:
+                    time.sleep(0.02)
+            time.sleep(0.3)  # the last echoes land (and are acknowledged)
+            raw = fcntl.ioctl(client.fileno(), termios.FIONREAD, b"\0\0\0\0")
+            readable = int.from_bytes(raw, sys.byteorder)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        (close,) = [r for r in proc.records_until("close") if r["event"] == "close"]
+    assert close["reason"] == "reset"
+    assert close["bytes_out"] == readable
+    assert close["bytes_in"] > readable
+
+
 def test_idle_timeout_and_max_conns_from_the_cli() -> None:
     # The idle timeout is long enough that a loaded machine cannot let it expire before the
     # second client has been rejected.
