@@ -619,3 +619,43 @@ def test_numbers_take_ascii_digits_only(argv: list[str], text: str) -> None:
     # float() reads Arabic-Indic digits and underscores: these ran with "\u0661" read as 1.
     line = bad_input_line([*argv, text])
     assert repr(text) in line or text in line
+
+
+@pytest.mark.parametrize(
+    ("host", "words"),
+    [
+        ("0", "0.0.0.0 (every interface)"),
+        ("0x0", "0.0.0.0 (every interface)"),
+        ("0.0", "0.0.0.0 (every interface)"),
+        ("127.1", "127.0.0.1: write it out"),
+        ("4294967296", "a bare number"),
+    ],
+)
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["echo", "--port", "0", "--duration", "0.2", "--host", "{}"],
+        ["reset", "serve", "--port", "0", "--duration", "0.2", "--host", "{}"],
+        ["reset", "proxy", "--listen", "{}:0", "--upstream", "127.0.0.1:9", "--duration", "0.2"],
+    ],
+    ids=["echo", "reset-serve", "reset-proxy"],
+)
+def test_a_server_binds_no_address_shorthand(argv: list[str], host: str, words: str) -> None:
+    # `--host 0` (a slip for `--port 0`) bound 0.0.0.0, every interface, where the safe
+    # default promises loopback unless 0.0.0.0 is written out.
+    line = bad_input_line([arg.format(host) for arg in argv])
+    assert repr(host) in line or repr(f"{host}:0") in line
+    assert words in line
+
+
+def test_listen_binds_no_address_shorthand() -> None:
+    # A process with a timeout: listen has no --duration, and the old code would wait there.
+    from tests.helpers import run_netprobe
+
+    result = run_netprobe(["listen", "--port", "0", "--host", "0"], timeout=10)
+    assert result.returncode == 2
+    assert result.stdout == b""
+    assert result.stderr.decode() == (
+        "netprobe: listen: --host '0' reads as the address 0.0.0.0 (every interface): "
+        "write it out\n"
+    )

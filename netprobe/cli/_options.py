@@ -162,6 +162,21 @@ def refuse_ipv4_mapped(host: str, shown: str) -> None:
     mapped = _ipv4_mapped(host)
     if mapped is not None:
         raise UsageError(f"{shown} is an IPv4-mapped IPv6 address: bind {mapped} itself")
+    _refuse_ipv4_shorthand(host, shown)
+
+
+def _refuse_ipv4_shorthand(host: str, shown: str) -> None:
+    # The C library reads `0`, `0.0` and `0x0` as 0.0.0.0, every interface: `--host 0` (a slip
+    # for `--port 0`) exposed a test server the safe default keeps on loopback. A server
+    # binds an address written out, as port-check refuses bare numbers as hosts.
+    from netprobe.sockets import inet_aton_reading
+
+    address = inet_aton_reading(host)
+    if address is not None and address != host:
+        every = " (every interface)" if address == "0.0.0.0" else ""
+        raise UsageError(f"{shown} reads as the address {address}{every}: write it out")
+    if address is None and host.isascii() and host.isdigit():
+        raise UsageError(f"{shown} is a bare number, not a host name or address")
 
 
 def _ipv4_mapped(host: str) -> str | None:
