@@ -873,12 +873,23 @@ def test_running_out_of_fds_is_one_error_however_long_it_lasts() -> None:
 # --- sweep fixes: a bad --ready-file, and bad input that came after the ready file ----------
 
 
-@pytest.mark.parametrize(("value", "why"), [("", "is empty"), ("/", "is a directory")])
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [("", "is empty"), ("/", "is a directory"), ("a" * 300, "File name too long")],
+    ids=["empty", "root", "name-too-long"],
+)
 def test_ready_file_without_a_file_name_is_bad_input(value: str, why: str) -> None:
     # Before: `internal error: ValueError: PosixPath('.') has an empty name`, exit 70.
     line = bad_input_line(["echo", "--port", "0", "--duration", "0.2", "--ready-file", value])
     assert f"--ready-file {value!r}" in line
     assert why in line
+
+
+def test_ready_file_at_the_unix_sockets_path_is_bad_input(tmp_path: Path) -> None:
+    # Its write replaced the socket with a file: every client refused, and exit 0.
+    path = str(tmp_path / "echo.sock")
+    line = bad_input_line(["echo", "--unix", path, "--duration", "0.2", "--ready-file", path])
+    assert line.endswith(f"--ready-file {path!r} is the --unix socket's own path")
 
 
 @pytest.mark.parametrize(

@@ -228,6 +228,9 @@ def echo(
     if idle_timeout is not None and idle_timeout <= 0:
         raise UsageError(f"--idle-timeout {idle_timeout:g}s must be more than 0")
     ready_file = _check_ready_file(ready_file_text) if ready_file_text is not None else None
+    if unix is not None and ready_file is not None and _same_path(unix, ready_file):
+        # Its write (a rename over the path) would replace the socket: every client refused.
+        raise UsageError(f"--ready-file {ready_file_text!r} is the --unix socket's own path")
     if unix is not None:
         # The bind would refuse these too, but only after the old ready file is gone.
         from netprobe.sockets import check_listen_path
@@ -308,12 +311,15 @@ def _check_ready_file(text: str) -> Path:
     if not text:
         raise UsageError(f"{shown}: the path is empty (give a file, e.g. /tmp/echo.json)")
     ready_file = Path(text)
-    # Path("/") and Path(".") have no name to put ".tmp" after: both are directories.
-    if not ready_file.name or ready_file.is_dir():
-        raise UsageError(f"{shown}: {text} is a directory, not a file")
-    tmp = _tmp_path(ready_file)
-    if tmp.is_dir():
-        raise UsageError(f"{shown}: {tmp} is a directory, not a file")
+    try:
+        # Path("/") and Path(".") have no name to put ".tmp" after: both are directories.
+        if not ready_file.name or ready_file.is_dir():
+            raise UsageError(f"{shown}: {text} is a directory, not a file")
+        tmp = _tmp_path(ready_file)
+        if tmp.is_dir():
+            raise UsageError(f"{shown}: {tmp} is a directory, not a file")
+    except OSError as exc:  # is_dir() raises ENAMETOOLONG (a name over 255 bytes), ELOOP
+        raise UsageError(f"{shown}: cannot write it: {exc.strerror or exc}") from None
     if not os.access(ready_file.parent, os.W_OK):
         raise UsageError(f"{shown}: cannot write in {ready_file.parent}")
     # os.access says yes to root everywhere, /proc included: only a write tells.
@@ -328,6 +334,13 @@ def _check_ready_file(text: str) -> Path:
         with contextlib.suppress(OSError):
             tmp.unlink()
     return ready_file
+
+
+def _same_path(unix: str, ready_file: Path) -> bool:
+    try:
+        return os.path.realpath(unix) == os.path.realpath(ready_file)
+    except (OSError, ValueError):
+        return False
 
 
 def _remove_ready_file(ready_file: Path | None) -> None:
