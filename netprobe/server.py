@@ -1351,6 +1351,9 @@ class Server:
         self.lost_workers: list[str] = []
         self._children: list[tuple[int, int, int]] = []  # (pid, summary fd, lifeline fd)
         self._lifeline: int | None = None
+        # The signal mask before listen() held the signals the loop will handle (see
+        # _hold_signals); None when nothing is held.
+        self._held_mask: set[int | signal.Signals] | None = None
         self._next_out_id = 0
         self._accepting = False
         self._accept_done = False
@@ -1390,6 +1393,14 @@ class Server:
         """
         if self.bound is not None:
             return self.bound
+        self._hold_signals()
+        try:
+            return self._listen()
+        except BaseException:
+            self._release_signals()
+            raise
+
+    def _listen(self) -> Bound:
         config = self.config
         if config.udp:
             sock = sockets.open_udp(config.host, config.port, family=config.family)
@@ -1430,6 +1441,7 @@ class Server:
             with asyncio.Runner(loop_factory=self.config.loop_factory) as runner:
                 summary = runner.run(self.serve())
         finally:
+            self._release_signals()  # serve() never got as far as its handlers
             self._close_listener()
         if self._children:
             self._collect_workers(summary)
@@ -1555,6 +1567,7 @@ class Server:
         self._tokens_at = self._started_at
         self._tokens = 1.0
         installed = self._install_signals(loop)
+        self._release_signals()  # a signal held since listen() is handled now
         if self._worker:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
         duration_handle = None
@@ -1676,6 +1689,33 @@ class Server:
             conn.errno_name = sockets.errno_name(exc.errno) or "EAI_FAIL"
             conn.reason = CloseReason.CONNECT_ERROR
             conn._finish(None)
+
+    def _hold_signals(self) -> None:
+        # From listen() on, clients connect (a script polling the port starts now): a stop or
+        # SIGUSR1 before the loop's handlers are in would kill the server (SIGTERM, SIGUSR1:
+        # exit by signal, no totals; a Unix socket file left behind) or raise in the middle
+        # of its set-up. Held until serve() has installed them, then handled as usual.
+        # Only for a command's own server (late_signals_ignored: echo, reset serve and proxy),
+        # which serves in the thread that listens, the main one: a library caller may listen
+        # here and serve in another thread, which could not release the main thread's mask.
+        if (
+            self._held_mask is not None
+            or not (self.config.handle_signals and self.config.late_signals_ignored)
+            or threading.current_thread() is not threading.main_thread()
+            or not hasattr(signal, "pthread_sigmask")
+        ):
+            return
+        wanted = {signal.SIGINT, signal.SIGTERM}
+        usr1 = getattr(signal, "SIGUSR1", None)
+        if usr1 is not None and self.on_totals is not None:
+            wanted.add(usr1)
+        self._held_mask = signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+
+    def _release_signals(self) -> None:
+        if self._held_mask is None or threading.current_thread() is not threading.main_thread():
+            return  # held by the main thread: only it can let them through
+        mask, self._held_mask = self._held_mask, None
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
         if (

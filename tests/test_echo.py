@@ -1316,3 +1316,30 @@ def test_lingering_sockets_are_bounded_by_max_conns_too() -> None:
             if c.status != psutil.CONN_LISTEN
         ]
     assert len(held) <= 2
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT", "SIGUSR1"])
+def test_a_signal_between_listen_and_the_loop_is_handled_not_fatal(signame: str) -> None:
+    # From listen() on a client (or a script polling the port) can connect, but the loop's
+    # handlers came later: SIGTERM or SIGUSR1 in that gap killed the server (no totals), and
+    # SIGINT raised in its set-up. The signal now waits for the handlers.
+    script = f"""
+import os, signal, sys
+from netprobe.engines.echo import EchoOptions, make_server
+from netprobe.server import ServerConfig
+reports = []
+server = make_server(
+    ServerConfig(port=0, duration_s=0.5, late_signals_ignored=True), EchoOptions(),
+    on_totals=lambda totals: reports.append("running"),
+)
+server.listen()
+os.kill(os.getpid(), signal.{signame})
+summary = server.run()
+print("served", reports)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, timeout=LONG, cwd=ROOT, check=False
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    expected = "['running']" if signame == "SIGUSR1" else "[]"
+    assert done.stdout.decode() == f"served {expected}\n"
