@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.reliability import scenarios
 from tests.reliability.test_hostile import BAD_INPUTS
 
-NAMES = ("load", "resets", "slowloris", "nonreader", "emfile", "sigterm", "badinput")
+NAMES = ("load", "resets", "slowloris", "nonreader", "emfile", "sigterm", "stuck", "badinput")
 
 
 def main() -> int:
@@ -66,6 +66,8 @@ def _run(name: str, quick: bool) -> list[str]:
         with tempfile.TemporaryDirectory(prefix="np-rel-") as tmp:
             unix = scenarios.run_sigterm(str(Path(tmp) / "echo.sock")).lines()
         return unix + scenarios.run_sigterm_proxy().lines()
+    if name == "stuck":
+        return scenarios.run_stuck_stop(3 if quick else 5).lines()
     commands = sorted({" ".join(a[:2]) if a[0] == "reset" else a[0] for a, _ in BAD_INPUTS})
     return [
         f"bad inputs tried: {len(BAD_INPUTS)} across {len(commands)} subcommands "

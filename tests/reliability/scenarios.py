@@ -40,6 +40,7 @@ __all__ = [
     "ServerFigures",
     "SigtermFigures",
     "SlowlorisFigures",
+    "StuckStopFigures",
     "run_echo_emfile",
     "run_emfile",
     "run_load",
@@ -48,6 +49,7 @@ __all__ = [
     "run_sigterm",
     "run_sigterm_proxy",
     "run_slowloris",
+    "run_stuck_stop",
 ]
 
 # RSS may not return to the exact byte: the allocator keeps some freed arenas. Anything a
@@ -644,6 +646,71 @@ def _sigterm_under_load(
         assert not waiter.is_alive(), f"{figures.name} did not exit within 10 s of SIGTERM"
         figures.exit_s = exited[0] - signalled
         figures.returncode = proc.returncode
+
+
+@dataclass
+class StuckStopFigures:
+    """Figures of the stop with everything stuck: output nobody reads, clients that do not."""
+
+    runs: list[tuple[int | None, float]] = field(default_factory=list)  # (exit code, seconds)
+
+    def lines(self) -> list[str]:
+        times = ", ".join(f"{seconds:.2f}" for _code, seconds in self.runs)
+        codes = sorted({code for code, _seconds in self.runs}, key=str)
+        return [
+            f"stuck stop: echo with stdout and stderr on one pipe nobody reads (full of event "
+            f"lines) and 2 clients that stopped reading, SIGTERM -> exit {codes} in {times} s"
+        ]
+
+
+def run_stuck_stop(rounds: int = 3, lines: int = 1500) -> StuckStopFigures:
+    """The slowest stop the issue bounds ("exit 0 within a second"): the clients' grace and
+    the output's waits for its reader add up, so they must fit in the second together."""
+    import socket
+    import subprocess
+    import sys
+
+    figures = StuckStopFigures()
+    for _ in range(rounds):
+        read_end, write_end = os.pipe()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "netprobe", "echo", "--port", "0"],
+            stdin=subprocess.DEVNULL, stdout=write_end, stderr=write_end,
+        )  # fmt: skip
+        os.close(write_end)
+        stalled: list[socket.socket] = []
+        try:
+            announce = b""
+            while not announce.endswith(b"\n"):
+                byte = os.read(read_end, 1)
+                if not byte:
+                    raise RuntimeError("echo exited before it announced")
+                announce += byte
+            port = int(announce.split(b":")[1].split(b"/")[0])
+            for _ in range(lines):  # an accept and a close line each: the pipe fills
+                socket.create_connection(("127.0.0.1", port), timeout=10).close()
+            for _ in range(2):
+                client = socket.create_connection(("127.0.0.1", port), timeout=10)
+                client.setblocking(False)
+                stalled.append(client)
+                for _ in range(400):  # bounded: until its queues are full
+                    try:
+                        client.send(b"a" * 65536)
+                    except BlockingIOError:
+                        break
+            time.sleep(0.2)
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=10)
+            figures.runs.append((code, time.monotonic() - signalled))
+        finally:
+            for client in stalled:
+                client.close()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            os.close(read_end)
+    return figures
 
 
 @dataclass
