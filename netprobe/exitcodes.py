@@ -39,6 +39,24 @@ class ExitStatus(IntEnum):
     TERMINATED = 143  # 128 + SIGTERM: listen and send, stopped after their report
 
 
+# What each code means in a word or two: the root --help lists them all (a test checks that
+# every code is here); each command's --help says which of them it uses.
+SHORT_MEANING: dict[ExitStatus, str] = {
+    ExitStatus.OK: "OK",
+    ExitStatus.NOT_OPEN: "not open",
+    ExitStatus.USAGE: "bad input",
+    ExitStatus.TIMEOUT: "timeout",
+    ExitStatus.RESET: "reset",
+    ExitStatus.RESOLVE: "resolve",
+    ExitStatus.LOCAL: "local error",
+    ExitStatus.INTERNAL: "internal error",
+    ExitStatus.WAIT_DEADLINE: "wait deadline",
+    ExitStatus.INTERRUPTED: "Ctrl-C",
+    ExitStatus.OUTPUT_CLOSED: "output closed",
+    ExitStatus.TERMINATED: "SIGTERM",
+}
+
+
 # Worst first: a run with many results exits with the first of these that occurred.
 SEVERITY: tuple[ExitStatus, ...] = (
     ExitStatus.INTERNAL,

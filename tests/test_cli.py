@@ -478,3 +478,35 @@ def test_a_ctrl_c_while_the_command_line_loads_exits_130_without_a_traceback() -
     assert (proc.returncode, proc.stderr) == (130, b"\n"), proc.stderr.decode()
     console = (ROOT / "pyproject.toml").read_text()
     assert 'netprobe = "netprobe.entry:main"' in console
+
+
+def test_the_root_help_lists_every_exit_code() -> None:
+    from netprobe.exitcodes import SHORT_MEANING, ExitStatus
+
+    assert set(SHORT_MEANING) == set(ExitStatus)
+    text = " ".join(invoke(["--help"]).text.split())
+    for code, meaning in SHORT_MEANING.items():
+        assert f"{int(code)} {meaning}" in text
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["port-check"],
+        ["echo"],
+        ["send"],
+        ["listen"],
+        ["backlog"],
+        ["listeners"],
+        ["doctor"],
+        ["reset", "serve"],
+        ["reset", "proxy"],
+        ["reset", "client"],
+    ],
+    ids=lambda c: "-".join(c),
+)
+def test_every_commands_help_names_its_exit_codes(command: list[str]) -> None:
+    # Some listed none, others left out bad input, Ctrl-C or SIGTERM (review helper-101).
+    text = " ".join(invoke([*command, "--help"]).text.split())
+    assert "Exit codes: 0 " in text
+    assert "2 bad" in text

@@ -51,11 +51,7 @@ def _root(
         ),
     ] = False,
 ) -> None:
-    """Test and diagnose TCP, UDP and Unix-socket networking.
-
-    Exit codes: 0 OK, 1 not open, 2 usage, 3 timeout, 4 reset, 5 resolve, 6 local,
-    70 internal, 124 wait deadline, 130 interrupted.
-    """
+    """Test and diagnose TCP, UDP and Unix-socket networking (the app's help says more)."""
 
 
 def _ascii_int(value: Any) -> int:
@@ -77,9 +73,13 @@ def build_app(command: str | None = None) -> typer.Typer:
     from typer._click.types import IntParamType
 
     IntParamType._number_class = staticmethod(_ascii_int)  # type: ignore[assignment]  # see _ascii_int
+    from netprobe.exitcodes import SHORT_MEANING
+
+    codes = ", ".join(f"{int(code)} {meaning}" for code, meaning in SHORT_MEANING.items())
     app = typer.Typer(
         name="netprobe",
         help="Test and diagnose TCP, UDP and Unix-socket networking.",
+        epilog=f"Exit codes: {codes}. Each command's --help says which it uses.",
         no_args_is_help=True,
         pretty_exceptions_enable=False,
         context_settings={"help_option_names": ["-h", "--help"]},

@@ -158,7 +158,7 @@ def backlog(
 
     Exit codes: 0 run completed, 1 a --fail-if gate failed, 2 bad input or a non-loopback
     target without --allow-remote (nothing sent), 5 TARGET does not resolve, 6 local
-    failure (the lab listener could not bind).
+    failure (the lab listener could not bind); 130 Ctrl-C, 143 SIGTERM.
     """
     from netprobe.cli._run import bounded_stdout, error_line, sigterm_exits_143
     from netprobe.engines.backlog import (

@@ -27,7 +27,8 @@ def doctor(
     get a verdict and a hint; each self-test is a real exchange with the real
     engines on loopback (port 0, stopped after). Nothing needs root.
 
-    Exit 0 only if no check fails (warnings do not fail); otherwise 1.
+    Exit codes: 0 no check failed (warnings do not fail), 1 a check failed, 2 bad options,
+    130 Ctrl-C.
     """
     from netprobe.engines.doctor import Verdict, run_doctor
     from netprobe.exitcodes import ExitStatus

@@ -166,6 +166,9 @@ def echo(
     Events (accept, close with reason, reject) go to stderr; with --json they are
     JSON lines on stdout. SIGUSR1 prints running totals; SIGINT/SIGTERM stop the
     server and print the totals.
+
+    Exit codes: 0 after a stop (signal, --once, --count, --duration), 2 bad input,
+    5 --host does not resolve, 6 bind failed.
     """
     from netprobe.engines.echo import EchoOptions, make_server
     from netprobe.framing import DEFAULT_MAX_FRAME

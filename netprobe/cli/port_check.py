@@ -266,8 +266,9 @@ def port_check(
     """Check TCP/UDP ports and Unix sockets: open, closed, filtered; latency probes; wait until open.
 
     Exit codes: 0 the requirement holds; else the worst failure: 1 closed/unreachable or not
-    as expected, 3 only timeouts, 5 resolution, 6 local error; 124 wait deadline; with
-    `-- COMMAND`, the command's status.
+    as expected, 3 only timeouts, 5 resolution, 6 local error; 2 bad input; 124 wait
+    deadline; with `-- COMMAND`, the command's status; 130 Ctrl-C, 141 stdout closed before
+    the verdict was known, 143 SIGTERM.
     """
     import time
 

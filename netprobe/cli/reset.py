@@ -441,9 +441,11 @@ def client(
     """Connect, send, then abort with RST at the trigger; report what the server did first.
 
     The trigger counts bytes *sent* (--after-bytes) or time since the connect (--after-ms);
-    without one, the client resets right after DATA (or at once with no DATA). Exit 0 when every
-    connect succeeded, 4 when the server reset first, else the worst connect outcome.
-    A non-loopback TARGET needs --allow-remote.
+    without one, the client resets right after DATA (or at once with no DATA). A non-loopback
+    TARGET needs --allow-remote.
+
+    Exit codes: 0 every connect succeeded, 4 the server reset first, else the worst connect
+    outcome (1 refused, 3 timeout, 5 resolve); 2 bad input; 130 Ctrl-C, 143 SIGTERM.
     """
     from netprobe.cli._run import bounded_stdout, spare_a_stuck_stdout, stdout_takes_some
     from netprobe.engines.reset_client import (
@@ -823,6 +825,8 @@ def serve(
     object with --json). Each connection ends with a record (JSON on stdout, text on stderr):
     trigger, action, whether it fired and when, bytes each way. Totals at exit (SIGINT/SIGTERM,
     --count, --duration); SIGUSR1 prints running totals.
+
+    Exit codes: 0 after a stop, 2 bad input, 5 --host does not resolve, 6 bind failed.
     """
     from netprobe.engines.reset import (
         SERVE_TRIGGERS,
@@ -1051,6 +1055,9 @@ def proxy(
     Toxics (--latency, --jitter, --bandwidth, --slice, --limit-bytes, --timeout) apply to the
     --direction's bytes from the start. SIGUSR1 switches all faults off and on (the new state
     is printed). A non-loopback --upstream needs --allow-remote.
+
+    Exit codes: 0 after a stop, 2 bad input (a non-loopback --upstream without
+    --allow-remote too), 5 --listen does not resolve, 6 bind failed.
     """
     from netprobe.engines.reset import (
         PROXY_TRIGGERS,

@@ -332,8 +332,8 @@ def send(
     """Connect, send DATA / --file / stdin, print what comes back; say how it ended.
 
     Exit codes: 0 completed, 1 refused (or expectation not met at EOF, or a framing error),
-    3 timed out, no answer, or input left unsent; 4 reset by peer, 5 name not resolved,
-    6 local failure (the transcript cannot be written).
+    2 bad input, 3 timed out, no answer, or input left unsent; 4 reset by peer, 5 name not
+    resolved, 6 local failure (the transcript cannot be written); 130 Ctrl-C, 143 SIGTERM.
     """
     import re
 
