@@ -659,3 +659,30 @@ def test_listen_binds_no_address_shorthand() -> None:
         "netprobe: listen: --host '0' reads as the address 0.0.0.0 (every interface): "
         "write it out\n"
     )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["echo", "--port", "0", "--host", "a b"],
+        ["reset", "serve", "--probability", "1.5"],
+        ["reset", "proxy", "--listen", "x", "--upstream", "127.0.0.1:9"],
+        ["reset", "serve", "--json", "-q"],
+        ["listeners", "--json", "--csv"],
+    ],
+    ids=["echo", "reset-serve", "reset-proxy", "reset-serve-json-q", "listeners"],
+)
+def test_bad_input_exits_before_the_heavy_imports(argv: list[str]) -> None:
+    # These loaded the engine (asyncio, the server core) or psutil before they checked the
+    # options: 150-250 ms more for a line of bad input (review helper-101).
+    script = (
+        "import sys\n"
+        "from netprobe.cli import main\n"
+        f"code = main({argv!r})\n"
+        "heavy = sorted(m for m in ('asyncio', 'psutil', 'netprobe.server') if m in sys.modules)\n"
+        "print(code, heavy)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, timeout=60, check=False
+    )
+    assert done.stdout.decode() == "2 []\n", done.stderr.decode()

@@ -170,9 +170,7 @@ def echo(
     Exit codes: 0 after a stop (signal, --once, --count, --duration), 2 bad input,
     5 --host does not resolve, 6 bind failed.
     """
-    from netprobe.engines.echo import EchoOptions, make_server
     from netprobe.framing import DEFAULT_MAX_FRAME
-    from netprobe.server import ServerConfig
 
     _check_range("--port", port, 0, 65535)
     _check_range("--max-conns", max_conns, 1)
@@ -239,6 +237,11 @@ def echo(
         from netprobe.sockets import check_listen_path
 
         check_listen_path(unix)
+    # The engine (asyncio, the server core) loads once the options are checked: bad input
+    # exits without it.
+    from netprobe.engines.echo import EchoOptions, make_server
+    from netprobe.server import ServerConfig
+
     config = ServerConfig(
         late_signals_ignored=True,  # the process exits when the server is done
         host=host,

@@ -34,7 +34,6 @@ def listeners(
 
     Exit codes: 0 listeners found, 1 none matched, 2 bad input.
     """
-    from netprobe.engines.listeners import is_root, list_listeners
     from netprobe.render import Column, Renderer, choose_format, log
     from netprobe.results import to_record
 
@@ -42,11 +41,14 @@ def listeners(
         from netprobe.errors import UsageError
 
         raise UsageError(f"--port {port} and --unix exclude each other: Unix sockets have no port")
+    out = sys.stdout
+    fmt = choose_format(json_out=json_out, csv_out=csv_out, quiet=quiet, out=out)
+    # psutil loads only once the options are checked: bad input exits without it.
+    from netprobe.engines.listeners import is_root, list_listeners
+
     if not (tcp or udp or unix):
         tcp = udp = unix = True
     rows = list_listeners(port=port, tcp=tcp, udp=udp, unix=unix)
-    out = sys.stdout
-    fmt = choose_format(json_out=json_out, csv_out=csv_out, quiet=quiet, out=out)
     columns = [
         Column("proto", "PROTO"),
         Column("address", "ADDRESS"),

@@ -828,16 +828,10 @@ def serve(
 
     Exit codes: 0 after a stop, 2 bad input, 5 --host does not resolve, 6 bind failed.
     """
-    from netprobe.engines.reset import (
-        SERVE_TRIGGERS,
-        ResetOptions,
-        ServeMode,
-        make_serve,
-        parse_mode,
-    )
-    from netprobe.engines.reset_faults import Action
+    # The engine (asyncio, the server core) loads once the options are checked: bad input
+    # exits without it.
+    from netprobe.engines.reset_faults import SERVE_TRIGGERS, Action, ServeMode, parse_mode
     from netprobe.render import choose_format
-    from netprobe.server import ServerConfig
 
     choose_format(json_out=json_out, csv_out=False, quiet=quiet, out=sys.stdout)  # -q xor --json
     host = bind_host(host)
@@ -909,6 +903,9 @@ def serve(
             "--backlog would change nothing"
         )
     run_s = _duration_opt(run_for, "--duration")
+    from netprobe.engines.reset import ResetOptions, make_serve
+    from netprobe.server import ServerConfig
+
     config = ServerConfig(
         late_signals_ignored=True,  # the process exits when the server is done
         host=host,
@@ -1059,15 +1056,9 @@ def proxy(
     Exit codes: 0 after a stop, 2 bad input (a non-loopback --upstream without
     --allow-remote too), 5 --listen does not resolve, 6 bind failed.
     """
-    from netprobe.engines.reset import (
-        PROXY_TRIGGERS,
-        Direction,
-        ResetOptions,
-        Toxics,
-        make_proxy,
-    )
+    # The engine (asyncio, the server core) loads once the options are checked (see serve).
+    from netprobe.engines.reset_faults import PROXY_TRIGGERS, Direction, Toxics
     from netprobe.render import choose_format
-    from netprobe.server import ServerConfig
     from netprobe.sockets import is_loopback, not_loopback_why, resolve_named, resolved_off_loopback
 
     choose_format(json_out=json_out, csv_out=False, quiet=quiet, out=sys.stdout)  # -q xor --json
@@ -1149,6 +1140,9 @@ def proxy(
         limit_bytes=_size_opt(limit_bytes, "--limit-bytes"),
         timeout_s=timeout_s,
     )
+    from netprobe.engines.reset import ResetOptions, make_proxy
+    from netprobe.server import ServerConfig
+
     config = ServerConfig(
         late_signals_ignored=True,  # the process exits when the server is done
         host=listen_host,

@@ -27,17 +27,22 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 from netprobe import sockets
 from netprobe.engines.reset_client import generated_stream
 from netprobe.engines.reset_faults import (
+    PROXY_TRIGGERS,
+    SERVE_TRIGGERS,
     Action,
+    Direction,
     FaultSchedule,
+    ServeMode,
+    Toxics,
     Trigger,
     TriggerKind,
     TriggerState,
+    parse_mode,
 )
 from netprobe.errors import FrameTooLarge, FramingError, MalformedFrame
 from netprobe.server import (
@@ -66,9 +71,6 @@ __all__ = [
     "make_serve",
     "parse_mode",
 ]
-
-SERVE_TRIGGERS = frozenset(TriggerKind) - {TriggerKind.ON_CONNECT}
-PROXY_TRIGGERS = frozenset(TriggerKind) - {TriggerKind.AFTER_BYTES_OUT}
 
 
 def _framing_reason(exc: FramingError) -> str:
@@ -241,61 +243,6 @@ class _HangWatch:
         for conn, on_left in left:
             if not conn.is_closing:
                 on_left(conn)
-
-
-class Direction(StrEnum):
-    """Which side a proxy fault hits: down (towards the client), up (towards upstream)."""
-
-    UP = "up"
-    DOWN = "down"
-    BOTH = "both"
-
-
-class ServeMode(StrEnum):
-    ECHO = "echo"
-    DISCARD = "discard"
-    SEND = "send"
-
-
-def parse_mode(text: str) -> tuple[ServeMode, int | None]:
-    """`echo`, `discard`, `send` or `send BYTES` (also `send:BYTES`): mode and byte count.
-
-    Raises:
-        UsageError: an unknown mode or a bad size.
-    """
-    from netprobe.errors import UsageError
-    from netprobe.sockets import parse_size
-
-    name, _, rest = text.strip().replace(":", " ").replace("=", " ").partition(" ")
-    try:
-        mode = ServeMode(name.lower())
-    except ValueError:
-        raise UsageError(f"--mode {text!r}: choose echo, discard, send or 'send BYTES'") from None
-    if not rest.strip():
-        return mode, None
-    if mode is not ServeMode.SEND:
-        raise UsageError(f"--mode {text!r}: only 'send' takes a byte count")
-    try:
-        return mode, parse_size(rest.strip())
-    except UsageError as exc:
-        raise UsageError(f"--mode {text!r}: {exc}") from None
-
-
-@dataclass(frozen=True, slots=True)
-class Toxics:
-    """toxiproxy-style faults on forwarded bytes (0/None: off)."""
-
-    latency_s: float = 0.0
-    jitter_s: float = 0.0
-    bandwidth: int | None = None  # bytes per second
-    slice_size: int | None = None
-    slice_delay_s: float = 0.0
-    limit_bytes: int | None = None
-    timeout_s: float | None = None
-
-    @property
-    def shaping(self) -> bool:
-        return bool(self.latency_s or self.jitter_s or self.bandwidth or self.slice_size)
 
 
 @dataclass(slots=True)

@@ -24,8 +24,13 @@ if TYPE_CHECKING:
     from netprobe.framing import Decoder
 
 __all__ = [
+    "PROXY_TRIGGERS",
+    "SERVE_TRIGGERS",
     "Action",
+    "Direction",
     "FaultSchedule",
+    "ServeMode",
+    "Toxics",
     "Trigger",
     "TriggerKind",
     "TriggerState",
@@ -33,6 +38,7 @@ __all__ = [
     "check_probability",
     "fault_chosen",
     "parse_action",
+    "parse_mode",
     "parse_plan",
 ]
 
@@ -360,3 +366,64 @@ class TriggerState:
     def _fire(self, cut: int) -> int:
         self.fired = True
         return cut
+
+
+# The options of `reset serve` and `reset proxy` that the CLI checks before it loads the
+# engine (engines.reset: asyncio and the server core), so bad input exits fast.
+SERVE_TRIGGERS = frozenset(TriggerKind) - {TriggerKind.ON_CONNECT}
+PROXY_TRIGGERS = frozenset(TriggerKind) - {TriggerKind.AFTER_BYTES_OUT}
+
+
+class Direction(StrEnum):
+    """Which side a proxy fault hits: down (towards the client), up (towards upstream)."""
+
+    UP = "up"
+    DOWN = "down"
+    BOTH = "both"
+
+
+class ServeMode(StrEnum):
+    ECHO = "echo"
+    DISCARD = "discard"
+    SEND = "send"
+
+
+def parse_mode(text: str) -> tuple[ServeMode, int | None]:
+    """`echo`, `discard`, `send` or `send BYTES` (also `send:BYTES`): mode and byte count.
+
+    Raises:
+        UsageError: an unknown mode or a bad size.
+    """
+    from netprobe.errors import UsageError
+    from netprobe.sockets import parse_size
+
+    name, _, rest = text.strip().replace(":", " ").replace("=", " ").partition(" ")
+    try:
+        mode = ServeMode(name.lower())
+    except ValueError:
+        raise UsageError(f"--mode {text!r}: choose echo, discard, send or 'send BYTES'") from None
+    if not rest.strip():
+        return mode, None
+    if mode is not ServeMode.SEND:
+        raise UsageError(f"--mode {text!r}: only 'send' takes a byte count")
+    try:
+        return mode, parse_size(rest.strip())
+    except UsageError as exc:
+        raise UsageError(f"--mode {text!r}: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Toxics:
+    """toxiproxy-style faults on forwarded bytes (0/None: off)."""
+
+    latency_s: float = 0.0
+    jitter_s: float = 0.0
+    bandwidth: int | None = None  # bytes per second
+    slice_size: int | None = None
+    slice_delay_s: float = 0.0
+    limit_bytes: int | None = None
+    timeout_s: float | None = None
+
+    @property
+    def shaping(self) -> bool:
+        return bool(self.latency_s or self.jitter_s or self.bandwidth or self.slice_size)
