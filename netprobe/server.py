@@ -1428,6 +1428,13 @@ class Server:
         self._listener = sock
         return self.bound
 
+    def unlisten(self) -> None:
+        """Undo listen() for a caller that will not serve after all: close the listener (and
+        its Unix socket file) and let the signals held since listen() through."""
+        self._close_listener()
+        self.bound = None
+        self._release_signals()
+
     def run(self) -> ServerSummary:
         """Listen (if not yet), serve until stopped, and return the totals.
 

@@ -764,6 +764,19 @@ def test_allow_without_a_block_of_the_servers_family_is_refused(
     assert f"serves only IPv{6 if ':' in host else 4} peers" in line
 
 
+def test_allow_without_a_block_of_the_family_a_name_binds_is_refused() -> None:
+    # A name's family is known only once it resolves: `--host localhost --allow ::1/128`
+    # started and refused every client (review helper-99). --duration bounds the old code.
+    announce = invoke(["echo", "--host", "localhost", "--port", "0", "--duration", "0.1"])
+    assert announce.exit_code == 0, announce.stderr
+    v6 = announce.text.startswith("listening on [")
+    other = "127.0.0.0/8" if v6 else "::1/128"
+    argv = ["echo", "--host", "localhost", "--port", "0", "--duration", "0.2", "--allow", other]
+    line = bad_input_line(argv)
+    assert "every client would be refused" in line
+    assert f"--host localhost ({'::1' if v6 else '127.0.0.1'})" in line
+
+
 def test_pause_accept_with_an_accept_rate_is_refused() -> None:
     # Before: accepted, and the rate silently meant nothing (a paused server never accepts).
     line = bad_input_line(

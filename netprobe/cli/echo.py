@@ -278,7 +278,14 @@ def echo(
     _remove_ready_file(ready_file)
     try:
         with naming_host(host):
-            server.listen()  # bind errors (exit 6) surface here, before anything is printed
+            bound = server.listen()  # bind errors (exit 6) surface here, before any output
+        if config.allow and bound.host:
+            # A name's family is known now: `--host localhost --allow ::1/128` refuses all.
+            try:
+                _check_allow_family(host, bound.host, config.allow, allow or ())
+            except UsageError:
+                server.unlisten()
+                raise
         summary = server.run()
     finally:
         _remove_ready_file(ready_file)  # nobody listens any more
@@ -292,22 +299,30 @@ def _allow_for(host: str, specs: Sequence[str]) -> tuple[Any, ...]:
     """--allow blocks; refused when none is of the family the server listens on (an IPv4
     --host serves only IPv4 peers, an IPv6 one only IPv6: it binds v6-only), since every
     client would then be turned away."""
-    import ipaddress
-
     from netprobe.server import parse_allow
 
     networks = parse_allow(specs)
+    _check_allow_family(host, host, networks, specs)
+    return networks
+
+
+def _check_allow_family(
+    host: str, address: str, networks: Sequence[Any], specs: Sequence[str]
+) -> None:
+    """Refuse --allow blocks none of which is of `address`'s family (`host` as given)."""
+    import ipaddress
+
     try:
-        version = ipaddress.ip_address(host).version
+        version = ipaddress.ip_address(address.split("%", 1)[0]).version
     except ValueError:
-        return networks  # a name: its family is known only once it resolves
+        return  # a name: its family is known only once it resolves (checked after the bind)
     if networks and all(net.version != version for net in networks):
         blocks = " ".join(specs)
+        shown = host if host == address else f"{host} ({address})"
         raise UsageError(
-            f"--allow {blocks}: no IPv{version} block, and --host {host} serves only IPv{version} "
-            "peers: every client would be refused"
+            f"--allow {blocks}: no IPv{version} block, and --host {shown} serves only "
+            f"IPv{version} peers: every client would be refused"
         )
-    return networks
 
 
 def _check_ready_file(text: str) -> Path:
