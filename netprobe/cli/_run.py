@@ -381,9 +381,15 @@ def _run(args: list[str]) -> int:
 
     debug = _debug_requested(args)
     command = _command_name(args)
+    # No command (`netprobe`, `netprobe reset`) is bad input, exit 2: the help it shows goes
+    # to stderr with the error, so stdout stays for results only.
+    positional = [a for a in args if not a.startswith("-")]
+    asked = any(a in ("-h", "--help", "--version") for a in args)
+    no_command = not asked and positional in ([], ["reset"])
     try:
-        app = build_app(next((a for a in args if not a.startswith("-")), None))
-        result: Any = app(args=args, prog_name="netprobe", standalone_mode=False)
+        app = build_app(next(iter(positional), None))
+        with contextlib.redirect_stdout(sys.stderr) if no_command else contextlib.nullcontext():
+            result: Any = app(args=args, prog_name="netprobe", standalone_mode=False)
     except NoArgsIsHelpError as exc:  # Typer has already printed the help
         message = exc.format_message().strip()
         if message:
