@@ -359,6 +359,13 @@ _HOST_RE = re.compile(r"^[A-Za-z0-9_.\-]+(/[0-9]{1,3})?$")
 def _check_host(host: str, text: str) -> None:
     if not _HOST_RE.match(host):
         raise AddressError(f"{text!r}: {host!r} is not a host name or address")
+    # Digits and dots are no name (no top-level domain is all digits): the resolver would be
+    # asked for `999.1.1.1` and answer "does not resolve" (exit 5), a DNS server queried, for
+    # an address with a number out of range.
+    dotted = host.split("/", 1)[0]
+    digits_and_dots = "." in dotted and all(part.isdigit() for part in dotted.split("."))
+    if digits_and_dots and inet_aton_reading(dotted) is None:
+        raise AddressError(f"{text!r}: {dotted!r} is not an IPv4 address (four numbers of 0-255)")
     if "/" in host:
         try:
             ipaddress.ip_network(host, strict=False)

@@ -348,3 +348,29 @@ def test_a_link_local_block_keeps_its_zone_on_every_address() -> None:
     # Without the zone a link-local connect fails EINVAL: the scan reported every port `error`.
     assert list(expand_hosts("fe80::%lo/127")) == ["fe80::%lo", "fe80::1%lo"]
     assert list(expand_hosts("fe80::/127")) == ["fe80::", "fe80::1"]
+
+
+@pytest.mark.parametrize("text", ["999.1.1.1:80", "256.0.0.1", "1.2.3.4.5:80", "300.0.0.0/8"])
+def test_digits_and_dots_out_of_range_are_no_address_and_no_name(text: str) -> None:
+    # They went to the resolver as names: "does not resolve" (exit 5), a DNS query sent.
+    from netprobe.errors import AddressError
+    from netprobe.sockets import parse_target
+
+    with pytest.raises(AddressError, match=r"is not an IPv4 address \(four numbers of 0-255\)"):
+        parse_target(text)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["port-check", "999.1.1.1:80"],
+        ["send", "999.1.1.1:80"],
+        ["echo", "--host", "999.1.1.1", "--port", "0", "--duration", "0.2"],
+        ["reset", "client", "999.1.1.1:80"],
+    ],
+    ids=["port-check", "send", "echo", "reset-client"],
+)
+def test_an_out_of_range_address_is_bad_input(argv: list[str]) -> None:
+    from tests.helpers import bad_input_line
+
+    assert "'999.1.1.1' is not an IPv4 address" in bad_input_line(argv)
