@@ -1393,7 +1393,6 @@ class Server:
         """
         if self.bound is not None:
             return self.bound
-        self._hold_signals()
         try:
             return self._listen()
         except BaseException:
@@ -1402,12 +1401,19 @@ class Server:
 
     def _listen(self) -> Bound:
         config = self.config
+        # The signals are held from the bind on, not during a name's lookup: a Ctrl-C must
+        # end a lookup that hangs (README: a lookup never holds a run).
+        hold = self._hold_signals
         if config.udp:
-            sock = sockets.open_udp(config.host, config.port, family=config.family)
+            sock = sockets.open_udp(
+                config.host, config.port, family=config.family, on_resolved=hold
+            )
             name = sock.getsockname()
             self.bound = Bound("udp", str(name[0]), int(name[1]))
         elif config.path is not None:
-            sock = sockets.open_listener(None, backlog=config.backlog, path=config.path)
+            sock = sockets.open_listener(
+                None, backlog=config.backlog, path=config.path, on_resolved=hold
+            )
             self._unix_inode = sockets.file_identity(config.path)
             self.bound = Bound("unix", path=config.path)
         else:
@@ -1421,6 +1427,7 @@ class Server:
                 reuse_port=config.reuse_port or config.workers > 1,
                 # Our workers' group, not one another program already runs on this port.
                 new_reuse_group=config.workers > 1 and not config.reuse_port,
+                on_resolved=hold,
             )
             name = sock.getsockname()
             self.bound = Bound("tcp", str(name[0]), int(name[1]))

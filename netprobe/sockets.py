@@ -1376,8 +1376,10 @@ def open_listener(
     family: int = 0,
     reuse_port: bool = False,
     new_reuse_group: bool = False,
+    on_resolved: Callable[[], None] | None = None,
 ) -> socket.socket:
-    """Bind and listen (TCP on host:port, or a Unix stream socket at `path`).
+    """Bind and listen (TCP on host:port, or a Unix stream socket at `path`). `on_resolved`
+    runs once the host has resolved (a lookup can take long), right before the bind.
 
     A stale Unix socket file is replaced only if nothing accepts connections on it.
     With reuse_port and new_reuse_group, the port must be free first: SO_REUSEPORT alone
@@ -1389,9 +1391,13 @@ def open_listener(
         ResolveError: host does not resolve.
     """
     if path is not None:
+        if on_resolved is not None:
+            on_resolved()
         return _open_unix_listener(path, backlog)
     assert host is not None
     addr = resolve(host, port, family=family, socktype=socket.SOCK_STREAM)[0]
+    if on_resolved is not None:
+        on_resolved()
     if reuse_port and new_reuse_group and port != 0:
         # A bind without SO_REUSEPORT fails on a port anyone listens on, reuse group or not.
         probe = socket.socket(addr.family, socket.SOCK_STREAM)
@@ -1419,13 +1425,21 @@ def open_listener(
     return sock
 
 
-def open_udp(host: str, port: int = 0, *, family: int = 0) -> socket.socket:
-    """Bind a UDP socket on host:port.
+def open_udp(
+    host: str,
+    port: int = 0,
+    *,
+    family: int = 0,
+    on_resolved: Callable[[], None] | None = None,
+) -> socket.socket:
+    """Bind a UDP socket on host:port (`on_resolved`: as open_listener's).
 
     Raises:
         LocalError: bind failed.
     """
     addr = resolve(host, port, family=family, socktype=socket.SOCK_DGRAM)[0]
+    if on_resolved is not None:
+        on_resolved()
     sock = socket.socket(addr.family, socket.SOCK_DGRAM)
     try:
         if addr.family == socket.AF_INET6:
