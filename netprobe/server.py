@@ -637,8 +637,10 @@ class Connection(asyncio.Protocol):
 
     def _count_only_sent(self, sock: socket.socket | None) -> None:
         # The peer reset: its RST threw away what was never sent (our buffer and the kernel's
-        # queue), which never reached it (4.7 MB counted for a client holding 128 KB).
-        sent = sockets.bytes_sent(sock) if sock is not None else None
+        # queue), which never reached it (4.7 MB counted for a client holding 128 KB). Not for
+        # a reset passed on to a connection still open (a proxy's upstream after its client's
+        # RST): that one sends until our own RST, which abort() counts.
+        sent = sockets.sent_before_reset(sock) if sock is not None else None
         if sent is not None:
             self.bytes_out = min(self.bytes_out, sent)
 

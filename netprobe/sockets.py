@@ -57,7 +57,6 @@ __all__ = [
     "accept_and_close",
     "accept_one",
     "address_range",
-    "bytes_sent",
     "check_listen_path",
     "check_unix_path_size",
     "classify_connect_errno",
@@ -99,6 +98,7 @@ __all__ = [
     "send_all",
     "send_datagram",
     "send_some",
+    "sent_before_reset",
     "service_name",
     "set_linger_zero",
     "signal_wake_fd",
@@ -1041,22 +1041,26 @@ def send_queue_bytes(sock: socket.socket) -> int | None:
     return _tcp_queue_bytes(sock, request)
 
 
-def bytes_sent(sock: socket.socket) -> int | None:
-    """Data bytes the kernel has transmitted on a TCP connection, each counted once (Linux
-    TCP_INFO: tcpi_bytes_sent less tcpi_bytes_retrans, kernel 4.19+). Still readable after the
-    peer's RST, which throws away the queue of what was never sent: sent, the bytes reached
-    the peer (on loopback; its ACK may lag, so what it acknowledged can be short of what it
-    read). None where the kernel cannot say."""
+def sent_before_reset(sock: socket.socket) -> int | None:
+    """After the peer's RST: the data bytes the kernel had transmitted, each counted once
+    (Linux TCP_INFO: tcpi_bytes_sent less tcpi_bytes_retrans, kernel 4.19+). The RST threw
+    away the queue of what was never sent; what was sent reached the peer (on loopback; its
+    ACK may lag, so what it acknowledged can be short of what it read). None where the
+    kernel cannot say, or while the socket is not closed by a reset: a connection still
+    open sends on, and a count now would come out short."""
     if sys.platform != "linux" or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return None
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SENT_END)
     except OSError:
         return None
-    if len(info) < _TCP_INFO_SENT_END:
+    if len(info) < _TCP_INFO_SENT_END or info[0] != _TCP_CLOSE:
         return None
     sent, retransmitted = struct.unpack_from("=QQ", info, _TCP_INFO_SENT_END - 16)
     return int(sent - retransmitted)
+
+
+_TCP_CLOSE = 7  # tcpi_state of a socket the peer's RST (or our disconnect) closed
 
 
 # struct tcp_info: u64 tcpi_bytes_sent at offset 200, u64 tcpi_bytes_retrans at 208.

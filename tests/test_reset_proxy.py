@@ -878,3 +878,39 @@ def test_a_shaping_pipe_delivers_upstream_what_it_holds_when_both_fins_are_in() 
             _wait_records(records, 1)
     assert ending == "eof"
     assert upstream_got == [sent]
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "loop"])
+def test_a_client_reset_passed_upstream_counts_what_upstream_can_read(splice: bool) -> None:
+    # The upstream does not read while the client floods, then the client resets: the proxy
+    # passes the RST on. Its count of the upstream side was capped at what the kernel had
+    # sent a moment before our own RST, megabytes short of what the upstream then read.
+    sink = socket.create_server(("127.0.0.1", 0))
+    with sink, proxy(options(upstream=sink.getsockname(), splice=splice)) as (port, records):
+        client = connect(port)
+        upstream, _ = sink.accept()
+        with upstream:
+            client.setblocking(False)
+            until = time.monotonic() + 0.5
+            while time.monotonic() < until:
+                try:
+                    client.send(b"x" * 65536)
+                except BlockingIOError:
+                    time.sleep(0.01)
+            time.sleep(0.2)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()  # RST
+            # The proxy reads the client (and sees its RST) once the upstream takes some.
+            upstream.settimeout(LONG)
+            got = 0
+            for _ in range(100_000):  # bounded: until the RST passed on, or EOF
+                try:
+                    data = upstream.recv(1 << 20)
+                except ConnectionResetError:
+                    break
+                if not data:
+                    break
+                got += len(data)
+            _wait_records(records, 1)
+    assert records[0]["reason"] == "reset"
+    assert records[0]["upstream_bytes_out"] == got
