@@ -506,8 +506,8 @@ class LineSink:
 # How long the lines still queued at a server's end may wait for a slow reader before its
 # final totals go out (stdout; stderr half that), and the totals themselves after that: a
 # stuck reader never holds the exit for long (a stop must end within a second).
-SETTLE_S = 0.15
-FINISH_S = 0.1
+SETTLE_S = 0.2
+FINISH_S = 0.2
 
 
 class ServerOutput:

@@ -87,9 +87,11 @@ DEFAULT_LOW_WATER = 64 * 1024
 _ACCEPT_BATCH = 64
 # After EMFILE/ENFILE on accept, retrying at once would spin: wait this long.
 _ACCEPT_BACKOFF_S = 0.1
-# On stop, clients get this long to take their last bytes before they are aborted (the whole
-# stop must finish within 1 s).
-_SHUTDOWN_GRACE_S = 0.5
+# On stop, clients get this long to take their last bytes before they are aborted. The whole
+# stop must finish within 1 s: this, then the output's waits for a slow reader (render's
+# SETTLE_S and FINISH_S, 0.6 s at most for stdout and stderr together; they keep a final
+# totals line for a reader that lags 0.3 s).
+_SHUTDOWN_GRACE_S = 0.35
 # A close of ours while the client may still send (a limit, a framing error, an idle timeout,
 # a stop) lingers: FIN after our bytes, then what the client still sends is read and dropped
 # until its FIN. Closing with its bytes unread would make the kernel answer RST at once and

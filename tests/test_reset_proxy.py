@@ -912,5 +912,5 @@ def test_a_client_reset_passed_upstream_counts_what_upstream_can_read(splice: bo
                     break
                 got += len(data)
             _wait_records(records, 1)
-    assert records[0]["reason"] == "reset"
-    assert records[0]["upstream_bytes_out"] == got
+    assert records[0]["reason"] == "reset", records
+    assert records[0]["upstream_bytes_out"] == got, records
