@@ -898,11 +898,18 @@ def test_ready_file_without_a_file_name_is_bad_input(value: str, why: str) -> No
     assert why in line
 
 
-def test_ready_file_at_the_unix_sockets_path_is_bad_input(tmp_path: Path) -> None:
-    # Its write replaced the socket with a file: every client refused, and exit 0.
-    path = str(tmp_path / "echo.sock")
-    line = bad_input_line(["echo", "--unix", path, "--duration", "0.2", "--ready-file", path])
-    assert line.endswith(f"--ready-file {path!r} is the --unix socket's own path")
+@pytest.mark.parametrize(
+    ("socket_name", "what"), [("a.json", "path"), ("a.json.tmp", "temporary file")]
+)
+def test_ready_file_at_the_unix_sockets_path_is_bad_input(
+    tmp_path: Path, socket_name: str, what: str
+) -> None:
+    # Its write replaced the socket with a file: every client refused, and exit 0; or its
+    # temporary file was the socket: exit 6 after the bind (review helper-102).
+    ready = str(tmp_path / "a.json")
+    unix = str(tmp_path / socket_name)
+    line = bad_input_line(["echo", "--unix", unix, "--duration", "0.2", "--ready-file", ready])
+    assert line.endswith(f"--ready-file {ready!r}: its {what} is the --unix socket's path")
 
 
 @pytest.mark.parametrize(

@@ -229,9 +229,14 @@ def echo(
     if idle_timeout is not None and idle_timeout <= 0:
         raise UsageError(f"--idle-timeout {idle_timeout:g}s must be more than 0")
     ready_file = _check_ready_file(ready_file_text) if ready_file_text is not None else None
-    if unix is not None and ready_file is not None and _same_path(unix, ready_file):
-        # Its write (a rename over the path) would replace the socket: every client refused.
-        raise UsageError(f"--ready-file {ready_file_text!r} is the --unix socket's own path")
+    if unix is not None and ready_file is not None:
+        # Its write (a rename over the path) would replace the socket: every client refused;
+        # or it is written first at FILE.tmp, which the socket would be (exit 6 after the bind).
+        for path, what in ((ready_file, "path"), (_tmp_path(ready_file), "temporary file")):
+            if _same_path(unix, path):
+                raise UsageError(
+                    f"--ready-file {ready_file_text!r}: its {what} is the --unix socket's path"
+                )
     if unix is not None:
         # The bind would refuse these too, but only after the old ready file is gone.
         from netprobe.sockets import check_listen_path
