@@ -295,6 +295,18 @@ def udp_echo_thread(prefix: bytes = b"") -> Iterator[int]:
         yield port
 
 
+def flood_without_reading(sock: socket.socket, seconds: float) -> None:
+    """Send 64 KiB chunks on `sock` (made non-blocking) for `seconds`, reading nothing: the
+    peer's replies, or what it does not read, pile up in the kernel queues."""
+    sock.setblocking(False)
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        try:
+            sock.send(b"k" * 65536)
+        except BlockingIOError:
+            time.sleep(0.01)
+
+
 def stuff_then_read(port: int, *, stuffing_s: float = 0.4, quiet_s: float = 1.0) -> int:
     """A client of 127.0.0.1:PORT that sends for `stuffing_s` without reading (so an echoing
     server's replies pile up in the kernel queues), stays quiet for `quiet_s`, then reads until

@@ -22,7 +22,15 @@ from typing import Any
 import pytest
 
 from tests.conftest import HAS_IPV6
-from tests.helpers import LONG, ROOT, bad_input_line, invoke, run_netprobe, stuff_then_read
+from tests.helpers import (
+    LONG,
+    ROOT,
+    bad_input_line,
+    flood_without_reading,
+    invoke,
+    run_netprobe,
+    stuff_then_read,
+)
 
 try:
     import uvloop  # noqa: F401
@@ -389,13 +397,7 @@ def test_a_client_that_resets_is_counted_only_the_bytes_it_could_read() -> None:
 
     with echo_process() as (proc, announce):
         with socket.create_connection(("127.0.0.1", announce["port"]), timeout=LONG) as client:
-            client.setblocking(False)
-            until = time.monotonic() + 0.4
-            while time.monotonic() < until:
-                try:
-                    client.send(b"k" * 65536)
-                except BlockingIOError:
-                    time.sleep(0.02)
+            flood_without_reading(client, 0.4)
             time.sleep(0.3)  # the last echoes land (and are acknowledged)
             raw = fcntl.ioctl(client.fileno(), termios.FIONREAD, b"\0\0\0\0")
             readable = int.from_bytes(raw, sys.byteorder)

@@ -21,7 +21,7 @@ from netprobe.engines.reset_client import generated_stream
 from netprobe.engines.reset_faults import Action, TriggerKind
 from netprobe.kernel import find_listener, read_sysctl
 from netprobe.server import ServerConfig
-from tests.helpers import LONG, invoke, run_netprobe, wait_until
+from tests.helpers import LONG, flood_without_reading, invoke, run_netprobe, wait_until
 from tests.test_reset_helpers import (
     connect,
     options,
@@ -891,13 +891,7 @@ def test_a_client_reset_passed_upstream_counts_what_upstream_can_read() -> None:
         client = connect(port)
         upstream, _ = sink.accept()
         with upstream:
-            client.setblocking(False)
-            until = time.monotonic() + 0.5
-            while time.monotonic() < until:
-                try:
-                    client.send(b"x" * 65536)
-                except BlockingIOError:
-                    time.sleep(0.01)
+            flood_without_reading(client, 0.5)
             time.sleep(0.2)
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             client.close()  # RST
