@@ -148,6 +148,7 @@ def bind_host(text: str | None, *, family: int = 0, option: str = "--host") -> s
     if "/" in host:
         raise UsageError(f"{shown} is a network block: give one address to bind")
     refuse_ipv4_mapped(host, shown)
+    refuse_ipv4_shorthand(host, shown)
     check_literal_family(host, family, f"{option} {host}")
     return host
 
@@ -162,13 +163,16 @@ def refuse_ipv4_mapped(host: str, shown: str) -> None:
     mapped = _ipv4_mapped(host)
     if mapped is not None:
         raise UsageError(f"{shown} is an IPv4-mapped IPv6 address: bind {mapped} itself")
-    _refuse_ipv4_shorthand(host, shown)
 
 
-def _refuse_ipv4_shorthand(host: str, shown: str) -> None:
-    # The C library reads `0`, `0.0` and `0x0` as 0.0.0.0, every interface: `--host 0` (a slip
-    # for `--port 0`) exposed a test server the safe default keeps on loopback. A server
-    # binds an address written out, as port-check refuses bare numbers as hosts.
+def refuse_ipv4_shorthand(host: str, shown: str) -> None:
+    """A server binds an address written out. The C library reads `0`, `0.0` and `0x0` as
+    0.0.0.0, every interface: `--host 0` (a slip for `--port 0`) exposed a test server the
+    safe default keeps on loopback. (port-check refuses bare numbers as hosts too.)
+
+    Raises:
+        UsageError: host is IPv4 shorthand (`0`, `127.1`) or a bare number.
+    """
     from netprobe.sockets import inet_aton_reading
 
     address = inet_aton_reading(host)

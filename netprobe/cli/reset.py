@@ -26,6 +26,7 @@ from netprobe.cli._options import (
     rate_size,
     refuse_ip_options_with_unix,
     refuse_ipv4_mapped,
+    refuse_ipv4_shorthand,
     size,
 )
 from netprobe.errors import UsageError
@@ -1084,6 +1085,7 @@ def proxy(
         up_host = address
     listen_host, listen_port = _host_port(listen, "--listen")
     refuse_ipv4_mapped(listen_host, f"--listen {listen!r}")
+    refuse_ipv4_shorthand(listen_host, f"--listen {listen!r}")
     if _is_own_listen_address(listen_host, listen_port, up_host, up_port):
         raise UsageError(
             f"--upstream {upstream!r} is the proxy's own --listen address ({listen}): each "
