@@ -129,10 +129,15 @@ AF_UNIX: int = getattr(socket, "AF_UNIX", -1)
 
 # ASCII only, as ports are: \d takes every Unicode digit (float() too), and Unicode case
 # folding matches "\u017f" (long s) to the unit "s", which the unit table then lacks.
+# An exponent is taken (`1e3`, `1.5e-3s`), as float() takes it where a bare number is read
+# (`reset --after-ms`, rates): `1e30` is a duration that is too long, not something else. A
+# minus sign is read so that `-0` can be 0, which it equals; any other negative is refused.
 _DURATION_RE = re.compile(
-    r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(us|ms|s|m|h)?\s*$", re.IGNORECASE | re.ASCII
+    r"^\s*(-?)([0-9]+(?:\.[0-9]*)?(?:e[+-]?[0-9]+)?|\.[0-9]+(?:e[+-]?[0-9]+)?)\s*"
+    r"(us|ms|s|m|h)?\s*$",
+    re.IGNORECASE | re.ASCII,
 )
-_DURATION_UNIT = {None: 1.0, "us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 # About 31 years: far beyond any run, and inside what every timer and wait call accepts.
 _MAX_DURATION_S = 1e9
 # 4 EiB: any byte count a run can mean fits.
@@ -160,20 +165,27 @@ def parse_float(text: str) -> float:
     return float(text)
 
 
-def parse_duration(text: str) -> float:
-    """Parse `1.5`, `250ms`, `2s`, `1m` (also `us`, `h`) into seconds.
+def parse_duration(text: str, *, bare: float = 1.0) -> float:
+    """Parse `1.5`, `250ms`, `2s`, `1m`, `1e3` (also `us`, `h`) into seconds: the one parser
+    of every duration option. `bare` is the seconds a number without a unit stands for
+    (`reset --after-ms` reads one as milliseconds: 1e-3).
 
     Raises:
-        UsageError: not a duration, or negative.
+        UsageError: not a duration, negative (`-0` is 0, not negative), or too long.
     """
     match = _DURATION_RE.match(text)
     if match is None:
         if text.strip().startswith("-"):
             raise UsageError(f"{text!r} is negative; a duration must be 0 or more")
         raise UsageError(f"{text!r} is not a duration (use e.g. 1.5, 250ms, 2s, 1m)")
-    unit = match.group(2).lower() if match.group(2) else None
-    seconds = float(match.group(1)) * _DURATION_UNIT[unit]
-    if not seconds <= _MAX_DURATION_S:  # also inf from a 400-digit number
+    sign, number, unit = match.groups()
+    scale = _DURATION_UNIT[unit.lower()] if unit else bare
+    seconds = float(number) * scale
+    if seconds == 0:
+        return 0.0  # also for `-0`, and for `1e-400`: never a -0.0 shown as "-0"
+    if sign:
+        raise UsageError(f"{text!r} is negative; a duration must be 0 or more")
+    if not seconds <= _MAX_DURATION_S:  # also inf from a 400-digit number or 1e400
         raise UsageError(
             f"{text!r} is too long; a duration must be at most {_MAX_DURATION_S:.0e} s"
         )
@@ -201,6 +213,10 @@ def parse_size(text: str, *, per_second: bool = False) -> int:
     match = _SIZE_RE.match(body)
     if match is None:
         if body.startswith("-"):
+            # `-0` equals 0, and is 0 (as with durations); any other negative is refused.
+            with contextlib.suppress(UsageError):
+                if body[1:2].isdigit() and parse_size(body[1:]) == 0:
+                    return 0
             raise UsageError(f"{text!r} is negative; a size must be 0 or more")
         example = "1KB/s, 64KiB/s" if per_second else "1500, 64K, 10MB, 1GiB"
         raise UsageError(f"{text!r} is not a size (use e.g. {example})")

@@ -109,3 +109,20 @@ def test_bench_echo_tests_option_is_checked() -> None:
     )
     assert proc.returncode == 2
     assert b"--tests: choose from bulk, pingpong, multi, pinned, idle" in proc.stderr
+
+
+def test_reset_flush_script_measures_a_fast_reader() -> None:
+    # scripts/bench_reset_flush.py measures the README's rst-flush figures; a reader far above
+    # the cut-off rate gets every byte queued before the RST.
+    script = ROOT / "scripts" / "bench_reset_flush.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--rates", "2000"],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    report = proc.stdout.decode(errors="replace")
+    assert proc.returncode == 0, report + proc.stderr.decode(errors="replace")[-2000:]
+    assert "2000 KB/s: got 400000 of 400000 bytes before ECONNRESET" in report, report

@@ -69,6 +69,20 @@ def test_no_command_shows_help_on_stderr_and_exits_2(argv: list[str]) -> None:
 
 
 @pytest.mark.parametrize(
+    "argv", [["--debug"], ["--debug", "--debug"], ["--debug", "reset"]], ids=" ".join
+)
+def test_debug_without_a_command_is_a_bare_netprobe(argv: list[str]) -> None:
+    # `netprobe --debug` printed the traceback of Click's own usage error, then "Missing
+    # command.": --debug shows where an error came from, and a missing command is not one.
+    bare = invoke(argv[-1:] if argv[-1] == "reset" else [])
+    result = invoke(argv)
+    assert result.exit_code == bare.exit_code == 2
+    assert result.stdout == b""
+    assert "Traceback" not in result.stderr
+    assert result.stderr == bare.stderr
+
+
+@pytest.mark.parametrize(
     "argv",
     [["echo", "--unix", ""], ["reset", "serve", "--unix", ""], ["listen", "--unix", ""]],
 )

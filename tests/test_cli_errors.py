@@ -686,3 +686,88 @@ def test_bad_input_exits_before_the_heavy_imports(argv: list[str]) -> None:
         [sys.executable, "-c", script], capture_output=True, timeout=60, check=False
     )
     assert done.stdout.decode() == "2 []\n", done.stderr.decode()
+
+
+# Every duration option, as the command line gives it (with the arguments its command needs).
+_DURATION_OPTIONS = [
+    ["port-check", "127.0.0.1:1", "--timeout"],
+    ["port-check", "127.0.0.1:1", "--wait", "--interval"],
+    ["port-check", "127.0.0.1:1", "--wait", "--deadline"],
+    ["send", "127.0.0.1:1", "hi", "--timeout"],
+    ["send", "127.0.0.1:1", "hi", "--idle-timeout"],
+    ["echo", "--idle-timeout"],
+    ["echo", "--delay"],
+    ["echo", "--duration"],
+    ["listen", "--idle-timeout"],
+    ["backlog", "127.0.0.1:1", "--duration"],
+    ["backlog", "127.0.0.1:1", "--timeout"],
+    ["reset", "serve", "--on-idle"],
+    ["reset", "serve", "--after-ms"],
+    ["reset", "serve", "--duration"],
+    ["reset", "client", "127.0.0.1:1", "--after-ms"],
+    ["reset", "client", "127.0.0.1:1", "--timeout"],
+    ["reset", "proxy", "--upstream", "127.0.0.1:1", "--latency"],
+    ["reset", "proxy", "--upstream", "127.0.0.1:1", "--jitter"],
+    ["reset", "proxy", "--upstream", "127.0.0.1:1", "--slice", "1", "--slice-delay"],
+    ["reset", "proxy", "--upstream", "127.0.0.1:1", "--timeout"],
+]
+
+
+@pytest.mark.parametrize("argv", _DURATION_OPTIONS, ids=" ".join)
+@pytest.mark.parametrize("value", ["1e30", "1e400", "2e9s", "1e9h"])
+def test_a_duration_too_large_is_too_long_everywhere(argv: list[str], value: str) -> None:
+    # --on-idle 1e30 was "not a duration" while --after-ms 1e30 was "too long": one parser
+    # now reads them all (exponents included), and a number too large is a time too long.
+    line = bad_input_line([*argv, value])
+    assert f"{value!r} is too long; a duration must be at most 1e+09 s" in line, line
+    assert argv[-1] in line
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["reset", "serve", "--on-idle"],
+        ["reset", "proxy", "--upstream", "127.0.0.1:1", "--timeout"],
+        ["reset", "client", "127.0.0.1:1", "--timeout"],
+        ["port-check", "127.0.0.1:1", "--timeout"],
+        ["send", "127.0.0.1:1", "hi", "--timeout"],
+        ["echo", "--idle-timeout"],
+        ["backlog", "127.0.0.1:1", "--duration"],
+    ],
+    ids=" ".join,
+)
+def test_minus_zero_is_zero_for_every_duration_option(argv: list[str]) -> None:
+    # --after-ms -0 was 0 while --on-idle -0 was "negative": -0 equals 0, and is 0 everywhere.
+    # These options refuse 0, so -0 gets 0's own line; a real negative stays refused.
+    assert bad_input_line([*argv, "-0"]) == bad_input_line([*argv, "0"])
+    assert "'-1' is negative" in bad_input_line([*argv, "-1"])
+
+
+def test_minus_zero_durations_and_sizes_parse_as_zero() -> None:
+    import math
+
+    for text in ("-0", "-0.0", " -0ms", "-0e5", "-.0s"):
+        value = parse_duration(text)
+        assert value == 0.0, text
+        assert math.copysign(1.0, value) == 1.0, text
+    assert parse_duration("-0", bare=1e-3) == 0.0
+    assert parse_size("-0") == parse_size("-0K") == 0
+    for text in ("-1", "-0.5ms", "-1e-9"):
+        with pytest.raises(UsageError, match="is negative"):
+            parse_duration(text)
+    with pytest.raises(UsageError, match="is negative"):
+        parse_size("-1K")
+
+
+def test_durations_take_an_exponent() -> None:
+    assert parse_duration("1e3") == 1000.0
+    assert parse_duration("2.5E-1s") == 0.25
+    assert parse_duration("5e2ms") == 0.5
+    assert parse_duration("250", bare=1e-3) == 0.25  # reset --after-ms: a bare number is ms
+    assert parse_duration("1e12", bare=1e-3) == 1e9
+    for text in ("1e30", "1e400", "1.1e12ms", "9" * 400 + "e9"):
+        with pytest.raises(UsageError, match="too long"):
+            parse_duration(text)
+    for text in ("e3", "1e", "1e3.5", "nan", "inf", "0x10"):
+        with pytest.raises(UsageError, match="is not a duration"):
+            parse_duration(text)

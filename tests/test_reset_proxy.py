@@ -151,6 +151,23 @@ def test_limit_bytes_closes_after_n() -> None:
     assert records[0]["reason"] == "limit"
 
 
+@pytest.mark.parametrize("direction", [Direction.BOTH, Direction.UP, Direction.DOWN])
+def test_limit_bytes_0_closes_at_once_without_waiting_for_a_byte(direction: Direction) -> None:
+    # Nothing may pass, so nothing is waited for (as --after-bytes 0). It used to close at
+    # the first byte: a silent client in front of an echo server stayed connected for good.
+    toxics = Toxics(limit_bytes=0)
+    with serve(options()) as (up_port, up_records):
+        fault = options(upstream=("127.0.0.1", up_port), toxics=toxics, direction=direction)
+        with proxy(fault) as (port, records):
+            with connect(port) as sock:
+                got, ending = read_until_end(sock)  # the client sends nothing
+            _wait_records(records, 1)
+            _wait_records(up_records, 1)
+    assert (got, ending) == (b"", "eof")
+    assert records[0]["reason"] == "limit"
+    assert records[0]["bytes_out"] == records[0]["upstream_bytes_out"] == 0
+
+
 @pytest.mark.parametrize(
     "toxics",
     [Toxics(limit_bytes=1000, latency_s=0.1), Toxics(limit_bytes=1000, bandwidth=100_000)],

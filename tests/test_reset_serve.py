@@ -360,10 +360,13 @@ def test_quiet_prints_nothing_even_for_sigusr1() -> None:
         (["--after-frames", "2", "--framing", "len7"], "len7"),
         (["--slow-accept", "--no-accept"], "exclude"),
         # Non-finite numbers (float() takes them); --duration bounds a run that accepted one.
-        (["--after-ms", "nan", "--duration", "0.2"], "--after-ms 'nan': not a finite"),
-        (["--after-ms", "inf", "--duration", "0.2"], "--after-ms 'inf': not a finite"),
-        (["--after-ms", "1e300", "--duration", "0.2"], "--after-ms '1e300' is too long"),
-        (["--after-ms", "-5", "--duration", "0.2"], "--after-ms '-5': must be 0 or more"),
+        (["--after-ms", "nan", "--duration", "0.2"], "--after-ms: 'nan' is not a duration"),
+        (["--after-ms", "inf", "--duration", "0.2"], "--after-ms: 'inf' is not a duration"),
+        (["--after-ms", "1e300", "--duration", "0.2"], "--after-ms: '1e300' is too long"),
+        (["--after-ms", "-5", "--duration", "0.2"], "--after-ms: '-5' is negative"),
+        # The same words as --after-ms (it was "'1e30' is not a duration"), and -0 is 0.
+        (["--on-idle", "1e30", "--duration", "0.2"], "--on-idle: '1e30' is too long"),
+        (["--on-idle", "-0", "--duration", "0.2"], "--on-idle 0: an idle time must be more"),
         (["--slow-accept", "--accept-rate", "nan", "--duration", "0.2"], "'nan'"),
         (["--slow-accept", "--accept-rate", "inf", "--duration", "0.2"], "'inf'"),
         (["--slow-accept", "--accept-rate", "1e-300", "--duration", "0.2"], "'1e-300'"),

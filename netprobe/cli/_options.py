@@ -35,14 +35,15 @@ MIN_RATE = 0.001
 MAX_BACKLOG = 2**31 - 1
 
 
-def duration(value: str | float) -> float:
-    """Typer parser for durations (`1.5`, `250ms`, `2s`, `1m`): bad input is a usage error."""
+def duration(value: str | float, *, bare: float = 1.0) -> float:
+    """Typer parser for durations (`1.5`, `250ms`, `2s`, `1m`): bad input is a usage error.
+    `bare`: the seconds a number without a unit stands for (sockets.parse_duration)."""
     if isinstance(value, float | int):
         return float(value)
     from netprobe.sockets import parse_duration  # lazy: start-up stays light
 
     try:
-        return parse_duration(value)
+        return parse_duration(value, bare=bare)
     except UsageError as exc:
         raise typer.BadParameter(str(exc)) from None
 

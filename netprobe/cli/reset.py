@@ -7,7 +7,6 @@ Trigger and a FaultSchedule (engines/reset_faults.py) before any socket opens.
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -192,40 +191,9 @@ Duration = Annotated[
 
 
 def _ms(value: str | None, option: str) -> float | None:
-    """--after-ms: a bare number is milliseconds; a unit (250ms, 1.5s) is honoured."""
-    if value is None:
-        return None
-    from netprobe.sockets import parse_duration, parse_float
-
-    text = value.strip()
-    if _is_number(text):
-        seconds = parse_float(text) / 1000.0
-        # float() takes nan and inf (and 1e400): a trigger time must be a real one.
-        if not math.isfinite(seconds):
-            raise UsageError(f"{option} {value!r}: not a finite number of milliseconds")
-        if seconds > _MAX_SECONDS:
-            raise UsageError(f"{option} {value!r} is too long; at most {_MAX_SECONDS:.0e} s")
-        if seconds < 0:  # named as given: "-5", not the -0.005 s it stands for
-            raise UsageError(f"{option} {value!r}: must be 0 or more")
-        return seconds
-    try:
-        return parse_duration(text)
-    except UsageError as exc:
-        raise UsageError(f"{option}: {exc}") from None
-
-
-# The longest time a bare --after-ms number may give: the cap parse_duration puts on durations.
-_MAX_SECONDS = 1e9
-
-
-def _is_number(text: str) -> bool:
-    from netprobe.sockets import parse_float
-
-    try:
-        parse_float(text)
-    except ValueError:
-        return False
-    return True
+    """--after-ms: a bare number is milliseconds; a unit (250ms, 1.5s) is honoured. Parsed
+    as every other duration is, so too long, negative and `-0` read the same everywhere."""
+    return _duration_opt(value, option, bare=1e-3)
 
 
 def _sent_is_counted() -> dict[TriggerKind, TriggerKind]:
@@ -241,19 +209,19 @@ def _size_opt(value: str | None, option: str) -> int | None:
     if value is None:
         return None
     text = value.strip()
-    if text.startswith("-"):
-        raise UsageError(f"{option} {text}: must be 0 or more")
     try:
         return size(text)
     except typer.BadParameter as exc:
+        if text.startswith("-"):  # (`-0` is 0: parse_size takes it)
+            raise UsageError(f"{option} {text}: must be 0 or more") from None
         raise UsageError(f"{option}: {exc}") from None
 
 
-def _duration_opt(value: str | None, option: str) -> float | None:
+def _duration_opt(value: str | None, option: str, *, bare: float = 1.0) -> float | None:
     if value is None:
         return None
     try:
-        return duration(value)
+        return duration(value, bare=bare)
     except typer.BadParameter as exc:
         raise UsageError(f"{option}: {exc}") from None
 

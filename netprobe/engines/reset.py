@@ -935,6 +935,12 @@ class _Session:
                           lambda full: self._hold(up_conn, full), client)  # fmt: skip
         if self._start_relay():
             return
+        if self.run.enabled and self.run.options.toxics.limit_bytes == 0:
+            # Nothing to pass, so nothing to wait for (as `--after-bytes 0`): waiting for a
+            # first byte instead left a silent client, or a server that waits to be spoken
+            # to, connected for good.
+            self._close_both("limit")
+            return
         client.resume_reading("upstream")
         trigger = self.run.options.trigger
         if self.action is Action.OK or trigger is None:
