@@ -330,3 +330,57 @@ def stuff_then_read(port: int, *, stuffing_s: float = 0.4, quiet_s: float = 1.0)
             while data := client.recv(65536):
                 received += len(data)
         return received
+
+
+class PeerReadsBeforeTheReset:
+    """Stands in for sockets._LIBC, whose connect() is the RST of sockets.reset_counting_unsent
+    (AF_UNSPEC). At the first one the peer (`peer()`, asked for then) takes what it can first,
+    as a peer reading on another CPU does while netprobe is between its count of what it has
+    not sent and its RST: the window that opens lets the kernel send more (on loopback, inside
+    the peer's own recv call)."""
+
+    def __init__(self, peer: Callable[[], socket.socket]) -> None:
+        import ctypes
+
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.peer = peer
+        self.read = 0  # what the peer took here
+        self.unsent_at_call: int | None = None
+        self.reset = threading.Event()  # the first RST went
+
+    def connect(self, fd: int, *args: object) -> object:
+        import fcntl
+
+        from netprobe.sockets import _SIOCOUTQNSD
+
+        if not self.reset.is_set():
+            raw = fcntl.ioctl(fd, _SIOCOUTQNSD, b"\0\0\0\0")
+            self.unsent_at_call = int.from_bytes(raw, sys.byteorder)
+            peer = self.peer()
+            peer.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                for _ in range(10_000):  # bounded: until it has to wait
+                    data = peer.recv(1 << 20)
+                    if not data:
+                        break
+                    self.read += len(data)
+        try:
+            return self.libc.connect(fd, *args)
+        finally:
+            self.reset.set()
+
+
+def read_until_reset(sock: socket.socket) -> int:
+    """Bytes read until ECONNRESET or EOF (blocking, LONG at most per read)."""
+    sock.setblocking(True)
+    sock.settimeout(LONG)
+    got = 0
+    for _ in range(100_000):  # bounded
+        try:
+            data = sock.recv(1 << 20)
+        except ConnectionResetError:
+            break
+        if not data:
+            break
+        got += len(data)
+    return got

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +16,14 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import LONG, SHORT, invoke, netprobe_process
+from tests.helpers import (
+    LONG,
+    SHORT,
+    PeerReadsBeforeTheReset,
+    invoke,
+    netprobe_process,
+    read_until_reset,
+)
 
 
 class _RecordingServer:
@@ -321,6 +329,44 @@ def test_a_stalled_send_is_that_connection_timing_out_not_the_end_of_the_run() -
     assert records[-1]["event"] == "totals"
     assert records[-1]["bytes_out"] == sum(r["bytes_out"] for r in conns)
     assert result.exit_code == 3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the RST by AF_UNSPEC: Linux")
+def test_bytes_out_counts_what_the_server_read_while_the_rst_was_on_its_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # bytes_out was the bytes sent less a count of the unsent ones taken a moment before the
+    # RST: a server reading just then got more than bytes_out said. Here it reads just then.
+    from netprobe import sockets
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)  # inherited
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    accepted: list[socket.socket] = []
+
+    def server() -> socket.socket:
+        accepted.append(listener.accept()[0])
+        return accepted[0]
+
+    rst = PeerReadsBeforeTheReset(server)
+    monkeypatch.setattr(sockets, "_LIBC", rst)
+    try:
+        result = invoke(
+            ["reset", "client", f"127.0.0.1:{port}", "--after-bytes", "64M",
+             "--timeout", "300ms", "--json"]
+        )  # fmt: skip
+        assert rst.reset.is_set(), result.stderr
+        got = rst.read + read_until_reset(accepted[0])
+    finally:
+        listener.close()
+        for conn in accepted:
+            conn.close()
+    record = json.loads(result.stdout.splitlines()[0])
+    assert rst.unsent_at_call, "nothing was left unsent at the RST: this tests nothing"
+    assert record["ended_by"] == "send-stalled", record
+    assert record["bytes_out"] == got, record
 
 
 def _read_to_eof(conn: socket.socket) -> None:

@@ -24,9 +24,9 @@ from netprobe.sockets import (
     connect_nonblocking,
     read_queued,
     recv_some,
+    reset_counting_unsent,
     send_queue_bytes,
     send_some,
-    unsent_bytes,
 )
 
 __all__ = ["ClientReset", "ClientSummary", "Interrupted", "generated_stream", "run_reset_client"]
@@ -229,8 +229,10 @@ def _one_client(
         halted = True
     finally:
         # bytes_out keeps what reached the server: the RST discards what was never sent (to
-        # a server that stopped reading, at a Ctrl-C; a slow one is waited for above).
-        peer.bytes_out -= unsent_bytes(sock) or 0
+        # a server that stopped reading, at a Ctrl-C; a slow one is waited for above). The
+        # count and the RST are one step: a server reading in between would otherwise get
+        # bytes counted as never sent.
+        peer.bytes_out -= reset_counting_unsent(sock)
         abort_connection(sock)
     elapsed = time.monotonic() - start
     if halted and peer.reset_errno is None:
