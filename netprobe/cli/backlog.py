@@ -40,6 +40,7 @@ def backlog(
         int | None,
         typer.Option(
             "--backlog",
+            metavar="B",
             help=f"The --lab listener's listen() backlog (0 to {MAX_BACKLOG}). Default: 128.",
             show_default=False,
         ),
@@ -70,6 +71,7 @@ def backlog(
         typer.Option(
             "--connections",
             "-n",
+            metavar="N",
             help="Total attempts (default: 200; a ramp: rate x step per step).",
             show_default=False,
         ),
@@ -79,6 +81,7 @@ def backlog(
         typer.Option(
             "--concurrency",
             "-c",
+            metavar="C",
             help="Attempts in flight (default: min(connections, 1000)).",
             show_default=False,
         ),
@@ -96,13 +99,22 @@ def backlog(
     duration_s: Annotated[
         float,
         typer.Option(
-            "--duration", parser=duration, metavar="DURATION", help="Hard cap on the run."
+            "--duration",
+            parser=duration,
+            metavar="DURATION",
+            show_default="30s",
+            help="Hard cap on the run.",
         ),
     ] = 30.0,
     timeout: Annotated[
         float,
         typer.Option(
-            "--timeout", "-t", parser=duration, metavar="DURATION", help="Per-connect timeout."
+            "--timeout",
+            "-t",
+            parser=duration,
+            metavar="DURATION",
+            show_default="3s",
+            help="Per-connect timeout.",
         ),
     ] = 3.0,
     hold: Annotated[
@@ -111,6 +123,7 @@ def backlog(
             "--hold",
             parser=duration,
             metavar="DURATION",
+            show_default="0",
             help="Keep established connections open this long.",
         ),
     ] = 0.0,
@@ -118,6 +131,7 @@ def backlog(
         list[str] | None,
         typer.Option(
             "--source",
+            metavar="SPEC",
             help="Source addresses: 127.0.0.2-127.0.0.20, a /28, or a list (repeatable).",
             show_default=False,
         ),
@@ -131,6 +145,7 @@ def backlog(
         list[str] | None,
         typer.Option(
             "--fail-if",
+            metavar="GATE",
             help="Exit 1 when true, e.g. 'p99>200ms', 'timed_out>0' (repeatable).",
             show_default=False,
         ),
@@ -138,7 +153,10 @@ def backlog(
     ramp: Annotated[
         str | None,
         typer.Option(
-            "--ramp", help="Rate steps, e.g. 100,200,400 (each lasts --step).", show_default=False
+            "--ramp",
+            metavar="R1,R2,...",
+            help="Rate steps, e.g. 100,200,400 (each lasts --step).",
+            show_default=False,
         ),
     ] = None,
     step: Annotated[

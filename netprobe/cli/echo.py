@@ -39,20 +39,31 @@ def echo(
     host: Annotated[
         str,
         typer.Option(
-            "--host", help="Address to bind (0.0.0.0: all IPv4 interfaces; ::, all IPv6 ones)."
+            "--host",
+            metavar="H",
+            help="Address to bind (0.0.0.0: all IPv4 interfaces; ::, all IPv6 ones).",
         ),
     ] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", "-p", help="Port (0 picks a free one).")] = 7007,
+    port: Annotated[
+        int, typer.Option("--port", "-p", metavar="P", help="Port (0 picks a free one).")
+    ] = 7007,
     udp: Annotated[bool, typer.Option("--udp", help="Echo UDP datagrams.")] = False,
     unix: Annotated[
         str | None, typer.Option("--unix", metavar="PATH", help="Listen on a Unix stream socket.")
     ] = None,
     mode: Annotated[
-        str, typer.Option("--mode", help="echo (send back) or discard (read and drop).")
+        str,
+        typer.Option(
+            "--mode", metavar="echo|discard", help="echo (send back) or discard (read and drop)."
+        ),
     ] = "echo",
     framing: Annotated[
         str,
-        typer.Option("--framing", help="raw, line, crlf, len8, len16, len32, len64 or netstring."),
+        typer.Option(
+            "--framing",
+            metavar="NAME",
+            help="raw, line, crlf, len8, len16, len32, len64 or netstring.",
+        ),
     ] = "raw",
     max_frame: Annotated[
         int | None,
@@ -69,7 +80,9 @@ def echo(
     ] = None,
     max_conns: Annotated[
         int | None,
-        typer.Option("--max-conns", help="Clients above this many are closed at once."),
+        typer.Option(
+            "--max-conns", metavar="N", help="Clients above this many are closed at once."
+        ),
     ] = None,
     idle_timeout: Annotated[
         float | None,
@@ -77,7 +90,7 @@ def echo(
             "--idle-timeout",
             parser=duration,
             metavar="DURATION",
-            help="Close a client that sent nothing for this long.",
+            help="Close a client that sent nothing for this long (above 0).",
         ),
     ] = None,
     max_bytes: Annotated[
@@ -92,7 +105,7 @@ def echo(
     once: Annotated[bool, typer.Option("--once", help="Serve one client, then exit.")] = False,
     count: Annotated[
         int | None,
-        typer.Option("--count", help="Exit after N clients (UDP: datagrams)."),
+        typer.Option("--count", metavar="N", help="Exit after N clients (UDP: datagrams)."),
     ] = None,
     run_for: Annotated[
         float | None,
@@ -104,6 +117,7 @@ def echo(
         int | None,
         typer.Option(
             "--backlog",
+            metavar="N",
             help=f"listen() backlog (0 to {MAX_BACKLOG}; the kernel caps it). Default: 128.",
             show_default=False,
         ),
@@ -138,7 +152,8 @@ def echo(
         int,
         typer.Option(
             "--workers",
-            help="Processes sharing the listener (TCP/Unix; uses more cores). Default: 1.",
+            metavar="N",
+            help="Processes sharing the listener (TCP/Unix; uses more cores; 1 to 64). Default: 1.",
             show_default=False,
         ),
     ] = 1,

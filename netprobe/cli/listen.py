@@ -56,12 +56,16 @@ def listen(
         str | None,
         typer.Option(
             "--host",
+            metavar="H",
             help="Address to bind. Default: 127.0.0.1 (::1 with -6).",
             show_default=False,
         ),
     ] = None,
     port: Annotated[
-        int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0 picks a free one).")
+        int,
+        typer.Option(
+            "--port", "-p", min=0, max=65535, metavar="P", help="Port (0 picks a free one)."
+        ),
     ] = 0,
     udp: Annotated[bool, typer.Option("--udp", help="Receive UDP datagrams.")] = False,
     unix: Annotated[

@@ -16,7 +16,13 @@ def listeners(
     port: Annotated[
         int | None,
         typer.Option(
-            "--port", "-p", min=1, max=65535, help="Only this local port.", show_default=False
+            "--port",
+            "-p",
+            min=1,
+            max=65535,
+            metavar="P",
+            help="Only this local port.",
+            show_default=False,
         ),
     ] = None,
     tcp: Annotated[bool, typer.Option("--tcp", help="TCP listeners only.")] = False,

@@ -178,12 +178,17 @@ def port_check(
         typer.Option(
             "--ports",
             "-p",
+            metavar="PORTS",
             help="Ports for targets without one: 22,80,8000-8100, all (or -p- as nmap; 60000-).",
         ),
     ] = None,
     targets_file: Annotated[
         str | None,
-        typer.Option("--targets-file", help="Read targets from FILE (- for stdin), # comments."),
+        typer.Option(
+            "--targets-file",
+            metavar="FILE",
+            help="Read targets from FILE (- for stdin), one a line, # comments.",
+        ),
     ] = None,
     timeout: Annotated[
         float,
@@ -196,11 +201,18 @@ def port_check(
         typer.Option(
             "--concurrency",
             min=1,
+            metavar="N",
             help="Sockets in flight (default 4096, capped by the file-descriptor limit).",
         ),
     ] = None,
     retries: Annotated[
-        int, typer.Option("--retries", min=0, help="Retry attempts that time out N times.")
+        int,
+        typer.Option(
+            "--retries",
+            min=0,
+            metavar="N",
+            help="Retry attempts that time out N more times (a check only, not -c or --wait).",
+        ),
     ] = 0,
     rate: Annotated[
         float | None,
@@ -222,19 +234,25 @@ def port_check(
     quiet: QuietOpt = False,
     udp: Annotated[bool, typer.Option("--udp", help="UDP: reply=open, ICMP=closed.")] = False,
     payload: Annotated[
-        str | None, typer.Option("--payload", help="UDP datagram to send (text).")
+        str | None, typer.Option("--payload", metavar="TEXT", help="UDP datagram to send (text).")
     ] = None,
     payload_hex: Annotated[
-        str | None, typer.Option("--payload-hex", help="UDP datagram to send (hex).")
+        str | None, typer.Option("--payload-hex", metavar="HEX", help="UDP datagram to send (hex).")
     ] = None,
     require: Annotated[
-        str, typer.Option("--require", help="all, any or N checks must hold.")
+        str, typer.Option("--require", metavar="all|any|N", help="all, any or N checks must hold.")
     ] = "all",
     expect: Annotated[
-        str, typer.Option("--expect", help="open or closed (per target: HOST:PORT=closed).")
+        str,
+        typer.Option(
+            "--expect", metavar="open|closed", help="open or closed (per target: HOST:PORT=closed)."
+        ),
     ] = "open",
     count: Annotated[
-        int | None, typer.Option("--count", "-c", min=1, help="Latency mode: N probes per target.")
+        int | None,
+        typer.Option(
+            "--count", "-c", min=1, metavar="N", help="Latency mode: N probes per target."
+        ),
     ] = None,
     interval_opt: Annotated[
         float | None,
@@ -258,6 +276,7 @@ def port_check(
         str | None,
         typer.Option(
             "--until",
+            metavar="open|closed",
             show_default="open",
             help="Wait mode: wait until targets are open or closed.",
         ),

@@ -46,11 +46,22 @@ SLOW_ACCEPT_RATE = 1.0  # accepts per second for --slow-accept without --accept-
 _T = "Triggers (give one)"
 _A = "Actions"
 
+# The proxy's two at-once triggers: both wait for the upstream connect (see engines/reset.py).
 OnAccept = Annotated[
-    bool, typer.Option("--on-accept", help="Act at once on each connection.", rich_help_panel=_T)
+    bool,
+    typer.Option(
+        "--on-accept",
+        help="Act on each connection as soon as its upstream is connected.",
+        rich_help_panel=_T,
+    ),
 ]
 OnConnect = Annotated[
-    bool, typer.Option("--on-connect", help="Act at once on each connection.", rich_help_panel=_T)
+    bool,
+    typer.Option(
+        "--on-connect",
+        help="Act on each connection as soon as its upstream is connected.",
+        rich_help_panel=_T,
+    ),
 ]
 # The triggers are shared by all three commands: where one name would be the only
 # spelling, the other is its alias (the at-once trigger of serve, and of the client).
@@ -144,6 +155,15 @@ Seed = Annotated[
         rich_help_panel=_T,
     ),
 ]  # fmt: skip
+# The proxy's random jitter draws from the same seed, so a run can be replayed with it.
+ProxySeed = Annotated[
+    int | None,
+    typer.Option(
+        "--seed", metavar="S",
+        help="Seed for --probability and --jitter (same seed, same connections and delays).",
+        rich_help_panel=_T,
+    ),
+]  # fmt: skip
 Plan = Annotated[
     str | None,
     typer.Option(
@@ -177,6 +197,7 @@ Backlog = Annotated[
         "--backlog",
         min=0,
         max=MAX_BACKLOG,
+        metavar="N",
         help="listen() backlog (raise it when many clients connect at once). Default: 128.",
         show_default=False,
     ),
@@ -398,7 +419,14 @@ def client(
     ] = 1,
     timeout: Annotated[
         float,
-        typer.Option("--timeout", "-t", parser=duration, metavar="T", help="Connect/send timeout."),
+        typer.Option(
+            "--timeout",
+            "-t",
+            parser=duration,
+            metavar="T",
+            show_default="5s",
+            help="Connect/send timeout.",
+        ),
     ] = 5.0,
     run_for: Duration = None,
     allow_remote: Annotated[
@@ -722,9 +750,14 @@ def _default_trigger(
 @app.command()
 def serve(
     ctx: typer.Context,
-    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option("--host", metavar="H", help="Address to bind.")
+    ] = "127.0.0.1",
     port: Annotated[
-        int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0 picks a free one).")
+        int,
+        typer.Option(
+            "--port", "-p", min=0, max=65535, metavar="P", help="Port (0 picks a free one)."
+        ),
     ] = 0,
     unix: Annotated[
         str | None, typer.Option("--unix", metavar="PATH", help="Listen on a Unix stream socket.")
@@ -940,7 +973,7 @@ def proxy(
     framing: Framing = None,
     on_idle: OnIdle = None,
     probability: Probability = None,
-    seed: Seed = None,
+    seed: ProxySeed = None,
     plan: Plan = None,
     action: Annotated[
         str | None,
@@ -993,14 +1026,18 @@ def proxy(
         typer.Option(
             "--timeout",
             metavar="T",
-            help="Stop forwarding and close after T.",
+            help="Stop forwarding and close after T (above 0; no limit if left out).",
             rich_help_panel="Toxics",
         ),
     ] = None,
     connect_timeout: Annotated[
         float,
         typer.Option(
-            "--connect-timeout", parser=duration, metavar="T", help="Upstream connect timeout."
+            "--connect-timeout",
+            parser=duration,
+            metavar="T",
+            show_default="5s",
+            help="Upstream connect timeout.",
         ),
     ] = 5.0,
     no_splice: Annotated[

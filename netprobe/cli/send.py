@@ -245,7 +245,7 @@ def send(
             show_default="2s",
             parser=duration,
             metavar="DURATION",
-            help="Stop reading after this long without data.",
+            help="Stop reading after this long without data; 0 disables it.",
         ),
     ] = 2.0,
     timeout: Annotated[
@@ -265,11 +265,12 @@ def send(
         ),
     ] = None,
     until: Annotated[
-        str | None, typer.Option("--until", help="Stop once this string has arrived.")
+        str | None,
+        typer.Option("--until", metavar="STR", help="Stop once this string has arrived."),
     ] = None,
     until_regex: Annotated[
         str | None,
-        typer.Option("--until-regex", help="Stop once the reply matches this regex."),
+        typer.Option("--until-regex", metavar="RE", help="Stop once the reply matches this regex."),
     ] = None,
     framing_spec: Annotated[
         str | None,
@@ -282,7 +283,9 @@ def send(
     ] = None,
     expect_frames: Annotated[
         int | None,
-        typer.Option("--expect-frames", min=1, help="Stop after N reply frames (--framing)."),
+        typer.Option(
+            "--expect-frames", min=1, metavar="N", help="Stop after N reply frames (--framing)."
+        ),
     ] = None,
     max_frame: Annotated[
         int,
@@ -299,11 +302,15 @@ def send(
     ] = False,
     expect_datagrams: Annotated[
         int | None,
-        typer.Option("--expect-datagrams", min=1, help="Stop after N reply datagrams (--udp)."),
+        typer.Option(
+            "--expect-datagrams", min=1, metavar="N", help="Stop after N reply datagrams (--udp)."
+        ),
     ] = None,
     repeat: Annotated[
         int,
-        typer.Option("--repeat", min=1, help="Run the exchange N times; print latency stats."),
+        typer.Option(
+            "--repeat", min=1, metavar="N", help="Run the exchange N times; print latency stats."
+        ),
     ] = 1,
     interval_opt: Annotated[
         float | None,
