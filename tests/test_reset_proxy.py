@@ -957,3 +957,39 @@ def test_a_passed_on_reset_counts_what_was_sent_until_the_rst_itself(
     assert rst.unsent_at_call, "nothing was left unsent at the RST: this tests nothing"
     assert records[0]["reason"] == "reset", records
     assert records[0]["upstream_bytes_out"] == got, records
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "event-loop"])
+def test_a_stop_amid_arrivals_gives_every_counted_connection_its_record(splice: bool) -> None:
+    # A burst of arrivals, then SIGTERM at once: connections accepted but not yet set up had
+    # their set-up cancelled by the stop. The totals counted them, yet they had no record
+    # (1 to 64 missing in every run): "every connection ends with one record".
+    upstream = socket.create_server(("127.0.0.1", 0), backlog=1024)
+    argv = ["reset", "proxy", "--upstream", f"127.0.0.1:{upstream.getsockname()[1]}"]
+    clients: list[socket.socket] = []
+    with upstream, subprocess_server([*argv, *([] if splice else ["--no-splice"])]) as (proc, a):
+        try:
+            for _ in range(300):
+                sock = socket.socket()
+                clients.append(sock)
+                sock.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    sock.connect(("127.0.0.1", int(a["port"])))
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=LONG)
+        finally:
+            for sock in clients:
+                sock.close()
+    assert proc.returncode == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    conns = [r for r in records if r["event"] == "connection"]
+    totals = records[-1]
+    assert totals["event"] == "totals", totals
+    assert totals["connections"] > 0
+    assert len(conns) == totals["connections"], (len(conns), totals)
+    assert sorted(r["conn_id"] for r in conns) == list(range(1, totals["connections"] + 1))
+    reasons: dict[str, int] = {}
+    for record in conns:
+        reasons[record["reason"]] = reasons.get(record["reason"], 0) + 1
+    assert reasons == totals["reasons"], (reasons, totals)
+    assert totals["passed"] + totals["faulted"] == totals["connections"], totals

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import signal
 import socket
@@ -26,6 +27,7 @@ from tests.test_reset_helpers import (
     connect,
     connect_and_read_until_end,
     options,
+    proxy,
     read_until_end,
     running,
     serve,
@@ -745,3 +747,35 @@ def test_rst_waits_for_a_reader_taking_100_kb_a_second() -> None:
         except ConnectionResetError:
             pass
     assert got == size
+
+
+def _timer_handles() -> int:
+    import asyncio
+    import gc
+
+    return sum(isinstance(o, asyncio.TimerHandle) for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("kind", ["serve", "proxy"])
+def test_on_idle_keeps_one_timer_however_long_the_client_talks(kind: str) -> None:
+    # Each idle check that found the client had spoken since armed a new timer and kept the
+    # old one until the close: ~250 B a check for as long as the connection talked (about
+    # 0.9 MB an hour per connection at --on-idle 1s). `hang`: a client held up longer than
+    # the idle time by a busy machine fires it without closing, so the sends below go on.
+    opts = options(TriggerKind.ON_IDLE, 0.05, action=Action.HANG)
+    with contextlib.ExitStack() as stack:
+        if kind == "serve":
+            port, records = stack.enter_context(serve(opts))
+        else:
+            up, _ = stack.enter_context(serve(options()))
+            opts = dataclasses.replace(opts, upstream=("127.0.0.1", up))
+            port, records = stack.enter_context(proxy(opts))
+        sock = stack.enter_context(connect(port))
+        counts = []
+        for sent in range(140):  # 0.7 s: a dozen checks or more, each finding a byte since
+            sock.sendall(b"x")
+            time.sleep(0.005)
+            if sent in (20, 139):  # (after the 20th send the first checks have run)
+                counts.append(_timer_handles())
+        fired = [r for r in records if r["fired"]]
+    assert counts[1] - counts[0] <= 3, (counts, fired)

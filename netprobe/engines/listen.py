@@ -71,7 +71,8 @@ class ListenSummary:
     bytes_in: int = 0
     bytes_out: int = 0
     ended_by: str | None = None
-    outcomes: list[str] = field(default_factory=list)
+    # The kinds of ending seen, not one entry per peer: `-k` may serve millions of them.
+    outcomes: set[str] = field(default_factory=set)
 
     def exit_status(self) -> ExitStatus:
         """0 when every peer ended cleanly; 4 after a reset; 3 when nobody came in time."""
@@ -148,7 +149,7 @@ def listen(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSummary:
             on_event({"event": "accept", "peer": peer})
             ended = _serve(conn, peer, opts, stdin, emit, on_event, summary)
             summary.ended_by = ended
-            summary.outcomes.append(ended)
+            summary.outcomes.add(ended)
             if not opts.keep_open or ended == "max-bytes":
                 return summary
     finally:

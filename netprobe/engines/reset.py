@@ -543,6 +543,7 @@ class _ServeHandler(Handler):
     __slots__ = (
         "_after_fire",
         "_filler",
+        "_idle_timer",
         "_pipe",
         "_sent",
         "_timers",
@@ -565,6 +566,9 @@ class _ServeHandler(Handler):
         self.last_rx = 0.0
         self._pipe: _Pipe | None = None
         self._timers: list[Any] = []
+        # The --on-idle check: one pending handle, re-armed in place (kept in _timers, each
+        # re-arm grew the list by one handle per check for as long as the client talked).
+        self._idle_timer: Any = None
         self._sent = 0
         self._after_fire: Action | None = None  # the action now in force
         self._filler = False
@@ -593,7 +597,7 @@ class _ServeHandler(Handler):
             elif trigger.kind is TriggerKind.AFTER_MS:
                 self._timers.append(conn.call_later(float(trigger.value or 0), self._timer_fire))
             elif trigger.kind is TriggerKind.ON_IDLE:
-                self._timers.append(conn.call_later(float(trigger.value or 0), self._idle_check))
+                self._idle_timer = conn.call_later(float(trigger.value or 0), self._idle_check)
         if options.mode is ServeMode.SEND:
             self._pump_send()
 
@@ -643,6 +647,9 @@ class _ServeHandler(Handler):
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         if self._pipe is not None:
             self._pipe.drop()
         if self._filler:
@@ -742,7 +749,7 @@ class _ServeHandler(Handler):
         idle = float(trigger.value or 0)
         left = self.last_rx + idle - time.monotonic()
         if left > 0:
-            self._timers.append(conn.call_later(left, self._idle_check))
+            self._idle_timer = conn.call_later(left, self._idle_check)
             return
         self.state.fired = True
         self.fire()
@@ -887,6 +894,7 @@ class _Session:
         self.fired_at: float | None = None
         self.done_action: Action | None = None
         self.timers: list[Any] = []
+        self.idle_timer: Any = None  # the --on-idle check, re-armed in place
         self.last_rx = client.started_at
         self.fins_passed: set[Direction] = set()  # FINs handed on, not only received
         self.closed = {"client": False, "upstream": False}
@@ -952,7 +960,7 @@ class _Session:
             delay = max(0.0, started + float(trigger.value or 0) - time.monotonic())
             self.timers.append(self.client.call_later(delay, self._timer_fire))
         elif trigger.kind is TriggerKind.ON_IDLE:
-            self.timers.append(self.client.call_later(float(trigger.value or 0), self._idle))
+            self.idle_timer = self.client.call_later(float(trigger.value or 0), self._idle)
 
     def _start_relay(self) -> bool:
         """Hand a faithful connection to a splice relay thread (Linux); False: stay here."""
@@ -1166,7 +1174,7 @@ class _Session:
             return
         left = self.last_rx + float(trigger.value or 0) - time.monotonic()
         if left > 0:
-            self.timers.append(self.client.call_later(left, self._idle))
+            self.idle_timer = self.client.call_later(left, self._idle)
             return
         self.fire()
 
@@ -1280,36 +1288,53 @@ class _Session:
         for timer in self.timers:
             timer.cancel()
         self.timers.clear()
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
         for pipe in (self.up, self.down):
             if pipe is not None:
                 pipe.drop()
-        fired = self.fired_at is not None
-        self.run.account(self.action, fired)
-        trigger = self.run.options.trigger
-        client, upstream = self.client, self.upstream
-        self.run.emit(
-            {
-                "conn_id": client.conn_id,
-                "peer": client.peer,
-                "trigger": trigger.describe() if trigger is not None else None,
-                "action": str(self.action),
-                "direction": str(self.run.options.direction),
-                "fired": fired,
-                "fired_at_s": None if self.fired_at is None else round(self.fired_at, 6),
-                "bytes_in": client.bytes_in,
-                "bytes_out": client.bytes_out,
-                "upstream_bytes_out": 0 if upstream is None else upstream.bytes_out,
-                "upstream_bytes_in": 0 if upstream is None else upstream.bytes_in,
-                "duration_s": round(time.monotonic() - client.started_at, 6),
-                # A stop closed the client first: its reason is what the totals count.
-                "reason": (
-                    client.reason
-                    if client.reason == CloseReason.SHUTDOWN
-                    else self.end_reason or reason
-                ),
-                "upstream_errno": self.upstream_errno,
-            }
+        client = self.client
+        # A stop closed the client first: its reason is what the totals count.
+        if client.reason == CloseReason.SHUTDOWN:
+            reason = client.reason
+        else:
+            reason = self.end_reason or reason
+        _emit_proxy_record(
+            self.run, client, self.upstream, self.action, self.fired_at, reason, self.upstream_errno
         )
+
+
+def _emit_proxy_record(
+    run: _Run,
+    client: Connection,
+    upstream: Connection | None,
+    action: Action,
+    fired_at: float | None,
+    reason: str,
+    upstream_errno: str | None,
+) -> None:
+    """The one record of a proxied connection, counted in the run's totals."""
+    run.account(action, fired_at is not None)
+    trigger = run.options.trigger
+    run.emit(
+        {
+            "conn_id": client.conn_id,
+            "peer": client.peer,
+            "trigger": trigger.describe() if trigger is not None else None,
+            "action": str(action),
+            "direction": str(run.options.direction),
+            "fired": fired_at is not None,
+            "fired_at_s": None if fired_at is None else round(fired_at, 6),
+            "bytes_in": client.bytes_in,
+            "bytes_out": client.bytes_out,
+            "upstream_bytes_out": 0 if upstream is None else upstream.bytes_out,
+            "upstream_bytes_in": 0 if upstream is None else upstream.bytes_in,
+            "duration_s": round(time.monotonic() - client.started_at, 6),
+            "reason": reason,
+            "upstream_errno": upstream_errno,
+        }
+    )
 
 
 class _SpliceRelay:
@@ -1386,6 +1411,10 @@ class _ClientHandler(Handler):
     def on_close(self, conn: Connection, reason: str) -> None:
         if self.session is not None:
             self.session.side_closed("client", conn, reason)
+        else:
+            # Accepted, but a stop cancelled its set-up before on_open: the server core
+            # counts it, so it ends with its one record too (it passed nothing).
+            _emit_proxy_record(self.run, conn, None, Action.OK, None, reason, None)
 
 
 class _UpstreamHandler(Handler):
