@@ -623,10 +623,12 @@ class Connection(asyncio.Protocol):
         # (Both loops keep the fd open until connection_lost has run, a close() of theirs
         # too: the socket is still this connection's.)
         sock = transport.get_extra_info("socket")
-        if self.reason == CloseReason.RESET:
-            self._count_only_sent(sock)  # before our RST: it zeroes the kernel's counters
-        # What was dropped was never received: bytes_out counts it no more.
-        self.bytes_out -= min(self.bytes_out, transport.get_write_buffer_size())
+        # Before our RST (it zeroes the kernel's counters). Once counted so, bytes_out is
+        # what was sent: taking the unsent away again below came to 0 (a splice relay's
+        # client that reset with 128 KB delivered showed bytes_out 0).
+        counted = self.reason == CloseReason.RESET and self._count_only_sent(sock)
+        if not counted:  # what was dropped was never received: bytes_out counts it no more
+            self.bytes_out -= min(self.bytes_out, transport.get_write_buffer_size())
         if sock is not None and sock.family != socket.AF_UNIX:
             with contextlib.suppress(OSError):
                 sockets.set_linger_zero(sock)
@@ -634,10 +636,14 @@ class Connection(asyncio.Protocol):
             # the kernel sends on as the client reads, and the loop closes its fd only in a
             # later turn: the RST goes now, right after the count (a count at the loop's
             # close was tens of KB short).
-            self.bytes_out -= min(self.bytes_out, sockets.reset_counting_unsent(sock))
+            unsent = sockets.reset_counting_unsent(sock)
+            if not counted:
+                self.bytes_out -= min(self.bytes_out, unsent)
         transport.abort()
 
-    def _count_only_sent(self, sock: socket.socket | None) -> None:
+    def _count_only_sent(self, sock: socket.socket | None) -> bool:
+        """bytes_out capped at what the kernel sent before the peer's RST; False: the kernel
+        could not tell (the peer's RST has not closed the socket, or no TCP_INFO)."""
         # The peer reset: its RST threw away what was never sent (our buffer and the kernel's
         # queue), which never reached it (4.7 MB counted for a client holding 128 KB). Not for
         # a reset passed on to a connection still open (a proxy's upstream after its client's
@@ -645,6 +651,7 @@ class Connection(asyncio.Protocol):
         sent = sockets.sent_before_reset(sock) if sock is not None else None
         if sent is not None:
             self.bytes_out = min(self.bytes_out, sent)
+        return sent is not None
 
     def half_close(self) -> None:
         """Send FIN after the buffered bytes (shutdown SHUT_WR); reading continues."""

@@ -132,8 +132,9 @@ AF_UNIX: int = getattr(socket, "AF_UNIX", -1)
 # An exponent is taken (`1e3`, `1.5e-3s`), as float() takes it where a bare number is read
 # (`reset --after-ms`, rates): `1e30` is a duration that is too long, not something else. A
 # minus sign is read so that `-0` can be 0, which it equals; any other negative is refused.
+# A plus sign is read as float() reads it (`reset --after-ms +5` was 5 ms before this parser).
 _DURATION_RE = re.compile(
-    r"^\s*(-?)([0-9]+(?:\.[0-9]*)?(?:e[+-]?[0-9]+)?|\.[0-9]+(?:e[+-]?[0-9]+)?)\s*"
+    r"^\s*([+-]?)([0-9]+(?:\.[0-9]*)?(?:e[+-]?[0-9]+)?|\.[0-9]+(?:e[+-]?[0-9]+)?)\s*"
     r"(us|ms|s|m|h)?\s*$",
     re.IGNORECASE | re.ASCII,
 )
@@ -171,7 +172,8 @@ def parse_duration(text: str, *, bare: float = 1.0) -> float:
     (`reset --after-ms` reads one as milliseconds: 1e-3).
 
     Raises:
-        UsageError: not a duration, negative (`-0` is 0, not negative), or too long.
+        UsageError: not a duration, negative (`-0` is 0, not negative), too long, or too
+            short to tell from 0 (`1e-400`).
     """
     match = _DURATION_RE.match(text)
     if match is None:
@@ -182,8 +184,12 @@ def parse_duration(text: str, *, bare: float = 1.0) -> float:
     scale = _DURATION_UNIT[unit.lower()] if unit else bare
     seconds = float(number) * scale
     if seconds == 0:
-        return 0.0  # also for `-0`, and for `1e-400`: never a -0.0 shown as "-0"
-    if sign:
+        if any(digit in "123456789" for digit in number.lower().partition("e")[0]):
+            # `1e-400` is no duration a clock can count: taken as 0 it would mean "no limit"
+            # to one option and be refused as 0 by another.
+            raise UsageError(f"{text!r} is too short: it rounds to 0 (give 0 if 0 is meant)")
+        return 0.0  # also for `-0`: never a -0.0 shown as "-0"
+    if sign == "-":
         raise UsageError(f"{text!r} is negative; a duration must be 0 or more")
     if not seconds <= _MAX_DURATION_S:  # also inf from a 400-digit number or 1e400
         raise UsageError(
@@ -1375,12 +1381,15 @@ def reset_counting_unsent(sock: socket.socket) -> int:
     # send more, which the peer then reads (a proxy's upstream read 0.65 MB more than its
     # count, about ten 64 KiB segments). So from here on no ACK moves snd_una (a timer may
     # still send a segment), and what had been sent by the RST is read after it.
+    if _raw_outq(sock) == 0:
+        # Nothing queued or in flight (a FIN would count): nothing to lose, and the filter
+        # (about 30 us) would double the cost of every RST a server sends.
+        _disconnect(sock)
+        return 0
     queued = _raw_outq(sock) if _drop_incoming(sock) else None  # write_seq - snd_una
     fin_queued = _tcp_state(sock) in _FIN_UNACKED_STATES  # no ACK of it can come now
     unsent = unsent_bytes(sock) or 0  # the count if the kernel cannot tell us better
-    with contextlib.suppress(OSError, AttributeError):
-        unspec = struct.pack("=H14x", socket.AF_UNSPEC)  # struct sockaddr, family only
-        _LIBC.connect(sock.fileno(), unspec, len(unspec))
+    _disconnect(sock)
     if queued is None or _tcp_state(sock) != _TCP_CLOSE:
         return unsent
     # tcp_disconnect leaves snd_una and snd_nxt as they were and moves write_seq on, the
@@ -1392,6 +1401,13 @@ def reset_counting_unsent(sock: socket.socket) -> int:
     if fin_queued and dropped:
         dropped -= 1  # our FIN, last in the queue, was not sent either: not a data byte
     return min(dropped, unsent)
+
+
+def _disconnect(sock: socket.socket) -> None:
+    """connect(2) with AF_UNSPEC: Linux's tcp_disconnect, an RST at once, the fd kept."""
+    with contextlib.suppress(OSError, AttributeError):
+        unspec = struct.pack("=H14x", socket.AF_UNSPEC)  # struct sockaddr, family only
+        _LIBC.connect(sock.fileno(), unspec, len(unspec))
 
 
 _SO_ATTACH_FILTER = 26  # asm-generic/socket.h

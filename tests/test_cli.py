@@ -69,7 +69,9 @@ def test_no_command_shows_help_on_stderr_and_exits_2(argv: list[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "argv", [["--debug"], ["--debug", "--debug"], ["--debug", "reset"]], ids=" ".join
+    "argv",
+    [["--debug"], ["--debug", "--debug"], ["--debug", "reset"], ["--"], ["--debug", "--"]],
+    ids=" ".join,
 )
 def test_debug_without_a_command_is_a_bare_netprobe(argv: list[str]) -> None:
     # `netprobe --debug` printed the traceback of Click's own usage error, then "Missing

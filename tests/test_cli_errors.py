@@ -771,3 +771,18 @@ def test_durations_take_an_exponent() -> None:
     for text in ("e3", "1e", "1e3.5", "nan", "inf", "0x10"):
         with pytest.raises(UsageError, match="is not a duration"):
             parse_duration(text)
+
+
+def test_a_duration_that_rounds_to_0_is_too_short_and_plus_is_positive() -> None:
+    # `1e-400` became 0: refused as 0 by `echo --idle-timeout` ("0s must be more than 0")
+    # and taken as "no limit" by `send --idle-timeout`. And `--after-ms +5` was 5 ms before
+    # one parser read every duration.
+    for text in ("1e-400", "0.1e-330s", "5e-324us"):
+        with pytest.raises(UsageError, match="too short: it rounds to 0"):
+            parse_duration(text)
+    assert parse_duration("0e-400") == parse_duration("+0") == 0.0
+    assert parse_duration("+5", bare=1e-3) == 0.005
+    assert parse_duration("+1.5s") == 1.5
+    line = bad_input_line(["send", "127.0.0.1:1", "hi", "--idle-timeout", "1e-400"])
+    assert "--idle-timeout" in line, line
+    assert "too short" in line, line

@@ -33,6 +33,7 @@ from tests.helpers import (
 )
 from tests.test_reset_helpers import (
     connect,
+    connect_and_read_until_end,
     options,
     proxy,
     read_until_end,
@@ -175,6 +176,23 @@ def test_limit_bytes_0_closes_at_once_without_waiting_for_a_byte(direction: Dire
     assert (got, ending) == (b"", "eof")
     assert records[0]["reason"] == "limit"
     assert records[0]["bytes_out"] == records[0]["upstream_bytes_out"] == 0
+
+
+@pytest.mark.parametrize(
+    ("kind", "value"), [(TriggerKind.ON_ACCEPT, None), (TriggerKind.AFTER_MS, 0.0)]
+)
+def test_limit_bytes_0_leaves_a_fault_due_at_once_its_turn(
+    kind: TriggerKind, value: float | None
+) -> None:
+    # `--limit-bytes 0 --on-accept --action rst`: the RST the user asked for comes, as it did
+    # before limit 0 closed at once (it became a quiet EOF, the record `fired` false).
+    with serve(options()) as (up_port, _):
+        fault = options(kind, value, upstream=("127.0.0.1", up_port), toxics=Toxics(limit_bytes=0))
+        with proxy(fault) as (port, records):
+            got, ending = connect_and_read_until_end(port)
+            _wait_records(records, 1)
+    assert (got, ending) == (b"", "ECONNRESET")
+    assert (records[0]["fired"], records[0]["reason"]) == (True, "rst"), records
 
 
 @pytest.mark.parametrize(
@@ -993,3 +1011,40 @@ def test_a_stop_amid_arrivals_gives_every_counted_connection_its_record(splice: 
         reasons[record["reason"]] = reasons.get(record["reason"], 0) + 1
     assert reasons == totals["reasons"], (reasons, totals)
     assert totals["passed"] + totals["faulted"] == totals["connections"], totals
+
+
+def _inq(sock: socket.socket) -> int:
+    import fcntl
+    import termios
+
+    return int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"), sys.byteorder)
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "event-loop"])
+def test_a_client_that_resets_holding_unread_bytes_counts_what_reached_it(splice: bool) -> None:
+    # The upstream floods; the client never reads, then resets. bytes_out is what reached the
+    # client (its receive queue at the RST). Through the splice relay it was 0: what the
+    # kernel had sent before the client's RST, less the unsent bytes a second time.
+    sink = socket.create_server(("127.0.0.1", 0))
+    with sink, proxy(options(upstream=sink.getsockname(), splice=splice)) as (port, records):
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        client.settimeout(LONG)
+        client.connect(("127.0.0.1", port))
+        upstream, _ = sink.accept()
+        with upstream:
+            flood_without_reading(upstream, 0.3)
+            held = [-1]
+
+            def settled() -> bool:  # the client's queue no longer grows
+                before, held[0] = held[0], _inq(client)
+                time.sleep(0.05)
+                return held[0] == before
+
+            wait_until(settled, "the client's receive queue to settle")
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()  # RST, with the bytes it holds unread
+            _wait_records(records, 1)
+    assert held[0] > 0
+    assert records[0]["reason"] == "reset", records
+    assert records[0]["bytes_out"] == held[0], records

@@ -386,9 +386,9 @@ def _run(args: list[str]) -> int:
     positional = [a for a in args if not a.startswith("-")]
     asked = any(a in ("-h", "--help", "--version") for a in args)
     no_command = not asked and positional in ([], ["reset"])
-    # `netprobe --debug` alone is a bare `netprobe` too: Click saw an option, not "no
-    # arguments", and said "Missing command." under the traceback of its own usage error.
-    given = [] if positional == [] and all(a == "--debug" for a in args) else args
+    # `netprobe --debug` (or `--`) alone is a bare `netprobe` too: Click saw an argument, not
+    # "no arguments", and said "Missing command." under the traceback of its usage error.
+    given = [] if positional == [] and all(a in ("--debug", "--") for a in args) else args
     try:
         app = build_app(next(iter(positional), None))
         with contextlib.redirect_stdout(sys.stderr) if no_command else contextlib.nullcontext():

@@ -943,17 +943,22 @@ class _Session:
                           lambda full: self._hold(up_conn, full), client)  # fmt: skip
         if self._start_relay():
             return
-        if self.run.enabled and self.run.options.toxics.limit_bytes == 0:
+        trigger = self.run.options.trigger
+        if self.action is Action.OK:
+            trigger = None
+        due_now = trigger is not None and (
+            trigger.at_once or (trigger.kind is TriggerKind.AFTER_MS and not trigger.value)
+        )
+        if not due_now and self.run.enabled and self.run.options.toxics.limit_bytes == 0:
             # Nothing to pass, so nothing to wait for (as `--after-bytes 0`): waiting for a
             # first byte instead left a silent client, or a server that waits to be spoken
-            # to, connected for good.
+            # to, connected for good. (A fault due now comes first, as it did.)
             self._close_both("limit")
             return
         client.resume_reading("upstream")
-        trigger = self.run.options.trigger
-        if self.action is Action.OK or trigger is None:
+        if trigger is None:
             return
-        if trigger.at_once:
+        if due_now:
             self.fire()
         elif trigger.kind is TriggerKind.AFTER_MS:
             started = self.client.started_at
