@@ -83,6 +83,7 @@ __all__ = [
     "parse_size",
     "parse_target",
     "poll_ms",
+    "preferred",
     "probe_peer",
     "pump_duplex",
     "raise_nofile_limit",
@@ -409,10 +410,27 @@ def _check_ipv6(host: str, text: str) -> None:
     # reads as "does not resolve" (exit 5) for what is a malformed address. A numeric zone it
     # takes on any address.
     scoped = ip.is_link_local or (ip.is_multicast and ip.packed[1] & 0x0F in (1, 2))
-    if zone and not scoped and not zone.split("/", 1)[0].isdigit():
+    name = zone.split("/", 1)[0]
+    if zone and not scoped and not name.isdigit():
         raise AddressError(
             f"{text!r}: a zone (%{zone}) applies only to a link-local address (fe80::/10)"
         )
+    if zone and not _is_interface(name):
+        # The resolver says EAI_NONAME for an unknown name ("does not resolve", exit 5), and
+        # a connect to a scope id of no interface ENETUNREACH: a typo either way.
+        raise AddressError(f"{text!r}: the zone %{name} names no network interface of this host")
+
+
+def _is_interface(zone: str) -> bool:
+    """Whether a zone (an interface name, or a numeric scope id) names an interface here."""
+    try:
+        if zone.isdigit():
+            socket.if_indextoname(int(zone))
+        else:
+            socket.if_nametoindex(zone)
+    except (OSError, OverflowError, ValueError):
+        return False
+    return True
 
 
 def parse_host_port(text: str, *, allow_port_zero: bool = True) -> tuple[str, int]:
@@ -573,6 +591,13 @@ def is_loopback(host: str) -> bool:
         network = ipaddress.ip_network(host.split("%", 1)[0], strict=False)
     except ValueError:
         return False
+    if isinstance(network, ipaddress.IPv6Network):
+        # ::ffff:127.0.0.1 is 127.0.0.1 (a dual-stack socket's peer): Python >= 3.13 says so,
+        # 3.11 and 3.12 do not, and refused it as "not a loopback address".
+        first = network.network_address.ipv4_mapped
+        last = network.broadcast_address.ipv4_mapped
+        if first is not None and last is not None:
+            return first.is_loopback and last.is_loopback
     return network.is_loopback
 
 
@@ -721,11 +746,15 @@ def _local_message(op: str, number: int | None) -> str:
         return f"{op}: {name}: out of file descriptors (RLIMIT_NOFILE soft {soft}, hard {hard})"
     if number == errno.ENFILE:
         return f"{op}: {name}: the system-wide file table is full (fs.file-max)"
-    if number == errno.EADDRNOTAVAIL:
+    if number == errno.EADDRNOTAVAIL and op == "connect":
+        # A datagram socket's connect: it takes no port from ip_local_port_range here (out
+        # of ports, its autobind says EAGAIN), so this is the destination's address.
         return (
-            f"{op}: {name}: no free local port for this destination "
-            "(ip_local_port_range exhausted; add source addresses or wait for TIME_WAIT)"
+            f"{op}: {name}: this host has no local address to reach that destination from "
+            "(its address family disabled here, as IPv6 with disable_ipv6)"
         )
+    if number == errno.EADDRNOTAVAIL:
+        return f"{op}: {name}: cannot assign the requested address on this host"
     return f"{op}: {name}"
 
 
@@ -874,11 +903,27 @@ def _literal(host: str, port: int, family: int) -> list[Resolved] | None:
         raise ResolveError("resolve", None, "EAI_FAMILY", f"{host} is not an {want} address")
     # The canonical spelling ("0::1" is "::1"): duplicates are found by address, and rows
     # show the address as the kernel reports it.
-    canonical = str(ip)
+    canonical = _spelled(ip)
     sockaddr: tuple[Any, ...] = (
         (canonical, port) if fam == socket.AF_INET else (canonical, port, 0, 0)
     )
     return [Resolved(fam, sockaddr)]
+
+
+def _spelled(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """The address as the kernel (inet_ntop) and Python >= 3.13 spell it: an IPv4-mapped one
+    as `::ffff:127.0.0.1` (Python 3.11 and 3.12 say `::ffff:7f00:1`)."""
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return f"::ffff:{mapped}" if mapped is not None else str(ip)
+
+
+def preferred(answers: Sequence[Resolved]) -> Resolved:
+    """The one address a name means where a command takes one (reset client, its proxy's
+    upstream, backlog, a server's bind, port-check): the first IPv4 answer, else the first.
+    The C library sorts ::1 before 127.0.0.1 for a `localhost` that has both (RFC 6724), and
+    a command that took the first answer missed an IPv4-only server another command reached.
+    (-4/-6 leave only that family's answers; send tries every answer in turn instead.)"""
+    return next((found for found in answers if found.family == socket.AF_INET), answers[0])
 
 
 def _bad_name(host: str) -> AddressError | None:
@@ -1487,7 +1532,7 @@ def open_listener(
             on_resolved()
         return _open_unix_listener(path, backlog)
     assert host is not None
-    addr = resolve(host, port, family=family, socktype=socket.SOCK_STREAM)[0]
+    addr = preferred(resolve(host, port, family=family, socktype=socket.SOCK_STREAM))
     if on_resolved is not None:
         on_resolved()
     if reuse_port and new_reuse_group and port != 0:
@@ -1529,7 +1574,7 @@ def open_udp(
     Raises:
         LocalError: bind failed.
     """
-    addr = resolve(host, port, family=family, socktype=socket.SOCK_DGRAM)[0]
+    addr = preferred(resolve(host, port, family=family, socktype=socket.SOCK_DGRAM))
     if on_resolved is not None:
         on_resolved()
     sock = socket.socket(addr.family, socket.SOCK_DGRAM)

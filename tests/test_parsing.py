@@ -19,6 +19,7 @@ from netprobe.sockets import (
     parse_size,
     parse_target,
 )
+from tests.helpers import invoke
 
 
 @pytest.mark.parametrize(
@@ -342,6 +343,32 @@ def test_a_zone_on_a_link_local_address_is_kept(text: str) -> None:
 def test_a_numeric_zone_is_kept_on_any_address(text: str) -> None:
     # glibc takes a numeric zone on any address: refusing it broke what used to work.
     assert "%1" in (parse_target(text).host or "")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[fe80::1%no-such-if]:80", "fe80::1%nosuch", "[fe80::1%4000000]:80", "[::1%4000000]:80"],
+)
+def test_a_zone_that_names_no_interface_is_refused(text: str) -> None:
+    # An unknown name read as "does not resolve" (EAI_NONAME, exit 5), a scope id of no
+    # interface as "unreachable" (ENETUNREACH, exit 1): a typo, bad input as other zone slips.
+    with pytest.raises(AddressError, match="names no network interface of this host"):
+        parse_target(text)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["port-check", "[fe80::1%no-such-if]:80"],
+        ["echo", "--host", "fe80::1%nosuch"],
+        ["send", "[fe80::1%nosuch]:80", "x"],
+    ],
+)
+def test_a_zone_that_names_no_interface_is_exit_2(argv: list[str]) -> None:
+    result = invoke(argv)
+    assert result.exit_code == 2, result.stderr
+    assert "names no network interface" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_a_link_local_block_keeps_its_zone_on_every_address() -> None:

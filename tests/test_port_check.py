@@ -565,6 +565,18 @@ def test_unix_target_expectations_latency_and_wait(unix_dir: str) -> None:
         late.close()
 
 
+@pytest.mark.parametrize("flag", ["-4", "-6"])
+def test_unix_target_with_a_family_is_bad_input(flag: str) -> None:
+    # As send refuses it: the flag changes nothing for a Unix socket. Before: accepted, silently.
+    result = invoke(["port-check", "127.0.0.1:9", "unix:/run/x.sock", flag])
+    assert result.exit_code == 2
+    assert result.stdout == b""
+    assert result.stderr.strip().splitlines() == [
+        f"netprobe: port-check: {flag} has no effect with 'unix:/run/x.sock': "
+        "a Unix socket has no IP family"
+    ]
+
+
 def test_unix_target_with_udp_is_bad_input() -> None:
     result = invoke(["port-check", "--udp", "unix:/run/x.sock"])
     assert result.exit_code == 2

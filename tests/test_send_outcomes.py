@@ -26,9 +26,26 @@ from tests.helpers import (
     ServerThread,
     invoke,
     netprobe_process,
+    run_in_own_netns,
     run_netprobe,
     udp_echo_thread,
 )
+
+
+@pytest.mark.parametrize("proto", [[], ["--udp"]], ids=["tcp", "udp"])
+def test_a_connect_this_host_refuses_is_exit_6_with_its_object(proto: list[str]) -> None:
+    # IPv6 off on loopback: connect() to ::1 fails EADDRNOTAVAIL, this host's refusal (exit 6,
+    # as port-check and reset client say). Before: TCP exit 1; UDP exit 6 with no --json
+    # object, and a line blaming ip_local_port_range.
+    setup = "echo 1 > /proc/sys/net/ipv6/conf/lo/disable_ipv6 || exit 99"
+    result = run_in_own_netns(setup, ["send", *proto, "[::1]:7", "hi", "--json"])
+    rows = json_lines(result.stdout)
+    assert [(r["ended_by"], r["errno_name"], r["address"]) for r in rows] == [
+        ("error", "EADDRNOTAVAIL", None)
+    ], result.stderr
+    assert result.returncode == 6, result.stderr
+    assert "ip_local_port_range" not in result.stderr.decode()
+
 
 # issue #5's list, plus README's `error` (another socket error, or a malformed reply frame)
 ENDED_BY = {"eof", "reset", "idle-timeout", "timeout", "expect", "error"}

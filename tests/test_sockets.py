@@ -228,14 +228,19 @@ def test_link_local_addresses_keep_their_zone() -> None:
 
 
 def test_port_check_keeps_one_link_local_address_per_interface() -> None:
-    from netprobe.engines.port_check import Expect, build_hosts, parse_targets
+    from netprobe.engines.port_check import Expect, TargetSpec, build_hosts
 
     def resolver(host: str, family: int) -> list[Resolved]:
         address, _, zone = host.partition("%")
         return [Resolved(socket.AF_INET6, (address, 0, 0, int(zone)))]
 
-    # The scope ids stand for two interfaces: fe80::1 on each is a different peer.
-    specs = parse_targets(["[fe80::1%1]:22", "[fe80::1%2]:22=closed"])
+    # The scope ids stand for two interfaces: fe80::1 on each is a different peer. (Built,
+    # not parsed: parsing refuses a zone that names no interface, and a test's namespace
+    # has one, lo.)
+    specs = [
+        TargetSpec("[fe80::1%1]:22", "fe80::1%1", (22,), None),
+        TargetSpec("[fe80::1%2]:22=closed", "fe80::1%2", (22,), Expect.CLOSED),
+    ]
     hosts = build_hosts(specs, ports=None, family=0, expect=Expect.OPEN, resolver=resolver)
     assert len(hosts) == 2
     assert hosts[0].address != hosts[1].address

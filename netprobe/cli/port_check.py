@@ -343,6 +343,11 @@ def port_check(
     port_list = parse_ports(ports, open_ranges=True) if ports is not None else None
     required = parse_require(require)
     family = family_of(ipv4, ipv6)
+    if family and any(spec.unix for spec in specs):
+        # As send: the flag would change nothing for it, silently.
+        unix = next(spec.text for spec in specs if spec.unix)
+        flag = "-4" if ipv4 else "-6"
+        raise UsageError(f"{flag} has no effect with {unix!r}: a Unix socket has no IP family")
     config = CheckConfig(
         timeout_s=timeout,
         concurrency=concurrency,

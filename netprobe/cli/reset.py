@@ -590,6 +590,7 @@ def _client_target(text: str, *, allow_remote: bool) -> tuple[Any, str]:
         is_loopback,
         not_loopback_why,
         parse_target,
+        preferred,
         resolve_named,
     )
 
@@ -611,7 +612,7 @@ def _client_target(text: str, *, allow_remote: bool) -> tuple[Any, str]:
         raise UsageError(
             f"{text!r}: {not_loopback_why(parsed.host)} get aborts unless you pass --allow-remote"
         )
-    resolved = resolve_named(parsed.host, port)[0]
+    resolved = preferred(resolve_named(parsed.host, port))
     # Checked on the resolved address, so a name that points off this host is caught too;
     # nothing has been sent to the target at this point.
     if not allow_remote and not is_loopback(resolved.host):
@@ -1065,7 +1066,13 @@ def proxy(
     # The engine (asyncio, the server core) loads once the options are checked (see serve).
     from netprobe.engines.reset_faults import PROXY_TRIGGERS, Direction, Toxics
     from netprobe.render import choose_format
-    from netprobe.sockets import is_loopback, not_loopback_why, resolve_named, resolved_off_loopback
+    from netprobe.sockets import (
+        is_loopback,
+        not_loopback_why,
+        preferred,
+        resolve_named,
+        resolved_off_loopback,
+    )
 
     choose_format(json_out=json_out, csv_out=False, quiet=quiet, out=sys.stdout)  # -q xor --json
     if upstream is None:
@@ -1083,7 +1090,7 @@ def proxy(
     if not allow_remote:
         # The name passed the first gate (localhost); what it resolves to must pass too, and
         # that address, not the name, is what every connection then goes to.
-        address = resolve_named(up_host, up_port)[0].host
+        address = preferred(resolve_named(up_host, up_port)).host
         why = resolved_off_loopback(up_host, address)
         if why is not None:
             raise UsageError(f"--upstream {upstream}: {why}; pass --allow-remote to proxy to it")

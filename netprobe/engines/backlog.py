@@ -43,6 +43,7 @@ from netprobe.sockets import (
     not_loopback_why,
     open_listener,
     parse_float,
+    preferred,
     raise_nofile_limit,
     range_addresses,
     resolve,
@@ -993,7 +994,7 @@ def _run(
         assert cfg.host is not None
         assert cfg.port is not None
         host, port = cfg.host, cfg.port
-    resolved = resolve_named(host, port, family=cfg.family)[0]
+    resolved = preferred(resolve_named(host, port, family=cfg.family))
     address = resolved.host
     why = None if lab is not None or cfg.allow_remote else resolved_off_loopback(host, address)
     if why is not None:

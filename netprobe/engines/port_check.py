@@ -35,6 +35,7 @@ from netprobe.sockets import (
     format_hostport,
     inet_aton_reading,
     parse_target,
+    preferred,
     raise_nofile_limit,
     resolve,
     resolve_each,
@@ -409,10 +410,8 @@ def _host_spec(
 ) -> HostSpec:
     if isinstance(answer, ResolveError):
         return HostSpec(target, member, None, 0, ports, expect, answer.errno_name or "EAI_FAIL")
-    # One address, as nmap checks: its first IPv4 one (nmap uses IPv4 unless -6), else its
-    # first. getaddrinfo puts ::1 before 127.0.0.1 for a "localhost" that has both (RFC
-    # 6724): checking that alone called a server on 127.0.0.1 closed.
-    first = next((found for found in answer if found.family == AF_INET), answer[0])
+    # One address, as nmap checks (IPv4 unless -6), by the rule every command follows.
+    first = preferred(answer)
     return HostSpec(target, member, first.host, first.family, ports, expect, None, first.sockaddr)
 
 

@@ -41,6 +41,7 @@ from netprobe.sockets import (
     connect_udp,
     errno_name,
     format_hostport,
+    preferred,
     pump_duplex,
     recv_datagram,
     resolve_named,
@@ -1010,15 +1011,17 @@ class _ResetOnConnect(PeerResetError):
 _UNIX_PERMISSION_ERRNOS = frozenset({"EACCES", "EPERM"})
 
 
-class _UnixPermissionError(LocalError, ConnectError):
-    """connect() on a Unix socket path refused by its permissions.
+class _RefusedHereError(LocalError, ConnectError):
+    """A connect this host refused: a Unix socket path's permissions, or an errno the socket
+    core classifies as this host's own (EADDRNOTAVAIL: IPv6 disabled, no free local port).
 
     A LocalError for the exit code (6), and still a ConnectError, so the run is reported as
     any failed connect is (`--json`'s object, a counted `--repeat` run)."""
 
-    def __init__(self, shown: str, errno_name: str | None) -> None:
+    def __init__(self, shown: str, errno_name: str | None, why: str = "") -> None:
         # NetworkError's constructor alone: LocalError's would reset errno_name to None.
-        ConnectError.__init__(self, "connect", None, errno_name, shown)
+        detail = f"{shown}: {why}" if why else shown
+        ConnectError.__init__(self, "connect", None, errno_name, detail)
 
 
 def _connect(addrs: list[Resolved], deadline: float) -> tuple[Any, Resolved, float]:
@@ -1030,13 +1033,17 @@ def _connect(addrs: list[Resolved], deadline: float) -> tuple[Any, Resolved, flo
             return outcome.sock, addr, outcome.elapsed_s
         shown = _shown(addr)
         if _is_unix(addr) and outcome.errno_name in _UNIX_PERMISSION_ERRNOS:
-            last_error = _UnixPermissionError(shown, outcome.errno_name)
+            last_error = _RefusedHereError(shown, outcome.errno_name)
         elif outcome.state is ConnectState.TIMEOUT:
             last_error = DeadlineExceeded(f"connect to {shown}")
         elif outcome.state is ConnectState.RESET:
             # The handshake completed, and the peer's RST came before we looked (a server that
             # accepts and aborts at once): a connection that ended by reset, not a failed one.
             raise _ResetOnConnect(shown, outcome.errno_name, outcome.elapsed_s)
+        elif outcome.state is ConnectState.ERROR:
+            # The errno->outcome table port-check and reset client use: this host's own
+            # refusal (EADDRNOTAVAIL, ...) is exit 6, not the target saying no (exit 1).
+            last_error = _RefusedHereError(shown, outcome.errno_name)
         else:
             last_error = ConnectError("connect", None, outcome.errno_name, shown)
     assert last_error is not None
@@ -1346,11 +1353,16 @@ def _exchange_udp(
     transcript: Transcript | None,
     emit_bounded: Emit | None = None,
 ) -> SendResult:
-    addrs = _addresses(opts)
-    addr = addrs[0]
+    # A datagram goes to one address: the one every command takes for a name.
+    addr = preferred(_addresses(opts))
     start = time.monotonic()
     deadline = start + opts.timeout_s if opts.timeout_s is not None else None
-    sock = connect_udp(addr)
+    try:
+        sock = connect_udp(addr)
+    except LocalError as exc:
+        # As over TCP: the run still gets its --json object, and exit 6.
+        why = str(exc).split(": ", 2)[-1]
+        raise _RefusedHereError(_shown(addr), exc.errno_name, why) from exc
     result = SendResult(opts.target.text, _shown(addr), "udp", connect_ms=0.0)
     result.datagrams_sent = result.datagrams_received = 0
     receiver = _Receiver(

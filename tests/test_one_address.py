@@ -1,0 +1,120 @@
+"""Which address a name means: every command that takes one address of a name takes its first
+IPv4 one, else its first (`sockets.preferred`); `send` tries each in turn.
+
+With a Debian-style /etc/hosts (`127.0.0.1 localhost`, `::1 localhost ip6-localhost`) the C
+library gives ::1 first. These tests bind such a file over /etc/hosts in a private user, mount
+and network namespace (`unshare -rnm`, tests/hosts_world.py), where an IPv4-only server listens
+on 127.0.0.1: before, reset client, backlog and reset proxy went to [::1] (refused) and a
+server of netprobe's own bound ::1 alone, while send and port-check reached 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netprobe.sockets import Resolved
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux namespaces")
+
+WORLD = ROOT / "tests" / "hosts_world.py"
+DEBIAN_HOSTS = "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
+
+
+def in_hosts_world(tmp_path: Path, mode: str, argv: list[str]) -> dict[str, Any]:
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare")
+    hosts = tmp_path / "hosts"
+    hosts.write_text(DEBIAN_HOSTS)
+    # /etc/hosts alone answers: no nss module of the host's (systemd's resolved, mDNS), no
+    # nscd, takes a lookup out of the namespace.
+    nsswitch = tmp_path / "nsswitch.conf"
+    nsswitch.write_text("hosts: files\n")
+    script = (
+        "ip link set lo up 2>/dev/null || exit 99\n"
+        'mount --bind "$1" /etc/hosts 2>/dev/null || exit 99\n'
+        'mount --bind "$2" /etc/nsswitch.conf 2>/dev/null || exit 99\n'
+        "for dir in /run/nscd /var/run/nscd; do\n"
+        '  [ -d "$dir" ] && { mount -t tmpfs none "$dir" 2>/dev/null || exit 99; }\n'
+        "done\n"
+        "shift 2\n"
+        'exec "$@"\n'
+    )
+    world = [sys.executable, str(WORLD), mode, "--", *argv]
+    proc = subprocess.run(
+        [unshare, "-rnm", "sh", "-c", script, "sh", str(hosts), str(nsswitch), *world],
+        capture_output=True,
+        timeout=90,
+        cwd=ROOT,
+        check=False,
+    )
+    if proc.returncode == 99 or b"unshare:" in proc.stderr:
+        pytest.skip("cannot make a user, mount and network namespace here")
+    assert proc.returncode == 0, proc.stderr.decode()
+    report: dict[str, Any] = json.loads(proc.stdout)
+    if report["localhost_first"] != "::1":
+        pytest.skip("the C library here does not give ::1 first for localhost (gai.conf)")
+    return report
+
+
+def _json(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in report["stdout"].splitlines()]
+
+
+def test_preferred_is_the_first_ipv4_answer_else_the_first() -> None:
+    from netprobe.sockets import preferred
+
+    v6 = Resolved(socket.AF_INET6, ("::1", 80, 0, 0))
+    v4 = Resolved(socket.AF_INET, ("127.0.0.1", 80))
+    other = Resolved(socket.AF_INET, ("127.0.0.2", 80))
+    assert preferred([v6, v4, other]) is v4
+    assert preferred([v6]) is v6
+
+
+def test_reset_client_takes_the_ipv4_address_of_localhost(tmp_path: Path) -> None:
+    report = in_hosts_world(tmp_path, "run", ["reset", "client", "localhost:PORT", "hi", "--json"])
+    first = _json(report)[0]
+    # Before: state "refused" (it connected to [::1]), exit 1.
+    assert (report["code"], first["state"], first["ended_by"]) == (0, "open", "client-rst"), report
+
+
+def test_backlog_floods_the_ipv4_address_of_localhost(tmp_path: Path) -> None:
+    argv = ["backlog", "localhost:PORT", "-n", "2", "--json"]
+    report = in_hosts_world(tmp_path, "run", argv)
+    summary = next(row for row in _json(report) if row["kind"] == "backlog")
+    # Before: "[::1]:PORT", both attempts refused.
+    assert summary["target"].startswith("127.0.0.1:"), report
+    assert (summary["established"], summary["refused"]) == (2, 0), summary
+
+
+def test_reset_proxy_connects_upstream_to_the_ipv4_address_of_localhost(tmp_path: Path) -> None:
+    argv = ["reset", "proxy", "--listen", "127.0.0.1:0", "--upstream", "localhost:PORT"]
+    report = in_hosts_world(tmp_path, "proxy", argv)
+    # Before: each upstream connect went to [::1] (ECONNREFUSED), the client got nothing.
+    assert report["reply"] == "hi", report
+
+
+def test_a_server_bound_to_localhost_listens_where_port_check_looks(tmp_path: Path) -> None:
+    argv = ["echo", "--host", "localhost", "--port", "0", "--duration", "0.1"]
+    report = in_hosts_world(tmp_path, "run", argv)
+    # Before: "listening on [::1]:P/tcp", and `port-check localhost:P` called it closed.
+    assert report["stdout"].startswith("listening on 127.0.0.1:"), report
+    assert report["code"] == 0, report
+
+
+def test_send_udp_sends_to_the_ipv4_address_of_localhost(tmp_path: Path) -> None:
+    argv = ["send", "--udp", "localhost:PORT", "hi", "--json"]
+    report = in_hosts_world(tmp_path, "run", argv)
+    [row] = _json(report)
+    # Before: to [::1], answered by an ICMP port unreachable (ECONNREFUSED), exit 1.
+    assert row["address"].startswith("127.0.0.1:"), report
+    assert (report["code"], row.get("data")) == (0, "hi"), report
