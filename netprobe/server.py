@@ -1293,14 +1293,6 @@ def parse_allow(specs: Sequence[str]) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
-def _format_peer(addr: Any) -> str:
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        return sockets.format_hostport(str(addr[0]), int(addr[1]))
-    if isinstance(addr, str | bytes) and addr:
-        return f"unix:{os.fsdecode(addr)}"
-    return "unix"
-
-
 class Server:
     """One listening server; see the module docstring for how handlers plug in.
 
@@ -1420,7 +1412,7 @@ class Server:
                 config.host, config.port, family=config.family, on_resolved=hold
             )
             name = sock.getsockname()
-            self.bound = Bound("udp", str(name[0]), int(name[1]))
+            self.bound = Bound("udp", sockets.sockaddr_host(name), int(name[1]))
         elif config.path is not None:
             sock = sockets.open_listener(
                 None, backlog=config.backlog, path=config.path, on_resolved=hold
@@ -1441,7 +1433,7 @@ class Server:
                 on_resolved=hold,
             )
             name = sock.getsockname()
-            self.bound = Bound("tcp", str(name[0]), int(name[1]))
+            self.bound = Bound("tcp", sockets.sockaddr_host(name), int(name[1]))
         sock.setblocking(False)
         self._listener = sock
         return self.bound
@@ -1894,7 +1886,7 @@ class Server:
 
     def _admit(self, sock: socket.socket, addr: Any) -> None:
         config = self.config
-        peer = _format_peer(addr)
+        peer = sockets.format_sockaddr(addr)
         if config.allow and not self._allowed(addr):
             self._reject(sock, peer, CloseReason.NOT_ALLOWED)
             return

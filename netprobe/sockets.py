@@ -69,6 +69,7 @@ __all__ = [
     "expand_hosts",
     "fill_accept_queue",
     "format_hostport",
+    "format_sockaddr",
     "half_close",
     "ignore_stop_signals",
     "inet_aton_reading",
@@ -104,10 +105,12 @@ __all__ = [
     "set_linger_zero",
     "signal_wake_fd",
     "sleep",
+    "sockaddr_host",
     "splice_relay",
     "udp_probe",
     "udp_probe_many",
     "unix_address",
+    "unix_sockaddr",
     "wait_readable",
 ]
 
@@ -409,9 +412,8 @@ def _check_ipv6(host: str, text: str) -> None:
     # multicast of interface or link scope): glibc refuses any other with EAI_NONAME, which
     # reads as "does not resolve" (exit 5) for what is a malformed address. A numeric zone it
     # takes on any address.
-    scoped = ip.is_link_local or (ip.is_multicast and ip.packed[1] & 0x0F in (1, 2))
     name = zone.split("/", 1)[0]
-    if zone and not scoped and not name.isdigit():
+    if zone and not _needs_zone(ip) and not name.isdigit():
         raise AddressError(
             f"{text!r}: a zone (%{zone}) applies only to a link-local address (fe80::/10)"
         )
@@ -431,6 +433,12 @@ def _is_interface(zone: str) -> bool:
     except (OSError, OverflowError, ValueError):
         return False
     return True
+
+
+def _needs_zone(ip: ipaddress.IPv6Address) -> bool:
+    """Link-local unicast (fe80::/10) and multicast of interface or link scope: the address
+    is on every link, so the kernel needs to know which (a zone, the scope id)."""
+    return ip.is_link_local or (ip.is_multicast and ip.packed[1] & 0x0F in (1, 2))
 
 
 def parse_host_port(text: str, *, allow_port_zero: bool = True) -> tuple[str, int]:
@@ -612,6 +620,25 @@ def format_hostport(host: str, port: int | None) -> str:
     """`host:port`, with brackets around IPv6 literals."""
     shown = f"[{host}]" if ":" in host else host
     return shown if port is None else f"{shown}:{port}"
+
+
+def sockaddr_host(sockaddr: Any) -> str:
+    """The host of an inet sockaddr (getsockname, accept) as text, with its `%zone` as
+    Resolved.host spells it: a link-local address without it cannot be connected to."""
+    family = socket.AF_INET6 if len(sockaddr) > 2 else socket.AF_INET
+    return Resolved(family, tuple(sockaddr)).host
+
+
+def format_sockaddr(sockaddr: Any) -> str:
+    """Any sockaddr as users see it: `host:port`, `[v6%zone]:port`, `unix:/path`,
+    `unix:@name` (abstract), or `unix` for an unnamed Unix socket (a client that never bound)."""
+    if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
+        return format_hostport(sockaddr_host(sockaddr), int(sockaddr[1]))
+    if isinstance(sockaddr, bytes):
+        sockaddr = os.fsdecode(sockaddr)  # Python gives abstract names as bytes
+    if isinstance(sockaddr, str) and sockaddr:
+        return "unix:" + ("@" + sockaddr[1:] if sockaddr.startswith("\0") else sockaddr)
+    return "unix"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1593,6 +1620,13 @@ def _bind_or_explain(sock: socket.socket, sockaddr: Any, shown: str) -> None:
         sock.bind(sockaddr)
     except OSError as exc:
         name = errno_name(exc.errno)
+        if name == "EINVAL" and _zone_missing(sockaddr):
+            # Such an address binds only on a named interface: the input is at fault, not this
+            # host (exit 2, not 6), and the errno alone does not say what is missing.
+            raise UsageError(
+                f"cannot bind {shown}: {sockaddr[0]} is link-local and needs its %zone, the "
+                f"interface it is on (e.g. {sockaddr[0]}%eth0)"
+            ) from exc
         why = {
             "EADDRINUSE": "the address is already in use",
             "EACCES": (
@@ -1605,23 +1639,57 @@ def _bind_or_explain(sock: socket.socket, sockaddr: Any, shown: str) -> None:
         raise LocalError(f"cannot bind {shown}: {name}: {why}", name) from exc
 
 
+def _zone_missing(sockaddr: Any) -> bool:
+    if not isinstance(sockaddr, tuple) or len(sockaddr) < 4 or sockaddr[3]:
+        return False
+    try:
+        return _needs_zone(ipaddress.IPv6Address(sockaddr[0]))
+    except ValueError:
+        return False
+
+
 def check_unix_path_size(path: str) -> None:
     """Refuse a Unix socket path that cannot fit sun_path, before any socket call.
 
     sun_path holds 108 bytes on Linux (104 on macOS/BSD) with the NUL; a longer path fails
     bind() and connect() with an errno-less OSError("AF_UNIX path too long"): the user's
-    input, not a network outcome.
+    input, not a network outcome. An abstract name (`@name`, Linux) has no closing NUL but a
+    leading one, which its `@` stands for: 108 bytes with it.
 
     Raises:
-        UsageError: the path is longer than 107 bytes.
+        UsageError: the path is longer than 107 bytes (an abstract name: 108 with the @), or
+            an abstract name where there are none.
     """
     size = len(os.fsencode(path))
+    if path.startswith("@"):
+        if not sys.platform.startswith("linux"):
+            raise UsageError(
+                f"unix:{path}: a leading @ names an abstract socket, which only Linux has "
+                f"(a file whose name starts with @ is ./{path})"
+            )
+        if size > 108:
+            raise UsageError(
+                f"unix:{path}: the abstract name is {size} bytes with its leading NUL (the @); "
+                "it may have 108"
+            )
+        if path == "@":  # the bare NUL: a name no one would mean (and autobind's form)
+            raise UsageError("unix:@: an abstract socket needs a name after the @")
+        return
     if size > 107:
         raise UsageError(f"unix:{path}: the path is {size} bytes; a Unix socket path may have 107")
 
 
+def unix_sockaddr(path: str) -> str:
+    """What bind()/connect() take for a Unix socket given as `path`: a leading `@` names the
+    abstract namespace (as `ss` and listeners show it): NUL + name, no file."""
+    return "\0" + path[1:] if path.startswith("@") else path
+
+
 def file_identity(path: str) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of the file at PATH (not following a symlink), None if there is none."""
+    """(st_dev, st_ino) of the file at PATH (not following a symlink), None if there is none
+    (an abstract `@name` has none: a file of that name in the cwd is not ours to remove)."""
+    if path.startswith("@"):
+        return None
     try:
         info = os.lstat(path)
     except OSError:
@@ -1655,6 +1723,9 @@ def _open_unix_listener(path: str, backlog: int) -> socket.socket:
         raise LocalError("Unix sockets are not available on this platform")
     check_listen_path(path)
     shown = f"unix:{path}"
+    if path.startswith("@"):
+        # No file to look at or replace: a name in use fails the bind with EADDRINUSE.
+        return _bind_unix(unix_sockaddr(path), shown, backlog)
     try:
         info = os.lstat(path)
     except FileNotFoundError:
@@ -1676,9 +1747,13 @@ def _open_unix_listener(path: str, backlog: int) -> socket.socket:
                 pass
             except OSError as exc:
                 raise _path_error(shown, exc, "cannot remove the stale socket file") from exc
+    return _bind_unix(path, shown, backlog)
+
+
+def _bind_unix(sockaddr: str, shown: str, backlog: int) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        _bind_or_explain(sock, path, shown)
+        _bind_or_explain(sock, sockaddr, shown)
         sock.listen(backlog)
     except BaseException:
         sock.close()
@@ -1735,7 +1810,7 @@ def accept_and_close(listener: socket.socket, deadline: float) -> str | None:
             time.sleep(max(0.0, min(0.05, deadline - time.monotonic())))
         return None
     conn.close()
-    return format_hostport(str(peer[0]), int(peer[1]))
+    return format_sockaddr(peer)
 
 
 def fill_accept_queue(listener: socket.socket, *, deadline: float) -> list[socket.socket]:
@@ -2465,9 +2540,7 @@ def accept_one(listener: socket.socket, deadline: float | None) -> tuple[socket.
                 continue  # gone again before we took it (the peer reset it, say)
         break
     conn.setblocking(True)
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        return conn, format_hostport(str(addr[0]), int(addr[1]))
-    return conn, f"unix:{addr}" if addr else "unix:(unnamed)"
+    return conn, format_sockaddr(addr)
 
 
 def unix_address(path: str) -> Resolved:
@@ -2475,7 +2548,7 @@ def unix_address(path: str) -> Resolved:
     if not hasattr(socket, "AF_UNIX"):
         raise LocalError("Unix sockets are not available on this platform")
     check_unix_path_size(path)
-    sockaddr: Any = path  # AF_UNIX addresses are plain paths, not tuples
+    sockaddr: Any = unix_sockaddr(path)  # AF_UNIX addresses are plain paths, not tuples
     return Resolved(socket.AF_UNIX, sockaddr)
 
 

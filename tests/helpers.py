@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SHORT = 0.05  # seconds: "a moment" in tests
 LONG = 5.0  # seconds: the most any single blocking step in a test may take
@@ -178,10 +179,13 @@ def wait_connecting(pid: int) -> None:
     wait_until(connecting, f"pid {pid} is connecting")
 
 
-def run_in_own_netns(setup: str, argv: Sequence[str]) -> subprocess.CompletedProcess[bytes]:
-    """`python -m netprobe ARGV` in a network namespace of the test's own (`unshare -rn`), its
-    loopback up, after `setup`: shell lines that set that namespace's sysctls, each ending in
-    `|| exit 99`. Skips the test where no such namespace can be made."""
+def run_in_own_netns(
+    setup: str, argv: Sequence[str], *, module: str = "netprobe"
+) -> subprocess.CompletedProcess[bytes]:
+    """`python -m netprobe ARGV` (or another `module`) in a network namespace of the test's own
+    (`unshare -rn`), its loopback up, after `setup`: shell lines that set that namespace's
+    sysctls or addresses, each ending in `|| exit 99`. Skips the test where no such namespace
+    can be made."""
     import shutil
 
     import pytest
@@ -191,7 +195,7 @@ def run_in_own_netns(setup: str, argv: Sequence[str]) -> subprocess.CompletedPro
         pytest.skip("no unshare")
     script = f'{setup.strip()}\nip link set lo up 2>/dev/null || exit 99\nexec "$@"\n'
     result = subprocess.run(
-        [unshare, "-rn", "sh", "-c", script, "sh", sys.executable, "-m", "netprobe", *argv],
+        [unshare, "-rn", "sh", "-c", script, "sh", sys.executable, "-m", module, *argv],
         capture_output=True, timeout=60, cwd=ROOT, check=False,
     )  # fmt: skip
     if result.returncode == 99 or b"unshare:" in result.stderr:
@@ -384,3 +388,23 @@ def read_until_reset(sock: socket.socket) -> int:
             break
         got += len(data)
     return got
+
+
+# fe80::1 on lo, for run_in_own_netns: a link-local address, which needs its zone (%lo).
+LINK_LOCAL_SETUP = "ip -6 addr add fe80::1/64 dev lo nodad || exit 99"
+
+
+def serve_one_link_local_client(
+    argv: Sequence[str], *, announced_on: str = "stdout", proto: str = "tcp", ready: str = ""
+) -> dict[str, Any]:
+    """Run `netprobe ARGV` (a server on fe80::1%lo that ends after one client) in a network
+    namespace of its own, connect one client to the address it announces, and return what
+    tests/link_local_driver.py saw (see there)."""
+    import json
+
+    options = [announced_on, proto, ready, "--", *argv]
+    result = run_in_own_netns(LINK_LOCAL_SETUP, options, module="tests.link_local_driver")
+    assert result.returncode == 0, result.stderr.decode()
+    seen = json.loads(result.stdout)
+    assert isinstance(seen, dict)
+    return seen

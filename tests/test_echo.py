@@ -23,12 +23,15 @@ import pytest
 
 from tests.conftest import HAS_IPV6
 from tests.helpers import (
+    LINK_LOCAL_SETUP,
     LONG,
     ROOT,
     bad_input_line,
     flood_without_reading,
     invoke,
+    run_in_own_netns,
     run_netprobe,
+    serve_one_link_local_client,
     stuff_then_read,
 )
 
@@ -1365,3 +1368,95 @@ print("served", reports)
     assert done.returncode == 0, done.stderr.decode()
     expected = "['running']" if signame == "SIGUSR1" else "[]"
     assert done.stdout.decode() == f"served {expected}\n"
+
+
+# --- link-local addresses keep their zone; abstract Unix names (`@name`) -----------------
+
+
+def test_a_link_local_server_announces_the_address_with_its_zone(tmp_path: Path) -> None:
+    # Before: `"host": "fe80::1"` in the announce line and the ready file, and `[fe80::1]:P`
+    # as the peer: an address no client can connect to (EINVAL), unlike send's `[fe80::1%lo]`.
+    ready = str(tmp_path / "ready.json")
+    argv = ["echo", "--host", "fe80::1%lo", "--port", "0", "--json", "--once"]
+    seen = serve_one_link_local_client([*argv, "--ready-file", ready], ready=ready)
+    assert seen["announce"]["host"] == "fe80::1%lo", seen
+    assert seen["ready"] == seen["announce"]
+    assert (seen["connect_error"], seen["reply"], seen["code"]) == (None, "zone", 0)
+    peers = {event["peer"] for event in seen["events"] if "peer" in event}
+    assert len(peers) == 1
+    assert peers.pop().startswith("[fe80::1%lo]:")
+
+
+def test_a_link_local_udp_server_announces_the_address_with_its_zone() -> None:
+    argv = ["echo", "--udp", "--host", "fe80::1%lo", "--port", "0", "--json", "--once"]
+    seen = serve_one_link_local_client(argv, proto="udp")
+    assert seen["announce"]["host"] == "fe80::1%lo", seen
+    assert (seen["connect_error"], seen["reply"], seen["code"]) == (None, "zone", 0)
+
+
+def test_a_link_local_host_without_its_zone_is_bad_input() -> None:
+    # Before: exit 6, "cannot bind [fe80::1]:0: EINVAL: Invalid argument", as if this host had
+    # failed: Linux binds a link-local address only with the interface named.
+    result = run_in_own_netns(
+        LINK_LOCAL_SETUP, ["echo", "--host", "fe80::1", "--port", "0", "--duration", "0.2"]
+    )
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.decode().splitlines()
+    assert line.startswith("netprobe: echo: cannot bind [fe80::1]:0: ")
+    assert "fe80::1 is link-local and needs its %zone" in line
+
+
+def _abstract_name() -> str:
+    return f"@netprobe-test-{os.getpid()}-{time.monotonic_ns()}"
+
+
+def _in_a_cwd_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # this checkout's netprobe, from any cwd
+
+
+def test_an_abstract_unix_name_is_bound_as_one(
+    tmp_path: Path, event_loop_kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: a file named `@netprobe-test-...` in the current directory, which `listeners`
+    # then showed as if abstract, and `send unix:@...` could not reach (ECONNREFUSED).
+    _in_a_cwd_of_its_own(monkeypatch)
+    name = _abstract_name()
+    ready = tmp_path / "ready.json"
+    proc = EchoProcess(["--unix", name, "--json", "--ready-file", str(ready)], cwd=tmp_path)
+    try:
+        announce = proc.record()
+        assert announce == {
+            "event": "listening",
+            "proto": "unix",
+            "path": name,
+            "event_loop": event_loop_kind,
+        }
+        assert json.loads(ready.read_text()) == announce
+        assert sorted(os.listdir(tmp_path)) == ["ready.json"]  # no socket file
+        with connect({"path": "\0" + name[1:]}) as client:
+            client.sendall(b"abstract")
+            assert recv_exactly(client, 8) == b"abstract"
+        # A name in use is a bind failure (exit 6), with nothing to replace.
+        second = run_netprobe(["echo", "--unix", name, "--duration", "0.2"])
+        assert second.returncode == 6, second.stderr
+        assert b"EADDRINUSE" in second.stderr
+        proc.proc.send_signal(signal.SIGINT)
+        assert proc.wait() == 0
+    finally:
+        proc.close()
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_a_ready_file_named_like_an_abstract_socket_is_no_clash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: bad input, "its path is the --unix socket's path": a ready file `@name` in the
+    # cwd is no clash with the abstract name, which is no file.
+    _in_a_cwd_of_its_own(monkeypatch)
+    name = _abstract_name()
+    proc = EchoProcess(["--unix", name, "--json", "--ready-file", name], cwd=tmp_path)
+    try:
+        assert proc.record()["path"] == name
+        assert json.loads((tmp_path / name).read_text())["path"] == name
+    finally:
+        proc.close()

@@ -20,7 +20,14 @@ from typing import Any
 import pytest
 
 from tests.conftest import HAS_IPV6
-from tests.helpers import LONG, ROOT, invoke, run_netprobe, wait_in_syscall
+from tests.helpers import (
+    LONG,
+    ROOT,
+    invoke,
+    run_netprobe,
+    serve_one_link_local_client,
+    wait_in_syscall,
+)
 
 
 class Listen:
@@ -627,3 +634,58 @@ def test_sigterm_with_stdout_stuck_exits_at_once_and_quietly() -> None:
     assert code == 143, err
     assert "ended: interrupted" in err
     assert "Exception ignored" not in err
+
+
+# --- link-local addresses keep their zone; Unix peers; abstract Unix names ---------------
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_a_link_local_listener_announces_the_address_with_its_zone(proto: str) -> None:
+    # Before: `"host": "fe80::1"` and peers `[fe80::1]:P`: addresses nobody can connect to.
+    udp = ["--udp", "--idle-timeout", "0"] if proto == "udp" else []
+    argv = ["listen", "--host", "fe80::1%lo", "--port", "0", "--json", *udp]
+    seen = serve_one_link_local_client(
+        argv, announced_on="stderr", proto="udp-send" if udp else "tcp"
+    )
+    assert seen["announce"]["host"] == "fe80::1%lo", seen
+    assert seen["connect_error"] is None
+    peers = {event["peer"] for event in seen["events"] if "peer" in event}
+    assert len(peers) == 1
+    assert peers.pop().startswith("[fe80::1%lo]:")
+
+
+def test_an_unnamed_unix_peer_is_spelled_as_echo_spells_it(
+    spawn: type[Listen], tmp_path: Path
+) -> None:
+    # Before: `unix:(unnamed)` here, `unix` in echo and reset serve.
+    path = str(tmp_path / "l.sock")
+    listener = spawn(["--unix", path, "--json"])
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(LONG)
+        client.connect(path)
+        listener.write(b"", close=True)
+        client.shutdown(socket.SHUT_WR)
+        assert _read_to_eof(client) == b""
+    code, _out, err = listener.finish()
+    assert code == 0, err
+    events = [json.loads(line) for line in err.splitlines()]
+    assert [(e["event"], e["peer"]) for e in events] == [("accept", "unix"), ("close", "unix")]
+
+
+def test_an_abstract_unix_name(spawn: type[Listen]) -> None:
+    # Before: a socket file named `@netprobe-...` in the current directory, not abstract.
+    name = f"@netprobe-listen-{os.getpid()}-{time.monotonic_ns()}"
+    listener = spawn(["--unix", name, "--json"])
+    assert json.loads(listener.announce) == {"event": "listening", "proto": "unix", "path": name}
+    assert not os.path.lexists(ROOT / name)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(LONG)
+        client.bind("\0" + name[1:] + "-client")  # an abstract client: shown as `unix:@...`
+        client.connect("\0" + name[1:])
+        listener.write(b"hi abstract", close=True)
+        client.shutdown(socket.SHUT_WR)
+        assert _read_to_eof(client) == b"hi abstract"
+    code, _out, err = listener.finish()
+    assert code == 0, err
+    events = [json.loads(line) for line in err.splitlines()]
+    assert {e["peer"] for e in events} == {f"unix:{name}-client"}

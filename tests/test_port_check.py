@@ -1010,3 +1010,24 @@ def test_port_check_scans_an_address_range() -> None:
         ("127.0.0.2", "open"),
         ("127.0.0.3", "closed"),
     ]
+
+
+@pytest.mark.unix
+def test_an_abstract_unix_target_is_checked_as_one() -> None:
+    # Before: `unix:@name` looked for a file named `@name`: a live listener reported `closed`,
+    # ENOENT, though `listeners --unix` shows it as `@name`.
+    name = f"@netprobe-check-{os.getpid()}-{time.monotonic_ns()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening:
+        listening.bind("\0" + name[1:])
+        listening.listen(4)
+        result = invoke(["port-check", "--json", f"unix:{name}", f"unix:{name}-none"])
+    rows = {row["address"]: row for row in _json_lines(result.stdout)}
+    assert (rows[name]["state"], rows[name]["errno_name"], rows[name]["proto"]) == (
+        "open",
+        None,
+        "unix",
+    )
+    assert (rows[f"{name}-none"]["state"], rows[f"{name}-none"]["errno_name"]) == (
+        "closed",
+        "ECONNREFUSED",
+    )

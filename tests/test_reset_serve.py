@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import signal
 import socket
 import struct
@@ -22,7 +23,7 @@ from netprobe.engines.reset_client import generated_stream
 from netprobe.engines.reset_faults import Action, TriggerKind, fault_chosen
 from netprobe.errors import UsageError
 from netprobe.server import ServerConfig
-from tests.helpers import LONG, ROOT, invoke, stuff_then_read
+from tests.helpers import LONG, ROOT, invoke, serve_one_link_local_client, stuff_then_read
 from tests.test_reset_helpers import (
     connect,
     connect_and_read_until_end,
@@ -779,3 +780,35 @@ def test_on_idle_keeps_one_timer_however_long_the_client_talks(kind: str) -> Non
                 counts.append(_timer_handles())
         fired = [r for r in records if r["fired"]]
     assert counts[1] - counts[0] <= 3, (counts, fired)
+
+
+def test_a_link_local_server_announces_its_zone_and_knows_its_fillers() -> None:
+    # Before: `"host": "fe80::1"` (no client can connect to it) and peers `[fe80::1]:P`. The
+    # queue's filler is told from clients by its address, which must be spelled as the peers
+    # are: else `--count 1` counts the filler and the one real client is never served.
+    argv = ["reset", "serve", "--host", "fe80::1%lo", "--port", "0", "--json", "--count", "1"]
+    faults = ["--action", "fin", "--after-bytes", "2", "--slow-accept", "--accept-rate", "100"]
+    seen = serve_one_link_local_client([*argv, *faults])
+    assert seen["announce"]["host"] == "fe80::1%lo", seen
+    assert (seen["connect_error"], seen["reply"], seen["code"]) == (None, "zo", 0)
+    (record,) = [e for e in seen["events"] if e["event"] == "connection"]
+    assert record["peer"].startswith("[fe80::1%lo]:")
+    (totals,) = [e for e in seen["events"] if e["event"] == "totals"]
+    assert totals["connections"] == 1
+
+
+@pytest.mark.unix
+def test_an_abstract_unix_name() -> None:
+    # Before: a socket file named `@netprobe-...` in the current directory, not abstract.
+    name = f"@netprobe-reset-{os.getpid()}-{time.monotonic_ns()}"
+    argv = ["reset", "serve", "--unix", name, "--action", "fin", "--after-bytes", "3"]
+    with subprocess_server([*argv, "--count", "1"]) as (proc, announce):
+        assert announce == {"event": "listening", "proto": "unix", "path": name}
+        assert not os.path.lexists(ROOT / name)
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(LONG)
+            sock.connect("\0" + name[1:])
+            sock.sendall(b"hello")
+            got, ending = read_until_end(sock)
+        assert (got, ending) == (b"hel", "eof")
+        assert proc.wait(LONG) == 0

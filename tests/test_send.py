@@ -1290,3 +1290,42 @@ def test_an_interrupted_hexdump_still_prints_what_came(start: Callable[..., Serv
         "00000000  4f 4b 20 76 31 0d 0a                              |OK v1..|",
         "00000007",
     ]
+
+
+@pytest.mark.unix
+def test_an_abstract_unix_target() -> None:
+    # Before: `unix:@name` was taken for a file named `@name`: ECONNREFUSED/ENOENT, exit 1.
+    name = f"@netprobe-send-{os.getpid()}-{time.monotonic_ns()}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind("\0" + name[1:])
+    listener.listen(1)
+    listener.settimeout(LONG)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(LONG)
+            echo_handler(conn)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        res = invoke(["send", f"unix:{name}", "over abstract", "--json"])
+    finally:
+        if thread.is_alive():  # send never got through: nobody will connect
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unblock:
+                unblock.connect("\0" + name[1:])
+        thread.join(LONG)
+        listener.close()
+    assert res.exit_code == 0, res.stderr
+    rec = as_json(res.stdout)
+    assert (rec["data"], rec["address"]) == ("over abstract", f"unix:{name}")
+
+
+def test_an_abstract_name_may_have_108_bytes_with_its_leading_nul() -> None:
+    # Linux keeps no closing NUL after an abstract name: the `@` (the leading NUL) and 107.
+    result = invoke(["send", "unix:@" + "z" * 108, "hi"])
+    assert result.exit_code == 2
+    assert "it may have 108" in result.stderr
+    nobody = invoke(["send", "unix:@" + "z" * 107, "hi", "--json"])
+    assert as_json(nobody.stdout)["errno_name"] == "ECONNREFUSED", nobody.stderr

@@ -1046,3 +1046,22 @@ def test_a_client_that_resets_while_we_wait_to_write_is_seen_at_once() -> None:
         (close,) = srv.wait_events("close", 1)
         assert close.reason == "reset"
         assert srv.server.totals().active == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract names are Linux's")
+def test_an_abstract_unix_name_has_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: `@name` was a path: a file of that name in the cwd was "not a socket" (exit 6),
+    # else a socket file was made there and removed at exit.
+    monkeypatch.chdir(tmp_path)
+    name = f"@netprobe-server-{os.getpid()}-{time.monotonic_ns()}"
+    (tmp_path / name).write_text("not ours")
+    with serving(ServerConfig(path=name)) as srv:
+        assert srv.bound == Bound("unix", path=name)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(LONG)
+            client.bind("\0" + name[1:] + "-client")
+            client.connect("\0" + name[1:])
+            client.sendall(b"abstract")
+            assert recv_exactly(client, 8) == b"abstract"
+        assert srv.wait_events("close", 1)[0].peer == f"unix:{name}-client"
+    assert (tmp_path / name).read_text() == "not ours"

@@ -8,9 +8,11 @@ import os
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +24,7 @@ from netprobe.errors import (
     PeerClosedError,
     PeerResetError,
     ResolveError,
+    UsageError,
 )
 from netprobe.results import ConnectState
 from netprobe.sockets import (
@@ -34,17 +37,23 @@ from netprobe.sockets import (
     classify_errno,
     connect_nonblocking,
     errno_name,
+    file_identity,
     fill_accept_queue,
+    format_sockaddr,
     half_close,
     open_listener,
+    parse_target,
     pump_duplex,
     raise_nofile_limit,
     recv_exactly,
     recv_some,
+    remove_own_socket_file,
     resolve,
     send_all,
     sleep,
+    sockaddr_host,
     udp_probe_many,
+    unix_sockaddr,
     wait_readable,
 )
 from tests.conftest import HAS_IPV6
@@ -580,3 +589,42 @@ def test_the_gate_leaves_signals_alone_outside_the_main_thread() -> None:
     worker.start()
     worker.join(LONG)
     assert seen == [{}]
+
+
+def test_sockaddrs_are_shown_as_users_give_them() -> None:
+    lo = socket.if_nametoindex("lo") if hasattr(socket, "if_nametoindex") else 0
+    if lo:
+        assert format_sockaddr(("fe80::1", 22, 0, lo)) == "[fe80::1%lo]:22"
+        assert sockaddr_host(("fe80::1", 22, 0, lo)) == "fe80::1%lo"
+    assert format_sockaddr(("::1", 22, 0, 0)) == "[::1]:22"
+    assert format_sockaddr(("127.0.0.1", 22)) == "127.0.0.1:22"
+    assert format_sockaddr("/run/app.sock") == "unix:/run/app.sock"
+    assert format_sockaddr(b"\0app") == "unix:@app"  # abstract: what Python returns
+    assert format_sockaddr("") == "unix"  # a client that bound no name
+    assert unix_sockaddr("@app") == "\0app"
+    assert unix_sockaddr("./@app") == "./@app"
+
+
+def test_an_abstract_name_is_bad_input_where_there_are_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")
+    with pytest.raises(UsageError, match="only Linux has"):
+        parse_target("unix:@app")
+    parse_target("unix:./@app")  # a file whose name starts with @
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="abstract names: Linux")
+def test_an_abstract_socket_needs_a_name() -> None:
+    with pytest.raises(UsageError, match="needs a name after the @"):
+        parse_target("unix:@")
+
+
+def test_an_abstract_name_is_no_file_to_look_at_or_remove(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "@app").write_text("not a socket of ours")
+    assert file_identity("@app") is None
+    remove_own_socket_file("@app", file_identity("./@app"))
+    assert (tmp_path / "@app").exists()

@@ -378,6 +378,8 @@ def _check_ready_file(text: str) -> Path:
 
 
 def _same_path(unix: str, ready_file: Path) -> bool:
+    if unix.startswith("@"):
+        return False  # an abstract name: no file
     try:
         return os.path.realpath(unix) == os.path.realpath(ready_file)
     except (OSError, ValueError):

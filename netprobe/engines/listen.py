@@ -29,13 +29,14 @@ from netprobe.sockets import (
     enable_pktinfo,
     errno_name,
     file_identity,
-    format_hostport,
+    format_sockaddr,
     open_listener,
     open_udp,
     pump_duplex,
     recv_datagram,
     remove_own_socket_file,
     send_datagram,
+    sockaddr_host,
     wait_readable,
 )
 
@@ -135,8 +136,10 @@ def listen(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSummary:
         if opts.unix_path is not None:
             on_event({"event": "listening", "proto": "unix", "path": opts.unix_path})
         else:
-            host, port = listener.getsockname()[:2]
-            on_event({"event": "listening", "proto": "tcp", "host": host, "port": port})
+            name = listener.getsockname()
+            on_event(
+                {"event": "listening", "proto": "tcp", "host": sockaddr_host(name), "port": name[1]}
+            )
         while True:
             wait = None if opts.idle_timeout_s is None else time.monotonic() + opts.idle_timeout_s
             try:
@@ -270,7 +273,7 @@ def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSum
         if peer_addr is not None:
             event: dict[str, Any] = {
                 "event": "close",
-                "peer": format_hostport(str(peer_addr[0]), int(peer_addr[1])),
+                "peer": format_sockaddr(peer_addr),
                 "ended_by": summary.ended_by,
                 "bytes_in": summary.bytes_in,
                 "bytes_out": summary.bytes_out,
@@ -282,8 +285,10 @@ def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSum
         return summary
 
     try:
-        host, port = sock.getsockname()[:2]
-        on_event({"event": "listening", "proto": "udp", "host": host, "port": port})
+        name = sock.getsockname()
+        on_event(
+            {"event": "listening", "proto": "udp", "host": sockaddr_host(name), "port": name[1]}
+        )
         with gate.watching():
             while True:
                 watch: list[Any] = [sock]
@@ -323,7 +328,7 @@ def _listen_udp(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSum
                     peer_addr, reply_from = addr, to
                     peer_since = time.monotonic()
                     summary.peers += 1
-                    on_event({"event": "peer", "peer": format_hostport(str(addr[0]), int(addr[1]))})
+                    on_event({"event": "peer", "peer": format_sockaddr(addr)})
                 elif addr != peer_addr:
                     continue
                 last_activity = time.monotonic()

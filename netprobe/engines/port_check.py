@@ -41,6 +41,7 @@ from netprobe.sockets import (
     resolve_each,
     service_name,
     udp_probe_many,
+    unix_sockaddr,
     wait_readable,
 )
 from netprobe.sockets import sleep as sockets_sleep
@@ -352,7 +353,8 @@ def build_hosts(
         want = spec.expect or expect
         if spec.unix:
             path = spec.host
-            hosts.append(HostSpec(spec.text, path, path, AF_UNIX, (0,), want, None, (path,)))
+            sockaddr = (unix_sockaddr(path),)  # `@name`: the abstract name, not a file
+            hosts.append(HostSpec(spec.text, path, path, AF_UNIX, (0,), want, None, sockaddr))
             continue
         ipv4_members = "." in members[0] and ":" not in members[0]
         if len(members) > 1 and ipv4_members and resolver is None and family in (0, AF_INET):

@@ -818,7 +818,7 @@ class ServeControl:
         time out (or wait for a retransmit after an accept), with no root needed. Unix
         sockets are skipped: a full Unix queue fails connects at once (EAGAIN), not slowly.
         """
-        from netprobe.sockets import fill_accept_queue, format_hostport
+        from netprobe.sockets import fill_accept_queue, format_sockaddr
 
         bound = self._server.bound
         listener = self._server.listener
@@ -826,8 +826,8 @@ class ServeControl:
             return 0
         clients = fill_accept_queue(listener, deadline=time.monotonic() + timeout_s)
         for client in clients:
-            host, port = client.getsockname()[:2]
-            self._run.fillers.add(format_hostport(str(host), int(port)))
+            # Spelled as the server spells its peers, which it is matched against.
+            self._run.fillers.add(format_sockaddr(client.getsockname()))
         self._fillers.extend(clients)
         config = self._server.config
         if config.count is not None and not config.pause_accept:

@@ -41,6 +41,7 @@ from netprobe.sockets import (
     connect_udp,
     errno_name,
     format_hostport,
+    format_sockaddr,
     preferred,
     pump_duplex,
     recv_datagram,
@@ -991,7 +992,7 @@ def _is_unix(addr: Resolved) -> bool:
 
 def _shown(addr: Resolved) -> str:
     if _is_unix(addr):
-        return f"unix:{addr.sockaddr}"
+        return format_sockaddr(addr.sockaddr)
     return format_hostport(addr.host, addr.port)
 
 
