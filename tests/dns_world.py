@@ -12,6 +12,8 @@ stdout and stderr, and what the server saw.
                                                    at the first query
     python tests/dns_world.py answer [MOVE_S] -- ARGV...
                                                    answer at once (mover.* moves at MOVE_S)
+    python tests/dns_world.py once -- ARGV...      answer each question (name and type) the
+                                                   first time it is asked, never again
 
 Every name is answered with an IPv4 address (address_of) and, dual* names only, ::1 for
 AAAA; IPv4 listeners on 127.0.0.1-41, one port (PORT in ARGV stands for it), take whatever
@@ -97,6 +99,7 @@ class Server:
         self.nxdomains = 0
         self.known = mode != "late"
         self.last_query = 0.0
+        self.asked: set[tuple[str, int]] = set()  # once mode: the questions answered
         threading.Thread(target=self.serve, daemon=True).start()
 
     def serve(self) -> None:
@@ -108,11 +111,12 @@ class Server:
                 packet, peer = self.sock.recvfrom(4096)
             except TimeoutError:
                 continue
-            name, _qtype, _end = question(packet)
+            name, qtype, _end = question(packet)
             self.names.add(name)
             self.first_query.set()
-            if self.mode == "silent":
+            if self.mode == "silent" or (self.mode == "once" and (name, qtype) in self.asked):
                 continue
+            self.asked.add((name, qtype))
             now = time.monotonic()
             if not self.known and now - self.started >= self.unknown_s:
                 # Names become known only at the first query of a burst (a lookup round),
@@ -147,7 +151,7 @@ def main() -> int:
     argv = sys.argv[split + 1 :]
     if mode == "late":
         server = Server(mode, int(rest[1]), float(rest[0]))
-    elif mode == "answer":
+    elif mode in ("answer", "once"):
         server = Server(mode, 0, move_s=float(rest[0]) if rest else 3600.0)
     else:
         server = Server(mode, int(rest[0]) if mode == "hold" else 0)

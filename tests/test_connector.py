@@ -381,34 +381,6 @@ def test_hold_sees_the_end_after_a_banner(ending: str, want: str) -> None:
         listener.close()
 
 
-@pytest.mark.parametrize(
-    ("family", "host", "loopback"),
-    [
-        (socket.AF_INET, "127.0.0.1", True),
-        (socket.AF_INET, "127.1", True),
-        (socket.AF_INET, "127.255.0.9", True),
-        (socket.AF_INET, "128.0.0.1", False),
-        (socket.AF_INET, "10.0.0.1", False),
-        (socket.AF_INET6, "::1", True),
-        (socket.AF_INET6, "0:0:0:0:0:0:0:1", True),
-        (socket.AF_INET6, "::FFFF:127.0.0.1", True),
-        (socket.AF_INET6, "::ffff:7f00:1", True),
-        (socket.AF_INET6, "::ffff:10.0.0.1", False),
-        (socket.AF_INET6, "fe80::1%lo", False),
-        (socket.AF_INET6, "not an address", False),
-        (socket.AF_UNIX, "/tmp/x.sock", False),
-    ],
-)
-def test_loopback_is_recognised_however_it_is_spelled(
-    family: int, host: str, loopback: bool
-) -> None:
-    # Where a socket can meet itself is decided on this: a spelling it misses is a
-    # self-connect reported open.
-    from netprobe.connector import _is_loopback_sockaddr
-
-    assert _is_loopback_sockaddr(family, (host, 1)) is loopback
-
-
 def test_a_rate_cap_ends_with_the_last_attempt(closed_port: int) -> None:
     # Regression: the loop learned that no job was left only when the next rate slot opened,
     # so a run waited one more interval after its last attempt (5 s here; with a rate of

@@ -160,6 +160,33 @@ def test_wait_keeps_to_its_deadline_while_a_lookup_hangs(tmp_path: Path) -> None
     assert (code, row["state"], row["errno_name"]) == (124, "error", "EAI_AGAIN"), row
 
 
+@pytest.mark.parametrize(
+    ("mode", "deadline"),
+    [
+        # Answered at its first lookup only: the next round's lookup hangs to the deadline.
+        (["once"], "3s"),
+        # Answered at once: the pause before the last round ends at the deadline.
+        (["answer"], "1s"),
+    ],
+    ids=["lookup-hangs", "pause-ends-at-deadline"],
+)
+def test_a_lookup_cut_by_the_deadline_leaves_the_last_verdict_standing(
+    tmp_path: Path, mode: list[str], deadline: str
+) -> None:
+    # once.np.test is 127.0.0.1, where port 1 is closed. Before: a lookup cut short by the
+    # deadline (EAI_AGAIN: no answer yet, not "no such name") replaced the last round's real
+    # verdict with an error row, address null; a pause ending at the deadline started one
+    # more round, whose lookup was cut at once (12 of 12 runs).
+    argv = ["port-check", "once.np.test:1", "--wait", "--deadline", deadline]
+    code, row = _one_row(tmp_path, mode, argv)
+    assert (code, row["address"], row["state"], row["errno_name"]) == (
+        124,
+        "127.0.0.1",
+        "closed",
+        "ECONNREFUSED",
+    ), row
+
+
 def test_wait_follows_a_name_to_its_new_address(tmp_path: Path) -> None:
     # mover.np.test names 127.0.0.50 (nobody listens) for its first second, then 127.0.0.7
     # (a service made anew). Before: a name was looked up again only while it did not

@@ -541,9 +541,10 @@ def run_wait(
 
     A check that held stays held (it is not probed again). The names of the checks still to
     hold are looked up again each round (a container's name may appear late, or at another
-    address); a lookup still out at the deadline ends as EAI_AGAIN. The pause between rounds
-    starts at 50 ms and doubles, capped at `interval_s`. Yields a WaitProgress after each
-    round and the WaitOutcome last.
+    address); a lookup still out at the deadline ends as EAI_AGAIN, unless an earlier round
+    answered that check (its answer stands: the cut lookup learnt nothing). The pause between
+    rounds starts at 50 ms and doubles, capped at `interval_s`. Yields a WaitProgress after
+    each round and the WaitOutcome last.
     """
     start = time.monotonic()
     end = start + deadline_s
@@ -569,8 +570,14 @@ def run_wait(
             # Every name with a check still to hold, not only those that did not resolve:
             # a container made anew comes back under its name at another address.
             waiting_on = {i for (i, p) in units if (i, p) not in done}
-            hosts = resolve_again(hosts, family, resolver, which=waiting_on, deadline=end)
+            again = resolve_again(hosts, family, resolver, which=waiting_on, deadline=end)
             left = end - time.monotonic()
+            if left <= 0:
+                # The lookups took the time that was left: one the deadline cut short is an
+                # EAI_AGAIN that says nothing of the name, so the last round's verdicts stand.
+                rounds -= 1
+                break
+            hosts = again
         todo = [(i, p) for (i, p) in units if (i, p) not in done and hosts[i].error is None]
         for i, p in units:
             if hosts[i].error is not None:
@@ -614,6 +621,10 @@ def run_wait(
         until = max(time.monotonic() + pause, paced)
         sockets_sleep(max(0.0, min(until, end) - time.monotonic()))
         pause = min(pause * 2, max(interval_s, 0.05))
+        if time.monotonic() >= end:
+            break  # no round starts past the deadline (its lookups would be cut at once)
+    now = time.monotonic()
+    yield WaitOutcome(False, now - start, rounds, _ordered(latest, units), waiting)
 
 
 def _ordered(
