@@ -400,6 +400,11 @@ def _check_host(host: str, text: str) -> None:
 
 
 def _check_ipv6(host: str, text: str) -> None:
+    low, dash, high = host.partition("-")
+    if dash and "%" in low:  # a range of zoned addresses (fe80::1%lo-fe80::3%lo): each end
+        _check_ipv6(low, text)
+        _check_ipv6(high, text)
+        return
     address, percent, zone = host.partition("%")  # a zone (fe80::1%eth0) is legal in a literal
     if percent and not zone.split("/", 1)[0]:
         # The resolver would say EAI_NONAME (exit 5), as if a name had failed to resolve.

@@ -180,12 +180,12 @@ def wait_connecting(pid: int) -> None:
 
 
 def run_in_own_netns(
-    setup: str, argv: Sequence[str], *, module: str = "netprobe"
+    setup: str, argv: Sequence[str], *, module: str | None = "netprobe"
 ) -> subprocess.CompletedProcess[bytes]:
-    """`python -m netprobe ARGV` (or another `module`) in a network namespace of the test's own
-    (`unshare -rn`), its loopback up, after `setup`: shell lines that set that namespace's
-    sysctls or addresses, each ending in `|| exit 99`. Skips the test where no such namespace
-    can be made."""
+    """`python -m netprobe ARGV` (or another `module`; None: `python ARGV`) in a network
+    namespace of the test's own (`unshare -rn`), its loopback up, after `setup`: shell lines
+    that set that namespace's sysctls or addresses, each ending in `|| exit 99`. Skips the
+    test where no such namespace can be made."""
     import shutil
 
     import pytest
@@ -195,7 +195,8 @@ def run_in_own_netns(
         pytest.skip("no unshare")
     script = f'{setup.strip()}\nip link set lo up 2>/dev/null || exit 99\nexec "$@"\n'
     result = subprocess.run(
-        [unshare, "-rn", "sh", "-c", script, "sh", sys.executable, "-m", module, *argv],
+        [unshare, "-rn", "sh", "-c", script, "sh", sys.executable,
+         *(["-m", module] if module else []), *argv],
         capture_output=True, timeout=60, cwd=ROOT, check=False,
     )  # fmt: skip
     if result.returncode == 99 or b"unshare:" in result.stderr:

@@ -371,6 +371,16 @@ def test_a_zone_that_names_no_interface_is_exit_2(argv: list[str]) -> None:
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.parametrize(
+    "text", ["fe80::1%lo-fe80::3%lo", "fe80::1%lo-fe80::3", "[fe80::1%lo-fe80::3%lo]:80"]
+)
+def test_a_range_of_zoned_addresses_is_still_a_target(text: str) -> None:
+    # The zone check read `lo-fe80::3%lo` as one interface name and refused the range.
+    parse_target(text)
+    with pytest.raises(AddressError, match="%eth9 names no network interface"):
+        parse_target(text.replace("%lo", "%eth9", 1))
+
+
 def test_a_link_local_block_keeps_its_zone_on_every_address() -> None:
     # Without the zone a link-local connect fails EINVAL: the scan reported every port `error`.
     assert list(expand_hosts("fe80::%lo/127")) == ["fe80::%lo", "fe80::1%lo"]

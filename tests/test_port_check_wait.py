@@ -213,3 +213,14 @@ def test_ctrl_c_during_a_wait_says_where_it_stood() -> None:
     assert out == b""
     assert b"port-check: interrupted after" in err
     assert b"Traceback" not in err
+
+
+def test_a_listener_up_in_the_last_pause_before_the_deadline_is_found(
+    late_listener: LateListener,
+) -> None:
+    # Rounds at about 0, 0.05, 0.15, 0.35 and 0.75 s; the next pause runs into the 1.5 s
+    # deadline. The probe at its end was dropped along with the lookup there (a lookup cut at
+    # once said EAI_AGAIN), so a service up at 1.0 s was "never held" (exit 124).
+    argv = ["port-check", "--wait", "--deadline", "1.5s", "--interval", "10s", "--json"]
+    result = invoke([*argv, f"127.0.0.1:{late_listener.port}"])
+    assert result.exit_code == 0, (result.stdout, result.stderr)

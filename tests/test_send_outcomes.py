@@ -47,6 +47,29 @@ def test_a_connect_this_host_refuses_is_exit_6_with_its_object(proto: list[str])
     assert "ip_local_port_range" not in result.stderr.decode()
 
 
+def test_a_refusal_by_the_target_outranks_this_hosts_refusal_of_another_address() -> None:
+    # `send localhost:9` where IPv6 is off: 127.0.0.1 refuses (the C library sorts it first
+    # then), ::1 cannot be reached from here at all. The run said EADDRNOTAVAIL, exit 6: the
+    # last address's error, not what the target said.
+    code = (
+        "import socket, sys\n"
+        "from netprobe.engines.send import _connect\n"
+        "from netprobe.errors import LocalError\n"
+        "from netprobe.sockets import Resolved\n"
+        "addrs = [Resolved(socket.AF_INET, ('127.0.0.1', 9)),\n"
+        "         Resolved(socket.AF_INET6, ('::1', 9, 0, 0))]\n"
+        "try:\n"
+        "    _connect(addrs, deadline=float('inf'))\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, isinstance(exc, LocalError), exc.errno_name)\n"
+    )
+    setup = "echo 1 > /proc/sys/net/ipv6/conf/lo/disable_ipv6 || exit 99"
+    result = run_in_own_netns(setup, ["-c", code], module=None)
+    assert result.stdout.decode().split() == ["ConnectError", "False", "ECONNREFUSED"], (
+        result.stdout + result.stderr
+    )
+
+
 # issue #5's list, plus README's `error` (another socket error, or a malformed reply frame)
 ENDED_BY = {"eof", "reset", "idle-timeout", "timeout", "expect", "error"}
 STAT_ROW = ["min", "avg", "p50", "p90", "p99", "max", "count"]

@@ -561,12 +561,13 @@ def run_wait(
     done: set[tuple[int, int]] = set()
     pause = 0.05
     rounds = 0
+    last_round = False  # the pause ran into the deadline: one more probe, no new lookup
     while True:
         rounds += 1
         round_start = time.monotonic()
         probes = 0
         left = end - round_start
-        if rounds > 1:
+        if rounds > 1 and not last_round:
             # Every name with a check still to hold, not only those that did not resolve:
             # a container made anew comes back under its name at another address.
             waiting_on = {i for (i, p) in units if (i, p) not in done}
@@ -619,10 +620,11 @@ def run_wait(
             yield WaitOutcome(False, now - start, rounds, _ordered(latest, units), waiting)
             return
         until = max(time.monotonic() + pause, paced)
+        # A pause that runs into the deadline still ends in a probe (a service up in the last
+        # interval is found), but with the last answers: a lookup then would be cut at once.
+        last_round = until >= end
         sockets_sleep(max(0.0, min(until, end) - time.monotonic()))
         pause = min(pause * 2, max(interval_s, 0.05))
-        if time.monotonic() >= end:
-            break  # no round starts past the deadline (its lookups would be cut at once)
     now = time.monotonic()
     yield WaitOutcome(False, now - start, rounds, _ordered(latest, units), waiting)
 

@@ -1026,8 +1026,11 @@ class _RefusedHereError(LocalError, ConnectError):
 
 
 def _connect(addrs: list[Resolved], deadline: float) -> tuple[Any, Resolved, float]:
-    """Try each address in turn; the first that connects wins."""
+    """Try each address in turn; the first that connects wins. Failing all, what a target
+    said (refused, timed out) is the outcome rather than this host's refusal of another
+    address (::1 where IPv6 is disabled: exit 6 for a `localhost` whose 127.0.0.1 refused)."""
     last_error: Exception | None = None
+    target_error: Exception | None = None
     for addr in addrs:
         outcome = connect_nonblocking(addr, deadline=deadline, keep=True)
         if outcome.state is ConnectState.OPEN and outcome.sock is not None:
@@ -1047,8 +1050,10 @@ def _connect(addrs: list[Resolved], deadline: float) -> tuple[Any, Resolved, flo
             last_error = _RefusedHereError(shown, outcome.errno_name)
         else:
             last_error = ConnectError("connect", None, outcome.errno_name, shown)
+        if not isinstance(last_error, _RefusedHereError):
+            target_error = last_error
     assert last_error is not None
-    raise last_error
+    raise target_error or last_error
 
 
 def failed_result(
