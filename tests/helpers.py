@@ -409,3 +409,45 @@ def serve_one_link_local_client(
     seen = json.loads(result.stdout)
     assert isinstance(seen, dict)
     return seen
+
+
+def in_name_world(
+    tmp_path: Path, world: Path, argv: Sequence[str], files: dict[str, str]
+) -> dict[str, Any]:
+    """Run `python WORLD ARGV` in a user, mount and network namespace of its own (`unshare
+    -rnm`), its loopback up, each /etc file of `files` replaced by the text given and nscd's
+    socket directories hidden, so names are answered there alone (no nss module or nscd of
+    the host's takes a lookup out of it). A world prints one JSON object: it is returned.
+    Skips the test where no such namespace can be made."""
+    import json
+    import shutil
+
+    import pytest
+
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        pytest.skip("no unshare")
+    lines = ["ip link set lo up 2>/dev/null || exit 99"]
+    sources = []
+    for number, (target, text) in enumerate(files.items(), 1):
+        source = tmp_path / Path(target).name
+        source.write_text(text)
+        sources.append(str(source))
+        lines.append(f'mount --bind "${number}" {target} 2>/dev/null || exit 99')
+    lines += [
+        "for dir in /run/nscd /var/run/nscd; do",
+        '  [ -d "$dir" ] && { mount -t tmpfs none "$dir" 2>/dev/null || exit 99; }',
+        "done",
+        f"shift {len(files)}",
+        'exec "$@"',
+    ]
+    script = "\n".join(lines) + "\n"
+    proc = subprocess.run(
+        [unshare, "-rnm", "sh", "-c", script, "sh", *sources, sys.executable, str(world), *argv],
+        capture_output=True, timeout=90, cwd=ROOT, check=False,
+    )  # fmt: skip
+    if proc.returncode == 99 or b"unshare:" in proc.stderr:
+        pytest.skip("cannot make a user, mount and network namespace here")
+    assert proc.returncode == 0, proc.stderr.decode()
+    report: dict[str, Any] = json.loads(proc.stdout)
+    return report

@@ -660,16 +660,26 @@ def test_an_unnamed_unix_peer_is_spelled_as_echo_spells_it(
     # Before: `unix:(unnamed)` here, `unix` in echo and reset serve.
     path = str(tmp_path / "l.sock")
     listener = spawn(["--unix", path, "--json"])
+    events = _one_unix_client(listener, path, b"")
+    assert [(e["event"], e["peer"]) for e in events] == [("accept", "unix"), ("close", "unix")]
+
+
+def _one_unix_client(
+    listener: Listen, address: str, sent: bytes, bind_to: str | None = None
+) -> list[dict[str, Any]]:
+    """One Unix client of `listen`: it gets `sent` from the listener's stdin and EOF; the
+    listener's stderr events once it ended (exit 0)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.settimeout(LONG)
-        client.connect(path)
-        listener.write(b"", close=True)
+        if bind_to is not None:
+            client.bind(bind_to)
+        client.connect(address)
+        listener.write(sent, close=True)
         client.shutdown(socket.SHUT_WR)
-        assert _read_to_eof(client) == b""
+        assert _read_to_eof(client) == sent
     code, _out, err = listener.finish()
     assert code == 0, err
-    events = [json.loads(line) for line in err.splitlines()]
-    assert [(e["event"], e["peer"]) for e in events] == [("accept", "unix"), ("close", "unix")]
+    return [json.loads(line) for line in err.splitlines()]
 
 
 def test_an_abstract_unix_name(spawn: type[Listen]) -> None:
@@ -678,14 +688,7 @@ def test_an_abstract_unix_name(spawn: type[Listen]) -> None:
     listener = spawn(["--unix", name, "--json"])
     assert json.loads(listener.announce) == {"event": "listening", "proto": "unix", "path": name}
     assert not os.path.lexists(ROOT / name)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-        client.settimeout(LONG)
-        client.bind("\0" + name[1:] + "-client")  # an abstract client: shown as `unix:@...`
-        client.connect("\0" + name[1:])
-        listener.write(b"hi abstract", close=True)
-        client.shutdown(socket.SHUT_WR)
-        assert _read_to_eof(client) == b"hi abstract"
-    code, _out, err = listener.finish()
-    assert code == 0, err
-    events = [json.loads(line) for line in err.splitlines()]
+    # An abstract client: shown as `unix:@...`.
+    client_name = "\0" + name[1:] + "-client"
+    events = _one_unix_client(listener, "\0" + name[1:], b"hi abstract", bind_to=client_name)
     assert {e["peer"] for e in events} == {f"unix:{name}-client"}

@@ -11,9 +11,7 @@ server of netprobe's own bound ::1 alone, while send and port-check reached 127.
 from __future__ import annotations
 
 import json
-import shutil
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from typing import Any
 import pytest
 
 from netprobe.sockets import Resolved
-from tests.helpers import ROOT
+from tests.helpers import ROOT, in_name_world
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux namespaces")
 
@@ -30,37 +28,9 @@ DEBIAN_HOSTS = "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
 
 
 def in_hosts_world(tmp_path: Path, mode: str, argv: list[str]) -> dict[str, Any]:
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        pytest.skip("no unshare")
-    hosts = tmp_path / "hosts"
-    hosts.write_text(DEBIAN_HOSTS)
-    # /etc/hosts alone answers: no nss module of the host's (systemd's resolved, mDNS), no
-    # nscd, takes a lookup out of the namespace.
-    nsswitch = tmp_path / "nsswitch.conf"
-    nsswitch.write_text("hosts: files\n")
-    script = (
-        "ip link set lo up 2>/dev/null || exit 99\n"
-        'mount --bind "$1" /etc/hosts 2>/dev/null || exit 99\n'
-        'mount --bind "$2" /etc/nsswitch.conf 2>/dev/null || exit 99\n'
-        "for dir in /run/nscd /var/run/nscd; do\n"
-        '  [ -d "$dir" ] && { mount -t tmpfs none "$dir" 2>/dev/null || exit 99; }\n'
-        "done\n"
-        "shift 2\n"
-        'exec "$@"\n'
-    )
-    world = [sys.executable, str(WORLD), mode, "--", *argv]
-    proc = subprocess.run(
-        [unshare, "-rnm", "sh", "-c", script, "sh", str(hosts), str(nsswitch), *world],
-        capture_output=True,
-        timeout=90,
-        cwd=ROOT,
-        check=False,
-    )
-    if proc.returncode == 99 or b"unshare:" in proc.stderr:
-        pytest.skip("cannot make a user, mount and network namespace here")
-    assert proc.returncode == 0, proc.stderr.decode()
-    report: dict[str, Any] = json.loads(proc.stdout)
+    # /etc/hosts alone answers (nsswitch `files`).
+    files = {"/etc/hosts": DEBIAN_HOSTS, "/etc/nsswitch.conf": "hosts: files\n"}
+    report = in_name_world(tmp_path, WORLD, [mode, "--", *argv], files)
     if report["localhost_first"] != "::1":
         pytest.skip("the C library here does not give ::1 first for localhost (gai.conf)")
     return report

@@ -7,57 +7,26 @@ import fcntl
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, in_name_world
 
 WORLD = ROOT / "tests" / "dns_world.py"
 
 
 def in_dns_world(tmp_path: Path, mode: list[str], argv: list[str]) -> dict[str, Any]:
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        pytest.skip("no unshare")
-    conf = tmp_path / "resolv.conf"
-    # The resolver's longest wait (30 s a try, five tries): longer than the world lets a run
-    # last, so a run that waits for it is killed and says so.
-    conf.write_text("nameserver 127.0.0.1\noptions timeout:30 attempts:5\n")
-    # Names go to /etc/hosts and that server only: no nss module of the host's (systemd's
-    # resolved, mDNS) and no nscd may take a lookup out of the namespace.
-    nsswitch = tmp_path / "nsswitch.conf"
-    nsswitch.write_text("hosts: files dns\n")
-    hosts = tmp_path / "hosts"
-    hosts.write_text("127.0.0.1 localhost\n")
-    script = (
-        "ip link set lo up 2>/dev/null || exit 99\n"
-        'mount --bind "$1" /etc/resolv.conf 2>/dev/null || exit 99\n'
-        'mount --bind "$2" /etc/nsswitch.conf 2>/dev/null || exit 99\n'
-        'mount --bind "$3" /etc/hosts 2>/dev/null || exit 99\n'
-        "for dir in /run/nscd /var/run/nscd; do\n"
-        '  [ -d "$dir" ] && { mount -t tmpfs none "$dir" 2>/dev/null || exit 99; }\n'
-        "done\n"
-        "shift 3\n"
-        'exec "$@"\n'
-    )
-    world = [sys.executable, str(WORLD), *mode, "--", *argv]
-    files = [str(conf), str(nsswitch), str(hosts)]
-    proc = subprocess.run(
-        [unshare, "-rnm", "sh", "-c", script, "sh", *files, *world],
-        capture_output=True,
-        timeout=90,
-        cwd=ROOT,
-        check=False,
-    )
-    if proc.returncode == 99 or b"unshare:" in proc.stderr:
-        pytest.skip("cannot make a user, mount and network namespace here")
-    assert proc.returncode == 0, proc.stderr.decode()
-    report: dict[str, Any] = json.loads(proc.stdout)
+    files = {
+        # The resolver's longest wait (30 s a try, five tries): longer than the world lets a
+        # run last, so a run that waits for it is killed and says so.
+        "/etc/resolv.conf": "nameserver 127.0.0.1\noptions timeout:30 attempts:5\n",
+        # Names go to /etc/hosts and that server only.
+        "/etc/nsswitch.conf": "hosts: files dns\n",
+        "/etc/hosts": "127.0.0.1 localhost\n",
+    }
+    report = in_name_world(tmp_path, WORLD, [*mode, "--", *argv], files)
     if not report["names"]:
         pytest.skip("the resolver here does not ask the server /etc/resolv.conf names")
     return report

@@ -25,6 +25,7 @@ from netprobe.framing import parse_framing
 from tests.conftest import HAS_IPV6
 from tests.helpers import (
     LONG,
+    CliResult,
     ServerThread,
     in_syscall,
     invoke,
@@ -628,11 +629,11 @@ def test_ipv6_loopback(start: Callable[..., ServerThread]) -> None:
     assert rec["address"] == f"[::1]:{srv.port}"
 
 
-@pytest.mark.unix
-def test_unix_socket_exchange(tmp_path: Path) -> None:
-    path = str(tmp_path / "echo.sock")
+def _send_to_a_unix_echo(address: str, argv: list[str]) -> CliResult:
+    """`netprobe send ARGV` while a one-client Unix echo listens at `address` (a path, or
+    NUL + name for an abstract socket); the listener is always closed, its thread joined."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
+    listener.bind(address)
     listener.listen(1)
     listener.settimeout(LONG)
 
@@ -645,11 +646,20 @@ def test_unix_socket_exchange(tmp_path: Path) -> None:
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        res = invoke(["send", f"unix:{path}", "over unix", "--json"])
+        return invoke(argv)
     finally:
+        if thread.is_alive():  # send never got through: nobody will connect
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as unblock:
+                unblock.connect(address)
         thread.join(LONG)
         listener.close()
-    assert not thread.is_alive()
+        assert not thread.is_alive()
+
+
+@pytest.mark.unix
+def test_unix_socket_exchange(tmp_path: Path) -> None:
+    path = str(tmp_path / "echo.sock")
+    res = _send_to_a_unix_echo(path, ["send", f"unix:{path}", "over unix", "--json"])
     assert res.exit_code == 0, res.stderr
     rec = as_json(res.stdout)
     assert (rec["proto"], rec["data"], rec["address"]) == ("unix", "over unix", f"unix:{path}")
@@ -1296,27 +1306,8 @@ def test_an_interrupted_hexdump_still_prints_what_came(start: Callable[..., Serv
 def test_an_abstract_unix_target() -> None:
     # Before: `unix:@name` was taken for a file named `@name`: ECONNREFUSED/ENOENT, exit 1.
     name = f"@netprobe-send-{os.getpid()}-{time.monotonic_ns()}"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind("\0" + name[1:])
-    listener.listen(1)
-    listener.settimeout(LONG)
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            conn.settimeout(LONG)
-            echo_handler(conn)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        res = invoke(["send", f"unix:{name}", "over abstract", "--json"])
-    finally:
-        if thread.is_alive():  # send never got through: nobody will connect
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unblock:
-                unblock.connect("\0" + name[1:])
-        thread.join(LONG)
-        listener.close()
+    argv = ["send", f"unix:{name}", "over abstract", "--json"]
+    res = _send_to_a_unix_echo("\0" + name[1:], argv)
     assert res.exit_code == 0, res.stderr
     rec = as_json(res.stdout)
     assert (rec["data"], rec["address"]) == ("over abstract", f"unix:{name}")
