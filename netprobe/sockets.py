@@ -1453,16 +1453,16 @@ def reset_counting_unsent(sock: socket.socket) -> int:
             _LIBC = False
     if not _LIBC or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return unsent_bytes(sock) or 0
-    # A count right before the RST is not enough: an ACK from a peer reading on another CPU
-    # between the two calls (a moment, longer when this thread is preempted) lets the kernel
-    # send more, which the peer then reads (a proxy's upstream read 0.65 MB more than its
-    # count, about ten 64 KiB segments). So from here on no ACK moves snd_una (a timer may
-    # still send a segment), and what had been sent by the RST is read after it.
     if _raw_outq(sock) == 0:
         # Nothing queued or in flight (a FIN would count): nothing to lose, and the filter
         # (about 30 us) would double the cost of every RST a server sends.
         _disconnect(sock)
         return 0
+    # A count right before the RST is not enough: an ACK from a peer reading on another CPU
+    # between the two calls (a moment, longer when this thread is preempted) lets the kernel
+    # send more, which the peer then reads (a proxy's upstream read 0.65 MB more than its
+    # count, about ten 64 KiB segments). So from here on no ACK moves snd_una (a timer may
+    # still send a segment), and what had been sent by the RST is read after it.
     queued = _raw_outq(sock) if _drop_incoming(sock) else None  # write_seq - snd_una
     fin_queued = _tcp_state(sock) in _FIN_UNACKED_STATES  # no ACK of it can come now
     unsent = unsent_bytes(sock) or 0  # the count if the kernel cannot tell us better
