@@ -49,6 +49,7 @@ import contextlib
 import errno
 import ipaddress
 import os
+import select
 import signal
 import socket
 import sys
@@ -129,6 +130,26 @@ _DRAIN_BUFFER = bytearray(1 << 20) if _DRAIN_WORKS else bytearray()
 _DRAIN_ROUNDS = 64
 _DRAIN_START = 65536  # a read this large means a streaming client: worth draining
 
+_native: Any  # netprobe._pump, or None where it was not built
+try:
+    from netprobe import _pump as _native
+except ImportError:  # no C compiler at install, not Linux: Python echoes
+    _native = None
+NATIVE_ECHO_ENV = "NETPROBE_NATIVE_ECHO"
+_PUMP_READ = 262144  # offered to each read, as uvloop reads: the same chunks, the same limits
+_PUMP_EVENTS = 512  # sockets served per turn of the loop: then timers, accepts, signals
+# The reports of netprobe._pump.run (see its docstring).
+_K_EVENT, _K_READ_ERROR, _K_EOF, _K_OVER, _K_KEEP, _K_SEND_ERROR, _K_ECHOED = range(7)
+
+
+def native_echo_available() -> bool:
+    """True where raw echo runs in C (netprobe._pump built, epoll) and NETPROBE_NATIVE_ECHO
+    is not 0."""
+    if os.environ.get(NATIVE_ECHO_ENV, "").strip() == "0":
+        return False
+    return _native is not None and hasattr(select, "epoll")
+
+
 # What a parent sends its workers (stop, running totals) and Ctrl-C from a terminal.
 _WORKER_SIGNALS = {signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", signal.SIGTERM)}
 
@@ -187,6 +208,10 @@ class ServerConfig:
             long, while it is the only client (0: off). A ping-pong client's next message then arrives on
             a running CPU instead of waking a sleeping one, as with Linux's net.core.busy_read
             for NIC queues; the cost is this much CPU after each burst. POSIX only.
+        native_echo: serve raw-echo connections (Handler.echo_limit) with netprobe._pump, the
+            echo in C, where it was built (Linux with a C compiler at install; see
+            native_echo_available). Elsewhere, or with NETPROBE_NATIVE_ECHO=0, they stay on
+            the loop's transports and Connection.data_received.
     """
 
     host: str = "127.0.0.1"
@@ -212,6 +237,7 @@ class ServerConfig:
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     workers: int = 1
     busy_poll_s: float = 0.0
+    native_echo: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,6 +464,7 @@ class Connection(asyncio.Protocol):
         "_pauses",
         "_peer_eof",
         "_pending",
+        "_pumped",
         "_server",
         "_stamp_rx",
         "_taken_seen",
@@ -496,6 +523,7 @@ class Connection(asyncio.Protocol):
         # Chunks up to this size are echoed back on arrival (Handler.echo_limit); -1 where
         # something must see them first (a --max-bytes count, an outbound connection).
         self._echo_limit = -1 if outbound or self._max_bytes is not None else handler.echo_limit
+        self._pumped = -1  # the socket's fd while the server's _Pump echoes it
 
     # -- the handler's API ---------------------------------------------------------------
 
@@ -527,6 +555,8 @@ class Connection(asyncio.Protocol):
         """Queue bytes for the peer (never blocks; dropped once the connection is closing)."""
         if self._closing or self._done:
             return
+        if self._pumped >= 0:  # the transport writes from now on: after what the pump sent
+            self._server._unpump(self, resume=True)
         if self._server._replies:
             self._server._write_replies()  # echoed bytes queued before these go first
         self.bytes_out += len(data)
@@ -544,6 +574,8 @@ class Connection(asyncio.Protocol):
             self.reason = reason
         if self._closing or self._done:
             return
+        if self._pumped >= 0:
+            self._server._unpump(self, resume=False)
         if self._server._replies:
             self._server._write_replies()  # queued echoes are part of what the close flushes
         self._closing = True
@@ -612,6 +644,8 @@ class Connection(asyncio.Protocol):
             self.reason = reason
         if self._done or self._aborted:
             return
+        if self._pumped >= 0:
+            self._server._unpump(self, resume=False)
         if self._server._replies:
             self._server._write_replies()  # then dropped with the rest, and counted so
         self._closing = True
@@ -655,6 +689,8 @@ class Connection(asyncio.Protocol):
 
     def half_close(self) -> None:
         """Send FIN after the buffered bytes (shutdown SHUT_WR); reading continues."""
+        if self._pumped >= 0:
+            self._server._unpump(self, resume=True)
         if self._server._replies:
             self._server._write_replies()
         transport = self.transport
@@ -682,6 +718,8 @@ class Connection(asyncio.Protocol):
 
     def pause_reading(self, key: str = "handler") -> None:
         """Stop reading from the peer until every key that paused it has resumed it."""
+        if self._pumped >= 0:
+            self._server._unpump(self, resume=False)
         if self._pauses is None:
             self._pauses = set()
         if not self._pauses and self.transport is not None and not self._closing:
@@ -760,6 +798,12 @@ class Connection(asyncio.Protocol):
                 self.half_close()
         except Exception:
             self._handler_failed()
+            return
+        pump = self._server._pump
+        if pump is not None and self._echo_limit >= 0 and self._drain_from < 0:
+            # In a later turn: both loops start reading after connection_made and ignore a
+            # pause made in it (uvloop; asyncio before gh-103607).
+            self._server.loop.call_soon(pump.adopt, self)
 
     def data_received(self, data: bytes) -> None:
         size = len(data)
@@ -997,6 +1041,8 @@ class Connection(asyncio.Protocol):
     def _finish(self, exc: BaseException | None) -> None:
         if self._done:
             return
+        if self._pumped >= 0:
+            self._server._unpump(self, resume=False)
         self._done = True
         self._closing = True
         if self._server._replies:
@@ -1080,6 +1126,127 @@ class Connection(asyncio.Protocol):
 
 
 _PKTINFO_READS = 64  # datagrams read per readiness event: then other work gets its turn
+
+
+class _Pump:
+    """Raw echo in C (netprobe._pump) for the connections it adopts.
+
+    Measured by scripts/bench_echo.py (100 clients ping-pong, 2 cores): Python's per-message
+    path (uvloop's callback, then Connection.data_received) costs about 2 us of user CPU a
+    message, and the kernel about 11; the pump's C about a tenth of those 2 us.
+
+    The pump's epoll set is one fd the loop watches. An adopted connection keeps its loop
+    transport, paused, so everything but the plain echo (EOF, errors, a chunk over the limit, a
+    write the kernel takes only part of, anything that pauses, writes to or closes the
+    connection) goes back to that transport for good (release): the loop's code handles it as
+    for any other connection. While adopted, the transport's write buffer is empty, so the
+    pump's writes keep the order of the connection's bytes.
+    """
+
+    __slots__ = ("_buf", "_conns", "_epoll", "_fd", "_loop", "_server")
+
+    def __init__(self, server: Server, loop: asyncio.AbstractEventLoop) -> None:
+        self._server = server
+        self._loop = loop
+        self._epoll = select.epoll()
+        self._fd = self._epoll.fileno()
+        self._conns: dict[int, Connection] = {}
+        self._buf = bytearray(2 * _PUMP_READ)  # see netprobe._pump.run
+        loop.add_reader(self._fd, self._run)
+
+    def adopt(self, conn: Connection) -> None:
+        """Echo conn's chunks in C from now on, if it is still a plain raw echo."""
+        if conn._pumped >= 0 or conn._closing or conn._done or conn._pauses:
+            return
+        server = self._server
+        if server._replies:
+            server._write_replies()  # echoes held for this loop turn go out before ours
+        transport = conn.transport
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+            return
+        sock = transport.get_extra_info("socket")
+        fd = sock.fileno() if sock is not None else -1
+        if fd < 0 or fd in self._conns:
+            return
+        transport.pause_reading()
+        try:
+            self._epoll.register(fd, select.EPOLLIN)
+        except OSError:  # ENOMEM, ENOSPC (max_user_watches): the loop serves it
+            transport.resume_reading()
+            return
+        self._conns[fd] = conn
+        conn._pumped = fd
+
+    def release(self, conn: Connection, resume: bool) -> None:
+        """Hand conn back to its transport; resume: the transport reads again (else the
+        caller is pausing or closing it)."""
+        fd = conn._pumped
+        conn._pumped = -1
+        # The identity check: a loop that closed the fd before connection_lost may have
+        # given its number to a newer connection, adopted since.
+        if self._conns.get(fd) is conn:
+            del self._conns[fd]
+            with contextlib.suppress(OSError, ValueError):
+                self._epoll.unregister(fd)
+        transport = conn.transport
+        if (
+            resume
+            and transport is not None
+            and not (conn._pauses or conn._closing or conn._done)
+            and not transport.is_closing()
+        ):
+            transport.resume_reading()
+
+    def close(self) -> None:
+        """Stop (every connection has finished, and with it left the set, by now)."""
+        for conn in list(self._conns.values()):
+            self.release(conn, resume=False)
+        with contextlib.suppress(Exception):  # the loop may be closing too
+            self._loop.remove_reader(self._fd)
+        self._epoll.close()
+
+    def _run(self) -> None:
+        server = self._server
+        lone = server._lone
+        # Busy polling (ServerConfig.busy_poll_s) still applies to a lone client: run() says
+        # when it echoed that one, and the poll follows as on the loop's path.
+        lone_fd = lone._pumped if lone is not None and lone._fd >= 0 else -1
+        now = _monotonic() if server.config.idle_timeout_s is not None else None
+        assert _native is not None
+        try:
+            reports = _native.run(self._fd, self._conns, self._buf, _PUMP_EVENTS, now, lone_fd)
+        except InterruptedError:
+            return
+        conns = self._conns
+        for fd, kind, value in reports:
+            conn = conns.get(fd)
+            if conn is None:
+                continue  # released by an earlier report of this batch
+            if kind == _K_ECHOED:
+                conn._after_lone_read(value)
+                transport = conn.transport
+                if (
+                    conn._pumped >= 0
+                    and transport is not None
+                    and transport.get_write_buffer_size()
+                ):
+                    self.release(conn, resume=True)  # the poll's writes left bytes waiting
+            elif kind == _K_KEEP:
+                # Counted already; the rest waits in the transport, whose marks pause reading.
+                self.release(conn, resume=True)
+                try:
+                    conn.transport.write(value)  # type: ignore[union-attr]  # set while adopted
+                except Exception:
+                    conn._handler_failed()
+            elif kind == _K_OVER:
+                self.release(conn, resume=True)
+                conn.data_received(value)
+            elif kind in (_K_READ_ERROR, _K_SEND_ERROR):
+                # The kernel reports a socket's error once: the transport would not see it.
+                self.release(conn, resume=False)
+                conn._read_failed(OSError(value, os.strerror(value)))
+            else:  # EOF or EPOLLERR/EPOLLHUP, nothing taken: the transport reads them itself
+                self.release(conn, resume=True)
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
@@ -1346,6 +1513,7 @@ class Server:
         # else that writes to, closes or measures a connection writes them first, so the order
         # of a connection's bytes is what it was.
         self._replies: list[tuple[Connection, bytes]] = []
+        self._pump: _Pump | None = None  # while serving with config.native_echo
         self._setup_tasks: set[asyncio.Task[Any]] = set()
         self._next_id = 0
         self._worker = 0  # 0: the parent (or the only process); 1..N-1: forked workers
@@ -1596,6 +1764,8 @@ class Server:
                 duration_handle = loop.call_later(self.config.duration_s, self._request_stop)
             if self.config.udp:
                 await self._start_udp(loop)
+            elif self.config.native_echo and native_echo_available():
+                self._pump = _Pump(self, loop)
             if self.on_ready is not None and self.bound is not None:
                 self.on_ready(self.bound)
             if not self.config.udp and not self.config.pause_accept:
@@ -1613,6 +1783,9 @@ class Server:
             if self._lifeline is not None:
                 loop.remove_reader(self._lifeline)
             self._close_listener()
+            if self._pump is not None:
+                self._pump.close()
+                self._pump = None
         summary = self.totals()
         self._loop = None
         return summary
@@ -1938,6 +2111,13 @@ class Server:
                 conn.transport.write(data)  # type: ignore[union-attr]  # set while not _done
             except Exception:
                 conn._handler_failed()
+
+    def _unpump(self, conn: Connection, resume: bool) -> None:
+        pump = self._pump
+        if pump is None:
+            conn._pumped = -1
+        else:
+            pump.release(conn, resume)
 
     def _update_lone(self) -> None:
         active = self._active

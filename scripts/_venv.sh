@@ -10,8 +10,9 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv" >&2
 fi
 stamp="$venv/.netprobe-installed${extra:+-$extra}"
-# The stamp covers this script too: a change to how we install reinstalls.
-want="$(cat "$root/pyproject.toml" "$root/scripts/_venv.sh" | sha256sum | cut -d' ' -f1)"
+# The stamp covers this script, setup.py and the C source too: a change to how we install, or
+# to what is compiled, reinstalls (and so rebuilds netprobe/_pump).
+want="$(cat "$root/pyproject.toml" "$root/setup.py" "$root/netprobe/_pump.c" "$root/scripts/_venv.sh" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   spec="$root"
   [ -n "$extra" ] && spec="$root[$extra]"

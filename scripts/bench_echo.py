@@ -233,6 +233,10 @@ SERVERS = {
     "netprobe-no-poll": ServerSpec(
         "netprobe-no-poll", lambda p: [*netprobe_argv(p), "--busy-poll", "0"], idle=False
     ),
+    # Raw echo in Python instead of C (netprobe._pump): what a build without a C compiler runs.
+    "netprobe-python": ServerSpec(
+        "netprobe-python", netprobe_argv, idle=False, env={"NETPROBE_NATIVE_ECHO": "0"}
+    ),
     # The portable path: asyncio's own loop instead of uvloop (what the choice is worth).
     "netprobe-asyncio": ServerSpec(
         "netprobe-asyncio", netprobe_argv, idle=False, env={"NETPROBE_EVENT_LOOP": "asyncio"}

@@ -4,6 +4,7 @@ announce line, exit codes), plus in-process checks of bad input."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import selectors
@@ -43,12 +44,23 @@ except ImportError:  # the portable path only
     _LOOPS = ["asyncio"]
 
 
+# Where netprobe._pump was built (setup.py), raw echo runs in C by default.
+NATIVE_BUILT = importlib.util.find_spec("netprobe._pump") is not None
+
+
 @pytest.fixture(autouse=True, params=_LOOPS)
 def event_loop_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every echo test on uvloop (the default where installed) and on asyncio's own loop
-    (NETPROBE_EVENT_LOOP=asyncio, the portable path); child processes inherit the choice."""
+    """Every echo test on the default path (uvloop, with the echo in C where built) and on
+    the portable one (asyncio's own loop and Python's echo: NETPROBE_EVENT_LOOP=asyncio,
+    NETPROBE_NATIVE_ECHO=0); child processes inherit the choice."""
     monkeypatch.setenv("NETPROBE_EVENT_LOOP", request.param)
+    monkeypatch.setenv("NETPROBE_NATIVE_ECHO", "1" if request.param == "uvloop" else "0")
     return str(request.param)
+
+
+def native_expected(event_loop_kind: str) -> bool:
+    """What the announce line's native_echo says for a raw echo under event_loop_kind."""
+    return NATIVE_BUILT and event_loop_kind == "uvloop"
 
 
 class EchoProcess:
@@ -154,8 +166,9 @@ def test_sigterm_prints_totals_and_exits_0(event_loop_kind: str) -> None:
     with echo_process() as (proc, announce):
         assert announce["proto"] == "tcp"
         assert announce["host"] == "127.0.0.1"
-        assert list(announce) == ["event", "proto", "host", "port", "event_loop"]
+        assert list(announce) == ["event", "proto", "host", "port", "event_loop", "native_echo"]
         assert announce["event_loop"] == event_loop_kind
+        assert announce["native_echo"] is native_expected(event_loop_kind)
         with connect(announce) as client:
             client.sendall(b"x" * 100)
             assert recv_exactly(client, 100) == b"x" * 100
@@ -654,6 +667,7 @@ def test_unix_announce_ready_file_and_cleanup(tmp_path: Path, event_loop_kind: s
             "proto": "unix",
             "path": str(path),
             "event_loop": event_loop_kind,
+            "native_echo": native_expected(event_loop_kind),
         }
         with connect({"path": str(path)}) as client:
             client.sendall(b"unix")
@@ -1432,6 +1446,7 @@ def test_an_abstract_unix_name_is_bound_as_one(
             "proto": "unix",
             "path": name,
             "event_loop": event_loop_kind,
+            "native_echo": native_expected(event_loop_kind),
         }
         assert json.loads(ready.read_text()) == announce
         assert sorted(os.listdir(tmp_path)) == ["ready.json"]  # no socket file

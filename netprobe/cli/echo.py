@@ -291,6 +291,7 @@ def echo(
         config, options, on_event=out.event, on_ready=out.ready, on_totals=out.running_totals
     )
     out.event_loop = "asyncio" if server.config.loop_factory is None else "uvloop"
+    out.native_echo = server.config.native_echo
     server.on_worker_exit = out.worker_exit
     # Only now, with every option checked: bad input must leave an old ready file alone. A
     # file left by an earlier run would say "listening" for a server that may still fail to
@@ -413,12 +414,17 @@ class _Output:
         self.json_out = json_out
         self.ready_file = ready_file
         self.event_loop = "asyncio"
+        self.native_echo = False
         self._io = ServerOutput()
 
     def ready(self, bound: Bound) -> None:
         from netprobe.render import dump_json, shown
 
-        record = {**bound.to_record(), "event_loop": self.event_loop}
+        record = {
+            **bound.to_record(),
+            "event_loop": self.event_loop,
+            "native_echo": self.native_echo,
+        }
         if self.ready_file is not None:
             # Write then rename, so a script polling for the file never reads half of it.
             tmp = _tmp_path(self.ready_file)

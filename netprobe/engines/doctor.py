@@ -834,9 +834,12 @@ def _echo_tcp() -> Outcome:
     from netprobe.engines.echo import EchoOptions, make_server
 
     payload = os.urandom(_STREAM_PAYLOAD)
-    with _serving(make_server(_server_config(port=0), EchoOptions())) as bound:
+    server = make_server(_server_config(port=0), EchoOptions())
+    with _serving(server) as bound:
         result = _send(f"127.0.0.1:{bound.port}", payload)
-    return _compare(payload, result, "echo + send over TCP")
+    # Which echo answered: the C one is built at install where a compiler is (setup.py).
+    path = "raw echo in C" if server.config.native_echo else "raw echo in Python"
+    return _compare(payload, result, f"echo + send over TCP ({path})")
 
 
 def _echo_unix() -> Outcome:

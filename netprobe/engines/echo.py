@@ -23,6 +23,7 @@ from netprobe.server import (
     ServerConfig,
     ServerSummary,
     default_loop_factory,
+    native_echo_available,
 )
 
 __all__ = ["DELAYED_REPLY_OVERHEAD", "EchoOptions", "handler_factory", "make_server", "serve_echo"]
@@ -269,6 +270,10 @@ def make_server(
     factory = handler_factory(options)
     if config.loop_factory is None:
         config = dataclasses.replace(config, loop_factory=default_loop_factory())
+    # The C echo serves raw echo only: chunks a connection echoes without its handler.
+    raw = factory().echo_limit >= 0 and config.max_bytes is None
+    if raw and not config.udp and not config.native_echo and native_echo_available():
+        config = dataclasses.replace(config, native_echo=True)
     if config.udp:
         server = Server(
             config,

@@ -1,0 +1,309 @@
+"""The echo in C (netprobe._pump, the server core's _Pump) against real loopback clients: what
+it adopts, and every way a connection goes back to its loop transport (EOF, RST, a chunk over
+the limit, a write the kernel takes only part of, a pause, a close) keeping the bytes exact
+and the close reasons the loop's."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import random
+import shutil
+import socket
+import sys
+import sysconfig
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netprobe.server import CloseReason, Connection, ServerConfig
+from tests.helpers import LONG
+from tests.test_server import Running, _in_loop, recv_exactly, serving, set_linger_zero
+
+NATIVE_BUILT = importlib.util.find_spec("netprobe._pump") is not None
+
+_LOOPS: dict[str, Callable[[], Any] | None] = {"asyncio": None}
+try:
+    import uvloop
+
+    _LOOPS["uvloop"] = uvloop.new_event_loop
+except ImportError:
+    pass
+
+
+def test_the_echo_in_c_is_built_where_it_can_be() -> None:
+    # setup.py builds it optional: a compile that fails leaves the Python echo, silently.
+    # Where a compiler and Python's headers are present, that would be a bug of ours.
+    headers = Path(sysconfig.get_paths()["include"], "Python.h")
+    if not sys.platform.startswith("linux") or not shutil.which("cc") or not headers.exists():
+        pytest.skip("no C compiler or no Python headers here: the Python echo serves")
+    assert NATIVE_BUILT, "netprobe._pump did not build (see .venv/install.log)"
+
+
+pytestmark = pytest.mark.skipif(not NATIVE_BUILT, reason="netprobe._pump not built here")
+
+
+@pytest.fixture(params=list(_LOOPS))
+def loop_factory(request: pytest.FixtureRequest) -> Callable[[], Any] | None:
+    return _LOOPS[request.param]
+
+
+class RawEcho:
+    """Handler of a raw echo (the echo engine's contract): chunks up to LIMIT come back
+    without a call; a larger one reaches on_data, which ends the connection."""
+
+    LIMIT = 1 << 20
+
+    @staticmethod
+    def factory(limit: int = LIMIT, sndbuf: int | None = None) -> Callable[[], Any]:
+        from netprobe.server import Handler
+
+        class _Echo(Handler):
+            __slots__ = ()
+            echo_limit = limit
+
+            def on_open(self, conn: Connection) -> None:
+                if sndbuf is not None:
+                    sock = conn.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+
+            def on_data(self, conn: Connection, data: bytes) -> None:
+                if len(data) > limit:
+                    conn.close(CloseReason.FRAME_TOO_LARGE)
+                else:
+                    conn.write(data)
+
+        return _Echo
+
+
+@contextlib.contextmanager
+def pumped(
+    loop_factory: Callable[[], Any] | None, handler: Callable[[], Any], **config: Any
+) -> Iterator[Running]:
+    cfg = ServerConfig(port=0, native_echo=True, loop_factory=loop_factory, **config)
+    with serving(cfg, handler) as srv:
+        assert srv.server._pump is not None
+        yield srv
+
+
+def adopted(srv: Running) -> int:
+    pump = srv.server._pump
+    return -1 if pump is None else len(pump._conns)
+
+
+def wait_adopted(srv: Running, count: int) -> None:
+    deadline = time.monotonic() + LONG
+    while adopted(srv) != count:
+        assert time.monotonic() < deadline, f"{adopted(srv)} adopted, expected {count}"
+        time.sleep(0.005)
+
+
+def test_raw_echo_clients_are_echoed_in_c_byte_for_byte(
+    loop_factory: Callable[[], Any] | None,
+) -> None:
+    rng = random.Random(4)
+    with pumped(loop_factory, RawEcho.factory()) as srv, contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(srv.connect()) for _ in range(20)]
+        wait_adopted(srv, 20)
+        sent = [bytearray() for _ in clients]
+        for _ in range(50):
+            for i, client in enumerate(clients):
+                msg = rng.randbytes(rng.randrange(1, 300))
+                client.sendall(msg)
+                sent[i] += msg
+                assert recv_exactly(client, len(msg)) == msg
+        assert adopted(srv) == 20, "a plain echo left the pump"
+        for client in clients:
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(1) == b""
+        closes = srv.wait_events("close", 20)
+    by_id = {c.conn_id: c for c in closes}
+    for i, _client in enumerate(clients):
+        close = by_id[i + 1]
+        assert (close.reason, close.bytes_in, close.bytes_out) == (
+            "eof",
+            len(sent[i]),
+            len(sent[i]),
+        )
+
+
+def test_a_write_the_kernel_takes_in_part_goes_back_to_the_transport_in_order(
+    loop_factory: Callable[[], Any] | None,
+) -> None:
+    # A small send buffer on our side and a client that sends before it reads: our send
+    # comes short, the rest waits in the transport, reading pauses at its mark and resumes.
+    payload = random.Random(9).randbytes(8 * 1024 * 1024)
+    with pumped(loop_factory, RawEcho.factory(sndbuf=8192)) as srv:
+        client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        client.settimeout(LONG)
+        client.connect(srv.addr)
+        with client:
+            wait_adopted(srv, 1)
+            sender = threading.Thread(target=client.sendall, args=(payload,), daemon=True)
+            sender.start()
+            sender.join(0.5)
+            got = bytearray()
+            while len(got) < len(payload):
+                chunk = client.recv(65536)
+                assert chunk, f"EOF after {len(got)} of {len(payload)} bytes"
+                got += chunk
+            sender.join(LONG)
+            assert bytes(got) == payload
+            assert adopted(srv) == 0, "the short write did not hand the connection back"
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(1) == b""
+            (close,) = srv.wait_events("close", 1)
+    assert (close.reason, close.bytes_in, close.bytes_out) == ("eof", len(payload), len(payload))
+
+
+def test_a_reset_of_an_adopted_client_is_a_reset(loop_factory: Callable[[], Any] | None) -> None:
+    with pumped(loop_factory, RawEcho.factory()) as srv, srv.connect() as other:
+        client = srv.connect()
+        wait_adopted(srv, 2)
+        client.sendall(b"ping")
+        assert recv_exactly(client, 4) == b"ping"
+        set_linger_zero(client)
+        client.close()
+        (close,) = srv.wait_events("close", 1)
+        assert (close.reason, close.bytes_in, close.bytes_out) == ("reset", 4, 4)
+        other.sendall(b"still served")
+        assert recv_exactly(other, 12) == b"still served"
+        assert adopted(srv) == 1
+
+
+def test_a_reset_with_bytes_in_flight_is_a_reset(loop_factory: Callable[[], Any] | None) -> None:
+    # The RST arrives behind data: the pump reads the data, and its echo meets the reset
+    # (a write error), or its next read does (a read error). Either way: reset, never eof.
+    with pumped(loop_factory, RawEcho.factory()) as srv:
+        for _ in range(20):
+            client = srv.connect()
+            client.sendall(b"x" * 1000)
+            set_linger_zero(client)
+            client.close()
+        closes = srv.wait_events("close", 20)
+    assert {c.reason for c in closes} == {"reset"}
+    assert srv.server.totals().resets == 20
+
+
+def test_a_chunk_over_the_limit_reaches_the_handler(loop_factory: Callable[[], Any] | None) -> None:
+    with pumped(loop_factory, RawEcho.factory(limit=100)) as srv, srv.connect() as client:
+        wait_adopted(srv, 1)
+        client.sendall(b"a" * 100)
+        assert recv_exactly(client, 100) == b"a" * 100
+        client.sendall(b"b" * 101)
+        assert client.recv(1000) == b""
+        (close,) = srv.wait_events("close", 1)
+    assert (close.reason, close.bytes_in, close.bytes_out) == ("frame-too-large", 201, 100)
+
+
+def test_the_idle_clock_sees_what_the_pump_reads(loop_factory: Callable[[], Any] | None) -> None:
+    # The pump stamps each read for the idle timeout: a client that talks every 0.1 s for
+    # three timeouts stays; silent, it is dropped.
+    with pumped(loop_factory, RawEcho.factory(), idle_timeout_s=0.3) as srv:
+        with srv.connect() as client:
+            wait_adopted(srv, 1)
+            for _ in range(9):
+                client.sendall(b"tick")
+                assert recv_exactly(client, 4) == b"tick"
+                time.sleep(0.1)
+            assert not [e for e in srv.events if e.event == "close"]
+            assert client.recv(1) == b""  # then silent: dropped
+        (close,) = srv.wait_events("close", 1)
+    assert (close.reason, close.bytes_in) == ("idle-timeout", 36)
+
+
+def test_eof_goes_back_to_the_transport_and_counts(loop_factory: Callable[[], Any] | None) -> None:
+    with pumped(loop_factory, RawEcho.factory()) as srv, srv.connect() as client:
+        wait_adopted(srv, 1)
+        client.sendall(b"last words")
+        client.shutdown(socket.SHUT_WR)
+        assert recv_exactly(client, 10) == b"last words"
+        assert client.recv(1) == b""
+        (close,) = srv.wait_events("close", 1)
+        assert (close.reason, close.bytes_in, close.bytes_out) == ("eof", 10, 10)
+        assert adopted(srv) == 0
+
+
+def test_a_pause_and_a_write_of_the_server_leave_the_pump(
+    loop_factory: Callable[[], Any] | None,
+) -> None:
+    # Whatever the server does to an adopted connection goes through its transport from then
+    # on: a write (the pump's own writes would pass any bytes it left waiting), a pause.
+    with (
+        pumped(loop_factory, RawEcho.factory()) as srv,
+        srv.connect() as writes,
+        srv.connect() as pauses,
+    ):
+        wait_adopted(srv, 2)
+        first, second = sorted(srv.server._active, key=lambda c: c.conn_id)
+        _in_loop(srv, lambda: first.write(b"hello "))
+        assert first._pumped < 0
+        assert adopted(srv) == 1
+        writes.sendall(b"world")
+        assert recv_exactly(writes, 11) == b"hello world"
+        _in_loop(srv, lambda: second.pause_reading("test"))
+        assert adopted(srv) == 0
+        pauses.sendall(b"held")
+        time.sleep(0.1)
+        pauses.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            pauses.recv(10)  # paused: nothing read, nothing echoed
+        pauses.settimeout(LONG)
+        _in_loop(srv, lambda: second.resume_reading("test"))
+        assert recv_exactly(pauses, 4) == b"held"
+
+
+def test_a_stale_release_leaves_a_newer_connection_with_that_fd_alone(
+    loop_factory: Callable[[], Any] | None,
+) -> None:
+    # A loop may close a socket before connection_lost runs; the fd number can then belong to
+    # a newer connection the pump adopted. The old one's release must not take it out.
+    with pumped(loop_factory, RawEcho.factory()) as srv, srv.connect() as client:
+        wait_adopted(srv, 1)
+        pump = srv.server._pump
+        assert pump is not None
+        conn = next(iter(srv.server._active))
+        ghost = Connection(srv.server, conn.handler, 999, "ghost")
+        ghost._pumped = conn._pumped
+        _in_loop(srv, lambda: pump.release(ghost, resume=False))
+        assert adopted(srv) == 1
+        client.sendall(b"still mine")
+        assert recv_exactly(client, 10) == b"still mine"
+
+
+def test_a_lone_client_is_still_busy_polled(loop_factory: Callable[[], Any] | None) -> None:
+    # Busy polling follows the pump's echo of a lone client: replies come from the poll, and
+    # the connection stays adopted (its transport wrote everything at once).
+    with (
+        pumped(loop_factory, RawEcho.factory(), busy_poll_s=0.005) as srv,
+        srv.connect() as client,
+    ):
+        wait_adopted(srv, 1)
+        for i in range(200):
+            msg = i.to_bytes(4, "big") * 16
+            client.sendall(msg)
+            assert recv_exactly(client, 64) == msg
+        assert adopted(srv) == 1
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(1) == b""
+        (close,) = srv.wait_events("close", 1)
+    assert (close.reason, close.bytes_in, close.bytes_out) == ("eof", 12800, 12800)
+
+
+def test_stop_with_adopted_clients_closes_them_and_the_pump(
+    loop_factory: Callable[[], Any] | None,
+) -> None:
+    with pumped(loop_factory, RawEcho.factory()) as srv, contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(srv.connect()) for _ in range(5)]
+        wait_adopted(srv, 5)
+        srv.server.stop()
+        for client in clients:
+            assert client.recv(1) == b""
+        closes = srv.wait_events("close", 5)
+    assert {c.reason for c in closes} == {"shutdown"}
+    assert srv.server._pump is None
