@@ -49,7 +49,12 @@ def echo(
     ] = 7007,
     udp: Annotated[bool, typer.Option("--udp", help="Echo UDP datagrams.")] = False,
     unix: Annotated[
-        str | None, typer.Option("--unix", metavar="PATH", help="Listen on a Unix stream socket.")
+        str | None,
+        typer.Option(
+            "--unix",
+            metavar="PATH",
+            help="Listen on a Unix stream socket (@NAME: Linux's abstract namespace, no file).",
+        ),
     ] = None,
     mode: Annotated[
         str,

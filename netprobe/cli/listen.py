@@ -69,7 +69,12 @@ def listen(
     ] = 0,
     udp: Annotated[bool, typer.Option("--udp", help="Receive UDP datagrams.")] = False,
     unix: Annotated[
-        str | None, typer.Option("--unix", metavar="PATH", help="Listen on a Unix stream socket.")
+        str | None,
+        typer.Option(
+            "--unix",
+            metavar="PATH",
+            help="Listen on a Unix stream socket (@NAME: Linux's abstract namespace, no file).",
+        ),
     ] = None,
     keep_open: Annotated[
         bool,

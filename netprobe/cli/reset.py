@@ -761,7 +761,12 @@ def serve(
         ),
     ] = 0,
     unix: Annotated[
-        str | None, typer.Option("--unix", metavar="PATH", help="Listen on a Unix stream socket.")
+        str | None,
+        typer.Option(
+            "--unix",
+            metavar="PATH",
+            help="Listen on a Unix stream socket (@NAME: Linux's abstract namespace, no file).",
+        ),
     ] = None,
     mode: Annotated[
         str,
