@@ -81,6 +81,38 @@ static int write_held(PyObject *out, char *data, struct held *held, int count, i
     return 0;
 }
 
+/* Reads one chunk of fd into at (room bytes) and counts it: returns its size when it is to be
+   written back, 0 when it was reported instead (or nothing was there), -1 on an exception. */
+static Py_ssize_t serve(PyObject *out, PyObject *conn, int fd, char *at, size_t room,
+                        PyObject *now) {
+    /* The limit before the read: an exception here leaves the bytes in the kernel. */
+    PyObject *limit_obj = PyObject_GetAttr(conn, s_echo_limit);
+    if (limit_obj == NULL) return -1;
+    int overflow;
+    long long limit = PyLong_AsLongLongAndOverflow(limit_obj, &overflow);
+    Py_DECREF(limit_obj);
+    if (limit == -1 && PyErr_Occurred()) return -1;
+    if (overflow) /* a Python int of any size is a limit, as on the loop's path */
+        limit = overflow > 0 ? LLONG_MAX : -1;
+    ssize_t got = recv(fd, at, room, MSG_DONTWAIT);
+    if (got < 0) {
+        if (is_retry(errno)) return 0;
+        return report(out, fd, K_READ_ERROR, PyLong_FromLong(errno));
+    }
+    if (got == 0) /* EOF stays readable: reported, not taken */
+        return report(out, fd, K_EOF, Py_NewRef(Py_None));
+    if (got > limit)
+        return report(out, fd, K_OVER, PyBytes_FromStringAndSize(at, got));
+    /* Counted at the read, as Connection.data_received counts: bytes_out is what was
+       written, sent or handed to the transport's buffer. */
+    if (add_count(conn, s_bytes_in, got) < 0 || add_count(conn, s_bytes_out, got) < 0)
+        return -1;
+    if (now != Py_None && PyObject_SetAttr(conn, s_last_rx, now) < 0) return -1;
+    /* Written at the end of the batch: a client waiting on several of these replies is
+       woken once for them all, as with Server._write_replies on the Python path. */
+    return got;
+}
+
 static PyObject *pump_run(PyObject *Py_UNUSED(module), PyObject *args) {
     int epfd, max_events, lone_fd;
     PyObject *conns, *now;
@@ -88,6 +120,11 @@ static PyObject *pump_run(PyObject *Py_UNUSED(module), PyObject *args) {
     if (!PyArg_ParseTuple(args, "iO!w*iOi:run", &epfd, &PyDict_Type, &conns, &buf, &max_events,
                           &now, &lone_fd))
         return NULL;
+    if (buf.len < 2) { /* half of it is offered to each read: a read of 0 bytes is an EOF */
+        PyBuffer_Release(&buf);
+        PyErr_SetString(PyExc_ValueError, "run() buffer must hold at least 2 bytes");
+        return NULL;
+    }
     if (max_events < 1 || max_events > MAX_EVENTS) max_events = MAX_EVENTS;
     struct epoll_event events[MAX_EVENTS];
     struct held held[MAX_EVENTS];
@@ -112,7 +149,7 @@ static PyObject *pump_run(PyObject *Py_UNUSED(module), PyObject *args) {
         int fd = events[i].data.fd;
         PyObject *key = PyLong_FromLong(fd);
         if (key == NULL) goto fail;
-        PyObject *conn = PyDict_GetItemWithError(conns, key); /* borrowed */
+        PyObject *conn = PyDict_GetItemWithError(conns, key);
         Py_DECREF(key);
         if (conn == NULL) {
             if (PyErr_Occurred()) goto fail;
@@ -128,35 +165,16 @@ static PyObject *pump_run(PyObject *Py_UNUSED(module), PyObject *args) {
             held_count = 0;
             used = 0;
         }
-        ssize_t got = recv(fd, data + used, chunk, MSG_DONTWAIT);
-        if (got < 0) {
-            if (is_retry(errno)) continue;
-            if (report(out, fd, K_READ_ERROR, PyLong_FromLong(errno)) < 0) goto fail;
-            continue;
+        /* Our own reference: the attribute calls below may run Python code (a property, a
+           collection's finalizers) that takes conn out of conns, its last reference. */
+        Py_INCREF(conn);
+        ssize_t got = serve(out, conn, fd, data + used, chunk, now);
+        Py_DECREF(conn);
+        if (got < 0) goto fail;
+        if (got > 0) {
+            held[held_count++] = (struct held){fd, used, (size_t)got};
+            used += (size_t)got;
         }
-        if (got == 0) { /* EOF stays readable: reported, not taken */
-            if (report(out, fd, K_EOF, Py_NewRef(Py_None)) < 0) goto fail;
-            continue;
-        }
-        PyObject *limit_obj = PyObject_GetAttr(conn, s_echo_limit);
-        if (limit_obj == NULL) goto fail;
-        long long limit = PyLong_AsLongLong(limit_obj);
-        Py_DECREF(limit_obj);
-        if (limit == -1 && PyErr_Occurred()) goto fail;
-        if (got > limit) {
-            if (report(out, fd, K_OVER, PyBytes_FromStringAndSize(data + used, got)) < 0)
-                goto fail;
-            continue;
-        }
-        /* Counted at the read, as Connection.data_received counts: bytes_out is what was
-           written, sent or handed to the transport's buffer. */
-        if (add_count(conn, s_bytes_in, got) < 0 || add_count(conn, s_bytes_out, got) < 0)
-            goto fail;
-        if (now != Py_None && PyObject_SetAttr(conn, s_last_rx, now) < 0) goto fail;
-        /* Written at the end of the batch: a client waiting on several of these replies is
-           woken once for them all, as with Server._write_replies on the Python path. */
-        held[held_count++] = (struct held){fd, used, (size_t)got};
-        used += (size_t)got;
     }
     if (write_held(out, data, held, held_count, lone_fd) < 0) goto fail;
     PyBuffer_Release(&buf);

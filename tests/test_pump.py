@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import random
+import select
 import shutil
 import socket
+import subprocess
 import sys
 import sysconfig
 import threading
@@ -307,3 +310,93 @@ def test_stop_with_adopted_clients_closes_them_and_the_pump(
         closes = srv.wait_events("close", 5)
     assert {c.reason for c in closes} == {"shutdown"}
     assert srv.server._pump is None
+
+
+def test_an_echo_limit_past_64_bits_is_a_limit_as_on_the_loop(
+    loop_factory: Callable[[], Any] | None,
+) -> None:
+    # Handler.echo_limit is any int on the loop's path; the C read it as a long long and
+    # raised at each read, after taking the bytes from the kernel: no echo, ever.
+    with pumped(loop_factory, RawEcho.factory(limit=1 << 64)) as srv, srv.connect() as client:
+        wait_adopted(srv, 1)
+        client.sendall(b"no limit")
+        assert recv_exactly(client, 8) == b"no limit"
+        assert adopted(srv) == 1
+        client.shutdown(socket.SHUT_WR)
+        assert client.recv(1) == b""
+        (close,) = srv.wait_events("close", 1)
+    assert (close.reason, close.bytes_in, close.bytes_out) == ("eof", 8, 8)
+
+
+def test_run_refuses_a_buffer_with_no_room_for_a_read() -> None:
+    # Half of a 1-byte buffer is a read of 0 bytes, which the kernel answers as at EOF.
+    from netprobe import _pump
+
+    a, b = socket.socketpair()
+    with a, b, select.epoll() as ep:
+        a.setblocking(False)
+        ep.register(a.fileno(), select.EPOLLIN)
+        b.sendall(b"data")
+        conn = RawEchoConn()
+        with pytest.raises(ValueError, match="at least 2 bytes"):
+            _pump.run(ep.fileno(), {a.fileno(): conn}, bytearray(1), 4, None, -1)
+        assert _pump.run(ep.fileno(), {a.fileno(): conn}, bytearray(8), 4, None, -1) == []
+        b.settimeout(LONG)
+        assert recv_exactly(b, 4) == b"data"
+    assert (conn.bytes_in, conn.bytes_out) == (4, 4)
+
+
+class RawEchoConn:
+    """What _pump.run reads and sets on a connection."""
+
+    def __init__(self) -> None:
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._last_rx = 0.0
+        self._echo_limit = 1 << 20
+
+
+_DROPS_ITS_CONN = """
+import select, socket
+from netprobe import _pump
+
+conns = {}
+
+class Dropped:
+    bytes_in = bytes_out = 0
+    _last_rx = 0.0
+
+    @property
+    def _echo_limit(self):
+        conns.clear()  # the dict held the only other reference
+        return 1 << 20
+
+a, b = socket.socketpair()
+a.setblocking(False)
+ep = select.epoll()
+ep.register(a.fileno(), select.EPOLLIN)
+conns[a.fileno()] = Dropped()
+b.sendall(b"data")
+assert _pump.run(ep.fileno(), conns, bytearray(64), 4, None, -1) == []
+b.settimeout(5)
+assert b.recv(4) == b"data"
+print("ok")
+"""
+
+
+def test_run_holds_a_connection_that_python_code_drops_from_conns() -> None:
+    # run() calls Python code (attribute access) between taking a connection out of conns and
+    # its last use. With a borrowed reference, that use read freed memory: malloc_debug fills
+    # it with 0xDD, so the child crashes where it would otherwise work on garbage.
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONMALLOC": "malloc_debug", "PYTHONPATH": str(root)}
+    child = subprocess.run(
+        [sys.executable, "-c", _DROPS_ITS_CONN],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (child.returncode, child.stdout) == (0, "ok\n"), child.stderr[-2000:]
