@@ -111,7 +111,6 @@ _perf_counter = time.perf_counter
 # even while bytes keep coming (a bulk stream): timers, signals, new clients and write flushing
 # must not wait.
 _BUSY_POLL_MAX_S = 0.002
-_BUSY_POLL_READ = 262144  # what uvloop reads per call
 # Request/response traffic comes in small reads; a stream fills the buffer. Polling pays off only
 # for the first: for a stream it takes CPU the sender needs, so a large read ends it.
 _BUSY_POLL_SMALL = 16384
@@ -136,7 +135,10 @@ try:
 except ImportError:  # no C compiler at install, not Linux: Python echoes
     _native = None
 NATIVE_ECHO_ENV = "NETPROBE_NATIVE_ECHO"
-_PUMP_READ = 262144  # offered to each read, as uvloop reads: the same chunks, the same limits
+# What the loop's own transport reads per call. Our own reads (the pump's, a busy poll's) ask
+# for no more, so the chunks, and with them raw echo's --max-frame verdicts, are the loop's.
+_READ_UVLOOP = 256000  # uvloop's UV_STREAM_RECV_BUF_SIZE (not exported)
+_READ_ASYNCIO = 262144  # asyncio's _SelectorSocketTransport.max_size
 _PUMP_EVENTS = 512  # sockets served per turn of the loop: then timers, accepts, signals
 # The reports of netprobe._pump.run (see its docstring).
 _K_EVENT, _K_READ_ERROR, _K_EOF, _K_OVER, _K_KEEP, _K_SEND_ERROR, _K_ECHOED = range(7)
@@ -929,7 +931,7 @@ class Connection(asyncio.Protocol):
             ):
                 return
             try:
-                data = os.read(fd, _BUSY_POLL_READ)
+                data = os.read(fd, server._read_size)
             except BlockingIOError:
                 waited = True
                 now = _perf_counter()
@@ -1128,6 +1130,12 @@ class Connection(asyncio.Protocol):
 _PKTINFO_READS = 64  # datagrams read per readiness event: then other work gets its turn
 
 
+def _loop_read_size(loop: asyncio.AbstractEventLoop) -> int:
+    if type(loop).__module__.partition(".")[0] == "uvloop":
+        return _READ_UVLOOP
+    return _READ_ASYNCIO
+
+
 class _Pump:
     """Raw echo in C (netprobe._pump) for the connections it adopts.
 
@@ -1151,7 +1159,7 @@ class _Pump:
         self._epoll = select.epoll()
         self._fd = self._epoll.fileno()
         self._conns: dict[int, Connection] = {}
-        self._buf = bytearray(2 * _PUMP_READ)  # see netprobe._pump.run
+        self._buf = bytearray(2 * server._read_size)  # see netprobe._pump.run
         loop.add_reader(self._fd, self._run)
 
     def adopt(self, conn: Connection) -> None:
@@ -1514,6 +1522,7 @@ class Server:
         # of a connection's bytes is what it was.
         self._replies: list[tuple[Connection, bytes]] = []
         self._pump: _Pump | None = None  # while serving with config.native_echo
+        self._read_size = _READ_ASYNCIO  # the loop's read size, set in serve()
         self._setup_tasks: set[asyncio.Task[Any]] = set()
         self._next_id = 0
         self._worker = 0  # 0: the parent (or the only process); 1..N-1: forked workers
@@ -1745,6 +1754,7 @@ class Server:
         self.listen()
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self._read_size = _loop_read_size(loop)
         self._stop_future = loop.create_future()
         if self._stop_requested:
             self._stop_future.set_result(None)

@@ -400,3 +400,49 @@ def test_run_holds_a_connection_that_python_code_drops_from_conns() -> None:
         check=False,
     )
     assert (child.returncode, child.stdout) == (0, "ok\n"), child.stderr[-2000:]
+
+
+# What each loop's stream transport reads per call (uvloop: UV_STREAM_RECV_BUF_SIZE; asyncio:
+# _SelectorSocketTransport.max_size): raw echo's --max-frame counts chunks of that size.
+_LOOP_READ = {"asyncio": 262144, "uvloop": 256000}
+
+
+@pytest.mark.parametrize("loop_name", list(_LOOPS))
+def test_the_pump_reads_chunks_no_larger_than_its_loop_does(loop_name: str, tmp_path: Path) -> None:
+    # --max-frame at the loop's read size never closes a stream on the loop's path: the pump's
+    # reads must not be larger (uvloop reads 256000 bytes: 262144 made --max-frame 250KiB
+    # close bulk clients with frame-too-large). The loop stands still while the client queues
+    # more than one read's worth, so the pump's first read is a full one.
+    limit = _LOOP_READ[loop_name]
+    payload = random.Random(7).randbytes(limit + 50000)
+    path = str(tmp_path / "e.sock")
+    with (
+        pumped(_LOOPS[loop_name], RawEcho.factory(limit=limit), path=path) as srv,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client,
+    ):
+        # A Unix stream queues what the sender's buffer holds: room for the whole payload.
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * len(payload))
+        client.connect(path)
+        wait_adopted(srv, 1)
+        blocked, release = threading.Event(), threading.Event()
+
+        def stand_still() -> None:
+            blocked.set()
+            release.wait(LONG)
+
+        srv.server.loop.call_soon_threadsafe(stand_still)
+        assert blocked.wait(LONG)
+        try:
+            client.setblocking(False)
+            queued = client.send(payload)
+        finally:
+            release.set()
+        assert queued > limit, f"only {queued} bytes queued: the test needs more than one read"
+        client.settimeout(LONG)
+        client.sendall(payload[queued:])
+        client.shutdown(socket.SHUT_WR)
+        got = bytearray()
+        while chunk := client.recv(65536):
+            got += chunk
+        (close,) = srv.wait_events("close", 1)
+    assert (close.reason, close.bytes_in, bytes(got)) == ("eof", len(payload), payload)
