@@ -25,7 +25,14 @@ import pytest
 
 from netprobe.server import CloseReason, Connection, ServerConfig
 from tests.helpers import LONG
-from tests.test_server import Running, _in_loop, recv_exactly, serving, set_linger_zero
+from tests.test_server import (
+    Running,
+    _in_loop,
+    recv_exactly,
+    send_then_read_back,
+    serving,
+    set_linger_zero,
+)
 
 NATIVE_BUILT = importlib.util.find_spec("netprobe._pump") is not None
 
@@ -147,16 +154,7 @@ def test_a_write_the_kernel_takes_in_part_goes_back_to_the_transport_in_order(
         client.connect(srv.addr)
         with client:
             wait_adopted(srv, 1)
-            sender = threading.Thread(target=client.sendall, args=(payload,), daemon=True)
-            sender.start()
-            sender.join(0.5)
-            got = bytearray()
-            while len(got) < len(payload):
-                chunk = client.recv(65536)
-                assert chunk, f"EOF after {len(got)} of {len(payload)} bytes"
-                got += chunk
-            sender.join(LONG)
-            assert bytes(got) == payload
+            assert send_then_read_back(client, payload) == payload
             assert adopted(srv) == 0, "the short write did not hand the connection back"
             client.shutdown(socket.SHUT_WR)
             assert client.recv(1) == b""

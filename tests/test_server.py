@@ -995,6 +995,21 @@ class _RawEcho(Handler):
         conn.write(data)
 
 
+def send_then_read_back(client: socket.socket, payload: bytes) -> bytes:
+    """Send payload from a thread that starts half a second before the reading (it blocks
+    once the buffers on the way are full), read as many bytes back and return them."""
+    sender = threading.Thread(target=client.sendall, args=(payload,), daemon=True)
+    sender.start()
+    sender.join(0.5)
+    got = bytearray()
+    while len(got) < len(payload):
+        chunk = client.recv(65536)
+        assert chunk, f"EOF after {len(got)} of {len(payload)} bytes"
+        got += chunk
+    sender.join(LONG)
+    return bytes(got)
+
+
 def test_raw_echo_with_a_backlog_stays_byte_exact() -> None:
     # The client sends before it reads anything back: the echo's write buffer fills, reading
     # pauses and resumes, and bytes read meanwhile queue behind the unsent ones. A small
@@ -1006,16 +1021,7 @@ def test_raw_echo_with_a_backlog_stays_byte_exact() -> None:
         client.settimeout(LONG)
         client.connect(srv.addr)
         with client:
-            sender = threading.Thread(target=client.sendall, args=(payload,), daemon=True)
-            sender.start()
-            sender.join(0.5)  # it blocks once our buffers are full
-            got = bytearray()
-            while len(got) < len(payload):
-                chunk = client.recv(65536)
-                assert chunk, f"EOF after {len(got)} of {len(payload)} bytes"
-                got += chunk
-            sender.join(LONG)
-            assert bytes(got) == payload
+            assert send_then_read_back(client, payload) == payload
             client.shutdown(socket.SHUT_WR)
             assert client.recv(1) == b""
             (close,) = srv.wait_events("close", 1)
