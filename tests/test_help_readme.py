@@ -89,3 +89,32 @@ def test_readme_and_help_name_the_same_options(path: str) -> None:
     flags = {n for option in options for n in (*option.opts, *option.secondary_opts)}
     unknown = sorted(_names(_synopsis(section)) - flags - {"-h", "--help"})
     assert not unknown, f"netprobe {path}: README's synopsis has {unknown}, --help does not"
+
+
+# Each way to ask `echo` for more than the plain raw echo: the options, and what they set.
+_NOT_NATIVE: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "--mode": ({"mode": "discard"}, {}),
+    "--framing": ({"framing": "line"}, {}),
+    "--delay": ({"delay_s": 0.01}, {}),
+    "--max-bytes": ({}, {"max_bytes": 1000}),
+    "--udp": ({}, {"udp": True}),
+}
+
+
+@pytest.mark.parametrize("flag", list(_NOT_NATIVE))
+def test_readme_names_every_option_that_keeps_the_echo_in_python(
+    flag: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # README's sentence on `native_echo` is how a user learns which runs are in C: an option
+    # that turns it off must be in it (`--delay` was not, and said `"native_echo": false`).
+    import netprobe.engines.echo as engine
+    from netprobe.server import ServerConfig
+
+    monkeypatch.setattr(engine, "native_echo_available", lambda: True)  # where it was built
+    assert engine.make_server(ServerConfig(port=0), engine.EchoOptions()).config.native_echo
+    options, config = _NOT_NATIVE[flag]
+    server = engine.make_server(ServerConfig(port=0, **config), engine.EchoOptions(**options))
+    assert not server.config.native_echo
+    sentence = re.search(r"`native_echo` says whether raw echo \((.*?)\) runs in C", README, re.S)
+    assert sentence is not None, "README no longer explains native_echo"
+    assert flag in _names(sentence.group(1)), f"README's native_echo sentence lacks {flag}"
