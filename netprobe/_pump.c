@@ -16,7 +16,7 @@
 
 /* The kinds of report: run()'s docstring says what each carries. */
 enum { K_EVENT = 0, K_READ_ERROR = 1, K_EOF = 2, K_OVER = 3, K_KEEP = 4, K_SEND_ERROR = 5,
-       K_ECHOED = 6 };
+       K_ECHOED = 6, K_FAILED = 7 };
 
 #define MAX_EVENTS 1024
 
@@ -170,7 +170,19 @@ static PyObject *pump_run(PyObject *Py_UNUSED(module), PyObject *args) {
         Py_INCREF(conn);
         ssize_t got = serve(out, conn, fd, data + used, chunk, now);
         Py_DECREF(conn);
-        if (got < 0) goto fail;
+        if (got < 0) {
+            /* The connection's own attributes failed (no memory, or not what a Connection
+               holds): it alone ends, as a failed handler's connection does; the others of
+               this batch are served on, and their held chunks still go out. */
+            PyObject *type, *value, *traceback;
+            PyErr_Fetch(&type, &value, &traceback);
+            PyErr_NormalizeException(&type, &value, &traceback);
+            Py_XDECREF(type);
+            Py_XDECREF(traceback);
+            if (value == NULL) value = Py_NewRef(Py_None);
+            if (report(out, fd, K_FAILED, value) < 0) goto fail;
+            continue;
+        }
         if (got > 0) {
             held[held_count++] = (struct held){fd, used, (size_t)got};
             used += (size_t)got;
@@ -194,7 +206,8 @@ PyDoc_STRVAR(run_doc,
 "Reports (fd, kind, value), kind: 0 EPOLLERR/EPOLLHUP (None; nothing read), 1 read error\n"
 "(errno), 2 EOF (None; not taken), 3 a chunk over the limit (its bytes, not counted), 4 a\n"
 "write the kernel took part of (the bytes left, counted), 5 write error (errno, counted),\n"
-"6 echoed on lone_fd (the size).");
+"6 echoed on lone_fd (the size), 7 the connection's attributes failed (the exception; what\n"
+"was read from it is lost).");
 
 static PyMethodDef methods[] = {
     {"run", pump_run, METH_VARARGS, run_doc},

@@ -141,7 +141,7 @@ _READ_UVLOOP = 256000  # uvloop's UV_STREAM_RECV_BUF_SIZE (not exported)
 _READ_ASYNCIO = 262144  # asyncio's _SelectorSocketTransport.max_size
 _PUMP_EVENTS = 512  # sockets served per turn of the loop: then timers, accepts, signals
 # The reports of netprobe._pump.run (see its docstring).
-_K_EVENT, _K_READ_ERROR, _K_EOF, _K_OVER, _K_KEEP, _K_SEND_ERROR, _K_ECHOED = range(7)
+_K_EVENT, _K_READ_ERROR, _K_EOF, _K_OVER, _K_KEEP, _K_SEND_ERROR, _K_ECHOED, _K_FAILED = range(8)
 
 
 def native_echo_available() -> bool:
@@ -1249,6 +1249,9 @@ class _Pump:
             elif kind == _K_OVER:
                 self.release(conn, resume=True)
                 conn.data_received(value)
+            elif kind == _K_FAILED:
+                self.release(conn, resume=False)
+                conn._handler_failed()  # ends it with reason error, counted
             elif kind in (_K_READ_ERROR, _K_SEND_ERROR):
                 # The kernel reports a socket's error once: the transport would not see it.
                 self.release(conn, resume=False)

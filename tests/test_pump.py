@@ -444,3 +444,67 @@ def test_the_pump_reads_chunks_no_larger_than_its_loop_does(loop_name: str, tmp_
             got += chunk
         (close,) = srv.wait_events("close", 1)
     assert (close.reason, close.bytes_in, bytes(got)) == ("eof", len(payload), payload)
+
+
+class _BrokenLimit:
+    """A connection whose limit cannot be read."""
+
+    bytes_in = bytes_out = 0
+
+    @property
+    def _echo_limit(self) -> int:
+        raise RuntimeError("not a connection's limit")
+
+
+def test_a_connection_whose_attributes_fail_ends_alone() -> None:
+    # An exception while serving one connection of a batch used to fail the whole call: the
+    # chunks read from the others and held for the end of the batch were never written.
+    from netprobe import _pump
+
+    pairs = [socket.socketpair() for _ in range(3)]
+    with contextlib.ExitStack() as stack, select.epoll() as ep:
+        for a, b in pairs:
+            stack.enter_context(a)
+            stack.enter_context(b)
+            a.setblocking(False)
+            ep.register(a.fileno(), select.EPOLLIN)
+            b.sendall(b"ping")
+            b.settimeout(LONG)
+        good = [RawEchoConn(), RawEchoConn()]
+        broken = _BrokenLimit()
+        conns: dict[int, Any] = {
+            pairs[0][0].fileno(): good[0],
+            pairs[1][0].fileno(): broken,
+            pairs[2][0].fileno(): good[1],
+        }
+        reports = _pump.run(ep.fileno(), conns, bytearray(1 << 16), 16, None, -1)
+        (fd, kind, value), *rest = reports
+        assert not rest
+        assert (fd, kind) == (pairs[1][0].fileno(), 7)
+        assert isinstance(value, RuntimeError)
+        assert recv_exactly(pairs[0][1], 4) == b"ping"
+        assert recv_exactly(pairs[2][1], 4) == b"ping"
+    assert [(c.bytes_in, c.bytes_out) for c in good] == [(4, 4), (4, 4)]
+
+
+def test_the_server_ends_a_connection_the_c_echo_failed_on(
+    loop_factory: Callable[[], Any] | None,
+) -> None:
+    # As a handler's failure: that connection closes with reason error and is counted, the
+    # others are served on.
+    with (
+        pumped(loop_factory, RawEcho.factory()) as srv,
+        srv.connect() as victim,
+        srv.connect() as other,
+    ):
+        wait_adopted(srv, 2)
+        first = min(srv.server._active, key=lambda c: c.conn_id)
+        _in_loop(srv, lambda: setattr(first, "_echo_limit", "not an int"))
+        victim.sendall(b"ping")
+        with pytest.raises(ConnectionResetError):  # aborted, as a failed handler's is
+            victim.recv(10)
+        (close,) = srv.wait_events("close", 1)
+        assert (close.conn_id, close.reason) == (first.conn_id, "error")
+        other.sendall(b"still served")
+        assert recv_exactly(other, 12) == b"still served"
+    assert srv.server.totals().errors == 1
