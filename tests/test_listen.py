@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import select
@@ -221,6 +222,61 @@ def test_keep_open_serves_peers_one_after_another(spawn: type[Listen]) -> None:
     assert code == 0, err
     assert out == b"first second"
     assert err.count("ended: eof") + err.count("ended: max-bytes") == 2
+
+
+@pytest.mark.parametrize("proto", ["tcp", "unix"])
+def test_keep_open_queues_a_burst_of_peers_while_one_is_served(
+    spawn: type[Listen], tmp_path: Path, proto: str
+) -> None:
+    # Peers that come while one is served wait in the accept queue. listen(8) held 9: the
+    # rest of a burst lost their SYNs (TcpExtListenOverflows, a 1 s retransmit each) or, over
+    # Unix, got EAGAIN. A connect that is still pending after LONG is one the queue dropped.
+    burst = 20
+    path = str(tmp_path / "l.sock")
+    family = socket.AF_UNIX if proto == "unix" else socket.AF_INET
+    listener = spawn(
+        ["--keep-open", "--max-bytes", str(burst + 1)]
+        + (["--unix", path] if proto == "unix" else [])
+    )
+    address: Any = path if proto == "unix" else ("127.0.0.1", listener.port)
+    clients: list[socket.socket] = []
+    try:
+        first = socket.socket(family, socket.SOCK_STREAM)
+        clients.append(first)
+        first.settimeout(LONG)
+        first.connect(address)
+        # Its session lasts while our stdin stays open: listen accepts nobody else meanwhile.
+        assert listener._stderr_line().startswith("accepted ")
+        pending = {}
+        for _ in range(burst):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            clients.append(sock)
+            sock.setblocking(False)
+            err = sock.connect_ex(address)
+            assert err in (0, errno.EINPROGRESS), f"connect #{len(clients)}: {os.strerror(err)}"
+            pending[sock.fileno()] = sock
+        poller = select.poll()
+        for fd in pending:
+            poller.register(fd, select.POLLOUT)
+        deadline = time.monotonic() + LONG
+        while pending and time.monotonic() < deadline:
+            for fd, _ in poller.poll(max(0.0, deadline - time.monotonic()) * 1000):
+                err = pending.pop(fd).getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                assert err == 0, os.strerror(err)
+                poller.unregister(fd)
+        assert not pending, f"{len(pending)} of {burst} connects were not queued"
+        for sock in clients:
+            sock.setblocking(True)
+            sock.sendall(b"x")
+            sock.close()
+        listener.write(b"", close=True)  # the first session ends; the queued ones follow
+        code, out, err_text = listener.finish()
+    finally:
+        for sock in clients:
+            sock.close()
+    assert code == 0, err_text
+    assert out == b"x" * (burst + 1)
+    assert err_text.count("accepted ") == burst
 
 
 def test_max_bytes(spawn: type[Listen]) -> None:

@@ -46,6 +46,10 @@ OnEvent = Callable[[dict[str, Any]], None]
 # A peer still sending when --max-bytes ends its session: read and dropped this long at most
 # before the close (see sockets.close_lingering), so that it gets EOF, not an RST.
 _LINGER_CAP_S = 1.0
+# Peers wait in the kernel's accept queue while one is served: listen(8) held 9, and a burst
+# of 10+ clients at once (or arriving during a long session) lost SYNs to ListenOverflows,
+# each a 1 s retransmit. 128 is echo's default; the kernel caps it at somaxconn.
+_BACKLOG = 128
 
 
 @dataclass
@@ -124,7 +128,7 @@ def listen(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSummary:
     listener = open_listener(
         None if opts.unix_path else opts.host,
         opts.port,
-        backlog=8,
+        backlog=_BACKLOG,
         path=opts.unix_path,
         family=opts.family,
     )
