@@ -26,9 +26,10 @@ How to build on it (echo, listen, reset serve, reset proxy)::
   (reading stays paused while any key holds it), `call_later(delay_s, fn, *args)`, and the
   fields `conn_id`, `peer`, `started_at`, `bytes_in`, `bytes_out`, `reason`, `errno_name`.
 - `Server.open_connection(host, port, handler)` starts an outbound TCP connection in the same
-  loop (for the reset proxy): `handler.on_open` runs once it is connected, and a failed connect
-  ends in `handler.on_close(conn, "connect-error")` with `conn.errno_name` set. Outbound
-  connections are not counted in the totals and produce no events; they are closed on stop.
+  loop (for the reset proxy), to one address of a name (`sockets.preferred`): `handler.on_open`
+  runs once it is connected, and a failed connect ends in `handler.on_close(conn,
+  "connect-error")` with `conn.errno_name` set. Outbound connections are not counted in the
+  totals and produce no events; they are closed on stop.
 - UDP: pass `datagram_handler=` (a `DatagramHandler`): `on_datagram(data, addr, reply)`.
 - Events (`ConnEvent`: accept / close / reject) go to `on_event`; the bound address
   (`Bound`) to `on_ready` once listening; `on_totals` gets a `ServerSummary` on SIGUSR1.
@@ -1858,7 +1859,8 @@ class Server:
     def open_connection(
         self, host: str, port: int, handler: Handler, *, timeout_s: float | None = 10.0
     ) -> Connection:
-        """Start an outbound TCP connection in this loop (loop thread only).
+        """Start an outbound TCP connection in this loop (loop thread only), to one address
+        of a name (sockets.preferred), looked up at each call.
 
         Returns the Connection at once; writes, half_close() and close() before it connects
         are applied in order once it does (abort() drops everything). On success
@@ -1883,7 +1885,8 @@ class Server:
     ) -> None:
         try:
             async with asyncio.timeout(timeout_s):
-                await self.loop.create_connection(lambda: conn, host, port)
+                address = await self._one_address(host, port)
+                await self.loop.create_connection(lambda: conn, address, port)
         except TimeoutError as exc:
             conn.errno_name = sockets.errno_name(exc.errno) or "ETIMEDOUT"
             conn.reason = CloseReason.CONNECT_ERROR
@@ -1892,6 +1895,19 @@ class Server:
             conn.errno_name = sockets.errno_name(exc.errno) or "EAI_FAIL"
             conn.reason = CloseReason.CONNECT_ERROR
             conn._finish(None)
+
+    async def _one_address(self, host: str, port: int) -> str:
+        # A name given to create_connection had each of its addresses tried in turn: the proxy
+        # reached a `localhost` upstream on [::1] where port-check and the proxy's own start-up
+        # check look at 127.0.0.1. Looked up here, not once at start: a name that does not
+        # resolve is each connection's connect-error (README), as an upstream that went away.
+        try:
+            ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            answers = [sockets.Resolved(info[0], info[4]) for info in infos]
+            return sockets.preferred(answers).host
+        return host
 
     def _hold_signals(self) -> None:
         # From listen() on, clients connect (a script polling the port starts now): a stop or

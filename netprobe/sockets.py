@@ -863,9 +863,7 @@ def resolve(
     found = _literal(host, port, family)
     if found is not None:
         return found
-    bad = _bad_name(host)
-    if bad is not None:
-        raise bad
+    check_name(host)
     [outcome] = _in_lookup_threads([_looker(host, port, family, socktype)])
     if isinstance(outcome, BaseException):
         raise outcome
@@ -967,6 +965,14 @@ def _bad_name(host: str) -> AddressError | None:
     except UnicodeError:
         return AddressError(f"{host!r} is not a valid host name (empty or too long label)")
     return None
+
+
+def check_name(host: str) -> None:
+    """Raise the AddressError of a name getaddrinfo would refuse before any lookup (for one
+    looked up later, elsewhere: the proxy's --upstream)."""
+    bad = _bad_name(host)
+    if bad is not None:
+        raise bad
 
 
 def _looker(host: str, port: int, family: int, socktype: int) -> Callable[[], list[Resolved]]:

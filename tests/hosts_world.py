@@ -7,6 +7,7 @@ stdout and stderr, and the first address the C library gives for `localhost` her
     python tests/hosts_world.py proxy -- ARGV...   netprobe serves (reset proxy): connect to
                                                    the address its first line announces, send
                                                    "hi", read the reply to EOF, then SIGTERM it
+    python tests/hosts_world.py proxy6 -- ARGV...  as proxy, the echo server on ::1 instead
 """
 
 from __future__ import annotations
@@ -47,13 +48,15 @@ def echo_udp(sock: socket.socket) -> None:
 
 
 def through_proxy(proc: subprocess.Popen[bytes]) -> str:
-    """Send "hi" through the proxy whose first stdout line names its address; its reply."""
+    """Send "hi" through the proxy whose first stdout line names its address (127.0.0.1); its
+    reply."""
     assert proc.stdout is not None
     first = proc.stdout.readline().decode()
-    found = re.search(r"127\.0\.0\.1:(\d+)", first)
-    if found is None:
+    found = re.search(r"127\.0\.0\.1:(\d+)", first)  # or --json's `"port": P`
+    port = found.group(1) if found else json.loads(first).get("port") if first[:1] == "{" else None
+    if port is None:
         return f"no address announced: {first!r}"
-    with socket.create_connection(("127.0.0.1", int(found.group(1))), timeout=RUN_S) as conn:
+    with socket.create_connection(("127.0.0.1", int(port)), timeout=RUN_S) as conn:
         conn.sendall(b"hi")
         conn.shutdown(socket.SHUT_WR)
         reply = b""
@@ -68,10 +71,12 @@ def through_proxy(proc: subprocess.Popen[bytes]) -> str:
 def main() -> int:
     split = sys.argv.index("--")
     mode = sys.argv[1]
-    listener = socket.create_server(("127.0.0.1", 0))
+    family = socket.AF_INET6 if mode.endswith("6") else socket.AF_INET
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    listener = socket.create_server((host, 0), family=family)
     port = listener.getsockname()[1]
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("127.0.0.1", port))
+    udp = socket.socket(family, socket.SOCK_DGRAM)
+    udp.bind((host, port))
     threading.Thread(target=echo_tcp, args=(listener,), daemon=True).start()
     threading.Thread(target=echo_udp, args=(udp,), daemon=True).start()
     argv = [arg.replace("PORT", str(port)) for arg in sys.argv[split + 1 :]]
@@ -83,7 +88,7 @@ def main() -> int:
         cwd=ROOT,
     )
     reply = None
-    if mode == "proxy":
+    if mode.startswith("proxy"):
         reply = through_proxy(proc)
         proc.send_signal(signal.SIGTERM)
     try:

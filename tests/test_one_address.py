@@ -66,11 +66,37 @@ def test_backlog_floods_the_ipv4_address_of_localhost(tmp_path: Path) -> None:
     assert (summary["established"], summary["refused"]) == (2, 0), summary
 
 
-def test_reset_proxy_connects_upstream_to_the_ipv4_address_of_localhost(tmp_path: Path) -> None:
-    argv = ["reset", "proxy", "--listen", "127.0.0.1:0", "--upstream", "localhost:PORT"]
+@pytest.mark.parametrize("extra", [[], ["--allow-remote"]], ids=["loopback", "allow-remote"])
+def test_reset_proxy_connects_upstream_to_the_ipv4_address_of_localhost(
+    tmp_path: Path, extra: list[str]
+) -> None:
+    argv = ["reset", "proxy", "--listen", "127.0.0.1:0", "--upstream", "localhost:PORT", *extra]
     report = in_hosts_world(tmp_path, "proxy", argv)
     # Before: each upstream connect went to [::1] (ECONNREFUSED), the client got nothing.
     assert report["reply"] == "hi", report
+
+
+def test_reset_proxy_allow_remote_does_not_try_the_other_addresses(tmp_path: Path) -> None:
+    # The echo server listens on [::1] alone, where `port-check localhost:P` (127.0.0.1) says
+    # closed: so does the proxy. Before: with --allow-remote the name went to the event
+    # loop's create_connection, which tried each address in turn and reached [::1].
+    argv = ["reset", "proxy", "--upstream", "localhost:PORT", "--allow-remote", "--json"]
+    report = in_hosts_world(tmp_path, "proxy6", argv)
+    record = next(row for row in _json(report) if row["event"] == "connection")
+    assert (report["reply"], record["reason"]) == ("", "connect-error"), report
+    assert record["upstream_errno"] == "ECONNREFUSED", report
+
+
+def test_reset_proxy_allow_remote_still_looks_an_upstream_up_per_connection(
+    tmp_path: Path,
+) -> None:
+    # README: "an --upstream name that does not resolve is not an exit"; each connection's
+    # record says so (no resolver here: /etc/hosts alone answers).
+    argv = ["reset", "proxy", "--upstream", "nothere.invalid:PORT", "--allow-remote", "--json"]
+    report = in_hosts_world(tmp_path, "proxy", argv)
+    record = next(row for row in _json(report) if row["event"] == "connection")
+    assert (report["code"], report["reply"], record["reason"]) == (0, "", "connect-error"), report
+    assert record["upstream_errno"] == "EAI_NONAME", report
 
 
 def test_a_server_bound_to_localhost_listens_where_port_check_looks(tmp_path: Path) -> None:

@@ -309,6 +309,12 @@ def test_sigusr1_toggles_faults() -> None:
             ["--upstream", "127.0.0.1:9", "--seed", "3", "--duration", "0.2"],
             "--seed 3 drives --probability",
         ),
+        # Was accepted; each client then sat connected to nothing, past --connect-timeout
+        # (the lookup's UnicodeError killed the connect), and a traceback came at the stop.
+        (
+            ["--upstream", "a..b:80", "--allow-remote", "--duration", "0.2"],
+            "--upstream 'a..b:80': 'a..b' is not a valid host name",
+        ),
     ],
 )
 def test_bad_input(argv: list[str], words: str) -> None:

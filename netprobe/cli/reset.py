@@ -1063,15 +1063,19 @@ def proxy(
 
     Toxics (--latency, --jitter, --bandwidth, --slice, --limit-bytes, --timeout) apply to the
     --direction's bytes from the start. SIGUSR1 switches all faults off and on (the new state
-    is printed). A non-loopback --upstream needs --allow-remote.
+    is printed). A non-loopback --upstream needs --allow-remote. An --upstream name is one
+    address, its first IPv4 one, else its first (looked up at each connection with
+    --allow-remote); no other address is tried.
 
     Exit codes: 0 after a stop, 2 bad input (a non-loopback --upstream without
     --allow-remote too), 5 --listen does not resolve, 6 bind failed.
     """
     # The engine (asyncio, the server core) loads once the options are checked (see serve).
     from netprobe.engines.reset_faults import PROXY_TRIGGERS, Direction, Toxics
+    from netprobe.errors import AddressError
     from netprobe.render import choose_format
     from netprobe.sockets import (
+        check_name,
         is_loopback,
         not_loopback_why,
         preferred,
@@ -1100,6 +1104,13 @@ def proxy(
         if why is not None:
             raise UsageError(f"--upstream {upstream}: {why}; pass --allow-remote to proxy to it")
         up_host = address
+    else:
+        # Looked up at each connect (Server.open_connection): a name the lookup refuses
+        # outright ("a..b") left each client connected to nothing, past --connect-timeout.
+        try:
+            check_name(up_host)
+        except AddressError as exc:
+            raise AddressError(f"--upstream {upstream!r}: {exc}") from None
     listen_host, listen_port = _host_port(listen, "--listen")
     refuse_ipv4_mapped(listen_host, f"--listen {listen!r}")
     refuse_ipv4_shorthand(listen_host, f"--listen {listen!r}")
