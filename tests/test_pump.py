@@ -230,18 +230,27 @@ def test_eof_goes_back_to_the_transport_and_counts(loop_factory: Callable[[], An
         assert adopted(srv) == 0
 
 
+@contextlib.contextmanager
+def two_adopted(
+    loop_factory: Callable[[], Any] | None,
+) -> Iterator[tuple[Running, socket.socket, socket.socket, Connection, Connection]]:
+    """A C echo with two clients adopted: the server, both client sockets, their Connections."""
+    with (
+        pumped(loop_factory, RawEcho.factory()) as srv,
+        srv.connect() as first_client,
+        srv.connect() as second_client,
+    ):
+        wait_adopted(srv, 2)
+        first, second = sorted(srv.server._active, key=lambda c: c.conn_id)
+        yield srv, first_client, second_client, first, second
+
+
 def test_a_pause_and_a_write_of_the_server_leave_the_pump(
     loop_factory: Callable[[], Any] | None,
 ) -> None:
     # Whatever the server does to an adopted connection goes through its transport from then
     # on: a write (the pump's own writes would pass any bytes it left waiting), a pause.
-    with (
-        pumped(loop_factory, RawEcho.factory()) as srv,
-        srv.connect() as writes,
-        srv.connect() as pauses,
-    ):
-        wait_adopted(srv, 2)
-        first, second = sorted(srv.server._active, key=lambda c: c.conn_id)
+    with two_adopted(loop_factory) as (srv, writes, pauses, first, second):
         _in_loop(srv, lambda: first.write(b"hello "))
         assert first._pumped < 0
         assert adopted(srv) == 1
@@ -492,13 +501,7 @@ def test_the_server_ends_a_connection_the_c_echo_failed_on(
 ) -> None:
     # As a handler's failure: that connection closes with reason error and is counted, the
     # others are served on.
-    with (
-        pumped(loop_factory, RawEcho.factory()) as srv,
-        srv.connect() as victim,
-        srv.connect() as other,
-    ):
-        wait_adopted(srv, 2)
-        first = min(srv.server._active, key=lambda c: c.conn_id)
+    with two_adopted(loop_factory) as (srv, victim, other, first, _second):
         _in_loop(srv, lambda: setattr(first, "_echo_limit", "not an int"))
         victim.sendall(b"ping")
         with pytest.raises(ConnectionResetError):  # aborted, as a failed handler's is
