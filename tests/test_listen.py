@@ -279,6 +279,33 @@ def test_keep_open_queues_a_burst_of_peers_while_one_is_served(
     assert err_text.count("accepted ") == burst
 
 
+@pytest.mark.parametrize("proto", ["tcp", "unix"])
+def test_without_keep_open_a_later_peer_is_refused_not_queued(
+    spawn: type[Listen], tmp_path: Path, proto: str
+) -> None:
+    # listen serves one peer. Its listener stayed open meanwhile: a later client completed its
+    # connect, sent into an accept queue nobody would read (129 of them with backlog 128)
+    # and got ECONNRESET only when listen exited, with exit 0.
+    path = str(tmp_path / "l.sock")
+    family = socket.AF_UNIX if proto == "unix" else socket.AF_INET
+    listener = spawn(["--unix", path] if proto == "unix" else [])
+    address: Any = path if proto == "unix" else ("127.0.0.1", listener.port)
+    with socket.socket(family, socket.SOCK_STREAM) as first:
+        first.settimeout(LONG)
+        first.connect(address)
+        assert listener._stderr_line().startswith("accepted ")
+        with socket.socket(family, socket.SOCK_STREAM) as later:
+            later.settimeout(LONG)
+            with pytest.raises(ConnectionRefusedError):
+                later.connect(address)
+        listener.write(b"bye", close=True)
+        first.sendall(b"hi")
+        first.shutdown(socket.SHUT_WR)
+        assert _read_to_eof(first) == b"bye"
+    code, out, err = listener.finish()
+    assert (code, out) == (0, b"hi"), err
+
+
 def test_max_bytes(spawn: type[Listen]) -> None:
     listener = spawn(["--max-bytes", "4"])
     with _connect(listener.port) as client:

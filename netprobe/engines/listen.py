@@ -152,6 +152,11 @@ def listen(opts: ListenOptions, emit: Emit, on_event: OnEvent) -> ListenSummary:
                 summary.ended_by = "idle-timeout"
                 on_event({"event": "idle", "waited_ms": round((opts.idle_timeout_s or 0) * 1000)})
                 return summary
+            if not opts.keep_open:
+                # One peer only: a listener left open let up to backlog + 1 later clients
+                # complete their handshake and send into a queue nobody reads, to be reset at
+                # exit. Closed now, they are refused at once, as by `nc -l`.
+                listener.close()
             summary.peers += 1
             on_event({"event": "accept", "peer": peer})
             ended = _serve(conn, peer, opts, stdin, emit, on_event, summary)
