@@ -298,12 +298,20 @@ def test_without_keep_open_a_later_peer_is_refused_not_queued(
             later.settimeout(LONG)
             with pytest.raises(ConnectionRefusedError):
                 later.connect(address)
-        listener.write(b"bye", close=True)
-        first.sendall(b"hi")
-        first.shutdown(socket.SHUT_WR)
-        assert _read_to_eof(first) == b"bye"
+        _exchange_then_finish(listener, first, b"bye", b"hi")
+
+
+def _exchange_then_finish(
+    listener: Listen, client: socket.socket, ours: bytes, theirs: bytes
+) -> None:
+    """listen's stdin sends ours then EOF, the client theirs then EOF: each side gets the
+    other's bytes whole, and listen exits 0."""
+    listener.write(ours, close=True)
+    client.sendall(theirs)
+    client.shutdown(socket.SHUT_WR)
+    assert _read_to_eof(client) == ours
     code, out, err = listener.finish()
-    assert (code, out) == (0, b"hi"), err
+    assert (code, out) == (0, theirs), err
 
 
 def test_max_bytes(spawn: type[Listen]) -> None:
@@ -366,12 +374,7 @@ def test_unix_socket(spawn: type[Listen], tmp_path: Path) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.settimeout(LONG)
         client.connect(path)
-        listener.write(b"hi unix", close=True)
-        client.sendall(b"to listener")
-        client.shutdown(socket.SHUT_WR)
-        assert _read_to_eof(client) == b"hi unix"
-    code, out, err = listener.finish()
-    assert (code, out) == (0, b"to listener"), err
+        _exchange_then_finish(listener, client, b"hi unix", b"to listener")
     # As echo and reset serve: the socket file goes with the listener (before: left behind).
     assert not os.path.lexists(path)
 
