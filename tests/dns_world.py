@@ -3,16 +3,16 @@
 runs `python -m netprobe ARGV` against it. It prints one JSON object: netprobe's exit code,
 stdout and stderr, and what the server saw.
 
-    python tests/dns_world.py hold N -- ARGV...    hold every query until N names are asked
+    python -m tests.dns_world hold N -- ARGV...    hold every query until N names are asked
                                                    at once (or HOLD_S passed), then answer
-    python tests/dns_world.py late T N -- ARGV...  NXDOMAIN for T seconds (and to the end of
+    python -m tests.dns_world late T N -- ARGV...  NXDOMAIN for T seconds (and to the end of
                                                    the lookup round then), then as hold N
-    python tests/dns_world.py silent [SIG|none] -- ARGV...
+    python -m tests.dns_world silent [SIG|none] -- ARGV...
                                                    never answer; signal netprobe (SIGINT)
                                                    at the first query
-    python tests/dns_world.py answer [MOVE_S] -- ARGV...
+    python -m tests.dns_world answer [MOVE_S] -- ARGV...
                                                    answer at once (mover.* moves at MOVE_S)
-    python tests/dns_world.py once -- ARGV...      answer each question (name and type) the
+    python -m tests.dns_world once -- ARGV...      answer each question (name and type) the
                                                    first time it is asked, never again
 
 Every name is answered with an IPv4 address (address_of) and, dual* names only, ::1 for
@@ -27,14 +27,13 @@ import os
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.world_run import finish, start
+
 HOLD_S = 5.0  # a hold mode's cap: past it, every query is answered at once
 BURST_GAP_S = 0.2  # late mode: queries further apart than this begin a new lookup round
 RUN_S = 30.0  # netprobe's run: killed (and reported so) past this
@@ -161,15 +160,7 @@ def main() -> int:
         socket.create_server((f"127.0.0.{i}", int(port)), backlog=512) for i in range(2, 42)
     ]
     argv = [arg.replace("PORT", port) for arg in argv]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "netprobe", *argv],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=ROOT,
-        # Whoever started us may ignore SIGINT (a shell's background job): netprobe must not.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    proc = start(argv)
     signalled = False
     quiet = rest == ["none"]  # silent none: no signal, the run ends as it will
     while (
@@ -182,17 +173,9 @@ def main() -> int:
             proc.send_signal(signal.Signals[rest[0]] if rest else signal.SIGINT)
             signalled = True
             break
-    try:
-        out, err = proc.communicate(timeout=RUN_S)
-        code: int | str = proc.returncode
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        code = "killed"
+    ended = finish(proc, RUN_S)
     report = {
-        "code": code,
-        "stdout": out.decode(errors="replace"),
-        "stderr": err.decode(errors="replace"),
+        **ended,
         "names": sorted(server.names),
         "most_at_once": server.most_at_once,
         "nxdomains": server.nxdomains,

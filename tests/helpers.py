@@ -414,10 +414,10 @@ def serve_one_link_local_client(
 def in_name_world(
     tmp_path: Path, world: Path, argv: Sequence[str], files: dict[str, str]
 ) -> dict[str, Any]:
-    """Run `python WORLD ARGV` in a user, mount and network namespace of its own (`unshare
-    -rnm`), its loopback up, each /etc file of `files` replaced by the text given and nscd's
-    socket directories hidden, so names are answered there alone (no nss module or nscd of
-    the host's takes a lookup out of it). A world prints one JSON object: it is returned.
+    """Run `python -m tests.WORLD ARGV` (world: tests/WORLD.py) in a user, mount and network
+    namespace of its own (`unshare -rnm`), its loopback up, each /etc file of `files`
+    replaced by the text given and nscd's socket directories hidden, so names are answered
+    there alone (no nss module or nscd of the host's takes a lookup out of it). A world prints one JSON object: it is returned.
     Skips the test where no such namespace can be made."""
     import json
     import shutil
@@ -443,7 +443,7 @@ def in_name_world(
     ]
     script = "\n".join(lines) + "\n"
     proc = subprocess.run(
-        [unshare, "-rnm", "sh", "-c", script, "sh", *sources, sys.executable, str(world), *argv],
+        [unshare, "-rnm", "sh", "-c", script, "sh", *sources, sys.executable, "-m", f"tests.{world.stem}", *argv],
         capture_output=True, timeout=90, cwd=ROOT, check=False,
     )  # fmt: skip
     if proc.returncode == 99 or b"unshare:" in proc.stderr:

@@ -3,11 +3,11 @@ an IPv4-only echo server (TCP and UDP) on 127.0.0.1 at one port (PORT in ARGV st
 and `python -m netprobe ARGV` against it. It prints one JSON object: netprobe's exit code,
 stdout and stderr, and the first address the C library gives for `localhost` here.
 
-    python tests/hosts_world.py run -- ARGV...     run netprobe to its end
-    python tests/hosts_world.py proxy -- ARGV...   netprobe serves (reset proxy): connect to
+    python -m tests.hosts_world run -- ARGV...     run netprobe to its end
+    python -m tests.hosts_world proxy -- ARGV...   netprobe serves (reset proxy): connect to
                                                    the address its first line announces, send
                                                    "hi", read the reply to EOF, then SIGTERM it
-    python tests/hosts_world.py proxy6 -- ARGV...  as proxy, the echo server on ::1 instead
+    python -m tests.hosts_world proxy6 -- ARGV...  as proxy, the echo server on ::1 instead
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import socket
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.world_run import finish, start
+
 RUN_S = 30.0  # netprobe's run, and each wait on it: killed (and reported so) past this
 
 
@@ -80,29 +80,15 @@ def main() -> int:
     threading.Thread(target=echo_tcp, args=(listener,), daemon=True).start()
     threading.Thread(target=echo_udp, args=(udp,), daemon=True).start()
     argv = [arg.replace("PORT", str(port)) for arg in sys.argv[split + 1 :]]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "netprobe", *argv],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=ROOT,
-    )
+    proc = start(argv)
     reply = None
     if mode.startswith("proxy"):
         reply = through_proxy(proc)
         proc.send_signal(signal.SIGTERM)
-    try:
-        out, err = proc.communicate(timeout=RUN_S)
-        code: int | str = proc.returncode
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        code = "killed"
+    ended = finish(proc, RUN_S)
     first = socket.getaddrinfo("localhost", port, 0, socket.SOCK_STREAM)[0][4][0]
     report = {
-        "code": code,
-        "stdout": out.decode(errors="replace"),
-        "stderr": err.decode(errors="replace"),
+        **ended,
         "reply": reply,
         "localhost_first": first,
     }
